@@ -1,0 +1,48 @@
+# m3vit — make targets. Every target installs the project-local virtual environment first
+# when needed, so the README's commands work on a fresh clone.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help install test sim demo bench lint bitstream clean
+
+help: ## List the targets
+	@echo "m3vit — M3ViT multi-task MoE ViT: PyTorch -> Amaranth accelerator -> ZCU104"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the pinned requirements (idempotent)
+
+test: $(STAMP) ## Run every test: model, toolchain check, cocotb benches (what CI runs)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+sim: $(STAMP) ## Run the cycle-accurate cocotb + Verilator benches only
+	$(BIN)/python -m pytest tests/sim
+
+lint: $(STAMP) ## ruff over the whole tree
+	$(BIN)/ruff check .
+
+demo: $(STAMP) ## Main job on the simulator: train, quantize, generate, simulate, switch tasks
+	@echo "make demo: not available yet — the end-to-end flow lands with issue #6 (runtime)." >&2
+	@exit 1
+
+bench: $(STAMP) ## Benchmarks; figures go to docs/benchmarks.md
+	@echo "make bench: not available yet — the first benchmarks land with issue #3 (golden model)." >&2
+	@exit 1
+
+bitstream: $(STAMP) ## Vivado build for the ZCU104 (needs Vivado on PATH)
+	@echo "make bitstream: not available yet — the Vivado flow lands with issue #7." >&2
+	@exit 1
+
+clean: ## Remove build products (keeps .venv and trained runs)
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Verilator builds, Python bindings and cocotb helpers for the M³ViT accelerator."""

@@ -1,0 +1,257 @@
+"""The ``m3vit`` command line.
+
+Every user error ends as one line, ``m3vit: error: ...``, with exit status 2; a traceback
+means a bug in the toolkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import GATE_KINDS, HEAD_KINDS, PRESETS, ModelConfig, get_preset
+from .errors import M3VitError
+
+DEFAULT_RUN_DIR = "runs"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _img_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected HEIGHTxWIDTH such as 32x32, got {text!r}"
+        ) from None
+    return h, w
+
+
+def _add_model_args(p: argparse.ArgumentParser, preset_default: str | None = "tiny") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=preset_default,
+                   help=f"model preset: {', '.join(PRESETS)} (default: %(default)s)")
+    g.add_argument("--experts", type=int, metavar="E", help="override the number of experts "
+                   "(0 = dense ViT, no MoE)")
+    g.add_argument("--top-k", type=int, metavar="K", help="override experts per token")
+    g.add_argument("--img-size", type=_img_size, metavar="HxW", help="override the input size")
+    g.add_argument("--gate", choices=GATE_KINDS,
+                   help="router variant: one router per task (multi) or task-conditioned")
+    g.add_argument("--head", choices=HEAD_KINDS,
+                   help="task head: per-token linear (runs on the accelerator) or SETR-PUP")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    overrides: dict[str, Any] = {}
+    for arg, field in (("experts", "n_experts"), ("top_k", "top_k"), ("img_size", "img_size"),
+                       ("gate", "gate"), ("head", "head")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    return get_preset(args.preset, **overrides)
+
+
+# ---- subcommands -----------------------------------------------------------------------
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    rows = [("preset", "input", "patch", "tokens", "D", "blocks", "heads", "experts", "top-k",
+             "H", "tasks")]
+    for cfg in PRESETS.values():
+        rows.append((cfg.name, f"{cfg.img_size[0]}x{cfg.img_size[1]}", str(cfg.patch_size),
+                     str(cfg.n_tokens), str(cfg.embed_dim), str(cfg.depth), str(cfg.num_heads),
+                     str(cfg.n_experts), str(cfg.top_k), str(cfg.expert_hidden),
+                     ",".join(cfg.task_names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from .flops import count_macs, mac_report
+    from .model import M3ViT
+
+    cfg = _model_config(args)
+    print(f"preset {cfg.name}: {cfg.n_tokens} tokens, D={cfg.embed_dim}, {cfg.depth} blocks, "
+          f"E={cfg.n_experts} top-{cfg.top_k}, H={cfg.expert_hidden} (one image)")
+    model = M3ViT(cfg)
+    if args.task:
+        cfg.task(args.task)
+        macs = count_macs(model, args.task)
+        for k, v in macs.items():
+            print(f"{k:<12} {v / 1e6:>10.2f} M MACs")
+        return
+    print(mac_report(model).format())
+
+
+def _print_metrics(report: dict[str, Any]) -> None:
+    metrics, base = report.get("metrics", {}), report.get("baseline", {})
+    print(f"{'held-out metric':<20} {'model':>10} {'baseline':>10}")
+    for k, v in metrics.items():
+        b = base.get(k)
+        print(f"{k:<20} {v:>10.4f} {b if b is None else format(b, '>10.4f')}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, save_checkpoint, train
+
+    cfg = _model_config(args)
+    out = args.out or f"{DEFAULT_RUN_DIR}/{cfg.name}.pt"
+    if Path(out).exists() and not args.force:
+        raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    model = None
+    if args.from_timm:
+        from .timm_import import from_timm
+
+        model = from_timm(args.from_timm, cfg, seed=args.seed)
+    model, report = train(cfg, tc, model=model, progress=not args.quiet)
+    save_checkpoint(out, model, report, overwrite=args.force)
+    _print_metrics(report)
+    print(f"checkpoint written to {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .metrics import baseline_metrics
+    from .train import evaluate, load_checkpoint, scenes_for
+
+    model, _ = load_checkpoint(args.checkpoint, preset=args.preset)
+    cfg = model.cfg
+    test = scenes_for(cfg, args.n_test, seed=args.seed)
+    train = scenes_for(cfg, 1000, seed=0)
+    n_classes = next((t.n_out for t in cfg.tasks if t.kind == "semseg"), 2)
+    if args.task:
+        cfg.task(args.task)
+    _print_metrics({"metrics": evaluate(model, test, args.task),
+                    "baseline": baseline_metrics(train, test, n_classes)})
+
+
+def cmd_import_timm(args: argparse.Namespace) -> None:
+    from .timm_import import from_timm
+    from .train import save_checkpoint
+
+    cfg = _model_config(args)
+    model = from_timm(args.model, cfg, seed=args.seed)
+    out = args.out or f"{DEFAULT_RUN_DIR}/{cfg.name}-{args.model}.pt"
+    save_checkpoint(out, model, {"source": f"timm:{args.model} (random init, not trained)"},
+                    overwrite=args.force)
+    print(f"{args.model} -> preset {cfg.name}: checkpoint written to {out}")
+
+
+def cmd_scenes(args: argparse.Namespace) -> None:
+    from .data import save_scene_figure
+    from .train import scenes_for
+
+    cfg = _model_config(args)
+    if Path(args.out).exists() and not args.force:
+        raise M3VitError(f"{args.out} exists: pass --force to overwrite it or choose another --out")
+    scenes = scenes_for(cfg, args.n, seed=args.seed)
+    save_scene_figure(scenes, args.out, n=args.n)
+    print(f"{args.n} synthetic {cfg.img_size[0]}x{cfg.img_size[1]} scenes drawn to {args.out}")
+
+
+# ---- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``m3vit`` argument parser (one sub-parser per command)."""
+    p = _Parser(
+        prog="m3vit",
+        description="M³ViT co-design toolkit: multi-task MoE ViT from PyTorch to the ZCU104.",
+        epilog="Run `m3vit COMMAND --help` for a command's options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("presets", help="list the model presets")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("flops", help="count MACs: single-task vs all-task forward",
+                       description="Run one image through the model and count the MACs it "
+                       "executes (only the top-k experts each token chose), per category, for "
+                       "each single-task forward and for the all-task forward.")
+    _add_model_args(s, "edge-moe")
+    s.add_argument("--task", help="count only this task's single-task forward")
+    s.set_defaults(func=cmd_flops)
+
+    s = sub.add_parser("train", help="train on synthetic multi-task scenes",
+                       description="Train every task jointly on deterministic synthetic scenes "
+                       "(semantic segmentation, depth), evaluate on held-out scenes against "
+                       "trivial baselines (majority class, mean depth) and save a checkpoint.")
+    _add_model_args(s)
+    s.add_argument("--steps", type=int, default=600, help="optimizer steps (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="images per step (default: %(default)s)")
+    s.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate (default: %(default)s)")
+    s.add_argument("--n-train", type=int, default=4000,
+                   help="training scenes (default: %(default)s)")
+    s.add_argument("--n-test", type=int, default=500, help="held-out scenes (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="initialisation/batch-order seed")
+    s.add_argument("--from-timm", metavar="NAME",
+                   help="initialise the backbone from a locally built timm ViT, e.g. "
+                   "vit_tiny_patch16_224 (experts from its dense MLPs)")
+    s.add_argument("--out", help=f"checkpoint path (default: {DEFAULT_RUN_DIR}/PRESET.pt)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out scenes")
+    s.add_argument("checkpoint", help="checkpoint written by `m3vit train`")
+    s.add_argument("--preset", help="refuse the checkpoint unless it is of this preset")
+    s.add_argument("--task", help="evaluate only this task")
+    s.add_argument("--n-test", type=int, default=500, help="held-out scenes (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=1, help="held-out seed (default: %(default)s)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("import-timm", help="initialise a model from a timm ViT",
+                       description="Build a timm VisionTransformer locally (random init, no "
+                       "download), copy it into the M³ViT backbone — experts from the dense "
+                       "MLPs — and save it as an (untrained) checkpoint.")
+    _add_model_args(s, "edge-moe")
+    s.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
+    s.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    s.add_argument("--out", help=f"checkpoint path (default: {DEFAULT_RUN_DIR}/PRESET-MODEL.pt)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    s.set_defaults(func=cmd_import_timm)
+
+    s = sub.add_parser("scenes", help="draw synthetic training scenes to a PNG")
+    _add_model_args(s)
+    s.add_argument("--n", type=int, default=4, help="scenes to draw (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="scene seed")
+    s.add_argument("--out", default="scenes.png", help="PNG path (default: %(default)s)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing PNG")
+    s.set_defaults(func=cmd_scenes)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``m3vit`` command; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except M3VitError as e:
+        print(f"m3vit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m3vit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Training, evaluation and checkpoints of the float M³ViT on the synthetic scenes.
+
+Every task is trained jointly: each step runs the backbone once per task (each task routes
+its tokens with its own gates), sums the task losses and the weighted load-balancing
+losses, and takes one AdamW step. Held-out data comes from another seed than training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import ModelConfig, TaskSpec
+from .data import TEST_SEED, TRAIN_SEED, make_scenes
+from .errors import M3VitError
+from .metrics import baseline_metrics, evaluate_predictions
+from .model import M3ViT
+
+CHECKPOINT_FORMAT = "m3vit-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train`.
+
+    Parameters
+    ----------
+    steps : int
+        Optimizer steps.
+    batch_size : int
+        Images per step.
+    lr : float
+        Peak AdamW learning rate (linear warm-up over 5 % of the steps, cosine decay).
+    weight_decay : float
+        AdamW weight decay.
+    n_train, n_test : int
+        Synthetic training and held-out images.
+    seed : int
+        Seed of the initialisation and the batch order.
+    """
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    n_train: int = 4000
+    n_test: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "n_train", "n_test"):
+            if getattr(self, name) < 1:
+                raise M3VitError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise M3VitError(f"lr must be > 0, got {self.lr!r}")
+
+
+def task_loss(task: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Training loss of one task: cross-entropy, L1 depth or boundary BCE."""
+    if task.kind == "semseg":
+        return F.cross_entropy(pred, target)
+    if task.kind == "depth":
+        return F.l1_loss(pred, target)
+    return F.binary_cross_entropy_with_logits(pred, target)
+
+
+def scenes_for(cfg: ModelConfig, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Synthetic scenes at the model's image size with its class count."""
+    n_classes = next((t.n_out for t in cfg.tasks if t.kind == "semseg"), 2)
+    return make_scenes(n, cfg.img_size, n_classes=n_classes, seed=seed)
+
+
+@torch.no_grad()
+def predict(
+    model: M3ViT, images: torch.Tensor, tasks: tuple[str, ...] | None = None, batch: int = 64
+) -> dict[str, torch.Tensor]:
+    """Single-task predictions of ``model`` for each of ``tasks`` (default: all)."""
+    was_training = model.training
+    model.eval()
+    try:
+        names = tasks or model.cfg.task_names
+        starts = range(0, len(images), batch)
+        return {t: torch.cat([model(images[i : i + batch], task=t) for i in starts]) for t in names}
+    finally:
+        model.train(was_training)
+
+
+def evaluate(
+    model: M3ViT, data: dict[str, torch.Tensor], task: str | None = None
+) -> dict[str, float]:
+    """Held-out metrics of ``model`` on ``data`` for ``task`` (default: every task).
+
+    See :func:`m3vit.sw.metrics.evaluate_predictions` for the metric names.
+    """
+    tasks = [model.cfg.task(task)] if task else list(model.cfg.tasks)
+    preds = predict(model, data["image"], tuple(t.name for t in tasks))
+    return evaluate_predictions(preds, {t.name: data[t.kind] for t in tasks}, tasks)
+
+
+def _lr_at(step: int, tc: TrainConfig) -> float:
+    warmup = max(1, tc.steps // 20)
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, tc.steps - warmup)
+    return tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    *,
+    model: M3ViT | None = None,
+    progress: bool = True,
+) -> tuple[M3ViT, dict[str, Any]]:
+    """Train ``cfg`` (or continue ``model``) on synthetic scenes and evaluate it.
+
+    Returns
+    -------
+    model : M3ViT
+        The trained model, in eval mode.
+    report : dict
+        ``metrics`` and ``baseline`` on the held-out scenes, ``final_loss`` and the
+        training configuration.
+    """
+    train_data = scenes_for(cfg, tc.n_train, TRAIN_SEED)
+    test_data = scenes_for(cfg, tc.n_test, TEST_SEED)
+    model = model if model is not None else M3ViT(cfg, seed=tc.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": tc.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=tc.lr,
+    )
+    gen = torch.Generator().manual_seed(tc.seed)
+    order = torch.randperm(tc.n_train, generator=gen)
+    cursor = 0
+    bar = tqdm(range(tc.steps), desc=f"train {cfg.name}", disable=not progress, unit="step")
+    loss_ema = None
+    for step in bar:
+        if cursor + tc.batch_size > tc.n_train:
+            order, cursor = torch.randperm(tc.n_train, generator=gen), 0
+        idx = order[cursor : cursor + tc.batch_size]
+        cursor += tc.batch_size
+        x = train_data["image"][idx]
+        loss = x.new_zeros(())
+        for task in cfg.tasks:
+            pred, aux = model.forward_task(x, task.name)
+            loss = loss + task_loss(task, pred, train_data[task.kind][idx]) + aux
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, tc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.3f}")
+    model.eval()
+    n_classes = next((t.n_out for t in cfg.tasks if t.kind == "semseg"), 2)
+    report = {
+        "metrics": evaluate(model, test_data),
+        "baseline": baseline_metrics(train_data, test_data, n_classes),
+        "final_loss": loss_ema,
+        "train": dataclasses.asdict(tc),
+    }
+    return model, report
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: M3ViT, report: dict[str, Any], *, overwrite: bool = False
+) -> Path:
+    """Write ``model`` and its report to ``path`` atomically.
+
+    Raises
+    ------
+    M3VitError
+        If ``path`` exists and ``overwrite`` is false: a user's file is never replaced
+        without being asked.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model.cfg.to_dict(),
+        "state_dict": model.state_dict(),
+        "report": json.loads(json.dumps(report)),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, preset: str | None = None
+) -> tuple[M3ViT, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint file.
+    preset : str, optional
+        If given, the checkpoint must have been trained for this preset.
+
+    Raises
+    ------
+    M3VitError
+        Missing or unreadable file, another format or version, a checkpoint of another
+        preset, or weights that do not match the stored configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise M3VitError(f"checkpoint {path} not found: train one with `m3vit train`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        kind = type(e).__name__
+        raise M3VitError(f"{path} is not a readable m3vit checkpoint ({kind})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise M3VitError(f"{path} is not an m3vit checkpoint")
+    if blob.get("version") != CHECKPOINT_VERSION:
+        raise M3VitError(
+            f"{path} has checkpoint version {blob.get('version')!r}; this toolkit reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    cfg = ModelConfig.from_dict(blob["config"])
+    if preset is not None and cfg.name != preset:
+        raise M3VitError(
+            f"{path} was trained for preset {cfg.name!r}, not {preset!r}: "
+            f"pass --preset {cfg.name} or another checkpoint"
+        )
+    model = M3ViT(cfg)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise M3VitError(f"{path}: weights do not match its configuration ({first})") from None
+    return model.eval(), blob.get("report", {})
