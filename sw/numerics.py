@@ -1,0 +1,230 @@
+"""Integer operations of the accelerator: the bit-exact specification.
+
+Every function here is one unit an RTL block is compared with, exactly as written in
+``docs/numerics.md``. They work on integer ``torch`` tensors, vectorised (no per-element
+Python loops), and compute in ``int64`` so that no intermediate wraps: the hardware's
+narrower widths are stated in the docstrings and asserted by the quantizer's ranges.
+
+Conventions
+-----------
+* INT8 activations are symmetric: real value = scale · q, zero point 0, q ∈ [-128, 127].
+* Rounding is **round half up** everywhere: ``(x + 2^(s-1)) >> s`` with an arithmetic
+  shift (floor), so -2.5 → -2 and 2.5 → 3. One rule, one adder and a wire shift in RTL.
+* Saturation clamps to the destination range after rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MIN, INT8_MAX = -128, 127
+MULT_BITS = 16
+"""Requantization multipliers are unsigned 16-bit: acc (int32) x mult fits a 48-bit product."""
+MAX_SHIFT = 62
+LN_RCP_BITS = 31
+"""LayerNorm's reciprocal square root is ``floor(2^31 / isqrt(V))``."""
+EXP_BITS = 15
+"""Exponential tables hold ``round(2^15 · exp(-u · scale))``, uint16 values ≤ 32768."""
+PROB_BITS = 7
+"""Attention probabilities are INT8 with scale 2^-7 (0 … 127)."""
+SCORE_BITS = 15
+"""Router scores are unsigned with scale 2^-15 (0 … 32767)."""
+RCP_BITS = 31
+"""Softmax normalisation multiplies by ``floor(2^31 / sum)``."""
+
+
+def _i64(x: torch.Tensor | int) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.int64)
+
+
+def round_shift(x: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+    """``round(x / 2^shift)``, halves rounded up (towards +∞); ``shift`` ≥ 0.
+
+    Computed as ``(x + 2^(shift-1)) >> shift`` (arithmetic shift), and ``x`` for shift 0.
+    """
+    x, shift = _i64(x), _i64(shift)
+    half = torch.where(shift > 0, torch.ones_like(shift) << (shift - 1).clamp(min=0), 0)
+    return (x + half) >> shift
+
+
+def saturate(x: torch.Tensor, lo: int = INT8_MIN, hi: int = INT8_MAX) -> torch.Tensor:
+    """Clamp to [lo, hi] (INT8 by default)."""
+    return _i64(x).clamp(lo, hi)
+
+
+def requantize(
+    acc: torch.Tensor, mult: torch.Tensor | int, shift: torch.Tensor | int
+) -> torch.Tensor:
+    """INT32 accumulator → INT8: ``sat8(round_half_up(acc · mult / 2^shift))``.
+
+    Parameters
+    ----------
+    acc : torch.Tensor
+        Accumulators (int32 range); the last dimension is the channel.
+    mult : torch.Tensor or int
+        Unsigned 16-bit multipliers, per channel (last dimension) or scalar.
+    shift : torch.Tensor or int
+        Right shifts in [0, 62], per channel or scalar.
+    """
+    return saturate(round_shift(_i64(acc) * _i64(mult), shift))
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 × INT8 → INT32 accumulation: ``x @ w.T + bias``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (..., K) INT8 activations.
+    w : torch.Tensor
+        (N, K) INT8 weights, one row per output channel.
+    bias : torch.Tensor, optional
+        (N,) INT32 biases at scale ``s_x · s_w[n]``.
+
+    Notes
+    -----
+    Exact in int64 here; the quantizer guarantees every sum fits int32 (|x·w| ≤ 2^14, so
+    K ≤ 2^16 terms plus the bias), which is the width of the PE accumulators.
+    """
+    acc = _i64(x) @ _i64(w).T
+    return acc if bias is None else acc + _i64(bias)
+
+
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    mult: torch.Tensor,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`gemm` followed by per-output-channel :func:`requantize`."""
+    return requantize(gemm(x, w, bias), mult, shift)
+
+
+def table_lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Apply a 256-entry table indexed by the INT8 value's two's-complement byte.
+
+    ``table[q & 0xFF]``: entries 0…127 hold q = 0…127, entries 128…255 hold q = -128…-1.
+    """
+    return _i64(table)[_i64(q) & 0xFF]
+
+
+def residual_add(
+    a: torch.Tensor, b: torch.Tensor, mult_a: int, mult_b: int, shift: int
+) -> torch.Tensor:
+    """Add two INT8 tensors of different scales into a third scale.
+
+    ``sat8(round_half_up((a · mult_a + b · mult_b) / 2^shift))`` with unsigned 16-bit
+    multipliers and one shared shift.
+    """
+    return saturate(round_shift(_i64(a) * mult_a + _i64(b) * mult_b, shift))
+
+
+def isqrt(v: torch.Tensor) -> torch.Tensor:
+    """Floor of the square root of non-negative int64 values (exact)."""
+    v = _i64(v)
+    s = torch.sqrt(v.double()).floor().to(torch.int64)
+    # float64 is within one of the true root for v < 2^53; fix it up exactly.
+    s = torch.where(s * s > v, s - 1, s)
+    s = torch.where((s + 1) * (s + 1) <= v, s + 1, s)
+    return s
+
+
+def layernorm(
+    x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor, shift: int, eps_term: int
+) -> torch.Tensor:
+    """Integer LayerNorm over the last dimension (D).
+
+    Steps, exact in integers:
+
+    1. ``d_i = D · x_i − Σ_j x_j``                (the centred value times D, no division)
+    2. ``V = Σ_i d_i² + eps_term``                (``eps_term = round(eps · D³ / s_x²)`` ≥ 1)
+    3. ``r = floor(2^31 / isqrt(V))``             (one reciprocal square root per token)
+    4. ``t_i = d_i · r``                          (|t_i| ≤ 2^31: the normalised value · 2^31/√D)
+    5. ``y_i = sat8(round_half_up((t_i · g_i + b_i) / 2^shift))``
+
+    with per-channel ``g_i = round(γ_i · √D / s_y · 2^(shift − 31))`` (signed, |g| < 2^15)
+    and ``b_i = round(β_i / s_y · 2^shift)`` computed by the quantizer.
+    """
+    x = _i64(x)
+    dim = x.shape[-1]
+    d = dim * x - x.sum(dim=-1, keepdim=True)
+    v = (d * d).sum(dim=-1, keepdim=True) + eps_term
+    r = (1 << LN_RCP_BITS) // isqrt(v)
+    t = d * r
+    return saturate(round_shift(t * _i64(gain) + _i64(bias), shift))
+
+
+def exp_table(scale: float) -> torch.Tensor:
+    """The 256-entry softmax table: ``E[u] = round(2^15 · exp(-u · scale))``, u = 0…255.
+
+    ``scale`` is the real value of one INT8 logit step; u is ``max − logit`` clipped to 255.
+    """
+    u = torch.arange(256, dtype=torch.float64)
+    return torch.round(torch.exp(-u * scale) * (1 << EXP_BITS)).to(torch.int64)
+
+
+def softmax_exp(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-softmax numerators and their sum: ``E[min(max − l, 255)]`` and ``Σ``.
+
+    ``logits`` are INT8 along the last dimension; the row maximum is subtracted so every
+    index is in [0, 255] and the largest logit maps to ``E[0] = 2^15``; the sum is ≥ 2^15.
+    """
+    logits = _i64(logits)
+    u = (logits.amax(dim=-1, keepdim=True) - logits).clamp(max=255)
+    e = _i64(table)[u]
+    return e, e.sum(dim=-1, keepdim=True)
+
+
+def softmax(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """INT8 probabilities (scale 2^-7, 0…127) of a row softmax over INT8 logits.
+
+    ``p = min(127, round_half_up(e · floor(2^31 / Σe) / 2^24))`` — one reciprocal per row,
+    one multiply per element.
+    """
+    e, total = softmax_exp(logits, table)
+    rcp = (1 << RCP_BITS) // total
+    return saturate(round_shift(e * rcp, RCP_BITS - PROB_BITS), 0, INT8_MAX)
+
+
+def router_scores(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Router probabilities over all E experts, scale 2^-15 (0 … 32767).
+
+    ``score = min(32767, round_half_up(e · floor(2^31 / Σe) / 2^16))``.
+    """
+    e, total = softmax_exp(logits, table)
+    rcp = (1 << RCP_BITS) // total
+    return saturate(round_shift(e * rcp, RCP_BITS - SCORE_BITS), 0, (1 << SCORE_BITS) - 1)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores per row, ties to the lower expert index.
+
+    Returns the expert indices (M, k) in descending score order and their scores.
+    """
+    scores = _i64(scores)
+    n = scores.shape[-1]
+    # A key that is unique per row and orders by (score desc, index asc).
+    key = scores * n + (n - 1 - torch.arange(n))
+    experts = key.topk(k, dim=-1, sorted=True).indices
+    return experts, scores.gather(-1, experts)
+
+
+def moe_combine(
+    expert_out: torch.Tensor, scores: torch.Tensor, mult: int, shift: int
+) -> torch.Tensor:
+    """Score-weighted sum of a token's k expert outputs, requantized to INT8.
+
+    ``sat8(round_half_up((Σ_j score_j · y_j) · mult / 2^shift))`` with y_j INT8 (all
+    experts of a layer share one output scale) and score_j at scale 2^-15; the sum is an
+    int32 accumulator (|score · y| < 2^22).
+
+    Parameters
+    ----------
+    expert_out : torch.Tensor
+        (M, k, D) INT8 outputs of the chosen experts.
+    scores : torch.Tensor
+        (M, k) scores of those experts.
+    """
+    acc = (_i64(scores)[..., None] * _i64(expert_out)).sum(dim=-2)
+    return requantize(acc, mult, shift)
