@@ -146,6 +146,31 @@ def cmd_import_timm(args: argparse.Namespace) -> None:
     print(f"{args.model} -> preset {cfg.name}: checkpoint written to {out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import json
+
+    from .package import PACKAGE_SUFFIX, save_package
+    from .quantize import quantize
+    from .train import load_checkpoint
+
+    model, _ = load_checkpoint(args.checkpoint, preset=args.preset)
+    out = Path(args.out or Path(args.checkpoint).with_suffix(PACKAGE_SUFFIX))
+    if out.exists() and not args.force:
+        raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    pkg = quantize(model, n_calib=args.calib, statistic=args.statistic)
+    save_package(out, pkg, overwrite=args.force)
+    print(f"{model.cfg.name}: quantized package written to {out} "
+          f"({out.stat().st_size / 1e6:.2f} MB)")
+    if args.report:
+        from .accuracy import accuracy_report, format_report
+
+        report = accuracy_report(model, pkg, n_test=args.n_test)
+        print(format_report(report))
+        report_path = out.with_suffix(".report.json")
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {report_path}")
+
+
 def cmd_scenes(args: argparse.Namespace) -> None:
     from .data import save_scene_figure
     from .train import scenes_for
@@ -221,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help=f"checkpoint path (default: {DEFAULT_RUN_DIR}/PRESET-MODEL.pt)")
     s.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     s.set_defaults(func=cmd_import_timm)
+
+    s = sub.add_parser("quantize", help="post-training INT8 quantization into a package",
+                       description="Calibrate a trained checkpoint on synthetic scenes (every "
+                       "task), quantize it to the integer model of docs/numerics.md and write "
+                       "one .m3q package (safetensors + JSON manifest) to copy to a board.")
+    s.add_argument("checkpoint", help="checkpoint written by `m3vit train`")
+    s.add_argument("--preset", help="refuse the checkpoint unless it is of this preset")
+    s.add_argument("--out", help="package path (default: the checkpoint's name with .m3q)")
+    s.add_argument("--calib", type=int, default=256,
+                   help="calibration scenes (default: %(default)s)")
+    s.add_argument("--statistic", choices=("max", "percentile"), default="max",
+                   help="activation range statistic: max |x| or its 99.99th percentile")
+    s.add_argument("--report", action="store_true",
+                   help="compare float and integer on held-out scenes (metrics, router "
+                   "agreement) and write PACKAGE.report.json")
+    s.add_argument("--n-test", type=int, default=300,
+                   help="held-out scenes for --report (default: %(default)s)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing package")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("scenes", help="draw synthetic training scenes to a PNG")
     _add_model_args(s)

@@ -69,6 +69,17 @@ def requantize(
     return saturate(round_shift(_i64(acc) * _i64(mult), shift))
 
 
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer matrix product ``a @ b`` of INT8-range (or score-range) operands.
+
+    Computed with float64 BLAS and converted back: every product and every partial sum is
+    an integer of magnitude below 2^53, so each floating-point operation is exact in any
+    summation order, and the result equals the int64 product (which torch computes
+    without BLAS, ~20x slower). Callers keep |a|·|b|·K < 2^53 (INT8 × INT8 needs K < 2^39).
+    """
+    return (a.double() @ b.double()).to(torch.int64)
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 × INT8 → INT32 accumulation: ``x @ w.T + bias``.
 
@@ -86,7 +97,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     Exact in int64 here; the quantizer guarantees every sum fits int32 (|x·w| ≤ 2^14, so
     K ≤ 2^16 terms plus the bias), which is the width of the PE accumulators.
     """
-    acc = _i64(x) @ _i64(w).T
+    acc = matmul(x, w.T)
     return acc if bias is None else acc + _i64(bias)
 
 

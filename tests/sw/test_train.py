@@ -5,16 +5,16 @@ import torch
 
 from m3vit.sw.config import get_preset
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from m3vit.sw.train import TrainConfig, load_checkpoint, save_checkpoint
 
-# A short run (~1-2 min on one core) already separates the model from the baselines by a
-# wide margin; the full `m3vit train` default is longer.
-SHORT = TrainConfig(steps=250, batch_size=32, n_train=2000, n_test=300, seed=0)
+# `trained_tiny` (tests/conftest.py) is a short run (250 steps, ~1-2 min on one core); it
+# already separates the model from the baselines by a wide margin.
+pytestmark = pytest.mark.xdist_group("trained_tiny")
 
 
-@pytest.fixture(scope="module")
-def trained():
-    return train(get_preset("tiny"), SHORT, progress=False)
+@pytest.fixture
+def trained(trained_tiny):
+    return trained_tiny
 
 
 @pytest.mark.slow

@@ -1,0 +1,96 @@
+"""Float versus integer accuracy of a quantized model on held-out scenes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import golden
+from .data import TEST_SEED
+from .metrics import evaluate_predictions
+from .model import M3ViT
+from .package import QuantizedPackage
+from .quantize import trace_float
+from .train import evaluate, scenes_for
+
+# Metrics where a larger value is better; the others (RMSE) are better when smaller.
+_HIGHER_IS_BETTER = ("miou", "pixel_acc", "f1")
+
+
+def golden_predict(pkg: QuantizedPackage, images: torch.Tensor, task: str,
+                   batch: int = 32) -> torch.Tensor:
+    """Float predictions (B, n_out, H, W) of the golden integer model, batch by batch."""
+    return torch.cat([golden.predict(pkg.tensors, pkg.config, pkg.params,
+                                     images[i : i + batch], task)
+                      for i in range(0, len(images), batch)])
+
+
+def relative_loss(name: str, float_value: float, int_value: float) -> float:
+    """How much worse the integer model is, relative to the float one (> 0 = worse)."""
+    if float_value == 0:
+        return 0.0 if int_value == float_value else float("inf")
+    worse = float_value - int_value if name.split("/")[-1] in _HIGHER_IS_BETTER \
+        else int_value - float_value
+    return worse / abs(float_value)
+
+
+@torch.no_grad()
+def router_agreement(model: M3ViT, pkg: QuantizedPackage, images: torch.Tensor
+                     ) -> dict[str, dict[int, float]]:
+    """Share of tokens whose top-k expert *set* is the same in float and integer.
+
+    Per task and MoE block; each model routes its own activations (the integer model's
+    drift included), as they would run.
+    """
+    cfg = model.cfg
+    image_q = golden.quantize_image(images, pkg.params["scales"]["input"])
+    out: dict[str, dict[int, float]] = {}
+    for task in cfg.task_names:
+        flt = trace_float(model, images, task)
+        _, cap = golden.forward(pkg.tensors, cfg, image_q, task, capture=True)
+        out[task] = {}
+        for i in cfg.moe_blocks:
+            f = flt[f"blocks.{i}.experts"].sort(dim=-1).values
+            q = cap[f"blocks.{i}.experts"].sort(dim=-1).values
+            out[task][i] = float((f == q).all(dim=-1).double().mean())
+    return out
+
+
+def accuracy_report(model: M3ViT, pkg: QuantizedPackage, n_test: int = 300,
+                    n_router: int = 64) -> dict[str, Any]:
+    """Held-out metrics of the float and the integer model, their relative loss per
+    metric, and the router agreement (on the first ``n_router`` held-out images)."""
+    cfg = model.cfg
+    test = scenes_for(cfg, n_test, TEST_SEED)
+    float_metrics = evaluate(model, test)
+    preds = {t: golden_predict(pkg, test["image"], t) for t in cfg.task_names}
+    int_metrics = evaluate_predictions(preds, {t.name: test[t.kind] for t in cfg.tasks},
+                                       cfg.tasks)
+    report: dict[str, Any] = {
+        "preset": cfg.name,
+        "held_out_images": n_test,
+        "calibration": pkg.params.get("calibration", {}),
+        "metrics": {k: {"float": float_metrics[k], "int": int_metrics[k],
+                        "relative_loss": relative_loss(k, float_metrics[k], int_metrics[k])}
+                    for k in float_metrics},
+    }
+    if cfg.moe:
+        report["router_agreement"] = router_agreement(model, pkg, test["image"][:n_router])
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The accuracy report as a plain-text table."""
+    cal = report.get("calibration", {})
+    lines = [f"preset {report['preset']}: {report['held_out_images']} held-out scenes, "
+             f"calibration '{cal.get('statistic')}' on {cal.get('images')} scenes",
+             f"{'metric':<18} {'float':>9} {'integer':>9} {'rel. loss':>10}"]
+    for k, m in report["metrics"].items():
+        lines.append(f"{k:<18} {m['float']:>9.4f} {m['int']:>9.4f} "
+                     f"{m['relative_loss']:>+10.2%}")
+    for task, layers in report.get("router_agreement", {}).items():
+        per = ", ".join(f"block {i}: {v:.1%}" for i, v in layers.items())
+        mean = sum(layers.values()) / max(1, len(layers))
+        lines.append(f"router agreement {task}: {mean:.1%} ({per})")
+    return "\n".join(lines)
