@@ -36,9 +36,8 @@ demo: $(STAMP) ## Main job on the simulator: train, quantize, generate, simulate
 	@echo "make demo: not available yet — the end-to-end flow lands with issue #6 (runtime)." >&2
 	@exit 1
 
-bench: $(STAMP) ## Benchmarks; figures go to docs/benchmarks.md
-	@echo "make bench: not available yet — the first benchmarks land with issue #3 (golden model)." >&2
-	@exit 1
+bench: $(STAMP) ## Benchmarks (slow, not in CI); figures go to docs/benchmarks.md
+	$(BIN)/python -m m3vit.sw.bench
 
 bitstream: $(STAMP) ## Vivado build for the ZCU104 (needs Vivado on PATH)
 	@echo "make bitstream: not available yet — the Vivado flow lands with issue #7." >&2

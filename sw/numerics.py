@@ -134,10 +134,12 @@ def residual_add(
 def isqrt(v: torch.Tensor) -> torch.Tensor:
     """Floor of the square root of non-negative int64 values (exact)."""
     v = _i64(v)
-    s = torch.sqrt(v.double()).floor().to(torch.int64)
-    # float64 is within one of the true root for v < 2^53; fix it up exactly.
+    # float64's root is within one of the true root; fix it up exactly. Clamping to
+    # isqrt(2^63 - 1) keeps every square below in int64.
+    top = 3037000499
+    s = torch.sqrt(v.double()).floor().to(torch.int64).clamp(max=top)
     s = torch.where(s * s > v, s - 1, s)
-    s = torch.where((s + 1) * (s + 1) <= v, s + 1, s)
+    s = torch.where((s < top) & ((s + 1) * (s + 1) <= v), s + 1, s)
     return s
 
 
@@ -167,12 +169,12 @@ def layernorm(
 
 
 def exp_table(scale: float) -> torch.Tensor:
-    """The 256-entry softmax table: ``E[u] = round(2^15 · exp(-u · scale))``, u = 0…255.
+    """The 256-entry softmax table: ``E[u] = round_half_up(2^15 · exp(-u · scale))``, u = 0…255.
 
     ``scale`` is the real value of one INT8 logit step; u is ``max − logit`` clipped to 255.
     """
     u = torch.arange(256, dtype=torch.float64)
-    return torch.round(torch.exp(-u * scale) * (1 << EXP_BITS)).to(torch.int64)
+    return torch.floor(torch.exp(-u * scale) * (1 << EXP_BITS) + 0.5).to(torch.int64)
 
 
 def softmax_exp(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,9 +218,9 @@ def _layernorm_params(
 
 
 def gelu_table(s_in: float, s_out: float) -> torch.Tensor:
-    """INT8 GELU table: entry ``q & 0xFF`` holds ``sat8(round(gelu(q·s_in) / s_out))``."""
+    """INT8 GELU table: entry ``q & 0xFF`` holds ``sat8(round_half_up(gelu(q·s_in) / s_out))``."""
     q = torch.arange(-128, 128, dtype=torch.float64)
-    y = torch.round(F.gelu(q * s_in) / s_out).clamp(-128, 127).to(torch.int8)
+    y = torch.floor(F.gelu(q * s_in) / s_out + 0.5).clamp(-128, 127).to(torch.int8)
     table = torch.empty(256, dtype=torch.int8)
     table[q.to(torch.int64) & 0xFF] = y
     return table
