@@ -1,0 +1,140 @@
+"""The one frozen hardware configuration that drives elaboration, the compiler and the runtime.
+
+Capacities are checked at construction; the compiler refuses a model that exceeds them
+(later issue), and :meth:`AccelConfig.config_hash` identifies a bitstream so a package
+compiled for another configuration is refused by the runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import M3VitError
+
+
+class AccelConfigError(M3VitError, ValueError):
+    """An invalid accelerator configuration (the message names the offending value)."""
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """Capacities and shape of one generated accelerator.
+
+    Parameters
+    ----------
+    pe_rows : int
+        Reduction (K) width of the PE array: INT8 products summed per column per cycle.
+    pe_cols : int
+        Output (N) width of the PE array: output channels computed in parallel.
+    max_tokens : int
+        Tokens per image held on chip (129 for ``edge-moe``).
+    max_dim : int
+        Largest embedding width D.
+    max_hidden : int
+        Largest MLP / expert hidden width.
+    max_heads : int
+        Largest number of attention heads.
+    max_experts : int
+        Largest number of experts per MoE layer.
+    max_top_k : int
+        Largest top-k.
+    axi_data_width : int
+        Data width of the AXI4 master ports in bits (128 for the ZCU104 HP ports).
+    axi_addr_width : int
+        Address width of the AXI4 master ports.
+    n_master_ports : int
+        AXI4 master ports (weights and activations may use separate HP ports).
+    max_burst_beats : int
+        Longest INCR burst issued (AXI4 allows 256; 4 KiB boundaries are never crossed).
+    max_outstanding : int
+        Read bursts in flight per port.
+    clock_mhz : float
+        Target clock of the programmable logic.
+    """
+
+    pe_rows: int = 32
+    pe_cols: int = 32
+    max_tokens: int = 1024
+    max_dim: int = 384
+    max_hidden: int = 1536
+    max_heads: int = 12
+    max_experts: int = 64
+    max_top_k: int = 4
+    axi_data_width: int = 128
+    axi_addr_width: int = 40
+    n_master_ports: int = 2
+    max_burst_beats: int = 64
+    max_outstanding: int = 8
+    clock_mhz: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("pe_rows", "pe_cols"):
+            v = getattr(self, name)
+            if not _pow2(v) or not 2 <= v <= 128:
+                raise AccelConfigError(f"{name} must be a power of two in [2, 128], got {v!r}")
+        for name in ("max_tokens", "max_dim", "max_hidden", "max_heads", "max_experts",
+                     "max_top_k", "n_master_ports", "max_outstanding"):
+            if getattr(self, name) < 1:
+                raise AccelConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("max_dim", "max_hidden"):
+            if getattr(self, name) % self.pe_rows or getattr(self, name) % self.pe_cols:
+                raise AccelConfigError(f"{name} must be a multiple of the PE array "
+                                       f"({self.pe_rows}x{self.pe_cols}), got "
+                                       f"{getattr(self, name)!r}")
+        if self.axi_data_width not in (32, 64, 128, 256, 512):
+            raise AccelConfigError(f"axi_data_width must be 32..512 and a power of two, got "
+                                   f"{self.axi_data_width!r}")
+        if not 32 <= self.axi_addr_width <= 64:
+            raise AccelConfigError(f"axi_addr_width must be in [32, 64], got "
+                                   f"{self.axi_addr_width!r}")
+        if not _pow2(self.max_burst_beats) or self.max_burst_beats > 256:
+            raise AccelConfigError(f"max_burst_beats must be a power of two <= 256, got "
+                                   f"{self.max_burst_beats!r}")
+        if self.max_burst_beats * self.axi_data_width // 8 > 4096:
+            raise AccelConfigError("a burst must not exceed 4 KiB (AXI4 boundary rule): lower "
+                                   "max_burst_beats or axi_data_width")
+        if self.max_top_k > self.max_experts:
+            raise AccelConfigError(f"max_top_k must be <= max_experts={self.max_experts}, got "
+                                   f"{self.max_top_k!r}")
+        if not 10 <= self.clock_mhz <= 800:
+            raise AccelConfigError(f"clock_mhz must be in [10, 800], got {self.clock_mhz!r}")
+
+    @property
+    def n_pe(self) -> int:
+        """Multipliers in the PE array."""
+        return self.pe_rows * self.pe_cols
+
+    @property
+    def axi_bytes(self) -> int:
+        """Bytes per AXI data beat."""
+        return self.axi_data_width // 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> int:
+        """32-bit identifier of this configuration (first 4 bytes of a SHA-256)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+    def replace(self, **changes: Any) -> AccelConfig:
+        """A copy with ``changes`` applied and validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+ZCU104 = AccelConfig()
+"""The default: a 32×32 array (1,024 INT8 multipliers) at 300 MHz with 128-bit HP ports."""
+
+CI = AccelConfig(pe_rows=4, pe_cols=4, max_tokens=80, max_dim=64, max_hidden=256,
+                 max_heads=2, max_experts=16, max_top_k=2, n_master_ports=1,
+                 max_burst_beats=16, max_outstanding=4)
+"""A small configuration that simulates quickly in CI and still runs the ``tiny`` preset."""
