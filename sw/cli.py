@@ -155,8 +155,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     model, _ = load_checkpoint(args.checkpoint, preset=args.preset)
     out = Path(args.out or Path(args.checkpoint).with_suffix(PACKAGE_SUFFIX))
-    if out.exists() and not args.force:
-        raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    report_path = out.with_suffix(".report.json")
+    for path in (out, report_path) if args.report else (out,):
+        if path.exists() and not args.force:
+            raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another "
+                             "--out")
     pkg = quantize(model, n_calib=args.calib, statistic=args.statistic)
     save_package(out, pkg, overwrite=args.force)
     print(f"{model.cfg.name}: quantized package written to {out} "
@@ -166,9 +169,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
         report = accuracy_report(model, pkg, n_test=args.n_test)
         print(format_report(report))
-        report_path = out.with_suffix(".report.json")
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {report_path}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .package import content_hash, load_package
+    from .quantize import validate_package
+
+    pkg = load_package(args.package, validate=validate_package)
+    cfg = pkg.config
+    n_bytes = sum(t.numel() * t.element_size() for t in pkg.tensors.values())
+    cal = pkg.params.get("calibration", {})
+    print(f"{args.package}: preset {cfg.name}, tasks {', '.join(cfg.task_names)}")
+    print(f"  {cfg.n_tokens} tokens, D={cfg.embed_dim}, {cfg.depth} blocks, "
+          f"E={cfg.n_experts} top-{cfg.top_k}, H={cfg.expert_hidden}")
+    print(f"  {len(pkg.tensors)} tensors, {n_bytes / 1e6:.2f} MB; calibration "
+          f"'{cal.get('statistic')}' on {cal.get('images')} scenes")
+    print(f"  content hash {content_hash(cfg.to_dict(), pkg.tensors, pkg.params)}")
 
 
 def cmd_scenes(args: argparse.Namespace) -> None:
@@ -265,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out scenes for --report (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="overwrite an existing package")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("inspect", help="check a quantized package and summarise it",
+                       description="Load a .m3q package with every check (format, version, "
+                       "config, tensor table, content hash, tensors the model needs) and "
+                       "print what it holds.")
+    s.add_argument("package", help="a .m3q file written by `m3vit quantize`")
+    s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("scenes", help="draw synthetic training scenes to a PNG")
     _add_model_args(s)

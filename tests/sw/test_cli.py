@@ -65,6 +65,24 @@ def test_evaluate_one_task(capsys, tiny_checkpoint):
     assert "depth/rmse" in out and "semseg/miou" not in out
 
 
+def test_inspect_package_and_corrupt_package(capsys, tmp_path):
+    from m3vit.sw.package import save_package
+    from m3vit.sw.quantize import quantize
+
+    pkg = quantize(M3ViT(get_preset("tiny")), n_calib=4)
+    path = save_package(tmp_path / "tiny.m3q", pkg)
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0 and "preset tiny" in out and "content hash" in out
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF                                  # one flipped weight byte
+    path.write_bytes(bytes(data))
+    code, _, err = run(capsys, "inspect", str(path))
+    assert code == 2 and err.count("\n") == 1 and "content hash mismatch" in err
+    path.write_bytes(bytes(data[: len(data) // 2]))     # truncated
+    code, _, err = run(capsys, "inspect", str(path))
+    assert code == 2 and err.count("\n") == 1 and str(path) in err
+
+
 def test_presets_and_flops(capsys):
     code, out, _ = run(capsys, "presets")
     assert code == 0 and "edge-moe" in out and "129" in out
@@ -75,7 +93,8 @@ def test_presets_and_flops(capsys):
 def test_console_script_help_and_error():
     exe = [sys.executable, "-m", "m3vit.sw.cli"]
     help_text = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True)
-    for command in ("presets", "flops", "train", "evaluate", "import-timm", "scenes"):
+    for command in ("presets", "flops", "train", "evaluate", "import-timm", "quantize",
+                    "inspect", "scenes"):
         assert command in help_text.stdout
     bad = subprocess.run([*exe, "flops", "--preset", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2
