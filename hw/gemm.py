@@ -1,0 +1,587 @@
+"""The GEMM engine: the accelerator's weight-stationary INT8 PE array.
+
+One *pass* computes, bit-exactly as :func:`m3vit.sw.numerics.linear` (and ``gemm``,
+``table_lookup``)::
+
+    acc[m, n] = Σ_k X[m, k] · W[n, k] + bias[n]                  (INT8 × INT8 → INT32)
+    Y[m, n]   = requantize(acc[m, n], mult[n], shift[n])         (mode INT8)
+              = table[requantize(...) & 0xFF]                    (mode INT8_TABLE)
+              = acc[m, n]                                        (mode INT32)
+
+for ``m < M`` tokens (any ``1 ≤ M ≤ max_tokens``), ``K = k_slices · pe_rows`` and
+``N = n_tiles · pe_cols`` (the compiler zero-pads K and N to whole tiles). The dataflow is
+the one of ``docs/accelerator.md``: for each tile of ``pe_cols`` output channels and each
+``pe_rows``-deep slice of K, a ``pe_rows × pe_cols`` weight tile sits in the array while
+every token's K-slice streams through it, one token per cycle; the next tile loads into
+the other half of a double buffer meanwhile. After the last slice of an N-tile, bias,
+requantization and the optional table run on the way out.
+"""
+
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for, ceil_log2
+
+from .config import AccelConfig
+
+__all__ = [
+    "COUNTER_NAMES",
+    "COUNTER_WIDTH",
+    "GEMM_PARAM",
+    "TABLE_ENTRIES",
+    "GemmEngine",
+    "GemmOp",
+    "Requantizer",
+    "command_layout",
+    "output_layout",
+]
+
+#: Entries of the output table (GELU): indexed by the INT8 value's two's-complement byte.
+TABLE_ENTRIES = 256
+
+#: Width of the performance counters; they wrap modulo 2**COUNTER_WIDTH (read twice, subtract).
+COUNTER_WIDTH = 32
+
+#: Per-output-channel parameters: INT32 bias, unsigned 16-bit multiplier, shift 0…63.
+GEMM_PARAM = data.StructLayout({"bias": signed(32), "mult": unsigned(16), "shift": unsigned(6)})
+
+# Widths of the command's loop counts: 65,535 slices of K or tiles of N, far beyond any
+# layer of the supported models (the compiler checks them against the configuration).
+_COUNT_WIDTH = 16
+
+
+class GemmOp(enum.Enum, shape=2):
+    """What a command on :attr:`GemmEngine.command` asks for.
+
+    The first three run a pass and name its output mode; ``LOAD_TABLE`` loads the table.
+    """
+
+    #: requantized INT8 outputs
+    INT8 = 0
+    #: requantized INT8 then ``table[q & 0xFF]`` (GELU after FC1)
+    INT8_TABLE = 1
+    #: the INT32 accumulators plus bias, unrequantized (the task head)
+    INT32 = 2
+    #: take :data:`TABLE_ENTRIES` beats from the ``table`` stream (entry 0 first)
+    LOAD_TABLE = 3
+
+
+def command_layout(config: AccelConfig) -> data.StructLayout:
+    """Payload of one command: the op and, for a pass, its geometry.
+
+    Fields ``op`` (:class:`GemmOp`), ``tokens`` (M, 1…``max_tokens``), ``k_slices``
+    (K / ``pe_rows``, ≥ 1) and ``n_tiles`` (N / ``pe_cols``, ≥ 1); a ``LOAD_TABLE`` command
+    ignores the geometry.
+    """
+    return data.StructLayout({
+        "op": GemmOp,
+        "tokens": unsigned(bits_for(config.max_tokens)),
+        "k_slices": unsigned(_COUNT_WIDTH),
+        "n_tiles": unsigned(_COUNT_WIDTH),
+    })
+
+
+def output_layout(config: AccelConfig) -> data.UnionLayout:
+    """Payload of one output beat: ``pe_cols`` channels of one token.
+
+    ``int8`` (the low ``8 · pe_cols`` bits, upper bits zero) in the INT8 modes, ``int32`` in
+    mode INT32; lane ``c`` is output channel ``tile · pe_cols + c``.
+    """
+    lanes = config.pe_cols
+    return data.UnionLayout({
+        "int8": data.ArrayLayout(signed(8), lanes),
+        "int32": data.ArrayLayout(signed(32), lanes),
+    })
+
+
+def _pipelined_sum(m: Module, terms: list, name: str) -> tuple[Signal, int]:
+    """A balanced adder tree with a register after every second level and after the root.
+
+    Returns the registered sum and its latency in cycles. Two 17…21-bit adder levels per
+    cycle close comfortably at 300 MHz on UltraScale+ carry chains.
+    """
+    level, latency = 0, 0
+    while len(terms) > 1:
+        terms = [a + b for a, b in zip(terms[0::2], terms[1::2], strict=True)]
+        level += 1
+        if level % 2 == 0 or len(terms) == 1:
+            registered = []
+            for index, term in enumerate(terms):
+                reg = Signal(term.shape(), name=f"{name}_l{level}_{index}")
+                m.d.sync += reg.eq(term)
+                registered.append(reg)
+            terms = registered
+            latency += 1
+    return terms[0], latency
+
+
+def _delayed(m: Module, value, cycles: int, name: str):
+    """``value`` through ``cycles`` registers (``value`` itself for 0)."""
+    for index in range(cycles):
+        reg = Signal.like(value, name=f"{name}_d{index + 1}")
+        m.d.sync += reg.eq(value)
+        value = reg
+    return value
+
+
+class Requantizer(wiring.Component):
+    """Per-lane bias add and requantization: ``sat8(round_half_up((acc + bias) · mult / 2^shift))``.
+
+    Bit-exact to :func:`m3vit.sw.numerics.requantize` applied to ``acc + bias`` (the sum wraps
+    to INT32 as the PE accumulators do; the quantizer keeps it in range). With ``raw`` set the
+    lane passes ``acc + bias`` through unchanged (multiplier 1, shift 0, no saturation).
+
+    A fixed-latency pipeline without back-pressure (both streams are ``always_ready``):
+    a beat entering on ``i`` leaves on ``o`` exactly :attr:`latency` cycles later.
+
+    Parameters
+    ----------
+    lanes : int
+        Channels per beat.
+
+    Attributes
+    ----------
+    i : In(stream.Signature(StructLayout, always_ready=True))
+        ``acc``, ``bias`` (INT32 per lane), ``mult`` (unsigned 16), ``shift`` (0…63) per
+        lane, and ``raw``.
+    o : Out(stream.Signature(ArrayLayout(signed(32), lanes), always_ready=True))
+        The INT8 results sign-extended, or the raw INT32 sums.
+    latency : int
+        Cycles from ``i`` to ``o``.
+
+    Notes
+    -----
+    Stages (one register each, for 300 MHz): bias add; 32 × 16 multiply and a second
+    register (the DSP48E2 M and P registers of a two-DSP cascade); rounding add; the
+    variable arithmetic shift; saturation. ``acc · mult`` fits 48 bits and the rounding
+    constant is at most 2^62, so the 64-bit sum never overflows.
+    """
+
+    latency = 6
+
+    def __init__(self, lanes: int):
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes!r}")
+        self.lanes = lanes
+        layout = data.StructLayout({
+            "acc": data.ArrayLayout(signed(32), lanes),
+            "bias": data.ArrayLayout(signed(32), lanes),
+            "mult": data.ArrayLayout(unsigned(16), lanes),
+            "shift": data.ArrayLayout(unsigned(6), lanes),
+            "raw": 1,
+        })
+        super().__init__({
+            "i": In(stream.Signature(layout, always_ready=True)),
+            "o": Out(stream.Signature(data.ArrayLayout(signed(32), lanes), always_ready=True)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self.i.payload
+        # valid_at[k] / raw_at[k]: the flags of the beat whose stage-k registers are loaded.
+        valid_at, raw_at = [self.i.valid], [p.raw]
+        for stage in range(1, self.latency + 1):
+            valid_at.append(_delayed(m, valid_at[-1], 1, f"valid_s{stage}"))
+            raw_at.append(_delayed(m, raw_at[-1], 1, f"raw_s{stage}"))
+        m.d.comb += self.o.valid.eq(valid_at[self.latency])
+
+        for lane in range(self.lanes):
+            # Stage 1: bias add. The raw path reuses the multiplier (× 1, shift 0), so
+            # INT32 results need no pipe of their own.
+            biased = Signal(signed(32), name=f"biased_{lane}")
+            mult = Signal(unsigned(16), name=f"mult_{lane}")
+            shift_s1 = Signal(unsigned(6), name=f"shift_{lane}_s1")
+            m.d.sync += [
+                biased.eq(p.acc[lane] + p.bias[lane]),
+                mult.eq(Mux(p.raw, 1, p.mult[lane])),
+                shift_s1.eq(Mux(p.raw, 0, p.shift[lane])),
+            ]
+            # Stages 2 and 3: the product and its second register.
+            product = Signal(signed(48), name=f"product_{lane}")
+            product_p = Signal(signed(48), name=f"product_{lane}_p")
+            m.d.sync += [product.eq(biased * mult), product_p.eq(product)]
+            # Stage 4: + 2^(s-1) (0 for s = 0); stage 5: arithmetic shift = floor.
+            shift_s3 = _delayed(m, shift_s1, 2, f"shift_{lane}")
+            shift_s4 = _delayed(m, shift_s3, 1, f"shift_{lane}_s3")
+            rounded = Signal(signed(64), name=f"rounded_{lane}")
+            m.d.sync += rounded.eq(product_p + ((Const(1, 1) << shift_s3) >> 1))
+            shifted = Signal(signed(49), name=f"shifted_{lane}")
+            m.d.sync += shifted.eq(rounded >> shift_s4)
+            # Stage 6: saturate to INT8 unless raw.
+            saturated = Mux(shifted > 127, 127, Mux(shifted < -128, -128, shifted))
+            m.d.sync += self.o.payload[lane].eq(Mux(raw_at[self.latency - 1], shifted, saturated))
+        return m
+
+
+#: The performance counters of :class:`GemmEngine`, in the order of its ``counters`` port.
+COUNTER_NAMES = (
+    "busy_cycles",
+    "weight_stall_cycles",
+    "param_stall_cycles",
+    "activation_stall_cycles",
+    "output_stall_cycles",
+    "token_beats",
+    "weight_tiles",
+)
+
+
+class GemmEngine(wiring.Component):
+    """Weight-stationary ``pe_rows × pe_cols`` INT8 GEMM engine with requantization.
+
+    One command runs one *pass*, ``Y = f(X · Wᵀ + bias)`` for ``M`` tokens, ``K =
+    k_slices · pe_rows`` and ``N = n_tiles · pe_cols`` (see the module docstring), or
+    loads the output table.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        Array shape (``pe_rows`` = K lanes, ``pe_cols`` = N lanes) and ``max_tokens``.
+
+    Attributes
+    ----------
+    command : In(stream.Signature(command_layout(config)))
+        One beat per pass or table load (:func:`command_layout`, :class:`GemmOp`).
+    weights : In(stream.Signature(ArrayLayout(signed(8), pe_cols)))
+        Weight rows, ``pe_rows`` per tile.
+    activations : In(stream.Signature(ArrayLayout(signed(8), pe_rows)))
+        One token's K-slice per beat.
+    params : In(stream.Signature(GEMM_PARAM))
+        One output channel's bias, multiplier and shift per beat, ``pe_cols`` per N-tile.
+    table : In(stream.Signature(signed(8)))
+        Table entries, taken only by a ``LOAD_TABLE`` command.
+    results : Out(stream.Signature(output_layout(config)))
+        One token's ``pe_cols`` outputs per beat.
+    counters : Out(Signature)
+        Free-running performance counters (:data:`COUNTER_NAMES`, :data:`COUNTER_WIDTH`
+        bits, wrapping): ``busy_cycles`` (``busy`` high), ``weight_stall_cycles`` (the next
+        weight tile is not complete), ``param_stall_cycles`` (the N-tile's parameters are
+        not complete), ``activation_stall_cycles`` (the array could take a token but none
+        is offered), ``output_stall_cycles`` (no room left for results: output
+        back-pressure), ``token_beats`` (tokens through the array; each is ``pe_rows ·
+        pe_cols`` MACs) and ``weight_tiles`` (weight tiles used). Stall causes are counted
+        independently: one cycle may count in more than one.
+    busy : Out(1)
+        A command is in progress or a result has not left yet.
+    illegal_command : Out(1)
+        Sticky (until reset): a pass command with ``tokens`` outside 1…``max_tokens`` or a
+        zero ``k_slices``/``n_tiles`` was taken and dropped. It consumes no data.
+
+    Notes
+    -----
+    **Stream protocol.** Each stream is independent (its own ``valid``/``ready``); the
+    order of beats *within* each stream is, for a pass with M tokens, KS = ``k_slices``,
+    NT = ``n_tiles``, R = ``pe_rows``, C = ``pe_cols``:
+
+    * ``command``: the pass's one beat. Commands run one after the other; a pass's first
+      tokens enter the array while the previous pass's last results are still on their way
+      out, so passes need no drain between them.
+    * ``weights``: for ``j`` in 0…NT−1, for ``s`` in 0…KS−1, for ``r`` in 0…R−1: the row
+      ``[W[j·C + c, s·R + r] for c in 0…C−1]``; NT·KS·R beats. The tile for the next slice
+      (of this pass or the next) loads while the current one computes: weights may run one
+      tile ahead of the array.
+    * ``activations``: for ``j``, for ``s``, for ``m`` in 0…M−1: ``[X[m, s·R + r] for r in
+      0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile).
+    * ``params``: for ``j``, for ``c`` in 0…C−1: ``bias``, ``mult``, ``shift`` of output
+      channel ``j·C + c``; NT·C beats, also in mode INT32 (bias only is used there). They
+      may run one N-tile ahead (they are held until the tile's last slice).
+    * ``table``: for ``LOAD_TABLE`` only, 256 beats, entry 0 first: ``table[i]`` is the
+      output for ``q & 0xFF == i``. It waits until every earlier result has left.
+    * ``results``: for ``j``, for ``m``: lanes ``c`` = ``Y[m, j·C + c]``; NT·M beats.
+
+    **Structure.** The array holds two ``R × C`` INT8 weight registers: ``shadow`` (loaded
+    row by row from ``weights``) and ``active`` (copied from ``shadow`` in one cycle when a
+    slice's first token enters, so every multiplier has one fixed weight operand, as the
+    B1/B2 registers of a DSP48E2). ``R · C`` 8 × 8 multipliers (registered), a pipelined
+    adder tree per column (a register every two levels), one accumulator memory
+    ``max_tokens × (32 · C)`` bits (read-modify-write, two-cycle read), ``C`` requantizer
+    lanes (:class:`Requantizer`, a 32 × 16 multiply each), a 256 × INT8 table with ``C``
+    read ports, and a result queue with a credit counter: a last-slice token enters the
+    array only if the queue has room for its result, so back-pressure never stops the
+    pipeline (no clock enable on wide registers).
+
+    **Throughput.** One token per cycle while the streams keep up. A K-slice takes at least
+    ``M`` cycles and at least the ``R`` weight beats of the next tile plus one (the shadow
+    is free again the cycle after the swap), so passes with ``M ≤ R`` are bound by the
+    weight stream. A token reading its accumulator must enter :attr:`hazard_cycles` (4)
+    cycles after its previous slice did; the engine waits for that only when ``M`` is
+    below it, which the weight load already covers unless ``R = 2``.
+    """
+
+    def __init__(self, config: AccelConfig):
+        if not isinstance(config, AccelConfig):
+            raise TypeError(f"config must be an AccelConfig, got {config!r}")
+        self.config = config
+        rows, cols = config.pe_rows, config.pe_cols
+        self.command_layout = command_layout(config)
+        self.output_layout = output_layout(config)
+        #: Cycles of the column adder trees (a register every two of log2(pe_rows) levels).
+        self.tree_latency = (ceil_log2(rows) + 1) // 2
+        # Stages after issue (stage 0): 1 activation register, 2 products, the tree, the
+        # accumulate register; then the requantizer and the table read.
+        self._sum_stage = 2 + self.tree_latency
+        self._acc_stage = self._sum_stage + 1
+        #: Cycles from a token entering the array to its result entering the result queue.
+        self.result_latency = self._acc_stage + Requantizer.latency + 1
+        #: Least distance (cycles) between a token's successive slices: the accumulator is
+        #: read 2 cycles before the tree's sum and written the cycle after it.
+        self.hazard_cycles = self._acc_stage - (self._sum_stage - 2) + 1
+        #: Results the queue holds; the credit loop needs about result_latency + 3 of them
+        #: to take one token per cycle under no back-pressure.
+        self.queue_depth = 2 ** ceil_log2(self.result_latency + 4) + 1
+        counters = wiring.Signature({name: Out(COUNTER_WIDTH) for name in COUNTER_NAMES})
+        super().__init__({
+            "command": In(stream.Signature(self.command_layout)),
+            "weights": In(stream.Signature(data.ArrayLayout(signed(8), cols))),
+            "activations": In(stream.Signature(data.ArrayLayout(signed(8), rows))),
+            "params": In(stream.Signature(GEMM_PARAM)),
+            "table": In(stream.Signature(signed(8))),
+            "results": Out(stream.Signature(self.output_layout)),
+            "counters": Out(counters),
+            "busy": Out(1),
+            "illegal_command": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        rows, cols = cfg.pe_rows, cfg.pe_cols
+        tile_layout = data.ArrayLayout(data.ArrayLayout(signed(8), cols), rows)
+        token_shape = range(cfg.max_tokens)
+        count_shape = unsigned(_COUNT_WIDTH)
+
+        # ---- command and pass state -------------------------------------------------------
+        issuing = Signal()  # a pass has tokens left to enter the array
+        loading_table = Signal()
+        op = Signal(GemmOp)
+        last_token = Signal(token_shape)
+        last_kslice = Signal(count_shape)
+        last_ntile = Signal(count_shape)
+        slice_gap = Signal(range(self.hazard_cycles + 1))
+        token = Signal(token_shape)
+        kslice = Signal(count_shape)
+        ntile = Signal(count_shape)
+        pending = Signal(range(self.queue_depth + 1))  # last-slice tokens not yet output
+        m.d.comb += self.busy.eq(issuing | loading_table | (pending != 0))
+
+        cmd = self.command.payload
+        m.d.comb += self.command.ready.eq(~issuing & ~loading_table)
+        with m.If(self.command.valid & self.command.ready):
+            legal = ((cmd.tokens >= 1) & (cmd.tokens <= cfg.max_tokens)
+                     & (cmd.k_slices != 0) & (cmd.n_tiles != 0))
+            with m.If(cmd.op == GemmOp.LOAD_TABLE):
+                m.d.sync += loading_table.eq(1)
+            with m.Elif(legal):
+                m.d.sync += [
+                    issuing.eq(1),
+                    op.eq(cmd.op),
+                    last_token.eq(cmd.tokens - 1),
+                    last_kslice.eq(cmd.k_slices - 1),
+                    last_ntile.eq(cmd.n_tiles - 1),
+                    slice_gap.eq(Mux(cmd.tokens >= self.hazard_cycles, 1,
+                                     self.hazard_cycles + 1 - cmd.tokens)),
+                ]
+            with m.Else():
+                m.d.sync += self.illegal_command.eq(1)
+
+        # ---- weight double buffer -----------------------------------------------------------
+        w_shadow = Signal(tile_layout)
+        w_active = Signal(tile_layout)
+        w_row = Signal(range(rows))
+        w_full = Signal()
+        m.d.comb += self.weights.ready.eq(~w_full)
+        with m.If(self.weights.valid & self.weights.ready):
+            with m.Switch(w_row):
+                for row in range(rows):
+                    with m.Case(row):
+                        m.d.sync += w_shadow[row].eq(self.weights.payload)
+            m.d.sync += w_row.eq(w_row + 1)  # pe_rows is a power of two: wraps to 0
+            with m.If(w_row == rows - 1):
+                m.d.sync += w_full.eq(1)
+
+        # ---- per-channel parameters: shadow (filling) and active (used by the output) -------
+        param_layout = data.ArrayLayout(GEMM_PARAM, cols)
+        p_shadow = Signal(param_layout)
+        p_active = Signal(param_layout)
+        p_index = Signal(range(cols))
+        p_full = Signal()
+        p_claimed = Signal()  # a token in flight will copy the shadow into active
+        m.d.comb += self.params.ready.eq(~p_full)
+        with m.If(self.params.valid & self.params.ready):
+            with m.Switch(p_index):
+                for col in range(cols):
+                    with m.Case(col):
+                        m.d.sync += p_shadow[col].eq(self.params.payload)
+            m.d.sync += p_index.eq(p_index + 1)
+            with m.If(p_index == cols - 1):
+                m.d.sync += p_full.eq(1)
+
+        # ---- issue: may the offered token enter the array this cycle? -----------------------
+        first_token = token == 0
+        last_slice = kslice == last_kslice
+        since_issue = Signal(range(self.hazard_cycles + 1), init=self.hazard_cycles)
+        weights_ok = ~first_token | w_full
+        hazard_ok = ~first_token | (kslice == 0) | (since_issue >= slice_gap)
+        params_ok = ~(first_token & last_slice) | (p_full & ~p_claimed)
+        output_ok = ~last_slice | (pending < self.queue_depth)
+        m.d.comb += self.activations.ready.eq(issuing & weights_ok & hazard_ok & params_ok
+                                              & output_ok)
+        issue = Signal()
+        m.d.comb += issue.eq(self.activations.valid & self.activations.ready)
+
+        with m.If(issue):
+            m.d.sync += since_issue.eq(1)
+        with m.Elif(since_issue != self.hazard_cycles):
+            m.d.sync += since_issue.eq(since_issue + 1)
+
+        with m.If(issue):
+            with m.If(first_token):
+                m.d.sync += [w_active.eq(w_shadow), w_full.eq(0)]
+                with m.If(last_slice):
+                    m.d.sync += p_claimed.eq(1)
+            with m.If(token == last_token):
+                m.d.sync += token.eq(0)
+                with m.If(last_slice):
+                    m.d.sync += kslice.eq(0)
+                    with m.If(ntile == last_ntile):
+                        m.d.sync += [ntile.eq(0), issuing.eq(0)]
+                    with m.Else():
+                        m.d.sync += ntile.eq(ntile + 1)
+                with m.Else():
+                    m.d.sync += kslice.eq(kslice + 1)
+            with m.Else():
+                m.d.sync += token.eq(token + 1)
+
+        # ---- the array: tags travel with each token through the pipeline --------------------
+        tag_layout = data.StructLayout({
+            "valid": 1,
+            "token": token_shape,
+            "first_slice": 1,
+            "last_slice": 1,
+            "first_of_last": 1,  # the first token of an N-tile's last slice
+            "op": GemmOp,
+        })
+        tag0 = Signal(tag_layout)
+        m.d.comb += [
+            tag0.valid.eq(issue),
+            tag0.token.eq(token),
+            tag0.first_slice.eq(kslice == 0),
+            tag0.last_slice.eq(last_slice),
+            tag0.first_of_last.eq(first_token & last_slice),
+            tag0.op.eq(op),
+        ]
+        tags = [tag0]
+        for stage in range(1, self._acc_stage + 1):
+            tags.append(_delayed(m, tags[-1], 1, f"tag_s{stage}"))
+
+        x = Signal(data.ArrayLayout(signed(8), rows))
+        m.d.sync += x.eq(self.activations.payload)
+        column_sums = []
+        for col in range(cols):
+            products = []
+            for row in range(rows):
+                product = Signal(signed(16), name=f"product_r{row}_c{col}")
+                m.d.sync += product.eq(x[row] * w_active[row][col])
+                products.append(product)
+            column_sum, latency = _pipelined_sum(m, products, f"sum_c{col}")
+            assert latency == self.tree_latency
+            column_sums.append(column_sum)
+
+        # Accumulators: read two cycles ahead of the sum, written the cycle after it.
+        acc_layout = data.ArrayLayout(signed(32), cols)
+        acc_memory = m.submodules.accumulators = Memory(shape=acc_layout,
+                                                        depth=cfg.max_tokens, init=[])
+        acc_write = acc_memory.write_port()
+        acc_read = acc_memory.read_port()
+        acc_read_data = Signal(acc_layout)
+        acc_new = Signal(acc_layout)
+        sum_tag, acc_tag = tags[self._sum_stage], tags[self._acc_stage]
+        m.d.comb += acc_read.addr.eq(tags[self._sum_stage - 2].token)
+        m.d.sync += acc_read_data.eq(acc_read.data)
+        for col in range(cols):
+            # Truncating the 33-bit sum is the INT32 wrap-around of the accumulators.
+            m.d.sync += acc_new[col].eq(Mux(sum_tag.first_slice, 0, acc_read_data[col])
+                                        + column_sums[col])
+        m.d.comb += [
+            acc_write.addr.eq(acc_tag.token),
+            acc_write.data.eq(acc_new),
+            acc_write.en.eq(acc_tag.valid & ~acc_tag.last_slice),
+        ]
+
+        # The N-tile's parameters become active just as its first result reaches them.
+        with m.If(sum_tag.valid & sum_tag.first_of_last):
+            m.d.sync += [p_active.eq(p_shadow), p_full.eq(0), p_claimed.eq(0)]
+
+        # ---- requantization, table, result queue --------------------------------------------
+        requantizer = m.submodules.requantizer = Requantizer(cols)
+        m.d.comb += [
+            requantizer.i.valid.eq(acc_tag.valid & acc_tag.last_slice),
+            requantizer.i.payload.acc.eq(acc_new),
+            requantizer.i.payload.raw.eq(acc_tag.op == GemmOp.INT32),
+        ]
+        for col in range(cols):
+            m.d.comb += [
+                requantizer.i.payload.bias[col].eq(p_active[col].bias),
+                requantizer.i.payload.mult[col].eq(p_active[col].mult),
+                requantizer.i.payload.shift[col].eq(p_active[col].shift),
+            ]
+        op_out = _delayed(m, acc_tag.op, Requantizer.latency + 1, "op_out")
+        valid_out = _delayed(m, requantizer.o.valid, 1, "valid_out")
+        value_out = _delayed(m, requantizer.o.payload, 1, "value_out")
+
+        table = m.submodules.table = Memory(shape=signed(8), depth=TABLE_ENTRIES, init=[])
+        table_write = table.write_port()
+        table_index = Signal(range(TABLE_ENTRIES))
+        m.d.comb += self.table.ready.eq(loading_table & (pending == 0))
+        m.d.comb += [
+            table_write.addr.eq(table_index),
+            table_write.data.eq(self.table.payload),
+            table_write.en.eq(self.table.valid & self.table.ready),
+        ]
+        with m.If(self.table.valid & self.table.ready):
+            m.d.sync += table_index.eq(table_index + 1)
+            with m.If(table_index == TABLE_ENTRIES - 1):
+                m.d.sync += loading_table.eq(0)
+
+        result = Signal(self.output_layout)
+        for col in range(cols):
+            lookup = table.read_port()
+            # The INT8 result's two's-complement byte is the table index.
+            m.d.comb += lookup.addr.eq(requantizer.o.payload[col][:8])
+            with m.Switch(op_out):
+                with m.Case(GemmOp.INT8_TABLE):
+                    m.d.comb += result.int8[col].eq(lookup.data)
+                with m.Case(GemmOp.INT32):
+                    m.d.comb += result.int32[col].eq(value_out[col])
+                with m.Default():
+                    m.d.comb += result.int8[col].eq(value_out[col])
+
+        queue = m.submodules.result_queue = SyncFIFOBuffered(width=self.output_layout.size,
+                                                             depth=self.queue_depth)
+        # The queue speaks raw bits; the port carries the typed union.
+        m.d.comb += [
+            queue.w_data.eq(result.as_value()),
+            queue.w_en.eq(valid_out),
+            self.results.payload.eq(queue.r_data),
+            self.results.valid.eq(queue.r_rdy),
+            queue.r_en.eq(self.results.ready),
+        ]
+        output_taken = self.results.valid & self.results.ready
+        m.d.sync += pending.eq(pending + (issue & last_slice) - output_taken)
+
+        # ---- performance counters -----------------------------------------------------------
+        counters = self.counters
+        events = [
+            (counters.busy_cycles, self.busy),
+            (counters.weight_stall_cycles, issuing & ~weights_ok),
+            (counters.param_stall_cycles, issuing & ~params_ok),
+            (counters.activation_stall_cycles, self.activations.ready & ~self.activations.valid),
+            (counters.output_stall_cycles, issuing & ~output_ok),
+            (counters.token_beats, issue),
+            (counters.weight_tiles, issue & first_token),
+        ]
+        for counter, event in events:
+            with m.If(event):
+                m.d.sync += counter.eq(counter + 1)
+        return m

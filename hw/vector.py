@@ -1,0 +1,1070 @@
+"""The vector unit: the accelerator's element-wise and row-wise INT8 operations.
+
+Four blocks, each a :class:`~amaranth.lib.wiring.Component` parameterised by an
+:class:`~m3vit.hw.config.AccelConfig` and bit-exact to the function of ``docs/numerics.md``
+(and :mod:`m3vit.sw.numerics`) named in its docstring:
+
+* :class:`LayerNormUnit` — integer LayerNorm over token rows (``layernorm``);
+* :class:`SoftmaxUnit` — row softmax and router scores (``softmax``, ``router_scores``);
+* :class:`ResidualAdd` — the residual add across scales (``residual_add``);
+* :class:`TableLookup` — a 256-entry INT8 table such as GELU (``table_lookup``).
+
+Conventions shared by all four
+------------------------------
+* ``lanes = cfg.pe_cols`` INT8 values travel per beat as ``ArrayLayout(signed(8), lanes)``;
+  a row of D values is ``D / lanes`` beats, the first beat holding elements 0 … lanes−1.
+* Every interface is an :mod:`amaranth.lib.stream`: a beat moves on a rising edge where
+  ``valid & ready``; ``valid`` never depends on ``ready``; a ``ready`` may depend on the
+  ``valid`` of another input of the same block (a join). Outputs come from a registered queue,
+  so output ``valid``/``payload`` are register outputs.
+* A command (``cmd``) describes a whole tensor (a count of rows or beats plus per-command
+  parameters). A command is taken while the block's front end is idle, so commands follow
+  each other back to back, and beats of consecutive commands overlap inside the pipeline
+  (each beat carries its own parameters down the pipe). A command whose geometry is zero or
+  exceeds the configuration is consumed and ignored: it takes no input and gives no output
+  (the compiler never issues one; this keeps a bad command from hanging the block).
+* Each block outputs ``busy`` (a command or a beat is in flight anywhere in the block) and
+  ``busy_cycles``, a free-running 32-bit count of cycles with ``busy`` high since reset
+  (read it before and after a run and subtract modulo 2^32).
+* Parameters and tables are written through their own stream, accepted only while the block
+  is not busy (``ready = ~busy``), except :class:`TableLookup`, whose writes take priority
+  over lookups (see there). A writer therefore never races a computation.
+
+Timing (300 MHz)
+----------------
+Internal datapaths are non-stalling pipelines with a register after every adder or
+comparator level of a reduction, after every wide multiply twice (the DSP48E2 M and P
+registers), and around the 64-bit add/shift/saturate of LayerNorm. Back-pressure never
+reaches into a pipeline: each pipeline ends in a queue and a beat (or row) enters the
+pipeline only when a credit for that queue is free, so no clock enable fans out to wide
+pipeline registers. The long-latency operations of a row — LayerNorm's integer square root
+and both blocks' reciprocal — are fully pipelined (one result bit per stage), so a new row
+can start every cycle and throughput is one beat per cycle on every port.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+
+__all__ = [
+    "BUSY_COUNTER_BITS",
+    "INT8",
+    "LN_BIAS_BITS",
+    "LN_EPS_BITS",
+    "LN_GAIN_BITS",
+    "ROW_COUNT_BITS",
+    "SHIFT_BITS",
+    "LayerNormUnit",
+    "ResidualAdd",
+    "SoftmaxMode",
+    "SoftmaxUnit",
+    "TableLookup",
+    "lane_layout",
+    "row_beat_layout",
+]
+
+INT8 = signed(8)
+"""An INT8 activation lane."""
+ROW_COUNT_BITS = 16
+"""Width of every command's row count (rows per command ≤ 65,535)."""
+SHIFT_BITS = 6
+"""Right shifts are 0 … 62 (``numerics.MAX_SHIFT``)."""
+BUSY_COUNTER_BITS = 32
+"""Width of each block's ``busy_cycles`` counter (wraps modulo 2^32)."""
+LN_GAIN_BITS = 16
+"""LayerNorm gain: signed 16-bit (the quantizer keeps |g| < 2^15)."""
+LN_BIAS_BITS = 64
+"""LayerNorm bias: signed 64-bit, the quantizer's int64, so no bias the package can hold is
+cut. The bias add and the shift run in 64-bit two's complement like the golden model's int64
+(exact whenever that model does not wrap, i.e. for every |b| < 2^62)."""
+LN_EPS_BITS = 52
+"""LayerNorm ``eps_term``: unsigned, < 2^52, so that V = Σd² + eps_term < 2^53."""
+
+_RCP_NUMERATOR = 1 << 31  # floor(2^31 / x) for LayerNorm (LN_RCP_BITS) and softmax (RCP_BITS)
+_EXP_SHAPE = unsigned(16)  # exp table entries: uint16 ≤ 32768
+_PROB_SHIFT = 24  # RCP_BITS − PROB_BITS
+_SCORE_SHIFT = 16  # RCP_BITS − SCORE_BITS
+_PROB_MAX = 127
+_SCORE_MAX = (1 << 15) - 1
+
+
+class SoftmaxMode(enum.Enum, shape=1):
+    """What a :class:`SoftmaxUnit` command computes from the row's e·rcp products."""
+
+    #: Attention probabilities: ``min(127, round_half_up(e·rcp / 2^24))`` (scale 2^−7).
+    ATTENTION = 0
+    #: Router scores: ``min(32767, round_half_up(e·rcp / 2^16))`` (scale 2^−15).
+    ROUTER = 1
+
+
+def lane_layout(cfg: AccelConfig, shape=INT8) -> data.ArrayLayout:
+    """One beat of ``cfg.pe_cols`` lanes of ``shape`` (INT8 by default)."""
+    return data.ArrayLayout(shape, cfg.pe_cols)
+
+
+def row_beat_layout(cfg: AccelConfig, shape=INT8) -> data.StructLayout:
+    """An output beat: ``data`` (the lanes) and ``last`` (the beat closes a row/command)."""
+    return data.StructLayout({"data": lane_layout(cfg, shape), "last": 1})
+
+
+def _check_config(cfg: AccelConfig) -> AccelConfig:
+    if not isinstance(cfg, AccelConfig):
+        raise TypeError(f"expected an AccelConfig, got {cfg!r}")
+    return cfg
+
+
+def _queue_depth(entries: int) -> int:
+    """Smallest SyncFIFOBuffered depth 2^k + 1 holding ``entries`` (power-of-two memory)."""
+    return (1 << max(1, (entries - 1).bit_length())) + 1
+
+
+def _queue(m: Module, name: str, layout, entries: int):
+    """A registered-output FIFO of ``layout`` entries and typed views of its two ends."""
+    fifo = SyncFIFOBuffered(width=Shape.cast(layout).width, depth=_queue_depth(entries))
+    m.submodules[name] = fifo
+    return fifo, layout(fifo.w_data), layout(fifo.r_data)
+
+
+def _credits(m: Module, name: str, depth: int, take: Value, give: Value) -> Signal:
+    """Admission control in front of a non-stalling pipeline that ends in a ``depth`` queue.
+
+    Counts entries issued into the pipeline and not yet read out of the queue; the returned
+    signal is high while one more may be issued, so the queue can never overflow and the
+    pipeline never needs to stall.
+    """
+    used = Signal(range(depth + 1), name=f"{name}_used")
+    m.d.sync += used.eq(used + take - give)
+    free = Signal(name=f"{name}_free")
+    m.d.comb += free.eq(used != depth)
+    return free
+
+
+def _reg(m: Module, value, shape=None, name=None):
+    """``value`` registered once (a pipeline stage)."""
+    reg = Signal(Value.cast(value).shape() if shape is None else shape, name=name)
+    m.d.sync += reg.eq(value)
+    return reg
+
+
+def _delay(m: Module, value, cycles: int, shape=None, name="delay"):
+    """``value`` through ``cycles`` pipeline registers."""
+    for i in range(cycles):
+        value = _reg(m, value, shape, name=f"{name}_{i}")
+    return value
+
+
+def _tree(m: Module, name: str, values: list, combine) -> tuple[Value, int]:
+    """Reduce ``values`` pairwise with ``combine``, one register stage per tree level.
+
+    Returns the registered result and the number of levels (the latency in cycles).
+    """
+    level = 0
+    while len(values) > 1:
+        values = [
+            _reg(m, combine(values[i], values[i + 1]), name=f"{name}_l{level}_{i // 2}")
+            for i in range(0, len(values), 2)
+        ]
+        level += 1
+    return values[0], level
+
+
+def _busy_counter(m: Module, busy: Value, busy_cycles: Value) -> None:
+    m.d.sync += busy_cycles.eq(busy_cycles + busy)
+
+
+class _IsqrtPipeline(wiring.Component):
+    """Exact ``floor(sqrt(value))``, one root bit per stage, a new value every cycle.
+
+    The digit-by-digit (restoring) method: each stage appends two bits of the value to the
+    remainder and subtracts ``4·root + 1`` when it fits. Latency ``root_bits`` cycles; a
+    ``tag`` travels with each value. Non-stalling (``always_ready`` streams).
+    """
+
+    def __init__(self, root_bits: int, tag_shape):
+        self._root_bits = root_bits
+        self._tag_shape = tag_shape
+        super().__init__({
+            "i": In(stream.Signature(
+                data.StructLayout({"value": unsigned(2 * root_bits), "tag": tag_shape}),
+                always_ready=True)),
+            "o": Out(stream.Signature(
+                data.StructLayout({"value": unsigned(root_bits), "tag": tag_shape}),
+                always_ready=True)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        n = self._root_bits
+        valid, rest, tag = self.i.valid, self.i.payload.value, self.i.payload.tag
+        rem, root = Const(0, n + 2), Const(0, 1)
+        for k in reversed(range(n)):
+            current = Cat(rest[2 * k:2 * k + 2], rem)  # 4·rem + next two bits
+            trial = Cat(Const(1, 2), root)  # 4·root + 1
+            fits = current >= trial
+            stage = f"isqrt{k}"
+            valid = _reg(m, valid, name=f"{stage}_valid")
+            tag = _reg(m, tag, self._tag_shape, name=f"{stage}_tag")
+            rest = _reg(m, rest[:2 * k], name=f"{stage}_rest") if k else rest[:0]
+            # rem ≤ 2·root < 2^(n+1) after every step (the classic bound).
+            rem = _reg(m, Mux(fits, current - trial, current), unsigned(n + 2),
+                       name=f"{stage}_rem")
+            root = _reg(m, Cat(fits, root), unsigned(n - k), name=f"{stage}_root")
+        m.d.comb += [
+            self.o.valid.eq(valid),
+            self.o.payload.value.eq(root),
+            self.o.payload.tag.eq(tag),
+        ]
+        return m
+
+
+class _ReciprocalPipeline(wiring.Component):
+    """``floor(2^31 / value)``, one quotient bit per stage, a new value every cycle.
+
+    Restoring division of the constant 2^31. ``quotient_bits`` must cover the quotient:
+    the caller guarantees ``value > 2^31 >> quotient_bits`` (LayerNorm: 32 bits, any
+    value ≥ 1; softmax: 17 bits, sums ≥ 2^15). A zero divisor gives all ones. Latency
+    ``quotient_bits`` cycles; non-stalling.
+    """
+
+    def __init__(self, value_bits: int, quotient_bits: int, tag_shape):
+        self._value_bits = value_bits
+        self._quotient_bits = quotient_bits
+        self._tag_shape = tag_shape
+        super().__init__({
+            "i": In(stream.Signature(
+                data.StructLayout({"value": unsigned(value_bits), "tag": tag_shape}),
+                always_ready=True)),
+            "o": Out(stream.Signature(
+                data.StructLayout({"value": unsigned(quotient_bits), "tag": tag_shape}),
+                always_ready=True)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        w, q_bits = self._value_bits, self._quotient_bits
+        valid, divisor, tag = self.i.valid, self.i.payload.value, self.i.payload.tag
+        # The numerator's bits above the quotient form the starting remainder (< divisor).
+        rem, quotient = Const(_RCP_NUMERATOR >> q_bits, w), Const(0, 1)
+        for i in reversed(range(q_bits)):
+            current = Cat(Const((_RCP_NUMERATOR >> i) & 1, 1), rem)  # 2·rem + next bit
+            fits = current >= divisor
+            stage = f"rcp{i}"
+            valid = _reg(m, valid, name=f"{stage}_valid")
+            tag = _reg(m, tag, self._tag_shape, name=f"{stage}_tag")
+            rem = _reg(m, Mux(fits, current - divisor, current), unsigned(w),
+                       name=f"{stage}_rem")
+            quotient = _reg(m, Cat(fits, quotient), unsigned(q_bits - i),
+                            name=f"{stage}_quotient")
+            divisor = _reg(m, divisor, name=f"{stage}_divisor") if i else divisor
+        m.d.comb += [
+            self.o.valid.eq(valid),
+            self.o.payload.value.eq(quotient),
+            self.o.payload.tag.eq(tag),
+        ]
+        return m
+
+
+class LayerNormUnit(wiring.Component):
+    """Integer LayerNorm over token rows, bit-exact to ``numerics.layernorm``.
+
+    For each row of D INT8 values x (D = ``beats · lanes``)::
+
+        S = Σx, Q = Σx²                      (one pass, while the row streams in)
+        V = D²·Q − D·S² + eps_term           (= Σ(D·x_i − S)² + eps_term, exact)
+        r = floor(2^31 / isqrt(V))           (pipelined isqrt, then pipelined reciprocal)
+        d_i = D·x_i − S, t_i = d_i·r
+        y_i = sat8(round_half_up((t_i·g_i + b_i) / 2^shift))
+
+    The single-pass V is algebraically the numerics' Σd² (``Σ(Dx−S)² = D²Q − D·S²``), so
+    no second pass over the row is needed before the square root.
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``lanes = cfg.pe_cols`` values per beat; rows up to ``cfg.max_dim`` values.
+
+    Attributes
+    ----------
+    cmd : In(stream.Signature(LayerNormUnit.cmd_layout(cfg)))
+        One beat per tensor: ``beats`` (D / lanes, 1 … max_dim / lanes), ``rows``
+        (≥ 1), ``shift`` (0 … 62) and ``eps_term`` (≥ 1, < 2^52; 0 is tolerated and gives
+        y = sat8(round_half_up(b / 2^shift)) on a constant row). Taken when the previous
+        command's rows have all been accepted on ``x``.
+    x : In(stream.Signature(lane_layout(cfg)))
+        ``rows · beats`` beats, row-major, first beat = channels 0 … lanes−1.
+    params : In(stream.Signature(LayerNormUnit.param_layout(cfg)))
+        Writes ``gain`` (signed 16) and ``bias`` (signed 64) of channels
+        ``beat·lanes … beat·lanes + lanes − 1``. ``ready = ~busy``: parameters change only
+        between runs, and every row uses the values written before its command.
+    y : Out(stream.Signature(row_beat_layout(cfg)))
+        The normalised rows, beat for beat; ``last`` marks the final beat of each row.
+    busy : Out(1)
+        A command is being taken or a beat is anywhere between ``x`` and ``y``.
+    busy_cycles : Out(unsigned(32))
+        Cycles with ``busy`` high since reset (wraps).
+
+    Notes
+    -----
+    Widths (for ``max_dim`` = D_max): S signed ``log2(128·D_max)+1``, Q ≤ 2^14·D_max,
+    Σd² ≤ D_max³·2^14 (< 2^41 for 384), V < 2^53 (27-bit root), r ≤ 2^31 (32 bits),
+    d = D·x − S ≤ 255·(D−1) (18 bits for 384), t = d·r with |t| ≤ 2^31 (33 bits:
+    |d_i| ≤ isqrt(V) because d_i² ≤ V), t·g < 2^46 in 48 bits, then the 64-bit sum.
+
+    Structure: the front end writes each beat into a row buffer queue and sums x and x²
+    through a registered adder tree; a row's (S, Q) enter the V / isqrt / reciprocal
+    pipeline (about 66 stages), whose result r waits in a small queue; the back end
+    pops r and the row's beats and runs the per-lane datapath (10 stages). The row buffer
+    holds ``max_dim/lanes`` plus the stats latency in beats, so later rows stream in while
+    earlier ones wait for r: steady-state throughput is one beat per cycle (D=192 at 32
+    lanes: 6 cycles per row); latency 86 cycles at 32 lanes (83 at 4) from a row's last beat
+    in to its first beat out.
+    """
+
+    @staticmethod
+    def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``cmd`` payload for ``cfg``."""
+        return data.StructLayout({
+            "beats": unsigned((cfg.max_dim // cfg.pe_cols).bit_length()),
+            "rows": unsigned(ROW_COUNT_BITS),
+            "shift": unsigned(SHIFT_BITS),
+            "eps_term": unsigned(LN_EPS_BITS),
+        })
+
+    @staticmethod
+    def param_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``params`` payload for ``cfg``: one beat of gains and biases."""
+        return data.StructLayout({
+            "beat": unsigned(max(1, (cfg.max_dim // cfg.pe_cols - 1).bit_length())),
+            "gain": lane_layout(cfg, signed(LN_GAIN_BITS)),
+            "bias": lane_layout(cfg, signed(LN_BIAS_BITS)),
+        })
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = _check_config(cfg)
+        if (cfg.max_dim ** 3 << 14).bit_length() > LN_EPS_BITS:
+            raise ValueError(f"max_dim must keep Σd² < 2^{LN_EPS_BITS} (≤ 4096), got "
+                             f"{cfg.max_dim!r}")
+        super().__init__({
+            "cmd": In(stream.Signature(self.cmd_layout(cfg))),
+            "x": In(stream.Signature(lane_layout(cfg))),
+            "params": In(stream.Signature(self.param_layout(cfg))),
+            "y": Out(stream.Signature(row_beat_layout(cfg))),
+            "busy": Out(1),
+            "busy_cycles": Out(BUSY_COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        lanes = cfg.pe_cols
+        log_lanes = lanes.bit_length() - 1
+        max_beats = cfg.max_dim // lanes
+        cmd_layout = self.cmd_layout(cfg)
+        sum_shape = signed((128 * cfg.max_dim).bit_length() + 1)
+        sq_shape = unsigned(((1 << 14) * cfg.max_dim).bit_length())
+        sumsq_bits = (cfg.max_dim ** 3 << 14).bit_length()
+        root_bits = (LN_EPS_BITS + 2) // 2  # V < 2^(LN_EPS_BITS + 1)
+        d_shape = signed((255 * cfg.max_dim).bit_length() + 1)
+        beats_shape = cmd_layout["beats"].shape
+
+        # ---- front end: commands, input beats into the row buffer, Σx and Σx² per row ----
+        active = Signal()
+        cur = Signal(cmd_layout)
+        beat = Signal(range(max_beats))
+        with m.If(~active):
+            m.d.comb += self.cmd.ready.eq(1)
+            with m.If(self.cmd.valid):
+                p = self.cmd.payload
+                m.d.sync += [
+                    active.eq((p.rows != 0) & (p.beats != 0) & (p.beats <= max_beats)),
+                    cur.eq(p),
+                    beat.eq(0),
+                ]
+
+        # Rows in flight in the stats pipeline / r queue (V, isqrt, reciprocal ≈ 64 stages).
+        tree_levels = log_lanes
+        stats_latency = 2 + tree_levels + 1 + 6 + root_bits + 32 + 3
+        row_queue_entries = stats_latency + 8
+        row_end = beat == cur.beats - 1
+        stats_free = Signal()
+        buf, buf_w, buf_r = _queue(m, "row_buffer", lane_layout(cfg),
+                                   max_beats + stats_latency + 8)
+        m.d.comb += self.x.ready.eq(active & buf.w_rdy & (~row_end | stats_free))
+        accept = self.x.valid & self.x.ready
+        m.d.comb += [buf.w_en.eq(accept), buf_w.eq(self.x.payload)]
+        with m.If(accept):
+            m.d.sync += beat.eq(Mux(row_end, 0, beat + 1))
+            with m.If(row_end):
+                m.d.sync += cur.rows.eq(cur.rows - 1)
+                with m.If(cur.rows == 1):
+                    m.d.sync += active.eq(0)
+
+        front_tag = data.StructLayout({"first": 1, "last": 1, "beats": beats_shape,
+                                       "shift": unsigned(SHIFT_BITS),
+                                       "eps_term": unsigned(LN_EPS_BITS)})
+        tag0 = Signal(front_tag)
+        m.d.comb += [
+            tag0.first.eq(beat == 0), tag0.last.eq(row_end), tag0.beats.eq(cur.beats),
+            tag0.shift.eq(cur.shift), tag0.eps_term.eq(cur.eps_term),
+        ]
+        xs = [_reg(m, self.x.payload[i], name=f"ln_x{i}") for i in range(lanes)]
+        squares = [_reg(m, x * x, unsigned(15), name=f"ln_sq{i}") for i, x in enumerate(xs)]
+        xs = [_reg(m, x, name=f"ln_xd{i}") for i, x in enumerate(xs)]
+        beat_sum, _ = _tree(m, "ln_sum", xs, lambda a, b: a + b)
+        beat_sq, _ = _tree(m, "ln_sq", squares, lambda a, b: a + b)
+        tree_valid = _delay(m, accept, 2 + tree_levels, name="ln_tree_valid")
+        tree_tag = _delay(m, tag0, 2 + tree_levels, front_tag, name="ln_tree_tag")
+
+        acc_sum = Signal(sum_shape)
+        acc_sq = Signal(sq_shape)
+        stats_valid = Signal()
+        stats_tag = Signal(front_tag)
+        m.d.sync += stats_valid.eq(tree_valid & tree_tag.last)
+        with m.If(tree_valid):
+            m.d.sync += [
+                acc_sum.eq(Mux(tree_tag.first, beat_sum, acc_sum + beat_sum)),
+                acc_sq.eq(Mux(tree_tag.first, beat_sq, acc_sq + beat_sq)),
+                stats_tag.eq(tree_tag),
+            ]
+
+        # ---- V = D²·Q − D·S² + eps_term, isqrt, r = floor(2^31 / isqrt(V)) ----
+        row_tag = data.StructLayout({"sum": sum_shape, "beats": beats_shape,
+                                     "shift": unsigned(SHIFT_BITS)})
+        tag_v = Signal(row_tag)
+        m.d.comb += [tag_v.sum.eq(acc_sum), tag_v.beats.eq(stats_tag.beats),
+                     tag_v.shift.eq(stats_tag.shift)]
+        # v1, v2: S² and beats²; v3, v4: beats²·Q and beats·S² (two registers per multiply);
+        # v5: Σd² = D²·Q − D·S² (lanes is a power of two: the D factors are shifts).
+        v_valid = _delay(m, stats_valid, 5, name="v_valid")
+        v_tag = _delay(m, tag_v, 5, row_tag, name="v_tag")
+        v_eps = _delay(m, stats_tag.eps_term, 5, name="v_eps")
+        v1_sq = _delay(m, acc_sq, 2, name="v_sq")
+        v2_sum2 = _delay(m, acc_sum * acc_sum, 2, unsigned(2 * sum_shape.width - 1),
+                         name="v_sum2")
+        v2_beats2 = _delay(m, stats_tag.beats * stats_tag.beats, 2, name="v_beats2")
+        v2_beats = _delay(m, stats_tag.beats, 2, name="v_beats")
+        v4_dq = _delay(m, v2_beats2 * v1_sq, 2, name="v_dq")  # D²·Q / lanes²
+        v4_ds = _delay(m, v2_beats * v2_sum2, 2, name="v_ds")  # D·S² / lanes
+        v5_sumsq = _reg(m, (v4_dq << 2 * log_lanes) - (v4_ds << log_lanes),
+                        unsigned(sumsq_bits), name="v_sumsq")
+        m.submodules.isqrt = isqrt = _IsqrtPipeline(root_bits, row_tag)
+        m.submodules.reciprocal = reciprocal = _ReciprocalPipeline(root_bits, 32, row_tag)
+        m.d.sync += [
+            isqrt.i.valid.eq(v_valid),
+            isqrt.i.payload.value.eq(v5_sumsq + v_eps),
+            isqrt.i.payload.tag.eq(v_tag),
+        ]
+        wiring.connect(m, isqrt.o, reciprocal.i)
+
+        rq_layout = data.StructLayout({"r": unsigned(32), "row": row_tag})
+        rq, rq_w, rq_r = _queue(m, "r_queue", rq_layout, row_queue_entries)
+        m.d.comb += [
+            rq.w_en.eq(reciprocal.o.valid),
+            rq_w.r.eq(reciprocal.o.payload.value),
+            rq_w.row.eq(reciprocal.o.payload.tag),
+        ]
+        m.d.comb += stats_free.eq(_credits(m, "ln_rows", rq.depth, accept & row_end,
+                                           rq.r_en & rq.r_rdy))
+
+        # ---- back end: y_i = sat8(round_half_up((d_i·r·g_i + b_i) / 2^shift)) ----
+        param_layout = self.param_layout(cfg)
+        param_mem = Memory(shape=data.StructLayout({"gain": param_layout["gain"].shape,
+                                                    "bias": param_layout["bias"].shape}),
+                           depth=max_beats, init=[])
+        m.submodules.params = param_mem
+        param_write = param_mem.write_port()
+        param_read = param_mem.read_port()
+        m.d.comb += [
+            self.params.ready.eq(~self.busy),
+            param_write.en.eq(self.params.valid & ~self.busy),
+            param_write.addr.eq(self.params.payload.beat),
+            param_write.data.gain.eq(self.params.payload.gain),
+            param_write.data.bias.eq(self.params.payload.bias),
+        ]
+
+        out_layout = row_beat_layout(cfg)
+        out_pipeline = 10
+        oq, oq_w, oq_r = _queue(m, "out_queue", out_layout, out_pipeline + 8)
+        issue = Signal()
+        out_free = _credits(m, "ln_out", oq.depth, issue, oq.r_en & oq.r_rdy)
+        j = Signal(range(max_beats))
+        head = rq_r.row
+        row_last = j == head.beats - 1
+        m.d.comb += [
+            issue.eq(rq.r_rdy & buf.r_rdy & out_free),
+            buf.r_en.eq(issue),
+            rq.r_en.eq(issue & row_last),
+        ]
+        with m.If(issue):
+            m.d.sync += j.eq(Mux(row_last, 0, j + 1))
+
+        # c1: the row's r, S, D and shift beside the beat.
+        c1_valid = _reg(m, issue, name="c1_valid")
+        c1_last = _reg(m, row_last, name="c1_last")
+        c1_j = _reg(m, j, name="c1_j")
+        c1_r = _reg(m, rq_r.r, name="c1_r")
+        c1_sum = _reg(m, head.sum, name="c1_sum")
+        c1_beats = _reg(m, head.beats, name="c1_beats")
+        c1_shift = _reg(m, head.shift, name="c1_shift")
+        # 2^(shift−1) (0 for shift 0), decoded one output bit per LUT, not by a 64-bit shifter.
+        c1_half = _reg(m, Cat(*(head.shift == i + 1 for i in range(64))), name="c1_half")
+        c1_xs = [_reg(m, buf_r[i], name=f"c1_x{i}") for i in range(lanes)]
+        # c2: (D / lanes)·x as shift-and-add in LUTs (a ≤ 4-bit factor; no DSP for it).
+        c2_valid, c2_last, c2_j = _reg(m, c1_valid), _reg(m, c1_last), _reg(m, c1_j)
+        c2_r, c2_shift, c2_sum = _reg(m, c1_r), _reg(m, c1_shift), _reg(m, c1_sum)
+        c2_half = _reg(m, c1_half)
+        c2_dx = [_reg(m, sum(Mux(c1_beats[b], x << b, 0) for b in range(len(c1_beats))),
+                      signed(8 + len(c1_beats)), name=f"c2_dx{i}")
+                 for i, x in enumerate(c1_xs)]
+        # c3: d = D·x − S.
+        c3_valid, c3_last, c3_j = _reg(m, c2_valid), _reg(m, c2_last), _reg(m, c2_j)
+        c3_r, c3_shift, c3_half = _reg(m, c2_r), _reg(m, c2_shift), _reg(m, c2_half)
+        c3_d = [_reg(m, (dx << log_lanes) - c2_sum, d_shape, name=f"c3_d{i}")
+                for i, dx in enumerate(c2_dx)]
+        # c4, c5: t = d·r, two registers after the multiply; |t| ≤ 2^31 fits 33 bits. The
+        # channel's gain and bias are read now, to arrive (c5) just before they are used.
+        c4_valid, c4_last = _reg(m, c3_valid), _reg(m, c3_last)
+        c4_shift, c4_half = _reg(m, c3_shift), _reg(m, c3_half)
+        c4_j = _reg(m, c3_j, name="c4_j")
+        c4_t = [_reg(m, d * c3_r, name=f"c4_t{i}") for i, d in enumerate(c3_d)]
+        m.d.comb += param_read.addr.eq(c4_j)
+        c5_valid, c5_last = _reg(m, c4_valid), _reg(m, c4_last)
+        c5_shift, c5_half = _reg(m, c4_shift), _reg(m, c4_half)
+        c5_t = [_reg(m, t[:33].as_signed(), name=f"c5_t{i}") for i, t in enumerate(c4_t)]
+        c5_g = [param_read.data.gain[i] for i in range(lanes)]
+        c5_b = [param_read.data.bias[i] for i in range(lanes)]
+        # c6, c7: P = t·g (|P| ≤ 2^46), two registers after the multiply; b + 2^(shift−1)
+        # (64-bit) beside it, and the saturation mask (bits ≥ shift + 7).
+        c6_valid, c6_last, c6_shift = _reg(m, c5_valid), _reg(m, c5_last), _reg(m, c5_shift)
+        c6_p = [_reg(m, t * g, name=f"c6_p{i}")
+                for i, (t, g) in enumerate(zip(c5_t, c5_g, strict=True))]
+        c6_bh = [_reg(m, b + c5_half, signed(64), name=f"c6_bh{i}") for i, b in enumerate(c5_b)]
+        c6_mask = _reg(m, Cat(*(c5_shift + 7 <= i for i in range(64))), name="c6_mask")
+        c7_valid, c7_last, c7_shift = _reg(m, c6_valid), _reg(m, c6_last), _reg(m, c6_shift)
+        c7_p = [_reg(m, p[:48].as_signed(), name=f"c7_p{i}") for i, p in enumerate(c6_p)]
+        c7_bh = [_reg(m, v) for v in c6_bh]
+        c7_mask = _reg(m, c6_mask)
+        # c8: X = P + b + 2^(shift−1), 64-bit two's complement like the golden int64.
+        c8_valid, c8_last, c8_shift = _reg(m, c7_valid), _reg(m, c7_last), _reg(m, c7_shift)
+        c8_mask = _reg(m, c7_mask)
+        c8_x = [_reg(m, p + bh, signed(64), name=f"c8_x{i}") for i, (p, bh) in
+                enumerate(zip(c7_p, c7_bh, strict=True))]
+        # c9: bits [shift, shift+8) of X and whether X >> shift leaves [-128, 127].
+        c9_valid, c9_last = _reg(m, c8_valid), _reg(m, c8_last)
+        c9_low, c9_high, c9_low_sat = [], [], []
+        for i, x in enumerate(c8_x):
+            negative = x[63]
+            extended = Cat(x, negative.replicate(8))
+            c9_low.append(_reg(m, extended.bit_select(c8_shift, 8), name=f"c9_low{i}"))
+            c9_high.append(_reg(m, ~negative & (x.as_unsigned() & c8_mask).any(),
+                                name=f"c9_high{i}"))
+            c9_low_sat.append(_reg(m, negative & (~x.as_unsigned() & c8_mask).any(),
+                                   name=f"c9_lowsat{i}"))
+        m.d.comb += [oq.w_en.eq(c9_valid), oq_w.last.eq(c9_last)]
+        for i in range(lanes):
+            m.d.comb += oq_w.data[i].eq(
+                Mux(c9_high[i], 127, Mux(c9_low_sat[i], -128, c9_low[i].as_signed())))
+
+        m.d.comb += [
+            self.y.valid.eq(oq.r_rdy),
+            self.y.payload.eq(oq_r),
+            oq.r_en.eq(self.y.ready),
+        ]
+
+        in_flight = Signal(range(buf.depth + out_pipeline + oq.depth + 1))
+        m.d.sync += in_flight.eq(in_flight + accept - (oq.r_en & oq.r_rdy))
+        m.d.comb += self.busy.eq(active | (in_flight != 0))
+        _busy_counter(m, self.busy, self.busy_cycles)
+        return m
+
+
+class SoftmaxUnit(wiring.Component):
+    """Row softmax and router scores, bit-exact to ``numerics.softmax`` / ``router_scores``.
+
+    For each row of L INT8 logits l::
+
+        m = max_j l_j
+        e_j = E[min(m − l_j, 255)]           (the loaded exp table; m − l_j ≤ 255 always)
+        S = Σ_j e_j,  rcp = floor(2^31 / S)  (pipelined reciprocal)
+        ATTENTION: p_j = min(127,   round_half_up(e_j·rcp / 2^24))
+        ROUTER:    p_j = min(32767, round_half_up(e_j·rcp / 2^16))
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``lanes = cfg.pe_cols`` logits per beat; rows up to ``cfg.max_tokens`` long.
+
+    Attributes
+    ----------
+    cmd : In(stream.Signature(SoftmaxUnit.cmd_layout(cfg)))
+        One beat per tensor: ``length`` L (1 … max_tokens, any value: ragged rows are
+        fine), ``rows`` (≥ 1) and ``mode`` (:class:`SoftmaxMode`, per command).
+    logits : In(stream.Signature(lane_layout(cfg)))
+        Each row is ``ceil(L / lanes)`` beats, logits 0 … lanes−1 first. The **padded
+        lanes** of a row's last beat (positions ≥ L) are ignored: they take no part in the
+        maximum or the sum, whatever they hold. Rows are not packed across beats.
+    table : In(stream.Signature(SoftmaxUnit.table_layout()))
+        Writes entry ``index`` (0 … 255) of the exp table, uint16. ``ready = ~busy``. The
+        table must be one of ``numerics.exp_table`` (E[0] = 2^15, so S ≥ 2^15 and
+        rcp ≤ 2^16: the reciprocal is computed to 17 bits); with another table the outputs
+        are unspecified.
+    probs : Out(stream.Signature(SoftmaxUnit.out_layout(cfg)))
+        The same beats as ``logits``, unsigned 16-bit lanes: attention mode 0 … 127 (the
+        low 8 bits are the INT8 probability), router mode 0 … 32767. Padded lanes are 0.
+        ``last`` marks the final beat of each row.
+    busy : Out(1)
+        A command is being taken or a beat is anywhere between ``logits`` and ``probs``.
+    busy_cycles : Out(unsigned(32))
+        Cycles with ``busy`` high since reset (wraps).
+
+    Notes
+    -----
+    Three passes per row, each a pipeline over a queue: (A) beats enter the logits queue
+    while a registered compare tree finds the row maximum; (B) once the maximum is known,
+    the row is read back, each lane looks up its own copy of the table (the table is
+    replicated per lane — 256×16 bits each, a LUTRAM or half a BRAM18 — so every lane reads
+    every cycle) and the e values go to the e queue and a registered adder tree; the sum
+    enters a 17-stage reciprocal pipeline; (C) the row's e values are multiplied by rcp and
+    rounded. Row r+1 is in A while row r is in B and row r−1 in C, so the steady-state
+    throughput is one beat per cycle: a 129-long row at 32 lanes is 5 beats, 5 cycles. The
+    logits queue holds a full row plus the tree latency and the e queue a full row plus the
+    sum/reciprocal latency, which is also what lets rows of one beat (router rows) stream.
+    Sum width: ``log2(65535·max_tokens)`` bits (S < 2^26 for 1,024 tokens).
+    """
+
+    @staticmethod
+    def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``cmd`` payload for ``cfg``."""
+        return data.StructLayout({
+            "length": unsigned(cfg.max_tokens.bit_length()),
+            "rows": unsigned(ROW_COUNT_BITS),
+            "mode": SoftmaxMode,
+        })
+
+    @staticmethod
+    def table_layout() -> data.StructLayout:
+        """The ``table`` payload: one exp-table entry."""
+        return data.StructLayout({"index": unsigned(8), "value": _EXP_SHAPE})
+
+    @staticmethod
+    def out_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``probs`` payload for ``cfg``."""
+        return row_beat_layout(cfg, unsigned(16))
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = _check_config(cfg)
+        super().__init__({
+            "cmd": In(stream.Signature(self.cmd_layout(cfg))),
+            "logits": In(stream.Signature(lane_layout(cfg))),
+            "table": In(stream.Signature(self.table_layout())),
+            "probs": Out(stream.Signature(self.out_layout(cfg))),
+            "busy": Out(1),
+            "busy_cycles": Out(BUSY_COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        lanes = cfg.pe_cols
+        log_lanes = lanes.bit_length() - 1
+        max_row_beats = -(-cfg.max_tokens // lanes)
+        sum_bits = ((1 << 16) * cfg.max_tokens).bit_length()
+        rcp_bits = 17  # S ≥ 2^15 ⇒ floor(2^31 / S) ≤ 2^16
+        tree_levels = log_lanes
+
+        # ---- A: commands, the logits queue, the row maximum ----
+        active = Signal()
+        rows_left = Signal(ROW_COUNT_BITS)
+        mode = Signal(SoftmaxMode)
+        row_beats = Signal(range(max_row_beats + 1))
+        last_lanes_m1 = Signal(log_lanes)  # valid lanes − 1 in a row's last beat
+        beat = Signal(range(max_row_beats))
+        with m.If(~active):
+            m.d.comb += self.cmd.ready.eq(1)
+            with m.If(self.cmd.valid):
+                p = self.cmd.payload
+                m.d.sync += [
+                    active.eq((p.rows != 0) & (p.length != 0) & (p.length <= cfg.max_tokens)),
+                    rows_left.eq(p.rows),
+                    mode.eq(p.mode),
+                    row_beats.eq((p.length + lanes - 1) >> log_lanes),
+                    last_lanes_m1.eq(p.length - 1),
+                    beat.eq(0),
+                ]
+
+        logit_entry = data.StructLayout({"data": lane_layout(cfg), "lanes_m1": unsigned(log_lanes),
+                                         "last": 1, "mode": SoftmaxMode})
+        lq, lq_w, lq_r = _queue(m, "logit_queue", logit_entry,
+                                max_row_beats + tree_levels + 8)
+        max_entries = 32
+        mq, mq_w, mq_r = _queue(m, "max_queue", data.StructLayout({"max": INT8}), max_entries)
+        row_end = beat == row_beats - 1
+        lanes_m1 = Mux(row_end, last_lanes_m1, lanes - 1)
+        accept = Signal()
+        max_free = _credits(m, "sm_max", mq.depth, accept & row_end, mq.r_en & mq.r_rdy)
+        m.d.comb += [
+            self.logits.ready.eq(active & lq.w_rdy & (~row_end | max_free)),
+            accept.eq(self.logits.valid & self.logits.ready),
+            lq.w_en.eq(accept),
+            lq_w.data.eq(self.logits.payload),
+            lq_w.lanes_m1.eq(lanes_m1),
+            lq_w.last.eq(row_end),
+            lq_w.mode.eq(mode),
+        ]
+        with m.If(accept):
+            m.d.sync += beat.eq(Mux(row_end, 0, beat + 1))
+            with m.If(row_end):
+                m.d.sync += rows_left.eq(rows_left - 1)
+                with m.If(rows_left == 1):
+                    m.d.sync += active.eq(0)
+
+        # Padded lanes become −128, the neutral element of the maximum (lane 0 is always real).
+        masked = [_reg(m, Mux((i <= lanes_m1) if i else 1, self.logits.payload[i], -128), INT8,
+                       name=f"sm_masked{i}") for i in range(lanes)]
+        row_max, _ = _tree(m, "sm_max", masked, lambda a, b: Mux(a >= b, a, b))
+        max_valid = _delay(m, accept, 1 + tree_levels, name="sm_max_valid")
+        max_first = _delay(m, beat == 0, 1 + tree_levels, name="sm_max_first")
+        max_last = _delay(m, row_end, 1 + tree_levels, name="sm_max_last")
+        running_max = Signal(signed(8))
+        new_max = Mux(max_first | (row_max > running_max), row_max, running_max)
+        with m.If(max_valid):
+            m.d.sync += running_max.eq(new_max)
+        m.d.comb += [mq.w_en.eq(max_valid & max_last), mq_w.max.eq(new_max)]
+
+        # ---- B: e_j = E[m − l_j] through per-lane table copies; S; rcp ----
+        e_entry = data.StructLayout({"e": lane_layout(cfg, _EXP_SHAPE), "last": 1})
+        b_latency = 3
+        rcp_latency = tree_levels + 1 + rcp_bits
+        eq, eq_w, eq_r = _queue(m, "e_queue", e_entry,
+                                max_row_beats + b_latency + rcp_latency + 8)
+        rq_entry = data.StructLayout({"rcp": unsigned(rcp_bits), "mode": SoftmaxMode})
+        rq, rq_w, rq_r = _queue(m, "rcp_queue", rq_entry, b_latency + rcp_latency + 8)
+        issue_b = Signal()
+        e_free = _credits(m, "sm_e", eq.depth, issue_b, eq.r_en & eq.r_rdy)
+        rcp_free = _credits(m, "sm_rcp", rq.depth, issue_b & lq_r.last, rq.r_en & rq.r_rdy)
+        m.d.comb += [
+            issue_b.eq(lq.r_rdy & mq.r_rdy & e_free & (~lq_r.last | rcp_free)),
+            lq.r_en.eq(issue_b),
+            mq.r_en.eq(issue_b & lq_r.last),
+        ]
+        b_first = Signal(init=1)
+        with m.If(issue_b):
+            m.d.sync += b_first.eq(lq_r.last)
+
+        b1_valid = _reg(m, issue_b, name="b1_valid")
+        b1_first, b1_last = _reg(m, b_first), _reg(m, lq_r.last)
+        b1_mode = _reg(m, lq_r.mode, SoftmaxMode)
+        b1_lane_valid = [_reg(m, (i <= lq_r.lanes_m1) if i else Const(1), unsigned(1),
+                              name=f"b1_lane{i}") for i in range(lanes)]
+        # For a real lane m ≥ l, so m − l ∈ [0, 255] and the numerics' min(·, 255) is moot.
+        b1_index = [_reg(m, (mq_r.max - lq_r.data[i])[:8], unsigned(8), name=f"b1_index{i}")
+                    for i in range(lanes)]
+        b2_valid, b2_first, b2_last = _reg(m, b1_valid), _reg(m, b1_first), _reg(m, b1_last)
+        b2_mode = _reg(m, b1_mode, SoftmaxMode)
+        b2_lane_valid = [_reg(m, v) for v in b1_lane_valid]
+        table_write = self.table.valid & ~self.busy
+        m.d.comb += self.table.ready.eq(~self.busy)
+        looked_up = []
+        for i in range(lanes):
+            table = Memory(shape=_EXP_SHAPE, depth=256, init=[])
+            m.submodules[f"exp_table{i}"] = table
+            write, read = table.write_port(), table.read_port()
+            m.d.comb += [
+                write.en.eq(table_write),
+                write.addr.eq(self.table.payload.index),
+                write.data.eq(self.table.payload.value),
+                read.addr.eq(b1_index[i]),
+            ]
+            looked_up.append(read.data)
+        b3_valid, b3_first, b3_last = _reg(m, b2_valid), _reg(m, b2_first), _reg(m, b2_last)
+        b3_mode = _reg(m, b2_mode, SoftmaxMode)
+        b3_e = [_reg(m, Mux(b2_lane_valid[i], looked_up[i], 0), _EXP_SHAPE, name=f"b3_e{i}")
+                for i in range(lanes)]
+        m.d.comb += [eq.w_en.eq(b3_valid), eq_w.last.eq(b3_last)]
+        m.d.comb += [eq_w.e[i].eq(e) for i, e in enumerate(b3_e)]
+
+        beat_sum, _ = _tree(m, "sm_sum", b3_e, lambda a, b: a + b)
+        sum_valid = _delay(m, b3_valid, tree_levels, name="sm_sum_valid")
+        sum_first = _delay(m, b3_first, tree_levels, name="sm_sum_first")
+        sum_last = _delay(m, b3_last, tree_levels, name="sm_sum_last")
+        sum_mode = _delay(m, b3_mode, tree_levels, SoftmaxMode, name="sm_sum_mode")
+        row_sum = Signal(sum_bits)
+        with m.If(sum_valid):
+            m.d.sync += row_sum.eq(Mux(sum_first, beat_sum, row_sum + beat_sum))
+        m.submodules.reciprocal = reciprocal = _ReciprocalPipeline(sum_bits, rcp_bits,
+                                                                   SoftmaxMode)
+        m.d.comb += [
+            reciprocal.i.payload.value.eq(row_sum),
+        ]
+        m.d.sync += [
+            reciprocal.i.valid.eq(sum_valid & sum_last),
+            reciprocal.i.payload.tag.eq(sum_mode),
+        ]
+        m.d.comb += [
+            rq.w_en.eq(reciprocal.o.valid),
+            rq_w.rcp.eq(reciprocal.o.payload.value),
+            rq_w.mode.eq(reciprocal.o.payload.tag),
+        ]
+
+        # ---- C: p_j = round_half_up(e_j · rcp / 2^shift), clamped ----
+        c_latency = 4
+        oq, oq_w, oq_r = _queue(m, "out_queue", self.out_layout(cfg), c_latency + 8)
+        issue_c = Signal()
+        out_free = _credits(m, "sm_out", oq.depth, issue_c, oq.r_en & oq.r_rdy)
+        m.d.comb += [
+            issue_c.eq(eq.r_rdy & rq.r_rdy & out_free),
+            eq.r_en.eq(issue_c),
+            rq.r_en.eq(issue_c & eq_r.last),
+        ]
+        c1_valid, c1_last = _reg(m, issue_c, name="c1_valid"), _reg(m, eq_r.last)
+        c1_router = _reg(m, rq_r.mode == SoftmaxMode.ROUTER, name="c1_router")
+        c1_rcp = _reg(m, rq_r.rcp, name="c1_rcp")
+        c1_e = [_reg(m, eq_r.e[i], name=f"c1_e{i}") for i in range(lanes)]
+        # c2, c3: the 16×17-bit product, two registers (DSP48E2 M and P).
+        c2_valid, c2_last, c2_router = _reg(m, c1_valid), _reg(m, c1_last), _reg(m, c1_router)
+        c2_p = [_reg(m, e * c1_rcp, name=f"c2_p{i}") for i, e in enumerate(c1_e)]
+        c3_valid, c3_last, c3_router = _reg(m, c2_valid), _reg(m, c2_last), _reg(m, c2_router)
+        c3_p = [_reg(m, p, name=f"c3_p{i}") for i, p in enumerate(c2_p)]
+        c4_valid, c4_last = _reg(m, c3_valid), _reg(m, c3_last)
+        c4_out = []
+        for i, p in enumerate(c3_p):
+            prob = (p + (1 << (_PROB_SHIFT - 1))) >> _PROB_SHIFT
+            score = (p + (1 << (_SCORE_SHIFT - 1))) >> _SCORE_SHIFT
+            c4_out.append(_reg(m, Mux(c3_router,
+                                      Mux(score > _SCORE_MAX, _SCORE_MAX, score),
+                                      Mux(prob > _PROB_MAX, _PROB_MAX, prob)),
+                               unsigned(16), name=f"c4_out{i}"))
+        m.d.comb += [oq.w_en.eq(c4_valid), oq_w.last.eq(c4_last)]
+        m.d.comb += [oq_w.data[i].eq(v) for i, v in enumerate(c4_out)]
+        m.d.comb += [
+            self.probs.valid.eq(oq.r_rdy),
+            self.probs.payload.eq(oq_r),
+            oq.r_en.eq(self.probs.ready),
+        ]
+
+        in_flight = Signal(range(lq.depth + eq.depth + oq.depth + 32))
+        m.d.sync += in_flight.eq(in_flight + accept - (oq.r_en & oq.r_rdy))
+        m.d.comb += self.busy.eq(active | (in_flight != 0))
+        _busy_counter(m, self.busy, self.busy_cycles)
+        return m
+
+
+class ResidualAdd(wiring.Component):
+    """Residual add across scales, bit-exact to ``numerics.residual_add``.
+
+    ``y = sat8(round_half_up((a·mult_a + b·mult_b) / 2^shift))``, lane by lane, with
+    unsigned 16-bit multipliers and one shared shift per command.
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``lanes = cfg.pe_cols`` values per beat.
+
+    Attributes
+    ----------
+    cmd : In(stream.Signature(ResidualAdd.cmd_layout(cfg)))
+        ``beats`` (≥ 1; up to ``max_tokens · max_dim / lanes``), ``mult_a``, ``mult_b``
+        (unsigned 16) and ``shift`` (0 … 62).
+    a, b : In(stream.Signature(lane_layout(cfg)))
+        The two operands, beat for beat. A beat pair moves when both are valid (and the
+        block has room): ``a.ready`` and ``b.ready`` are the same signal and depend on both
+        ``valid``s (a join).
+    y : Out(stream.Signature(row_beat_layout(cfg)))
+        The sums; ``last`` marks the command's final beat.
+    busy : Out(1)
+        A command is being taken or a beat is in flight.
+    busy_cycles : Out(unsigned(32))
+        Cycles with ``busy`` high since reset (wraps).
+
+    Notes
+    -----
+    |a·mult_a + b·mult_b| < 2^24, so the sum is 25 bits and every shift ≥ 25 gives 0
+    (``(x + 2^(s−1)) >> s`` with 0 < x + 2^(s−1) < 2^s); the hardware shifts by
+    ``min(shift, 25)``, which gives the same result, in a 26-bit datapath. Pipeline: input
+    registers, two 8×16 products (two registers), the 3-input sum, the shift, saturation
+    into the output queue — 8 cycles from a beat in to its result out, one beat per cycle.
+    """
+
+    _SHIFT_LIMIT = 25
+
+    @staticmethod
+    def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``cmd`` payload for ``cfg``."""
+        return data.StructLayout({
+            "beats": unsigned((cfg.max_tokens * cfg.max_dim // cfg.pe_cols).bit_length()),
+            "mult_a": unsigned(16),
+            "mult_b": unsigned(16),
+            "shift": unsigned(SHIFT_BITS),
+        })
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = _check_config(cfg)
+        super().__init__({
+            "cmd": In(stream.Signature(self.cmd_layout(cfg))),
+            "a": In(stream.Signature(lane_layout(cfg))),
+            "b": In(stream.Signature(lane_layout(cfg))),
+            "y": Out(stream.Signature(row_beat_layout(cfg))),
+            "busy": Out(1),
+            "busy_cycles": Out(BUSY_COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        lanes = cfg.pe_cols
+        limit = self._SHIFT_LIMIT
+        cmd_layout = self.cmd_layout(cfg)
+
+        active = Signal()
+        left = Signal(cmd_layout["beats"].shape)
+        mult_a, mult_b = Signal(16), Signal(16)
+        shift = Signal(range(limit + 1))
+        with m.If(~active):
+            m.d.comb += self.cmd.ready.eq(1)
+            with m.If(self.cmd.valid):
+                p = self.cmd.payload
+                m.d.sync += [
+                    active.eq(p.beats != 0),
+                    left.eq(p.beats),
+                    mult_a.eq(p.mult_a),
+                    mult_b.eq(p.mult_b),
+                    shift.eq(Mux(p.shift > limit, limit, p.shift)),
+                ]
+
+        latency = 6
+        oq, oq_w, oq_r = _queue(m, "out_queue", row_beat_layout(cfg), latency + 8)
+        issue = Signal()
+        out_free = _credits(m, "res_out", oq.depth, issue, oq.r_en & oq.r_rdy)
+        m.d.comb += [
+            issue.eq(active & self.a.valid & self.b.valid & out_free),
+            self.a.ready.eq(issue),
+            self.b.ready.eq(issue),
+        ]
+        with m.If(issue):
+            m.d.sync += left.eq(left - 1)
+            with m.If(left == 1):
+                m.d.sync += active.eq(0)
+
+        r1_valid, r1_last = _reg(m, issue, name="r1_valid"), _reg(m, left == 1, name="r1_last")
+        r1_a = [_reg(m, self.a.payload[i], name=f"r1_a{i}") for i in range(lanes)]
+        r1_b = [_reg(m, self.b.payload[i], name=f"r1_b{i}") for i in range(lanes)]
+        r1_ma, r1_mb, r1_shift = _reg(m, mult_a), _reg(m, mult_b), _reg(m, shift)
+        r1_half = _reg(m, Cat(*(shift == i + 1 for i in range(limit))), name="r1_half")
+        # r2, r3: the 8×16-bit products, two registers after the multiply.
+        r3_valid = _delay(m, r1_valid, 2, name="r_valid")
+        r3_last = _delay(m, r1_last, 2, name="r_last")
+        r3_shift = _delay(m, r1_shift, 2, name="r_shift")
+        r3_half = _delay(m, r1_half, 2, name="r_half")
+        r3_pa = [_delay(m, a * r1_ma, 2, signed(25), name=f"r_pa{i}") for i, a in enumerate(r1_a)]
+        r3_pb = [_delay(m, b * r1_mb, 2, signed(25), name=f"r_pb{i}") for i, b in enumerate(r1_b)]
+        r4_valid, r4_last, r4_shift = _reg(m, r3_valid), _reg(m, r3_last), _reg(m, r3_shift)
+        r4_x = [_reg(m, pa + pb + r3_half, signed(27), name=f"r4_x{i}")
+                for i, (pa, pb) in enumerate(zip(r3_pa, r3_pb, strict=True))]
+        r5_valid, r5_last = _reg(m, r4_valid), _reg(m, r4_last)
+        r5_y = [_reg(m, x >> r4_shift, signed(27), name=f"r5_y{i}") for i, x in enumerate(r4_x)]
+        m.d.comb += [oq.w_en.eq(r5_valid), oq_w.last.eq(r5_last)]
+        m.d.comb += [oq_w.data[i].eq(Mux(y > 127, 127, Mux(y < -128, -128, y)))
+                     for i, y in enumerate(r5_y)]
+        m.d.comb += [
+            self.y.valid.eq(oq.r_rdy),
+            self.y.payload.eq(oq_r),
+            oq.r_en.eq(self.y.ready),
+        ]
+
+        in_flight = Signal(range(oq.depth + latency + 1))
+        m.d.sync += in_flight.eq(in_flight + issue - (oq.r_en & oq.r_rdy))
+        m.d.comb += self.busy.eq(active | (in_flight != 0))
+        _busy_counter(m, self.busy, self.busy_cycles)
+        return m
+
+
+class TableLookup(wiring.Component):
+    """A 256-entry INT8 table applied to every lane, bit-exact to ``numerics.table_lookup``.
+
+    ``y = table[q & 0xFF]``: entries 0 … 127 are q = 0 … 127, entries 128 … 255 are
+    q = −128 … −1 (GELU, or any per-layer INT8 → INT8 function the compiler tabulates).
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``lanes = cfg.pe_cols`` values per beat.
+
+    Attributes
+    ----------
+    i : In(stream.Signature(row_beat_layout(cfg)))
+        Input beats; ``last`` is passed through unchanged (framing of the producer).
+    o : Out(stream.Signature(row_beat_layout(cfg)))
+        The looked-up beats, in order, with the input's ``last``.
+    table : In(stream.Signature(TableLookup.table_layout()))
+        Writes entry ``index`` (0 … 255). Always ready: a write takes priority over an input
+        beat in the same cycle (``i.ready`` is low while ``table.valid`` is high). Each
+        beat is looked up in the table as it stands on the cycle the beat is accepted, so
+        rewriting the table between two groups of beats needs no draining.
+    busy : Out(1)
+        A beat is in flight.
+    busy_cycles : Out(unsigned(32))
+        Cycles with ``busy`` high since reset (wraps).
+
+    Notes
+    -----
+    The table is replicated per lane (256×8 bits each: four LUTs per bit as LUTRAM), so all
+    lanes read every cycle. The read address comes straight from the input beat; latency is
+    one cycle into the output queue, throughput one beat per cycle.
+    """
+
+    @staticmethod
+    def table_layout() -> data.StructLayout:
+        """The ``table`` payload: one INT8 entry."""
+        return data.StructLayout({"index": unsigned(8), "value": signed(8)})
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = _check_config(cfg)
+        super().__init__({
+            "i": In(stream.Signature(row_beat_layout(cfg))),
+            "o": Out(stream.Signature(row_beat_layout(cfg))),
+            "table": In(stream.Signature(self.table_layout())),
+            "busy": Out(1),
+            "busy_cycles": Out(BUSY_COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes = self._cfg.pe_cols
+        oq, oq_w, oq_r = _queue(m, "out_queue", row_beat_layout(self._cfg), 4)
+        issue = Signal()
+        out_free = _credits(m, "tab_out", oq.depth, issue, oq.r_en & oq.r_rdy)
+        m.d.comb += [
+            self.table.ready.eq(1),
+            self.i.ready.eq(~self.table.valid & out_free),
+            issue.eq(self.i.valid & self.i.ready),
+        ]
+        for i in range(lanes):
+            table = Memory(shape=signed(8), depth=256, init=[])
+            m.submodules[f"table{i}"] = table
+            write, read = table.write_port(), table.read_port()
+            m.d.comb += [
+                write.en.eq(self.table.valid),
+                write.addr.eq(self.table.payload.index),
+                write.data.eq(self.table.payload.value),
+                read.addr.eq(self.i.payload.data[i].as_unsigned()),
+                oq_w.data[i].eq(read.data),
+            ]
+        t1_valid = _reg(m, issue, name="t1_valid")
+        m.d.comb += [oq.w_en.eq(t1_valid), oq_w.last.eq(_reg(m, self.i.payload.last))]
+        m.d.comb += [
+            self.o.valid.eq(oq.r_rdy),
+            self.o.payload.eq(oq_r),
+            oq.r_en.eq(self.o.ready),
+        ]
+
+        in_flight = Signal(range(oq.depth + 2))
+        m.d.sync += in_flight.eq(in_flight + issue - (oq.r_en & oq.r_rdy))
+        m.d.comb += self.busy.eq(in_flight != 0)
+        _busy_counter(m, self.busy, self.busy_cycles)
+        return m

@@ -1,0 +1,38 @@
+"""cocotb module behind :func:`utilization.bench_gemm_utilization` (not part of the regression).
+
+Runs one INT8 pass per shape in :data:`SHAPES_ENV` with activations and parameters always
+available, the weight stream limited to the bandwidth in the same JSON (bytes per cycle)
+and the output always ready; checks the results against the golden model and writes, per
+shape, the cycles from reset release to the last result and the engine's counters to the
+JSON file named by :data:`OUT_ENV`.
+"""
+
+import json
+import os
+
+import cocotb
+from gemm_tb import TB, make_pass
+
+from m3vit.hw.gemm import GemmOp
+
+SHAPES_ENV = "M3VIT_GEMM_BENCH_SHAPES"
+OUT_ENV = "M3VIT_GEMM_BENCH_OUT"
+
+
+@cocotb.test()
+async def measure_utilization(dut) -> None:
+    """One pass per shape, exact, timed."""
+    request = json.loads(os.environ[SHAPES_ENV])
+    figures = []
+    for tokens, k, n in request["shapes"]:
+        tb = TB(dut, gaps=False, backpressure=False,
+                weight_bytes_per_cycle=request["weight_bytes_per_cycle"])
+        gemm = make_pass(tb.rng, GemmOp.INT8, tokens, k, n)
+        await tb.reset()
+        await tb.run_passes([gemm])
+        cycles = tb.result_cycles[-1]  # cycle 1 is the first after reset: streams start there
+        figures.append({"tokens": tokens, "k": k, "n": n, "cycles": cycles,
+                        "counters": tb.counters()})
+        tb.log.info("M=%d K=%d N=%d: %d cycles, %s", tokens, k, n, cycles, tb.counters())
+    with open(os.environ[OUT_ENV], "w") as out:
+        json.dump(figures, out)

@@ -1,0 +1,378 @@
+# amaranth: UnusedElaboratable=no
+"""cocotb test bench for :class:`m3vit.hw.gemm.GemmEngine`: stimulus, golden results, driver.
+
+Not a test module itself: ``test_gemm_engine.py`` (correctness) and ``gemm_utilization.py``
+(the utilization benchmark) import it. The configuration the DUT was generated from arrives
+as JSON in :data:`CONFIG_ENV`.
+
+A :class:`Pass` is one GEMM with its operands; :func:`make_pass` draws random operands
+(INT8 edges, large biases, multipliers and shifts that both saturate and do not) and
+:meth:`Pass.expected` computes the results with :mod:`m3vit.sw.numerics` — the golden
+model's own functions. :class:`TB` turns a list of passes into the engine's five input
+streams (in the order its docstring specifies), drives them all and collects the output in
+one cycle loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import cocotb
+import torch
+from cocotb.clock import Clock
+from cocotb.triggers import ReadOnly, RisingEdge
+
+from m3vit.hw.config import AccelConfig
+from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine, GemmOp
+from m3vit.sw import numerics
+
+CONFIG_ENV = "M3VIT_GEMM_CONFIG"
+CLOCK_PERIOD_NS = 10
+INT8_MIN, INT8_MAX = -128, 127
+INT32_MAX = 2**31 - 1
+UINT16_MAX = 2**16 - 1
+
+
+def bench_config() -> AccelConfig:
+    """The AccelConfig the DUT was generated from (set by the pytest wrapper)."""
+    return AccelConfig(**json.loads(os.environ[CONFIG_ENV]))
+
+
+@dataclass
+class Pass:
+    """One GEMM pass and its operands (integer tensors in int64)."""
+
+    op: GemmOp
+    x: torch.Tensor  # (M, K) INT8 activations
+    w: torch.Tensor  # (N, K) INT8 weights
+    bias: torch.Tensor  # (N,) INT32
+    mult: torch.Tensor  # (N,) uint16
+    shift: torch.Tensor  # (N,) 0..62
+    table: torch.Tensor | None = None  # (256,) INT8, loaded before the pass when set
+    name: str = field(default="")
+
+    @property
+    def tokens(self) -> int:
+        return self.x.shape[0]
+
+    def expected(self) -> torch.Tensor:
+        """(M, N) results from the golden model's functions."""
+        if self.op == GemmOp.INT32:
+            return numerics.gemm(self.x, self.w, self.bias)
+        y = numerics.linear(self.x, self.w, self.bias, self.mult, self.shift)
+        if self.op == GemmOp.INT8_TABLE:
+            y = numerics.table_lookup(y, self.table)
+        return y
+
+
+def _int8(rng: random.Random, shape: tuple[int, ...], edge_fraction: float) -> torch.Tensor:
+    """Uniform INT8 with a fraction of entries forced to −128 or 127."""
+    values = [
+        rng.choice((INT8_MIN, INT8_MAX)) if rng.random() < edge_fraction
+        else rng.randint(INT8_MIN, INT8_MAX)
+        for _ in range(int(torch.tensor(shape).prod()))
+    ]
+    return torch.tensor(values, dtype=torch.int64).reshape(shape)
+
+
+def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int) -> Pass:
+    """Random operands for one pass, chosen to exercise every path of the output stage.
+
+    Biases range from small to as large as keeps every sum in INT32 (the quantizer's
+    guarantee); multipliers include 0, 1, 65535 and normalised values; shifts sit near the
+    one that maps the typical accumulator onto INT8, with offsets that saturate, round to
+    zero, or use the extremes 0 and 62.
+    """
+    x = _int8(rng, (tokens, k), 0.1)
+    w = _int8(rng, (n, k), 0.1)
+    if tokens > 1 and n > 1:
+        # One token and one channel at the extremes: the largest and smallest sums.
+        x[0] = INT8_MIN
+        w[0] = INT8_MIN
+        w[1] = INT8_MAX
+    bias_limit = INT32_MAX - k * INT8_MIN * INT8_MIN
+    bias, mult, shift = [], [], []
+    for _ in range(n):
+        magnitude = rng.choice((2**4, 2**12, 2**20, 2**28, bias_limit))
+        bias.append(rng.choice((bias_limit, -bias_limit)) if magnitude == bias_limit
+                    else rng.randint(-magnitude, magnitude))
+        mult.append(rng.choice((0, 1, UINT16_MAX, rng.randint(2**15, UINT16_MAX),
+                                rng.randint(0, UINT16_MAX))))
+        typical = (abs(bias[-1]) + 128 * 64 * k) * max(mult[-1], 1)
+        s = typical.bit_length() - 7 + rng.randint(-4, 4)
+        shift.append(rng.choice((0, 62)) if rng.random() < 0.1 else min(max(s, 0), 62))
+    table = _int8(rng, (TABLE_ENTRIES,), 0.05) if op == GemmOp.INT8_TABLE else None
+    return Pass(
+        op=op,
+        x=x,
+        w=w,
+        bias=torch.tensor(bias, dtype=torch.int64),
+        mult=torch.tensor(mult, dtype=torch.int64),
+        shift=torch.tensor(shift, dtype=torch.int64),
+        table=table,
+        name=f"{op.name} M={tokens} K={k} N={n}",
+    )
+
+
+class StreamPort:
+    """One stream of the DUT: its signal handles and, for an input, the beats to send.
+
+    ``gap_probability`` inserts idle cycles at random; ``bytes_per_cycle`` instead limits the
+    rate like a bus of that width (a beat of ``beat_bytes`` goes out when enough bandwidth
+    has accrued; at most one beat's worth is banked while the DUT is not taking).
+    """
+
+    def __init__(self, dut, prefix: str, rng: random.Random, *, gap_probability: float = 0.0,
+                 bytes_per_cycle: float | None = None, beat_bytes: int = 1) -> None:
+        self.name = prefix
+        self.valid = getattr(dut, f"{prefix}__valid")
+        self.ready = getattr(dut, f"{prefix}__ready")
+        self.payload = getattr(dut, f"{prefix}__payload")
+        self.rng = rng
+        self.gap_probability = gap_probability
+        self.bytes_per_cycle = bytes_per_cycle
+        self.beat_bytes = beat_bytes
+        self.credit = float(beat_bytes)
+        self.beats: list[int] = []
+        self.position = 0
+        self.holding = False
+        self.driven_valid = False
+        self.driven_payload: int | None = None
+        self.idle_cycles = 0
+        self.taken_cycles: list[int] = []
+
+    def drive(self) -> None:
+        """Present the next beat (or idle) for this cycle; a held beat stays unchanged."""
+        if self.bytes_per_cycle is not None:
+            self.credit = min(self.credit + self.bytes_per_cycle, float(self.beat_bytes))
+        if self.holding:
+            return
+        valid = self.position < len(self.beats)
+        if valid and self.rng.random() < self.gap_probability:
+            valid = False
+            self.idle_cycles += 1
+        if valid and self.bytes_per_cycle is not None and self.credit < self.beat_bytes:
+            valid = False
+        if valid != self.driven_valid:
+            self.driven_valid = valid
+            self.valid.value = valid
+        if valid and self.driven_payload != self.beats[self.position]:
+            self.driven_payload = self.beats[self.position]
+            self.payload.value = self.driven_payload
+
+    def sample(self, cycle: int) -> None:
+        """After the cycle settled: was the presented beat taken at the coming edge?"""
+        taken = self.driven_valid and bool(self.ready.value)
+        if taken:
+            self.position += 1
+            self.taken_cycles.append(cycle)
+            if self.bytes_per_cycle is not None:
+                self.credit -= self.beat_bytes
+        self.holding = self.driven_valid and not taken
+
+
+class TB:
+    """Clock, reset, and one cycle loop that drives every input stream and checks the output.
+
+    Handshakes are decided on a settled cycle, as in the toolchain bench: inputs are written
+    after a rising edge and ``valid & ready`` is sampled in the ``ReadOnly`` phase. One
+    coroutine serves all six streams, which is what keeps a 32 × 32 run at a few seconds.
+
+    Parameters
+    ----------
+    dut : cocotb handle
+        The ``gemm_engine`` top.
+    gaps : bool
+        Random idle cycles on every input stream.
+    backpressure : bool
+        Random ``ready`` low on the result stream.
+    weight_bytes_per_cycle : float, optional
+        Limit the weight stream to this bandwidth (the utilization benchmark).
+    """
+
+    def __init__(self, dut, *, gaps: bool, backpressure: bool,
+                 weight_bytes_per_cycle: float | None = None) -> None:
+        self.dut = dut
+        self.log = dut._log
+        self.config = bench_config()
+        self.seed = cocotb.RANDOM_SEED
+        # cocotb derives it from COCOTB_RANDOM_SEED and the test name; logged for reruns.
+        self.log.info("test seed %d", self.seed)
+        seeds = random.Random(self.seed)
+        self.rng = random.Random(seeds.getrandbits(64))
+        gap = 0.3 if gaps else 0.0
+        cfg = self.config
+
+        def port(prefix: str, **kwargs) -> StreamPort:
+            return StreamPort(dut, prefix, random.Random(seeds.getrandbits(64)), **kwargs)
+
+        self.command = port("command", gap_probability=gap)
+        self.weights = port("weights", gap_probability=gap,
+                            bytes_per_cycle=weight_bytes_per_cycle, beat_bytes=cfg.pe_cols)
+        self.activations = port("activations", gap_probability=gap)
+        self.params = port("params", gap_probability=gap)
+        self.table = port("table", gap_probability=gap)
+        self.inputs = [self.command, self.weights, self.activations, self.params, self.table]
+        self.sink_rng = random.Random(seeds.getrandbits(64))
+        self.backpressure = backpressure
+        self.results_valid = dut.results__valid
+        self.results_ready = dut.results__ready
+        self.results_payload = dut.results__payload
+        self.output_stall_cycles = 0
+        self.result_cycles: list[int] = []
+        self.cycle = 0
+        self.edge = RisingEdge(dut.clk)
+        # The payload layouts of the hardware itself (building the component elaborates
+        # nothing).
+        engine = GemmEngine(cfg)
+        self.layouts = SimpleNamespace(
+            command=engine.command.payload.shape(),
+            weights=engine.weights.payload.shape(),
+            activations=engine.activations.payload.shape(),
+            params=engine.params.payload.shape(),
+            results=engine.results.payload.shape(),
+        )
+        Clock(dut.clk, CLOCK_PERIOD_NS, unit="ns").start()
+
+    async def reset(self) -> None:
+        """Hold ``rst`` for two cycles with every stream idle."""
+        for stream_port in self.inputs:
+            stream_port.valid.value = 0
+            stream_port.payload.value = 0
+        self.results_ready.value = 0
+        self.dut.rst.value = 1
+        for _ in range(2):
+            await self.edge
+        self.dut.rst.value = 0
+        await self.edge
+
+    def counters(self) -> dict[str, int]:
+        """The DUT's performance counters now."""
+        return {name: int(getattr(self.dut, f"counters__{name}").value) for name in COUNTER_NAMES}
+
+    # ---- beats ------------------------------------------------------------------------------
+
+    def command_beat(self, op: GemmOp, tokens: int = 0, k_slices: int = 0,
+                     n_tiles: int = 0) -> int:
+        """Payload bits of one command."""
+        return self.layouts.command.const(
+            {"op": op, "tokens": tokens, "k_slices": k_slices, "n_tiles": n_tiles}
+        ).as_bits()
+
+    def queue_pass(self, gemm: Pass) -> None:
+        """Append one pass (and its table load) to the input streams, in protocol order."""
+        rows, cols = self.config.pe_rows, self.config.pe_cols
+        tokens, k = gemm.x.shape
+        n = gemm.w.shape[0]
+        if k % rows or n % cols:
+            raise ValueError(f"K={k} and N={n} must be multiples of {rows} and {cols}")
+        k_slices, n_tiles = k // rows, n // cols
+        if gemm.table is not None:
+            self.command.beats.append(self.command_beat(GemmOp.LOAD_TABLE))
+            self.table.beats += [value & 0xFF for value in gemm.table.tolist()]
+        self.command.beats.append(self.command_beat(gemm.op, tokens, k_slices, n_tiles))
+        w = gemm.w.tolist()
+        x = gemm.x.tolist()
+        for j in range(n_tiles):
+            for s in range(k_slices):
+                for r in range(rows):
+                    row = [w[j * cols + c][s * rows + r] for c in range(cols)]
+                    self.weights.beats.append(self.layouts.weights.const(row).as_bits())
+                for m in range(tokens):
+                    self.activations.beats.append(
+                        self.layouts.activations.const(x[m][s * rows:(s + 1) * rows]).as_bits()
+                    )
+            for c in range(cols):
+                channel = j * cols + c
+                self.params.beats.append(self.layouts.params.const({
+                    "bias": int(gemm.bias[channel]),
+                    "mult": int(gemm.mult[channel]),
+                    "shift": int(gemm.shift[channel]),
+                }).as_bits())
+
+    def decode(self, op: GemmOp, bits: int) -> list[int]:
+        """One result beat as its ``pe_cols`` integers."""
+        view = self.layouts.results.from_bits(bits)
+        lanes = view.int32 if op == GemmOp.INT32 else view.int8
+        if op != GemmOp.INT32:
+            # The INT8 modes leave the upper bits of the union zero.
+            assert bits >> (8 * self.config.pe_cols) == 0, f"upper bits set in {bits:#x}"
+        return list(lanes)
+
+    # ---- the cycle loop -----------------------------------------------------------------------
+
+    async def run(self, result_count: int, *, max_cycles: int) -> list[int]:
+        """Drive all queued beats and collect ``result_count`` raw result beats.
+
+        Checks every cycle that a result offered and not taken stays unchanged.
+        """
+        results: list[int] = []
+        pending: int | None = None
+        driven_ready = None
+        start = self.cycle
+        while len(results) < result_count:
+            await self.edge
+            self.cycle += 1
+            assert self.cycle - start <= max_cycles, (
+                f"timeout: {len(results)} of {result_count} results after {max_cycles} cycles; "
+                + ", ".join(f"{p.name} {p.position}/{len(p.beats)}"
+                            for p in self.inputs)
+            )
+            for stream_port in self.inputs:
+                stream_port.drive()
+            ready = not (self.backpressure and self.sink_rng.random() < 0.5)
+            if ready != driven_ready:
+                driven_ready = ready
+                self.results_ready.value = ready
+            await ReadOnly()
+            for stream_port in self.inputs:
+                stream_port.sample(self.cycle)
+            valid = bool(self.results_valid.value)
+            payload = int(self.results_payload.value) if valid else None
+            if pending is not None:
+                assert valid and payload == pending, (
+                    f"result changed before it was taken: held {pending:#x}, now "
+                    f"valid={valid} payload={payload}"
+                )
+            pending = payload if valid and not ready else None
+            self.output_stall_cycles += valid and not ready
+            if valid and ready:
+                results.append(payload)
+                self.result_cycles.append(self.cycle)
+        await self.edge
+        self.cycle += 1
+        self.results_ready.value = 0
+        return results
+
+    async def run_passes(self, passes: list[Pass], *, max_cycles: int | None = None) -> None:
+        """Queue, run and check a list of passes, in order, against the golden model."""
+        cols = self.config.pe_cols
+        for gemm in passes:
+            self.queue_pass(gemm)
+        counts = [gemm.tokens * (gemm.w.shape[0] // cols) for gemm in passes]
+        if max_cycles is None:
+            beats = sum(len(p.beats) for p in self.inputs)
+            max_cycles = 20 * beats + 1000
+        raw = await self.run(sum(counts), max_cycles=max_cycles)
+        position = 0
+        for gemm, count in zip(passes, counts, strict=True):
+            expected = gemm.expected()
+            got = torch.zeros_like(expected)
+            for index, bits in enumerate(raw[position:position + count]):
+                j, m = divmod(index, gemm.tokens)
+                got[m, j * cols:(j + 1) * cols] = torch.tensor(self.decode(gemm.op, bits))
+            position += count
+            wrong = (got != expected).nonzero().tolist()
+            assert not wrong, (
+                f"{gemm.name}: {len(wrong)} of {expected.numel()} results differ; first "
+                f"(token, channel, DUT, golden): "
+                f"{[(m, n, int(got[m, n]), int(expected[m, n])) for m, n in wrong[:5]]}"
+            )
+            self.log.info("%s: %d results exact", gemm.name, expected.numel())
+        for stream_port in self.inputs:
+            left = len(stream_port.beats) - stream_port.position
+            assert left == 0, f"{stream_port.name}: {left} beats were never taken"

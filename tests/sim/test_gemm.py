@@ -1,0 +1,103 @@
+# amaranth: UnusedElaboratable=no
+"""The GEMM engine (:mod:`m3vit.hw.gemm`): cocotb + Verilator benches and the ZCU104 lint.
+
+The bench in ``tests/sim/gemm/`` runs on three small arrays, each one Verilator build under
+``build/sim/gemm/``: the CI configuration (4 × 4, ``max_tokens`` 80), a non-square 8 × 4 one
+with ``max_tokens`` 129 (the ``edge-moe`` token count) and a 2 × 8 one, the only shape whose
+weight tiles load fast enough to reach the accumulator hazard and the parameter hand-over
+between back-to-back N-tiles. The default 32 × 32
+configuration is only elaborated and linted here; its utilization is measured by
+``tests/sim/gemm/utilization.py`` (``make bench``, not CI).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from m3vit.hw.config import CI, ZCU104, AccelConfig
+from m3vit.hw.gemm import GemmEngine
+from m3vit.hw.generate import to_verilog, write_if_changed
+from m3vit.sim.cocotb_runner import run_bench
+from m3vit.sim.verilator import lint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH_DIR = Path(__file__).resolve().parent / "gemm"
+BUILD_DIR = REPO_ROOT / "build" / "sim" / "gemm"
+TOP = "gemm_engine"
+BENCH_MODULE = "test_gemm_engine"
+CONFIG_ENV = "M3VIT_GEMM_CONFIG"
+# cocotb rewrites the assertions of every module imported under it ("*.py" by default),
+# torch included: 10-15 s per simulator start. Only the bench's own modules need it.
+REWRITE_ASSERTIONS = {"COCOTB_REWRITE_ASSERTION_FILES": "test_*.py *_tb.py"}
+# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
+SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
+
+BENCH_CONFIGS = {
+    "4x4": CI,
+    "8x4": CI.replace(pe_rows=8, pe_cols=4, max_tokens=129),
+    # Only with two rows does a weight tile load (pe_rows cycles) fast enough for the
+    # accumulator hazard and the parameter hand-over between N-tiles to bind.
+    "2x8": CI.replace(pe_rows=2, pe_cols=8),
+}
+
+# Per configuration: 8 shapes × 3 modes × 2 flows, 2 back-to-back runs, 2 single tests.
+EXPECTED_TESTS = 8 * 3 * 2 + 2 + 2
+
+
+def write_verilog(config: AccelConfig, build_dir: Path) -> Path:
+    """The engine's Verilog under ``build_dir``, rewritten only when it changes."""
+    path = build_dir / f"{TOP}.v"
+    write_if_changed(path, to_verilog(GemmEngine(config), TOP))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("verilator")
+@pytest.mark.parametrize("name", list(BENCH_CONFIGS))
+def test_gemm_engine_bench_passes(name):
+    config = BENCH_CONFIGS[name]
+    build_dir = BUILD_DIR / name
+    result = run_bench(
+        top=TOP,
+        verilog_sources=[write_verilog(config, build_dir)],
+        test_module=BENCH_MODULE,
+        test_dir=BENCH_DIR,
+        build_dir=build_dir / "verilator",
+        seed=SEED,
+        extra_env={CONFIG_ENV: json.dumps(config.to_dict()), **REWRITE_ASSERTIONS},
+    )
+
+    print(f"{name}: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, seed {SEED}")
+    assert len(result.passed) == EXPECTED_TESTS
+    assert not result.skipped
+
+
+@pytest.mark.slow
+def test_zcu104_engine_elaborates_and_lints_clean():
+    verilog_path = write_verilog(ZCU104, BUILD_DIR / "zcu104")
+    text = verilog_path.read_text()
+
+    # Lint raises on any %Error; warnings (none expected) are returned.
+    assert lint(verilog_path, TOP) == []
+    assert f"module {TOP}(" in text
+    # The 32 × 32 array: one registered 8 × 8 product per PE.
+    assert len(re.findall(r"^\s*reg \[15:0\] product_r\d+_c\d+ ", text, re.M)) == ZCU104.n_pe
+
+
+def test_engine_geometry_follows_the_config():
+    engine = GemmEngine(ZCU104)
+
+    assert engine.tree_latency == 3  # 5 adder levels, a register every two and at the root
+    assert engine.hazard_cycles == 4
+    # Enough result credits to take one token per cycle with no back-pressure.
+    assert engine.queue_depth >= engine.result_latency + 3
+    assert engine.weights.payload.shape().length == ZCU104.pe_cols
+    assert engine.activations.payload.shape().length == ZCU104.pe_rows
+
+
+def test_engine_rejects_a_non_config():
+    with pytest.raises(TypeError, match="AccelConfig"):
+        GemmEngine({"pe_rows": 4})
