@@ -58,6 +58,9 @@ class AccelConfig:
         Read bursts in flight per port.
     clock_mhz : float
         Target clock of the programmable logic.
+    act_buffer_words : int
+        Depth of the on-chip activation buffer in words of ``pe_cols`` INT8 lanes (every
+        activation of one image lives there: 16,384 × 32 bytes = 512 KiB by default).
     """
 
     pe_rows: int = 32
@@ -74,6 +77,7 @@ class AccelConfig:
     max_burst_beats: int = 64
     max_outstanding: int = 8
     clock_mhz: float = 300.0
+    act_buffer_words: int = 16384
 
     def __post_init__(self) -> None:
         for name in ("pe_rows", "pe_cols"):
@@ -104,6 +108,9 @@ class AccelConfig:
         if self.max_top_k > self.max_experts:
             raise AccelConfigError(f"max_top_k must be <= max_experts={self.max_experts}, got "
                                    f"{self.max_top_k!r}")
+        if not _pow2(self.act_buffer_words) or not 256 <= self.act_buffer_words <= 65536:
+            raise AccelConfigError(f"act_buffer_words must be a power of two in [256, 65536], "
+                                   f"got {self.act_buffer_words!r}")
         if not 10 <= self.clock_mhz <= 800:
             raise AccelConfigError(f"clock_mhz must be in [10, 800], got {self.clock_mhz!r}")
 
@@ -136,5 +143,5 @@ ZCU104 = AccelConfig()
 
 CI = AccelConfig(pe_rows=4, pe_cols=4, max_tokens=80, max_dim=64, max_hidden=256,
                  max_heads=2, max_experts=16, max_top_k=2, n_master_ports=1,
-                 max_burst_beats=16, max_outstanding=4)
+                 max_burst_beats=16, max_outstanding=4, act_buffer_words=16384)
 """A small configuration that simulates quickly in CI and still runs the ``tiny`` preset."""
