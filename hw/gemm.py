@@ -69,17 +69,20 @@ class GemmOp(enum.Enum, shape=2):
 
 
 def command_layout(config: AccelConfig) -> data.StructLayout:
-    """Payload of one command: the op and, for a pass, its geometry.
+    """Payload of one command: the op and, for a pass, its geometry and weight order.
 
     Fields ``op`` (:class:`GemmOp`), ``tokens`` (M, 1…``max_tokens``), ``k_slices``
-    (K / ``pe_rows``, ≥ 1) and ``n_tiles`` (N / ``pe_cols``, ≥ 1); a ``LOAD_TABLE`` command
-    ignores the geometry.
+    (K / ``pe_rows``, ≥ 1), ``n_tiles`` (N / ``pe_cols``, ≥ 1) and ``transposed``: the
+    pass's weight tiles arrive column by column instead of row by row (attention's
+    Q·Kᵀ, whose weight matrix K is stored token by token); legal only on a square array.
+    A ``LOAD_TABLE`` command ignores all but ``op``.
     """
     return data.StructLayout({
         "op": GemmOp,
         "tokens": unsigned(bits_for(config.max_tokens)),
         "k_slices": unsigned(_COUNT_WIDTH),
         "n_tiles": unsigned(_COUNT_WIDTH),
+        "transposed": 1,
     })
 
 
@@ -244,7 +247,8 @@ class GemmEngine(wiring.Component):
     command : In(stream.Signature(command_layout(config)))
         One beat per pass or table load (:func:`command_layout`, :class:`GemmOp`).
     weights : In(stream.Signature(ArrayLayout(signed(8), pe_cols)))
-        Weight rows, ``pe_rows`` per tile.
+        Weight rows, ``pe_rows`` per tile, or for a ``transposed`` pass weight columns,
+        ``pe_cols`` per tile (lane ``r`` = row ``r``).
     activations : In(stream.Signature(ArrayLayout(signed(8), pe_rows)))
         One token's K-slice per beat.
     params : In(stream.Signature(GEMM_PARAM))
@@ -265,8 +269,9 @@ class GemmEngine(wiring.Component):
     busy : Out(1)
         A command is in progress or a result has not left yet.
     illegal_command : Out(1)
-        Sticky (until reset): a pass command with ``tokens`` outside 1…``max_tokens`` or a
-        zero ``k_slices``/``n_tiles`` was taken and dropped. It consumes no data.
+        Sticky (until reset): a pass command with ``tokens`` outside 1…``max_tokens``, a
+        zero ``k_slices``/``n_tiles``, or ``transposed`` set while ``pe_rows != pe_cols``
+        was taken and dropped. It consumes no data.
 
     Notes
     -----
@@ -276,11 +281,18 @@ class GemmEngine(wiring.Component):
 
     * ``command``: the pass's one beat. Commands run one after the other; a pass's first
       tokens enter the array while the previous pass's last results are still on their way
-      out, so passes need no drain between them.
+      out, so passes need no drain between them. Commands are taken ahead of the array:
+      the weight loader takes the next one (it then waits in a one-entry queue until the
+      array is free) as soon as every weight tile of the one before has loaded, and a
+      pass's weights are taken only once its command has been.
     * ``weights``: for ``j`` in 0…NT−1, for ``s`` in 0…KS−1, for ``r`` in 0…R−1: the row
       ``[W[j·C + c, s·R + r] for c in 0…C−1]``; NT·KS·R beats. The tile for the next slice
-      (of this pass or the next) loads while the current one computes: weights may run one
-      tile ahead of the array.
+      (of this pass or, if its command has been given, the next) loads while the current
+      one computes: weights may run one tile ahead of the array.
+      With ``transposed`` set (square arrays only, R = C) each tile arrives column by
+      column instead: for ``j``, for ``s``, for ``c`` in 0…C−1: the column ``[W[j·C + c,
+      s·R + r] for r in 0…R−1]``, i.e. row ``j·C + c`` of W, K-slice ``s``: one stored
+      token of attention's K when W = K. The result is the same ``X · Wᵀ``.
     * ``activations``: for ``j``, for ``s``, for ``m`` in 0…M−1: ``[X[m, s·R + r] for r in
       0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile).
     * ``params``: for ``j``, for ``c`` in 0…C−1: ``bias``, ``mult``, ``shift`` of output
@@ -291,9 +303,13 @@ class GemmEngine(wiring.Component):
     * ``results``: for ``j``, for ``m``: lanes ``c`` = ``Y[m, j·C + c]``; NT·M beats.
 
     **Structure.** The array holds two ``R × C`` INT8 weight registers: ``shadow`` (loaded
-    row by row from ``weights``) and ``active`` (copied from ``shadow`` in one cycle when a
-    slice's first token enters, so every multiplier has one fixed weight operand, as the
-    B1/B2 registers of a DSP48E2). ``R · C`` 8 × 8 multipliers (registered), a pipelined
+    row by row, or column by column, from ``weights``: on a square array each element
+    has a 2:1 mux on its data and on its write enable) and ``active`` (copied from
+    ``shadow`` in one cycle when a slice's first token enters, so every multiplier has one
+    fixed weight operand, as the B1/B2 registers of a DSP48E2). The loader takes each
+    command before the issuer (a one-entry queue between them), so it always knows the
+    weight order and tile count of the pass the shadow tile belongs to, also when that
+    tile is the next pass's first. ``R · C`` 8 × 8 multipliers (registered), a pipelined
     adder tree per column (a register every two levels), one accumulator memory
     ``max_tokens × (32 · C)`` bits (read-modify-write, two-cycle read), ``C`` requantizer
     lanes (:class:`Requantizer`, a 32 × 16 multiply each), a 256 × INT8 table with ``C``
@@ -351,54 +367,112 @@ class GemmEngine(wiring.Component):
         token_shape = range(cfg.max_tokens)
         count_shape = unsigned(_COUNT_WIDTH)
 
-        # ---- command and pass state -------------------------------------------------------
+        # ---- commands: the weight loader takes them, a one-entry queue holds them -----------
+        # The loader fills the shadow tile up to one tile ahead of the array, so that tile
+        # may belong to the next pass, whose weight order it must know: commands reach the
+        # loader first (it learns the pass's order and tile count) and wait in `queued`
+        # for the issuer. A command is taken once the loader has filled every tile of the
+        # previous pass, early enough for the next pass's first tile to load while the
+        # previous pass's last one computes.
+        square = rows == cols
+        pass_layout = data.StructLayout({
+            "op": GemmOp,
+            "last_token": token_shape,
+            "last_kslice": count_shape,
+            "last_ntile": count_shape,
+            "slice_gap": range(self.hazard_cycles + 1),
+        })
+        queued = Signal()  # a command waits for the issuer
+        queued_pass = Signal(pass_layout)
+        loader_busy = Signal()  # tiles of a taken pass are left to load
+        load_transposed = Signal()  # ... column by column
+        load_slices_left = Signal(count_shape)  # further K-slices of the loader's N-tile
+        load_tiles_left = Signal(count_shape)  # further N-tiles
+        load_last_kslice = Signal(count_shape)
+
+        cmd = self.command.payload
+        m.d.comb += self.command.ready.eq(~loader_busy & ~queued)
+        with m.If(self.command.valid & self.command.ready):
+            legal = ((cmd.tokens >= 1) & (cmd.tokens <= cfg.max_tokens)
+                     & (cmd.k_slices != 0) & (cmd.n_tiles != 0))
+            if not square:
+                legal &= ~cmd.transposed
+            with m.If(cmd.op == GemmOp.LOAD_TABLE):
+                m.d.sync += [queued.eq(1), queued_pass.op.eq(GemmOp.LOAD_TABLE)]
+            with m.Elif(legal):
+                m.d.sync += [
+                    queued.eq(1),
+                    queued_pass.op.eq(cmd.op),
+                    queued_pass.last_token.eq(cmd.tokens - 1),
+                    queued_pass.last_kslice.eq(cmd.k_slices - 1),
+                    queued_pass.last_ntile.eq(cmd.n_tiles - 1),
+                    queued_pass.slice_gap.eq(Mux(cmd.tokens >= self.hazard_cycles, 1,
+                                                 self.hazard_cycles + 1 - cmd.tokens)),
+                    loader_busy.eq(1),
+                    load_slices_left.eq(cmd.k_slices - 1),
+                    load_tiles_left.eq(cmd.n_tiles - 1),
+                    load_last_kslice.eq(cmd.k_slices - 1),
+                ]
+                if square:
+                    m.d.sync += load_transposed.eq(cmd.transposed)
+            with m.Else():
+                m.d.sync += self.illegal_command.eq(1)
+
+        # ---- the issuer's pass --------------------------------------------------------------
         issuing = Signal()  # a pass has tokens left to enter the array
         loading_table = Signal()
-        op = Signal(GemmOp)
-        last_token = Signal(token_shape)
-        last_kslice = Signal(count_shape)
-        last_ntile = Signal(count_shape)
-        slice_gap = Signal(range(self.hazard_cycles + 1))
+        current = Signal(pass_layout)
+        op, last_token = current.op, current.last_token
+        last_kslice, last_ntile, slice_gap = (current.last_kslice, current.last_ntile,
+                                              current.slice_gap)
         token = Signal(token_shape)
         kslice = Signal(count_shape)
         ntile = Signal(count_shape)
         pending = Signal(range(self.queue_depth + 1))  # last-slice tokens not yet output
-        m.d.comb += self.busy.eq(issuing | loading_table | (pending != 0))
-
-        cmd = self.command.payload
-        m.d.comb += self.command.ready.eq(~issuing & ~loading_table)
-        with m.If(self.command.valid & self.command.ready):
-            legal = ((cmd.tokens >= 1) & (cmd.tokens <= cfg.max_tokens)
-                     & (cmd.k_slices != 0) & (cmd.n_tiles != 0))
-            with m.If(cmd.op == GemmOp.LOAD_TABLE):
+        m.d.comb += self.busy.eq(queued | issuing | loading_table | (pending != 0))
+        with m.If(queued & ~issuing & ~loading_table):
+            m.d.sync += queued.eq(0)
+            with m.If(queued_pass.op == GemmOp.LOAD_TABLE):
                 m.d.sync += loading_table.eq(1)
-            with m.Elif(legal):
-                m.d.sync += [
-                    issuing.eq(1),
-                    op.eq(cmd.op),
-                    last_token.eq(cmd.tokens - 1),
-                    last_kslice.eq(cmd.k_slices - 1),
-                    last_ntile.eq(cmd.n_tiles - 1),
-                    slice_gap.eq(Mux(cmd.tokens >= self.hazard_cycles, 1,
-                                     self.hazard_cycles + 1 - cmd.tokens)),
-                ]
             with m.Else():
-                m.d.sync += self.illegal_command.eq(1)
+                m.d.sync += [issuing.eq(1), current.eq(queued_pass)]
 
         # ---- weight double buffer -----------------------------------------------------------
         w_shadow = Signal(tile_layout)
         w_active = Signal(tile_layout)
-        w_row = Signal(range(rows))
+        w_row = Signal(range(rows))  # the beat within the tile: a row, or a column
         w_full = Signal()
-        m.d.comb += self.weights.ready.eq(~w_full)
-        with m.If(self.weights.valid & self.weights.ready):
+        m.d.comb += self.weights.ready.eq(loader_busy & ~w_full)
+        beat = self.weights.payload
+
+        def write_row():
             with m.Switch(w_row):
                 for row in range(rows):
                     with m.Case(row):
-                        m.d.sync += w_shadow[row].eq(self.weights.payload)
+                        m.d.sync += w_shadow[row].eq(beat)
+
+        with m.If(self.weights.valid & self.weights.ready):
+            if square:
+                # Row r takes beat r whole, or lane r of beat c as its element c: per element
+                # a 2:1 mux on the data and on the write enable (row or column decode), both
+                # selected by a register that changes only between passes.
+                with m.If(load_transposed):
+                    for row in range(rows):
+                        m.d.sync += w_shadow[row][w_row].eq(beat[row])
+                with m.Else():
+                    write_row()
+            else:
+                write_row()
             m.d.sync += w_row.eq(w_row + 1)  # pe_rows is a power of two: wraps to 0
             with m.If(w_row == rows - 1):
                 m.d.sync += w_full.eq(1)
+                with m.If(load_slices_left != 0):
+                    m.d.sync += load_slices_left.eq(load_slices_left - 1)
+                with m.Elif(load_tiles_left != 0):
+                    m.d.sync += [load_slices_left.eq(load_last_kslice),
+                                 load_tiles_left.eq(load_tiles_left - 1)]
+                with m.Else():
+                    m.d.sync += loader_busy.eq(0)
 
         # ---- per-channel parameters: shadow (filling) and active (used by the output) -------
         param_layout = data.ArrayLayout(GEMM_PARAM, cols)

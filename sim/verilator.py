@@ -26,11 +26,16 @@ __all__ = [
 #: Warnings never stop a build (``-Wno-fatal``) but are still printed, except the width
 #: pair: Yosys leaves operands narrower than their result and relies on Verilog's
 #: context-determined sizing (e.g. a 16-bit product added into a 33-bit sum), which is
-#: well defined but is what ``WIDTHEXPAND``/``WIDTHTRUNC`` report. Errors are never silenced.
+#: well defined but is what ``WIDTHEXPAND``/``WIDTHTRUNC`` report. ``CASEINCOMPLETE``: an
+#: Amaranth ``Switch`` without ``Default`` becomes a ``casez`` after a default assignment,
+#: complete by construction. ``ALWNEVER``: Yosys writes constant parts of a struct signal
+#: as ``always @*`` blocks with nothing to read. Errors are never silenced.
 VERILATOR_ARGS: tuple[str, ...] = (
     "-Wno-fatal",
     "-Wno-WIDTHEXPAND",
     "-Wno-WIDTHTRUNC",
+    "-Wno-CASEINCOMPLETE",
+    "-Wno-ALWNEVER",
 )
 
 # The wheel's include/verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so a model split over

@@ -33,7 +33,10 @@ __all__ = [
     "DdrImage",
     "Program",
     "compile_dense_block",
+    "embedding_program",
     "gemm_stream",
+    "head_output",
+    "head_program",
     "layernorm_records",
     "slice_major",
     "unslice",
@@ -137,6 +140,7 @@ class BufferPlan:
 
     config: AccelConfig
     next_word: int = 0
+    peak: int = 0
     tensors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def alloc(self, name: str, tokens: int, dim: int) -> int:
@@ -147,6 +151,7 @@ class BufferPlan:
             raise M3VitError(f"activations need {base + words} buffer words, the hardware has "
                              f"{self.config.act_buffer_words}: the model does not fit")
         self.next_word += words
+        self.peak = max(self.peak, self.next_word)
         self.tensors[name] = (base, tokens, dim)
         return base
 
@@ -239,6 +244,76 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
                  k_slices=n_tiles, n_tiles=h_slices, src=probs, src_stride=n,
                  dst=heads_out + h * h_slices * n, dst_stride=n, wbuf=v, wstride=n, ddr=pv_ddr)
     _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n)
+
+
+def _pad_columns(x, multiple: int) -> np.ndarray:
+    """(M, K) → (M, K rounded up to ``multiple``), zero columns appended."""
+    x = _np(x).astype(np.int8)
+    k = x.shape[1]
+    out = np.zeros((x.shape[0], _ceil(k, multiple) * multiple), np.int8)
+    out[:, :k] = x
+    return out
+
+
+def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
+                      model: ModelConfig, cfg: AccelConfig, patches) -> int:
+    """Patch GEMM into tokens 1…, cls into token 0, + position embedding: x0's first word.
+
+    ``patches`` is the host's (N_patches, C·p·p) INT8 patch rows
+    (:func:`m3vit.sw.golden.patchify`); K is zero-padded to whole PE-array slices.
+    """
+    C = cfg.pe_cols
+    n, d = model.n_tokens, model.embed_dim
+    words = d // C * n
+    rows = _pad_columns(patches, cfg.pe_rows)
+    k_slices = rows.shape[1] // cfg.pe_rows
+    patch_in = plan.alloc("patches", n - 1, rows.shape[1])
+    x_cat = plan.alloc("x_cat", n, d)
+    pos = plan.alloc("pos", n, d)
+    x0 = plan.alloc("x0", n, d)
+    prog.add(Opcode.LOAD, ddr=img.put("patches", slice_major(rows, C)), dst=patch_in,
+             dst_stride=1, words=k_slices * (n - 1))
+    w = _pad_columns(t["patch.weight"], cfg.pe_rows)
+    ddr = img.put("patch", gemm_stream(w, t["patch.bias"], t["patch.mult"], t["patch.shift"],
+                                       cfg))
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
+             k_slices=k_slices, n_tiles=_ceil(d, C), src=patch_in, src_stride=n - 1,
+             dst=x_cat + 1, dst_stride=n, ddr=ddr)
+    # The cls token is row 0: its d/C words go to x_cat + s·n.
+    prog.add(Opcode.LOAD, ddr=img.put("cls", _np(t["cls"]).astype(np.int8).tobytes()),
+             dst=x_cat, dst_stride=n, words=d // C)
+    prog.add(Opcode.LOAD, ddr=img.put("pos", slice_major(t["pos"], C)), dst=pos, dst_stride=1,
+             words=words)
+    _residual(prog, t, "embed", a=x_cat, b=pos, dst=x0, words=words)
+    return x0
+
+
+def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
+                 cfg: AccelConfig, task: str, x_base: int, norm_base: int) -> int:
+    """Final LayerNorm of ``x_base`` into ``norm_base``, then the task head of the patch
+    tokens as INT32 into DDR; the offset of its (n_tiles, N_patches, C) INT32 output."""
+    C = cfg.pe_cols
+    n, d = model.n_tokens, model.embed_dim
+    _layernorm(prog, img, t, "norm", cfg, src=x_base, dst=norm_base, tokens=n, dim=d)
+    w = t[f"heads.{task}.weight"]
+    n_out = w.shape[0]
+    n_tiles = _ceil(n_out, C)
+    zeros = torch.zeros(n_out, dtype=torch.int64)
+    ddr = img.put(f"heads.{task}", gemm_stream(w, t[f"heads.{task}.bias"], zeros, zeros, cfg))
+    out = img.reserve(f"heads.{task}.out", n_tiles * (n - 1) * 4 * C)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, tokens=n - 1,
+             k_slices=d // cfg.pe_rows, n_tiles=n_tiles, src=norm_base + 1, src_stride=n,
+             ddr=ddr, out_ddr=out)
+    return out
+
+
+def head_output(raw: bytes, tokens: int, n_out: int, lanes: int) -> torch.Tensor:
+    """The head's DDR output (n_tiles, tokens, lanes) INT32 → (tokens, n_out) int64."""
+    n_tiles = _ceil(n_out, lanes)
+    acc = np.frombuffer(raw[:n_tiles * tokens * lanes * 4], "<i4").reshape(n_tiles, tokens,
+                                                                          lanes)
+    return torch.from_numpy(acc.transpose(1, 0, 2).reshape(tokens, -1)[:, :n_out]
+                            .astype(np.int64))
 
 
 def compile_dense_block(t: dict, model: ModelConfig, config: AccelConfig, index: int,

@@ -79,3 +79,34 @@ def test_image_regions_are_aligned():
     assert img.put("a", b"123") == 0
     assert img.put("b", b"4") == 16
     assert len(img.data) == 32
+
+
+def test_embedding_and_head_programs_equal_the_golden(block_case):
+    from m3vit.sw.compiler import embedding_program, head_output, head_program
+
+    cfg, t, cap = block_case
+    accel = CI if cfg.name == "tiny" else ZCU104.replace(max_tokens=129)
+    task = cfg.task_names[0]
+    img, plan, prog = DdrImage(align=accel.axi_bytes), BufferPlan(accel), Program()
+    patches = golden.patchify(cap["input"], cfg.patch_size)[0]
+    x0 = embedding_program(prog, img, plan, t, cfg, accel, patches)
+    words = cfg.embed_dim // accel.pe_cols * cfg.n_tokens
+    x0_out = img.reserve("x0_out", words * accel.pe_cols)
+    prog.add(Opcode.STORE, ddr=x0_out, src=x0, src_stride=1, words=words)
+    # The head on the golden model's last block output.
+    last = plan.alloc("last", cfg.n_tokens, cfg.embed_dim)
+    from m3vit.sw.compiler import slice_major
+    prog.add(Opcode.LOAD, ddr=img.put("last", slice_major(cap[f"blocks.{cfg.depth - 1}.x2"][0],
+                                                        accel.pe_cols)),
+             dst=last, dst_stride=1, words=words)
+    norm = plan.alloc("norm", cfg.n_tokens, cfg.embed_dim)
+    out = head_program(prog, img, t, cfg, accel, task, last, norm)
+    prog.add(Opcode.END)
+    ddr = bytearray(img.data)
+    execute(accel, prog.encode(), ddr)
+    got_x0 = unslice(bytes(ddr[x0_out:x0_out + words * accel.pe_cols]), cfg.n_tokens,
+                     cfg.embed_dim, accel.pe_cols)
+    assert torch.equal(got_x0, cap["x0"][0].to(torch.int8))
+    head = cap[f"heads.{task}"][0]
+    got = head_output(bytes(ddr[out:]), cfg.n_patches, head.shape[-1], accel.pe_cols)
+    assert torch.equal(got, head.to(torch.int64))

@@ -9,8 +9,10 @@ A :class:`Pass` is one GEMM with its operands; :func:`make_pass` draws random op
 (INT8 edges, large biases, multipliers and shifts that both saturate and do not) and
 :meth:`Pass.expected` computes the results with :mod:`m3vit.sw.numerics` — the golden
 model's own functions. :class:`TB` turns a list of passes into the engine's five input
-streams (in the order its docstring specifies), drives them all and collects the output in
-one cycle loop.
+streams (in the order its docstring specifies: weight tiles row by row, or column by column
+for a transposed pass), drives them all and collects the output in one cycle loop. With
+``interleaved`` the parameters and weights come from one in-order source, as from a single
+DDR read stream (:class:`SharedOrder`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Pass:
     mult: torch.Tensor  # (N,) uint16
     shift: torch.Tensor  # (N,) 0..62
     table: torch.Tensor | None = None  # (256,) INT8, loaded before the pass when set
+    transposed: bool = False  # weight tiles stream column by column
     name: str = field(default="")
 
     @property
@@ -79,7 +82,8 @@ def _int8(rng: random.Random, shape: tuple[int, ...], edge_fraction: float) -> t
     return torch.tensor(values, dtype=torch.int64).reshape(shape)
 
 
-def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int) -> Pass:
+def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
+              transposed: bool = False) -> Pass:
     """Random operands for one pass, chosen to exercise every path of the output stage.
 
     Biases range from small to as large as keeps every sum in INT32 (the quantizer's
@@ -114,8 +118,28 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int) -> Pa
         mult=torch.tensor(mult, dtype=torch.int64),
         shift=torch.tensor(shift, dtype=torch.int64),
         table=table,
-        name=f"{op.name} M={tokens} K={k} N={n}",
+        transposed=transposed,
+        name=f"{op.name} M={tokens} K={k} N={n}" + (" transposed" if transposed else ""),
     )
+
+
+class SharedOrder:
+    """The beat order of several input ports fed by one in-order source.
+
+    Models one DDR read stream whose beats are steered to different engine streams
+    (per N-tile: its parameters, then its weight tiles): a port may offer its next beat only
+    when that beat is the source's next one, so a beat the engine does not take blocks every
+    later beat of every port.
+    """
+
+    def __init__(self) -> None:
+        self.name = "shared"
+        self.order: list[StreamPort] = []
+        self.position = 0
+
+    def turn_of(self, port: StreamPort) -> bool:
+        """Whether the source's next beat is ``port``'s."""
+        return self.position < len(self.order) and self.order[self.position] is port
 
 
 class StreamPort:
@@ -144,6 +168,7 @@ class StreamPort:
         self.driven_payload: int | None = None
         self.idle_cycles = 0
         self.taken_cycles: list[int] = []
+        self.shared: SharedOrder | None = None
 
     def drive(self) -> None:
         """Present the next beat (or idle) for this cycle; a held beat stays unchanged."""
@@ -152,6 +177,8 @@ class StreamPort:
         if self.holding:
             return
         valid = self.position < len(self.beats)
+        if valid and self.shared is not None and not self.shared.turn_of(self):
+            valid = False
         if valid and self.rng.random() < self.gap_probability:
             valid = False
             self.idle_cycles += 1
@@ -170,6 +197,8 @@ class StreamPort:
         if taken:
             self.position += 1
             self.taken_cycles.append(cycle)
+            if self.shared is not None:
+                self.shared.position += 1
             if self.bytes_per_cycle is not None:
                 self.credit -= self.beat_bytes
         self.holding = self.driven_valid and not taken
@@ -192,10 +221,14 @@ class TB:
         Random ``ready`` low on the result stream.
     weight_bytes_per_cycle : float, optional
         Limit the weight stream to this bandwidth (the utilization benchmark).
+    interleaved : bool
+        Parameters and weights from one in-order source (:class:`SharedOrder`): for each
+        N-tile, its ``pe_cols`` parameter records, then its ``k_slices`` weight tiles.
     """
 
     def __init__(self, dut, *, gaps: bool, backpressure: bool,
-                 weight_bytes_per_cycle: float | None = None) -> None:
+                 weight_bytes_per_cycle: float | None = None,
+                 interleaved: bool = False) -> None:
         self.dut = dut
         self.log = dut._log
         self.config = bench_config()
@@ -217,6 +250,8 @@ class TB:
         self.params = port("params", gap_probability=gap)
         self.table = port("table", gap_probability=gap)
         self.inputs = [self.command, self.weights, self.activations, self.params, self.table]
+        self.shared = SharedOrder() if interleaved else None
+        self.weights.shared = self.params.shared = self.shared
         self.sink_rng = random.Random(seeds.getrandbits(64))
         self.backpressure = backpressure
         self.results_valid = dut.results__valid
@@ -257,11 +292,12 @@ class TB:
     # ---- beats ------------------------------------------------------------------------------
 
     def command_beat(self, op: GemmOp, tokens: int = 0, k_slices: int = 0,
-                     n_tiles: int = 0) -> int:
+                     n_tiles: int = 0, transposed: bool = False) -> int:
         """Payload bits of one command."""
-        return self.layouts.command.const(
-            {"op": op, "tokens": tokens, "k_slices": k_slices, "n_tiles": n_tiles}
-        ).as_bits()
+        return self.layouts.command.const({
+            "op": op, "tokens": tokens, "k_slices": k_slices, "n_tiles": n_tiles,
+            "transposed": transposed,
+        }).as_bits()
 
     def queue_pass(self, gemm: Pass) -> None:
         """Append one pass (and its table load) to the input streams, in protocol order."""
@@ -274,14 +310,21 @@ class TB:
         if gemm.table is not None:
             self.command.beats.append(self.command_beat(GemmOp.LOAD_TABLE))
             self.table.beats += [value & 0xFF for value in gemm.table.tolist()]
-        self.command.beats.append(self.command_beat(gemm.op, tokens, k_slices, n_tiles))
+        self.command.beats.append(
+            self.command_beat(gemm.op, tokens, k_slices, n_tiles, gemm.transposed))
         w = gemm.w.tolist()
         x = gemm.x.tolist()
         for j in range(n_tiles):
+            if self.shared is not None:
+                self.shared.order += [self.params] * cols + [self.weights] * k_slices * rows
             for s in range(k_slices):
-                for r in range(rows):
-                    row = [w[j * cols + c][s * rows + r] for c in range(cols)]
-                    self.weights.beats.append(self.layouts.weights.const(row).as_bits())
+                if gemm.transposed:
+                    # Column c of the tile: row j·C + c of W over the slice (rows == cols).
+                    beats = [w[j * cols + c][s * rows:(s + 1) * rows] for c in range(cols)]
+                else:
+                    beats = [[w[j * cols + c][s * rows + r] for c in range(cols)]
+                             for r in range(rows)]
+                self.weights.beats += [self.layouts.weights.const(b).as_bits() for b in beats]
                 for m in range(tokens):
                     self.activations.beats.append(
                         self.layouts.activations.const(x[m][s * rows:(s + 1) * rows]).as_bits()
@@ -321,6 +364,8 @@ class TB:
                 f"timeout: {len(results)} of {result_count} results after {max_cycles} cycles; "
                 + ", ".join(f"{p.name} {p.position}/{len(p.beats)}"
                             for p in self.inputs)
+                + ("" if self.shared is None else
+                   f", shared {self.shared.position}/{len(self.shared.order)}")
             )
             for stream_port in self.inputs:
                 stream_port.drive()
@@ -350,9 +395,13 @@ class TB:
 
     async def run_passes(self, passes: list[Pass], *, max_cycles: int | None = None) -> None:
         """Queue, run and check a list of passes, in order, against the golden model."""
-        cols = self.config.pe_cols
         for gemm in passes:
             self.queue_pass(gemm)
+        await self.run_queued(passes, max_cycles=max_cycles)
+
+    async def run_queued(self, passes: list[Pass], *, max_cycles: int | None = None) -> None:
+        """Run what is queued and check it: ``passes`` are the queued passes, in order."""
+        cols = self.config.pe_cols
         counts = [gemm.tokens * (gemm.w.shape[0] // cols) for gemm in passes]
         if max_cycles is None:
             beats = sum(len(p.beats) for p in self.inputs)

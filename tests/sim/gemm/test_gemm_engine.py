@@ -4,15 +4,20 @@
 Run by ``tests/sim/test_gemm.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; it is
 not a pytest module. One generic test body is expanded over shapes (one token, fewer tokens
 than the accumulator hazard distance, ragged M, several K-slices and N-tiles, M =
-``max_tokens``), the three output modes and two flows (everything always ready; random
-gaps on every input and random back-pressure on the output). Further tests run several
-passes back to back (table reloads between them), drop illegal commands and check that the
-array takes one token per cycle when nothing stalls it.
+``max_tokens``), the three output modes, two flows (everything always ready; random
+gaps on every input and random back-pressure on the output) and, on a square array, both
+weight orders (tiles row by row, and column by column: ``transposed``). Further tests run
+several passes back to back (table reloads between them; transposed and row-order passes
+alternating), feed parameters and weights from one in-order source, drop illegal commands
+and check that the array takes one token per cycle when nothing stalls it.
 """
+
+import itertools
+import os
 
 import cocotb
 from amaranth.hdl import Shape
-from gemm_tb import TB, make_pass
+from gemm_tb import CONFIG_ENV, TB, bench_config, make_pass
 
 from m3vit.hw.gemm import GemmEngine, GemmOp
 
@@ -35,6 +40,18 @@ GEOMETRIES = [
 FLOWS = ["free", "random"]
 
 
+def square_array() -> bool:
+    """Whether the bench's array is square (``False`` while pytest merely collects this)."""
+    if CONFIG_ENV not in os.environ:
+        return False
+    config = bench_config()
+    return config.pe_rows == config.pe_cols
+
+
+#: Weight orders of the pass matrix: column by column (``transposed``) needs a square array.
+WEIGHT_ORDERS = ["rows", "columns"] if square_array() else ["rows"]
+
+
 def geometry_name(geometry: tuple) -> str:
     """``m17_ks1_nt3`` for 17 tokens, one K-slice, three N-tiles."""
     tokens, k_slices, n_tiles = geometry
@@ -46,14 +63,17 @@ def geometry_name(geometry: tuple) -> str:
     geometry=[cocotb.Param(g, name=geometry_name(g)) for g in GEOMETRIES],
     mode=[GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32],
     flow=FLOWS,
+    weight_order=WEIGHT_ORDERS,
 )
-async def test_gemm_pass(dut, geometry: tuple, mode: GemmOp, flow: str) -> None:
-    """One pass of the given geometry and output mode equals the golden model exactly."""
+async def test_gemm_pass(dut, geometry: tuple, mode: GemmOp, flow: str,
+                         weight_order: str) -> None:
+    """One pass of the given geometry, output mode and weight order equals the golden model."""
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
     cfg = tb.config
     tokens, k_slices, n_tiles = geometry
     tokens = cfg.max_tokens if tokens == MAX else tokens
-    gemm = make_pass(tb.rng, mode, tokens, k_slices * cfg.pe_rows, n_tiles * cfg.pe_cols)
+    gemm = make_pass(tb.rng, mode, tokens, k_slices * cfg.pe_rows, n_tiles * cfg.pe_cols,
+                     transposed=weight_order == "columns")
     await tb.reset()
     await tb.run_passes([gemm])
 
@@ -109,10 +129,14 @@ async def test_illegal_commands_are_dropped(dut) -> None:
     # The tokens field is just wide enough for max_tokens; max_tokens + 1 is sendable unless
     # max_tokens = 2^n - 1 (then it cannot occur at all).
     token_field = Shape.cast(tb.layouts.command["tokens"].shape)
-    for tokens, k_slices, n_tiles in [(0, 1, 1), (cfg.max_tokens + 1, 1, 1), (1, 0, 1),
-                                      (1, 1, 0)]:
+    illegal = [(0, 1, 1, False), (cfg.max_tokens + 1, 1, 1, False), (1, 0, 1, False),
+               (1, 1, 0, False), (1, 0, 1, True)]
+    if not square_array():
+        illegal.append((1, 1, 1, True))  # column order needs a square tile
+    for tokens, k_slices, n_tiles, transposed in illegal:
         if tokens < 2 ** token_field.width:
-            tb.command.beats.append(tb.command_beat(GemmOp.INT8, tokens, k_slices, n_tiles))
+            tb.command.beats.append(
+                tb.command_beat(GemmOp.INT8, tokens, k_slices, n_tiles, transposed))
     assert not dut.illegal_command.value
     gemm = make_pass(tb.rng, GemmOp.INT8, 7, 2 * cfg.pe_rows, cfg.pe_cols)
     await tb.run_passes([gemm])
@@ -142,3 +166,99 @@ async def test_one_token_per_cycle(dut) -> None:
     assert counters["weight_stall_cycles"] <= cfg.pe_rows + 2
     assert counters["output_stall_cycles"] == 0
     assert counters["param_stall_cycles"] == 0
+
+
+@cocotb.test(timeout_time=2, timeout_unit="ms")
+@cocotb.parametrize(flow=FLOWS)
+async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
+    """Passes alternate between the two weight orders with no drain between them.
+
+    Each pass's first weight tile loads while the previous pass's last tile computes, so
+    the shadow tile is filled in the order of a pass the array has not started yet: a row
+    pass followed by a transposed one, a transposed one followed by a row pass, and two
+    transposed ones. With every stream ready that overlap is checked, not only the results.
+    On a non-square array the transposed commands are illegal: dropped, taking no data,
+    while the passes around them run exactly.
+    """
+    tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
+    rows, cols = tb.config.pe_rows, tb.config.pe_cols
+    # (M, K-slices, N-tiles, transposed, mode); only the first pass uses (and loads) the
+    # table, so that no table load sits between two passes.
+    plan = [(9, 2, 2, False, GemmOp.INT8_TABLE), (7, 1, 2, True, GemmOp.INT8),
+            (1, 1, 1, True, GemmOp.INT32), (6, 3, 1, True, GemmOp.INT8),
+            (8, 1, 2, False, GemmOp.INT8), (2, 2, 3, True, GemmOp.INT32),
+            (5, 1, 1, False, GemmOp.INT8)]
+    square = square_array()
+    passes, legal = [], []
+    for tokens, k_slices, n_tiles, transposed, mode in plan:
+        if transposed and not square:
+            tb.command.beats.append(
+                tb.command_beat(mode, tokens, k_slices, n_tiles, transposed=True))
+            continue
+        gemm = make_pass(tb.rng, mode, tokens, k_slices * rows, n_tiles * cols,
+                         transposed=transposed)
+        # Index of the pass's first weight beat, and of its last token.
+        first_weight = len(tb.weights.beats)
+        tb.queue_pass(gemm)
+        passes.append(gemm)
+        legal.append((first_weight, len(tb.activations.beats) - 1, tokens))
+    await tb.reset()
+    await tb.run_queued(passes)
+
+    assert bool(dut.illegal_command.value) == (not square)
+    if flow == "free":
+        weights, tokens_in = tb.weights.taken_cycles, tb.activations.taken_cycles
+        for (_, last_token, tokens), (first_weight, _, _) in itertools.pairwise(legal):
+            if tokens >= rows + 2:  # time for the next tile to start loading
+                assert weights[first_weight] < tokens_in[last_token], (
+                    f"weights of the pass after token {last_token} did not preload"
+                )
+    counters = tb.counters()
+    assert counters["token_beats"] == sum(
+        g.tokens * (g.x.shape[1] // rows) * (g.w.shape[0] // cols) for g in passes)
+
+
+@cocotb.test(timeout_time=2, timeout_unit="ms")
+@cocotb.parametrize(flow=FLOWS)
+async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
+    """Parameters and weights from one in-order source neither deadlock nor stop the overlap.
+
+    The source holds, per N-tile, its ``pe_cols`` parameter records and then its
+    ``k_slices`` weight tiles; a record the engine does not take blocks every weight beat
+    behind it. The engine takes an N-tile's parameters once the previous N-tile's last slice
+    has started, so this must not deadlock for any geometry (one K-slice and one or two
+    tokens included), and with every stream ready a pass with enough tokens must still
+    take one token per cycle across its N-tiles (the next tile's parameters and weights
+    load during the current tile's last slice): the least such number of tokens is run.
+    """
+    tb = TB(dut, gaps=flow == "random", backpressure=flow == "random", interleaved=True)
+    rows, cols = tb.config.pe_rows, tb.config.pe_cols
+    # Just enough tokens for a tile's last slice to cover the cycles until the parameter
+    # shadow frees (its first token's way to the column sums), then the next tile's
+    # parameters and weights, one beat each per cycle.
+    long = 2 + GemmEngine(tb.config).tree_latency + cols + rows + 1
+    plan = [(1, 1, 3, GemmOp.INT8), (2, 1, 4, GemmOp.INT32), (3, 3, 2, GemmOp.INT8),
+            (long, 1, 3, GemmOp.INT8), (long, 2, 2, GemmOp.INT32), (1, 2, 2, GemmOp.INT8)]
+    passes = []
+    for index, (tokens, k_slices, n_tiles, mode) in enumerate(plan):
+        transposed = square_array() and index % 2 == 1
+        passes.append(make_pass(tb.rng, mode, tokens, k_slices * rows, n_tiles * cols,
+                                transposed=transposed))
+    spans = []  # (first, last) activation beat of each pass
+    for gemm in passes:
+        first = len(tb.activations.beats)
+        tb.queue_pass(gemm)
+        spans.append((first, len(tb.activations.beats) - 1))
+    await tb.reset()
+    await tb.run_queued(passes)
+
+    assert tb.shared.position == len(tb.shared.order)
+    if flow == "free":
+        taken = tb.activations.taken_cycles
+        for gemm, (first, last) in zip(passes, spans, strict=True):
+            if gemm.tokens == long:
+                assert taken[last] - taken[first] == last - first, (
+                    f"{gemm.name}: {last - first + 1} tokens took "
+                    f"{taken[last] - taken[first] + 1} cycles"
+                )
+    assert not dut.illegal_command.value

@@ -1,0 +1,283 @@
+"""Programs for the accelerator benches: single instructions on random data, a dense block.
+
+Each builder returns a :class:`Case`: the program, the DDR data window, and the expected
+window after the run, computed by the instruction-level model (:mod:`m3vit.sw.isa_model`,
+itself checked against the golden model in ``tests/sw/test_compiler.py``) — or, for the
+dense block, the golden model's block output.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from m3vit.hw.config import AccelConfig
+from m3vit.hw.gemm import GemmOp
+from m3vit.hw.isa import Opcode, TableUnit, WeightSource
+from m3vit.hw.registers import ErrorCode
+from m3vit.sw import numerics as nx
+from m3vit.sw.compiler import (
+    DdrImage,
+    Program,
+    compile_dense_block,
+    gemm_stream,
+    layernorm_records,
+    unslice,
+)
+from m3vit.sw.isa_model import execute
+
+
+@dataclass
+class Case:
+    """One run: program, DDR window before and expected after (or an expected error)."""
+
+    name: str
+    program: bytes
+    ddr: bytes
+    expected: bytes | None = None
+    error: ErrorCode = ErrorCode.NONE
+    error_pc: int = 0
+    task_select: int = 0
+    check: object = None   # callable(ddr_after) -> None for cases with their own check
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _i8(rng: np.random.Generator, *shape) -> np.ndarray:
+    """Random INT8 with the edges well represented."""
+    x = rng.integers(-128, 128, size=shape, dtype=np.int64)
+    edges = rng.random(size=shape) < 0.05
+    x[edges] = rng.choice([-128, 127, 0, -1], size=int(edges.sum()))
+    return x.astype(np.int8)
+
+
+def _finish(name: str, cfg: AccelConfig, prog: Program, img: DdrImage, task: int = 0) -> Case:
+    before = bytes(img.data)
+    after = bytearray(before)
+    execute(cfg, prog.encode(), after, task_select=task)
+    return Case(name, prog.encode(), before, bytes(after), task_select=task)
+
+
+def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: int,
+              mode: GemmOp, wsrc: WeightSource) -> Case:
+    """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR)."""
+    rng = np.random.default_rng(seed)
+    R, C = cfg.pe_rows, cfg.pe_cols
+    K, N = k_slices * R, n_tiles * C
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    x = _i8(rng, tokens, K)
+    # X slice-major with stride = tokens + 3 (a gap, to exercise the strides).
+    stride = tokens + 3
+    src = 5
+    xs = np.zeros((k_slices, stride, C), np.int8)
+    xs[:, :tokens] = x.reshape(tokens, k_slices, C).transpose(1, 0, 2)
+    prog.add(Opcode.LOAD, ddr=img.put("x", xs.tobytes()), dst=src, dst_stride=1,
+             words=k_slices * stride)
+    bias = rng.integers(-2**20, 2**20, size=N)
+    mult = rng.integers(0, 2**16, size=N)
+    shift = rng.integers(8, 30, size=N)
+    wbuf, wstride = src + k_slices * stride + 7, 0
+    if wsrc == WeightSource.DDR:
+        w = _i8(rng, N, K)
+        ddr = img.put("w", gemm_stream(w, bias, mult, shift, cfg))
+    else:
+        # Weights as buffer words: ROWS tile (j, s) row r = word wbuf + j·wstride + s·R + r;
+        # COLUMNS tile (j, s) column c = word wbuf + s·wstride + j·C + c.
+        wstride = (k_slices * R if wsrc == WeightSource.BUFFER_ROWS else n_tiles * C) + 2
+        outer = n_tiles if wsrc == WeightSource.BUFFER_ROWS else k_slices
+        words = _i8(rng, outer * wstride, C)
+        prog.add(Opcode.LOAD, ddr=img.put("wbuf", words.tobytes()), dst=wbuf, dst_stride=1,
+                 words=outer * wstride)
+        ddr = img.put("params", gemm_stream(None, bias, mult, shift, cfg, weights=False))
+    if mode == GemmOp.INT8_TABLE:
+        table = _i8(rng, 256)
+        prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM, ddr=img.put("table", table.tobytes()))
+    dst = wbuf + (n_tiles * C + 2) * (k_slices * R + 2) + 11 if wsrc != WeightSource.DDR \
+        else wbuf
+    out_ddr = img.reserve("out", n_tiles * tokens * 4 * C) if mode == GemmOp.INT32 else 0
+    prog.add(Opcode.GEMM, mode=mode, wsrc=wsrc, tokens=tokens, k_slices=k_slices,
+             n_tiles=n_tiles, src=src, src_stride=stride, dst=dst, dst_stride=tokens,
+             wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr)
+    if mode != GemmOp.INT32:
+        # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
+        # what earlier cases left in the buffer cannot leak into the comparison.
+        words = n_tiles * tokens
+        prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
+                 words=words)
+    prog.add(Opcode.END)
+    return _finish(f"gemm_{mode.name}_{wsrc.name}_m{tokens}_k{k_slices}_n{n_tiles}", cfg,
+                   prog, img)
+
+
+def vector_case(cfg: AccelConfig, seed: int, op: Opcode, rows: int, length: int) -> Case:
+    """LOAD, one LAYERNORM / SOFTMAX / RESIDUAL, STORE the result."""
+    rng = np.random.default_rng(seed)
+    C = cfg.pe_cols
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    beats = _ceil(length, C)
+    words = beats * rows
+    prog.add(Opcode.LOAD, ddr=img.put("a", _i8(rng, words, C).tobytes()), dst=0, dst_stride=1,
+             words=words)
+    out = 2 * words + 3
+    if op == Opcode.LAYERNORM:
+        d = beats * C
+        gain = rng.integers(-2**15, 2**15, size=d)
+        bias = rng.integers(-2**40, 2**40, size=d)
+        prog.add(Opcode.LAYERNORM, src=0, dst=out, stride=rows, rows=rows, beats=beats,
+                 shift=int(rng.integers(20, 40)), eps_term=int(rng.integers(0, 2**20)),
+                 ddr=img.put("ln", layernorm_records(gain, bias)))
+    elif op == Opcode.SOFTMAX:
+        table = nx.exp_table(float(rng.uniform(0.02, 0.2))).numpy().astype("<u2")
+        prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
+        prog.add(Opcode.SOFTMAX, src=0, dst=out, stride=rows, rows=rows, length=length)
+    else:
+        prog.add(Opcode.LOAD, ddr=img.put("b", _i8(rng, words, C).tobytes()), dst=words + 1,
+                 dst_stride=1, words=words)
+        prog.add(Opcode.RESIDUAL, src_a=0, src_b=words + 1, dst=out, words=words,
+                 mult_a=int(rng.integers(0, 2**16)), mult_b=int(rng.integers(0, 2**16)),
+                 shift=int(rng.integers(10, 26)))
+    prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=out, src_stride=1, words=words)
+    prog.add(Opcode.END)
+    return _finish(f"{op.name.lower()}_r{rows}_l{length}", cfg, prog, img)
+
+
+def strided_load_store_case(cfg: AccelConfig, seed: int) -> Case:
+    """LOAD with a stride (odd word counts: a partial last AXI beat), STORE with another."""
+    rng = np.random.default_rng(seed)
+    C = cfg.pe_cols
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    n = 37
+    # Zero the region first: the buffer keeps what earlier runs left in it.
+    prog.add(Opcode.LOAD, ddr=img.put("zeros", bytes(5 * n * C)), dst=1, dst_stride=1,
+             words=5 * n)
+    prog.add(Opcode.LOAD, ddr=img.put("a", _i8(rng, n, C).tobytes()), dst=3, dst_stride=5,
+             words=n)
+    prog.add(Opcode.STORE, ddr=img.reserve("y", 5 * n * C), src=1, src_stride=1, words=5 * n)
+    prog.add(Opcode.STORE, ddr=img.reserve("z", n * C), src=3, src_stride=5, words=n)
+    prog.add(Opcode.END)
+    return _finish("load_store_strided", cfg, prog, img)
+
+
+def bad_program_cases(cfg: AccelConfig) -> list[Case]:
+    """Programs the controller must stop on, each with its error code and failing pc."""
+    cases = []
+    img = DdrImage(align=cfg.axi_bytes)
+    img.put("a", bytes(64))
+
+    def case(name, code, pc, *instructions, task=0):
+        prog = Program()
+        prog.add(Opcode.NOP)
+        for op, fields in instructions:
+            prog.add(op, **fields)
+        prog.add(Opcode.END)
+        raw = bytearray(prog.encode())
+        cases.append(Case(name, bytes(raw), bytes(img.data), bytes(img.data), code, pc,
+                          task_select=task))
+        return raw
+
+    raw = case("illegal_opcode", ErrorCode.ILLEGAL_OPCODE, 1, (Opcode.NOP, {}))
+    raw[32] = 0x7F                        # the second instruction becomes opcode 0x7f
+    cases[-1].program = bytes(raw)
+    case("gemm_mode_load_table", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(mode=GemmOp.LOAD_TABLE, tokens=1, k_slices=1, n_tiles=1)))
+    case("tokens_over_capacity", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.GEMM, dict(tokens=cfg.max_tokens + 1, k_slices=1, n_tiles=1)))
+    case("layernorm_wider_than_max_dim", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.LAYERNORM, dict(rows=1, beats=cfg.max_dim // cfg.pe_cols + 1, stride=1)))
+    case("buffer_out_of_range", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
+         (Opcode.LOAD, dict(ddr=0, dst=cfg.act_buffer_words - 2, dst_stride=1, words=4)))
+    case("ddr_out_of_range", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
+         (Opcode.LOAD, dict(ddr=48, dst=0, dst_stride=1, words=64 // cfg.pe_cols)))
+    case("bad_task", ErrorCode.BAD_TASK, 1, (Opcode.TASKS, dict(count=2, stride=16)), task=2)
+    return cases
+
+
+def _golden_capture(preset: str):
+    """A randomly initialised ``preset``, quantized, and its golden forward's captures."""
+    from m3vit.sw import golden
+    from m3vit.sw.config import get_preset
+    from m3vit.sw.data import make_scenes
+    from m3vit.sw.model import M3ViT
+    from m3vit.sw.quantize import quantize
+
+    model_cfg = get_preset(preset)
+    pkg = quantize(M3ViT(model_cfg, seed=0), n_calib=4)
+    image = make_scenes(1, model_cfg.img_size, n_classes=4, seed=5)["image"]
+    x_q = golden.quantize_image(image, pkg.params["scales"]["input"])
+    task = model_cfg.task_names[-1]
+    _, cap = golden.forward(pkg.tensors, model_cfg, x_q, task, capture=True)
+    return model_cfg, pkg.tensors, cap
+
+
+def dense_block_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
+    """Dense block 0 of a randomly initialised, quantized ``preset``, against the golden."""
+    model_cfg, t, cap = _golden_capture(preset)
+    program, img, _, out = compile_dense_block(t, model_cfg, cfg, 0, cap["x0"][0])
+    x2 = cap["blocks.0.x2"][0].to(torch.int8)
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[out:out + x2.numel()]), model_cfg.n_tokens,
+                      model_cfg.embed_dim, cfg.pe_cols)
+        diff = (got != x2).sum().item()
+        assert diff == 0, f"dense block: {diff} of {x2.numel()} outputs differ from golden"
+
+    return Case(f"dense_block_{preset}", program, bytes(img.data), check=check)
+
+
+def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
+    """Patch embedding + cls + position embedding (→ x0), and the final LayerNorm + task
+    head of the golden model's last block output (→ INT32 in DDR), against the golden."""
+    from m3vit.sw import golden
+    from m3vit.sw.compiler import (
+        BufferPlan,
+        embedding_program,
+        head_output,
+        head_program,
+        slice_major,
+    )
+
+    model_cfg, t, cap = _golden_capture(preset)
+    task = model_cfg.task_names[-1]
+    C = cfg.pe_cols
+    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
+    patches = golden.patchify(cap["input"], model_cfg.patch_size)[0]
+    x0 = embedding_program(prog, img, plan, t, model_cfg, cfg, patches)
+    words = model_cfg.embed_dim // C * model_cfg.n_tokens
+    x0_out = img.reserve("x0_out", words * C)
+    prog.add(Opcode.STORE, ddr=x0_out, src=x0, src_stride=1, words=words)
+    last = plan.alloc("last", model_cfg.n_tokens, model_cfg.embed_dim)
+    x_last = cap[f"blocks.{model_cfg.depth - 1}.x2"][0]
+    prog.add(Opcode.LOAD, ddr=img.put("last", slice_major(x_last, C)), dst=last, dst_stride=1,
+             words=words)
+    norm = plan.alloc("norm", model_cfg.n_tokens, model_cfg.embed_dim)
+    out = head_program(prog, img, t, model_cfg, cfg, task, last, norm)
+    prog.add(Opcode.END)
+    x0_want = cap["x0"][0].to(torch.int8)
+    head_want = cap[f"heads.{task}"][0].to(torch.int64)
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[x0_out:x0_out + words * C]), model_cfg.n_tokens,
+                      model_cfg.embed_dim, C)
+        assert torch.equal(got, x0_want), "x0 (embedding) differs from golden"
+        head = head_output(bytes(ddr_after[out:]), model_cfg.n_patches, head_want.shape[-1], C)
+        assert torch.equal(head, head_want), "task head differs from golden"
+
+    return Case(f"embedding_head_{preset}", prog.encode(), bytes(img.data), check=check)
+
+
+def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
+    """``count`` GEMMs of random shape, mode and weight source (ragged token counts)."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        tokens = rng.choice([1, 2, 3, 5, 17, 33, cfg.max_tokens])
+        mode = rng.choice([GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32])
+        wsrc = rng.choice(list(WeightSource))
+        cases.append(gemm_case(cfg, seed + i, tokens, rng.randint(1, 3), rng.randint(1, 3),
+                               mode, wsrc))
+    return cases
