@@ -25,7 +25,7 @@ BUILD_DIR = REPO_ROOT / "build" / "sim" / "top"
 SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
 CONFIG_ENV = "M3VIT_BENCH_CONFIG"  # read by tests/sim/stream_tb.py
 #: cocotb module → tests it must report passed.
-BENCHES = {"test_engine": 7, "test_accelerator": 4}
+BENCHES = {"test_engine": 9, "test_accelerator": 4}
 TOPS = {"test_engine": ("engine", Engine), "test_accelerator": ("m3vit_accel", Accelerator)}
 
 

@@ -146,6 +146,36 @@ def vector_case(cfg: AccelConfig, seed: int, op: Opcode, rows: int, length: int)
     return _finish(f"{op.name.lower()}_r{rows}_l{length}", cfg, prog, img)
 
 
+def task_select_case(cfg: AccelConfig, seed: int, task: int, n_tasks: int = 3) -> Case:
+    """One program, a per-task GEMM (as the task heads are): ``TASKS`` sets the stride
+    between the tasks' weight blocks and ``TASK_SELECT`` picks one."""
+    rng = np.random.default_rng(seed)
+    R, C = cfg.pe_rows, cfg.pe_cols
+    tokens, k_slices, n_tiles = 9, 2, 2
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    x = _i8(rng, tokens, k_slices * R)
+    xs = x.reshape(tokens, k_slices, C).transpose(1, 0, 2)
+    prog.add(Opcode.LOAD, ddr=img.put("x", np.ascontiguousarray(xs).tobytes()), dst=0,
+             dst_stride=1, words=k_slices * tokens)
+    streams = [gemm_stream(_i8(rng, n_tiles * C, k_slices * R),
+                           rng.integers(-2**12, 2**12, size=n_tiles * C),
+                           rng.integers(2**10, 2**16, size=n_tiles * C),
+                           rng.integers(12, 20, size=n_tiles * C), cfg) for _ in range(n_tasks)]
+    first = img.put("task0", streams[0])
+    for i, raw in enumerate(streams[1:], start=1):
+        img.put(f"task{i}", raw)
+    stride = img.regions["task1"][0] - first
+    prog.add(Opcode.TASKS, count=n_tasks, stride=stride)
+    dst = k_slices * tokens
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=tokens,
+             k_slices=k_slices, n_tiles=n_tiles, src=0, src_stride=tokens, dst=dst,
+             dst_stride=tokens, ddr=first)
+    prog.add(Opcode.STORE, ddr=img.reserve("y", n_tiles * tokens * C), src=dst, src_stride=1,
+             words=n_tiles * tokens)
+    prog.add(Opcode.END)
+    return _finish(f"task_select_{task}", cfg, prog, img, task=task)
+
+
 def strided_load_store_case(cfg: AccelConfig, seed: int) -> Case:
     """LOAD with a stride (odd word counts: a partial last AXI beat), STORE with another."""
     rng = np.random.default_rng(seed)
@@ -227,6 +257,41 @@ def dense_block_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
         assert diff == 0, f"dense block: {diff} of {x2.numel()} outputs differ from golden"
 
     return Case(f"dense_block_{preset}", program, bytes(img.data), check=check)
+
+
+def attention_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
+    """Multi-head attention of block 0 on its LN1 output: QKV, per head Q·Kᵀ (K's columns
+    from the buffer), softmax, P·V (V's rows from the buffer), projection; the heads'
+    concatenated output and the projection are both compared with the golden model."""
+    from m3vit.sw import golden
+    from m3vit.sw.compiler import BufferPlan, attention_program, slice_major
+
+    model_cfg, t, cap = _golden_capture(preset)
+    C = cfg.pe_cols
+    n, d = model_cfg.n_tokens, model_cfg.embed_dim
+    words = d // C * n
+    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
+    h = plan.alloc("h", n, d)
+    out = plan.alloc("proj", n, d)
+    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(cap["blocks.0.ln1"][0], C)), dst=h,
+             dst_stride=1, words=words)
+    attention_program(prog, img, plan, t, "blocks.0", model_cfg, cfg, src=h, dst=out)
+    heads = plan.tensors["blocks.0.attn_out"][0]
+    heads_ddr = img.reserve("heads", words * C)
+    proj_ddr = img.reserve("proj", words * C)
+    prog.add(Opcode.STORE, ddr=heads_ddr, src=heads, src_stride=1, words=words)
+    prog.add(Opcode.STORE, ddr=proj_ddr, src=out, src_stride=1, words=words)
+    prog.add(Opcode.END)
+    heads_want = cap["blocks.0.attn_out"][0].to(torch.int8)
+    proj_want = golden._linear(t, "blocks.0.proj", cap["blocks.0.attn_out"]).to(torch.int8)[0]
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[heads_ddr:heads_ddr + words * C]), n, d, C)
+        assert torch.equal(got, heads_want), "attention heads differ from golden"
+        got = unslice(bytes(ddr_after[proj_ddr:proj_ddr + words * C]), n, d, C)
+        assert torch.equal(got, proj_want), "attention projection differs from golden"
+
+    return Case(f"attention_{preset}", prog.encode(), bytes(img.data), check=check)
 
 
 def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:

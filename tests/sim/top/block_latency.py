@@ -1,0 +1,81 @@
+"""Cycles of a whole dense ViT block on the generated engine (a benchmark, not CI).
+
+``python tests/sim/top/block_latency.py --preset edge-moe`` builds the engine for the
+ZCU104 configuration (32 × 32 array; ``--config ci`` for the 4 × 4 one), runs dense block
+0 of a randomly initialised, quantized model on it with the DMA engines played in Python
+(no stalls: one 128-bit beat per cycle, the HP-port peak), checks the output bit-exactly
+against the golden model, and prints the cycles next to the MAC-bound ideal
+(Σ over the block's GEMMs of tokens · K-slices · N-tiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from m3vit.hw.config import CI, ZCU104, AccelConfig
+from m3vit.hw.generate import to_verilog, write_if_changed
+from m3vit.hw.top import Engine
+from m3vit.sim.cocotb_runner import run_bench
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+BENCH_DIR = Path(__file__).resolve().parent
+RESULT_ENV = "M3VIT_BLOCK_RESULT"
+PRESET_ENV = "M3VIT_BLOCK_PRESET"
+CONFIGS = {"zcu104": ZCU104, "ci": CI}
+
+
+def ideal_cycles(preset: str, config: AccelConfig) -> int:
+    """MAC-bound cycles of a dense block: one token per cycle per (K-slice, N-tile)."""
+    from m3vit.sw.config import get_preset
+
+    m = get_preset(preset)
+    n, d, h, dh = m.n_tokens, m.embed_dim, m.mlp_hidden, m.head_dim
+    R, C = config.pe_rows, config.pe_cols
+    tiles = -(-n // C)
+
+    def gemm(k: int, out: int) -> int:
+        return n * -(-k // R) * -(-out // C)
+
+    attention = m.num_heads * (n * (dh // R) * tiles + n * tiles * (dh // C))
+    return gemm(d, 3 * d) + attention + gemm(d, d) + gemm(d, h) + gemm(h, d)
+
+
+def bench_block_latency(preset: str = "edge-moe", config_name: str = "zcu104") -> dict:
+    """Build, run and return {preset, config, cycles, ideal, us_at_clock}."""
+    config = CONFIGS[config_name]
+    build = REPO_ROOT / "build" / "bench" / f"block_{config_name}"
+    verilog = build / "engine.v"
+    write_if_changed(verilog, to_verilog(Engine(config), "engine"))
+    result_file = build / f"result_{preset}.json"
+    result_file.unlink(missing_ok=True)
+    run_bench(top="engine", verilog_sources=[verilog], test_module="block_latency_tb",
+              test_dir=BENCH_DIR, build_dir=build / "verilator", seed=20251128,
+              extra_env={"M3VIT_BENCH_CONFIG": json.dumps(config.to_dict()),
+                         RESULT_ENV: str(result_file), PRESET_ENV: preset,
+                         "COCOTB_REWRITE_ASSERTION_FILES": "*_tb.py"})
+    cycles = json.loads(result_file.read_text())["cycles"]
+    ideal = ideal_cycles(preset, config)
+    return {"preset": preset, "config": config_name, "array": f"{config.pe_rows}x"
+            f"{config.pe_cols}", "cycles": cycles, "ideal": ideal,
+            "us": cycles / config.clock_mhz}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print the figures as a Markdown table row."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="edge-moe", choices=["tiny", "edge-moe"])
+    parser.add_argument("--config", default="zcu104", choices=sorted(CONFIGS))
+    args = parser.parse_args(argv)
+    r = bench_block_latency(args.preset, args.config)
+    print("| preset | array | cycles | MAC-bound ideal | ideal / cycles | µs at 300 MHz |")
+    print("|---|---|---:|---:|---:|---:|")
+    print(f"| {r['preset']} | {r['array']} | {r['cycles']:,} | {r['ideal']:,} | "
+          f"{r['ideal'] / r['cycles']:.1%} | {r['us']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
