@@ -6,8 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
+# Accelerator configuration for `make verilog` / `make resources` (zcu104 or ci) and the design
+# `make resources` synthesizes (top, gemm, layernorm, softmax, residual, table).
+CONFIG ?= zcu104
+DESIGN ?= top
+
 .DEFAULT_GOAL := help
-.PHONY: help install test sim demo bench lint bitstream clean
+.PHONY: help install test sim demo bench lint verilog resources bitstream clean
 
 help: ## List the targets
 	@echo "m3vit — M3ViT multi-task MoE ViT: PyTorch -> Amaranth accelerator -> ZCU104"
@@ -38,6 +43,14 @@ demo: $(STAMP) ## Main job on the simulator: train, quantize, generate, simulate
 
 bench: $(STAMP) ## Benchmarks (slow, not in CI); figures go to docs/benchmarks.md
 	$(BIN)/python -m m3vit.sw.bench
+
+# build/verilog is this target's own output, so a changed design replaces its old Verilog
+# (--force); `m3vit generate` on its own refuses to overwrite a file that differs.
+verilog: $(STAMP) ## Verilog of every landed design for CONFIG (default zcu104) + Verilator lint
+	$(BIN)/m3vit generate --config $(CONFIG) --all --lint --force --out build/verilog/$(CONFIG)
+
+resources: $(STAMP) ## Yosys synth_xilinx estimate of DESIGN (default top) vs the XCZU7EV, <= 80 %
+	$(BIN)/m3vit resources --config $(CONFIG) --design $(DESIGN)
 
 bitstream: $(STAMP) ## Vivado build for the ZCU104 (needs Vivado on PATH)
 	@echo "make bitstream: not available yet — the Vivado flow lands with issue #7." >&2

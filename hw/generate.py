@@ -3,12 +3,24 @@
 Every block that goes to Verilator (and later to Vivado) is emitted through
 :func:`to_verilog`, so the port names a testbench sees follow one rule:
 the signature path joined by ``__`` (``i_stream__valid``, ``o_stream__payload``).
+
+:data:`DESIGNS` names every design that can be generated on its own and :func:`generate`
+writes the Verilog of some of them for one configuration, with a ``manifest.json`` that
+records what was generated from what (``m3vit generate``, ``make verilog``).
 """
 
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from amaranth.back import verilog
+import amaranth
+from amaranth.back import rtlil, verilog
 from amaranth.hdl import Const, Signal, ValueCastable
 
 # The direction type `verilog.convert` itself uses for signature-derived ports; Amaranth 0.5
@@ -16,7 +28,25 @@ from amaranth.hdl import Const, Signal, ValueCastable
 from amaranth.hdl._ir import PortDirection
 from amaranth.lib import wiring
 
-__all__ = ["signature_ports", "to_verilog", "write_if_changed"]
+from .config import CI, ZCU104, AccelConfig
+from .errors import M3VitError
+
+__all__ = [
+    "CONFIGS",
+    "DESIGNS",
+    "MANIFEST_NAME",
+    "Design",
+    "DesignNotLanded",
+    "GenerateReport",
+    "GeneratedFile",
+    "generate",
+    "get_config",
+    "get_design",
+    "signature_ports",
+    "to_rtlil",
+    "to_verilog",
+    "write_if_changed",
+]
 
 
 def signature_ports(component: wiring.Component) -> dict[str, tuple[Signal, PortDirection]]:
@@ -77,6 +107,36 @@ def to_verilog(component: wiring.Component, name: str) -> str:
     return verilog.convert(component, name=name, ports=signature_ports(component), emit_src=False)
 
 
+def to_rtlil(component: wiring.Component, name: str) -> str:
+    """Convert a component to RTLIL (Yosys's own netlist text), ports as :func:`to_verilog`.
+
+    The Verilog of :func:`to_verilog` is written by Yosys from this same netlist. Synthesis
+    reads the RTLIL: Yosys's Verilog front end imports the initial values of a large memory
+    very slowly (the accelerator's activation buffer kept Yosys 0.23 parsing for over ten
+    minutes; its RTLIL loads in about a second).
+
+    Parameters
+    ----------
+    component : wiring.Component
+        The component to convert.
+    name : str
+        Name of the top-level module.
+
+    Returns
+    -------
+    str
+        RTLIL text without ``src`` attributes.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a valid identifier.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"module name must be an identifier, got {name!r}")
+    return rtlil.convert(component, name=name, ports=signature_ports(component), emit_src=False)
+
+
 def write_if_changed(path: Path, text: str) -> bool:
     """Write ``text`` to ``path`` only when the content differs.
 
@@ -104,3 +164,274 @@ def write_if_changed(path: Path, text: str) -> bool:
     partial.write_text(text)
     os.replace(partial, path)
     return True
+
+
+# ---- generatable designs -------------------------------------------------------------------
+
+#: The named configurations ``m3vit generate --config`` accepts.
+CONFIGS: dict[str, AccelConfig] = {"zcu104": ZCU104, "ci": CI}
+
+#: File, next to the generated Verilog, that records what it was generated from.
+MANIFEST_NAME = "manifest.json"
+
+
+class DesignNotLanded(M3VitError):
+    """A registered design whose Amaranth implementation is not in the tree yet."""
+
+
+@dataclass(frozen=True)
+class Design:
+    """One design that can be generated on its own.
+
+    Parameters
+    ----------
+    name : str
+        Registry key and file stem (``<name>.v``).
+    summary : str
+        One line for ``--help`` and listings.
+    factory : callable
+        ``factory(config) -> wiring.Component``; imports its module only when called, so a
+        block under construction does not stop the others from being generated.
+    """
+
+    name: str
+    summary: str
+    factory: Callable[[AccelConfig], wiring.Component]
+
+    @property
+    def module(self) -> str:
+        """Verilog name of the top module: prefixed so that generic names (``table``,
+        ``top``) cannot clash with other modules of a Vivado project."""
+        return f"m3vit_{self.name}"
+
+    def elaborate(self, config: AccelConfig) -> wiring.Component:
+        """Build the component for ``config``.
+
+        Raises
+        ------
+        DesignNotLanded
+            If the design's implementation does not exist yet.
+        """
+        return self.factory(config)
+
+
+def _block(module: str, cls: str) -> Callable[[AccelConfig], wiring.Component]:
+    def factory(config: AccelConfig) -> wiring.Component:
+        return getattr(importlib.import_module(f"m3vit.hw.{module}"), cls)(config)
+
+    return factory
+
+
+def _accelerator(config: AccelConfig) -> wiring.Component:
+    # Resolved at call time: the top lands after the blocks, and until then everything else
+    # must still generate. Only a missing m3vit.hw module or class means "not landed"; any
+    # other import error is a bug and keeps its traceback.
+    def not_landed(detail: str = "") -> DesignNotLanded:
+        blocks = ", ".join(name for name in DESIGNS if name != "top")
+        return DesignNotLanded(f"the accelerator top (m3vit.hw.top.Accelerator) has not landed "
+                               f"yet{detail}; generate a block instead (--design {blocks})")
+
+    try:
+        top = importlib.import_module("m3vit.hw.top")
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("m3vit.hw"):
+            raise
+        raise not_landed("" if e.name == "m3vit.hw.top" else f" ({e.name} is missing)") \
+            from None
+    accelerator = getattr(top, "Accelerator", None)
+    if accelerator is None:
+        raise not_landed()
+    return accelerator(config)
+
+
+#: Every design ``m3vit generate`` / ``m3vit resources`` know, by name.
+DESIGNS: dict[str, Design] = {d.name: d for d in (
+    Design("top", "the accelerator: engine, register file and AXI masters (m3vit.hw.top)",
+           _accelerator),
+    Design("gemm", "the PE array with requantization (m3vit.hw.gemm.GemmEngine)",
+           _block("gemm", "GemmEngine")),
+    Design("layernorm", "integer LayerNorm (m3vit.hw.vector.LayerNormUnit)",
+           _block("vector", "LayerNormUnit")),
+    Design("softmax", "softmax / router scores (m3vit.hw.vector.SoftmaxUnit)",
+           _block("vector", "SoftmaxUnit")),
+    Design("residual", "requantizing residual add (m3vit.hw.vector.ResidualAdd)",
+           _block("vector", "ResidualAdd")),
+    Design("table", "256-entry INT8 table lookup (m3vit.hw.vector.TableLookup)",
+           _block("vector", "TableLookup")),
+)}
+
+
+def get_config(name: str) -> AccelConfig:
+    """The named configuration (``zcu104``, ``ci``).
+
+    Raises
+    ------
+    M3VitError
+        If ``name`` is not in :data:`CONFIGS`.
+    """
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise M3VitError(f"unknown accelerator config {name!r} (choose from "
+                         f"{', '.join(CONFIGS)})") from None
+
+
+def get_design(name: str) -> Design:
+    """The registered design ``name``.
+
+    Raises
+    ------
+    M3VitError
+        If ``name`` is not in :data:`DESIGNS`.
+    """
+    try:
+        return DESIGNS[name]
+    except KeyError:
+        raise M3VitError(f"unknown design {name!r} (choose from {', '.join(DESIGNS)})") from None
+
+
+@dataclass(frozen=True)
+class GeneratedFile:
+    """One file :func:`generate` produced.
+
+    Attributes
+    ----------
+    path : Path
+        Where it is.
+    written : bool
+        ``False`` when the file already held exactly this content (and was left alone).
+    design : str or None
+        Design name; ``None`` for the manifest.
+    """
+
+    path: Path
+    written: bool
+    design: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """What :func:`generate` did.
+
+    Attributes
+    ----------
+    verilog : list of GeneratedFile
+        One per generated design, in the order asked.
+    manifest : GeneratedFile
+        The updated ``manifest.json``.
+    skipped : dict of str to str
+        Designs left out because they have not landed (only with ``skip_not_landed``), with
+        the reason.
+    """
+
+    verilog: list[GeneratedFile]
+    manifest: GeneratedFile
+    skipped: dict[str, str]
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def generate(
+    config_name: str,
+    designs: Iterable[str],
+    out_dir: Path,
+    force: bool = False,
+    skip_not_landed: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> GenerateReport:
+    """Write ``<out_dir>/<design>.v`` for each design and update ``manifest.json``.
+
+    Every design is elaborated and converted before anything is written, and nothing is
+    written if any target holds different content (unless ``force``), so a refused run
+    leaves the folder as it was. Identical files are left untouched (their modification
+    time too, which keeps Verilator and make from rebuilding).
+
+    The manifest records the configuration (dict and :meth:`AccelConfig.config_hash`), the
+    Amaranth version and, per design, its file, top module and SHA-256. Designs generated
+    into the same folder by earlier runs for the same configuration stay listed; a folder
+    generated for another configuration is refused unless ``force``.
+
+    Parameters
+    ----------
+    config_name : str
+        A key of :data:`CONFIGS`.
+    designs : iterable of str
+        Keys of :data:`DESIGNS`, in the order to generate them.
+    out_dir : Path
+        Folder for the Verilog and the manifest (created if needed).
+    force : bool
+        Overwrite files whose content differs.
+    skip_not_landed : bool
+        Leave out designs that have not landed instead of failing (``--all``).
+    progress : callable, optional
+        Called with a short line before each (possibly slow) elaboration.
+
+    Returns
+    -------
+    GenerateReport
+
+    Raises
+    ------
+    M3VitError
+        Unknown configuration or design, a design that has not landed
+        (:class:`DesignNotLanded`, unless skipped), nothing to generate, or a file that
+        would be overwritten.
+    """
+    config = get_config(config_name)
+    selected = [get_design(name) for name in dict.fromkeys(designs)]
+    out_dir = Path(out_dir)
+    texts: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for design in selected:
+        if progress is not None:
+            progress(f"elaborating {design.name} ({design.module}) for {config_name}")
+        try:
+            component = design.elaborate(config)
+        except DesignNotLanded as e:
+            if not skip_not_landed:
+                raise
+            skipped[design.name] = str(e)
+            continue
+        texts[design.name] = to_verilog(component, design.module)
+    selected = [d for d in selected if d.name in texts]
+    if not selected:
+        raise M3VitError("no design to generate" + (f": {'; '.join(skipped.values())}"
+                                                    if skipped else ""))
+
+    manifest_path = out_dir / MANIFEST_NAME
+    entries: dict[str, dict[str, str]] = {}
+    if manifest_path.is_file():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except ValueError:
+            previous = {}
+        if previous.get("config") == config.to_dict():
+            entries = dict(previous.get("designs", {}))
+        elif not force:
+            raise M3VitError(f"{out_dir} holds Verilog generated for another configuration "
+                             f"({previous.get('config_name', 'unknown')}): pass --force to "
+                             "replace it or choose another --out")
+    for design in selected:
+        entries[design.name] = {"file": f"{design.name}.v", "module": design.module,
+                                "sha256": _sha256(texts[design.name])}
+    manifest = {
+        "config_name": config_name,
+        "config": config.to_dict(),
+        "config_hash": f"0x{config.config_hash():08x}",
+        "amaranth": amaranth.__version__,
+        "designs": dict(sorted(entries.items())),
+    }
+    manifest_text = json.dumps(manifest, indent=2) + "\n"
+
+    targets = [(d.name, out_dir / f"{d.name}.v", texts[d.name]) for d in selected]
+    if not force:
+        for _, path, text in targets:
+            if path.is_file() and path.read_text() != text:
+                raise M3VitError(f"{path} exists with different content: pass --force to "
+                                 "overwrite it or choose another --out")
+    verilog_files = [GeneratedFile(path, write_if_changed(path, text), name)
+                     for name, path, text in targets]
+    manifest_file = GeneratedFile(manifest_path, write_if_changed(manifest_path, manifest_text))
+    return GenerateReport(verilog=verilog_files, manifest=manifest_file, skipped=skipped)

@@ -8,6 +8,7 @@ command and the machine it was measured on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import re
@@ -15,8 +16,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
+
+from .errors import M3VitError
 
 BENCH_FILE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 _HEADER = """# Benchmarks
@@ -102,7 +106,115 @@ def bench_golden(repeat: int = 10) -> str:
     ])
 
 
-BENCHMARKS: dict[str, Callable[[], str]] = {"golden": bench_golden}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GEMM_UTILIZATION = REPO_ROOT / "tests" / "sim" / "gemm" / "utilization.py"
+
+
+def _load_gemm_utilization() -> ModuleType:
+    # The GEMM utilization harness lives beside its cocotb bench (tests/sim/gemm/, not a
+    # package), where its bench module and Verilator build folder are; load it from there.
+    spec = importlib.util.spec_from_file_location("m3vit_gemm_utilization", GEMM_UTILIZATION)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no GEMM utilization harness at {GEMM_UTILIZATION}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_gemm_utilization(weight_bytes_per_cycle: float = 16.0) -> str:
+    """PE-array utilization of the 32 × 32 GEMM engine on edge-moe shapes (cycle-accurate)."""
+    from m3vit.hw.config import ZCU104
+
+    harness = _load_gemm_utilization()
+    figures = harness.bench_gemm_utilization(ZCU104,
+                                             weight_bytes_per_cycle=weight_bytes_per_cycle)
+    return "\n".join([
+        f"## GEMM engine: PE-array utilization ({ZCU104.pe_rows} × {ZCU104.pe_cols}, ZCU104 "
+        "config)",
+        "",
+        "Command: `make bench` (`python -m m3vit.sw.bench gemm_utilization`), which runs "
+        "`bench_gemm_utilization` of `tests/sim/gemm/utilization.py`: the Verilated engine, "
+        "one INT8 pass per shape, cycles from reset release to the last result (first tile "
+        "load, pipeline fill and drain included), results checked against the golden model. "
+        f"Verilator build {figures[0]['build_s']:.0f} s, simulation "
+        f"{figures[0]['sim_s']:.0f} s.",
+        f"Machine: {machine()}.",
+        "",
+        harness.format_table(ZCU104, figures, weight_bytes_per_cycle),
+        "",
+        "ideal = M · K/rows · N/cols cycles; utilization = useful MACs / (cycles · PEs). With "
+        "fewer tokens than a weight tile's load cycles the weight port bounds the pass.",
+    ])
+
+
+def bench_resources(config_name: str = "zcu104") -> str:
+    """Yosys ``synth_xilinx -family xcup`` resources of every design against the XCZU7EV."""
+    from m3vit.hw.generate import DESIGNS, DesignNotLanded
+    from m3vit.hw.resources import MAX_READ_PORTS, XCZU7EV, estimate, find_yosys
+
+    yosys = find_yosys()
+    rows, notes, logic, options = [], [], [], ""
+
+    def progress(elapsed: float, phase: str, last: list[float] = [0.0]) -> None:  # noqa: B006
+        if elapsed - last[0] >= 60 or elapsed < last[0]:
+            last[0] = elapsed
+            print(f"  yosys {int(elapsed) // 60}m{int(elapsed) % 60:02d}s  {phase}", flush=True)
+
+    for name in DESIGNS:
+        print(f"  {name} ...", flush=True)
+        try:
+            est = estimate(name, config_name, yosys,
+                           REPO_ROOT / "build" / "resources" / config_name / name,
+                           progress=progress)
+        except DesignNotLanded as e:
+            notes.append(f"`{name}`: {e}.")
+            continue
+        u = est.synthesis.utilization
+        options = next(line for line in est.synthesis.script.splitlines()
+                       if line.startswith("synth_"))
+        pct = {r.resource: f"{100 * r.fraction:.1f} %" for r in est.rows}
+        logic += est.synthesis.memories_as_logic
+        rows.append(
+            f"| `{name}` | {u.dsp:,} ({pct['DSP48E2']}) | {u.bram36:g} ({pct['BRAM (RAMB36)']}) "
+            f"| {u.uram} | {u.lut:,} ({pct['LUT']}) | {u.lutram:,} | {u.ff:,} ({pct['FF']}) | "
+            f"{'fits' if est.fits else '**over**'} | {est.synthesis.seconds / 60:.1f} min |")
+    d = XCZU7EV
+    budget = f"| {d.name} × 80 % | {0.8 * d.dsp:,.0f} | {0.8 * d.bram36:,.1f} | " \
+             f"{0.8 * d.uram:,.1f} | {0.8 * d.lut:,.0f} | | {0.8 * d.ff:,.0f} | | |"
+    lines = [
+        f"## FPGA resources ({config_name} config, Yosys estimate against the {d.name})",
+        "",
+        f"Command: `make bench` (`python -m m3vit.sw.bench resources`); per design the same "
+        f"as `make resources DESIGN=<name>` (`m3vit resources --design <name>`): `{options}` "
+        f"with {yosys.version} ({yosys.path}), the full flow including ABC LUT mapping. "
+        "Memories with more than "
+        f"{MAX_READ_PORTS} read ports are mapped to logic (Yosys's memory mapper does not "
+        "finish on them)" + (f": {', '.join(f'`{m}`' for m in logic)}, so those LUT/FF "
+                             "figures are upper bounds" if logic else "") + ".",
+        f"Machine: {machine()}. Times are Yosys wall time, single-threaded, run under `nice` "
+        "beside other jobs.",
+        "",
+        "| design | DSP48E2 | BRAM (RAMB36) | URAM288 | LUT | of which LUT-RAM | FF | "
+        "≤ 80 % | Yosys |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        *rows,
+        budget,
+        "",
+        "Counted as a Vivado utilization report counts (see `m3vit.hw.resources`): RAMB18 = "
+        "½ RAMB36; LUTs = LUT1–6 + INV + LUT-RAM in LUTs + SRLs; FF = FD*E + latches. Yosys "
+        "is not Vivado: its own LUT mapping, memory and "
+        "DSP inference; an estimate for the budget, not a sign-off.",
+    ]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
+BENCHMARKS: dict[str, Callable[[], str]] = {
+    "golden": bench_golden,
+    "gemm_utilization": bench_gemm_utilization,
+    "resources": bench_resources,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,13 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r} (choose from {', '.join(BENCHMARKS)})")
+    failed = []
     for name in args.names or list(BENCHMARKS):
         print(f"bench {name} ...", flush=True)
-        body = BENCHMARKS[name]()
+        try:
+            body = BENCHMARKS[name]()
+        except M3VitError as e:
+            # A missing tool (Yosys) fails one benchmark, not the others' figures.
+            print(f"bench {name}: error: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
         write_section(name, body, args.out)
         print(body)
     print(f"written to {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

