@@ -171,12 +171,13 @@ def bench_resources(config_name: str = "zcu104") -> str:
             continue
         u = est.synthesis.utilization
         options = next(line for line in est.synthesis.script.splitlines()
-                       if line.startswith("synth_"))
+                       if line.startswith("synth_")).replace(f"m3vit_{name}", "m3vit_<design>")
         pct = {r.resource: f"{100 * r.fraction:.1f} %" for r in est.rows}
         logic += est.synthesis.memories_as_logic
         rows.append(
             f"| `{name}` | {u.dsp:,} ({pct['DSP48E2']}) | {u.bram36:g} ({pct['BRAM (RAMB36)']}) "
-            f"| {u.uram} | {u.lut:,} ({pct['LUT']}) | {u.lutram:,} | {u.ff:,} ({pct['FF']}) | "
+            f"| {u.uram} ({pct['URAM288']}) | {u.lut:,} ({pct['LUT']}) | {u.lutram:,} "
+            f"| {u.ff:,} ({pct['FF']}) | "
             f"{'fits' if est.fits else '**over**'} | {est.synthesis.seconds / 60:.1f} min |")
     d = XCZU7EV
     budget = f"| {d.name} × 80 % | {0.8 * d.dsp:,.0f} | {0.8 * d.bram36:,.1f} | " \
@@ -186,13 +187,16 @@ def bench_resources(config_name: str = "zcu104") -> str:
         "",
         f"Command: `make bench` (`python -m m3vit.sw.bench resources`); per design the same "
         f"as `make resources DESIGN=<name>` (`m3vit resources --design <name>`): `{options}` "
-        f"with {yosys.version} ({yosys.path}), the full flow including ABC LUT mapping. "
+        f"with {yosys.version} ({yosys.path}) on the design's RTLIL, the full flow including "
+        "ABC LUT mapping. "
         "Memories with more than "
         f"{MAX_READ_PORTS} read ports are mapped to logic (Yosys's memory mapper does not "
         "finish on them)" + (f": {', '.join(f'`{m}`' for m in logic)}, so those LUT/FF "
-                             "figures are upper bounds" if logic else "") + ".",
-        f"Machine: {machine()}. Times are Yosys wall time, single-threaded, run under `nice` "
-        "beside other jobs.",
+                             "figures are upper bounds (a memory per lane maps to LUT-RAM, "
+                             "as the `table` block's 32 tables do)" if logic else "") + ".",
+        f"Machine: {machine()}. Times are Yosys wall time (single-threaded, under `nice` beside "
+        "other jobs) of the run the figures come from; runs on an identical netlist, script "
+        "and Yosys are reused.",
         "",
         "| design | DSP48E2 | BRAM (RAMB36) | URAM288 | LUT | of which LUT-RAM | FF | "
         "≤ 80 % | Yosys |",
