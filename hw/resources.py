@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -656,6 +657,7 @@ def synthesize(
     with open(log_path, "w", buffering=1) as log:
         try:
             proc = subprocess.Popen([yosys.path, "-s", "synth.ys"], cwd=workdir, text=True,
+                                    errors="replace",
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as e:
             raise M3VitError(f"cannot run {yosys.path} ({e}); {INSTALL_HINT}") from None
@@ -678,8 +680,12 @@ def synthesize(
 
     stat_file = workdir / ("stat.json" if yosys.stat_json else "stat.txt")
     if proc.returncode != 0 or not stat_file.is_file():
-        how = (f"exited with status {proc.returncode}" if proc.returncode != 0
-               else "ended without writing statistics")
+        if proc.returncode < 0:   # a signal: out of memory (SIGKILL), or stopped by someone
+            how = f"was killed by {signal.Signals(-proc.returncode).name}"
+        elif proc.returncode > 0:
+            how = f"exited with status {proc.returncode}"
+        else:
+            how = "ended without writing statistics"
         hint = (": the WebAssembly build (4 GB memory at most) is known to stop without a "
                 "netlist on large MAC arrays; use a native Yosys (`apt-get install yosys`, or "
                 "--yosys PATH)" if yosys.is_yowasp else "")

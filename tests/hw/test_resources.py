@@ -192,6 +192,7 @@ case "$1" in
       case "$FAKE_YOSYS_MODE" in
         ok) cp "$FAKE_YOSYS_STAT" stat.json; echo "{}" > stat.txt;;
         crash) exit 134;;
+        killed) kill -TERM $$;;
         empty) echo '{"modules": {"\\\\t": {"num_cells_by_type": {"BUFG": 1}}}}' > stat.json;;
         silent) ;;
       esac;;
@@ -225,6 +226,7 @@ def test_a_run_is_parsed_and_reports_progress(fake_yosys, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize(("mode", "message"), [
     ("crash", r"yosys exited with status 134 in its ABC pass after \d+ s \(log: .*yosys.log\)$"),
+    ("killed", r"yosys was killed by SIGTERM in its ABC pass"),
     ("silent", r"yosys ended without writing statistics in its ABC pass"),
     ("empty", r"yosys produced an empty netlist for m3vit_d"),
 ])
