@@ -657,8 +657,8 @@ def synthesize(
     with open(log_path, "w", buffering=1) as log:
         try:
             proc = subprocess.Popen([yosys.path, "-s", "synth.ys"], cwd=workdir, text=True,
-                                    errors="replace",
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                    errors="replace", stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
         except OSError as e:
             raise M3VitError(f"cannot run {yosys.path} ({e}); {INSTALL_HINT}") from None
         reader = threading.Thread(target=pump, args=(proc.stdout, log), daemon=True)
