@@ -142,6 +142,6 @@ ZCU104 = AccelConfig()
 """The default: a 32×32 array (1,024 INT8 multipliers) at 300 MHz with 128-bit HP ports."""
 
 CI = AccelConfig(pe_rows=4, pe_cols=4, max_tokens=80, max_dim=64, max_hidden=256,
-                 max_heads=2, max_experts=16, max_top_k=2, n_master_ports=1,
+                 max_heads=2, max_experts=64, max_top_k=2, n_master_ports=1,
                  max_burst_beats=16, max_outstanding=4, act_buffer_words=16384)
 """A small configuration that simulates quickly in CI and still runs the ``tiny`` preset."""

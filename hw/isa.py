@@ -42,8 +42,10 @@ __all__ = [
     "INSTRUCTION_BYTES",
     "LN_RECORD_BYTES",
     "OPERANDS",
+    "ExpertOrder",
     "IsaError",
     "Opcode",
+    "RowMode",
     "TableUnit",
     "WeightSource",
     "check_top_config",
@@ -120,6 +122,12 @@ class Opcode(enum.Enum, shape=8):
     SOFTMAX = 0x31
     #: residual add across scales over contiguous words
     RESIDUAL = 0x32
+    #: MoE gate: router scores, top-k and the per-expert token queues
+    ROUTE = 0x40
+    #: run the next ``body`` instructions once per active expert (or per token slot)
+    EXPERTS = 0x41
+    #: score-weighted sum of each token's expert outputs, requantized
+    COMBINE = 0x42
 
 
 class WeightSource(enum.Enum, shape=2):
@@ -132,6 +140,28 @@ class WeightSource(enum.Enum, shape=2):
     #: columns from the buffer: tile (j, s) column c = word ``wbuf + s·wstride + j·C + c``
     #: (Q·Kᵀ; the array loads the beat into column c)
     BUFFER_COLUMNS = 2
+
+
+class RowMode(enum.Enum, shape=2):
+    """How a ``GEMM`` inside an ``EXPERTS`` body maps its row m to a buffer row."""
+
+    #: row m (the only mode outside an ``EXPERTS`` body)
+    DIRECT = 0
+    #: row ``offset + m``: the iteration's place in the queue order (expert outputs)
+    QUEUE = 1
+    #: row ``queue[offset + m]``: the token the queue holds there (the expert's inputs)
+    GATHER = 2
+
+
+class ExpertOrder(enum.Enum, shape=2):
+    """Which schedule an ``EXPERTS`` loop runs."""
+
+    #: the ``SCHEDULE.ORDER`` register decides (the host compares both on one program)
+    REGISTER = 0
+    #: one iteration per active expert, ascending: each expert's weights once per layer
+    EXPERT_BY_EXPERT = 1
+    #: the baseline: one iteration per (token, slot), token order, one token each
+    TOKEN_BY_TOKEN = 2
 
 
 class TableUnit(enum.Enum, shape=2):
@@ -186,6 +216,9 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "wstride": _BUF,
         "ddr": _DDR,                 # parameters (+ weights when wsrc = DDR)
         "out_ddr": _DDR,             # INT32 results: (j·tokens + m) · 4C bytes from here
+        "expert": unsigned(1),       # in an EXPERTS body: the iteration's count, expert block
+        "src_rows": RowMode,         # row m of the activations (DIRECT, QUEUE or GATHER)
+        "dst_rows": RowMode,         # row m of the INT8 results (DIRECT or QUEUE)
     }),
     Opcode.LAYERNORM: data.StructLayout({
         "src": _BUF,                 # row m, beat b: word src + b·stride + m
@@ -211,6 +244,28 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "words": unsigned(_TOKENS_BITS + 4),
         "mult_a": unsigned(16),
         "mult_b": unsigned(16),
+        "shift": unsigned(6),
+    }),
+    Opcode.ROUTE: data.StructLayout({
+        "src": _BUF,                 # logits: token m, expert e at word src + (e÷C)·stride + m
+        "stride": _BUF,
+        "rows": unsigned(_TOKENS_BITS),  # tokens M
+        "experts": unsigned(8),      # E
+        "top_k": unsigned(4),        # k
+    }),
+    Opcode.EXPERTS: data.StructLayout({
+        "order": ExpertOrder,
+        "body": unsigned(8),         # instructions in the loop body (the ones that follow)
+        "stride": _DDR,              # bytes between consecutive experts' DDR blocks
+    }),
+    Opcode.COMBINE: data.StructLayout({
+        "src": _BUF,                 # expert outputs in queue order: word src + s·src_stride + q
+        "src_stride": _BUF,
+        "dst": _BUF,                 # token t, slice s: word dst + s·dst_stride + t
+        "dst_stride": _BUF,
+        "rows": unsigned(_TOKENS_BITS),  # tokens M (≤ the last ROUTE's rows)
+        "beats": unsigned(_TILES_BITS),  # D / C
+        "mult": unsigned(16),
         "shift": unsigned(6),
     }),
 }
@@ -321,7 +376,7 @@ def isa_markdown() -> str:
     ]
     for op in Opcode:
         lines.append(f"| `{op.name}` | 0x{op.value:02x} | {_OPCODE_DOCS[op]} |")
-    for enum_type in (WeightSource, TableUnit, GemmOp):
+    for enum_type in (WeightSource, TableUnit, GemmOp, RowMode, ExpertOrder):
         lines += ["", f"## `{enum_type.__name__}`", "", "| name | value |", "|---|---:|"]
         lines += [f"| `{member.name}` | {member.value} |" for member in enum_type]
     lines += ["", "## Operands", "",
@@ -351,15 +406,25 @@ _OPCODE_DOCS = {
     Opcode.LAYERNORM: "integer LayerNorm of `rows` token rows of `beats` words",
     Opcode.SOFTMAX: "row softmax of `rows` rows of `length` INT8 logits (INT8 probabilities)",
     Opcode.RESIDUAL: "residual add of two ranges of `words` words",
+    Opcode.ROUTE: "MoE gate over `rows` tokens: router scores, top-`top_k` of `experts`, "
+                  "per-expert token queues",
+    Opcode.EXPERTS: "run the next `body` instructions once per active expert (or per token "
+                    "slot)",
+    Opcode.COMBINE: "score-weighted sum of each token's `top_k` expert outputs, requantized",
 }
 
 _CHECKS = [
-    ("opcode not in the table above; `GEMM` with mode `LOAD_TABLE`; `wsrc` 3; `unit` > 1",
-     "ILLEGAL_OPCODE"),
+    ("opcode not in the table above; `GEMM` with mode `LOAD_TABLE`; `wsrc` 3; `unit` > 1; "
+     "`GEMM` with `expert` or a row mode other than `DIRECT` outside an `EXPERTS` body, or "
+     "`dst_rows = GATHER`, or a row mode 3; `EXPERTS`, `ROUTE`, `TASKS` or `END` inside a "
+     "body; `order` 3", "ILLEGAL_OPCODE"),
     ("a count of 0 where ≥ 1 is needed, or over the configuration: `tokens` or `rows` or "
      "`length` > `max_tokens`, `beats · pe_cols` > `max_dim`, `k_slices · pe_rows` or "
      "`n_tiles · pe_cols` > max(`max_hidden`, 3 · `max_dim`, `max_tokens` + `pe_cols`), "
-     "`words` > `act_buffer_words`", "SHAPE_OVER_CAPACITY"),
+     "`RESIDUAL` `words` > `max_tokens · max_dim / pe_cols`; `ROUTE` with `experts` > "
+     "`max_experts` or `top_k` > min(`max_top_k`, `experts`); `EXPERTS` with `body` 0; "
+     "`COMBINE` with `rows` > the routed rows; an expert `GEMM` whose iteration count "
+     "exceeds `max_tokens`", "SHAPE_OVER_CAPACITY"),
     ("a buffer range past the buffer's last word, or a DDR range past `DATA_SIZE`",
      "ADDRESS_OUT_OF_RANGE"),
     ("`TASK_SELECT` ≥ `TASKS.count`", "BAD_TASK"),
@@ -389,6 +454,50 @@ beats):
 - `LAYERNORM`: per channel 16 bytes: bias int64, gain int16, six zero bytes.
 - `LOAD_TABLE`: 256 entries (INT8 for `GEMM`, uint16 little-endian for `SOFTMAX`).
 - `GEMM` in mode `INT32` writes, for each N-tile j and token m, C little-endian INT32.
+- `EXPERTS`: expert e's DDR block is at `e · stride` from expert 0's; a body `GEMM` with
+  `expert` set reads its stream at `ddr + e · stride` (FC1 and FC2 of one expert are
+  usually one block, FC2's stream right after FC1's).
+
+## The MoE layer: `ROUTE`, `EXPERTS`, `COMBINE`
+
+`ROUTE` computes, for each of `rows` tokens, the router scores of `numerics.router_scores`
+over its `experts` INT8 logits with the softmax unit's exp table (load the task's table
+first), and the `top_k` largest (ties to the lower expert index). It then builds the
+dispatch tables, which stay until the next `ROUTE`:
+
+- `count[e]`: tokens that chose expert e; `start[e] = Σ_{e' < e} count[e']`;
+- the **queue**: positions `start[e] … start[e] + count[e] − 1` hold, in ascending order,
+  the tokens that chose e (`rows · top_k` positions in all, grouped by expert);
+- the **active list**: the experts with `count[e] > 0`, ascending;
+- **slots**: for token t and choice j (descending score), the expert, its score and the
+  queue position `pos(t, j)` of that choice.
+
+`EXPERTS` runs the `body` instructions after it once per iteration, then continues after
+them. Each iteration has a context (expert e, queue offset, count):
+
+- `EXPERT_BY_EXPERT`: one iteration per active expert e: (e, `start[e]`, `count[e]`). Each
+  active expert's weights are read once per layer; experts no token chose are never read.
+- `TOKEN_BY_TOKEN` (the baseline): one iteration per token t and choice j, in token order:
+  (expert of slot (t, j), `pos(t, j)`, 1). Every choice reads its expert's weights again.
+- `REGISTER`: the order `SCHEDULE.ORDER` holds when the run starts.
+
+With no `ROUTE` since the start of the run there are no iterations and the body is skipped
+(unchecked). Body instructions are checked at every iteration, with that iteration's
+context; a failing one stops with its own index as `ERROR_PC`. `ROUTE` uses whatever exp
+table the softmax unit holds (the attention's table must be loaded again after it); an
+all-zero table gives every score 0, so top-k picks experts 0 … k−1.
+Inside a body, a `GEMM` with `expert` set runs the iteration's `count` tokens (its `tokens`
+field is ignored) with its DDR stream offset by `e · stride`, and maps its row m through
+`src_rows` / `dst_rows`: `DIRECT` row m, `QUEUE` row `offset + m`, `GATHER` (activations
+only) row `queue[offset + m]`. Both schedules write each (token, choice) result at the same
+queue row, so `COMBINE` then computes the same output from either:
+
+    out[t] = sat8(round_half_up((Σ_j score(t, j) · y[pos(t, j)]) · mult / 2^shift))
+
+reading `y[q]` slice s at word `src + s·src_stride + q` and writing word
+`dst + s·dst_stride + t` (`numerics.moe_combine`). Buffer and DDR ranges of a body `GEMM`
+are checked per iteration with the rows it actually touches: `count` for `DIRECT`,
+`offset + count` for `QUEUE`, the routed `rows` for `GATHER`.
 """
 
 

@@ -37,15 +37,18 @@ from .isa import (
     INSTRUCTION,
     INSTRUCTION_BYTES,
     LN_RECORD_BYTES,
+    ExpertOrder,
     Opcode,
+    RowMode,
     TableUnit,
     WeightSource,
     check_top_config,
 )
-from .registers import AxiLiteSignature, ControlRegisters, ErrorCode
+from .moe import Combiner, Dispatcher
+from .registers import AxiLiteSignature, ControlRegisters, ErrorCode, Schedule
 from .vector import LayerNormUnit, ResidualAdd, SoftmaxMode, SoftmaxUnit
 
-__all__ = ["Accelerator", "AddressGenerator", "Engine"]
+__all__ = ["Accelerator", "AddressGenerator", "Engine", "GatherMode", "GatherStage"]
 
 class AddressGenerator(wiring.Component):
     """Addresses ``base + i0·s0 + i1·s1 + i2·s2`` for i0 < n0, i1 < n1, i2 < n2 (i2 fastest).
@@ -53,7 +56,9 @@ class AddressGenerator(wiring.Component):
     Loaded by :attr:`start` (one cycle) with ``base``, ``count`` and ``stride``; then
     :attr:`addr` streams the ``n0·n1·n2`` addresses, one per accepted beat, with
     ``last`` on the final one. Counts of 0 are not allowed (the controller checks them).
-    Only adders: the running address is kept per loop level.
+    Only adders: the running address is kept per loop level. Each beat also carries
+    ``outer`` = ``base + i0·s0 + i1·s1`` and the counters ``i1``, ``i2``, from which
+    :class:`GatherStage` forms indirect addresses (``outer`` + a table entry).
     """
 
     def __init__(self, addr_bits: int, count_bits: int):
@@ -64,7 +69,9 @@ class AddressGenerator(wiring.Component):
             "base": In(addr_bits),
             "count": In(data.ArrayLayout(unsigned(count_bits), 3)),
             "stride": In(data.ArrayLayout(unsigned(addr_bits), 3)),
-            "addr": Out(stream.Signature(data.StructLayout({"addr": addr_bits, "last": 1}))),
+            "addr": Out(stream.Signature(data.StructLayout({
+                "addr": addr_bits, "last": 1, "outer": addr_bits, "i1": count_bits,
+                "i2": count_bits}))),
         })
 
     def elaborate(self, platform):
@@ -80,6 +87,9 @@ class AddressGenerator(wiring.Component):
             self.addr.valid.eq(active),
             self.addr.payload.addr.eq(a2),
             self.addr.payload.last.eq(end[0] & end[1] & end[2]),
+            self.addr.payload.outer.eq(a1),
+            self.addr.payload.i1.eq(i[1]),
+            self.addr.payload.i2.eq(i[2]),
         ]
         with m.If(self.start):
             m.d.sync += [n.eq(self.count), s.eq(self.stride), a0.eq(self.base),
@@ -99,31 +109,122 @@ class AddressGenerator(wiring.Component):
         return m
 
 
-def _buffer_reader(m: Module, name: str, memory: Memory, gen: AddressGenerator, width: int):
-    """A read port of ``memory`` driven by ``gen``, as a back-pressured stream.
+class GatherMode(enum.Enum, shape=2):
+    """What :class:`GatherStage` does to the addresses passing through it."""
 
-    The memory answers one cycle after the address; a read is issued only when the queue
-    behind it has room for its word, so the port never needs a clock enable.
-    Returns ``(valid, payload, ready, last)``.
+    #: addresses pass unchanged (combinationally)
+    NONE = 0
+    #: ``outer + queue[offset + i2]``: an expert's tokens (GEMM ``src_rows = GATHER``)
+    QUEUE = 1
+    #: ``outer + slot[i1][i2].pos``, tagged with ``slot[i1][i2].score`` (``COMBINE``)
+    SLOT = 2
+
+
+class GatherStage(wiring.Component):
+    """Indirect buffer addresses through the dispatcher's tables, one per cycle.
+
+    Sits between an :class:`AddressGenerator` and a buffer read port. In mode ``NONE`` it is
+    a wire; otherwise each beat reads one table entry (the dispatcher's read ports answer
+    one cycle later and hold their data while not enabled) into a one-beat pipeline stage,
+    so throughput stays one address per cycle and the table read is registered.
+
+    Parameters
+    ----------
+    addr_bits, count_bits : int
+        Widths of the generator's addresses and counters.
+    slot_shape : ArrayLayout
+        The dispatcher's ``slot`` output (an array of ``expert``/``score``/``pos`` structs).
+    queue_bits, token_bits : int
+        Widths of the queue address and of a queue entry.
+    """
+
+    def __init__(self, addr_bits: int, count_bits: int, slot_shape, queue_bits: int,
+                 token_bits: int):
+        self._count_bits = count_bits
+        self._slots = slot_shape.length
+        gen_payload = data.StructLayout({"addr": addr_bits, "last": 1, "outer": addr_bits,
+                                         "i1": count_bits, "i2": count_bits})
+        super().__init__({
+            "mode": In(GatherMode),
+            "offset": In(queue_bits),
+            "i": In(stream.Signature(gen_payload)),
+            "o": Out(stream.Signature(data.StructLayout({"addr": addr_bits, "last": 1,
+                                                         "tag": 15}))),
+            "queue_addr": Out(queue_bits),
+            "queue_en": Out(1),
+            "queue_token": In(token_bits),
+            "slot_addr": Out(count_bits),
+            "slot_en": Out(1),
+            "slot": In(slot_shape),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        held = Signal()                      # a beat is in the stage
+        outer = Signal.like(self.i.payload.outer)
+        last = Signal()
+        choice = Signal(range(self._slots))
+        accept = self.i.valid & (~held | self.o.ready)
+        m.d.comb += [
+            self.queue_addr.eq(self.offset + self.i.payload.i2),
+            self.slot_addr.eq(self.i.payload.i1),
+        ]
+        with m.If(self.mode == GatherMode.NONE):
+            m.d.comb += [self.o.valid.eq(self.i.valid), self.i.ready.eq(self.o.ready),
+                         self.o.payload.addr.eq(self.i.payload.addr),
+                         self.o.payload.last.eq(self.i.payload.last)]
+        with m.Else():
+            m.d.comb += [
+                self.i.ready.eq(~held | self.o.ready),
+                self.queue_en.eq(accept & (self.mode == GatherMode.QUEUE)),
+                self.slot_en.eq(accept & (self.mode == GatherMode.SLOT)),
+                self.o.valid.eq(held),
+                self.o.payload.last.eq(last),
+            ]
+            slot = self.slot[choice]
+            with m.If(self.mode == GatherMode.QUEUE):
+                m.d.comb += self.o.payload.addr.eq(outer + self.queue_token)
+            with m.Else():
+                m.d.comb += [self.o.payload.addr.eq(outer + slot.pos),
+                             self.o.payload.tag.eq(slot.score)]
+            with m.If(accept):
+                m.d.sync += [held.eq(1), outer.eq(self.i.payload.outer),
+                             last.eq(self.i.payload.last), choice.eq(self.i.payload.i2)]
+            with m.Elif(self.o.ready):
+                m.d.sync += held.eq(0)
+        return m
+
+
+def _buffer_reader(m: Module, name: str, memory: Memory, addr, width: int, tag_bits: int = 0):
+    """A read port of ``memory`` driven by the address stream ``addr``, back-pressured.
+
+    ``addr`` carries ``addr`` and ``last`` (and ``tag`` when ``tag_bits``: a value that
+    travels with the word). The memory answers one cycle after the address; a read is
+    issued only when the queue behind it has room for its word, so the port never needs a
+    clock enable. Returns ``(valid, payload, ready, last, tag)``.
     """
     port = memory.read_port()
-    queue = SyncFIFOBuffered(width=width + 1, depth=5)
+    queue = SyncFIFOBuffered(width=width + 1 + tag_bits, depth=5)
     m.submodules[f"{name}_queue"] = queue
     in_flight = Signal(name=f"{name}_in_flight")
     last_in_flight = Signal(name=f"{name}_last_in_flight")
+    tag_in_flight = Signal(max(tag_bits, 1), name=f"{name}_tag_in_flight")
     room = queue.level + in_flight < 4
-    issue = gen.addr.valid & room
+    issue = addr.valid & room
     m.d.comb += [
-        gen.addr.ready.eq(room),
-        port.addr.eq(gen.addr.payload.addr),
+        addr.ready.eq(room),
+        port.addr.eq(addr.payload.addr),
         port.en.eq(issue),
         queue.w_en.eq(in_flight),
-        queue.w_data.eq(Cat(port.data, last_in_flight)),
+        queue.w_data.eq(Cat(port.data, last_in_flight, tag_in_flight[:tag_bits])),
     ]
-    m.d.sync += [in_flight.eq(issue), last_in_flight.eq(gen.addr.payload.last)]
+    m.d.sync += [in_flight.eq(issue), last_in_flight.eq(addr.payload.last)]
+    if tag_bits:
+        m.d.sync += tag_in_flight.eq(addr.payload.tag)
     ready = Signal(name=f"{name}_ready")
     m.d.comb += queue.r_en.eq(ready)
-    return queue.r_rdy, queue.r_data[:width], ready, queue.r_data[width]
+    return (queue.r_rdy, queue.r_data[:width], ready, queue.r_data[width],
+            queue.r_data[width + 1:])
 
 
 class Engine(wiring.Component):
@@ -142,6 +243,9 @@ class Engine(wiring.Component):
         DDR byte address of the program, of the data window, and the window's size.
     task_select : In(8)
         The task whose ``per_task`` blocks the program reads.
+    schedule : In(Schedule)
+        ``SCHEDULE.ORDER``: the order of ``EXPERTS`` loops with ``order = REGISTER``
+        (sampled at start).
     busy : Out(1)
         A run is in progress.
     done, error : Out(1)
@@ -159,7 +263,9 @@ class Engine(wiring.Component):
     dma_error_clear : Out(1)
         Pulsed at the start of a run.
     counters : Out
-        Free-running 32-bit counters: instructions, gemm_busy, vector_busy, weight_stall.
+        Free-running 32-bit counters: instructions, gemm_busy, vector_busy, weight_stall,
+        and token_beats (tokens through the PE array: each is ``pe_rows · pe_cols`` MACs,
+        one cycle of the array computing).
     """
 
     def __init__(self, config: AccelConfig):
@@ -167,7 +273,7 @@ class Engine(wiring.Component):
         dma_cmd = dma_cmd_layout(config)
         counters = wiring.Signature({name: Out(32) for name in
                                      ("instructions", "gemm_busy", "vector_busy",
-                                      "weight_stall")})
+                                      "weight_stall", "token_beats")})
         super().__init__({
             "start": In(1),
             "abort_request": In(1),
@@ -175,6 +281,7 @@ class Engine(wiring.Component):
             "data_base": In(64),
             "data_size": In(64),
             "task_select": In(8),
+            "schedule": In(Schedule),
             "busy": Out(1),
             "done": Out(1),
             "error": Out(1),
@@ -205,6 +312,8 @@ class Engine(wiring.Component):
         ln = m.submodules.layernorm = LayerNormUnit(cfg)
         softmax = m.submodules.softmax = SoftmaxUnit(cfg)
         residual = m.submodules.residual = ResidualAdd(cfg)
+        dispatcher = m.submodules.dispatcher = Dispatcher(cfg)
+        combiner = m.submodules.combiner = Combiner(cfg)
 
         # UltraRAM: 512 KiB in two read copies is 32 of the XCZU7EV's 96 URAM288 blocks, where
         # block RAM would take 228 of its 312 RAMB36 (Vivado and Yosys both honour ram_style).
@@ -214,8 +323,19 @@ class Engine(wiring.Component):
         gen_a = m.submodules.gen_a = AddressGenerator(buf_bits, 16)
         gen_b = m.submodules.gen_b = AddressGenerator(buf_bits, 16)
         gen_w = m.submodules.gen_w = AddressGenerator(buf_bits, 16)
-        a_valid, a_data, a_ready, _ = _buffer_reader(m, "port_a", buffer, gen_a, word_bits)
-        b_valid, b_data, b_ready, _ = _buffer_reader(m, "port_b", buffer, gen_b, word_bits)
+        # Port A's addresses may go through the dispatcher's tables (MoE gather / combine).
+        gather = m.submodules.gather = GatherStage(
+            buf_bits, 16, dispatcher.slot.shape(), len(dispatcher.queue_addr),
+            len(dispatcher.queue_token))
+        wiring.connect(m, gen_a.addr, gather.i)
+        m.d.comb += [dispatcher.queue_addr.eq(gather.queue_addr),
+                     dispatcher.queue_en.eq(gather.queue_en),
+                     gather.queue_token.eq(dispatcher.queue_token),
+                     gather.slot.eq(dispatcher.slot)]
+        a_valid, a_data, a_ready, _, a_tag = _buffer_reader(m, "port_a", buffer, gather.o,
+                                                            word_bits, tag_bits=15)
+        b_valid, b_data, b_ready, _, _ = _buffer_reader(m, "port_b", buffer, gen_b.addr,
+                                                        word_bits)
         write = buffer.write_port()
 
         # Width converters between AXI beats and the units' words.
@@ -236,6 +356,27 @@ class Engine(wiring.Component):
         task_offset = Signal(64)
         error_code = Signal(ErrorCode)
         m.d.comb += [self.error_code.eq(error_code), self.error_pc.eq(pc)]
+
+        # ---- MoE: the EXPERTS loop and the context of its current iteration ----------------
+        routed = Signal()                  # a ROUTE has completed in this run
+        schedule = Signal(Schedule)        # SCHEDULE.ORDER, sampled at start
+        loop_active = Signal()
+        loop_first = Signal(32)            # pc of the body's first / last instruction
+        loop_last = Signal(32)
+        loop_tbt = Signal()                # token-by-token order
+        loop_stride = Signal(32)           # EXPERTS.stride
+        loop_index = Signal.like(dispatcher.list_index)   # expert-by-expert: list position
+        loop_token = Signal(16)            # token-by-token: token t and choice j
+        loop_choice = Signal(range(cfg.max_top_k))
+        ctx_expert = Signal.like(dispatcher.list_expert)
+        ctx_offset = Signal.like(dispatcher.list_start)
+        ctx_count = Signal.like(dispatcher.list_count)
+        expert_offset = Signal(48)         # ctx_expert · loop_stride
+        gather_mode = Signal(GatherMode)
+        m.d.comb += [gather.mode.eq(gather_mode), gather.offset.eq(ctx_offset)]
+        with m.If(gather_mode == GatherMode.SLOT):
+            m.d.comb += [dispatcher.slot_addr.eq(gather.slot_addr),
+                         dispatcher.slot_en.eq(gather.slot_en)]
 
         # ---- routing of the read DMA's data -----------------------------------------------
         class Sink(enum.Enum, shape=3):
@@ -320,7 +461,7 @@ class Engine(wiring.Component):
             m.d.sync += [table_index.eq(table_index + 1), table_left.eq(table_left - 1)]
 
         # ---- what port A, port B and the write port serve -----------------------------------
-        class Unit(enum.Enum, shape=3):
+        class Unit(enum.Enum, shape=4):
             NONE = 0
             GEMM = 1
             LN = 2
@@ -328,6 +469,8 @@ class Engine(wiring.Component):
             RESIDUAL = 4
             LOAD = 5
             STORE = 6
+            ROUTE = 7
+            COMBINE = 8
 
         unit = Signal(Unit)
         gemm_int32 = Signal()
@@ -338,8 +481,10 @@ class Engine(wiring.Component):
                 m.d.comb += [gemm.activations.valid.eq(a_valid), a_ready.eq(gemm.activations.ready)]
             with m.Case(Unit.LN):
                 m.d.comb += [ln.x.valid.eq(a_valid), a_ready.eq(ln.x.ready)]
-            with m.Case(Unit.SOFTMAX):
+            with m.Case(Unit.SOFTMAX, Unit.ROUTE):
                 m.d.comb += [softmax.logits.valid.eq(a_valid), a_ready.eq(softmax.logits.ready)]
+            with m.Case(Unit.COMBINE):
+                m.d.comb += [combiner.y.valid.eq(a_valid), a_ready.eq(combiner.y.ready)]
             with m.Case(Unit.RESIDUAL):
                 # The residual add joins a and b itself (a.ready = b.ready).
                 m.d.comb += [residual.a.valid.eq(a_valid), a_ready.eq(residual.a.ready),
@@ -352,7 +497,14 @@ class Engine(wiring.Component):
             softmax.logits.payload.eq(a_data),
             residual.a.payload.eq(a_data),
             residual.b.payload.eq(b_data),
+            combiner.y.payload.data.eq(a_data),
+            combiner.y.payload.score.eq(a_tag),
+            # ROUTE: the router scores go from the softmax unit to the dispatcher.
+            dispatcher.scores.payload.eq(softmax.probs.payload),
         ]
+        with m.If(unit == Unit.ROUTE):
+            m.d.comb += [dispatcher.scores.valid.eq(softmax.probs.valid),
+                         softmax.probs.ready.eq(dispatcher.scores.ready)]
         # STORE: words past the count (padding up to a whole AXI beat) are sent as zeros.
         store_pad = Signal()
         m.d.comb += rs_store.i.payload.data.eq(Mux(store_pad, 0, a_data))
@@ -392,6 +544,9 @@ class Engine(wiring.Component):
             with m.Case(Unit.RESIDUAL):
                 m.d.comb += [w_valid.eq(residual.y.valid), residual.y.ready.eq(w_ready),
                              w_data.eq(residual.y.payload.data.as_value())]
+            with m.Case(Unit.COMBINE):
+                m.d.comb += [w_valid.eq(combiner.out.valid), combiner.out.ready.eq(w_ready),
+                             w_data.eq(combiner.out.payload.as_value())]
             with m.Case(Unit.LOAD):
                 m.d.comb += [w_valid.eq(rs_word.o.valid), rs_word.o.ready.eq(w_ready),
                              w_data.eq(rs_word.o.payload.data)]
@@ -458,6 +613,20 @@ class Engine(wiring.Component):
         load_args = args.load
         store_args = args.store
         table_args = args.load_table
+        route_args = args.route
+        experts_args = args.experts
+        combine_args = args.combine
+        route_beats = Signal(16)
+        m.d.comb += route_beats.eq((route_args.experts + C - 1) >> exact_log2(C))
+        # A GEMM in an EXPERTS body runs the iteration's tokens, its rows mapped per RowMode;
+        # its ranges are checked with the rows it actually touches.
+        eff_tokens = Signal(16)
+        m.d.comb += eff_tokens.eq(Mux(gemm_args.expert, ctx_count, gemm_args.tokens))
+
+        def touched_rows(mode):
+            return Mux(mode == RowMode.GATHER, dispatcher.rows,
+                       Mux(mode == RowMode.QUEUE, ctx_offset + eff_tokens, eff_tokens))
+
         sm_beats = Signal(16)
         m.d.comb += sm_beats.eq((sm_args.length + C - 1) >> exact_log2(C))
         max_k = max(cfg.max_hidden, 3 * cfg.max_dim, cfg.max_tokens + C)
@@ -469,21 +638,27 @@ class Engine(wiring.Component):
         with m.Switch(op):
             with m.Case(Opcode.GEMM):
                 g = gemm_args
+                body_only = (g.expert | (g.src_rows != RowMode.DIRECT)
+                             | (g.dst_rows != RowMode.DIRECT))
                 m.d.comb += [
-                    opcode_ok.eq((g.mode != GemmOp.LOAD_TABLE) & (g.wsrc.as_value() != 3)),
-                    shape_ok.eq((g.tokens >= 1) & (g.tokens <= cfg.max_tokens)
+                    opcode_ok.eq((g.mode != GemmOp.LOAD_TABLE) & (g.wsrc.as_value() != 3)
+                                 & (g.src_rows.as_value() != 3) & (g.dst_rows.as_value() < 2)
+                                 & (~body_only | loop_active)),
+                    shape_ok.eq((eff_tokens >= 1) & (eff_tokens <= cfg.max_tokens)
                                 & (g.k_slices >= 1) & (g.k_slices * R <= max_k)
                                 & (g.n_tiles >= 1) & (g.n_tiles * C <= max_k)),
                 ]
-                buffer_range(0, g.src, (g.k_slices, g.src_stride), (g.tokens, 1))
+                buffer_range(0, g.src, (g.k_slices, g.src_stride), (touched_rows(g.src_rows), 1))
                 with m.If(g.mode != GemmOp.INT32):
-                    buffer_range(1, g.dst, (g.n_tiles, g.dst_stride), (g.tokens, 1))
+                    buffer_range(1, g.dst, (g.n_tiles, g.dst_stride),
+                                 (touched_rows(g.dst_rows), 1))
                 with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
                     buffer_range(2, g.wbuf + R - 1, (g.n_tiles, g.wstride), (g.k_slices, R))
                 with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
                     buffer_range(2, g.wbuf + C - 1, (g.k_slices, g.wstride), (g.n_tiles, C))
                 tile_bytes = Mux(g.wsrc == WeightSource.DDR, g.k_slices * (R * C), 0)
-                ddr_range(g.ddr, g.n_tiles * (GEMM_RECORD_BYTES * C + tile_bytes), g.per_task)
+                ddr_range(g.ddr + Mux(g.expert, expert_offset, 0),
+                          g.n_tiles * (GEMM_RECORD_BYTES * C + tile_bytes), g.per_task)
                 # (INT32 results: checked as a second DDR range in the GEMM state.)
             with m.Case(Opcode.LAYERNORM):
                 a = ln_args
@@ -520,10 +695,31 @@ class Engine(wiring.Component):
                 a = table_args
                 m.d.comb += opcode_ok.eq(a.unit.as_value() <= TableUnit.SOFTMAX.value)
                 ddr_range(a.ddr, Mux(a.unit == TableUnit.GEMM, 256, 512), a.per_task)
+            with m.Case(Opcode.ROUTE):
+                a = route_args
+                m.d.comb += shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
+                                        & (a.top_k >= 1) & (a.top_k <= cfg.max_top_k)
+                                        & (a.experts >= a.top_k)
+                                        & (a.experts <= cfg.max_experts))
+                buffer_range(0, a.src, (route_beats, a.stride), (a.rows, 1))
+            with m.Case(Opcode.EXPERTS):
+                a = experts_args
+                m.d.comb += [opcode_ok.eq(a.order.as_value() != 3), shape_ok.eq(a.body >= 1)]
+            with m.Case(Opcode.COMBINE):
+                a = combine_args
+                m.d.comb += shape_ok.eq(routed & (a.rows >= 1) & (a.rows <= dispatcher.rows)
+                                        & (a.beats >= 1) & (a.beats * C <= cfg.max_dim))
+                buffer_range(0, a.src, (a.beats, a.src_stride), (dispatcher.entries, 1))
+                buffer_range(1, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
+        # The loop body is straight-line work on the dispatch tables: no nesting, no
+        # re-routing, no task change, no end of the program inside it.
+        with m.If(loop_active & ((op == Opcode.EXPERTS) | (op == Opcode.ROUTE)
+                                 | (op == Opcode.TASKS) | (op == Opcode.END))):
+            m.d.comb += opcode_ok.eq(0)
 
         # INT32 results of a GEMM: a second DDR range (bytes = n_tiles · tokens · 4C).
         out_end = Signal(65)
-        m.d.sync += out_end.eq(gemm_args.out_ddr + gemm_args.n_tiles * gemm_args.tokens * (4 * C))
+        m.d.sync += out_end.eq(gemm_args.out_ddr + gemm_args.n_tiles * eff_tokens * (4 * C))
 
         # ---- the controller -------------------------------------------------------------------
         fetch_beats = INSTRUCTION_BYTES // axi_bytes if axi_bytes <= INSTRUCTION_BYTES else 1
@@ -560,7 +756,8 @@ class Engine(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [pc.eq(0), error_code.eq(ErrorCode.NONE), aborting.eq(0),
-                                 task_offset.eq(0), task_stride.eq(0), sent.eq(0)]
+                                 task_offset.eq(0), task_stride.eq(0), sent.eq(0),
+                                 routed.eq(0), loop_active.eq(0), schedule.eq(self.schedule)]
                     m.d.comb += self.dma_error_clear.eq(1)
                     m.next = "FETCH"
             with m.State("FETCH"):
@@ -638,6 +835,12 @@ class Engine(wiring.Component):
                             m.next = "STORE_START"
                         with m.Case(Opcode.LOAD_TABLE):
                             m.next = "TABLE_START"
+                        with m.Case(Opcode.ROUTE):
+                            m.next = "ROUTE_START"
+                        with m.Case(Opcode.EXPERTS):
+                            m.next = "EXPERTS"
+                        with m.Case(Opcode.COMBINE):
+                            m.next = "COMBINE_START"
 
             with m.State("TASKS"):
                 m.d.comb += self.busy.eq(1)
@@ -660,11 +863,16 @@ class Engine(wiring.Component):
                     gemm_weights_ddr.eq(g.wsrc == WeightSource.DDR),
                     beat_in_tile.eq(0),
                     tile_beats.eq((g.k_slices * (R * C)) >> log_axi),
-                    writes_left.eq(g.n_tiles * g.tokens),
+                    writes_left.eq(g.n_tiles * eff_tokens),
                 ]
-                walk(gen_a, g.src, (g.n_tiles, 0), (g.k_slices, g.src_stride), (g.tokens, 1))
+                with m.If(g.src_rows == RowMode.GATHER):
+                    m.d.sync += gather_mode.eq(GatherMode.QUEUE)
+                src_base = g.src + Mux(g.src_rows == RowMode.QUEUE, ctx_offset, 0)
+                dst_base = g.dst + Mux(g.dst_rows == RowMode.QUEUE, ctx_offset, 0)
+                walk(gen_a, src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride),
+                     (eff_tokens, 1))
                 with m.If(g.mode != GemmOp.INT32):
-                    walk(gen_w, g.dst, (g.n_tiles, g.dst_stride), (g.tokens, 1))
+                    walk(gen_w, dst_base, (g.n_tiles, g.dst_stride), (eff_tokens, 1))
                 with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
                     walk(gen_b, g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R), (C, 1))
                 with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
@@ -673,12 +881,12 @@ class Engine(wiring.Component):
             with m.State("GEMM_ISSUE"):
                 g = gemm_args
                 m.d.comb += self.busy.eq(1)
-                command(gemm.command, 0, op=g.mode, tokens=g.tokens, k_slices=g.k_slices,
+                command(gemm.command, 0, op=g.mode, tokens=eff_tokens, k_slices=g.k_slices,
                         n_tiles=g.n_tiles, transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
                 command(self.rd_cmd, 1, addr=ddr_addr, beats=ddr_bytes >> log_axi)
                 with m.If(g.mode == GemmOp.INT32):
                     command(self.wr_cmd, 2, addr=dma_base + g.out_ddr,
-                            beats=(g.n_tiles * g.tokens * (4 * C)) >> log_axi)
+                            beats=(g.n_tiles * eff_tokens * (4 * C)) >> log_axi)
                 with m.Else():
                     m.d.sync += sent[2].eq(1)
                 with m.If(sent[0] & sent[1] & sent[2]):
@@ -796,12 +1004,104 @@ class Engine(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.next = "NEXT"
 
+            # ROUTE: logits → softmax (router mode) → dispatcher; the tables are built when the
+            # dispatcher goes idle.
+            with m.State("ROUTE_START"):
+                a = route_args
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += unit.eq(Unit.ROUTE)
+                walk(gen_a, a.src, (a.rows, 1), (route_beats, a.stride))
+                m.next = "ROUTE_RUN"
+            with m.State("ROUTE_RUN"):
+                a = route_args
+                m.d.comb += self.busy.eq(1)
+                command(softmax.cmd, 0, length=a.experts, rows=a.rows, mode=SoftmaxMode.ROUTER)
+                command(dispatcher.cmd, 1, rows=a.rows, experts=a.experts, top_k=a.top_k)
+                with m.If(sent[0] & sent[1]):
+                    m.next = "ROUTE_WAIT"
+            with m.State("ROUTE_WAIT"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(~dispatcher.busy & ~softmax.busy):
+                    m.d.sync += routed.eq(1)
+                    m.next = "NEXT"
+
+            # EXPERTS: run the body once per iteration (NEXT loops back at the body's end).
+            with m.State("EXPERTS"):
+                a = experts_args
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [
+                    loop_tbt.eq(Mux(a.order == ExpertOrder.REGISTER,
+                                    schedule == Schedule.TOKEN_BY_TOKEN,
+                                    a.order == ExpertOrder.TOKEN_BY_TOKEN)),
+                    loop_stride.eq(a.stride), loop_first.eq(pc + 1), loop_last.eq(pc + a.body),
+                    loop_index.eq(0), loop_token.eq(0), loop_choice.eq(0),
+                ]
+                with m.If(~routed | (dispatcher.n_active == 0)):
+                    m.d.sync += pc.eq(pc + a.body)     # NEXT steps past the body
+                    m.next = "NEXT"
+                with m.Else():
+                    m.d.sync += [loop_active.eq(1), sent.eq(0),
+                                 self.counters.instructions.eq(self.counters.instructions + 1)]
+                    m.next = "LOOP_CTX"
+            with m.State("LOOP_CTX"):
+                m.d.comb += [self.busy.eq(1), dispatcher.list_index.eq(loop_index),
+                             dispatcher.slot_addr.eq(loop_token), dispatcher.slot_en.eq(1)]
+                m.next = "LOOP_CTX2"
+            with m.State("LOOP_CTX2"):
+                m.d.comb += self.busy.eq(1)
+                slot = dispatcher.slot[loop_choice]
+                with m.If(loop_tbt):
+                    m.d.sync += [ctx_expert.eq(slot.expert), ctx_offset.eq(slot.pos),
+                                 ctx_count.eq(1)]
+                with m.Else():
+                    m.d.sync += [ctx_expert.eq(dispatcher.list_expert),
+                                 ctx_offset.eq(dispatcher.list_start),
+                                 ctx_count.eq(dispatcher.list_count)]
+                m.next = "LOOP_CTX3"
+            with m.State("LOOP_CTX3"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [expert_offset.eq(ctx_expert * loop_stride), pc.eq(loop_first)]
+                m.next = "FETCH"
+
+            # COMBINE: each token's top-k expert outputs through the slot table.
+            with m.State("COMBINE_START"):
+                a = combine_args
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [unit.eq(Unit.COMBINE), gather_mode.eq(GatherMode.SLOT),
+                             writes_left.eq(a.rows * a.beats)]
+                walk(gen_a, a.src, (a.beats, a.src_stride), (a.rows, 0), (dispatcher.top_k, 0))
+                walk(gen_w, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
+                m.next = "COMBINE_RUN"
+            with m.State("COMBINE_RUN"):
+                a = combine_args
+                m.d.comb += self.busy.eq(1)
+                command(combiner.cmd, 0, words=a.rows * a.beats, top_k=dispatcher.top_k,
+                        mult=a.mult, shift=a.shift)
+                with m.If(sent[0] & (writes_left == 0)):
+                    m.next = "NEXT"
+
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [pc.eq(pc + 1), unit.eq(Unit.NONE), sink.eq(Sink.NONE),
                              sent.eq(0), weights_from_buffer.eq(0),
+                             gather_mode.eq(GatherMode.NONE),
                              self.counters.instructions.eq(self.counters.instructions + 1)]
                 m.next = "FETCH"
+                with m.If(loop_active & (pc == loop_last)):
+                    last_choice = loop_choice == dispatcher.top_k - 1
+                    finished = Mux(loop_tbt, (loop_token == dispatcher.rows - 1) & last_choice,
+                                   loop_index == dispatcher.n_active - 1)
+                    with m.If(finished):
+                        m.d.sync += loop_active.eq(0)
+                    with m.Elif(loop_tbt & last_choice):
+                        m.d.sync += [loop_choice.eq(0), loop_token.eq(loop_token + 1)]
+                        m.next = "LOOP_CTX"
+                    with m.Elif(loop_tbt):
+                        m.d.sync += loop_choice.eq(loop_choice + 1)
+                        m.next = "LOOP_CTX"
+                    with m.Else():
+                        m.d.sync += loop_index.eq(loop_index + 1)
+                        m.next = "LOOP_CTX"
             with m.State("STOP_DONE"):
                 m.d.comb += [self.busy.eq(1), self.done.eq(1)]
                 with m.If(self.dma_error):
@@ -816,12 +1116,13 @@ class Engine(wiring.Component):
             m.d.sync += aborting.eq(1)
 
         # ---- counters -----------------------------------------------------------------------
-        vector_busy = ln.busy | softmax.busy | residual.busy
+        vector_busy = ln.busy | softmax.busy | residual.busy | dispatcher.busy | combiner.busy
         for counter, event in ((self.counters.gemm_busy, gemm.busy),
                                (self.counters.vector_busy, vector_busy)):
             with m.If(event):
                 m.d.sync += counter.eq(counter + 1)
-        m.d.comb += self.counters.weight_stall.eq(gemm.counters.weight_stall_cycles)
+        m.d.comb += [self.counters.weight_stall.eq(gemm.counters.weight_stall_cycles),
+                     self.counters.token_beats.eq(gemm.counters.token_beats)]
         return m
 
 
@@ -872,6 +1173,7 @@ class Accelerator(wiring.Component):
             engine.data_base.eq(regs.data_base),
             engine.data_size.eq(regs.data_size),
             engine.task_select.eq(regs.task_select),
+            engine.schedule.eq(regs.schedule),
             engine.wr_idle.eq(~dma.write.busy),
             engine.dma_error.eq(dma.read.error | dma.write.error),
             dma.read.clear_error.eq(engine.dma_error_clear),

@@ -1,13 +1,35 @@
 """Lay a quantized model out in DDR and write the accelerator's program (``docs/isa.md``).
 
 This module holds the pieces every program is made of: the DDR image (weights in the
-order the hardware streams them, parameter records, tables), the activation-buffer plan
-(slice-major tensors) and the instruction list. :func:`compile_dense_block` uses them for
-one dense ViT block, the unit the block bench runs; the whole-model compiler builds on it.
+order the hardware streams them, parameter records, tables), the per-task blocks
+(:class:`TaskBlocks`: routers and heads, selected at run time by ``TASK_SELECT``), the
+activation-buffer plan (slice-major tensors) and the instruction list.
+:func:`compile_block` uses them for one ViT block (dense or MoE), the unit the block
+benches run; :func:`compile_model` for the whole model, one program and one DDR image for
+every task, with the input patches in a region the runtime overwrites per image.
+
+DDR image of :func:`compile_model` (offsets from ``DATA_BASE``, each region padded to an
+AXI beat)::
+
+    tasks.<task 0> … tasks.<task T-1>   per-task blocks, equal size (TASKS.stride)
+    patches                             input patch rows, slice-major (runtime writes)
+    patch, cls, pos                     embedding
+    blocks.<i>.*                        per block: LN1, QKV, exp table, attention
+                                        requantization, projection, LN2, then the MLP
+                                        (fc1, GELU table, fc2) or the MoE layer (GELU
+                                        table, then expert e's FC1 + FC2 stream at
+                                        blocks.<i>.experts.0 + e · EXPERTS.stride)
+    norm, heads.out                     final LayerNorm, the head's INT32 output
+
+Every per-task block holds, at the same offset in each, every MoE layer's router GEMM
+stream and router exp table, then the task head's GEMM stream (zero-padded to the widest
+task's N-tiles).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +40,9 @@ from m3vit.hw.gemm import GemmOp
 from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     LN_RECORD_BYTES,
+    ExpertOrder,
     Opcode,
+    RowMode,
     TableUnit,
     WeightSource,
     check_top_config,
@@ -30,14 +54,24 @@ from .errors import M3VitError
 
 __all__ = [
     "BufferPlan",
+    "CompiledModel",
     "DdrImage",
     "Program",
+    "TaskBlocks",
+    "attention_program",
+    "block_program",
+    "check_model_fits",
+    "compile_block",
     "compile_dense_block",
+    "compile_model",
     "embedding_program",
     "gemm_stream",
     "head_output",
     "head_program",
     "layernorm_records",
+    "model_task_blocks",
+    "moe_program",
+    "patch_words",
     "slice_major",
     "unslice",
 ]
@@ -149,7 +183,8 @@ class BufferPlan:
         base = self.next_word
         if base + words > self.config.act_buffer_words:
             raise M3VitError(f"activations need {base + words} buffer words, the hardware has "
-                             f"{self.config.act_buffer_words}: the model does not fit")
+                             f"{self.config.act_buffer_words} (act_buffer_words): the model "
+                             "does not fit")
         self.next_word += words
         self.peak = max(self.peak, self.next_word)
         self.tensors[name] = (base, tokens, dim)
@@ -177,6 +212,208 @@ class Program:
 
     def __len__(self) -> int:
         return len(self.instructions)
+
+
+@dataclass
+class TaskBlocks:
+    """Per-task DDR data: one equal-size block per task, each item at one offset in all.
+
+    A program selects the running task's copy with ``per_task`` instructions: their DDR
+    address is the item's address in task 0's block, and the hardware adds
+    ``TASK_SELECT · stride`` (``TASKS`` sets the stride). Items are added for every task at
+    once (:meth:`add`), then the blocks are placed in the image (:meth:`place`), after
+    which :meth:`ddr` gives the address an instruction holds.
+
+    Parameters
+    ----------
+    tasks : sequence of str
+        Task names in ``TASK_SELECT`` order.
+    align : int
+        Alignment of every item (an AXI beat).
+    """
+
+    tasks: tuple[str, ...]
+    align: int
+    items: dict[str, tuple[int, int]] = field(default_factory=dict)
+    first: int | None = None
+    _blocks: dict[str, bytearray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        if not self.tasks:
+            raise M3VitError("per-task blocks need at least one task")
+        if len(self.tasks) >= 1 << 8:
+            raise M3VitError(f"{len(self.tasks)} tasks: TASKS.count holds at most 255")
+        self._blocks = {task: bytearray() for task in self.tasks}
+
+    def add(self, name: str, per_task: Mapping[str, bytes]) -> int:
+        """Add item ``name`` (one byte string per task); its offset within a block.
+
+        Shorter copies are zero-padded to the longest, so the item has one size.
+        """
+        if self.first is not None:
+            raise M3VitError(f"per-task item {name!r} added after the blocks were placed")
+        if name in self.items:
+            raise M3VitError(f"per-task item {name!r} added twice")
+        if set(per_task) != set(self.tasks):
+            raise M3VitError(f"per-task item {name!r} has tasks {sorted(per_task)}, the "
+                             f"blocks {sorted(self.tasks)}")
+        size = max(len(raw) for raw in per_task.values())
+        offset = self.stride
+        padded = size + -size % self.align
+        for task in self.tasks:
+            raw = per_task[task]
+            self._blocks[task] += raw + bytes(padded - len(raw))
+        self.items[name] = (offset, size)
+        return offset
+
+    @property
+    def stride(self) -> int:
+        """Bytes from one task's block to the next (``TASKS.stride``)."""
+        return len(self._blocks[self.tasks[0]])
+
+    def place(self, img: DdrImage) -> int:
+        """Append the blocks to ``img`` as regions ``tasks.<task>``; task 0's offset."""
+        if self.first is not None:
+            raise M3VitError("the per-task blocks are already placed")
+        offsets = [img.put(f"tasks.{task}", bytes(self._blocks[task])) for task in self.tasks]
+        # Every block is a whole number of beats, so they sit at a constant stride.
+        assert all(b - a == self.stride for a, b in itertools.pairwise(offsets))
+        self.first = offsets[0]
+        return self.first
+
+    def ddr(self, name: str) -> int:
+        """DDR offset of task 0's copy of item ``name``: what a ``per_task`` field holds."""
+        if self.first is None:
+            raise M3VitError("place the per-task blocks in the image before addressing them")
+        if name not in self.items:
+            raise M3VitError(f"no per-task item {name!r} (items: {', '.join(self.items)})")
+        return self.first + self.items[name][0]
+
+    def task_select(self, task: str) -> int:
+        """``TASK_SELECT`` value of ``task``."""
+        if task not in self.tasks:
+            raise M3VitError(f"unknown task {task!r} (tasks: {', '.join(self.tasks)})")
+        return self.tasks.index(task)
+
+    def tasks_instruction(self, prog: Program) -> None:
+        """Append the ``TASKS`` instruction that selects these blocks."""
+        prog.add(Opcode.TASKS, count=len(self.tasks), stride=self.stride)
+
+
+def head_tiles(model: ModelConfig, config: AccelConfig) -> int:
+    """N-tiles of the head GEMM: the widest task's (the others are zero-padded to it)."""
+    return max(_ceil(task.n_out, config.pe_cols) for task in model.tasks)
+
+
+def model_task_blocks(t: dict, model: ModelConfig, config: AccelConfig,
+                      blocks: Iterable[int] | None = None, head: bool = True) -> TaskBlocks:
+    """The per-task blocks of ``model``: each MoE layer's router, then the head.
+
+    Parameters
+    ----------
+    t : dict
+        The quantized package's tensors.
+    model : ModelConfig
+        Its configuration.
+    config : AccelConfig
+        The array shape (streams are tiled for it) and the AXI beat (alignment).
+    blocks : iterable of int, optional
+        Block indices whose routers to include (every MoE block by default; dense ones
+        have none).
+    head : bool
+        Include the task heads.
+
+    Returns
+    -------
+    TaskBlocks
+        Items ``blocks.<i>.router`` (the router GEMM stream, E rows padded to whole
+        N-tiles), ``blocks.<i>.router.exp`` (512-byte exp table) and ``heads`` (the head
+        GEMM stream, :func:`head_tiles` N-tiles), not yet placed.
+    """
+    tb = TaskBlocks(model.task_names, config.axi_bytes)
+    moe_blocks = [i for i in (model.moe_blocks if blocks is None else blocks)
+                  if i in model.moe_blocks]
+    for i in moe_blocks:
+        p = f"blocks.{i}"
+        streams, tables = {}, {}
+        for task in model.task_names:
+            r = f"{p}.router.{task}"
+            streams[task] = gemm_stream(t[f"{r}.weight"], t[f"{r}.bias"], t[f"{r}.mult"],
+                                        t[f"{r}.shift"], config)
+            tables[task] = _np(t[f"{r}.exp"]).astype("<u2").tobytes()
+        tb.add(f"{p}.router", streams)
+        tb.add(f"{p}.router.exp", tables)
+    if head:
+        rows = head_tiles(model, config) * config.pe_cols
+        streams = {}
+        for task in model.task_names:
+            w = _np(t[f"heads.{task}.weight"]).astype(np.int8)
+            n_out, d = w.shape
+            weight = np.zeros((rows, d), np.int8)
+            weight[:n_out] = w
+            bias = np.zeros(rows, np.int64)
+            bias[:n_out] = _np(t[f"heads.{task}.bias"])
+            zeros = np.zeros(rows, np.int64)   # INT32 output: no requantization
+            streams[task] = gemm_stream(weight, bias, zeros, zeros, config)
+        tb.add("heads", streams)
+    return tb
+
+
+def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
+    """Refuse a model the accelerator cannot run (buffer room is checked while planning).
+
+    Raises
+    ------
+    M3VitError
+        Naming the first capacity of ``config`` (or shape rule of the ISA) exceeded.
+    """
+    check_top_config(config)
+    R, C = config.pe_rows, config.pe_cols
+    name = model.name
+    max_k = max(config.max_hidden, 3 * config.max_dim, config.max_tokens + C)
+    checks = [
+        (model.head == "linear", f"the {model.head!r} head is float-only: the accelerator "
+                                 "runs the 'linear' head"),
+        (model.n_tokens <= config.max_tokens, f"{model.n_tokens} tokens exceed max_tokens="
+                                              f"{config.max_tokens}"),
+        (model.embed_dim <= config.max_dim, f"embed_dim {model.embed_dim} exceeds max_dim="
+                                            f"{config.max_dim}"),
+        (model.embed_dim % R == 0 and model.embed_dim % C == 0,
+         f"embed_dim {model.embed_dim} is not a multiple of the {R}x{C} PE array"),
+        (model.num_heads <= config.max_heads, f"{model.num_heads} heads exceed max_heads="
+                                              f"{config.max_heads}"),
+        (model.head_dim % C == 0 and model.head_dim % R == 0,
+         f"head width {model.head_dim} is not a multiple of the {R}x{C} PE array"),
+        (_ceil(model.in_chans * model.patch_size ** 2, R) * R <= max_k,
+         f"patch width {model.in_chans * model.patch_size ** 2} exceeds the GEMM's K "
+         f"capacity {max_k}"),
+        (head_tiles(model, config) * C <= max_k,
+         f"head width {max(task.n_out for task in model.tasks)} exceeds the GEMM's N "
+         f"capacity {max_k}"),
+        (len(model.tasks) < 1 << 8, f"{len(model.tasks)} tasks exceed TASKS.count's 255"),
+    ]
+    hidden = []
+    if len(model.moe_blocks) < model.depth:
+        hidden.append(("mlp_hidden", model.mlp_hidden))
+    if model.moe:
+        hidden.append(("expert_hidden", model.expert_hidden))
+        checks += [
+            (model.n_experts <= config.max_experts, f"{model.n_experts} experts exceed "
+                                                    f"max_experts={config.max_experts}"),
+            (model.top_k <= config.max_top_k, f"top_k {model.top_k} exceeds max_top_k="
+                                              f"{config.max_top_k}"),
+        ]
+    for label, width in hidden:
+        checks += [
+            (width <= config.max_hidden, f"{label} {width} exceeds max_hidden="
+                                         f"{config.max_hidden}"),
+            (width % R == 0 and width % C == 0,
+             f"{label} {width} is not a multiple of the {R}x{C} PE array"),
+        ]
+    for ok, why in checks:
+        if not ok:
+            raise M3VitError(f"model {name!r} does not fit the accelerator: {why}")
 
 
 def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
@@ -246,6 +483,70 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
     _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n)
 
 
+def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
+                model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
+                tasks: TaskBlocks, order: ExpertOrder = ExpertOrder.REGISTER) -> None:
+    """The MoE layer of block prefix ``p``: ``src`` (LN2 out) → ``dst``, (M, D) each.
+
+    Router GEMM (the running task's stream, ``per_task``) into INT8 logits, the task's exp
+    table, ``ROUTE``; the experts' GELU table; ``EXPERTS`` over FC1 (gathering the queued
+    tokens from ``src``, GELU table, into an M-row scratch) and FC2 (into queue rows of an
+    (M·k, D) output); ``COMBINE`` into ``dst``. Expert e's DDR block is its FC1 stream
+    followed by its FC2 stream, at ``e · stride`` from expert 0's (regions
+    ``<p>.experts.<e>``).
+
+    Parameters
+    ----------
+    tasks : TaskBlocks
+        Placed per-task blocks holding ``<p>.router`` and ``<p>.router.exp``
+        (:func:`model_task_blocks`).
+    order : ExpertOrder
+        ``REGISTER`` (the host's ``SCHEDULE.ORDER`` decides) or a forced schedule.
+    """
+    R, C = cfg.pe_rows, cfg.pe_cols
+    n, d, hidden = model.n_tokens, model.embed_dim, model.expert_hidden
+    n_experts, k = model.n_experts, model.top_k
+    router_tiles = _ceil(n_experts, C)
+    # Expert e's rows are at most M (a token chooses an expert once), so the FC1 scratch
+    # has M rows under either schedule; FC2 writes queue rows 0 … M·k − 1.
+    logits = plan.alloc(f"{p}.router", n, router_tiles * C)
+    scratch = plan.alloc(f"{p}.experts.gelu", n, hidden)
+    y = plan.alloc(f"{p}.experts.out", n * k, d)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=n,
+             k_slices=d // R, n_tiles=router_tiles, src=src, src_stride=n, dst=logits,
+             dst_stride=n, ddr=tasks.ddr(f"{p}.router"))
+    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, per_task=1,
+             ddr=tasks.ddr(f"{p}.router.exp"))
+    prog.add(Opcode.ROUTE, src=logits, stride=n, rows=n, experts=n_experts, top_k=k)
+    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM,
+             ddr=img.put(f"{p}.experts.gelu", _np(t[f"{p}.experts.gelu"]).astype(np.int8)
+                         .tobytes()))
+    q = f"{p}.experts"
+    offsets, fc1_bytes = [], 0
+    for e in range(n_experts):
+        fc1 = gemm_stream(t[f"{q}.fc1.weight"][e], t[f"{q}.fc1.bias"][e], t[f"{q}.fc1.mult"][e],
+                          t[f"{q}.fc1.shift"][e], cfg)
+        fc2 = gemm_stream(t[f"{q}.fc2.weight"][e], t[f"{q}.fc2.bias"][e], t[f"{q}.fc2.mult"][e],
+                          t[f"{q}.fc2.shift"][e], cfg)
+        fc1_bytes = len(fc1)
+        offsets.append(img.put(f"{q}.{e}", fc1 + fc2))
+    stride = offsets[1] - offsets[0] if n_experts > 1 else 0
+    # Equal-size blocks, each a whole number of beats: one constant stride.
+    assert all(b - a == stride for a, b in itertools.pairwise(offsets))
+    prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
+             src_rows=RowMode.GATHER, dst_rows=RowMode.DIRECT, tokens=n, k_slices=d // R,
+             n_tiles=hidden // C, src=src, src_stride=n, dst=scratch, dst_stride=n,
+             ddr=offsets[0])
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
+             src_rows=RowMode.DIRECT, dst_rows=RowMode.QUEUE, tokens=n, k_slices=hidden // R,
+             n_tiles=d // C, src=scratch, src_stride=n, dst=y, dst_stride=n * k,
+             ddr=offsets[0] + fc1_bytes)
+    mult, shift = (int(v) for v in t[f"{p}.combine"].tolist())
+    prog.add(Opcode.COMBINE, src=y, src_stride=n * k, dst=dst, dst_stride=n, rows=n,
+             beats=d // C, mult=mult, shift=shift)
+
+
 def _pad_columns(x, multiple: int) -> np.ndarray:
     """(M, K) → (M, K rounded up to ``multiple``), zero columns appended."""
     x = _np(x).astype(np.int8)
@@ -255,24 +556,46 @@ def _pad_columns(x, multiple: int) -> np.ndarray:
     return out
 
 
+def patch_words(patches, model: ModelConfig, config: AccelConfig) -> bytes:
+    """The input region's bytes for one image: its (N_patches, C·p·p) INT8 patch rows
+    (:func:`m3vit.sw.golden.patchify`), K zero-padded to whole PE-array slices, slice-major.
+
+    Raises
+    ------
+    M3VitError
+        For patches of another shape than ``model``'s.
+    """
+    shape = (model.n_patches, model.in_chans * model.patch_size ** 2)
+    if tuple(_np(patches).shape) != shape:
+        raise M3VitError(f"patches must be {shape[0]}x{shape[1]} for {model.name!r}, got "
+                         f"{'x'.join(map(str, _np(patches).shape))}")
+    return slice_major(_pad_columns(patches, config.pe_rows), config.pe_cols)
+
+
 def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
-                      model: ModelConfig, cfg: AccelConfig, patches) -> int:
+                      model: ModelConfig, cfg: AccelConfig, patches=None, *,
+                      dst: int | None = None) -> int:
     """Patch GEMM into tokens 1…, cls into token 0, + position embedding: x0's first word.
 
     ``patches`` is the host's (N_patches, C·p·p) INT8 patch rows
-    (:func:`m3vit.sw.golden.patchify`); K is zero-padded to whole PE-array slices.
+    (:func:`m3vit.sw.golden.patchify`); K is zero-padded to whole PE-array slices. They
+    are region ``"patches"`` (:func:`patch_words`); with ``patches=None`` the region is
+    reserved zeroed for the runtime to write. x0 goes to ``dst`` when given, else to a
+    new tensor of the plan.
     """
     C = cfg.pe_cols
     n, d = model.n_tokens, model.embed_dim
     words = d // C * n
-    rows = _pad_columns(patches, cfg.pe_rows)
-    k_slices = rows.shape[1] // cfg.pe_rows
-    patch_in = plan.alloc("patches", n - 1, rows.shape[1])
+    k_slices = _ceil(model.in_chans * model.patch_size ** 2, cfg.pe_rows)
+    patch_in = plan.alloc("patches", n - 1, k_slices * cfg.pe_rows)
     x_cat = plan.alloc("x_cat", n, d)
     pos = plan.alloc("pos", n, d)
-    x0 = plan.alloc("x0", n, d)
-    prog.add(Opcode.LOAD, ddr=img.put("patches", slice_major(rows, C)), dst=patch_in,
-             dst_stride=1, words=k_slices * (n - 1))
+    x0 = plan.alloc("x0", n, d) if dst is None else dst
+    if patches is None:
+        ddr = img.reserve("patches", k_slices * (n - 1) * C)
+    else:
+        ddr = img.put("patches", patch_words(patches, model, cfg))
+    prog.add(Opcode.LOAD, ddr=ddr, dst=patch_in, dst_stride=1, words=k_slices * (n - 1))
     w = _pad_columns(t["patch.weight"], cfg.pe_rows)
     ddr = img.put("patch", gemm_stream(w, t["patch.bias"], t["patch.mult"], t["patch.shift"],
                                        cfg))
@@ -289,21 +612,32 @@ def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
 
 
 def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
-                 cfg: AccelConfig, task: str, x_base: int, norm_base: int) -> int:
+                 cfg: AccelConfig, task: str | None, x_base: int, norm_base: int, *,
+                 tasks: TaskBlocks | None = None) -> int:
     """Final LayerNorm of ``x_base`` into ``norm_base``, then the task head of the patch
-    tokens as INT32 into DDR; the offset of its (n_tiles, N_patches, C) INT32 output."""
+    tokens as INT32 into DDR; the offset of its (n_tiles, N_patches, C) INT32 output.
+
+    With ``tasks`` (placed, holding ``heads``: :func:`model_task_blocks`) the head is the
+    running task's (``per_task``; ``task`` is ignored) with :func:`head_tiles` N-tiles and
+    the output is region ``heads.out``; otherwise ``task``'s own, into ``heads.<task>.out``.
+    """
     C = cfg.pe_cols
     n, d = model.n_tokens, model.embed_dim
     _layernorm(prog, img, t, "norm", cfg, src=x_base, dst=norm_base, tokens=n, dim=d)
-    w = t[f"heads.{task}.weight"]
-    n_out = w.shape[0]
-    n_tiles = _ceil(n_out, C)
-    zeros = torch.zeros(n_out, dtype=torch.int64)
-    ddr = img.put(f"heads.{task}", gemm_stream(w, t[f"heads.{task}.bias"], zeros, zeros, cfg))
-    out = img.reserve(f"heads.{task}.out", n_tiles * (n - 1) * 4 * C)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, tokens=n - 1,
-             k_slices=d // cfg.pe_rows, n_tiles=n_tiles, src=norm_base + 1, src_stride=n,
-             ddr=ddr, out_ddr=out)
+    if tasks is not None:
+        n_tiles, ddr, per_task = head_tiles(model, cfg), tasks.ddr("heads"), 1
+        out_name = "heads.out"
+    else:
+        w = t[f"heads.{task}.weight"]
+        n_tiles = _ceil(w.shape[0], C)
+        zeros = torch.zeros(w.shape[0], dtype=torch.int64)
+        ddr = img.put(f"heads.{task}", gemm_stream(w, t[f"heads.{task}.bias"], zeros, zeros,
+                                                   cfg))
+        per_task, out_name = 0, f"heads.{task}.out"
+    out = img.reserve(out_name, n_tiles * (n - 1) * 4 * C)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, per_task=per_task,
+             tokens=n - 1, k_slices=d // cfg.pe_rows, n_tiles=n_tiles, src=norm_base + 1,
+             src_stride=n, ddr=ddr, out_ddr=out)
     return out
 
 
@@ -316,9 +650,59 @@ def head_output(raw: bytes, tokens: int, n_out: int, lanes: int) -> torch.Tensor
                             .astype(np.int64))
 
 
-def compile_dense_block(t: dict, model: ModelConfig, config: AccelConfig, index: int,
-                        x_in) -> tuple[bytes, DdrImage, BufferPlan, int]:
-    """Program + DDR image that loads ``x_in``, runs dense block ``index`` and stores x2.
+def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index: int,
+                  model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
+                  tasks: TaskBlocks | None = None,
+                  order: ExpertOrder = ExpertOrder.REGISTER) -> None:
+    """Block ``index``: x at ``src`` → x2 at ``dst`` (both (M, D), stride M, disjoint).
+
+    LN1, attention, residual, LN2, then the dense MLP or (MoE block, which needs ``tasks``)
+    :func:`moe_program`, residual. Its scratch is released when it returns.
+    """
+    C = cfg.pe_cols
+    n, d = model.n_tokens, model.embed_dim
+    words = d // C * n
+    p = f"blocks.{index}"
+    mark = plan.next_word
+    h = plan.alloc(f"{p}.ln1", n, d)
+    a = plan.alloc(f"{p}.proj", n, d)
+    x1 = plan.alloc(f"{p}.x1", n, d)
+    h2, y = h, a  # LN2 reuses LN1's room, the MLP output the attention output's
+    _layernorm(prog, img, t, f"{p}.ln1", cfg, src=src, dst=h, tokens=n, dim=d)
+    scratch = plan.next_word
+    attention_program(prog, img, plan, t, p, model, cfg, src=h, dst=a)
+    plan.release(scratch)
+    _residual(prog, t, f"{p}.res1", a=src, b=a, dst=x1, words=words)
+    _layernorm(prog, img, t, f"{p}.ln2", cfg, src=x1, dst=h2, tokens=n, dim=d)
+    if index in model.moe_blocks:
+        if tasks is None:
+            raise M3VitError(f"MoE block {index} needs the per-task blocks of its routers")
+        moe_program(prog, img, plan, t, p, model, cfg, src=h2, dst=y, tasks=tasks,
+                    order=order)
+    else:
+        f = plan.alloc(f"{p}.fc1", n, model.mlp_hidden)
+        prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM,
+                 ddr=img.put(f"{p}.gelu", _np(t[f"{p}.gelu"]).astype(np.int8).tobytes()))
+        _linear(prog, img, t, f"{p}.fc1", cfg, src=h2, dst=f, tokens=n, mode=GemmOp.INT8_TABLE)
+        _linear(prog, img, t, f"{p}.fc2", cfg, src=f, dst=y, tokens=n)
+    _residual(prog, t, f"{p}.res2", a=x1, b=y, dst=dst, words=words)
+    plan.release(mark)
+
+
+def compile_block(t: dict, model: ModelConfig, config: AccelConfig, index: int, x_in, *,
+                  order: ExpertOrder = ExpertOrder.REGISTER
+                  ) -> tuple[bytes, DdrImage, BufferPlan, int]:
+    """Program + DDR image that loads ``x_in``, runs block ``index`` and stores x2.
+
+    An MoE block's program starts with ``TASKS``: its routers sit in per-task blocks
+    (regions ``tasks.<task>``), so ``TASK_SELECT`` picks the task.
+
+    Parameters
+    ----------
+    x_in : (M, D) INT8
+        The block's input (the previous block's x2, or x0).
+    order : ExpertOrder
+        Schedule of an MoE block's ``EXPERTS`` loop (``REGISTER``: the host's choice).
 
     Returns
     -------
@@ -331,39 +715,147 @@ def compile_dense_block(t: dict, model: ModelConfig, config: AccelConfig, index:
     out_offset : int
         Offset of ``x_out`` in ``image``.
     """
-    check_top_config(config)
-    if index in model.moe_blocks:
-        raise M3VitError(f"block {index} is an MoE block; the dense-block program needs a "
-                         "dense one")
+    check_model_fits(model, config)
+    if not 0 <= index < model.depth:
+        raise M3VitError(f"block {index} is not in {model.name!r} (blocks 0…{model.depth - 1})")
     C = config.pe_cols
     n, d = model.n_tokens, model.embed_dim
     words = d // C * n
     img = DdrImage(align=config.axi_bytes)
     plan = BufferPlan(config)
     prog = Program()
-    p = f"blocks.{index}"
+    tasks = None
+    if index in model.moe_blocks:
+        tasks = model_task_blocks(t, model, config, blocks=[index], head=False)
+        tasks.place(img)
+        tasks.tasks_instruction(prog)
     x = plan.alloc("x", n, d)
-    h = plan.alloc("h", n, d)
-    a = plan.alloc("attn", n, d)
-    x1 = plan.alloc("x1", n, d)
     x2 = plan.alloc("x2", n, d)
-    h2, y = h, a  # LN2 reuses LN1's room, the MLP output the attention output's
     prog.add(Opcode.LOAD, ddr=img.put("x_in", slice_major(x_in, C)), dst=x, dst_stride=1,
              words=words)
-    _layernorm(prog, img, t, f"{p}.ln1", config, src=x, dst=h, tokens=n, dim=d)
-    scratch = plan.next_word
-    attention_program(prog, img, plan, t, p, model, config, src=h, dst=a)
-    plan.release(scratch)
-    f = plan.alloc("fc1", n, model.mlp_hidden)
-    _residual(prog, t, f"{p}.res1", a=x, b=a, dst=x1, words=words)
-    _layernorm(prog, img, t, f"{p}.ln2", config, src=x1, dst=h2, tokens=n, dim=d)
-    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM,
-             ddr=img.put(f"{p}.gelu", _np(t[f"{p}.gelu"]).astype(np.int8).tobytes()))
-    _linear(prog, img, t, f"{p}.fc1", config, src=h2, dst=f, tokens=n, mode=GemmOp.INT8_TABLE)
-    _linear(prog, img, t, f"{p}.fc2", config, src=f, dst=y, tokens=n)
-    _residual(prog, t, f"{p}.res2", a=x1, b=y, dst=x2, words=words)
+    block_program(prog, img, plan, t, index, model, config, src=x, dst=x2, tasks=tasks,
+                  order=order)
     out = img.reserve("x_out", words * C)
     prog.add(Opcode.STORE, ddr=out, src=x2, src_stride=1, words=words)
     prog.add(Opcode.END)
     return prog.encode(), img, plan, out
 
+
+def compile_dense_block(t: dict, model: ModelConfig, config: AccelConfig, index: int,
+                        x_in) -> tuple[bytes, DdrImage, BufferPlan, int]:
+    """:func:`compile_block` for a dense block (refuses an MoE one): the block bench's unit."""
+    if index in model.moe_blocks:
+        raise M3VitError(f"block {index} is an MoE block; the dense-block program needs a "
+                         "dense one")
+    return compile_block(t, model, config, index, x_in)
+
+
+@dataclass
+class CompiledModel:
+    """One program and one DDR image that run ``model`` for any of its tasks.
+
+    The host writes the image at ``DATA_BASE`` (``DATA_SIZE = len(image.data)``), the
+    program at ``PROGRAM_BASE``, ``TASK_SELECT = task_select(task)``; per image it writes
+    the patches (:meth:`write_input`), runs, and reads the head (:meth:`head`).
+
+    Attributes
+    ----------
+    program : bytes
+        Encoded instructions (``TASKS`` first, ``END`` last).
+    image : DdrImage
+        The data window; ``image.regions`` names every region.
+    plan : BufferPlan
+        Activation-buffer plan (``plan.peak`` words at most in use).
+    tasks : TaskBlocks
+        The per-task blocks (offsets of each task's routers and head).
+    input_offset, input_size : int
+        Region ``patches``: :func:`patch_words` of one image.
+    output_offset, output_size : int
+        Region ``heads.out``: (head_tiles, N_patches, pe_cols) little-endian INT32.
+    head_tiles : int
+        N-tiles of the head GEMM (the widest task's).
+    """
+
+    model: ModelConfig
+    config: AccelConfig
+    program: bytes
+    image: DdrImage
+    plan: BufferPlan
+    tasks: TaskBlocks
+    input_offset: int
+    input_size: int
+    output_offset: int
+    output_size: int
+    head_tiles: int
+
+    def task_select(self, task: str) -> int:
+        """``TASK_SELECT`` value of ``task``."""
+        return self.tasks.task_select(task)
+
+    def input_bytes(self, patches) -> bytes:
+        """Bytes of the input region for one image's (N_patches, C·p·p) INT8 patches."""
+        return patch_words(patches, self.model, self.config)
+
+    def write_input(self, ddr: bytearray, patches) -> None:
+        """Overwrite the input region of the data window ``ddr`` with ``patches``."""
+        ddr[self.input_offset:self.input_offset + self.input_size] = self.input_bytes(patches)
+
+    def head(self, ddr: bytes, task: str) -> torch.Tensor:
+        """``task``'s (N_patches, n_out) INT32 head output from the data window after a run."""
+        raw = bytes(ddr[self.output_offset:self.output_offset + self.output_size])
+        return head_output(raw, self.model.n_patches, self.model.task(task).n_out,
+                           self.config.pe_cols)
+
+
+def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None, *,
+                  order: ExpertOrder = ExpertOrder.REGISTER) -> CompiledModel:
+    """Compile the whole model: embedding, every block, final LayerNorm and task head.
+
+    One program and one image serve every task: the routers and heads are ``per_task``
+    (:func:`model_task_blocks`), chosen at run time by ``TASK_SELECT``.
+
+    Parameters
+    ----------
+    t : dict
+        The quantized package's tensors.
+    model : ModelConfig
+        Its configuration.
+    config : AccelConfig
+        The accelerator.
+    patches : (N_patches, C·p·p) INT8, optional
+        A first image's patch rows (:func:`m3vit.sw.golden.patchify`) for the input
+        region; zeros when omitted (the runtime writes each image there).
+    order : ExpertOrder
+        Schedule of every ``EXPERTS`` loop (``REGISTER``: the host's ``SCHEDULE.ORDER``).
+
+    Raises
+    ------
+    M3VitError
+        When the model does not fit ``config`` (the message names the capacity).
+    """
+    check_model_fits(model, config)
+    C = config.pe_cols
+    n, d = model.n_tokens, model.embed_dim
+    img = DdrImage(align=config.axi_bytes)
+    plan = BufferPlan(config)
+    prog = Program()
+    tasks = model_task_blocks(t, model, config)
+    tasks.place(img)
+    tasks.tasks_instruction(prog)
+    # x ping-pongs between two slots; everything else is scratch of one stage.
+    slots = [plan.alloc("x.a", n, d), plan.alloc("x.b", n, d)]
+    mark = plan.next_word
+    embedding_program(prog, img, plan, t, model, config, patches, dst=slots[0])
+    plan.release(mark)
+    for i in range(model.depth):
+        block_program(prog, img, plan, t, i, model, config, src=slots[i % 2],
+                      dst=slots[(i + 1) % 2], tasks=tasks, order=order)
+    norm = plan.alloc("norm", n, d)
+    out = head_program(prog, img, t, model, config, None, slots[model.depth % 2], norm,
+                       tasks=tasks)
+    prog.add(Opcode.END)
+    n_tiles = head_tiles(model, config)
+    return CompiledModel(
+        model=model, config=config, program=prog.encode(), image=img, plan=plan, tasks=tasks,
+        input_offset=img.regions["patches"][0], input_size=img.regions["patches"][1],
+        output_offset=out, output_size=n_tiles * model.n_patches * 4 * C, head_tiles=n_tiles)

@@ -4,7 +4,13 @@
 with the integer functions of :mod:`m3vit.sw.numerics`, instruction by instruction. It is
 the reference the compiler is tested against without hardware, and the oracle that tells
 whether a mismatch in an RTL bench is the compiler's or the hardware's. It models what an
-instruction computes, not cycles.
+instruction computes and which DDR bytes it moves, not cycles.
+
+Every instruction is checked before it runs, as the controller does (the checks table of
+``docs/isa.md``): a failing check raises :class:`MachineStop` with the
+:class:`~m3vit.hw.registers.ErrorCode` the hardware would report and the failing ``pc``.
+Each run also records its DDR accesses (:class:`DdrAccess`) and the iterations of every
+``EXPERTS`` loop (:class:`ExpertLoop`), so tests can count weight traffic per schedule.
 """
 
 from __future__ import annotations
@@ -20,21 +26,154 @@ from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION_BYTES,
     LN_RECORD_BYTES,
+    ExpertOrder,
+    IsaError,
     Opcode,
+    RowMode,
     TableUnit,
     WeightSource,
     decode,
 )
+from m3vit.hw.registers import ErrorCode, Schedule
 
 from . import numerics as nx
 from .errors import M3VitError
 
-__all__ = ["IsaMachine", "execute"]
+__all__ = [
+    "DdrAccess",
+    "Dispatch",
+    "ExpertLoop",
+    "IsaMachine",
+    "Iteration",
+    "MachineStop",
+    "dispatch_tables",
+    "execute",
+]
+
+#: Bytes of one table of each unit in DDR.
+_TABLE_BYTES = {TableUnit.GEMM: 256, TableUnit.SOFTMAX: 512}
+#: Opcodes that end or restructure control flow and so may not sit in an ``EXPERTS`` body.
+_NOT_IN_BODY = (Opcode.EXPERTS, Opcode.ROUTE, Opcode.TASKS, Opcode.END)
+
+
+class MachineStop(M3VitError):
+    """The hardware would stop the run here with STATUS.ERROR.
+
+    Attributes
+    ----------
+    code : ErrorCode
+        ``ERROR_CODE`` the controller reports.
+    pc : int
+        ``ERROR_PC``: index of the failing instruction.
+    """
+
+    def __init__(self, code: ErrorCode, pc: int, message: str):
+        super().__init__(f"instruction {pc}: {message} ({code.name})")
+        self.code = code
+        self.pc = pc
+
+
+@dataclass(frozen=True)
+class DdrAccess:
+    """One DDR transfer of one executed instruction (whole AXI beats where the ISA says so).
+
+    ``expert`` is the ``EXPERTS`` iteration's expert for an instruction of a loop body
+    (``None`` outside one).
+    """
+
+    pc: int
+    op: Opcode
+    offset: int
+    size: int
+    write: bool
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """Context of one ``EXPERTS`` iteration: expert, queue offset and token count."""
+
+    expert: int
+    offset: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ExpertLoop:
+    """One executed ``EXPERTS`` instruction: its pc, the order it ran and its iterations."""
+
+    pc: int
+    order: ExpertOrder
+    iterations: tuple[Iteration, ...]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The dispatch tables a ``ROUTE`` builds (``docs/isa.md``, "The MoE layer").
+
+    Attributes
+    ----------
+    rows, top_k : int
+        Routed tokens M and choices per token k.
+    experts, scores, pos : torch.Tensor
+        (M, k) slots: token t's choice j (descending score), its score, its queue position.
+    count, start : torch.Tensor
+        (E,) tokens per expert and the first queue position of each expert's group.
+    queue : torch.Tensor
+        (M·k,) token of each queue position: grouped by expert, tokens ascending.
+    active : torch.Tensor
+        Experts with ``count > 0``, ascending.
+    """
+
+    rows: int
+    top_k: int
+    experts: torch.Tensor
+    scores: torch.Tensor
+    pos: torch.Tensor
+    count: torch.Tensor
+    start: torch.Tensor
+    queue: torch.Tensor
+    active: torch.Tensor
+
+    def iterations(self, order: ExpertOrder) -> tuple[Iteration, ...]:
+        """The ``EXPERTS`` iterations of ``order`` (``EXPERT_BY_EXPERT`` or ``TOKEN_BY_TOKEN``)."""
+        if order == ExpertOrder.EXPERT_BY_EXPERT:
+            return tuple(Iteration(e, int(self.start[e]), int(self.count[e]))
+                         for e in self.active.tolist())
+        return tuple(Iteration(e, q, 1) for e, q in zip(self.experts.reshape(-1).tolist(),
+                                                        self.pos.reshape(-1).tolist(),
+                                                        strict=True))
+
+
+def dispatch_tables(scores: torch.Tensor, top_k: int) -> Dispatch:
+    """Top-k of (M, E) router scores and the per-expert queues, vectorised."""
+    m, n_experts = scores.shape
+    experts, chosen = nx.top_k(scores, top_k)
+    flat_e = experts.reshape(-1)
+    flat_t = torch.arange(m).repeat_interleave(top_k)
+    # Unique keys (a token chooses an expert at most once): expert-major, token-ascending.
+    order = torch.argsort(flat_e * m + flat_t)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(m * top_k)
+    count = torch.bincount(flat_e, minlength=n_experts)
+    return Dispatch(rows=m, top_k=top_k, experts=experts, scores=chosen,
+                    pos=pos.reshape(m, top_k), count=count, start=torch.cumsum(count, 0) - count,
+                    queue=flat_t[order], active=torch.nonzero(count).reshape(-1))
 
 
 @dataclass
 class IsaMachine:
-    """State of the modelled accelerator: buffer, DDR data window and tables."""
+    """State of the modelled accelerator: buffer, DDR data window, tables and run records.
+
+    Attributes
+    ----------
+    accesses : list of DdrAccess
+        Every DDR transfer of the run, in order (instruction fetches excluded).
+    loops : list of ExpertLoop
+        Every executed ``EXPERTS`` instruction.
+    executed : int
+        Instructions executed (each body instruction once per iteration).
+    """
 
     config: AccelConfig
     ddr: bytearray
@@ -43,6 +182,11 @@ class IsaMachine:
     exp_table: torch.Tensor = field(default_factory=lambda: torch.zeros(256, dtype=torch.int64))
     task_select: int = 0
     task_offset: int = 0
+    schedule: Schedule = Schedule.EXPERT_BY_EXPERT
+    dispatch: Dispatch | None = None
+    accesses: list[DdrAccess] = field(default_factory=list)
+    loops: list[ExpertLoop] = field(default_factory=list)
+    executed: int = 0
 
     def __post_init__(self):
         if self.buffer is None:
@@ -57,6 +201,182 @@ class IsaMachine:
         """Buffer words at ``addrs`` (any shape) → (..., C) INT8 as int64."""
         return torch.from_numpy(self.buffer[np.asarray(addrs)].astype(np.int64))
 
+    # ---- run statistics ------------------------------------------------------------------
+
+    def read_counts(self, offset: int, size: int) -> np.ndarray:
+        """How many times the run read each byte of DDR ``[offset, offset + size)``."""
+        delta = np.zeros(size + 1, np.int64)
+        for acc in self.accesses:
+            lo, hi = max(acc.offset, offset), min(acc.offset + acc.size, offset + size)
+            if not acc.write and lo < hi:
+                delta[lo - offset] += 1
+                delta[hi - offset] -= 1
+        return np.cumsum(delta[:-1])
+
+    @property
+    def bytes_read(self) -> int:
+        """DDR bytes read by the run's instructions (program fetches excluded)."""
+        return sum(a.size for a in self.accesses if not a.write)
+
+    @property
+    def bytes_written(self) -> int:
+        """DDR bytes written by the run."""
+        return sum(a.size for a in self.accesses if a.write)
+
+
+# ---- checks (docs/isa.md, "Semantics and checks") ---------------------------------------
+
+
+def _rows_extent(mode: int, rows: int, it: Iteration | None, routed: int) -> int:
+    """Rows of the buffer a body GEMM's operand reaches: ``count`` for DIRECT, ``offset +
+    count`` for QUEUE, the routed rows for GATHER."""
+    if mode == RowMode.QUEUE.value:
+        return it.offset + rows
+    if mode == RowMode.GATHER.value:
+        return routed
+    return rows
+
+
+def _last_word(base: int, *loops: tuple[int, int]) -> int:
+    """Last word of a range ``base + Σ i_l · stride_l`` over ``(count, stride)`` loops."""
+    return base + sum((n - 1) * s for n, s in loops if n > 0)
+
+
+def _gemm_rows(a: dict, it: Iteration | None) -> int:
+    """Rows a GEMM runs: the iteration's count for an expert GEMM, else ``tokens``."""
+    return it.count if a["expert"] and it is not None else a["tokens"]
+
+
+def _gemm_stream_bytes(a: dict, cfg: AccelConfig) -> int:
+    tiles = a["k_slices"] * cfg.pe_rows * cfg.pe_cols if a["wsrc"] == WeightSource.DDR.value \
+        else 0
+    return a["n_tiles"] * (GEMM_RECORD_BYTES * cfg.pe_cols + tiles)
+
+
+def _gemm_ddr_offset(mc: IsaMachine, a: dict, it: Iteration | None, stride: int) -> int:
+    offset = a["ddr"] + (mc.task_offset if a["per_task"] else 0)
+    if a["expert"] and it is not None:
+        offset += it.expert * stride
+    return offset
+
+
+def _beats(nbytes: int, cfg: AccelConfig) -> int:
+    """``nbytes`` rounded up to whole AXI beats."""
+    return -(-nbytes // cfg.axi_bytes) * cfg.axi_bytes
+
+
+def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
+           in_body: bool, stride: int) -> None:
+    """Raise :class:`MachineStop` if the controller would refuse to start this instruction."""
+    cfg = mc.config
+    R, C = cfg.pe_rows, cfg.pe_cols
+
+    def stop(code: ErrorCode, why: str):
+        raise MachineStop(code, pc, f"{op.name}: {why}")
+
+    # ILLEGAL_OPCODE
+    if in_body and op in _NOT_IN_BODY:
+        stop(ErrorCode.ILLEGAL_OPCODE, "not allowed inside an EXPERTS body")
+    if op == Opcode.GEMM:
+        if a["mode"] == GemmOp.LOAD_TABLE.value:
+            stop(ErrorCode.ILLEGAL_OPCODE, "mode LOAD_TABLE")
+        if a["wsrc"] == 3:
+            stop(ErrorCode.ILLEGAL_OPCODE, "wsrc 3")
+        if 3 in (a["src_rows"], a["dst_rows"]):
+            stop(ErrorCode.ILLEGAL_OPCODE, "row mode 3")
+        if a["dst_rows"] == RowMode.GATHER.value:
+            stop(ErrorCode.ILLEGAL_OPCODE, "dst_rows GATHER")
+        if not in_body and (a["expert"] or a["src_rows"] or a["dst_rows"]):
+            stop(ErrorCode.ILLEGAL_OPCODE, "expert or a row mode other than DIRECT outside an "
+                                           "EXPERTS body")
+    elif op == Opcode.LOAD_TABLE and a["unit"] > TableUnit.SOFTMAX.value:
+        stop(ErrorCode.ILLEGAL_OPCODE, f"unit {a['unit']}")
+    elif op == Opcode.EXPERTS and a["order"] == 3:
+        stop(ErrorCode.ILLEGAL_OPCODE, "order 3")
+
+    # SHAPE_OVER_CAPACITY
+    max_k = max(cfg.max_hidden, 3 * cfg.max_dim, cfg.max_tokens + C)
+    routed = mc.dispatch.rows if mc.dispatch is not None else 0
+    shape: list[tuple[bool, str]] = []
+    if op == Opcode.GEMM:
+        if not (a["expert"] and in_body):   # an expert GEMM's tokens field is ignored
+            shape.append((1 <= a["tokens"] <= cfg.max_tokens, f"tokens {a['tokens']}"))
+        shape += [(1 <= a["k_slices"] and a["k_slices"] * R <= max_k,
+                   f"k_slices {a['k_slices']}"),
+                  (1 <= a["n_tiles"] and a["n_tiles"] * C <= max_k, f"n_tiles {a['n_tiles']}")]
+    elif op == Opcode.LAYERNORM:
+        shape += [(1 <= a["rows"] <= cfg.max_tokens, f"rows {a['rows']}"),
+                  (1 <= a["beats"] and a["beats"] * C <= cfg.max_dim, f"beats {a['beats']}")]
+    elif op == Opcode.SOFTMAX:
+        shape += [(1 <= a["rows"] <= cfg.max_tokens, f"rows {a['rows']}"),
+                  (1 <= a["length"] <= cfg.max_tokens, f"length {a['length']}")]
+    elif op in (Opcode.LOAD, Opcode.STORE, Opcode.RESIDUAL):
+        shape.append((1 <= a["words"] <= cfg.act_buffer_words, f"words {a['words']}"))
+    elif op == Opcode.ROUTE:
+        shape += [(1 <= a["rows"] <= cfg.max_tokens, f"rows {a['rows']}"),
+                  (1 <= a["experts"] <= cfg.max_experts, f"experts {a['experts']}"),
+                  (1 <= a["top_k"] <= min(cfg.max_top_k, a["experts"]),
+                   f"top_k {a['top_k']}")]
+    elif op == Opcode.EXPERTS:
+        shape.append((a["body"] >= 1, "body 0"))
+    elif op == Opcode.COMBINE:
+        shape += [(1 <= a["rows"] <= routed, f"rows {a['rows']} (routed rows {routed})"),
+                  (1 <= a["beats"] and a["beats"] * C <= cfg.max_dim, f"beats {a['beats']}")]
+    for ok, why in shape:
+        if not ok:
+            stop(ErrorCode.SHAPE_OVER_CAPACITY, why)
+
+    # ADDRESS_OUT_OF_RANGE
+    words: list[int] = []            # last buffer word of each range
+    ddr: list[tuple[int, int]] = []  # (offset, bytes)
+    if op == Opcode.GEMM:
+        m = _gemm_rows(a, it)
+        src_rows = _rows_extent(a["src_rows"], m, it, routed)
+        words.append(_last_word(a["src"], (a["k_slices"], a["src_stride"]), (src_rows, 1)))
+        if a["mode"] != GemmOp.INT32.value:
+            dst_rows = _rows_extent(a["dst_rows"], m, it, routed)
+            words.append(_last_word(a["dst"], (a["n_tiles"], a["dst_stride"]), (dst_rows, 1)))
+        else:
+            ddr.append((a["out_ddr"], a["n_tiles"] * m * 4 * C))
+        if a["wsrc"] == WeightSource.BUFFER_ROWS.value:
+            words.append(_last_word(a["wbuf"] + R - 1, (a["n_tiles"], a["wstride"]),
+                                    (a["k_slices"], R)))
+        elif a["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
+            words.append(_last_word(a["wbuf"] + C - 1, (a["k_slices"], a["wstride"]),
+                                    (a["n_tiles"], C)))
+        ddr.append((_gemm_ddr_offset(mc, a, it, stride), _gemm_stream_bytes(a, cfg)))
+    elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
+        beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
+        words += [_last_word(a[k], (beats, a["stride"]), (a["rows"], 1)) for k in ("src", "dst")]
+        if op == Opcode.LAYERNORM:
+            ddr.append((a["ddr"], beats * LN_RECORD_BYTES * C))
+    elif op == Opcode.RESIDUAL:
+        words += [_last_word(a[k], (a["words"], 1)) for k in ("src_a", "src_b", "dst")]
+    elif op in (Opcode.LOAD, Opcode.STORE):
+        base, step = ("dst", "dst_stride") if op == Opcode.LOAD else ("src", "src_stride")
+        words.append(_last_word(a[base], (a["words"], a[step])))
+        ddr.append((a["ddr"], _beats(a["words"] * C, cfg)))
+    elif op == Opcode.LOAD_TABLE:
+        ddr.append((a["ddr"] + (mc.task_offset if a["per_task"] else 0),
+                    _TABLE_BYTES[TableUnit(a["unit"])]))
+    elif op == Opcode.ROUTE:
+        words.append(_last_word(a["src"], (-(-a["experts"] // C), a["stride"]), (a["rows"], 1)))
+    elif op == Opcode.COMBINE:
+        entries = routed * mc.dispatch.top_k
+        words.append(_last_word(a["src"], (a["beats"], a["src_stride"]), (entries, 1)))
+        words.append(_last_word(a["dst"], (a["beats"], a["dst_stride"]), (a["rows"], 1)))
+    for last in words:
+        if last >= cfg.act_buffer_words:
+            stop(ErrorCode.ADDRESS_OUT_OF_RANGE,
+                 f"buffer word {last} past the buffer's {cfg.act_buffer_words}")
+    for offset, size in ddr:
+        if offset + size > len(mc.ddr):
+            stop(ErrorCode.ADDRESS_OUT_OF_RANGE,
+                 f"DDR [{offset}, {offset + size}) past DATA_SIZE {len(mc.ddr)}")
+
+
+# ---- instructions -----------------------------------------------------------------------
+
 
 def _gemm_params(raw: bytes, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rec = np.frombuffer(raw, np.uint8).reshape(n, GEMM_RECORD_BYTES)
@@ -66,31 +386,39 @@ def _gemm_params(raw: bytes, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return tuple(torch.from_numpy(v) for v in (bias, mult, shift))
 
 
-def _gemm(mc: IsaMachine, a: dict) -> None:
+def _row_map(mc: IsaMachine, mode: RowMode, m: int, it: Iteration | None) -> np.ndarray:
+    """Buffer row of GEMM row m = 0…m−1 under ``mode`` (``docs/isa.md``, row modes)."""
+    rows = np.arange(m)
+    if mode == RowMode.QUEUE:
+        return it.offset + rows
+    if mode == RowMode.GATHER:
+        return mc.dispatch.queue[it.offset + rows].numpy()
+    return rows
+
+
+def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -> None:
     cfg = mc.config
     R, C = cfg.pe_rows, cfg.pe_cols
-    m, ks, nt = a["tokens"], a["k_slices"], a["n_tiles"]
+    m, ks, nt = _gemm_rows(a, it), a["k_slices"], a["n_tiles"]
     k, n = ks * R, nt * C
-    toks = np.arange(m)
-    # X[m, s·R + r] = word src + s·src_stride + m
-    x = mc.words(a["src"] + np.arange(ks)[:, None] * a["src_stride"] + toks[None, :])
+    src_rows = _row_map(mc, RowMode(a["src_rows"]), m, it)
+    dst_rows = _row_map(mc, RowMode(a["dst_rows"]), m, it)
+    # X[m, s·R + r] = word src + s·src_stride + row(m)
+    x = mc.words(a["src"] + np.arange(ks)[:, None] * a["src_stride"] + src_rows[None, :])
     x = x.permute(1, 0, 2).reshape(m, k)
     wsrc = WeightSource(a["wsrc"])
-    offset = a["ddr"] + (mc.task_offset if a["per_task"] else 0)
+    offset = _gemm_ddr_offset(mc, a, it, stride)
     tile = R * C
     per_tile = GEMM_RECORD_BYTES * C + (ks * tile if wsrc == WeightSource.DDR else 0)
     stream = mc._bytes(offset, nt * per_tile)
-    params, weights = [], []
-    for j in range(nt):
-        chunk = stream[j * per_tile:(j + 1) * per_tile]
-        params.append(chunk[:GEMM_RECORD_BYTES * C])
-        if wsrc == WeightSource.DDR:
-            # (s, r, c) → W[j·C + c, s·R + r]
-            t = np.frombuffer(chunk[GEMM_RECORD_BYTES * C:], np.int8).reshape(ks, R, C)
-            weights.append(t.transpose(2, 0, 1).reshape(C, k))
-    bias, mult, shift = _gemm_params(b"".join(params), n)
+    mc.accesses.append(DdrAccess(pc, Opcode.GEMM, offset, len(stream), False,
+                                 it.expert if it is not None else None))
+    chunks = np.frombuffer(stream, np.uint8).reshape(nt, per_tile)
+    bias, mult, shift = _gemm_params(chunks[:, :GEMM_RECORD_BYTES * C].tobytes(), n)
     if wsrc == WeightSource.DDR:
-        w = torch.from_numpy(np.concatenate(weights).astype(np.int64))
+        # (j, s, r, c) → W[j·C + c, s·R + r]
+        t = chunks[:, GEMM_RECORD_BYTES * C:].view(np.int8).reshape(nt, ks, R, C)
+        w = torch.from_numpy(t.transpose(0, 3, 1, 2).reshape(n, k).astype(np.int64))
     elif wsrc == WeightSource.BUFFER_ROWS:
         # W[j·C + c, s·R + r] = word(wbuf + j·wstride + s·R + r)[c]
         j, s, r = np.meshgrid(np.arange(nt), np.arange(ks), np.arange(R), indexing="ij")
@@ -107,11 +435,13 @@ def _gemm(mc: IsaMachine, a: dict) -> None:
         raw = acc.reshape(m, nt, C).permute(1, 0, 2).numpy().astype("<i4").tobytes()
         out = a["out_ddr"]
         mc.ddr[out:out + len(raw)] = raw
+        mc.accesses.append(DdrAccess(pc, Opcode.GEMM, out, len(raw), True,
+                                     it.expert if it is not None else None))
         return
     y = nx.linear(x, w, bias, mult, shift)
     if mode == GemmOp.INT8_TABLE:
         y = nx.table_lookup(y, mc.gemm_table)
-    dst = a["dst"] + np.arange(nt)[:, None] * a["dst_stride"] + toks[None, :]
+    dst = a["dst"] + np.arange(nt)[:, None] * a["dst_stride"] + dst_rows[None, :]
     mc.buffer[dst] = y.reshape(m, nt, C).permute(1, 0, 2).numpy().astype(np.int8)
 
 
@@ -120,64 +450,174 @@ def _row_addrs(a: dict, beats: int, src: str) -> np.ndarray:
     return a[src] + np.arange(beats)[None, :] * a["stride"] + np.arange(a["rows"])[:, None]
 
 
+def _zero_safe(fn, logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``fn(logits, table)`` (softmax or router scores) with rows whose exponentials are all
+    zero (no exp table loaded) giving 0, as the hardware does (its reciprocal of 0 is all
+    ones, multiplied by zero numerators)."""
+    _, total = nx.softmax_exp(logits, table)
+    live = total.reshape(-1) > 0
+    out = torch.zeros_like(logits)
+    out[live] = fn(logits[live], table)
+    return out
+
+
+def _route(mc: IsaMachine, a: dict) -> None:
+    C = mc.config.pe_cols
+    n_experts, rows = a["experts"], a["rows"]
+    beats = -(-n_experts // C)
+    # Logit of token m, expert e at word src + (e ÷ C)·stride + m, lane e mod C.
+    logits = mc.words(_row_addrs(a, beats, "src")).reshape(rows, beats * C)[:, :n_experts]
+    scores = _zero_safe(nx.router_scores, logits, mc.exp_table)
+    mc.dispatch = dispatch_tables(scores, a["top_k"])
+
+
+def _combine(mc: IsaMachine, a: dict) -> None:
+    d = mc.dispatch
+    rows, beats = a["rows"], a["beats"]
+    s = np.arange(beats)
+    # y[q] slice s at word src + s·src_stride + q: (rows, k, beats, C)
+    q = d.pos[:rows].numpy()
+    y = mc.words(a["src"] + s[None, None, :] * a["src_stride"] + q[:, :, None])
+    y = y.reshape(rows, d.top_k, -1)
+    out = nx.moe_combine(y, d.scores[:rows], a["mult"], a["shift"])
+    dst = a["dst"] + s[None, :] * a["dst_stride"] + np.arange(rows)[:, None]
+    mc.buffer[dst] = out.reshape(rows, beats, -1).numpy().astype(np.int8)
+
+
+def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
+          stride: int) -> None:
+    """Execute one checked instruction other than ``END`` and ``EXPERTS``."""
+    C = mc.config.pe_cols
+    expert = it.expert if it is not None else None
+    if op == Opcode.TASKS:
+        if mc.task_select >= a["count"]:
+            raise MachineStop(ErrorCode.BAD_TASK, pc,
+                              f"task {mc.task_select} ≥ {a['count']} tasks")
+        mc.task_offset = mc.task_select * a["stride"]
+    elif op == Opcode.LOAD:
+        raw = mc._bytes(a["ddr"], a["words"] * C)
+        idx = a["dst"] + np.arange(a["words"]) * a["dst_stride"]
+        mc.buffer[idx] = np.frombuffer(raw, np.int8).reshape(-1, C)
+        mc.accesses.append(DdrAccess(pc, op, a["ddr"], _beats(len(raw), mc.config), False,
+                                     expert))
+    elif op == Opcode.STORE:
+        idx = a["src"] + np.arange(a["words"]) * a["src_stride"]
+        raw = mc.buffer[idx].tobytes()
+        size = _beats(len(raw), mc.config)     # the last AXI beat is zero-padded
+        mc.ddr[a["ddr"]:a["ddr"] + size] = raw + bytes(size - len(raw))
+        mc.accesses.append(DdrAccess(pc, op, a["ddr"], size, True, expert))
+    elif op == Opcode.LOAD_TABLE:
+        offset = a["ddr"] + (mc.task_offset if a["per_task"] else 0)
+        unit = TableUnit(a["unit"])
+        raw = mc._bytes(offset, _TABLE_BYTES[unit])
+        mc.accesses.append(DdrAccess(pc, op, offset, len(raw), False, expert))
+        if unit == TableUnit.GEMM:
+            mc.gemm_table = torch.from_numpy(np.frombuffer(raw, np.int8).astype(np.int64))
+        else:
+            mc.exp_table = torch.from_numpy(np.frombuffer(raw, "<u2").astype(np.int64))
+    elif op == Opcode.GEMM:
+        _gemm(mc, pc, a, it, stride)
+    elif op == Opcode.LAYERNORM:
+        beats = a["beats"]
+        raw = mc._bytes(a["ddr"], beats * C * LN_RECORD_BYTES)
+        mc.accesses.append(DdrAccess(pc, op, a["ddr"], len(raw), False, expert))
+        rec = np.frombuffer(raw, np.uint8).reshape(-1, LN_RECORD_BYTES)
+        bias = torch.from_numpy(rec[:, 0:8].copy().view("<i8").reshape(-1))
+        gain = torch.from_numpy(rec[:, 8:10].copy().view("<i2").reshape(-1).astype(np.int64))
+        x = mc.words(_row_addrs(a, beats, "src")).reshape(a["rows"], beats * C)
+        y = nx.layernorm(x, gain, bias, a["shift"], a["eps_term"])
+        mc.buffer[_row_addrs(a, beats, "dst")] = y.reshape(a["rows"], beats, C).numpy()
+    elif op == Opcode.SOFTMAX:
+        beats = -(-a["length"] // C)
+        x = mc.words(_row_addrs(a, beats, "src")).reshape(a["rows"], beats * C)
+        p = torch.zeros_like(x)
+        p[:, :a["length"]] = _zero_safe(nx.softmax, x[:, :a["length"]], mc.exp_table)
+        mc.buffer[_row_addrs(a, beats, "dst")] = p.reshape(a["rows"], beats, C).numpy()
+    elif op == Opcode.RESIDUAL:
+        n = a["words"]
+        x = mc.words(a["src_a"] + np.arange(n))
+        y = mc.words(a["src_b"] + np.arange(n))
+        out = nx.residual_add(x, y, a["mult_a"], a["mult_b"], a["shift"])
+        mc.buffer[a["dst"] + np.arange(n)] = out.numpy().astype(np.int8)
+    elif op == Opcode.ROUTE:
+        _route(mc, a)
+    elif op == Opcode.COMBINE:
+        _combine(mc, a)
+
+
 def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: int = 0,
-            max_instructions: int = 100_000) -> IsaMachine:
+            max_instructions: int = 100_000,
+            schedule: Schedule = Schedule.EXPERT_BY_EXPERT) -> IsaMachine:
     """Run ``program`` on the DDR data window ``ddr`` (modified in place) until ``END``.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        The accelerator the program is for.
+    program : bytes
+        Encoded instructions.
+    ddr : bytearray
+        The data window (``DATA_BASE`` … ``DATA_BASE + DATA_SIZE``); written in place.
+    task_select : int
+        ``TASK_SELECT``.
+    max_instructions : int
+        Executed instructions (loop bodies counted per iteration) before giving up.
+    schedule : Schedule
+        ``SCHEDULE.ORDER``: the order of ``EXPERTS`` loops with ``order = REGISTER``.
+
+    Returns
+    -------
+    IsaMachine
+        The final state, with the run's DDR accesses and ``EXPERTS`` iterations.
 
     Raises
     ------
+    MachineStop
+        For an instruction the hardware would stop on (its error code, pc and why).
     M3VitError
-        For an instruction the hardware would stop on (the message names it).
+        For a program that runs past its end or past ``max_instructions``.
     """
-    mc = IsaMachine(config, ddr, task_select=task_select)
-    C = config.pe_cols
-    for pc in range(max_instructions):
+    mc = IsaMachine(config, ddr, task_select=task_select, schedule=Schedule(schedule))
+    register_order = (ExpertOrder.EXPERT_BY_EXPERT if mc.schedule == Schedule.EXPERT_BY_EXPERT
+                      else ExpertOrder.TOKEN_BY_TOKEN)
+
+    def fetch(pc: int) -> tuple[Opcode, dict]:
         word = program[pc * INSTRUCTION_BYTES:(pc + 1) * INSTRUCTION_BYTES]
-        op, a = decode(word)
+        if len(word) < INSTRUCTION_BYTES:
+            raise M3VitError(f"the program ran past its last instruction ({pc}) without END")
+        try:
+            return decode(word)
+        except IsaError:
+            raise MachineStop(ErrorCode.ILLEGAL_OPCODE, pc,
+                              f"opcode 0x{word[0]:02x} is not in the instruction set") from None
+
+    def start(pc: int, op: Opcode, a: dict, it: Iteration | None, stride: int) -> None:
+        """Count and check one instruction, as the controller does before it starts one."""
+        if mc.executed >= max_instructions:
+            raise M3VitError(f"the program did not reach END within {max_instructions} "
+                             "instructions")
+        mc.executed += 1
+        _check(mc, pc, op, a, it, it is not None, stride)
+
+    pc = 0
+    while True:
+        op, a = fetch(pc)
+        start(pc, op, a, None, 0)
         if op == Opcode.END:
             return mc
-        if op == Opcode.TASKS:
-            if task_select >= a["count"]:
-                raise M3VitError(f"instruction {pc}: task {task_select} ≥ {a['count']} tasks")
-            mc.task_offset = task_select * a["stride"]
-        elif op == Opcode.LOAD:
-            raw = mc._bytes(a["ddr"], a["words"] * C)
-            idx = a["dst"] + np.arange(a["words"]) * a["dst_stride"]
-            mc.buffer[idx] = np.frombuffer(raw, np.int8).reshape(-1, C)
-        elif op == Opcode.STORE:
-            idx = a["src"] + np.arange(a["words"]) * a["src_stride"]
-            raw = mc.buffer[idx].tobytes()
-            mc.ddr[a["ddr"]:a["ddr"] + len(raw)] = raw
-        elif op == Opcode.LOAD_TABLE:
-            offset = a["ddr"] + (mc.task_offset if a["per_task"] else 0)
-            if TableUnit(a["unit"]) == TableUnit.GEMM:
-                mc.gemm_table = torch.from_numpy(
-                    np.frombuffer(mc._bytes(offset, 256), np.int8).astype(np.int64))
-            else:
-                mc.exp_table = torch.from_numpy(
-                    np.frombuffer(mc._bytes(offset, 512), "<u2").astype(np.int64))
-        elif op == Opcode.GEMM:
-            _gemm(mc, a)
-        elif op == Opcode.LAYERNORM:
-            beats = a["beats"]
-            rec = np.frombuffer(mc._bytes(a["ddr"], beats * C * LN_RECORD_BYTES), np.uint8)
-            rec = rec.reshape(-1, LN_RECORD_BYTES)
-            bias = torch.from_numpy(rec[:, 0:8].copy().view("<i8").reshape(-1))
-            gain = torch.from_numpy(rec[:, 8:10].copy().view("<i2").reshape(-1).astype(np.int64))
-            src = _row_addrs(a, beats, "src")
-            x = mc.words(src).reshape(a["rows"], beats * C)
-            y = nx.layernorm(x, gain, bias, a["shift"], a["eps_term"])
-            mc.buffer[_row_addrs(a, beats, "dst")] = y.reshape(a["rows"], beats, C).numpy()
-        elif op == Opcode.SOFTMAX:
-            beats = -(-a["length"] // C)
-            x = mc.words(_row_addrs(a, beats, "src")).reshape(a["rows"], beats * C)
-            p = torch.zeros_like(x)
-            p[:, :a["length"]] = nx.softmax(x[:, :a["length"]], mc.exp_table)
-            mc.buffer[_row_addrs(a, beats, "dst")] = p.reshape(a["rows"], beats, C).numpy()
-        elif op == Opcode.RESIDUAL:
-            n = a["words"]
-            x = mc.words(a["src_a"] + np.arange(n))
-            y = mc.words(a["src_b"] + np.arange(n))
-            out = nx.residual_add(x, y, a["mult_a"], a["mult_b"], a["shift"])
-            mc.buffer[a["dst"] + np.arange(n)] = out.numpy().astype(np.int8)
-    raise M3VitError(f"the program did not reach END within {max_instructions} instructions")
+        if op != Opcode.EXPERTS:
+            _step(mc, pc, op, a, None, 0)
+            pc += 1
+            continue
+        order = ExpertOrder(a["order"])
+        if order == ExpertOrder.REGISTER:
+            order = register_order
+        # With no ROUTE since the start of the run there are no iterations.
+        iterations = mc.dispatch.iterations(order) if mc.dispatch is not None else ()
+        mc.loops.append(ExpertLoop(pc, order, iterations))
+        for it in iterations:
+            for q in range(pc + 1, pc + 1 + a["body"]):
+                body_op, body_a = fetch(q)
+                start(q, body_op, body_a, it, a["stride"])
+                _step(mc, q, body_op, body_a, it, a["stride"])
+        pc += 1 + a["body"]

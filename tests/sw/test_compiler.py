@@ -1,35 +1,88 @@
 """The compiler's layouts and programs, checked with the instruction-level model."""
 
+import functools
+
+import numpy as np
 import pytest
 import torch
 
 from m3vit.hw.config import CI, ZCU104
-from m3vit.hw.isa import Opcode
+from m3vit.hw.gemm import GemmOp
+from m3vit.hw.isa import (
+    ExpertOrder,
+    Opcode,
+    RowMode,
+    TableUnit,
+    WeightSource,
+    decode,
+    encode,
+)
+from m3vit.hw.registers import ErrorCode, Schedule
 from m3vit.sw import golden
 from m3vit.sw.compiler import (
     BufferPlan,
     DdrImage,
     Program,
+    TaskBlocks,
+    check_model_fits,
+    compile_block,
     compile_dense_block,
+    compile_model,
+    gemm_stream,
     slice_major,
     unslice,
 )
 from m3vit.sw.config import get_preset
 from m3vit.sw.data import make_scenes
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.isa_model import execute
+from m3vit.sw.isa_model import MachineStop, dispatch_tables, execute
 from m3vit.sw.model import M3ViT
 from m3vit.sw.quantize import quantize
+
+MOE_BLOCK = 1
+
+
+def accel_for(preset: str):
+    """The accelerator each preset is tested on."""
+    return CI if preset == "tiny" else ZCU104.replace(max_tokens=129)
+
+
+@functools.cache
+def quantized(preset: str):
+    """A randomly initialised ``preset``, quantized, and one quantized image (seed 5)."""
+    cfg = get_preset(preset)
+    pkg = quantize(M3ViT(cfg, seed=0), n_calib=4)
+    image = make_scenes(1, cfg.img_size, n_classes=4, seed=5)["image"]
+    return cfg, pkg, golden.quantize_image(image, pkg.params["scales"]["input"])
 
 
 @pytest.fixture(scope="module", params=["tiny", "edge-moe"])
 def block_case(request):
-    cfg = get_preset(request.param)
-    pkg = quantize(M3ViT(cfg, seed=0), n_calib=4)
-    image = make_scenes(1, cfg.img_size, n_classes=4, seed=5)["image"]
-    x_q = golden.quantize_image(image, pkg.params["scales"]["input"])
+    cfg, pkg, x_q = quantized(request.param)
     _, cap = golden.forward(pkg.tensors, cfg, x_q, cfg.task_names[0], capture=True)
     return cfg, pkg.tensors, cap
+
+
+@pytest.fixture(scope="module", params=["tiny", "edge-moe"])
+def moe_case(request):
+    """(cfg, tensors, {task: golden captures}) of a preset, every task."""
+    cfg, pkg, x_q = quantized(request.param)
+    caps = {task: golden.forward(pkg.tensors, cfg, x_q, task, capture=True)[1]
+            for task in cfg.task_names}
+    return cfg, pkg.tensors, caps
+
+
+def run_block(t, cfg, accel, cap, task, schedule=Schedule.EXPERT_BY_EXPERT,
+              order=ExpertOrder.REGISTER):
+    """Compile MoE block 1 on the golden input, run it; (machine, output, image)."""
+    program, image, _, out = compile_block(t, cfg, accel, MOE_BLOCK,
+                                           cap[f"blocks.{MOE_BLOCK - 1}.x2"][0], order=order)
+    ddr = bytearray(image.data)
+    mc = execute(accel, program, ddr, task_select=cfg.task_names.index(task),
+                 schedule=schedule)
+    words = cfg.n_tokens * cfg.embed_dim
+    got = unslice(bytes(ddr[out:out + words]), cfg.n_tokens, cfg.embed_dim, accel.pe_cols)
+    return mc, got, image
 
 
 def test_slice_major_round_trip():
@@ -110,3 +163,337 @@ def test_embedding_and_head_programs_equal_the_golden(block_case):
     head = cap[f"heads.{task}"][0]
     got = head_output(bytes(ddr[out:]), cfg.n_patches, head.shape[-1], accel.pe_cols)
     assert torch.equal(got, head.to(torch.int64))
+
+
+# ---- the MoE layer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_moe_block_equals_the_golden_block(moe_case, schedule):
+    cfg, t, caps = moe_case
+    accel = accel_for(cfg.name)
+    for task, cap in caps.items():
+        mc, got, _ = run_block(t, cfg, accel, cap, task, schedule)
+        want = cap[f"blocks.{MOE_BLOCK}.x2"][0].to(torch.int8)
+        assert torch.equal(got, want), f"{cfg.name} {task} {schedule.name}: " \
+            f"{(got != want).sum().item()} outputs differ"
+        order = (ExpertOrder.EXPERT_BY_EXPERT if schedule == Schedule.EXPERT_BY_EXPERT
+                 else ExpertOrder.TOKEN_BY_TOKEN)
+        assert [loop.order for loop in mc.loops] == [order]
+
+
+def test_moe_block_order_can_be_forced_over_the_register():
+    cfg, pkg, x_q = quantized("tiny")
+    task = cfg.task_names[1]
+    _, cap = golden.forward(pkg.tensors, cfg, x_q, task, capture=True)
+    for order, schedule in ((ExpertOrder.EXPERT_BY_EXPERT, Schedule.TOKEN_BY_TOKEN),
+                            (ExpertOrder.TOKEN_BY_TOKEN, Schedule.EXPERT_BY_EXPERT)):
+        mc, got, _ = run_block(pkg.tensors, cfg, CI, cap, task, schedule, order)
+        assert [loop.order for loop in mc.loops] == [order]
+        assert torch.equal(got, cap[f"blocks.{MOE_BLOCK}.x2"][0].to(torch.int8))
+
+
+def _expert_blocks(image, cfg):
+    p = f"blocks.{MOE_BLOCK}.experts"
+    return [image.regions[f"{p}.{e}"] for e in range(cfg.n_experts)]
+
+
+def test_expert_weights_are_read_once_per_layer_expert_by_expert():
+    cfg, pkg, x_q = quantized("tiny")
+    for task in cfg.task_names:
+        _, cap = golden.forward(pkg.tensors, cfg, x_q, task, capture=True)
+        counts = torch.bincount(cap[f"blocks.{MOE_BLOCK}.experts"].reshape(-1),
+                                minlength=cfg.n_experts)
+        m, k = cfg.n_tokens, cfg.top_k
+        ebe, _, image = run_block(pkg.tensors, cfg, CI, cap, task, Schedule.EXPERT_BY_EXPERT)
+        tbt, _, _ = run_block(pkg.tensors, cfg, CI, cap, task, Schedule.TOKEN_BY_TOKEN)
+        blocks = _expert_blocks(image, cfg)
+        # Consecutive blocks at the constant EXPERTS stride, FC1 + FC2 filling each.
+        stride = blocks[1][0] - blocks[0][0]
+        assert all(off == blocks[0][0] + e * stride for e, (off, _) in enumerate(blocks))
+        for e, (offset, size) in enumerate(blocks):
+            once = ebe.read_counts(offset, size)
+            assert (once == int(counts[e] > 0)).all(), f"{task}: expert {e}"
+            assert (tbt.read_counts(offset, size) == int(counts[e])).all(), f"{task}: expert {e}"
+        expert_bytes = sum(size for _, size in blocks)
+        tbt_expert_reads = sum(tbt.read_counts(o, s).sum() for o, s in blocks)
+        assert tbt_expert_reads == m * k * blocks[0][1]   # M·k reads of a whole block
+        assert sum(ebe.read_counts(o, s).sum() for o, s in blocks) <= expert_bytes
+        loop = ebe.loops[0]
+        assert [it.expert for it in loop.iterations] == torch.nonzero(counts).reshape(-1).tolist()
+        assert [it.count for it in loop.iterations] == counts[counts > 0].tolist()
+        assert len(tbt.loops[0].iterations) == m * k
+        # Only the selected task's router and exp table are read.
+        for other in cfg.task_names:
+            reads = ebe.read_counts(*image.regions[f"tasks.{other}"])
+            assert (reads.sum() > 0) == (other == task), f"task {task} read {other}'s block"
+
+
+def _degenerate_router(t, cfg, task, logits):
+    """A copy of the tensors whose router for ``task`` gives every token ``logits``."""
+    t = dict(t)
+    r = f"blocks.{MOE_BLOCK}.router.{task}"
+    t[f"{r}.weight"] = torch.zeros_like(t[f"{r}.weight"])
+    t[f"{r}.bias"] = torch.tensor(logits, dtype=t[f"{r}.bias"].dtype)
+    t[f"{r}.mult"] = torch.ones_like(t[f"{r}.mult"])
+    t[f"{r}.shift"] = torch.zeros_like(t[f"{r}.shift"])
+    return t
+
+
+@pytest.mark.parametrize("logits, chosen", [([0, 0, 0, 0], [0, 1]),        # ties: lower index
+                                            ([0, 0, 126, 127], [3, 2])])   # descending score
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_every_token_choosing_the_same_experts(logits, chosen, schedule):
+    cfg, pkg, x_q = quantized("tiny")
+    task = cfg.task_names[0]
+    t = _degenerate_router(pkg.tensors, cfg, task, logits)
+    _, cap = golden.forward(t, cfg, x_q, task, capture=True)
+    experts = cap[f"blocks.{MOE_BLOCK}.experts"]
+    assert (experts == torch.tensor(chosen)).all(), "the router is not degenerate"
+    mc, got, image = run_block(t, cfg, CI, cap, task, schedule)
+    assert torch.equal(got, cap[f"blocks.{MOE_BLOCK}.x2"][0].to(torch.int8))
+    m = cfg.n_tokens
+    blocks = _expert_blocks(image, cfg)
+    for e, (offset, size) in enumerate(blocks):
+        reads = mc.read_counts(offset, size)
+        want = 0 if e not in chosen else (1 if schedule == Schedule.EXPERT_BY_EXPERT else m)
+        assert (reads == want).all(), f"expert {e}"
+    if schedule == Schedule.EXPERT_BY_EXPERT:
+        first, second = sorted(chosen)
+        assert [(it.expert, it.offset, it.count) for it in mc.loops[0].iterations] == \
+            [(first, 0, m), (second, m, m)]
+
+
+def test_dispatch_tables_by_hand():
+    # 3 tokens, 4 experts, top-2: token 0 → (2, 0), token 1 → (0, 3), token 2 → (2, 1).
+    scores = torch.tensor([[20, 1, 30, 5], [30, 1, 2, 10], [0, 7, 9, 0]])
+    d = dispatch_tables(scores, 2)
+    assert d.experts.tolist() == [[2, 0], [0, 3], [2, 1]]
+    assert d.scores.tolist() == [[30, 20], [30, 10], [9, 7]]
+    assert d.count.tolist() == [2, 1, 2, 1]
+    assert d.start.tolist() == [0, 2, 3, 5]
+    assert d.queue.tolist() == [0, 1, 2, 0, 2, 1]
+    assert d.active.tolist() == [0, 1, 2, 3]
+    assert d.pos.tolist() == [[3, 0], [1, 5], [4, 2]]
+    ebe = d.iterations(ExpertOrder.EXPERT_BY_EXPERT)
+    assert [(i.expert, i.offset, i.count) for i in ebe] == [(0, 0, 2), (1, 2, 1), (2, 3, 2),
+                                                            (3, 5, 1)]
+    tbt = d.iterations(ExpertOrder.TOKEN_BY_TOKEN)
+    assert [(i.expert, i.offset, i.count) for i in tbt] == [(2, 3, 1), (0, 0, 1), (0, 1, 1),
+                                                            (3, 5, 1), (2, 4, 1), (1, 2, 1)]
+
+
+# ---- instructions the hardware stops on -----------------------------------------------------
+
+
+def _stops(*instructions, routed: bool = False):
+    """Run NOP, (a ROUTE of 3 tokens), ``instructions`` ((op, fields) or a raw word), END
+    on CI; the MachineStop."""
+    words = [encode(Opcode.NOP)]
+    if routed:
+        words.append(encode(Opcode.ROUTE, src=0, stride=3, rows=3, experts=4, top_k=2))
+    words += [i if isinstance(i, bytes) else encode(i[0], **i[1]) for i in instructions]
+    words.append(encode(Opcode.END))
+    with pytest.raises(MachineStop) as stop:
+        execute(CI, b"".join(words), bytearray(4096))
+    return stop.value
+
+
+def _order_3() -> bytes:
+    """``EXPERTS`` with the unencodable order 3 (bits 8–9 of the word)."""
+    word = bytearray(encode(Opcode.EXPERTS, body=1))
+    word[1] |= 0b11
+    return bytes(word)
+
+
+_EXPERT_GEMM = dict(mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1, tokens=1, k_slices=1,
+                    n_tiles=1, src_stride=3, dst=64, dst_stride=6)
+_LOOP = (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1, stride=64))
+
+
+@pytest.mark.parametrize("instructions, code, pc", [
+    ([(Opcode.GEMM, _EXPERT_GEMM)], ErrorCode.ILLEGAL_OPCODE, 2),
+    ([(Opcode.GEMM, {**_EXPERT_GEMM, "expert": 0, "src_rows": RowMode.QUEUE})],
+     ErrorCode.ILLEGAL_OPCODE, 2),
+    ([_LOOP, (Opcode.GEMM, {**_EXPERT_GEMM, "dst_rows": RowMode.GATHER})],
+     ErrorCode.ILLEGAL_OPCODE, 3),
+    ([_LOOP, (Opcode.ROUTE, dict(src=0, stride=3, rows=3, experts=4, top_k=2))],
+     ErrorCode.ILLEGAL_OPCODE, 3),
+    ([_LOOP, (Opcode.END, {})], ErrorCode.ILLEGAL_OPCODE, 3),
+    ([_order_3()], ErrorCode.ILLEGAL_OPCODE, 2),
+    ([(Opcode.COMBINE, dict(rows=4, beats=1, src_stride=6, dst_stride=3))],
+     ErrorCode.SHAPE_OVER_CAPACITY, 2),
+    ([(Opcode.ROUTE, dict(src=0, stride=3, rows=3, experts=4, top_k=3))],
+     ErrorCode.SHAPE_OVER_CAPACITY, 2),
+    ([(Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=0))],
+     ErrorCode.SHAPE_OVER_CAPACITY, 2),
+    # Without an exp table every score is 0: experts 0 and 1 (ties), 3 tokens each. Expert
+    # 1's 48-byte stream, 4060 bytes on, runs past the 4096-byte window: its iteration stops.
+    ([(Opcode.EXPERTS, {**_LOOP[1], "stride": 4060}), (Opcode.GEMM, _EXPERT_GEMM)],
+     ErrorCode.ADDRESS_OUT_OF_RANGE, 3),
+    # QUEUE rows are checked at offset + count: expert 1's rows 3…5 past dst = last word.
+    ([_LOOP, (Opcode.GEMM, {**_EXPERT_GEMM, "dst": CI.act_buffer_words - 5,
+                            "dst_rows": RowMode.QUEUE})],
+     ErrorCode.ADDRESS_OUT_OF_RANGE, 3),
+], ids=["expert_outside_body", "queue_outside_body", "dst_gather", "route_in_body",
+        "end_in_body", "order_3", "combine_over_routed", "top_k_over_max", "empty_body",
+        "expert_stream_past_ddr", "queue_rows_past_buffer"])
+def test_the_model_stops_where_the_hardware_does(instructions, code, pc):
+    stop = _stops(*instructions, routed=True)
+    assert (stop.code, stop.pc) == (code, pc), str(stop)
+
+
+def test_experts_without_a_route_skip_their_body():
+    prog = Program()
+    prog.add(*_LOOP[:1], **_LOOP[1])
+    prog.add(Opcode.GEMM, **_EXPERT_GEMM)
+    prog.add(Opcode.END)
+    mc = execute(CI, prog.encode(), bytearray(4096))
+    assert [loop.iterations for loop in mc.loops] == [()]
+    assert mc.accesses == []
+
+
+def test_queue_rows_of_an_expert_gemm_in_both_orders():
+    """GATHER reads the queued tokens, QUEUE writes the iteration's queue rows: a body GEMM
+    with an identity weight copies token queue[q] to row q under either order."""
+    C = CI.pe_cols
+    img, prog = DdrImage(align=CI.axi_bytes), Program()
+    rng = np.random.default_rng(7)
+    x = rng.integers(-100, 100, size=(3, C)).astype(np.int8)
+    prog.add(Opcode.LOAD, ddr=img.put("x", x.tobytes()), dst=0, dst_stride=1, words=3)
+    # Logits: token 0 → experts (2, 0), token 1 → (0, 3), token 2 → (2, 1).
+    logits = np.array([[20, 1, 30, 5], [10, 1, 2, 8], [0, 7, 9, 0]], np.int8)
+    prog.add(Opcode.LOAD, ddr=img.put("logits", logits.tobytes()), dst=8, dst_stride=1,
+             words=3)
+    table = (32768 >> np.minimum(np.arange(256), 15)).astype("<u2")  # exp(-u·ln 2)
+    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
+    prog.add(Opcode.ROUTE, src=8, stride=3, rows=3, experts=4, top_k=2)
+    identity = np.eye(C, dtype=np.int8)
+    stream = b"".join(gemm_stream(identity, np.zeros(C), np.ones(C), np.zeros(C), CI)
+                      for _ in range(4))
+    ddr = img.put("experts", stream)
+    out = img.reserve("y", 6 * C)
+    prog.add(Opcode.EXPERTS, order=ExpertOrder.REGISTER, body=1, stride=len(stream) // 4)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
+             src_rows=RowMode.GATHER, dst_rows=RowMode.QUEUE, tokens=3, k_slices=1,
+             n_tiles=1, src=0, src_stride=3, dst=16, dst_stride=6, ddr=ddr)
+    prog.add(Opcode.STORE, ddr=out, src=16, src_stride=1, words=6)
+    prog.add(Opcode.END)
+    queue = [0, 1, 2, 0, 2, 1]   # expert 0: tokens 0, 1; 1: 2; 2: 0, 2; 3: 1
+    for schedule in Schedule:
+        window = bytearray(img.data)
+        mc = execute(CI, prog.encode(), window, schedule=schedule)
+        got = np.frombuffer(bytes(window[out:out + 6 * C]), np.int8).reshape(6, C)
+        assert (got == x[queue]).all(), schedule.name
+        assert mc.dispatch.experts.tolist() == [[2, 0], [0, 3], [2, 1]]
+        assert mc.dispatch.queue.tolist() == queue
+
+
+# ---- the whole model -----------------------------------------------------------------------
+
+
+def test_one_program_and_image_run_every_task_and_image():
+    cfg, pkg, _ = quantized("tiny")
+    compiled = compile_model(pkg.tensors, cfg, CI)
+    images = make_scenes(2, cfg.img_size, n_classes=4, seed=11)["image"]
+    x_q = golden.quantize_image(images, pkg.params["scales"]["input"])
+    patches = golden.patchify(x_q, cfg.patch_size)
+    assert compiled.plan.peak <= CI.act_buffer_words
+    for b in range(len(images)):
+        for task in cfg.task_names:
+            want, _ = golden.forward(pkg.tensors, cfg, x_q[b:b + 1], task)
+            for schedule in Schedule:
+                ddr = bytearray(compiled.image.data)
+                compiled.write_input(ddr, patches[b])
+                mc = execute(CI, compiled.program, ddr, task_select=compiled.task_select(task),
+                             schedule=schedule)
+                got = compiled.head(ddr, task)
+                assert torch.equal(got, want[0]), f"image {b}, {task}, {schedule.name}"
+                assert len(mc.loops) == len(cfg.moe_blocks)
+                # Nothing but the input region differs between images and tasks.
+                head = slice(compiled.output_offset, compiled.output_offset
+                             + compiled.output_size)
+                inp = slice(compiled.input_offset, compiled.input_offset + compiled.input_size)
+                rest = bytearray(ddr)
+                rest[head] = compiled.image.data[head]
+                rest[inp] = compiled.image.data[inp]
+                assert rest == compiled.image.data
+
+
+def test_the_input_region_starts_with_the_given_patches():
+    cfg, pkg, x_q = quantized("tiny")
+    patches = golden.patchify(x_q, cfg.patch_size)[0]
+    compiled = compile_model(pkg.tensors, cfg, CI, patches)
+    offset, size = compiled.image.regions["patches"]
+    assert bytes(compiled.image.data[offset:offset + size]) == compiled.input_bytes(patches)
+    with pytest.raises(M3VitError, match="patches must be 64x48"):
+        compiled.input_bytes(patches[1:])
+
+
+def test_per_task_blocks_hold_each_item_at_one_offset():
+    cfg, pkg, _ = quantized("tiny")
+    compiled = compile_model(pkg.tensors, cfg, CI)
+    tb, img = compiled.tasks, compiled.image
+    names = [f"blocks.{i}.router{s}" for i in cfg.moe_blocks for s in ("", ".exp")] + ["heads"]
+    assert list(tb.items) == names
+    first = img.regions[f"tasks.{cfg.task_names[0]}"][0]
+    for i, task in enumerate(cfg.task_names):
+        assert img.regions[f"tasks.{task}"] == (first + i * tb.stride, tb.stride)
+        for name in names:
+            offset, size = tb.items[name]
+            raw = bytes(img.data[first + i * tb.stride + offset:][:size])
+            if name.endswith(".exp"):
+                table = pkg.tensors[f"{name[:-len('.exp')]}.{task}.exp"].numpy()
+                assert raw == table.astype("<u2").tobytes()
+            elif name.endswith(".router"):
+                r = f"{name}.{task}"
+                assert raw == gemm_stream(*(pkg.tensors[f"{r}.{f}"] for f in
+                                            ("weight", "bias", "mult", "shift")), CI)
+    # The program selects them: TASKS(count, stride) first.
+    op, fields = decode(compiled.program[:32])
+    assert (op, fields["count"], fields["stride"]) == (Opcode.TASKS, len(cfg.task_names),
+                                                       tb.stride)
+
+
+def test_task_blocks_pad_items_to_one_size():
+    tb = TaskBlocks(("a", "b"), align=16)
+    assert tb.add("x", {"a": b"1", "b": b"123"}) == 0
+    assert tb.add("y", {"a": b"4" * 17, "b": b"5"}) == 16
+    assert tb.stride == 48
+    img = DdrImage(align=16)
+    img.put("before", b"z")
+    assert tb.place(img) == 16
+    assert tb.ddr("y") == 32
+    assert bytes(img.data[16 + 48:16 + 48 + 16]) == b"123" + bytes(13)
+    with pytest.raises(M3VitError, match="after the blocks were placed"):
+        tb.add("z", {"a": b"", "b": b""})
+    with pytest.raises(M3VitError, match="no per-task item 'w'"):
+        tb.ddr("w")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_experts=2), "4 experts exceed max_experts=2"),
+    (dict(max_top_k=1), "top_k 2 exceeds max_top_k=1"),
+    (dict(max_tokens=64), "65 tokens exceed max_tokens=64"),
+    (dict(max_dim=32), "embed_dim 64 exceeds max_dim=32"),
+    (dict(max_hidden=128), "mlp_hidden 256 exceeds max_hidden=128"),
+    (dict(max_heads=1), "2 heads exceed max_heads=1"),
+    (dict(act_buffer_words=8192), r"activations need \d+ buffer words, the hardware has "
+                                  r"8192 \(act_buffer_words\)"),
+])
+def test_a_model_that_does_not_fit_is_refused(change, message):
+    cfg, pkg, _ = quantized("tiny")
+    accel = CI.replace(**change)
+    with pytest.raises(M3VitError, match=message):
+        compile_model(pkg.tensors, cfg, accel)
+    if "act_buffer_words" not in change:
+        with pytest.raises(M3VitError, match=message):
+            compile_block(pkg.tensors, cfg, accel, MOE_BLOCK, torch.zeros(65, 64))
+
+
+def test_presets_that_do_not_fit_the_zcu104_are_named():
+    check_model_fits(get_preset("edge-moe"), ZCU104)
+    with pytest.raises(M3VitError, match=r"'m3vit-s' .* 1201 tokens exceed max_tokens=1024"):
+        check_model_fits(get_preset("m3vit-s"), ZCU104)
+    with pytest.raises(M3VitError, match="'setr_pup' head is float-only"):
+        check_model_fits(get_preset("tiny", head="setr_pup"), CI)

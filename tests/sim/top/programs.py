@@ -16,7 +16,7 @@ import torch
 
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.gemm import GemmOp
-from m3vit.hw.isa import Opcode, TableUnit, WeightSource
+from m3vit.hw.isa import ExpertOrder, Opcode, RowMode, TableUnit, WeightSource
 from m3vit.hw.registers import ErrorCode
 from m3vit.sw import numerics as nx
 from m3vit.sw.compiler import (
@@ -42,6 +42,8 @@ class Case:
     error_pc: int = 0
     task_select: int = 0
     check: object = None   # callable(ddr_after) -> None for cases with their own check
+    schedule: int = 0      # SCHEDULE.ORDER for the run
+    meta: dict | None = None
 
 
 def _ceil(a: int, b: int) -> int:
@@ -224,6 +226,25 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
     case("ddr_out_of_range", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
          (Opcode.LOAD, dict(ddr=48, dst=0, dst_stride=1, words=64 // cfg.pe_cols)))
     case("bad_task", ErrorCode.BAD_TASK, 1, (Opcode.TASKS, dict(count=2, stride=16)), task=2)
+    # The MoE instructions.
+    case("expert_gemm_outside_a_loop", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(expert=1, tokens=1, k_slices=1, n_tiles=1)))
+    case("gather_outside_a_loop", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(src_rows=RowMode.GATHER, tokens=1, k_slices=1, n_tiles=1)))
+    case("combine_before_route", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.COMBINE, dict(rows=1, beats=1)))
+    case("route_over_max_experts", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.ROUTE, dict(rows=1, experts=cfg.max_experts + 1, top_k=1, stride=1)))
+    case("route_top_k_over_max", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.ROUTE, dict(rows=1, experts=8, top_k=cfg.max_top_k + 1, stride=1)))
+    case("experts_empty_body", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=0)))
+    route = (Opcode.ROUTE, dict(rows=3, experts=4, top_k=1, stride=3))
+    case("nested_experts", ErrorCode.ILLEGAL_OPCODE, 3, route,
+         (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1)),
+         (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1)))
+    case("combine_over_routed_rows", ErrorCode.SHAPE_OVER_CAPACITY, 2, route,
+         (Opcode.COMBINE, dict(rows=4, beats=1, src_stride=1, dst_stride=1)))
     return cases
 
 
@@ -345,4 +366,247 @@ def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
         wsrc = rng.choice(list(WeightSource))
         cases.append(gemm_case(cfg, seed + i, tokens, rng.randint(1, 3), rng.randint(1, 3),
                                mode, wsrc))
+    return cases
+
+
+# ---- the MoE layer -------------------------------------------------------------------------
+
+#: Routing patterns of :func:`moe_routing_case`.
+ROUTINGS = ("random", "all_same", "one_per_expert", "some_never", "ties")
+
+
+def _routing_logits(rng: np.random.Generator, routing: str, tokens: int, experts: int,
+                    top_k: int) -> np.ndarray:
+    """(tokens, experts) INT8 router logits that produce ``routing``."""
+    if routing == "random":
+        return _i8(rng, tokens, experts)
+    if routing == "all_same":
+        # Every token the same logits: the same k experts for all (the top ones distinct).
+        row = rng.permutation(np.arange(experts) * (200 // experts) - 100)
+        return np.tile(row, (tokens, 1)).astype(np.int8)
+    if routing == "one_per_expert":
+        # Token t prefers experts t·k … t·k + k − 1: each expert gets exactly one token.
+        x = rng.integers(-128, -40, size=(tokens, experts))
+        for t in range(tokens):
+            x[t, t * top_k:(t + 1) * top_k] = rng.integers(40, 128, size=top_k)
+        return x.astype(np.int8)
+    if routing == "some_never":
+        # The upper half of the experts always scores lowest: never chosen.
+        x = rng.integers(-60, 128, size=(tokens, experts))
+        x[:, experts // 2:] = -128
+        return x.astype(np.int8)
+    if routing == "ties":
+        # Equal logits everywhere: lower indices win every tie (experts 0 … k−1).
+        return np.full((tokens, experts), 5, np.int8)
+    raise ValueError(routing)
+
+
+def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
+                     tokens: int = 9, dim: int | None = None, hidden: int | None = None,
+                     order=None, schedule: int = 0) -> Case:
+    """One MoE layer from given router logits: ROUTE, EXPERTS {FC1 → GELU, FC2}, COMBINE.
+
+    The logits are loaded (not computed) so that every routing pattern of :data:`ROUTINGS`
+    can be forced; the expected output is ``numerics`` step by step (router scores, top-k,
+    each expert on its tokens, combine). ``meta`` holds the DDR blocks of the experts and
+    the choices, for the read monitor.
+    """
+    from m3vit.sw.compiler import slice_major
+
+    rng = np.random.default_rng(seed)
+    C = cfg.pe_cols
+    top_k = min(cfg.max_top_k, experts)
+    dim = dim or 2 * C
+    hidden = hidden or 4 * C
+    if routing == "one_per_expert":
+        tokens = experts // top_k
+    order = ExpertOrder.REGISTER if order is None else order
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    h = _i8(rng, tokens, dim)
+    logits = _routing_logits(rng, routing, tokens, experts, top_k)
+    e_pad = _ceil(experts, C) * C
+    padded = np.zeros((tokens, e_pad), np.int8)
+    padded[:, :experts] = logits
+    # Padded logit lanes hold junk: ROUTE must ignore them.
+    padded[:, experts:] = 127
+    exp = nx.exp_table(0.07)
+    gelu = _i8(rng, 256)
+    fc1 = [(_i8(rng, hidden, dim), rng.integers(-2**10, 2**10, size=hidden),
+            rng.integers(2**12, 2**16, size=hidden), rng.integers(12, 16, size=hidden))
+           for _ in range(experts)]
+    fc2 = [(_i8(rng, dim, hidden), rng.integers(-2**10, 2**10, size=dim),
+            rng.integers(2**12, 2**16, size=dim), rng.integers(14, 18, size=dim))
+           for _ in range(experts)]
+    mult, shift = int(rng.integers(2**14, 2**16)), 30
+
+    # Buffer plan (words): h, logits, FC1 scratch (tokens rows), y (tokens·k rows), out.
+    d_w, h_w, e_w = dim // C, hidden // C, e_pad // C
+    entries = tokens * top_k
+    h_base = 3
+    lg_base = h_base + d_w * tokens
+    f_base = lg_base + e_w * tokens
+    y_base = f_base + h_w * tokens
+    out_base = y_base + d_w * entries
+    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(h, C)), dst=h_base, dst_stride=1,
+             words=d_w * tokens)
+    prog.add(Opcode.LOAD, ddr=img.put("logits", slice_major(padded, C)), dst=lg_base,
+             dst_stride=1, words=e_w * tokens)
+    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX,
+             ddr=img.put("exp", exp.numpy().astype("<u2").tobytes()))
+    prog.add(Opcode.ROUTE, src=lg_base, stride=tokens, rows=tokens, experts=experts,
+             top_k=top_k)
+    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM, ddr=img.put("gelu", gelu.tobytes()))
+    blocks = []
+    for e in range(experts):
+        s1 = gemm_stream(*fc1[e], cfg)
+        s2 = gemm_stream(*fc2[e], cfg)
+        base = img.put(f"expert{e}", s1 + s2)
+        blocks.append((base, len(s1) + len(s2)))
+    stride = blocks[1][0] - blocks[0][0] if experts > 1 else 0
+    fc1_len = len(gemm_stream(*fc1[0], cfg))
+    prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
+             src_rows=RowMode.GATHER, tokens=tokens, k_slices=dim // cfg.pe_rows,
+             n_tiles=h_w, src=h_base, src_stride=tokens, dst=f_base, dst_stride=tokens,
+             ddr=blocks[0][0])
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
+             dst_rows=RowMode.QUEUE, tokens=tokens, k_slices=hidden // cfg.pe_rows,
+             n_tiles=d_w, src=f_base, src_stride=tokens, dst=y_base, dst_stride=entries,
+             ddr=blocks[0][0] + fc1_len)
+    prog.add(Opcode.COMBINE, src=y_base, src_stride=entries, dst=out_base, dst_stride=tokens,
+             rows=tokens, beats=d_w, mult=mult, shift=shift)
+    out = img.reserve("out", d_w * tokens * C)
+    prog.add(Opcode.STORE, ddr=out, src=out_base, src_stride=1, words=d_w * tokens)
+    prog.add(Opcode.END)
+
+    # Expected: numerics step by step.
+    scores = nx.router_scores(torch.from_numpy(logits.astype(np.int64)), exp)
+    chosen_e, chosen_s = nx.top_k(scores, top_k)
+    ht = torch.from_numpy(h.astype(np.int64))
+    expert_out = torch.zeros(tokens, top_k, dim, dtype=torch.int64)
+    for e in range(experts):
+        tok, slot = (chosen_e == e).nonzero(as_tuple=True)
+        if tok.numel():
+            w1, b1, m1, s1_ = (torch.from_numpy(np.asarray(v, np.int64)) for v in fc1[e])
+            w2, b2, m2, s2_ = (torch.from_numpy(np.asarray(v, np.int64)) for v in fc2[e])
+            a = nx.table_lookup(nx.linear(ht[tok], w1, b1, m1, s1_),
+                                torch.from_numpy(gelu.astype(np.int64)))
+            expert_out[tok, slot] = nx.linear(a, w2, b2, m2, s2_)
+    want = nx.moe_combine(expert_out, chosen_s, mult, shift).to(torch.int8)
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[out:out + d_w * tokens * C]), tokens, dim, C)
+        diff = (got != want).sum().item()
+        assert diff == 0, f"{routing} E={experts}: {diff} of {want.numel()} outputs differ"
+
+    counts = torch.bincount(chosen_e.flatten(), minlength=experts).tolist()
+    case = Case(f"moe_{routing}_E{experts}", prog.encode(), bytes(img.data), check=check,
+                schedule=schedule)
+    case.meta = {"blocks": blocks, "counts": counts, "entries": entries}
+    return case
+
+
+def _expert_blocks(img: DdrImage, p: str, n_experts: int) -> list[tuple[int, int]]:
+    return [img.regions[f"{p}.experts.{e}"] for e in range(n_experts)]
+
+
+def moe_layer_case(cfg: AccelConfig, preset: str = "tiny", index: int | None = None,
+                   schedule: int = 0) -> Case:
+    """The MoE layer of a randomly initialised, quantized ``preset`` (its first MoE block
+    unless ``index``) on the golden LN2 output, compiled by ``moe_program``: router GEMM
+    (the task's per-task block), ROUTE, EXPERTS, COMBINE; against the golden MoE output."""
+    from m3vit.sw.compiler import BufferPlan, model_task_blocks, moe_program, slice_major
+
+    model_cfg, t, cap = _golden_capture(preset)
+    index = model_cfg.moe_blocks[0] if index is None else index
+    p = f"blocks.{index}"
+    C = cfg.pe_cols
+    n, d = model_cfg.n_tokens, model_cfg.embed_dim
+    words = d // C * n
+    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
+    tasks = model_task_blocks(t, model_cfg, cfg, blocks=[index], head=False)
+    tasks.place(img)
+    tasks.tasks_instruction(prog)
+    h = plan.alloc("h", n, d)
+    y = plan.alloc("y", n, d)
+    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(cap[f"{p}.ln2"][0], C)), dst=h,
+             dst_stride=1, words=words)
+    moe_program(prog, img, plan, t, p, model_cfg, cfg, src=h, dst=y, tasks=tasks)
+    out = img.reserve("out", words * C)
+    prog.add(Opcode.STORE, ddr=out, src=y, src_stride=1, words=words)
+    prog.add(Opcode.END)
+    want = cap[f"{p}.mlp_out"][0].to(torch.int8)
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[out:out + words * C]), n, d, C)
+        diff = (got != want).sum().item()
+        assert diff == 0, f"MoE layer {p}: {diff} of {want.numel()} outputs differ from golden"
+
+    counts = torch.bincount(cap[f"{p}.experts"].flatten(),
+                            minlength=model_cfg.n_experts).tolist()
+    case = Case(f"moe_layer_{preset}", prog.encode(), bytes(img.data), check=check,
+                task_select=len(model_cfg.task_names) - 1, schedule=schedule)
+    case.meta = {"blocks": _expert_blocks(img, f"{p}", model_cfg.n_experts),
+                 "counts": counts, "entries": n * model_cfg.top_k, "model": model_cfg}
+    return case
+
+
+def moe_block_case(cfg: AccelConfig, preset: str = "tiny", schedule: int = 0) -> Case:
+    """The first MoE block of ``preset`` (attention, LN2, the MoE layer, both residuals),
+    compiled by ``compile_block``, against the golden block output."""
+    from m3vit.sw.compiler import compile_block
+
+    model_cfg, t, cap = _golden_capture(preset)
+    index = model_cfg.moe_blocks[0]
+    p = f"blocks.{index}"
+    program, img, _, out = compile_block(t, model_cfg, cfg, index, cap[f"blocks.{index - 1}.x2"][0]
+                                         if index else cap["x0"][0])
+    want = cap[f"{p}.x2"][0].to(torch.int8)
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[out:out + want.numel()]), model_cfg.n_tokens,
+                      model_cfg.embed_dim, cfg.pe_cols)
+        diff = (got != want).sum().item()
+        assert diff == 0, f"MoE block {p}: {diff} of {want.numel()} outputs differ from golden"
+
+    counts = torch.bincount(cap[f"{p}.experts"].flatten(),
+                            minlength=model_cfg.n_experts).tolist()
+    case = Case(f"moe_block_{preset}", program, bytes(img.data), check=check,
+                task_select=len(model_cfg.task_names) - 1, schedule=schedule)
+    case.meta = {"blocks": _expert_blocks(img, p, model_cfg.n_experts), "counts": counts}
+    return case
+
+
+def model_cases(cfg: AccelConfig, preset: str = "tiny", n_images: int = 2):
+    """The whole model (``compile_model``): one program and image, every task; yields a
+    Case per (image, task), alternating tasks, each against ``golden.forward``'s head."""
+    from m3vit.sw import golden
+    from m3vit.sw.compiler import compile_model
+    from m3vit.sw.config import get_preset
+    from m3vit.sw.data import make_scenes
+    from m3vit.sw.model import M3ViT
+    from m3vit.sw.quantize import quantize
+
+    model_cfg = get_preset(preset)
+    pkg = quantize(M3ViT(model_cfg, seed=0), n_calib=4)
+    compiled = compile_model(pkg.tensors, model_cfg, cfg)
+    images = make_scenes(n_images, model_cfg.img_size, n_classes=4, seed=9)["image"]
+    cases = []
+    for i in range(n_images):
+        x_q = golden.quantize_image(images[i:i + 1], pkg.params["scales"]["input"])
+        patches = golden.patchify(x_q, model_cfg.patch_size)[0]
+        ddr = bytearray(compiled.image.data)
+        compiled.write_input(ddr, patches)
+        for task in (model_cfg.task_names if i % 2 == 0 else model_cfg.task_names[::-1]):
+            want, _ = golden.forward(pkg.tensors, model_cfg, x_q, task)
+
+            def check(ddr_after: bytes, task=task, want=want[0]) -> None:
+                got = compiled.head(ddr_after, task)
+                diff = (got != want).sum().item()
+                assert diff == 0, f"{task}: {diff} of {want.numel()} head outputs differ"
+
+            case = Case(f"model_{preset}_image{i}_{task}", compiled.program, bytes(ddr),
+                        check=check, task_select=compiled.task_select(task))
+            case.meta = {"tasks": compiled.tasks, "task": task, "image": compiled.image}
+            cases.append(case)
     return cases

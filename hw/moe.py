@@ -1,0 +1,580 @@
+"""The MoE expert scheduler's blocks: the dispatcher (top-k and per-expert queues) and the
+combiner (score-weighted sum of each token's expert outputs).
+
+The controller in :mod:`m3vit.hw.top` runs them for the ``ROUTE`` and ``COMBINE``
+instructions (``docs/isa.md``); between the two, its ``EXPERTS`` loop walks the tables the
+dispatcher built: one iteration per active expert (computation reordering: each expert's
+weights are read from DDR once per layer) or, for the baseline, one per token and choice.
+
+* :class:`Dispatcher` takes the router scores of every token from the softmax unit
+  (``numerics.router_scores``), picks the top-k (``numerics.top_k``: ties to the lower
+  expert index), and builds with a counting sort the per-expert token queues, the active
+  list and each token's slots (expert, score, queue position).
+* :class:`Combiner` computes ``numerics.moe_combine`` on words of ``pe_cols`` lanes.
+
+Both follow the vector unit's conventions (:mod:`m3vit.hw.vector`): ``amaranth.lib.stream``
+ports whose ``valid`` never depends on ``ready``, commands taken while idle and ignored when
+outside the configuration, a register after every wide adder or comparator level (300 MHz),
+and the combiner's output queue guarded by credits, so back-pressure never reaches into its
+pipeline.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for, ceil_log2
+
+from .config import AccelConfig
+from .vector import (
+    INT8,
+    SHIFT_BITS,
+    SoftmaxUnit,
+    _check_config,
+    _credits,
+    _delay,
+    _queue,
+    _reg,
+    lane_layout,
+)
+
+__all__ = ["SCORE_BITS", "Combiner", "Dispatcher", "slot_layout"]
+
+#: Router scores are unsigned 15-bit (scale 2^-15, ``numerics.SCORE_BITS``).
+SCORE_BITS = 15
+
+
+def slot_layout(cfg: AccelConfig) -> data.StructLayout:
+    """One choice of one token: its expert, its score and its queue position."""
+    return data.StructLayout({
+        "expert": unsigned(bits_for(cfg.max_experts - 1)),
+        "score": unsigned(SCORE_BITS),
+        "pos": unsigned(bits_for(cfg.max_tokens * cfg.max_top_k - 1)),
+    })
+
+
+class Dispatcher(wiring.Component):
+    """Top-k of each token's router scores and the per-expert token queues (counting sort).
+
+    Bit-exact to ``numerics.top_k`` on the scores of ``numerics.router_scores`` and to the
+    dispatch tables of ``docs/isa.md`` (``ROUTE``).
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``max_tokens``, ``max_experts``, ``max_top_k`` size the tables; ``pe_cols`` lanes
+        per score beat.
+
+    Attributes
+    ----------
+    cmd : In(stream.Signature(Dispatcher.cmd_layout(cfg)))
+        One beat per routing: ``rows`` M (1 … ``max_tokens``), ``experts`` E
+        (``top_k`` … ``max_experts``), ``top_k`` k (1 … ``max_top_k``). Taken when idle; a
+        command outside these ranges is consumed and ignored (no scores are taken, the
+        tables are left as they were).
+    scores : In(stream.Signature(SoftmaxUnit.out_layout(cfg)))
+        The softmax unit's router-mode output: per token ``ceil(E / pe_cols)`` beats of
+        ``pe_cols`` unsigned 16-bit lanes (expert ``b·C + c`` in beat b, lane c; lanes ≥ E
+        of the last beat are ignored), ``last`` on each token's last beat. The block counts
+        the beats from E and does not look at ``last``; of each lane it uses the low 15
+        bits (router scores are ≤ 32767).
+    busy : Out(1)
+        A command has been taken and its tables are not complete yet.
+    rows, top_k : Out
+        The last completed command's M and k.
+    entries : Out
+        ``rows · top_k`` (queue positions in use).
+    n_active : Out
+        Experts with at least one token.
+    list_index : In
+        Position in the active list (0 … ``n_active`` − 1).
+    list_expert, list_start, list_count : Out
+        One cycle after ``list_index``: that active expert e, ``start[e]`` and ``count[e]``.
+    slot_addr, slot_en : In
+        Read port of the slot table: token t.
+    slot : Out(ArrayLayout(slot_layout(cfg), max_top_k))
+        One cycle after a cycle with ``slot_en``: token t's choices j = 0 … k−1 (descending
+        score); held while ``slot_en`` is low.
+    queue_addr, queue_en : In
+        Read port of the queue: position q.
+    queue_token : Out
+        One cycle after a cycle with ``queue_en``: the token at queue position q; held while
+        ``queue_en`` is low.
+
+    The read ports and the list lookup are valid while ``busy`` is low, after the first
+    completed command (the tables are not reset). Choices j ≥ k of a slot are unspecified.
+
+    Notes
+    -----
+    Three phases, ``M·E + E + M·k + 9`` cycles of ``busy`` when the scores never wait
+    (measured; the next command is taken in the first idle cycle):
+
+    1. **Top-k**, one score per cycle (E cycles per token): a score beat is walked lane by
+       lane through a shift register into a sorted list of ``max_top_k`` registers; a
+       score enters below every equal one, so ties go to the lower expert index. The
+       cycle after a token's last score, its count-so-far of each chosen expert (its rank
+       in that expert's queue) is read and the counts incremented; the next cycle writes
+       the token's k slots (expert, score, rank) in one go — the slot table is one
+       memory per choice. M·E + 4 cycles: the first beat's take, the scores, 3 of drain.
+    2. **Scan**, one expert per cycle (E + 1 cycles): ``start[e]`` is the running sum of
+       the counts, and each expert with a count joins the active list.
+    3. **Queue**, one (token, choice) per cycle in token order (M·k + 4 cycles): read the
+       slot, look up ``start[e]`` (registered), add the rank, write the queue entry and
+       the slot's final position.
+
+    ``count`` is ``max_experts`` registers (a token increments up to k of them at once);
+    ``start`` and the active list are ``max_experts``-deep memories (LUT-RAM); the slot
+    table (``max_top_k`` memories of ``max_tokens`` × 33 bits for the ZCU104) and the queue
+    (``max_tokens · max_top_k`` entries) are block RAM. The slot table's read port is shared
+    with the queue pass, hence valid only while idle. Between registers there is at most
+    one narrow (≤ 15-bit) compare or add and its muxes; the widest mux is the
+    ``max_experts``-to-1 read of a count for a rank.
+    """
+
+    @staticmethod
+    def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``cmd`` payload."""
+        return data.StructLayout({"rows": unsigned(16), "experts": unsigned(8),
+                                  "top_k": unsigned(4)})
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = _check_config(cfg)
+        entries = cfg.max_tokens * cfg.max_top_k
+        super().__init__({
+            "cmd": In(stream.Signature(self.cmd_layout(cfg))),
+            "scores": In(stream.Signature(SoftmaxUnit.out_layout(cfg))),
+            "busy": Out(1),
+            "rows": Out(16),
+            "top_k": Out(4),
+            "entries": Out(range(entries + 1)),
+            "n_active": Out(range(cfg.max_experts + 1)),
+            "list_index": In(range(cfg.max_experts)),
+            "list_expert": Out(range(cfg.max_experts)),
+            "list_start": Out(range(entries + 1)),
+            "list_count": Out(range(cfg.max_tokens + 1)),
+            "slot_addr": In(range(cfg.max_tokens)),
+            "slot_en": In(1),
+            "slot": Out(data.ArrayLayout(slot_layout(cfg), cfg.max_top_k)),
+            "queue_addr": In(range(entries)),
+            "queue_en": In(1),
+            "queue_token": Out(range(cfg.max_tokens)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        lanes, n_slots, n_experts = cfg.pe_cols, cfg.max_top_k, cfg.max_experts
+        entries = cfg.max_tokens * n_slots
+        slot_shape = slot_layout(cfg)
+        token_shape = unsigned(bits_for(cfg.max_tokens - 1))
+        expert_shape = slot_shape["expert"].shape
+        pos_shape = slot_shape["pos"].shape
+        score_shape = unsigned(SCORE_BITS)
+        count_shape = unsigned(bits_for(cfg.max_tokens))
+        start_shape = unsigned(bits_for(entries))
+        max_beats = -(-n_experts // lanes)
+        # At least one bit each, also for one beat or one choice (no zero-width signals).
+        beat_shape = unsigned(bits_for(max_beats - 1))
+        choice_shape = unsigned(bits_for(n_slots - 1))
+
+        # ---- command: taken while idle; an illegal one is consumed and changes nothing ----
+        rows_m1 = Signal(token_shape)           # M − 1
+        experts_m1 = Signal(expert_shape)       # E − 1
+        top_k_m1 = Signal(choice_shape)         # k − 1
+        chosen = Signal(n_slots)                # choice j < k (counted, queued)
+        beats_m1 = Signal(beat_shape)           # score beats per token − 1
+        busy = Signal()
+        m.d.comb += [self.busy.eq(busy), self.cmd.ready.eq(~busy)]
+
+        taking = Signal()                       # score beats of this command still to come
+        in_beat = Signal(beat_shape)
+        in_token = Signal(token_shape)
+        held = Signal()                         # a score beat is being walked lane by lane
+        lane = Signal(range(lanes))
+        lane_scores = Signal(data.ArrayLayout(score_shape, lanes))
+        expert = Signal(expert_shape)           # expert of lane_scores[0]
+        token = Signal(token_shape)             # token of lane_scores[0]
+        count = Signal(data.ArrayLayout(count_shape, n_experts))
+
+        with m.If(self.cmd.valid & self.cmd.ready):
+            p = self.cmd.payload
+            legal = ((p.rows >= 1) & (p.rows <= cfg.max_tokens) & (p.top_k >= 1)
+                     & (p.top_k <= n_slots) & (p.experts >= p.top_k)
+                     & (p.experts <= n_experts))
+            with m.If(legal):
+                m.d.sync += [
+                    busy.eq(1),
+                    rows_m1.eq(p.rows - 1),
+                    experts_m1.eq(p.experts - 1),
+                    top_k_m1.eq(p.top_k - 1),
+                    chosen.eq(Cat(*(p.top_k > j for j in range(n_slots)))),
+                    beats_m1.eq((p.experts - 1) >> ceil_log2(lanes)),
+                    taking.eq(1), in_beat.eq(0), in_token.eq(0),
+                    lane.eq(0), expert.eq(0), token.eq(0),
+                    count.eq(0),
+                ]
+
+        # ---- top-k: one score per cycle through a sorted insertion list ----
+        # A beat is walked lane by lane in a shift register (no wide lane mux); the next beat
+        # is taken in the cycle the current one's last used lane is, so a token of E experts
+        # takes E cycles. Framing follows from E: ``last`` on the scores is not needed.
+        expert_end = expert == experts_m1
+        lane_end = (lane == lanes - 1) | expert_end
+        m.d.comb += self.scores.ready.eq(taking & (~held | lane_end))
+        with m.If(self.scores.valid & self.scores.ready):
+            m.d.sync += [lane_scores[i].eq(self.scores.payload.data[i][:SCORE_BITS])
+                         for i in range(lanes)]
+            m.d.sync += [held.eq(1), in_beat.eq(Mux(in_beat == beats_m1, 0, in_beat + 1))]
+            with m.If(in_beat == beats_m1):
+                m.d.sync += in_token.eq(in_token + 1)
+                with m.If(in_token == rows_m1):
+                    m.d.sync += taking.eq(0)
+        with m.Elif(held & lane_end):
+            m.d.sync += held.eq(0)
+        with m.If(held):
+            m.d.sync += [lane.eq(Mux(lane_end, 0, lane + 1)),
+                         expert.eq(Mux(expert_end, 0, expert + 1))]
+            with m.If(~lane_end):
+                m.d.sync += [lane_scores[i].eq(lane_scores[i + 1]) for i in range(lanes - 1)]
+            with m.If(expert_end):
+                m.d.sync += token.eq(token + 1)
+
+        c_valid = _reg(m, held, name="c_valid")
+        c_score = _reg(m, lane_scores[0], name="c_score")
+        c_expert = _reg(m, expert, name="c_expert")
+        c_first = _reg(m, expert == 0, name="c_first")
+        c_last = _reg(m, expert_end, name="c_last")
+        c_token = _reg(m, token, name="c_token")
+        c_final = _reg(m, expert_end & (token == rows_m1), name="c_final")
+
+        # best[0 … max_top_k−1]: the token's largest scores so far, descending; a score equal
+        # to one already listed goes after it (ties to the lower expert index, which came
+        # first). The first score of a token starts a fresh list.
+        entry_layout = data.StructLayout({"valid": 1, "score": score_shape,
+                                          "expert": expert_shape})
+        best = Signal(data.ArrayLayout(entry_layout, n_slots))
+        listed = [best[i].valid & ~c_first for i in range(n_slots)]
+        above = [~listed[i] | (c_score > best[i].score) for i in range(n_slots)]
+        with m.If(c_valid):
+            for i in range(n_slots):
+                insert = [best[i].valid.eq(1), best[i].score.eq(c_score),
+                          best[i].expert.eq(c_expert)]
+                if i == 0:
+                    with m.If(above[0]):
+                        m.d.sync += insert
+                else:
+                    with m.If(above[i - 1]):
+                        m.d.sync += [best[i].eq(best[i - 1]), best[i].valid.eq(listed[i - 1])]
+                    with m.Elif(above[i]):
+                        m.d.sync += insert
+
+        # d: the cycle after a token's last score, best holds its top-k. Each chosen expert's
+        # count so far is that choice's rank in the expert's queue.
+        d_valid = _reg(m, c_valid & c_last, name="d_valid")
+        d_token = _reg(m, c_token, name="d_token")
+        d_final = _reg(m, c_valid & c_final, name="d_final")
+        with m.If(d_valid):
+            for e in range(n_experts):
+                hit = Cat(*((best[j].expert == e) & chosen[j] for j in range(n_slots))).any()
+                m.d.sync += count[e].eq(count[e] + hit)
+        r_valid = _reg(m, d_valid, name="r_valid")
+        r_token = _reg(m, d_token, name="r_token")
+        r_final = _reg(m, d_final, name="r_final")
+        r_expert = [_reg(m, best[j].expert, name=f"r_expert{j}") for j in range(n_slots)]
+        r_score = [_reg(m, best[j].score, name=f"r_score{j}") for j in range(n_slots)]
+        r_rank = [_reg(m, count[best[j].expert], pos_shape, name=f"r_rank{j}")
+                  for j in range(n_slots)]
+
+        # ---- scan: start[e] (exclusive prefix sum of count) and the active list ----
+        # Both are small memories (LUT-RAM): the scan writes one entry per cycle, the queue
+        # pass reads start[e] and the list lookup an active entry through a registered port.
+        start = Memory(shape=start_shape, depth=n_experts, init=[])
+        active = Memory(shape=data.StructLayout({"expert": expert_shape, "start": start_shape,
+                                                 "count": count_shape}),
+                        depth=n_experts, init=[])
+        m.submodules.start = start
+        m.submodules.active_list = active
+        start_write, start_read = start.write_port(), start.read_port()
+        active_write, active_read = active.write_port(), active.read_port()
+        scanning = Signal()
+        scan_expert = Signal(expert_shape)
+        total = Signal(start_shape)
+        n_active = Signal(range(n_experts + 1))
+        with m.If(r_final):
+            m.d.sync += [scanning.eq(1), scan_expert.eq(0), total.eq(0), n_active.eq(0)]
+        with m.If(scanning):
+            m.d.sync += scan_expert.eq(scan_expert + 1)
+            with m.If(scan_expert == experts_m1):
+                m.d.sync += scanning.eq(0)
+        s_valid = _reg(m, scanning, name="s_valid")
+        s_expert = _reg(m, scan_expert, name="s_expert")
+        s_count = _reg(m, count[scan_expert], name="s_count")
+        s_final = _reg(m, scanning & (scan_expert == experts_m1), name="s_final")
+        m.d.comb += [
+            start_write.en.eq(s_valid),
+            start_write.addr.eq(s_expert),
+            start_write.data.eq(total),
+            active_write.en.eq(s_valid & (s_count != 0)),
+            active_write.addr.eq(n_active),
+            active_write.data.expert.eq(s_expert),
+            active_write.data.start.eq(total),
+            active_write.data.count.eq(s_count),
+        ]
+        with m.If(s_valid):
+            m.d.sync += total.eq(total + s_count)
+            with m.If(s_count != 0):
+                m.d.sync += n_active.eq(n_active + 1)
+
+        # ---- queue: every (token, choice) in token order, pos = start[e] + rank ----
+        issuing = Signal()
+        queue_token = Signal(token_shape)
+        queue_choice = Signal(choice_shape)
+        with m.If(s_final):
+            m.d.sync += [issuing.eq(1), queue_token.eq(0), queue_choice.eq(0)]
+        with m.If(issuing):
+            with m.If(queue_choice == top_k_m1):
+                m.d.sync += [queue_choice.eq(0), queue_token.eq(queue_token + 1)]
+                with m.If(queue_token == rows_m1):
+                    m.d.sync += issuing.eq(0)
+            with m.Else():
+                m.d.sync += queue_choice.eq(queue_choice + 1)
+        q1_valid = _reg(m, issuing, name="q1_valid")
+        q1_token = _reg(m, queue_token, name="q1_token")
+        q1_choice = _reg(m, queue_choice, name="q1_choice")
+        q1_final = _reg(m, issuing & (queue_choice == top_k_m1) & (queue_token == rows_m1),
+                        name="q1_final")
+
+        # The slot table: one memory per choice, so the first pass writes a token's k
+        # choices in one cycle and the queue pass rewrites one choice's position.
+        table = Signal(data.ArrayLayout(slot_shape, n_slots))
+        q2_slot = _reg(m, table[q1_choice], slot_shape, name="q2_slot")
+        q2_valid, q2_token = _reg(m, q1_valid), _reg(m, q1_token)
+        q2_choice, q2_final = _reg(m, q1_choice), _reg(m, q1_final)
+        m.d.comb += start_read.addr.eq(q2_slot.expert)
+        q3_start = start_read.data
+        q3_slot = _reg(m, q2_slot, slot_shape, name="q3_slot")
+        q3_valid, q3_token = _reg(m, q2_valid), _reg(m, q2_token)
+        q3_choice, q3_final = _reg(m, q2_choice), _reg(m, q2_final)
+        q4_pos = _reg(m, q3_start + q3_slot.pos, pos_shape, name="q4_pos")
+        q4_slot = _reg(m, q3_slot, slot_shape, name="q4_slot")
+        q4_valid, q4_token = _reg(m, q3_valid), _reg(m, q3_token)
+        q4_choice, q4_final = _reg(m, q3_choice), _reg(m, q3_final)
+
+        for j in range(n_slots):
+            memory = Memory(shape=slot_shape, depth=cfg.max_tokens, init=[])
+            m.submodules[f"slot_table{j}"] = memory
+            write, read = memory.write_port(), memory.read_port()
+            m.d.comb += [
+                write.en.eq(r_valid | (q4_valid & (q4_choice == j))),
+                write.addr.eq(Mux(r_valid, r_token, q4_token)),
+                write.data.expert.eq(Mux(r_valid, r_expert[j], q4_slot.expert)),
+                write.data.score.eq(Mux(r_valid, r_score[j], q4_slot.score)),
+                write.data.pos.eq(Mux(r_valid, r_rank[j], q4_pos)),
+                # Shared with the outside: the tables are only read out while idle.
+                read.addr.eq(Mux(busy, queue_token, self.slot_addr)),
+                read.en.eq(busy | self.slot_en),
+                table[j].eq(read.data),
+                self.slot[j].eq(read.data),
+            ]
+        queue = Memory(shape=token_shape, depth=entries, init=[])
+        m.submodules.queue = queue
+        write, read = queue.write_port(), queue.read_port()
+        m.d.comb += [
+            write.en.eq(q4_valid),
+            write.addr.eq(q4_pos),
+            write.data.eq(q4_token),
+            read.addr.eq(self.queue_addr),
+            read.en.eq(self.queue_en),
+            self.queue_token.eq(read.data),
+        ]
+
+        with m.If(q4_final):
+            m.d.sync += [
+                busy.eq(0),
+                self.rows.eq(rows_m1 + 1),
+                self.top_k.eq(top_k_m1 + 1),
+                self.entries.eq(total),
+                self.n_active.eq(n_active),
+            ]
+        m.d.comb += [
+            active_read.addr.eq(self.list_index),
+            self.list_expert.eq(active_read.data.expert),
+            self.list_start.eq(active_read.data.start),
+            self.list_count.eq(active_read.data.count),
+        ]
+        return m
+
+
+class Combiner(wiring.Component):
+    """``numerics.moe_combine`` on words of ``pe_cols`` lanes.
+
+    For each output word: ``out_c = sat8(round_half_up((Σ_j score_j · y_j,c) · mult /
+    2^shift))`` over the command's ``top_k`` input beats.
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+        ``pe_cols`` lanes, ``max_top_k`` inputs per output at most.
+
+    Attributes
+    ----------
+    cmd : In(stream.Signature(Combiner.cmd_layout(cfg)))
+        ``words`` outputs (≥ 1), ``top_k`` inputs each (1 … ``max_top_k``), ``mult``
+        (uint16) and ``shift`` (0 … 62). A command outside these ranges is consumed and
+        ignored.
+    y : In(stream.Signature(Combiner.in_layout(cfg)))
+        ``words · top_k`` beats: an expert output word (INT8 lanes) and its score.
+    out : Out(stream.Signature(lane_layout(cfg)))
+        ``words`` beats of INT8 lanes.
+    busy : Out(1)
+        A command is being taken or a beat is anywhere between ``y`` and ``out``.
+
+    Notes
+    -----
+    One input beat per cycle, so an output word every k cycles; 12 cycles from a word's
+    last beat taken to its output offered (measured). Per beat, w = score · mult is one
+    15 × 16 multiply (the block's only DSP, two registers); each lane then forms y · w as
+    the sum of the eight partial products of its INT8 y (``y_b · 2^b · w``, the sign bit
+    weighted −2^7), three registered adder levels, accumulates the word's k products, adds
+    ``2^(shift−1)``, shifts and saturates. Per-lane multipliers would cost 32 DSP48E2 at
+    32 lanes (64 for the two-step ``(Σ score·y) · mult``), which the accelerator's DSP
+    budget does not have; the adders cost LUTs instead. |Σ score·mult·y| < k·2^38, so every
+    shift ≥ ``ceil(log2(k·2^38)) + 1`` (41 for k = 4) gives 0 and the hardware clamps the
+    shift there. The output queue has a credit per word, taken with the word's last beat.
+    """
+
+    @staticmethod
+    def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``cmd`` payload."""
+        return data.StructLayout({"words": unsigned(20), "top_k": unsigned(4),
+                                  "mult": unsigned(16), "shift": unsigned(SHIFT_BITS)})
+
+    @staticmethod
+    def in_layout(cfg: AccelConfig) -> data.StructLayout:
+        """The ``y`` payload."""
+        return data.StructLayout({"data": lane_layout(cfg, INT8), "score": unsigned(SCORE_BITS)})
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = _check_config(cfg)
+        super().__init__({
+            "cmd": In(stream.Signature(self.cmd_layout(cfg))),
+            "y": In(stream.Signature(self.in_layout(cfg))),
+            "out": Out(stream.Signature(lane_layout(cfg, INT8))),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        lanes, n_slots = cfg.pe_cols, cfg.max_top_k
+        weight_max = ((1 << SCORE_BITS) - 1) * ((1 << 16) - 1)  # score · mult
+        # |score·mult·y| ≤ 128·weight_max; |x| ≤ k·128·weight_max < 2^sum_bits, so every
+        # shift ≥ sum_bits + 1 gives 0 ((x + 2^(s−1)) >> s with 0 < x + 2^(s−1) < 2^s): the
+        # hardware shifts by min(shift, limit), which gives the same result.
+        product_shape = signed((128 * weight_max).bit_length() + 1)
+        sum_bits = (n_slots * 128 * weight_max).bit_length()
+        limit = sum_bits + 1
+        sum_shape = signed(sum_bits + 1)
+        rounded_shape = signed(sum_bits + 2)
+        cmd_layout = self.cmd_layout(cfg)
+
+        active = Signal()
+        words_left = Signal(cmd_layout["words"].shape)
+        # At least one bit each, also for max_top_k = 1 (no zero-width signals in Verilog).
+        top_k_m1 = Signal(unsigned(bits_for(n_slots - 1)))
+        choice = Signal(unsigned(bits_for(n_slots - 1)))
+        mult = Signal(16)
+        shift = Signal(range(limit + 1))
+        with m.If(~active):
+            m.d.comb += self.cmd.ready.eq(1)
+            with m.If(self.cmd.valid):
+                p = self.cmd.payload
+                m.d.sync += [
+                    active.eq((p.words != 0) & (p.top_k >= 1) & (p.top_k <= n_slots)
+                              & (p.shift <= 62)),
+                    words_left.eq(p.words),
+                    top_k_m1.eq(p.top_k - 1),
+                    choice.eq(0),
+                    mult.eq(p.mult),
+                    shift.eq(Mux(p.shift > limit, limit, p.shift)),
+                ]
+
+        # One credit per output word, taken with the word's last input beat.
+        latency = 10
+        oq, oq_w, oq_r = _queue(m, "out_queue", lane_layout(cfg, INT8), latency + 8)
+        word_end = choice == top_k_m1
+        issue = Signal()
+        out_free = _credits(m, "comb_out", oq.depth, issue & word_end, oq.r_en & oq.r_rdy)
+        m.d.comb += [
+            self.y.ready.eq(active & (~word_end | out_free)),
+            issue.eq(self.y.valid & self.y.ready),
+        ]
+        with m.If(issue):
+            m.d.sync += choice.eq(Mux(word_end, 0, choice + 1))
+            with m.If(word_end):
+                m.d.sync += words_left.eq(words_left - 1)
+                with m.If(words_left == 1):
+                    m.d.sync += active.eq(0)
+
+        # c1: the beat; c2, c3: its weight w = score · mult (one multiply per beat, two
+        # registers); c4: w and −w for every lane.
+        c1_valid = _reg(m, issue, name="c1_valid")
+        c1_first = _reg(m, choice == 0, name="c1_first")
+        c1_last = _reg(m, word_end, name="c1_last")
+        c1_score = _reg(m, self.y.payload.score, name="c1_score")
+        c1_mult = _reg(m, mult, name="c1_mult")
+        c1_shift = _reg(m, shift, name="c1_shift")
+        c1_y = [_reg(m, self.y.payload.data[i], name=f"c1_y{i}") for i in range(lanes)]
+        c3_weight = _delay(m, c1_score * c1_mult, 2, unsigned(2 * 16), name="c_weight")
+        c4_plus = _reg(m, c3_weight, signed(2 * 16 + 1), name="c4_plus")
+        c4_minus = _reg(m, -c3_weight, signed(2 * 16 + 1), name="c4_minus")
+
+        c4_y = [_delay(m, y, 3, name=f"c_y{i}") for i, y in enumerate(c1_y)]
+        # c5 … c7: y · w per lane as a sum of the eight shifted partial products of INT8 y
+        # (−2^7·w for the sign bit), three registered adder levels: no DSP per lane.
+        products = []
+        for i, y in enumerate(c4_y):
+            terms = [Mux(y[b], c4_plus << b, 0) for b in range(7)]
+            terms.append(Mux(y[7], c4_minus << 7, 0))
+            level = 0
+            while len(terms) > 1:
+                terms = [_reg(m, a + b, product_shape, name=f"c_prod{i}_l{level}_{t}")
+                         for t, (a, b) in enumerate(zip(terms[0::2], terms[1::2],
+                                                        strict=True))]
+                level += 1
+            products.append(terms[0])
+        c7_valid = _delay(m, c1_valid, 6, name="c_valid")
+        c7_first = _delay(m, c1_first, 6, name="c_first")
+        c7_last = _delay(m, c1_last, 6, name="c_last")
+        c7_shift = _delay(m, c1_shift, 6, name="c_shift")
+
+        # c8: the word's running sum; c9: + 2^(shift−1); c10: >> shift, saturated on entry.
+        sums = [Signal(sum_shape, name=f"c8_sum{i}") for i in range(lanes)]
+        with m.If(c7_valid):
+            m.d.sync += [s.eq(Mux(c7_first, 0, s) + p)
+                         for s, p in zip(sums, products, strict=True)]
+        c8_valid = _reg(m, c7_valid & c7_last, name="c8_valid")
+        c8_shift = _reg(m, c7_shift, name="c8_shift")
+        c8_half = _reg(m, Cat(*(c7_shift == i + 1 for i in range(limit))), name="c8_half")
+        c9_valid, c9_shift = _reg(m, c8_valid), _reg(m, c8_shift)
+        c9_x = [_reg(m, s + c8_half, rounded_shape, name=f"c9_x{i}")
+                for i, s in enumerate(sums)]
+        c10_valid = _reg(m, c9_valid, name="c10_valid")
+        c10_y = [_reg(m, x >> c9_shift, rounded_shape, name=f"c10_y{i}")
+                 for i, x in enumerate(c9_x)]
+        m.d.comb += oq.w_en.eq(c10_valid)
+        m.d.comb += [oq_w[i].eq(Mux(y > 127, 127, Mux(y < -128, -128, y)))
+                     for i, y in enumerate(c10_y)]
+        m.d.comb += [
+            self.out.valid.eq(oq.r_rdy),
+            self.out.payload.eq(oq_r),
+            oq.r_en.eq(self.out.ready),
+        ]
+
+        in_flight = Signal(range(oq.depth + 1))
+        m.d.sync += in_flight.eq(in_flight + (issue & word_end) - (oq.r_en & oq.r_rdy))
+        m.d.comb += self.busy.eq(active | (in_flight != 0))
+        return m
+
