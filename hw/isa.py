@@ -434,7 +434,12 @@ _ISA_SEMANTICS = """
 ## Semantics and checks
 
 Instructions run one at a time, in order; an instruction starts when the previous one has
-written its last result (to the buffer, or to DDR with every write response back).
+written its last result (to the buffer, or to DDR with every write response back). One
+overlap, invisible to results: once a `GEMM` with INT8 results and weights from DDR has
+received its whole DDR stream, the next instruction is fetched and checked; if it is such a
+`GEMM` too, its weight stream starts at once (the PE array's double buffer takes its first
+tile while the previous `GEMM` computes), and its buffer reads and writes start after the
+previous `GEMM`'s last result. This is how the next expert's weights are prefetched.
 Before an instruction starts, the controller checks it; a failing check stops the run
 cleanly (nothing of that instruction has started) with STATUS.ERROR, `ERROR_CODE` and
 `ERROR_PC` = the instruction's index:

@@ -373,7 +373,8 @@ class Engine(wiring.Component):
         ctx_count = Signal.like(dispatcher.list_count)
         expert_offset = Signal(48)         # ctx_expert · loop_stride
         gather_mode = Signal(GatherMode)
-        m.d.comb += [gather.mode.eq(gather_mode), gather.offset.eq(ctx_offset)]
+        gather_offset = Signal.like(ctx_offset)   # the context of the GEMM being walked
+        m.d.comb += [gather.mode.eq(gather_mode), gather.offset.eq(gather_offset)]
         with m.If(gather_mode == GatherMode.SLOT):
             m.d.comb += [dispatcher.slot_addr.eq(gather.slot_addr),
                          dispatcher.slot_en.eq(gather.slot_en)]
@@ -417,6 +418,9 @@ class Engine(wiring.Component):
                 m.d.comb += [rs_word.i.valid.eq(rd.valid), rd.ready.eq(rs_word.i.ready)]
         for rs in (rs_word, rs_param, rs_ln, rs_t8, rs_t16):
             m.d.comb += rs.i.payload.data.eq(rd.payload.data)
+        gemm_beats_left = Signal(32)   # beats of the GEMM's DDR stream still to arrive
+        with m.If(rd.valid & rd.ready & (sink == Sink.GEMM)):
+            m.d.sync += gemm_beats_left.eq(gemm_beats_left - 1)
         with m.If(rd.valid & rd.ready & (sink == Sink.GEMM) & gemm_weights_ddr):
             with m.If(beat_in_tile == param_beats + tile_beats - 1):
                 m.d.sync += beat_in_tile.eq(0)
@@ -752,17 +756,72 @@ class Engine(wiring.Component):
         ddr_addr = Signal(64)
         m.d.comb += ddr_addr.eq(dma_base + ddr_offset)
 
+        # Weight prefetch across GEMMs: once a GEMM's DDR stream has fully arrived (INT8
+        # results, weights from DDR), the controller moves on while the array finishes it
+        # (`pending`). If the next instruction is such a GEMM too, its command and weight
+        # stream are issued at once — the GEMM engine loads its first tiles into the free
+        # half of its double buffer — and only its buffer walks wait for the previous
+        # GEMM's last result. Anything else waits for that result first (GEMM_DRAIN).
+        pending = Signal()
+        drain_to_fetch = Signal()
+        g = gemm_args
+        streamed = (g.wsrc == WeightSource.DDR) & (g.mode != GemmOp.INT32)
+
+        def gemm_setup():
+            m.d.sync += [
+                unit.eq(Unit.GEMM),
+                sink.eq(Sink.GEMM),
+                gemm_int32.eq(g.mode == GemmOp.INT32),
+                weights_from_buffer.eq(g.wsrc != WeightSource.DDR),
+                gemm_weights_ddr.eq(g.wsrc == WeightSource.DDR),
+                beat_in_tile.eq(0),
+                tile_beats.eq((g.k_slices * (R * C)) >> log_axi),
+                gemm_beats_left.eq(ddr_bytes >> log_axi),
+            ]
+
+        def gemm_walks():
+            m.d.sync += [writes_left.eq(g.n_tiles * eff_tokens), gather_offset.eq(ctx_offset)]
+            with m.If(g.src_rows == RowMode.GATHER):
+                m.d.sync += gather_mode.eq(GatherMode.QUEUE)
+            with m.Else():
+                m.d.sync += gather_mode.eq(GatherMode.NONE)
+            src_base = g.src + Mux(g.src_rows == RowMode.QUEUE, ctx_offset, 0)
+            dst_base = g.dst + Mux(g.dst_rows == RowMode.QUEUE, ctx_offset, 0)
+            walk(gen_a, src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride), (eff_tokens, 1))
+            with m.If(g.mode != GemmOp.INT32):
+                walk(gen_w, dst_base, (g.n_tiles, g.dst_stride), (eff_tokens, 1))
+            with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
+                walk(gen_b, g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R), (C, 1))
+            with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
+                walk(gen_b, g.wbuf, (g.n_tiles, C), (g.k_slices, g.wstride), (C, 1))
+
+        def gemm_commands():
+            """Issue the GEMM's commands; true once all are taken."""
+            command(gemm.command, 0, op=g.mode, tokens=eff_tokens, k_slices=g.k_slices,
+                    n_tiles=g.n_tiles, transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
+            command(self.rd_cmd, 1, addr=ddr_addr, beats=ddr_bytes >> log_axi)
+            with m.If(g.mode == GemmOp.INT32):
+                command(self.wr_cmd, 2, addr=dma_base + g.out_ddr,
+                        beats=(g.n_tiles * eff_tokens * (4 * C)) >> log_axi)
+            with m.Else():
+                m.d.sync += sent[2].eq(1)
+            return sent[0] & sent[1] & sent[2]
+
         with m.FSM(name="controller"):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [pc.eq(0), error_code.eq(ErrorCode.NONE), aborting.eq(0),
                                  task_offset.eq(0), task_stride.eq(0), sent.eq(0),
-                                 routed.eq(0), loop_active.eq(0), schedule.eq(self.schedule)]
+                                 routed.eq(0), loop_active.eq(0), schedule.eq(self.schedule),
+                                 pending.eq(0)]
                     m.d.comb += self.dma_error_clear.eq(1)
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.comb += self.busy.eq(1)
-                with m.If(aborting):
+                with m.If(pending & (aborting | self.dma_error)):
+                    m.d.sync += drain_to_fetch.eq(1)
+                    m.next = "GEMM_DRAIN"
+                with m.Elif(aborting):
                     stop(ErrorCode.ABORTED)
                 with m.Elif(self.dma_error):
                     stop(ErrorCode.AXI_RESPONSE)
@@ -806,7 +865,16 @@ class Engine(wiring.Component):
                 ddr_ok = (ddr_end <= self.data_size) & (
                     (op != Opcode.GEMM) | (gemm_args.mode != GemmOp.INT32)
                     | (out_end <= self.data_size))
-                with m.If(~opcode_ok):
+                with m.If(pending):
+                    # A GEMM is still finishing: only a streamed GEMM may start beside it.
+                    with m.If(opcode_ok & shape_ok & buffer_ok & ddr_ok & (op == Opcode.GEMM)
+                              & streamed):
+                        m.d.sync += sent.eq(0)
+                        m.next = "GEMM_PREFETCH"
+                    with m.Else():
+                        m.d.sync += drain_to_fetch.eq(0)
+                        m.next = "GEMM_DRAIN"
+                with m.Elif(~opcode_ok):
                     stop(ErrorCode.ILLEGAL_OPCODE)
                 with m.Elif(~shape_ok):
                     stop(ErrorCode.SHAPE_OVER_CAPACITY)
@@ -853,44 +921,45 @@ class Engine(wiring.Component):
 
             # GEMM: command, DDR stream, address generators, then wait for the results.
             with m.State("GEMM_START"):
-                g = gemm_args
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [
-                    unit.eq(Unit.GEMM),
-                    sink.eq(Sink.GEMM),
-                    gemm_int32.eq(g.mode == GemmOp.INT32),
-                    weights_from_buffer.eq(g.wsrc != WeightSource.DDR),
-                    gemm_weights_ddr.eq(g.wsrc == WeightSource.DDR),
-                    beat_in_tile.eq(0),
-                    tile_beats.eq((g.k_slices * (R * C)) >> log_axi),
-                    writes_left.eq(g.n_tiles * eff_tokens),
-                ]
-                with m.If(g.src_rows == RowMode.GATHER):
-                    m.d.sync += gather_mode.eq(GatherMode.QUEUE)
-                src_base = g.src + Mux(g.src_rows == RowMode.QUEUE, ctx_offset, 0)
-                dst_base = g.dst + Mux(g.dst_rows == RowMode.QUEUE, ctx_offset, 0)
-                walk(gen_a, src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride),
-                     (eff_tokens, 1))
-                with m.If(g.mode != GemmOp.INT32):
-                    walk(gen_w, dst_base, (g.n_tiles, g.dst_stride), (eff_tokens, 1))
-                with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
-                    walk(gen_b, g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R), (C, 1))
-                with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
-                    walk(gen_b, g.wbuf, (g.n_tiles, C), (g.k_slices, g.wstride), (C, 1))
+                gemm_setup()
+                gemm_walks()
                 m.next = "GEMM_ISSUE"
             with m.State("GEMM_ISSUE"):
-                g = gemm_args
                 m.d.comb += self.busy.eq(1)
-                command(gemm.command, 0, op=g.mode, tokens=eff_tokens, k_slices=g.k_slices,
-                        n_tiles=g.n_tiles, transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
-                command(self.rd_cmd, 1, addr=ddr_addr, beats=ddr_bytes >> log_axi)
-                with m.If(g.mode == GemmOp.INT32):
-                    command(self.wr_cmd, 2, addr=dma_base + g.out_ddr,
-                            beats=(g.n_tiles * eff_tokens * (4 * C)) >> log_axi)
-                with m.Else():
-                    m.d.sync += sent[2].eq(1)
-                with m.If(sent[0] & sent[1] & sent[2]):
+                with m.If(gemm_commands()):
                     m.next = "GEMM_WAIT"
+                    with m.If(streamed):
+                        m.next = "GEMM_STREAM"
+            # Beside a pending GEMM: stream setup, commands, then the walks once it is done.
+            with m.State("GEMM_PREFETCH"):
+                m.d.comb += self.busy.eq(1)
+                gemm_setup()
+                m.next = "GEMM_PREFETCH_ISSUE"
+            with m.State("GEMM_PREFETCH_ISSUE"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(gemm_commands()):
+                    m.next = "GEMM_HOLD"
+            with m.State("GEMM_HOLD"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(writes_left == 0):
+                    m.d.sync += pending.eq(0)
+                    gemm_walks()
+                    m.next = "GEMM_STREAM"
+            with m.State("GEMM_STREAM"):
+                # The whole stream is in: the next instruction may be fetched.
+                m.d.comb += self.busy.eq(1)
+                with m.If(gemm_beats_left == 0):
+                    m.d.sync += pending.eq(1)
+                    m.next = "NEXT"
+            with m.State("GEMM_DRAIN"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(~gemm.busy & ~gemm.command.valid & (writes_left == 0)):
+                    m.d.sync += [pending.eq(0), unit.eq(Unit.NONE),
+                                 gather_mode.eq(GatherMode.NONE)]
+                    m.next = "CHECK2"
+                    with m.If(drain_to_fetch):
+                        m.next = "FETCH"
             with m.State("GEMM_WAIT"):
                 m.d.comb += self.busy.eq(1)
                 # INT8: every result word written; INT32: every write answered.
@@ -1082,10 +1151,11 @@ class Engine(wiring.Component):
 
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [pc.eq(pc + 1), unit.eq(Unit.NONE), sink.eq(Sink.NONE),
-                             sent.eq(0), weights_from_buffer.eq(0),
-                             gather_mode.eq(GatherMode.NONE),
+                m.d.sync += [pc.eq(pc + 1), sink.eq(Sink.NONE), sent.eq(0),
                              self.counters.instructions.eq(self.counters.instructions + 1)]
+                with m.If(~pending):   # a pending GEMM still owns the unit and port A
+                    m.d.sync += [unit.eq(Unit.NONE), weights_from_buffer.eq(0),
+                                 gather_mode.eq(GatherMode.NONE)]
                 m.next = "FETCH"
                 with m.If(loop_active & (pc == loop_last)):
                     last_choice = loop_choice == dispatcher.top_k - 1

@@ -1,9 +1,13 @@
-"""The accelerator engine (``m3vit.hw.top``): ZCU104 lint and the cocotb program bench.
+"""The accelerator engine (``m3vit.hw.top``): ZCU104 lint and the cocotb program benches.
 
-The bench (``tests/sim/top/test_engine.py``) runs programs on the CI configuration (4 × 4
-array): random GEMMs of every mode and weight source, the vector instructions, strided
-LOAD/STORE, every bad-program error code, and a whole dense ``tiny`` ViT block, each
-bit-exact. One Verilator build (~2 min at -O1 on the 2-core machine) serves them all.
+The benches run programs on the CI configuration (4 × 4 array), each bit-exact:
+``tests/sim/top/test_engine.py`` random GEMMs of every mode and weight source, the vector
+instructions, strided LOAD/STORE, every bad-program error code, attention, embedding and
+head, and a whole dense ``tiny`` ViT block; ``tests/sim/top/test_moe_engine.py`` the MoE
+expert scheduler (routing patterns for 4, 16 and 64 experts under both schedules, the
+``tiny`` MoE layer and block, the whole ``tiny`` model with task switches, with a read
+monitor); ``tests/sim/top/test_accelerator.py`` the top through real AXI. Each module has
+its own Verilator build (~2-3 min at -O1 on the 2-core machine), so they run side by side.
 """
 
 import functools
@@ -25,15 +29,18 @@ BUILD_DIR = REPO_ROOT / "build" / "sim" / "top"
 SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
 CONFIG_ENV = "M3VIT_BENCH_CONFIG"  # read by tests/sim/stream_tb.py
 #: cocotb module → tests it must report passed.
-BENCHES = {"test_engine": 9, "test_accelerator": 4}
-TOPS = {"test_engine": ("engine", Engine), "test_accelerator": ("m3vit_accel", Accelerator)}
+BENCHES = {"test_engine": 9, "test_moe_engine": 6, "test_accelerator": 5}
+#: cocotb module → (top, component, build folder)
+TOPS = {"test_engine": ("engine", Engine, "engine"),
+        "test_moe_engine": ("engine", Engine, "engine_moe"),
+        "test_accelerator": ("m3vit_accel", Accelerator, "m3vit_accel")}
 
 
 @functools.cache
 def bench_verilog(module: str) -> tuple[str, Path]:
     """The top of ``module``'s bench and its Verilog (CI configuration)."""
-    top, component = TOPS[module]
-    path = BUILD_DIR / top / f"{top}.v"
+    top, component, folder = TOPS[module]
+    path = BUILD_DIR / folder / f"{top}.v"
     write_if_changed(path, to_verilog(component(CI), top))
     return top, path
 
@@ -54,7 +61,7 @@ def test_programs_run_bit_exactly(module, quick_model_compile):
         verilog_sources=[verilog],
         test_module=module,
         test_dir=BENCH_DIR,
-        build_dir=BUILD_DIR / top / "verilator",
+        build_dir=verilog.parent / "verilator",
         seed=SEED,
         extra_env={CONFIG_ENV: json.dumps(CI.to_dict()),
                    "COCOTB_REWRITE_ASSERTION_FILES": "test_*.py"},

@@ -80,11 +80,13 @@ class DelayedChannel:
         self.bench = bench
         self.latency = latency
         self.queue: Queue = Queue()
+        self.requests: list = []   # every AR taken, in order: an AXI read monitor
         cocotb.start_soon(self._collect())
 
     async def _collect(self) -> None:
         while True:
             request = await self.channel.recv()
+            self.requests.append(request)
             # The sink samples the handshake at the edge that ends the request's cycle.
             await self.queue.put((self.bench.cycle() + self.latency, request))
 

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from programs import moe_layer_case
-from test_engine import DATA_BASE, EngineBench, expert_reads
+from test_engine import DATA_BASE, EngineBench
+from test_moe_engine import expert_reads
 
 from m3vit.hw.registers import Schedule
 
