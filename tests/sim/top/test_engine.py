@@ -219,8 +219,8 @@ class EngineBench(Bench):
     def window(self, case) -> bytes:
         return bytes(self.memory[DATA_BASE:DATA_BASE + len(case.ddr)])
 
-    async def check(self, case) -> int:
-        code, pc, cycles = await self.run(case)
+    async def check(self, case, limit: int = 2_000_000) -> int:
+        code, pc, cycles = await self.run(case, limit)
         assert code == case.error, f"{case.name}: ended with {code.name}, not {case.error.name}"
         if case.error != ErrorCode.NONE:
             assert pc == case.error_pc, f"{case.name}: error at pc {pc}, not {case.error_pc}"
