@@ -463,7 +463,7 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
         base = img.put(f"expert{e}", s1 + s2)
         blocks.append((base, len(s1) + len(s2)))
     stride = blocks[1][0] - blocks[0][0] if experts > 1 else 0
-    fc1_len = len(gemm_stream(*fc1[0], cfg))
+    fc1_len = len(s1)   # every expert's FC1 stream has the same length
     prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
     prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.GATHER, tokens=tokens, k_slices=dim // cfg.pe_rows,

@@ -23,14 +23,10 @@ from programs import (
     moe_layer_case,
     moe_routing_case,
 )
-from test_engine import DATA_BASE, EngineBench
+from test_engine import DATA_BASE, EngineBench, _seed
 
 from m3vit.hw.isa import ExpertOrder
 from m3vit.hw.registers import Schedule
-
-
-def _seed(bench: EngineBench) -> int:
-    return bench.rng().getrandbits(32)
 
 
 def expert_reads(tb: EngineBench, case) -> list[int]:
