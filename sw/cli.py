@@ -317,6 +317,103 @@ def cmd_resources(args: argparse.Namespace) -> None:
                                           for r in over))
 
 
+def cmd_compile(args: argparse.Namespace) -> None:
+    from m3vit.hw.generate import get_config
+    from m3vit.hw.isa import ExpertOrder
+
+    from .compiled import COMPILED_SUFFIX, compile_package
+    from .package import load_package
+    from .quantize import validate_package
+
+    config = get_config(args.config)
+    pkg = load_package(args.package, validate=validate_package)
+    out = Path(args.out or Path(args.package).with_suffix(f".{args.config}{COMPILED_SUFFIX}"))
+    if out.exists() and not args.force:
+        raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    compiled = compile_package(pkg, config, order=ExpertOrder[_ORDERS[args.order]])
+    compiled.save(out, overwrite=args.force)
+    print(f"{pkg.config.name} for {args.config} ({config.pe_rows}x{config.pe_cols} array, "
+          f"config {compiled.config_hash:#010x}): {len(compiled.program) // 32} instructions, "
+          f"{len(compiled.image):,}-byte DDR image, tasks {', '.join(compiled.tasks)}, "
+          f"activation buffer {compiled.act_buffer_peak:,} of {config.act_buffer_words:,} "
+          f"words")
+    if args.map:
+        print("\n".join(compiled.memory_map()))
+    print(f"compiled package written to {out}")
+
+
+_ORDERS = {"register": "REGISTER", "expert": "EXPERT_BY_EXPERT", "token": "TOKEN_BY_TOKEN"}
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from m3vit.hw.generate import get_config
+    from m3vit.hw.registers import Schedule
+
+    from .compiled import load_compiled
+    from .runtime import Accelerator
+    from .session import format_report, run_session, save_figure, save_report
+    from .train import scenes_for
+
+    for path in (args.json, args.figure):
+        if path and Path(path).exists() and not args.force:
+            raise M3VitError(f"{path} exists: pass --force to overwrite it")
+    compiled = load_compiled(args.package)
+    tasks = args.task or list(compiled.tasks)
+    for task in tasks:
+        compiled.task_select(task)
+    reference = None
+    if args.check:
+        from .package import load_package
+        from .quantize import validate_package
+
+        reference = load_package(args.check, validate=validate_package)
+    options: dict[str, Any] = {"watchdog_cycles": args.watchdog_cycles,
+                               "schedule": Schedule[_ORDERS[args.schedule]]}
+    if args.backend == "sim":
+        config = get_config(args.config) if args.config else compiled.config
+        if config.config_hash() != compiled.config_hash:
+            # The driver refuses it too, but only after building that config's model.
+            raise M3VitError(
+                f"{args.package}: compiled for hardware config {compiled.config_hash:#010x} "
+                f"({compiled.config.pe_rows}x{compiled.config.pe_cols} array), but the "
+                f"simulated {args.config} bitstream is config {config.config_hash():#010x}: "
+                f"re-run `m3vit compile --config {args.config}`")
+        if args.trace:
+            options["trace_path"] = args.trace
+        acc = Accelerator.open("sim", config=config, progress=lambda m: print(
+            m, file=sys.stderr, flush=True), **options)
+    else:
+        acc = Accelerator.open("pynq", bitstream=args.bitstream, **options)
+    scenes = scenes_for(compiled.model, args.images, seed=args.seed)
+    with acc:
+        acc.load(compiled)
+        report = run_session(acc, scenes, tasks=tasks, reference=reference,
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        save_report(report, args.json, overwrite=args.force)
+        print(f"report written to {args.json}")
+    if args.figure:
+        save_figure(report, args.figure)
+        print(f"figure written to {args.figure}")
+    bad = [t for t, r in report["tasks"].items() if r["bit_exact"] is False]
+    if bad:
+        raise M3VitError(f"accelerator output differs from the golden model for "
+                         f"{', '.join(bad)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .session import format_report, load_report
+
+    report = load_report(args.report)
+    print(format_report(report))
+    if args.sequence:
+        for run in report["sequence"]:
+            mark = "after a switch" if run["after_switch"] else ""
+            print(f"  image {run['image']} {run['task']:<10} {run['cycles']:>12,} cycles "
+                  f"{mark}")
+
+
 # ---- parser ----------------------------------------------------------------------------
 
 
@@ -458,6 +555,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run Yosys even if WORKDIR holds a run of identical Verilog, script "
                    "and Yosys (reused by default)")
     s.set_defaults(func=cmd_resources)
+
+    s = sub.add_parser("compile", help="compile a quantized package for an accelerator config",
+                       description="Lay out one program and one DDR image that run every task "
+                       "of a .m3q package on the accelerator of --config: weights tiled in the "
+                       "order the hardware streams them, tables, per-task router and head "
+                       "blocks, the instruction stream, input and output regions. The .m3x it "
+                       "writes is bound to the config's hash; a model that does not fit is "
+                       "refused with the capacity it exceeds.")
+    s.add_argument("package", help="a .m3q file written by `m3vit quantize`")
+    s.add_argument("--config", default="zcu104",
+                   help=f"accelerator config: {_HW_CONFIGS} (default: %(default)s)")
+    s.add_argument("--order", choices=tuple(_ORDERS), default="register",
+                   help="MoE schedule compiled in: expert-by-expert, token-by-token, or "
+                   "register = chosen at run time (default: %(default)s)")
+    s.add_argument("--out", help="output path (default: PACKAGE.CONFIG.m3x)")
+    s.add_argument("--map", action="store_true", help="print the DDR memory map")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("run", help="run a compiled package on the simulator or the ZCU104",
+                       description="Load a .m3x onto a board, run synthetic scenes for every "
+                       "task (or --task) switching task before every run, and print per task "
+                       "the metric, cycles, latency, DDR traffic and the task-switch cost. "
+                       "With --check PACKAGE.m3q each head is compared bit for bit with the "
+                       "integer golden model.")
+    s.add_argument("package", help="a .m3x file written by `m3vit compile`")
+    s.add_argument("--backend", choices=("sim", "pynq"), default="sim",
+                   help="sim: the Verilated SoC model (built on first use, then cached); "
+                   "pynq: the ZCU104 through PYNQ (default: %(default)s)")
+    s.add_argument("--bitstream", help="the .bit (with its .hwh beside it) for --backend pynq")
+    s.add_argument("--config", help=f"simulate this config ({_HW_CONFIGS}) instead of the "
+                   "package's own (to see the hash check refuse a mismatch)")
+    s.add_argument("--task", action="append", metavar="TASK",
+                   help="run only this task (repeatable; default: every task)")
+    s.add_argument("--images", type=int, default=2, help="scenes per task (default: 2)")
+    s.add_argument("--seed", type=int, default=1, help="scene seed (default: %(default)s)")
+    s.add_argument("--schedule", choices=("expert", "token"), default="expert",
+                   help="MoE schedule when the package leaves it to the host: the paper's "
+                   "expert-by-expert reordering or token-by-token (default: %(default)s)")
+    s.add_argument("--check", metavar="M3Q", help="compare every head with the golden model "
+                   "of this quantized package (the one the .m3x was compiled from)")
+    s.add_argument("--watchdog-cycles", type=int, default=100_000_000,
+                   help="abort (then reset) a run still busy after this many cycles "
+                   "(default: %(default)s)")
+    s.add_argument("--trace", metavar="PATH", help="sim: write a waveform (.vcd; .fst needs "
+                   "Debian's liblz4-dev)")
+    s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report)")
+    s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
+    s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="print a run report saved by `m3vit run --json`")
+    s.add_argument("report", help="the JSON file")
+    s.add_argument("--sequence", action="store_true", help="also list every run in order")
+    s.set_defaults(func=cmd_report)
     return p
 
 

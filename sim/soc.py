@@ -1,0 +1,591 @@
+"""The Verilated SoC model: the accelerator top, a DDR model and an AXI4-Lite host, in C++.
+
+Whole programs (and whole images) run at Verilator speed: the clock loop, the DDR (an AXI4
+slave with latency, outstanding bursts and bandwidth, ``sim/soc/ddr_model.h``) and the
+register host (``sim/soc/soc.cpp``) are C++, compiled with the Verilated top into one shared
+library and driven through ctypes. Python is entered once per register access, DDR backdoor
+copy or :meth:`SocModel.run`, never once per clock cycle.
+
+The library is built once per configuration, trace kind and set of sources, and cached under
+``build/soc/<config hash>-<digest>/``; see ``docs/simulation.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from m3vit.hw.config import AccelConfig
+from m3vit.hw.errors import M3VitError
+from m3vit.hw.registers import AXIL_ADDR_WIDTH
+
+from .verilator import VERILATOR_ARGS, verilator_env
+
+__all__ = ["DdrTiming", "SocModel", "build_soc"]
+
+_TOP = "m3vit_accel"
+_LIBRARY = "libm3vit_soc.so"
+_SOURCES = Path(__file__).resolve().parent / "soc"
+_CPP_SOURCES = ("soc.cpp", "ddr_model.h")
+_HW_PACKAGE = Path(__file__).resolve().parent.parent / "hw"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+#: -O2 for the model and the loop. Measured on the CI top (2-core machine), see
+#: docs/simulation.md: -O2 builds in about the same time as -O1 here, and simulates faster.
+_OPT = ("OPT_FAST=-O2", "OPT_GLOBAL=-O2", "OPT_SLOW=-O1")
+_TRACE_KINDS = {None: (), "vcd": ("--trace-vcd",), "fst": ("--trace-fst",)}
+#: Cycles an AXI4-Lite access may wait for its response before the host gives up.
+_REGISTER_TIMEOUT = 10_000
+_FST_HINT = ("FST traces need the lz4 headers (Debian/Ubuntu: `apt-get install liblz4-dev`); "
+             "or ask for a .vcd trace")
+
+
+@dataclass(frozen=True)
+class DdrTiming:
+    """Timing of the DDR model behind the accelerator's AXI4 master port.
+
+    The defaults model the ZCU104's PS DDR4 reached through one 128-bit HP port at 300 MHz.
+    All figures are in cycles of the accelerator clock.
+
+    Attributes
+    ----------
+    read_latency : int
+        Cycles from an AR handshake to the burst's first R beat (40 ≈ 133 ns at 300 MHz,
+        the order of a PL read through the HP port, the FPD interconnect and the DDR
+        controller). At least 1. Bursts accepted back to back overlap their latencies.
+    write_latency : int
+        Cycles from a burst's last W beat to its B response. At least 1.
+    max_outstanding : int
+        Bursts accepted in flight per direction; AR (AW) ready drops while this many reads
+        (writes) are open.
+    bytes_per_cycle : float
+        Sustained bandwidth of each direction (R and W are independent AXI channels, each
+        with its own token bucket). Fractional values are allowed. 16 = one 128-bit beat
+        per cycle = 4.8 GB/s at 300 MHz, the HP port's peak per direction.
+    """
+
+    read_latency: int = 40
+    write_latency: int = 24
+    max_outstanding: int = 8
+    bytes_per_cycle: float = 16.0
+
+    def __post_init__(self) -> None:
+        for name in ("read_latency", "write_latency", "max_outstanding"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value < 1 << 31:
+                raise M3VitError(f"DdrTiming.{name} must be a positive integer, got {value!r}")
+        if not 0 < self.bytes_per_cycle < 1 << 20:
+            raise M3VitError(f"DdrTiming.bytes_per_cycle must be positive, got "
+                             f"{self.bytes_per_cycle!r}")
+
+    @classmethod
+    def zcu104(cls, config: AccelConfig) -> DdrTiming:
+        """The ZCU104 default for ``config``'s AXI data width.
+
+        An HP port is at most 128 bits wide, so a wider master goes through a width
+        converter and still gets 16 bytes per cycle; a narrower one moves one beat per cycle.
+
+        Parameters
+        ----------
+        config : AccelConfig
+            The accelerator configuration (its ``axi_data_width`` matters).
+
+        Returns
+        -------
+        DdrTiming
+            Latencies and outstanding bursts as the class defaults, bandwidth
+            ``min(config.axi_bytes, 16)`` bytes per cycle.
+        """
+        return cls(bytes_per_cycle=float(min(config.axi_bytes, 16)))
+
+
+# --------------------------------------------------------------------------------------------
+# Build and cache
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _hw_fingerprint(config: AccelConfig) -> str:
+    """What determines the Verilog: the ``hw`` sources, Amaranth's version and the config.
+
+    Elaborating the top takes ~10 s for CI (much longer for ZCU104), so a second process
+    finds its build through this fingerprint without elaborating.
+    """
+    parts = [repr(sorted(config.to_dict().items())).encode(),
+             importlib.metadata.version("amaranth").encode()]
+    for path in sorted(_HW_PACKAGE.glob("*.py")):
+        parts += [path.name.encode(), path.read_bytes()]
+    return _digest(*parts)[:24]
+
+
+@functools.cache
+def _verilog(config: AccelConfig) -> str:
+    from m3vit.hw.generate import to_verilog
+    from m3vit.hw.top import Accelerator
+
+    return to_verilog(Accelerator(config), _TOP)
+
+
+def _build_flags(config: AccelConfig, trace: str | None) -> list[str]:
+    defines = [f"-DSOC_BUS_BYTES={config.axi_bytes}", "-fPIC"]
+    if trace:
+        defines.append(f"-DSOC_TRACE_{trace.upper()}")
+    return [
+        "--cc", "--exe", "--build", "--top-module", _TOP, *VERILATOR_ARGS,
+        *_TRACE_KINDS[trace],
+        "-CFLAGS", " ".join(defines),
+        # -Bsymbolic: two configurations' libraries in one process each keep their own
+        # Verilator runtime rather than binding to whichever was loaded first.
+        "-LDFLAGS", "-shared -Wl,-Bsymbolic",
+        "-o", _LIBRARY,
+    ]
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # Two processes (pytest-xdist workers) building into one folder would corrupt the build.
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _check_tools(trace: str | None, env: dict[str, str]) -> None:
+    for tool in ("c++", "make"):
+        if shutil.which(tool, path=env.get("PATH")) is None:
+            raise M3VitError(f"building the SoC model needs `{tool}` on PATH (Debian/Ubuntu: "
+                             "`apt-get install build-essential`)")
+    if trace == "fst":
+        probe = subprocess.run(["c++", "-E", "-x", "c++", "-"], input="#include <lz4.h>\n",
+                               capture_output=True, text=True, env=env, check=False)
+        if probe.returncode != 0:
+            raise M3VitError(_FST_HINT)
+
+
+def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path | None = None,
+              progress: Callable[[str], None] | None = None) -> Path:
+    """Build (or reuse) the SoC model's shared library for ``config``.
+
+    The library is cached under ``<build_root>/soc/<config hash>-<digest>/`` where the
+    digest covers the Verilog, the C++ sources, the build flags and Verilator's version, so
+    a change to any of them builds a new one. A second index, keyed by the ``hw`` sources,
+    Amaranth's version and the configuration, lets a new process skip elaborating the top
+    when nothing changed. Concurrent callers (pytest-xdist workers) building the same
+    library are serialised by a file lock; the later ones reuse the first one's result.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        The accelerator configuration to build.
+    trace : {None, "vcd", "fst"}, optional
+        Build with waveform tracing of this kind (a separate cached build). ``"fst"`` needs
+        the lz4 headers.
+    build_root : Path, optional
+        Root of the build tree; defaults to the repository's ``build/``.
+    progress : callable, optional
+        Called with a short message before each long step (elaborating, Verilating and
+        compiling); not called when the library is reused.
+
+    Returns
+    -------
+    Path
+        The shared library.
+
+    Raises
+    ------
+    M3VitError
+        If Verilator, a C++ compiler or make is missing, if FST is asked for without the lz4
+        headers, or if the build fails (the message names the build log).
+    """
+    if trace not in _TRACE_KINDS:
+        raise M3VitError(f"trace must be None, 'vcd' or 'fst', got {trace!r}")
+    root = Path(build_root if build_root is not None else _REPO_ROOT / "build") / "soc"
+    say = progress or (lambda message: None)
+    env = verilator_env()
+    env["MAKEFLAGS"] = " ".join([env.get("MAKEFLAGS", ""), *_OPT]).strip()
+    flags = _build_flags(config, trace)
+    sources = [(_SOURCES / name).read_bytes() for name in _CPP_SOURCES]
+    tool_id = [importlib.metadata.version("verilator"), *_OPT, *flags]
+
+    tools_digest = _digest(*sources, *map(str.encode, tool_id))
+    index = root / "index" / f"{_hw_fingerprint(config)}-{tools_digest[:12]}"
+    if index.is_file():
+        folder = root / index.read_text().strip()
+        if (folder / _LIBRARY).is_file():
+            return folder / _LIBRARY
+
+    _check_tools(trace, env)
+    say(f"elaborating the accelerator top ({config.pe_rows}×{config.pe_cols} array)")
+    verilog = _verilog(config).encode()
+    key = f"{config.config_hash():08x}-{_digest(verilog, *sources, *map(str.encode, tool_id))[:16]}"
+    folder = root / key
+    library = folder / _LIBRARY
+    with _locked(folder / ".lock"):
+        if not library.is_file():
+            _build(folder, verilog, flags, env, say)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    partial = index.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(key + "\n")
+    partial.replace(index)
+    return library
+
+
+def _build(folder: Path, verilog: bytes, flags: list[str], env: dict[str, str],
+           say: Callable[[str], None]) -> None:
+    obj = folder / "obj"
+    shutil.rmtree(obj, ignore_errors=True)
+    obj.mkdir(parents=True)
+    (folder / f"{_TOP}.v").write_bytes(verilog)
+    # The build folder holds its own copy of the C++ so it can be rebuilt by hand.
+    for name in _CPP_SOURCES:
+        shutil.copyfile(_SOURCES / name, folder / name)
+    log_path = folder / "build.log"
+    jobs = str(max(1, os.cpu_count() or 1))
+    command = ["verilator", *flags, "-j", jobs, "--Mdir", str(obj), f"{_TOP}.v", "soc.cpp"]
+    say(f"Verilating and compiling the SoC model (several minutes; log {log_path})")
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n" + f"MAKEFLAGS={env['MAKEFLAGS']}\n")
+        log.flush()
+        result = subprocess.run(command, cwd=folder, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, check=False)
+        log.write(f"\nbuild time {time.perf_counter() - started:.1f} s\n")
+    if result.returncode != 0 or not (obj / _LIBRARY).is_file():
+        raise M3VitError(f"the SoC model build failed (exit status {result.returncode}); "
+                         f"see {log_path}")
+    # Published by rename, so a reader never sees a half-written library.
+    (obj / _LIBRARY).replace(folder / _LIBRARY)
+    say(f"built the SoC model in {time.perf_counter() - started:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# The binding
+
+_u64, _u32, _vp = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
+
+
+@functools.cache
+def _load(library: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library))
+    signatures = {
+        "soc_bus_bytes": ([], ctypes.c_int),
+        "soc_trace_kind": ([], ctypes.c_int),
+        "soc_stat_names": ([], ctypes.c_char_p),
+        "soc_n_stats": ([], ctypes.c_int),
+        "soc_new": ([_u64, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_double,
+                     ctypes.c_char_p], _vp),
+        "soc_free": ([_vp], None),
+        "soc_reset": ([_vp, ctypes.c_uint], None),
+        "soc_reg_write": ([_vp, _u32, _u32, ctypes.c_uint], ctypes.c_int),
+        "soc_reg_read": ([_vp, _u32, ctypes.POINTER(_u32), ctypes.c_uint], ctypes.c_int),
+        "soc_ddr_write": ([_vp, _u64, ctypes.c_char_p, _u64], ctypes.c_int),
+        "soc_ddr_read": ([_vp, _u64, ctypes.c_void_p, _u64], ctypes.c_int),
+        "soc_run": ([_vp, _u64], _u64),
+        "soc_irq": ([_vp], ctypes.c_int),
+        "soc_cycle": ([_vp], _u64),
+        "soc_set_hang_reads": ([_vp, ctypes.c_int], None),
+        "soc_hang_reads": ([_vp], ctypes.c_int),
+        "soc_stats": ([_vp, ctypes.POINTER(_u64)], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes = argtypes
+        function.restype = restype
+    return lib
+
+
+class SocModel:
+    """The accelerator, its DDR and a register host, simulated in C++.
+
+    Construction builds (or reuses) the library for ``config`` (:func:`build_soc`), loads
+    it and resets the accelerator. Everything the host does goes through the real AXI4-Lite
+    slave (:meth:`read_register`, :meth:`write_register`) and takes simulated cycles; the DDR
+    can also be read and written directly (:meth:`write_ddr`, :meth:`read_ddr`), in no
+    simulated time, as the host's CPU writes its buffers.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        The accelerator configuration.
+    ddr_bytes : int, optional
+        Size of the DDR at address 0 (default 64 MiB). A burst that touches a byte beyond it
+        is answered SLVERR.
+    timing : DdrTiming, optional
+        The DDR's timing; defaults to :meth:`DdrTiming.zcu104` for ``config``.
+    trace_path : str or Path, optional
+        Write a waveform of the whole simulation here: ``.vcd`` or ``.fst`` (the latter
+        needs the lz4 headers). Uses a separate, slower tracing build.
+    build_root : Path, optional
+        Root of the build tree (default: the repository's ``build/``).
+    progress : callable, optional
+        Receives build progress messages (see :func:`build_soc`).
+
+    Attributes
+    ----------
+    config : AccelConfig
+    ddr_bytes : int
+    timing : DdrTiming
+    library : Path
+        The shared library in use.
+
+    Raises
+    ------
+    M3VitError
+        If the build fails or a tool is missing, or for a bad ``ddr_bytes`` or trace path.
+
+    Examples
+    --------
+    >>> with SocModel(CI) as soc:                                       # doctest: +SKIP
+    ...     soc.read_register(REGISTER_MAP["ID"].offset) == ID_MAGIC
+    True
+    """
+
+    def __init__(self, config: AccelConfig, *, ddr_bytes: int = 64 << 20,
+                 timing: DdrTiming | None = None, trace_path: str | Path | None = None,
+                 build_root: Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self._handle = None
+        if not isinstance(ddr_bytes, int) or not 0 < ddr_bytes <= 1 << 40:
+            raise M3VitError(f"ddr_bytes must be a positive size up to 1 TiB, got {ddr_bytes!r}")
+        trace = None
+        if trace_path is not None:
+            trace_path = Path(trace_path)
+            trace = {".vcd": "vcd", ".fst": "fst"}.get(trace_path.suffix.lower())
+            if trace is None:
+                raise M3VitError(f"a trace file must end in .vcd or .fst, got {trace_path}")
+            # Checked here so a bad path is one clear line, not a failure inside the C++ writer.
+            try:
+                trace_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise M3VitError(f"cannot write the trace {trace_path}: {error}") from error
+            if not os.access(trace_path.parent, os.W_OK):
+                raise M3VitError(f"cannot write the trace {trace_path}: folder not writable")
+        self.config = config
+        self.ddr_bytes = ddr_bytes
+        self.timing = timing if timing is not None else DdrTiming.zcu104(config)
+        self.library = build_soc(config, trace=trace, build_root=build_root, progress=progress)
+        self._lib = _load(self.library)
+        if self._lib.soc_bus_bytes() != config.axi_bytes:
+            raise M3VitError(f"{self.library} was built for a {self._lib.soc_bus_bytes()}-byte "
+                             f"bus, not {config.axi_bytes}; delete it to rebuild")
+        self._stat_names = self._lib.soc_stat_names().decode().split(",")
+        t = self.timing
+        self._handle = self._lib.soc_new(ddr_bytes, t.read_latency, t.write_latency,
+                                         t.max_outstanding, float(t.bytes_per_cycle),
+                                         str(trace_path).encode() if trace_path else None)
+        if not self._handle:
+            raise M3VitError(f"could not allocate the SoC model ({ddr_bytes} bytes of DDR)")
+        self.reset()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _live(self) -> int:
+        if not self._handle:
+            raise M3VitError("the SoC model is closed")
+        return self._handle
+
+    def close(self) -> None:
+        """Flush and close the trace and free the model. Idempotent."""
+        handle, self._handle = self._handle, None
+        if handle:
+            self._lib.soc_free(handle)
+
+    def __enter__(self) -> SocModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A half-constructed model has no handle; at interpreter exit _lib may be gone.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def reset(self, cycles: int = 8) -> None:
+        """Hold the accelerator in reset for ``cycles`` cycles.
+
+        DDR transactions in flight are dropped; DDR contents are kept.
+
+        Parameters
+        ----------
+        cycles : int, optional
+            Cycles with ``rst`` high (at least 1).
+        """
+        if not isinstance(cycles, int) or cycles < 1:
+            raise M3VitError(f"reset cycles must be a positive integer, got {cycles!r}")
+        self._lib.soc_reset(self._live(), cycles)
+
+    # -- registers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_offset(offset: int) -> None:
+        if not isinstance(offset, int) or not 0 <= offset < 1 << AXIL_ADDR_WIDTH:
+            raise M3VitError(f"register offset must be in [0, {1 << AXIL_ADDR_WIDTH:#x}), "
+                             f"got {offset!r}")
+
+    def read_register(self, offset: int) -> int:
+        """Read the 32-bit register at byte ``offset`` through the AXI4-Lite slave.
+
+        Parameters
+        ----------
+        offset : int
+            Byte offset, from ``REGISTER_MAP[name].offset``.
+
+        Returns
+        -------
+        int
+            The register's value.
+        """
+        self._check_offset(offset)
+        value = _u32()
+        resp = self._lib.soc_reg_read(self._live(), offset, ctypes.byref(value),
+                                      _REGISTER_TIMEOUT)
+        if resp != 0:
+            raise M3VitError(self._response_message("read of", offset, resp))
+        return value.value
+
+    def write_register(self, offset: int, value: int) -> None:
+        """Write the 32-bit register at byte ``offset`` through the AXI4-Lite slave.
+
+        Parameters
+        ----------
+        offset : int
+            Byte offset, from ``REGISTER_MAP[name].offset``.
+        value : int
+            Value in ``[0, 2**32)``; all four byte strobes are set.
+        """
+        self._check_offset(offset)
+        if not isinstance(value, int) or not 0 <= value < 1 << 32:
+            raise M3VitError(f"register value must fit in 32 bits, got {value!r}")
+        resp = self._lib.soc_reg_write(self._live(), offset, value, _REGISTER_TIMEOUT)
+        if resp != 0:
+            raise M3VitError(self._response_message("write to", offset, resp))
+
+    @staticmethod
+    def _response_message(what: str, offset: int, resp: int) -> str:
+        if resp < 0:
+            return (f"AXI4-Lite {what} {offset:#05x} got no response within "
+                    f"{_REGISTER_TIMEOUT} cycles")
+        return f"AXI4-Lite {what} {offset:#05x} answered RESP={resp}"
+
+    # -- DDR backdoor ----------------------------------------------------------------------
+
+    def _check_range(self, address: int, size: int) -> None:
+        if not isinstance(address, int) or not isinstance(size, int) or address < 0 \
+                or size < 0 or address + size > self.ddr_bytes:
+            raise M3VitError(f"DDR range [{address:#x}, +{size:#x}) is outside the model's "
+                             f"{self.ddr_bytes:#x} bytes")
+
+    def write_ddr(self, address: int, data: bytes) -> None:
+        """Copy ``data`` into DDR at ``address``, in no simulated time.
+
+        Parameters
+        ----------
+        address : int
+            Byte address.
+        data : bytes-like
+            The bytes to write.
+        """
+        data = bytes(data)
+        self._check_range(address, len(data))
+        self._lib.soc_ddr_write(self._live(), address, data, len(data))
+
+    def read_ddr(self, address: int, size: int) -> bytes:
+        """Copy ``size`` bytes of DDR from ``address``, in no simulated time.
+
+        Parameters
+        ----------
+        address : int
+            Byte address.
+        size : int
+            Number of bytes.
+
+        Returns
+        -------
+        bytes
+        """
+        self._check_range(address, size)
+        buffer = ctypes.create_string_buffer(size)
+        self._lib.soc_ddr_read(self._live(), address, buffer, size)
+        return buffer.raw
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, max_cycles: int) -> int:
+        """Clock until ``irq`` is high or ``max_cycles`` cycles have passed.
+
+        Parameters
+        ----------
+        max_cycles : int
+            The most cycles to step.
+
+        Returns
+        -------
+        int
+            Cycles stepped: 0 if ``irq`` was already high, ``max_cycles`` if it never rose.
+        """
+        if not isinstance(max_cycles, int) or max_cycles < 0:
+            raise M3VitError(f"max_cycles must be a non-negative integer, got {max_cycles!r}")
+        return self._lib.soc_run(self._live(), max_cycles)
+
+    @property
+    def irq(self) -> bool:
+        """The accelerator's interrupt line (high while ``STATUS.DONE`` or ``ERROR``)."""
+        return bool(self._lib.soc_irq(self._live()))
+
+    @property
+    def cycle(self) -> int:
+        """Clock cycles simulated since construction, reset and register accesses included."""
+        return self._lib.soc_cycle(self._live())
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The DDR model's counters since construction (reset cycles excluded).
+
+        ``cycles``; ``ddr_read_bytes`` (bytes of R beats accepted), ``ddr_write_bytes``
+        (bytes written, by strobe); ``read_bursts``, ``write_bursts``; ``r_beat_cycles``,
+        ``w_beat_cycles`` (cycles with a data handshake); ``ar_stall_cycles``,
+        ``aw_stall_cycles`` (address valid, not ready: the slave is full);
+        ``r_backpressure_cycles`` (R valid, not ready); ``read_busy_cycles``,
+        ``write_busy_cycles`` (a burst in flight); ``max_reads_in_flight``,
+        ``max_writes_in_flight``; ``read_errors`` (SLVERR beats), ``write_errors`` (SLVERR
+        responses); ``protocol_errors`` (4 KiB crossings, beats wider than the bus, bad WRAP
+        lengths, WLAST in the wrong place).
+        """
+        values = (_u64 * len(self._stat_names))()
+        self._lib.soc_stats(self._live(), values)
+        return dict(zip(self._stat_names, values, strict=True))
+
+    @property
+    def hang_reads(self) -> bool:
+        """Fault injection: accept read addresses but never return data (a hung interconnect)."""
+        return bool(self._lib.soc_hang_reads(self._live()))
+
+    @hang_reads.setter
+    def hang_reads(self, hang: bool) -> None:
+        self._lib.soc_set_hang_reads(self._live(), int(bool(hang)))
+
+    def __repr__(self) -> str:
+        state = f"cycle {self.cycle}" if self._handle else "closed"
+        return (f"SocModel({self.config.pe_rows}×{self.config.pe_cols}, "
+                f"{self.ddr_bytes:#x} bytes of DDR, {state})")
+

@@ -1,0 +1,327 @@
+// DDR behind one AXI4 slave port: a flat byte array at address 0 with a cycle-level timing model.
+//
+// The model is clocked by the SoC loop once per rising edge. `clock()` receives what the
+// master drove during the cycle that ends at that edge; the slave's own outputs for that cycle
+// are in `out`. It completes the cycle's handshakes, then computes `out` for the next cycle.
+// Outputs depend only on the model's state (registered), never combinationally on the
+// master's outputs, which AXI allows and which keeps the two-phase loop simple.
+//
+// Timing (all in cycles of the accelerator clock):
+//  * read_latency: AR handshake -> first R beat of that burst (at least 1). Bursts accepted
+//    back to back overlap their latencies, as a pipelined DDR controller does;
+//  * write_latency: last W beat -> B (at least 1);
+//  * max_outstanding: bursts in flight per direction; AR/AW ready drops when full. A read
+//    burst is in flight from AR to its last R beat, a write burst from AW to its B;
+//  * bytes_per_cycle: sustained bandwidth of each direction, a token bucket per direction (R
+//    and W are separate AXI channels and the port's peak is per direction). A beat costs its
+//    size in bytes; the bucket holds at most one beat plus one cycle's worth, so an idle
+//    period cannot be spent later as a burst faster than the rate.
+//
+// Responses: a beat that touches a byte at or beyond the memory size is answered SLVERR
+// (reads return zero data, writes drop the beat), so the master's error path is reachable.
+// INCR, FIXED and WRAP bursts are honoured; arsize/awsize narrower than the bus place bytes
+// on their lanes. R beats are returned in order (always legal: in-order per ID suffices).
+// W beats are accepted only for a burst whose AW was accepted (a slave may wait for AW).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <vector>
+
+namespace m3vit {
+
+struct DdrTiming {
+    unsigned read_latency = 40;
+    unsigned write_latency = 24;
+    unsigned max_outstanding = 8;
+    double bytes_per_cycle = 16.0;
+};
+
+// What the master drives on the five channels during one cycle.
+struct AxiMasterOut {
+    bool arvalid = false;
+    uint64_t araddr = 0;
+    unsigned arlen = 0, arsize = 0, arburst = 0, arid = 0;
+    bool rready = false;
+    bool awvalid = false;
+    uint64_t awaddr = 0;
+    unsigned awlen = 0, awsize = 0, awburst = 0, awid = 0;
+    bool wvalid = false;
+    uint8_t wdata[64] = {};
+    uint64_t wstrb = 0;
+    bool wlast = false;
+    bool bready = false;
+};
+
+// What the slave drives.
+struct AxiSlaveOut {
+    bool arready = false;
+    bool rvalid = false;
+    uint8_t rdata[64] = {};
+    unsigned rresp = 0, rid = 0;
+    bool rlast = false;
+    bool awready = false;
+    bool wready = false;
+    bool bvalid = false;
+    unsigned bresp = 0, bid = 0;
+};
+
+// Counters, in the order of STAT_NAMES.
+enum Stat : unsigned {
+    CYCLES,
+    DDR_READ_BYTES,
+    DDR_WRITE_BYTES,
+    READ_BURSTS,
+    WRITE_BURSTS,
+    R_BEAT_CYCLES,
+    W_BEAT_CYCLES,
+    AR_STALL_CYCLES,
+    AW_STALL_CYCLES,
+    R_BACKPRESSURE_CYCLES,
+    READ_BUSY_CYCLES,
+    WRITE_BUSY_CYCLES,
+    MAX_READS_IN_FLIGHT,
+    MAX_WRITES_IN_FLIGHT,
+    READ_ERRORS,
+    WRITE_ERRORS,
+    PROTOCOL_ERRORS,
+    N_STATS
+};
+
+// Comma-separated, in Stat order; Python builds its dict from this string.
+static const char STAT_NAMES[] =
+    "cycles,ddr_read_bytes,ddr_write_bytes,read_bursts,write_bursts,r_beat_cycles,"
+    "w_beat_cycles,ar_stall_cycles,aw_stall_cycles,r_backpressure_cycles,read_busy_cycles,"
+    "write_busy_cycles,max_reads_in_flight,max_writes_in_flight,read_errors,write_errors,"
+    "protocol_errors";
+
+enum AxiBurst : unsigned { FIXED = 0, INCR = 1, WRAP = 2 };
+enum AxiResp : unsigned { OKAY = 0, SLVERR = 2 };
+
+class DdrModel {
+  public:
+    DdrModel(uint64_t size, unsigned bus_bytes, DdrTiming timing)
+        : memory_(size, 0), bus_bytes_(bus_bytes), timing_(timing) {
+        timing_.read_latency = std::max(1u, timing_.read_latency);
+        timing_.write_latency = std::max(1u, timing_.write_latency);
+        timing_.max_outstanding = std::max(1u, timing_.max_outstanding);
+        bucket_cap_ = bus_bytes_ + timing_.bytes_per_cycle;
+        reset();
+    }
+
+    uint64_t size() const { return memory_.size(); }
+    uint8_t *data() { return memory_.data(); }
+    const AxiSlaveOut &out() const { return out_; }
+    uint64_t stat(unsigned i) const { return stats_[i]; }
+    bool hang_reads = false;
+
+    // Drops every transaction in flight (the accelerator is being reset); memory is kept.
+    void reset() {
+        reads_.clear();
+        writes_.clear();
+        responses_.clear();
+        out_ = AxiSlaveOut{};
+        r_tokens_ = w_tokens_ = 0.0;
+        reads_in_flight_ = writes_in_flight_ = 0;
+        prepare(0, false, false);
+    }
+
+    // Ends cycle `now`: the master drove `m` while the slave drove `out()`.
+    void clock(const AxiMasterOut &m, uint64_t now) {
+        const bool ar_hs = m.arvalid && out_.arready;
+        const bool r_hs = out_.rvalid && m.rready;
+        const bool aw_hs = m.awvalid && out_.awready;
+        const bool w_hs = m.wvalid && out_.wready;
+        const bool b_hs = out_.bvalid && m.bready;
+
+        stats_[CYCLES]++;
+        stats_[AR_STALL_CYCLES] += m.arvalid && !out_.arready;
+        stats_[AW_STALL_CYCLES] += m.awvalid && !out_.awready;
+        stats_[R_BACKPRESSURE_CYCLES] += out_.rvalid && !m.rready;
+        stats_[READ_BUSY_CYCLES] += reads_in_flight_ > 0;
+        stats_[WRITE_BUSY_CYCLES] += writes_in_flight_ > 0;
+
+        if (ar_hs) {
+            reads_.push_back(Burst{m.araddr, m.arlen, m.arsize, m.arburst, m.arid,
+                                   now + timing_.read_latency});
+            check_burst(reads_.back());
+            reads_in_flight_++;
+            stats_[READ_BURSTS]++;
+            stats_[MAX_READS_IN_FLIGHT] =
+                std::max<uint64_t>(stats_[MAX_READS_IN_FLIGHT], reads_in_flight_);
+        }
+        if (r_hs) {
+            stats_[R_BEAT_CYCLES]++;
+            stats_[DDR_READ_BYTES] += reads_.front().beat_bytes();
+            if (out_.rlast) {
+                reads_.pop_front();
+                reads_in_flight_--;
+            }
+        }
+        if (aw_hs) {
+            writes_.push_back(Burst{m.awaddr, m.awlen, m.awsize, m.awburst, m.awid, 0});
+            check_burst(writes_.back());
+            writes_in_flight_++;
+            stats_[WRITE_BURSTS]++;
+            stats_[MAX_WRITES_IN_FLIGHT] =
+                std::max<uint64_t>(stats_[MAX_WRITES_IN_FLIGHT], writes_in_flight_);
+        }
+        if (w_hs) write_beat(m, now);
+        if (b_hs) {
+            responses_.pop_front();
+            writes_in_flight_--;
+        }
+        prepare(now + 1, r_hs, b_hs);
+    }
+
+  private:
+    struct Burst {
+        uint64_t addr;
+        unsigned len, size, burst, id;
+        uint64_t ready_at;  // reads: first cycle an R beat may be presented
+        unsigned beat = 0;  // next beat to present (R) or to receive (W)
+        bool error = false;
+        unsigned beat_bytes() const { return 1u << size; }
+        // Address of beat `i`, per the AXI4 burst rules.
+        uint64_t beat_addr(unsigned i) const {
+            const uint64_t n = beat_bytes();
+            const uint64_t aligned = addr & ~(n - 1);
+            if (burst == FIXED || i == 0) return addr;
+            if (burst == WRAP) {
+                const uint64_t span = n * (len + 1);
+                const uint64_t base = addr & ~(span - 1);
+                return base + ((aligned - base + i * n) % span);
+            }
+            return aligned + i * n;
+        }
+    };
+    struct Response {
+        uint64_t ready_at;
+        unsigned resp, id;
+    };
+
+    void check_burst(Burst &b) {
+        const uint64_t n = b.beat_bytes();
+        // A master must not cross a 4 KiB boundary in one INCR burst, nor use a beat wider
+        // than the bus: counted so a test can assert the DMA never does.
+        if (n > bus_bytes_) stats_[PROTOCOL_ERRORS]++;
+        if (b.burst == INCR) {
+            const uint64_t first = b.addr & ~(n - 1);
+            const uint64_t last = first + n * (b.len + 1) - 1;
+            if ((b.addr >> 12) != (last >> 12)) stats_[PROTOCOL_ERRORS]++;
+        }
+        if (b.burst == WRAP && b.len != 1 && b.len != 3 && b.len != 7 && b.len != 15)
+            stats_[PROTOCOL_ERRORS]++;
+        if (b.burst > WRAP) stats_[PROTOCOL_ERRORS]++;
+    }
+
+    // The bus lanes a beat at `beat_addr` occupies: [lo, hi).
+    void lanes(const Burst &b, uint64_t beat_addr, unsigned &lo, unsigned &hi) const {
+        const uint64_t n = b.beat_bytes();
+        lo = static_cast<unsigned>(beat_addr % bus_bytes_);
+        hi = static_cast<unsigned>((beat_addr & ~(n - 1)) % bus_bytes_ + n);
+        hi = std::min(hi, bus_bytes_);
+    }
+
+    bool in_range(uint64_t address, uint64_t length) const {
+        return address <= memory_.size() && length <= memory_.size() - address;
+    }
+
+    void write_beat(const AxiMasterOut &m, uint64_t now) {
+        Burst &b = writes_.front();
+        const uint64_t beat_addr = b.beat_addr(b.beat);
+        const uint64_t bus_base = beat_addr & ~static_cast<uint64_t>(bus_bytes_ - 1);
+        unsigned lo, hi;
+        lanes(b, beat_addr, lo, hi);
+        // The whole beat is checked, so a write is all-or-nothing per beat.
+        if (!in_range(bus_base + lo, hi - lo)) {
+            b.error = true;
+        } else {
+            for (unsigned lane = lo; lane < hi; lane++) {
+                if (m.wstrb >> lane & 1) {
+                    memory_[bus_base + lane] = m.wdata[lane];
+                    stats_[DDR_WRITE_BYTES]++;
+                }
+            }
+        }
+        stats_[W_BEAT_CYCLES]++;
+        w_tokens_ -= b.beat_bytes();
+        const bool last = b.beat == b.len;
+        if (m.wlast != last) stats_[PROTOCOL_ERRORS]++;
+        b.beat++;
+        if (last) {
+            if (b.error) stats_[WRITE_ERRORS]++;
+            responses_.push_back(
+                Response{now + timing_.write_latency, b.error ? SLVERR : OKAY, b.id});
+            writes_.pop_front();
+        }
+    }
+
+    // Slave outputs for cycle `next`; r_taken/b_taken: the current R beat/B was accepted.
+    void prepare(uint64_t next, bool r_taken, bool b_taken) {
+        r_tokens_ = std::min(r_tokens_ + timing_.bytes_per_cycle, bucket_cap_);
+        w_tokens_ = std::min(w_tokens_ + timing_.bytes_per_cycle, bucket_cap_);
+        out_.arready = reads_in_flight_ < timing_.max_outstanding;
+        out_.awready = writes_in_flight_ < timing_.max_outstanding;
+
+        // rvalid, once high, holds with its data until the handshake (AXI rule); the beat
+        // pays its bandwidth when presented.
+        if (r_taken) out_.rvalid = false;
+        if (!out_.rvalid && !hang_reads) {
+            // The head burst: its beats not yet presented.
+            Burst *head = nullptr;
+            for (Burst &b : reads_) {
+                if (b.beat <= b.len) {
+                    head = &b;
+                    break;
+                }
+            }
+            if (head && head->ready_at <= next && r_tokens_ >= head->beat_bytes()) {
+                present_read(*head);
+                r_tokens_ -= head->beat_bytes();
+            }
+        }
+
+        out_.wready = !writes_.empty() && w_tokens_ >= writes_.front().beat_bytes();
+
+        if (b_taken) out_.bvalid = false;
+        if (!out_.bvalid && !responses_.empty() && responses_.front().ready_at <= next) {
+            out_.bvalid = true;
+            out_.bresp = responses_.front().resp;
+            out_.bid = responses_.front().id;
+        }
+    }
+
+    void present_read(Burst &b) {
+        const uint64_t beat_addr = b.beat_addr(b.beat);
+        const uint64_t bus_base = beat_addr & ~static_cast<uint64_t>(bus_bytes_ - 1);
+        unsigned lo, hi;
+        lanes(b, beat_addr, lo, hi);
+        std::memset(out_.rdata, 0, sizeof out_.rdata);
+        const bool ok = in_range(bus_base + lo, hi - lo);
+        if (ok) std::memcpy(out_.rdata + lo, memory_.data() + bus_base + lo, hi - lo);
+        else stats_[READ_ERRORS]++;
+        out_.rvalid = true;
+        out_.rresp = ok ? OKAY : SLVERR;
+        out_.rid = b.id;
+        out_.rlast = b.beat == b.len;
+        b.beat++;
+    }
+
+  private:
+    std::vector<uint8_t> memory_;
+    unsigned bus_bytes_;
+    DdrTiming timing_;
+    double bucket_cap_ = 0.0;
+    std::deque<Burst> reads_;      // accepted, not yet fully returned
+    std::deque<Burst> writes_;     // accepted, data not yet complete
+    std::deque<Response> responses_;
+    unsigned reads_in_flight_ = 0, writes_in_flight_ = 0;
+    double r_tokens_ = 0.0, w_tokens_ = 0.0;
+    AxiSlaveOut out_;
+    uint64_t stats_[N_STATS] = {};
+};
+
+}  // namespace m3vit

@@ -1,0 +1,334 @@
+// The Verilated accelerator top, its DDR and an AXI4-Lite host in one clocked C++ loop.
+//
+// Built by m3vit.sim.soc into a shared library and driven through the extern "C" API at the
+// end of this file with ctypes: Python is called once per register access or per run, never
+// per clock cycle.
+//
+// One cycle (step()):
+//   1. drive the DUT's inputs from the DDR model's and the host's registered state;
+//   2. clk = 0, eval: the DUT's outputs settle for this cycle (they may depend on its inputs);
+//   3. sample the DUT's outputs: these and the inputs of step 1 are what the rising edge sees;
+//   4. clk = 1, eval: the rising edge;
+//   5. advance the DDR model and the host by the handshakes sampled in step 3.
+// Trace samples are taken after steps 2 (time 2n) and 4 (time 2n + 1).
+//
+// Compile-time definitions from the build: SOC_BUS_BYTES (the m_axi data width in bytes),
+// SOC_TRACE_VCD or SOC_TRACE_FST (a trace build).
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "Vm3vit_accel.h"
+#include "ddr_model.h"
+#include "verilated.h"
+#if defined(SOC_TRACE_FST)
+#include "verilated_fst_c.h"
+using TraceFile = VerilatedFstC;
+#elif defined(SOC_TRACE_VCD)
+#include "verilated_vcd_c.h"
+using TraceFile = VerilatedVcdC;
+#endif
+
+#ifndef SOC_BUS_BYTES
+#error "SOC_BUS_BYTES must be defined by the build"
+#endif
+
+// Amaranth names ports `bus__member`; Verilator escapes the double underscore as `___05F`.
+#define PORT(bus, member) bus##___05F##member
+
+using m3vit::AxiMasterOut;
+using m3vit::DdrModel;
+using m3vit::DdrTiming;
+
+namespace {
+
+// The bus data ports are VlWide<N> above 64 bits, QData/IData below: one overload each.
+template <std::size_t N>
+void put_bytes(VlWide<N> &port, const uint8_t *bytes) {
+    for (std::size_t i = 0; i < N; i++) {
+        EData word;
+        std::memcpy(&word, bytes + 4 * i, 4);  // little-endian host, as the bus
+        port[i] = word;
+    }
+}
+template <std::size_t N>
+void get_bytes(const VlWide<N> &port, uint8_t *bytes) {
+    for (std::size_t i = 0; i < N; i++) {
+        const EData word = port[i];
+        std::memcpy(bytes + 4 * i, &word, 4);
+    }
+}
+template <typename Int>
+void put_bytes(Int &port, const uint8_t *bytes) {
+    Int value = 0;
+    std::memcpy(&value, bytes, SOC_BUS_BYTES);
+    port = value;
+}
+template <typename Int>
+void get_bytes(const Int &port, uint8_t *bytes) {
+    const Int value = port;
+    std::memcpy(bytes, &value, SOC_BUS_BYTES);
+}
+
+// The AXI4-Lite host: one read and one write at a time, valids held until their handshakes.
+struct AxiLiteHost {
+    bool awvalid = false, wvalid = false, bready = false, arvalid = false, rready = false;
+    uint32_t awaddr = 0, wdata = 0, araddr = 0;
+    bool b_done = false, r_done = false;
+    uint32_t bresp = 0, rresp = 0, rdata = 0;
+};
+
+struct Soc {
+    std::unique_ptr<VerilatedContext> context;
+    std::unique_ptr<Vm3vit_accel> top;
+    DdrModel ddr;
+    AxiLiteHost host;
+    uint64_t cycle = 0;
+    bool in_reset = false;
+#if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
+    std::unique_ptr<TraceFile> trace;
+#endif
+
+    Soc(uint64_t ddr_bytes, DdrTiming timing)
+        : context(new VerilatedContext), ddr(ddr_bytes, SOC_BUS_BYTES, timing) {
+#if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
+        context->traceEverOn(true);
+#endif
+        top.reset(new Vm3vit_accel{context.get(), "m3vit_accel"});
+    }
+
+    void dump(uint64_t time) {
+#if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
+        if (trace) trace->dump(time);
+#else
+        (void)time;
+#endif
+    }
+
+    void drive() {
+        Vm3vit_accel &t = *top;
+        const m3vit::AxiSlaveOut &d = ddr.out();
+        t.PORT(m_axi, arready) = d.arready;
+        t.PORT(m_axi, rvalid) = d.rvalid;
+        put_bytes(t.PORT(m_axi, rdata), d.rdata);
+        t.PORT(m_axi, rresp) = d.rresp;
+        t.PORT(m_axi, rid) = d.rid;
+        t.PORT(m_axi, rlast) = d.rlast;
+        t.PORT(m_axi, awready) = d.awready;
+        t.PORT(m_axi, wready) = d.wready;
+        t.PORT(m_axi, bvalid) = d.bvalid;
+        t.PORT(m_axi, bresp) = d.bresp;
+        t.PORT(m_axi, bid) = d.bid;
+        t.PORT(s_axil, awvalid) = host.awvalid;
+        t.PORT(s_axil, awaddr) = host.awaddr;
+        t.PORT(s_axil, wvalid) = host.wvalid;
+        t.PORT(s_axil, wdata) = host.wdata;
+        t.PORT(s_axil, wstrb) = 0xF;
+        t.PORT(s_axil, bready) = host.bready;
+        t.PORT(s_axil, arvalid) = host.arvalid;
+        t.PORT(s_axil, araddr) = host.araddr;
+        t.PORT(s_axil, rready) = host.rready;
+    }
+
+    AxiMasterOut sample() const {
+        const Vm3vit_accel &t = *top;
+        AxiMasterOut m;
+        m.arvalid = t.PORT(m_axi, arvalid);
+        m.araddr = t.PORT(m_axi, araddr);
+        m.arlen = t.PORT(m_axi, arlen);
+        m.arsize = t.PORT(m_axi, arsize);
+        m.arburst = t.PORT(m_axi, arburst);
+        m.arid = t.PORT(m_axi, arid);
+        m.rready = t.PORT(m_axi, rready);
+        m.awvalid = t.PORT(m_axi, awvalid);
+        m.awaddr = t.PORT(m_axi, awaddr);
+        m.awlen = t.PORT(m_axi, awlen);
+        m.awsize = t.PORT(m_axi, awsize);
+        m.awburst = t.PORT(m_axi, awburst);
+        m.awid = t.PORT(m_axi, awid);
+        m.wvalid = t.PORT(m_axi, wvalid);
+        if (m.wvalid) get_bytes(t.PORT(m_axi, wdata), m.wdata);
+        m.wstrb = t.PORT(m_axi, wstrb);
+        m.wlast = t.PORT(m_axi, wlast);
+        m.bready = t.PORT(m_axi, bready);
+        return m;
+    }
+
+    void step() {
+        Vm3vit_accel &t = *top;
+        drive();
+        t.rst = in_reset;
+        t.clk = 0;
+        t.eval();
+        dump(2 * cycle);
+
+        const AxiMasterOut m = sample();
+        const bool aw_hs = host.awvalid && t.PORT(s_axil, awready);
+        const bool w_hs = host.wvalid && t.PORT(s_axil, wready);
+        const bool b_hs = host.bready && t.PORT(s_axil, bvalid);
+        const bool ar_hs = host.arvalid && t.PORT(s_axil, arready);
+        const bool r_hs = host.rready && t.PORT(s_axil, rvalid);
+        const uint32_t bresp = t.PORT(s_axil, bresp);
+        const uint32_t rresp = t.PORT(s_axil, rresp);
+        const uint32_t rdata = t.PORT(s_axil, rdata);
+
+        t.clk = 1;
+        t.eval();
+        dump(2 * cycle + 1);
+
+        // In reset the DUT's outputs are not meaningful and the DDR holds still.
+        if (!in_reset) ddr.clock(m, cycle);
+        if (aw_hs) host.awvalid = false;
+        if (w_hs) host.wvalid = false;
+        if (b_hs) {
+            host.bready = false;
+            host.b_done = true;
+            host.bresp = bresp;
+        }
+        if (ar_hs) host.arvalid = false;
+        if (r_hs) {
+            host.rready = false;
+            host.r_done = true;
+            host.rresp = rresp;
+            host.rdata = rdata;
+        }
+        cycle++;
+    }
+
+    void reset(unsigned cycles) {
+        host = AxiLiteHost{};
+        ddr.reset();
+        in_reset = true;
+        for (unsigned i = 0; i < cycles; i++) step();
+        in_reset = false;
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Which build this is, so Python can check it loaded what it asked for.
+int soc_bus_bytes() { return SOC_BUS_BYTES; }
+
+int soc_trace_kind() {
+#if defined(SOC_TRACE_FST)
+    return 2;
+#elif defined(SOC_TRACE_VCD)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const char *soc_stat_names() { return m3vit::STAT_NAMES; }
+
+int soc_n_stats() { return m3vit::N_STATS; }
+
+// trace_path may be NULL; it is ignored by a build without tracing.
+void *soc_new(uint64_t ddr_bytes, unsigned read_latency, unsigned write_latency,
+              unsigned max_outstanding, double bytes_per_cycle, const char *trace_path) {
+    DdrTiming timing;
+    timing.read_latency = read_latency;
+    timing.write_latency = write_latency;
+    timing.max_outstanding = max_outstanding;
+    timing.bytes_per_cycle = bytes_per_cycle;
+    Soc *soc = new Soc(ddr_bytes, timing);
+#if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
+    if (trace_path && *trace_path) {
+        soc->trace.reset(new TraceFile);
+        soc->top->trace(soc->trace.get(), 99);
+        soc->trace->open(trace_path);
+    }
+#else
+    (void)trace_path;
+#endif
+    return soc;
+}
+
+void soc_free(void *handle) {
+    Soc *soc = static_cast<Soc *>(handle);
+#if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
+    if (soc->trace) soc->trace->close();
+#endif
+    soc->top->final();
+    delete soc;
+}
+
+void soc_reset(void *handle, unsigned cycles) { static_cast<Soc *>(handle)->reset(cycles); }
+
+// Returns the BRESP (0 = OKAY), or -1 if no response came within `timeout` cycles.
+int soc_reg_write(void *handle, uint32_t address, uint32_t value, unsigned timeout) {
+    Soc &soc = *static_cast<Soc *>(handle);
+    soc.host.awvalid = soc.host.wvalid = soc.host.bready = true;
+    soc.host.awaddr = address;
+    soc.host.wdata = value;
+    soc.host.b_done = false;
+    for (unsigned i = 0; i < timeout && !soc.host.b_done; i++) soc.step();
+    if (soc.host.b_done) return static_cast<int>(soc.host.bresp);
+    soc.host.awvalid = soc.host.wvalid = soc.host.bready = false;
+    return -1;
+}
+
+// Returns the RRESP (0 = OKAY) with the data in *value, or -1 on timeout.
+int soc_reg_read(void *handle, uint32_t address, uint32_t *value, unsigned timeout) {
+    Soc &soc = *static_cast<Soc *>(handle);
+    soc.host.arvalid = soc.host.rready = true;
+    soc.host.araddr = address;
+    soc.host.r_done = false;
+    for (unsigned i = 0; i < timeout && !soc.host.r_done; i++) soc.step();
+    if (!soc.host.r_done) {
+        soc.host.arvalid = soc.host.rready = false;
+        return -1;
+    }
+    *value = soc.host.rdata;
+    return static_cast<int>(soc.host.rresp);
+}
+
+// Backdoor DDR access: no simulated time. Returns -1 when out of range (nothing copied).
+int soc_ddr_write(void *handle, uint64_t address, const uint8_t *data, uint64_t size) {
+    DdrModel &ddr = static_cast<Soc *>(handle)->ddr;
+    if (address > ddr.size() || size > ddr.size() - address) return -1;
+    std::memcpy(ddr.data() + address, data, size);
+    return 0;
+}
+
+int soc_ddr_read(void *handle, uint64_t address, uint8_t *data, uint64_t size) {
+    DdrModel &ddr = static_cast<Soc *>(handle)->ddr;
+    if (address > ddr.size() || size > ddr.size() - address) return -1;
+    std::memcpy(data, ddr.data() + address, size);
+    return 0;
+}
+
+// Steps until irq is high or max_cycles have passed; returns the cycles stepped.
+uint64_t soc_run(void *handle, uint64_t max_cycles) {
+    Soc &soc = *static_cast<Soc *>(handle);
+    uint64_t n = 0;
+    while (n < max_cycles && !soc.top->irq) {
+        soc.step();
+        n++;
+    }
+#if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
+    if (soc.trace) soc.trace->flush();  // so a trace can be opened while the model lives
+#endif
+    return n;
+}
+
+int soc_irq(void *handle) { return static_cast<Soc *>(handle)->top->irq; }
+
+uint64_t soc_cycle(void *handle) { return static_cast<Soc *>(handle)->cycle; }
+
+void soc_set_hang_reads(void *handle, int hang) {
+    static_cast<Soc *>(handle)->ddr.hang_reads = hang != 0;
+}
+
+int soc_hang_reads(void *handle) { return static_cast<Soc *>(handle)->ddr.hang_reads; }
+
+void soc_stats(void *handle, uint64_t *out) {
+    const DdrModel &ddr = static_cast<Soc *>(handle)->ddr;
+    for (unsigned i = 0; i < m3vit::N_STATS; i++) out[i] = ddr.stat(i);
+}
+
+}  // extern "C"

@@ -1,0 +1,204 @@
+"""The board the runtime drives: registers, DDR buffers, the interrupt, a reset.
+
+One driver (:class:`m3vit.sw.runtime.Accelerator`) runs on any :class:`Board`:
+:class:`m3vit.sw.board.SimBoard` is the Verilated SoC model (``m3vit.sim.soc``);
+:class:`m3vit.sw.pynq_board.PynqBoard` is ``pynq.Overlay`` + ``pynq.allocate`` + MMIO on the
+ZCU104. A board knows nothing about models, programs or tasks: that is the driver's job.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from .errors import M3VitError
+
+__all__ = ["Board", "Buffer", "SimBoard"]
+
+
+class Buffer(ABC):
+    """A physically contiguous DDR buffer the accelerator can reach.
+
+    The host writes and reads it through its own view (a cached mapping on the board);
+    :meth:`sync_to_device` / :meth:`sync_from_device` make the two sides agree, as
+    ``PynqBuffer.flush()`` / ``invalidate()`` do on the ZCU104.
+    """
+
+    @property
+    @abstractmethod
+    def device_address(self) -> int:
+        """Byte address of the buffer's first byte as the accelerator's AXI master sees it."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Size in bytes."""
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None:
+        """Copy ``data`` into the host view at ``offset`` (no sync)."""
+
+    @abstractmethod
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the host view from ``offset`` (no sync)."""
+
+    @abstractmethod
+    def sync_to_device(self) -> None:
+        """Make the host's writes visible to the accelerator (cache flush)."""
+
+    @abstractmethod
+    def sync_from_device(self) -> None:
+        """Make the accelerator's writes visible to the host (cache invalidate)."""
+
+    def free(self) -> None:  # noqa: B027 - optional: the simulator's buffers need no freeing
+        """Give the buffer back; it must not be used afterwards."""
+
+
+class Board(ABC):
+    """A ZCU104 (or its simulation) with the accelerator's bitstream loaded.
+
+    Attributes
+    ----------
+    name : str
+        ``"sim"`` or ``"pynq"``: what reports print.
+    """
+
+    name: str = "board"
+
+    @abstractmethod
+    def read_register(self, offset: int) -> int:
+        """32-bit read of the accelerator's AXI4-Lite register at byte ``offset``."""
+
+    @abstractmethod
+    def write_register(self, offset: int, value: int) -> None:
+        """32-bit write of the accelerator's AXI4-Lite register at byte ``offset``."""
+
+    @abstractmethod
+    def allocate(self, nbytes: int) -> Buffer:
+        """A new zero-filled DDR buffer of ``nbytes`` bytes."""
+
+    @abstractmethod
+    def wait_for_interrupt(self, timeout_cycles: int) -> bool:
+        """Wait until the accelerator's ``irq`` is high (run done or stopped with an error).
+
+        Parameters
+        ----------
+        timeout_cycles : int
+            Give up after this many accelerator clock cycles (on the board: the equivalent
+            wall time at the bitstream's clock).
+
+        Returns
+        -------
+        bool
+            ``True`` when ``irq`` rose, ``False`` on timeout.
+        """
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Reset the programmable logic: stops a hung run. DDR buffers keep their contents."""
+
+    def close(self) -> None:  # noqa: B027 - optional: boards without resources to release
+        """Release the board; the object must not be used afterwards."""
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _SimBuffer(Buffer):
+    """A buffer in the SoC model's DDR: a host copy synced by backdoor copies."""
+
+    def __init__(self, soc, address: int, nbytes: int):
+        self._soc, self._address = soc, address
+        self._host = bytearray(nbytes)
+
+    @property
+    def device_address(self) -> int:
+        return self._address
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._host)
+
+    def write(self, offset: int, data: bytes) -> None:
+        _check_span(offset, len(data), self.nbytes)
+        self._host[offset:offset + len(data)] = data
+
+    def read(self, offset: int, size: int) -> bytes:
+        _check_span(offset, size, self.nbytes)
+        return bytes(self._host[offset:offset + size])
+
+    def sync_to_device(self) -> None:
+        self._soc.write_ddr(self._address, bytes(self._host))
+
+    def sync_from_device(self) -> None:
+        self._host[:] = self._soc.read_ddr(self._address, len(self._host))
+
+
+def _check_span(offset: int, size: int, nbytes: int) -> None:
+    if offset < 0 or size < 0 or offset + size > nbytes:
+        raise M3VitError(f"bytes {offset}..{offset + size} are outside a {nbytes}-byte buffer")
+
+
+class SimBoard(Board):
+    """The Verilated SoC model (:class:`m3vit.sim.soc.SocModel`) as a board.
+
+    Buffers are placed one after another in the model's DDR (page aligned, from
+    ``0x1000`` so that address 0 is never a valid buffer); waiting runs the model.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        The accelerator to simulate.
+    ddr_bytes : int, optional
+        Size of the modelled DDR.
+    timing : DdrTiming, optional
+        The DDR model's latency, outstanding bursts and bandwidth (default: one ZCU104
+        HP port).
+    trace_path : path-like, optional
+        Write a waveform (``.vcd``, or ``.fst`` where the lz4 headers are installed).
+    progress : callable, optional
+        Told about the model build when one is needed.
+    """
+
+    name = "sim"
+
+    def __init__(self, config, *, ddr_bytes: int | None = None, timing=None,
+                 trace_path=None, progress=None):
+        from m3vit.sim.soc import SocModel
+
+        kwargs = {} if ddr_bytes is None else {"ddr_bytes": ddr_bytes}
+        self.soc = SocModel(config, timing=timing, trace_path=trace_path, progress=progress,
+                            **kwargs)
+        self._next = _PAGE
+
+    def read_register(self, offset: int) -> int:
+        return self.soc.read_register(offset)
+
+    def write_register(self, offset: int, value: int) -> None:
+        self.soc.write_register(offset, value)
+
+    def allocate(self, nbytes: int) -> Buffer:
+        end = self._next + nbytes
+        if end > self.soc.ddr_bytes:
+            raise M3VitError(f"the simulated DDR holds {self.soc.ddr_bytes:,} bytes, "
+                             f"{end:,} are needed: open the board with a larger ddr_bytes")
+        buffer = _SimBuffer(self.soc, self._next, nbytes)
+        buffer.sync_to_device()  # zero-filled, like a fresh allocation
+        self._next = end + -end % _PAGE
+        return buffer
+
+    def wait_for_interrupt(self, timeout_cycles: int) -> bool:
+        if not self.soc.irq:
+            self.soc.run(timeout_cycles)
+        return self.soc.irq
+
+    def reset(self) -> None:
+        self.soc.reset()
+
+    def close(self) -> None:
+        self.soc.close()
+
+
+_PAGE = 4096

@@ -1,0 +1,285 @@
+"""The compiled package (``.m3x``): what the runtime loads onto a board.
+
+``m3vit compile`` turns a quantized package (``.m3q``) and an :class:`AccelConfig` into one
+program and one DDR image that run every task (:func:`m3vit.sw.compiler.compile_model`),
+plus what the host needs around them: the memory map, each task's ``TASK_SELECT`` value,
+the input and output regions, the input scale and each head's output scales. The file is
+bound to the hardware configuration by its ``config_hash``, which the runtime compares with
+the bitstream's ``CONFIG_HASH`` register before it loads anything.
+
+File layout (``docs/package.md``)::
+
+    b"M3VITX\\0\\1"                      8 bytes: magic and format version
+    u32 header length (little-endian)
+    header                               UTF-8 JSON (below)
+    program                              header["program_size"] bytes
+    image                                header["image_size"] bytes
+
+The header's ``sha256`` is the SHA-256 of the header without that key (canonical JSON),
+the program and the image, in that order: any changed byte is reported as corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m3vit.hw.config import AccelConfig
+from m3vit.hw.isa import ExpertOrder
+
+from .config import ModelConfig
+from .errors import M3VitError
+
+__all__ = [
+    "COMPILED_SUFFIX",
+    "CompiledPackage",
+    "compile_package",
+    "load_compiled",
+]
+
+COMPILED_SUFFIX = ".m3x"
+MAGIC = b"M3VITX\x00\x01"
+_REDO = "the file is corrupted or was edited; re-run `m3vit compile`"
+_HEADER_KEYS = frozenset({
+    "format", "model", "config", "config_hash", "source_hash", "order", "program_size",
+    "image_size", "regions", "tasks", "input", "output", "head_tiles", "input_scale",
+    "out_scales", "act_buffer_peak", "sha256",
+})
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledPackage:
+    """A model compiled for one accelerator configuration, ready to load.
+
+    Attributes
+    ----------
+    model : ModelConfig
+        The model's architecture.
+    config : AccelConfig
+        The hardware it was compiled for.
+    program : bytes
+        Encoded instructions, loaded at ``PROGRAM_BASE``.
+    image : bytes
+        The data window, loaded at ``DATA_BASE`` (``DATA_SIZE = len(image)``).
+    regions : dict of str to (offset, size)
+        The memory map: every region of the data window.
+    tasks : tuple of str
+        Task names in ``TASK_SELECT`` order.
+    input_offset, input_size : int
+        Where one image's patches go (:func:`m3vit.sw.compiler.patch_words`).
+    output_offset, output_size : int
+        Where the head writes (``head_tiles`` × N_patches × ``pe_cols`` INT32).
+    head_tiles : int
+        N-tiles of the head GEMM.
+    input_scale : float
+        Scale of the INT8 input image (``golden.quantize_image``).
+    out_scales : dict of str to list of float
+        Per task, the per-channel scales that turn head accumulators into predictions.
+    source_hash : str
+        Content hash of the ``.m3q`` it was compiled from.
+    order : ExpertOrder
+        Schedule compiled into the ``EXPERTS`` loops (``REGISTER``: the host chooses).
+    act_buffer_peak : int
+        Activation-buffer words the program uses at most.
+    """
+
+    model: ModelConfig
+    config: AccelConfig
+    program: bytes
+    image: bytes
+    regions: dict[str, tuple[int, int]]
+    tasks: tuple[str, ...]
+    input_offset: int
+    input_size: int
+    output_offset: int
+    output_size: int
+    head_tiles: int
+    input_scale: float
+    out_scales: dict[str, list[float]]
+    source_hash: str
+    order: ExpertOrder = ExpertOrder.REGISTER
+    act_buffer_peak: int = 0
+    _header: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def config_hash(self) -> int:
+        """``AccelConfig.config_hash()`` of the hardware this package runs on."""
+        return self.config.config_hash()
+
+    def task_select(self, task: str) -> int:
+        """``TASK_SELECT`` value of ``task``; an unknown task raises :class:`M3VitError`."""
+        if task not in self.tasks:
+            raise M3VitError(f"unknown task {task!r}: this package has "
+                             f"{', '.join(self.tasks)}")
+        return self.tasks.index(task)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the data window that are not the input or output region."""
+        return len(self.image) - self.input_size - self.output_size
+
+    def memory_map(self) -> list[str]:
+        """The data window's regions as text lines (offset, size, name), offset order."""
+        rows = sorted(self.regions.items(), key=lambda kv: kv[1][0])
+        lines = [f"{'offset':>10} {'bytes':>10}  region"]
+        for name, (offset, size) in rows:
+            lines.append(f"{offset:#10x} {size:>10,}  {name}")
+        return lines
+
+    # ---- file ------------------------------------------------------------------------
+
+    def header(self) -> dict[str, Any]:
+        """The JSON header (without ``sha256``)."""
+        return {
+            "format": "m3vit-compiled/1",
+            "model": self.model.to_dict(),
+            "config": self.config.to_dict(),
+            "config_hash": self.config_hash,
+            "source_hash": self.source_hash,
+            "order": self.order.name,
+            "program_size": len(self.program),
+            "image_size": len(self.image),
+            "regions": {k: list(v) for k, v in self.regions.items()},
+            "tasks": list(self.tasks),
+            "input": [self.input_offset, self.input_size],
+            "output": [self.output_offset, self.output_size],
+            "head_tiles": self.head_tiles,
+            "input_scale": self.input_scale,
+            "out_scales": self.out_scales,
+            "act_buffer_peak": self.act_buffer_peak,
+        }
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the package to ``path`` (atomically); refuse to replace a file unless asked.
+
+        Raises
+        ------
+        M3VitError
+            If ``path`` exists and ``overwrite`` is false.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another "
+                             "--out")
+        head = self.header()
+        head["sha256"] = _digest(head, self.program, self.image)
+        text = _canonical(head).encode("ascii")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<I", len(text)) + text)
+            f.write(self.program)
+            f.write(self.image)
+        os.replace(tmp, path)
+        return path
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def _digest(head: dict[str, Any], program: bytes, image: bytes) -> str:
+    h = hashlib.sha256()
+    h.update(_canonical({k: v for k, v in head.items() if k != "sha256"}).encode("ascii"))
+    h.update(program)
+    h.update(image)
+    return h.hexdigest()
+
+
+def load_compiled(path: str | os.PathLike) -> CompiledPackage:
+    """Read and check a ``.m3x`` file.
+
+    Raises
+    ------
+    M3VitError
+        One line naming the problem: missing file, not a compiled package (e.g. a ``.m3q``
+        given by mistake), truncated or corrupted content, an unreadable header.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise M3VitError(f"{path}: no such file (compile one with `m3vit compile`)") from None
+    except OSError as e:
+        raise M3VitError(f"{path}: cannot read it: {e.strerror}") from None
+    if raw[:6] != MAGIC[:6]:
+        hint = (" (that is a quantized package: compile it first with `m3vit compile`)"
+                if path.suffix == ".m3q" or raw[8:9] == b"{" else "")
+        raise M3VitError(f"{path}: not a compiled m3vit package{hint}")
+    if raw[:8] != MAGIC:
+        raise M3VitError(f"{path}: compiled-package version {raw[6:8].hex()} is not "
+                         f"{MAGIC[6:8].hex()}; re-run `m3vit compile` with this toolkit")
+    try:
+        (n,) = struct.unpack_from("<I", raw, 8)
+        head = json.loads(raw[12:12 + n].decode("ascii"))
+        if not isinstance(head, dict) or set(head) != _HEADER_KEYS:
+            raise ValueError("unexpected header keys")
+        start = 12 + n
+        program = raw[start:start + head["program_size"]]
+        image = raw[start + head["program_size"]:]
+        if len(program) != head["program_size"] or len(image) != head["image_size"]:
+            raise ValueError("truncated")
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError, KeyError):
+        raise M3VitError(f"{path}: {_REDO}") from None
+    if _digest(head, program, image) != head["sha256"]:
+        raise M3VitError(f"{path}: checksum mismatch: {_REDO}")
+    try:
+        model = ModelConfig.from_dict(head["model"])
+        config = AccelConfig(**head["config"])
+        order = ExpertOrder[head["order"]]
+    except (M3VitError, TypeError, KeyError, ValueError) as e:
+        raise M3VitError(f"{path}: unreadable configuration ({e}); re-run `m3vit compile`"
+                         ) from None
+    if config.config_hash() != head["config_hash"]:
+        raise M3VitError(f"{path}: config hash {head['config_hash']:#010x} does not match its "
+                         "configuration; re-run `m3vit compile` with this toolkit")
+    return CompiledPackage(
+        model=model, config=config, program=program, image=image,
+        regions={k: (int(v[0]), int(v[1])) for k, v in head["regions"].items()},
+        tasks=tuple(head["tasks"]), input_offset=head["input"][0],
+        input_size=head["input"][1], output_offset=head["output"][0],
+        output_size=head["output"][1], head_tiles=head["head_tiles"],
+        input_scale=float(head["input_scale"]), out_scales=head["out_scales"],
+        source_hash=head["source_hash"], order=order,
+        act_buffer_peak=head["act_buffer_peak"], _header=head)
+
+
+def compile_package(pkg, config: AccelConfig, *,
+                    order: ExpertOrder = ExpertOrder.REGISTER) -> CompiledPackage:
+    """Compile a quantized package for ``config``.
+
+    Parameters
+    ----------
+    pkg : QuantizedPackage
+        The quantized model (``m3vit quantize``).
+    config : AccelConfig
+        The accelerator it will run on.
+    order : ExpertOrder
+        Schedule of the MoE layers; ``REGISTER`` (default) leaves it to the runtime.
+
+    Raises
+    ------
+    M3VitError
+        When the model does not fit ``config``; the message names the capacity.
+    """
+    from .compiler import compile_model
+    from .package import content_hash
+
+    compiled = compile_model(pkg.tensors, pkg.config, config, order=order)
+    t = pkg.tensors
+    return CompiledPackage(
+        model=pkg.config, config=config, program=compiled.program,
+        image=bytes(compiled.image.data), regions=dict(compiled.image.regions),
+        tasks=tuple(compiled.tasks.tasks), input_offset=compiled.input_offset,
+        input_size=compiled.input_size, output_offset=compiled.output_offset,
+        output_size=compiled.output_size, head_tiles=compiled.head_tiles,
+        input_scale=float(pkg.params["scales"]["input"]),
+        out_scales={task: [float(v) for v in t[f"heads.{task}.out_scale"].flatten()]
+                    for task in pkg.config.task_names},
+        source_hash=content_hash(pkg.config.to_dict(), pkg.tensors, pkg.params),
+        order=order, act_buffer_peak=compiled.plan.peak)

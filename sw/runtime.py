@@ -1,0 +1,419 @@
+"""The host runtime: one driver for the accelerator on any :class:`~m3vit.sw.board.Board`.
+
+::
+
+    with Accelerator.open("sim", config=CI) as acc:     # or open("pynq", bitstream=...)
+        acc.load("runs/tiny.ci.m3x")                   # weights, tables, program: once
+        acc.set_task("semseg")                         # one register write
+        out = acc.infer(images)                        # (B, C, H, W) float images
+        out.heads, out.predictions, out.runs[0].cycles
+
+The data path is the explicit pipeline of ``STYLE.md``: float image → INT8
+(``golden.quantize_image``) → patch rows (``golden.patchify``) → the input region's
+slice-major words (``compiler.patch_words``) → DMA → run → the head's INT32 words →
+(N_patches, n_out) accumulators (``compiler.head_output``) → float predictions
+(``golden.dequantize_head`` and ``golden.upsample``). The board holds one buffer with
+the program and the data window; a task switch writes ``TASK_SELECT`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from m3vit.hw.config import AccelConfig
+from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode, Schedule
+
+from . import golden
+from .board import Board, Buffer
+from .compiled import CompiledPackage, load_compiled
+from .compiler import head_output, patch_words
+from .errors import M3VitError
+
+__all__ = [
+    "Accelerator",
+    "AcceleratorError",
+    "RunStats",
+    "TaskOutputs",
+    "WatchdogError",
+]
+
+#: Default watchdog: no image of a model that fits the ZCU104 needs more (edge-moe ≈ 1.5 M
+#: cycles; a token-by-token run ≈ 30 M); 0.33 s at 300 MHz.
+DEFAULT_WATCHDOG_CYCLES = 100_000_000
+#: Cycles an ABORT gets to stop the run cleanly before the watchdog resets the logic.
+ABORT_GRACE_CYCLES = 100_000
+_PROGRAM_ALIGN = 4096  # the program and the data window start on their own pages
+
+
+class AcceleratorError(M3VitError):
+    """A run stopped with ``STATUS.ERROR``: the error code and the failing instruction."""
+
+    def __init__(self, code: ErrorCode, pc: int):
+        self.code, self.pc = code, pc
+        super().__init__(f"the accelerator stopped with {code.name} at instruction {pc}; "
+                         "the package may not match the bitstream (re-run `m3vit compile`)")
+
+
+class WatchdogError(M3VitError):
+    """A run did not finish in time; the accelerator was reset and can run again."""
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Counters of one run, read from the accelerator after it finished.
+
+    Attributes
+    ----------
+    cycles : int
+        Cycles with ``STATUS.BUSY`` high.
+    ddr_read_bytes, ddr_write_bytes : int
+        Bytes the accelerator's DMA read and wrote.
+    gemm_busy, vector_busy, weight_stall, instructions : int
+        The other performance counters (``docs/registers.md``).
+    clock_mhz : float
+        The bitstream's clock, to turn cycles into time.
+    """
+
+    cycles: int
+    ddr_read_bytes: int
+    ddr_write_bytes: int
+    gemm_busy: int
+    vector_busy: int
+    weight_stall: int
+    instructions: int
+    clock_mhz: float
+
+    @property
+    def latency_us(self) -> float:
+        """Run time in microseconds at the bitstream's clock."""
+        return self.cycles / self.clock_mhz
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain-JSON form (with ``latency_us``)."""
+        d = dict(self.__dict__)
+        d["latency_us"] = self.latency_us
+        return d
+
+
+@dataclass
+class TaskOutputs:
+    """What :meth:`Accelerator.infer` returns for a batch of images and one task.
+
+    Attributes
+    ----------
+    task : str
+        The task that ran.
+    heads : torch.Tensor
+        (B, N_patches, n_out) int64: the head's INT32 accumulators.
+    predictions : torch.Tensor
+        (B, n_out, H, W) float: the task's prediction, as the float model gives it.
+    runs : list of RunStats
+        One per image.
+    """
+
+    task: str
+    heads: torch.Tensor
+    predictions: torch.Tensor
+    runs: list[RunStats] = field(default_factory=list)
+
+
+class Accelerator:
+    """Drive the M³ViT accelerator on a board: load a package, switch tasks, run images.
+
+    Parameters
+    ----------
+    board : Board
+        The board (``SimBoard`` or ``PynqBoard``); :meth:`open` builds one by name.
+    watchdog_cycles : int
+        A run still busy after this many cycles is aborted and, if the abort does not
+        stop it, the logic is reset (:class:`WatchdogError`).
+    schedule : Schedule
+        How MoE layers run when the package leaves it to the host (``SCHEDULE``).
+
+    Raises
+    ------
+    M3VitError
+        If the board does not hold an m3vit accelerator of a compatible register map.
+    """
+
+    def __init__(self, board: Board, *, watchdog_cycles: int = DEFAULT_WATCHDOG_CYCLES,
+                 schedule: Schedule = Schedule.EXPERT_BY_EXPERT):
+        self.board = board
+        self.watchdog_cycles = int(watchdog_cycles)
+        if self.watchdog_cycles < 1:
+            raise M3VitError(f"watchdog_cycles must be >= 1, got {watchdog_cycles!r}")
+        ident = self._read("ID")
+        if ident != ID_MAGIC:
+            raise M3VitError(f"no m3vit accelerator on the {board.name} board: ID reads "
+                             f"{ident:#010x}, expected {ID_MAGIC:#010x}")
+        major = REGISTER_MAP["VERSION"].decode(self._read("VERSION"))["MAJOR"]
+        if major != VERSION[0]:
+            raise M3VitError(f"the bitstream's register map is version {major}.x, this "
+                             f"runtime speaks {VERSION[0]}.x: rebuild the bitstream")
+        self.config_hash = self._read("CONFIG_HASH")
+        self.clock_mhz = self._read("CLOCK_KHZ") / 1000
+        self.schedule = Schedule(schedule)
+        self.package: CompiledPackage | None = None
+        self.task: str | None = None
+        self._buffer: Buffer | None = None
+        self._program_base = self._data_base = 0
+        #: Bytes written to DDR by :meth:`load` (weights, tables, program) since opening.
+        self.loaded_bytes = 0
+        #: Register writes made by task switches since opening.
+        self.switch_writes = 0
+
+    # ---- construction ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, backend: str = "sim", *, config: AccelConfig | None = None,
+             bitstream: str | os.PathLike | None = None, progress: Callable[[str], None]
+             | None = None, **options) -> Accelerator:
+        """Open a board by name and return its driver.
+
+        Parameters
+        ----------
+        backend : {"sim", "pynq"}
+            ``sim``: the Verilated SoC model of ``config`` (built on first use, then
+            cached); ``pynq``: the ZCU104 with ``bitstream`` loaded through PYNQ.
+        config : AccelConfig
+            The hardware to simulate (``sim`` only).
+        bitstream : path-like
+            The ``.bit`` file (with its ``.hwh`` beside it) (``pynq`` only).
+        progress : callable, optional
+            Told about long steps (building the SoC model).
+        **options
+            ``watchdog_cycles``, ``schedule`` for the driver; the rest go to the board
+            (``ddr_bytes``, ``timing``, ``trace_path`` for the simulator).
+        """
+        driver = {k: options.pop(k) for k in ("watchdog_cycles", "schedule") if k in options}
+        if backend == "sim":
+            if config is None:
+                raise M3VitError("the sim backend needs the accelerator config to simulate")
+            from .board import SimBoard
+
+            board: Board = SimBoard(config, progress=progress, **options)
+        elif backend == "pynq":
+            if bitstream is None:
+                raise M3VitError("the pynq backend needs --bitstream (a .bit with its .hwh)")
+            from .pynq_board import PynqBoard
+
+            board = PynqBoard(bitstream, **options)
+        else:
+            raise M3VitError(f"unknown backend {backend!r}: choose sim or pynq")
+        try:
+            return cls(board, **driver)
+        except BaseException:
+            board.close()
+            raise
+
+    def close(self) -> None:
+        """Free the package's buffer and release the board."""
+        if self._buffer is not None:
+            self._buffer.free()
+            self._buffer = None
+        self.board.close()
+
+    def __enter__(self) -> Accelerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- registers ------------------------------------------------------------------
+
+    def _read(self, name: str) -> int:
+        return self.board.read_register(REGISTER_MAP[name].offset)
+
+    def _write(self, name: str, value: int) -> None:
+        self.board.write_register(REGISTER_MAP[name].offset, value)
+
+    def _write64(self, name: str, value: int) -> None:
+        self._write(f"{name}_LO", value & 0xFFFF_FFFF)
+        self._write(f"{name}_HI", value >> 32)
+
+    # ---- package and task -----------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The loaded package's tasks (empty before :meth:`load`)."""
+        return self.package.tasks if self.package else ()
+
+    def load(self, package: CompiledPackage | str | os.PathLike) -> None:
+        """Put a compiled package in DDR: program, weights, tables; the first task selected.
+
+        Raises
+        ------
+        M3VitError
+            If the package was compiled for another hardware configuration than the
+            bitstream's (``CONFIG_HASH``), or the file is not a valid package.
+        """
+        pkg = package if isinstance(package, CompiledPackage) else load_compiled(package)
+        if pkg.config_hash != self.config_hash:
+            where = "" if isinstance(package, CompiledPackage) else f"{Path(package)}: "
+            raise M3VitError(
+                f"{where}compiled for hardware config {pkg.config_hash:#010x} "
+                f"({pkg.config.pe_rows}x{pkg.config.pe_cols} array), but the {self.board.name} "
+                f"bitstream is config {self.config_hash:#010x}: re-run `m3vit compile` with "
+                "the bitstream's --config")
+        if self._buffer is not None:
+            self._buffer.free()
+            self._buffer = None
+        program = pkg.program + bytes(-len(pkg.program) % _PROGRAM_ALIGN)
+        buffer = self.board.allocate(len(program) + len(pkg.image))
+        buffer.write(0, program)
+        buffer.write(len(program), pkg.image)
+        buffer.sync_to_device()
+        self._buffer, self.package = buffer, pkg
+        self._program_base = buffer.device_address
+        self._data_base = buffer.device_address + len(program)
+        self.loaded_bytes += len(pkg.program) + len(pkg.image)
+        self._program_registers()
+        self.set_task(pkg.tasks[0])
+
+    def _program_registers(self) -> None:
+        assert self.package is not None
+        self._write64("PROGRAM_BASE", self._program_base)
+        self._write64("DATA_BASE", self._data_base)
+        self._write64("DATA_SIZE", len(self.package.image))
+        self._write("SCHEDULE", REGISTER_MAP["SCHEDULE"].encode(ORDER=self.schedule))
+        if self.task is not None:
+            self._write("TASK_SELECT", self.package.task_select(self.task))
+
+    def set_task(self, task: str) -> None:
+        """Select the task the next runs compute: one ``TASK_SELECT`` write, no weights moved.
+
+        Raises
+        ------
+        M3VitError
+            For a task the loaded package does not have.
+        """
+        pkg = self._loaded()
+        value = pkg.task_select(task)
+        self._write("TASK_SELECT", value)
+        self.switch_writes += 1
+        self.task = task
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Expert-by-expert (the paper's reordering) or token-by-token MoE layers."""
+        self.schedule = Schedule(schedule)
+        self._write("SCHEDULE", REGISTER_MAP["SCHEDULE"].encode(ORDER=self.schedule))
+
+    def _loaded(self) -> CompiledPackage:
+        if self.package is None:
+            raise M3VitError("no package loaded: call load() (or pass a .m3x to `m3vit run`)")
+        return self.package
+
+    # ---- running --------------------------------------------------------------------
+
+    def quantize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images (B, C, H, W) → INT8 as the package's input scale gives them.
+
+        Raises
+        ------
+        M3VitError
+            For a shape other than (B, C, H, W) of the model's channels and size.
+        """
+        pkg = self._loaded()
+        m = pkg.model
+        want = (m.in_chans, *m.img_size)
+        if not isinstance(images, torch.Tensor):
+            raise M3VitError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want or images.shape[0] < 1:
+            raise M3VitError(f"wrong input shape {tuple(images.shape)}: {m.name!r} takes "
+                             f"(B, {', '.join(map(str, want))}) images")
+        return golden.quantize_image(images, pkg.input_scale)
+
+    def infer(self, images: torch.Tensor, task: str | None = None,
+              progress: Callable[[int], None] | None = None) -> TaskOutputs:
+        """Run a batch of images, one accelerator run each, for the current (or given) task.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            (B, C, H, W) or (C, H, W) float images, normalised like the training data.
+        task : str, optional
+            Switch to this task first (:meth:`set_task`).
+        progress : callable, optional
+            Called with the image index after each run.
+
+        Returns
+        -------
+        TaskOutputs
+            Head accumulators, float predictions and per-run counters.
+        """
+        pkg = self._loaded()
+        if task is not None and task != self.task:
+            self.set_task(task)
+        assert self.task is not None
+        image_q = self.quantize(images)
+        patches = golden.patchify(image_q, pkg.model.patch_size)
+        heads, runs = [], []
+        for i in range(len(patches)):
+            head, stats = self.run_patches(patches[i])
+            heads.append(head)
+            runs.append(stats)
+            if progress is not None:
+                progress(i)
+        acc = torch.stack(heads)
+        scale = torch.tensor(pkg.out_scales[self.task], dtype=torch.float64)
+        predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
+        return TaskOutputs(self.task, acc, predictions, runs)
+
+    def run_patches(self, patches: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
+        """One run on one image's (N_patches, C·p·p) INT8 patch rows; (head, stats)."""
+        pkg = self._loaded()
+        assert self._buffer is not None and self.task is not None
+        words = patch_words(patches, pkg.model, pkg.config)
+        base = self._data_base - self._buffer.device_address
+        self._buffer.write(base + pkg.input_offset, words)
+        self._buffer.sync_to_device()
+        self._start()
+        self._buffer.sync_from_device()
+        raw = self._buffer.read(base + pkg.output_offset, pkg.output_size)
+        lanes = pkg.config.pe_cols
+        head = head_output(raw, pkg.model.n_patches, pkg.model.task(self.task).n_out, lanes)
+        return head, self._stats()
+
+    def _start(self) -> None:
+        self._write("CONTROL", REGISTER_MAP["CONTROL"].encode(START=1))
+        if not self.board.wait_for_interrupt(self.watchdog_cycles):
+            self._recover()
+        fields = REGISTER_MAP["STATUS"].decode(self._read("STATUS"))
+        if fields["ERROR"]:
+            raise AcceleratorError(ErrorCode(self._read("ERROR_CODE")), self._read("ERROR_PC"))
+        if not fields["DONE"]:
+            raise M3VitError("the accelerator raised its interrupt without DONE or ERROR")
+
+    def _recover(self) -> None:
+        """The watchdog fired: abort, else reset the logic; restore the registers; raise."""
+        self._write("CONTROL", REGISTER_MAP["CONTROL"].encode(ABORT=1))
+        aborted = self.board.wait_for_interrupt(ABORT_GRACE_CYCLES)
+        how = "aborted"
+        if not aborted:
+            self.board.reset()
+            self._program_registers()
+            how = "reset (the abort did not stop it)"
+        raise WatchdogError(f"the run did not finish within {self.watchdog_cycles:,} cycles "
+                            f"and was {how}; the package is still loaded and the next run "
+                            "starts clean (raise watchdog_cycles if the model is that slow)")
+
+    def _stats(self) -> RunStats:
+        cycles = self._read("CYCLES_LO")
+        cycles |= self._read("CYCLES_HI") << 32
+        return RunStats(
+            cycles=cycles, ddr_read_bytes=self._read("DMA_READ_BYTES"),
+            ddr_write_bytes=self._read("DMA_WRITE_BYTES"), gemm_busy=self._read("GEMM_BUSY"),
+            vector_busy=self._read("VECTOR_BUSY"), weight_stall=self._read("WEIGHT_STALL"),
+            instructions=self._read("INSTRUCTIONS"), clock_mhz=self.clock_mhz)
+
+    def infer_tasks(self, images: torch.Tensor, tasks: Sequence[str] | None = None
+                    ) -> dict[str, TaskOutputs]:
+        """Every task (default: all of the package's) on the same images, switching between."""
+        return {task: self.infer(images, task) for task in (tasks or self.tasks)}

@@ -1,0 +1,248 @@
+"""Run images for every task on a board with task switches between them, check, report.
+
+Shared by ``m3vit run`` and ``make demo`` (:mod:`m3vit.sw.demo`): :func:`run_session`
+runs the images, alternating the task order from image to image so that every run but
+the first follows a task switch, compares each head with the golden model when the
+quantized package is at hand, and measures what a task switch costs. The result is a
+plain-JSON report that :func:`format_report` prints and ``m3vit report`` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import golden
+from .errors import M3VitError
+from .metrics import evaluate_predictions
+from .runtime import Accelerator
+
+__all__ = ["format_report", "load_report", "run_session", "save_figure", "save_report"]
+
+REPORT_FORMAT = "m3vit-run/1"
+
+
+def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
+                tasks: Sequence[str] | None = None, reference=None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every image for every task, switching task before each run.
+
+    Parameters
+    ----------
+    acc : Accelerator
+        A driver with a package loaded.
+    scenes : dict
+        :func:`m3vit.sw.data.make_scenes` output: ``"image"`` and the targets.
+    tasks : sequence of str, optional
+        Tasks to run (default: all of the package's).
+    reference : QuantizedPackage, optional
+        The package the ``.m3x`` was compiled from: each head is then compared with
+        ``golden.forward`` for exact equality.
+    progress : callable, optional
+        Called with a short description after each run.
+
+    Returns
+    -------
+    dict
+        The report (:func:`format_report`); ``report["outputs"]`` additionally holds the
+        prediction tensors for :func:`save_figure` (not saved by :func:`save_report`).
+    """
+    pkg = acc.package
+    if pkg is None:
+        raise M3VitError("load a package before running a session")
+    tasks = list(tasks or pkg.tasks)
+    for task in tasks:
+        pkg.task_select(task)
+    if reference is not None and reference.config.to_dict() != pkg.model.to_dict():
+        raise M3VitError("the reference .m3q is not the model this .m3x was compiled from")
+    images = scenes["image"]
+    n = len(images)
+    heads: dict[str, list] = {t: [None] * n for t in tasks}
+    runs: dict[str, list] = {t: [None] * n for t in tasks}
+    exact: dict[str, list] = {t: [] for t in tasks}
+    sequence = []
+    for i in range(n):
+        order = tasks if i % 2 == 0 else tasks[::-1]
+        for task in order:
+            switched = task != acc.task
+            out = acc.infer(images[i:i + 1], task)
+            heads[task][i], runs[task][i] = out.heads[0], out.runs[0]
+            sequence.append({"image": i, "task": task, "after_switch": switched,
+                             "cycles": out.runs[0].cycles})
+            if reference is not None:
+                x_q = golden.quantize_image(images[i:i + 1], pkg.input_scale)
+                want, _ = golden.forward(reference.tensors, reference.config, x_q, task)
+                exact[task].append(bool(torch.equal(want[0], out.heads[0])))
+            if progress is not None:
+                mark = "" if reference is None else (" bit-exact" if exact[task][-1]
+                                                     else " MISMATCH")
+                progress(f"image {i} {task}: {out.runs[0].cycles:,} cycles{mark}")
+    switch = _switch_cost(acc, images[:1], tasks, heads, runs)
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT, "board": acc.board.name, "clock_mhz": acc.clock_mhz,
+        "config_hash": f"{pkg.config_hash:#010x}",
+        "array": f"{pkg.config.pe_rows}x{pkg.config.pe_cols}", "model": pkg.model.name,
+        "images": n, "schedule": acc.schedule.name, "sequence": sequence,
+        "task_switch": switch, "tasks": {}, "outputs": {},
+    }
+    for task in tasks:
+        acc_heads = torch.stack(heads[task])
+        scale = torch.tensor(pkg.out_scales[task], dtype=torch.float64)
+        pred = golden.upsample(golden.dequantize_head(acc_heads, scale), pkg.model)
+        spec = pkg.model.task(task)
+        metrics = {}
+        if spec.kind in scenes:
+            metrics = evaluate_predictions({task: pred}, {task: scenes[spec.kind]}, [spec])
+        stats = [r.to_dict() for r in runs[task]]
+        report["tasks"][task] = {
+            "kind": spec.kind, "n_out": spec.n_out, "metrics": metrics,
+            "bit_exact": None if reference is None else all(exact[task]),
+            "bit_exact_images": None if reference is None else sum(exact[task]),
+            "runs": stats,
+            "mean": {k: sum(s[k] for s in stats) / n for k in stats[0]},
+        }
+        report["outputs"][task] = pred
+    report["outputs"]["image"] = images
+    for key in ("semseg", "depth", "edge"):
+        if key in scenes:
+            report["outputs"][f"target.{key}"] = scenes[key]
+    return report
+
+
+def _switch_cost(acc: Accelerator, image, tasks, heads, runs) -> dict[str, Any]:
+    """What a task switch costs: register writes, bytes moved, cycles of the next run.
+
+    The last task that ran is run again on image 0 without a switch; its cycles and head
+    must equal its earlier run of image 0, which came right after a switch.
+    """
+    task = acc.task
+    loaded, writes = acc.loaded_bytes, acc.switch_writes
+    acc.set_task(tasks[0])
+    cost = {"register_writes": acc.switch_writes - writes,
+            "bytes_reloaded": acc.loaded_bytes - loaded}
+    # tasks[0] ran image 0 first of all (no switch before it); run it again right after a
+    # switch from the last task, then once more without a switch.
+    acc.set_task(task)
+    acc.set_task(tasks[0])
+    after = acc.infer(image)
+    again = acc.infer(image)
+    cost.update({
+        "task": tasks[0],
+        "cycles_after_switch": after.runs[0].cycles,
+        "cycles_without_switch": again.runs[0].cycles,
+        "same_output": bool(torch.equal(after.heads[0], again.heads[0])
+                            and torch.equal(after.heads[0], heads[tasks[0]][0])),
+    })
+    cost["extra_cycles"] = cost["cycles_after_switch"] - cost["cycles_without_switch"]
+    return cost
+
+
+def save_report(report: dict[str, Any], path: str | os.PathLike, *,
+                overwrite: bool = False) -> Path:
+    """Write the report as JSON (without the prediction tensors)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another "
+                         "--json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v for k, v in report.items() if k != "outputs"}
+    path.write_text(json.dumps(plain, indent=2) + "\n")
+    return path
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a report written by :func:`save_report`."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise M3VitError(f"{path}: no such file (write one with `m3vit run --json`)") from None
+    except (OSError, ValueError) as e:
+        raise M3VitError(f"{path}: not a readable run report ({e})") from None
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise M3VitError(f"{path}: not an m3vit run report")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a table: one row per task, then the task-switch cost."""
+    clock = report["clock_mhz"]
+    lines = [f"{report['model']} on the {report['board']} board ({report['array']} array, "
+             f"config {report['config_hash']}, {clock:g} MHz), {report['images']} image(s), "
+             f"MoE schedule {report['schedule'].lower().replace('_', ' ')}",
+             f"{'task':<10} {'metric':<22} {'bit-exact':>10} {'cycles':>12} "
+             f"{'latency':>11} {'DDR read':>12} {'DDR write':>10}"]
+    for task, t in report["tasks"].items():
+        metric = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in t["metrics"].items())
+        exact = ("n/a" if t["bit_exact"] is None else
+                 f"{t['bit_exact_images']}/{len(t['runs'])}")
+        m = t["mean"]
+        lines.append(f"{task:<10} {metric or '-':<22} {exact:>10} {m['cycles']:>12,.0f} "
+                     f"{m['cycles'] / clock / 1000:>8.3f} ms {m['ddr_read_bytes']:>12,.0f} "
+                     f"{m['ddr_write_bytes']:>10,.0f}")
+    s = report["task_switch"]
+    lines.append(f"task switch: {s['register_writes']} register write, "
+                 f"{s['bytes_reloaded']} bytes of weights reloaded; {s['task']} right after a "
+                 f"switch {s['cycles_after_switch']:,} cycles, without one "
+                 f"{s['cycles_without_switch']:,} ({s['extra_cycles']:+,}), same output: "
+                 f"{'yes' if s['same_output'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def save_figure(report: dict[str, Any], path: str | os.PathLike, n: int = 4) -> Path:
+    """A PNG per run: rows of images, each task's target next to the accelerator's output."""
+    from matplotlib.figure import Figure
+
+    from .data import FAR_DEPTH, NEAR_DEPTH, class_appearance, denormalize_image
+
+    outputs = report["outputs"]
+    images = outputs["image"]
+    rows = min(n, len(images))
+    tasks = list(report["tasks"])
+    columns = ["image"]
+    for task in tasks:
+        kind = report["tasks"][task]["kind"]
+        if f"target.{kind}" in outputs:
+            columns.append(f"target.{kind}")
+        columns.append(task)
+    fig = Figure(figsize=(2.1 * len(columns), 2.1 * rows + 0.4), dpi=100)
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    for r in range(rows):
+        for c, key in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            kind = key.split(".")[-1] if key.startswith("target.") else (
+                report["tasks"][key]["kind"] if key in report["tasks"] else "image")
+            x = outputs[key][r].detach().float()
+            if r == 0:
+                ax.set_title(key.replace("target.", "target ") if key != "image" else
+                             "input", fontsize=9)
+            if kind == "image":
+                ax.imshow(denormalize_image(x).permute(1, 2, 0).numpy())
+            elif kind == "semseg":
+                n_classes = next(t["n_out"] for t in report["tasks"].values()
+                                 if t["kind"] == "semseg")
+                labels = x.argmax(0) if x.dim() == 3 else x
+                colours = [(0.0, 0.0, 0.0)] + [tuple(class_appearance(k, n_classes)[0])
+                                               for k in range(1, n_classes)]
+                from matplotlib.colors import ListedColormap
+
+                ax.imshow(labels.numpy(), cmap=ListedColormap(colours), vmin=-0.5,
+                          vmax=n_classes - 0.5, interpolation="nearest")
+            elif kind == "depth":
+                ax.imshow(x[0].numpy(), cmap="viridis_r", vmin=NEAR_DEPTH, vmax=FAR_DEPTH)
+            else:
+                ax.imshow(x[0].numpy(), cmap="gray", interpolation="nearest")
+    fig.suptitle(f"{report['model']} on the {report['board']} board: accelerator outputs "
+                 "per task", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(os.fspath(path))
+    return path

@@ -1,0 +1,170 @@
+"""The runtime end to end on the simulated board: the ``tiny`` model, every task, switches.
+
+One Verilated SoC model of the CI configuration (4 × 4 array) is built (or reused from
+``build/soc``) and shared by the module; each ``tiny`` image is ~1 M simulated cycles.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from m3vit.hw.config import CI, ZCU104
+from m3vit.hw.registers import REGISTER_MAP, ErrorCode
+from m3vit.sw import golden
+from m3vit.sw.cli import main
+from m3vit.sw.compiled import compile_package
+from m3vit.sw.config import get_preset
+from m3vit.sw.errors import M3VitError
+from m3vit.sw.model import M3ViT
+from m3vit.sw.package import save_package
+from m3vit.sw.quantize import quantize
+from m3vit.sw.runtime import Accelerator, AcceleratorError, WatchdogError
+from m3vit.sw.session import format_report, load_report, run_session
+from m3vit.sw.train import scenes_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("soc_ci")]
+
+SEED = 11
+
+
+@functools.cache
+def tiny_package():
+    return quantize(M3ViT(get_preset("tiny"), seed=0), n_calib=4)
+
+
+@pytest.fixture(scope="module")
+def acc():
+    with Accelerator.open("sim", config=CI, watchdog_cycles=4_000_000) as driver:
+        driver.load(compile_package(tiny_package(), CI))
+        yield driver
+
+
+def golden_head(images, task):
+    pkg = tiny_package()
+    x_q = golden.quantize_image(images, pkg.params["scales"]["input"])
+    return golden.forward(pkg.tensors, pkg.config, x_q, task)[0]
+
+
+def test_every_task_bit_exact_with_switches_between_images(acc):
+    """Two images × two tasks, the task order alternating, so every run but the first
+    follows a switch; each head equals the golden model; a switch moves no weights."""
+    scenes = scenes_for(get_preset("tiny"), 2, seed=SEED)
+    loaded = acc.loaded_bytes
+    report = run_session(acc, scenes, reference=tiny_package())
+    assert acc.loaded_bytes == loaded
+    assert set(report["tasks"]) == {"semseg", "depth"}
+    for task, result in report["tasks"].items():
+        assert result["bit_exact"] is True, task
+        assert result["bit_exact_images"] == 2
+        for run in result["runs"]:
+            assert run["cycles"] > 100_000 and run["ddr_read_bytes"] > 0
+            assert run["gemm_busy"] > 0 and run["instructions"] > 0
+    assert [r["after_switch"] for r in report["sequence"]] == [False, True, False, True]
+    switch = report["task_switch"]
+    assert switch["register_writes"] == 1 and switch["bytes_reloaded"] == 0
+    assert switch["same_output"] and switch["extra_cycles"] == 0
+    text = format_report(report)
+    assert "semseg" in text and "2/2" in text
+
+
+def test_infer_returns_heads_and_predictions(acc):
+    images = scenes_for(get_preset("tiny"), 1, seed=SEED + 1)["image"]
+    out = acc.infer(images, "depth")
+    assert torch.equal(out.heads, golden_head(images, "depth"))
+    assert out.predictions.shape == (1, 1, 32, 32)
+    assert out.runs[0].latency_us == out.runs[0].cycles / acc.clock_mhz
+
+
+def test_package_for_other_hardware_is_refused(acc):
+    other = compile_package(tiny_package(), ZCU104)
+    with pytest.raises(M3VitError) as e:
+        acc.load(other)
+    assert "compiled for hardware config" in str(e.value) and "\n" not in str(e.value)
+    assert f"{ZCU104.config_hash():#010x}" in str(e.value)
+
+
+def test_corrupt_package_unknown_task_and_wrong_shape_are_one_line_each(acc, tmp_path):
+    path = tmp_path / "tiny.ci.m3x"
+    compile_package(tiny_package(), CI).save(path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    errors = []
+    for attempt in (lambda: acc.load(path), lambda: acc.set_task("edge"),
+                    lambda: acc.infer(torch.zeros(1, 3, 16, 16)),
+                    lambda: acc.infer(torch.zeros(2, 1, 32, 32))):
+        with pytest.raises(M3VitError) as e:
+            attempt()
+        errors.append(str(e.value))
+    assert "corrupted" in errors[0]
+    assert "unknown task 'edge'" in errors[1] and "semseg, depth" in errors[1]
+    assert "wrong input shape (1, 3, 16, 16)" in errors[2] and "(B, 3, 32, 32)" in errors[2]
+    assert "wrong input shape (2, 1, 32, 32)" in errors[3]
+    assert all("\n" not in message for message in errors)
+
+
+def test_hung_run_trips_the_watchdog_and_the_next_run_is_correct(acc):
+    images = scenes_for(get_preset("tiny"), 1, seed=SEED + 2)["image"]
+    soc = acc.board.soc
+    soc.hang_reads = True
+    try:
+        with pytest.raises(WatchdogError, match="reset"):
+            acc.infer(images, "semseg")
+    finally:
+        soc.hang_reads = False
+    out = acc.infer(images, "semseg")
+    assert torch.equal(out.heads, golden_head(images, "semseg"))
+
+
+def test_run_error_is_reported_with_code(acc):
+    """A data window larger than DDR allows (DATA_SIZE too small) stops with an error code,
+    and the driver puts its registers back for the next run."""
+    acc._write64("DATA_SIZE", 64)
+    images = scenes_for(get_preset("tiny"), 1, seed=SEED + 3)["image"]
+    with pytest.raises(AcceleratorError) as e:
+        acc.infer(images, "semseg")
+    assert e.value.code is ErrorCode.ADDRESS_OUT_OF_RANGE
+    acc._program_registers()
+    assert acc.board.read_register(REGISTER_MAP["DATA_SIZE_LO"].offset) == \
+        len(acc.package.image)
+
+
+def test_run_and_report_cli(tmp_path, capsys):
+    m3q = save_package(tmp_path / "tiny.m3q", tiny_package())
+    assert main(["compile", str(m3q), "--config", "ci"]) == 0
+    m3x, report = tmp_path / "tiny.ci.m3x", tmp_path / "run.json"
+    capsys.readouterr()
+    assert main(["run", str(m3x), "--images", "1", "--check", str(m3q), "--json", str(report),
+                 "--figure", str(tmp_path / "run.png")]) == 0
+    out = capsys.readouterr().out
+    assert "1/1" in out and "task switch" in out
+    assert (tmp_path / "run.png").stat().st_size > 1000
+    assert load_report(report)["tasks"]["depth"]["bit_exact"] is True
+    assert main(["report", str(report), "--sequence"]) == 0
+    assert "after a switch" in capsys.readouterr().out
+    # The simulator of another config refuses the package in one line.
+    assert main(["run", str(m3x), "--config", "zcu104", "--images", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("m3vit: error:") and "compiled for hardware config" in err[-1]
+
+
+def test_driver_through_pynq_classes_on_the_simulator():
+    """The same driver over ``PynqBoard``: pynq's ``MMIO`` and ``PynqBuffer`` (flush and
+    invalidate) against the SoC model; one image per task bit-exact, then a hung run."""
+    from m3vit.sim.soc import SocModel
+    from m3vit.sw.pynq_board import PynqBoard, SimPynqDevice
+
+    images = scenes_for(get_preset("tiny"), 1, seed=SEED + 4)["image"]
+    with SocModel(CI) as soc:
+        board = PynqBoard.from_device(SimPynqDevice(soc))
+        acc = Accelerator(board, watchdog_cycles=3_000_000)
+        acc.load(compile_package(tiny_package(), CI))
+        for task in ("depth", "semseg"):
+            assert torch.equal(acc.infer(images, task).heads, golden_head(images, task))
+        soc.hang_reads = True
+        with pytest.raises(WatchdogError):
+            acc.infer(images)
+        soc.hang_reads = False
+        assert torch.equal(acc.infer(images).heads, golden_head(images, "semseg"))
+        acc.close()

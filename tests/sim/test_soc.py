@@ -1,0 +1,246 @@
+"""The Verilated SoC model (``m3vit.sim.soc``): the accelerator top with the C++ DDR model and
+AXI4-Lite host, driven from Python through ctypes.
+
+Everything runs on the CI configuration. The model is built once (a few minutes, cached
+under ``build/soc``); the VCD test needs a second, tracing build.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from m3vit.hw.config import CI
+from m3vit.hw.errors import M3VitError
+from m3vit.hw.gemm import GemmOp
+from m3vit.hw.isa import Opcode, WeightSource
+from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
+from m3vit.sim import soc as soc_module
+from m3vit.sim.soc import DdrTiming, SocModel, build_soc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "top"))
+
+from programs import Case, dense_block_case, gemm_case, vector_case
+
+PROGRAM_BASE = 0x1000
+DATA_BASE = 0x4000
+SMALL_DDR = 1 << 20
+STATUS = REGISTER_MAP["STATUS"]
+
+
+def offset(name: str) -> int:
+    return REGISTER_MAP[name].offset
+
+
+def start(soc: SocModel, case: Case, data_base: int = DATA_BASE) -> None:
+    """Place ``case`` in DDR, program the registers as the host does, and write START."""
+    soc.write_ddr(PROGRAM_BASE, case.program)
+    if data_base + len(case.ddr) <= soc.ddr_bytes:
+        soc.write_ddr(data_base, case.ddr)
+    for name, value in (("PROGRAM_BASE", PROGRAM_BASE), ("DATA_BASE", data_base),
+                        ("DATA_SIZE", len(case.ddr))):
+        soc.write_register(offset(f"{name}_LO"), value & 0xFFFF_FFFF)
+        soc.write_register(offset(f"{name}_HI"), value >> 32)
+    soc.write_register(offset("TASK_SELECT"), case.task_select)
+    soc.write_register(offset("SCHEDULE"), case.schedule)
+    soc.write_register(offset("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
+
+
+def run_case(soc: SocModel, case: Case, data_base: int = DATA_BASE,
+             limit: int = 2_000_000) -> tuple[ErrorCode, int]:
+    """Run ``case`` to its interrupt; (error code, CYCLES). Checks the result when it ran."""
+    start(soc, case, data_base)
+    soc.run(limit)
+    assert soc.irq, f"{case.name}: no interrupt within {limit} cycles"
+    fields = STATUS.decode(soc.read_register(offset("STATUS")))
+    assert not fields["BUSY"] and fields["DONE"] != fields["ERROR"], fields
+    code = ErrorCode(soc.read_register(offset("ERROR_CODE"))) if fields["ERROR"] \
+        else ErrorCode.NONE
+    cycles = soc.read_register(offset("CYCLES_LO"))
+    if code == ErrorCode.NONE:
+        after = soc.read_ddr(data_base, len(case.ddr))
+        if case.check is not None:
+            case.check(after)
+        else:
+            assert after == case.expected, f"{case.name}: DDR differs from the model"
+    return code, cycles
+
+
+@pytest.fixture(scope="module")
+def soc():
+    with SocModel(CI) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def gemms():
+    """Two GEMMs streaming their weights from DDR: enough traffic for the timing to show."""
+    return [gemm_case(CI, 20260101 + i, tokens, 3, 3, mode, WeightSource.DDR)
+            for i, (tokens, mode) in enumerate([(64, GemmOp.INT8), (33, GemmOp.INT32)])]
+
+
+@pytest.mark.slow
+def test_identity_registers(soc):
+    assert soc.read_register(offset("ID")) == ID_MAGIC
+    assert soc.read_register(offset("VERSION")) == REGISTER_MAP["VERSION"].encode(
+        MAJOR=VERSION[0], MINOR=VERSION[1])
+    assert soc.read_register(offset("CONFIG_HASH")) == CI.config_hash()
+    # A read-write register round-trips through the C++ AXI4-Lite host.
+    soc.write_register(offset("TASK_SELECT"), 2)
+    assert soc.read_register(offset("TASK_SELECT")) == 2
+    soc.write_register(offset("TASK_SELECT"), 0)
+
+
+@pytest.mark.slow
+def test_ddr_backdoor(soc):
+    before = soc.cycle
+    data = bytes(range(256)) * 3
+    soc.write_ddr(soc.ddr_bytes - len(data), data)
+    assert soc.read_ddr(soc.ddr_bytes - len(data), len(data)) == data
+    assert soc.read_ddr(soc.ddr_bytes - 1, 1) == data[-1:]
+    assert soc.cycle == before  # the backdoor takes no simulated time
+    with pytest.raises(M3VitError, match="outside"):
+        soc.write_ddr(soc.ddr_bytes - 2, b"abc")
+    with pytest.raises(M3VitError, match="outside"):
+        soc.read_ddr(soc.ddr_bytes, 1)
+    with pytest.raises(M3VitError, match="outside"):
+        soc.read_ddr(-1, 1)
+
+
+@pytest.mark.slow
+def test_dense_block_bit_exact_with_counters(soc):
+    case = dense_block_case(CI)
+    start(soc, case)
+    stats_before, started = soc.stats, time.perf_counter()
+    cycles_run = soc.run(5_000_000)
+    seconds = time.perf_counter() - started
+    stats = {k: v - stats_before[k] for k, v in soc.stats.items()}
+    assert soc.irq and STATUS.decode(soc.read_register(offset("STATUS")))["DONE"]
+    case.check(soc.read_ddr(DATA_BASE, len(case.ddr)))
+    # The DDR model saw exactly the traffic the accelerator's own DMA counters report.
+    assert stats["ddr_read_bytes"] == soc.read_register(offset("DMA_READ_BYTES")) > 0
+    assert stats["ddr_write_bytes"] == soc.read_register(offset("DMA_WRITE_BYTES")) > 0
+    assert stats["protocol_errors"] == stats["read_errors"] == stats["write_errors"] == 0
+    assert stats["max_reads_in_flight"] > 1  # the DMA keeps bursts in flight
+    print(f"dense tiny block (CI): {cycles_run} cycles in {seconds:.2f} s = "
+          f"{cycles_run / seconds / 1e3:.0f} kcycles/s; {stats}")
+
+
+@pytest.mark.slow
+def test_ddr_timing_knobs(gemms):
+    """Longer latency or less bandwidth: the same programs take more cycles, same results."""
+    timings = {"default": DdrTiming.zcu104(CI), "slow_latency": DdrTiming(read_latency=200),
+               "narrow": DdrTiming(bytes_per_cycle=1.5),
+               "one_outstanding": DdrTiming(max_outstanding=1)}
+    cycles = {}
+    for name, timing in timings.items():
+        with SocModel(CI, ddr_bytes=SMALL_DDR, timing=timing) as soc:
+            cycles[name] = 0
+            for case in gemms:
+                code, run_cycles = run_case(soc, case)
+                assert code == ErrorCode.NONE, (name, case.name, code)
+                cycles[name] += run_cycles
+            stats = soc.stats
+            assert stats["max_reads_in_flight"] <= timing.max_outstanding
+            assert stats["ddr_read_bytes"] > 0 and stats["protocol_errors"] == 0
+    print(f"cycles by DDR timing: {cycles}")
+    for name in ("slow_latency", "narrow", "one_outstanding"):
+        assert cycles[name] > cycles["default"], cycles
+
+
+@pytest.mark.slow
+def test_ddr_error_ends_the_run(gemms):
+    """A data window that runs past the DDR: the reads come back SLVERR, the run ends in
+    ERROR with AXI_RESPONSE, and the next run in range is right."""
+    case = gemms[0]
+    with SocModel(CI, ddr_bytes=SMALL_DDR) as soc:
+        # DATA_SIZE is the case's, so the accelerator's own range check passes; only the
+        # first beat of the window is inside the DDR.
+        beyond = SMALL_DDR - CI.axi_bytes
+        code, _ = run_case(soc, case, data_base=beyond)
+        assert code == ErrorCode.AXI_RESPONSE, code
+        assert soc.stats["read_errors"] > 0
+        code, _ = run_case(soc, case)
+        assert code == ErrorCode.NONE
+
+
+@pytest.mark.slow
+def test_hung_reads_then_reset(gemms):
+    case = gemms[0]
+    with SocModel(CI, ddr_bytes=SMALL_DDR) as soc:
+        soc.hang_reads = True
+        assert soc.hang_reads
+        start(soc, case)
+        assert soc.run(20_000) == 20_000
+        assert not soc.irq
+        assert STATUS.decode(soc.read_register(offset("STATUS")))["BUSY"]
+        assert soc.stats["r_beat_cycles"] == 0 and soc.stats["read_bursts"] > 0
+        soc.hang_reads = False
+        soc.reset()
+        assert not STATUS.decode(soc.read_register(offset("STATUS")))["BUSY"]
+        code, _ = run_case(soc, case)
+        assert code == ErrorCode.NONE
+        assert soc.run(100) == 0  # irq is still high: nothing to wait for
+
+
+@pytest.mark.slow
+def test_vcd_trace(tmp_path):
+    trace = tmp_path / "soc.vcd"
+    case = vector_case(CI, 3, Opcode.RESIDUAL, 2, CI.pe_cols)
+    with SocModel(CI, ddr_bytes=SMALL_DDR, trace_path=trace) as soc:
+        code, _ = run_case(soc, case)
+        assert code == ErrorCode.NONE
+    text = trace.read_text()
+    assert text.startswith("$") and "m_axi__arvalid" in text and "irq" in text
+    assert text.count("\n#") > 100  # time steps were dumped
+
+
+def test_fst_needs_lz4_headers(tmp_path, monkeypatch):
+    """Without the lz4 headers an FST trace is one clear error naming the package."""
+    monkeypatch.setattr(soc_module.subprocess, "run", _failing_preprocessor)
+    with pytest.raises(M3VitError, match="liblz4-dev"):
+        build_soc(CI, trace="fst", build_root=tmp_path)
+
+
+def _failing_preprocessor(*args, **kwargs):
+    import subprocess
+    return subprocess.CompletedProcess(args, 1, "", "fatal error: lz4.h: No such file")
+
+
+@pytest.mark.slow
+def test_fst_trace(tmp_path):
+    try:
+        soc_module._check_tools("fst", soc_module.verilator_env())
+    except M3VitError as error:
+        pytest.skip(f"no lz4 headers: {error}")
+    trace = tmp_path / "soc.fst"
+    with SocModel(CI, ddr_bytes=SMALL_DDR, trace_path=trace) as soc:
+        soc.read_register(offset("ID"))
+    assert trace.read_bytes()[:1] == b"\x00" and trace.stat().st_size > 100  # FST header
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(M3VitError, match="read_latency"):
+        DdrTiming(read_latency=0)
+    with pytest.raises(M3VitError, match="bytes_per_cycle"):
+        DdrTiming(bytes_per_cycle=0.0)
+    with pytest.raises(M3VitError, match=r"\.vcd or \.fst"):
+        SocModel(CI, trace_path="waves.txt")
+    with pytest.raises(M3VitError, match="trace must be"):
+        build_soc(CI, trace="ghw")
+    assert DdrTiming.zcu104(CI).bytes_per_cycle == 16.0
+    assert DdrTiming.zcu104(CI.replace(axi_data_width=64)).bytes_per_cycle == 8.0
+
+
+@pytest.mark.slow
+def test_build_is_cached(soc):
+    messages = []
+    started = time.perf_counter()
+    library = build_soc(CI, progress=messages.append)
+    assert library == soc.library and messages == []
+    mtime = library.stat().st_mtime_ns
+    with SocModel(CI, ddr_bytes=SMALL_DDR, progress=messages.append) as again:
+        assert again.read_register(offset("ID")) == ID_MAGIC
+    assert messages == [] and library.stat().st_mtime_ns == mtime
+    assert time.perf_counter() - started < 5
