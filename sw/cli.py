@@ -599,8 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watchdog-cycles", type=int, default=100_000_000,
                    help="abort (then reset) a run still busy after this many cycles "
                    "(default: %(default)s)")
-    s.add_argument("--trace", metavar="PATH", help="sim: write a waveform (.vcd; .fst needs "
-                   "Debian's liblz4-dev)")
+    s.add_argument("--trace", metavar="PATH", help="sim: write a waveform of every run (.vcd, "
+                   "~11 kB per cycle on the CI config, so use --images 1 --task T; .fst is "
+                   "~17x smaller and needs Debian's liblz4-dev); a separate cached build")
     s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report)")
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")

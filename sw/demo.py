@@ -78,7 +78,7 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
     from m3vit.sim.soc import build_soc
 
     library = build_soc(config, progress=lambda m: print(f"      {m}", flush=True))
-    _done(t, f"{library}")
+    _done(t, f"Verilog {library.parent / 'm3vit_accel.v'}, model {library.name}")
 
     t = _step(4, total, "compile: program + DDR image for every task")
     compiled = compile_package(pkg, config)

@@ -175,14 +175,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['model']} on the {report['board']} board ({report['array']} array, "
              f"config {report['config_hash']}, {clock:g} MHz), {report['images']} image(s), "
              f"MoE schedule {report['schedule'].lower().replace('_', ' ')}",
-             f"{'task':<10} {'metric':<22} {'bit-exact':>10} {'cycles':>12} "
+             f"{'task':<10} {'metric':<32} {'bit-exact':>10} {'cycles':>12} "
              f"{'latency':>11} {'DDR read':>12} {'DDR write':>10}"]
     for task, t in report["tasks"].items():
         metric = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in t["metrics"].items())
         exact = ("n/a" if t["bit_exact"] is None else
                  f"{t['bit_exact_images']}/{len(t['runs'])}")
         m = t["mean"]
-        lines.append(f"{task:<10} {metric or '-':<22} {exact:>10} {m['cycles']:>12,.0f} "
+        lines.append(f"{task:<10} {metric or '-':<32} {exact:>10} {m['cycles']:>12,.0f} "
                      f"{m['cycles'] / clock / 1000:>8.3f} ms {m['ddr_read_bytes']:>12,.0f} "
                      f"{m['ddr_write_bytes']:>10,.0f}")
     s = report["task_switch"]
@@ -221,8 +221,9 @@ def save_figure(report: dict[str, Any], path: str | os.PathLike, n: int = 4) -> 
                 report["tasks"][key]["kind"] if key in report["tasks"] else "image")
             x = outputs[key][r].detach().float()
             if r == 0:
-                ax.set_title(key.replace("target.", "target ") if key != "image" else
-                             "input", fontsize=9)
+                title = ("input" if key == "image" else key.replace("target.", "target ")
+                         if key.startswith("target.") else f"{key} (accelerator)")
+                ax.set_title(title, fontsize=9)
             if kind == "image":
                 ax.imshow(denormalize_image(x).permute(1, 2, 0).numpy())
             elif kind == "semseg":

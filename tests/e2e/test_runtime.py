@@ -35,7 +35,7 @@ def tiny_package():
 
 @pytest.fixture(scope="module")
 def acc():
-    with Accelerator.open("sim", config=CI, watchdog_cycles=4_000_000) as driver:
+    with Accelerator.open("sim", config=CI, watchdog_cycles=1_500_000) as driver:
         driver.load(compile_package(tiny_package(), CI))
         yield driver
 
@@ -158,7 +158,7 @@ def test_driver_through_pynq_classes_on_the_simulator():
     images = scenes_for(get_preset("tiny"), 1, seed=SEED + 4)["image"]
     with SocModel(CI) as soc:
         board = PynqBoard.from_device(SimPynqDevice(soc))
-        acc = Accelerator(board, watchdog_cycles=3_000_000)
+        acc = Accelerator(board, watchdog_cycles=1_500_000)
         acc.load(compile_package(tiny_package(), CI))
         for task in ("depth", "semseg"):
             assert torch.equal(acc.infer(images, task).heads, golden_head(images, task))
