@@ -51,9 +51,8 @@ verilog: $(STAMP) ## Verilog of every landed design for CONFIG (default zcu104) 
 resources: $(STAMP) ## Yosys synth_xilinx estimate of DESIGN (default top) vs the XCZU7EV, <= 80 %
 	$(BIN)/m3vit resources --config $(CONFIG) --design $(DESIGN)
 
-bitstream: $(STAMP) ## Vivado build for the ZCU104 (needs Vivado on PATH)
-	@echo "make bitstream: not available yet — the Vivado flow lands with issue #7." >&2
-	@exit 1
+bitstream: $(STAMP) ## Vivado build for the ZCU104 (Vivado 2025.2 on PATH; else writes the scripts)
+	$(BIN)/python -m m3vit.hw.vivado --config $(CONFIG) --out bitstreams $(if $(JOBS),--jobs $(JOBS))
 
 clean: ## Remove build products (keeps .venv and trained runs)
 	rm -rf build .pytest_cache .ruff_cache
