@@ -301,6 +301,7 @@ def _load(library: Path) -> ctypes.CDLL:
         "soc_ddr_read": ([_vp, _u64, ctypes.c_void_p, _u64], ctypes.c_int),
         "soc_run": ([_vp, _u64], _u64),
         "soc_irq": ([_vp], ctypes.c_int),
+        "soc_set_trace_window": ([_vp, _u64, _u64], None),
         "soc_cycle": ([_vp], _u64),
         "soc_set_hang_reads": ([_vp, ctypes.c_int], None),
         "soc_hang_reads": ([_vp], ctypes.c_int),
@@ -332,8 +333,12 @@ class SocModel:
     timing : DdrTiming, optional
         The DDR's timing; defaults to :meth:`DdrTiming.zcu104` for ``config``.
     trace_path : str or Path, optional
-        Write a waveform of the whole simulation here: ``.vcd`` or ``.fst`` (the latter
-        needs the lz4 headers). Uses a separate, slower tracing build.
+        Write a waveform here: ``.vcd`` or ``.fst`` (the latter needs the lz4 headers).
+        Uses a separate, slower tracing build.
+    trace_window : (int, int or None), optional
+        Dump only cycles ``start <= cycle < stop`` of the model (:attr:`cycle`; ``None``
+        stop = to the end). Default: every cycle. A VCD takes ~11 kB per cycle of the CI
+        top, so a whole ``tiny`` image (~1 M cycles) would be ~11 GB.
     build_root : Path, optional
         Root of the build tree (default: the repository's ``build/``).
     progress : callable, optional
@@ -361,6 +366,7 @@ class SocModel:
 
     def __init__(self, config: AccelConfig, *, ddr_bytes: int = 64 << 20,
                  timing: DdrTiming | None = None, trace_path: str | Path | None = None,
+                 trace_window: tuple[int, int | None] | None = None,
                  build_root: Path | None = None,
                  progress: Callable[[str], None] | None = None) -> None:
         self._handle = None
@@ -379,6 +385,13 @@ class SocModel:
                 raise M3VitError(f"cannot write the trace {trace_path}: {error}") from error
             if not os.access(trace_path.parent, os.W_OK):
                 raise M3VitError(f"cannot write the trace {trace_path}: folder not writable")
+        if trace_window is not None:
+            start, stop = trace_window
+            if trace_path is None:
+                raise M3VitError("a trace window needs a trace path (.vcd or .fst)")
+            if start < 0 or (stop is not None and stop <= start):
+                raise M3VitError(f"trace window must be START:STOP with 0 <= START < STOP, got "
+                                 f"{start}:{'' if stop is None else stop}")
         self.config = config
         self.ddr_bytes = ddr_bytes
         self.timing = timing if timing is not None else DdrTiming.zcu104(config)
@@ -394,6 +407,10 @@ class SocModel:
                                          str(trace_path).encode() if trace_path else None)
         if not self._handle:
             raise M3VitError(f"could not allocate the SoC model ({ddr_bytes} bytes of DDR)")
+        if trace_window is not None:
+            start, stop = trace_window
+            self._lib.soc_set_trace_window(self._handle, start,
+                                           (1 << 64) - 1 if stop is None else stop)
         self.reset()
 
     # -- lifecycle -----------------------------------------------------------------------

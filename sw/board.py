@@ -158,6 +158,8 @@ class SimBoard(Board):
         HP port).
     trace_path : path-like, optional
         Write a waveform (``.vcd``, or ``.fst`` where the lz4 headers are installed).
+    trace_window : (int, int or None), optional
+        Only cycles ``start <= cycle < stop`` of the simulation go into the trace.
     progress : callable, optional
         Told about the model build when one is needed.
     """
@@ -165,12 +167,12 @@ class SimBoard(Board):
     name = "sim"
 
     def __init__(self, config, *, ddr_bytes: int | None = None, timing=None,
-                 trace_path=None, progress=None):
+                 trace_path=None, trace_window=None, progress=None):
         from m3vit.sim.soc import SocModel
 
         kwargs = {} if ddr_bytes is None else {"ddr_bytes": ddr_bytes}
-        self.soc = SocModel(config, timing=timing, trace_path=trace_path, progress=progress,
-                            **kwargs)
+        self.soc = SocModel(config, timing=timing, trace_path=trace_path,
+                            trace_window=trace_window, progress=progress, **kwargs)
         self._next = _PAGE
 
     def read_register(self, offset: int) -> int:

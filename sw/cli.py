@@ -30,6 +30,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cycle_window(text: str) -> tuple[int, int | None]:
+    try:
+        start, stop = text.split(":")
+        window = (int(start or 0), int(stop) if stop else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START:STOP in cycles such as 0:200000 or 1000000:, got {text!r}"
+        ) from None
+    if window[0] < 0 or (window[1] is not None and window[1] <= window[0]):
+        raise argparse.ArgumentTypeError(f"need 0 <= START < STOP, got {text!r}")
+    return window
+
+
 def _img_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -380,6 +393,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                 f"re-run `m3vit compile --config {args.config}`")
         if args.trace:
             options["trace_path"] = args.trace
+            options["trace_window"] = args.trace_window
+        # Room for the program and data window (SimBoard's buffers start at 4 KiB).
+        need = len(compiled.program) + len(compiled.image) + (2 << 20)
+        options["ddr_bytes"] = max(64 << 20, 1 << (need - 1).bit_length())
         acc = Accelerator.open("sim", config=config, progress=lambda m: print(
             m, file=sys.stderr, flush=True), **options)
     else:
@@ -599,9 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watchdog-cycles", type=int, default=100_000_000,
                    help="abort (then reset) a run still busy after this many cycles "
                    "(default: %(default)s)")
-    s.add_argument("--trace", metavar="PATH", help="sim: write a waveform of every run (.vcd, "
-                   "~11 kB per cycle on the CI config, so use --images 1 --task T; .fst is "
-                   "~17x smaller and needs Debian's liblz4-dev); a separate cached build")
+    s.add_argument("--trace", metavar="PATH", help="sim: write a waveform (.vcd; .fst is ~17x "
+                   "smaller and needs Debian's liblz4-dev) of --trace-window; a separate cached "
+                   "build")
+    s.add_argument("--trace-window", type=_cycle_window, default=(0, 200_000),
+                   metavar="START:STOP", help="simulated cycles to trace, counted from the "
+                   "model's start (one tiny image is ~1 M cycles; a VCD of the CI design takes "
+                   "~11 kB per cycle); STOP may be empty for no end (default: 0:200000)")
     s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report)")
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")

@@ -90,6 +90,8 @@ struct Soc {
 #if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
     std::unique_ptr<TraceFile> trace;
 #endif
+    // Cycles [trace_start, trace_stop) are dumped: a whole image is ~1 M cycles, ~11 GB of VCD.
+    uint64_t trace_start = 0, trace_stop = UINT64_MAX;
 
     Soc(uint64_t ddr_bytes, DdrTiming timing)
         : context(new VerilatedContext), ddr(ddr_bytes, SOC_BUS_BYTES, timing) {
@@ -101,7 +103,7 @@ struct Soc {
 
     void dump(uint64_t time) {
 #if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
-        if (trace) trace->dump(time);
+        if (trace && cycle >= trace_start && cycle < trace_stop) trace->dump(time);
 #else
         (void)time;
 #endif
@@ -314,6 +316,12 @@ uint64_t soc_run(void *handle, uint64_t max_cycles) {
     if (soc.trace) soc.trace->flush();  // so a trace can be opened while the model lives
 #endif
     return n;
+}
+
+void soc_set_trace_window(void *handle, uint64_t start, uint64_t stop) {
+    Soc &soc = *static_cast<Soc *>(handle);
+    soc.trace_start = start;
+    soc.trace_stop = stop;
 }
 
 int soc_irq(void *handle) { return static_cast<Soc *>(handle)->top->irq; }

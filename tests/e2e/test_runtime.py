@@ -168,3 +168,16 @@ def test_driver_through_pynq_classes_on_the_simulator():
         soc.hang_reads = False
         assert torch.equal(acc.infer(images).heads, golden_head(images, "semseg"))
         acc.close()
+
+
+def test_run_cli_traces_only_the_window(tmp_path, capsys):
+    m3q = save_package(tmp_path / "tiny.m3q", tiny_package())
+    assert main(["compile", str(m3q), "--config", "ci"]) == 0
+    trace = tmp_path / "run.vcd"
+    assert main(["run", str(tmp_path / "tiny.ci.m3x"), "--images", "1", "--task", "depth",
+                 "--trace", str(trace), "--trace-window", "1000:1500"]) == 0
+    times = [int(line[1:]) for line in trace.read_text().splitlines() if line.startswith("#")]
+    assert (times[0], times[-1], len(times)) == (2000, 2999, 1000)
+    assert main(["run", str(tmp_path / "tiny.ci.m3x"), "--trace", str(trace),
+                 "--trace-window", "5:5"]) == 2
+    assert "START < STOP" in capsys.readouterr().err

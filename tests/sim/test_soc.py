@@ -194,6 +194,16 @@ def test_vcd_trace(tmp_path):
     text = trace.read_text()
     assert text.startswith("$") and "m_axi__arvalid" in text and "irq" in text
     assert text.count("\n#") > 100  # time steps were dumped
+    full_steps = text.count("\n#")
+    windowed = tmp_path / "window.vcd"
+    with SocModel(CI, ddr_bytes=SMALL_DDR, trace_path=windowed, trace_window=(50, 80)) as soc:
+        assert run_case(soc, case)[0] == ErrorCode.NONE
+    times = [int(line[1:]) for line in windowed.read_text().splitlines()
+             if line.startswith("#")]
+    # Two dumps per cycle (clock low, clock high) at times 2·cycle and 2·cycle + 1.
+    assert times[0] == 100 and times[-1] == 159 and len(times) == 60 < full_steps
+    with pytest.raises(M3VitError, match="START < STOP"):
+        SocModel(CI, trace_path=windowed, trace_window=(80, 50))
 
 
 def test_fst_needs_lz4_headers(tmp_path, monkeypatch):
