@@ -28,17 +28,8 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from .config import AccelConfig
-from .vector import (
-    INT8,
-    SHIFT_BITS,
-    SoftmaxUnit,
-    _check_config,
-    _credits,
-    _delay,
-    _queue,
-    _reg,
-    lane_layout,
-)
+from .pipeline import check_config, credit_counter, output_queue, pipeline_delay, pipeline_reg
+from .vector import INT8, SHIFT_BITS, SoftmaxUnit, lane_layout
 
 __all__ = ["SCORE_BITS", "Combiner", "Dispatcher", "slot_layout"]
 
@@ -140,7 +131,7 @@ class Dispatcher(wiring.Component):
                                   "top_k": unsigned(4)})
 
     def __init__(self, cfg: AccelConfig):
-        self._cfg = _check_config(cfg)
+        self._cfg = check_config(cfg)
         entries = cfg.max_tokens * cfg.max_top_k
         super().__init__({
             "cmd": In(stream.Signature(self.cmd_layout(cfg))),
@@ -241,13 +232,13 @@ class Dispatcher(wiring.Component):
             with m.If(expert_end):
                 m.d.sync += token.eq(token + 1)
 
-        c_valid = _reg(m, held, name="c_valid")
-        c_score = _reg(m, lane_scores[0], name="c_score")
-        c_expert = _reg(m, expert, name="c_expert")
-        c_first = _reg(m, expert == 0, name="c_first")
-        c_last = _reg(m, expert_end, name="c_last")
-        c_token = _reg(m, token, name="c_token")
-        c_final = _reg(m, expert_end & (token == rows_m1), name="c_final")
+        c_valid = pipeline_reg(m, held, name="c_valid")
+        c_score = pipeline_reg(m, lane_scores[0], name="c_score")
+        c_expert = pipeline_reg(m, expert, name="c_expert")
+        c_first = pipeline_reg(m, expert == 0, name="c_first")
+        c_last = pipeline_reg(m, expert_end, name="c_last")
+        c_token = pipeline_reg(m, token, name="c_token")
+        c_final = pipeline_reg(m, expert_end & (token == rows_m1), name="c_final")
 
         # best[0 … max_top_k−1]: the token's largest scores so far, descending; a score equal
         # to one already listed goes after it (ties to the lower expert index, which came
@@ -272,19 +263,19 @@ class Dispatcher(wiring.Component):
 
         # d: the cycle after a token's last score, best holds its top-k. Each chosen expert's
         # count so far is that choice's rank in the expert's queue.
-        d_valid = _reg(m, c_valid & c_last, name="d_valid")
-        d_token = _reg(m, c_token, name="d_token")
-        d_final = _reg(m, c_valid & c_final, name="d_final")
+        d_valid = pipeline_reg(m, c_valid & c_last, name="d_valid")
+        d_token = pipeline_reg(m, c_token, name="d_token")
+        d_final = pipeline_reg(m, c_valid & c_final, name="d_final")
         with m.If(d_valid):
             for e in range(n_experts):
                 hit = Cat(*((best[j].expert == e) & chosen[j] for j in range(n_slots))).any()
                 m.d.sync += count[e].eq(count[e] + hit)
-        r_valid = _reg(m, d_valid, name="r_valid")
-        r_token = _reg(m, d_token, name="r_token")
-        r_final = _reg(m, d_final, name="r_final")
-        r_expert = [_reg(m, best[j].expert, name=f"r_expert{j}") for j in range(n_slots)]
-        r_score = [_reg(m, best[j].score, name=f"r_score{j}") for j in range(n_slots)]
-        r_rank = [_reg(m, count[best[j].expert], pos_shape, name=f"r_rank{j}")
+        r_valid = pipeline_reg(m, d_valid, name="r_valid")
+        r_token = pipeline_reg(m, d_token, name="r_token")
+        r_final = pipeline_reg(m, d_final, name="r_final")
+        r_expert = [pipeline_reg(m, best[j].expert, name=f"r_expert{j}") for j in range(n_slots)]
+        r_score = [pipeline_reg(m, best[j].score, name=f"r_score{j}") for j in range(n_slots)]
+        r_rank = [pipeline_reg(m, count[best[j].expert], pos_shape, name=f"r_rank{j}")
                   for j in range(n_slots)]
 
         # ---- scan: start[e] (exclusive prefix sum of count) and the active list ----
@@ -308,10 +299,10 @@ class Dispatcher(wiring.Component):
             m.d.sync += scan_expert.eq(scan_expert + 1)
             with m.If(scan_expert == experts_m1):
                 m.d.sync += scanning.eq(0)
-        s_valid = _reg(m, scanning, name="s_valid")
-        s_expert = _reg(m, scan_expert, name="s_expert")
-        s_count = _reg(m, count[scan_expert], name="s_count")
-        s_final = _reg(m, scanning & (scan_expert == experts_m1), name="s_final")
+        s_valid = pipeline_reg(m, scanning, name="s_valid")
+        s_expert = pipeline_reg(m, scan_expert, name="s_expert")
+        s_count = pipeline_reg(m, count[scan_expert], name="s_count")
+        s_final = pipeline_reg(m, scanning & (scan_expert == experts_m1), name="s_final")
         m.d.comb += [
             start_write.en.eq(s_valid),
             start_write.addr.eq(s_expert),
@@ -340,27 +331,27 @@ class Dispatcher(wiring.Component):
                     m.d.sync += issuing.eq(0)
             with m.Else():
                 m.d.sync += queue_choice.eq(queue_choice + 1)
-        q1_valid = _reg(m, issuing, name="q1_valid")
-        q1_token = _reg(m, queue_token, name="q1_token")
-        q1_choice = _reg(m, queue_choice, name="q1_choice")
-        q1_final = _reg(m, issuing & (queue_choice == top_k_m1) & (queue_token == rows_m1),
+        q1_valid = pipeline_reg(m, issuing, name="q1_valid")
+        q1_token = pipeline_reg(m, queue_token, name="q1_token")
+        q1_choice = pipeline_reg(m, queue_choice, name="q1_choice")
+        q1_final = pipeline_reg(m, issuing & (queue_choice == top_k_m1) & (queue_token == rows_m1),
                         name="q1_final")
 
         # The slot table: one memory per choice, so the first pass writes a token's k
         # choices in one cycle and the queue pass rewrites one choice's position.
         table = Signal(data.ArrayLayout(slot_shape, n_slots))
-        q2_slot = _reg(m, table[q1_choice], slot_shape, name="q2_slot")
-        q2_valid, q2_token = _reg(m, q1_valid), _reg(m, q1_token)
-        q2_choice, q2_final = _reg(m, q1_choice), _reg(m, q1_final)
+        q2_slot = pipeline_reg(m, table[q1_choice], slot_shape, name="q2_slot")
+        q2_valid, q2_token = pipeline_reg(m, q1_valid), pipeline_reg(m, q1_token)
+        q2_choice, q2_final = pipeline_reg(m, q1_choice), pipeline_reg(m, q1_final)
         m.d.comb += start_read.addr.eq(q2_slot.expert)
         q3_start = start_read.data
-        q3_slot = _reg(m, q2_slot, slot_shape, name="q3_slot")
-        q3_valid, q3_token = _reg(m, q2_valid), _reg(m, q2_token)
-        q3_choice, q3_final = _reg(m, q2_choice), _reg(m, q2_final)
-        q4_pos = _reg(m, q3_start + q3_slot.pos, pos_shape, name="q4_pos")
-        q4_slot = _reg(m, q3_slot, slot_shape, name="q4_slot")
-        q4_valid, q4_token = _reg(m, q3_valid), _reg(m, q3_token)
-        q4_choice, q4_final = _reg(m, q3_choice), _reg(m, q3_final)
+        q3_slot = pipeline_reg(m, q2_slot, slot_shape, name="q3_slot")
+        q3_valid, q3_token = pipeline_reg(m, q2_valid), pipeline_reg(m, q2_token)
+        q3_choice, q3_final = pipeline_reg(m, q2_choice), pipeline_reg(m, q2_final)
+        q4_pos = pipeline_reg(m, q3_start + q3_slot.pos, pos_shape, name="q4_pos")
+        q4_slot = pipeline_reg(m, q3_slot, slot_shape, name="q4_slot")
+        q4_valid, q4_token = pipeline_reg(m, q3_valid), pipeline_reg(m, q3_token)
+        q4_choice, q4_final = pipeline_reg(m, q3_choice), pipeline_reg(m, q3_final)
 
         for j in range(n_slots):
             memory = Memory(shape=slot_shape, depth=cfg.max_tokens, init=[])
@@ -457,7 +448,7 @@ class Combiner(wiring.Component):
         return data.StructLayout({"data": lane_layout(cfg, INT8), "score": unsigned(SCORE_BITS)})
 
     def __init__(self, cfg: AccelConfig):
-        self._cfg = _check_config(cfg)
+        self._cfg = check_config(cfg)
         super().__init__({
             "cmd": In(stream.Signature(self.cmd_layout(cfg))),
             "y": In(stream.Signature(self.in_layout(cfg))),
@@ -503,10 +494,10 @@ class Combiner(wiring.Component):
 
         # One credit per output word, taken with the word's last input beat.
         latency = 10
-        oq, oq_w, oq_r = _queue(m, "out_queue", lane_layout(cfg, INT8), latency + 8)
+        oq, oq_w, oq_r = output_queue(m, "out_queue", lane_layout(cfg, INT8), latency + 8)
         word_end = choice == top_k_m1
         issue = Signal()
-        out_free = _credits(m, "comb_out", oq.depth, issue & word_end, oq.r_en & oq.r_rdy)
+        out_free = credit_counter(m, "comb_out", oq.depth, issue & word_end, oq.r_en & oq.r_rdy)
         m.d.comb += [
             self.y.ready.eq(active & (~word_end | out_free)),
             issue.eq(self.y.valid & self.y.ready),
@@ -520,18 +511,18 @@ class Combiner(wiring.Component):
 
         # c1: the beat; c2, c3: its weight w = score · mult (one multiply per beat, two
         # registers); c4: w and −w for every lane.
-        c1_valid = _reg(m, issue, name="c1_valid")
-        c1_first = _reg(m, choice == 0, name="c1_first")
-        c1_last = _reg(m, word_end, name="c1_last")
-        c1_score = _reg(m, self.y.payload.score, name="c1_score")
-        c1_mult = _reg(m, mult, name="c1_mult")
-        c1_shift = _reg(m, shift, name="c1_shift")
-        c1_y = [_reg(m, self.y.payload.data[i], name=f"c1_y{i}") for i in range(lanes)]
-        c3_weight = _delay(m, c1_score * c1_mult, 2, unsigned(2 * 16), name="c_weight")
-        c4_plus = _reg(m, c3_weight, signed(2 * 16 + 1), name="c4_plus")
-        c4_minus = _reg(m, -c3_weight, signed(2 * 16 + 1), name="c4_minus")
+        c1_valid = pipeline_reg(m, issue, name="c1_valid")
+        c1_first = pipeline_reg(m, choice == 0, name="c1_first")
+        c1_last = pipeline_reg(m, word_end, name="c1_last")
+        c1_score = pipeline_reg(m, self.y.payload.score, name="c1_score")
+        c1_mult = pipeline_reg(m, mult, name="c1_mult")
+        c1_shift = pipeline_reg(m, shift, name="c1_shift")
+        c1_y = [pipeline_reg(m, self.y.payload.data[i], name=f"c1_y{i}") for i in range(lanes)]
+        c3_weight = pipeline_delay(m, c1_score * c1_mult, 2, unsigned(2 * 16), name="c_weight")
+        c4_plus = pipeline_reg(m, c3_weight, signed(2 * 16 + 1), name="c4_plus")
+        c4_minus = pipeline_reg(m, -c3_weight, signed(2 * 16 + 1), name="c4_minus")
 
-        c4_y = [_delay(m, y, 3, name=f"c_y{i}") for i, y in enumerate(c1_y)]
+        c4_y = [pipeline_delay(m, y, 3, name=f"c_y{i}") for i, y in enumerate(c1_y)]
         # c5 … c7: y · w per lane as a sum of the eight shifted partial products of INT8 y
         # (−2^7·w for the sign bit), three registered adder levels: no DSP per lane.
         products = []
@@ -540,29 +531,29 @@ class Combiner(wiring.Component):
             terms.append(Mux(y[7], c4_minus << 7, 0))
             level = 0
             while len(terms) > 1:
-                terms = [_reg(m, a + b, product_shape, name=f"c_prod{i}_l{level}_{t}")
+                terms = [pipeline_reg(m, a + b, product_shape, name=f"c_prod{i}_l{level}_{t}")
                          for t, (a, b) in enumerate(zip(terms[0::2], terms[1::2],
                                                         strict=True))]
                 level += 1
             products.append(terms[0])
-        c7_valid = _delay(m, c1_valid, 6, name="c_valid")
-        c7_first = _delay(m, c1_first, 6, name="c_first")
-        c7_last = _delay(m, c1_last, 6, name="c_last")
-        c7_shift = _delay(m, c1_shift, 6, name="c_shift")
+        c7_valid = pipeline_delay(m, c1_valid, 6, name="c_valid")
+        c7_first = pipeline_delay(m, c1_first, 6, name="c_first")
+        c7_last = pipeline_delay(m, c1_last, 6, name="c_last")
+        c7_shift = pipeline_delay(m, c1_shift, 6, name="c_shift")
 
         # c8: the word's running sum; c9: + 2^(shift−1); c10: >> shift, saturated on entry.
         sums = [Signal(sum_shape, name=f"c8_sum{i}") for i in range(lanes)]
         with m.If(c7_valid):
             m.d.sync += [s.eq(Mux(c7_first, 0, s) + p)
                          for s, p in zip(sums, products, strict=True)]
-        c8_valid = _reg(m, c7_valid & c7_last, name="c8_valid")
-        c8_shift = _reg(m, c7_shift, name="c8_shift")
-        c8_half = _reg(m, Cat(*(c7_shift == i + 1 for i in range(limit))), name="c8_half")
-        c9_valid, c9_shift = _reg(m, c8_valid), _reg(m, c8_shift)
-        c9_x = [_reg(m, s + c8_half, rounded_shape, name=f"c9_x{i}")
+        c8_valid = pipeline_reg(m, c7_valid & c7_last, name="c8_valid")
+        c8_shift = pipeline_reg(m, c7_shift, name="c8_shift")
+        c8_half = pipeline_reg(m, Cat(*(c7_shift == i + 1 for i in range(limit))), name="c8_half")
+        c9_valid, c9_shift = pipeline_reg(m, c8_valid), pipeline_reg(m, c8_shift)
+        c9_x = [pipeline_reg(m, s + c8_half, rounded_shape, name=f"c9_x{i}")
                 for i, s in enumerate(sums)]
-        c10_valid = _reg(m, c9_valid, name="c10_valid")
-        c10_y = [_reg(m, x >> c9_shift, rounded_shape, name=f"c10_y{i}")
+        c10_valid = pipeline_reg(m, c9_valid, name="c10_valid")
+        c10_y = [pipeline_reg(m, x >> c9_shift, rounded_shape, name=f"c10_y{i}")
                  for i, x in enumerate(c9_x)]
         m.d.comb += oq.w_en.eq(c10_valid)
         m.d.comb += [oq_w[i].eq(Mux(y > 127, 127, Mux(y < -128, -128, y)))

@@ -44,13 +44,17 @@ can start every cycle and throughput is one beat per cycle on every port.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig
+from .pipeline import check_config as _check_config
+from .pipeline import credit_counter as _credits
+from .pipeline import output_queue as _queue
+from .pipeline import pipeline_delay as _delay
+from .pipeline import pipeline_reg as _reg
 
 __all__ = [
     "BUSY_COUNTER_BITS",
@@ -111,52 +115,6 @@ def lane_layout(cfg: AccelConfig, shape=INT8) -> data.ArrayLayout:
 def row_beat_layout(cfg: AccelConfig, shape=INT8) -> data.StructLayout:
     """An output beat: ``data`` (the lanes) and ``last`` (the beat closes a row/command)."""
     return data.StructLayout({"data": lane_layout(cfg, shape), "last": 1})
-
-
-def _check_config(cfg: AccelConfig) -> AccelConfig:
-    if not isinstance(cfg, AccelConfig):
-        raise TypeError(f"expected an AccelConfig, got {cfg!r}")
-    return cfg
-
-
-def _queue_depth(entries: int) -> int:
-    """Smallest SyncFIFOBuffered depth 2^k + 1 holding ``entries`` (power-of-two memory)."""
-    return (1 << max(1, (entries - 1).bit_length())) + 1
-
-
-def _queue(m: Module, name: str, layout, entries: int):
-    """A registered-output FIFO of ``layout`` entries and typed views of its two ends."""
-    fifo = SyncFIFOBuffered(width=Shape.cast(layout).width, depth=_queue_depth(entries))
-    m.submodules[name] = fifo
-    return fifo, layout(fifo.w_data), layout(fifo.r_data)
-
-
-def _credits(m: Module, name: str, depth: int, take: Value, give: Value) -> Signal:
-    """Admission control in front of a non-stalling pipeline that ends in a ``depth`` queue.
-
-    Counts entries issued into the pipeline and not yet read out of the queue; the returned
-    signal is high while one more may be issued, so the queue can never overflow and the
-    pipeline never needs to stall.
-    """
-    used = Signal(range(depth + 1), name=f"{name}_used")
-    m.d.sync += used.eq(used + take - give)
-    free = Signal(name=f"{name}_free")
-    m.d.comb += free.eq(used != depth)
-    return free
-
-
-def _reg(m: Module, value, shape=None, name=None):
-    """``value`` registered once (a pipeline stage)."""
-    reg = Signal(Value.cast(value).shape() if shape is None else shape, name=name)
-    m.d.sync += reg.eq(value)
-    return reg
-
-
-def _delay(m: Module, value, cycles: int, shape=None, name="delay"):
-    """``value`` through ``cycles`` pipeline registers."""
-    for i in range(cycles):
-        value = _reg(m, value, shape, name=f"{name}_{i}")
-    return value
 
 
 def _tree(m: Module, name: str, values: list, combine) -> tuple[Value, int]:
