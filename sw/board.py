@@ -96,6 +96,20 @@ class Board(ABC):
     def reset(self) -> None:
         """Reset the programmable logic: stops a hung run. DDR buffers keep their contents."""
 
+    def debug_hint(self, start: int, end: int) -> str:
+        """How to look at what happened between two points of a run, for an error message.
+
+        Parameters
+        ----------
+        start, end : int
+            The board's cycle positions (:meth:`position`) around the event.
+        """
+        return ""
+
+    def position(self) -> int:
+        """A cycle count that :meth:`debug_hint` understands (0 where there is none)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional: boards without resources to release
         """Release the board; the object must not be used afterwards."""
 
@@ -198,6 +212,16 @@ class SimBoard(Board):
 
     def reset(self) -> None:
         self.soc.reset()
+
+    def position(self) -> int:
+        return self.soc.cycle
+
+    def debug_hint(self, start: int, end: int) -> str:
+        # The last 20,000 cycles before the event: enough to see what the engine waits for,
+        # ~220 MB of VCD on the CI design.
+        begin = max(start, end - 20_000)
+        return (f"; to see it, re-run with --trace run.vcd --trace-window {begin}:{end} "
+                "(m3vit run) or trace_window=(...) (SimBoard)")
 
     def close(self) -> None:
         self.soc.close()

@@ -382,17 +382,19 @@ class Accelerator:
         return head, self._stats()
 
     def _start(self) -> None:
+        start = self.board.position()
         self._write("CONTROL", REGISTER_MAP["CONTROL"].encode(START=1))
         if not self.board.wait_for_interrupt(self.watchdog_cycles):
-            self._recover()
+            self._recover(start)
         fields = REGISTER_MAP["STATUS"].decode(self._read("STATUS"))
         if fields["ERROR"]:
             raise AcceleratorError(ErrorCode(self._read("ERROR_CODE")), self._read("ERROR_PC"))
         if not fields["DONE"]:
             raise M3VitError("the accelerator raised its interrupt without DONE or ERROR")
 
-    def _recover(self) -> None:
+    def _recover(self, start: int) -> None:
         """The watchdog fired: abort, else reset the logic; restore the registers; raise."""
+        hint = self.board.debug_hint(start, self.board.position())
         self._write("CONTROL", REGISTER_MAP["CONTROL"].encode(ABORT=1))
         aborted = self.board.wait_for_interrupt(ABORT_GRACE_CYCLES)
         how = "aborted"
@@ -402,7 +404,8 @@ class Accelerator:
             how = "reset (the abort did not stop it)"
         raise WatchdogError(f"the run did not finish within {self.watchdog_cycles:,} cycles "
                             f"and was {how}; the package is still loaded and the next run "
-                            "starts clean (raise watchdog_cycles if the model is that slow)")
+                            "starts clean (raise watchdog_cycles if the model is that slow)"
+                            f"{hint}")
 
     def _stats(self) -> RunStats:
         cycles = self._read("CYCLES_LO")

@@ -5,6 +5,7 @@ One Verilated SoC model of the CI configuration (4 × 4 array) is built (or reus
 """
 
 import functools
+import re
 
 import pytest
 import torch
@@ -108,11 +109,17 @@ def test_hung_run_trips_the_watchdog_and_the_next_run_is_correct(acc):
     images = scenes_for(get_preset("tiny"), 1, seed=SEED + 2)["image"]
     soc = acc.board.soc
     soc.hang_reads = True
+    start = soc.cycle
     try:
-        with pytest.raises(WatchdogError, match="reset"):
+        with pytest.raises(WatchdogError, match="reset") as e:
             acc.infer(images, "semseg")
     finally:
         soc.hang_reads = False
+    # The hint names the last 20,000 cycles before the watchdog fired, as a trace window.
+    window = re.search(r"--trace-window (\d+):(\d+)", str(e.value))
+    assert window and "\n" not in str(e.value)
+    begin, end = map(int, window.groups())
+    assert end - begin == 20_000 and start + acc.watchdog_cycles <= end < soc.cycle
     out = acc.infer(images, "semseg")
     assert torch.equal(out.heads, golden_head(images, "semseg"))
 
