@@ -10,7 +10,6 @@ policy, build cache, seeding and failure reporting:
 """
 
 import contextlib
-import fcntl
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ from xml.etree import ElementTree
 
 from cocotb_tools.runner import get_results, get_runner
 
-from m3vit.sim.verilator import VERILATOR_ARGS, apply_verilator_env
+from m3vit.sim.verilator import VERILATOR_ARGS, apply_verilator_env, build_lock
 
 __all__ = ["BenchResult", "run_bench"]
 
@@ -121,7 +120,7 @@ def run_bench(
     label = "all" if testcase is None else re.sub(r"[^A-Za-z0-9_.-]+", "_", testcase)
     results_xml = build_dir / f"results.{label}.xml"
 
-    with _locked(build_dir / ".lock"):
+    with build_lock(build_dir / ".lock"):
         runner = get_runner("verilator")
         build_log = build_dir / "build.log"
         started = time.perf_counter()
@@ -198,17 +197,6 @@ def _outcomes(results_xml: Path) -> tuple[tuple[str, ...], ...]:
         else:
             passed.append(name)
     return tuple(passed), tuple(failed), tuple(skipped)
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    # Two processes (pytest-xdist workers) building into one folder would corrupt the model.
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

