@@ -384,13 +384,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                                "schedule": Schedule[_ORDERS[args.schedule]]}
     if args.backend == "sim":
         config = get_config(args.config) if args.config else compiled.config
-        if config.config_hash() != compiled.config_hash:
-            # The driver refuses it too, but only after building that config's model.
-            raise M3VitError(
-                f"{args.package}: compiled for hardware config {compiled.config_hash:#010x} "
-                f"({compiled.config.pe_rows}x{compiled.config.pe_cols} array), but the "
-                f"simulated {args.config} bitstream is config {config.config_hash():#010x}: "
-                f"re-run `m3vit compile --config {args.config}`")
+        # The driver refuses it too, but only after building that config's model.
+        compiled.check_hardware(config.config_hash(), f"the simulated {args.config} bitstream",
+                                f"{args.package}: ")
         if args.trace:
             options["trace_path"] = args.trace
             options["trace_window"] = args.trace_window

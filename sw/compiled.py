@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,6 @@ class CompiledPackage:
     source_hash: str
     order: ExpertOrder = ExpertOrder.REGISTER
     act_buffer_peak: int = 0
-    _header: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def config_hash(self) -> int:
@@ -117,6 +116,29 @@ class CompiledPackage:
             raise M3VitError(f"unknown task {task!r}: this package has "
                              f"{', '.join(self.tasks)}")
         return self.tasks.index(task)
+
+    def check_hardware(self, config_hash: int, hardware: str, where: str = "") -> None:
+        """Refuse hardware of another configuration than the one compiled for.
+
+        Parameters
+        ----------
+        config_hash : int
+            The hardware's ``CONFIG_HASH``.
+        hardware : str
+            How the message names it, e.g. ``"the sim bitstream"``.
+        where : str
+            Prefix of the message (the file's path), if any.
+
+        Raises
+        ------
+        M3VitError
+            One line naming both hashes and what to do.
+        """
+        if config_hash != self.config_hash:
+            raise M3VitError(
+                f"{where}compiled for hardware config {self.config_hash:#010x} "
+                f"({self.config.pe_rows}x{self.config.pe_cols} array), but {hardware} is "
+                f"config {config_hash:#010x}: re-run `m3vit compile` with its --config")
 
     def weight_bytes(self) -> int:
         """Bytes of the data window that are not the input or output region."""
@@ -246,7 +268,7 @@ def load_compiled(path: str | os.PathLike) -> CompiledPackage:
         output_size=head["output"][1], head_tiles=head["head_tiles"],
         input_scale=float(head["input_scale"]), out_scales=head["out_scales"],
         source_hash=head["source_hash"], order=order,
-        act_buffer_peak=head["act_buffer_peak"], _header=head)
+        act_buffer_peak=head["act_buffer_peak"])
 
 
 def compile_package(pkg, config: AccelConfig, *,

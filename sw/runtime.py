@@ -19,7 +19,7 @@ the program and the data window; a task switch writes ``TASK_SELECT`` and nothin
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,13 +253,8 @@ class Accelerator:
             bitstream's (``CONFIG_HASH``), or the file is not a valid package.
         """
         pkg = package if isinstance(package, CompiledPackage) else load_compiled(package)
-        if pkg.config_hash != self.config_hash:
-            where = "" if isinstance(package, CompiledPackage) else f"{Path(package)}: "
-            raise M3VitError(
-                f"{where}compiled for hardware config {pkg.config_hash:#010x} "
-                f"({pkg.config.pe_rows}x{pkg.config.pe_cols} array), but the {self.board.name} "
-                f"bitstream is config {self.config_hash:#010x}: re-run `m3vit compile` with "
-                "the bitstream's --config")
+        where = "" if isinstance(package, CompiledPackage) else f"{Path(package)}: "
+        pkg.check_hardware(self.config_hash, f"the {self.board.name} bitstream", where)
         if self._buffer is not None:
             self._buffer.free()
             self._buffer = None
@@ -415,8 +410,3 @@ class Accelerator:
             ddr_write_bytes=self._read("DMA_WRITE_BYTES"), gemm_busy=self._read("GEMM_BUSY"),
             vector_busy=self._read("VECTOR_BUSY"), weight_stall=self._read("WEIGHT_STALL"),
             instructions=self._read("INSTRUCTIONS"), clock_mhz=self.clock_mhz)
-
-    def infer_tasks(self, images: torch.Tensor, tasks: Sequence[str] | None = None
-                    ) -> dict[str, TaskOutputs]:
-        """Every task (default: all of the package's) on the same images, switching between."""
-        return {task: self.infer(images, task) for task in (tasks or self.tasks)}
