@@ -52,7 +52,7 @@ resources: $(STAMP) ## Yosys synth_xilinx estimate of DESIGN (default top) vs th
 	$(BIN)/m3vit resources --config $(CONFIG) --design $(DESIGN)
 
 bitstream: $(STAMP) ## Vivado build for the ZCU104 (Vivado 2025.2 on PATH; else writes the scripts)
-	$(BIN)/python -m m3vit.hw.vivado --config $(CONFIG) --out bitstreams $(if $(JOBS),--jobs $(JOBS))
+	$(BIN)/python -m m3vit.hw.flow.vivado --config $(CONFIG) --out bitstreams $(if $(JOBS),--jobs $(JOBS))
 
 clean: ## Remove build products (keeps .venv and trained runs)
 	rm -rf build .pytest_cache .ruff_cache

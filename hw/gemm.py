@@ -1,6 +1,6 @@
 """The GEMM engine: the accelerator's weight-stationary INT8 PE array.
 
-One *pass* computes, bit-exactly as :func:`m3vit.sw.numerics.linear` (and ``gemm``,
+One *pass* computes, bit-exactly as :func:`m3vit.sw.quant.numerics.linear` (and ``gemm``,
 ``table_lookup``)::
 
     acc[m, n] = Σ_k X[m, k] · W[n, k] + bias[n]                  (INT8 × INT8 → INT32)
@@ -132,7 +132,7 @@ def _delayed(m: Module, value, cycles: int, name: str):
 class Requantizer(wiring.Component):
     """Per-lane bias add and requantization: ``sat8(round_half_up((acc + bias) · mult / 2^shift))``.
 
-    Bit-exact to :func:`m3vit.sw.numerics.requantize` applied to ``acc + bias`` (the sum wraps
+    Bit-exact to :func:`m3vit.sw.quant.numerics.requantize` applied to ``acc + bias`` (the sum wraps
     to INT32 as the PE accumulators do; the quantizer keeps it in range). With ``raw`` set the
     lane passes ``acc + bias`` through unchanged (multiplier 1, shift 0, no saturation).
 

@@ -1,7 +1,7 @@
 """The accelerator's instruction set, declared once for the hardware and the host packer.
 
 A program is a sequence of 256-bit little-endian instruction words in DDR, fetched from
-``PROGRAM_BASE`` and executed one at a time by :class:`m3vit.hw.top.Accelerator`'s
+``PROGRAM_BASE`` and executed one at a time by :class:`m3vit.hw.top.AcceleratorTop`'s
 controller until ``END``. Every instruction is an 8-bit :class:`Opcode` followed by the
 operand struct of that opcode (:data:`OPERANDS`); unused high bits are zero.
 

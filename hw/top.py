@@ -3,7 +3,7 @@
 :class:`Engine` is everything between the DMA engines and the control registers: it
 fetches the program (``docs/isa.md``) through the read DMA, checks each instruction, and
 runs it on the GEMM engine, the vector units and the on-chip activation buffer, moving
-DDR data through the DMA streams. :class:`Accelerator` wraps it with the AXI4-Lite
+DDR data through the DMA streams. :class:`AcceleratorTop` wraps it with the AXI4-Lite
 register file and the AXI4 master DMA engines: the design that goes to Vivado.
 
 Datapath of the engine (one instruction at a time)::
@@ -48,7 +48,7 @@ from .moe import Combiner, Dispatcher
 from .registers import AxiLiteSignature, ControlRegisters, ErrorCode, Schedule
 from .vector import LayerNormUnit, ResidualAdd, SoftmaxMode, SoftmaxUnit
 
-__all__ = ["Accelerator", "AddressGenerator", "Engine", "GatherMode", "GatherStage"]
+__all__ = ["AcceleratorTop", "AddressGenerator", "Engine", "GatherMode", "GatherStage"]
 
 class AddressGenerator(wiring.Component):
     """Addresses ``base + i0·s0 + i1·s1 + i2·s2`` for i0 < n0, i1 < n1, i2 < n2 (i2 fastest).
@@ -1197,7 +1197,7 @@ class Engine(wiring.Component):
 
 
 
-class Accelerator(wiring.Component):
+class AcceleratorTop(wiring.Component):
     """The generated accelerator: register file, engine and DMA on one AXI4 master port.
 
     Parameters

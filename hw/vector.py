@@ -2,7 +2,7 @@
 
 Four blocks, each a :class:`~amaranth.lib.wiring.Component` parameterised by an
 :class:`~m3vit.hw.config.AccelConfig` and bit-exact to the function of ``docs/numerics.md``
-(and :mod:`m3vit.sw.numerics`) named in its docstring:
+(and :mod:`m3vit.sw.quant.numerics`) named in its docstring:
 
 * :class:`LayerNormUnit` — integer LayerNorm over token rows (``layernorm``);
 * :class:`SoftmaxUnit` — row softmax and router scores (``softmax``, ``router_scores``);

@@ -72,7 +72,7 @@ def run_bench(
         Top-level Verilog module (the ``dut`` the cocotb tests receive).
     verilog_sources : sequence of path-like
         Verilog files to build. Write them with
-        :func:`m3vit.hw.generate.write_if_changed` to keep the build cache valid.
+        :func:`m3vit.hw.flow.generate.write_if_changed` to keep the build cache valid.
     test_module : str
         Importable name of the cocotb test module, e.g. ``"test_mac_accumulator"``.
     test_dir : path-like

@@ -135,10 +135,10 @@ def _hw_fingerprint(config: AccelConfig) -> str:
 
 @functools.cache
 def _verilog(config: AccelConfig) -> str:
-    from m3vit.hw.generate import to_verilog
-    from m3vit.hw.top import Accelerator
+    from m3vit.hw.flow.generate import to_verilog
+    from m3vit.hw.top import AcceleratorTop
 
-    return to_verilog(Accelerator(config), _TOP)
+    return to_verilog(AcceleratorTop(config), _TOP)
 
 
 def _build_flags(config: AccelConfig, trace: str | None) -> list[str]:

@@ -74,10 +74,10 @@ def write_section(name: str, body: str, path: Path = BENCH_FILE) -> None:
 @torch.no_grad()
 def bench_golden(repeat: int = 10) -> str:
     """Golden (integer) versus float model time for one ``edge-moe`` image, per task."""
-    from . import golden
-    from .config import get_preset
-    from .model import M3ViT
-    from .quantize import quantize
+    from .model.config import get_preset
+    from .model.m3vit import M3ViT
+    from .quant import golden
+    from .quant.quantize import quantize
 
     cfg = get_preset("edge-moe")
     model = M3ViT(cfg, seed=0).eval()   # timing does not depend on trained weights
@@ -152,8 +152,8 @@ def bench_gemm_utilization(weight_bytes_per_cycle: float = 16.0) -> str:
 
 def bench_resources(config_name: str = "zcu104") -> str:
     """Yosys ``synth_xilinx -family xcup`` resources of every design against the XCZU7EV."""
-    from m3vit.hw.generate import DESIGNS, DesignNotLanded
-    from m3vit.hw.resources import MAX_READ_PORTS, XCZU7EV, estimate, find_yosys
+    from m3vit.hw.flow.generate import DESIGNS, DesignNotLanded
+    from m3vit.hw.flow.resources import MAX_READ_PORTS, XCZU7EV, estimate, find_yosys
 
     yosys = find_yosys()
     rows, notes, logic, options = [], [], [], ""
@@ -207,7 +207,7 @@ def bench_resources(config_name: str = "zcu104") -> str:
         *rows,
         budget,
         "",
-        "Counted as a Vivado utilization report counts (see `m3vit.hw.resources`): RAMB18 = "
+        "Counted as a Vivado utilization report counts (see `m3vit.hw.flow.resources`): RAMB18 = "
         "½ RAMB36; LUTs = LUT1–6 + INV + LUT-RAM in LUTs + SRLs; FF = FD*E + latches. Yosys "
         "is not Vivado: its own LUT mapping, memory and "
         "DSP inference; an estimate for the budget, not a sign-off.",
@@ -287,16 +287,16 @@ def bench_moe_layer() -> str:
 
 def _soc_image(preset: str, config_name: str) -> dict:
     """Build (or reuse) the SoC model, run one image per task, check each head."""
-    from m3vit.hw.generate import get_config
+    from m3vit.hw.flow.generate import get_config
     from m3vit.sim.soc import build_soc
 
-    from . import golden
-    from .compiled import compile_package
-    from .config import get_preset
-    from .model import M3ViT
-    from .quantize import quantize
-    from .runtime import Accelerator
-    from .train import scenes_for
+    from .compiler.executable import compile_executable
+    from .model.config import get_preset
+    from .model.m3vit import M3ViT
+    from .model.train import scenes_for
+    from .quant import golden
+    from .quant.quantize import quantize
+    from .runtime.driver import Accelerator
 
     config, model_cfg = get_config(config_name), get_preset(preset)
     library = build_soc(config, progress=lambda m: print(f"  {m}", file=sys.stderr,
@@ -305,7 +305,7 @@ def _soc_image(preset: str, config_name: str) -> dict:
     found = re.findall(r"build time ([0-9.]+) s", (library.parent / "build.log").read_text())
     build_s = float(found[-1]) if found else float("nan")
     pkg = quantize(M3ViT(model_cfg, seed=0), n_calib=4)
-    compiled = compile_package(pkg, config)
+    compiled = compile_executable(pkg, config)
     images = scenes_for(model_cfg, 1, seed=3)["image"]
     x_q = golden.quantize_image(images, pkg.params["scales"]["input"])
     rows = []

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import GATE_KINDS, HEAD_KINDS, PRESETS, ModelConfig, get_preset
 from .errors import M3VitError
+from .model.config import GATE_KINDS, HEAD_KINDS, PRESETS, ModelConfig, get_preset
 
 DEFAULT_RUN_DIR = "runs"
 
-# Names of m3vit.hw.generate's CONFIGS and DESIGNS for --help, spelled out so that starting
+# Names of m3vit.hw.flow.generate's CONFIGS and DESIGNS for --help, spelled out so that starting
 # the CLI does not import Amaranth (0.4 s); tests/hw/test_generate.py keeps them equal.
 _HW_CONFIGS = "zcu104, ci"
 _HW_DESIGNS = "top, gemm, layernorm, softmax, residual, table"
@@ -93,8 +93,8 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
-    from .flops import count_macs, mac_report
-    from .model import M3ViT
+    from .model.flops import count_macs, mac_report
+    from .model.m3vit import M3ViT
 
     cfg = _model_config(args)
     print(f"preset {cfg.name}: {cfg.n_tokens} tokens, D={cfg.embed_dim}, {cfg.depth} blocks, "
@@ -118,7 +118,7 @@ def _print_metrics(report: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import TrainConfig, save_checkpoint, train
+    from .model.train import TrainConfig, save_checkpoint, train
 
     cfg = _model_config(args)
     out = args.out or f"{DEFAULT_RUN_DIR}/{cfg.name}.pt"
@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                      n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     model = None
     if args.from_timm:
-        from .timm_import import from_timm
+        from .model.timm_import import from_timm
 
         model = from_timm(args.from_timm, cfg, seed=args.seed)
     model, report = train(cfg, tc, model=model, progress=not args.quiet)
@@ -138,8 +138,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .metrics import baseline_metrics
-    from .train import evaluate, load_checkpoint, scenes_for
+    from .model.metrics import baseline_metrics
+    from .model.train import evaluate, load_checkpoint, scenes_for
 
     model, _ = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = model.cfg
@@ -153,8 +153,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_import_timm(args: argparse.Namespace) -> None:
-    from .timm_import import from_timm
-    from .train import save_checkpoint
+    from .model.timm_import import from_timm
+    from .model.train import save_checkpoint
 
     cfg = _model_config(args)
     model = from_timm(args.model, cfg, seed=args.seed)
@@ -167,9 +167,9 @@ def cmd_import_timm(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     import json
 
-    from .package import PACKAGE_SUFFIX, save_package
-    from .quantize import quantize
-    from .train import load_checkpoint
+    from .model.train import load_checkpoint
+    from .quant.package import PACKAGE_SUFFIX, save_package
+    from .quant.quantize import quantize
 
     model, _ = load_checkpoint(args.checkpoint, preset=args.preset)
     out = Path(args.out or Path(args.checkpoint).with_suffix(PACKAGE_SUFFIX))
@@ -183,7 +183,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"{model.cfg.name}: quantized package written to {out} "
           f"({out.stat().st_size / 1e6:.2f} MB)")
     if args.report:
-        from .accuracy import accuracy_report, format_report
+        from .quant.accuracy import accuracy_report, format_report
 
         report = accuracy_report(model, pkg, n_test=args.n_test)
         print(format_report(report))
@@ -192,8 +192,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .package import content_hash, load_package
-    from .quantize import validate_package
+    from .quant.package import content_hash, load_package
+    from .quant.quantize import validate_package
 
     pkg = load_package(args.package, validate=validate_package)
     cfg = pkg.config
@@ -208,8 +208,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_scenes(args: argparse.Namespace) -> None:
-    from .data import save_scene_figure
-    from .train import scenes_for
+    from .model.data import save_scene_figure
+    from .model.train import scenes_for
 
     cfg = _model_config(args)
     if Path(args.out).exists() and not args.force:
@@ -225,7 +225,7 @@ def _elapsed(seconds: float) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from m3vit.hw.generate import DESIGNS, generate
+    from m3vit.hw.flow.generate import DESIGNS, generate
 
     out = Path(args.out or f"build/verilog/{args.config}")
     report = generate(args.config, args.design or list(DESIGNS), out, force=args.force,
@@ -243,7 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _lint_generated(files: list) -> None:
-    from m3vit.hw.generate import get_design
+    from m3vit.hw.flow.generate import get_design
     from m3vit.sim.verilator import lint
 
     failed = []
@@ -288,8 +288,8 @@ def _progress_line(label: str) -> Any:
 def cmd_resources(args: argparse.Namespace) -> None:
     import json
 
-    from m3vit.hw.generate import get_config, get_design
-    from m3vit.hw.resources import MAX_READ_PORTS, XCZU7EV, estimate, find_yosys, format_budget
+    from m3vit.hw.flow.generate import get_config, get_design
+    from m3vit.hw.flow.resources import MAX_READ_PORTS, XCZU7EV, estimate, find_yosys, format_budget
 
     get_config(args.config)
     design = get_design(args.design)
@@ -331,19 +331,19 @@ def cmd_resources(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from m3vit.hw.generate import get_config
+    from m3vit.hw.flow.generate import get_config
     from m3vit.hw.isa import ExpertOrder
 
-    from .compiled import COMPILED_SUFFIX, compile_package
-    from .package import load_package
-    from .quantize import validate_package
+    from .compiler.executable import EXECUTABLE_SUFFIX, compile_executable
+    from .quant.package import load_package
+    from .quant.quantize import validate_package
 
     config = get_config(args.config)
     pkg = load_package(args.package, validate=validate_package)
-    out = Path(args.out or Path(args.package).with_suffix(f".{args.config}{COMPILED_SUFFIX}"))
+    out = Path(args.out or Path(args.package).with_suffix(f".{args.config}{EXECUTABLE_SUFFIX}"))
     if out.exists() and not args.force:
         raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
-    compiled = compile_package(pkg, config, order=ExpertOrder[_ORDERS[args.order]])
+    compiled = compile_executable(pkg, config, order=ExpertOrder[_ORDERS[args.order]])
     compiled.save(out, overwrite=args.force)
     print(f"{pkg.config.name} for {args.config} ({config.pe_rows}x{config.pe_cols} array, "
           f"config {compiled.config_hash:#010x}): {len(compiled.program) // 32} instructions, "
@@ -359,25 +359,25 @@ _ORDERS = {"register": "REGISTER", "expert": "EXPERT_BY_EXPERT", "token": "TOKEN
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from m3vit.hw.generate import get_config
+    from m3vit.hw.flow.generate import get_config
     from m3vit.hw.registers import Schedule
 
-    from .compiled import load_compiled
-    from .runtime import Accelerator
-    from .session import format_report, run_session, save_figure, save_report
-    from .train import scenes_for
+    from .compiler.executable import load_executable
+    from .model.train import scenes_for
+    from .runtime.driver import Accelerator
+    from .runtime.session import format_report, run_session, save_figure, save_report
 
     for path in (args.json, args.figure):
         if path and Path(path).exists() and not args.force:
             raise M3VitError(f"{path} exists: pass --force to overwrite it")
-    compiled = load_compiled(args.package)
+    compiled = load_executable(args.package)
     tasks = args.task or list(compiled.tasks)
     for task in tasks:
         compiled.task_select(task)
     reference = None
     if args.check:
-        from .package import load_package
-        from .quantize import validate_package
+        from .quant.package import load_package
+        from .quant.quantize import validate_package
 
         reference = load_package(args.check, validate=validate_package)
     options: dict[str, Any] = {"watchdog_cycles": args.watchdog_cycles,
@@ -416,7 +416,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .session import format_report, load_report
+    from .runtime.session import format_report, load_report
 
     report = load_report(args.report)
     print(format_report(report))

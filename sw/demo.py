@@ -31,15 +31,15 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
              runs_dir: str = "runs", out: str = DEFAULT_OUT, seed: int = 1234) -> dict:
     """The demo; returns the run report. Raises :class:`M3VitError` when a head differs."""
 
-    from m3vit.hw.generate import get_config
+    from m3vit.hw.flow.generate import get_config
 
-    from .compiled import compile_package
-    from .config import get_preset
-    from .package import PACKAGE_SUFFIX, load_package, save_package
-    from .quantize import quantize, validate_package
-    from .runtime import Accelerator
-    from .session import format_report, run_session, save_figure, save_report
-    from .train import TrainConfig, load_checkpoint, save_checkpoint, scenes_for, train
+    from .compiler.executable import compile_executable
+    from .model.config import get_preset
+    from .model.train import TrainConfig, load_checkpoint, save_checkpoint, scenes_for, train
+    from .quant.package import PACKAGE_SUFFIX, load_package, save_package
+    from .quant.quantize import quantize, validate_package
+    from .runtime.driver import Accelerator
+    from .runtime.session import format_report, run_session, save_figure, save_report
 
     total = 6
     config = get_config(config_name)
@@ -81,7 +81,7 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
     _done(t, f"Verilog {library.parent / 'm3vit_accel.v'}, model {library.name}")
 
     t = _step(4, total, "compile: program + DDR image for every task")
-    compiled = compile_package(pkg, config)
+    compiled = compile_executable(pkg, config)
     m3x = compiled.save(out_dir / f"{preset}.{config_name}.m3x", overwrite=True)
     _done(t, f"{len(compiled.program) // 32} instructions, {len(compiled.image):,} bytes of "
              f"DDR image, written to {m3x}")

@@ -15,8 +15,8 @@ def trained_tiny():
     Session-scoped and shared by every test marked ``xdist_group("trained_tiny")``, so
     the ~1-2 minute training runs once per pytest worker that needs it.
     """
-    from m3vit.sw.config import get_preset
-    from m3vit.sw.train import TrainConfig, train
+    from m3vit.sw.model.config import get_preset
+    from m3vit.sw.model.train import TrainConfig, train
 
     short = TrainConfig(steps=250, batch_size=32, n_train=2000, n_test=300, seed=0)
     return train(get_preset("tiny"), short, progress=False)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.notebook import BACKEND_ENV, OUT_ENV, choose_backend, output_dir
+from m3vit.sw.runtime.notebook import BACKEND_ENV, OUT_ENV, choose_backend, output_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -68,25 +68,25 @@ def test_prepare_package_sources_and_refusals(tmp_path):
     from types import SimpleNamespace
 
     from m3vit.hw.config import CI
-    from m3vit.sw.compiled import compile_package
-    from m3vit.sw.config import get_preset
-    from m3vit.sw.model import M3ViT
-    from m3vit.sw.notebook import prepare_package
-    from m3vit.sw.package import save_package
-    from m3vit.sw.quantize import quantize
+    from m3vit.sw.compiler.executable import compile_executable
+    from m3vit.sw.model.config import get_preset
+    from m3vit.sw.model.m3vit import M3ViT
+    from m3vit.sw.quant.package import save_package
+    from m3vit.sw.quant.quantize import quantize
+    from m3vit.sw.runtime.notebook import prepare_package
 
     ci_board = SimpleNamespace(config_hash=CI.config_hash(), board=SimpleNamespace(name="sim"))
     pkgs = [quantize(M3ViT(get_preset("tiny"), seed=s), n_calib=2) for s in (0, 1)]
     m3q = [save_package(tmp_path / f"m{s}.m3q", p) for s, p in enumerate(pkgs)]
-    m3x = compile_package(pkgs[0], CI).save(tmp_path / "m0.ci.m3x")
+    m3x = compile_executable(pkgs[0], CI).save(tmp_path / "m0.ci.m3x")
 
     given = prepare_package(ci_board, m3x=m3x, m3q=m3q[0])
     assert given.reference is not None and given.compiled.program == \
-        compile_package(pkgs[0], CI).program and str(m3x) in given.source
+        compile_executable(pkgs[0], CI).program and str(m3x) in given.source
     assert prepare_package(ci_board, m3x=m3x, m3q="").reference is None
     from_m3q = prepare_package(ci_board, m3q=m3q[1])
     assert from_m3q.compiled.config_hash == CI.config_hash()
-    assert from_m3q.compiled.image == compile_package(pkgs[1], CI).image
+    assert from_m3q.compiled.image == compile_executable(pkgs[1], CI).image
     stand_in = prepare_package(ci_board, m3q=tmp_path / "missing.m3q")
     assert stand_in.source.startswith("stand-in") and stand_in.reference is not None
 
@@ -127,11 +127,11 @@ def _run_notebook(path: Path) -> None:
 def test_notebook_runs_on_the_simulator_and_saves_its_plots(name, tmp_path, monkeypatch):
     from matplotlib.image import imread
 
-    from m3vit.sw.config import get_preset
-    from m3vit.sw.model import M3ViT
-    from m3vit.sw.notebook import STAND_IN_CALIBRATION_IMAGES
-    from m3vit.sw.package import save_package
-    from m3vit.sw.quantize import quantize
+    from m3vit.sw.model.config import get_preset
+    from m3vit.sw.model.m3vit import M3ViT
+    from m3vit.sw.quant.package import save_package
+    from m3vit.sw.quant.quantize import quantize
+    from m3vit.sw.runtime.notebook import STAND_IN_CALIBRATION_IMAGES
 
     out = tmp_path / "figures"
     m3q = ""

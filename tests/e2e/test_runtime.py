@@ -12,17 +12,17 @@ import torch
 
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.registers import REGISTER_MAP, ErrorCode
-from m3vit.sw import golden
 from m3vit.sw.cli import main
-from m3vit.sw.compiled import compile_package
-from m3vit.sw.config import get_preset
+from m3vit.sw.compiler.executable import compile_executable
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.model import M3ViT
-from m3vit.sw.package import save_package
-from m3vit.sw.quantize import quantize
-from m3vit.sw.runtime import Accelerator, AcceleratorError, WatchdogError
-from m3vit.sw.session import format_report, load_report, run_session
-from m3vit.sw.train import scenes_for
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.m3vit import M3ViT
+from m3vit.sw.model.train import scenes_for
+from m3vit.sw.quant import golden
+from m3vit.sw.quant.package import save_package
+from m3vit.sw.quant.quantize import quantize
+from m3vit.sw.runtime.driver import Accelerator, AcceleratorError, WatchdogError
+from m3vit.sw.runtime.session import format_report, load_report, run_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("soc_ci")]
 
@@ -37,7 +37,7 @@ def tiny_package():
 @pytest.fixture(scope="module")
 def acc():
     with Accelerator.open("sim", config=CI, watchdog_cycles=1_500_000) as driver:
-        driver.load(compile_package(tiny_package(), CI))
+        driver.load(compile_executable(tiny_package(), CI))
         yield driver
 
 
@@ -78,7 +78,7 @@ def test_infer_returns_heads_and_predictions(acc):
 
 
 def test_package_for_other_hardware_is_refused(acc):
-    other = compile_package(tiny_package(), ZCU104)
+    other = compile_executable(tiny_package(), ZCU104)
     with pytest.raises(M3VitError) as e:
         acc.load(other)
     assert "compiled for hardware config" in str(e.value) and "\n" not in str(e.value)
@@ -87,7 +87,7 @@ def test_package_for_other_hardware_is_refused(acc):
 
 def test_corrupt_package_unknown_task_and_wrong_shape_are_one_line_each(acc, tmp_path):
     path = tmp_path / "tiny.ci.m3x"
-    compile_package(tiny_package(), CI).save(path)
+    compile_executable(tiny_package(), CI).save(path)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -160,13 +160,13 @@ def test_driver_through_pynq_classes_on_the_simulator():
     """The same driver over ``PynqBoard``: pynq's ``MMIO`` and ``PynqBuffer`` (flush and
     invalidate) against the SoC model; one image per task bit-exact, then a hung run."""
     from m3vit.sim.soc import SocModel
-    from m3vit.sw.pynq_board import PynqBoard, SimPynqDevice
+    from m3vit.sw.runtime.pynq_board import PynqBoard, SimPynqDevice
 
     images = scenes_for(get_preset("tiny"), 1, seed=SEED + 4)["image"]
     with SocModel(CI) as soc:
         board = PynqBoard.from_device(SimPynqDevice(soc))
         acc = Accelerator(board, watchdog_cycles=1_500_000)
-        acc.load(compile_package(tiny_package(), CI))
+        acc.load(compile_executable(tiny_package(), CI))
         for task in ("depth", "semseg"):
             assert torch.equal(acc.infer(images, task).heads, golden_head(images, task))
         soc.hang_reads = True

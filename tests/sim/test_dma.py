@@ -26,7 +26,7 @@ from m3vit.hw.axi import (
     byte_beat_layout,
 )
 from m3vit.hw.config import CI, ZCU104, AccelConfig
-from m3vit.hw.generate import signature_ports, to_verilog, write_if_changed
+from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
+from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.gemm import GemmEngine
-from m3vit.hw.generate import to_verilog, write_if_changed
 from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw.config import CI, ZCU104
-from m3vit.hw.generate import signature_ports, to_verilog, write_if_changed
+from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.hw.registers import COUNTERS, ControlRegisters, RegisterError
 from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.generate import signature_ports, to_verilog, write_if_changed
+from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.hw.toolchain_check import MacAccumulator
 from m3vit.sim import verilator as verilator_module
 from m3vit.sim.cocotb_runner import run_bench

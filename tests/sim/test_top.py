@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw.config import CI, ZCU104
-from m3vit.hw.generate import to_verilog, write_if_changed
-from m3vit.hw.top import Accelerator, Engine
+from m3vit.hw.flow.generate import to_verilog, write_if_changed
+from m3vit.hw.top import AcceleratorTop, Engine
 from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
@@ -33,7 +33,7 @@ BENCHES = {"test_engine": 9, "test_moe_engine": 6, "test_accelerator": 5}
 #: cocotb module → (top, component, build folder)
 TOPS = {"test_engine": ("engine", Engine, "engine"),
         "test_moe_engine": ("engine", Engine, "engine_moe"),
-        "test_accelerator": ("m3vit_accel", Accelerator, "m3vit_accel")}
+        "test_accelerator": ("m3vit_accel", AcceleratorTop, "m3vit_accel")}
 
 
 @functools.cache
@@ -74,5 +74,5 @@ def test_programs_run_bit_exactly(module, quick_model_compile):
 
 def test_zcu104_accelerator_elaborates_and_lints_clean(tmp_path):
     path = tmp_path / "m3vit_accel.v"
-    path.write_text(to_verilog(Accelerator(ZCU104), "m3vit_accel"))
+    path.write_text(to_verilog(AcceleratorTop(ZCU104), "m3vit_accel"))
     assert lint(path, "m3vit_accel") == []

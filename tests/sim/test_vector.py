@@ -22,7 +22,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
-from m3vit.hw.generate import signature_ports, to_verilog, write_if_changed
+from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.hw.vector import LayerNormUnit, ResidualAdd, SoftmaxUnit, TableLookup
 from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint

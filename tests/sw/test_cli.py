@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from m3vit.sw.cli import main
-from m3vit.sw.config import get_preset
-from m3vit.sw.model import M3ViT
-from m3vit.sw.train import save_checkpoint
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.m3vit import M3ViT
+from m3vit.sw.model.train import save_checkpoint
 
 
 def run(capsys, *argv):
@@ -66,8 +66,8 @@ def test_evaluate_one_task(capsys, tiny_checkpoint):
 
 
 def test_inspect_package_and_corrupt_package(capsys, tmp_path):
-    from m3vit.sw.package import save_package
-    from m3vit.sw.quantize import quantize
+    from m3vit.sw.quant.package import save_package
+    from m3vit.sw.quant.quantize import quantize
 
     pkg = quantize(M3ViT(get_preset("tiny")), n_calib=4)
     path = save_package(tmp_path / "tiny.m3q", pkg)

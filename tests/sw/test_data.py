@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m3vit.sw.data import (
+from m3vit.sw.errors import M3VitError
+from m3vit.sw.model.data import (
     FAR_DEPTH,
     NEAR_DEPTH,
     SHAPES,
@@ -21,8 +22,7 @@ from m3vit.sw.data import (
     make_scenes,
     save_scene_figure,
 )
-from m3vit.sw.errors import M3VitError
-from m3vit.sw.metrics import baseline_metrics, depth_rmse, miou
+from m3vit.sw.model.metrics import baseline_metrics, depth_rmse, miou
 
 SIZES = [((32, 32), 4), ((128, 256), 19), ((48, 64), 2), ((32, 32), 40)]
 

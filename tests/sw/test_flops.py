@@ -2,9 +2,9 @@
 
 import pytest
 
-from m3vit.sw.config import get_preset
-from m3vit.sw.flops import count_macs, mac_report
-from m3vit.sw.model import M3ViT
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.flops import count_macs, mac_report
+from m3vit.sw.model.m3vit import M3ViT
 
 
 def closed_form_macs(cfg) -> dict[str, int]:

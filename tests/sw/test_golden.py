@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
-from m3vit.sw import golden
-from m3vit.sw import numerics as nx
-from m3vit.sw.accuracy import accuracy_report, format_report, golden_predict
-from m3vit.sw.config import get_preset
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.model import M3ViT
-from m3vit.sw.package import QuantizedPackage, load_package, save_package
-from m3vit.sw.quantize import (
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.m3vit import M3ViT
+from m3vit.sw.model.train import scenes_for
+from m3vit.sw.quant import golden
+from m3vit.sw.quant import numerics as nx
+from m3vit.sw.quant.accuracy import accuracy_report, format_report, golden_predict
+from m3vit.sw.quant.package import QuantizedModel, load_package, save_package
+from m3vit.sw.quant.quantize import (
     quantize,
     requant_params,
     residual_params,
@@ -20,7 +21,6 @@ from m3vit.sw.quantize import (
     trace_float,
     validate_package,
 )
-from m3vit.sw.train import scenes_for
 
 pytestmark = pytest.mark.xdist_group("trained_tiny")
 
@@ -173,7 +173,7 @@ def test_package_missing_a_tensor_is_refused(quantized, tmp_path):
     _, pkg = quantized
     tensors = dict(pkg.tensors)
     del tensors["blocks.1.experts.fc1.weight"]
-    broken = QuantizedPackage(pkg.config, tensors, pkg.params)
+    broken = QuantizedModel(pkg.config, tensors, pkg.params)
     path = save_package(tmp_path / "broken.m3q", broken)
     with pytest.raises(M3VitError, match=r"missing blocks\.1\.experts\.fc1\.weight"):
         load_package(path, validate=validate_package)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from m3vit.sw.config import TaskSpec
-from m3vit.sw.data import TEST_SEED, TRAIN_SEED, make_scenes
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.metrics import (
+from m3vit.sw.model.config import TaskSpec
+from m3vit.sw.model.data import TEST_SEED, TRAIN_SEED, make_scenes
+from m3vit.sw.model.metrics import (
     baseline_metrics,
     confusion_matrix,
     depth_rmse,

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from m3vit.sw.config import PRESETS, ConfigError, ModelConfig, get_preset
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.model import M3ViT, MoELayer, cv_squared, load_balancing_loss, route
+from m3vit.sw.model.config import PRESETS, ConfigError, ModelConfig, get_preset
+from m3vit.sw.model.m3vit import M3ViT, MoELayer, cv_squared, load_balancing_loss, route
 
 # Float routing results are compared with 1e-6 absolute tolerance: softmax of log(p) gives
 # p back only up to float32 rounding (~6e-8 relative); chosen indices are compared exactly.

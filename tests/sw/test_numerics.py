@@ -1,4 +1,4 @@
-"""The integer operations of ``m3vit.sw.numerics`` against scalar Python-integer references.
+"""The integer operations of ``m3vit.sw.quant.numerics`` against scalar Python-integer references.
 
 Every reference below is written from the docstring's definition with Python ``int`` and
 ``fractions.Fraction`` (round half up is ``floor(x / 2^s + 1/2)``), one element at a time,
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3vit.sw.numerics import (
+from m3vit.sw.quant.numerics import (
     EXP_BITS,
     INT8_MAX,
     INT8_MIN,

@@ -13,16 +13,16 @@ import safetensors
 import safetensors.torch
 import torch
 
-from m3vit.sw import package as package_module
-from m3vit.sw.config import ConfigError, get_preset
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.package import (
+from m3vit.sw.model.config import ConfigError, get_preset
+from m3vit.sw.quant import package as package_module
+from m3vit.sw.quant.package import (
     DTYPE_CODES,
     MANIFEST_KEY,
     PACKAGE_FORMAT,
     PACKAGE_SUFFIX,
     PACKAGE_VERSION,
-    QuantizedPackage,
+    QuantizedModel,
     content_hash,
     load_package,
     save_package,
@@ -31,7 +31,7 @@ from m3vit.sw.package import (
 SEED = 20240611
 
 
-def make_package(seed: int = SEED) -> QuantizedPackage:
+def make_package(seed: int = SEED) -> QuantizedModel:
     """A small package of the tiny preset: the dtypes and shapes a quantizer writes."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-128, 128, (16, 24), generator=g, dtype=torch.int8)
@@ -53,20 +53,20 @@ def make_package(seed: int = SEED) -> QuantizedPackage:
         "notes": None,
         "label": "réseau ³",  # non-ASCII survives (escaped in the canonical JSON)
     }
-    return QuantizedPackage(config=get_preset("tiny"), tensors=tensors, params=params)
+    return QuantizedModel(config=get_preset("tiny"), tensors=tensors, params=params)
 
 
 @pytest.fixture
-def pkg() -> QuantizedPackage:
+def pkg() -> QuantizedModel:
     return make_package()
 
 
 @pytest.fixture
-def saved(tmp_path: Path, pkg: QuantizedPackage) -> Path:
+def saved(tmp_path: Path, pkg: QuantizedModel) -> Path:
     return save_package(tmp_path / f"tiny{PACKAGE_SUFFIX}", pkg)
 
 
-def assert_same_package(a: QuantizedPackage, b: QuantizedPackage) -> None:
+def assert_same_package(a: QuantizedModel, b: QuantizedModel) -> None:
     assert a.config == b.config
     assert a.params == b.params
     assert sorted(a.tensors) == sorted(b.tensors)
@@ -121,7 +121,7 @@ def expect_refusal(path: Path, *fragments: str, **kwargs) -> str:
 # ---- round trip ------------------------------------------------------------------------
 
 
-def test_round_trip(saved: Path, pkg: QuantizedPackage):
+def test_round_trip(saved: Path, pkg: QuantizedModel):
     loaded = load_package(saved)
     assert_same_package(pkg, loaded)
     # Tensors own writable memory: no read-only buffer, no mapping of the file.
@@ -130,7 +130,7 @@ def test_round_trip(saved: Path, pkg: QuantizedPackage):
     assert_same_package(pkg, load_package(saved))
 
 
-def test_package_is_a_plain_safetensors_file(saved: Path, pkg: QuantizedPackage):
+def test_package_is_a_plain_safetensors_file(saved: Path, pkg: QuantizedModel):
     tensors, manifest = read_raw(saved)
     assert sorted(tensors) == sorted(pkg.tensors)
     assert manifest["format"] == PACKAGE_FORMAT
@@ -142,14 +142,14 @@ def test_package_is_a_plain_safetensors_file(saved: Path, pkg: QuantizedPackage)
     assert manifest["hash"] == content_hash(pkg.config.to_dict(), pkg.tensors, pkg.params)
 
 
-def test_save_is_deterministic_and_leaves_no_temp_files(tmp_path: Path, pkg: QuantizedPackage):
+def test_save_is_deterministic_and_leaves_no_temp_files(tmp_path: Path, pkg: QuantizedModel):
     a = save_package(tmp_path / "a.m3q", pkg)
     b = save_package(tmp_path / "b.m3q", make_package())
     assert a.read_bytes() == b.read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["a.m3q", "b.m3q"]
 
 
-def test_save_creates_missing_folders(tmp_path: Path, pkg: QuantizedPackage):
+def test_save_creates_missing_folders(tmp_path: Path, pkg: QuantizedModel):
     path = save_package(tmp_path / "runs" / "q" / "tiny.m3q", pkg)
     assert_same_package(pkg, load_package(path))
 
@@ -176,21 +176,21 @@ def reference_hash(config: dict, tensors: dict[str, torch.Tensor], params) -> st
     return hashlib.sha256(out).hexdigest()
 
 
-def test_content_hash_matches_documented_encoding(pkg: QuantizedPackage):
+def test_content_hash_matches_documented_encoding(pkg: QuantizedModel):
     cfg = pkg.config.to_dict()
     tensors = {k: v for k, v in pkg.tensors.items() if v.dtype != torch.bfloat16}
     tensors["mask"] = torch.tensor([True, False, True])
     assert content_hash(cfg, tensors, pkg.params) == reference_hash(cfg, tensors, pkg.params)
 
 
-def test_content_hash_is_stable_across_save_and_load(saved: Path, pkg: QuantizedPackage):
+def test_content_hash_is_stable_across_save_and_load(saved: Path, pkg: QuantizedModel):
     before = content_hash(pkg.config.to_dict(), pkg.tensors, pkg.params)
     loaded = load_package(saved)
     assert content_hash(loaded.config.to_dict(), loaded.tensors, loaded.params) == before
     assert read_raw(saved)[1]["hash"] == before
 
 
-def test_content_hash_ignores_insertion_order_and_memory_layout(pkg: QuantizedPackage):
+def test_content_hash_ignores_insertion_order_and_memory_layout(pkg: QuantizedModel):
     cfg = pkg.config.to_dict()
     base = content_hash(cfg, pkg.tensors, pkg.params)
     reordered = dict(reversed(list(pkg.tensors.items())))
@@ -209,7 +209,7 @@ def _flip_one_tensor_byte(tensors: dict) -> dict:
     "tensor_byte", "tensor_name", "tensor_dtype", "tensor_shape", "param", "nested_param",
     "config",
 ])
-def test_content_hash_changes_with_any_content(pkg: QuantizedPackage, change: str):
+def test_content_hash_changes_with_any_content(pkg: QuantizedModel, change: str):
     cfg, tensors, params = pkg.config.to_dict(), dict(pkg.tensors), json.loads(
         json.dumps(pkg.params))
     base = content_hash(cfg, tensors, params)
@@ -262,7 +262,7 @@ def test_refuses_to_overwrite_unless_asked(saved: Path):
     assert os.listdir(saved.parent) == [saved.name]
 
 
-def test_refuses_to_write_over_a_folder(tmp_path: Path, pkg: QuantizedPackage):
+def test_refuses_to_write_over_a_folder(tmp_path: Path, pkg: QuantizedModel):
     (tmp_path / "out.m3q").mkdir()
     for overwrite in (False, True):
         with pytest.raises(M3VitError, match="is a folder"):
@@ -323,7 +323,7 @@ def test_flipped_byte_in_tensor_data(saved: Path):
 @pytest.mark.parametrize("mask", [0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80])
 def test_flipped_bit_anywhere_in_the_header(tmp_path: Path, mask: int):
     # A small package keeps this exhaustive sweep fast: every header byte, every bit.
-    pkg = QuantizedPackage(
+    pkg = QuantizedModel(
         config=get_preset("tiny"),
         tensors={"w": torch.arange(-6, 6, dtype=torch.int8).reshape(3, 4),
                  "s": torch.tensor([0.5, 0.25])},
@@ -447,10 +447,10 @@ def test_unsupported_dtype_in_file(saved: Path):
 # ---- the validate callback -------------------------------------------------------------
 
 
-def test_validate_runs_last_and_its_error_propagates(saved: Path, pkg: QuantizedPackage):
-    seen: list[QuantizedPackage] = []
+def test_validate_runs_last_and_its_error_propagates(saved: Path, pkg: QuantizedModel):
+    seen: list[QuantizedModel] = []
 
-    def accept(p: QuantizedPackage) -> None:
+    def accept(p: QuantizedModel) -> None:
         seen.append(p)
 
     loaded = load_package(saved, validate=accept)
@@ -459,7 +459,7 @@ def test_validate_runs_last_and_its_error_propagates(saved: Path, pkg: Quantized
 
     refusal = M3VitError("blocks.3.moe.w2 is missing: re-run `m3vit quantize`")
 
-    def refuse(p: QuantizedPackage) -> None:
+    def refuse(p: QuantizedModel) -> None:
         raise refusal
 
     result = None
@@ -495,7 +495,7 @@ def test_validate_is_not_called_on_a_bad_file(saved: Path):
 def test_package_validates_at_construction(change: dict, fragment: str):
     fields = {"config": get_preset("tiny"), "tensors": {}, "params": {}} | change
     with pytest.raises(M3VitError, match=fragment):
-        QuantizedPackage(**fields)
+        QuantizedModel(**fields)
 
 
 def test_config_error_message_passes_through(saved: Path):

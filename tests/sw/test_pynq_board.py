@@ -18,9 +18,9 @@ import pytest
 
 from m3vit.hw.config import CI
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, ErrorCode
-from m3vit.sw.board import Buffer
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.pynq_board import (
+from m3vit.sw.runtime.board import Buffer
+from m3vit.sw.runtime.pynq_board import (
     SIM_BUFFER_ALIGN,
     PynqBoard,
     SimPynqDevice,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from m3vit.sw.config import get_preset
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.model import M3ViT
-from m3vit.sw.timm_import import create_timm_vit, load_timm_weights
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.m3vit import M3ViT
+from m3vit.sw.model.timm_import import create_timm_vit, load_timm_weights
 
 # Same float32 arithmetic in another order (explicit attention matmuls here, timm's fused
 # scaled_dot_product_attention there) over 12 blocks: errors of a few 1e-6 are expected.

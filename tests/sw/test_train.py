@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from m3vit.sw.config import get_preset
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.train import TrainConfig, load_checkpoint, save_checkpoint
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.train import TrainConfig, load_checkpoint, save_checkpoint
 
 # `trained_tiny` (tests/conftest.py) is a short run (250 steps, ~1-2 min on one core); it
 # already separates the model from the baselines by a wide margin.
@@ -52,7 +52,7 @@ def test_checkpoint_is_not_overwritten_without_asking(trained, tmp_path):
 
 
 def test_bad_checkpoints_are_refused(tmp_path):
-    from m3vit.sw.model import M3ViT
+    from m3vit.sw.model.m3vit import M3ViT
 
     with pytest.raises(M3VitError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -7,7 +7,7 @@ as JSON in :data:`CONFIG_ENV`.
 
 A :class:`Pass` is one GEMM with its operands; :func:`make_pass` draws random operands
 (INT8 edges, large biases, multipliers and shifts that both saturate and do not) and
-:meth:`Pass.expected` computes the results with :mod:`m3vit.sw.numerics` — the golden
+:meth:`Pass.expected` computes the results with :mod:`m3vit.sw.quant.numerics` — the golden
 model's own functions. :class:`TB` turns a list of passes into the engine's five input
 streams (in the order its docstring specifies: weight tiles row by row, or column by column
 for a transposed pass), drives them all and collects the output in one cycle loop. With
@@ -30,7 +30,7 @@ from cocotb.triggers import ReadOnly, RisingEdge
 
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine, GemmOp
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 CONFIG_ENV = "M3VIT_GEMM_CONFIG"
 CLOCK_PERIOD_NS = 10

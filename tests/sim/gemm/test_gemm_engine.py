@@ -1,5 +1,5 @@
 # amaranth: UnusedElaboratable=no
-"""cocotb bench for :class:`m3vit.hw.gemm.GemmEngine`, bit-exact against ``m3vit.sw.numerics``.
+"""cocotb bench for :class:`m3vit.hw.gemm.GemmEngine`, bit-exact against ``sw.quant.numerics``.
 
 Run by ``tests/sim/test_gemm.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; it is
 not a pytest module. One generic test body is expanded over shapes (one token, fewer tokens

@@ -4,7 +4,7 @@ Run by ``tests/sim/test_vector.py`` through :func:`m3vit.sim.cocotb_runner.run_b
 pytest module. One generic test body is expanded over the data case and the flow options
 (random input gaps, random output back-pressure). Each case is a list of groups: a parameter
 load (gain and bias of every channel), then commands back to back, each checked beat for beat
-against :func:`m3vit.sw.numerics.layernorm` on the same integers.
+against :func:`m3vit.sw.quant.numerics.layernorm` on the same integers.
 """
 
 import itertools
@@ -27,7 +27,7 @@ from stream_tb import (
 )
 
 from m3vit.hw.vector import LN_EPS_BITS, LayerNormUnit, lane_layout, row_beat_layout
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 PREFIX = "ln"
 INT8_MIN, INT8_MAX = -128, 127

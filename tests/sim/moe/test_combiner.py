@@ -3,7 +3,7 @@
 Run by ``tests/sim/test_moe.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow options
 (random gaps on the command and input streams, random output back-pressure); every output
-word is compared with :func:`m3vit.sw.numerics.moe_combine` of its k inputs and command.
+word is compared with :func:`m3vit.sw.quant.numerics.moe_combine` of its k inputs and command.
 """
 
 import itertools
@@ -20,7 +20,7 @@ from stream_tb import Bench, StreamSink, StreamSource, bench_config, expand, pac
 
 from m3vit.hw.moe import Combiner
 from m3vit.hw.vector import lane_layout
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 PREFIX = "comb"
 INT8_MIN, INT8_MAX = -128, 127

@@ -6,7 +6,7 @@ pytest module. One generic test body is expanded over the data case and the flow
 an (M, E) score matrix (padded lanes random: the block must ignore them); after the block
 goes idle every table entry is read back through the block's read ports — the list lookup
 for every active position, the slot table for every token, the queue for every position —
-and compared with :func:`golden_tables`, built on :func:`m3vit.sw.numerics.top_k`.
+and compared with :func:`golden_tables`, built on :func:`m3vit.sw.quant.numerics.top_k`.
 """
 
 import itertools
@@ -25,7 +25,7 @@ from stream_tb import Bench, StreamSource, bench_config, pack
 
 from m3vit.hw.moe import Dispatcher, slot_layout
 from m3vit.hw.vector import SoftmaxUnit
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 PREFIX = "disp"
 INT8_MIN, INT8_MAX = -128, 127

@@ -3,7 +3,7 @@
 Run by ``tests/sim/test_vector.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow options
 (random gaps on both operand streams, random output back-pressure); every output beat is
-compared with :func:`m3vit.sw.numerics.residual_add` of its operands and command.
+compared with :func:`m3vit.sw.quant.numerics.residual_add` of its operands and command.
 """
 
 import itertools
@@ -26,7 +26,7 @@ from stream_tb import (
 )
 
 from m3vit.hw.vector import ResidualAdd, lane_layout, row_beat_layout
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 PREFIX = "res"
 INT8_MIN, INT8_MAX = -128, 127

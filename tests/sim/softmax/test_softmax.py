@@ -3,8 +3,8 @@
 Run by ``tests/sim/test_vector.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow options.
 Each case is a list of groups: an exp-table load, then commands back to back; every output
-beat is compared with :func:`m3vit.sw.numerics.softmax` (attention mode) or
-:func:`~m3vit.sw.numerics.router_scores` (router mode) of its row. Padded lanes of a row's
+beat is compared with :func:`m3vit.sw.quant.numerics.softmax` (attention mode) or
+:func:`~m3vit.sw.quant.numerics.router_scores` (router mode) of its row. Padded lanes of a row's
 last beat are driven with random values (the block must ignore them) and must come out 0.
 """
 
@@ -29,7 +29,7 @@ from stream_tb import (
 )
 
 from m3vit.hw.vector import SoftmaxMode, SoftmaxUnit, lane_layout
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 PREFIX = "sm"
 INT8_MIN, INT8_MAX = -128, 127

@@ -3,7 +3,7 @@
 Run by ``tests/sim/test_vector.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow options.
 Each case is a list of groups: a full table write, then a burst of beats, checked against
-:func:`m3vit.sw.numerics.table_lookup` with that group's table. Under back-pressure the next
+:func:`m3vit.sw.quant.numerics.table_lookup` with that group's table. Under back-pressure the next
 table is written while the previous group's beats still wait in the block, which must not
 change them (a beat sees the table as it stood when the beat was accepted); the ``rewrite``
 case writes entries while beats stream and checks each beat against the table as the DUT
@@ -30,7 +30,7 @@ from stream_tb import (
 )
 
 from m3vit.hw.vector import TableLookup, row_beat_layout
-from m3vit.sw import numerics
+from m3vit.sw.quant import numerics
 
 PREFIX = "tab"
 INT8_MIN, INT8_MAX = -128, 127

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
-from m3vit.hw.generate import to_verilog, write_if_changed
+from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.top import Engine
 from m3vit.sim.cocotb_runner import run_bench
 
@@ -29,7 +29,7 @@ CONFIGS = {"zcu104": ZCU104, "ci": CI}
 
 def ideal_cycles(preset: str, config: AccelConfig) -> int:
     """MAC-bound cycles of a dense block: one token per cycle per (K-slice, N-tile)."""
-    from m3vit.sw.config import get_preset
+    from m3vit.sw.model.config import get_preset
 
     m = get_preset(preset)
     n, d, h, dh = m.n_tokens, m.embed_dim, m.mlp_hidden, m.head_dim

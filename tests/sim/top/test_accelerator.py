@@ -1,4 +1,4 @@
-"""cocotb bench for :class:`m3vit.hw.top.Accelerator`: the host's view, through real AXI.
+"""cocotb bench for :class:`m3vit.hw.top.AcceleratorTop`: the host's view, through real AXI.
 
 Run by ``tests/sim/test_top.py``; not a pytest module. The host is cocotbext-axi's
 ``AxiLiteMaster`` on ``s_axil`` using only the register map (``m3vit.hw.registers``);

@@ -5,7 +5,7 @@ in Python on the engine's ``rd_*``/``wr_*`` streams (random gaps on read data, r
 back-pressure on commands and write data, a random write-response delay), so the
 controller, the address generators, the buffer and the units are checked on their own;
 the AXI side is checked by the DMA bench. Expected DDR contents come from the instruction
-model (``m3vit.sw.isa_model``) or, for the dense block, from the golden model.
+model (``m3vit.sw.compiler.isa_model``) or, for the dense block, from the golden model.
 """
 
 import collections

@@ -1,4 +1,4 @@
-"""The ZCU104 behind the runtime's :class:`~m3vit.sw.board.Board`: ``pynq.Overlay`` + MMIO.
+"""The ZCU104 behind the runtime's :class:`~m3vit.sw.runtime.board.Board`: ``pynq.Overlay`` + MMIO.
 
 :class:`PynqBoard` drives the accelerator through PYNQ's own classes: ``pynq.MMIO`` for the
 AXI4-Lite registers, ``pynq.allocate`` for physically contiguous DDR buffers
@@ -38,8 +38,8 @@ import numpy as np
 
 from m3vit.hw.registers import AXIL_ADDR_WIDTH, ID_MAGIC, REGISTER_MAP
 
+from ..errors import M3VitError
 from .board import Board, Buffer
-from .errors import M3VitError
 
 # pynq's dependencies import the deprecated ``pkg_resources`` and, off an ARM board, warn that
 # the CPU is unsupported; neither is news to a user of this module, and both would be
@@ -121,7 +121,7 @@ def _find_accelerator(ip_dict: dict, ip_name: str | None) -> tuple[str, dict]:
 
 
 class _PynqBoardBuffer(Buffer):
-    """A :class:`~m3vit.sw.board.Buffer` over one ``PynqBuffer`` of bytes.
+    """A :class:`~m3vit.sw.runtime.board.Buffer` over one ``PynqBuffer`` of bytes.
 
     Parameters
     ----------

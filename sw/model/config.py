@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import M3VitError
+from ..errors import M3VitError
 
 TASK_KINDS = ("semseg", "depth", "edge")
 GATE_KINDS = ("multi", "task_cond")

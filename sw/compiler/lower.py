@@ -49,8 +49,9 @@ from m3vit.hw.isa import (
     encode,
 )
 
-from .config import ModelConfig
-from .errors import M3VitError
+from ..errors import M3VitError
+from ..model.config import ModelConfig
+from .layout import head_output, pad_columns, patch_words, slice_major
 
 __all__ = [
     "BufferPlan",
@@ -66,14 +67,10 @@ __all__ = [
     "compile_model",
     "embedding_program",
     "gemm_stream",
-    "head_output",
     "head_program",
     "layernorm_records",
     "model_task_blocks",
     "moe_program",
-    "patch_words",
-    "slice_major",
-    "unslice",
 ]
 
 
@@ -83,22 +80,6 @@ def _np(t) -> np.ndarray:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def slice_major(x, lanes: int) -> bytes:
-    """(M, D) INT8 → the buffer words of a slice-major tensor: for s, for m, D/lanes·M words."""
-    x = _np(x).astype(np.int8)
-    m, d = x.shape
-    if d % lanes:
-        raise M3VitError(f"width {d} is not a multiple of the PE array's {lanes} lanes")
-    return np.ascontiguousarray(x.reshape(m, d // lanes, lanes).transpose(1, 0, 2)).tobytes()
-
-
-def unslice(raw: bytes, tokens: int, dim: int, lanes: int) -> torch.Tensor:
-    """Inverse of :func:`slice_major`: words → (tokens, dim) INT8 tensor."""
-    words = np.frombuffer(raw, dtype=np.int8)[: tokens * dim]
-    return torch.from_numpy(words.reshape(dim // lanes, tokens, lanes).transpose(1, 0, 2)
-                            .reshape(tokens, dim).copy())
 
 
 def gemm_stream(weight, bias, mult, shift, config: AccelConfig, weights: bool = True) -> bytes:
@@ -547,38 +528,13 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
              beats=d // C, mult=mult, shift=shift)
 
 
-def _pad_columns(x, multiple: int) -> np.ndarray:
-    """(M, K) → (M, K rounded up to ``multiple``), zero columns appended."""
-    x = _np(x).astype(np.int8)
-    k = x.shape[1]
-    out = np.zeros((x.shape[0], _ceil(k, multiple) * multiple), np.int8)
-    out[:, :k] = x
-    return out
-
-
-def patch_words(patches, model: ModelConfig, config: AccelConfig) -> bytes:
-    """The input region's bytes for one image: its (N_patches, C·p·p) INT8 patch rows
-    (:func:`m3vit.sw.golden.patchify`), K zero-padded to whole PE-array slices, slice-major.
-
-    Raises
-    ------
-    M3VitError
-        For patches of another shape than ``model``'s.
-    """
-    shape = (model.n_patches, model.in_chans * model.patch_size ** 2)
-    if tuple(_np(patches).shape) != shape:
-        raise M3VitError(f"patches must be {shape[0]}x{shape[1]} for {model.name!r}, got "
-                         f"{'x'.join(map(str, _np(patches).shape))}")
-    return slice_major(_pad_columns(patches, config.pe_rows), config.pe_cols)
-
-
 def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
                       model: ModelConfig, cfg: AccelConfig, patches=None, *,
                       dst: int | None = None) -> int:
     """Patch GEMM into tokens 1…, cls into token 0, + position embedding: x0's first word.
 
     ``patches`` is the host's (N_patches, C·p·p) INT8 patch rows
-    (:func:`m3vit.sw.golden.patchify`); K is zero-padded to whole PE-array slices. They
+    (:func:`m3vit.sw.quant.golden.patchify`); K is zero-padded to whole PE-array slices. They
     are region ``"patches"`` (:func:`patch_words`); with ``patches=None`` the region is
     reserved zeroed for the runtime to write. x0 goes to ``dst`` when given, else to a
     new tensor of the plan.
@@ -596,7 +552,7 @@ def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
     else:
         ddr = img.put("patches", patch_words(patches, model, cfg))
     prog.add(Opcode.LOAD, ddr=ddr, dst=patch_in, dst_stride=1, words=k_slices * (n - 1))
-    w = _pad_columns(t["patch.weight"], cfg.pe_rows)
+    w = pad_columns(t["patch.weight"], cfg.pe_rows)
     ddr = img.put("patch", gemm_stream(w, t["patch.bias"], t["patch.mult"], t["patch.shift"],
                                        cfg))
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
@@ -639,15 +595,6 @@ def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
              tokens=n - 1, k_slices=d // cfg.pe_rows, n_tiles=n_tiles, src=norm_base + 1,
              src_stride=n, ddr=ddr, out_ddr=out)
     return out
-
-
-def head_output(raw: bytes, tokens: int, n_out: int, lanes: int) -> torch.Tensor:
-    """The head's DDR output (n_tiles, tokens, lanes) INT32 → (tokens, n_out) int64."""
-    n_tiles = _ceil(n_out, lanes)
-    acc = np.frombuffer(raw[:n_tiles * tokens * lanes * 4], "<i4").reshape(n_tiles, tokens,
-                                                                          lanes)
-    return torch.from_numpy(acc.transpose(1, 0, 2).reshape(tokens, -1)[:, :n_out]
-                            .astype(np.int64))
 
 
 def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index: int,
@@ -823,7 +770,7 @@ def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None
     config : AccelConfig
         The accelerator.
     patches : (N_patches, C·p·p) INT8, optional
-        A first image's patch rows (:func:`m3vit.sw.golden.patchify`) for the input
+        A first image's patch rows (:func:`m3vit.sw.quant.golden.patchify`) for the input
         region; zeros when omitted (the runtime writes each image there).
     order : ExpertOrder
         Schedule of every ``EXPERTS`` loop (``REGISTER``: the host's ``SCHEDULE.ORDER``).

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import M3VitError
 from .config import ModelConfig, TaskSpec
 from .data import TEST_SEED, TRAIN_SEED, make_scenes
-from .errors import M3VitError
+from .m3vit import M3ViT
 from .metrics import baseline_metrics, evaluate_predictions
-from .model import M3ViT
 
 CHECKPOINT_FORMAT = "m3vit-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -101,7 +101,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out metrics of ``model`` on ``data`` for ``task`` (default: every task).
 
-    See :func:`m3vit.sw.metrics.evaluate_predictions` for the metric names.
+    See :func:`m3vit.sw.model.metrics.evaluate_predictions` for the metric names.
     """
     tasks = [model.cfg.task(task)] if task else list(model.cfg.tasks)
     preds = predict(model, data["image"], tuple(t.name for t in tasks))

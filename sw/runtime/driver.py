@@ -1,4 +1,4 @@
-"""The host runtime: one driver for the accelerator on any :class:`~m3vit.sw.board.Board`.
+"""The host runtime: one driver for the accelerator on any :class:`~m3vit.sw.runtime.board.Board`.
 
 ::
 
@@ -28,11 +28,11 @@ import torch
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode, Schedule
 
-from . import golden
+from ..compiler.executable import Executable, load_executable
+from ..compiler.layout import head_output, patch_words
+from ..errors import M3VitError
+from ..quant import golden
 from .board import Board, Buffer
-from .compiled import CompiledPackage, load_compiled
-from .compiler import head_output, patch_words
-from .errors import M3VitError
 
 __all__ = [
     "Accelerator",
@@ -158,7 +158,7 @@ class Accelerator:
         self.config_hash = self._read("CONFIG_HASH")
         self.clock_mhz = self._read("CLOCK_KHZ") / 1000
         self.schedule = Schedule(schedule)
-        self.package: CompiledPackage | None = None
+        self.package: Executable | None = None
         self.task: str | None = None
         self._buffer: Buffer | None = None
         self._program_base = self._data_base = 0
@@ -243,7 +243,7 @@ class Accelerator:
         """The loaded package's tasks (empty before :meth:`load`)."""
         return self.package.tasks if self.package else ()
 
-    def load(self, package: CompiledPackage | str | os.PathLike) -> None:
+    def load(self, package: Executable | str | os.PathLike) -> None:
         """Put a compiled package in DDR: program, weights, tables; the first task selected.
 
         Raises
@@ -252,8 +252,8 @@ class Accelerator:
             If the package was compiled for another hardware configuration than the
             bitstream's (``CONFIG_HASH``), or the file is not a valid package.
         """
-        pkg = package if isinstance(package, CompiledPackage) else load_compiled(package)
-        where = "" if isinstance(package, CompiledPackage) else f"{Path(package)}: "
+        pkg = package if isinstance(package, Executable) else load_executable(package)
+        where = "" if isinstance(package, Executable) else f"{Path(package)}: "
         pkg.check_hardware(self.config_hash, f"the {self.board.name} bitstream", where)
         if self._buffer is not None:
             self._buffer.free()
@@ -298,7 +298,7 @@ class Accelerator:
         self.schedule = Schedule(schedule)
         self._write("SCHEDULE", REGISTER_MAP["SCHEDULE"].encode(ORDER=self.schedule))
 
-    def _loaded(self) -> CompiledPackage:
+    def _loaded(self) -> Executable:
         if self.package is None:
             raise M3VitError("no package loaded: call load() (or pass a .m3x to `m3vit run`)")
         return self.package

@@ -2,7 +2,7 @@
 
 The scenes are small enough to train the tiny preset in minutes on two CPU cores, yet every
 target has to be *read from the image*, so a trained model clearly beats the trivial
-baselines (:func:`m3vit.sw.metrics.baseline_metrics`):
+baselines (:func:`m3vit.sw.model.metrics.baseline_metrics`):
 
 * **Background** (class 0) is a back wall above a random horizon and a floor below it. The
   floor's inverse depth grows linearly towards the bottom row (a ground plane seen by a
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import M3VitError
+from ..errors import M3VitError
 
 TRAIN_SEED = 0
 """Seed of the training split (any seed other than :data:`TEST_SEED` is a training seed)."""

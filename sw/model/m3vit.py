@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import M3VitError
 from .config import ModelConfig, TaskSpec
-from .errors import M3VitError
 
 __all__ = [
     "M3ViT",
@@ -297,7 +297,7 @@ class M3ViT(nn.Module):
     Parameters
     ----------
     cfg : ModelConfig
-        Architecture (see :mod:`m3vit.sw.config`).
+        Architecture (see :mod:`m3vit.sw.model.config`).
     seed : int
         Seed of the parameter initialisation; the global RNG is left untouched.
 

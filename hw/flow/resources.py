@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import M3VitError
+from ..errors import M3VitError
 
 __all__ = [
     "BUDGET",
@@ -712,9 +712,9 @@ class Estimate:
     Attributes
     ----------
     design : str
-        Name in :data:`m3vit.hw.generate.DESIGNS`.
+        Name in :data:`m3vit.hw.flow.generate.DESIGNS`.
     config_name : str
-        Name in :data:`m3vit.hw.generate.CONFIGS`.
+        Name in :data:`m3vit.hw.flow.generate.CONFIGS`.
     config_hash : int
         :meth:`AccelConfig.config_hash` of that configuration.
     synthesis : SynthesisResult
@@ -796,9 +796,9 @@ def estimate(
     Parameters
     ----------
     design : str
-        A key of :data:`m3vit.hw.generate.DESIGNS`.
+        A key of :data:`m3vit.hw.flow.generate.DESIGNS`.
     config_name : str
-        A key of :data:`m3vit.hw.generate.CONFIGS`.
+        A key of :data:`m3vit.hw.flow.generate.CONFIGS`.
     yosys : Yosys
         From :func:`find_yosys`.
     workdir : Path, optional

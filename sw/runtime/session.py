@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from . import golden
-from .errors import M3VitError
-from .metrics import evaluate_predictions
-from .runtime import Accelerator
+from ..errors import M3VitError
+from ..model.metrics import evaluate_predictions
+from ..quant import golden
+from .driver import Accelerator
 
 __all__ = ["format_report", "load_report", "run_session", "save_figure", "save_report"]
 
@@ -37,10 +37,10 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
     acc : Accelerator
         A driver with a package loaded.
     scenes : dict
-        :func:`m3vit.sw.data.make_scenes` output: ``"image"`` and the targets.
+        :func:`m3vit.sw.model.data.make_scenes` output: ``"image"`` and the targets.
     tasks : sequence of str, optional
         Tasks to run (default: all of the package's).
-    reference : QuantizedPackage, optional
+    reference : QuantizedModel, optional
         The package the ``.m3x`` was compiled from: each head is then compared with
         ``golden.forward`` for exact equality.
     progress : callable, optional
@@ -198,7 +198,7 @@ def save_figure(report: dict[str, Any], path: str | os.PathLike, n: int = 4) -> 
     """A PNG per run: rows of images, each task's target next to the accelerator's output."""
     from matplotlib.figure import Figure
 
-    from .data import FAR_DEPTH, NEAR_DEPTH, class_appearance, denormalize_image
+    from ..model.data import FAR_DEPTH, NEAR_DEPTH, class_appearance, denormalize_image
 
     outputs = report["outputs"]
     images = outputs["image"]

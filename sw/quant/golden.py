@@ -1,8 +1,8 @@
 """The bit-exact golden model: one task's integer forward pass.
 
-Built only from the per-operation functions of :mod:`m3vit.sw.numerics` — the units each
+Built only from the per-operation functions of :mod:`m3vit.sw.quant.numerics` — the units each
 RTL block is compared with — over the integer tensors of a quantized package
-(:mod:`m3vit.sw.quantize` names them). Vectorised over the batch; the MoE layer loops
+(:mod:`m3vit.sw.quant.quantize` names them). Vectorised over the batch; the MoE layer loops
 over experts (gathering each expert's tokens, the accelerator's schedule), never over
 elements.
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model.config import ModelConfig
 from . import numerics as nx
-from .config import ModelConfig
 
 Tensors = dict[str, torch.Tensor]
 

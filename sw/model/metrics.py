@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from ..errors import M3VitError
 from .config import TaskSpec
-from .errors import M3VitError
 
 
 def _check_same_shape(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -188,7 +188,7 @@ def baseline_metrics(
     Parameters
     ----------
     train, test : mapping of str to torch.Tensor
-        Scene dicts as returned by :func:`m3vit.sw.data.make_scenes`; only the keys
+        Scene dicts as returned by :func:`m3vit.sw.model.data.make_scenes`; only the keys
         ``"semseg"``, ``"depth"`` and ``"edge"`` present in both are scored.
     n_classes : int
         Number of semantic classes.
@@ -228,7 +228,7 @@ def evaluate_predictions(
         Model outputs keyed by task name: logits (N, C, H, W) for a ``semseg`` task,
         depth (N, 1, H, W) for ``depth``, edge logits (N, 1, H, W) for ``edge``.
     targets : mapping of str to torch.Tensor
-        Targets keyed by task name, as :func:`m3vit.sw.data.make_scenes` returns them:
+        Targets keyed by task name, as :func:`m3vit.sw.model.data.make_scenes` returns them:
         labels (N, H, W), depth (N, 1, H, W), 0/1 edges (N, 1, H, W).
     tasks : iterable of TaskSpec
         The tasks to score.

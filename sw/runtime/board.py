@@ -1,8 +1,8 @@
 """The board the runtime drives: registers, DDR buffers, the interrupt, a reset.
 
-One driver (:class:`m3vit.sw.runtime.Accelerator`) runs on any :class:`Board`:
-:class:`m3vit.sw.board.SimBoard` is the Verilated SoC model (``m3vit.sim.soc``);
-:class:`m3vit.sw.pynq_board.PynqBoard` is ``pynq.Overlay`` + ``pynq.allocate`` + MMIO on the
+One driver (:class:`m3vit.sw.runtime.driver.Accelerator`) runs on any :class:`Board`:
+:class:`m3vit.sw.runtime.board.SimBoard` is the Verilated SoC model (``m3vit.sim.soc``);
+:class:`m3vit.sw.runtime.pynq_board.PynqBoard` is ``pynq.Overlay`` + ``pynq.allocate`` + MMIO on the
 ZCU104. A board knows nothing about models, programs or tasks: that is the driver's job.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from .errors import M3VitError
+from ..errors import M3VitError
 
 __all__ = ["Board", "Buffer", "SimBoard"]
 

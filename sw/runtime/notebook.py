@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import M3VitError
+from ..errors import M3VitError
 
 if TYPE_CHECKING:
     from m3vit.hw.config import AccelConfig
 
-    from .compiled import CompiledPackage
-    from .package import QuantizedPackage
-    from .runtime import Accelerator
+    from ..compiler.executable import Executable
+    from ..quant.package import QuantizedModel
+    from .driver import Accelerator
 
 __all__ = [
     "BACKENDS",
@@ -131,14 +131,14 @@ def open_accelerator(backend: str, *, bitstream: str | os.PathLike | None = None
     config : {"ci", "zcu104"}
         The hardware to simulate (``sim`` only).
     **options
-        Passed to :meth:`m3vit.sw.runtime.Accelerator.open` (``watchdog_cycles``, ...).
+        Passed to :meth:`m3vit.sw.runtime.driver.Accelerator.open` (``watchdog_cycles``, ...).
 
     Raises
     ------
     M3VitError
         Without a bitstream on ``pynq``, or when the board cannot be opened.
     """
-    from .runtime import Accelerator
+    from .driver import Accelerator
 
     if backend == "pynq":
         if not bitstream:
@@ -146,7 +146,7 @@ def open_accelerator(backend: str, *, bitstream: str | os.PathLike | None = None
                              "copied .bit (its .hwh beside it)")
         return Accelerator.open("pynq", bitstream=bitstream, **options)
     if backend == "sim":
-        from m3vit.hw.generate import get_config
+        from m3vit.hw.flow.generate import get_config
 
         return Accelerator.open("sim", config=get_config(config), progress=print, **options)
     raise M3VitError(f"unknown backend {backend!r}: choose sim or pynq")
@@ -160,7 +160,7 @@ def accelerator_config(acc: Accelerator) -> AccelConfig:
     M3VitError
         If no configuration this toolkit knows has that hash.
     """
-    from m3vit.hw.generate import CONFIGS
+    from m3vit.hw.flow.generate import CONFIGS
 
     for config in CONFIGS.values():
         if config.config_hash() == acc.config_hash:
@@ -176,17 +176,17 @@ class NotebookPackage:
 
     Attributes
     ----------
-    compiled : CompiledPackage
-        What :meth:`~m3vit.sw.runtime.Accelerator.load` takes.
-    reference : QuantizedPackage or None
+    compiled : Executable
+        What :meth:`~m3vit.sw.runtime.driver.Accelerator.load` takes.
+    reference : QuantizedModel or None
         The quantized model it was compiled from, for bit-exact checks with
         ``golden.forward``; ``None`` when only the ``.m3x`` is at hand.
     source : str
         One line for the notebook to print.
     """
 
-    compiled: CompiledPackage
-    reference: QuantizedPackage | None
+    compiled: Executable
+    reference: QuantizedModel | None
     source: str
 
 
@@ -221,9 +221,9 @@ def prepare_package(acc: Accelerator, *, m3x: str | os.PathLike | None = None,
         If ``m3x`` does not exist or cannot be read, or ``m3q`` is not the model ``m3x``
         was compiled from.
     """
-    from .compiled import compile_package, load_compiled
-    from .package import content_hash, load_package
-    from .quantize import validate_package
+    from ..compiler.executable import compile_executable, load_executable
+    from ..quant.package import content_hash, load_package
+    from ..quant.quantize import validate_package
 
     m3x_path, m3q_path = _given(m3x), _given(m3q)
     reference = None
@@ -233,7 +233,7 @@ def prepare_package(acc: Accelerator, *, m3x: str | os.PathLike | None = None,
         if not m3x_path.is_file():
             raise M3VitError(f"{m3x_path}: no such file (compile one with `m3vit compile "
                              "PACKAGE.m3q --config zcu104|ci`, or leave M3X empty)")
-        compiled = load_compiled(m3x_path)
+        compiled = load_executable(m3x_path)
         if reference is not None and content_hash(
                 reference.config.to_dict(), reference.tensors,
                 reference.params) != compiled.source_hash:
@@ -246,13 +246,13 @@ def prepare_package(acc: Accelerator, *, m3x: str | os.PathLike | None = None,
     if reference is not None:
         source = f"{m3q_path} compiled for the {config.pe_rows}x{config.pe_cols} array"
     else:
-        from .config import get_preset
-        from .model import M3ViT
-        from .quantize import quantize
+        from ..model.config import get_preset
+        from ..model.m3vit import M3ViT
+        from ..quant.quantize import quantize
 
         reference = quantize(M3ViT(get_preset(preset), seed=0),
                              n_calib=STAND_IN_CALIBRATION_IMAGES)
         source = (f"stand-in: {preset} randomly initialised (seed 0), quantized on "
                   f"{STAND_IN_CALIBRATION_IMAGES} images, compiled for the "
                   f"{config.pe_rows}x{config.pe_cols} array (train one with `make demo`)")
-    return NotebookPackage(compile_package(reference, config), reference, source)
+    return NotebookPackage(compile_executable(reference, config), reference, source)

@@ -34,8 +34,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .config import ConfigError, ModelConfig
-from .errors import M3VitError
+from ..errors import M3VitError
+from ..model.config import ConfigError, ModelConfig
 
 PACKAGE_FORMAT = "m3vit-quantized"
 PACKAGE_VERSION = 1
@@ -67,7 +67,7 @@ _REDO = "the file is corrupted or was edited; re-run `m3vit quantize`"
 
 
 @dataclass(frozen=True, eq=False)
-class QuantizedPackage:
+class QuantizedModel:
     """A quantized model as stored in one ``.m3q`` file.
 
     ``eq=False``: tensors have no boolean ``==``, so packages compare by identity; compare
@@ -235,7 +235,7 @@ def _tensor_from_le(data: bytes | bytearray, dtype: torch.dtype, shape: list[int
 
 
 def save_package(
-    path: str | os.PathLike, pkg: QuantizedPackage, *, overwrite: bool = False
+    path: str | os.PathLike, pkg: QuantizedModel, *, overwrite: bool = False
 ) -> Path:
     """Write ``pkg`` to ``path`` as one ``.m3q`` file, atomically.
 
@@ -247,7 +247,7 @@ def save_package(
     ----------
     path : path-like
         Destination file; missing parent folders are created.
-    pkg : QuantizedPackage
+    pkg : QuantizedModel
         The package to write.
     overwrite : bool
         Replace an existing file. Without it an existing ``path`` is never touched.
@@ -307,8 +307,8 @@ def save_package(
 def load_package(
     path: str | os.PathLike,
     *,
-    validate: Callable[[QuantizedPackage], None] | None = None,
-) -> QuantizedPackage:
+    validate: Callable[[QuantizedModel], None] | None = None,
+) -> QuantizedModel:
     """Read and fully check a package written by :func:`save_package`.
 
     The whole file is read into memory (no file handle or memory map stays open) and
@@ -328,7 +328,7 @@ def load_package(
 
     Returns
     -------
-    QuantizedPackage
+    QuantizedModel
         Config, tensors (CPU, each owning its memory) and params.
 
     Raises
@@ -391,7 +391,7 @@ def load_package(
     if content_hash(cfg_dict, tensors, params) != manifest["hash"]:
         raise M3VitError(f"{path}: content hash mismatch: {_REDO}")
     try:
-        pkg = QuantizedPackage(config=config, tensors=tensors, params=params)
+        pkg = QuantizedModel(config=config, tensors=tensors, params=params)
     except M3VitError as e:
         raise M3VitError(f"{path}: {_one_line(e)}: {_REDO}") from None
     if validate is not None:

@@ -28,8 +28,8 @@ from amaranth.hdl import Const, Signal, ValueCastable
 from amaranth.hdl._ir import PortDirection
 from amaranth.lib import wiring
 
-from .config import CI, ZCU104, AccelConfig
-from .errors import M3VitError
+from ..config import CI, ZCU104, AccelConfig
+from ..errors import M3VitError
 
 __all__ = [
     "CONFIGS",
@@ -228,7 +228,7 @@ def _accelerator(config: AccelConfig) -> wiring.Component:
     # other import error is a bug and keeps its traceback.
     def not_landed(detail: str = "") -> DesignNotLanded:
         blocks = ", ".join(name for name in DESIGNS if name != "top")
-        return DesignNotLanded(f"the accelerator top (m3vit.hw.top.Accelerator) has not landed "
+        return DesignNotLanded(f"the accelerator top (m3vit.hw.top.AcceleratorTop) has not landed "
                                f"yet{detail}; generate a block instead (--design {blocks})")
 
     try:
@@ -238,7 +238,7 @@ def _accelerator(config: AccelConfig) -> wiring.Component:
             raise
         raise not_landed("" if e.name == "m3vit.hw.top" else f" ({e.name} is missing)") \
             from None
-    accelerator = getattr(top, "Accelerator", None)
+    accelerator = getattr(top, "AcceleratorTop", None)
     if accelerator is None:
         raise not_landed()
     return accelerator(config)

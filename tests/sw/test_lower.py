@@ -18,8 +18,9 @@ from m3vit.hw.isa import (
     encode,
 )
 from m3vit.hw.registers import ErrorCode, Schedule
-from m3vit.sw import golden
-from m3vit.sw.compiler import (
+from m3vit.sw.compiler.isa_model import MachineStop, dispatch_tables, execute
+from m3vit.sw.compiler.layout import slice_major, unslice
+from m3vit.sw.compiler.lower import (
     BufferPlan,
     DdrImage,
     Program,
@@ -29,15 +30,13 @@ from m3vit.sw.compiler import (
     compile_dense_block,
     compile_model,
     gemm_stream,
-    slice_major,
-    unslice,
 )
-from m3vit.sw.config import get_preset
-from m3vit.sw.data import make_scenes
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.isa_model import MachineStop, dispatch_tables, execute
-from m3vit.sw.model import M3ViT
-from m3vit.sw.quantize import quantize
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.data import make_scenes
+from m3vit.sw.model.m3vit import M3ViT
+from m3vit.sw.quant import golden
+from m3vit.sw.quant.quantize import quantize
 
 MOE_BLOCK = 1
 
@@ -135,7 +134,8 @@ def test_image_regions_are_aligned():
 
 
 def test_embedding_and_head_programs_equal_the_golden(block_case):
-    from m3vit.sw.compiler import embedding_program, head_output, head_program
+    from m3vit.sw.compiler.layout import head_output
+    from m3vit.sw.compiler.lower import embedding_program, head_program
 
     cfg, t, cap = block_case
     accel = CI if cfg.name == "tiny" else ZCU104.replace(max_tokens=129)
@@ -148,7 +148,7 @@ def test_embedding_and_head_programs_equal_the_golden(block_case):
     prog.add(Opcode.STORE, ddr=x0_out, src=x0, src_stride=1, words=words)
     # The head on the golden model's last block output.
     last = plan.alloc("last", cfg.n_tokens, cfg.embed_dim)
-    from m3vit.sw.compiler import slice_major
+    from m3vit.sw.compiler.layout import slice_major
     prog.add(Opcode.LOAD, ddr=img.put("last", slice_major(cap[f"blocks.{cfg.depth - 1}.x2"][0],
                                                         accel.pe_cols)),
              dst=last, dst_stride=1, words=words)

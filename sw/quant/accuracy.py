@@ -6,19 +6,19 @@ from typing import Any
 
 import torch
 
+from ..model.data import TEST_SEED
+from ..model.m3vit import M3ViT
+from ..model.metrics import evaluate_predictions
+from ..model.train import evaluate, scenes_for
 from . import golden
-from .data import TEST_SEED
-from .metrics import evaluate_predictions
-from .model import M3ViT
-from .package import QuantizedPackage
+from .package import QuantizedModel
 from .quantize import trace_float
-from .train import evaluate, scenes_for
 
 # Metrics where a larger value is better; the others (RMSE) are better when smaller.
 _HIGHER_IS_BETTER = ("miou", "pixel_acc", "f1")
 
 
-def golden_predict(pkg: QuantizedPackage, images: torch.Tensor, task: str,
+def golden_predict(pkg: QuantizedModel, images: torch.Tensor, task: str,
                    batch: int = 32) -> torch.Tensor:
     """Float predictions (B, n_out, H, W) of the golden integer model, batch by batch."""
     return torch.cat([golden.predict(pkg.tensors, pkg.config, pkg.params,
@@ -36,7 +36,7 @@ def relative_loss(name: str, float_value: float, int_value: float) -> float:
 
 
 @torch.no_grad()
-def router_agreement(model: M3ViT, pkg: QuantizedPackage, images: torch.Tensor
+def router_agreement(model: M3ViT, pkg: QuantizedModel, images: torch.Tensor
                      ) -> dict[str, dict[int, float]]:
     """Share of tokens whose top-k expert *set* is the same in float and integer.
 
@@ -57,7 +57,7 @@ def router_agreement(model: M3ViT, pkg: QuantizedPackage, images: torch.Tensor
     return out
 
 
-def accuracy_report(model: M3ViT, pkg: QuantizedPackage, n_test: int = 300,
+def accuracy_report(model: M3ViT, pkg: QuantizedModel, n_test: int = 300,
                     n_router: int = 64) -> dict[str, Any]:
     """Held-out metrics of the float and the integer model, their relative loss per
     metric, and the router agreement (on the first ``n_router`` held-out images)."""

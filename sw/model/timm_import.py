@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import M3VitError
 from .config import ModelConfig
-from .errors import M3VitError
-from .model import M3ViT
+from .m3vit import M3ViT
 
 # Kept alive for the life of the process: the operator schemas it declares vanish with it.
 _torchvision_schemas: torch.library.Library | None = None

@@ -1,7 +1,7 @@
 """The compiled package (``.m3x``): what the runtime loads onto a board.
 
 ``m3vit compile`` turns a quantized package (``.m3q``) and an :class:`AccelConfig` into one
-program and one DDR image that run every task (:func:`m3vit.sw.compiler.compile_model`),
+program and one DDR image that run every task (:func:`m3vit.sw.compiler.lower.compile_model`),
 plus what the host needs around them: the memory map, each task's ``TASK_SELECT`` value,
 the input and output regions, the input scale and each head's output scales. The file is
 bound to the hardware configuration by its ``config_hash``, which the runtime compares with
@@ -32,17 +32,17 @@ from typing import Any
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.isa import ExpertOrder
 
-from .config import ModelConfig
-from .errors import M3VitError
+from ..errors import M3VitError
+from ..model.config import ModelConfig
 
 __all__ = [
-    "COMPILED_SUFFIX",
-    "CompiledPackage",
-    "compile_package",
-    "load_compiled",
+    "EXECUTABLE_SUFFIX",
+    "Executable",
+    "compile_executable",
+    "load_executable",
 ]
 
-COMPILED_SUFFIX = ".m3x"
+EXECUTABLE_SUFFIX = ".m3x"
 MAGIC = b"M3VITX\x00\x01"
 _REDO = "the file is corrupted or was edited; re-run `m3vit compile`"
 _HEADER_KEYS = frozenset({
@@ -53,7 +53,7 @@ _HEADER_KEYS = frozenset({
 
 
 @dataclass(frozen=True, eq=False)
-class CompiledPackage:
+class Executable:
     """A model compiled for one accelerator configuration, ready to load.
 
     Attributes
@@ -71,7 +71,7 @@ class CompiledPackage:
     tasks : tuple of str
         Task names in ``TASK_SELECT`` order.
     input_offset, input_size : int
-        Where one image's patches go (:func:`m3vit.sw.compiler.patch_words`).
+        Where one image's patches go (:func:`m3vit.sw.compiler.lower.patch_words`).
     output_offset, output_size : int
         Where the head writes (``head_tiles`` × N_patches × ``pe_cols`` INT32).
     head_tiles : int
@@ -213,7 +213,7 @@ def _digest(head: dict[str, Any], program: bytes, image: bytes) -> str:
     return h.hexdigest()
 
 
-def load_compiled(path: str | os.PathLike) -> CompiledPackage:
+def load_executable(path: str | os.PathLike) -> Executable:
     """Read and check a ``.m3x`` file.
 
     Raises
@@ -260,7 +260,7 @@ def load_compiled(path: str | os.PathLike) -> CompiledPackage:
     if config.config_hash() != head["config_hash"]:
         raise M3VitError(f"{path}: config hash {head['config_hash']:#010x} does not match its "
                          "configuration; re-run `m3vit compile` with this toolkit")
-    return CompiledPackage(
+    return Executable(
         model=model, config=config, program=program, image=image,
         regions={k: (int(v[0]), int(v[1])) for k, v in head["regions"].items()},
         tasks=tuple(head["tasks"]), input_offset=head["input"][0],
@@ -271,13 +271,13 @@ def load_compiled(path: str | os.PathLike) -> CompiledPackage:
         act_buffer_peak=head["act_buffer_peak"])
 
 
-def compile_package(pkg, config: AccelConfig, *,
-                    order: ExpertOrder = ExpertOrder.REGISTER) -> CompiledPackage:
+def compile_executable(pkg, config: AccelConfig, *,
+                    order: ExpertOrder = ExpertOrder.REGISTER) -> Executable:
     """Compile a quantized package for ``config``.
 
     Parameters
     ----------
-    pkg : QuantizedPackage
+    pkg : QuantizedModel
         The quantized model (``m3vit quantize``).
     config : AccelConfig
         The accelerator it will run on.
@@ -289,12 +289,12 @@ def compile_package(pkg, config: AccelConfig, *,
     M3VitError
         When the model does not fit ``config``; the message names the capacity.
     """
-    from .compiler import compile_model
-    from .package import content_hash
+    from ..quant.package import content_hash
+    from .lower import compile_model
 
     compiled = compile_model(pkg.tensors, pkg.config, config, order=order)
     t = pkg.tensors
-    return CompiledPackage(
+    return Executable(
         model=pkg.config, config=config, program=compiled.program,
         image=bytes(compiled.image.data), regions=dict(compiled.image.regions),
         tasks=tuple(compiled.tasks.tasks), input_offset=compiled.input_offset,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import M3ViT
+from .m3vit import M3ViT
 
 CATEGORIES = ("patch_embed", "attention", "mlp", "router", "experts", "head")
 

@@ -7,7 +7,7 @@
    ``s_x · s_w``, and derive every requantization multiplier/shift, LayerNorm gain/bias,
    residual-add multipliers and 256-entry table from the scales (:func:`quantize_model`).
 
-The tensor names produced here are the ones :mod:`m3vit.sw.golden` reads; ``docs/numerics.md``
+The tensor names produced here are the ones :mod:`m3vit.sw.quant.golden` reads; ``docs/numerics.md``
 gives the arithmetic.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import M3VitError
+from ..model.config import ModelConfig
+from ..model.data import make_scenes
+from ..model.m3vit import M3ViT, route
 from . import numerics as nx
-from .config import ModelConfig
-from .data import make_scenes
-from .errors import M3VitError
-from .model import M3ViT, route
-from .package import QuantizedPackage
+from .package import QuantizedModel
 
 CALIB_SEED = 2
 """Seed of the calibration scenes: neither the training (0) nor the held-out (1) seed."""
@@ -42,7 +42,7 @@ def trace_float(model: M3ViT, x: torch.Tensor, task: str) -> dict[str, torch.Ten
     """Run ``model``'s single-task forward, returning every quantization point by name.
 
     Mirrors :meth:`M3ViT.forward_task` op for op (a test checks the head output is
-    identical), naming tensors as :func:`m3vit.sw.golden.forward` captures them.
+    identical), naming tensors as :func:`m3vit.sw.quant.golden.forward` captures them.
     """
     cap: dict[str, torch.Tensor] = {"input": x}
     pe = model.patch_embed(x)
@@ -229,7 +229,7 @@ def gelu_table(s_in: float, s_out: float) -> torch.Tensor:
 @torch.no_grad()
 def quantize_model(
     model: M3ViT, scales: dict[str, float], settings: dict[str, Any]
-) -> QuantizedPackage:
+) -> QuantizedModel:
     """Integer tensors and parameters of ``model`` at the calibrated ``scales``."""
     cfg = model.cfg
     s = scales
@@ -278,7 +278,7 @@ def quantize_model(
         t[f"heads.{task}.bias"] = quantize_bias(head.bias, s["norm"] * ws)
         t[f"heads.{task}.out_scale"] = (s["norm"] * ws).to(torch.float32)
     params = {"scales": dict(sorted(s.items())), "calibration": settings}
-    return QuantizedPackage(config=cfg, tensors=t, params=params)
+    return QuantizedModel(config=cfg, tensors=t, params=params)
 
 
 def _moe_params(t: dict, p: str, layer, cfg: ModelConfig, s: dict[str, float]) -> None:
@@ -310,7 +310,7 @@ def _moe_params(t: dict, p: str, layer, cfg: ModelConfig, s: dict[str, float]) -
 
 def quantize(
     model: M3ViT, *, n_calib: int = 256, statistic: str = "max", seed: int = CALIB_SEED
-) -> QuantizedPackage:
+) -> QuantizedModel:
     """Calibrate ``model`` on ``n_calib`` synthetic scenes and quantize it."""
     cfg = model.cfg
     n_classes = next((tk.n_out for tk in cfg.tasks if tk.kind == "semseg"), 2)
@@ -365,7 +365,7 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_package(pkg: QuantizedPackage) -> None:
+def validate_package(pkg: QuantizedModel) -> None:
     """Check ``pkg`` holds exactly the tensors its configuration needs, with their shapes.
 
     Raises

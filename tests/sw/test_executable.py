@@ -6,17 +6,17 @@ import pytest
 
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.isa import ExpertOrder
-from m3vit.sw import golden
 from m3vit.sw.cli import main
-from m3vit.sw.compiled import MAGIC, compile_package, load_compiled
-from m3vit.sw.compiler import compile_model
-from m3vit.sw.config import get_preset
-from m3vit.sw.data import make_scenes
+from m3vit.sw.compiler.executable import MAGIC, compile_executable, load_executable
+from m3vit.sw.compiler.isa_model import execute
+from m3vit.sw.compiler.lower import compile_model
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.isa_model import execute
-from m3vit.sw.model import M3ViT
-from m3vit.sw.package import save_package
-from m3vit.sw.quantize import quantize
+from m3vit.sw.model.config import get_preset
+from m3vit.sw.model.data import make_scenes
+from m3vit.sw.model.m3vit import M3ViT
+from m3vit.sw.quant import golden
+from m3vit.sw.quant.package import save_package
+from m3vit.sw.quant.quantize import quantize
 
 
 @functools.cache
@@ -27,13 +27,13 @@ def tiny_package():
 @pytest.fixture(scope="module")
 def m3x(tmp_path_factory):
     path = tmp_path_factory.mktemp("m3x") / "tiny.ci.m3x"
-    compile_package(tiny_package(), CI).save(path)
+    compile_executable(tiny_package(), CI).save(path)
     return path
 
 
 def test_round_trip_keeps_everything_the_runtime_needs(m3x):
     pkg = tiny_package()
-    loaded = load_compiled(m3x)
+    loaded = load_executable(m3x)
     direct = compile_model(pkg.tensors, pkg.config, CI)
     assert loaded.program == direct.program
     assert loaded.image == bytes(direct.image.data)
@@ -54,7 +54,7 @@ def test_round_trip_keeps_everything_the_runtime_needs(m3x):
 
 def test_loaded_package_runs_bit_exactly_on_the_isa_model(m3x):
     """The file's program and image, with one image written in, give golden's head."""
-    pkg, loaded = tiny_package(), load_compiled(m3x)
+    pkg, loaded = tiny_package(), load_executable(m3x)
     cfg = pkg.config
     image = make_scenes(1, cfg.img_size, n_classes=4, seed=3)["image"]
     x_q = golden.quantize_image(image, loaded.input_scale)
@@ -86,7 +86,7 @@ def test_damaged_file_is_one_clear_error(m3x, tmp_path, damage):
     bad = tmp_path / "bad.m3x"
     bad.write_bytes(bytes(raw))
     with pytest.raises(M3VitError) as e:
-        load_compiled(bad)
+        load_executable(bad)
     message = str(e.value)
     assert "\n" not in message and str(bad) in message
     expected = {"magic": "not a compiled", "version": "version"}.get(damage, "corrupted")
@@ -96,20 +96,20 @@ def test_damaged_file_is_one_clear_error(m3x, tmp_path, damage):
 def test_quantized_package_given_instead_is_named(tmp_path):
     path = save_package(tmp_path / "tiny.m3q", tiny_package())
     with pytest.raises(M3VitError, match="quantized package: compile it first"):
-        load_compiled(path)
+        load_executable(path)
     with pytest.raises(M3VitError, match="no such file"):
-        load_compiled(tmp_path / "missing.m3x")
+        load_executable(tmp_path / "missing.m3x")
 
 
 def test_file_starts_with_magic_and_is_not_overwritten_silently(m3x):
     assert m3x.read_bytes()[:8] == MAGIC
     with pytest.raises(M3VitError, match="exists"):
-        compile_package(tiny_package(), CI).save(m3x)
+        compile_executable(tiny_package(), CI).save(m3x)
 
 
 def test_model_that_does_not_fit_names_the_capacity():
     with pytest.raises(M3VitError, match="129 tokens exceed max_tokens=80"):
-        compile_package(quantize(M3ViT(get_preset("edge-moe"), seed=0), n_calib=2), CI)
+        compile_executable(quantize(M3ViT(get_preset("edge-moe"), seed=0), n_calib=2), CI)
 
 
 def test_compile_cli(tmp_path, capsys):
@@ -118,11 +118,11 @@ def test_compile_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "compiled package written to" in out and "patches" in out
     m3x = tmp_path / "tiny.ci.m3x"
-    assert load_compiled(m3x).config == CI
+    assert load_executable(m3x).config == CI
     assert main(["compile", str(m3q), "--config", "ci"]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["compile", str(m3q), "--config", "zcu104", "--order", "token"]) == 0
-    loaded = load_compiled(tmp_path / "tiny.zcu104.m3x")
+    loaded = load_executable(tmp_path / "tiny.zcu104.m3x")
     assert loaded.config == ZCU104 and loaded.order is ExpertOrder.TOKEN_BY_TOKEN
     assert main(["compile", str(tmp_path / "nope.m3q"), "--config", "ci"]) == 2
     err = capsys.readouterr().err

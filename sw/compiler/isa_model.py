@@ -1,7 +1,7 @@
 """An instruction-level model of the accelerator: the ISA's meaning in a few lines each.
 
 :func:`execute` runs a program (``docs/isa.md``) on a DDR image and an activation buffer
-with the integer functions of :mod:`m3vit.sw.numerics`, instruction by instruction. It is
+with the integer functions of :mod:`m3vit.sw.quant.numerics`, instruction by instruction. It is
 the reference the compiler is tested against without hardware, and the oracle that tells
 whether a mismatch in an RTL bench is the compiler's or the hardware's. It models what an
 instruction computes and which DDR bytes it moves, not cycles.
@@ -36,8 +36,8 @@ from m3vit.hw.isa import (
 )
 from m3vit.hw.registers import ErrorCode, Schedule
 
-from . import numerics as nx
-from .errors import M3VitError
+from ..errors import M3VitError
+from ..quant import numerics as nx
 
 __all__ = [
     "DdrAccess",
