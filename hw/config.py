@@ -124,6 +124,25 @@ class AccelConfig:
         """Bytes per AXI data beat."""
         return self.axi_data_width // 8
 
+    @property
+    def max_gemm_width(self) -> int:
+        """Largest K (``k_slices · pe_rows``) or N (``n_tiles · pe_cols``) of one GEMM pass.
+
+        The widest the model needs: an MLP's or expert's hidden width, QKV's ``3 · max_dim``
+        outputs, or attention over ``max_tokens`` keys rounded up to whole slices (P·V's K,
+        Q·Kᵀ's N). The instruction checks, the ISA model and the compiler all bound by it.
+        """
+        return max(self.max_hidden, 3 * self.max_dim, self.max_tokens + self.pe_cols)
+
+    @property
+    def max_residual_words(self) -> int:
+        """Most words one ``RESIDUAL`` adds: a whole ``max_tokens × max_dim`` activation.
+
+        The residual unit's word counter is sized for it, so the instruction checks refuse
+        more (``SHAPE_OVER_CAPACITY``) even where the buffer would hold them.
+        """
+        return self.max_tokens * self.max_dim // self.pe_cols
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return dataclasses.asdict(self)

@@ -389,8 +389,10 @@ def isa_markdown() -> str:
             lo = 8 + field.offset
             lines.append(f"| `{name}` | {lo}–{lo + field.width - 1} | {_shape_text(field.shape)} |")
         lines.append("")
+    from .isa_checks import checks_table  # it builds on this module's declarations
+
     checks = ["| check | error code |", "|---|---|"]
-    checks += [f"| {check} | `{code}` |" for check, code in _CHECKS]
+    checks += [f"| {check} | `{code}` |" for check, code in checks_table()]
     return ("\n".join(lines).rstrip() + "\n"
             + _ISA_SEMANTICS.replace("{checks}", "\n".join(checks)))
 
@@ -412,23 +414,6 @@ _OPCODE_DOCS = {
                     "slot)",
     Opcode.COMBINE: "score-weighted sum of each token's `top_k` expert outputs, requantized",
 }
-
-_CHECKS = [
-    ("opcode not in the table above; `GEMM` with mode `LOAD_TABLE`; `wsrc` 3; `unit` > 1; "
-     "`GEMM` with `expert` or a row mode other than `DIRECT` outside an `EXPERTS` body, or "
-     "`dst_rows = GATHER`, or a row mode 3; `EXPERTS`, `ROUTE`, `TASKS` or `END` inside a "
-     "body; `order` 3", "ILLEGAL_OPCODE"),
-    ("a count of 0 where ≥ 1 is needed, or over the configuration: `tokens` or `rows` or "
-     "`length` > `max_tokens`, `beats · pe_cols` > `max_dim`, `k_slices · pe_rows` or "
-     "`n_tiles · pe_cols` > max(`max_hidden`, 3 · `max_dim`, `max_tokens` + `pe_cols`), "
-     "`RESIDUAL` `words` > `max_tokens · max_dim / pe_cols`; `ROUTE` with `experts` > "
-     "`max_experts` or `top_k` > min(`max_top_k`, `experts`); `EXPERTS` with `body` 0; "
-     "`COMBINE` with `rows` > the routed rows; an expert `GEMM` whose iteration count "
-     "exceeds `max_tokens`", "SHAPE_OVER_CAPACITY"),
-    ("a buffer range past the buffer's last word, or a DDR range past `DATA_SIZE`",
-     "ADDRESS_OUT_OF_RANGE"),
-    ("`TASK_SELECT` ≥ `TASKS.count`", "BAD_TASK"),
-]
 
 _ISA_SEMANTICS = """
 ## Semantics and checks

@@ -34,6 +34,13 @@ from m3vit.hw.isa import (
     WeightSource,
     decode,
 )
+from m3vit.hw.isa_checks import (
+    BODY_ONLY_FIELDS,
+    NOT_IN_BODY,
+    SHAPE_BOUNDS,
+    allowed_values,
+    enum_fields,
+)
 from m3vit.hw.registers import ErrorCode, Schedule
 
 from ..errors import M3VitError
@@ -52,8 +59,6 @@ __all__ = [
 
 #: Bytes of one table of each unit in DDR.
 _TABLE_BYTES = {TableUnit.GEMM: 256, TableUnit.SOFTMAX: 512}
-#: Opcodes that end or restructure control flow and so may not sit in an ``EXPERTS`` body.
-_NOT_IN_BODY = (Opcode.EXPERTS, Opcode.ROUTE, Opcode.TASKS, Opcode.END)
 
 
 class MachineStop(M3VitError):
@@ -274,57 +279,28 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
     def stop(code: ErrorCode, why: str):
         raise MachineStop(code, pc, f"{op.name}: {why}")
 
-    # ILLEGAL_OPCODE
-    if in_body and op in _NOT_IN_BODY:
+    # ILLEGAL_OPCODE (m3vit.hw.isa_checks: the rules the controller checks, declared once)
+    if in_body and op in NOT_IN_BODY:
         stop(ErrorCode.ILLEGAL_OPCODE, "not allowed inside an EXPERTS body")
-    if op == Opcode.GEMM:
-        if a["mode"] == GemmOp.LOAD_TABLE.value:
-            stop(ErrorCode.ILLEGAL_OPCODE, "mode LOAD_TABLE")
-        if a["wsrc"] == 3:
-            stop(ErrorCode.ILLEGAL_OPCODE, "wsrc 3")
-        if 3 in (a["src_rows"], a["dst_rows"]):
-            stop(ErrorCode.ILLEGAL_OPCODE, "row mode 3")
-        if a["dst_rows"] == RowMode.GATHER.value:
-            stop(ErrorCode.ILLEGAL_OPCODE, "dst_rows GATHER")
-        if not in_body and (a["expert"] or a["src_rows"] or a["dst_rows"]):
-            stop(ErrorCode.ILLEGAL_OPCODE, "expert or a row mode other than DIRECT outside an "
-                                           "EXPERTS body")
-    elif op == Opcode.LOAD_TABLE and a["unit"] > TableUnit.SOFTMAX.value:
-        stop(ErrorCode.ILLEGAL_OPCODE, f"unit {a['unit']}")
-    elif op == Opcode.EXPERTS and a["order"] == 3:
-        stop(ErrorCode.ILLEGAL_OPCODE, "order 3")
+    for name, shape in enum_fields(op):
+        if a[name] not in allowed_values(op, name):
+            value = shape(a[name]).name if a[name] in {m.value for m in shape} else a[name]
+            stop(ErrorCode.ILLEGAL_OPCODE, f"{name} {value}")
+    if not in_body and any(a[name] for name in BODY_ONLY_FIELDS.get(op, ())):
+        stop(ErrorCode.ILLEGAL_OPCODE, f"{' / '.join(BODY_ONLY_FIELDS[op])} set outside an "
+                                       "EXPERTS body")
 
-    # SHAPE_OVER_CAPACITY
-    max_k = max(cfg.max_hidden, 3 * cfg.max_dim, cfg.max_tokens + C)
+    # SHAPE_OVER_CAPACITY: the declared bounds, then the ones that depend on run-time state.
     routed = mc.dispatch.rows if mc.dispatch is not None else 0
-    shape: list[tuple[bool, str]] = []
-    if op == Opcode.GEMM:
-        if not (a["expert"] and in_body):   # an expert GEMM's tokens field is ignored
-            shape.append((1 <= a["tokens"] <= cfg.max_tokens, f"tokens {a['tokens']}"))
-        shape += [(1 <= a["k_slices"] and a["k_slices"] * R <= max_k,
-                   f"k_slices {a['k_slices']}"),
-                  (1 <= a["n_tiles"] and a["n_tiles"] * C <= max_k, f"n_tiles {a['n_tiles']}")]
-    elif op == Opcode.LAYERNORM:
-        shape += [(1 <= a["rows"] <= cfg.max_tokens, f"rows {a['rows']}"),
-                  (1 <= a["beats"] and a["beats"] * C <= cfg.max_dim, f"beats {a['beats']}")]
-    elif op == Opcode.SOFTMAX:
-        shape += [(1 <= a["rows"] <= cfg.max_tokens, f"rows {a['rows']}"),
-                  (1 <= a["length"] <= cfg.max_tokens, f"length {a['length']}")]
-    elif op in (Opcode.LOAD, Opcode.STORE, Opcode.RESIDUAL):
-        shape.append((1 <= a["words"] <= cfg.act_buffer_words, f"words {a['words']}"))
-    elif op == Opcode.ROUTE:
-        shape += [(1 <= a["rows"] <= cfg.max_tokens, f"rows {a['rows']}"),
-                  (1 <= a["experts"] <= cfg.max_experts, f"experts {a['experts']}"),
-                  (1 <= a["top_k"] <= min(cfg.max_top_k, a["experts"]),
-                   f"top_k {a['top_k']}")]
-    elif op == Opcode.EXPERTS:
-        shape.append((a["body"] >= 1, "body 0"))
-    elif op == Opcode.COMBINE:
-        shape += [(1 <= a["rows"] <= routed, f"rows {a['rows']} (routed rows {routed})"),
-                  (1 <= a["beats"] and a["beats"] * C <= cfg.max_dim, f"beats {a['beats']}")]
-    for ok, why in shape:
-        if not ok:
-            stop(ErrorCode.SHAPE_OVER_CAPACITY, why)
+    # An expert GEMM in a body runs the iteration's count; its ``tokens`` field is ignored.
+    values = {**a, "tokens": _gemm_rows(a, it)} if op == Opcode.GEMM else a
+    for bound in SHAPE_BOUNDS.get(op, ()):
+        if not bound.holds(values[bound.field], cfg):
+            stop(ErrorCode.SHAPE_OVER_CAPACITY, f"{bound.field} {values[bound.field]}")
+    if op == Opcode.ROUTE and a["top_k"] > a["experts"]:
+        stop(ErrorCode.SHAPE_OVER_CAPACITY, f"top_k {a['top_k']} > experts {a['experts']}")
+    if op == Opcode.COMBINE and not 1 <= a["rows"] <= routed:
+        stop(ErrorCode.SHAPE_OVER_CAPACITY, f"rows {a['rows']} (routed rows {routed})")
 
     # ADDRESS_OUT_OF_RANGE
     words: list[int] = []            # last buffer word of each range

@@ -352,7 +352,7 @@ def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
     check_top_config(config)
     R, C = config.pe_rows, config.pe_cols
     name = model.name
-    max_k = max(config.max_hidden, 3 * config.max_dim, config.max_tokens + C)
+    max_k = config.max_gemm_width
     checks = [
         (model.head == "linear", f"the {model.head!r} head is float-only: the accelerator "
                                  "runs the 'linear' head"),
