@@ -158,8 +158,11 @@ def _check_span(offset: int, size: int, nbytes: int) -> None:
 class SimBoard(Board):
     """The Verilated SoC model (:class:`m3vit.sim.soc.SocModel`) as a board.
 
-    Buffers are placed one after another in the model's DDR (page aligned, from
-    ``0x1000`` so that address 0 is never a valid buffer); waiting runs the model.
+    The one simulated board: the runtime drives it directly, and :meth:`pynq_device` shows
+    the same board to PYNQ's classes (``pynq.MMIO``, ``pynq.allocate``), so CI runs the
+    ZCU104's code path against it. Buffers of both faces come from one allocator
+    (:meth:`reserve`): placed one after another in the model's DDR, page aligned, from
+    ``0x1000`` so that address 0 is never a valid buffer. Waiting runs the model.
 
     Parameters
     ----------
@@ -185,9 +188,53 @@ class SimBoard(Board):
         from m3vit.sim.soc import SocModel
 
         kwargs = {} if ddr_bytes is None else {"ddr_bytes": ddr_bytes}
-        self.soc = SocModel(config, timing=timing, trace_path=trace_path,
-                            trace_window=trace_window, progress=progress, **kwargs)
+        self._attach(SocModel(config, timing=timing, trace_path=trace_path,
+                              trace_window=trace_window, progress=progress, **kwargs))
+
+    @classmethod
+    def over(cls, soc) -> SimBoard:
+        """The board over an existing SoC model (or a stand-in with the same methods).
+
+        Parameters
+        ----------
+        soc : m3vit.sim.soc.SocModel
+            The model; the board owns it from now on (:meth:`close` closes it).
+        """
+        board = cls.__new__(cls)
+        board._attach(soc)
+        return board
+
+    def _attach(self, soc) -> None:
+        self.soc = soc
         self._next = _PAGE
+
+    def reserve(self, nbytes: int) -> int:
+        """DDR address of ``nbytes`` no other buffer of this board uses (page aligned).
+
+        Raises
+        ------
+        M3VitError
+            If the modelled DDR has no room left (freed buffers are not reused).
+        """
+        address, end = self._next, self._next + nbytes
+        if end > self.soc.ddr_bytes:
+            raise M3VitError(f"the simulated DDR holds {self.soc.ddr_bytes:,} bytes, "
+                             f"{end:,} are needed: open the board with a larger ddr_bytes")
+        self._next = end + -end % _PAGE
+        return address
+
+    def pynq_device(self, *, base_address: int = 0):
+        """This board as a ``pynq.Device``, for :meth:`PynqBoard.from_device
+        <m3vit.sw.runtime.pynq_board.PynqBoard.from_device>`.
+
+        Parameters
+        ----------
+        base_address : int, optional
+            Where the accelerator's register window appears in the device's address space.
+        """
+        from .pynq_board import SimBoardDevice  # pynq is imported only where it is used
+
+        return SimBoardDevice(self, base_address=base_address)
 
     def read_register(self, offset: int) -> int:
         return self.soc.read_register(offset)
@@ -196,13 +243,8 @@ class SimBoard(Board):
         self.soc.write_register(offset, value)
 
     def allocate(self, nbytes: int) -> Buffer:
-        end = self._next + nbytes
-        if end > self.soc.ddr_bytes:
-            raise M3VitError(f"the simulated DDR holds {self.soc.ddr_bytes:,} bytes, "
-                             f"{end:,} are needed: open the board with a larger ddr_bytes")
-        buffer = _SimBuffer(self.soc, self._next, nbytes)
+        buffer = _SimBuffer(self.soc, self.reserve(nbytes), nbytes)
         buffer.sync_to_device()  # zero-filled, like a fresh allocation
-        self._next = end + -end % _PAGE
         return buffer
 
     def wait_for_interrupt(self, timeout_cycles: int) -> bool:
@@ -227,4 +269,6 @@ class SimBoard(Board):
         self.soc.close()
 
 
+#: Buffer alignment: a page, like the CMA allocations XRT makes on the board, and more than
+#: any AXI burst alignment the accelerator needs.
 _PAGE = 4096

@@ -8,11 +8,12 @@ accelerator's non-coherent HP ports in agreement).
 On the board, ``PynqBoard(bitfile)`` loads the bitstream with ``pynq.Overlay`` and finds the
 accelerator's register window in the overlay's ``ip_dict``. Off the board,
 :meth:`PynqBoard.from_device` runs the *same* MMIO and buffer code against any
-``pynq.Device``; :class:`SimPynqDevice` is such a device backed by the Verilated SoC model
-(:class:`m3vit.sim.soc.SocModel`), so CI exercises ``pynq.MMIO``, ``pynq.allocate`` and
-``PynqBuffer.flush()`` / ``invalidate()`` against the simulator.
+``pynq.Device``; :meth:`SimBoard.pynq_device <m3vit.sw.runtime.board.SimBoard.pynq_device>`
+is such a device: the simulated board the runtime also drives directly, so CI exercises
+``pynq.MMIO``, ``pynq.allocate`` and ``PynqBuffer.flush()`` / ``invalidate()`` against the
+simulator.
 
-What only the board runs (CI runs everything else, through :class:`SimPynqDevice`):
+What only the board runs (CI runs everything else, through ``SimBoard.pynq_device()``):
 
 * ``_load_overlay`` past its "no device" check: ``pynq.Overlay(bitfile)``; and
   :class:`PynqBoard`'s ``__init__``, which hands the overlay's ``ip_dict`` to
@@ -51,7 +52,7 @@ with warnings.catch_warnings():
     from pynq.buffer import PynqBuffer
     from pynq.pl_server.device import Device
 
-__all__ = ["ACCEL_IP_PREFIX", "PynqBoard", "SimPynqDevice"]
+__all__ = ["ACCEL_IP_PREFIX", "PynqBoard", "SimBoardDevice"]
 
 #: Block-design name prefix of the accelerator's IP (``m3vit_accel_0`` in the ZCU104 design).
 ACCEL_IP_PREFIX = "m3vit_accel"
@@ -63,10 +64,6 @@ REGISTER_WINDOW_BYTES = 1 << AXIL_ADDR_WIDTH
 #: milliseconds at least; 100 µs adds little latency and keeps one core from spinning on
 #: uncached MMIO reads.
 POLL_INTERVAL_S = 100e-6
-
-#: Alignment of :class:`SimPynqDevice` buffers: a page, like the CMA allocations XRT makes
-#: on the board, and more than any AXI burst alignment the accelerator needs.
-SIM_BUFFER_ALIGN = 4096
 
 _NOT_ON_A_BOARD_HINT = "not on a ZCU104 with PYNQ? off the board use `--backend sim`"
 
@@ -191,7 +188,7 @@ class PynqBoard(Board):
     Notes
     -----
     :meth:`from_device` builds the same board over a given ``pynq.Device`` and register base
-    (CI uses :class:`SimPynqDevice`). The two differ only where the board's physics do:
+    (CI uses ``SimBoard.pynq_device()``). The two differ only where the board's physics do:
     :meth:`reset` and :meth:`wait_for_interrupt` (see there).
     """
 
@@ -210,7 +207,7 @@ class PynqBoard(Board):
         ----------
         device : pynq.Device
             A device with the ``REGISTER_RW`` or ``MEMORY_MAPPED`` capability whose
-            ``allocate`` returns ``PynqBuffer``s, e.g. a :class:`SimPynqDevice`.
+            ``allocate`` returns ``PynqBuffer``s, e.g. ``SimBoard.pynq_device()``.
         base_address : int, optional
             Where the accelerator's AXI4-Lite window starts in the device's address space.
 
@@ -287,7 +284,7 @@ class PynqBoard(Board):
     def wait_for_interrupt(self, timeout_cycles: int) -> bool:
         """Wait until ``STATUS`` shows ``DONE`` or ``ERROR`` (what drives ``irq``).
 
-        A device that offers ``wait_for_interrupt(cycles)`` (:class:`SimPynqDevice`) is
+        A device that offers ``wait_for_interrupt(cycles)`` (``SimBoard.pynq_device()``) is
         stepped for up to ``timeout_cycles``: simulated time passes only then. On the board
         the PL runs by itself and ``STATUS`` is polled with short sleeps until the wall-clock
         equivalent of ``timeout_cycles`` at the bitstream's ``CLOCK_KHZ`` has passed.
@@ -314,7 +311,7 @@ class PynqBoard(Board):
         dictionaries), and reconfiguring the PL drops every AXI transaction the accelerator
         had in flight. PS DDR, and with it every ``PynqBuffer``, is untouched, and XRT keeps
         its buffers because the same design is loaded again. A device without an overlay
-        resets through its ``reset_pl()`` (:class:`SimPynqDevice`: ``SocModel.reset``).
+        resets through its ``reset_pl()`` (``SimBoard.pynq_device()``: ``SocModel.reset``).
         The accelerator's ``ID`` is checked again afterwards.
         """
         if self._overlay is not None:
@@ -334,47 +331,43 @@ class PynqBoard(Board):
 
 @dataclass
 class _SimAllocation:
-    """What a :class:`SimPynqDevice` buffer's ``bo`` is: its DDR address and host memory."""
+    """What a :class:`SimBoardDevice` buffer's ``bo`` is: its DDR address and host memory."""
 
     device_address: int
     host: np.ndarray
 
 
-class SimPynqDevice(Device):
-    """A ``pynq.Device`` backed by the Verilated SoC model: pynq's classes on the simulator.
+class SimBoardDevice(Device):
+    """A :class:`~m3vit.sw.runtime.board.SimBoard` as a ``pynq.Device``: pynq's classes on
+    the simulator (made by :meth:`SimBoard.pynq_device
+    <m3vit.sw.runtime.board.SimBoard.pynq_device>`).
 
     ``pynq.MMIO(base, length, device=this)`` reads and writes the accelerator's registers
     through :meth:`read_registers` / :meth:`write_registers` (the ``REGISTER_RW``
     capability); ``pynq.allocate(..., target=this)`` returns ``PynqBuffer``s whose memory
-    is a host numpy array placed at an address in the model's DDR, and their ``flush()`` /
-    ``invalidate()`` copy that array into and out of the model's DDR, as a cache flush and
-    invalidate do on the board.
+    is a host numpy array placed in the model's DDR by the board's own allocator, and their
+    ``flush()`` / ``invalidate()`` copy that array into and out of the model's DDR, as a
+    cache flush and invalidate do on the board.
 
     Parameters
     ----------
-    soc : m3vit.sim.soc.SocModel
-        The model; its DDR holds the buffers.
+    board : SimBoard
+        The simulated board; its DDR holds the buffers.
     base_address : int, optional
         Where the accelerator's register window appears in this device's address space.
     tag : str, optional
         pynq's identifier for the device.
-
-    Notes
-    -----
-    Buffers come from a bump allocator over the model's DDR, page-aligned, starting one
-    page in (so a buffer at address 0 cannot hide a base register left unset); freeing a
-    buffer does not give its DDR back.
     """
 
-    def __init__(self, soc: Any, *, base_address: int = 0, tag: str = "m3vit_sim"):
+    def __init__(self, board: Any, *, base_address: int = 0, tag: str = "m3vit_sim"):
         super().__init__(tag)
         if base_address < 0 or base_address % 4:
             raise ValueError(f"base_address must be a non-negative multiple of 4, got "
                              f"{base_address!r}")
-        self.soc = soc
+        self.board = board
+        self.soc = board.soc
         self.base_address = base_address
         self.capabilities = {"REGISTER_RW": True, "MEMORY_MAPPED": False, "CALLABLE": False}
-        self._next_free = SIM_BUFFER_ALIGN
 
     # -- registers (what pynq.MMIO calls for a REGISTER_RW device) --------------------------
 
@@ -407,12 +400,7 @@ class SimPynqDevice(Device):
             If the model's DDR has no room left.
         """
         host = np.zeros(shape, dtype=dtype)
-        address = self._next_free
-        end = address + host.nbytes
-        if end > self.soc.ddr_bytes:
-            raise M3VitError(f"the simulated DDR ({self.soc.ddr_bytes:,} bytes) has no room "
-                             f"for {host.nbytes:,} more bytes ({address:,} in use)")
-        self._next_free = -(-end // SIM_BUFFER_ALIGN) * SIM_BUFFER_ALIGN
+        address = self.board.reserve(host.nbytes)
         return PynqBuffer(host.shape, host.dtype, buffer=host, device=self,
                           device_address=address, bo=_SimAllocation(address, host),
                           coherent=False)
@@ -451,5 +439,5 @@ class SimPynqDevice(Device):
         self.soc.reset()
 
     def close(self) -> None:
-        """Close the model."""
-        self.soc.close()
+        """Close the board (and its model)."""
+        self.board.close()

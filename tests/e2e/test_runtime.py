@@ -21,6 +21,7 @@ from m3vit.sw.model.train import scenes_for
 from m3vit.sw.quant import golden
 from m3vit.sw.quant.package import save_package
 from m3vit.sw.quant.quantize import quantize
+from m3vit.sw.runtime.board import SimBoard
 from m3vit.sw.runtime.driver import Accelerator, AcceleratorError, WatchdogError
 from m3vit.sw.runtime.session import format_report, load_report, run_session
 
@@ -159,12 +160,12 @@ def test_run_and_report_cli(tmp_path, capsys):
 def test_driver_through_pynq_classes_on_the_simulator():
     """The same driver over ``PynqBoard``: pynq's ``MMIO`` and ``PynqBuffer`` (flush and
     invalidate) against the SoC model; one image per task bit-exact, then a hung run."""
-    from m3vit.sim.soc import SocModel
-    from m3vit.sw.runtime.pynq_board import PynqBoard, SimPynqDevice
+    from m3vit.sw.runtime.pynq_board import PynqBoard
 
     images = scenes_for(get_preset("tiny"), 1, seed=SEED + 4)["image"]
-    with SocModel(CI) as soc:
-        board = PynqBoard.from_device(SimPynqDevice(soc))
+    with SimBoard(CI) as sim:
+        soc = sim.soc
+        board = PynqBoard.from_device(sim.pynq_device())
         acc = Accelerator(board, watchdog_cycles=1_500_000)
         acc.load(compile_executable(tiny_package(), CI))
         for task in ("depth", "semseg"):

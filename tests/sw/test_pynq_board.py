@@ -1,6 +1,6 @@
 """``PynqBoard`` through pynq's own classes: ``pynq.MMIO``, ``pynq.allocate``, ``PynqBuffer``.
 
-Off the board the device under those classes is :class:`SimPynqDevice`. The quick tests put
+Off the board the device under those classes is ``SimBoard.pynq_device()``. The quick tests put
 a small stand-in for the SoC model under it (registers in a dict, DDR in a bytearray), which
 is enough to check pynq's plumbing; the ``slow`` ones build the Verilated SoC model
 (``m3vit.sim.soc.SocModel``, CI configuration) and run a program on it from ``PynqBuffer``s,
@@ -19,11 +19,9 @@ import pytest
 from m3vit.hw.config import CI
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, ErrorCode
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.runtime.board import Buffer
+from m3vit.sw.runtime.board import Buffer, SimBoard
 from m3vit.sw.runtime.pynq_board import (
-    SIM_BUFFER_ALIGN,
     PynqBoard,
-    SimPynqDevice,
     _find_accelerator,
     pynq,
 )
@@ -102,7 +100,8 @@ class RegistersOnlyDevice(pynq.Device):
 
 def fake_board(**soc_options) -> tuple[PynqBoard, FakeSoc]:
     soc = FakeSoc(**soc_options)
-    return PynqBoard.from_device(SimPynqDevice(soc, base_address=BASE), base_address=BASE), soc
+    device = SimBoard.over(soc).pynq_device(base_address=BASE)
+    return PynqBoard.from_device(device, base_address=BASE), soc
 
 
 def test_registers_go_through_pynq_mmio_as_offsets():
@@ -125,7 +124,7 @@ def test_buffers_are_pynq_buffers_synced_by_flush_and_invalidate():
     first, second = board.allocate(100), board.allocate(5000)
     assert isinstance(first._array, pynq.buffer.PynqBuffer)
     assert first.nbytes == 100 and second.nbytes == 5000
-    assert first.device_address > 0 and first.device_address % SIM_BUFFER_ALIGN == 0
+    assert first.device_address > 0 and first.device_address % 4096 == 0  # a page
     assert second.device_address >= first.device_address + first.nbytes
     assert first.read(0, 100) == bytes(100)
 
@@ -257,7 +256,7 @@ def soc():
 def board(soc):
     soc.reset()
     soc.write_ddr(0, bytes([POISON]) * SOC_DDR_BYTES)
-    return PynqBoard.from_device(SimPynqDevice(soc))
+    return PynqBoard.from_device(SimBoard.over(soc).pynq_device())
 
 
 def start_case(board: PynqBoard, case: Case) -> Buffer:
