@@ -45,7 +45,7 @@ bench: $(STAMP) ## Benchmarks (slow, not in CI); figures go to docs/benchmarks.m
 
 # build/verilog is this target's own output, so a changed design replaces its old Verilog
 # (--force); `m3vit generate` on its own refuses to overwrite a file that differs.
-verilog: $(STAMP) ## Verilog of every landed design for CONFIG (default zcu104) + Verilator lint
+verilog: $(STAMP) ## Verilog of every design for CONFIG (default zcu104) + Verilator lint
 	$(BIN)/m3vit generate --config $(CONFIG) --all --lint --force --out build/verilog/$(CONFIG)
 
 resources: $(STAMP) ## Yosys synth_xilinx estimate of DESIGN (default top) vs the XCZU7EV, <= 80 %

@@ -229,12 +229,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     out = Path(args.out or f"build/verilog/{args.config}")
     report = generate(args.config, args.design or list(DESIGNS), out, force=args.force,
-                      # --all (the default) is every design that exists today: the top lands
-                      # last and must not keep the blocks from being generated meanwhile.
-                      skip_not_landed=not args.design,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))
-    for name, reason in report.skipped.items():
-        print(f"skipped {name}: {reason}", file=sys.stderr)
     for f in report.verilog:
         print(f"{f.path}  ({'written' if f.written else 'unchanged'})")
     print(f"{report.manifest.path}  ({'written' if report.manifest.written else 'unchanged'})")
@@ -536,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--design", nargs="+", metavar="NAME",
                        help=f"designs to write: {_HW_DESIGNS}")
     which.add_argument("--all", action="store_true",
-                       help="every design that has landed (the default)")
+                       help="every design (the default)")
     s.add_argument("--out", help="output folder (default: build/verilog/CONFIG)")
     s.add_argument("--lint", action="store_true",
                    help="lint each file with the pinned Verilator and count warnings")
