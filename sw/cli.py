@@ -7,6 +7,8 @@ means a bug in the toolkit.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,11 @@ DEFAULT_RUN_DIR = "runs"
 # the CLI does not import Amaranth (0.4 s); tests/hw/test_generate.py keeps them equal.
 _HW_CONFIGS = "zcu104, ci"
 _HW_DESIGNS = "top, gemm, layernorm, softmax, residual, table"
+# m3vit.hw.flow.vivado's VIVADO_VERSION and PYNQ_IMAGE, for the same reason;
+# tests/hw/test_vivado.py keeps them equal.
+_VIVADO_VERSION = "2025.2"
+_PYNQ_IMAGE = "4.0"
+
 
 
 class _Parser(argparse.ArgumentParser):
@@ -325,6 +332,29 @@ def cmd_resources(args: argparse.Namespace) -> None:
                                           for r in over))
 
 
+def cmd_bitstream(args: argparse.Namespace) -> None:
+    from m3vit.hw.flow.vivado import run_flow
+
+    collect = [_this_m3vit(), "bitstream", "--config", args.config, "--out", str(args.out)]
+    if args.build_dir is not None:
+        collect += ["--build-dir", str(args.build_dir)]
+    run_flow(args.config, args.out, build_dir=args.build_dir, jobs=args.jobs, force=args.force,
+             scripts_only=args.scripts_only, collect_only=args.collect,
+             collect_command=shlex.join([*collect, "--collect"]),
+             say=lambda line: print(f"m3vit: {line}", flush=True))
+
+
+def _this_m3vit() -> str:
+    """This ``m3vit`` as the user would type it from here (``.venv/bin/m3vit`` under make)."""
+    # Beside the interpreter: the project's .venv, not resolved, since a venv's python is a
+    # symlink; a shorter relative path when it is under the current folder.
+    script = Path(sys.executable).parent / "m3vit"
+    if not script.is_file():
+        return "m3vit"
+    relative = os.path.relpath(script)
+    return str(script) if relative.startswith("..") else relative
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from m3vit.hw.flow.generate import get_config
     from m3vit.hw.isa import ExpertOrder
@@ -563,6 +593,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run Yosys even if WORKDIR holds a run of identical Verilog, script "
                    "and Yosys (reused by default)")
     s.set_defaults(func=cmd_resources)
+
+    s = sub.add_parser("bitstream", help="Vivado build of the accelerator for the ZCU104",
+                       description="Elaborate the accelerator and write a complete Vivado "
+                       "project to BUILD_DIR: its Verilog, a Vivado-ready wrapper, the ZCU104 "
+                       "block design, build.tcl and run.sh. With Vivado on PATH (it must be "
+                       f"Vivado {_VIVADO_VERSION}, the version of the PYNQ {_PYNQ_IMAGE} "
+                       "images; another is refused), build it in batch mode (hours for "
+                       "zcu104) and put <base>.bit, <base>.hwh, the reports and manifest.json "
+                       "(config hash, clock, timing slack) into --out; a build that misses "
+                       "timing is not copied, and a bitstream of another configuration is not "
+                       "replaced without --force. Without Vivado, write the project, print the "
+                       "commands to run on a machine that has it (then --collect here) and "
+                       "exit with status 2. `make bitstream` runs this command.")
+    s.add_argument("--config", default="zcu104",
+                   help=f"accelerator configuration: {_HW_CONFIGS} (default: %(default)s)")
+    s.add_argument("--out", type=Path, default=Path("bitstreams"),
+                   help="where the .bit, .hwh, reports and manifest.json go "
+                   "(default: %(default)s)")
+    s.add_argument("--build-dir", type=Path,
+                   help="where the Vivado project is written and built "
+                   "(default: build/vivado/CONFIG)")
+    s.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel Vivado jobs (default: %(default)s)")
+    s.add_argument("--force", action="store_true",
+                   help="replace a bitstream of the same name built for another configuration")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--scripts-only", action="store_true",
+                      help="write the project scripts and stop, even when Vivado is on PATH")
+    mode.add_argument("--collect", action="store_true",
+                      help="only copy a finished build (BUILD_DIR/out, e.g. run on another "
+                      "machine) into --out and update the manifest")
+    s.set_defaults(func=cmd_bitstream)
 
     s = sub.add_parser("compile", help="compile a quantized package for an accelerator config",
                        description="Lay out one program and one DDR image that run every task "
