@@ -29,7 +29,6 @@ _VIVADO_VERSION = "2025.2"
 _PYNQ_IMAGE = "4.0"
 
 
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line like every other error."""
 
@@ -463,10 +462,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `m3vit COMMAND --help` for a command's options.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # In the order --help lists them: the model, its package, the hardware, the board.
+    for add_parser in (_presets_parser, _flops_parser, _train_parser, _evaluate_parser,
+                       _import_timm_parser, _quantize_parser, _inspect_parser, _scenes_parser,
+                       _generate_parser, _resources_parser, _bitstream_parser,
+                       _compile_parser, _run_parser, _report_parser):
+        add_parser(sub)
+    return p
 
+
+def _presets_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit presets``."""
     s = sub.add_parser("presets", help="list the model presets")
     s.set_defaults(func=cmd_presets)
 
+
+def _flops_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit flops``."""
     s = sub.add_parser("flops", help="count MACs: single-task vs all-task forward",
                        description="Run one image through the model and count the MACs it "
                        "executes (only the top-k experts each token chose), per category, for "
@@ -475,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="count only this task's single-task forward")
     s.set_defaults(func=cmd_flops)
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit train``."""
     s = sub.add_parser("train", help="train on synthetic multi-task scenes",
                        description="Train every task jointly on deterministic synthetic scenes "
                        "(semantic segmentation, depth), evaluate on held-out scenes against "
@@ -497,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit evaluate``."""
     s = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out scenes")
     s.add_argument("checkpoint", help="checkpoint written by `m3vit train`")
     s.add_argument("--preset", help="refuse the checkpoint unless it is of this preset")
@@ -505,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1, help="held-out seed (default: %(default)s)")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _import_timm_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit import-timm``."""
     s = sub.add_parser("import-timm", help="initialise a model from a timm ViT",
                        description="Build a timm VisionTransformer locally (random init, no "
                        "download), copy it into the M³ViT backbone — experts from the dense "
@@ -516,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     s.set_defaults(func=cmd_import_timm)
 
+
+def _quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit quantize``."""
     s = sub.add_parser("quantize", help="post-training INT8 quantization into a package",
                        description="Calibrate a trained checkpoint on synthetic scenes (every "
                        "task), quantize it to the integer model of docs/numerics.md and write "
@@ -535,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing package")
     s.set_defaults(func=cmd_quantize)
 
+
+def _inspect_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit inspect``."""
     s = sub.add_parser("inspect", help="check a quantized package and summarise it",
                        description="Load a .m3q package with every check (format, version, "
                        "config, tensor table, content hash, tensors the model needs) and "
@@ -542,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("package", help="a .m3q file written by `m3vit quantize`")
     s.set_defaults(func=cmd_inspect)
 
+
+def _scenes_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit scenes``."""
     s = sub.add_parser("scenes", help="draw synthetic training scenes to a PNG")
     _add_model_args(s)
     s.add_argument("--n", type=int, default=4, help="scenes to draw (default: %(default)s)")
@@ -550,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing PNG")
     s.set_defaults(func=cmd_scenes)
 
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit generate``."""
     s = sub.add_parser("generate", help="write the accelerator's Verilog for a config",
                        description="Elaborate designs with Amaranth and write <out>/<design>.v "
                        "(top module m3vit_<design>) plus manifest.json (config, config hash, "
@@ -568,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite files that differ")
     s.set_defaults(func=cmd_generate)
 
+
+def _resources_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit resources``."""
     s = sub.add_parser("resources", help="estimate FPGA resources with Yosys synth_xilinx",
                        description="Elaborate one design, synthesize its netlist (the RTLIL "
                        "its Verilog is written from) with Yosys `synth_xilinx -family xcup "
@@ -594,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and Yosys (reused by default)")
     s.set_defaults(func=cmd_resources)
 
+
+def _bitstream_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit bitstream``."""
     s = sub.add_parser("bitstream", help="Vivado build of the accelerator for the ZCU104",
                        description="Elaborate the accelerator and write a complete Vivado "
                        "project to BUILD_DIR: its Verilog, a Vivado-ready wrapper, the ZCU104 "
@@ -626,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "machine) into --out and update the manifest")
     s.set_defaults(func=cmd_bitstream)
 
+
+def _compile_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit compile``."""
     s = sub.add_parser("compile", help="compile a quantized package for an accelerator config",
                        description="Lay out one program and one DDR image that run every task "
                        "of a .m3q package on the accelerator of --config: weights tiled in the "
@@ -644,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
     s.set_defaults(func=cmd_compile)
 
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit run``."""
     s = sub.add_parser("run", help="run a compiled package on the simulator or the ZCU104",
                        description="Load a .m3x onto a board, run synthetic scenes for every "
                        "task (or --task) switching task before every run, and print per task "
@@ -681,11 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")
     s.set_defaults(func=cmd_run)
 
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit report``."""
     s = sub.add_parser("report", help="print a run report saved by `m3vit run --json`")
     s.add_argument("report", help="the JSON file")
     s.add_argument("--sequence", action="store_true", help="also list every run in order")
     s.set_defaults(func=cmd_report)
-    return p
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
