@@ -263,7 +263,6 @@ def _lint_generated(files: list) -> None:
         raise M3VitError(f"Verilator lint failed for {', '.join(failed)}")
 
 
-
 def _progress_line(label: str) -> Any:
     """A progress callback for long tool runs: a live line on a terminal, else a line a
     minute (so a log shows the run is alive without thousands of lines)."""
@@ -733,7 +732,6 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("report", help="the JSON file")
     s.add_argument("--sequence", action="store_true", help="also list every run in order")
     s.set_defaults(func=cmd_report)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

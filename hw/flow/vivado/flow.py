@@ -63,7 +63,6 @@ class FlowFiles:
     flow: dict
 
 
-
 def _accelerator(config: AccelConfig) -> wiring.Component:
     from ...top import AcceleratorTop  # slow to import only once a flow is written
 
@@ -159,7 +158,6 @@ def write_project(
         files[key] = path
     files["run"].chmod(0o755)
     return FlowFiles(build_dir=build_dir, files=files, flow=flow)
-
 
 
 def default_build_dir(config_name: str) -> Path:

@@ -77,7 +77,7 @@ def block_design_tcl(buses: Sequence[BusInterface], interrupts: Sequence[Wrapper
     Parameters
     ----------
     buses, interrupts
-        From :func:`bus_interfaces`.
+        From :func:`~m3vit.hw.flow.vivado.wrapper.bus_interfaces`.
     config : AccelConfig
         Clock target and AXI data width.
     config_name : str
