@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-# Accelerator configuration for `make verilog` / `make resources` (zcu104 or ci) and the design
-# `make resources` synthesizes (top, gemm, layernorm, softmax, residual, table).
+# Accelerator configuration for `make verilog` / `make resources` / `make bitstream` (zcu104 or
+# ci) and the design `make resources` synthesizes (top, gemm, layernorm, softmax, residual,
+# table).
 CONFIG ?= zcu104
 DESIGN ?= top
 
@@ -45,14 +46,14 @@ bench: $(STAMP) ## Benchmarks (slow, not in CI); figures go to docs/benchmarks.m
 
 # build/verilog is this target's own output, so a changed design replaces its old Verilog
 # (--force); `m3vit generate` on its own refuses to overwrite a file that differs.
-verilog: $(STAMP) ## Verilog of every landed design for CONFIG (default zcu104) + Verilator lint
+verilog: $(STAMP) ## Verilog of every design for CONFIG (default zcu104) + Verilator lint
 	$(BIN)/m3vit generate --config $(CONFIG) --all --lint --force --out build/verilog/$(CONFIG)
 
 resources: $(STAMP) ## Yosys synth_xilinx estimate of DESIGN (default top) vs the XCZU7EV, <= 80 %
 	$(BIN)/m3vit resources --config $(CONFIG) --design $(DESIGN)
 
 bitstream: $(STAMP) ## Vivado build for the ZCU104 (Vivado 2025.2 on PATH; else writes the scripts)
-	$(BIN)/python -m m3vit.hw.flow.vivado --config $(CONFIG) --out bitstreams $(if $(JOBS),--jobs $(JOBS))
+	$(BIN)/m3vit bitstream --config $(CONFIG) --out bitstreams $(if $(JOBS),--jobs $(JOBS))
 
 clean: ## Remove build products (keeps .venv and trained runs)
 	rm -rf build .pytest_cache .ruff_cache

@@ -7,6 +7,8 @@ means a bug in the toolkit.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,10 @@ DEFAULT_RUN_DIR = "runs"
 # the CLI does not import Amaranth (0.4 s); tests/hw/test_generate.py keeps them equal.
 _HW_CONFIGS = "zcu104, ci"
 _HW_DESIGNS = "top, gemm, layernorm, softmax, residual, table"
+# m3vit.hw.flow.vivado's VIVADO_VERSION and PYNQ_IMAGE, for the same reason;
+# tests/hw/test_vivado.py keeps them equal.
+_VIVADO_VERSION = "2025.2"
+_PYNQ_IMAGE = "4.0"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,12 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     out = Path(args.out or f"build/verilog/{args.config}")
     report = generate(args.config, args.design or list(DESIGNS), out, force=args.force,
-                      # --all (the default) is every design that exists today: the top lands
-                      # last and must not keep the blocks from being generated meanwhile.
-                      skip_not_landed=not args.design,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))
-    for name, reason in report.skipped.items():
-        print(f"skipped {name}: {reason}", file=sys.stderr)
     for f in report.verilog:
         print(f"{f.path}  ({'written' if f.written else 'unchanged'})")
     print(f"{report.manifest.path}  ({'written' if report.manifest.written else 'unchanged'})")
@@ -260,7 +261,6 @@ def _lint_generated(files: list) -> None:
             print(f"  {line}")
     if failed:
         raise M3VitError(f"Verilator lint failed for {', '.join(failed)}")
-
 
 
 def _progress_line(label: str) -> Any:
@@ -328,6 +328,29 @@ def cmd_resources(args: argparse.Namespace) -> None:
         raise M3VitError(f"{design.module} exceeds {over[0].budget:.0%} of the {XCZU7EV.name} "
                          "in " + ", ".join(f"{r.resource} ({100 * r.fraction:.1f} %)"
                                           for r in over))
+
+
+def cmd_bitstream(args: argparse.Namespace) -> None:
+    from m3vit.hw.flow.vivado import run_flow
+
+    collect = [_this_m3vit(), "bitstream", "--config", args.config, "--out", str(args.out)]
+    if args.build_dir is not None:
+        collect += ["--build-dir", str(args.build_dir)]
+    run_flow(args.config, args.out, build_dir=args.build_dir, jobs=args.jobs, force=args.force,
+             scripts_only=args.scripts_only, collect_only=args.collect,
+             collect_command=shlex.join([*collect, "--collect"]),
+             say=lambda line: print(f"m3vit: {line}", flush=True))
+
+
+def _this_m3vit() -> str:
+    """This ``m3vit`` as the user would type it from here (``.venv/bin/m3vit`` under make)."""
+    # Beside the interpreter: the project's .venv, not resolved, since a venv's python is a
+    # symlink; a shorter relative path when it is under the current folder.
+    script = Path(sys.executable).parent / "m3vit"
+    if not script.is_file():
+        return "m3vit"
+    relative = os.path.relpath(script)
+    return str(script) if relative.startswith("..") else relative
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
@@ -438,10 +461,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `m3vit COMMAND --help` for a command's options.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # In the order --help lists them: the model, its package, the hardware, the board.
+    for add_parser in (_presets_parser, _flops_parser, _train_parser, _evaluate_parser,
+                       _import_timm_parser, _quantize_parser, _inspect_parser, _scenes_parser,
+                       _generate_parser, _resources_parser, _bitstream_parser,
+                       _compile_parser, _run_parser, _report_parser):
+        add_parser(sub)
+    return p
 
+
+def _presets_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit presets``."""
     s = sub.add_parser("presets", help="list the model presets")
     s.set_defaults(func=cmd_presets)
 
+
+def _flops_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit flops``."""
     s = sub.add_parser("flops", help="count MACs: single-task vs all-task forward",
                        description="Run one image through the model and count the MACs it "
                        "executes (only the top-k experts each token chose), per category, for "
@@ -450,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="count only this task's single-task forward")
     s.set_defaults(func=cmd_flops)
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit train``."""
     s = sub.add_parser("train", help="train on synthetic multi-task scenes",
                        description="Train every task jointly on deterministic synthetic scenes "
                        "(semantic segmentation, depth), evaluate on held-out scenes against "
@@ -472,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit evaluate``."""
     s = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out scenes")
     s.add_argument("checkpoint", help="checkpoint written by `m3vit train`")
     s.add_argument("--preset", help="refuse the checkpoint unless it is of this preset")
@@ -480,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1, help="held-out seed (default: %(default)s)")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _import_timm_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit import-timm``."""
     s = sub.add_parser("import-timm", help="initialise a model from a timm ViT",
                        description="Build a timm VisionTransformer locally (random init, no "
                        "download), copy it into the M³ViT backbone — experts from the dense "
@@ -491,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     s.set_defaults(func=cmd_import_timm)
 
+
+def _quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit quantize``."""
     s = sub.add_parser("quantize", help="post-training INT8 quantization into a package",
                        description="Calibrate a trained checkpoint on synthetic scenes (every "
                        "task), quantize it to the integer model of docs/numerics.md and write "
@@ -510,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing package")
     s.set_defaults(func=cmd_quantize)
 
+
+def _inspect_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit inspect``."""
     s = sub.add_parser("inspect", help="check a quantized package and summarise it",
                        description="Load a .m3q package with every check (format, version, "
                        "config, tensor table, content hash, tensors the model needs) and "
@@ -517,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("package", help="a .m3q file written by `m3vit quantize`")
     s.set_defaults(func=cmd_inspect)
 
+
+def _scenes_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit scenes``."""
     s = sub.add_parser("scenes", help="draw synthetic training scenes to a PNG")
     _add_model_args(s)
     s.add_argument("--n", type=int, default=4, help="scenes to draw (default: %(default)s)")
@@ -525,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing PNG")
     s.set_defaults(func=cmd_scenes)
 
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit generate``."""
     s = sub.add_parser("generate", help="write the accelerator's Verilog for a config",
                        description="Elaborate designs with Amaranth and write <out>/<design>.v "
                        "(top module m3vit_<design>) plus manifest.json (config, config hash, "
@@ -536,13 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--design", nargs="+", metavar="NAME",
                        help=f"designs to write: {_HW_DESIGNS}")
     which.add_argument("--all", action="store_true",
-                       help="every design that has landed (the default)")
+                       help="every design (the default)")
     s.add_argument("--out", help="output folder (default: build/verilog/CONFIG)")
     s.add_argument("--lint", action="store_true",
                    help="lint each file with the pinned Verilator and count warnings")
     s.add_argument("--force", action="store_true", help="overwrite files that differ")
     s.set_defaults(func=cmd_generate)
 
+
+def _resources_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit resources``."""
     s = sub.add_parser("resources", help="estimate FPGA resources with Yosys synth_xilinx",
                        description="Elaborate one design, synthesize its netlist (the RTLIL "
                        "its Verilog is written from) with Yosys `synth_xilinx -family xcup "
@@ -569,6 +629,44 @@ def build_parser() -> argparse.ArgumentParser:
                    "and Yosys (reused by default)")
     s.set_defaults(func=cmd_resources)
 
+
+def _bitstream_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit bitstream``."""
+    s = sub.add_parser("bitstream", help="Vivado build of the accelerator for the ZCU104",
+                       description="Elaborate the accelerator and write a complete Vivado "
+                       "project to BUILD_DIR: its Verilog, a Vivado-ready wrapper, the ZCU104 "
+                       "block design, build.tcl and run.sh. With Vivado on PATH (it must be "
+                       f"Vivado {_VIVADO_VERSION}, the version of the PYNQ {_PYNQ_IMAGE} "
+                       "images; another is refused), build it in batch mode (hours for "
+                       "zcu104) and put <base>.bit, <base>.hwh, the reports and manifest.json "
+                       "(config hash, clock, timing slack) into --out; a build that misses "
+                       "timing is not copied, and a bitstream of another configuration is not "
+                       "replaced without --force. Without Vivado, write the project, print the "
+                       "commands to run on a machine that has it (then --collect here) and "
+                       "exit with status 2. `make bitstream` runs this command.")
+    s.add_argument("--config", default="zcu104",
+                   help=f"accelerator configuration: {_HW_CONFIGS} (default: %(default)s)")
+    s.add_argument("--out", type=Path, default=Path("bitstreams"),
+                   help="where the .bit, .hwh, reports and manifest.json go "
+                   "(default: %(default)s)")
+    s.add_argument("--build-dir", type=Path,
+                   help="where the Vivado project is written and built "
+                   "(default: build/vivado/CONFIG)")
+    s.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel Vivado jobs (default: %(default)s)")
+    s.add_argument("--force", action="store_true",
+                   help="replace a bitstream of the same name built for another configuration")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--scripts-only", action="store_true",
+                      help="write the project scripts and stop, even when Vivado is on PATH")
+    mode.add_argument("--collect", action="store_true",
+                      help="only copy a finished build (BUILD_DIR/out, e.g. run on another "
+                      "machine) into --out and update the manifest")
+    s.set_defaults(func=cmd_bitstream)
+
+
+def _compile_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit compile``."""
     s = sub.add_parser("compile", help="compile a quantized package for an accelerator config",
                        description="Lay out one program and one DDR image that run every task "
                        "of a .m3q package on the accelerator of --config: weights tiled in the "
@@ -587,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
     s.set_defaults(func=cmd_compile)
 
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit run``."""
     s = sub.add_parser("run", help="run a compiled package on the simulator or the ZCU104",
                        description="Load a .m3x onto a board, run synthetic scenes for every "
                        "task (or --task) switching task before every run, and print per task "
@@ -624,11 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")
     s.set_defaults(func=cmd_run)
 
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit report``."""
     s = sub.add_parser("report", help="print a run report saved by `m3vit run --json`")
     s.add_argument("report", help="the JSON file")
     s.add_argument("--sequence", action="store_true", help="also list every run in order")
     s.set_defaults(func=cmd_report)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

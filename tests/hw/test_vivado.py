@@ -4,8 +4,9 @@
 The generated scripts are read back: the block design must instantiate what the runtime
 (``m3vit.sw.runtime.pynq_board``) looks for, its address map must be the register window the
 runtime maps, and the wrapper must carry every AXI signal of the generated top under
-standard names. ``make bitstream``'s entry point runs with no Vivado on ``PATH`` and with fake
-``vivado`` executables (wrong version; a "build" that leaves a bitstream and reports).
+standard names. ``m3vit bitstream`` (what ``make bitstream`` runs) runs with no Vivado on
+``PATH`` and with fake ``vivado`` executables (wrong version; a "build" that leaves a bitstream
+and reports).
 
 The small CI configuration is elaborated once per module (about 10 s); the ZCU104
 configuration's wrapper is checked from its signature, which needs no conversion.
@@ -32,6 +33,7 @@ from m3vit.hw.flow.generate import signature_ports, to_verilog
 from m3vit.hw.registers import REGISTER_MAP, AxiLiteSignature
 from m3vit.hw.top import AcceleratorTop
 from m3vit.sim.verilator import lint
+from m3vit.sw import cli
 from m3vit.sw.runtime.pynq_board import ACCEL_IP_PREFIX, REGISTER_WINDOW_BYTES, _find_accelerator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,12 +201,12 @@ def bd(ci_flow):
 
 @pytest.fixture
 def fast_verilog(monkeypatch, ci_verilog):
-    """``main`` without the 10 s conversion: the module's Verilog comes from the fixture."""
+    """``m3vit bitstream`` without the 10 s conversion: the Verilog comes from the fixture."""
     def convert(component, name):
         elaborated(component)
         return ci_verilog
 
-    monkeypatch.setattr(vivado, "to_verilog", convert)
+    monkeypatch.setattr(vivado.flow, "to_verilog", convert)
 
 
 # ---- versions ---------------------------------------------------------------------------------
@@ -218,6 +220,8 @@ def test_the_expected_vivado_is_the_one_of_the_pinned_pynq():
     assert vivado.VIVADO_VERSION == vivado.PYNQ_VIVADO[vivado.PYNQ_IMAGE] == "2025.2"
     readme = (REPO / "bitstreams" / "README.md").read_text()
     assert f"Vivado {vivado.VIVADO_VERSION}" in readme and f"PYNQ {vivado.PYNQ_IMAGE}" in readme
+    # The CLI spells them out for `m3vit bitstream --help` (it starts without Amaranth).
+    assert (cli._VIVADO_VERSION, cli._PYNQ_IMAGE) == (vivado.VIVADO_VERSION, vivado.PYNQ_IMAGE)
 
 
 @pytest.mark.parametrize(("text", "version"), [
@@ -484,17 +488,18 @@ def test_parse_utilization():
     }
 
 
-# ---- make bitstream: without Vivado, with a fake one -------------------------------------------
+# ---- m3vit bitstream: without Vivado, with a fake one ------------------------------------------
 
 
 def test_without_vivado_the_scripts_are_written_and_one_line_says_so(tmp_path):
-    # What `make bitstream` runs, in a fresh process whose PATH has no vivado.
+    # What `make bitstream` runs (`m3vit bitstream`), in a fresh process whose PATH has no
+    # vivado.
     empty = tmp_path / "bin"
     empty.mkdir()
     env = {**os.environ, "PATH": str(empty)}
     build, out = tmp_path / "build", tmp_path / "bitstreams"
     result = subprocess.run(
-        [sys.executable, "-m", "m3vit.hw.flow.vivado", "--config", "ci", "--out", str(out),
+        [sys.executable, "-m", "m3vit.sw.cli", "bitstream", "--config", "ci", "--out", str(out),
          "--build-dir", str(build)],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert result.returncode == 2
@@ -505,6 +510,9 @@ def test_without_vivado_the_scripts_are_written_and_one_line_says_so(tmp_path):
         assert (build / name).is_file(), name
     assert "cd build && vivado -mode batch -source build.tcl" in result.stdout
     assert f"Vivado {vivado.VIVADO_VERSION}" in result.stdout
+    # What to run here afterwards: this very command with --collect.
+    assert re.search(rf"m3vit bitstream --config ci --out {re.escape(str(out))} --build-dir "
+                     rf"{re.escape(str(build))} --collect$", result.stdout, re.MULTILINE)
     assert not out.exists()
 
 
@@ -543,7 +551,7 @@ def fake_vivado(bin_dir: Path, *, version: str = vivado.VIVADO_VERSION, wns: str
 
 
 def run_main(capsys, *argv):
-    code = vivado.main(list(argv))
+    code = cli.main(["bitstream", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -552,6 +560,21 @@ def run_main(capsys, *argv):
 def paths(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     return tmp_path / "build", tmp_path / "bitstreams", tmp_path / "bin"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--config", "zcu102"],
+     "m3vit: error: unknown accelerator config 'zcu102' (choose from zcu104, ci)"),
+    (["--config", "ci", "--jobs", "0"], "m3vit: error: --jobs must be >= 1, got 0"),
+    (["--scripts-only", "--collect"], "m3vit bitstream: error: argument --collect: not allowed "
+                                      "with argument --scripts-only"),
+])
+def test_bad_input_is_one_line_before_anything_is_written(paths, capsys, argv, message):
+    build, out, _ = paths
+    code, _, err = run_main(capsys, *argv, "--out", str(out), "--build-dir", str(build))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(message)
+    assert not build.exists() and not out.exists()
 
 
 def test_a_vivado_of_another_version_is_refused(paths, capsys, fast_verilog):

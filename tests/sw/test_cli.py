@@ -90,11 +90,24 @@ def test_presets_and_flops(capsys):
     assert code == 0 and "fewer than the all-task forward" in out
 
 
+def test_bitstream_help_says_what_happens_with_and_without_vivado(capsys):
+    code, out, _ = run(capsys, "bitstream", "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    assert "With Vivado on PATH (it must be Vivado 2025.2" in text
+    assert "Without Vivado, write the project, print the commands to run" in text
+    assert "exit with status 2" in text
+    for option in ("--config", "--out", "--build-dir", "--jobs", "--force", "--scripts-only",
+                   "--collect"):
+        assert option in out
+
+
 def test_console_script_help_and_error():
     exe = [sys.executable, "-m", "m3vit.sw.cli"]
     help_text = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True)
     for command in ("presets", "flops", "train", "evaluate", "import-timm", "quantize",
-                    "inspect", "scenes"):
+                    "inspect", "scenes", "generate", "resources", "bitstream", "compile", "run",
+                    "report"):
         assert command in help_text.stdout
     bad = subprocess.run([*exe, "flops", "--preset", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2
