@@ -9,8 +9,6 @@ the DMA bench. Expected DDR contents come from the instruction model
 (``m3vit.sw.compiler.isa_model``) or, for the dense block, from the golden model.
 """
 
-import os
-
 import cocotb
 
 from m3vit.hw.isa import Opcode
@@ -70,7 +68,7 @@ async def test_bad_programs_stop_cleanly(dut):
         await tb.check(good)
 
 
-@cocotb.test(skip=os.environ.get("M3VIT_SKIP_BLOCK") == "1")
+@cocotb.test()
 async def test_dense_block(dut):
     """A whole dense ViT block of the ``tiny`` preset, bit-exact against the golden model."""
     tb = EngineBench(dut, "random")

@@ -8,8 +8,6 @@ read command the engine issued, so the tests count the bytes read from each expe
 else.
 """
 
-import os
-
 import cocotb
 from test_engine import _seed
 
@@ -103,7 +101,7 @@ def _read_map(tb: EngineBench, image) -> tuple[dict[str, int], list[tuple[int, i
     return per_task, shared
 
 
-@cocotb.test(skip=os.environ.get("M3VIT_SKIP_BLOCK") == "1")
+@cocotb.test()
 async def test_tiny_model_with_task_switches(dut):
     """The whole ``tiny`` model from one program and one DDR image: two images, each task
     in turn (a task switch between every run), every head bit-exact against the golden
