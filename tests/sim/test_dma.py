@@ -8,8 +8,6 @@ One small top, :class:`DmaBenchTop` (an :class:`~m3vit.hw.axi.AxiDmaPort` and fo
 (64-beat bursts, 8 outstanding, 40-bit addresses) are elaborated and linted only.
 """
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,6 @@ from m3vit.hw.axi import (
 )
 from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
-from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +32,6 @@ BENCH_DIR = Path(__file__).resolve().parent / "dma"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "dma"
 TOP = "dma_bench"
 BENCH_MODULE = "test_dma_engines"
-CONFIG_ENV = "M3VIT_BENCH_CONFIG"  # read by tests/sim/stream_tb.py
-# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
 #: Must match dma_tb.RESIZERS (the bench cannot import this module: pytest's copy differs).
 RESIZERS = {"up4": (4, 16), "up2": (16, 32), "down2": (16, 8), "down4": (16, 4)}
 #: reads, writes, both at once (2 flows each); 2 throughputs; 2 errors; 4 resizers × 2 flows.
@@ -132,22 +126,6 @@ def test_zcu104_engine_elaborates_and_lints_clean(engine, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
-def test_dma_bench_passes():
-    result = run_bench(
-        top=TOP,
-        verilog_sources=[bench_verilog(CI)],
-        test_module=BENCH_MODULE,
-        test_dir=BENCH_DIR,
-        build_dir=BUILD_DIR / "verilator",
-        seed=SEED,
-        extra_env={
-            CONFIG_ENV: json.dumps(CI.to_dict()),
-            # cocotb's default ("*.py") rewrites the assertions of every module imported
-            # under it, torch included: seconds per start. Only the bench's own need it.
-            "COCOTB_REWRITE_ASSERTION_FILES": "test_*.py *_tb.py",
-        },
-    )
-
-    print(f"dma: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, seed {SEED}")
-    assert len(result.passed) == EXPECTED_TESTS, result.passed
-    assert not result.skipped
+def test_dma_bench_passes(cocotb_bench):
+    cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP, verilog=bench_verilog(CI),
+                 build_dir=BUILD_DIR / "verilator", config=CI, passes=EXPECTED_TESTS)

@@ -8,11 +8,9 @@ weight tiles load fast enough to reach the accumulator hazard and the parameter 
 between back-to-back N-tiles. Only the square 4 × 4 runs passes with transposed
 (column-order) weight tiles; on the others such a command is checked to be illegal. The
 default 32 × 32 configuration is only elaborated and linted here; its utilization is measured by
-``tests/sim/gemm/utilization.py`` (``make bench``, not CI).
+:mod:`m3vit.sw.bench.gemm_utilization` (``make bench``, not CI).
 """
 
-import json
-import os
 import re
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import pytest
 from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.gemm import GemmEngine
-from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,12 +26,6 @@ BENCH_DIR = Path(__file__).resolve().parent / "gemm"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "gemm"
 TOP = "gemm_engine"
 BENCH_MODULE = "test_gemm_engine"
-CONFIG_ENV = "M3VIT_GEMM_CONFIG"
-# cocotb rewrites the assertions of every module imported under it ("*.py" by default),
-# torch included: 10-15 s per simulator start. Only the bench's own modules need it.
-REWRITE_ASSERTIONS = {"COCOTB_REWRITE_ASSERTION_FILES": "test_*.py *_tb.py"}
-# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
 
 BENCH_CONFIGS = {
     "4x4": CI,
@@ -65,22 +56,12 @@ def write_verilog(config: AccelConfig, build_dir: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
 @pytest.mark.parametrize("name", list(BENCH_CONFIGS))
-def test_gemm_engine_bench_passes(name):
+def test_gemm_engine_bench_passes(name, cocotb_bench):
     config = BENCH_CONFIGS[name]
     build_dir = BUILD_DIR / name
-    result = run_bench(
-        top=TOP,
-        verilog_sources=[write_verilog(config, build_dir)],
-        test_module=BENCH_MODULE,
-        test_dir=BENCH_DIR,
-        build_dir=build_dir / "verilator",
-        seed=SEED,
-        extra_env={CONFIG_ENV: json.dumps(config.to_dict()), **REWRITE_ASSERTIONS},
-    )
-
-    print(f"{name}: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, seed {SEED}")
-    assert len(result.passed) == expected_tests(config), result.passed
-    assert not result.skipped
+    cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP,
+                 verilog=write_verilog(config, build_dir), build_dir=build_dir / "verilator",
+                 config=config, passes=expected_tests(config))
 
 
 @pytest.mark.slow

@@ -11,8 +11,6 @@ only.
 """
 
 import functools
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,16 +21,12 @@ from amaranth.lib.wiring import Out
 from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.hw.moe import Combiner, Dispatcher, slot_layout
-from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent / "moe"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "moe"
 TOP = "moe_bench"
-# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
-CONFIG_ENV = "M3VIT_BENCH_CONFIG"  # read by tests/sim/stream_tb.py
 
 #: 64 experts and top-4 (the ZCU104's MoE capacities) on the 4-lane array.
 EXPERTS64 = CI.replace(max_experts=64, max_top_k=4)
@@ -119,34 +113,11 @@ def test_zcu104_block_elaborates_and_lints_clean(block, tmp_path):
     assert lint(path, top) == []
 
 
-@pytest.fixture
-def quick_model_compile(monkeypatch):
-    """-O1 for the Verilated model: builds faster, and these short benches simulate as fast
-    (see ``tests/sim/test_vector.py``)."""
-    flags = os.environ.get("MAKEFLAGS", "")
-    monkeypatch.setenv("MAKEFLAGS", f"{flags} OPT_FAST=-O1 OPT_GLOBAL=-O1".strip())
-
-
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("module", BENCHES)
-def test_moe_bench_passes(module, config, quick_model_compile):
-    result = run_bench(
-        top=TOP,
-        verilog_sources=[bench_verilog(config)],
-        test_module=module,
-        test_dir=BENCH_DIR,
-        build_dir=BUILD_DIR / config / "verilator",
-        seed=SEED,
-        extra_env={
-            CONFIG_ENV: json.dumps(CONFIGS[config].to_dict()),
-            # Only the bench modules need pytest's assertion rewriting (not torch's).
-            "COCOTB_REWRITE_ASSERTION_FILES": f"{module}.py",
-        },
-    )
-
-    print(f"{module}/{config}: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, "
-          f"seed {SEED}")
-    assert len(result.passed) == BENCHES[module], result.passed
-    assert not result.skipped
+def test_moe_bench_passes(module, config, quick_model_compile, cocotb_bench):
+    cocotb_bench(module=module, bench_dir=BENCH_DIR, top=TOP, verilog=bench_verilog(config),
+                 build_dir=BUILD_DIR / config / "verilator", config=CONFIGS[config],
+                 passes=BENCHES[module])

@@ -7,8 +7,6 @@ The bench runs on the CI configuration, one small Verilator build under
 its constants, so the ZCU104 one is elaborated and linted only.
 """
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ import pytest
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.hw.registers import COUNTERS, ControlRegisters, RegisterError
-from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,9 +21,6 @@ BENCH_DIR = Path(__file__).resolve().parent / "regfile"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "regfile"
 TOP = "control_registers"
 BENCH_MODULE = "test_control_registers"
-CONFIG_ENV = "M3VIT_REGFILE_CONFIG"  # read by the bench
-# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
 # Nine test bodies: seven under both flows (free, random stalls), two once.
 EXPECTED_TESTS = 7 * 2 + 2
 
@@ -64,30 +58,9 @@ def test_zcu104_register_file_elaborates_and_lints_clean(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
-def test_register_file_bench_passes(monkeypatch):
-    # -O1 instead of Verilator's -Os: this small model then compiles in about half the
-    # time on the 2-core machine, and its short tests simulate as fast (see test_vector.py).
-    flags = os.environ.get("MAKEFLAGS", "")
-    monkeypatch.setenv("MAKEFLAGS", f"{flags} OPT_FAST=-O1 OPT_GLOBAL=-O1".strip())
+def test_register_file_bench_passes(quick_model_compile, cocotb_bench):
     verilog = BUILD_DIR / f"{TOP}.v"
     write_if_changed(verilog, to_verilog(ControlRegisters(CI), TOP))
 
-    result = run_bench(
-        top=TOP,
-        verilog_sources=[verilog],
-        test_module=BENCH_MODULE,
-        test_dir=BENCH_DIR,
-        build_dir=BUILD_DIR / "verilator",
-        seed=SEED,
-        extra_env={
-            CONFIG_ENV: json.dumps(CI.to_dict()),
-            # cocotb's default ("*.py") rewrites the assertions of every module imported
-            # after start-up, torch included: ~12 s per simulator start.
-            "COCOTB_REWRITE_ASSERTION_FILES": "test_*.py *_tb.py",
-        },
-    )
-
-    print(f"regfile: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, "
-          f"seed {SEED}")
-    assert len(result.passed) == EXPECTED_TESTS, result.passed
-    assert not result.skipped
+    cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP, verilog=verilog,
+                 build_dir=BUILD_DIR / "verilator", config=CI, passes=EXPECTED_TESTS)

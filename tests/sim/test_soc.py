@@ -5,9 +5,7 @@ Everything runs on the CI configuration. The model is built once (a few minutes,
 under ``build/soc``); the VCD test needs a second, tracing build.
 """
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +16,7 @@ from m3vit.hw.isa import Opcode, WeightSource
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
 from m3vit.sim import soc as soc_module
 from m3vit.sim.soc import DdrTiming, SocModel, build_soc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "top"))
-
-from programs import Case, dense_block_case, gemm_case, vector_case
+from m3vit.sw.bench.programs import Case, dense_block_case, gemm_case, vector_case
 
 PROGRAM_BASE = 0x1000
 DATA_BASE = 0x4000

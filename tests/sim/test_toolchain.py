@@ -25,8 +25,6 @@ BENCH_DIR = Path(__file__).resolve().parent / "toolchain"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "toolchain"
 TOP = "mac_accumulator"
 BENCH_MODULE = "test_mac_accumulator"
-# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
 
 EXPECTED_PORTS = {
     "i_stream__payload",
@@ -137,25 +135,17 @@ def test_lint_raises_on_broken_verilog(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
-def test_mac_accumulator_bench_passes(bench_verilog):
-    result = run_bench(
-        top=TOP,
-        verilog_sources=[bench_verilog],
-        test_module=BENCH_MODULE,
-        test_dir=BENCH_DIR,
-        build_dir=BUILD_DIR / "verilator",
-        seed=SEED,
-    )
+def test_mac_accumulator_bench_passes(bench_verilog, cocotb_bench):
+    result = cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP,
+                          verilog=bench_verilog, build_dir=BUILD_DIR / "verilator", passes=13,
+                          skipped=["deliberately_failing_check"])
 
-    print(f"build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, seed {SEED}")
-    assert len(result.passed) == 13
     assert all("/stimulus=" in name for name in result.passed)
-    assert result.skipped == (f"{BENCH_MODULE}.deliberately_failing_check",)
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
-def test_run_bench_raises_when_a_cocotb_test_fails(bench_verilog):
+def test_run_bench_raises_when_a_cocotb_test_fails(bench_verilog, cocotb_seed):
     with pytest.raises(AssertionError) as caught:
         run_bench(
             top=TOP,
@@ -163,19 +153,19 @@ def test_run_bench_raises_when_a_cocotb_test_fails(bench_verilog):
             test_module=BENCH_MODULE,
             test_dir=BENCH_DIR,
             build_dir=BUILD_DIR / "verilator",
-            seed=SEED,
+            seed=cocotb_seed,
             testcase="deliberately_failing_check",
         )
 
     message = str(caught.value)
     assert "1 of 1 cocotb tests failed" in message
     assert f"{BENCH_MODULE}.deliberately_failing_check" in message
-    assert f"seed={SEED}" in message
+    assert f"seed={cocotb_seed}" in message
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
-def test_run_bench_raises_when_no_test_runs(bench_verilog):
+def test_run_bench_raises_when_no_test_runs(bench_verilog, cocotb_seed):
     with pytest.raises(AssertionError, match="no cocotb test ran"):
         run_bench(
             top=TOP,
@@ -183,21 +173,21 @@ def test_run_bench_raises_when_no_test_runs(bench_verilog):
             test_module=BENCH_MODULE,
             test_dir=BENCH_DIR,
             build_dir=BUILD_DIR / "verilator",
-            seed=SEED,
+            seed=cocotb_seed,
             testcase="no_such_test",
         )
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
-def test_run_bench_writes_a_vcd_with_waves(bench_verilog):
+def test_run_bench_writes_a_vcd_with_waves(bench_verilog, cocotb_seed):
     result = run_bench(
         top=TOP,
         verilog_sources=[bench_verilog],
         test_module=BENCH_MODULE,
         test_dir=BENCH_DIR,
         build_dir=BUILD_DIR / "verilator-trace",
-        seed=SEED,
+        seed=cocotb_seed,
         waves=True,
         testcase="test_mac_accumulator/stimulus=edges/input_gaps=False/backpressure=False",
     )

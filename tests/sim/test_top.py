@@ -11,8 +11,6 @@ its own Verilator build (~2-3 min at -O1 on the 2-core machine), so they run sid
 """
 
 import functools
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,14 +18,11 @@ import pytest
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.top import AcceleratorTop, Engine
-from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent / "top"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "top"
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
-CONFIG_ENV = "M3VIT_BENCH_CONFIG"  # read by tests/sim/stream_tb.py
 #: cocotb module → tests it must report passed.
 BENCHES = {"test_engine": 9, "test_moe_engine": 6, "test_accelerator": 5}
 #: cocotb module → (top, component, build folder)
@@ -45,31 +40,12 @@ def bench_verilog(module: str) -> tuple[str, Path]:
     return top, path
 
 
-@pytest.fixture
-def quick_model_compile(monkeypatch):
-    """-O1 for the Verilated model: builds about twice as fast, simulates as fast here."""
-    flags = os.environ.get("MAKEFLAGS", "")
-    monkeypatch.setenv("MAKEFLAGS", f"{flags} OPT_FAST=-O1 OPT_GLOBAL=-O1".strip())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("module", BENCHES)
-def test_programs_run_bit_exactly(module, quick_model_compile):
+def test_programs_run_bit_exactly(module, quick_model_compile, cocotb_bench):
     top, verilog = bench_verilog(module)
-    result = run_bench(
-        top=top,
-        verilog_sources=[verilog],
-        test_module=module,
-        test_dir=BENCH_DIR,
-        build_dir=verilog.parent / "verilator",
-        seed=SEED,
-        extra_env={CONFIG_ENV: json.dumps(CI.to_dict()),
-                   "COCOTB_REWRITE_ASSERTION_FILES": "test_*.py"},
-    )
-    print(f"{module}: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, "
-          f"seed {SEED}")
-    assert len(result.passed) == BENCHES[module], result.passed
-    assert not result.skipped
+    cocotb_bench(module=module, bench_dir=BENCH_DIR, top=top, verilog=verilog,
+                 build_dir=verilog.parent / "verilator", config=CI, passes=BENCHES[module])
 
 
 def test_zcu104_accelerator_elaborates_and_lints_clean(tmp_path):

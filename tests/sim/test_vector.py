@@ -11,8 +11,6 @@ and linted only.
 
 import functools
 import gc
-import json
-import os
 import warnings
 from pathlib import Path
 
@@ -24,16 +22,12 @@ from amaranth.lib.wiring import Out
 from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
 from m3vit.hw.vector import LayerNormUnit, ResidualAdd, SoftmaxUnit, TableLookup
-from m3vit.sim.cocotb_runner import run_bench
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIM_DIR = Path(__file__).resolve().parent
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "vector"
 TOP = "vector_bench"
-# Fixed so CI is reproducible; export COCOTB_RANDOM_SEED to explore other seeds.
-SEED = int(os.environ.get("COCOTB_RANDOM_SEED", "20251128"))
-CONFIG_ENV = "M3VIT_BENCH_CONFIG"  # read by tests/sim/stream_tb.py
 
 #: 8 lanes, and room for a 129-token softmax row (17 beats, one real lane in the last).
 LANES8 = CI.replace(pe_rows=8, pe_cols=8, max_tokens=136)
@@ -149,41 +143,12 @@ def test_zcu104_unit_elaborates_and_lints_clean(unit, tmp_path):
     assert lint(path, top) == []
 
 
-@pytest.fixture
-def quick_model_compile(monkeypatch):
-    """Compile the Verilated model at -O1 instead of Verilator's -Os.
-
-    The 4-lane top then builds in ~43 s instead of ~77 s on the 2-core machine (the 8-lane
-    one in ~55 s instead of ~100 s) and these short benches simulate as fast. A make
-    variable in MAKEFLAGS reaches Verilator's generated makefile; ``run_bench`` keeps what
-    is there and adds its own flag.
-    """
-    flags = os.environ.get("MAKEFLAGS", "")
-    monkeypatch.setenv("MAKEFLAGS", f"{flags} OPT_FAST=-O1 OPT_GLOBAL=-O1".strip())
-
-
 @pytest.mark.slow
 @pytest.mark.xdist_group("verilator")
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("bench", BENCHES)
-def test_vector_bench_passes(bench, config, quick_model_compile):
+def test_vector_bench_passes(bench, config, quick_model_compile, cocotb_bench):
     module, count = BENCHES[bench]
-    result = run_bench(
-        top=TOP,
-        verilog_sources=[bench_verilog(config)],
-        test_module=module,
-        test_dir=SIM_DIR / bench,
-        build_dir=BUILD_DIR / config / "verilator",
-        seed=SEED,
-        extra_env={
-            CONFIG_ENV: json.dumps(CONFIGS[config].to_dict()),
-            # cocotb's default ("*.py") runs pytest's assertion rewriting over every module
-            # imported after start-up, torch included, uncached: +12 s per run here.
-            "COCOTB_REWRITE_ASSERTION_FILES": f"{module}.py",
-        },
-    )
-
-    print(f"{bench}/{config}: build {result.build_s:.1f} s, simulation {result.test_s:.1f} s, "
-          f"seed {SEED}")
-    assert len(result.passed) == count, result.passed
-    assert not result.skipped
+    cocotb_bench(module=module, bench_dir=SIM_DIR / bench, top=TOP,
+                 verilog=bench_verilog(config), build_dir=BUILD_DIR / config / "verilator",
+                 config=CONFIGS[config], passes=count)

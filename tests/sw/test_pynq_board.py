@@ -9,15 +9,15 @@ bit-exact.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from m3vit.hw.config import CI
+from m3vit.hw.isa import Opcode
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, ErrorCode
+from m3vit.sw.bench.programs import Case, task_select_case, vector_case
 from m3vit.sw.errors import M3VitError
 from m3vit.sw.runtime.board import Buffer, SimBoard
 from m3vit.sw.runtime.pynq_board import (
@@ -25,12 +25,6 @@ from m3vit.sw.runtime.pynq_board import (
     _find_accelerator,
     pynq,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sim" / "top"))
-
-from programs import Case, task_select_case, vector_case
-
-from m3vit.hw.isa import Opcode
 
 OFFSET = {register.name: register.offset for register in REGISTER_MAP}
 #: Where the tests place the register window in the device's address space: not 0, so an

@@ -4,102 +4,37 @@ Not a test module itself: ``test_dma_engines.py`` imports it. The DUT is the ben
 ``tests/sim/test_dma.py``: an :class:`~m3vit.hw.axi.AxiDmaPort` (ports ``m_axi__*``,
 ``read__*``, ``write__*``) and the :class:`~m3vit.hw.axi.StreamResize` instances of
 :data:`RESIZERS` (ports ``<name>__i__*``, ``<name>__o__*``). The configuration it was
-generated from arrives as JSON in ``M3VIT_BENCH_CONFIG`` (read by ``stream_tb``).
+generated from comes from :func:`m3vit.sim.cocotb_runner.bench_config`.
 
-DDR is cocotbext-axi's :class:`~cocotbext.axi.AxiRam` with two additions:
-
-* a read latency: AR requests are accepted at once but each burst's data starts
-  :data:`READ_LATENCY` cycles after its AR handshake at the earliest (later bursts queue
-  behind it, overlapping, as in a DDR controller; :class:`DelayedChannel`);
-* a poisoned page (:data:`POISONED`): AxiRam answers SLVERR for any beat read from or
-  written to it (:class:`PoisonedMemory` raises, AxiRam turns that into SLVERR).
+DDR is cocotbext-axi's :class:`~cocotbext.axi.AxiRam` with the additions of
+:mod:`m3vit.sim.ddr_tb`: a read latency of :data:`READ_LATENCY` cycles
+(:class:`~m3vit.sim.ddr_tb.DelayedChannel`) and a poisoned page that answers SLVERR
+(:data:`~m3vit.sim.ddr_tb.POISONED`).
 
 Random back-pressure and gaps on AR, R, AW, W and B use cocotbext-axi's pause generators.
 """
 
 from __future__ import annotations
 
-import itertools
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stream_tb lives one folder up
 
 import cocotb
-from cocotb.queue import Queue
 from cocotb.triggers import ReadOnly
 from cocotbext.axi import AxiBus, AxiRam
-from stream_tb import Bench, bench_config
 
 from m3vit.hw.axi import BOUNDARY_BYTES, AxiBurst
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.ddr_tb import POISONED, DelayedChannel, PoisonedMemory, random_pauses
+from m3vit.sim.stream_tb import Bench
 
 #: The StreamResize instances of the bench top: name → (in_bytes, out_bytes).
 RESIZERS = {"up4": (4, 16), "up2": (16, 32), "down2": (16, 8), "down4": (16, 4)}
 RAM_BYTES = 1 << 18
-#: Beats read or written here get SLVERR.
-POISONED = range(0x30000, 0x31000)
 #: Where random transfers go (clear of the poisoned page).
 SAFE = range(0, POISONED.start)
 #: Cycles from an AR handshake to the earliest R beat of its burst (the model adds ~2).
 READ_LATENCY = 32
 COUNTER_MOD = 1 << 32
-
-
-class PoisonedMemory(bytearray):
-    """RAM contents whose :data:`POISONED` bytes cannot be read or written (IndexError)."""
-
-    def _check(self, key) -> None:
-        if isinstance(key, slice):
-            start, stop, _ = key.indices(len(self))
-        else:
-            start, stop = key, key + 1
-        if start < POISONED.stop and POISONED.start < stop:
-            raise IndexError(f"bytes {start:#x}..{stop:#x} touch the poisoned page")
-
-    def __getitem__(self, key):
-        self._check(key)
-        return super().__getitem__(key)
-
-    def __setitem__(self, key, value):
-        self._check(key)
-        super().__setitem__(key, value)
-
-
-class DelayedChannel:
-    """Stands in for the AR sink of AxiRam's read process, adding a pipelined latency.
-
-    Takes each AR from the real sink as soon as it is accepted (so ``arready`` depends only
-    on the pause generator) and hands it to the read process ``latency`` cycles after its
-    handshake at the earliest. The read process serves bursts one after the other, so a
-    burst whose AR came early starts right after the previous burst: latency overlaps.
-    """
-
-    def __init__(self, channel, bench: Bench, latency: int):
-        self.channel = channel
-        self.bench = bench
-        self.latency = latency
-        self.queue: Queue = Queue()
-        self.requests: list = []   # every AR taken, in order: an AXI read monitor
-        cocotb.start_soon(self._collect())
-
-    async def _collect(self) -> None:
-        while True:
-            request = await self.channel.recv()
-            self.requests.append(request)
-            # The sink samples the handshake at the edge that ends the request's cycle.
-            await self.queue.put((self.bench.cycle() + self.latency, request))
-
-    async def recv(self):
-        due, request = await self.queue.get()
-        while self.bench.cycle() < due:
-            await self.bench.edge
-        return request
-
-    def clear(self) -> None:
-        self.channel.clear()
-        while not self.queue.empty():
-            self.queue.get_nowait()
 
 
 @dataclass
@@ -125,11 +60,6 @@ def split_bursts(addr: int, beats: int, beat_bytes: int, max_beats: int) -> list
         beat += length
         beats -= length
     return bursts
-
-
-def random_pauses(rng, probability: float):
-    """An endless pause pattern for a cocotbext-axi channel: paused with ``probability``."""
-    return (rng.random() < probability for _ in itertools.count())
 
 
 class TB(Bench):

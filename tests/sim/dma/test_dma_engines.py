@@ -11,9 +11,9 @@ outputs). DDR answers reads :data:`dma_tb.READ_LATENCY` cycles after the AR hand
 
 import cocotb
 from dma_tb import COUNTER_MOD, POISONED, RESIZERS, SAFE, TB
-from stream_tb import StreamSink, StreamSource, pack
 
 from m3vit.hw.axi import byte_beat_layout, dma_cmd_layout
+from m3vit.sim.stream_tb import StreamSink, StreamSource, pack
 
 FLOWS = ["free", "random"]
 AXI_STALL_PROBABILITY = 0.3

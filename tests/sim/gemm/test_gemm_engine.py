@@ -17,9 +17,10 @@ import os
 
 import cocotb
 from amaranth.hdl import Shape
-from gemm_tb import CONFIG_ENV, TB, bench_config, make_pass
 
 from m3vit.hw.gemm import GemmEngine, GemmOp
+from m3vit.sim.cocotb_runner import CONFIG_ENV, bench_config
+from m3vit.sw.bench.gemm_tb import TB, make_pass
 
 #: Single-pass geometries as (M, K-slices, N-tiles), so that the module imports without the
 #: configuration (pytest collects it too); ``MAX`` stands for ``max_tokens``.

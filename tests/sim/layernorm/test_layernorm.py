@@ -8,25 +8,14 @@ against :func:`m3vit.sw.quant.numerics.layernorm` on the same integers.
 """
 
 import itertools
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stream_tb lives one folder up
 
 import cocotb
 import torch
-from stream_tb import (
-    Bench,
-    StreamSink,
-    StreamSource,
-    bench_config,
-    expand,
-    expect_idle,
-    pack,
-)
 
 from m3vit.hw.vector import LN_EPS_BITS, LayerNormUnit, lane_layout, row_beat_layout
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.stream_tb import Bench, StreamSink, StreamSource, check_stream_block, expand, pack
 from m3vit.sw.quant import numerics
 
 PREFIX = "ln"
@@ -230,21 +219,8 @@ async def test_layernorm(dut, case: str, input_gaps: bool, backpressure: bool) -
     """Every output beat equals ``numerics.layernorm`` of its row, in order, with ``last``."""
     tb = TB(dut, input_gaps=input_gaps, backpressure=backpressure)
     groups = make_groups(case, tb.stimulus_rng, tb.cfg)
-    await tb.bench.reset()
-    got, expected = await tb.run(groups)
-
-    mismatches = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
-    assert not mismatches, (
-        f"{len(mismatches)} of {len(expected)} beats differ; (beat, DUT, numerics.layernorm): "
-        f"{mismatches[:4]}"
-    )
-    busy_cycles = await expect_idle(tb.bench, PREFIX)
-    assert len(expected) <= busy_cycles <= tb.bench.cycle(), (busy_cycles, tb.bench.cycle())
-    if input_gaps:
-        assert tb.x.idle_cycles > 0, "input_gaps=True but no idle cycle was inserted"
-    if backpressure:
-        assert tb.y.stall_cycles > 0, "backpressure=True but the output was never stalled"
+    n_beats, busy_cycles = await check_stream_block(
+        tb.bench, PREFIX, lambda: tb.run(groups), golden="numerics.layernorm",
+        sources=[tb.x], sink=tb.y, input_gaps=input_gaps, backpressure=backpressure)
     if case == "throughput":
-        check_streaming(tb, groups[0].commands, len(expected), busy_cycles)
-    tb.bench.log.info("%d beats checked; %d idle input cycles, %d stalled output cycles",
-                      len(expected), tb.x.idle_cycles, tb.y.stall_cycles)
+        check_streaming(tb, groups[0].commands, n_beats, busy_cycles)

@@ -7,19 +7,16 @@ word is compared with :func:`m3vit.sw.quant.numerics.moe_combine` of its k input
 """
 
 import itertools
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stream_tb lives one folder up
 
 import cocotb
 import torch
 from cocotb.triggers import ReadOnly
-from stream_tb import Bench, StreamSink, StreamSource, bench_config, expand, pack
 
 from m3vit.hw.moe import Combiner
 from m3vit.hw.vector import lane_layout
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.stream_tb import Bench, StreamSink, StreamSource, expand, pack
 from m3vit.sw.quant import numerics
 
 PREFIX = "comb"

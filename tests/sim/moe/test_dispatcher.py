@@ -11,20 +11,17 @@ and compared with :func:`golden_tables`, built on :func:`m3vit.sw.quant.numerics
 
 import itertools
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stream_tb lives one folder up
 
 import cocotb
 import torch
 from amaranth.lib import data
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
-from stream_tb import Bench, StreamSource, bench_config, pack
 
 from m3vit.hw.moe import Dispatcher, slot_layout
 from m3vit.hw.vector import SoftmaxUnit
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.stream_tb import Bench, StreamSource, pack
 from m3vit.sw.quant import numerics
 
 PREFIX = "disp"

@@ -11,8 +11,6 @@ AXI rule that ``bvalid``/``rvalid`` and their payload hold until taken, and reco
 output pulse so that "exactly one pulse" is checked, not assumed.
 """
 
-import json
-import os
 import random
 
 import cocotb
@@ -21,7 +19,6 @@ from cocotb.simtime import get_sim_time
 from cocotb.triggers import ReadOnly, RisingEdge
 from cocotbext.axi import AxiLiteBus, AxiLiteMaster, AxiResp
 
-from m3vit.hw.config import AccelConfig
 from m3vit.hw.registers import (
     AXIL_ADDR_WIDTH,
     COUNTERS,
@@ -32,8 +29,8 @@ from m3vit.hw.registers import (
     constant_values,
     counter_layout,
 )
+from m3vit.sim.cocotb_runner import bench_config
 
-CONFIG_ENV = "M3VIT_REGFILE_CONFIG"
 CLOCK_PERIOD_NS = 10
 FLOWS = ["free", "random"]
 #: Probability that a channel stalls in a cycle, in the random flow.
@@ -42,11 +39,6 @@ PULSES = ("start", "abort_request", "clear_counters")
 RW_REGISTERS = [register for register in REGISTER_MAP if register.access is Access.RW]
 RO_REGISTERS = [register for register in REGISTER_MAP if register.access is Access.RO]
 WORD_MASK = 0xFFFF_FFFF
-
-
-def bench_config() -> AccelConfig:
-    """The AccelConfig the DUT was generated from (set by the pytest wrapper)."""
-    return AccelConfig(**json.loads(os.environ[CONFIG_ENV]))
 
 
 def stalls(rng: random.Random):

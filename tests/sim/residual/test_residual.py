@@ -7,25 +7,14 @@ compared with :func:`m3vit.sw.quant.numerics.residual_add` of its operands and c
 """
 
 import itertools
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stream_tb lives one folder up
 
 import cocotb
 import torch
-from stream_tb import (
-    Bench,
-    StreamSink,
-    StreamSource,
-    bench_config,
-    expand,
-    expect_idle,
-    pack,
-)
 
 from m3vit.hw.vector import ResidualAdd, lane_layout, row_beat_layout
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.stream_tb import Bench, StreamSink, StreamSource, check_stream_block, expand, pack
 from m3vit.sw.quant import numerics
 
 PREFIX = "res"
@@ -126,6 +115,18 @@ class TB:
         return got, expected
 
 
+def check_streaming(tb: TB, commands: list[Command], n_beats: int, busy_cycles: int) -> None:
+    """One beat per cycle in and out, apart from one bubble per command and the fill."""
+    bubbles = sum(t1 - t0 - 1 for t0, t1 in itertools.pairwise(tb.a.accepted))
+    elapsed = tb.y.accepted[-1] - tb.a.accepted[0] + 1
+    tb.bench.log.info("%d beats in %d cycles, %d busy, %d input bubbles", n_beats, elapsed,
+                      busy_cycles, bubbles)
+    assert bubbles <= len(commands), f"{bubbles} idle input cycles while streaming"
+    assert elapsed <= n_beats + len(commands) + FILL_CYCLES_MAX, (
+        f"{n_beats} beats took {elapsed} cycles: not one beat per cycle"
+    )
+
+
 CASES = expand(["random", "extremes"], streaming_only=["throughput"])
 
 
@@ -135,28 +136,8 @@ async def test_residual(dut, case: str, input_gaps: bool, backpressure: bool) ->
     """Every output beat equals ``numerics.residual_add`` of its operands."""
     tb = TB(dut, input_gaps=input_gaps, backpressure=backpressure)
     commands = make_commands(case, tb.stimulus_rng, tb.cfg)
-    await tb.bench.reset()
-    got, expected = await tb.run(commands)
-
-    mismatches = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
-    assert not mismatches, (
-        f"{len(mismatches)} of {len(expected)} beats differ; (beat, DUT, "
-        f"numerics.residual_add): {mismatches[:4]}"
-    )
-    busy_cycles = await expect_idle(tb.bench, PREFIX)
-    assert len(expected) <= busy_cycles <= tb.bench.cycle(), (busy_cycles, tb.bench.cycle())
-    if input_gaps:
-        assert tb.a.idle_cycles and tb.b.idle_cycles, "input_gaps=True but no idle cycle"
-    if backpressure:
-        assert tb.y.stall_cycles > 0, "backpressure=True but the output was never stalled"
+    n_beats, busy_cycles = await check_stream_block(
+        tb.bench, PREFIX, lambda: tb.run(commands), golden="numerics.residual_add",
+        sources=[tb.a, tb.b], sink=tb.y, input_gaps=input_gaps, backpressure=backpressure)
     if case == "throughput":
-        bubbles = sum(t1 - t0 - 1 for t0, t1 in itertools.pairwise(tb.a.accepted))
-        elapsed = tb.y.accepted[-1] - tb.a.accepted[0] + 1
-        tb.bench.log.info("%d beats in %d cycles, %d busy, %d input bubbles", len(expected),
-                          elapsed, busy_cycles, bubbles)
-        assert bubbles <= len(commands), f"{bubbles} idle input cycles while streaming"
-        assert elapsed <= len(expected) + len(commands) + FILL_CYCLES_MAX, (
-            f"{len(expected)} beats took {elapsed} cycles: not one beat per cycle"
-        )
-    tb.bench.log.info("%d beats checked; %d/%d idle input cycles, %d stalled output cycles",
-                      len(expected), tb.a.idle_cycles, tb.b.idle_cycles, tb.y.stall_cycles)
+        check_streaming(tb, commands, n_beats, busy_cycles)

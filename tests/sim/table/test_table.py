@@ -11,25 +11,14 @@ had it on the beat's accept cycle.
 """
 
 import itertools
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stream_tb lives one folder up
 
 import cocotb
 import torch
-from stream_tb import (
-    Bench,
-    StreamSink,
-    StreamSource,
-    bench_config,
-    expand,
-    expect_idle,
-    pack,
-)
 
 from m3vit.hw.vector import TableLookup, row_beat_layout
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.stream_tb import Bench, StreamSink, StreamSource, check_stream_block, expand, pack
 from m3vit.sw.quant import numerics
 
 PREFIX = "tab"
@@ -148,6 +137,18 @@ class TB:
         return got, expected
 
 
+def check_streaming(tb: TB, n_beats: int, busy_cycles: int) -> None:
+    """One beat per cycle in and out, with no bubble, apart from the fill."""
+    bubbles = sum(t1 - t0 - 1 for t0, t1 in itertools.pairwise(tb.i.accepted))
+    elapsed = tb.o.accepted[-1] - tb.i.accepted[0] + 1
+    tb.bench.log.info("%d beats in %d cycles, %d busy, %d input bubbles", n_beats, elapsed,
+                      busy_cycles, bubbles)
+    assert bubbles == 0, f"{bubbles} idle input cycles while streaming"
+    assert elapsed <= n_beats + FILL_CYCLES_MAX, (
+        f"{n_beats} beats took {elapsed} cycles: not one beat per cycle"
+    )
+
+
 CASES = expand(["random", "extremes", "rewrite"], streaming_only=["throughput"])
 
 
@@ -157,28 +158,8 @@ async def test_table(dut, case: str, input_gaps: bool, backpressure: bool) -> No
     """Every output beat equals ``numerics.table_lookup`` with the table of its group."""
     tb = TB(dut, input_gaps=input_gaps, backpressure=backpressure)
     groups = make_groups(case, tb.stimulus_rng, tb.cfg)
-    await tb.bench.reset()
-    got, expected = await tb.run(groups)
-
-    mismatches = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
-    assert not mismatches, (
-        f"{len(mismatches)} of {len(expected)} beats differ; (beat, DUT, "
-        f"numerics.table_lookup): {mismatches[:4]}"
-    )
-    busy_cycles = await expect_idle(tb.bench, PREFIX)
-    assert len(expected) <= busy_cycles <= tb.bench.cycle(), (busy_cycles, tb.bench.cycle())
-    if input_gaps:
-        assert tb.i.idle_cycles > 0, "input_gaps=True but no idle cycle was inserted"
-    if backpressure:
-        assert tb.o.stall_cycles > 0, "backpressure=True but the output was never stalled"
+    n_beats, busy_cycles = await check_stream_block(
+        tb.bench, PREFIX, lambda: tb.run(groups), golden="numerics.table_lookup",
+        sources=[tb.i], sink=tb.o, input_gaps=input_gaps, backpressure=backpressure)
     if case == "throughput":
-        bubbles = sum(t1 - t0 - 1 for t0, t1 in itertools.pairwise(tb.i.accepted))
-        elapsed = tb.o.accepted[-1] - tb.i.accepted[0] + 1
-        tb.bench.log.info("%d beats in %d cycles, %d busy, %d input bubbles", len(expected),
-                          elapsed, busy_cycles, bubbles)
-        assert bubbles == 0, f"{bubbles} idle input cycles while streaming"
-        assert elapsed <= len(expected) + FILL_CYCLES_MAX, (
-            f"{len(expected)} beats took {elapsed} cycles: not one beat per cycle"
-        )
-    tb.bench.log.info("%d beats checked; %d idle input cycles, %d stalled output cycles",
-                      len(expected), tb.i.idle_cycles, tb.o.stall_cycles)
+        check_streaming(tb, n_beats, busy_cycles)

@@ -3,21 +3,19 @@
 Run by ``tests/sim/test_top.py``; not a pytest module. The host is cocotbext-axi's
 ``AxiLiteMaster`` on ``s_axil`` using only the register map (``m3vit.hw.registers``);
 DDR is cocotbext-axi's ``AxiRam`` on ``m_axi`` with a read latency and random stalls on
-all five channels, and a poisoned page that answers SLVERR (from the DMA bench's helpers).
+all five channels, and a poisoned page that answers SLVERR (:mod:`m3vit.sim.ddr_tb`, as in
+the DMA bench).
 """
-
-import sys
-from pathlib import Path
 
 import cocotb
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dma"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dma_tb import POISONED, DelayedChannel, PoisonedMemory, random_pauses
-from programs import (
+from m3vit.hw.isa import Opcode
+from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode, Schedule
+from m3vit.sim.cocotb_runner import bench_config
+from m3vit.sim.ddr_tb import POISONED, DelayedChannel, PoisonedMemory, random_pauses
+from m3vit.sim.stream_tb import Bench
+from m3vit.sw.bench.programs import (
     Case,
     dense_block_case,
     embedding_head_case,
@@ -25,10 +23,6 @@ from programs import (
     random_gemm_cases,
     vector_case,
 )
-from stream_tb import Bench, bench_config
-
-from m3vit.hw.isa import Opcode
-from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode, Schedule
 
 RAM_BYTES = 1 << 18
 PROGRAM_BASE = 0x1000

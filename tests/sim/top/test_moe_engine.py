@@ -2,43 +2,25 @@
 
 Run by ``tests/sim/test_top.py`` (its own Verilator build of the engine, so it runs beside
 ``test_engine.py``); not a pytest module. The DMA engines are played in Python
-(``test_engine.DmaModel``), and its read log is the **read monitor**: every DDR read
-command the engine issued, so the tests count the bytes read from each expert's block,
-from each task's block, and from everything else.
+(:class:`m3vit.sim.engine_tb.DmaModel`), and its read log is the **read monitor**: every DDR
+read command the engine issued, so the tests count the bytes read from each expert's block
+(:func:`~m3vit.sim.engine_tb.expert_reads`), from each task's block, and from everything
+else.
 """
 
-import os
-import sys
-from pathlib import Path
-
 import cocotb
+from test_engine import _seed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from programs import (
+from m3vit.hw.isa import ExpertOrder
+from m3vit.hw.registers import Schedule
+from m3vit.sim.engine_tb import DATA_BASE, EngineBench, expert_reads
+from m3vit.sw.bench.programs import (
     ROUTINGS,
     model_cases,
     moe_block_case,
     moe_layer_case,
     moe_routing_case,
 )
-from test_engine import DATA_BASE, EngineBench, _seed
-
-from m3vit.hw.isa import ExpertOrder
-from m3vit.hw.registers import Schedule
-
-
-def expert_reads(tb: EngineBench, case) -> list[int]:
-    """The read monitor: bytes the last run read from each expert's DDR block."""
-    reads = [0] * len(case.meta["blocks"])
-    for addr, size in tb.dma.read_log:
-        offset = addr - DATA_BASE
-        for e, (base, length) in enumerate(case.meta["blocks"]):
-            lo, hi = max(offset, base), min(offset + size, base + length)
-            if hi > lo:
-                reads[e] += hi - lo
-    return reads
 
 
 @cocotb.parametrize(experts=[4, 16, 64])
@@ -119,7 +101,7 @@ def _read_map(tb: EngineBench, image) -> tuple[dict[str, int], list[tuple[int, i
     return per_task, shared
 
 
-@cocotb.test(skip=os.environ.get("M3VIT_SKIP_BLOCK") == "1")
+@cocotb.test()
 async def test_tiny_model_with_task_switches(dut):
     """The whole ``tiny`` model from one program and one DDR image: two images, each task
     in turn (a task switch between every run), every head bit-exact against the golden

@@ -1,32 +1,23 @@
-"""cocotb helpers shared by the vector-unit benches: clock and reset, stream source and sink.
+"""cocotb helpers for stream blocks: clock and reset, stream source and sink, the generic
+test body of a stream block.
 
-Not a pytest module. The bench modules in ``tests/sim/<block>/`` import it after putting this
-folder on ``sys.path``. Every bench drives one block of the vector bench top (built by
-``tests/sim/test_vector.py``), whose ports are the block's own ports prefixed with the
-block's name (``ln__x__valid``); the configuration it was built for arrives as JSON in
-:data:`CONFIG_ENV`.
+Imported by the cocotb benches of ``tests/sim/`` and by :mod:`m3vit.sim.engine_tb`. A
+bench drives a top whose ports are the block's own ports, prefixed with the block's name
+in a bench top that holds several blocks (``ln__x__valid``); the configuration it was
+generated from comes from :func:`m3vit.sim.cocotb_runner.bench_config`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
+from collections.abc import Awaitable, Callable, Sequence
 
 import cocotb
 from cocotb.clock import Clock
 from cocotb.simtime import get_sim_time
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from m3vit.hw.config import AccelConfig
-
-CONFIG_ENV = "M3VIT_BENCH_CONFIG"
 CLOCK_PERIOD_NS = 10
-
-
-def bench_config() -> AccelConfig:
-    """The AccelConfig the top under test was generated from."""
-    return AccelConfig(**json.loads(os.environ[CONFIG_ENV]))
 
 
 def pack(layout, value) -> int:
@@ -40,7 +31,7 @@ class Bench:
     Parameters
     ----------
     dut : cocotb handle
-        The vector bench top.
+        The top under test; it has a ``clk`` and an active-high ``rst``.
     """
 
     def __init__(self, dut) -> None:
@@ -192,3 +183,60 @@ def expand(data_cases: list[str], streaming_only: list[str] = ()) -> list[tuple[
     return [(case, gaps, bp) for case in data_cases for gaps, bp in FLOW_OPTIONS] + [
         (case, False, False) for case in streaming_only
     ]
+
+
+async def check_stream_block(
+    bench: Bench,
+    prefix: str,
+    run: Callable[[], Awaitable[tuple[list, list]]],
+    *,
+    golden: str,
+    sources: Sequence[StreamSource],
+    sink: StreamSink,
+    input_gaps: bool,
+    backpressure: bool,
+) -> tuple[int, int]:
+    """The test body every stream block shares: reset, run, compare, then the busy counter
+    and proof that the flow options happened.
+
+    Parameters
+    ----------
+    bench : Bench
+        The bench of the block's top.
+    prefix : str
+        The block's port prefix; its ``busy`` and ``busy_cycles`` are checked.
+    run : callable
+        Drives the stimulus after the reset; returns (DUT beats, expected beats).
+    golden : str
+        Name of the golden function, for the mismatch message.
+    sources : sequence of StreamSource
+        The input streams whose idle cycles prove ``input_gaps``.
+    sink : StreamSink
+        The output stream whose stalls prove ``backpressure``.
+    input_gaps, backpressure : bool
+        The flow options the test runs under.
+
+    Returns
+    -------
+    tuple of int
+        (beats checked, the block's busy cycle count), for a throughput check.
+    """
+    await bench.reset()
+    got, expected = await run()
+
+    mismatches = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not mismatches, (
+        f"{len(mismatches)} of {len(expected)} beats differ; (beat, DUT, {golden}): "
+        f"{mismatches[:4]}"
+    )
+    busy_cycles = await expect_idle(bench, prefix)
+    assert len(expected) <= busy_cycles <= bench.cycle(), (busy_cycles, bench.cycle())
+    if input_gaps:
+        assert all(source.idle_cycles > 0 for source in sources), (
+            "input_gaps=True but no idle cycle was inserted")
+    if backpressure:
+        assert sink.stall_cycles > 0, "backpressure=True but the output was never stalled"
+    bench.log.info("%d beats checked; %s idle input cycles, %d stalled output cycles",
+                   len(expected), "/".join(str(source.idle_cycles) for source in sources),
+                   sink.stall_cycles)
+    return len(expected), busy_cycles

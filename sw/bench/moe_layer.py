@@ -1,6 +1,6 @@
 """DDR traffic and cycles of one MoE layer, reordered versus token by token (a benchmark).
 
-``python tests/sim/top/moe_layer.py --preset edge-moe`` builds the engine for the ZCU104
+``python -m m3vit.sw.bench.moe_layer --preset edge-moe`` builds the engine for the ZCU104
 configuration (32 × 32 array, 128-bit DDR port), compiles the first MoE layer of a
 randomly initialised, quantized model (router on chip from the task's router weights,
 ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE), and runs it twice on the same program:
@@ -9,7 +9,8 @@ bit-exactly against the golden model. The DMA engines are played in Python: one 
 beat per cycle at most (the HP port's peak at 300 MHz) and a 40-cycle first-beat latency
 per read command. Printed: cycles, DDR bytes, their ratios (the paper's claim), and for
 the reordered run the expert phase (first to last expert-weight beat): DDR read-bandwidth
-utilisation, and how much of the weight loading ran while the PE array computed.
+utilisation, and how much of the weight loading ran while the PE array computed. The
+cocotb side is :mod:`m3vit.sw.bench.moe_layer_tb`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.top import Engine
-from m3vit.sim.cocotb_runner import run_bench
+from m3vit.sim.cocotb_runner import DEFAULT_SEED, run_bench
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-BENCH_DIR = Path(__file__).resolve().parent
+from . import REPO_ROOT
+
+RESULT_ENV = "M3VIT_MOE_RESULT"
+PRESET_ENV = "M3VIT_MOE_PRESET"
 CONFIGS = {"zcu104": ZCU104, "ci": CI}
 
 
@@ -34,17 +36,16 @@ def bench_moe_layer(preset: str = "edge-moe", config_name: str = "zcu104") -> di
     config = CONFIGS[config_name]
     if preset == "edge-moe":
         config = config.replace(max_tokens=max(config.max_tokens, 129))
-    # The same engine build as the dense-block benchmark (block_latency.py).
+    # The same engine build as the dense-block benchmark (block_latency).
     build = REPO_ROOT / "build" / "bench" / f"block_{config_name}"
     verilog = build / "engine.v"
     write_if_changed(verilog, to_verilog(Engine(config), "engine"))
     result_file = build / f"moe_{preset}.json"
     result_file.unlink(missing_ok=True)
-    run_bench(top="engine", verilog_sources=[verilog], test_module="moe_layer_tb",
-              test_dir=BENCH_DIR, build_dir=build / "verilator", seed=20251128,
-              extra_env={"M3VIT_BENCH_CONFIG": json.dumps(config.to_dict()),
-                         "M3VIT_MOE_RESULT": str(result_file), "M3VIT_MOE_PRESET": preset,
-                         "COCOTB_REWRITE_ASSERTION_FILES": "*_tb.py"})
+    run_bench(top="engine", verilog_sources=[verilog],
+              test_module="m3vit.sw.bench.moe_layer_tb", build_dir=build / "verilator",
+              seed=DEFAULT_SEED, config=config,
+              extra_env={RESULT_ENV: str(result_file), PRESET_ENV: preset})
     result = json.loads(result_file.read_text())
     result.update(preset=preset, config=config_name, clock_mhz=config.clock_mhz,
                   array=f"{config.pe_rows}x{config.pe_cols}", axi_bytes=config.axi_bytes)

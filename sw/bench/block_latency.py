@@ -1,11 +1,12 @@
 """Cycles of a whole dense ViT block on the generated engine (a benchmark, not CI).
 
-``python tests/sim/top/block_latency.py --preset edge-moe`` builds the engine for the
+``python -m m3vit.sw.bench.block_latency --preset edge-moe`` builds the engine for the
 ZCU104 configuration (32 × 32 array; ``--config ci`` for the 4 × 4 one), runs dense block
 0 of a randomly initialised, quantized model on it with the DMA engines played in Python
 (no stalls: one 128-bit beat per cycle, the HP-port peak), checks the output bit-exactly
 against the golden model, and prints the cycles next to the MAC-bound ideal
-(Σ over the block's GEMMs of tokens · K-slices · N-tiles).
+(Σ over the block's GEMMs of tokens · K-slices · N-tiles). The cocotb side is
+:mod:`m3vit.sw.bench.block_latency_tb`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.top import Engine
-from m3vit.sim.cocotb_runner import run_bench
+from m3vit.sim.cocotb_runner import DEFAULT_SEED, run_bench
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-BENCH_DIR = Path(__file__).resolve().parent
+from . import REPO_ROOT
+
 RESULT_ENV = "M3VIT_BLOCK_RESULT"
 PRESET_ENV = "M3VIT_BLOCK_PRESET"
 CONFIGS = {"zcu104": ZCU104, "ci": CI}
@@ -29,7 +29,7 @@ CONFIGS = {"zcu104": ZCU104, "ci": CI}
 
 def ideal_cycles(preset: str, config: AccelConfig) -> int:
     """MAC-bound cycles of a dense block: one token per cycle per (K-slice, N-tile)."""
-    from m3vit.sw.model.config import get_preset
+    from ..model.config import get_preset
 
     m = get_preset(preset)
     n, d, h, dh = m.n_tokens, m.embed_dim, m.mlp_hidden, m.head_dim
@@ -51,11 +51,10 @@ def bench_block_latency(preset: str = "edge-moe", config_name: str = "zcu104") -
     write_if_changed(verilog, to_verilog(Engine(config), "engine"))
     result_file = build / f"result_{preset}.json"
     result_file.unlink(missing_ok=True)
-    run_bench(top="engine", verilog_sources=[verilog], test_module="block_latency_tb",
-              test_dir=BENCH_DIR, build_dir=build / "verilator", seed=20251128,
-              extra_env={"M3VIT_BENCH_CONFIG": json.dumps(config.to_dict()),
-                         RESULT_ENV: str(result_file), PRESET_ENV: preset,
-                         "COCOTB_REWRITE_ASSERTION_FILES": "*_tb.py"})
+    run_bench(top="engine", verilog_sources=[verilog],
+              test_module="m3vit.sw.bench.block_latency_tb", build_dir=build / "verilator",
+              seed=DEFAULT_SEED, config=config,
+              extra_env={RESULT_ENV: str(result_file), PRESET_ENV: preset})
     cycles = json.loads(result_file.read_text())["cycles"]
     ideal = ideal_cycles(preset, config)
     return {"preset": preset, "config": config_name, "array": f"{config.pe_rows}x"

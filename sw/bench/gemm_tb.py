@@ -1,9 +1,10 @@
 # amaranth: UnusedElaboratable=no
 """cocotb test bench for :class:`m3vit.hw.gemm.GemmEngine`: stimulus, golden results, driver.
 
-Not a test module itself: ``test_gemm_engine.py`` (correctness) and ``gemm_utilization.py``
-(the utilization benchmark) import it. The configuration the DUT was generated from arrives
-as JSON in :data:`CONFIG_ENV`.
+Not a test module itself: ``tests/sim/gemm/test_gemm_engine.py`` (correctness) and
+:mod:`m3vit.sw.bench.gemm_utilization_tb` (the utilization benchmark) import it. The
+configuration the DUT was generated from comes from
+:func:`m3vit.sim.cocotb_runner.bench_config`.
 
 A :class:`Pass` is one GEMM with its operands; :func:`make_pass` draws random operands
 (INT8 edges, large biases, multipliers and shifts that both saturate and do not) and
@@ -17,8 +18,6 @@ DDR read stream (:class:`SharedOrder`).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -28,20 +27,15 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from m3vit.hw.config import AccelConfig
 from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine, GemmOp
-from m3vit.sw.quant import numerics
+from m3vit.sim.cocotb_runner import bench_config
 
-CONFIG_ENV = "M3VIT_GEMM_CONFIG"
+from ..quant import numerics
+
 CLOCK_PERIOD_NS = 10
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MAX = 2**31 - 1
 UINT16_MAX = 2**16 - 1
-
-
-def bench_config() -> AccelConfig:
-    """The AccelConfig the DUT was generated from (set by the pytest wrapper)."""
-    return AccelConfig(**json.loads(os.environ[CONFIG_ENV]))
 
 
 @dataclass

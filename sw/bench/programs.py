@@ -1,7 +1,10 @@
 """Programs for the accelerator benches: single instructions on random data, a dense block.
 
-Each builder returns a :class:`Case`: the program, the DDR data window, and the expected
-window after the run, computed by the instruction-level model (:mod:`m3vit.sw.compiler.isa_model`,
+Used by the cocotb benches of the engine and the accelerator (``tests/sim/top/``), the SoC
+model's test (``tests/sim/test_soc.py``) and the benchmarks
+:mod:`~m3vit.sw.bench.block_latency` and :mod:`~m3vit.sw.bench.moe_layer`. Each builder
+returns a :class:`Case`: the program, the DDR data window, and the expected window after
+the run, computed by the instruction-level model (:mod:`m3vit.sw.compiler.isa_model`,
 itself checked against the golden model in ``tests/sw/test_lower.py``) — or, for the
 dense block, the golden model's block output.
 """
@@ -18,16 +21,17 @@ from m3vit.hw.config import AccelConfig
 from m3vit.hw.gemm import GemmOp
 from m3vit.hw.isa import ExpertOrder, Opcode, RowMode, TableUnit, WeightSource
 from m3vit.hw.registers import ErrorCode
-from m3vit.sw.compiler.isa_model import execute
-from m3vit.sw.compiler.layout import unslice
-from m3vit.sw.compiler.lower import (
+
+from ..compiler.isa_model import execute
+from ..compiler.layout import unslice
+from ..compiler.lower import (
     DdrImage,
     Program,
     compile_dense_block,
     gemm_stream,
     layernorm_records,
 )
-from m3vit.sw.quant import numerics as nx
+from ..quant import numerics as nx
 
 
 @dataclass
@@ -250,11 +254,11 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
 
 def _golden_capture(preset: str):
     """A randomly initialised ``preset``, quantized, and its golden forward's captures."""
-    from m3vit.sw.model.config import get_preset
-    from m3vit.sw.model.data import make_scenes
-    from m3vit.sw.model.m3vit import M3ViT
-    from m3vit.sw.quant import golden
-    from m3vit.sw.quant.quantize import quantize
+    from ..model.config import get_preset
+    from ..model.data import make_scenes
+    from ..model.m3vit import M3ViT
+    from ..quant import golden
+    from ..quant.quantize import quantize
 
     model_cfg = get_preset(preset)
     pkg = quantize(M3ViT(model_cfg, seed=0), n_calib=4)
@@ -284,9 +288,9 @@ def attention_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
     """Multi-head attention of block 0 on its LN1 output: QKV, per head Q·Kᵀ (K's columns
     from the buffer), softmax, P·V (V's rows from the buffer), projection; the heads'
     concatenated output and the projection are both compared with the golden model."""
-    from m3vit.sw.compiler.layout import slice_major
-    from m3vit.sw.compiler.lower import BufferPlan, attention_program
-    from m3vit.sw.quant import golden
+    from ..compiler.layout import slice_major
+    from ..compiler.lower import BufferPlan, attention_program
+    from ..quant import golden
 
     model_cfg, t, cap = _golden_capture(preset)
     C = cfg.pe_cols
@@ -319,9 +323,9 @@ def attention_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
 def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
     """Patch embedding + cls + position embedding (→ x0), and the final LayerNorm + task
     head of the golden model's last block output (→ INT32 in DDR), against the golden."""
-    from m3vit.sw.compiler.layout import head_output, slice_major
-    from m3vit.sw.compiler.lower import BufferPlan, embedding_program, head_program
-    from m3vit.sw.quant import golden
+    from ..compiler.layout import head_output, slice_major
+    from ..compiler.lower import BufferPlan, embedding_program, head_program
+    from ..quant import golden
 
     model_cfg, t, cap = _golden_capture(preset)
     task = model_cfg.task_names[-1]
@@ -407,7 +411,7 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     each expert on its tokens, combine). ``meta`` holds the DDR blocks of the experts and
     the choices, for the read monitor.
     """
-    from m3vit.sw.compiler.layout import slice_major
+    from ..compiler.layout import slice_major
 
     rng = np.random.default_rng(seed)
     C = cfg.pe_cols
@@ -511,8 +515,8 @@ def moe_layer_case(cfg: AccelConfig, preset: str = "tiny", index: int | None = N
     """The MoE layer of a randomly initialised, quantized ``preset`` (its first MoE block
     unless ``index``) on the golden LN2 output, compiled by ``moe_program``: router GEMM
     (the task's per-task block), ROUTE, EXPERTS, COMBINE; against the golden MoE output."""
-    from m3vit.sw.compiler.layout import slice_major
-    from m3vit.sw.compiler.lower import BufferPlan, model_task_blocks, moe_program
+    from ..compiler.layout import slice_major
+    from ..compiler.lower import BufferPlan, model_task_blocks, moe_program
 
     model_cfg, t, cap = _golden_capture(preset)
     index = model_cfg.moe_blocks[0] if index is None else index
@@ -551,7 +555,7 @@ def moe_layer_case(cfg: AccelConfig, preset: str = "tiny", index: int | None = N
 def moe_block_case(cfg: AccelConfig, preset: str = "tiny", schedule: int = 0) -> Case:
     """The first MoE block of ``preset`` (attention, LN2, the MoE layer, both residuals),
     compiled by ``compile_block``, against the golden block output."""
-    from m3vit.sw.compiler.lower import compile_block
+    from ..compiler.lower import compile_block
 
     model_cfg, t, cap = _golden_capture(preset)
     index = model_cfg.moe_blocks[0]
@@ -577,12 +581,12 @@ def moe_block_case(cfg: AccelConfig, preset: str = "tiny", schedule: int = 0) ->
 def model_cases(cfg: AccelConfig, preset: str = "tiny", n_images: int = 2):
     """The whole model (``compile_model``): one program and image, every task; yields a
     Case per (image, task), alternating tasks, each against ``golden.forward``'s head."""
-    from m3vit.sw.compiler.lower import compile_model
-    from m3vit.sw.model.config import get_preset
-    from m3vit.sw.model.data import make_scenes
-    from m3vit.sw.model.m3vit import M3ViT
-    from m3vit.sw.quant import golden
-    from m3vit.sw.quant.quantize import quantize
+    from ..compiler.lower import compile_model
+    from ..model.config import get_preset
+    from ..model.data import make_scenes
+    from ..model.m3vit import M3ViT
+    from ..quant import golden
+    from ..quant.quantize import quantize
 
     model_cfg = get_preset(preset)
     pkg = quantize(M3ViT(model_cfg, seed=0), n_calib=4)

@@ -1,21 +1,18 @@
-"""cocotb side of ``moe_layer.py``: one MoE layer under both schedules, figures to JSON."""
+"""cocotb side of :mod:`m3vit.sw.bench.moe_layer`: one MoE layer under both schedules,
+figures to JSON."""
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import cocotb
 from cocotb.triggers import ReadOnly
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from programs import moe_layer_case
-from test_engine import DATA_BASE, EngineBench
-from test_moe_engine import expert_reads
-
 from m3vit.hw.registers import Schedule
+from m3vit.sim.engine_tb import DATA_BASE, EngineBench, expert_reads
+
+from .moe_layer import PRESET_ENV, RESULT_ENV
+from .programs import moe_layer_case
 
 #: First-beat latency of a DMA read command in cycles (≈ 130 ns of PS DDR at 300 MHz).
 READ_LATENCY = 40
@@ -63,7 +60,7 @@ async def test_moe_layer_schedules(dut):
     """Expert by expert, then token by token, on the same program; bit-exact both times."""
     tb = EngineBench(dut, "free", read_latency=READ_LATENCY, memory_bytes=16 << 20)
     await tb.reset()
-    preset = os.environ["M3VIT_MOE_PRESET"]
+    preset = os.environ[PRESET_ENV]
     results = {"read_latency": READ_LATENCY}
     for schedule in Schedule:
         case = moe_layer_case(tb.cfg, preset, schedule=schedule.value)
@@ -83,4 +80,4 @@ async def test_moe_layer_schedules(dut):
             entry.update(monitor.figures())
         results[schedule.name] = entry
         tb.log.info("%s: %s", schedule.name, entry)
-    Path(os.environ["M3VIT_MOE_RESULT"]).write_text(json.dumps(results, indent=1))
+    Path(os.environ[RESULT_ENV]).write_text(json.dumps(results, indent=1))

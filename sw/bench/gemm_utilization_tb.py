@@ -1,4 +1,4 @@
-"""cocotb module behind :func:`utilization.bench_gemm_utilization` (not part of the regression).
+"""cocotb module behind :func:`m3vit.sw.bench.gemm_utilization.bench_gemm_utilization`.
 
 Runs one INT8 pass per shape in :data:`SHAPES_ENV` with activations and parameters always
 available, the weight stream limited to the bandwidth in the same JSON (bytes per cycle)
@@ -11,12 +11,11 @@ import json
 import os
 
 import cocotb
-from gemm_tb import TB, make_pass
 
 from m3vit.hw.gemm import GemmOp
 
-SHAPES_ENV = "M3VIT_GEMM_BENCH_SHAPES"
-OUT_ENV = "M3VIT_GEMM_BENCH_OUT"
+from .gemm_tb import TB, make_pass
+from .gemm_utilization import OUT_ENV, SHAPES_ENV
 
 
 @cocotb.test()

@@ -1,12 +1,13 @@
 """PE-array utilization of the GEMM engine, measured cycle-accurately (a benchmark, not CI).
 
-``python tests/sim/gemm/utilization.py`` builds the engine for the default 32 × 32 ZCU104
+``python -m m3vit.sw.bench.gemm_utilization`` builds the engine for the default 32 × 32 ZCU104
 configuration (``--rows``/``--cols`` for another array), runs one INT8 pass per shape with
 the weight stream fed at 16 bytes per cycle (one 128-bit AXI beat: a 32-wide INT8 row every
 two cycles), activations and parameters always available and no output back-pressure, and
 prints ``useful MACs / (cycles × PEs)`` per shape. Cycles count from reset release, when
 every stream starts, to the last result: they include the first weight tile's load and
-the pipeline's fill and drain. The results are checked against the golden model too.
+the pipeline's fill and drain. The results are checked against the golden model too. The
+cocotb side is :mod:`m3vit.sw.bench.gemm_utilization_tb`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from m3vit.hw.config import ZCU104, AccelConfig
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.gemm import GemmEngine
-from m3vit.sim.cocotb_runner import run_bench
+from m3vit.sim.cocotb_runner import DEFAULT_SEED, run_bench
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-BENCH_DIR = Path(__file__).resolve().parent
+from . import REPO_ROOT
+
 TOP = "gemm_engine"
+#: JSON request for the cocotb side: the shapes and the weight stream's bytes per cycle.
+SHAPES_ENV = "M3VIT_GEMM_BENCH_SHAPES"
+#: The JSON file the cocotb side writes its figures to.
+OUT_ENV = "M3VIT_GEMM_BENCH_OUT"
 
 #: (M, K, N): an edge-moe dense FC1 (129 tokens, 192 → 768), a 192 → 192 projection, and
 #: the FC1 shape with the few tokens an expert gets (17) or one token.
@@ -34,7 +38,7 @@ def bench_gemm_utilization(
     config: AccelConfig = ZCU104,
     shapes: tuple[tuple[int, int, int], ...] = DEFAULT_SHAPES,
     weight_bytes_per_cycle: float = 16.0,
-    seed: int = 20251128,
+    seed: int = DEFAULT_SEED,
 ) -> list[dict]:
     """Run each shape through the Verilated engine and return its figures.
 
@@ -69,16 +73,11 @@ def bench_gemm_utilization(
     result = run_bench(
         top=TOP,
         verilog_sources=[verilog],
-        test_module="bench_utilization",
-        test_dir=BENCH_DIR,
+        test_module="m3vit.sw.bench.gemm_utilization_tb",
         build_dir=build_dir / "verilator",
         seed=seed,
-        extra_env={
-            "M3VIT_GEMM_CONFIG": json.dumps(config.to_dict()),
-            "M3VIT_GEMM_BENCH_SHAPES": json.dumps(request),
-            "M3VIT_GEMM_BENCH_OUT": str(out),
-            "COCOTB_REWRITE_ASSERTION_FILES": "bench_*.py *_tb.py",
-        },
+        config=config,
+        extra_env={SHAPES_ENV: json.dumps(request), OUT_ENV: str(out)},
     )
     figures = json.loads(out.read_text())
     for figure in figures:
