@@ -19,10 +19,19 @@ import torch
 
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.gemm import GemmOp
-from m3vit.hw.isa import ExpertOrder, Opcode, RowMode, TableUnit, WeightSource
+from m3vit.hw.isa import (
+    GEMM_RECORD_BYTES,
+    INSTRUCTION_BYTES,
+    OPERANDS,
+    ExpertOrder,
+    Opcode,
+    RowMode,
+    TableUnit,
+    WeightSource,
+)
 from m3vit.hw.registers import ErrorCode
 
-from ..compiler.isa_model import execute
+from ..compiler.isa_model import MachineStop, execute
 from ..compiler.layout import unslice
 from ..compiler.lower import (
     DdrImage,
@@ -199,13 +208,49 @@ def strided_load_store_case(cfg: AccelConfig, seed: int) -> Case:
     return _finish("load_store_strided", cfg, prog, img)
 
 
-def bad_program_cases(cfg: AccelConfig) -> list[Case]:
-    """Programs the controller must stop on, each with its error code and failing pc."""
-    cases = []
-    img = DdrImage(align=cfg.axi_bytes)
-    img.put("a", bytes(64))
+def _set_field(raw: bytearray, index: int, op: Opcode, name: str, value: int) -> None:
+    """Write ``value`` into field ``name`` of instruction ``index`` of an encoded program,
+    bypassing :func:`~m3vit.hw.isa.encode`'s checks (for encodings no enum member has)."""
+    field = OPERANDS[op][name]
+    word = int.from_bytes(raw[index * INSTRUCTION_BYTES:(index + 1) * INSTRUCTION_BYTES],
+                          "little")
+    lo = 8 + field.offset
+    word &= ~(((1 << field.width) - 1) << lo)
+    word |= value << lo
+    raw[index * INSTRUCTION_BYTES:(index + 1) * INSTRUCTION_BYTES] = word.to_bytes(
+        INSTRUCTION_BYTES, "little")
 
-    def case(name, code, pc, *instructions, task=0):
+
+def model_stop(cfg: AccelConfig, case: Case) -> tuple[ErrorCode, int]:
+    """(error code, pc) where the ISA model stops ``case`` (``(NONE, 0)`` if it ends)."""
+    try:
+        execute(cfg, case.program, bytearray(case.ddr), task_select=case.task_select,
+                schedule=case.schedule)
+    except MachineStop as stop:
+        return stop.code, stop.pc
+    return ErrorCode.NONE, 0
+
+
+def bad_program_cases(cfg: AccelConfig) -> list[Case]:
+    """Programs the controller must stop on, each with its error code and failing pc.
+
+    One list for the hardware (``tests/sim/top/test_engine.py``) and the ISA model
+    (``tests/sw/test_bad_programs.py``): both must stop on every case with its code at its
+    pc, which is what keeps the checks declared in :mod:`m3vit.hw.isa_checks` and the two
+    implementations of the address ranges in step. Every check of the ``docs/isa.md``
+    table has a case, including the ones where the hardware and the model once disagreed
+    (the ``RESIDUAL`` bound, ``LOAD``/``STORE`` past the buffer).
+    """
+    cases = []
+    small = DdrImage(align=cfg.axi_bytes)
+    small.put("a", bytes(64))
+    # A 4 KiB window whose first 512 bytes are an all-zero exp table: with it every router
+    # score is 0 and top-k picks experts 0 … k−1 (ties to the lower index), whatever the
+    # buffer holds, so the routed cases route the same on the hardware and the model.
+    window = DdrImage(align=cfg.axi_bytes)
+    window.put("window", bytes(4096))
+
+    def case(name, code, pc, *instructions, task=0, img=small):
         prog = Program()
         prog.add(Opcode.NOP)
         for op, fields in instructions:
@@ -216,31 +261,61 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
                           task_select=task))
         return raw
 
+    def patched(name, code, pc, index, op, field, value, *instructions, img=small):
+        raw = case(name, code, pc, *instructions, img=img)
+        _set_field(raw, index, op, field, value)
+        cases[-1].program = bytes(raw)
+
     raw = case("illegal_opcode", ErrorCode.ILLEGAL_OPCODE, 1, (Opcode.NOP, {}))
     raw[32] = 0x7F                        # the second instruction becomes opcode 0x7f
     cases[-1].program = bytes(raw)
+    gemm = dict(tokens=1, k_slices=1, n_tiles=1)
     case("gemm_mode_load_table", ErrorCode.ILLEGAL_OPCODE, 1,
-         (Opcode.GEMM, dict(mode=GemmOp.LOAD_TABLE, tokens=1, k_slices=1, n_tiles=1)))
+         (Opcode.GEMM, dict(mode=GemmOp.LOAD_TABLE, **gemm)))
+    patched("gemm_wsrc_3", ErrorCode.ILLEGAL_OPCODE, 1, 1, Opcode.GEMM, "wsrc", 3,
+            (Opcode.GEMM, gemm))
+    patched("load_table_unit_2", ErrorCode.ILLEGAL_OPCODE, 1, 1, Opcode.LOAD_TABLE, "unit", 2,
+            (Opcode.LOAD_TABLE, dict(ddr=0)))
+    patched("experts_order_3", ErrorCode.ILLEGAL_OPCODE, 1, 1, Opcode.EXPERTS, "order", 3,
+            (Opcode.EXPERTS, dict(body=1)), (Opcode.NOP, {}))
     case("tokens_over_capacity", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.GEMM, dict(tokens=cfg.max_tokens + 1, k_slices=1, n_tiles=1)))
+    case("k_over_capacity", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.GEMM, dict(tokens=1, k_slices=cfg.max_gemm_width // cfg.pe_rows + 1,
+                            n_tiles=1)))
     case("layernorm_wider_than_max_dim", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.LAYERNORM, dict(rows=1, beats=cfg.max_dim // cfg.pe_cols + 1, stride=1)))
+    case("softmax_row_over_max_tokens", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.SOFTMAX, dict(rows=1, length=cfg.max_tokens + 1, stride=1)))
+    # Within the buffer but over what the residual unit counts: the hardware's bound.
+    case("residual_over_capacity", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.RESIDUAL, dict(words=cfg.max_residual_words + 1)))
+    case("load_empty", ErrorCode.SHAPE_OVER_CAPACITY, 1, (Opcode.LOAD, dict(words=0)))
     case("buffer_out_of_range", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
          (Opcode.LOAD, dict(ddr=0, dst=cfg.act_buffer_words - 2, dst_stride=1, words=4)))
+    # More words than the buffer holds: a range past its end, not a capacity.
+    case("load_past_the_buffer", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
+         (Opcode.LOAD, dict(ddr=0, dst=0, dst_stride=1, words=cfg.act_buffer_words + 1)))
+    case("store_past_the_buffer", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
+         (Opcode.STORE, dict(ddr=0, src=0, src_stride=1, words=cfg.act_buffer_words + 1)))
     case("ddr_out_of_range", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
          (Opcode.LOAD, dict(ddr=48, dst=0, dst_stride=1, words=64 // cfg.pe_cols)))
     case("bad_task", ErrorCode.BAD_TASK, 1, (Opcode.TASKS, dict(count=2, stride=16)), task=2)
     # The MoE instructions.
     case("expert_gemm_outside_a_loop", ErrorCode.ILLEGAL_OPCODE, 1,
-         (Opcode.GEMM, dict(expert=1, tokens=1, k_slices=1, n_tiles=1)))
+         (Opcode.GEMM, dict(expert=1, **gemm)))
     case("gather_outside_a_loop", ErrorCode.ILLEGAL_OPCODE, 1,
-         (Opcode.GEMM, dict(src_rows=RowMode.GATHER, tokens=1, k_slices=1, n_tiles=1)))
+         (Opcode.GEMM, dict(src_rows=RowMode.GATHER, **gemm)))
+    case("queue_outside_a_loop", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(dst_rows=RowMode.QUEUE, **gemm)))
     case("combine_before_route", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.COMBINE, dict(rows=1, beats=1)))
     case("route_over_max_experts", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.ROUTE, dict(rows=1, experts=cfg.max_experts + 1, top_k=1, stride=1)))
     case("route_top_k_over_max", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.ROUTE, dict(rows=1, experts=8, top_k=cfg.max_top_k + 1, stride=1)))
+    case("route_top_k_over_experts", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.ROUTE, dict(rows=1, experts=1, top_k=2, stride=1)))
     case("experts_empty_body", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=0)))
     route = (Opcode.ROUTE, dict(rows=3, experts=4, top_k=1, stride=3))
@@ -249,6 +324,29 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
          (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1)))
     case("combine_over_routed_rows", ErrorCode.SHAPE_OVER_CAPACITY, 2, route,
          (Opcode.COMBINE, dict(rows=4, beats=1, src_stride=1, dst_stride=1)))
+    # Bodies of a loop over two experts (3 tokens each, top-2 with the zero exp table).
+    zero_table = (Opcode.LOAD_TABLE, dict(ddr=0, unit=TableUnit.SOFTMAX))
+    route2 = (Opcode.ROUTE, dict(src=0, stride=3, rows=3, experts=4, top_k=2))
+    stream = GEMM_RECORD_BYTES * cfg.pe_cols + cfg.pe_rows * cfg.pe_cols
+    expert_gemm = dict(mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1, src_stride=3,
+                       dst=64, dst_stride=6, **gemm)
+
+    def loop(stride=64):
+        return (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1,
+                                     stride=stride))
+
+    for name, op in (("route_in_a_loop", route2), ("end_in_a_loop", (Opcode.END, {})),
+                     ("tasks_in_a_loop", (Opcode.TASKS, dict(count=1)))):
+        case(name, ErrorCode.ILLEGAL_OPCODE, 4, zero_table, route2, loop(), op, img=window)
+    case("dst_rows_gather", ErrorCode.ILLEGAL_OPCODE, 4, zero_table, route2, loop(),
+         (Opcode.GEMM, {**expert_gemm, "dst_rows": RowMode.GATHER}), img=window)
+    # Expert 1's stream ends one AXI beat past the window: its iteration stops.
+    case("expert_stream_past_ddr", ErrorCode.ADDRESS_OUT_OF_RANGE, 4, zero_table, route2,
+         loop(stride=4096 - stream + cfg.axi_bytes), (Opcode.GEMM, expert_gemm), img=window)
+    # QUEUE rows are checked at offset + count: expert 1's rows 3…5 pass the last word.
+    case("queue_rows_past_buffer", ErrorCode.ADDRESS_OUT_OF_RANGE, 4, zero_table, route2,
+         loop(), (Opcode.GEMM, {**expert_gemm, "dst": cfg.act_buffer_words - 5,
+                                "dst_rows": RowMode.QUEUE}), img=window)
     return cases
 
 
