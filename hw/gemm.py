@@ -18,13 +18,14 @@ requantization and the optional table run on the way out.
 """
 
 from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from .config import AccelConfig
+from .isa import GemmOp
 
 __all__ = [
     "COUNTER_NAMES",
@@ -32,7 +33,6 @@ __all__ = [
     "GEMM_PARAM",
     "TABLE_ENTRIES",
     "GemmEngine",
-    "GemmOp",
     "Requantizer",
     "command_layout",
     "output_layout",
@@ -50,22 +50,6 @@ GEMM_PARAM = data.StructLayout({"bias": signed(32), "mult": unsigned(16), "shift
 # Widths of the command's loop counts: 65,535 slices of K or tiles of N, far beyond any
 # layer of the supported models (the compiler checks them against the configuration).
 _COUNT_WIDTH = 16
-
-
-class GemmOp(enum.Enum, shape=2):
-    """What a command on :attr:`GemmEngine.command` asks for.
-
-    The first three run a pass and name its output mode; ``LOAD_TABLE`` loads the table.
-    """
-
-    #: requantized INT8 outputs
-    INT8 = 0
-    #: requantized INT8 then ``table[q & 0xFF]`` (GELU after FC1)
-    INT8_TABLE = 1
-    #: the INT32 accumulators plus bias, unrequantized (the task head)
-    INT32 = 2
-    #: take :data:`TABLE_ENTRIES` beats from the ``table`` stream (entry 0 first)
-    LOAD_TABLE = 3
 
 
 def command_layout(config: AccelConfig) -> data.StructLayout:

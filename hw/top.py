@@ -31,13 +31,14 @@ from amaranth.utils import ceil_log2, exact_log2
 
 from .axi import AxiDmaPort, StreamResize, byte_beat_layout, dma_cmd_layout
 from .config import AccelConfig
-from .gemm import GemmEngine, GemmOp
+from .gemm import GemmEngine
 from .isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION,
     INSTRUCTION_BYTES,
     LN_RECORD_BYTES,
     ExpertOrder,
+    GemmOp,
     Opcode,
     RowMode,
     TableUnit,

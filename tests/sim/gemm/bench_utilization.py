@@ -13,7 +13,7 @@ import os
 import cocotb
 from gemm_tb import TB, make_pass
 
-from m3vit.hw.gemm import GemmOp
+from m3vit.hw.isa import GemmOp
 
 SHAPES_ENV = "M3VIT_GEMM_BENCH_SHAPES"
 OUT_ENV = "M3VIT_GEMM_BENCH_OUT"

@@ -29,7 +29,8 @@ from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
 from m3vit.hw.config import AccelConfig
-from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine, GemmOp
+from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine
+from m3vit.hw.isa import GemmOp
 from m3vit.sw.quant import numerics
 
 CONFIG_ENV = "M3VIT_GEMM_CONFIG"

@@ -19,7 +19,8 @@ import cocotb
 from amaranth.hdl import Shape
 from gemm_tb import CONFIG_ENV, TB, bench_config, make_pass
 
-from m3vit.hw.gemm import GemmEngine, GemmOp
+from m3vit.hw.gemm import GemmEngine
+from m3vit.hw.isa import GemmOp
 
 #: Single-pass geometries as (M, K-slices, N-tiles), so that the module imports without the
 #: configuration (pytest collects it too); ``MAX`` stands for ``max_tokens``.

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from m3vit.hw.config import AccelConfig
-from m3vit.hw.gemm import GemmOp
-from m3vit.hw.isa import ExpertOrder, Opcode, RowMode, TableUnit, WeightSource
+from m3vit.hw.isa import ExpertOrder, GemmOp, Opcode, RowMode, TableUnit, WeightSource
 from m3vit.hw.registers import ErrorCode
 from m3vit.sw.compiler.isa_model import execute
 from m3vit.sw.compiler.layout import unslice
