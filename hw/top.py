@@ -46,7 +46,8 @@ from .isa import (
     check_top_config,
 )
 from .moe import Combiner, Dispatcher
-from .registers import AxiLiteSignature, ControlRegisters, ErrorCode, Schedule
+from .regfile import AxiLiteSignature, ControlRegisters
+from .registers import EngineControlSignature, ErrorCode, Schedule
 from .vector import LayerNormUnit, ResidualAdd, SoftmaxMode, SoftmaxUnit
 
 __all__ = ["AcceleratorTop", "AddressGenerator", "Engine", "GatherMode", "GatherStage"]
@@ -272,22 +273,8 @@ class Engine(wiring.Component):
     def __init__(self, config: AccelConfig):
         self.config = check_top_config(config)
         dma_cmd = dma_cmd_layout(config)
-        counters = wiring.Signature({name: Out(32) for name in
-                                     ("instructions", "gemm_busy", "vector_busy",
-                                      "weight_stall", "token_beats")})
         super().__init__({
-            "start": In(1),
-            "abort_request": In(1),
-            "program_base": In(64),
-            "data_base": In(64),
-            "data_size": In(64),
-            "task_select": In(8),
-            "schedule": In(Schedule),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(ErrorCode),
-            "error_pc": Out(32),
+            "ctrl": Out(EngineControlSignature()),
             "rd_cmd": Out(stream.Signature(dma_cmd)),
             "rd_data": In(stream.Signature(byte_beat_layout(config.axi_bytes))),
             "wr_cmd": Out(stream.Signature(dma_cmd)),
@@ -295,7 +282,7 @@ class Engine(wiring.Component):
             "wr_idle": In(1),
             "dma_error": In(1),
             "dma_error_clear": Out(1),
-            "counters": Out(counters),
+            "token_beats": Out(32),
         })
 
     def elaborate(self, platform):
@@ -356,7 +343,7 @@ class Engine(wiring.Component):
         task_stride = Signal(32)
         task_offset = Signal(64)
         error_code = Signal(ErrorCode)
-        m.d.comb += [self.error_code.eq(error_code), self.error_pc.eq(pc)]
+        m.d.comb += [self.ctrl.error_code.eq(error_code), self.ctrl.error_pc.eq(pc)]
 
         # ---- MoE: the EXPERTS loop and the context of its current iteration ----------------
         routed = Signal()                  # a ROUTE has completed in this run
@@ -731,8 +718,9 @@ class Engine(wiring.Component):
         fetch_count = Signal(range(fetch_beats + 1))
         aborting = Signal()
         dma_base = Signal(64)  # data_base of the run (latched at start)
-        m.d.comb += dma_base.eq(self.data_base)
+        m.d.comb += dma_base.eq(self.ctrl.data_base)
         sent = Signal(4)       # handshakes done in the current issue state (one bit each)
+        instructions = Signal(32)
 
         def walk(gen, base, *loops):
             """Start ``gen`` at ``base`` over ``loops`` = (count, stride) pairs, outer first."""
@@ -810,15 +798,15 @@ class Engine(wiring.Component):
 
         with m.FSM(name="controller"):
             with m.State("IDLE"):
-                with m.If(self.start):
+                with m.If(self.ctrl.start):
                     m.d.sync += [pc.eq(0), error_code.eq(ErrorCode.NONE), aborting.eq(0),
                                  task_offset.eq(0), task_stride.eq(0), sent.eq(0),
-                                 routed.eq(0), loop_active.eq(0), schedule.eq(self.schedule),
+                                 routed.eq(0), loop_active.eq(0), schedule.eq(self.ctrl.schedule),
                                  pending.eq(0)]
                     m.d.comb += self.dma_error_clear.eq(1)
                     m.next = "FETCH"
             with m.State("FETCH"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(pending & (aborting | self.dma_error)):
                     m.d.sync += drain_to_fetch.eq(1)
                     m.next = "GEMM_DRAIN"
@@ -828,7 +816,7 @@ class Engine(wiring.Component):
                     stop(ErrorCode.AXI_RESPONSE)
                 with m.Else():
                     m.d.comb += [self.rd_cmd.valid.eq(1),
-                                 self.rd_cmd.payload.addr.eq(self.program_base
+                                 self.rd_cmd.payload.addr.eq(self.ctrl.program_base
                                                              + pc * INSTRUCTION_BYTES),
                                  self.rd_cmd.payload.beats.eq(max(1, INSTRUCTION_BYTES
                                                                   // axi_bytes))]
@@ -836,7 +824,7 @@ class Engine(wiring.Component):
                         m.d.sync += [sink.eq(Sink.FETCH), fetch_count.eq(0)]
                         m.next = "FETCH_DATA"
             with m.State("FETCH_DATA"):
-                m.d.comb += [self.busy.eq(1), fetch_ready.eq(1)]
+                m.d.comb += [self.ctrl.busy.eq(1), fetch_ready.eq(1)]
                 with m.If(fetch_valid):
                     # Little-endian: the first beat is the low bits; shift in from the top.
                     if axi_bytes >= INSTRUCTION_BYTES:
@@ -849,7 +837,7 @@ class Engine(wiring.Component):
                         m.d.sync += sink.eq(Sink.NONE)
                         m.next = "CHECK1"
             with m.State("CHECK1"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 for k in range(3):
                     terms = rng[k].terms
                     m.d.sync += rng_last[k].eq(Mux(rng[k].used,
@@ -859,13 +847,13 @@ class Engine(wiring.Component):
                 m.d.sync += ddr_end.eq(Mux(ddr_used, ddr_offset + ddr_bytes, 0))
                 m.next = "CHECK2"
             with m.State("CHECK2"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 buffer_ok = Signal()
                 m.d.comb += buffer_ok.eq(
                     (rng_last[0] < depth) & (rng_last[1] < depth) & (rng_last[2] < depth))
-                ddr_ok = (ddr_end <= self.data_size) & (
+                ddr_ok = (ddr_end <= self.ctrl.data_size) & (
                     (op != Opcode.GEMM) | (gemm_args.mode != GemmOp.INT32)
-                    | (out_end <= self.data_size))
+                    | (out_end <= self.ctrl.data_size))
                 with m.If(pending):
                     # A GEMM is still finishing: only a streamed GEMM may start beside it.
                     with m.If(opcode_ok & shape_ok & buffer_ok & ddr_ok & (op == Opcode.GEMM)
@@ -912,49 +900,49 @@ class Engine(wiring.Component):
                             m.next = "COMBINE_START"
 
             with m.State("TASKS"):
-                m.d.comb += self.busy.eq(1)
-                with m.If(self.task_select >= args.tasks.count):
+                m.d.comb += self.ctrl.busy.eq(1)
+                with m.If(self.ctrl.task_select >= args.tasks.count):
                     stop(ErrorCode.BAD_TASK)
                 with m.Else():
                     m.d.sync += [task_stride.eq(args.tasks.stride),
-                                 task_offset.eq(self.task_select * args.tasks.stride)]
+                                 task_offset.eq(self.ctrl.task_select * args.tasks.stride)]
                     m.next = "NEXT"
 
             # GEMM: command, DDR stream, address generators, then wait for the results.
             with m.State("GEMM_START"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 gemm_setup()
                 gemm_walks()
                 m.next = "GEMM_ISSUE"
             with m.State("GEMM_ISSUE"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(gemm_commands()):
                     m.next = "GEMM_WAIT"
                     with m.If(streamed):
                         m.next = "GEMM_STREAM"
             # Beside a pending GEMM: stream setup, commands, then the walks once it is done.
             with m.State("GEMM_PREFETCH"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 gemm_setup()
                 m.next = "GEMM_PREFETCH_ISSUE"
             with m.State("GEMM_PREFETCH_ISSUE"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(gemm_commands()):
                     m.next = "GEMM_HOLD"
             with m.State("GEMM_HOLD"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(writes_left == 0):
                     m.d.sync += pending.eq(0)
                     gemm_walks()
                     m.next = "GEMM_STREAM"
             with m.State("GEMM_STREAM"):
                 # The whole stream is in: the next instruction may be fetched.
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(gemm_beats_left == 0):
                     m.d.sync += pending.eq(1)
                     m.next = "NEXT"
             with m.State("GEMM_DRAIN"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(~gemm.busy & ~gemm.command.valid & (writes_left == 0)):
                     m.d.sync += [pending.eq(0), unit.eq(Unit.NONE),
                                  gather_mode.eq(GatherMode.NONE)]
@@ -962,7 +950,7 @@ class Engine(wiring.Component):
                     with m.If(drain_to_fetch):
                         m.next = "FETCH"
             with m.State("GEMM_WAIT"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 # INT8: every result word written; INT32: every write answered.
                 with m.If(~gemm.busy & ~gemm.command.valid & (gemm_int32 | (writes_left == 0))
                           & self.wr_idle & ~rs_i32.o.valid & ~self.rd_data.valid):
@@ -970,14 +958,14 @@ class Engine(wiring.Component):
 
             with m.State("LN_PARAMS"):
                 a = ln_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [sink.eq(Sink.LN), ln_beat.eq(0)]
                 command(self.rd_cmd, 0, addr=ddr_addr, beats=ddr_bytes >> log_axi)
                 with m.If(sent[0]):
                     m.next = "LN_PARAMS_WAIT"
             with m.State("LN_PARAMS_WAIT"):
                 a = ln_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(ln_beat == a.beats):
                     m.d.sync += [sink.eq(Sink.NONE), sent.eq(0), unit.eq(Unit.LN),
                                  writes_left.eq(a.rows * a.beats)]
@@ -986,7 +974,7 @@ class Engine(wiring.Component):
                     m.next = "LN_RUN"
             with m.State("LN_RUN"):
                 a = ln_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(ln.cmd, 0, beats=a.beats, rows=a.rows, shift=a.shift,
                         eps_term=a.eps_term)
                 with m.If(sent[0] & (writes_left == 0)):
@@ -994,14 +982,14 @@ class Engine(wiring.Component):
 
             with m.State("SOFTMAX_START"):
                 a = sm_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [unit.eq(Unit.SOFTMAX), writes_left.eq(a.rows * sm_beats)]
                 walk(gen_a, a.src, (a.rows, 1), (sm_beats, a.stride))
                 walk(gen_w, a.dst, (a.rows, 1), (sm_beats, a.stride))
                 m.next = "SOFTMAX_RUN"
             with m.State("SOFTMAX_RUN"):
                 a = sm_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(softmax.cmd, 0, length=a.length, rows=a.rows,
                         mode=SoftmaxMode.ATTENTION)
                 with m.If(sent[0] & (writes_left == 0)):
@@ -1009,14 +997,14 @@ class Engine(wiring.Component):
 
             with m.State("RESIDUAL_START"):
                 a = res_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [unit.eq(Unit.RESIDUAL), writes_left.eq(a.words)]
                 for gen, base in ((gen_a, a.src_a), (gen_b, a.src_b), (gen_w, a.dst)):
                     walk(gen, base, (a.words, 1))
                 m.next = "RESIDUAL_RUN"
             with m.State("RESIDUAL_RUN"):
                 a = res_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(residual.cmd, 0, beats=a.words, mult_a=a.mult_a, mult_b=a.mult_b,
                         shift=a.shift)
                 with m.If(sent[0] & (writes_left == 0)):
@@ -1024,13 +1012,13 @@ class Engine(wiring.Component):
 
             with m.State("LOAD_START"):
                 a = load_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [unit.eq(Unit.LOAD), sink.eq(Sink.LOAD),
                              writes_left.eq(ddr_bytes >> exact_log2(C))]
                 walk(gen_w, a.dst, (a.words, a.dst_stride))
                 m.next = "LOAD_RUN"
             with m.State("LOAD_RUN"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(self.rd_cmd, 0, addr=ddr_addr, beats=ddr_bytes >> log_axi)
                 with m.If(sent[0] & (writes_left == 0)):
                     m.d.sync += sink.eq(Sink.NONE)
@@ -1038,14 +1026,14 @@ class Engine(wiring.Component):
 
             with m.State("STORE_START"):
                 a = store_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [unit.eq(Unit.STORE),
                              store_words_left.eq(a.words)]
                 # Read whole AXI beats' worth of words; the ones past the count go out as 0.
                 walk(gen_a, a.src, (ddr_bytes >> exact_log2(C), a.src_stride))
                 m.next = "STORE_RUN"
             with m.State("STORE_RUN"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(self.wr_cmd, 0, addr=ddr_addr, beats=ddr_bytes >> log_axi)
                 with m.If(sent[0] & ~gen_a.addr.valid & ~a_valid & ~rs_store.o.valid
                           & self.wr_idle):
@@ -1053,7 +1041,7 @@ class Engine(wiring.Component):
 
             with m.State("TABLE_START"):
                 a = table_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(a.unit == TableUnit.GEMM):
                     command(gemm.command, 1, op=GemmOp.LOAD_TABLE)
                     m.d.sync += sink.eq(Sink.TABLE8)
@@ -1064,33 +1052,33 @@ class Engine(wiring.Component):
                 with m.If(sent[0] & sent[1]):
                     m.next = "TABLE_WAIT"
             with m.State("TABLE_WAIT"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(~gemm.busy & (table_args.unit == TableUnit.GEMM)
                           | (table_left == 0) & (table_args.unit == TableUnit.SOFTMAX)):
                     m.d.sync += sink.eq(Sink.NONE)
                     m.next = "TABLE_END"
             with m.State("TABLE_END"):
                 # One cycle so the table sink's last beat is out of the converters.
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.next = "NEXT"
 
             # ROUTE: logits → softmax (router mode) → dispatcher; the tables are built when the
             # dispatcher goes idle.
             with m.State("ROUTE_START"):
                 a = route_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += unit.eq(Unit.ROUTE)
                 walk(gen_a, a.src, (a.rows, 1), (route_beats, a.stride))
                 m.next = "ROUTE_RUN"
             with m.State("ROUTE_RUN"):
                 a = route_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(softmax.cmd, 0, length=a.experts, rows=a.rows, mode=SoftmaxMode.ROUTER)
                 command(dispatcher.cmd, 1, rows=a.rows, experts=a.experts, top_k=a.top_k)
                 with m.If(sent[0] & sent[1]):
                     m.next = "ROUTE_WAIT"
             with m.State("ROUTE_WAIT"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 with m.If(~dispatcher.busy & ~softmax.busy):
                     m.d.sync += routed.eq(1)
                     m.next = "NEXT"
@@ -1098,7 +1086,7 @@ class Engine(wiring.Component):
             # EXPERTS: run the body once per iteration (NEXT loops back at the body's end).
             with m.State("EXPERTS"):
                 a = experts_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [
                     loop_tbt.eq(Mux(a.order == ExpertOrder.REGISTER,
                                     schedule == Schedule.TOKEN_BY_TOKEN,
@@ -1111,14 +1099,14 @@ class Engine(wiring.Component):
                     m.next = "NEXT"
                 with m.Else():
                     m.d.sync += [loop_active.eq(1), sent.eq(0),
-                                 self.counters.instructions.eq(self.counters.instructions + 1)]
+                                 instructions.eq(instructions + 1)]
                     m.next = "LOOP_CTX"
             with m.State("LOOP_CTX"):
-                m.d.comb += [self.busy.eq(1), dispatcher.list_index.eq(loop_index),
+                m.d.comb += [self.ctrl.busy.eq(1), dispatcher.list_index.eq(loop_index),
                              dispatcher.slot_addr.eq(loop_token), dispatcher.slot_en.eq(1)]
                 m.next = "LOOP_CTX2"
             with m.State("LOOP_CTX2"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 slot = dispatcher.slot[loop_choice]
                 with m.If(loop_tbt):
                     m.d.sync += [ctx_expert.eq(slot.expert), ctx_offset.eq(slot.pos),
@@ -1129,14 +1117,14 @@ class Engine(wiring.Component):
                                  ctx_count.eq(dispatcher.list_count)]
                 m.next = "LOOP_CTX3"
             with m.State("LOOP_CTX3"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [expert_offset.eq(ctx_expert * loop_stride), pc.eq(loop_first)]
                 m.next = "FETCH"
 
             # COMBINE: each token's top-k expert outputs through the slot table.
             with m.State("COMBINE_START"):
                 a = combine_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [unit.eq(Unit.COMBINE), gather_mode.eq(GatherMode.SLOT),
                              writes_left.eq(a.rows * a.beats)]
                 walk(gen_a, a.src, (a.beats, a.src_stride), (a.rows, 0), (dispatcher.top_k, 0))
@@ -1144,16 +1132,16 @@ class Engine(wiring.Component):
                 m.next = "COMBINE_RUN"
             with m.State("COMBINE_RUN"):
                 a = combine_args
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 command(combiner.cmd, 0, words=a.rows * a.beats, top_k=dispatcher.top_k,
                         mult=a.mult, shift=a.shift)
                 with m.If(sent[0] & (writes_left == 0)):
                     m.next = "NEXT"
 
             with m.State("NEXT"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += self.ctrl.busy.eq(1)
                 m.d.sync += [pc.eq(pc + 1), sink.eq(Sink.NONE), sent.eq(0),
-                             self.counters.instructions.eq(self.counters.instructions + 1)]
+                             instructions.eq(instructions + 1)]
                 with m.If(~pending):   # a pending GEMM still owns the unit and port A
                     m.d.sync += [unit.eq(Unit.NONE), weights_from_buffer.eq(0),
                                  gather_mode.eq(GatherMode.NONE)]
@@ -1174,26 +1162,31 @@ class Engine(wiring.Component):
                         m.d.sync += loop_index.eq(loop_index + 1)
                         m.next = "LOOP_CTX"
             with m.State("STOP_DONE"):
-                m.d.comb += [self.busy.eq(1), self.done.eq(1)]
+                m.d.comb += [self.ctrl.busy.eq(1), self.ctrl.done.eq(1)]
                 with m.If(self.dma_error):
-                    m.d.comb += [self.done.eq(0), self.error.eq(1)]
+                    m.d.comb += [self.ctrl.done.eq(0), self.ctrl.error.eq(1)]
                     m.d.sync += error_code.eq(ErrorCode.AXI_RESPONSE)
                 m.next = "IDLE"
             with m.State("STOP_ERROR"):
-                m.d.comb += [self.busy.eq(1), self.error.eq(1)]
+                m.d.comb += [self.ctrl.busy.eq(1), self.ctrl.error.eq(1)]
                 m.next = "IDLE"
 
-        with m.If(self.abort_request & self.busy):
+        with m.If(self.ctrl.abort_request & self.ctrl.busy):
             m.d.sync += aborting.eq(1)
 
         # ---- counters -----------------------------------------------------------------------
         vector_busy = ln.busy | softmax.busy | residual.busy | dispatcher.busy | combiner.busy
-        for counter, event in ((self.counters.gemm_busy, gemm.busy),
-                               (self.counters.vector_busy, vector_busy)):
+        gemm_busy = Signal(32)
+        vector_busy_cycles = Signal(32)
+        for counter, event in ((gemm_busy, gemm.busy),
+                               (vector_busy_cycles, vector_busy)):
             with m.If(event):
                 m.d.sync += counter.eq(counter + 1)
-        m.d.comb += [self.counters.weight_stall.eq(gemm.counters.weight_stall_cycles),
-                     self.counters.token_beats.eq(gemm.counters.token_beats)]
+        m.d.comb += [self.ctrl.counters.gemm_busy.eq(gemm_busy),
+                     self.ctrl.counters.vector_busy.eq(vector_busy_cycles),
+                     self.ctrl.counters.instructions.eq(instructions),
+                     self.ctrl.counters.weight_stall.eq(gemm.counters.weight_stall_cycles),
+                     self.token_beats.eq(gemm.counters.token_beats)]
         return m
 
 
@@ -1237,34 +1230,19 @@ class AcceleratorTop(wiring.Component):
         wiring.connect(m, dma.read.data, engine.rd_data)
         wiring.connect(m, engine.wr_cmd, dma.write.cmd)
         wiring.connect(m, engine.wr_data, dma.write.data)
+        wiring.connect(m, engine.ctrl, regs.engine)
         m.d.comb += [
-            engine.start.eq(regs.start),
-            engine.abort_request.eq(regs.abort_request),
-            engine.program_base.eq(regs.program_base),
-            engine.data_base.eq(regs.data_base),
-            engine.data_size.eq(regs.data_size),
-            engine.task_select.eq(regs.task_select),
-            engine.schedule.eq(regs.schedule),
             engine.wr_idle.eq(~dma.write.busy),
             engine.dma_error.eq(dma.read.error | dma.write.error),
             dma.read.clear_error.eq(engine.dma_error_clear),
             dma.write.clear_error.eq(engine.dma_error_clear),
-            regs.busy.eq(engine.busy),
-            regs.done_set.eq(engine.done),
-            regs.error_set.eq(engine.error),
-            regs.error_code.eq(engine.error_code),
-            regs.error_pc.eq(engine.error_pc),
-            regs.counters.gemm_busy.eq(engine.counters.gemm_busy),
-            regs.counters.vector_busy.eq(engine.counters.vector_busy),
-            regs.counters.weight_stall.eq(engine.counters.weight_stall),
-            regs.counters.instructions.eq(engine.counters.instructions),
-            regs.counters.dma_read_bytes.eq(dma.read.bytes_read),
-            regs.counters.dma_write_bytes.eq(dma.write.bytes_written),
+            regs.dma_counters.dma_read_bytes.eq(dma.read.bytes_read),
+            regs.dma_counters.dma_write_bytes.eq(dma.write.bytes_written),
         ]
         done_or_error = Signal()
-        with m.If(regs.start):
+        with m.If(engine.ctrl.start):
             m.d.sync += done_or_error.eq(0)
-        with m.Elif(engine.done | engine.error):
+        with m.Elif(engine.ctrl.done | engine.ctrl.error):
             m.d.sync += done_or_error.eq(1)
         m.d.comb += self.irq.eq(done_or_error)
         return m
