@@ -1,10 +1,11 @@
 """The MoE expert scheduler's blocks: the dispatcher (top-k and per-expert queues) and the
 combiner (score-weighted sum of each token's expert outputs).
 
-The controller in :mod:`m3vit.hw.top` runs them for the ``ROUTE`` and ``COMBINE``
-instructions (``docs/isa.md``); between the two, its ``EXPERTS`` loop walks the tables the
-dispatcher built: one iteration per active expert (computation reordering: each expert's
-weights are read from DDR once per layer) or, for the baseline, one per token and choice.
+The engine's controller (:mod:`m3vit.hw.engine.controller`) runs them for the ``ROUTE``
+and ``COMBINE`` instructions (``docs/isa.md``); between the two, its ``EXPERTS`` loop walks
+the tables the dispatcher built: one iteration per active expert (computation reordering:
+each expert's weights are read from DDR once per layer) or, for the baseline, one per token
+and choice.
 
 * :class:`Dispatcher` takes the router scores of every token from the softmax unit
   (``numerics.router_scores``), picks the top-k (``numerics.top_k``: ties to the lower
