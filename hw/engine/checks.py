@@ -34,25 +34,28 @@ _RANGE = data.StructLayout({"used": 1, "base": 32,
 def checks_control(config: AccelConfig) -> wiring.Signature:
     """The controller's side of the checks.
 
-    Members
+    Returns
     -------
-    register_sums : Out(1)
-        State ``CHECK1``: register the ranges' products and sums (the verdicts are valid
-        the cycle after).
-    loop_active, routed : Out(1)
-        An ``EXPERTS`` body is running; a ``ROUTE`` has completed in this run.
-    ctx_count, ctx_offset, expert_offset : Out
-        The ``EXPERTS`` iteration's token count, queue offset and expert DDR offset.
-    task_offset : Out(64)
-        ``TASK_SELECT · stride`` of the last ``TASKS``.
-    opcode_ok, shape_ok, buffer_ok, ddr_ok : In(1)
-        The verdicts (``buffer_ok`` and ``ddr_ok`` from the registered sums).
-    ddr_offset, ddr_bytes : In(48)
-        The instruction's DDR range (``per_task`` and expert offsets added).
-    tokens : In(16)
-        A ``GEMM``'s token count (the iteration's count for an expert ``GEMM``).
-    route_beats, softmax_beats : In(16)
-        Beats per row of a ``ROUTE`` (experts) and a ``SOFTMAX`` (length).
+    wiring.Signature
+        Its members (flows seen from the controller):
+
+        register_sums : Out(1)
+            State ``CHECK1``: register the ranges' products and sums (the verdicts are valid
+            the cycle after).
+        loop_active, routed : Out(1)
+            An ``EXPERTS`` body is running; a ``ROUTE`` has completed in this run.
+        ctx_count, ctx_offset, expert_offset : Out
+            The ``EXPERTS`` iteration's token count, queue offset and expert DDR offset.
+        task_offset : Out(64)
+            ``TASK_SELECT · stride`` of the last ``TASKS``.
+        opcode_ok, shape_ok, buffer_ok, ddr_ok : In(1)
+            The verdicts (``buffer_ok`` and ``ddr_ok`` from the registered sums).
+        ddr_offset, ddr_bytes : In(48)
+            The instruction's DDR range (``per_task`` and expert offsets added).
+        tokens : In(16)
+            A ``GEMM``'s token count (the iteration's count for an expert ``GEMM``).
+        route_beats, softmax_beats : In(16)
+            Beats per row of a ``ROUTE`` (experts) and a ``SOFTMAX`` (length).
     """
     entries = config.max_tokens * config.max_top_k
     return wiring.Signature({

@@ -58,31 +58,34 @@ class Unit(enum.Enum, shape=4):
 def datapath_control(config: AccelConfig) -> wiring.Signature:
     """The controller's side of the datapath.
 
-    Members
+    Returns
     -------
-    walk_a, walk_b, walk_w : Out(walk_signature(...))
-        Start the walks of read port A, read port B and the write port.
-    unit : Out(Unit)
-        The unit in charge.
-    gemm_int32 : Out(1)
-        GEMM results go to the write DMA (INT32) instead of the write port.
-    weights_from_buffer : Out(1)
-        GEMM weights come from read port B instead of DDR.
-    gather_mode, gather_offset : Out
-        What port A's gather stage does; the queue position of row 0.
-    expect_writes, writes : Out
-        Load the count of words the write port is to take.
-    writes_done : In(1)
-        The write port has taken them.
-    expect_store, store_words : Out
-        Load the count of words a STORE sends (the rest of its last AXI beat is zeros).
-    store_drained : In(1)
-        Port A's walk, its read queue and the STORE converter are empty.
-    int32_drained : In(1)
-        The INT32 converter is empty.
-    slot_lookup, slot_token : Out
-        Read the dispatcher's slot table for a token (the ``EXPERTS`` loop's context),
-        instead of the gather stage.
+    wiring.Signature
+        Its members (flows seen from the controller):
+
+        walk_a, walk_b, walk_w : Out(walk_signature(...))
+            Start the walks of read port A, read port B and the write port.
+        unit : Out(Unit)
+            The unit in charge.
+        gemm_int32 : Out(1)
+            GEMM results go to the write DMA (INT32) instead of the write port.
+        weights_from_buffer : Out(1)
+            GEMM weights come from read port B instead of DDR.
+        gather_mode, gather_offset : Out
+            What port A's gather stage does; the queue position of row 0.
+        expect_writes, writes : Out
+            Load the count of words the write port is to take.
+        writes_done : In(1)
+            The write port has taken them.
+        expect_store, store_words : Out
+            Load the count of words a STORE sends (the rest of its last AXI beat is zeros).
+        store_drained : In(1)
+            Port A's walk, its read queue and the STORE converter are empty.
+        int32_drained : In(1)
+            The INT32 converter is empty.
+        slot_lookup, slot_token : Out
+            Read the dispatcher's slot table for a token (the ``EXPERTS`` loop's context),
+            instead of the gather stage.
     """
     buf_bits = ceil_log2(config.act_buffer_words)
     walk = walk_signature(buf_bits, COUNT_BITS)

@@ -14,19 +14,22 @@ __all__ = ["InstructionFetch", "fetch_control"]
 def fetch_control() -> wiring.Signature:
     """The controller's side of the fetch.
 
-    Members
+    Returns
     -------
-    pc : Out(32)
-        Index of the instruction to fetch.
-    request : Out(1)
-        Offer the read command for instruction ``pc`` (state ``FETCH``).
-    issued : In(1)
-        The read DMA takes the command this cycle.
-    collect : Out(1)
-        Take the instruction's beats (state ``FETCH_DATA``).
-    done : In(1)
-        The instruction's last beat is taken this cycle; :attr:`InstructionFetch.instruction`
-        holds it from the next cycle on.
+    wiring.Signature
+        Its members (flows seen from the controller):
+
+        pc : Out(32)
+            Index of the instruction to fetch.
+        request : Out(1)
+            Offer the read command for instruction ``pc`` (state ``FETCH``).
+        issued : In(1)
+            The read DMA takes the command this cycle.
+        collect : Out(1)
+            Take the instruction's beats (state ``FETCH_DATA``).
+        done : In(1)
+            The instruction's last beat is taken this cycle; :attr:`InstructionFetch.instruction`
+            holds it from the next cycle on.
     """
     return wiring.Signature({
         "pc": Out(32),

@@ -42,26 +42,29 @@ class ReadSink(enum.Enum, shape=3):
 def read_router_control() -> wiring.Signature:
     """The controller's side of the router.
 
-    Members
+    Returns
     -------
-    sink : Out(ReadSink)
-        Where data beats go.
-    gemm_setup : Out(1)
-        Start a GEMM stream this cycle: ``gemm_beats`` beats, of which, with
-        ``gemm_weights_ddr``, each N-tile's parameter beats are followed by
-        ``gemm_tile_beats`` weight beats.
-    gemm_stream_done : In(1)
-        Every beat of the GEMM's stream has arrived.
-    ln_restart : Out(1)
-        The next LayerNorm parameter beat is beat 0.
-    ln_beats : In(16)
-        LayerNorm parameter beats delivered since ``ln_restart``.
-    table_restart : Out(1)
-        The next exp-table entry is entry 0 (of 256).
-    table_done : In(1)
-        All 256 exp-table entries have been delivered.
-    data_waiting : In(1)
-        A data beat is on offer from the read DMA.
+    wiring.Signature
+        Its members (flows seen from the controller):
+
+        sink : Out(ReadSink)
+            Where data beats go.
+        gemm_setup : Out(1)
+            Start a GEMM stream this cycle: ``gemm_beats`` beats, of which, with
+            ``gemm_weights_ddr``, each N-tile's parameter beats are followed by
+            ``gemm_tile_beats`` weight beats.
+        gemm_stream_done : In(1)
+            Every beat of the GEMM's stream has arrived.
+        ln_restart : Out(1)
+            The next LayerNorm parameter beat is beat 0.
+        ln_beats : In(16)
+            LayerNorm parameter beats delivered since ``ln_restart``.
+        table_restart : Out(1)
+            The next exp-table entry is entry 0 (of 256).
+        table_done : In(1)
+            All 256 exp-table entries have been delivered.
+        data_waiting : In(1)
+            A data beat is on offer from the read DMA.
     """
     return wiring.Signature({
         "sink": Out(ReadSink),
