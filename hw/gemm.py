@@ -17,14 +17,17 @@ the other half of a double buffer meanwhile. After the last slice of an N-tile, 
 requantization and the optional table run on the way out.
 """
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from .config import AccelConfig
+from .isa import GemmOp
 
 __all__ = [
     "COUNTER_NAMES",
@@ -32,7 +35,6 @@ __all__ = [
     "GEMM_PARAM",
     "TABLE_ENTRIES",
     "GemmEngine",
-    "GemmOp",
     "Requantizer",
     "command_layout",
     "output_layout",
@@ -50,22 +52,6 @@ GEMM_PARAM = data.StructLayout({"bias": signed(32), "mult": unsigned(16), "shift
 # Widths of the command's loop counts: 65,535 slices of K or tiles of N, far beyond any
 # layer of the supported models (the compiler checks them against the configuration).
 _COUNT_WIDTH = 16
-
-
-class GemmOp(enum.Enum, shape=2):
-    """What a command on :attr:`GemmEngine.command` asks for.
-
-    The first three run a pass and name its output mode; ``LOAD_TABLE`` loads the table.
-    """
-
-    #: requantized INT8 outputs
-    INT8 = 0
-    #: requantized INT8 then ``table[q & 0xFF]`` (GELU after FC1)
-    INT8_TABLE = 1
-    #: the INT32 accumulators plus bias, unrequantized (the task head)
-    INT32 = 2
-    #: take :data:`TABLE_ENTRIES` beats from the ``table`` stream (entry 0 first)
-    LOAD_TABLE = 3
 
 
 def command_layout(config: AccelConfig) -> data.StructLayout:
@@ -361,34 +347,43 @@ class GemmEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        rows, cols = cfg.pe_rows, cfg.pe_cols
-        tile_layout = data.ArrayLayout(data.ArrayLayout(signed(8), cols), rows)
-        token_shape = range(cfg.max_tokens)
-        count_shape = unsigned(_COUNT_WIDTH)
+        s = SimpleNamespace()   # what the sections share; each adds what it declares
+        self._take_commands(m, s)
+        self._start_passes(m, s)
+        self._load_weights(m, s)
+        self._load_params(m, s)
+        self._issue(m, s)
+        self._array(m, s)
+        self._output(m, s)
+        self._count(m, s)
+        return m
 
-        # ---- commands: the weight loader takes them, a one-entry queue holds them -----------
+    def _take_commands(self, m: Module, s: SimpleNamespace) -> None:
+        """Commands: the weight loader takes them, a one-entry queue holds them."""
+        cfg = self.config
         # The loader fills the shadow tile up to one tile ahead of the array, so that tile
         # may belong to the next pass, whose weight order it must know: commands reach the
         # loader first (it learns the pass's order and tile count) and wait in `queued`
         # for the issuer. A command is taken once the loader has filled every tile of the
         # previous pass, early enough for the next pass's first tile to load while the
         # previous pass's last one computes.
-        square = rows == cols
-        pass_layout = data.StructLayout({
+        square = cfg.pe_rows == cfg.pe_cols
+        count_shape = unsigned(_COUNT_WIDTH)
+        s.pass_layout = data.StructLayout({
             "op": GemmOp,
-            "last_token": token_shape,
+            "last_token": range(cfg.max_tokens),
             "last_kslice": count_shape,
             "last_ntile": count_shape,
             "slice_gap": range(self.hazard_cycles + 1),
         })
-        queued = Signal()  # a command waits for the issuer
-        queued_pass = Signal(pass_layout)
-        loader_busy = Signal()  # tiles of a taken pass are left to load
-        load_transposed = Signal()  # ... column by column
-        load_slices_left = Signal(count_shape)  # further K-slices of the loader's N-tile
-        load_tiles_left = Signal(count_shape)  # further N-tiles
-        load_last_kslice = Signal(count_shape)
+        s.queued = queued = Signal()  # a command waits for the issuer
+        s.queued_pass = queued_pass = Signal(s.pass_layout)
+        s.loader_busy = loader_busy = Signal()  # tiles of a taken pass are left to load
+        s.load_transposed = load_transposed = Signal()  # ... column by column
+        # Further K-slices of the loader's N-tile, further N-tiles.
+        s.load_slices_left = load_slices_left = Signal(count_shape)
+        s.load_tiles_left = load_tiles_left = Signal(count_shape)
+        s.load_last_kslice = load_last_kslice = Signal(count_shape)
 
         cmd = self.command.payload
         m.d.comb += self.command.ready.eq(~loader_busy & ~queued)
@@ -418,31 +413,35 @@ class GemmEngine(wiring.Component):
             with m.Else():
                 m.d.sync += self.illegal_command.eq(1)
 
-        # ---- the issuer's pass --------------------------------------------------------------
-        issuing = Signal()  # a pass has tokens left to enter the array
-        loading_table = Signal()
-        current = Signal(pass_layout)
-        op, last_token = current.op, current.last_token
-        last_kslice, last_ntile, slice_gap = (current.last_kslice, current.last_ntile,
-                                              current.slice_gap)
-        token = Signal(token_shape)
-        kslice = Signal(count_shape)
-        ntile = Signal(count_shape)
-        pending = Signal(range(self.queue_depth + 1))  # last-slice tokens not yet output
-        m.d.comb += self.busy.eq(queued | issuing | loading_table | (pending != 0))
-        with m.If(queued & ~issuing & ~loading_table):
-            m.d.sync += queued.eq(0)
-            with m.If(queued_pass.op == GemmOp.LOAD_TABLE):
+    def _start_passes(self, m: Module, s: SimpleNamespace) -> None:
+        """The issuer's pass: the queued command becomes the current one."""
+        cfg = self.config
+        count_shape = unsigned(_COUNT_WIDTH)
+        s.issuing = issuing = Signal()  # a pass has tokens left to enter the array
+        s.loading_table = loading_table = Signal()
+        s.current = current = Signal(s.pass_layout)
+        s.token = Signal(range(cfg.max_tokens))
+        s.kslice = Signal(count_shape)
+        s.ntile = Signal(count_shape)
+        # Last-slice tokens not yet output.
+        s.pending = pending = Signal(range(self.queue_depth + 1))
+        m.d.comb += self.busy.eq(s.queued | issuing | loading_table | (pending != 0))
+        with m.If(s.queued & ~issuing & ~loading_table):
+            m.d.sync += s.queued.eq(0)
+            with m.If(s.queued_pass.op == GemmOp.LOAD_TABLE):
                 m.d.sync += loading_table.eq(1)
             with m.Else():
-                m.d.sync += [issuing.eq(1), current.eq(queued_pass)]
+                m.d.sync += [issuing.eq(1), current.eq(s.queued_pass)]
 
-        # ---- weight double buffer -----------------------------------------------------------
-        w_shadow = Signal(tile_layout)
-        w_active = Signal(tile_layout)
-        w_row = Signal(range(rows))  # the beat within the tile: a row, or a column
-        w_full = Signal()
-        m.d.comb += self.weights.ready.eq(loader_busy & ~w_full)
+    def _load_weights(self, m: Module, s: SimpleNamespace) -> None:
+        """The weight double buffer: the loader fills the shadow tile."""
+        rows, cols = self.config.pe_rows, self.config.pe_cols
+        tile_layout = data.ArrayLayout(data.ArrayLayout(signed(8), cols), rows)
+        s.w_shadow = w_shadow = Signal(tile_layout)
+        s.w_active = Signal(tile_layout)
+        s.w_row = w_row = Signal(range(rows))  # the beat within the tile: a row, or a column
+        s.w_full = w_full = Signal()
+        m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full)
         beat = self.weights.payload
 
         def write_row():
@@ -452,11 +451,11 @@ class GemmEngine(wiring.Component):
                         m.d.sync += w_shadow[row].eq(beat)
 
         with m.If(self.weights.valid & self.weights.ready):
-            if square:
+            if rows == cols:
                 # Row r takes beat r whole, or lane r of beat c as its element c: per element
                 # a 2:1 mux on the data and on the write enable (row or column decode), both
                 # selected by a register that changes only between passes.
-                with m.If(load_transposed):
+                with m.If(s.load_transposed):
                     for row in range(rows):
                         m.d.sync += w_shadow[row][w_row].eq(beat[row])
                 with m.Else():
@@ -466,21 +465,23 @@ class GemmEngine(wiring.Component):
             m.d.sync += w_row.eq(w_row + 1)  # pe_rows is a power of two: wraps to 0
             with m.If(w_row == rows - 1):
                 m.d.sync += w_full.eq(1)
-                with m.If(load_slices_left != 0):
-                    m.d.sync += load_slices_left.eq(load_slices_left - 1)
-                with m.Elif(load_tiles_left != 0):
-                    m.d.sync += [load_slices_left.eq(load_last_kslice),
-                                 load_tiles_left.eq(load_tiles_left - 1)]
+                with m.If(s.load_slices_left != 0):
+                    m.d.sync += s.load_slices_left.eq(s.load_slices_left - 1)
+                with m.Elif(s.load_tiles_left != 0):
+                    m.d.sync += [s.load_slices_left.eq(s.load_last_kslice),
+                                 s.load_tiles_left.eq(s.load_tiles_left - 1)]
                 with m.Else():
-                    m.d.sync += loader_busy.eq(0)
+                    m.d.sync += s.loader_busy.eq(0)
 
-        # ---- per-channel parameters: shadow (filling) and active (used by the output) -------
+    def _load_params(self, m: Module, s: SimpleNamespace) -> None:
+        """Per-channel parameters: shadow (filling) and active (used by the output)."""
+        cols = self.config.pe_cols
         param_layout = data.ArrayLayout(GEMM_PARAM, cols)
-        p_shadow = Signal(param_layout)
-        p_active = Signal(param_layout)
-        p_index = Signal(range(cols))
-        p_full = Signal()
-        p_claimed = Signal()  # a token in flight will copy the shadow into active
+        s.p_shadow = p_shadow = Signal(param_layout)
+        s.p_active = Signal(param_layout)
+        s.p_index = p_index = Signal(range(cols))
+        s.p_full = p_full = Signal()
+        s.p_claimed = Signal()  # a token in flight will copy the shadow into active
         m.d.comb += self.params.ready.eq(~p_full)
         with m.If(self.params.valid & self.params.ready):
             with m.Switch(p_index):
@@ -491,17 +492,19 @@ class GemmEngine(wiring.Component):
             with m.If(p_index == cols - 1):
                 m.d.sync += p_full.eq(1)
 
-        # ---- issue: may the offered token enter the array this cycle? -----------------------
-        first_token = token == 0
-        last_slice = kslice == last_kslice
+    def _issue(self, m: Module, s: SimpleNamespace) -> None:
+        """Issue: may the offered token enter the array this cycle? Then the pass's counters."""
+        token, kslice, ntile, current = s.token, s.kslice, s.ntile, s.current
+        s.first_token = first_token = token == 0
+        s.last_slice = last_slice = kslice == current.last_kslice
         since_issue = Signal(range(self.hazard_cycles + 1), init=self.hazard_cycles)
-        weights_ok = ~first_token | w_full
-        hazard_ok = ~first_token | (kslice == 0) | (since_issue >= slice_gap)
-        params_ok = ~(first_token & last_slice) | (p_full & ~p_claimed)
-        output_ok = ~last_slice | (pending < self.queue_depth)
-        m.d.comb += self.activations.ready.eq(issuing & weights_ok & hazard_ok & params_ok
+        s.weights_ok = weights_ok = ~first_token | s.w_full
+        hazard_ok = ~first_token | (kslice == 0) | (since_issue >= current.slice_gap)
+        s.params_ok = params_ok = ~(first_token & last_slice) | (s.p_full & ~s.p_claimed)
+        s.output_ok = output_ok = ~last_slice | (s.pending < self.queue_depth)
+        m.d.comb += self.activations.ready.eq(s.issuing & weights_ok & hazard_ok & params_ok
                                               & output_ok)
-        issue = Signal()
+        s.issue = issue = Signal()
         m.d.comb += issue.eq(self.activations.valid & self.activations.ready)
 
         with m.If(issue):
@@ -511,15 +514,15 @@ class GemmEngine(wiring.Component):
 
         with m.If(issue):
             with m.If(first_token):
-                m.d.sync += [w_active.eq(w_shadow), w_full.eq(0)]
+                m.d.sync += [s.w_active.eq(s.w_shadow), s.w_full.eq(0)]
                 with m.If(last_slice):
-                    m.d.sync += p_claimed.eq(1)
-            with m.If(token == last_token):
+                    m.d.sync += s.p_claimed.eq(1)
+            with m.If(token == current.last_token):
                 m.d.sync += token.eq(0)
                 with m.If(last_slice):
                     m.d.sync += kslice.eq(0)
-                    with m.If(ntile == last_ntile):
-                        m.d.sync += [ntile.eq(0), issuing.eq(0)]
+                    with m.If(ntile == current.last_ntile):
+                        m.d.sync += [ntile.eq(0), s.issuing.eq(0)]
                     with m.Else():
                         m.d.sync += ntile.eq(ntile + 1)
                 with m.Else():
@@ -527,10 +530,14 @@ class GemmEngine(wiring.Component):
             with m.Else():
                 m.d.sync += token.eq(token + 1)
 
-        # ---- the array: tags travel with each token through the pipeline --------------------
+    def _array(self, m: Module, s: SimpleNamespace) -> None:
+        """The array: tags travel with each token through the pipeline; products, column
+        sums, accumulators."""
+        cfg = self.config
+        rows, cols = cfg.pe_rows, cfg.pe_cols
         tag_layout = data.StructLayout({
             "valid": 1,
-            "token": token_shape,
+            "token": range(cfg.max_tokens),
             "first_slice": 1,
             "last_slice": 1,
             "first_of_last": 1,  # the first token of an N-tile's last slice
@@ -538,12 +545,12 @@ class GemmEngine(wiring.Component):
         })
         tag0 = Signal(tag_layout)
         m.d.comb += [
-            tag0.valid.eq(issue),
-            tag0.token.eq(token),
-            tag0.first_slice.eq(kslice == 0),
-            tag0.last_slice.eq(last_slice),
-            tag0.first_of_last.eq(first_token & last_slice),
-            tag0.op.eq(op),
+            tag0.valid.eq(s.issue),
+            tag0.token.eq(s.token),
+            tag0.first_slice.eq(s.kslice == 0),
+            tag0.last_slice.eq(s.last_slice),
+            tag0.first_of_last.eq(s.first_token & s.last_slice),
+            tag0.op.eq(s.current.op),
         ]
         tags = [tag0]
         for stage in range(1, self._acc_stage + 1):
@@ -556,7 +563,7 @@ class GemmEngine(wiring.Component):
             products = []
             for row in range(rows):
                 product = Signal(signed(16), name=f"product_r{row}_c{col}")
-                m.d.sync += product.eq(x[row] * w_active[row][col])
+                m.d.sync += product.eq(x[row] * s.w_active[row][col])
                 products.append(product)
             column_sum, latency = _pipelined_sum(m, products, f"sum_c{col}")
             assert latency == self.tree_latency
@@ -569,8 +576,9 @@ class GemmEngine(wiring.Component):
         acc_write = acc_memory.write_port()
         acc_read = acc_memory.read_port()
         acc_read_data = Signal(acc_layout)
-        acc_new = Signal(acc_layout)
-        sum_tag, acc_tag = tags[self._sum_stage], tags[self._acc_stage]
+        s.acc_new = acc_new = Signal(acc_layout)
+        sum_tag = tags[self._sum_stage]
+        s.acc_tag = acc_tag = tags[self._acc_stage]
         m.d.comb += acc_read.addr.eq(tags[self._sum_stage - 2].token)
         m.d.sync += acc_read_data.eq(acc_read.data)
         for col in range(cols):
@@ -585,20 +593,23 @@ class GemmEngine(wiring.Component):
 
         # The N-tile's parameters become active just as its first result reaches them.
         with m.If(sum_tag.valid & sum_tag.first_of_last):
-            m.d.sync += [p_active.eq(p_shadow), p_full.eq(0), p_claimed.eq(0)]
+            m.d.sync += [s.p_active.eq(s.p_shadow), s.p_full.eq(0), s.p_claimed.eq(0)]
 
-        # ---- requantization, table, result queue --------------------------------------------
+    def _output(self, m: Module, s: SimpleNamespace) -> None:
+        """Requantization, the table, the result queue."""
+        cols = self.config.pe_cols
+        acc_tag = s.acc_tag
         requantizer = m.submodules.requantizer = Requantizer(cols)
         m.d.comb += [
             requantizer.i.valid.eq(acc_tag.valid & acc_tag.last_slice),
-            requantizer.i.payload.acc.eq(acc_new),
+            requantizer.i.payload.acc.eq(s.acc_new),
             requantizer.i.payload.raw.eq(acc_tag.op == GemmOp.INT32),
         ]
         for col in range(cols):
             m.d.comb += [
-                requantizer.i.payload.bias[col].eq(p_active[col].bias),
-                requantizer.i.payload.mult[col].eq(p_active[col].mult),
-                requantizer.i.payload.shift[col].eq(p_active[col].shift),
+                requantizer.i.payload.bias[col].eq(s.p_active[col].bias),
+                requantizer.i.payload.mult[col].eq(s.p_active[col].mult),
+                requantizer.i.payload.shift[col].eq(s.p_active[col].shift),
             ]
         op_out = _delayed(m, acc_tag.op, Requantizer.latency + 1, "op_out")
         valid_out = _delayed(m, requantizer.o.valid, 1, "valid_out")
@@ -607,7 +618,7 @@ class GemmEngine(wiring.Component):
         table = m.submodules.table = Memory(shape=signed(8), depth=TABLE_ENTRIES, init=[])
         table_write = table.write_port()
         table_index = Signal(range(TABLE_ENTRIES))
-        m.d.comb += self.table.ready.eq(loading_table & (pending == 0))
+        m.d.comb += self.table.ready.eq(s.loading_table & (s.pending == 0))
         m.d.comb += [
             table_write.addr.eq(table_index),
             table_write.data.eq(self.table.payload),
@@ -616,7 +627,7 @@ class GemmEngine(wiring.Component):
         with m.If(self.table.valid & self.table.ready):
             m.d.sync += table_index.eq(table_index + 1)
             with m.If(table_index == TABLE_ENTRIES - 1):
-                m.d.sync += loading_table.eq(0)
+                m.d.sync += s.loading_table.eq(0)
 
         result = Signal(self.output_layout)
         for col in range(cols):
@@ -642,20 +653,20 @@ class GemmEngine(wiring.Component):
             queue.r_en.eq(self.results.ready),
         ]
         output_taken = self.results.valid & self.results.ready
-        m.d.sync += pending.eq(pending + (issue & last_slice) - output_taken)
+        m.d.sync += s.pending.eq(s.pending + (s.issue & s.last_slice) - output_taken)
 
-        # ---- performance counters -----------------------------------------------------------
+    def _count(self, m: Module, s: SimpleNamespace) -> None:
+        """The performance counters."""
         counters = self.counters
         events = [
             (counters.busy_cycles, self.busy),
-            (counters.weight_stall_cycles, issuing & ~weights_ok),
-            (counters.param_stall_cycles, issuing & ~params_ok),
+            (counters.weight_stall_cycles, s.issuing & ~s.weights_ok),
+            (counters.param_stall_cycles, s.issuing & ~s.params_ok),
             (counters.activation_stall_cycles, self.activations.ready & ~self.activations.valid),
-            (counters.output_stall_cycles, issuing & ~output_ok),
-            (counters.token_beats, issue),
-            (counters.weight_tiles, issue & first_token),
+            (counters.output_stall_cycles, s.issuing & ~s.output_ok),
+            (counters.token_beats, s.issue),
+            (counters.weight_tiles, s.issue & s.first_token),
         ]
         for counter, event in events:
             with m.If(event):
                 m.d.sync += counter.eq(counter + 1)
-        return m

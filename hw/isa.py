@@ -31,7 +31,6 @@ from amaranth.lib import data, enum
 
 from .config import AccelConfig, AccelConfigError
 from .errors import M3VitError
-from .gemm import GemmOp
 
 __all__ = [
     "BUF_ADDR_BITS",
@@ -43,6 +42,7 @@ __all__ = [
     "LN_RECORD_BYTES",
     "OPERANDS",
     "ExpertOrder",
+    "GemmOp",
     "IsaError",
     "Opcode",
     "RowMode",
@@ -140,6 +140,24 @@ class WeightSource(enum.Enum, shape=2):
     #: columns from the buffer: tile (j, s) column c = word ``wbuf + s·wstride + j·C + c``
     #: (Q·Kᵀ; the array loads the beat into column c)
     BUFFER_COLUMNS = 2
+
+
+class GemmOp(enum.Enum, shape=2):
+    """What a ``GEMM`` instruction's ``mode`` (and a command to the GEMM engine,
+    :class:`~m3vit.hw.gemm.GemmEngine`) asks for.
+
+    The first three run a pass and name its output mode; ``LOAD_TABLE`` loads the table
+    (the engine's own command: programs load tables with the ``LOAD_TABLE`` instruction).
+    """
+
+    #: requantized INT8 outputs
+    INT8 = 0
+    #: requantized INT8 then ``table[q & 0xFF]`` (GELU after FC1)
+    INT8_TABLE = 1
+    #: the INT32 accumulators plus bias, unrequantized (the task head)
+    INT32 = 2
+    #: take the table's 256 entries from the engine's ``table`` stream (entry 0 first)
+    LOAD_TABLE = 3
 
 
 class RowMode(enum.Enum, shape=2):

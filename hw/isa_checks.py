@@ -35,8 +35,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import enum
 
 from .config import AccelConfig
-from .gemm import GemmOp
-from .isa import OPERANDS, ExpertOrder, Opcode, RowMode, TableUnit, WeightSource
+from .isa import OPERANDS, ExpertOrder, GemmOp, Opcode, RowMode, TableUnit, WeightSource
 
 __all__ = [
     "BODY_ONLY_FIELDS",

@@ -1,10 +1,11 @@
 """The MoE expert scheduler's blocks: the dispatcher (top-k and per-expert queues) and the
 combiner (score-weighted sum of each token's expert outputs).
 
-The controller in :mod:`m3vit.hw.top` runs them for the ``ROUTE`` and ``COMBINE``
-instructions (``docs/isa.md``); between the two, its ``EXPERTS`` loop walks the tables the
-dispatcher built: one iteration per active expert (computation reordering: each expert's
-weights are read from DDR once per layer) or, for the baseline, one per token and choice.
+The engine's controller (:mod:`m3vit.hw.engine.controller`) runs them for the ``ROUTE``
+and ``COMBINE`` instructions (``docs/isa.md``); between the two, its ``EXPERTS`` loop walks
+the tables the dispatcher built: one iteration per active expert (computation reordering:
+each expert's weights are read from DDR once per layer) or, for the baseline, one per token
+and choice.
 
 * :class:`Dispatcher` takes the router scores of every token from the softmax unit
   (``numerics.router_scores``), picks the top-k (``numerics.top_k``: ties to the lower
@@ -20,6 +21,8 @@ pipeline.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
@@ -155,39 +158,55 @@ class Dispatcher(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self._cfg
-        lanes, n_slots, n_experts = cfg.pe_cols, cfg.max_top_k, cfg.max_experts
-        entries = cfg.max_tokens * n_slots
-        slot_shape = slot_layout(cfg)
-        token_shape = unsigned(bits_for(cfg.max_tokens - 1))
-        expert_shape = slot_shape["expert"].shape
-        pos_shape = slot_shape["pos"].shape
-        score_shape = unsigned(SCORE_BITS)
-        count_shape = unsigned(bits_for(cfg.max_tokens))
-        start_shape = unsigned(bits_for(entries))
-        max_beats = -(-n_experts // lanes)
-        # At least one bit each, also for one beat or one choice (no zero-width signals).
-        beat_shape = unsigned(bits_for(max_beats - 1))
-        choice_shape = unsigned(bits_for(n_slots - 1))
+        s = self._shapes()
+        self._take_command(m, s)
+        self._top_k(m, s)
+        self._rank(m, s)
+        self._scan(m, s)
+        self._queue_pass(m, s)
+        self._publish(m, s)
+        return m
 
-        # ---- command: taken while idle; an illegal one is consumed and changes nothing ----
-        rows_m1 = Signal(token_shape)           # M − 1
-        experts_m1 = Signal(expert_shape)       # E − 1
-        top_k_m1 = Signal(choice_shape)         # k − 1
-        chosen = Signal(n_slots)                # choice j < k (counted, queued)
-        beats_m1 = Signal(beat_shape)           # score beats per token − 1
-        busy = Signal()
+    def _shapes(self) -> SimpleNamespace:
+        """The shapes the phases share; each phase adds the signals it declares."""
+        cfg = self._cfg
+        s = SimpleNamespace()
+        s.lanes, s.n_slots, s.n_experts = cfg.pe_cols, cfg.max_top_k, cfg.max_experts
+        s.entries = cfg.max_tokens * s.n_slots
+        s.slot_shape = slot_layout(cfg)
+        s.token_shape = unsigned(bits_for(cfg.max_tokens - 1))
+        s.expert_shape = s.slot_shape["expert"].shape
+        s.pos_shape = s.slot_shape["pos"].shape
+        s.score_shape = unsigned(SCORE_BITS)
+        s.count_shape = unsigned(bits_for(cfg.max_tokens))
+        s.start_shape = unsigned(bits_for(s.entries))
+        max_beats = -(-s.n_experts // s.lanes)
+        # At least one bit each, also for one beat or one choice (no zero-width signals).
+        s.beat_shape = unsigned(bits_for(max_beats - 1))
+        s.choice_shape = unsigned(bits_for(s.n_slots - 1))
+        return s
+
+    def _take_command(self, m: Module, s: SimpleNamespace) -> None:
+        """Command: taken while idle; an illegal one is consumed and changes nothing."""
+        cfg = self._cfg
+        lanes, n_slots, n_experts = s.lanes, s.n_slots, s.n_experts
+        s.rows_m1 = rows_m1 = Signal(s.token_shape)          # M − 1
+        s.experts_m1 = experts_m1 = Signal(s.expert_shape)   # E − 1
+        s.top_k_m1 = top_k_m1 = Signal(s.choice_shape)       # k − 1
+        s.chosen = chosen = Signal(n_slots)                  # choice j < k (counted, queued)
+        s.beats_m1 = beats_m1 = Signal(s.beat_shape)         # score beats per token − 1
+        s.busy = busy = Signal()
         m.d.comb += [self.busy.eq(busy), self.cmd.ready.eq(~busy)]
 
-        taking = Signal()                       # score beats of this command still to come
-        in_beat = Signal(beat_shape)
-        in_token = Signal(token_shape)
-        held = Signal()                         # a score beat is being walked lane by lane
-        lane = Signal(range(lanes))
-        lane_scores = Signal(data.ArrayLayout(score_shape, lanes))
-        expert = Signal(expert_shape)           # expert of lane_scores[0]
-        token = Signal(token_shape)             # token of lane_scores[0]
-        count = Signal(data.ArrayLayout(count_shape, n_experts))
+        s.taking = taking = Signal()              # score beats of this command still to come
+        s.in_beat = in_beat = Signal(s.beat_shape)
+        s.in_token = in_token = Signal(s.token_shape)
+        s.held = Signal()                         # a score beat is being walked lane by lane
+        s.lane = lane = Signal(range(lanes))
+        s.lane_scores = Signal(data.ArrayLayout(s.score_shape, lanes))
+        s.expert = expert = Signal(s.expert_shape)   # expert of lane_scores[0]
+        s.token = token = Signal(s.token_shape)      # token of lane_scores[0]
+        s.count = count = Signal(data.ArrayLayout(s.count_shape, n_experts))
 
         with m.If(self.cmd.valid & self.cmd.ready):
             p = self.cmd.payload
@@ -207,21 +226,25 @@ class Dispatcher(wiring.Component):
                     count.eq(0),
                 ]
 
-        # ---- top-k: one score per cycle through a sorted insertion list ----
+    def _top_k(self, m: Module, s: SimpleNamespace) -> None:
+        """Top-k: one score per cycle through a sorted insertion list."""
+        lanes, n_slots = s.lanes, s.n_slots
+        held, lane, lane_scores = s.held, s.lane, s.lane_scores
+        expert, token, in_beat = s.expert, s.token, s.in_beat
         # A beat is walked lane by lane in a shift register (no wide lane mux); the next beat
         # is taken in the cycle the current one's last used lane is, so a token of E experts
         # takes E cycles. Framing follows from E: ``last`` on the scores is not needed.
-        expert_end = expert == experts_m1
+        expert_end = expert == s.experts_m1
         lane_end = (lane == lanes - 1) | expert_end
-        m.d.comb += self.scores.ready.eq(taking & (~held | lane_end))
+        m.d.comb += self.scores.ready.eq(s.taking & (~held | lane_end))
         with m.If(self.scores.valid & self.scores.ready):
             m.d.sync += [lane_scores[i].eq(self.scores.payload.data[i][:SCORE_BITS])
                          for i in range(lanes)]
-            m.d.sync += [held.eq(1), in_beat.eq(Mux(in_beat == beats_m1, 0, in_beat + 1))]
-            with m.If(in_beat == beats_m1):
-                m.d.sync += in_token.eq(in_token + 1)
-                with m.If(in_token == rows_m1):
-                    m.d.sync += taking.eq(0)
+            m.d.sync += [held.eq(1), in_beat.eq(Mux(in_beat == s.beats_m1, 0, in_beat + 1))]
+            with m.If(in_beat == s.beats_m1):
+                m.d.sync += s.in_token.eq(s.in_token + 1)
+                with m.If(s.in_token == s.rows_m1):
+                    m.d.sync += s.taking.eq(0)
         with m.Elif(held & lane_end):
             m.d.sync += held.eq(0)
         with m.If(held):
@@ -232,20 +255,20 @@ class Dispatcher(wiring.Component):
             with m.If(expert_end):
                 m.d.sync += token.eq(token + 1)
 
-        c_valid = pipeline_reg(m, held, name="c_valid")
+        s.c_valid = c_valid = pipeline_reg(m, held, name="c_valid")
         c_score = pipeline_reg(m, lane_scores[0], name="c_score")
         c_expert = pipeline_reg(m, expert, name="c_expert")
         c_first = pipeline_reg(m, expert == 0, name="c_first")
-        c_last = pipeline_reg(m, expert_end, name="c_last")
-        c_token = pipeline_reg(m, token, name="c_token")
-        c_final = pipeline_reg(m, expert_end & (token == rows_m1), name="c_final")
+        s.c_last = pipeline_reg(m, expert_end, name="c_last")
+        s.c_token = pipeline_reg(m, token, name="c_token")
+        s.c_final = pipeline_reg(m, expert_end & (token == s.rows_m1), name="c_final")
 
         # best[0 … max_top_k−1]: the token's largest scores so far, descending; a score equal
         # to one already listed goes after it (ties to the lower expert index, which came
         # first). The first score of a token starts a fresh list.
-        entry_layout = data.StructLayout({"valid": 1, "score": score_shape,
-                                          "expert": expert_shape})
-        best = Signal(data.ArrayLayout(entry_layout, n_slots))
+        entry_layout = data.StructLayout({"valid": 1, "score": s.score_shape,
+                                          "expert": s.expert_shape})
+        s.best = best = Signal(data.ArrayLayout(entry_layout, n_slots))
         listed = [best[i].valid & ~c_first for i in range(n_slots)]
         above = [~listed[i] | (c_score > best[i].score) for i in range(n_slots)]
         with m.If(c_valid):
@@ -261,48 +284,55 @@ class Dispatcher(wiring.Component):
                     with m.Elif(above[i]):
                         m.d.sync += insert
 
-        # d: the cycle after a token's last score, best holds its top-k. Each chosen expert's
-        # count so far is that choice's rank in the expert's queue.
-        d_valid = pipeline_reg(m, c_valid & c_last, name="d_valid")
-        d_token = pipeline_reg(m, c_token, name="d_token")
-        d_final = pipeline_reg(m, c_valid & c_final, name="d_final")
+    def _rank(self, m: Module, s: SimpleNamespace) -> None:
+        """The cycle after a token's last score: each chosen expert's count so far is that
+        choice's rank in the expert's queue; then the token's slots are written."""
+        n_slots, best, count = s.n_slots, s.best, s.count
+        d_valid = pipeline_reg(m, s.c_valid & s.c_last, name="d_valid")
+        d_token = pipeline_reg(m, s.c_token, name="d_token")
+        d_final = pipeline_reg(m, s.c_valid & s.c_final, name="d_final")
         with m.If(d_valid):
-            for e in range(n_experts):
-                hit = Cat(*((best[j].expert == e) & chosen[j] for j in range(n_slots))).any()
+            for e in range(s.n_experts):
+                hit = Cat(*((best[j].expert == e) & s.chosen[j] for j in range(n_slots))).any()
                 m.d.sync += count[e].eq(count[e] + hit)
-        r_valid = pipeline_reg(m, d_valid, name="r_valid")
-        r_token = pipeline_reg(m, d_token, name="r_token")
-        r_final = pipeline_reg(m, d_final, name="r_final")
-        r_expert = [pipeline_reg(m, best[j].expert, name=f"r_expert{j}") for j in range(n_slots)]
-        r_score = [pipeline_reg(m, best[j].score, name=f"r_score{j}") for j in range(n_slots)]
-        r_rank = [pipeline_reg(m, count[best[j].expert], pos_shape, name=f"r_rank{j}")
-                  for j in range(n_slots)]
+        s.r_valid = pipeline_reg(m, d_valid, name="r_valid")
+        s.r_token = pipeline_reg(m, d_token, name="r_token")
+        s.r_final = pipeline_reg(m, d_final, name="r_final")
+        s.r_expert = [pipeline_reg(m, best[j].expert, name=f"r_expert{j}")
+                      for j in range(n_slots)]
+        s.r_score = [pipeline_reg(m, best[j].score, name=f"r_score{j}") for j in range(n_slots)]
+        s.r_rank = [pipeline_reg(m, count[best[j].expert], s.pos_shape, name=f"r_rank{j}")
+                    for j in range(n_slots)]
 
-        # ---- scan: start[e] (exclusive prefix sum of count) and the active list ----
+    def _scan(self, m: Module, s: SimpleNamespace) -> None:
+        """Scan: start[e] (exclusive prefix sum of count) and the active list."""
+        n_experts = s.n_experts
         # Both are small memories (LUT-RAM): the scan writes one entry per cycle, the queue
         # pass reads start[e] and the list lookup an active entry through a registered port.
-        start = Memory(shape=start_shape, depth=n_experts, init=[])
-        active = Memory(shape=data.StructLayout({"expert": expert_shape, "start": start_shape,
-                                                 "count": count_shape}),
+        start = Memory(shape=s.start_shape, depth=n_experts, init=[])
+        active = Memory(shape=data.StructLayout({"expert": s.expert_shape,
+                                                 "start": s.start_shape,
+                                                 "count": s.count_shape}),
                         depth=n_experts, init=[])
         m.submodules.start = start
         m.submodules.active_list = active
         start_write, start_read = start.write_port(), start.read_port()
         active_write, active_read = active.write_port(), active.read_port()
+        s.start_read, s.active_read = start_read, active_read
         scanning = Signal()
-        scan_expert = Signal(expert_shape)
-        total = Signal(start_shape)
-        n_active = Signal(range(n_experts + 1))
-        with m.If(r_final):
+        scan_expert = Signal(s.expert_shape)
+        s.total = total = Signal(s.start_shape)
+        s.n_active = n_active = Signal(range(n_experts + 1))
+        with m.If(s.r_final):
             m.d.sync += [scanning.eq(1), scan_expert.eq(0), total.eq(0), n_active.eq(0)]
         with m.If(scanning):
             m.d.sync += scan_expert.eq(scan_expert + 1)
-            with m.If(scan_expert == experts_m1):
+            with m.If(scan_expert == s.experts_m1):
                 m.d.sync += scanning.eq(0)
         s_valid = pipeline_reg(m, scanning, name="s_valid")
         s_expert = pipeline_reg(m, scan_expert, name="s_expert")
-        s_count = pipeline_reg(m, count[scan_expert], name="s_count")
-        s_final = pipeline_reg(m, scanning & (scan_expert == experts_m1), name="s_final")
+        s_count = pipeline_reg(m, s.count[scan_expert], name="s_count")
+        s.s_final = pipeline_reg(m, scanning & (scan_expert == s.experts_m1), name="s_final")
         m.d.comb += [
             start_write.en.eq(s_valid),
             start_write.addr.eq(s_expert),
@@ -318,24 +348,27 @@ class Dispatcher(wiring.Component):
             with m.If(s_count != 0):
                 m.d.sync += n_active.eq(n_active + 1)
 
-        # ---- queue: every (token, choice) in token order, pos = start[e] + rank ----
+    def _queue_pass(self, m: Module, s: SimpleNamespace) -> None:
+        """Queue: every (token, choice) in token order, pos = start[e] + rank."""
+        cfg = self._cfg
+        n_slots, slot_shape, pos_shape = s.n_slots, s.slot_shape, s.pos_shape
         issuing = Signal()
-        queue_token = Signal(token_shape)
-        queue_choice = Signal(choice_shape)
-        with m.If(s_final):
+        queue_token = Signal(s.token_shape)
+        queue_choice = Signal(s.choice_shape)
+        with m.If(s.s_final):
             m.d.sync += [issuing.eq(1), queue_token.eq(0), queue_choice.eq(0)]
         with m.If(issuing):
-            with m.If(queue_choice == top_k_m1):
+            with m.If(queue_choice == s.top_k_m1):
                 m.d.sync += [queue_choice.eq(0), queue_token.eq(queue_token + 1)]
-                with m.If(queue_token == rows_m1):
+                with m.If(queue_token == s.rows_m1):
                     m.d.sync += issuing.eq(0)
             with m.Else():
                 m.d.sync += queue_choice.eq(queue_choice + 1)
         q1_valid = pipeline_reg(m, issuing, name="q1_valid")
         q1_token = pipeline_reg(m, queue_token, name="q1_token")
         q1_choice = pipeline_reg(m, queue_choice, name="q1_choice")
-        q1_final = pipeline_reg(m, issuing & (queue_choice == top_k_m1) & (queue_token == rows_m1),
-                        name="q1_final")
+        q1_final = pipeline_reg(m, issuing & (queue_choice == s.top_k_m1)
+                                & (queue_token == s.rows_m1), name="q1_final")
 
         # The slot table: one memory per choice, so the first pass writes a token's k
         # choices in one cycle and the queue pass rewrites one choice's position.
@@ -343,33 +376,34 @@ class Dispatcher(wiring.Component):
         q2_slot = pipeline_reg(m, table[q1_choice], slot_shape, name="q2_slot")
         q2_valid, q2_token = pipeline_reg(m, q1_valid), pipeline_reg(m, q1_token)
         q2_choice, q2_final = pipeline_reg(m, q1_choice), pipeline_reg(m, q1_final)
-        m.d.comb += start_read.addr.eq(q2_slot.expert)
-        q3_start = start_read.data
+        m.d.comb += s.start_read.addr.eq(q2_slot.expert)
+        q3_start = s.start_read.data
         q3_slot = pipeline_reg(m, q2_slot, slot_shape, name="q3_slot")
         q3_valid, q3_token = pipeline_reg(m, q2_valid), pipeline_reg(m, q2_token)
         q3_choice, q3_final = pipeline_reg(m, q2_choice), pipeline_reg(m, q2_final)
         q4_pos = pipeline_reg(m, q3_start + q3_slot.pos, pos_shape, name="q4_pos")
         q4_slot = pipeline_reg(m, q3_slot, slot_shape, name="q4_slot")
         q4_valid, q4_token = pipeline_reg(m, q3_valid), pipeline_reg(m, q3_token)
-        q4_choice, q4_final = pipeline_reg(m, q3_choice), pipeline_reg(m, q3_final)
+        q4_choice, s.q4_final = pipeline_reg(m, q3_choice), pipeline_reg(m, q3_final)
 
         for j in range(n_slots):
             memory = Memory(shape=slot_shape, depth=cfg.max_tokens, init=[])
             m.submodules[f"slot_table{j}"] = memory
             write, read = memory.write_port(), memory.read_port()
+            r_valid = s.r_valid
             m.d.comb += [
                 write.en.eq(r_valid | (q4_valid & (q4_choice == j))),
-                write.addr.eq(Mux(r_valid, r_token, q4_token)),
-                write.data.expert.eq(Mux(r_valid, r_expert[j], q4_slot.expert)),
-                write.data.score.eq(Mux(r_valid, r_score[j], q4_slot.score)),
-                write.data.pos.eq(Mux(r_valid, r_rank[j], q4_pos)),
+                write.addr.eq(Mux(r_valid, s.r_token, q4_token)),
+                write.data.expert.eq(Mux(r_valid, s.r_expert[j], q4_slot.expert)),
+                write.data.score.eq(Mux(r_valid, s.r_score[j], q4_slot.score)),
+                write.data.pos.eq(Mux(r_valid, s.r_rank[j], q4_pos)),
                 # Shared with the outside: the tables are only read out while idle.
-                read.addr.eq(Mux(busy, queue_token, self.slot_addr)),
-                read.en.eq(busy | self.slot_en),
+                read.addr.eq(Mux(s.busy, queue_token, self.slot_addr)),
+                read.en.eq(s.busy | self.slot_en),
                 table[j].eq(read.data),
                 self.slot[j].eq(read.data),
             ]
-        queue = Memory(shape=token_shape, depth=entries, init=[])
+        queue = Memory(shape=s.token_shape, depth=s.entries, init=[])
         m.submodules.queue = queue
         write, read = queue.write_port(), queue.read_port()
         m.d.comb += [
@@ -381,21 +415,22 @@ class Dispatcher(wiring.Component):
             self.queue_token.eq(read.data),
         ]
 
-        with m.If(q4_final):
+    def _publish(self, m: Module, s: SimpleNamespace) -> None:
+        """The completed command's figures, and the active-list lookup."""
+        with m.If(s.q4_final):
             m.d.sync += [
-                busy.eq(0),
-                self.rows.eq(rows_m1 + 1),
-                self.top_k.eq(top_k_m1 + 1),
-                self.entries.eq(total),
-                self.n_active.eq(n_active),
+                s.busy.eq(0),
+                self.rows.eq(s.rows_m1 + 1),
+                self.top_k.eq(s.top_k_m1 + 1),
+                self.entries.eq(s.total),
+                self.n_active.eq(s.n_active),
             ]
         m.d.comb += [
-            active_read.addr.eq(self.list_index),
-            self.list_expert.eq(active_read.data.expert),
-            self.list_start.eq(active_read.data.start),
-            self.list_count.eq(active_read.data.count),
+            s.active_read.addr.eq(self.list_index),
+            self.list_expert.eq(s.active_read.data.expert),
+            self.list_start.eq(s.active_read.data.start),
+            self.list_count.eq(s.active_read.data.count),
         ]
-        return m
 
 
 class Combiner(wiring.Component):

@@ -1,4 +1,4 @@
-"""The control register file: one declaration of the register map, its AXI4-Lite slave, its docs.
+"""The register map: every control register declared once, for the hardware, the host and the docs.
 
 The host reaches the accelerator through one AXI4-Lite slave of 32-bit registers (PYNQ's
 ``MMIO`` on the board, cocotbext-axi's ``AxiLiteMaster`` in simulation). :data:`REGISTER_MAP`
@@ -6,7 +6,7 @@ declares every register once (name, byte offset, access, fields, reset) as plain
 data: :class:`ControlRegisters` decodes addresses and places fields from it, the host
 runtime takes offsets from it and packs and unpacks fields with :meth:`Register.encode` and
 :meth:`Register.decode`, and ``docs/registers.md`` is generated from it by
-``python -m m3vit.hw.registers``.
+``python -m m3vit.hw.register_docs``.
 
 Bus rules:
 
@@ -40,34 +40,32 @@ block it describes, reported relative to its value at the last ``START`` or
 
 from __future__ import annotations
 
-import argparse
-import re
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from amaranth.hdl import Cat, Const, Module, Shape, Signal, Value
+from amaranth.hdl import Shape
 from amaranth.lib import data, enum, wiring
 from amaranth.lib.wiring import In, Out
 
-from .config import ZCU104, AccelConfig
+from .config import AccelConfig
 from .errors import M3VitError
 
 __all__ = [
+    "ACCESS_MEANINGS",
     "AXIL_ADDR_WIDTH",
     "AXIL_DATA_WIDTH",
     "COUNTERS",
+    "COUNTER_OWNERS",
+    "ENUM_MEANINGS",
     "ERROR_MESSAGES",
     "ID_MAGIC",
+    "REGISTER_GROUPS",
     "REGISTER_MAP",
     "SCHEDULE_MEANINGS",
     "VERSION",
     "Access",
-    "AxiLiteSignature",
-    "AxiResp",
-    "ControlRegisters",
     "Counter",
+    "EngineControlSignature",
     "ErrorCode",
     "Field",
     "Register",
@@ -76,7 +74,6 @@ __all__ = [
     "Schedule",
     "constant_values",
     "counter_layout",
-    "registers_markdown",
 ]
 
 #: Byte-address width of the AXI4-Lite slave: a 4 KiB window, the smallest segment Vivado's
@@ -106,7 +103,8 @@ class Access(enum.Enum):
     W1P = "W1P"
 
 
-_ACCESS_MEANINGS = {
+#: One line per :class:`Access`, for the docs.
+ACCESS_MEANINGS: Mapping[Access, str] = {
     Access.RO: "read-only; writes are ignored",
     Access.RW: "read-write; writes are ignored while `STATUS.BUSY`",
     Access.W1P: "write 1 to a bit to pulse it for one cycle; reads 0",
@@ -152,16 +150,8 @@ SCHEDULE_MEANINGS: Mapping[Schedule, str] = {
     Schedule.TOKEN_BY_TOKEN: "the baseline: each token runs through its top-k experts in turn",
 }
 
-_ENUM_MEANINGS: Mapping[type, Mapping] = {ErrorCode: ERROR_MESSAGES, Schedule: SCHEDULE_MEANINGS}
-
-
-class AxiResp(enum.Enum, shape=2):
-    """AXI ``BRESP``/``RRESP`` encoding."""
-
-    OKAY = 0
-    EXOKAY = 1
-    SLVERR = 2
-    DECERR = 3
+#: The enums the docs list, each with its one line per member.
+ENUM_MEANINGS: Mapping[type, Mapping] = {ErrorCode: ERROR_MESSAGES, Schedule: SCHEDULE_MEANINGS}
 
 
 @dataclass(frozen=True)
@@ -385,6 +375,11 @@ class RegisterMap:
         return self._by_offset.get(offset & ~(_WORD_BYTES - 1))
 
 
+#: The blocks that own a performance counter: the engine (its control port's ``counters``,
+#: :class:`EngineControlSignature`) and the DMA engines (:func:`counter_layout`).
+COUNTER_OWNERS = ("engine", "dma")
+
+
 @dataclass(frozen=True)
 class Counter:
     """A 32-bit performance counter owned by another block.
@@ -392,28 +387,36 @@ class Counter:
     Parameters
     ----------
     name : str
-        Register name (upper case); the ``counters`` input member is its lower-case form.
+        Register name (upper case); the owner's counter member is its lower-case form.
+    owner : str
+        The block whose free-running counter it reads, one of :data:`COUNTER_OWNERS`.
     description : str
         What it counts (Markdown).
     """
 
     name: str
+    owner: str
     description: str
+
+    def __post_init__(self) -> None:
+        if self.owner not in COUNTER_OWNERS:
+            raise RegisterError(f"{self.name}: owner must be one of {COUNTER_OWNERS}, got "
+                                f"{self.owner!r}")
 
 
 #: The counters besides ``CYCLES``, in register order from ``0x88``. Adding a counter is one
-#: line here: its register, its ``counters`` input and its docs follow.
+#: line here: its register, its member of the owner's counters port and its docs follow.
 COUNTERS: tuple[Counter, ...] = (
-    Counter("GEMM_BUSY", "cycles the GEMM engine was busy"),
-    Counter("VECTOR_BUSY", "cycles any vector-unit block was busy"),
-    Counter("DMA_READ_BYTES", "bytes read from DDR (instructions, weights, activations)"),
-    Counter("DMA_WRITE_BYTES", "bytes written to DDR"),
-    Counter("WEIGHT_STALL", "cycles the GEMM engine waited for weights"),
-    Counter("INSTRUCTIONS", "instructions retired"),
+    Counter("GEMM_BUSY", "engine", "cycles the GEMM engine was busy"),
+    Counter("VECTOR_BUSY", "engine", "cycles any vector-unit block was busy"),
+    Counter("DMA_READ_BYTES", "dma", "bytes read from DDR (instructions, weights, activations)"),
+    Counter("DMA_WRITE_BYTES", "dma", "bytes written to DDR"),
+    Counter("WEIGHT_STALL", "engine", "cycles the GEMM engine waited for weights"),
+    Counter("INSTRUCTIONS", "engine", "instructions retired"),
 )
 
-#: Docs sections: (group key, title, first offset, text).
-_GROUPS = (
+#: Sections of the map: (group key, title, first offset, text for the docs).
+REGISTER_GROUPS = (
     ("ident", "Identification", 0x00,
      "Constants of the bitstream. The runtime checks `ID` and `VERSION` before anything else, "
      "and refuses a package compiled for another `CONFIG_HASH`."),
@@ -557,388 +560,86 @@ def constant_values(config: AccelConfig) -> dict[str, int]:
     return values
 
 
-def counter_layout() -> data.StructLayout:
-    """Layout of :class:`ControlRegisters`' ``counters`` input: 32 bits per :data:`COUNTERS`
-    entry, named by its lower-case name (``counters.gemm_busy``)."""
-    return data.StructLayout({counter.name.lower(): 32 for counter in COUNTERS})
-
-
-class AxiLiteSignature(wiring.Signature):
-    """An AXI4-Lite port, seen from the master (``In(AxiLiteSignature())`` is a slave).
-
-    Without ``awprot``/``arprot``: the register file gives every access the same rights.
+def counter_layout(owner: str) -> data.StructLayout:
+    """The counters ``owner`` reports to the register file, as one packed value.
 
     Parameters
     ----------
-    addr_width : int
-        Byte-address width.
-    data_width : int
-        32 or 64 (AXI4-Lite's two data widths).
-    """
+    owner : str
+        One of :data:`COUNTER_OWNERS`.
 
-    def __init__(self, addr_width: int = AXIL_ADDR_WIDTH, data_width: int = AXIL_DATA_WIDTH):
-        if data_width not in (32, 64):
-            raise ValueError(f"AXI4-Lite data width must be 32 or 64, got {data_width!r}")
-        if not 1 <= addr_width <= 64:
-            raise ValueError(f"addr_width must be in [1, 64], got {addr_width!r}")
-        self.addr_width = addr_width
-        self.data_width = data_width
-        super().__init__({
-            "awaddr": Out(addr_width), "awvalid": Out(1), "awready": In(1),
-            "wdata": Out(data_width), "wstrb": Out(data_width // 8), "wvalid": Out(1),
-            "wready": In(1),
-            "bresp": In(AxiResp), "bvalid": In(1), "bready": Out(1),
-            "araddr": Out(addr_width), "arvalid": Out(1), "arready": In(1),
-            "rdata": In(data_width), "rresp": In(AxiResp), "rvalid": In(1), "rready": Out(1),
-        })
-
-    def __eq__(self, other):
-        return (isinstance(other, AxiLiteSignature) and other.addr_width == self.addr_width
-                and other.data_width == self.data_width)
-
-    def __hash__(self):
-        return hash((AxiLiteSignature, self.addr_width, self.data_width))
-
-    def __repr__(self):
-        return f"AxiLiteSignature({self.addr_width}, {self.data_width})"
-
-
-class ControlRegisters(wiring.Component):
-    """The AXI4-Lite register file of :data:`REGISTER_MAP`, and its wires to the controller.
-
-    Parameters
-    ----------
-    config : AccelConfig
-        The configuration whose constants (``CONFIG_HASH``, ``CAPS``, capacities) it reports.
-
-    Attributes
-    ----------
-    s_axil : In(AxiLiteSignature())
-        The host's port (Verilog ``s_axil__awaddr`` …); behaviour in the module docstring.
-    start, abort_request, clear_counters : Out(1)
-        One-cycle pulses (``CONTROL.START``, ``ABORT``, ``CLEAR_COUNTERS``), the cycle after
-        the write that asks for them; ``start`` only when the write finds ``busy`` low.
-        (``abort_request``, not ``abort``: Verilator warns about ports named like C
-        library functions.)
-    program_base, data_base, data_size : Out(64)
-        The ``*_LO``/``*_HI`` register pairs.
-    task_select : Out(8)
-        ``TASK_SELECT.TASK``.
-    schedule : Out(Schedule)
-        ``SCHEDULE.ORDER``.
-    busy : In(1)
-        A run is in progress (``STATUS.BUSY``; ``CYCLES`` counts while it is high).
-    done_set, error_set : In(1)
-        One-cycle pulses: the run ended normally / with ``error_code`` at ``error_pc``.
-    error_code : In(ErrorCode)
-        Latched into ``ERROR_CODE`` on ``error_set``.
-    error_pc : In(32)
-        Latched into ``ERROR_PC`` on ``error_set``.
-    counters : In(counter_layout())
-        The free-running 32-bit counter of every :data:`COUNTERS` entry; the registers read
-        them relative to a baseline taken at ``START`` / ``CLEAR_COUNTERS``, so their owners
-        never need to clear them (and must not, or the difference is wrong).
+    Returns
+    -------
+    data.StructLayout
+        32 bits per :data:`COUNTERS` entry of ``owner``, named by its lower-case name
+        (``counters.gemm_busy``), in register order: free-running, wrapping counters.
 
     Raises
     ------
-    TypeError
-        If ``config`` is not an :class:`AccelConfig`.
     RegisterError
-        If a constant of ``config`` does not fit its field.
+        If ``owner`` is not one of :data:`COUNTER_OWNERS`.
+    """
+    if owner not in COUNTER_OWNERS:
+        raise RegisterError(f"owner must be one of {COUNTER_OWNERS}, got {owner!r}")
+    return data.StructLayout({counter.name.lower(): 32 for counter in COUNTERS
+                              if counter.owner == owner})
 
-    Notes
-    -----
-    A write takes effect on the cycle after both its address and data are held, together
-    with ``bvalid``; a read answers the cycle after its address is taken. Every read is
-    registered out of a multiplexer of registered values (the counters' differences are
-    registered too), so the register file adds no long path to the 300 MHz target.
+
+class EngineControlSignature(wiring.Signature):
+    """The engine's control port, seen from the engine: the hardware side of the registers.
+
+    The engine holds it as ``ctrl: Out(EngineControlSignature())`` and the register file
+    (:class:`~m3vit.hw.regfile.ControlRegisters`) as ``engine: In(...)``, so the top
+    connects the two with one ``wiring.connect``. Members (Verilog ``ctrl__start`` …):
+
+    start, abort_request : In(1)
+        One-cycle requests: an accepted ``CONTROL.START``, ``CONTROL.ABORT``.
+        (``abort_request``, not ``abort``: Verilator warns about ports named like C library
+        functions.)
+    program_base, data_base, data_size : In(64)
+        ``PROGRAM_BASE``, ``DATA_BASE``, ``DATA_SIZE`` (the ``*_LO``/``*_HI`` pairs).
+    task_select : In
+        ``TASK_SELECT.TASK``: the task whose ``per_task`` blocks the program reads.
+    schedule : In(Schedule)
+        ``SCHEDULE.ORDER``.
+    busy : Out(1)
+        A run is in progress (``STATUS.BUSY``; ``CYCLES`` counts while it is high).
+    done, error : Out(1)
+        One-cycle pulses when a run ends normally / with ``error_code`` at ``error_pc``
+        (they set ``STATUS.DONE`` / ``STATUS.ERROR``).
+    error_code : Out(ErrorCode)
+        The run's error, latched into ``ERROR_CODE`` on ``error``.
+    error_pc : Out(32)
+        Index of the failing instruction, latched into ``ERROR_PC`` on ``error``.
+    counters : Out(counter_layout("engine"))
+        The free-running 32-bit counter of every :data:`COUNTERS` entry the engine owns
+        (``counters.gemm_busy`` …); the registers read them relative to a baseline taken
+        at ``START`` / ``CLEAR_COUNTERS``, so the engine never clears them.
     """
 
-    def __init__(self, config: AccelConfig):
-        if not isinstance(config, AccelConfig):
-            raise TypeError(f"expected an AccelConfig, got {config!r}")
-        self.config = config
-        self._constants = constant_values(config)
-        task = REGISTER_MAP["TASK_SELECT"].field("TASK")
+    def __init__(self):
         super().__init__({
-            "s_axil": In(AxiLiteSignature()),
-            "start": Out(1),
-            "abort_request": Out(1),
-            "clear_counters": Out(1),
-            "program_base": Out(64),
-            "data_base": Out(64),
-            "data_size": Out(64),
-            "task_select": Out(task.width),
-            "schedule": Out(Schedule),
-            "busy": In(1),
-            "done_set": In(1),
-            "error_set": In(1),
-            "error_code": In(ErrorCode),
-            "error_pc": In(32),
-            "counters": In(counter_layout()),
+            "start": In(1),
+            "abort_request": In(1),
+            "program_base": In(64),
+            "data_base": In(64),
+            "data_size": In(64),
+            "task_select": In(REGISTER_MAP["TASK_SELECT"].field("TASK").width),
+            "schedule": In(Schedule),
+            "busy": Out(1),
+            "done": Out(1),
+            "error": Out(1),
+            "error_code": Out(ErrorCode),
+            "error_pc": Out(REGISTER_MAP["ERROR_PC"].field("VALUE").width),
+            "counters": Out(counter_layout("engine")),
         })
 
-    def elaborate(self, platform):
-        m = Module()
-        bus = self.s_axil
-        word_bits = AXIL_ADDR_WIDTH - 2
+    def __eq__(self, other):
+        other = other.flip() if type(other) is wiring.FlippedSignature else other
+        return type(other) is EngineControlSignature
 
-        # Write: address and data are each held until both are there, so they may come in
-        # either order; the next pair is taken while the response waits, not written.
-        aw_full, w_full = Signal(name="aw_full"), Signal(name="w_full")
-        aw_word = Signal(word_bits, name="aw_word")
-        w_data = Signal(AXIL_DATA_WIDTH, name="w_data")
-        w_strb = Signal(_WORD_BYTES, name="w_strb")
-        bvalid = Signal(name="bvalid")
-        write = Signal(name="write")
-        m.d.comb += [
-            bus.awready.eq(~aw_full),
-            bus.wready.eq(~w_full),
-            bus.bvalid.eq(bvalid),
-            bus.bresp.eq(AxiResp.OKAY),
-            write.eq(aw_full & w_full & ~bvalid),
-        ]
-        with m.If(bus.awvalid & ~aw_full):
-            m.d.sync += [aw_full.eq(1), aw_word.eq(bus.awaddr[2:])]
-        with m.If(bus.wvalid & ~w_full):
-            m.d.sync += [w_full.eq(1), w_data.eq(bus.wdata), w_strb.eq(bus.wstrb)]
-        with m.If(write):
-            m.d.sync += [aw_full.eq(0), w_full.eq(0), bvalid.eq(1)]
-        with m.Elif(bvalid & bus.bready):
-            m.d.sync += bvalid.eq(0)
-        strobe = Cat(*(w_strb[byte].replicate(8) for byte in range(_WORD_BYTES)))
-        written = w_data & strobe
+    def __hash__(self):
+        return hash(EngineControlSignature)
 
-        def writes(register: Register) -> Value:
-            return write & (aw_word == register.offset // _WORD_BYTES)
-
-        read_words: dict[str, Value] = {}
-        storage: dict[str, Signal] = {}
-        for register in REGISTER_MAP:
-            if register.access is Access.RW:
-                reg = Signal(AXIL_DATA_WIDTH, init=register.reset, name=register.name.lower())
-                with m.If(writes(register) & ~self.busy):
-                    m.d.sync += reg.eq(((reg & ~strobe) | written) & register.mask)
-                storage[register.name] = read_words[register.name] = reg
-            elif register.access is Access.W1P:
-                read_words[register.name] = Const(0, AXIL_DATA_WIDTH)
-            elif register.name in self._constants:
-                read_words[register.name] = Const(self._constants[register.name],
-                                                  AXIL_DATA_WIDTH)
-
-        control = REGISTER_MAP["CONTROL"]
-
-        def pulse(name: str) -> Value:
-            return writes(control) & written[control.field(name).lsb]
-
-        start_now = Signal(name="start_now")
-        zero_counters = Signal(name="zero_counters")
-        m.d.comb += [
-            start_now.eq(pulse("START") & ~self.busy),
-            zero_counters.eq(start_now | pulse("CLEAR_COUNTERS")),
-        ]
-        m.d.sync += [
-            self.start.eq(start_now),
-            self.abort_request.eq(pulse("ABORT")),
-            self.clear_counters.eq(pulse("CLEAR_COUNTERS")),
-        ]
-
-        # Status. The set pulses come after the clear so that an event in the cycle of an
-        # accepted START is kept.
-        done, error = Signal(name="done"), Signal(name="error")
-        error_code = Signal(ErrorCode, name="error_code_held")
-        error_pc = Signal(32, name="error_pc_held")
-        with m.If(start_now):
-            m.d.sync += [done.eq(0), error.eq(0), error_code.eq(ErrorCode.NONE), error_pc.eq(0)]
-        with m.If(self.done_set):
-            m.d.sync += done.eq(1)
-        with m.If(self.error_set):
-            m.d.sync += [error.eq(1), error_code.eq(self.error_code), error_pc.eq(self.error_pc)]
-
-        def compose(name: str, **values: Value) -> Value:
-            register = REGISTER_MAP[name]
-            if set(values) != {field.name for field in register.fields}:
-                raise RegisterError(f"{name}: the hardware drives {sorted(values)}, the map "
-                                    f"declares {[f.name for f in register.fields]}")
-            word = Signal(AXIL_DATA_WIDTH, name=f"{name.lower()}_word")
-            for field in register.fields:
-                m.d.comb += word[field.lsb:field.msb + 1].eq(values[field.name])
-            return word
-
-        read_words["STATUS"] = compose("STATUS", BUSY=self.busy, DONE=done, ERROR=error)
-        read_words["ERROR_CODE"] = compose("ERROR_CODE", CODE=error_code)
-        read_words["ERROR_PC"] = compose("ERROR_PC", VALUE=error_pc)
-
-        # Counters. CYCLES is 64-bit here; the others are differences from a baseline, which
-        # wrap correctly modulo 2^32 however often the owner's counter has wrapped.
-        cycles = Signal(64, name="cycles")
-        # Latched by a read of CYCLES_LO, so the two halves read are one 64-bit value.
-        cycles_hi = Signal(32, name="cycles_hi")
-        with m.If(zero_counters):
-            m.d.sync += cycles.eq(0)
-        with m.Elif(self.busy):
-            m.d.sync += cycles.eq(cycles + 1)
-        read_words["CYCLES_LO"] = cycles[:32]
-        read_words["CYCLES_HI"] = cycles_hi
-        for counter in COUNTERS:
-            live = self.counters[counter.name.lower()]
-            baseline = Signal(32, name=f"{counter.name.lower()}_baseline")
-            value = Signal(32, name=f"{counter.name.lower()}_value")
-            with m.If(zero_counters):
-                m.d.sync += baseline.eq(live)
-            m.d.sync += value.eq(live - baseline)
-            read_words[counter.name] = value
-
-        unimplemented = {register.name for register in REGISTER_MAP} - set(read_words)
-        if unimplemented:
-            raise RegisterError(f"registers declared but not implemented: {sorted(unimplemented)}")
-
-        # Read: the address is taken, then the data registered a cycle later.
-        ar_full, rvalid = Signal(name="ar_full"), Signal(name="rvalid")
-        ar_word = Signal(word_bits, name="ar_word")
-        rdata = Signal(AXIL_DATA_WIDTH, name="rdata")
-        m.d.comb += [
-            bus.arready.eq(~ar_full & ~rvalid),
-            bus.rvalid.eq(rvalid),
-            bus.rdata.eq(rdata),
-            bus.rresp.eq(AxiResp.OKAY),
-        ]
-        with m.If(bus.arvalid & bus.arready):
-            m.d.sync += [ar_full.eq(1), ar_word.eq(bus.araddr[2:])]
-        with m.If(ar_full):
-            m.d.sync += [ar_full.eq(0), rvalid.eq(1)]
-            with m.Switch(ar_word):
-                for register in REGISTER_MAP:
-                    with m.Case(register.offset // _WORD_BYTES):
-                        m.d.sync += rdata.eq(read_words[register.name])
-                with m.Default():
-                    m.d.sync += rdata.eq(0)
-            with m.If(ar_word == REGISTER_MAP["CYCLES_LO"].offset // _WORD_BYTES):
-                m.d.sync += cycles_hi.eq(cycles[32:])
-        with m.Elif(rvalid & bus.rready):
-            m.d.sync += rvalid.eq(0)
-
-        def pair(name: str) -> Value:
-            return Cat(storage[f"{name}_LO"], storage[f"{name}_HI"])
-
-        task = REGISTER_MAP["TASK_SELECT"].field("TASK")
-        order = REGISTER_MAP["SCHEDULE"].field("ORDER")
-        m.d.comb += [
-            self.program_base.eq(pair("PROGRAM_BASE")),
-            self.data_base.eq(pair("DATA_BASE")),
-            self.data_size.eq(pair("DATA_SIZE")),
-            self.task_select.eq(storage["TASK_SELECT"][task.lsb:task.msb + 1]),
-            self.schedule.eq(storage["SCHEDULE"][order.lsb:order.msb + 1]),
-        ]
-        return m
-
-
-def _bits(field: Field) -> str:
-    return str(field.lsb) if field.width == 1 else f"{field.msb}:{field.lsb}"
-
-
-def _markdown(text: str) -> str:
-    """reStructuredText roles and literals of a docstring as Markdown code spans."""
-    return re.sub(r":[a-z]+:`~?([^`]+)`", r"`\1`", text).replace("``", "`")
-
-
-def _has_field_table(register: Register) -> bool:
-    return len(register.fields) > 1 or register.fields[0].width < AXIL_DATA_WIDTH
-
-
-def _value_text(register: Register, value: int) -> str:
-    # Identifiers and packed fields read best in hex, counts and sizes in decimal.
-    if register.name in ("ID", "CONFIG_HASH") or _has_field_table(register):
-        return f"`{value:#010x}`"
-    return f"{value:,}"
-
-
-def registers_markdown(config: AccelConfig = ZCU104, config_name: str = "ZCU104") -> str:
-    """The text of ``docs/registers.md``, generated from :data:`REGISTER_MAP`.
-
-    Parameters
-    ----------
-    config : AccelConfig, optional
-        The configuration whose constant registers' values are listed.
-    config_name : str, optional
-        How the text names ``config``.
-
-    Returns
-    -------
-    str
-        Markdown, ending in one newline.
-    """
-    constants = constant_values(config)
-    lines = [
-        "# Control registers",
-        "",
-        "<!-- Generated by `python -m m3vit.hw.registers` from hw/registers.py; do not edit. -->",
-        "",
-        _markdown((__doc__ or "").split("\n\n", 1)[1].strip()),
-        "",
-        "Access types:",
-        "",
-    ]
-    lines += [f"* **{access.value}**: {text}" for access, text in _ACCESS_MEANINGS.items()]
-    lines += ["", f"The *reset* column gives constants' values for the {config_name} "
-                  "configuration."]
-    for key, title, base, text in _GROUPS:
-        lines += ["", f"## {title} (`{base:#05x}`…)", "", text, "",
-                  "| offset | register | access | reset | description |",
-                  "|---:|---|---|---:|---|"]
-        registers = [register for register in REGISTER_MAP if register.group == key]
-        for register in registers:
-            value = constants.get(register.name, register.reset)
-            lines.append(f"| `{register.offset:#05x}` | `{register.name}` | "
-                         f"{register.access.value} | {_value_text(register, value)} | "
-                         f"{register.description} |")
-        for register in filter(_has_field_table, registers):
-            lines += ["", f"`{register.name}` fields:", "",
-                      "| bits | field | description |", "|---|---|---|"]
-            lines += [f"| {_bits(field)} | `{field.name}` | {field.description} |"
-                      for field in register.fields]
-    for enum_type, meanings in _ENUM_MEANINGS.items():
-        lines += ["", f"## `{enum_type.__name__}`", "",
-                  _markdown((enum_type.__doc__ or "").strip()), "",
-                  "| value | name | meaning |", "|---:|---|---|"]
-        lines += [f"| {member.value} | `{member.name}` | {meanings[member]} |"
-                  for member in enum_type]
-    return "\n".join(lines) + "\n"
-
-
-#: Where ``python -m m3vit.hw.registers`` writes the docs (the repository's ``docs/``).
-DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "registers.md"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write ``docs/registers.md`` (or, with ``--check``, exit 1 if it is stale).
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Command-line arguments (``sys.argv[1:]`` when omitted).
-
-    Returns
-    -------
-    int
-        The exit status.
-    """
-    parser = argparse.ArgumentParser(prog="python -m m3vit.hw.registers",
-                                     description="Generate docs/registers.md from the "
-                                                 "register map.")
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the file differs from the generated text")
-    args = parser.parse_args(argv)
-    text = registers_markdown()
-    if args.check:
-        if not DOCS_PATH.is_file() or DOCS_PATH.read_text() != text:
-            print(f"{DOCS_PATH} is stale: run `python -m m3vit.hw.registers`", file=sys.stderr)
-            return 1
-        return 0
-    DOCS_PATH.write_text(text)
-    print(f"wrote {DOCS_PATH}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def __repr__(self):
+        return "EngineControlSignature()"

@@ -44,6 +44,8 @@ can start every cycle and throughput is one beat per cycle on every port.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
@@ -320,20 +322,30 @@ class LayerNormUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self._cfg
+        s = SimpleNamespace()   # what the sections share; each adds what it declares
+        s.max_beats = cfg.max_dim // cfg.pe_cols
+        s.cmd_layout = self.cmd_layout(cfg)
+        s.sum_shape = signed((128 * cfg.max_dim).bit_length() + 1)
+        s.beats_shape = s.cmd_layout["beats"].shape
+        s.root_bits = (LN_EPS_BITS + 2) // 2  # V < 2^(LN_EPS_BITS + 1)
+        self._front_end(m, s)
+        self._statistics(m, s)
+        self._back_end(m, s)
+        in_flight = Signal(range(s.buf.depth + s.out_pipeline + s.oq.depth + 1))
+        m.d.sync += in_flight.eq(in_flight + s.accept - (s.oq.r_en & s.oq.r_rdy))
+        m.d.comb += self.busy.eq(s.active | (in_flight != 0))
+        _busy_counter(m, self.busy, self.busy_cycles)
+        return m
+
+    def _front_end(self, m: Module, s: SimpleNamespace) -> None:
+        """Commands, input beats into the row buffer, Σx and Σx² per row."""
+        cfg = self._cfg
         lanes = cfg.pe_cols
         log_lanes = lanes.bit_length() - 1
-        max_beats = cfg.max_dim // lanes
-        cmd_layout = self.cmd_layout(cfg)
-        sum_shape = signed((128 * cfg.max_dim).bit_length() + 1)
+        max_beats = s.max_beats
         sq_shape = unsigned(((1 << 14) * cfg.max_dim).bit_length())
-        sumsq_bits = (cfg.max_dim ** 3 << 14).bit_length()
-        root_bits = (LN_EPS_BITS + 2) // 2  # V < 2^(LN_EPS_BITS + 1)
-        d_shape = signed((255 * cfg.max_dim).bit_length() + 1)
-        beats_shape = cmd_layout["beats"].shape
-
-        # ---- front end: commands, input beats into the row buffer, Σx and Σx² per row ----
-        active = Signal()
-        cur = Signal(cmd_layout)
+        s.active = active = Signal()
+        cur = Signal(s.cmd_layout)
         beat = Signal(range(max_beats))
         with m.If(~active):
             m.d.comb += self.cmd.ready.eq(1)
@@ -347,14 +359,15 @@ class LayerNormUnit(wiring.Component):
 
         # Rows in flight in the stats pipeline / r queue (V, isqrt, reciprocal ≈ 64 stages).
         tree_levels = log_lanes
-        stats_latency = 2 + tree_levels + 1 + 6 + root_bits + 32 + 3
-        row_queue_entries = stats_latency + 8
-        row_end = beat == cur.beats - 1
-        stats_free = Signal()
-        buf, buf_w, buf_r = _queue(m, "row_buffer", lane_layout(cfg),
-                                   max_beats + stats_latency + 8)
+        stats_latency = 2 + tree_levels + 1 + 6 + s.root_bits + 32 + 3
+        s.row_queue_entries = stats_latency + 8
+        s.row_end = row_end = beat == cur.beats - 1
+        s.stats_free = stats_free = Signal()
+        buf, buf_w, s.buf_r = _queue(m, "row_buffer", lane_layout(cfg),
+                                     max_beats + stats_latency + 8)
+        s.buf = buf
         m.d.comb += self.x.ready.eq(active & buf.w_rdy & (~row_end | stats_free))
-        accept = self.x.valid & self.x.ready
+        s.accept = accept = self.x.valid & self.x.ready
         m.d.comb += [buf.w_en.eq(accept), buf_w.eq(self.x.payload)]
         with m.If(accept):
             m.d.sync += beat.eq(Mux(row_end, 0, beat + 1))
@@ -363,9 +376,9 @@ class LayerNormUnit(wiring.Component):
                 with m.If(cur.rows == 1):
                     m.d.sync += active.eq(0)
 
-        front_tag = data.StructLayout({"first": 1, "last": 1, "beats": beats_shape,
-                                       "shift": unsigned(SHIFT_BITS),
-                                       "eps_term": unsigned(LN_EPS_BITS)})
+        s.front_tag = front_tag = data.StructLayout({
+            "first": 1, "last": 1, "beats": s.beats_shape, "shift": unsigned(SHIFT_BITS),
+            "eps_term": unsigned(LN_EPS_BITS)})
         tag0 = Signal(front_tag)
         m.d.comb += [
             tag0.first.eq(beat == 0), tag0.last.eq(row_end), tag0.beats.eq(cur.beats),
@@ -379,10 +392,10 @@ class LayerNormUnit(wiring.Component):
         tree_valid = _delay(m, accept, 2 + tree_levels, name="ln_tree_valid")
         tree_tag = _delay(m, tag0, 2 + tree_levels, front_tag, name="ln_tree_tag")
 
-        acc_sum = Signal(sum_shape)
-        acc_sq = Signal(sq_shape)
-        stats_valid = Signal()
-        stats_tag = Signal(front_tag)
+        s.acc_sum = acc_sum = Signal(s.sum_shape)
+        s.acc_sq = acc_sq = Signal(sq_shape)
+        s.stats_valid = stats_valid = Signal()
+        s.stats_tag = stats_tag = Signal(front_tag)
         m.d.sync += stats_valid.eq(tree_valid & tree_tag.last)
         with m.If(tree_valid):
             m.d.sync += [
@@ -391,19 +404,24 @@ class LayerNormUnit(wiring.Component):
                 stats_tag.eq(tree_tag),
             ]
 
-        # ---- V = D²·Q − D·S² + eps_term, isqrt, r = floor(2^31 / isqrt(V)) ----
-        row_tag = data.StructLayout({"sum": sum_shape, "beats": beats_shape,
-                                     "shift": unsigned(SHIFT_BITS)})
+    def _statistics(self, m: Module, s: SimpleNamespace) -> None:
+        """V = D²·Q − D·S² + eps_term, isqrt, r = floor(2^31 / isqrt(V)), into the r queue."""
+        cfg = self._cfg
+        log_lanes = cfg.pe_cols.bit_length() - 1
+        sumsq_bits = (cfg.max_dim ** 3 << 14).bit_length()
+        acc_sum, acc_sq, stats_tag = s.acc_sum, s.acc_sq, s.stats_tag
+        s.row_tag = row_tag = data.StructLayout({"sum": s.sum_shape, "beats": s.beats_shape,
+                                                 "shift": unsigned(SHIFT_BITS)})
         tag_v = Signal(row_tag)
         m.d.comb += [tag_v.sum.eq(acc_sum), tag_v.beats.eq(stats_tag.beats),
                      tag_v.shift.eq(stats_tag.shift)]
         # v1, v2: S² and beats²; v3, v4: beats²·Q and beats·S² (two registers per multiply);
         # v5: Σd² = D²·Q − D·S² (lanes is a power of two: the D factors are shifts).
-        v_valid = _delay(m, stats_valid, 5, name="v_valid")
+        v_valid = _delay(m, s.stats_valid, 5, name="v_valid")
         v_tag = _delay(m, tag_v, 5, row_tag, name="v_tag")
         v_eps = _delay(m, stats_tag.eps_term, 5, name="v_eps")
         v1_sq = _delay(m, acc_sq, 2, name="v_sq")
-        v2_sum2 = _delay(m, acc_sum * acc_sum, 2, unsigned(2 * sum_shape.width - 1),
+        v2_sum2 = _delay(m, acc_sum * acc_sum, 2, unsigned(2 * s.sum_shape.width - 1),
                          name="v_sum2")
         v2_beats2 = _delay(m, stats_tag.beats * stats_tag.beats, 2, name="v_beats2")
         v2_beats = _delay(m, stats_tag.beats, 2, name="v_beats")
@@ -411,8 +429,8 @@ class LayerNormUnit(wiring.Component):
         v4_ds = _delay(m, v2_beats * v2_sum2, 2, name="v_ds")  # D·S² / lanes
         v5_sumsq = _reg(m, (v4_dq << 2 * log_lanes) - (v4_ds << log_lanes),
                         unsigned(sumsq_bits), name="v_sumsq")
-        m.submodules.isqrt = isqrt = _IsqrtPipeline(root_bits, row_tag)
-        m.submodules.reciprocal = reciprocal = _ReciprocalPipeline(root_bits, 32, row_tag)
+        m.submodules.isqrt = isqrt = _IsqrtPipeline(s.root_bits, row_tag)
+        m.submodules.reciprocal = reciprocal = _ReciprocalPipeline(s.root_bits, 32, row_tag)
         m.d.sync += [
             isqrt.i.valid.eq(v_valid),
             isqrt.i.payload.value.eq(v5_sumsq + v_eps),
@@ -421,20 +439,23 @@ class LayerNormUnit(wiring.Component):
         wiring.connect(m, isqrt.o, reciprocal.i)
 
         rq_layout = data.StructLayout({"r": unsigned(32), "row": row_tag})
-        rq, rq_w, rq_r = _queue(m, "r_queue", rq_layout, row_queue_entries)
+        rq, rq_w, s.rq_r = _queue(m, "r_queue", rq_layout, s.row_queue_entries)
+        s.rq = rq
         m.d.comb += [
             rq.w_en.eq(reciprocal.o.valid),
             rq_w.r.eq(reciprocal.o.payload.value),
             rq_w.row.eq(reciprocal.o.payload.tag),
         ]
-        m.d.comb += stats_free.eq(_credits(m, "ln_rows", rq.depth, accept & row_end,
-                                           rq.r_en & rq.r_rdy))
+        m.d.comb += s.stats_free.eq(_credits(m, "ln_rows", rq.depth, s.accept & s.row_end,
+                                             rq.r_en & rq.r_rdy))
 
-        # ---- back end: y_i = sat8(round_half_up((d_i·r·g_i + b_i) / 2^shift)) ----
+    def _params(self, m: Module):
+        """The gains and biases, one memory word per beat; returns its read port."""
+        cfg = self._cfg
         param_layout = self.param_layout(cfg)
         param_mem = Memory(shape=data.StructLayout({"gain": param_layout["gain"].shape,
                                                     "bias": param_layout["bias"].shape}),
-                           depth=max_beats, init=[])
+                           depth=cfg.max_dim // cfg.pe_cols, init=[])
         m.submodules.params = param_mem
         param_write = param_mem.write_port()
         param_read = param_mem.read_port()
@@ -445,13 +466,24 @@ class LayerNormUnit(wiring.Component):
             param_write.data.gain.eq(self.params.payload.gain),
             param_write.data.bias.eq(self.params.payload.bias),
         ]
+        return param_read
+
+    def _back_end(self, m: Module, s: SimpleNamespace) -> None:
+        """y_i = sat8(round_half_up((d_i·r·g_i + b_i) / 2^shift)), into the output queue."""
+        cfg = self._cfg
+        lanes = cfg.pe_cols
+        log_lanes = lanes.bit_length() - 1
+        d_shape = signed((255 * cfg.max_dim).bit_length() + 1)
+        param_read = self._params(m)
+        rq, rq_r, buf, buf_r = s.rq, s.rq_r, s.buf, s.buf_r
 
         out_layout = row_beat_layout(cfg)
-        out_pipeline = 10
-        oq, oq_w, oq_r = _queue(m, "out_queue", out_layout, out_pipeline + 8)
+        s.out_pipeline = 10
+        oq, oq_w, oq_r = _queue(m, "out_queue", out_layout, s.out_pipeline + 8)
+        s.oq = oq
         issue = Signal()
         out_free = _credits(m, "ln_out", oq.depth, issue, oq.r_en & oq.r_rdy)
-        j = Signal(range(max_beats))
+        j = Signal(range(s.max_beats))
         head = rq_r.row
         row_last = j == head.beats - 1
         m.d.comb += [
@@ -497,6 +529,19 @@ class LayerNormUnit(wiring.Component):
         c5_t = [_reg(m, t[:33].as_signed(), name=f"c5_t{i}") for i, t in enumerate(c4_t)]
         c5_g = [param_read.data.gain[i] for i in range(lanes)]
         c5_b = [param_read.data.bias[i] for i in range(lanes)]
+        self._scale_and_round(m, oq, oq_w, lanes, c5_valid, c5_last, c5_shift, c5_half,
+                              c5_t, c5_g, c5_b)
+        m.d.comb += [
+            self.y.valid.eq(oq.r_rdy),
+            self.y.payload.eq(oq_r),
+            oq.r_en.eq(self.y.ready),
+        ]
+
+    @staticmethod
+    def _scale_and_round(m: Module, oq, oq_w, lanes: int, c5_valid, c5_last, c5_shift,
+                         c5_half, c5_t, c5_g, c5_b) -> None:
+        """Stages c6 … c9: ×g, +b + 2^(shift−1), the shift and the saturation, into the
+        output queue ``oq`` (its write side ``oq_w``)."""
         # c6, c7: P = t·g (|P| ≤ 2^46), two registers after the multiply; b + 2^(shift−1)
         # (64-bit) beside it, and the saturation mask (bits ≥ shift + 7).
         c6_valid, c6_last, c6_shift = _reg(m, c5_valid), _reg(m, c5_last), _reg(m, c5_shift)
@@ -528,18 +573,6 @@ class LayerNormUnit(wiring.Component):
         for i in range(lanes):
             m.d.comb += oq_w.data[i].eq(
                 Mux(c9_high[i], 127, Mux(c9_low_sat[i], -128, c9_low[i].as_signed())))
-
-        m.d.comb += [
-            self.y.valid.eq(oq.r_rdy),
-            self.y.payload.eq(oq_r),
-            oq.r_en.eq(self.y.ready),
-        ]
-
-        in_flight = Signal(range(buf.depth + out_pipeline + oq.depth + 1))
-        m.d.sync += in_flight.eq(in_flight + accept - (oq.r_en & oq.r_rdy))
-        m.d.comb += self.busy.eq(active | (in_flight != 0))
-        _busy_counter(m, self.busy, self.busy_cycles)
-        return m
 
 
 class SoftmaxUnit(wiring.Component):
@@ -629,15 +662,27 @@ class SoftmaxUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self._cfg
-        lanes = cfg.pe_cols
-        log_lanes = lanes.bit_length() - 1
-        max_row_beats = -(-cfg.max_tokens // lanes)
-        sum_bits = ((1 << 16) * cfg.max_tokens).bit_length()
-        rcp_bits = 17  # S ≥ 2^15 ⇒ floor(2^31 / S) ≤ 2^16
-        tree_levels = log_lanes
+        s = SimpleNamespace()   # what the stages share; each adds what it declares
+        s.lanes = cfg.pe_cols
+        s.log_lanes = s.lanes.bit_length() - 1
+        s.max_row_beats = -(-cfg.max_tokens // s.lanes)
+        s.rcp_bits = 17  # S ≥ 2^15 ⇒ floor(2^31 / S) ≤ 2^16
+        s.tree_levels = s.log_lanes
+        self._stage_a(m, s)
+        self._stage_b(m, s)
+        self._stage_c(m, s)
+        in_flight = Signal(range(s.lq.depth + s.eq.depth + s.oq.depth + 32))
+        m.d.sync += in_flight.eq(in_flight + s.accept - (s.oq.r_en & s.oq.r_rdy))
+        m.d.comb += self.busy.eq(s.active | (in_flight != 0))
+        _busy_counter(m, self.busy, self.busy_cycles)
+        return m
 
-        # ---- A: commands, the logits queue, the row maximum ----
-        active = Signal()
+    def _stage_a(self, m: Module, s: SimpleNamespace) -> None:
+        """A: commands, the logits queue, the row maximum."""
+        cfg = self._cfg
+        lanes, log_lanes, max_row_beats = s.lanes, s.log_lanes, s.max_row_beats
+        tree_levels = s.tree_levels
+        s.active = active = Signal()
         rows_left = Signal(ROW_COUNT_BITS)
         mode = Signal(SoftmaxMode)
         row_beats = Signal(range(max_row_beats + 1))
@@ -658,13 +703,15 @@ class SoftmaxUnit(wiring.Component):
 
         logit_entry = data.StructLayout({"data": lane_layout(cfg), "lanes_m1": unsigned(log_lanes),
                                          "last": 1, "mode": SoftmaxMode})
-        lq, lq_w, lq_r = _queue(m, "logit_queue", logit_entry,
-                                max_row_beats + tree_levels + 8)
+        lq, lq_w, s.lq_r = _queue(m, "logit_queue", logit_entry,
+                                  max_row_beats + tree_levels + 8)
+        s.lq = lq
         max_entries = 32
-        mq, mq_w, mq_r = _queue(m, "max_queue", data.StructLayout({"max": INT8}), max_entries)
+        mq, mq_w, s.mq_r = _queue(m, "max_queue", data.StructLayout({"max": INT8}), max_entries)
+        s.mq = mq
         row_end = beat == row_beats - 1
         lanes_m1 = Mux(row_end, last_lanes_m1, lanes - 1)
-        accept = Signal()
+        s.accept = accept = Signal()
         max_free = _credits(m, "sm_max", mq.depth, accept & row_end, mq.r_en & mq.r_rdy)
         m.d.comb += [
             self.logits.ready.eq(active & lq.w_rdy & (~row_end | max_free)),
@@ -695,14 +742,21 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += running_max.eq(new_max)
         m.d.comb += [mq.w_en.eq(max_valid & max_last), mq_w.max.eq(new_max)]
 
-        # ---- B: e_j = E[m − l_j] through per-lane table copies; S; rcp ----
+    def _stage_b(self, m: Module, s: SimpleNamespace) -> None:
+        """B: e_j = E[m − l_j] through per-lane table copies; S; rcp."""
+        cfg = self._cfg
+        lanes, tree_levels, rcp_bits = s.lanes, s.tree_levels, s.rcp_bits
+        lq, lq_r, mq, mq_r = s.lq, s.lq_r, s.mq, s.mq_r
+        sum_bits = ((1 << 16) * cfg.max_tokens).bit_length()
         e_entry = data.StructLayout({"e": lane_layout(cfg, _EXP_SHAPE), "last": 1})
         b_latency = 3
         rcp_latency = tree_levels + 1 + rcp_bits
-        eq, eq_w, eq_r = _queue(m, "e_queue", e_entry,
-                                max_row_beats + b_latency + rcp_latency + 8)
+        eq, eq_w, s.eq_r = _queue(m, "e_queue", e_entry,
+                                  s.max_row_beats + b_latency + rcp_latency + 8)
+        s.eq = eq
         rq_entry = data.StructLayout({"rcp": unsigned(rcp_bits), "mode": SoftmaxMode})
-        rq, rq_w, rq_r = _queue(m, "rcp_queue", rq_entry, b_latency + rcp_latency + 8)
+        rq, rq_w, s.rq_r = _queue(m, "rcp_queue", rq_entry, b_latency + rcp_latency + 8)
+        s.rq = rq
         issue_b = Signal()
         e_free = _credits(m, "sm_e", eq.depth, issue_b, eq.r_en & eq.r_rdy)
         rcp_free = _credits(m, "sm_rcp", rq.depth, issue_b & lq_r.last, rq.r_en & rq.r_rdy)
@@ -726,20 +780,7 @@ class SoftmaxUnit(wiring.Component):
         b2_valid, b2_first, b2_last = _reg(m, b1_valid), _reg(m, b1_first), _reg(m, b1_last)
         b2_mode = _reg(m, b1_mode, SoftmaxMode)
         b2_lane_valid = [_reg(m, v) for v in b1_lane_valid]
-        table_write = self.table.valid & ~self.busy
-        m.d.comb += self.table.ready.eq(~self.busy)
-        looked_up = []
-        for i in range(lanes):
-            table = Memory(shape=_EXP_SHAPE, depth=256, init=[])
-            m.submodules[f"exp_table{i}"] = table
-            write, read = table.write_port(), table.read_port()
-            m.d.comb += [
-                write.en.eq(table_write),
-                write.addr.eq(self.table.payload.index),
-                write.data.eq(self.table.payload.value),
-                read.addr.eq(b1_index[i]),
-            ]
-            looked_up.append(read.data)
+        looked_up = self._exp_tables(m, b1_index)
         b3_valid, b3_first, b3_last = _reg(m, b2_valid), _reg(m, b2_first), _reg(m, b2_last)
         b3_mode = _reg(m, b2_mode, SoftmaxMode)
         b3_e = [_reg(m, Mux(b2_lane_valid[i], looked_up[i], 0), _EXP_SHAPE, name=f"b3_e{i}")
@@ -770,9 +811,32 @@ class SoftmaxUnit(wiring.Component):
             rq_w.mode.eq(reciprocal.o.payload.tag),
         ]
 
-        # ---- C: p_j = round_half_up(e_j · rcp / 2^shift), clamped ----
+    def _exp_tables(self, m: Module, index) -> list:
+        """One copy of the exp table per lane (written together while idle), read at
+        ``index[lane]``; returns each copy's read data."""
+        table_write = self.table.valid & ~self.busy
+        m.d.comb += self.table.ready.eq(~self.busy)
+        looked_up = []
+        for i in range(self._cfg.pe_cols):
+            table = Memory(shape=_EXP_SHAPE, depth=256, init=[])
+            m.submodules[f"exp_table{i}"] = table
+            write, read = table.write_port(), table.read_port()
+            m.d.comb += [
+                write.en.eq(table_write),
+                write.addr.eq(self.table.payload.index),
+                write.data.eq(self.table.payload.value),
+                read.addr.eq(index[i]),
+            ]
+            looked_up.append(read.data)
+        return looked_up
+
+    def _stage_c(self, m: Module, s: SimpleNamespace) -> None:
+        """C: p_j = round_half_up(e_j · rcp / 2^shift), clamped."""
+        cfg = self._cfg
+        eq, eq_r, rq, rq_r = s.eq, s.eq_r, s.rq, s.rq_r
         c_latency = 4
         oq, oq_w, oq_r = _queue(m, "out_queue", self.out_layout(cfg), c_latency + 8)
+        s.oq = oq
         issue_c = Signal()
         out_free = _credits(m, "sm_out", oq.depth, issue_c, oq.r_en & oq.r_rdy)
         m.d.comb += [
@@ -783,7 +847,7 @@ class SoftmaxUnit(wiring.Component):
         c1_valid, c1_last = _reg(m, issue_c, name="c1_valid"), _reg(m, eq_r.last)
         c1_router = _reg(m, rq_r.mode == SoftmaxMode.ROUTER, name="c1_router")
         c1_rcp = _reg(m, rq_r.rcp, name="c1_rcp")
-        c1_e = [_reg(m, eq_r.e[i], name=f"c1_e{i}") for i in range(lanes)]
+        c1_e = [_reg(m, eq_r.e[i], name=f"c1_e{i}") for i in range(s.lanes)]
         # c2, c3: the 16×17-bit product, two registers (DSP48E2 M and P).
         c2_valid, c2_last, c2_router = _reg(m, c1_valid), _reg(m, c1_last), _reg(m, c1_router)
         c2_p = [_reg(m, e * c1_rcp, name=f"c2_p{i}") for i, e in enumerate(c1_e)]
@@ -805,12 +869,6 @@ class SoftmaxUnit(wiring.Component):
             self.probs.payload.eq(oq_r),
             oq.r_en.eq(self.probs.ready),
         ]
-
-        in_flight = Signal(range(lq.depth + eq.depth + oq.depth + 32))
-        m.d.sync += in_flight.eq(in_flight + accept - (oq.r_en & oq.r_rdy))
-        m.d.comb += self.busy.eq(active | (in_flight != 0))
-        _busy_counter(m, self.busy, self.busy_cycles)
-        return m
 
 
 class ResidualAdd(wiring.Component):

@@ -196,7 +196,7 @@ class EngineBench(Bench):
                             read_latency=read_latency)
         for name in ("start", "abort_request", "program_base", "data_base", "data_size",
                      "task_select", "schedule"):
-            dut[name].value = 0
+            dut[f"ctrl__{name}"].value = 0
 
     async def run(self, case, limit: int = 2_000_000) -> tuple[int, int, int]:
         """Load ``case`` into memory, start, wait for done/error; (code, pc, cycles)."""
@@ -204,23 +204,23 @@ class EngineBench(Bench):
         self.memory[:] = bytes(len(self.memory))
         self.memory[PROGRAM_BASE:PROGRAM_BASE + len(case.program)] = case.program
         self.memory[DATA_BASE:DATA_BASE + len(case.ddr)] = case.ddr
-        dut.program_base.value = PROGRAM_BASE
-        dut.data_base.value = DATA_BASE
-        dut.data_size.value = len(case.ddr)
-        dut.task_select.value = case.task_select
-        dut.schedule.value = case.schedule
+        dut.ctrl__program_base.value = PROGRAM_BASE
+        dut.ctrl__data_base.value = DATA_BASE
+        dut.ctrl__data_size.value = len(case.ddr)
+        dut.ctrl__task_select.value = case.task_select
+        dut.ctrl__schedule.value = case.schedule
         self.dma.read_log.clear()
         await self.edge
-        dut.start.value = 1
+        dut.ctrl__start.value = 1
         await self.edge
-        dut.start.value = 0
+        dut.ctrl__start.value = 0
         started = self.cycle()
         for _ in range(limit):
             await ReadOnly()
-            if dut.done.value or dut.error.value:
-                code = ErrorCode(dut.error_code.value.to_unsigned()) if dut.error.value \
-                    else ErrorCode.NONE
-                pc = dut.error_pc.value.to_unsigned()
+            if dut.ctrl__done.value or dut.ctrl__error.value:
+                code = (ErrorCode(dut.ctrl__error_code.value.to_unsigned())
+                        if dut.ctrl__error.value else ErrorCode.NONE)
+                pc = dut.ctrl__error_pc.value.to_unsigned()
                 await self.edge
                 return code, pc, self.cycle() - started
             await self.edge

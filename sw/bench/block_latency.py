@@ -16,8 +16,8 @@ import json
 import sys
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
+from m3vit.hw.engine import Engine
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
-from m3vit.hw.top import Engine
 from m3vit.sim.cocotb_runner import DEFAULT_SEED, run_bench
 
 from . import REPO_ROOT

@@ -27,7 +27,8 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine, GemmOp
+from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine
+from m3vit.hw.isa import GemmOp
 from m3vit.sim.cocotb_runner import bench_config
 
 from ..quant import numerics

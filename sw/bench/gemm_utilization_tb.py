@@ -12,7 +12,7 @@ import os
 
 import cocotb
 
-from m3vit.hw.gemm import GemmOp
+from m3vit.hw.isa import GemmOp
 
 from .gemm_tb import TB, make_pass
 from .gemm_utilization import OUT_ENV, SHAPES_ENV

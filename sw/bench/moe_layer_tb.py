@@ -37,7 +37,7 @@ class PhaseMonitor:
         dut, last = self.tb.dut, None
         while self.running:
             await ReadOnly()
-            value = dut.counters__token_beats.value.to_unsigned()
+            value = dut.token_beats.value.to_unsigned()
             if last is not None and value != last:
                 self.active.add(self.tb.dma.cycle)
             last = value

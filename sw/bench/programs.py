@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from m3vit.hw.config import AccelConfig
-from m3vit.hw.gemm import GemmOp
 from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION_BYTES,
     OPERANDS,
     ExpertOrder,
+    GemmOp,
     Opcode,
     RowMode,
     TableUnit,

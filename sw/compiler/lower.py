@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from m3vit.hw.config import AccelConfig
-from m3vit.hw.gemm import GemmOp
 from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     LN_RECORD_BYTES,
     ExpertOrder,
+    GemmOp,
     Opcode,
     RowMode,
     TableUnit,

@@ -30,7 +30,8 @@ from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.errors import M3VitError
 from m3vit.hw.flow import vivado
 from m3vit.hw.flow.generate import signature_ports, to_verilog
-from m3vit.hw.registers import REGISTER_MAP, AxiLiteSignature
+from m3vit.hw.regfile import AxiLiteSignature
+from m3vit.hw.registers import REGISTER_MAP
 from m3vit.hw.top import AcceleratorTop
 from m3vit.sim.verilator import lint
 from m3vit.sw import cli

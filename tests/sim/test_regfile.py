@@ -1,5 +1,5 @@
 # amaranth: UnusedElaboratable=no
-"""The control register file (:class:`m3vit.hw.registers.ControlRegisters`): ports, the ZCU104
+"""The control register file (:class:`m3vit.hw.regfile.ControlRegisters`): ports, the ZCU104
 lint and the cocotb bench in ``tests/sim/regfile/``.
 
 The bench runs on the CI configuration, one small Verilator build under
@@ -13,7 +13,8 @@ import pytest
 
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.flow.generate import signature_ports, to_verilog, write_if_changed
-from m3vit.hw.registers import COUNTERS, ControlRegisters, RegisterError
+from m3vit.hw.regfile import ControlRegisters
+from m3vit.hw.registers import COUNTERS, RegisterError
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,11 +36,14 @@ def test_ports_are_named_from_the_signature():
     assert {name for name in ports if name.startswith("s_axil__")} == {
         f"s_axil__{member}" for member in AXIL_PORTS}
     assert {name for name in ports if not name.startswith("s_axil__")} == {
-        "start", "abort_request", "clear_counters", "program_base", "data_base", "data_size",
-        "task_select", "schedule", "busy", "done_set", "error_set", "error_code", "error_pc",
-        "counters"}
-    assert len(ports["counters"][0]) == 32 * len(COUNTERS)
-    assert len(ports["program_base"][0]) == 64 and len(ports["s_axil__awaddr"][0]) == 12
+        "engine__start", "engine__abort_request", "clear_counters", "engine__program_base",
+        "engine__data_base", "engine__data_size", "engine__task_select", "engine__schedule",
+        "engine__busy", "engine__done", "engine__error", "engine__error_code",
+        "engine__error_pc", "engine__counters", "dma_counters"}
+    assert (len(ports["engine__counters"][0]) + len(ports["dma_counters"][0])
+            == 32 * len(COUNTERS))
+    assert (len(ports["engine__program_base"][0]) == 64
+            and len(ports["s_axil__awaddr"][0]) == 12)
 
 
 def test_refuses_a_non_config_and_a_config_it_cannot_describe():

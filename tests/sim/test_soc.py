@@ -11,8 +11,7 @@ import pytest
 
 from m3vit.hw.config import CI
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.gemm import GemmOp
-from m3vit.hw.isa import Opcode, WeightSource
+from m3vit.hw.isa import GemmOp, Opcode, WeightSource
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
 from m3vit.sim import soc as soc_module
 from m3vit.sim.soc import DdrTiming, SocModel, build_soc

@@ -1,4 +1,5 @@
-"""The accelerator engine (``m3vit.hw.top``): ZCU104 lint and the cocotb program benches.
+"""The accelerator engine (``m3vit.hw.engine``, ``m3vit.hw.top``): ZCU104 lint and the cocotb
+program benches.
 
 The benches run programs on the CI configuration (4 × 4 array), each bit-exact:
 ``tests/sim/top/test_engine.py`` random GEMMs of every mode and weight source, the vector
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw.config import CI, ZCU104
+from m3vit.hw.engine import Engine
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
-from m3vit.hw.top import AcceleratorTop, Engine
+from m3vit.hw.top import AcceleratorTop
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

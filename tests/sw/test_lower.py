@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from m3vit.hw.config import CI, ZCU104
-from m3vit.hw.gemm import GemmOp
 from m3vit.hw.isa import (
     ExpertOrder,
+    GemmOp,
     Opcode,
     RowMode,
     TableUnit,

@@ -18,7 +18,8 @@ import os
 import cocotb
 from amaranth.hdl import Shape
 
-from m3vit.hw.gemm import GemmEngine, GemmOp
+from m3vit.hw.gemm import GemmEngine
+from m3vit.hw.isa import GemmOp
 from m3vit.sim.cocotb_runner import CONFIG_ENV, bench_config
 from m3vit.sw.bench.gemm_tb import TB, make_pass
 

@@ -1,11 +1,11 @@
-"""cocotb bench for :class:`m3vit.hw.registers.ControlRegisters` through cocotbext-axi.
+"""cocotb bench for :class:`m3vit.hw.regfile.ControlRegisters` through cocotbext-axi.
 
 Run by ``tests/sim/test_regfile.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; it is
 not a pytest module. The host side is cocotbext-axi's ``AxiLiteMaster`` on the ``s_axil__*``
-ports; the bench plays the controller on the other side (``busy``, ``done_set``,
-``error_set``, the counters). Every test body runs under two flows: everything always ready,
-and random stalls on all five AXI channels (AW and W then arrive in either order). Expected
-values come from the register map declaration itself (:data:`REGISTER_MAP`,
+ports; the bench plays the controller on the other side (``engine__*``: ``busy``, ``done``,
+``error``, the counters; ``dma_counters``). Every test body runs under two flows: everything
+always ready, and random stalls on all five AXI channels (AW and W then arrive in either
+order). Expected values come from the register map declaration itself (:data:`REGISTER_MAP`,
 :func:`constant_values`), never from numbers written here. Throughout, a monitor checks the
 AXI rule that ``bvalid``/``rvalid`` and their payload hold until taken, and records every
 output pulse so that "exactly one pulse" is checked, not assumed.
@@ -36,6 +36,12 @@ FLOWS = ["free", "random"]
 #: Probability that a channel stalls in a cycle, in the random flow.
 STALL_PROBABILITY = 0.4
 PULSES = ("start", "abort_request", "clear_counters")
+#: The controller-side names this bench uses → the register file's ports (the engine's
+#: control port, flipped, is ``engine__*``; the DMA engines' counters ``dma_counters``).
+PORTS = {name: f"engine__{name}" for name in (
+    "start", "abort_request", "program_base", "data_base", "data_size", "task_select",
+    "schedule", "busy", "error_code", "error_pc", "counters")}
+PORTS.update(done_set="engine__done", error_set="engine__error")
 RW_REGISTERS = [register for register in REGISTER_MAP if register.access is Access.RW]
 RO_REGISTERS = [register for register in REGISTER_MAP if register.access is Access.RO]
 WORD_MASK = 0xFFFF_FFFF
@@ -78,10 +84,10 @@ class TB:
                             read.ar_channel, read.r_channel):
                 channel.set_pause_generator(stalls(random.Random(self.rng.getrandbits(64))))
 
-        self.counter_layout = counter_layout()
         self.live_counters = {counter.name: 0 for counter in COUNTERS}
-        for name in ("busy", "done_set", "error_set", "error_code", "error_pc", "counters"):
-            dut[name].value = 0
+        for name in ("busy", "done_set", "error_set", "error_code", "error_pc", "counters",
+                     "dma_counters"):
+            dut[PORTS.get(name, name)].value = 0
         self.pulses: dict[str, list[int]] = {name: [] for name in PULSES}
         self.aw_taken: list[int] = []
         self.w_taken: list[int] = []
@@ -113,7 +119,7 @@ class TB:
             await ReadOnly()
             cycle = self.cycle()
             for name in PULSES:
-                if dut[name].value:
+                if dut[PORTS.get(name, name)].value:
                     self.pulses[name].append(cycle)
             if dut.s_axil__awvalid.value and dut.s_axil__awready.value:
                 self.aw_taken.append(cycle)
@@ -168,7 +174,7 @@ class TB:
         """Drive the named inputs from the next cycle on."""
         await self.edge
         for name, value in values.items():
-            self.dut[name].value = value
+            self.dut[PORTS.get(name, name)].value = value
 
     async def pulse_input(self, name: str, **with_values: int) -> None:
         """Raise the one-bit input ``name`` for exactly one cycle, with other inputs."""
@@ -179,9 +185,10 @@ class TB:
         """Move the free-running counters named (upper case) to ``values`` (mod 2^32)."""
         for name, value in values.items():
             self.live_counters[name] = value & WORD_MASK
-        packed = self.counter_layout.const(
-            {name.lower(): value for name, value in self.live_counters.items()}).as_bits()
-        await self.set_inputs(counters=packed)
+        packed = {owner: counter_layout(owner).const(
+            {c.name.lower(): self.live_counters[c.name] for c in COUNTERS if c.owner == owner}
+        ).as_bits() for owner in ("engine", "dma")}
+        await self.set_inputs(counters=packed["engine"], dma_counters=packed["dma"])
 
     async def busy_for(self, cycles: int) -> None:
         """Hold ``busy`` high for exactly ``cycles`` clock edges."""
@@ -191,7 +198,7 @@ class TB:
 
     def output(self, name: str) -> int:
         """The current value of output port ``name``."""
-        return int(self.dut[name].value)
+        return int(self.dut[PORTS.get(name, name)].value)
 
     def pulse_counts(self) -> dict[str, int]:
         """Cycles each pulse output has been high since the bench started."""

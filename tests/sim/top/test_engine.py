@@ -1,4 +1,4 @@
-"""cocotb bench for :class:`m3vit.hw.top.Engine`: programs in, DDR bytes out, bit-exact.
+"""cocotb bench for :class:`m3vit.hw.engine.Engine`: programs in, DDR bytes out, bit-exact.
 
 Run by ``tests/sim/test_top.py``; not a pytest module. The bench
 (:class:`m3vit.sim.engine_tb.EngineBench`) plays the two DMA engines in Python on the

@@ -1,4 +1,4 @@
-"""cocotb bench of the MoE expert scheduler in :class:`m3vit.hw.top.Engine`, bit-exact.
+"""cocotb bench of the MoE expert scheduler in :class:`m3vit.hw.engine.Engine`, bit-exact.
 
 Run by ``tests/sim/test_top.py`` (its own Verilator build of the engine, so it runs beside
 ``test_engine.py``); not a pytest module. The DMA engines are played in Python

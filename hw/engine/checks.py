@@ -1,0 +1,281 @@
+"""The instruction checks: what the controller verifies before an instruction starts.
+
+An instruction is refused, before anything of it starts, when its opcode or a mode is not
+in the instruction set (``ILLEGAL_OPCODE``), a count is zero or over the configuration's
+capacity (``SHAPE_OVER_CAPACITY``), or a buffer range or its DDR range lies outside the
+buffer or ``DATA_SIZE`` (``ADDRESS_OUT_OF_RANGE``). The rules are those of ``docs/isa.md``
+(:mod:`m3vit.hw.isa_checks`).
+"""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from ..config import AccelConfig
+from ..isa import (
+    GEMM_RECORD_BYTES,
+    INSTRUCTION,
+    LN_RECORD_BYTES,
+    GemmOp,
+    Opcode,
+    RowMode,
+    TableUnit,
+    WeightSource,
+)
+
+__all__ = ["InstructionChecks", "checks_control"]
+
+#: A buffer range: ``base + Σ (n − 1) · s`` over up to three (count, stride) terms.
+_RANGE = data.StructLayout({"used": 1, "base": 32,
+                            "terms": data.ArrayLayout(data.StructLayout({"n": 16, "s": 16}), 3)})
+
+
+def checks_control(config: AccelConfig) -> wiring.Signature:
+    """The controller's side of the checks.
+
+    Returns
+    -------
+    wiring.Signature
+        Its members (flows seen from the controller):
+
+        register_sums : Out(1)
+            State ``CHECK1``: register the ranges' products and sums (the verdicts are valid
+            the cycle after).
+        loop_active, routed : Out(1)
+            An ``EXPERTS`` body is running; a ``ROUTE`` has completed in this run.
+        ctx_count, ctx_offset, expert_offset : Out
+            The ``EXPERTS`` iteration's token count, queue offset and expert DDR offset.
+        task_offset : Out(64)
+            ``TASK_SELECT · stride`` of the last ``TASKS``.
+        opcode_ok, shape_ok, buffer_ok, ddr_ok : In(1)
+            The verdicts (``buffer_ok`` and ``ddr_ok`` from the registered sums).
+        ddr_offset, ddr_bytes : In(48)
+            The instruction's DDR range (``per_task`` and expert offsets added).
+        tokens : In(16)
+            A ``GEMM``'s token count (the iteration's count for an expert ``GEMM``).
+        route_beats, softmax_beats : In(16)
+            Beats per row of a ``ROUTE`` (experts) and a ``SOFTMAX`` (length).
+    """
+    entries = config.max_tokens * config.max_top_k
+    return wiring.Signature({
+        "register_sums": Out(1),
+        "loop_active": Out(1),
+        "routed": Out(1),
+        "ctx_count": Out(range(config.max_tokens + 1)),
+        "ctx_offset": Out(range(entries + 1)),
+        "expert_offset": Out(48),
+        "task_offset": Out(64),
+        "opcode_ok": In(1),
+        "shape_ok": In(1),
+        "buffer_ok": In(1),
+        "ddr_ok": In(1),
+        "ddr_offset": In(48),
+        "ddr_bytes": In(48),
+        "tokens": In(16),
+        "route_beats": In(16),
+        "softmax_beats": In(16),
+    })
+
+
+class InstructionChecks(wiring.Component):
+    """Opcode, capacity and address checks of the fetched instruction.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        The capacities checked against and the buffer's depth.
+
+    Attributes
+    ----------
+    control : In(checks_control(config))
+        The controller's context and the verdicts.
+    instruction : In(INSTRUCTION)
+        The fetched instruction.
+    data_size : In(64)
+        ``DATA_SIZE``: DDR ranges must end at or below it.
+    routed_rows, routed_entries : In
+        The dispatcher's ``rows`` and ``entries`` of the last ``ROUTE``.
+
+    Notes
+    -----
+    Each instruction touches up to three buffer ranges and one DDR range (an INT32
+    ``GEMM`` a second, its results); a range is a base plus Σ (count − 1) · stride. The
+    products are registered in ``CHECK1`` and the sums compared in ``CHECK2``, so the
+    checks cost two cycles, not timing.
+    """
+
+    def __init__(self, config: AccelConfig):
+        self.config = config
+        entries = config.max_tokens * config.max_top_k
+        super().__init__({
+            "control": In(checks_control(config)),
+            "instruction": In(INSTRUCTION),
+            "data_size": In(64),
+            "routed_rows": In(16),
+            "routed_entries": In(range(entries + 1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        C = cfg.pe_cols
+        ctl = self.control
+        args = self.instruction.args
+        rng = [Signal(_RANGE, name=f"range{k}") for k in range(3)]
+        ddr_used = Signal()
+        m.d.comb += [
+            ctl.route_beats.eq((args.route.experts + C - 1) >> exact_log2(C)),
+            ctl.softmax_beats.eq((args.softmax.length + C - 1) >> exact_log2(C)),
+            # A GEMM in an EXPERTS body runs the iteration's tokens, its rows mapped per
+            # RowMode; its ranges are checked with the rows it actually touches.
+            ctl.tokens.eq(Mux(args.gemm.expert, ctl.ctx_count, args.gemm.tokens)),
+        ]
+        self._opcodes(m, rng, ddr_used)
+        self._verdicts(m, rng, ddr_used)
+        return m
+
+    def _opcodes(self, m: Module, rng, ddr_used: Signal) -> None:
+        """Per opcode: the legal encodings, the capacities and the ranges it touches."""
+        cfg = self.config
+        C, R = cfg.pe_cols, cfg.pe_rows
+        log_axi = exact_log2(cfg.axi_bytes)
+        ctl = self.control
+        op = self.instruction.opcode
+        args = self.instruction.args
+
+        def buffer_range(k, base, *terms):
+            m.d.comb += [rng[k].used.eq(1), rng[k].base.eq(base)]
+            for t, (count, stride) in enumerate(terms):
+                m.d.comb += [rng[k].terms[t].n.eq(count - 1), rng[k].terms[t].s.eq(stride)]
+
+        def ddr_range(offset, nbytes, per_task=0):
+            m.d.comb += [ddr_used.eq(1),
+                         ctl.ddr_offset.eq(offset + Mux(per_task, ctl.task_offset, 0)),
+                         ctl.ddr_bytes.eq(nbytes)]
+
+        def touched_rows(mode):
+            return Mux(mode == RowMode.GATHER, self.routed_rows,
+                       Mux(mode == RowMode.QUEUE, ctl.ctx_offset + ctl.tokens, ctl.tokens))
+
+        def whole_beats(words):
+            return ((words * C + cfg.axi_bytes - 1) >> log_axi) << log_axi
+
+        tokens = ctl.tokens
+        max_k = max(cfg.max_hidden, 3 * cfg.max_dim, cfg.max_tokens + C)
+        with m.Switch(op):
+            for legal in Opcode:
+                with m.Case(legal):
+                    m.d.comb += ctl.opcode_ok.eq(1)
+        m.d.comb += ctl.shape_ok.eq(1)
+        with m.Switch(op):
+            with m.Case(Opcode.GEMM):
+                g = args.gemm
+                body_only = (g.expert | (g.src_rows != RowMode.DIRECT)
+                             | (g.dst_rows != RowMode.DIRECT))
+                m.d.comb += [
+                    ctl.opcode_ok.eq((g.mode != GemmOp.LOAD_TABLE) & (g.wsrc.as_value() != 3)
+                                     & (g.src_rows.as_value() != 3)
+                                     & (g.dst_rows.as_value() < 2)
+                                     & (~body_only | ctl.loop_active)),
+                    ctl.shape_ok.eq((tokens >= 1) & (tokens <= cfg.max_tokens)
+                                    & (g.k_slices >= 1) & (g.k_slices * R <= max_k)
+                                    & (g.n_tiles >= 1) & (g.n_tiles * C <= max_k)),
+                ]
+                buffer_range(0, g.src, (g.k_slices, g.src_stride), (touched_rows(g.src_rows), 1))
+                with m.If(g.mode != GemmOp.INT32):
+                    buffer_range(1, g.dst, (g.n_tiles, g.dst_stride),
+                                 (touched_rows(g.dst_rows), 1))
+                with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
+                    buffer_range(2, g.wbuf + R - 1, (g.n_tiles, g.wstride), (g.k_slices, R))
+                with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
+                    buffer_range(2, g.wbuf + C - 1, (g.k_slices, g.wstride), (g.n_tiles, C))
+                tile_bytes = Mux(g.wsrc == WeightSource.DDR, g.k_slices * (R * C), 0)
+                ddr_range(g.ddr + Mux(g.expert, ctl.expert_offset, 0),
+                          g.n_tiles * (GEMM_RECORD_BYTES * C + tile_bytes), g.per_task)
+                # (INT32 results: checked as a second DDR range in _verdicts.)
+            with m.Case(Opcode.LAYERNORM):
+                a = args.layernorm
+                m.d.comb += ctl.shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
+                                            & (a.beats >= 1) & (a.beats * C <= cfg.max_dim))
+                buffer_range(0, a.src, (a.beats, a.stride), (a.rows, 1))
+                buffer_range(1, a.dst, (a.beats, a.stride), (a.rows, 1))
+                ddr_range(a.ddr, a.beats * (LN_RECORD_BYTES * C))
+            with m.Case(Opcode.SOFTMAX):
+                a = args.softmax
+                m.d.comb += ctl.shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
+                                            & (a.length >= 1) & (a.length <= cfg.max_tokens))
+                buffer_range(0, a.src, (ctl.softmax_beats, a.stride), (a.rows, 1))
+                buffer_range(1, a.dst, (ctl.softmax_beats, a.stride), (a.rows, 1))
+            with m.Case(Opcode.RESIDUAL):
+                a = args.residual
+                # The residual unit counts a command's words in max_tokens · max_dim / C.
+                m.d.comb += ctl.shape_ok.eq((a.words >= 1)
+                                            & (a.words <= cfg.max_tokens * cfg.max_dim // C))
+                buffer_range(0, a.src_a, (a.words, 1))
+                buffer_range(1, a.src_b, (a.words, 1))
+                buffer_range(2, a.dst, (a.words, 1))
+            with m.Case(Opcode.LOAD):
+                a = args.load
+                m.d.comb += ctl.shape_ok.eq(a.words >= 1)
+                buffer_range(0, a.dst, (a.words, a.dst_stride))
+                ddr_range(a.ddr, whole_beats(a.words))
+            with m.Case(Opcode.STORE):
+                a = args.store
+                m.d.comb += ctl.shape_ok.eq(a.words >= 1)
+                buffer_range(0, a.src, (a.words, a.src_stride))
+                ddr_range(a.ddr, whole_beats(a.words))
+            with m.Case(Opcode.LOAD_TABLE):
+                a = args.load_table
+                m.d.comb += ctl.opcode_ok.eq(a.unit.as_value() <= TableUnit.SOFTMAX.value)
+                ddr_range(a.ddr, Mux(a.unit == TableUnit.GEMM, 256, 512), a.per_task)
+            with m.Case(Opcode.ROUTE):
+                a = args.route
+                m.d.comb += ctl.shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
+                                            & (a.top_k >= 1) & (a.top_k <= cfg.max_top_k)
+                                            & (a.experts >= a.top_k)
+                                            & (a.experts <= cfg.max_experts))
+                buffer_range(0, a.src, (ctl.route_beats, a.stride), (a.rows, 1))
+            with m.Case(Opcode.EXPERTS):
+                a = args.experts
+                m.d.comb += [ctl.opcode_ok.eq(a.order.as_value() != 3),
+                             ctl.shape_ok.eq(a.body >= 1)]
+            with m.Case(Opcode.COMBINE):
+                a = args.combine
+                m.d.comb += ctl.shape_ok.eq(ctl.routed & (a.rows >= 1)
+                                            & (a.rows <= self.routed_rows)
+                                            & (a.beats >= 1) & (a.beats * C <= cfg.max_dim))
+                buffer_range(0, a.src, (a.beats, a.src_stride), (self.routed_entries, 1))
+                buffer_range(1, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
+        # The loop body is straight-line work on the dispatch tables: no nesting, no
+        # re-routing, no task change, no end of the program inside it.
+        with m.If(ctl.loop_active & ((op == Opcode.EXPERTS) | (op == Opcode.ROUTE)
+                                     | (op == Opcode.TASKS) | (op == Opcode.END))):
+            m.d.comb += ctl.opcode_ok.eq(0)
+
+    def _verdicts(self, m: Module, rng, ddr_used: Signal) -> None:
+        """``CHECK1`` registers each range's last word and the DDR end; ``CHECK2`` compares."""
+        cfg = self.config
+        ctl = self.control
+        g = self.instruction.args.gemm
+        rng_last = [Signal(40, name=f"range{k}_last") for k in range(3)]
+        ddr_end = Signal(65)
+        with m.If(ctl.register_sums):
+            for k in range(3):
+                terms = rng[k].terms
+                m.d.sync += rng_last[k].eq(Mux(rng[k].used,
+                                               rng[k].base + terms[0].n * terms[0].s
+                                               + terms[1].n * terms[1].s
+                                               + terms[2].n * terms[2].s, 0))
+            m.d.sync += ddr_end.eq(Mux(ddr_used, ctl.ddr_offset + ctl.ddr_bytes, 0))
+        # INT32 results of a GEMM: a second DDR range (bytes = n_tiles · tokens · 4C).
+        out_end = Signal(65)
+        m.d.sync += out_end.eq(g.out_ddr + g.n_tiles * ctl.tokens * (4 * cfg.pe_cols))
+        depth = cfg.act_buffer_words
+        m.d.comb += [
+            ctl.buffer_ok.eq((rng_last[0] < depth) & (rng_last[1] < depth)
+                             & (rng_last[2] < depth)),
+            ctl.ddr_ok.eq((ddr_end <= self.data_size)
+                          & ((self.instruction.opcode != Opcode.GEMM) | (g.mode != GemmOp.INT32)
+                             | (out_end <= self.data_size))),
+        ]

@@ -1,0 +1,688 @@
+"""The controller: the state machine that runs a program one instruction at a time.
+
+``FETCH`` (one instruction through the read DMA) → ``CHECK1`` / ``CHECK2`` (the
+instruction checks: sums registered, then compared) → the instruction's states →
+``NEXT``. An instruction ends when its last result is in the buffer, or its last write
+response is back — except that a ``GEMM`` streaming its weights from DDR with INT8 results
+hands over as soon as its stream has arrived (``pending``): the next instruction is
+fetched and checked while the array finishes, and if it is such a ``GEMM`` too, its
+command and weight stream are issued at once while its buffer walks wait for the previous
+``GEMM``'s last result. A failed check stops before anything of the instruction starts; a
+DDR error lets the instruction finish, then stops; ``abort_request`` stops after the
+current instruction.
+"""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from ..axi import dma_cmd_layout
+from ..config import AccelConfig
+from ..gemm import command_layout
+from ..isa import (
+    INSTRUCTION,
+    ExpertOrder,
+    GemmOp,
+    Opcode,
+    RowMode,
+    TableUnit,
+    WeightSource,
+)
+from ..moe import Combiner, Dispatcher, slot_layout
+from ..registers import ErrorCode, Schedule
+from ..vector import LayerNormUnit, ResidualAdd, SoftmaxMode, SoftmaxUnit
+from .buffer import GatherMode
+from .checks import checks_control
+from .datapath import Unit, datapath_control
+from .fetch import fetch_control
+from .router import ReadSink, read_router_control
+
+__all__ = ["Controller", "dispatcher_tables"]
+
+
+def dispatcher_tables(config: AccelConfig) -> wiring.Signature:
+    """What the controller reads of the dispatcher (its ``EXPERTS`` loop), seen from it.
+
+    Members are the :class:`~m3vit.hw.moe.Dispatcher`'s of the same name: ``list_index``
+    (Out) and ``list_expert``, ``list_start``, ``list_count``, ``n_active``, ``rows``,
+    ``top_k``, ``slot``, ``busy`` (In).
+    """
+    entries = config.max_tokens * config.max_top_k
+    return wiring.Signature({
+        "list_index": Out(range(config.max_experts)),
+        "list_expert": In(range(config.max_experts)),
+        "list_start": In(range(entries + 1)),
+        "list_count": In(range(config.max_tokens + 1)),
+        "n_active": In(range(config.max_experts + 1)),
+        "rows": In(16),
+        "top_k": In(4),
+        "slot": In(data.ArrayLayout(slot_layout(config), config.max_top_k)),
+        "busy": In(1),
+    })
+
+
+class _Registers:
+    """The controller's state besides its state machine (one instance per elaboration)."""
+
+    def __init__(self, cfg: AccelConfig):
+        entries = cfg.max_tokens * cfg.max_top_k
+        self.pc = Signal(32)
+        self.task_stride = Signal(32)
+        self.task_offset = Signal(64)
+        self.stop_code = Signal(ErrorCode)
+        self.aborting = Signal()
+        # Handshakes done in the current issue state (one bit each).
+        self.sent = Signal(4)
+        self.sink = Signal(ReadSink)
+        self.unit = Signal(Unit)
+        self.gemm_int32 = Signal()
+        self.weights_from_buffer = Signal()
+        # MoE: the EXPERTS loop and the context of its current iteration.
+        self.routed = Signal()                  # a ROUTE has completed in this run
+        self.run_schedule = Signal(Schedule)    # SCHEDULE.ORDER, sampled at start
+        self.loop_active = Signal()
+        self.loop_first = Signal(32)            # pc of the body's first / last instruction
+        self.loop_last = Signal(32)
+        self.loop_tbt = Signal()                # token-by-token order
+        self.loop_stride = Signal(32)           # EXPERTS.stride
+        self.loop_index = Signal(range(cfg.max_experts))   # expert-by-expert: list position
+        self.loop_token = Signal(16)            # token-by-token: token t and choice j
+        self.loop_choice = Signal(range(cfg.max_top_k))
+        self.ctx_expert = Signal(range(cfg.max_experts))
+        self.ctx_offset = Signal(range(entries + 1))
+        self.ctx_count = Signal(range(cfg.max_tokens + 1))
+        self.expert_offset = Signal(48)         # ctx_expert · loop_stride
+        self.gather_mode = Signal(GatherMode)
+        self.gather_offset = Signal(range(entries + 1))   # the context of the GEMM walked
+        # Weight prefetch across GEMMs: a GEMM whose stream is in still owns the array.
+        self.pending = Signal()
+        self.drain_to_fetch = Signal()
+
+
+class Controller(wiring.Component):
+    """The engine's state machine: fetch, check and run each instruction of a program.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        The PE array (GEMM geometry), the AXI width (DMA beats) and the capacities.
+
+    Attributes
+    ----------
+    start, abort_request : In(1)
+        One-cycle requests from the register file.
+    data_base : In(64)
+        ``DATA_BASE``: every DDR offset of the program is added to it.
+    task_select : In(8)
+        ``TASK_SELECT``.
+    schedule : In(Schedule)
+        ``SCHEDULE.ORDER`` (sampled at start).
+    busy, done, error, error_code, error_pc : Out
+        The run's status (:class:`~m3vit.hw.registers.EngineControlSignature`).
+    retired : Out(1)
+        An instruction retires this cycle (the ``INSTRUCTIONS`` counter).
+    fetch : Out(fetch_control())
+        The instruction fetch; ``instruction`` is what it fetched.
+    instruction : In(INSTRUCTION)
+        The current instruction.
+    checks : Out(checks_control(config))
+        The instruction checks: the iteration's context in, the verdicts out.
+    router : Out(read_router_control())
+        Where the read DMA's data goes, and the stream bookkeeping.
+    datapath : Out(datapath_control(config))
+        The buffer walks and the unit its ports serve.
+    dispatcher : Out(dispatcher_tables(config))
+        The dispatcher's active list, slots and status (the ``EXPERTS`` loop).
+    rd_cmd, wr_cmd : Out(stream.Signature(dma_cmd_layout(config)))
+        Operand reads (to the router) and writes (to the write DMA).
+    wr_idle, dma_error : In(1)
+        The write DMA has nothing outstanding; a DMA saw SLVERR / DECERR.
+    dma_error_clear : Out(1)
+        Pulsed at the start of a run.
+    gemm_cmd, ln_cmd, softmax_cmd, residual_cmd, dispatcher_cmd, combiner_cmd : Out(stream)
+        The units' commands (their ``command`` / ``cmd`` streams).
+    gemm_busy, softmax_busy : In(1)
+        The GEMM engine and the softmax unit are busy.
+    """
+
+    def __init__(self, config: AccelConfig):
+        self.config = config
+        dma_cmd = stream.Signature(dma_cmd_layout(config))
+        super().__init__({
+            "start": In(1),
+            "abort_request": In(1),
+            "data_base": In(64),
+            "task_select": In(8),
+            "schedule": In(Schedule),
+            "busy": Out(1),
+            "done": Out(1),
+            "error": Out(1),
+            "error_code": Out(ErrorCode),
+            "error_pc": Out(32),
+            "retired": Out(1),
+            "fetch": Out(fetch_control()),
+            "instruction": In(INSTRUCTION),
+            "checks": Out(checks_control(config)),
+            "router": Out(read_router_control()),
+            "datapath": Out(datapath_control(config)),
+            "dispatcher": Out(dispatcher_tables(config)),
+            "rd_cmd": Out(dma_cmd),
+            "wr_cmd": Out(dma_cmd),
+            "wr_idle": In(1),
+            "dma_error": In(1),
+            "dma_error_clear": Out(1),
+            "gemm_cmd": Out(stream.Signature(command_layout(config))),
+            "ln_cmd": Out(stream.Signature(LayerNormUnit.cmd_layout(config))),
+            "softmax_cmd": Out(stream.Signature(SoftmaxUnit.cmd_layout(config))),
+            "residual_cmd": Out(stream.Signature(ResidualAdd.cmd_layout(config))),
+            "dispatcher_cmd": Out(stream.Signature(Dispatcher.cmd_layout(config))),
+            "combiner_cmd": Out(stream.Signature(Combiner.cmd_layout(config))),
+            "gemm_busy": In(1),
+            "softmax_busy": In(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        r = _Registers(self.config)
+        checks, datapath = self.checks, self.datapath
+        m.d.comb += [
+            self.error_code.eq(r.stop_code),
+            self.error_pc.eq(r.pc),
+            self.fetch.pc.eq(r.pc),
+            self.router.sink.eq(r.sink),
+            datapath.unit.eq(r.unit),
+            datapath.gemm_int32.eq(r.gemm_int32),
+            datapath.weights_from_buffer.eq(r.weights_from_buffer),
+            datapath.gather_mode.eq(r.gather_mode),
+            datapath.gather_offset.eq(r.gather_offset),
+            checks.loop_active.eq(r.loop_active),
+            checks.routed.eq(r.routed),
+            checks.ctx_count.eq(r.ctx_count),
+            checks.ctx_offset.eq(r.ctx_offset),
+            checks.expert_offset.eq(r.expert_offset),
+            checks.task_offset.eq(r.task_offset),
+        ]
+        with m.FSM(name="fsm"):
+            self._run_states(m, r)
+            self._gemm_states(m, r)
+            self._vector_states(m, r)
+            self._memory_states(m, r)
+            self._moe_states(m, r)
+            self._end_states(m, r)
+        with m.If(self.abort_request & self.busy):
+            m.d.sync += r.aborting.eq(1)
+        return m
+
+    # Helpers of the states: each adds statements to the state it is called in.
+
+    def _walk(self, m: Module, walk, base, *loops) -> None:
+        """Start ``walk`` at ``base`` over ``loops`` = (count, stride) pairs, outer first."""
+        loops = [(1, 0)] * (3 - len(loops)) + list(loops)
+        m.d.comb += [walk.start.eq(1), walk.base.eq(base)]
+        for level, (count, stride) in enumerate(loops):
+            m.d.comb += [walk.count[level].eq(count), walk.stride[level].eq(stride)]
+
+    def _command(self, m: Module, r: _Registers, port, bit: int, **fields) -> None:
+        """Offer one command beat on ``port`` until taken (``sent[bit]`` records it)."""
+        with m.If(~r.sent[bit]):
+            m.d.comb += port.valid.eq(1)
+            m.d.comb += [port.payload[name].eq(value) for name, value in fields.items()]
+            with m.If(port.ready):
+                m.d.sync += r.sent[bit].eq(1)
+
+    def _stop(self, m: Module, r: _Registers, code: ErrorCode) -> None:
+        m.d.sync += r.stop_code.eq(code)
+        m.next = "STOP_ERROR"
+
+    def _expect_writes(self, m: Module, count) -> None:
+        """The write port is to take ``count`` words (the instruction ends when it has)."""
+        m.d.comb += [self.datapath.expect_writes.eq(1), self.datapath.writes.eq(count)]
+
+    def _ddr_addr(self):
+        return self.data_base + self.checks.ddr_offset
+
+    def _ddr_beats(self):
+        return self.checks.ddr_bytes >> exact_log2(self.config.axi_bytes)
+
+    def _run_states(self, m: Module, r: _Registers) -> None:
+        """IDLE, FETCH, the checks and the dispatch on the opcode; TASKS."""
+        checks = self.checks
+        op = self.instruction.opcode
+        with m.State("IDLE"):
+            with m.If(self.start):
+                m.d.sync += [r.pc.eq(0), r.stop_code.eq(ErrorCode.NONE), r.aborting.eq(0),
+                             r.task_offset.eq(0), r.task_stride.eq(0), r.sent.eq(0),
+                             r.routed.eq(0), r.loop_active.eq(0),
+                             r.run_schedule.eq(self.schedule), r.pending.eq(0)]
+                m.d.comb += self.dma_error_clear.eq(1)
+                m.next = "FETCH"
+        with m.State("FETCH"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(r.pending & (r.aborting | self.dma_error)):
+                m.d.sync += r.drain_to_fetch.eq(1)
+                m.next = "GEMM_DRAIN"
+            with m.Elif(r.aborting):
+                self._stop(m, r, ErrorCode.ABORTED)
+            with m.Elif(self.dma_error):
+                self._stop(m, r, ErrorCode.AXI_RESPONSE)
+            with m.Else():
+                m.d.comb += self.fetch.request.eq(1)
+                with m.If(self.fetch.issued):
+                    m.d.sync += r.sink.eq(ReadSink.FETCH)
+                    m.next = "FETCH_DATA"
+        with m.State("FETCH_DATA"):
+            m.d.comb += [self.busy.eq(1), self.fetch.collect.eq(1)]
+            with m.If(self.fetch.done):
+                m.d.sync += r.sink.eq(ReadSink.NONE)
+                m.next = "CHECK1"
+        with m.State("CHECK1"):
+            m.d.comb += [self.busy.eq(1), checks.register_sums.eq(1)]
+            m.next = "CHECK2"
+        with m.State("CHECK2"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(r.pending):
+                # A GEMM is still finishing: only a streamed GEMM may start beside it.
+                with m.If(checks.opcode_ok & checks.shape_ok & checks.buffer_ok & checks.ddr_ok
+                          & (op == Opcode.GEMM) & self._streamed()):
+                    m.d.sync += r.sent.eq(0)
+                    m.next = "GEMM_PREFETCH"
+                with m.Else():
+                    m.d.sync += r.drain_to_fetch.eq(0)
+                    m.next = "GEMM_DRAIN"
+            with m.Elif(~checks.opcode_ok):
+                self._stop(m, r, ErrorCode.ILLEGAL_OPCODE)
+            with m.Elif(~checks.shape_ok):
+                self._stop(m, r, ErrorCode.SHAPE_OVER_CAPACITY)
+            with m.Elif(~checks.buffer_ok | ~checks.ddr_ok):
+                self._stop(m, r, ErrorCode.ADDRESS_OUT_OF_RANGE)
+            with m.Else():
+                m.d.sync += r.sent.eq(0)
+                with m.Switch(op):
+                    for opcode, state in _FIRST_STATE.items():
+                        with m.Case(opcode):
+                            m.next = state
+        with m.State("TASKS"):
+            tasks = self.instruction.args.tasks
+            m.d.comb += self.busy.eq(1)
+            with m.If(self.task_select >= tasks.count):
+                self._stop(m, r, ErrorCode.BAD_TASK)
+            with m.Else():
+                m.d.sync += [r.task_stride.eq(tasks.stride),
+                             r.task_offset.eq(self.task_select * tasks.stride)]
+                m.next = "NEXT"
+
+    def _streamed(self):
+        """The instruction is a GEMM whose weights stream from DDR with INT8 results: it may
+        hand over to the next instruction once its stream is in."""
+        g = self.instruction.args.gemm
+        return (g.wsrc == WeightSource.DDR) & (g.mode != GemmOp.INT32)
+
+    def _gemm_setup(self, m: Module, r: _Registers) -> None:
+        """The GEMM's unit, sink and DDR stream (sent to the router)."""
+        cfg = self.config
+        g = self.instruction.args.gemm
+        m.d.sync += [
+            r.unit.eq(Unit.GEMM),
+            r.sink.eq(ReadSink.GEMM),
+            r.gemm_int32.eq(g.mode == GemmOp.INT32),
+            r.weights_from_buffer.eq(g.wsrc != WeightSource.DDR),
+        ]
+        m.d.comb += [
+            self.router.gemm_setup.eq(1),
+            self.router.gemm_weights_ddr.eq(g.wsrc == WeightSource.DDR),
+            self.router.gemm_tile_beats.eq((g.k_slices * (cfg.pe_rows * cfg.pe_cols))
+                                           >> exact_log2(cfg.axi_bytes)),
+            self.router.gemm_beats.eq(self._ddr_beats()),
+        ]
+
+    def _gemm_walks(self, m: Module, r: _Registers) -> None:
+        """The GEMM's buffer walks: activations, results, weights from the buffer."""
+        C, R = self.config.pe_cols, self.config.pe_rows
+        g = self.instruction.args.gemm
+        tokens = self.checks.tokens
+        walks = self.datapath
+        self._expect_writes(m, g.n_tiles * tokens)
+        m.d.sync += r.gather_offset.eq(r.ctx_offset)
+        with m.If(g.src_rows == RowMode.GATHER):
+            m.d.sync += r.gather_mode.eq(GatherMode.QUEUE)
+        with m.Else():
+            m.d.sync += r.gather_mode.eq(GatherMode.NONE)
+        src_base = g.src + Mux(g.src_rows == RowMode.QUEUE, r.ctx_offset, 0)
+        dst_base = g.dst + Mux(g.dst_rows == RowMode.QUEUE, r.ctx_offset, 0)
+        self._walk(m, walks.walk_a, src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride),
+                   (tokens, 1))
+        with m.If(g.mode != GemmOp.INT32):
+            self._walk(m, walks.walk_w, dst_base, (g.n_tiles, g.dst_stride), (tokens, 1))
+        with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
+            self._walk(m, walks.walk_b, g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R),
+                       (C, 1))
+        with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
+            self._walk(m, walks.walk_b, g.wbuf, (g.n_tiles, C), (g.k_slices, g.wstride),
+                       (C, 1))
+
+    def _gemm_commands(self, m: Module, r: _Registers):
+        """Issue the GEMM's commands; true once all are taken."""
+        C = self.config.pe_cols
+        g = self.instruction.args.gemm
+        tokens = self.checks.tokens
+        self._command(m, r, self.gemm_cmd, 0, op=g.mode, tokens=tokens, k_slices=g.k_slices,
+                      n_tiles=g.n_tiles, transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
+        self._command(m, r, self.rd_cmd, 1, addr=self._ddr_addr(), beats=self._ddr_beats())
+        with m.If(g.mode == GemmOp.INT32):
+            self._command(m, r, self.wr_cmd, 2, addr=self.data_base + g.out_ddr,
+                          beats=(g.n_tiles * tokens * (4 * C))
+                          >> exact_log2(self.config.axi_bytes))
+        with m.Else():
+            m.d.sync += r.sent[2].eq(1)
+        return r.sent[0] & r.sent[1] & r.sent[2]
+
+    def _gemm_states(self, m: Module, r: _Registers) -> None:
+        """GEMM: command, DDR stream, address walks, then wait for the results; the
+        prefetch of a GEMM beside a pending one."""
+        datapath = self.datapath
+        with m.State("GEMM_START"):
+            m.d.comb += self.busy.eq(1)
+            self._gemm_setup(m, r)
+            self._gemm_walks(m, r)
+            m.next = "GEMM_ISSUE"
+        with m.State("GEMM_ISSUE"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(self._gemm_commands(m, r)):
+                m.next = "GEMM_WAIT"
+                with m.If(self._streamed()):
+                    m.next = "GEMM_STREAM"
+        # Beside a pending GEMM: stream setup, commands, then the walks once it is done.
+        with m.State("GEMM_PREFETCH"):
+            m.d.comb += self.busy.eq(1)
+            self._gemm_setup(m, r)
+            m.next = "GEMM_PREFETCH_ISSUE"
+        with m.State("GEMM_PREFETCH_ISSUE"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(self._gemm_commands(m, r)):
+                m.next = "GEMM_HOLD"
+        with m.State("GEMM_HOLD"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(datapath.writes_done):
+                m.d.sync += r.pending.eq(0)
+                self._gemm_walks(m, r)
+                m.next = "GEMM_STREAM"
+        with m.State("GEMM_STREAM"):
+            # The whole stream is in: the next instruction may be fetched.
+            m.d.comb += self.busy.eq(1)
+            with m.If(self.router.gemm_stream_done):
+                m.d.sync += r.pending.eq(1)
+                m.next = "NEXT"
+        with m.State("GEMM_DRAIN"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(~self.gemm_busy & ~self.gemm_cmd.valid & datapath.writes_done):
+                m.d.sync += [r.pending.eq(0), r.unit.eq(Unit.NONE),
+                             r.gather_mode.eq(GatherMode.NONE)]
+                m.next = "CHECK2"
+                with m.If(r.drain_to_fetch):
+                    m.next = "FETCH"
+        with m.State("GEMM_WAIT"):
+            m.d.comb += self.busy.eq(1)
+            # INT8: every result word written; INT32: every write answered.
+            with m.If(~self.gemm_busy & ~self.gemm_cmd.valid
+                      & (r.gemm_int32 | datapath.writes_done)
+                      & self.wr_idle & datapath.int32_drained & ~self.router.data_waiting):
+                m.next = "NEXT"
+
+    def _vector_states(self, m: Module, r: _Registers) -> None:
+        """LAYERNORM (parameters first), SOFTMAX and RESIDUAL."""
+        args = self.instruction.args
+        walks = self.datapath
+        sm_beats = self.checks.softmax_beats
+        with m.State("LN_PARAMS"):
+            m.d.comb += [self.busy.eq(1), self.router.ln_restart.eq(1)]
+            m.d.sync += r.sink.eq(ReadSink.LN)
+            self._command(m, r, self.rd_cmd, 0, addr=self._ddr_addr(), beats=self._ddr_beats())
+            with m.If(r.sent[0]):
+                m.next = "LN_PARAMS_WAIT"
+        with m.State("LN_PARAMS_WAIT"):
+            a = args.layernorm
+            m.d.comb += self.busy.eq(1)
+            with m.If(self.router.ln_beats == a.beats):
+                m.d.sync += [r.sink.eq(ReadSink.NONE), r.sent.eq(0), r.unit.eq(Unit.LN)]
+                self._expect_writes(m, a.rows * a.beats)
+                self._walk(m, walks.walk_a, a.src, (a.rows, 1), (a.beats, a.stride))
+                self._walk(m, walks.walk_w, a.dst, (a.rows, 1), (a.beats, a.stride))
+                m.next = "LN_RUN"
+        with m.State("LN_RUN"):
+            a = args.layernorm
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.ln_cmd, 0, beats=a.beats, rows=a.rows, shift=a.shift,
+                          eps_term=a.eps_term)
+            with m.If(r.sent[0] & self.datapath.writes_done):
+                m.next = "NEXT"
+
+        with m.State("SOFTMAX_START"):
+            a = args.softmax
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += r.unit.eq(Unit.SOFTMAX)
+            self._expect_writes(m, a.rows * sm_beats)
+            self._walk(m, walks.walk_a, a.src, (a.rows, 1), (sm_beats, a.stride))
+            self._walk(m, walks.walk_w, a.dst, (a.rows, 1), (sm_beats, a.stride))
+            m.next = "SOFTMAX_RUN"
+        with m.State("SOFTMAX_RUN"):
+            a = args.softmax
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.softmax_cmd, 0, length=a.length, rows=a.rows,
+                          mode=SoftmaxMode.ATTENTION)
+            with m.If(r.sent[0] & self.datapath.writes_done):
+                m.next = "NEXT"
+
+        with m.State("RESIDUAL_START"):
+            a = args.residual
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += r.unit.eq(Unit.RESIDUAL)
+            self._expect_writes(m, a.words)
+            for walk, base in ((walks.walk_a, a.src_a), (walks.walk_b, a.src_b),
+                               (walks.walk_w, a.dst)):
+                self._walk(m, walk, base, (a.words, 1))
+            m.next = "RESIDUAL_RUN"
+        with m.State("RESIDUAL_RUN"):
+            a = args.residual
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.residual_cmd, 0, beats=a.words, mult_a=a.mult_a,
+                          mult_b=a.mult_b, shift=a.shift)
+            with m.If(r.sent[0] & self.datapath.writes_done):
+                m.next = "NEXT"
+
+    def _memory_states(self, m: Module, r: _Registers) -> None:
+        """LOAD, STORE and LOAD_TABLE: DDR to and from the buffer and the tables."""
+        args = self.instruction.args
+        walks = self.datapath
+        word_shift = exact_log2(self.config.pe_cols)
+        with m.State("LOAD_START"):
+            a = args.load
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += [r.unit.eq(Unit.LOAD), r.sink.eq(ReadSink.LOAD)]
+            self._expect_writes(m, self.checks.ddr_bytes >> word_shift)
+            self._walk(m, walks.walk_w, a.dst, (a.words, a.dst_stride))
+            m.next = "LOAD_RUN"
+        with m.State("LOAD_RUN"):
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.rd_cmd, 0, addr=self._ddr_addr(), beats=self._ddr_beats())
+            with m.If(r.sent[0] & self.datapath.writes_done):
+                m.d.sync += r.sink.eq(ReadSink.NONE)
+                m.next = "NEXT"
+
+        with m.State("STORE_START"):
+            a = args.store
+            m.d.comb += [self.busy.eq(1), self.datapath.expect_store.eq(1),
+                         self.datapath.store_words.eq(a.words)]
+            m.d.sync += r.unit.eq(Unit.STORE)
+            # Read whole AXI beats' worth of words; the ones past the count go out as 0.
+            self._walk(m, walks.walk_a, a.src, (self.checks.ddr_bytes >> word_shift,
+                                                a.src_stride))
+            m.next = "STORE_RUN"
+        with m.State("STORE_RUN"):
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.wr_cmd, 0, addr=self._ddr_addr(), beats=self._ddr_beats())
+            with m.If(r.sent[0] & self.datapath.store_drained & self.wr_idle):
+                m.next = "NEXT"
+
+        with m.State("TABLE_START"):
+            a = args.load_table
+            m.d.comb += self.busy.eq(1)
+            with m.If(a.unit == TableUnit.GEMM):
+                self._command(m, r, self.gemm_cmd, 1, op=GemmOp.LOAD_TABLE)
+                m.d.sync += r.sink.eq(ReadSink.TABLE8)
+            with m.Else():
+                m.d.sync += [r.sent[1].eq(1), r.sink.eq(ReadSink.TABLE16)]
+                m.d.comb += self.router.table_restart.eq(1)
+            self._command(m, r, self.rd_cmd, 0, addr=self._ddr_addr(), beats=self._ddr_beats())
+            with m.If(r.sent[0] & r.sent[1]):
+                m.next = "TABLE_WAIT"
+        with m.State("TABLE_WAIT"):
+            unit = args.load_table.unit
+            m.d.comb += self.busy.eq(1)
+            with m.If(~self.gemm_busy & (unit == TableUnit.GEMM)
+                      | self.router.table_done & (unit == TableUnit.SOFTMAX)):
+                m.d.sync += r.sink.eq(ReadSink.NONE)
+                m.next = "TABLE_END"
+        with m.State("TABLE_END"):
+            # One cycle so the table sink's last beat is out of the converters.
+            m.d.comb += self.busy.eq(1)
+            m.next = "NEXT"
+
+    def _moe_states(self, m: Module, r: _Registers) -> None:
+        """ROUTE, the EXPERTS loop's context, COMBINE."""
+        args = self.instruction.args
+        walks = self.datapath
+        dispatcher = self.dispatcher
+        # ROUTE: logits → softmax (router mode) → dispatcher; the tables are built when the
+        # dispatcher goes idle.
+        with m.State("ROUTE_START"):
+            a = args.route
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += r.unit.eq(Unit.ROUTE)
+            self._walk(m, walks.walk_a, a.src, (a.rows, 1), (self.checks.route_beats, a.stride))
+            m.next = "ROUTE_RUN"
+        with m.State("ROUTE_RUN"):
+            a = args.route
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.softmax_cmd, 0, length=a.experts, rows=a.rows,
+                          mode=SoftmaxMode.ROUTER)
+            self._command(m, r, self.dispatcher_cmd, 1, rows=a.rows, experts=a.experts,
+                          top_k=a.top_k)
+            with m.If(r.sent[0] & r.sent[1]):
+                m.next = "ROUTE_WAIT"
+        with m.State("ROUTE_WAIT"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(~dispatcher.busy & ~self.softmax_busy):
+                m.d.sync += r.routed.eq(1)
+                m.next = "NEXT"
+
+        # EXPERTS: run the body once per iteration (NEXT loops back at the body's end).
+        with m.State("EXPERTS"):
+            a = args.experts
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += [
+                r.loop_tbt.eq(Mux(a.order == ExpertOrder.REGISTER,
+                                  r.run_schedule == Schedule.TOKEN_BY_TOKEN,
+                                  a.order == ExpertOrder.TOKEN_BY_TOKEN)),
+                r.loop_stride.eq(a.stride), r.loop_first.eq(r.pc + 1),
+                r.loop_last.eq(r.pc + a.body),
+                r.loop_index.eq(0), r.loop_token.eq(0), r.loop_choice.eq(0),
+            ]
+            with m.If(~r.routed | (dispatcher.n_active == 0)):
+                m.d.sync += r.pc.eq(r.pc + a.body)     # NEXT steps past the body
+                m.next = "NEXT"
+            with m.Else():
+                m.d.sync += [r.loop_active.eq(1), r.sent.eq(0)]
+                m.d.comb += self.retired.eq(1)
+                m.next = "LOOP_CTX"
+        with m.State("LOOP_CTX"):
+            m.d.comb += [self.busy.eq(1), dispatcher.list_index.eq(r.loop_index),
+                         walks.slot_lookup.eq(1), walks.slot_token.eq(r.loop_token)]
+            m.next = "LOOP_CTX2"
+        with m.State("LOOP_CTX2"):
+            m.d.comb += self.busy.eq(1)
+            slot = dispatcher.slot[r.loop_choice]
+            with m.If(r.loop_tbt):
+                m.d.sync += [r.ctx_expert.eq(slot.expert), r.ctx_offset.eq(slot.pos),
+                             r.ctx_count.eq(1)]
+            with m.Else():
+                m.d.sync += [r.ctx_expert.eq(dispatcher.list_expert),
+                             r.ctx_offset.eq(dispatcher.list_start),
+                             r.ctx_count.eq(dispatcher.list_count)]
+            m.next = "LOOP_CTX3"
+        with m.State("LOOP_CTX3"):
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += [r.expert_offset.eq(r.ctx_expert * r.loop_stride), r.pc.eq(r.loop_first)]
+            m.next = "FETCH"
+
+        # COMBINE: each token's top-k expert outputs through the slot table.
+        with m.State("COMBINE_START"):
+            a = args.combine
+            m.d.comb += self.busy.eq(1)
+            m.d.sync += [r.unit.eq(Unit.COMBINE), r.gather_mode.eq(GatherMode.SLOT)]
+            self._expect_writes(m, a.rows * a.beats)
+            self._walk(m, walks.walk_a, a.src, (a.beats, a.src_stride), (a.rows, 0),
+                       (dispatcher.top_k, 0))
+            self._walk(m, walks.walk_w, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
+            m.next = "COMBINE_RUN"
+        with m.State("COMBINE_RUN"):
+            a = args.combine
+            m.d.comb += self.busy.eq(1)
+            self._command(m, r, self.combiner_cmd, 0, words=a.rows * a.beats,
+                          top_k=dispatcher.top_k, mult=a.mult, shift=a.shift)
+            with m.If(r.sent[0] & self.datapath.writes_done):
+                m.next = "NEXT"
+
+    def _end_states(self, m: Module, r: _Registers) -> None:
+        """NEXT (and the EXPERTS loop's step), STOP_DONE, STOP_ERROR."""
+        dispatcher = self.dispatcher
+        with m.State("NEXT"):
+            m.d.comb += [self.busy.eq(1), self.retired.eq(1)]
+            m.d.sync += [r.pc.eq(r.pc + 1), r.sink.eq(ReadSink.NONE), r.sent.eq(0)]
+            with m.If(~r.pending):   # a pending GEMM still owns the unit and port A
+                m.d.sync += [r.unit.eq(Unit.NONE), r.weights_from_buffer.eq(0),
+                             r.gather_mode.eq(GatherMode.NONE)]
+            m.next = "FETCH"
+            with m.If(r.loop_active & (r.pc == r.loop_last)):
+                last_choice = r.loop_choice == dispatcher.top_k - 1
+                finished = Mux(r.loop_tbt,
+                               (r.loop_token == dispatcher.rows - 1) & last_choice,
+                               r.loop_index == dispatcher.n_active - 1)
+                with m.If(finished):
+                    m.d.sync += r.loop_active.eq(0)
+                with m.Elif(r.loop_tbt & last_choice):
+                    m.d.sync += [r.loop_choice.eq(0), r.loop_token.eq(r.loop_token + 1)]
+                    m.next = "LOOP_CTX"
+                with m.Elif(r.loop_tbt):
+                    m.d.sync += r.loop_choice.eq(r.loop_choice + 1)
+                    m.next = "LOOP_CTX"
+                with m.Else():
+                    m.d.sync += r.loop_index.eq(r.loop_index + 1)
+                    m.next = "LOOP_CTX"
+        with m.State("STOP_DONE"):
+            m.d.comb += [self.busy.eq(1), self.done.eq(1)]
+            with m.If(self.dma_error):
+                m.d.comb += [self.done.eq(0), self.error.eq(1)]
+                m.d.sync += r.stop_code.eq(ErrorCode.AXI_RESPONSE)
+            m.next = "IDLE"
+        with m.State("STOP_ERROR"):
+            m.d.comb += [self.busy.eq(1), self.error.eq(1)]
+            m.next = "IDLE"
+
+
+#: The state each opcode starts in, after its checks.
+_FIRST_STATE = {
+    Opcode.END: "STOP_DONE",
+    Opcode.NOP: "NEXT",
+    Opcode.TASKS: "TASKS",
+    Opcode.GEMM: "GEMM_START",
+    Opcode.LAYERNORM: "LN_PARAMS",
+    Opcode.SOFTMAX: "SOFTMAX_START",
+    Opcode.RESIDUAL: "RESIDUAL_START",
+    Opcode.LOAD: "LOAD_START",
+    Opcode.STORE: "STORE_START",
+    Opcode.LOAD_TABLE: "TABLE_START",
+    Opcode.ROUTE: "ROUTE_START",
+    Opcode.EXPERTS: "EXPERTS",
+    Opcode.COMBINE: "COMBINE_START",
+}

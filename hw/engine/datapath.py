@@ -1,0 +1,357 @@
+"""The engine's datapath: the activation buffer and the unit its ports serve.
+
+One memory of ``act_buffer_words`` words of ``pe_cols`` INT8 lanes, one write port and two
+read ports, each port walked by an :class:`~m3vit.hw.engine.buffer.AddressGenerator`::
+
+    read port A ──► GEMM activations │ LayerNorm x │ softmax logits │ residual a │ STORE
+                    │ combiner (through the gather stage)
+    read port B ──► GEMM weights from the buffer (Q·Kᵀ columns, P·V rows) │ residual b
+    write port  ◄── GEMM INT8 results │ LayerNorm y │ softmax probs │ residual │ combiner
+                    │ LOAD
+    write DMA   ◄── GEMM INT32 results (the task head) │ STORE words
+
+The controller chooses the :class:`Unit` in charge; the switch is combinational, so a
+unit's stream sees the buffer's ports directly.
+"""
+
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from ..axi import StreamResize, byte_beat_layout
+from ..config import AccelConfig
+from ..gemm import output_layout
+from ..moe import Combiner, slot_layout
+from ..vector import INT8, SoftmaxUnit, lane_layout, row_beat_layout
+from .buffer import (
+    AddressGenerator,
+    BufferReadPort,
+    GatherMode,
+    GatherStage,
+    address_layout,
+    gathered_layout,
+    walk_signature,
+)
+
+__all__ = ["COUNT_BITS", "Datapath", "Unit", "datapath_control"]
+
+#: Width of the address generators' loop counts.
+COUNT_BITS = 16
+
+
+class Unit(enum.Enum, shape=4):
+    """The unit the buffer's ports (and the write DMA's data) serve."""
+
+    NONE = 0
+    GEMM = 1
+    LN = 2
+    SOFTMAX = 3
+    RESIDUAL = 4
+    LOAD = 5
+    STORE = 6
+    ROUTE = 7
+    COMBINE = 8
+
+
+def datapath_control(config: AccelConfig) -> wiring.Signature:
+    """The controller's side of the datapath.
+
+    Returns
+    -------
+    wiring.Signature
+        Its members (flows seen from the controller):
+
+        walk_a, walk_b, walk_w : Out(walk_signature(...))
+            Start the walks of read port A, read port B and the write port.
+        unit : Out(Unit)
+            The unit in charge.
+        gemm_int32 : Out(1)
+            GEMM results go to the write DMA (INT32) instead of the write port.
+        weights_from_buffer : Out(1)
+            GEMM weights come from read port B instead of DDR.
+        gather_mode, gather_offset : Out
+            What port A's gather stage does; the queue position of row 0.
+        expect_writes, writes : Out
+            Load the count of words the write port is to take.
+        writes_done : In(1)
+            The write port has taken them.
+        expect_store, store_words : Out
+            Load the count of words a STORE sends (the rest of its last AXI beat is zeros).
+        store_drained : In(1)
+            Port A's walk, its read queue and the STORE converter are empty.
+        int32_drained : In(1)
+            The INT32 converter is empty.
+        slot_lookup, slot_token : Out
+            Read the dispatcher's slot table for a token (the ``EXPERTS`` loop's context),
+            instead of the gather stage.
+    """
+    buf_bits = ceil_log2(config.act_buffer_words)
+    walk = walk_signature(buf_bits, COUNT_BITS)
+    return wiring.Signature({
+        "walk_a": Out(walk),
+        "walk_b": Out(walk),
+        "walk_w": Out(walk),
+        "unit": Out(Unit),
+        "gemm_int32": Out(1),
+        "weights_from_buffer": Out(1),
+        "gather_mode": Out(GatherMode),
+        "gather_offset": Out(range(config.max_tokens * config.max_top_k + 1)),
+        "expect_writes": Out(1),
+        "writes": Out(32),
+        "writes_done": In(1),
+        "expect_store": Out(1),
+        "store_words": Out(32),
+        "store_drained": In(1),
+        "int32_drained": In(1),
+        "slot_lookup": Out(1),
+        "slot_token": Out(16),
+    })
+
+
+class Datapath(wiring.Component):
+    """The activation buffer, its three walked ports and the switch to the unit in charge.
+
+    Parameters
+    ----------
+    config : AccelConfig
+        ``act_buffer_words`` and ``pe_cols`` (the buffer), the PE array, the AXI width.
+
+    Attributes
+    ----------
+    control : In(datapath_control(config))
+        The controller's walks and choices.
+    gemm_activations, gemm_weights : Out(stream)
+        To the GEMM engine (its ``activations`` and ``weights``).
+    gemm_results : In(stream.Signature(output_layout(config)))
+        From the GEMM engine.
+    ln_x, ln_y, softmax_logits, softmax_probs, residual_a, residual_b, residual_y : stream
+        To and from the vector units (their ``x``, ``y``, ``logits``, ``probs``, ``a``, ``b``,
+        ``y``).
+    route_scores : Out(stream.Signature(SoftmaxUnit.out_layout(config)))
+        ``ROUTE``: the softmax unit's router scores, to the dispatcher.
+    combiner_y, combiner_out : stream
+        To and from the combiner (gathered expert outputs tagged with their score).
+    ddr_words : In(stream.Signature(byte_beat_layout(pe_cols)))
+        Words from the read DMA: LOAD data, or GEMM weight rows from DDR.
+    wr_data : Out(stream.Signature(byte_beat_layout(axi_bytes)))
+        To the write DMA: STORE words or INT32 GEMM results.
+    queue_addr, queue_en, queue_token, slot_addr, slot_en, slot
+        The dispatcher's queue and slot read ports (:class:`~m3vit.hw.moe.Dispatcher`).
+
+    Notes
+    -----
+    The buffer is UltraRAM: 512 KiB in two read copies is 32 of the XCZU7EV's 96 URAM288
+    blocks, where block RAM would take 228 of its 312 RAMB36 (Vivado and Yosys both
+    honour ``ram_style``). Every unit's output is always accepted: the write port never
+    stalls.
+    """
+
+    def __init__(self, config: AccelConfig):
+        self.config = config
+        cfg = config
+        entries = cfg.max_tokens * cfg.max_top_k
+        lanes = stream.Signature(lane_layout(cfg))
+        rows = stream.Signature(row_beat_layout(cfg))
+        probs = stream.Signature(SoftmaxUnit.out_layout(cfg))
+        super().__init__({
+            "control": In(datapath_control(cfg)),
+            "gemm_activations": Out(stream.Signature(data.ArrayLayout(signed(8), cfg.pe_rows))),
+            "gemm_weights": Out(stream.Signature(data.ArrayLayout(signed(8), cfg.pe_cols))),
+            "gemm_results": In(stream.Signature(output_layout(cfg))),
+            "ln_x": Out(lanes),
+            "ln_y": In(rows),
+            "softmax_logits": Out(lanes),
+            "softmax_probs": In(probs),
+            "route_scores": Out(probs),
+            "residual_a": Out(lanes),
+            "residual_b": Out(lanes),
+            "residual_y": In(rows),
+            "combiner_y": Out(stream.Signature(Combiner.in_layout(cfg))),
+            "combiner_out": In(stream.Signature(lane_layout(cfg, INT8))),
+            "ddr_words": In(stream.Signature(byte_beat_layout(cfg.pe_cols))),
+            "wr_data": Out(stream.Signature(byte_beat_layout(cfg.axi_bytes))),
+            "queue_addr": Out(range(entries)),
+            "queue_en": Out(1),
+            "queue_token": In(range(cfg.max_tokens)),
+            "slot_addr": Out(range(cfg.max_tokens)),
+            "slot_en": Out(1),
+            "slot": In(data.ArrayLayout(slot_layout(cfg), cfg.max_top_k)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        ctl = self.control
+        word_bits = 8 * cfg.pe_cols
+        buffer = m.submodules.buffer = Memory(shape=unsigned(word_bits),
+                                              depth=cfg.act_buffer_words, init=[],
+                                              attrs={"ram_style": "ultra"})
+        buf_bits = ceil_log2(cfg.act_buffer_words)
+        gen_a = m.submodules.gen_a = AddressGenerator(buf_bits, COUNT_BITS)
+        gen_b = m.submodules.gen_b = AddressGenerator(buf_bits, COUNT_BITS)
+        gen_w = m.submodules.gen_w = AddressGenerator(buf_bits, COUNT_BITS)
+        for walk, gen in ((ctl.walk_a, gen_a), (ctl.walk_b, gen_b), (ctl.walk_w, gen_w)):
+            wiring.connect(m, wiring.flipped(walk), gen.walk)
+        # Port A's addresses may go through the dispatcher's tables (MoE gather / combine).
+        gather = m.submodules.gather = GatherStage(
+            buf_bits, COUNT_BITS, self.slot.shape(), len(self.queue_addr),
+            len(self.queue_token))
+        wiring.connect(m, gen_a.addr, gather.i)
+        self._tables(m, gather)
+        port_a = m.submodules.port_a = BufferReadPort(buffer.read_port(),
+                                                      gathered_layout(buf_bits), tag_bits=15)
+        port_b = m.submodules.port_b = BufferReadPort(
+            buffer.read_port(), address_layout(buf_bits, COUNT_BITS))
+        wiring.connect(m, gather.o, port_a.addr)
+        wiring.connect(m, gen_b.addr, port_b.addr)
+
+        # Width converters towards the write DMA.
+        rs_store = m.submodules.rs_store = StreamResize(cfg.pe_cols, cfg.axi_bytes)
+        rs_i32 = m.submodules.rs_i32 = StreamResize(4 * cfg.pe_cols, cfg.axi_bytes)
+        self._read_ports(m, port_a.data, port_b.data, rs_store)
+        self._write_port(m, buffer.write_port(), gen_w, rs_i32)
+        self._write_dma(m, port_a.data, rs_store, rs_i32)
+        m.d.comb += ctl.store_drained.eq(~gen_a.addr.valid & ~port_a.data.valid
+                                         & ~rs_store.o.valid)
+        return m
+
+    def _tables(self, m: Module, gather: GatherStage) -> None:
+        """The dispatcher's read ports: the queue to the gather stage; the slot table to the
+        gather stage (``COMBINE``) or to the controller's ``EXPERTS`` loop."""
+        ctl = self.control
+        m.d.comb += [gather.mode.eq(ctl.gather_mode), gather.offset.eq(ctl.gather_offset),
+                     self.queue_addr.eq(gather.queue_addr),
+                     self.queue_en.eq(gather.queue_en),
+                     gather.queue_token.eq(self.queue_token),
+                     gather.slot.eq(self.slot)]
+        with m.If(ctl.gather_mode == GatherMode.SLOT):
+            m.d.comb += [self.slot_addr.eq(gather.slot_addr), self.slot_en.eq(gather.slot_en)]
+        with m.If(ctl.slot_lookup):
+            m.d.comb += [self.slot_addr.eq(ctl.slot_token), self.slot_en.eq(1)]
+
+    def _read_ports(self, m: Module, a, b, rs_store: StreamResize) -> None:
+        """Port A and port B to the unit in charge; GEMM weights from port B or DDR."""
+        ctl = self.control
+        unit = ctl.unit
+        a_data, b_data = a.payload.word, b.payload.word
+        with m.Switch(unit):
+            with m.Case(Unit.GEMM):
+                m.d.comb += [self.gemm_activations.valid.eq(a.valid),
+                             a.ready.eq(self.gemm_activations.ready)]
+            with m.Case(Unit.LN):
+                m.d.comb += [self.ln_x.valid.eq(a.valid), a.ready.eq(self.ln_x.ready)]
+            with m.Case(Unit.SOFTMAX, Unit.ROUTE):
+                m.d.comb += [self.softmax_logits.valid.eq(a.valid),
+                             a.ready.eq(self.softmax_logits.ready)]
+            with m.Case(Unit.COMBINE):
+                m.d.comb += [self.combiner_y.valid.eq(a.valid), a.ready.eq(self.combiner_y.ready)]
+            with m.Case(Unit.RESIDUAL):
+                # The residual add joins a and b itself (a.ready = b.ready).
+                m.d.comb += [self.residual_a.valid.eq(a.valid), a.ready.eq(self.residual_a.ready),
+                             self.residual_b.valid.eq(b.valid), b.ready.eq(self.residual_b.ready)]
+            with m.Case(Unit.STORE):
+                m.d.comb += [rs_store.i.valid.eq(a.valid), a.ready.eq(rs_store.i.ready)]
+        m.d.comb += [
+            self.gemm_activations.payload.eq(a_data),
+            self.ln_x.payload.eq(a_data),
+            self.softmax_logits.payload.eq(a_data),
+            self.residual_a.payload.eq(a_data),
+            self.residual_b.payload.eq(b_data),
+            self.combiner_y.payload.data.eq(a_data),
+            self.combiner_y.payload.score.eq(a.payload.tag),
+            # ROUTE: the router scores go from the softmax unit to the dispatcher.
+            self.route_scores.payload.eq(self.softmax_probs.payload),
+        ]
+        with m.If(unit == Unit.ROUTE):
+            m.d.comb += [self.route_scores.valid.eq(self.softmax_probs.valid),
+                         self.softmax_probs.ready.eq(self.route_scores.ready)]
+        # GEMM weights: from DDR (the read DMA's words) or from the buffer (port B).
+        weights, words = self.gemm_weights, self.ddr_words
+        with m.If(ctl.weights_from_buffer):
+            with m.If(unit == Unit.GEMM):
+                m.d.comb += [weights.valid.eq(b.valid), b.ready.eq(weights.ready)]
+            m.d.comb += weights.payload.eq(b_data)
+        with m.Elif(unit == Unit.GEMM):
+            m.d.comb += [weights.valid.eq(words.valid), words.ready.eq(weights.ready),
+                         weights.payload.eq(words.payload.data)]
+
+    def _write_port(self, m: Module, write, gen_w: AddressGenerator,
+                    rs_i32: StreamResize) -> None:
+        """The write port: one word per cycle from the unit in charge, at ``gen_w``'s address."""
+        ctl = self.control
+        unit = ctl.unit
+        w_valid = Signal()
+        w_data = Signal(8 * self.config.pe_cols)
+        w_ready = Signal()
+        # LOAD: words past the count (padding of the last AXI beat) are dropped.
+        load_drop = Signal()
+        m.d.comb += load_drop.eq((unit == Unit.LOAD) & ~gen_w.addr.valid)
+        results, probs = self.gemm_results, self.softmax_probs
+        with m.Switch(unit):
+            with m.Case(Unit.GEMM):
+                with m.If(ctl.gemm_int32):
+                    m.d.comb += [rs_i32.i.valid.eq(results.valid),
+                                 results.ready.eq(rs_i32.i.ready)]
+                with m.Else():
+                    m.d.comb += [w_valid.eq(results.valid), results.ready.eq(w_ready),
+                                 w_data.eq(results.payload.int8.as_value())]
+            with m.Case(Unit.LN):
+                m.d.comb += [w_valid.eq(self.ln_y.valid), self.ln_y.ready.eq(w_ready),
+                             w_data.eq(self.ln_y.payload.data.as_value())]
+            with m.Case(Unit.SOFTMAX):
+                m.d.comb += [w_valid.eq(probs.valid), probs.ready.eq(w_ready)]
+                # Attention probabilities are ≤ 127: the low byte of each lane is the INT8.
+                m.d.comb += w_data.eq(Cat(*(probs.payload.data[lane][:8]
+                                            for lane in range(self.config.pe_cols))))
+            with m.Case(Unit.RESIDUAL):
+                m.d.comb += [w_valid.eq(self.residual_y.valid), self.residual_y.ready.eq(w_ready),
+                             w_data.eq(self.residual_y.payload.data.as_value())]
+            with m.Case(Unit.COMBINE):
+                m.d.comb += [w_valid.eq(self.combiner_out.valid),
+                             self.combiner_out.ready.eq(w_ready),
+                             w_data.eq(self.combiner_out.payload.as_value())]
+            with m.Case(Unit.LOAD):
+                m.d.comb += [w_valid.eq(self.ddr_words.valid), self.ddr_words.ready.eq(w_ready),
+                             w_data.eq(self.ddr_words.payload.data)]
+        m.d.comb += rs_i32.i.payload.data.eq(results.payload.int32.as_value())
+        # Every unit's output is always accepted: the write port never stalls.
+        writes_left = Signal(32)
+        m.d.comb += [
+            w_ready.eq(gen_w.addr.valid | load_drop),
+            gen_w.addr.ready.eq(w_valid & ~load_drop),
+            write.addr.eq(gen_w.addr.payload.addr),
+            write.data.eq(w_data),
+            write.en.eq(w_valid & gen_w.addr.valid & ~load_drop),
+            ctl.writes_done.eq(writes_left == 0),
+        ]
+        # A new count in the same cycle as a write wins: it is the next instruction's.
+        with m.If(ctl.expect_writes):
+            m.d.sync += writes_left.eq(ctl.writes)
+        with m.Elif(w_valid & w_ready):
+            m.d.sync += writes_left.eq(writes_left - 1)
+
+    def _write_dma(self, m: Module, a, rs_store: StreamResize, rs_i32: StreamResize) -> None:
+        """The write DMA's data: STORE words (zero past the count) or INT32 GEMM results."""
+        ctl = self.control
+        wr_data = self.wr_data
+        with m.If(ctl.unit == Unit.STORE):
+            m.d.comb += [wr_data.valid.eq(rs_store.o.valid),
+                         wr_data.payload.data.eq(rs_store.o.payload.data),
+                         rs_store.o.ready.eq(wr_data.ready)]
+        with m.Else():
+            m.d.comb += [wr_data.valid.eq(rs_i32.o.valid),
+                         wr_data.payload.data.eq(rs_i32.o.payload.data),
+                         rs_i32.o.ready.eq(wr_data.ready)]
+        m.d.comb += ctl.int32_drained.eq(~rs_i32.o.valid)
+        # Port A words handed to STORE; words past the count (padding up to a whole AXI
+        # beat) are sent as zeros.
+        store_words_left = Signal(32)
+        store_pad = Signal()
+        m.d.comb += [store_pad.eq(store_words_left == 0),
+                     rs_store.i.payload.data.eq(Mux(store_pad, 0, a.payload.word))]
+        with m.If(ctl.expect_store):
+            m.d.sync += store_words_left.eq(ctl.store_words)
+        with m.Elif((ctl.unit == Unit.STORE) & a.valid & a.ready & ~store_pad):
+            m.d.sync += store_words_left.eq(store_words_left - 1)
