@@ -137,7 +137,7 @@ SHAPE_BOUNDS: Mapping[Opcode, tuple[CountBound, ...]] = {
                    CountBound("top_k", "max_top_k"),
                    CountBound("experts", "max_experts")),
     Opcode.EXPERTS: (CountBound("body"),),
-    Opcode.COMBINE: (CountBound("beats", "max_dim", "pe_cols"),),
+    Opcode.COMBINE: (CountBound("rows"), CountBound("beats", "max_dim", "pe_cols")),
 }
 
 

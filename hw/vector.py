@@ -913,7 +913,7 @@ class ResidualAdd(wiring.Component):
     def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
         """The ``cmd`` payload for ``cfg``."""
         return data.StructLayout({
-            "beats": unsigned((cfg.max_tokens * cfg.max_dim // cfg.pe_cols).bit_length()),
+            "beats": unsigned(cfg.max_residual_words.bit_length()),
             "mult_a": unsigned(16),
             "mult_b": unsigned(16),
             "shift": unsigned(SHIFT_BITS),

@@ -7,7 +7,10 @@ buffer or ``DATA_SIZE`` (``ADDRESS_OUT_OF_RANGE``). The rules are those of ``doc
 (:mod:`m3vit.hw.isa_checks`).
 """
 
-from amaranth.hdl import Module, Mux, Signal
+import functools
+import operator
+
+from amaranth.hdl import Const, Module, Mux, Signal, Value
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -17,14 +20,30 @@ from ..isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION,
     LN_RECORD_BYTES,
+    OPERANDS,
     GemmOp,
     Opcode,
     RowMode,
     TableUnit,
     WeightSource,
 )
+from ..isa_checks import (
+    BODY_ONLY_FIELDS,
+    NOT_IN_BODY,
+    SHAPE_BOUNDS,
+    allowed_values,
+    enum_fields,
+)
 
 __all__ = ["InstructionChecks", "checks_control"]
+
+
+def _any(values) -> Value:
+    return functools.reduce(operator.or_, values)
+
+
+def _all(values) -> Value:
+    return functools.reduce(operator.and_, values)
 
 #: A buffer range: ``base + Σ (n − 1) · s`` over up to three (count, stride) terms.
 _RANGE = data.StructLayout({"used": 1, "base": 32,
@@ -131,12 +150,59 @@ class InstructionChecks(wiring.Component):
             # RowMode; its ranges are checked with the rows it actually touches.
             ctl.tokens.eq(Mux(args.gemm.expert, ctl.ctx_count, args.gemm.tokens)),
         ]
+        self._legal_and_in_shape(m)
         self._opcodes(m, rng, ddr_used)
         self._verdicts(m, rng, ddr_used)
         return m
 
+    def _legal_and_in_shape(self, m: Module) -> None:
+        """``opcode_ok`` and ``shape_ok`` from the declarations of :mod:`~m3vit.hw.isa_checks`
+        (the ISA model evaluates the same ones on integers)."""
+        ctl = self.control
+        op = self.instruction.opcode
+        args = self.instruction.args
+        with m.Switch(op):     # an opcode not in the set matches no case: opcode_ok = 0
+            for legal in Opcode:
+                with m.Case(legal):
+                    a = getattr(args, legal.name.lower()) if OPERANDS[legal].size else None
+                    m.d.comb += [ctl.opcode_ok.eq(self._legal(legal, a)),
+                                 ctl.shape_ok.eq(self._in_shape(legal, a))]
+
+    def _legal(self, op: Opcode, a) -> Value:
+        """Every enum field holds an allowed encoding; body-only fields and opcodes only
+        inside an ``EXPERTS`` body."""
+        ctl = self.control
+        terms = [Const(1)]
+        for name, _ in enum_fields(op):
+            terms.append(_any(Value.cast(a[name]) == v for v in allowed_values(op, name)))
+        if op in BODY_ONLY_FIELDS:
+            used = _any(Value.cast(a[name]) != 0 for name in BODY_ONLY_FIELDS[op])
+            terms.append(~used | ctl.loop_active)
+        if op in NOT_IN_BODY:
+            terms.append(~ctl.loop_active)
+        return _all(terms)
+
+    def _in_shape(self, op: Opcode, a) -> Value:
+        """Every declared count in ``1 … capacity``, then the rules on run-time state."""
+        cfg = self.config
+        ctl = self.control
+        terms = [Const(1)]
+        for bound in SHAPE_BOUNDS.get(op, ()):
+            # An expert GEMM in a body runs the iteration's count in place of ``tokens``.
+            value = ctl.tokens if (op, bound.field) == (Opcode.GEMM, "tokens") \
+                else a[bound.field]
+            terms.append(value >= 1)
+            limit, scale = bound.limit(cfg), bound.scale(cfg)
+            if limit is not None:
+                terms.append((value if scale == 1 else value * scale) <= limit)
+        if op == Opcode.ROUTE:
+            terms.append(a.experts >= a.top_k)
+        if op == Opcode.COMBINE:
+            terms += [ctl.routed, a.rows <= self.routed_rows]
+        return _all(terms)
+
     def _opcodes(self, m: Module, rng, ddr_used: Signal) -> None:
-        """Per opcode: the legal encodings, the capacities and the ranges it touches."""
+        """Per opcode: the buffer and DDR ranges it touches."""
         cfg = self.config
         C, R = cfg.pe_cols, cfg.pe_rows
         log_axi = exact_log2(cfg.axi_bytes)
@@ -161,27 +227,9 @@ class InstructionChecks(wiring.Component):
         def whole_beats(words):
             return ((words * C + cfg.axi_bytes - 1) >> log_axi) << log_axi
 
-        tokens = ctl.tokens
-        max_k = max(cfg.max_hidden, 3 * cfg.max_dim, cfg.max_tokens + C)
-        with m.Switch(op):
-            for legal in Opcode:
-                with m.Case(legal):
-                    m.d.comb += ctl.opcode_ok.eq(1)
-        m.d.comb += ctl.shape_ok.eq(1)
         with m.Switch(op):
             with m.Case(Opcode.GEMM):
                 g = args.gemm
-                body_only = (g.expert | (g.src_rows != RowMode.DIRECT)
-                             | (g.dst_rows != RowMode.DIRECT))
-                m.d.comb += [
-                    ctl.opcode_ok.eq((g.mode != GemmOp.LOAD_TABLE) & (g.wsrc.as_value() != 3)
-                                     & (g.src_rows.as_value() != 3)
-                                     & (g.dst_rows.as_value() < 2)
-                                     & (~body_only | ctl.loop_active)),
-                    ctl.shape_ok.eq((tokens >= 1) & (tokens <= cfg.max_tokens)
-                                    & (g.k_slices >= 1) & (g.k_slices * R <= max_k)
-                                    & (g.n_tiles >= 1) & (g.n_tiles * C <= max_k)),
-                ]
                 buffer_range(0, g.src, (g.k_slices, g.src_stride), (touched_rows(g.src_rows), 1))
                 with m.If(g.mode != GemmOp.INT32):
                     buffer_range(1, g.dst, (g.n_tiles, g.dst_stride),
@@ -196,62 +244,36 @@ class InstructionChecks(wiring.Component):
                 # (INT32 results: checked as a second DDR range in _verdicts.)
             with m.Case(Opcode.LAYERNORM):
                 a = args.layernorm
-                m.d.comb += ctl.shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
-                                            & (a.beats >= 1) & (a.beats * C <= cfg.max_dim))
                 buffer_range(0, a.src, (a.beats, a.stride), (a.rows, 1))
                 buffer_range(1, a.dst, (a.beats, a.stride), (a.rows, 1))
                 ddr_range(a.ddr, a.beats * (LN_RECORD_BYTES * C))
             with m.Case(Opcode.SOFTMAX):
                 a = args.softmax
-                m.d.comb += ctl.shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
-                                            & (a.length >= 1) & (a.length <= cfg.max_tokens))
                 buffer_range(0, a.src, (ctl.softmax_beats, a.stride), (a.rows, 1))
                 buffer_range(1, a.dst, (ctl.softmax_beats, a.stride), (a.rows, 1))
             with m.Case(Opcode.RESIDUAL):
                 a = args.residual
-                # The residual unit counts a command's words in max_tokens · max_dim / C.
-                m.d.comb += ctl.shape_ok.eq((a.words >= 1)
-                                            & (a.words <= cfg.max_tokens * cfg.max_dim // C))
                 buffer_range(0, a.src_a, (a.words, 1))
                 buffer_range(1, a.src_b, (a.words, 1))
                 buffer_range(2, a.dst, (a.words, 1))
             with m.Case(Opcode.LOAD):
                 a = args.load
-                m.d.comb += ctl.shape_ok.eq(a.words >= 1)
                 buffer_range(0, a.dst, (a.words, a.dst_stride))
                 ddr_range(a.ddr, whole_beats(a.words))
             with m.Case(Opcode.STORE):
                 a = args.store
-                m.d.comb += ctl.shape_ok.eq(a.words >= 1)
                 buffer_range(0, a.src, (a.words, a.src_stride))
                 ddr_range(a.ddr, whole_beats(a.words))
             with m.Case(Opcode.LOAD_TABLE):
                 a = args.load_table
-                m.d.comb += ctl.opcode_ok.eq(a.unit.as_value() <= TableUnit.SOFTMAX.value)
                 ddr_range(a.ddr, Mux(a.unit == TableUnit.GEMM, 256, 512), a.per_task)
             with m.Case(Opcode.ROUTE):
                 a = args.route
-                m.d.comb += ctl.shape_ok.eq((a.rows >= 1) & (a.rows <= cfg.max_tokens)
-                                            & (a.top_k >= 1) & (a.top_k <= cfg.max_top_k)
-                                            & (a.experts >= a.top_k)
-                                            & (a.experts <= cfg.max_experts))
                 buffer_range(0, a.src, (ctl.route_beats, a.stride), (a.rows, 1))
-            with m.Case(Opcode.EXPERTS):
-                a = args.experts
-                m.d.comb += [ctl.opcode_ok.eq(a.order.as_value() != 3),
-                             ctl.shape_ok.eq(a.body >= 1)]
             with m.Case(Opcode.COMBINE):
                 a = args.combine
-                m.d.comb += ctl.shape_ok.eq(ctl.routed & (a.rows >= 1)
-                                            & (a.rows <= self.routed_rows)
-                                            & (a.beats >= 1) & (a.beats * C <= cfg.max_dim))
                 buffer_range(0, a.src, (a.beats, a.src_stride), (self.routed_entries, 1))
                 buffer_range(1, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
-        # The loop body is straight-line work on the dispatch tables: no nesting, no
-        # re-routing, no task change, no end of the program inside it.
-        with m.If(ctl.loop_active & ((op == Opcode.EXPERTS) | (op == Opcode.ROUTE)
-                                     | (op == Opcode.TASKS) | (op == Opcode.END))):
-            m.d.comb += ctl.opcode_ok.eq(0)
 
     def _verdicts(self, m: Module, rng, ddr_used: Signal) -> None:
         """``CHECK1`` registers each range's last word and the DDR end; ``CHECK2`` compares."""

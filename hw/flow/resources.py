@@ -97,7 +97,7 @@ class Device:
 
 #: The ZCU104's Zynq UltraScale+ XCZU7EV (AMD DS891, product table: 230,400 CLB LUTs,
 #: 460,800 CLB flip-flops, 312 block RAMs = 11.0 Mb, 96 UltraRAMs = 27.0 Mb, 1,728 DSP
-#: slices; the same figures as ../shared/REFERENCE.md).
+#: slices).
 XCZU7EV = Device("XCZU7EV", dsp=1728, bram36=312, uram=96, lut=230_400, ff=460_800)
 
 #: LUTs taken by each LUT-RAM primitive of the UltraScale+ library (UG974): the multi-port
