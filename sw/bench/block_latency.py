@@ -43,19 +43,47 @@ def ideal_cycles(preset: str, config: AccelConfig) -> int:
     return gemm(d, 3 * d) + attention + gemm(d, d) + gemm(d, h) + gemm(h, d)
 
 
-def bench_block_latency(preset: str = "edge-moe", config_name: str = "zcu104") -> dict:
-    """Build, run and return {preset, config, cycles, ideal, us_at_clock}."""
-    config = CONFIGS[config_name]
+def run_engine_harness(config: AccelConfig, config_name: str, test_module: str,
+                       result_name: str, env: tuple[str, str], preset: str) -> dict:
+    """Build the Verilated engine for ``config`` (one build per configuration, shared by
+    the engine harnesses) and run the cocotb harness ``test_module`` on it.
+
+    Parameters
+    ----------
+    config, config_name : AccelConfig, str
+        The configuration and the name its build folder carries.
+    test_module : str
+        The harness (a module of this package) that writes its result as JSON.
+    result_name : str
+        File name of that JSON in the build folder.
+    env : (str, str)
+        The harness's environment variables for the result file and the preset.
+    preset : str
+        The model preset it runs.
+
+    Returns
+    -------
+    dict
+        The harness's result.
+    """
     build = REPO_ROOT / "build" / "bench" / f"block_{config_name}"
     verilog = build / "engine.v"
     write_if_changed(verilog, to_verilog(Engine(config), "engine"))
-    result_file = build / f"result_{preset}.json"
+    result_file = build / result_name
     result_file.unlink(missing_ok=True)
-    run_bench(top="engine", verilog_sources=[verilog],
-              test_module="m3vit.sw.bench.block_latency_tb", build_dir=build / "verilator",
-              seed=DEFAULT_SEED, config=config,
-              extra_env={RESULT_ENV: str(result_file), PRESET_ENV: preset})
-    cycles = json.loads(result_file.read_text())["cycles"]
+    result_env, preset_env = env
+    run_bench(top="engine", verilog_sources=[verilog], test_module=test_module,
+              build_dir=build / "verilator", seed=DEFAULT_SEED, config=config,
+              extra_env={result_env: str(result_file), preset_env: preset})
+    return json.loads(result_file.read_text())
+
+
+def bench_block_latency(preset: str = "edge-moe", config_name: str = "zcu104") -> dict:
+    """Build, run and return {preset, config, cycles, ideal, us_at_clock}."""
+    config = CONFIGS[config_name]
+    cycles = run_engine_harness(config, config_name, "m3vit.sw.bench.block_latency_tb",
+                                f"result_{preset}.json", (RESULT_ENV, PRESET_ENV),
+                                preset)["cycles"]
     ideal = ideal_cycles(preset, config)
     return {"preset": preset, "config": config_name, "array": f"{config.pe_rows}x"
             f"{config.pe_cols}", "cycles": cycles, "ideal": ideal,

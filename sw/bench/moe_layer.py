@@ -16,15 +16,11 @@ cocotb side is :mod:`m3vit.sw.bench.moe_layer_tb`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from m3vit.hw.config import CI, ZCU104
-from m3vit.hw.engine import Engine
-from m3vit.hw.flow.generate import to_verilog, write_if_changed
-from m3vit.sim.cocotb_runner import DEFAULT_SEED, run_bench
 
-from . import REPO_ROOT
+from .block_latency import run_engine_harness
 
 RESULT_ENV = "M3VIT_MOE_RESULT"
 PRESET_ENV = "M3VIT_MOE_PRESET"
@@ -37,16 +33,8 @@ def bench_moe_layer(preset: str = "edge-moe", config_name: str = "zcu104") -> di
     if preset == "edge-moe":
         config = config.replace(max_tokens=max(config.max_tokens, 129))
     # The same engine build as the dense-block benchmark (block_latency).
-    build = REPO_ROOT / "build" / "bench" / f"block_{config_name}"
-    verilog = build / "engine.v"
-    write_if_changed(verilog, to_verilog(Engine(config), "engine"))
-    result_file = build / f"moe_{preset}.json"
-    result_file.unlink(missing_ok=True)
-    run_bench(top="engine", verilog_sources=[verilog],
-              test_module="m3vit.sw.bench.moe_layer_tb", build_dir=build / "verilator",
-              seed=DEFAULT_SEED, config=config,
-              extra_env={RESULT_ENV: str(result_file), PRESET_ENV: preset})
-    result = json.loads(result_file.read_text())
+    result = run_engine_harness(config, config_name, "m3vit.sw.bench.moe_layer_tb",
+                                f"moe_{preset}.json", (RESULT_ENV, PRESET_ENV), preset)
     result.update(preset=preset, config=config_name, clock_mhz=config.clock_mhz,
                   array=f"{config.pe_rows}x{config.pe_cols}", axi_bytes=config.axi_bytes)
     return result
