@@ -301,7 +301,11 @@ def bench_soc() -> str:
         "latency, 8 outstanding bursts) driven by the runtime (`Accelerator` on `SimBoard`), "
         "one synthetic image per task of a randomly initialised, quantized model; every head "
         "equals `golden.forward`. Wall time is the whole `infer` call (input write, run, "
-        "output read).",
+        "output read). The model's float initialisation and calibration run on the CPU, "
+        "whose float kernels differ between processors: the quantized weights, hence the "
+        "routing and the `edge-moe` cycles, can differ by a few hundred cycles from one "
+        "machine to another (1,584,418 on an AMD EPYC, 1,584,542 on an Intel Xeon for "
+        "`semseg`, from the same commit); the same machine always gives the same figures.",
         f"Machine: {machine()}.",
         "",
         "| preset | array | task | cycles | ms at 300 MHz | DDR read | wall time | "
