@@ -27,7 +27,16 @@ from .engine import Engine
 from .isa import check_top_config
 from .regfile import AxiLiteSignature, ControlRegisters
 
-__all__ = ["AcceleratorTop"]
+__all__ = ["AcceleratorTop", "master_ports"]
+
+
+def master_ports(config: AccelConfig) -> int:
+    """AXI4 master ports of :class:`AcceleratorTop` for ``config`` (each on its own HP port).
+
+    One today: the read and the write DMA share ``m_axi``. ``config.n_master_ports`` is what
+    the configuration asks for; the top does not build more ports yet.
+    """
+    return 1
 
 
 class AcceleratorTop(wiring.Component):

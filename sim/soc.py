@@ -27,6 +27,14 @@ from pathlib import Path
 
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.errors import M3VitError
+from m3vit.hw.hp_ports import (
+    PORT_READ_GBPS,
+    SHARED_PAIR,
+    SHARED_PAIR_READ_GBPS,
+    TOGETHER_READ_GBPS,
+    bytes_per_cycle,
+    hp_ports,
+)
 from m3vit.hw.registers import AXIL_ADDR_WIDTH
 
 from .verilator import VERILATOR_ARGS, build_lock, verilator_env
@@ -51,61 +59,106 @@ _FST_HINT = ("FST traces need the lz4 headers (Debian/Ubuntu: `apt-get install l
 
 @dataclass(frozen=True)
 class DdrTiming:
-    """Timing of the DDR model behind the accelerator's AXI4 master port.
+    """Timing of the DDR model behind the accelerator's AXI4 master ports.
 
-    The defaults model the ZCU104's PS DDR4 reached through one 128-bit HP port at 300 MHz.
-    All figures are in cycles of the accelerator clock.
+    Every port has the latency, outstanding bursts and per-direction bandwidth below; the
+    ports share the DDR's aggregate bandwidth and, for the HP1/HP2 pair, one controller
+    port's. :meth:`zcu104` gives the defaults every published figure runs under, from the
+    measurements in :mod:`m3vit.hw.hp_ports`. All figures are in cycles of the accelerator
+    clock.
 
     Attributes
     ----------
     read_latency : int
         Cycles from an AR handshake to the burst's first R beat (40 ≈ 133 ns at 300 MHz,
         the order of a PL read through the HP port, the FPD interconnect and the DDR
-        controller). At least 1. Bursts accepted back to back overlap their latencies.
+        controller; no public measurement pins it closer). At least 1. Bursts accepted back
+        to back overlap their latencies.
     write_latency : int
         Cycles from a burst's last W beat to its B response. At least 1.
     max_outstanding : int
-        Bursts accepted in flight per direction; AR (AW) ready drops while this many reads
-        (writes) are open.
+        Bursts accepted in flight per direction and port; AR (AW) ready drops while this
+        many reads (writes) are open.
     bytes_per_cycle : float
-        Sustained bandwidth of each direction (R and W are independent AXI channels, each
-        with its own token bucket). Fractional values are allowed. 16 = one 128-bit beat
-        per cycle = 4.8 GB/s at 300 MHz, the HP port's peak per direction.
+        Sustained bandwidth of each direction of one port (R and W are independent AXI
+        channels, each with its own token bucket). Fractional values are allowed.
+    aggregate_bytes_per_cycle : float or None
+        The DDR's bandwidth shared by every port, reads and writes together (the PS DDR4 is
+        one bus); ``None``: no cap.
+    shared_pair_bytes_per_cycle : float or None
+        Bandwidth that HP1 and HP2 share (one DDR-controller port); ``None``: no cap.
+    hp_ports : tuple of int
+        The HP port (0…3) of each DDR port, master 0 first: one entry per AXI4 master of
+        the top. Which ports pay :attr:`shared_pair_bytes_per_cycle` follows from it.
     """
 
     read_latency: int = 40
     write_latency: int = 24
     max_outstanding: int = 8
     bytes_per_cycle: float = 16.0
+    aggregate_bytes_per_cycle: float | None = None
+    shared_pair_bytes_per_cycle: float | None = None
+    hp_ports: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         for name in ("read_latency", "write_latency", "max_outstanding"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value < 1 << 31:
                 raise M3VitError(f"DdrTiming.{name} must be a positive integer, got {value!r}")
-        if not 0 < self.bytes_per_cycle < 1 << 20:
-            raise M3VitError(f"DdrTiming.bytes_per_cycle must be positive, got "
-                             f"{self.bytes_per_cycle!r}")
+        for name in ("bytes_per_cycle", "aggregate_bytes_per_cycle",
+                     "shared_pair_bytes_per_cycle"):
+            value = getattr(self, name)
+            if value is None and name != "bytes_per_cycle":
+                continue
+            if not isinstance(value, int | float) or not 0 < value < 1 << 20:
+                raise M3VitError(f"DdrTiming.{name} must be a positive number of bytes per "
+                                 f"cycle, got {value!r}")
+        ports = self.hp_ports
+        if (not isinstance(ports, tuple) or not 1 <= len(ports) <= 4
+                or len(set(ports)) != len(ports) or not all(p in (0, 1, 2, 3) for p in ports)):
+            raise M3VitError(f"DdrTiming.hp_ports must be 1 to 4 distinct HP ports 0..3, one "
+                             f"per AXI master, got {ports!r}")
+
+    @property
+    def shared_pair_mask(self) -> int:
+        """Bit ``p`` set: DDR port ``p`` is on HP1 or HP2 and pays the shared pair's cap."""
+        return sum(1 << i for i, hp in enumerate(self.hp_ports) if hp in SHARED_PAIR)
 
     @classmethod
-    def zcu104(cls, config: AccelConfig) -> DdrTiming:
-        """The ZCU104 default for ``config``'s AXI data width.
+    def zcu104(cls, config: AccelConfig, n_masters: int | None = None) -> DdrTiming:
+        """The ZCU104 default for ``config``: measured HP-port and DDR bandwidths.
 
-        An HP port is at most 128 bits wide, so a wider master goes through a width
-        converter and still gets 16 bytes per cycle; a narrower one moves one beat per cycle.
+        Each master gets an HP port from :func:`~m3vit.hw.hp_ports.hp_ports`; a port moves
+        at most one beat of ``min(axi_bytes, 16)`` bytes per cycle (an HP port is 128 bits
+        wide) and at most its measured 4.75 GB/s; all ports together at most the measured
+        figure for that many ports, HP1 and HP2 together at most theirs
+        (:mod:`m3vit.hw.hp_ports`). At 300 MHz: 15.8 bytes per cycle and port, 31.5 for
+        two ports, 47.2 for three.
 
         Parameters
         ----------
         config : AccelConfig
-            The accelerator configuration (its ``axi_data_width`` matters).
+            The accelerator configuration (``axi_data_width``, ``clock_mhz``).
+        n_masters : int, optional
+            AXI4 master ports of the top; default: as many as :class:`AcceleratorTop`
+            has for ``config``.
 
         Returns
         -------
         DdrTiming
-            Latencies and outstanding bursts as the class defaults, bandwidth
-            ``min(config.axi_bytes, 16)`` bytes per cycle.
+            Latencies and outstanding bursts as the class defaults.
         """
-        return cls(bytes_per_cycle=float(min(config.axi_bytes, 16)))
+        if n_masters is None:
+            from m3vit.hw.top import master_ports
+
+            n_masters = master_ports(config)
+        ports = hp_ports(n_masters)
+        clock = config.clock_mhz
+        per_port = min(float(min(config.axi_bytes, 16)), bytes_per_cycle(PORT_READ_GBPS, clock))
+        together = bytes_per_cycle(TOGETHER_READ_GBPS[len(ports)], clock)
+        pair = bytes_per_cycle(SHARED_PAIR_READ_GBPS, clock)
+        return cls(bytes_per_cycle=per_port, aggregate_bytes_per_cycle=together,
+                   shared_pair_bytes_per_cycle=pair, hp_ports=ports)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +181,9 @@ def _hw_fingerprint(config: AccelConfig) -> str:
     """
     parts = [repr(sorted(config.to_dict().items())).encode(),
              importlib.metadata.version("amaranth").encode()]
-    for path in sorted(_HW_PACKAGE.glob("*.py")):
-        parts += [path.name.encode(), path.read_bytes()]
+    # Every module under hw/, sub-packages included (the engine lives in hw/engine/).
+    for path in sorted(_HW_PACKAGE.rglob("*.py")):
+        parts += [path.relative_to(_HW_PACKAGE).as_posix().encode(), path.read_bytes()]
     return _digest(*parts)[:24]
 
 
@@ -142,7 +196,10 @@ def _verilog(config: AccelConfig) -> str:
 
 
 def _build_flags(config: AccelConfig, trace: str | None) -> list[str]:
-    defines = [f"-DSOC_BUS_BYTES={config.axi_bytes}", "-fPIC"]
+    from m3vit.hw.top import master_ports
+
+    defines = [f"-DSOC_BUS_BYTES={config.axi_bytes}",
+               f"-DSOC_N_PORTS={master_ports(config)}", "-fPIC"]
     if trace:
         defines.append(f"-DSOC_TRACE_{trace.upper()}")
     return [
@@ -278,8 +335,9 @@ def _load(library: Path) -> ctypes.CDLL:
         "soc_trace_kind": ([], ctypes.c_int),
         "soc_stat_names": ([], ctypes.c_char_p),
         "soc_n_stats": ([], ctypes.c_int),
+        "soc_n_ports": ([], ctypes.c_int),
         "soc_new": ([_u64, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_double,
-                     ctypes.c_char_p], _vp),
+                     ctypes.c_double, ctypes.c_double, ctypes.c_uint, ctypes.c_char_p], _vp),
         "soc_free": ([_vp], None),
         "soc_reset": ([_vp, ctypes.c_uint], None),
         "soc_reg_write": ([_vp, _u32, _u32, ctypes.c_uint], ctypes.c_int),
@@ -292,7 +350,7 @@ def _load(library: Path) -> ctypes.CDLL:
         "soc_cycle": ([_vp], _u64),
         "soc_set_hang_reads": ([_vp, ctypes.c_int], None),
         "soc_hang_reads": ([_vp], ctypes.c_int),
-        "soc_stats": ([_vp, ctypes.POINTER(_u64)], None),
+        "soc_stats": ([_vp, ctypes.c_uint, ctypes.POINTER(_u64)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -387,10 +445,18 @@ class SocModel:
         if self._lib.soc_bus_bytes() != config.axi_bytes:
             raise M3VitError(f"{self.library} was built for a {self._lib.soc_bus_bytes()}-byte "
                              f"bus, not {config.axi_bytes}; delete it to rebuild")
+        self.n_ports = self._lib.soc_n_ports()
+        if len(self.timing.hp_ports) != self.n_ports:
+            raise M3VitError(f"the DDR timing names {len(self.timing.hp_ports)} HP port(s) "
+                             f"(hp_ports={self.timing.hp_ports}) but the top has "
+                             f"{self.n_ports} AXI master port(s): give one HP port per master")
         self._stat_names = self._lib.soc_stat_names().decode().split(",")
         t = self.timing
         self._handle = self._lib.soc_new(ddr_bytes, t.read_latency, t.write_latency,
                                          t.max_outstanding, float(t.bytes_per_cycle),
+                                         float(t.aggregate_bytes_per_cycle or 0.0),
+                                         float(t.shared_pair_bytes_per_cycle or 0.0),
+                                         t.shared_pair_mask,
                                          str(trace_path).encode() if trace_path else None)
         if not self._handle:
             raise M3VitError(f"could not allocate the SoC model ({ddr_bytes} bytes of DDR)")
@@ -563,21 +629,36 @@ class SocModel:
 
     @property
     def stats(self) -> dict[str, int]:
-        """The DDR model's counters since construction (reset cycles excluded).
+        """The DDR model's counters since construction (reset cycles excluded), all ports.
 
         ``cycles``; ``ddr_read_bytes`` (bytes of R beats accepted), ``ddr_write_bytes``
         (bytes written, by strobe); ``read_bursts``, ``write_bursts``; ``r_beat_cycles``,
-        ``w_beat_cycles`` (cycles with a data handshake); ``ar_stall_cycles``,
-        ``aw_stall_cycles`` (address valid, not ready: the slave is full);
-        ``r_backpressure_cycles`` (R valid, not ready); ``read_busy_cycles``,
-        ``write_busy_cycles`` (a burst in flight); ``max_reads_in_flight``,
-        ``max_writes_in_flight``; ``read_errors`` (SLVERR beats), ``write_errors`` (SLVERR
-        responses); ``protocol_errors`` (4 KiB crossings, beats wider than the bus, bad WRAP
-        lengths, WLAST in the wrong place).
+        ``w_beat_cycles`` (data handshakes); ``ar_stall_cycles``, ``aw_stall_cycles``
+        (address valid, not ready: the slave is full); ``r_backpressure_cycles`` (R valid,
+        not ready); ``read_busy_cycles``, ``write_busy_cycles`` (a burst in flight);
+        ``max_reads_in_flight``, ``max_writes_in_flight``; ``read_errors`` (SLVERR beats),
+        ``write_errors`` (SLVERR responses); ``protocol_errors`` (4 KiB crossings, beats
+        wider than the bus, bad WRAP lengths, WLAST in the wrong place). With several ports
+        every counter is the sum over ports, but ``cycles`` and the ``max_*`` counters,
+        which are the largest of any port (:meth:`port_stats` has them per port).
         """
-        values = (_u64 * len(self._stat_names))()
-        self._lib.soc_stats(self._live(), values)
-        return dict(zip(self._stat_names, values, strict=True))
+        per_port = self.port_stats()
+        total = {}
+        for name in self._stat_names:
+            values = [port[name] for port in per_port]
+            total[name] = max(values) if name == "cycles" or name.startswith("max_") \
+                else sum(values)
+        return total
+
+    def port_stats(self) -> list[dict[str, int]]:
+        """:attr:`stats` of each DDR port, master 0 first (``timing.hp_ports`` names them)."""
+        result = []
+        for port in range(self.n_ports):
+            values = (_u64 * len(self._stat_names))()
+            if self._lib.soc_stats(self._live(), port, values) != 0:
+                raise M3VitError(f"the SoC model has no DDR port {port}")
+            result.append(dict(zip(self._stat_names, values, strict=True)))
+        return result
 
     @property
     def hang_reads(self) -> bool:

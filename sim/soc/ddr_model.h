@@ -1,6 +1,7 @@
-// DDR behind one AXI4 slave port: a flat byte array at address 0 with a cycle-level timing model.
+// DDR behind N AXI4 slave ports (the PS's HP ports): one flat byte array at address 0, a
+// cycle-level timing model per port and bandwidth caps the ports share.
 //
-// The model is clocked by the SoC loop once per rising edge. `clock()` receives what the
+// Each port (DdrPort) is clocked by the SoC loop once per rising edge. `clock()` receives what the
 // master drove during the cycle that ends at that edge; the slave's own outputs for that cycle
 // are in `out`. It completes the cycle's handshakes, then computes `out` for the next cycle.
 // Outputs depend only on the model's state (registered), never combinationally on the
@@ -12,10 +13,17 @@
 //  * write_latency: last W beat -> B (at least 1);
 //  * max_outstanding: bursts in flight per direction; AR/AW ready drops when full. A read
 //    burst is in flight from AR to its last R beat, a write burst from AW to its B;
-//  * bytes_per_cycle: sustained bandwidth of each direction, a token bucket per direction (R
-//    and W are separate AXI channels and the port's peak is per direction). A beat costs its
-//    size in bytes; the bucket holds at most one beat plus one cycle's worth, so an idle
-//    period cannot be spent later as a burst faster than the rate.
+//  * bytes_per_cycle: sustained bandwidth of each direction of one port, a token bucket per
+//    direction (R and W are separate AXI channels and the port's peak is per direction). A
+//    beat costs its size in bytes; the bucket holds at most one beat plus one cycle's worth,
+//    so an idle period cannot be spent later as a burst faster than the rate.
+//
+// Shared caps (DdrShared, one per memory): an aggregate bucket that every beat of every port,
+// read or write, also pays (the PS DDR4 is one 64-bit bus behind the ports: measured, three
+// HP ports read ~14.2 GB/s together and four only ~12.5), and a group bucket paid by the ports
+// in `group_mask` (HP1 and HP2 share one DDR-controller port, XPI 4: ~8 GB/s together). A rate
+// of 0 means no cap. Ports are served in an order that rotates every cycle, so no port
+// starves another when a shared cap binds.
 //
 // Responses: a beat that touches a byte at or beyond the memory size is answered SLVERR
 // (reads return zero data, writes drop the beat), so the master's error path is reachable.
@@ -37,6 +45,48 @@ struct DdrTiming {
     unsigned write_latency = 24;
     unsigned max_outstanding = 8;
     double bytes_per_cycle = 16.0;
+};
+
+// A token bucket: `rate` bytes per cycle, at most one beat plus one cycle's worth banked.
+struct Bucket {
+    double rate = 0.0;  // 0: unlimited
+    double cap = 0.0;
+    double tokens = 0.0;
+    void configure(double bytes_per_cycle, unsigned bus_bytes) {
+        rate = bytes_per_cycle;
+        cap = bus_bytes + bytes_per_cycle;
+        tokens = 0.0;
+    }
+    void refill() { tokens = std::min(tokens + rate, cap); }
+    bool has(unsigned bytes) const { return rate <= 0.0 || tokens >= bytes; }
+    void take(unsigned bytes) {
+        if (rate > 0.0) tokens -= bytes;
+    }
+    void give_back(unsigned bytes) {
+        if (rate > 0.0) tokens = std::min(tokens + bytes, cap);
+    }
+};
+
+// The bandwidth every port shares: the DDR's aggregate and one group of ports (HP1 + HP2).
+struct DdrShared {
+    Bucket aggregate;
+    Bucket group;
+    unsigned group_mask = 0;  // bit p: port p pays the group bucket
+    void refill() {
+        aggregate.refill();
+        group.refill();
+    }
+    bool has(unsigned port, unsigned bytes) const {
+        return aggregate.has(bytes) && (!(group_mask >> port & 1) || group.has(bytes));
+    }
+    void take(unsigned port, unsigned bytes) {
+        aggregate.take(bytes);
+        if (group_mask >> port & 1) group.take(bytes);
+    }
+    void give_back(unsigned port, unsigned bytes) {
+        aggregate.give_back(bytes);
+        if (group_mask >> port & 1) group.give_back(bytes);
+    }
 };
 
 // What the master drives on the five channels during one cycle.
@@ -100,22 +150,25 @@ static const char STAT_NAMES[] =
 enum AxiBurst : unsigned { FIXED = 0, INCR = 1, WRAP = 2 };
 enum AxiResp : unsigned { OKAY = 0, SLVERR = 2 };
 
-class DdrModel {
+// One AXI4 slave port onto the shared memory.
+class DdrPort {
   public:
-    DdrModel(uint64_t size, unsigned bus_bytes, DdrTiming timing)
-        : memory_(size, 0), bus_bytes_(bus_bytes), timing_(timing) {
+    DdrPort(std::vector<uint8_t> &memory, DdrShared &shared, unsigned index, unsigned bus_bytes,
+            DdrTiming timing)
+        : memory_(&memory), shared_(&shared), index_(index), bus_bytes_(bus_bytes),
+          timing_(timing) {
         timing_.read_latency = std::max(1u, timing_.read_latency);
         timing_.write_latency = std::max(1u, timing_.write_latency);
         timing_.max_outstanding = std::max(1u, timing_.max_outstanding);
-        bucket_cap_ = bus_bytes_ + timing_.bytes_per_cycle;
         reset();
     }
 
-    uint64_t size() const { return memory_.size(); }
-    uint8_t *data() { return memory_.data(); }
     const AxiSlaveOut &out() const { return out_; }
     uint64_t stat(unsigned i) const { return stats_[i]; }
     bool hang_reads = false;
+
+    // No burst in flight and no response owed.
+    bool idle() const { return reads_.empty() && writes_.empty() && responses_.empty(); }
 
     // Drops every transaction in flight (the accelerator is being reset); memory is kept.
     void reset() {
@@ -123,12 +176,15 @@ class DdrModel {
         writes_.clear();
         responses_.clear();
         out_ = AxiSlaveOut{};
-        r_tokens_ = w_tokens_ = 0.0;
+        r_bucket_.configure(timing_.bytes_per_cycle, bus_bytes_);
+        w_bucket_.configure(timing_.bytes_per_cycle, bus_bytes_);
         reads_in_flight_ = writes_in_flight_ = 0;
-        prepare(0, false, false);
+        r_taken_ = b_taken_ = write_first_ = false;
+        prepare(0);
     }
 
-    // Ends cycle `now`: the master drove `m` while the slave drove `out()`.
+    // Ends cycle `now`: the master drove `m` while the slave drove `out()`. The outputs for
+    // the next cycle follow from prepare(), once every port has ended its cycle.
     void clock(const AxiMasterOut &m, uint64_t now) {
         const bool ar_hs = m.arvalid && out_.arready;
         const bool r_hs = out_.rvalid && m.rready;
@@ -168,12 +224,43 @@ class DdrModel {
             stats_[MAX_WRITES_IN_FLIGHT] =
                 std::max<uint64_t>(stats_[MAX_WRITES_IN_FLIGHT], writes_in_flight_);
         }
-        if (w_hs) write_beat(m, now);
+        if (w_hs) {
+            write_beat(m, now);
+        } else if (out_.wready) {
+            // The beat offered was not taken: the bandwidth it reserved is not spent.
+            w_bucket_.give_back(writes_.front().beat_bytes());
+            shared_->give_back(index_, writes_.front().beat_bytes());
+        }
         if (b_hs) {
             responses_.pop_front();
             writes_in_flight_--;
         }
-        prepare(now + 1, r_hs, b_hs);
+        r_taken_ = r_hs;
+        b_taken_ = b_hs;
+    }
+
+    // Slave outputs for cycle `next`; the shared buckets have been refilled for it.
+    void prepare(uint64_t next) {
+        r_bucket_.refill();
+        w_bucket_.refill();
+        out_.arready = reads_in_flight_ < timing_.max_outstanding;
+        out_.awready = writes_in_flight_ < timing_.max_outstanding;
+
+        // Reads and writes take turns at the bandwidth they share, so neither starves. An
+        // idle port forgets whose turn it was (as its buckets fill up to their caps), so a
+        // run's timing does not depend on what ran before it.
+        write_first_ = idle() ? true : !write_first_;
+        if (write_first_) offer_write();
+        present_next_read(next);
+        if (!write_first_) offer_write();
+
+        if (b_taken_) out_.bvalid = false;
+        if (!out_.bvalid && !responses_.empty() && responses_.front().ready_at <= next) {
+            out_.bvalid = true;
+            out_.bresp = responses_.front().resp;
+            out_.bid = responses_.front().id;
+        }
+        r_taken_ = b_taken_ = false;
     }
 
   private:
@@ -226,7 +313,7 @@ class DdrModel {
     }
 
     bool in_range(uint64_t address, uint64_t length) const {
-        return address <= memory_.size() && length <= memory_.size() - address;
+        return address <= memory_->size() && length <= memory_->size() - address;
     }
 
     void write_beat(const AxiMasterOut &m, uint64_t now) {
@@ -241,13 +328,12 @@ class DdrModel {
         } else {
             for (unsigned lane = lo; lane < hi; lane++) {
                 if (m.wstrb >> lane & 1) {
-                    memory_[bus_base + lane] = m.wdata[lane];
+                    (*memory_)[bus_base + lane] = m.wdata[lane];
                     stats_[DDR_WRITE_BYTES]++;
                 }
             }
         }
         stats_[W_BEAT_CYCLES]++;
-        w_tokens_ -= b.beat_bytes();
         const bool last = b.beat == b.len;
         if (m.wlast != last) stats_[PROTOCOL_ERRORS]++;
         b.beat++;
@@ -259,39 +345,36 @@ class DdrModel {
         }
     }
 
-    // Slave outputs for cycle `next`; r_taken/b_taken: the current R beat/B was accepted.
-    void prepare(uint64_t next, bool r_taken, bool b_taken) {
-        r_tokens_ = std::min(r_tokens_ + timing_.bytes_per_cycle, bucket_cap_);
-        w_tokens_ = std::min(w_tokens_ + timing_.bytes_per_cycle, bucket_cap_);
-        out_.arready = reads_in_flight_ < timing_.max_outstanding;
-        out_.awready = writes_in_flight_ < timing_.max_outstanding;
-
-        // rvalid, once high, holds with its data until the handshake (AXI rule); the beat
-        // pays its bandwidth when presented.
-        if (r_taken) out_.rvalid = false;
-        if (!out_.rvalid && !hang_reads) {
-            // The head burst: its beats not yet presented.
-            Burst *head = nullptr;
-            for (Burst &b : reads_) {
-                if (b.beat <= b.len) {
-                    head = &b;
-                    break;
-                }
-            }
-            if (head && head->ready_at <= next && r_tokens_ >= head->beat_bytes()) {
-                present_read(*head);
-                r_tokens_ -= head->beat_bytes();
+    // rvalid, once high, holds with its data until the handshake (AXI rule); a beat pays
+    // its bandwidth when presented.
+    void present_next_read(uint64_t next) {
+        if (r_taken_) out_.rvalid = false;
+        if (out_.rvalid || hang_reads) return;
+        Burst *head = nullptr;  // the first burst with beats not yet presented
+        for (Burst &b : reads_) {
+            if (b.beat <= b.len) {
+                head = &b;
+                break;
             }
         }
+        if (!head || head->ready_at > next) return;
+        const unsigned bytes = head->beat_bytes();
+        if (!r_bucket_.has(bytes) || !shared_->has(index_, bytes)) return;
+        present_read(*head);
+        r_bucket_.take(bytes);
+        shared_->take(index_, bytes);
+    }
 
-        out_.wready = !writes_.empty() && w_tokens_ >= writes_.front().beat_bytes();
-
-        if (b_taken) out_.bvalid = false;
-        if (!out_.bvalid && !responses_.empty() && responses_.front().ready_at <= next) {
-            out_.bvalid = true;
-            out_.bresp = responses_.front().resp;
-            out_.bid = responses_.front().id;
-        }
+    // wready is offered when the next beat's bandwidth is there, which it reserves; clock()
+    // gives it back if the beat is not taken.
+    void offer_write() {
+        out_.wready = false;
+        if (writes_.empty()) return;
+        const unsigned bytes = writes_.front().beat_bytes();
+        if (!w_bucket_.has(bytes) || !shared_->has(index_, bytes)) return;
+        out_.wready = true;
+        w_bucket_.take(bytes);
+        shared_->take(index_, bytes);
     }
 
     void present_read(Burst &b) {
@@ -301,7 +384,7 @@ class DdrModel {
         lanes(b, beat_addr, lo, hi);
         std::memset(out_.rdata, 0, sizeof out_.rdata);
         const bool ok = in_range(bus_base + lo, hi - lo);
-        if (ok) std::memcpy(out_.rdata + lo, memory_.data() + bus_base + lo, hi - lo);
+        if (ok) std::memcpy(out_.rdata + lo, memory_->data() + bus_base + lo, hi - lo);
         else stats_[READ_ERRORS]++;
         out_.rvalid = true;
         out_.rresp = ok ? OKAY : SLVERR;
@@ -311,17 +394,77 @@ class DdrModel {
     }
 
   private:
-    std::vector<uint8_t> memory_;
+    std::vector<uint8_t> *memory_;
+    DdrShared *shared_;
+    unsigned index_;
     unsigned bus_bytes_;
     DdrTiming timing_;
-    double bucket_cap_ = 0.0;
     std::deque<Burst> reads_;      // accepted, not yet fully returned
     std::deque<Burst> writes_;     // accepted, data not yet complete
     std::deque<Response> responses_;
     unsigned reads_in_flight_ = 0, writes_in_flight_ = 0;
-    double r_tokens_ = 0.0, w_tokens_ = 0.0;
+    Bucket r_bucket_, w_bucket_;
+    bool r_taken_ = false, b_taken_ = false;  // this cycle's R beat / B was accepted
+    bool write_first_ = false;                 // W is offered bandwidth before R this cycle
     AxiSlaveOut out_;
     uint64_t stats_[N_STATS] = {};
+};
+
+// The memory and its ports: what the SoC loop clocks.
+class DdrSystem {
+  public:
+    // `group_mask`: the ports that share the group cap; rates in bytes per cycle, 0 = no cap.
+    DdrSystem(uint64_t size, unsigned n_ports, unsigned bus_bytes, DdrTiming timing,
+              double aggregate_bytes_per_cycle, double group_bytes_per_cycle,
+              unsigned group_mask)
+        : memory_(size, 0) {
+        // Ports point at memory_ and shared_: the system is built in place, never moved.
+        shared_.aggregate.configure(aggregate_bytes_per_cycle, bus_bytes);
+        shared_.group.configure(group_bytes_per_cycle, bus_bytes);
+        shared_.group_mask = group_mask;
+        ports_.reserve(n_ports);
+        for (unsigned p = 0; p < n_ports; p++)
+            ports_.emplace_back(memory_, shared_, p, bus_bytes, timing);
+    }
+
+    DdrSystem(const DdrSystem &) = delete;
+    DdrSystem &operator=(const DdrSystem &) = delete;
+
+    uint64_t size() const { return memory_.size(); }
+    uint8_t *data() { return memory_.data(); }
+    unsigned n_ports() const { return static_cast<unsigned>(ports_.size()); }
+    DdrPort &port(unsigned p) { return ports_[p]; }
+    const DdrPort &port(unsigned p) const { return ports_[p]; }
+
+    void set_hang_reads(bool hang) {
+        for (DdrPort &port : ports_) port.hang_reads = hang;
+    }
+    bool hang_reads() const { return ports_[0].hang_reads; }
+
+    void reset() {
+        shared_.aggregate.tokens = shared_.group.tokens = 0.0;
+        first_ = 0;
+        for (DdrPort &port : ports_) port.reset();
+    }
+
+    // Ends cycle `now` on every port (masters[p] is what port p's master drove), then
+    // computes every port's outputs for the next cycle, the first port served rotating.
+    void clock(const AxiMasterOut *masters, uint64_t now) {
+        const unsigned n = n_ports();
+        for (unsigned p = 0; p < n; p++) ports_[p].clock(masters[p], now);
+        shared_.refill();
+        for (unsigned i = 0; i < n; i++) ports_[(first_ + i) % n].prepare(now + 1);
+        bool all_idle = true;
+        for (const DdrPort &port : ports_) all_idle = all_idle && port.idle();
+        // Idle ports forget the rotation too: the next run starts from the same state.
+        first_ = all_idle ? 0 : (first_ + 1) % n;
+    }
+
+  private:
+    std::vector<uint8_t> memory_;
+    DdrShared shared_;
+    std::vector<DdrPort> ports_;
+    unsigned first_ = 0;
 };
 
 }  // namespace m3vit

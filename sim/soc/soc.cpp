@@ -12,7 +12,8 @@
 //   5. advance the DDR model and the host by the handshakes sampled in step 3.
 // Trace samples are taken after steps 2 (time 2n) and 4 (time 2n + 1).
 //
-// Compile-time definitions from the build: SOC_BUS_BYTES (the m_axi data width in bytes),
+// Compile-time definitions from the build: SOC_BUS_BYTES (the AXI4 masters' data width in
+// bytes), SOC_N_PORTS (how many AXI4 master ports the top has, each on its own DDR port),
 // SOC_TRACE_VCD or SOC_TRACE_FST (a trace build).
 
 #include <cstdint>
@@ -34,12 +35,22 @@ using TraceFile = VerilatedVcdC;
 #ifndef SOC_BUS_BYTES
 #error "SOC_BUS_BYTES must be defined by the build"
 #endif
+#ifndef SOC_N_PORTS
+#define SOC_N_PORTS 1
+#endif
 
 // Amaranth names ports `bus__member`; Verilator escapes the double underscore as `___05F`.
 #define PORT(bus, member) bus##___05F##member
 
+// The top's AXI4 master ports, X(index, name) each, in the order of the DDR model's ports.
+#if SOC_N_PORTS == 1
+#define SOC_FOR_EACH_MASTER(X) X(0, m_axi)
+#else
+#error "this SoC loop knows one AXI4 master port; add the others to SOC_FOR_EACH_MASTER"
+#endif
+
 using m3vit::AxiMasterOut;
-using m3vit::DdrModel;
+using m3vit::DdrSystem;
 using m3vit::DdrTiming;
 
 namespace {
@@ -83,7 +94,7 @@ struct AxiLiteHost {
 struct Soc {
     std::unique_ptr<VerilatedContext> context;
     std::unique_ptr<Vm3vit_accel> top;
-    DdrModel ddr;
+    DdrSystem ddr;
     AxiLiteHost host;
     uint64_t cycle = 0;
     bool in_reset = false;
@@ -93,8 +104,10 @@ struct Soc {
     // Cycles [trace_start, trace_stop) are dumped: a whole image is ~1 M cycles, ~11 GB of VCD.
     uint64_t trace_start = 0, trace_stop = UINT64_MAX;
 
-    Soc(uint64_t ddr_bytes, DdrTiming timing)
-        : context(new VerilatedContext), ddr(ddr_bytes, SOC_BUS_BYTES, timing) {
+    Soc(uint64_t ddr_bytes, DdrTiming timing, double aggregate, double group,
+        unsigned group_mask)
+        : context(new VerilatedContext),
+          ddr(ddr_bytes, SOC_N_PORTS, SOC_BUS_BYTES, timing, aggregate, group, group_mask) {
 #if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
         context->traceEverOn(true);
 #endif
@@ -109,20 +122,64 @@ struct Soc {
 #endif
     }
 
+    // One master's inputs from its DDR port's registered outputs.
+    template <typename Top>
+    static void drive_master(Top &t, const m3vit::AxiSlaveOut &d, unsigned index) {
+        switch (index) {
+#define SOC_DRIVE(I, BUS)                    \
+    case I:                                  \
+        t.PORT(BUS, arready) = d.arready;    \
+        t.PORT(BUS, rvalid) = d.rvalid;      \
+        put_bytes(t.PORT(BUS, rdata), d.rdata); \
+        t.PORT(BUS, rresp) = d.rresp;        \
+        t.PORT(BUS, rid) = d.rid;            \
+        t.PORT(BUS, rlast) = d.rlast;        \
+        t.PORT(BUS, awready) = d.awready;    \
+        t.PORT(BUS, wready) = d.wready;      \
+        t.PORT(BUS, bvalid) = d.bvalid;      \
+        t.PORT(BUS, bresp) = d.bresp;        \
+        t.PORT(BUS, bid) = d.bid;            \
+        break;
+            SOC_FOR_EACH_MASTER(SOC_DRIVE)
+#undef SOC_DRIVE
+        }
+    }
+
+    // What one master drives this cycle.
+    template <typename Top>
+    static AxiMasterOut sample_master(const Top &t, unsigned index) {
+        AxiMasterOut m;
+        switch (index) {
+#define SOC_SAMPLE(I, BUS)                                       \
+    case I:                                                      \
+        m.arvalid = t.PORT(BUS, arvalid);                        \
+        m.araddr = t.PORT(BUS, araddr);                          \
+        m.arlen = t.PORT(BUS, arlen);                            \
+        m.arsize = t.PORT(BUS, arsize);                          \
+        m.arburst = t.PORT(BUS, arburst);                        \
+        m.arid = t.PORT(BUS, arid);                              \
+        m.rready = t.PORT(BUS, rready);                          \
+        m.awvalid = t.PORT(BUS, awvalid);                        \
+        m.awaddr = t.PORT(BUS, awaddr);                          \
+        m.awlen = t.PORT(BUS, awlen);                            \
+        m.awsize = t.PORT(BUS, awsize);                          \
+        m.awburst = t.PORT(BUS, awburst);                        \
+        m.awid = t.PORT(BUS, awid);                              \
+        m.wvalid = t.PORT(BUS, wvalid);                          \
+        if (m.wvalid) get_bytes(t.PORT(BUS, wdata), m.wdata);    \
+        m.wstrb = t.PORT(BUS, wstrb);                            \
+        m.wlast = t.PORT(BUS, wlast);                            \
+        m.bready = t.PORT(BUS, bready);                          \
+        break;
+            SOC_FOR_EACH_MASTER(SOC_SAMPLE)
+#undef SOC_SAMPLE
+        }
+        return m;
+    }
+
     void drive() {
         Vm3vit_accel &t = *top;
-        const m3vit::AxiSlaveOut &d = ddr.out();
-        t.PORT(m_axi, arready) = d.arready;
-        t.PORT(m_axi, rvalid) = d.rvalid;
-        put_bytes(t.PORT(m_axi, rdata), d.rdata);
-        t.PORT(m_axi, rresp) = d.rresp;
-        t.PORT(m_axi, rid) = d.rid;
-        t.PORT(m_axi, rlast) = d.rlast;
-        t.PORT(m_axi, awready) = d.awready;
-        t.PORT(m_axi, wready) = d.wready;
-        t.PORT(m_axi, bvalid) = d.bvalid;
-        t.PORT(m_axi, bresp) = d.bresp;
-        t.PORT(m_axi, bid) = d.bid;
+        for (unsigned p = 0; p < SOC_N_PORTS; p++) drive_master(t, ddr.port(p).out(), p);
         t.PORT(s_axil, awvalid) = host.awvalid;
         t.PORT(s_axil, awaddr) = host.awaddr;
         t.PORT(s_axil, wvalid) = host.wvalid;
@@ -134,30 +191,6 @@ struct Soc {
         t.PORT(s_axil, rready) = host.rready;
     }
 
-    AxiMasterOut sample() const {
-        const Vm3vit_accel &t = *top;
-        AxiMasterOut m;
-        m.arvalid = t.PORT(m_axi, arvalid);
-        m.araddr = t.PORT(m_axi, araddr);
-        m.arlen = t.PORT(m_axi, arlen);
-        m.arsize = t.PORT(m_axi, arsize);
-        m.arburst = t.PORT(m_axi, arburst);
-        m.arid = t.PORT(m_axi, arid);
-        m.rready = t.PORT(m_axi, rready);
-        m.awvalid = t.PORT(m_axi, awvalid);
-        m.awaddr = t.PORT(m_axi, awaddr);
-        m.awlen = t.PORT(m_axi, awlen);
-        m.awsize = t.PORT(m_axi, awsize);
-        m.awburst = t.PORT(m_axi, awburst);
-        m.awid = t.PORT(m_axi, awid);
-        m.wvalid = t.PORT(m_axi, wvalid);
-        if (m.wvalid) get_bytes(t.PORT(m_axi, wdata), m.wdata);
-        m.wstrb = t.PORT(m_axi, wstrb);
-        m.wlast = t.PORT(m_axi, wlast);
-        m.bready = t.PORT(m_axi, bready);
-        return m;
-    }
-
     void step() {
         Vm3vit_accel &t = *top;
         drive();
@@ -166,7 +199,8 @@ struct Soc {
         t.eval();
         dump(2 * cycle);
 
-        const AxiMasterOut m = sample();
+        AxiMasterOut masters[SOC_N_PORTS];
+        for (unsigned p = 0; p < SOC_N_PORTS; p++) masters[p] = sample_master(t, p);
         const bool aw_hs = host.awvalid && t.PORT(s_axil, awready);
         const bool w_hs = host.wvalid && t.PORT(s_axil, wready);
         const bool b_hs = host.bready && t.PORT(s_axil, bvalid);
@@ -181,7 +215,7 @@ struct Soc {
         dump(2 * cycle + 1);
 
         // In reset the DUT's outputs are not meaningful and the DDR holds still.
-        if (!in_reset) ddr.clock(m, cycle);
+        if (!in_reset) ddr.clock(masters, cycle);
         if (aw_hs) host.awvalid = false;
         if (w_hs) host.wvalid = false;
         if (b_hs) {
@@ -215,6 +249,8 @@ extern "C" {
 // Which build this is, so Python can check it loaded what it asked for.
 int soc_bus_bytes() { return SOC_BUS_BYTES; }
 
+int soc_n_ports() { return SOC_N_PORTS; }
+
 int soc_trace_kind() {
 #if defined(SOC_TRACE_FST)
     return 2;
@@ -230,14 +266,17 @@ const char *soc_stat_names() { return m3vit::STAT_NAMES; }
 int soc_n_stats() { return m3vit::N_STATS; }
 
 // trace_path may be NULL; it is ignored by a build without tracing.
+// Rates in bytes per cycle; `aggregate` and `group` 0 = no cap; `group_mask` bit p: port p
+// shares the group cap.
 void *soc_new(uint64_t ddr_bytes, unsigned read_latency, unsigned write_latency,
-              unsigned max_outstanding, double bytes_per_cycle, const char *trace_path) {
+              unsigned max_outstanding, double bytes_per_cycle, double aggregate, double group,
+              unsigned group_mask, const char *trace_path) {
     DdrTiming timing;
     timing.read_latency = read_latency;
     timing.write_latency = write_latency;
     timing.max_outstanding = max_outstanding;
     timing.bytes_per_cycle = bytes_per_cycle;
-    Soc *soc = new Soc(ddr_bytes, timing);
+    Soc *soc = new Soc(ddr_bytes, timing, aggregate, group, group_mask);
 #if defined(SOC_TRACE_FST) || defined(SOC_TRACE_VCD)
     if (trace_path && *trace_path) {
         soc->trace.reset(new TraceFile);
@@ -291,14 +330,14 @@ int soc_reg_read(void *handle, uint32_t address, uint32_t *value, unsigned timeo
 
 // Backdoor DDR access: no simulated time. Returns -1 when out of range (nothing copied).
 int soc_ddr_write(void *handle, uint64_t address, const uint8_t *data, uint64_t size) {
-    DdrModel &ddr = static_cast<Soc *>(handle)->ddr;
+    DdrSystem &ddr = static_cast<Soc *>(handle)->ddr;
     if (address > ddr.size() || size > ddr.size() - address) return -1;
     std::memcpy(ddr.data() + address, data, size);
     return 0;
 }
 
 int soc_ddr_read(void *handle, uint64_t address, uint8_t *data, uint64_t size) {
-    DdrModel &ddr = static_cast<Soc *>(handle)->ddr;
+    DdrSystem &ddr = static_cast<Soc *>(handle)->ddr;
     if (address > ddr.size() || size > ddr.size() - address) return -1;
     std::memcpy(data, ddr.data() + address, size);
     return 0;
@@ -329,14 +368,17 @@ int soc_irq(void *handle) { return static_cast<Soc *>(handle)->top->irq; }
 uint64_t soc_cycle(void *handle) { return static_cast<Soc *>(handle)->cycle; }
 
 void soc_set_hang_reads(void *handle, int hang) {
-    static_cast<Soc *>(handle)->ddr.hang_reads = hang != 0;
+    static_cast<Soc *>(handle)->ddr.set_hang_reads(hang != 0);
 }
 
-int soc_hang_reads(void *handle) { return static_cast<Soc *>(handle)->ddr.hang_reads; }
+int soc_hang_reads(void *handle) { return static_cast<Soc *>(handle)->ddr.hang_reads(); }
 
-void soc_stats(void *handle, uint64_t *out) {
-    const DdrModel &ddr = static_cast<Soc *>(handle)->ddr;
-    for (unsigned i = 0; i < m3vit::N_STATS; i++) out[i] = ddr.stat(i);
+// The counters of DDR port `port` (N_STATS of them); returns -1 for no such port.
+int soc_stats(void *handle, unsigned port, uint64_t *out) {
+    const DdrSystem &ddr = static_cast<Soc *>(handle)->ddr;
+    if (port >= ddr.n_ports()) return -1;
+    for (unsigned i = 0; i < m3vit::N_STATS; i++) out[i] = ddr.port(port).stat(i);
+    return 0;
 }
 
 }  // extern "C"

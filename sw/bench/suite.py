@@ -292,20 +292,29 @@ def _soc_image(preset: str, config_name: str) -> dict:
 
 def bench_soc() -> str:
     """Verilated SoC model speed: one ``tiny`` (CI) and one ``edge-moe`` (ZCU104) image."""
+    from m3vit.hw.flow.generate import get_config
+    from m3vit.sim.soc import DdrTiming
+
     results = [_soc_image("tiny", "ci"), _soc_image("edge-moe", "zcu104")]
+    ddr = DdrTiming.zcu104(get_config("zcu104"))
+    ports = "+".join(f"HP{p}" for p in ddr.hp_ports)
     lines = [
         "## The Verilated SoC model: simulated speed of whole images",
         "",
         "Command: `make bench` (`python -m m3vit.sw.bench soc`): the accelerator top with the "
-        "C++ DDR model (`m3vit.sim.soc`, one ZCU104 HP port: 16 B/cycle, 40-cycle read "
-        "latency, 8 outstanding bursts) driven by the runtime (`Accelerator` on `SimBoard`), "
-        "one synthetic image per task of a randomly initialised, quantized model; every head "
-        "equals `golden.forward`. Wall time is the whole `infer` call (input write, run, "
-        "output read). The model's float initialisation and calibration run on the CPU, "
-        "whose float kernels differ between processors: the quantized weights, hence the "
-        "routing and the `edge-moe` cycles, can differ by a few hundred cycles from one "
-        "machine to another (1,584,418 on an AMD EPYC, 1,584,542 on an Intel Xeon for "
-        "`semseg`, from the same commit); the same machine always gives the same figures.",
+        f"C++ DDR model under its ZCU104 defaults (`m3vit.sim.soc.DdrTiming.zcu104`, "
+        f"docs/simulation.md: {len(ddr.hp_ports)} AXI master(s) on {ports}, "
+        f"{ddr.bytes_per_cycle:.2f} B/cycle per port and {ddr.aggregate_bytes_per_cycle:.2f} "
+        f"B/cycle for all ports, reads and writes together, as measured; "
+        f"{ddr.read_latency}-cycle read latency, {ddr.max_outstanding} outstanding bursts) "
+        "driven by the runtime (`Accelerator` on `SimBoard`), one synthetic image per task "
+        "of a randomly initialised, quantized model; every head equals `golden.forward`. "
+        "Wall time is the whole `infer` call (input write, run, output read). The model's "
+        "float initialisation and calibration run on the CPU, whose float kernels differ "
+        "between processors: the quantized weights, hence the routing and the `edge-moe` "
+        "cycles, can differ by a few hundred cycles from one machine to another (124 cycles "
+        "of `semseg` between an AMD EPYC and an Intel Xeon, same commit); the same machine "
+        "always gives the same figures.",
         f"Machine: {machine()}.",
         "",
         "| preset | array | task | cycles | ms at 300 MHz | DDR read | wall time | "

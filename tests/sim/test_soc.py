@@ -233,7 +233,14 @@ def test_bad_arguments_are_one_line_errors():
         SocModel(CI, trace_path="waves.txt")
     with pytest.raises(M3VitError, match="trace must be"):
         build_soc(CI, trace="ghw")
-    assert DdrTiming.zcu104(CI).bytes_per_cycle == 16.0
+    with pytest.raises(M3VitError, match="hp_ports"):
+        DdrTiming(hp_ports=(1, 1))
+    with pytest.raises(M3VitError, match="aggregate_bytes_per_cycle"):
+        DdrTiming(aggregate_bytes_per_cycle=-1.0)
+    with pytest.raises(M3VitError, match="one HP port per master"):
+        SocModel(CI, timing=DdrTiming(hp_ports=(0, 1)))
+    # 4.75 GB/s measured per HP port at 300 MHz; a 64-bit master moves at most 8 B a cycle.
+    assert DdrTiming.zcu104(CI).bytes_per_cycle == pytest.approx(4750 / 300)
     assert DdrTiming.zcu104(CI.replace(axi_data_width=64)).bytes_per_cycle == 8.0
 
 
