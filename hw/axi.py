@@ -40,6 +40,8 @@ from amaranth.lib.wiring import In, Out
 from .config import AccelConfig
 
 __all__ = [
+    "AXCACHE",
+    "AXPROT",
     "BEATS_BITS",
     "BOUNDARY_BYTES",
     "BYTE_COUNTER_BITS",
@@ -47,6 +49,7 @@ __all__ = [
     "AxiBurst",
     "AxiDmaPort",
     "AxiResp",
+    "BurstSplitter",
     "ReadDma",
     "StreamResize",
     "WriteDma",
@@ -70,9 +73,9 @@ ID_BITS = 1
 
 #: ``AxCACHE`` of every burst: normal, non-cacheable, bufferable, as Xilinx recommends for
 #: the HP ports (0b0000, device non-bufferable, would forbid the interconnect's merging).
-_AXCACHE = 0b0011
+AXCACHE = 0b0011
 #: ``AxPROT``: unprivileged, secure, data access.
-_AXPROT = 0b000
+AXPROT = 0b000
 
 
 class AxiResp(enum.Enum, shape=2):
@@ -267,7 +270,7 @@ def _check_config(config: AccelConfig) -> AccelConfig:
     return config
 
 
-class _BurstSplitter(wiring.Component):
+class BurstSplitter(wiring.Component):
     """Cuts commands into INCR bursts that never cross a ``max_burst_beats`` boundary.
 
     ``burst.payload`` holds the burst's beat address (byte address ≫ log2(bytes per beat)), its
@@ -404,7 +407,7 @@ class ReadDma(wiring.Component):
         depth = self.queue_beats
         beat_shift = (cfg.axi_bytes - 1).bit_length()
 
-        m.submodules.splitter = splitter = _BurstSplitter(cfg)
+        m.submodules.splitter = splitter = BurstSplitter(cfg)
         wiring.connect(m, wiring.flipped(self.cmd), splitter.cmd)
         burst = splitter.burst
 
@@ -421,8 +424,8 @@ class ReadDma(wiring.Component):
             axi.arid.eq(0),
             axi.arsize.eq(beat_shift),
             axi.arburst.eq(AxiBurst.INCR),
-            axi.arcache.eq(_AXCACHE),
-            axi.arprot.eq(_AXPROT),
+            axi.arcache.eq(AXCACHE),
+            axi.arprot.eq(AXPROT),
         ]
         # AR is a register stage: a new burst loads when the previous one has been taken.
         ar_free = ~axi.arvalid | axi.arready
@@ -541,7 +544,7 @@ class WriteDma(wiring.Component):
         axi = self.axi
         beat_shift = (cfg.axi_bytes - 1).bit_length()
 
-        m.submodules.splitter = splitter = _BurstSplitter(cfg)
+        m.submodules.splitter = splitter = BurstSplitter(cfg)
         wiring.connect(m, wiring.flipped(self.cmd), splitter.cmd)
         burst = splitter.burst
 
@@ -555,8 +558,8 @@ class WriteDma(wiring.Component):
             axi.awid.eq(0),
             axi.awsize.eq(beat_shift),
             axi.awburst.eq(AxiBurst.INCR),
-            axi.awcache.eq(_AXCACHE),
-            axi.awprot.eq(_AXPROT),
+            axi.awcache.eq(AXCACHE),
+            axi.awprot.eq(AXPROT),
             axi.wstrb.eq((1 << cfg.axi_bytes) - 1),
             axi.bready.eq(1),
         ]
