@@ -51,7 +51,9 @@ class AccelConfig:
     axi_addr_width : int
         Address width of the AXI4 master ports.
     n_master_ports : int
-        AXI4 master ports (weights and activations may use separate HP ports).
+        AXI4 master ports, each on its own HP port of the PS (1…4; three by default, on
+        HP0, HP1 and HP3: :mod:`m3vit.hw.hp_ports`). Reads are striped across all of them,
+        writes use the first.
     max_burst_beats : int
         Longest INCR burst issued (AXI4 allows 256; 4 KiB boundaries are never crossed).
     max_outstanding : int
@@ -73,7 +75,7 @@ class AccelConfig:
     max_top_k: int = 4
     axi_data_width: int = 128
     axi_addr_width: int = 40
-    n_master_ports: int = 2
+    n_master_ports: int = 3
     max_burst_beats: int = 64
     max_outstanding: int = 8
     clock_mhz: float = 300.0
@@ -93,6 +95,9 @@ class AccelConfig:
                 raise AccelConfigError(f"{name} must be a multiple of the PE array "
                                        f"({self.pe_rows}x{self.pe_cols}), got "
                                        f"{getattr(self, name)!r}")
+        if self.n_master_ports > 4:
+            raise AccelConfigError(f"n_master_ports must be 1..4 (the PS has four HP ports), "
+                                   f"got {self.n_master_ports!r}")
         if self.axi_data_width not in (32, 64, 128, 256, 512):
             raise AccelConfigError(f"axi_data_width must be 32..512 and a power of two, got "
                                    f"{self.axi_data_width!r}")

@@ -1,10 +1,12 @@
-"""The accelerator top: the engine, the register file and the DMA on one AXI4 master port.
+"""The accelerator top: the engine, the register file and the DMA on its AXI4 master ports.
 
 :class:`AcceleratorTop` is the design that goes to Vivado: the AXI4-Lite register file
 (:class:`~m3vit.hw.regfile.ControlRegisters`, ``docs/registers.md``), the
 :class:`~m3vit.hw.engine.Engine` (instruction fetch, checks, controller, the activation
-buffer and the compute units), and a read and a write DMA engine sharing one AXI4 master
-port (:class:`~m3vit.hw.axi.AxiDmaPort`)::
+buffer and the compute units), and the DMA on ``n_master_ports`` AXI4 masters, each on its
+own HP port: with one, a read and a write engine share ``m_axi``
+(:class:`~m3vit.hw.axi.AxiDmaPort`); with more, reads are striped across every port
+(:class:`~m3vit.hw.striped_read.StripedReadDma`) and writes use ``m_axi``::
 
                  ┌──────────────┐  ctrl   ┌─────────────────────────────┐
     s_axil  ────►│ registers    │◄───────►│ engine                      │
@@ -13,7 +15,7 @@ port (:class:`~m3vit.hw.axi.AxiDmaPort`)::
                         │ DMA counters    └──────┬──────────────▲───────┘
                  ┌──────┴───────────────────────▼──────────────┴───────┐
     m_axi   ◄───►│ dma: read engine (rd_cmd, rd_data), write engine    │
-                 │      (wr_cmd, wr_data)                               │
+    m_axi1… ◄────│      (wr_cmd, wr_data; on m_axi only)               │
                  └──────────────────────────────────────────────────────┘
 """
 
@@ -21,26 +23,32 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .axi import AxiDmaPort
+from .axi import AxiDmaPort, WriteDma, axi_master_signature, axi_read_part, axi_write_part
 from .config import AccelConfig
 from .engine import Engine
 from .isa import check_top_config
 from .regfile import AxiLiteSignature, ControlRegisters
+from .striped_read import StripedReadDma
 
-__all__ = ["AcceleratorTop", "master_ports"]
+__all__ = ["AcceleratorTop", "master_names", "master_ports"]
 
 
 def master_ports(config: AccelConfig) -> int:
-    """AXI4 master ports of :class:`AcceleratorTop` for ``config`` (each on its own HP port).
+    """AXI4 master ports of :class:`AcceleratorTop` for ``config``: ``n_master_ports``.
 
-    One today: the read and the write DMA share ``m_axi``. ``config.n_master_ports`` is what
-    the configuration asks for; the top does not build more ports yet.
+    Each goes to its own HP port (:func:`m3vit.hw.hp_ports.hp_ports`): ``m_axi`` (reads and
+    all writes), then ``m_axi1`` … (reads only).
     """
-    return 1
+    return config.n_master_ports
+
+
+def master_names(config: AccelConfig) -> tuple[str, ...]:
+    """The top's AXI4 master members, master 0 first: ``m_axi``, ``m_axi1``, …"""
+    return ("m_axi", *(f"m_axi{p}" for p in range(1, master_ports(config))))
 
 
 class AcceleratorTop(wiring.Component):
-    """The generated accelerator: register file, engine and DMA on one AXI4 master port.
+    """The generated accelerator: register file, engine and DMA on its AXI4 master ports.
 
     Parameters
     ----------
@@ -53,6 +61,9 @@ class AcceleratorTop(wiring.Component):
         Control and status (``docs/registers.md``), from the host.
     m_axi : Out(axi_master_signature)
         DDR: program, weights, parameters, tables and activations in; results out.
+    m_axi1, m_axi2, … : Out(axi_master_signature)
+        With ``n_master_ports`` > 1: more read bursts of the same streams (their write
+        channels stay idle).
     irq : Out(1)
         High while ``STATUS.DONE`` or ``STATUS.ERROR`` would read 1 since the last start
         (a level the block design can route to the PS; the runtime polls).
@@ -60,10 +71,10 @@ class AcceleratorTop(wiring.Component):
 
     def __init__(self, config: AccelConfig):
         self.config = check_top_config(config)
-        self._dma = AxiDmaPort(config)
+        master = axi_master_signature(config.axi_data_width, config.axi_addr_width)
         super().__init__({
             "s_axil": In(AxiLiteSignature()),
-            "m_axi": Out(self._dma.m_axi.signature),
+            **{name: Out(master) for name in master_names(config)},
             "irq": Out(1),
         })
 
@@ -71,21 +82,20 @@ class AcceleratorTop(wiring.Component):
         m = Module()
         regs = m.submodules.registers = ControlRegisters(self.config)
         engine = m.submodules.engine = Engine(self.config)
-        dma = m.submodules.dma = self._dma
         wiring.connect(m, wiring.flipped(self.s_axil), regs.s_axil)
-        wiring.connect(m, wiring.flipped(self.m_axi), dma.m_axi)
-        wiring.connect(m, engine.rd_cmd, dma.read.cmd)
-        wiring.connect(m, dma.read.data, engine.rd_data)
-        wiring.connect(m, engine.wr_cmd, dma.write.cmd)
-        wiring.connect(m, engine.wr_data, dma.write.data)
+        read, write = self._dma(m)
+        wiring.connect(m, engine.rd_cmd, read.cmd)
+        wiring.connect(m, read.data, engine.rd_data)
+        wiring.connect(m, engine.wr_cmd, write.cmd)
+        wiring.connect(m, engine.wr_data, write.data)
         wiring.connect(m, engine.ctrl, regs.engine)
         m.d.comb += [
-            engine.wr_idle.eq(~dma.write.busy),
-            engine.dma_error.eq(dma.read.error | dma.write.error),
-            dma.read.clear_error.eq(engine.dma_error_clear),
-            dma.write.clear_error.eq(engine.dma_error_clear),
-            regs.dma_counters.dma_read_bytes.eq(dma.read.bytes_read),
-            regs.dma_counters.dma_write_bytes.eq(dma.write.bytes_written),
+            engine.wr_idle.eq(~write.busy),
+            engine.dma_error.eq(read.error | write.error),
+            read.clear_error.eq(engine.dma_error_clear),
+            write.clear_error.eq(engine.dma_error_clear),
+            regs.dma_counters.dma_read_bytes.eq(read.bytes_read),
+            regs.dma_counters.dma_write_bytes.eq(write.bytes_written),
         ]
         done_or_error = Signal()
         with m.If(engine.ctrl.start):
@@ -94,3 +104,29 @@ class AcceleratorTop(wiring.Component):
             m.d.sync += done_or_error.eq(1)
         m.d.comb += self.irq.eq(done_or_error)
         return m
+
+    def _dma(self, m: Module):
+        """The read and write DMA on the master ports; returns (read, write) engines.
+
+        One port: :class:`~m3vit.hw.axi.AxiDmaPort` (reads and writes share ``m_axi``).
+        Several: a :class:`~m3vit.hw.striped_read.StripedReadDma` reads through every port,
+        bursts striped across them (one beat an entry: the engine takes AXI beats), and the
+        write DMA uses ``m_axi`` alone (results are a few KiB an image); the other ports'
+        write channels are idle.
+        """
+        cfg = self.config
+        names = master_names(cfg)
+        if len(names) == 1:
+            dma = m.submodules.dma = AxiDmaPort(cfg)
+            wiring.connect(m, wiring.flipped(self.m_axi), dma.m_axi)
+            return dma.read, dma.write
+        read = m.submodules.read_dma = StripedReadDma(cfg, len(names), entry_beats=1)
+        write = m.submodules.write_dma = WriteDma(cfg)
+        for index, name in enumerate(names):
+            port = getattr(self, name)
+            wiring.connect(m, wiring.flipped(axi_read_part(port)), read.port(index))
+            if index == 0:
+                wiring.connect(m, wiring.flipped(axi_write_part(port)), write.axi)
+            else:
+                m.d.comb += port.bready.eq(1)  # never written: nothing ever answers
+        return read, write

@@ -45,8 +45,14 @@ using TraceFile = VerilatedVcdC;
 // The top's AXI4 master ports, X(index, name) each, in the order of the DDR model's ports.
 #if SOC_N_PORTS == 1
 #define SOC_FOR_EACH_MASTER(X) X(0, m_axi)
+#elif SOC_N_PORTS == 2
+#define SOC_FOR_EACH_MASTER(X) X(0, m_axi) X(1, m_axi1)
+#elif SOC_N_PORTS == 3
+#define SOC_FOR_EACH_MASTER(X) X(0, m_axi) X(1, m_axi1) X(2, m_axi2)
+#elif SOC_N_PORTS == 4
+#define SOC_FOR_EACH_MASTER(X) X(0, m_axi) X(1, m_axi1) X(2, m_axi2) X(3, m_axi3)
 #else
-#error "this SoC loop knows one AXI4 master port; add the others to SOC_FOR_EACH_MASTER"
+#error "SOC_N_PORTS must be 1 to 4 (the ZCU104 has four HP ports)"
 #endif
 
 using m3vit::AxiMasterOut;

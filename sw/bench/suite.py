@@ -248,8 +248,10 @@ def bench_moe_layer() -> str:
     ])
 
 
-def _soc_image(preset: str, config_name: str) -> dict:
-    """Build (or reuse) the SoC model, run one image per task, check each head."""
+def _soc_image(preset: str, config_name: str, n_master_ports: int | None = None) -> dict:
+    """Build (or reuse) the SoC model, run one image per task, check each head.
+
+    ``n_master_ports`` overrides the configuration's (the one-port baseline)."""
     from m3vit.hw.flow.generate import get_config
     from m3vit.sim.soc import build_soc
 
@@ -262,6 +264,8 @@ def _soc_image(preset: str, config_name: str) -> dict:
     from ..runtime.driver import Accelerator
 
     config, model_cfg = get_config(config_name), get_preset(preset)
+    if n_master_ports is not None:
+        config = config.replace(n_master_ports=n_master_ports)
     library = build_soc(config, progress=lambda m: print(f"  {m}", file=sys.stderr,
                                                          flush=True))
     # The build may be cached: its log records how long it took when it ran.
@@ -286,8 +290,8 @@ def _soc_image(preset: str, config_name: str) -> dict:
                          "read": run.ddr_read_bytes, "exact": bool(torch.equal(out.heads,
                                                                                 want))})
     return {"preset": preset, "config": config_name, "array": f"{config.pe_rows}x"
-            f"{config.pe_cols}", "build_s": build_s, "image_bytes": len(compiled.image),
-            "rows": rows}
+            f"{config.pe_cols}", "masters": config.n_master_ports, "build_s": build_s,
+            "image_bytes": len(compiled.image), "rows": rows}
 
 
 def bench_soc() -> str:
@@ -295,15 +299,17 @@ def bench_soc() -> str:
     from m3vit.hw.flow.generate import get_config
     from m3vit.sim.soc import DdrTiming
 
-    results = [_soc_image("tiny", "ci"), _soc_image("edge-moe", "zcu104")]
-    ddr = DdrTiming.zcu104(get_config("zcu104"))
+    zcu104 = get_config("zcu104")
+    results = [_soc_image("tiny", "ci"), _soc_image("edge-moe", "zcu104"),
+               _soc_image("edge-moe", "zcu104", n_master_ports=1)]
+    ddr = DdrTiming.zcu104(zcu104)
     ports = "+".join(f"HP{p}" for p in ddr.hp_ports)
     lines = [
         "## The Verilated SoC model: simulated speed of whole images",
         "",
         "Command: `make bench` (`python -m m3vit.sw.bench soc`): the accelerator top with the "
         f"C++ DDR model under its ZCU104 defaults (`m3vit.sim.soc.DdrTiming.zcu104`, "
-        f"docs/simulation.md: {len(ddr.hp_ports)} AXI master(s) on {ports}, "
+        f"docs/simulation.md: {len(ddr.hp_ports)} AXI masters on {ports}, "
         f"{ddr.bytes_per_cycle:.2f} B/cycle per port and {ddr.aggregate_bytes_per_cycle:.2f} "
         f"B/cycle for all ports, reads and writes together, as measured; "
         f"{ddr.read_latency}-cycle read latency, {ddr.max_outstanding} outstanding bursts) "
@@ -314,20 +320,24 @@ def bench_soc() -> str:
         "between processors: the quantized weights, hence the routing and the `edge-moe` "
         "cycles, can differ by a few hundred cycles from one machine to another (124 cycles "
         "of `semseg` between an AMD EPYC and an Intel Xeon, same commit); the same machine "
-        "always gives the same figures.",
+        "always gives the same figures. The last rows are the same ZCU104 design with "
+        "one AXI master (`n_master_ports=1`, HP0 alone), run in the same call: what the "
+        f"{zcu104.n_master_ports} ports buy.",
         f"Machine: {machine()}.",
         "",
-        "| preset | array | task | cycles | ms at 300 MHz | DDR read | wall time | "
-        "simulated cycles/s | bit-exact |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| preset | array | AXI masters | task | cycles | ms at 300 MHz | DDR read | "
+        "wall time | simulated cycles/s | bit-exact |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         for row in r["rows"]:
             lines.append(
-                f"| {r['preset']} | {r['array']} | {row['task']} | {row['cycles']:,} | "
+                f"| {r['preset']} | {r['array']} | {r['masters']} | {row['task']} | "
+                f"{row['cycles']:,} | "
                 f"{row['ms']:.2f} | {row['read'] / 1e6:.2f} MB | {row['wall_s']:.1f} s | "
                 f"{row['rate'] / 1e3:,.0f} k | {'yes' if row['exact'] else 'NO'} |")
-    builds = ", ".join(f"{r['array']} {r['build_s']:.0f} s" for r in results)
+    builds = ", ".join(f"{r['array']} with {r['masters']} master(s) {r['build_s']:.0f} s"
+                       for r in results)
     lines += ["", "Model build (Verilator + C++ compile at -O2, once per configuration, cached "
               f"in `build/soc`; from its build.log, elaboration not included): {builds}."]
     return "\n".join(lines)

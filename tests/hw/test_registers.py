@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw import register_docs, registers
-from m3vit.hw.config import CI, ZCU104
+from m3vit.hw.config import CI, ZCU104, AccelConfigError
 from m3vit.hw.register_docs import registers_markdown
 from m3vit.hw.registers import (
     COUNTER_OWNERS,
@@ -214,6 +214,9 @@ def test_constants_describe_the_configuration(config):
 
 def test_a_constant_that_does_not_fit_is_refused():
     with pytest.raises(RegisterError, match="N_MASTER_PORTS is 4 bits wide, got 16"):
-        constant_values(CI.replace(n_master_ports=16))
+        REGISTER_MAP["CAPS"].encode(N_MASTER_PORTS=16)
+    # The configuration itself refuses more masters than the PS has HP ports.
+    with pytest.raises(AccelConfigError, match=r"n_master_ports must be 1\.\.4"):
+        CI.replace(n_master_ports=5)
     with pytest.raises(TypeError, match="AccelConfig"):
         constant_values({"pe_rows": 4})

@@ -33,6 +33,7 @@ from m3vit.hw.flow.generate import signature_ports, to_verilog
 from m3vit.hw.regfile import AxiLiteSignature
 from m3vit.hw.registers import REGISTER_MAP
 from m3vit.hw.top import AcceleratorTop
+from m3vit.sim.soc import DdrTiming
 from m3vit.sim.verilator import lint
 from m3vit.sw import cli
 from m3vit.sw.runtime.pynq_board import ACCEL_IP_PREFIX, REGISTER_WINDOW_BYTES, _find_accelerator
@@ -251,12 +252,14 @@ def test_wrapper_ports_cover_every_axi_signal_of_the_top(config):
     assert "wire rst = ~aresetn;" in text
     for inner, (signal, direction) in top_ports.items():
         bus, _, sig = inner.partition("__")
-        expected = {"s_axil": f"s_axi_{sig}", "m_axi": f"m_axi_{sig}"}.get(bus, inner)
+        # s_axil → s_axi_*; each master m_axi, m_axi1, … keeps its name: m_axi1_arid.
+        expected = f"s_axi_{sig}" if bus == "s_axil" else \
+            f"{bus}_{sig}" if bus.startswith("m_axi") else inner
         assert connections[inner] == expected
         io, width, attrs = ports[expected]
         assert (io, width) == ("input" if direction.name == "Input" else "output", len(signal))
         if sig:
-            iface = expected.split("_")[0] + "_axi"
+            iface = "s_axi" if bus == "s_axil" else bus
             assert f'X_INTERFACE_INFO = "xilinx.com:interface:aximm:1.0 {iface} ' \
                    f'{sig.upper()}"' in attrs
     # Nothing extra but clock and reset, each with its interface attributes.
@@ -410,6 +413,34 @@ def test_the_master_sees_all_of_the_ps_ddr(bd):
     # HP0 is SAXIGP2 in the PS's address map: the same port the master is wired to.
     assert sorted(segments) == [f"[get_bd_addr_segs {vivado.PS_CELL}/SAXIGP2/HP0_DDR_{s}]"
                                 for s in ("HIGH", "LOW")]
+
+
+def test_three_masters_go_to_hp0_hp1_hp3_and_each_sees_the_ddr():
+    """The ZCU104 default: m_axi, m_axi1, m_axi2 on HP0, HP1 and HP3 (HP2 shares HP1's DDR
+    controller port), each through its own SmartConnect, each with the whole PS DDR; the
+    same choice as the DDR model's (m3vit.hw.hp_ports) and the flow record's."""
+    config = CI.replace(n_master_ports=3)
+    top = elaborated(AcceleratorTop(config))
+    buses, interrupts = vivado.bus_interfaces(top)
+    assert [b.name for b in buses if b.mode == "master"] == ["m_axi", "m_axi1", "m_axi2"]
+    bd = tcl_commands(vivado.block_design_tcl(buses, interrupts, config, "ci"))
+    props = ps_properties(bd)
+    ps = vivado.PS_CELL
+    wanted = {"m_axi": (0, "SAXIGP2"), "m_axi1": (1, "SAXIGP3"), "m_axi2": (3, "SAXIGP5")}
+    for master, (hp, space) in wanted.items():
+        reaches(bd, f"{vivado.ACCEL_CELL}/{master}", f"{ps}/S_AXI_HP{hp}_FPD")
+        assert props[f"PSU__USE__S_AXI_GP{hp + 2}"] == "1"
+        assert props[f"PSU__SAXIGP{hp + 2}__DATA_WIDTH"] == str(config.axi_data_width)
+        segments = [c[-2] for c in bd if c[0] == "assign_bd_address"
+                    and option(c, "-target_address_space")
+                    == f"[get_bd_addr_spaces {vivado.ACCEL_CELL}/{master}]"]
+        assert sorted(segments) == [f"[get_bd_addr_segs {ps}/{space}/HP{hp}_DDR_{s}]"
+                                    for s in ("HIGH", "LOW")]
+    assert props["PSU__USE__S_AXI_GP4"] == "0"  # HP2 stays off
+    clock = next(n for n in nets(bd) if f"{ps}/pl_clk0" in n)
+    assert {f"{ps}/saxihp0_fpd_aclk", f"{ps}/saxihp1_fpd_aclk", f"{ps}/saxihp3_fpd_aclk"} <= clock
+    assert f"{ps}/saxihp2_fpd_aclk" not in clock
+    assert DdrTiming.zcu104(config).hp_ports == (0, 1, 3)
 
 
 def test_the_build_runs_to_the_bitstream_and_reports(ci_flow):

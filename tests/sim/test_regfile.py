@@ -49,8 +49,8 @@ def test_ports_are_named_from_the_signature():
 def test_refuses_a_non_config_and_a_config_it_cannot_describe():
     with pytest.raises(TypeError, match="AccelConfig"):
         ControlRegisters({"pe_rows": 4})
-    with pytest.raises(RegisterError, match="N_MASTER_PORTS is 4 bits wide, got 16"):
-        ControlRegisters(CI.replace(n_master_ports=16))
+    with pytest.raises(RegisterError, match="MAX_EXPERTS = 4294967296 does not fit"):
+        ControlRegisters(CI.replace(max_experts=1 << 32))
 
 
 def test_zcu104_register_file_elaborates_and_lints_clean(tmp_path):

@@ -7,6 +7,7 @@ names and addresses that the wrapper, the block design, the build and the runtim
 
 from __future__ import annotations
 
+from ...hp_ports import hp_ports
 from ...registers import AXIL_ADDR_WIDTH
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "VIVADO_VERSION",
     "WRAPPER_MODULE",
     "base_name",
+    "master_hp_port",
     "register_window_bytes",
 ]
 
@@ -72,7 +74,8 @@ CONTROL_BASE = 0xA000_0000
 #: Upper end (exclusive) of ``M_AXI_HPM0_FPD``'s lower aperture.
 HPM0_FPD_APERTURE_END = 0xB000_0000
 
-#: The high-performance PS slave ports the accelerator's masters go to, in order:
+#: The high-performance PS slave ports, HP0 … HP3 (:func:`master_hp_port` says which one
+#: each of the accelerator's masters goes to):
 #: (block-design port, the PS option that enables it, the option that sets its width, the
 #: address-segment prefix, the PS clock pin). HP0..HP3 are ``S_AXI_GP2``..``S_AXI_GP5`` in the
 #: PS configuration. Non-coherent HP ports match the runtime, which flushes and invalidates
@@ -99,3 +102,12 @@ def base_name(config_name: str) -> str:
     """Base name of the ``.bit`` / ``.hwh`` pair built for ``config_name`` (``m3vit_zcu104``)."""
     return f"m3vit_{config_name}"
 
+
+
+def master_hp_port(index: int, n_masters: int) -> tuple[str, str, str, str, str]:
+    """The :data:`HP_PORTS` entry of master ``index`` of ``n_masters``.
+
+    Masters take HP0, HP1, HP3 and only then HP2, which shares a DDR-controller port with
+    HP1 (:func:`m3vit.hw.hp_ports.hp_ports`, the same choice the DDR model makes).
+    """
+    return HP_PORTS[hp_ports(n_masters)[index]]

@@ -28,12 +28,12 @@ from .board import (
     ACCEL_MODULE,
     BOARD,
     CONTROL_BASE,
-    HP_PORTS,
     PART,
     PYNQ_IMAGE,
     VIVADO_VERSION,
     WRAPPER_MODULE,
     base_name,
+    master_hp_port,
     register_window_bytes,
 )
 from .collect import MANIFEST_NAME, check_replaceable, collect
@@ -118,6 +118,7 @@ def write_project(
     build_dir = Path(build_dir)
     component = _accelerator(config)
     buses, interrupts = bus_interfaces(component)
+    masters = [b for b in buses if b.mode == "master"]
     if progress is not None:
         progress(f"elaborating the accelerator for {config_name} (the ZCU104 configuration "
                  "takes about a minute)")
@@ -146,8 +147,8 @@ def write_project(
             "cell": ACCEL_CELL,
             "control_offset": f"0x{CONTROL_BASE:08x}",
             "control_range": register_window_bytes(),
-            "masters": {b.name: HP_PORTS[i][0]
-                        for i, b in enumerate(b for b in buses if b.mode == "master")},
+            "masters": {b.name: master_hp_port(i, len(masters))[0]
+                        for i, b in enumerate(masters)},
         },
     }
     texts["flow"] = ("flow.json", json.dumps(flow, indent=2) + "\n")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from ...config import AccelConfig
 from ...errors import M3VitError
+from ...hp_ports import hp_ports
 from .board import (
     ACCEL_CELL,
     ACCEL_MODULE,
@@ -24,6 +25,7 @@ from .board import (
     PYNQ_IMAGE,
     WRAPPER_MODULE,
     base_name,
+    master_hp_port,
     register_window_bytes,
 )
 from .wrapper import BusInterface, WrapperPort
@@ -129,11 +131,14 @@ def _ps_properties(masters: Sequence[BusInterface], interrupts: Sequence[Wrapper
         ("PSU__USE__M_AXI_GP1", "0"),          # M_AXI_HPM1_FPD: unused
         ("PSU__USE__M_AXI_GP2", "0"),          # M_AXI_HPM0_LPD: unused
     ]
-    for i, (_, use, width, _, _) in enumerate(HP_PORTS):
-        used = i < len(masters)
+    # Master i goes to HP port hp_ports(n)[i]: HP0, HP1, HP3, then HP2 (m3vit.hw.hp_ports).
+    chosen = hp_ports(len(masters)) if masters else ()
+    for hp, (_, use, width, _, _) in enumerate(HP_PORTS):
+        used = hp in chosen
         props.append((use, "1" if used else "0"))
         if used:
-            props.append((width, str(masters[i].width("WDATA") or masters[i].width("RDATA"))))
+            master = masters[chosen.index(hp)]
+            props.append((width, str(master.width("WDATA") or master.width("RDATA"))))
     props += [
         ("PSU__USE__IRQ0", "1" if interrupts else "0"),
         ("PSU__FPGA_PL0_ENABLE", "1"),
@@ -177,7 +182,7 @@ def _bd_clock_and_reset(n_masters: int) -> list[str]:
                   f"{ACCEL_CELL}/aclk", "ctrl_smc/aclk"]
     reset_pins = [f"{ACCEL_CELL}/aresetn", "ctrl_smc/aresetn"]
     for i in range(n_masters):
-        clock_pins += [f"mem_smc{i}/aclk", f"{ps}/{HP_PORTS[i][4]}"]
+        clock_pins += [f"mem_smc{i}/aclk", f"{ps}/{master_hp_port(i, n_masters)[4]}"]
         reset_pins.append(f"mem_smc{i}/aresetn")
     return [
         "  # One clock: pl_clk0 at the accelerator's target. Its reset, synchronous to it.",
@@ -201,12 +206,13 @@ def _bd_axi_paths(slave: BusInterface, masters: Sequence[BusInterface],
         f"[get_bd_intf_pins {ACCEL_CELL}/{slave.name}]",
     ]
     for i, master in enumerate(masters):
+        hp = master_hp_port(i, len(masters))
         t += [
-            f"  # Data: {master.name} -> SmartConnect -> {HP_PORTS[i][0]} (non-coherent DDR).",
+            f"  # Data: {master.name} -> SmartConnect -> {hp[0]} (non-coherent DDR).",
             f"  connect_bd_intf_net [get_bd_intf_pins {ACCEL_CELL}/{master.name}] "
             f"[get_bd_intf_pins mem_smc{i}/S00_AXI]",
             f"  connect_bd_intf_net [get_bd_intf_pins mem_smc{i}/M00_AXI] "
-            f"[get_bd_intf_pins {ps}/{HP_PORTS[i][0]}]",
+            f"[get_bd_intf_pins {ps}/{hp[0]}]",
         ]
     for port in interrupts:
         t.append(f"  connect_bd_net [get_bd_pins {ACCEL_CELL}/{port.name}] "
@@ -247,7 +253,8 @@ def _bd_address_map(slave: BusInterface, masters: Sequence[BusInterface],
         for segment in ("DDR_LOW", "DDR_HIGH"):
             t.append(f"  assign_bd_address -target_address_space "
                      f"[get_bd_addr_spaces {ACCEL_CELL}/{master.name}] "
-                     f"[get_bd_addr_segs {PS_CELL}/{HP_PORTS[i][3]}_{segment}] -force")
+                     f"[get_bd_addr_segs {PS_CELL}/{master_hp_port(i, len(masters))[3]}_{segment}] "
+                     "-force")
     return t
 
 
