@@ -7,6 +7,7 @@ means a bug in the toolkit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -47,6 +48,27 @@ def _cycle_window(text: str) -> tuple[int, int | None]:
     if window[0] < 0 or (window[1] is not None and window[1] <= window[0]):
         raise argparse.ArgumentTypeError(f"need 0 <= START < STOP, got {text!r}")
     return window
+
+
+#: ``m3vit run --ddr`` keys: the DDR model's knobs (m3vit.sim.soc.DdrTiming) and their types.
+_DDR_KNOBS = {"read_latency": int, "write_latency": int, "max_outstanding": int,
+              "bytes_per_cycle": float, "aggregate_bytes_per_cycle": float,
+              "shared_pair_bytes_per_cycle": float}
+
+
+def _ddr_setting(text: str) -> tuple[str, int | float | None]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in _DDR_KNOBS:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY one of {', '.join(_DDR_KNOBS)}, got {text!r}")
+    if value.lower() == "none" and key.endswith("bytes_per_cycle") and key != "bytes_per_cycle":
+        return key, None
+    try:
+        return key, _DDR_KNOBS[key](value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{key} takes {'an integer' if _DDR_KNOBS[key] is int else 'a number'}, got "
+            f"{value!r}") from None
 
 
 def _img_size(text: str) -> tuple[int, int]:
@@ -413,12 +435,20 @@ def cmd_run(args: argparse.Namespace) -> None:
         if args.trace:
             options["trace_path"] = args.trace
             options["trace_window"] = args.trace_window
+        if args.ddr:
+            from m3vit.sim.soc import DdrTiming
+
+            # Validated by DdrTiming: a bad value is one line naming the knob.
+            options["timing"] = dataclasses.replace(DdrTiming.zcu104(config), **dict(args.ddr))
+            print(f"DDR model: {options['timing']}", file=sys.stderr)
         # Room for the program and data window (SimBoard's buffers start at 4 KiB).
         need = len(compiled.program) + len(compiled.image) + (2 << 20)
         options["ddr_bytes"] = max(64 << 20, 1 << (need - 1).bit_length())
         acc = Accelerator.open("sim", config=config, progress=lambda m: print(
             m, file=sys.stderr, flush=True), **options)
     else:
+        if args.ddr:
+            raise M3VitError("--ddr sets the simulated DDR: it needs --backend sim")
         acc = Accelerator.open("pynq", bitstream=args.bitstream, **options)
     scenes = scenes_for(compiled.model, args.images, seed=args.seed)
     with acc:
@@ -720,6 +750,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="START:STOP", help="simulated cycles to trace, counted from the "
                    "model's start (one tiny image is ~1 M cycles; a VCD of the CI design takes "
                    "~11 kB per cycle); STOP may be empty for no end (default: 0:200000)")
+    s.add_argument("--ddr", type=_ddr_setting, action="append", metavar="KEY=VALUE",
+                   help="sim: change one knob of the DDR model from its measured ZCU104 "
+                   f"defaults (repeatable; keys: {', '.join(_DDR_KNOBS)}; 'none' lifts a "
+                   "shared cap; docs/simulation.md). Figures we publish use the defaults")
     s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report)")
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")

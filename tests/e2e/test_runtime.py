@@ -189,3 +189,26 @@ def test_run_cli_traces_only_the_window(tmp_path, capsys):
     assert main(["run", str(tmp_path / "tiny.ci.m3x"), "--trace", str(trace),
                  "--trace-window", "5:5"]) == 2
     assert "START < STOP" in capsys.readouterr().err
+
+
+def test_run_cli_ddr_knobs(tmp_path, capsys):
+    """--ddr changes the simulated DDR: a slower memory takes more cycles, same results;
+    a bad knob is one line."""
+    m3q = save_package(tmp_path / "tiny.m3q", tiny_package())
+    assert main(["compile", str(m3q), "--config", "ci"]) == 0
+    m3x = tmp_path / "tiny.ci.m3x"
+    cycles = {}
+    for name, knobs in (("default", []), ("slow", ["--ddr", "read_latency=200", "--ddr",
+                                                    "aggregate_bytes_per_cycle=4"])):
+        report = tmp_path / f"{name}.json"
+        assert main(["run", str(m3x), "--images", "1", "--task", "depth", "--check",
+                     str(m3q), "--json", str(report), *knobs]) == 0
+        result = load_report(report)["tasks"]["depth"]
+        assert result["bit_exact"] is True
+        cycles[name] = result["runs"][0]["cycles"]
+    assert "read_latency=200" in capsys.readouterr().err
+    assert cycles["slow"] > cycles["default"], cycles
+    assert main(["run", str(m3x), "--ddr", "max_outstanding=0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("m3vit: error:")
+    assert main(["run", str(m3x), "--backend", "pynq", "--ddr", "read_latency=9"]) == 2
+    assert "needs --backend sim" in capsys.readouterr().err
