@@ -36,6 +36,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from .config import AccelConfig
 
@@ -60,6 +61,8 @@ __all__ = [
     "axi_write_signature",
     "byte_beat_layout",
     "dma_cmd_layout",
+    "issue_read_burst",
+    "read_address_stage",
 ]
 
 #: Width of a command's ``beats`` field: up to 2^25 − 1 beats (512 MiB at 16 bytes a beat).
@@ -270,6 +273,36 @@ def _check_config(config: AccelConfig) -> AccelConfig:
     return config
 
 
+def read_address_stage(m: Module, axi, config: AccelConfig):
+    """The constant AR fields of a read master (ID 0, full-width INCR bursts) and whether
+    its AR register can take a burst this cycle (empty, or its burst taken now).
+
+    Returns the ``ar_free`` expression; :func:`issue_read_burst` loads the register.
+    """
+    m.d.comb += [
+        axi.arid.eq(0),
+        axi.arsize.eq(exact_log2(config.axi_bytes)),
+        axi.arburst.eq(AxiBurst.INCR),
+        axi.arcache.eq(AXCACHE),
+        axi.arprot.eq(AXPROT),
+    ]
+    # AR is a register stage: a new burst loads when the previous one has been taken.
+    return ~axi.arvalid | axi.arready
+
+
+def issue_read_burst(m: Module, axi, config: AccelConfig, issue, burst) -> None:
+    """Load the AR register with ``burst`` (a :class:`BurstSplitter` payload) when ``issue``;
+    drop ``arvalid`` once the slave takes it."""
+    with m.If(issue):
+        m.d.sync += [
+            axi.arvalid.eq(1),
+            axi.araddr.eq(Cat(Const(0, exact_log2(config.axi_bytes)), burst.beat_addr)),
+            axi.arlen.eq(burst.beats - 1),
+        ]
+    with m.Elif(axi.arready):
+        m.d.sync += axi.arvalid.eq(0)
+
+
 class BurstSplitter(wiring.Component):
     """Cuts commands into INCR bursts that never cross a ``max_burst_beats`` boundary.
 
@@ -405,7 +438,6 @@ class ReadDma(wiring.Component):
         cfg = self._config
         axi = self.axi
         depth = self.queue_beats
-        beat_shift = (cfg.axi_bytes - 1).bit_length()
 
         m.submodules.splitter = splitter = BurstSplitter(cfg)
         wiring.connect(m, wiring.flipped(self.cmd), splitter.cmd)
@@ -420,26 +452,11 @@ class ReadDma(wiring.Component):
         credits = Signal(range(depth + 1), init=depth)
         outstanding = Signal(range(cfg.max_outstanding + 1))
 
-        m.d.comb += [
-            axi.arid.eq(0),
-            axi.arsize.eq(beat_shift),
-            axi.arburst.eq(AxiBurst.INCR),
-            axi.arcache.eq(AXCACHE),
-            axi.arprot.eq(AXPROT),
-        ]
-        # AR is a register stage: a new burst loads when the previous one has been taken.
-        ar_free = ~axi.arvalid | axi.arready
+        ar_free = read_address_stage(m, axi, cfg)
         m.d.comb += burst.ready.eq(ar_free & (credits >= burst.p.beats)
                                    & (outstanding != cfg.max_outstanding))
         issue = burst.valid & burst.ready
-        with m.If(issue):
-            m.d.sync += [
-                axi.arvalid.eq(1),
-                axi.araddr.eq(Cat(Const(0, beat_shift), burst.p.beat_addr)),
-                axi.arlen.eq(burst.p.beats - 1),
-            ]
-        with m.Elif(axi.arready):
-            m.d.sync += axi.arvalid.eq(0)
+        issue_read_burst(m, axi, cfg, issue, burst.p)
         m.d.comb += [
             ends_cmd.w_en.eq(issue),
             ends_cmd.w_data.eq(burst.p.last),

@@ -41,15 +41,14 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from .axi import (
-    AXCACHE,
-    AXPROT,
     BYTE_COUNTER_BITS,
-    AxiBurst,
     AxiResp,
     BurstSplitter,
     axi_read_signature,
     byte_beat_layout,
     dma_cmd_layout,
+    issue_read_burst,
+    read_address_stage,
 )
 from .config import AccelConfig
 
@@ -200,30 +199,16 @@ class StripedReadDma(wiring.Component):
         m.submodules[f"queue{index}"] = queue
         credits = Signal(range(depth + 1), init=depth, name=f"credits{index}")
         outstanding = Signal(range(cfg.max_outstanding + 1), name=f"outstanding{index}")
-        m.d.comb += [
-            axi.arid.eq(0),
-            axi.arsize.eq(exact_log2(cfg.axi_bytes)),
-            axi.arburst.eq(AxiBurst.INCR),
-            axi.arcache.eq(AXCACHE),
-            axi.arprot.eq(AXPROT),
-        ]
+        ar_free = read_address_stage(m, axi, cfg)
         entries = burst.p.beats[entry_shift:]
         can_issue = Signal(name=f"can_issue{index}")
         issue = Signal(name=f"issue{index}")
         m.d.comb += [
-            can_issue.eq((~axi.arvalid | axi.arready) & (credits >= entries)
+            can_issue.eq(ar_free & (credits >= entries)
                          & (outstanding != cfg.max_outstanding)),
             issue.eq(burst.valid & burst.ready & (next_port == index)),
         ]
-        with m.If(issue):
-            beat_shift = exact_log2(cfg.axi_bytes)
-            m.d.sync += [
-                axi.arvalid.eq(1),
-                axi.araddr.eq(Cat(Const(0, beat_shift), burst.p.beat_addr)),
-                axi.arlen.eq(burst.p.beats - 1),
-            ]
-        with m.Elif(axi.arready):
-            m.d.sync += axi.arvalid.eq(0)
+        issue_read_burst(m, axi, cfg, issue, burst.p)
 
         # R beats into entries: pieces 0 … entry_beats−2 wait here, the last goes straight in.
         r_beat = Signal(name=f"r_beat{index}")

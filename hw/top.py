@@ -30,21 +30,16 @@ from .isa import check_top_config
 from .regfile import AxiLiteSignature, ControlRegisters
 from .striped_read import StripedReadDma
 
-__all__ = ["AcceleratorTop", "master_names", "master_ports"]
-
-
-def master_ports(config: AccelConfig) -> int:
-    """AXI4 master ports of :class:`AcceleratorTop` for ``config``: ``n_master_ports``.
-
-    Each goes to its own HP port (:func:`m3vit.hw.hp_ports.hp_ports`): ``m_axi`` (reads and
-    all writes), then ``m_axi1`` … (reads only).
-    """
-    return config.n_master_ports
+__all__ = ["AcceleratorTop", "master_names"]
 
 
 def master_names(config: AccelConfig) -> tuple[str, ...]:
-    """The top's AXI4 master members, master 0 first: ``m_axi``, ``m_axi1``, …"""
-    return ("m_axi", *(f"m_axi{p}" for p in range(1, master_ports(config))))
+    """The top's AXI4 master members, master 0 first: ``m_axi``, ``m_axi1``, …
+
+    ``config.n_master_ports`` of them, each on its own HP port
+    (:func:`m3vit.hw.hp_ports.hp_ports`): ``m_axi`` reads and does all writes, the others read.
+    """
+    return ("m_axi", *(f"m_axi{p}" for p in range(1, config.n_master_ports)))
 
 
 class AcceleratorTop(wiring.Component):

@@ -140,8 +140,8 @@ class DdrTiming:
         config : AccelConfig
             The accelerator configuration (``axi_data_width``, ``clock_mhz``).
         n_masters : int, optional
-            AXI4 master ports of the top; default: as many as :class:`AcceleratorTop`
-            has for ``config``.
+            AXI4 master ports of the top; default ``config.n_master_ports`` (as many as
+            :class:`~m3vit.hw.top.AcceleratorTop` has).
 
         Returns
         -------
@@ -149,9 +149,7 @@ class DdrTiming:
             Latencies and outstanding bursts as the class defaults.
         """
         if n_masters is None:
-            from m3vit.hw.top import master_ports
-
-            n_masters = master_ports(config)
+            n_masters = config.n_master_ports
         ports = hp_ports(n_masters)
         clock = config.clock_mhz
         per_port = min(float(min(config.axi_bytes, 16)), bytes_per_cycle(PORT_READ_GBPS, clock))
@@ -196,10 +194,8 @@ def _verilog(config: AccelConfig) -> str:
 
 
 def _build_flags(config: AccelConfig, trace: str | None) -> list[str]:
-    from m3vit.hw.top import master_ports
-
     defines = [f"-DSOC_BUS_BYTES={config.axi_bytes}",
-               f"-DSOC_N_PORTS={master_ports(config)}", "-fPIC"]
+               f"-DSOC_N_PORTS={config.n_master_ports}", "-fPIC"]
     if trace:
         defines.append(f"-DSOC_TRACE_{trace.upper()}")
     return [
