@@ -61,6 +61,7 @@ __all__ = [
     "axi_write_signature",
     "byte_beat_layout",
     "dma_cmd_layout",
+    "entry_layout",
     "issue_read_burst",
     "read_address_stage",
 ]
@@ -265,6 +266,22 @@ def byte_beat_layout(n_bytes: int) -> data.StructLayout:
     if n_bytes < 1 or n_bytes & (n_bytes - 1):
         raise ValueError(f"n_bytes must be a power of two, got {n_bytes!r}")
     return data.StructLayout({"data": unsigned(8 * n_bytes), "last": 1})
+
+
+def entry_layout(axi_bytes: int, entry_beats: int) -> data.StructLayout:
+    """An *entry* of up to ``entry_beats`` AXI beats of a byte stream.
+
+    With one beat an entry this is :func:`byte_beat_layout`. Otherwise ``data`` (``8 ·
+    axi_bytes · entry_beats`` bits, the first beat in the low bits), ``last`` and ``beats``
+    (1 … ``entry_beats``): how many beats of ``data``, from the first, are the stream's; a
+    command's entries are full except perhaps its last.
+    """
+    if entry_beats < 1 or entry_beats & (entry_beats - 1):
+        raise ValueError(f"entry_beats must be a power of two, got {entry_beats!r}")
+    if entry_beats == 1:
+        return byte_beat_layout(axi_bytes)
+    return data.StructLayout({"data": unsigned(8 * axi_bytes * entry_beats), "last": 1,
+                              "beats": range(1, entry_beats + 1)})
 
 
 def _check_config(config: AccelConfig) -> AccelConfig:

@@ -6,19 +6,24 @@ at once (the ZCU104's HP ports each deliver ≈ 4.75 GB/s; three together ≈ 14
 :mod:`m3vit.hw.hp_ports`) and delivers them as *entries* of ``entry_beats`` beats, so the
 consumer can take up to ``entry_beats`` beats a cycle::
 
-    cmd ─► burst splitter ─► burst k to port k mod N ──► AR ─┐
-                                 │ (port, entries, last)      │ DDR
-                                 ▼                             ▼
-                             order queue          R beats ─► pack ─► entry queue (port p)
-                                 │                                        │
-                                 └──────► merger: the head burst's entries from its port's
-                                          queue, one entry a cycle ─► data
+    cmd ─► round out to entries ─► burst splitter ─► burst k to port k mod N ──► AR ─┐
+             │ (skip, beats)                 │ (port, entries, last)                │ DDR
+             ▼                               ▼                                      ▼
+         command queue                   order queue         R beats ─► pack ─► entry queue
+             │                               │                                 (port p)
+             │                               └──► merger: the head burst's entries from
+             ▼                                    its port's queue, one entry a cycle
+         realigner ◄─────────────────────────────────────┘
+             └─► data (the command's beats, entries from its first beat)
 
 Rules (as :class:`~m3vit.hw.axi.ReadDma`'s, plus):
 
-* A command's ``addr`` is taken as entry-aligned (its low ``log2(entry_beats ·
-  axi_bytes)`` bits are ignored) and its ``beats`` as whole entries (the low
-  ``log2(entry_beats)`` bits are ignored): the compiler lays every stream out so.
+* A command may start at any beat and have any number of beats. The DMA reads it out to
+  whole entries (the address rounded down, the end up) and a *realigner* drops the beats
+  before and after: the first entry starts with the command's first beat, every entry is
+  full but perhaps the last, whose ``beats`` says how many of its beats are the
+  command's. A command at an entry boundary costs nothing; any other reads one entry
+  more and passes its data through a ``entry_beats``-way rotation.
 * Bursts never cross a ``max_burst_beats`` boundary, which is a multiple of an entry, so
   every burst is whole entries. Burst ``k`` of the stream (counted over all commands since
   reset) goes to port ``k mod n_ports``: consecutive bursts of one weight stream arrive on
@@ -47,6 +52,7 @@ from .axi import (
     axi_read_signature,
     byte_beat_layout,
     dma_cmd_layout,
+    entry_layout,
     issue_read_burst,
     read_address_stage,
 )
@@ -83,9 +89,11 @@ class StripedReadDma(wiring.Component):
     axi : Out(Signature of ``port0`` … ``port{n−1}``, each axi_read_signature)
         The AR and R channels of each master (ID 0, INCR, full-width beats).
     cmd : In(stream of dma_cmd_layout)
-        ``addr`` entry-aligned, ``beats`` a multiple of ``entry_beats`` (see the module).
-    data : Out(stream of byte_beat_layout(entry_beats · axi_bytes))
-        The entries read, in address order, ``last`` on each command's final entry.
+        ``addr`` beat-aligned, any ``beats`` (0 reads nothing).
+    data : Out(stream of entry_layout(axi_bytes, entry_beats))
+        The commands' beats in address order, ``entry_beats`` an entry from each command's
+        first beat (``beats`` of the last entry may be fewer), ``last`` on each command's
+        final entry.
     error : Out(1)
         Sticky: an R beat on any port came back with ``RRESP`` ≠ OKAY.
     clear_error : In(1)
@@ -116,7 +124,7 @@ class StripedReadDma(wiring.Component):
         super().__init__({
             "axi": Out(wiring.Signature({f"port{p}": Out(read) for p in range(n_ports)})),
             "cmd": In(stream.Signature(dma_cmd_layout(config))),
-            "data": Out(stream.Signature(byte_beat_layout(self.entry_bytes))),
+            "data": Out(stream.Signature(entry_layout(config.axi_bytes, entry_beats))),
             "error": Out(1),
             "clear_error": In(1),
             "bytes_read": Out(BYTE_COUNTER_BITS),
@@ -138,18 +146,36 @@ class StripedReadDma(wiring.Component):
         cfg = self._config
         n, entry_shift = self.n_ports, exact_log2(self.entry_beats)
 
-        # Commands with entry-aligned addresses and whole entries, to the burst splitter.
+        # Commands rounded out to whole entries, to the burst splitter; what to drop, to the
+        # realigner.
         m.submodules.splitter = splitter = BurstSplitter(cfg)
         beat_shift = exact_log2(cfg.axi_bytes)
         aligned = Signal.like(self.cmd.payload)
+        skip = self.cmd.p.addr[beat_shift:beat_shift + entry_shift]  # beats before the start
+        end = Signal(len(self.cmd.p.beats) + 1)
         m.d.comb += [
+            end.eq(self.cmd.p.beats + skip + self.entry_beats - 1),
             aligned.addr.eq(Cat(Const(0, beat_shift + entry_shift),
                                 self.cmd.p.addr[beat_shift + entry_shift:])),
-            aligned.beats.eq(Cat(Const(0, entry_shift), self.cmd.p.beats[entry_shift:])),
-            splitter.cmd.valid.eq(self.cmd.valid),
-            splitter.cmd.payload.eq(aligned),
-            self.cmd.ready.eq(splitter.cmd.ready),
+            aligned.beats.eq(Mux(self.cmd.p.beats == 0, 0,
+                                 Cat(Const(0, entry_shift), end[entry_shift:]))),
         ]
+        info_layout = data.StructLayout({"skip": entry_shift, "beats": len(self.cmd.p.beats)})
+        if self.entry_beats == 1:
+            m.d.comb += [splitter.cmd.valid.eq(self.cmd.valid),
+                         self.cmd.ready.eq(splitter.cmd.ready)]
+            info = None
+        else:
+            # A zero-beat command reads nothing and leaves nothing for the realigner.
+            m.submodules.commands = info = SyncFIFOBuffered(width=info_layout.size, depth=4)
+            empty = self.cmd.p.beats == 0
+            m.d.comb += [
+                splitter.cmd.valid.eq(self.cmd.valid & (info.w_rdy | empty)),
+                self.cmd.ready.eq(splitter.cmd.ready & (info.w_rdy | empty)),
+                info.w_en.eq(self.cmd.valid & self.cmd.ready & ~empty),
+                info.w_data.eq(Cat(skip, self.cmd.p.beats)),
+            ]
+        m.d.comb += splitter.cmd.payload.eq(aligned)
         burst = splitter.burst
 
         # The order queue: one record per burst issued, in issue order.
@@ -176,7 +202,12 @@ class StripedReadDma(wiring.Component):
             written.last.eq(burst.p.last),
         ]
 
-        self._merge(m, ports, order, record)
+        merged = stream.Signature(byte_beat_layout(self.entry_bytes)).create(path=("merged",))
+        self._merge(m, ports, order, record, merged)
+        if info is None:
+            wiring.connect(m, merged, wiring.flipped(self.data))
+        else:
+            self._realign(m, merged, info, info_layout)
 
         # Status.
         m.d.comb += self.busy.eq(splitter.active | order.r_rdy
@@ -237,19 +268,19 @@ class StripedReadDma(wiring.Component):
                                outstanding=outstanding, r_beat=r_beat, r_error=r_error,
                                popped=popped)
 
-    def _merge(self, m: Module, ports, order, record) -> None:
-        """The head burst's entries, from its port's queue, one a cycle."""
+    def _merge(self, m: Module, ports, order, record, merged) -> None:
+        """The head burst's entries, from its port's queue, one a cycle, to ``merged``."""
         head = record(order.r_data)
         taken = Signal(range(self._config.max_burst_beats // self.entry_beats + 1))
         queue_ready = Array(p.queue.r_rdy for p in ports)[head.port]
         queue_data = Array(p.queue.r_data for p in ports)[head.port]
         final = taken == head.entries - 1
         m.d.comb += [
-            self.data.valid.eq(order.r_rdy & queue_ready),
-            self.data.p.data.eq(queue_data),
-            self.data.p.last.eq(head.last & final),
+            merged.valid.eq(order.r_rdy & queue_ready),
+            merged.p.data.eq(queue_data),
+            merged.p.last.eq(head.last & final),
         ]
-        pop = self.data.valid & self.data.ready
+        pop = merged.valid & merged.ready
         for index, port in enumerate(ports):
             m.d.comb += [port.popped.eq(pop & (head.port == index)),
                          port.queue.r_en.eq(pop & (head.port == index))]
@@ -257,3 +288,52 @@ class StripedReadDma(wiring.Component):
         with m.If(pop):
             m.d.sync += taken.eq(Mux(final, 0, taken + 1))
 
+
+    def _realign(self, m: Module, merged, info, info_layout) -> None:
+        """Whole entries in, the commands' beats out, each command from its first beat.
+
+        With ``skip`` beats before a command's start, output entry ``k`` is beats ``skip …
+        entry_beats − 1`` of input entry ``k`` (held) and beats ``0 … skip − 1`` of input
+        entry ``k + 1``; a command's last output may need no further input (a flush).
+        """
+        E = self.entry_beats
+        beat_bits = 8 * self._config.axi_bytes
+        head = info_layout(info.r_data)
+        active = Signal()                       # a command is being realigned
+        skip = Signal(exact_log2(E))
+        left = Signal(len(head.beats))          # its beats still to go out
+        held = Signal(E * beat_bits)            # the input entry before the current one
+        have_held = Signal()
+        inputs_done = Signal()                  # the command's final input entry has come
+        with m.If(~active & info.r_rdy):
+            m.d.comb += info.r_en.eq(1)
+            m.d.sync += [active.eq(1), skip.eq(head.skip), left.eq(head.beats),
+                         have_held.eq(0), inputs_done.eq(0)]
+
+        out = self.data
+        following = Mux(inputs_done, 0, merged.p.data)
+        rotated = Array(Cat(held[k * beat_bits:], following[:k * beat_bits])
+                        for k in range(1, E))
+        final = left <= E
+        m.d.comb += [out.p.beats.eq(Mux(final, left, E)), out.p.last.eq(final)]
+        sent = out.valid & out.ready
+        with m.If(active & (skip == 0)):
+            # Aligned: entries pass straight through.
+            m.d.comb += [out.valid.eq(merged.valid), out.p.data.eq(merged.p.data),
+                         merged.ready.eq(out.ready)]
+        with m.Elif(active & ~have_held):
+            # The first entry only fills `held`.
+            m.d.comb += merged.ready.eq(1)
+            with m.If(merged.valid):
+                m.d.sync += [held.eq(merged.p.data), have_held.eq(1),
+                             inputs_done.eq(merged.p.last)]
+        with m.Elif(active):
+            m.d.comb += [out.valid.eq(inputs_done | merged.valid),
+                         out.p.data.eq(rotated[skip - 1]),
+                         merged.ready.eq(out.ready & ~inputs_done)]
+            with m.If(sent & ~inputs_done):
+                m.d.sync += [held.eq(merged.p.data), inputs_done.eq(merged.p.last)]
+        with m.If(sent):
+            m.d.sync += left.eq(left - Mux(final, left, E))
+            with m.If(final):
+                m.d.sync += active.eq(0)

@@ -26,7 +26,7 @@ def test_entry_beats_and_ports():
     ports = signature_ports(dma)
     assert {f"axi__port{p}__araddr" for p in range(3)} <= set(ports)
     assert "axi__port3__araddr" not in ports
-    assert len(ports["data__payload"][0]) == 8 * 64 + 1
+    assert len(ports["data__payload"][0]) == 8 * 64 + 1 + 3  # data, last, beats 1…4
 
 
 @pytest.mark.parametrize("kwargs", [{"n_ports": 0}, {"n_ports": 9}, {"entry_beats": 3},

@@ -67,37 +67,55 @@ class TB(Bench):
                     assert dut[f"axi__port{port}__rready"].value, "rready low on a port"
 
     def commands(self, rng, count: int) -> list[tuple[int, int]]:
-        """Entry-aligned commands of whole entries, a 4 KiB crossing and a zero among them."""
+        """Commands at any beat of any length (a 4 KiB crossing, a zero, entry-aligned ones
+        and one-beat ones among them)."""
+        beat = self.config.axi_bytes
         commands = []
         for _ in range(count):
-            entries = rng.randint(1, 200)
-            last = (RAM_BYTES - entries * self.entry_bytes) // self.entry_bytes
-            commands.append((rng.randint(0, last) * self.entry_bytes,
-                             entries * self.entry_beats))
+            beats = rng.randint(1, 200 * self.entry_beats)
+            last = (RAM_BYTES - (beats + self.entry_beats) * beat) // beat
+            commands.append((rng.randint(0, last) * beat, beats))
         commands.insert(1, (4096 - self.entry_bytes, 3 * self.entry_beats))
         commands.insert(2, (0x2000, 0))
+        commands.insert(3, (0x3000 + beat, 1))
+        commands.insert(4, (0x5000 - beat, 2))
+        commands.insert(5, (0x6000 + 2 * beat, 3 * self.entry_beats - 1))
         return commands
 
-    async def read(self, commands, *, random_flow: bool) -> list[tuple[int, int]]:
+    def entries_read(self, commands) -> int:
+        """Entries the DMA reads for ``commands``: each rounded out to whole entries."""
+        beat, e = self.config.axi_bytes, self.entry_beats
+        return sum((addr // beat % e + beats + e - 1) // e for addr, beats in commands if beats)
+
+    async def read(self, commands, *, random_flow: bool) -> list[tuple[int, int, int]]:
+        """(data of the valid beats, last, beats) of every entry the DMA delivers."""
         layout = dma_cmd_layout(self.config)
         source = StreamSource(self, "cmd", gaps=random_flow)
         sink = StreamSink(self, "data", backpressure=random_flow)
         sending = cocotb.start_soon(source.send(
             [pack(layout, {"addr": a, "beats": b}) for a, b in commands]))
-        entries = sum(b for _, b in commands) // self.entry_beats
+        e = self.entry_beats
+        entries = sum((b + e - 1) // e for _, b in commands)
         payloads = await sink.receive(entries)
         await sending
         bits = 8 * self.entry_bytes
-        return [(p & ((1 << bits) - 1), p >> bits) for p in payloads]
+        beat_bits = 8 * self.config.axi_bytes
+        out = []
+        for p in payloads:
+            beats = p >> (bits + 1) if e > 1 else 1
+            out.append((p & ((1 << beats * beat_bits) - 1), (p >> bits) & 1, beats))
+        return out
 
-    def expected(self, commands) -> list[tuple[int, int]]:
+    def expected(self, commands) -> list[tuple[int, int, int]]:
+        beat, e = self.config.axi_bytes, self.entry_beats
         out = []
         for addr, beats in commands:
-            count = beats // self.entry_beats
+            count = (beats + e - 1) // e
             for k in range(count):
+                n = min(e, beats - k * e)
                 start = addr + k * self.entry_bytes
-                word = int.from_bytes(self.memory[start:start + self.entry_bytes], "little")
-                out.append((word, int(k == count - 1)))
+                word = int.from_bytes(self.memory[start:start + n * beat], "little")
+                out.append((word, int(k == count - 1), n))
         return out
 
 
@@ -117,13 +135,14 @@ async def _bytes_in_order(dut, random_flow: bool) -> None:
         assert addr // 4096 == end // 4096 and beats % tb.entry_beats == 0
     await tb.cycles(4)
     assert not dut.busy.value and not dut.error.value
-    total = sum(b for _, b in commands) * tb.config.axi_bytes
+    total = tb.entries_read(commands) * tb.entry_bytes
     assert dut.bytes_read.value.to_unsigned() == total
 
 
 @cocotb.test()
 async def bytes_in_order_free(dut):
-    """Nothing stalls: every entry right, in order, ``last`` on each command's end."""
+    """Nothing stalls: every command's beats in order from its first, whatever its
+    alignment; ``last`` and the beat count on each command's final entry."""
     await _bytes_in_order(dut, random_flow=False)
 
 
