@@ -227,18 +227,24 @@ class GemmEngine(wiring.Component):
     ----------
     config : AccelConfig
         Array shape (``pe_rows`` = K lanes, ``pe_cols`` = N lanes) and ``max_tokens``.
+    rows_per_beat : int
+        Weight rows (or columns) per ``weights`` beat, W: a power of two dividing
+        ``pe_rows`` (the top takes two 32-byte rows from each 64-byte read entry).
+    params_per_beat : int
+        Output channels' parameters per ``params`` beat, P: a power of two dividing
+        ``pe_cols``.
 
     Attributes
     ----------
     command : In(stream.Signature(command_layout(config)))
         One beat per pass or table load (:func:`command_layout`, :class:`GemmOp`).
-    weights : In(stream.Signature(ArrayLayout(signed(8), pe_cols)))
-        Weight rows, ``pe_rows`` per tile, or for a ``transposed`` pass weight columns,
-        ``pe_cols`` per tile (lane ``r`` = row ``r``).
+    weights : In(stream.Signature(ArrayLayout(ArrayLayout(signed(8), pe_cols), W)))
+        W weight rows a beat, ``pe_rows`` per tile, or for a ``transposed`` pass W weight
+        columns, ``pe_cols`` per tile (lane ``r`` = row ``r``); element 0 first.
     activations : In(stream.Signature(ArrayLayout(signed(8), pe_rows)))
         One token's K-slice per beat.
-    params : In(stream.Signature(GEMM_PARAM))
-        One output channel's bias, multiplier and shift per beat, ``pe_cols`` per N-tile.
+    params : In(stream.Signature(ArrayLayout(GEMM_PARAM, P)))
+        P output channels' bias, multiplier and shift per beat, ``pe_cols`` per N-tile.
     table : In(stream.Signature(signed(8)))
         Table entries, taken only by a ``LOAD_TABLE`` command.
     results : Out(stream.Signature(output_layout(config)))
@@ -272,9 +278,9 @@ class GemmEngine(wiring.Component):
       array is free) as soon as every weight tile of the one before has loaded, and a
       pass's weights are taken only once its command has been.
     * ``weights``: for ``j`` in 0…NT−1, for ``s`` in 0…KS−1, for ``r`` in 0…R−1: the row
-      ``[W[j·C + c, s·R + r] for c in 0…C−1]``; NT·KS·R beats. The tile for the next slice
-      (of this pass or, if its command has been given, the next) loads while the current
-      one computes: weights may run one tile ahead of the array.
+      ``[W[j·C + c, s·R + r] for c in 0…C−1]``; NT·KS·R rows, W to a beat. The tile for
+      the next slice (of this pass or, if its command has been given, the next) loads
+      while the current one computes: weights may run one tile ahead of the array.
       With ``transposed`` set (square arrays only, R = C) each tile arrives column by
       column instead: for ``j``, for ``s``, for ``c`` in 0…C−1: the column ``[W[j·C + c,
       s·R + r] for r in 0…R−1]``, i.e. row ``j·C + c`` of W, K-slice ``s``: one stored
@@ -282,8 +288,9 @@ class GemmEngine(wiring.Component):
     * ``activations``: for ``j``, for ``s``, for ``m`` in 0…M−1: ``[X[m, s·R + r] for r in
       0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile).
     * ``params``: for ``j``, for ``c`` in 0…C−1: ``bias``, ``mult``, ``shift`` of output
-      channel ``j·C + c``; NT·C beats, also in mode INT32 (bias only is used there). They
-      may run one N-tile ahead (they are held until the tile's last slice).
+      channel ``j·C + c``; NT·C records, P to a beat, also in mode INT32 (bias only is
+      used there). They may run one N-tile ahead (they are held until the tile's last
+      slice).
     * ``table``: for ``LOAD_TABLE`` only, 256 beats, entry 0 first: ``table[i]`` is the
       output for ``q & 0xFF == i``. It waits until every earlier result has left.
     * ``results``: for ``j``, for ``m``: lanes ``c`` = ``Y[m, j·C + c]``; NT·M beats.
@@ -304,18 +311,26 @@ class GemmEngine(wiring.Component):
     pipeline (no clock enable on wide registers).
 
     **Throughput.** One token per cycle while the streams keep up. A K-slice takes at least
-    ``M`` cycles and at least the ``R`` weight beats of the next tile plus one (the shadow
-    is free again the cycle after the swap), so passes with ``M ≤ R`` are bound by the
-    weight stream. A token reading its accumulator must enter :attr:`hazard_cycles` (4)
+    ``M`` cycles and at least the ``R / W`` weight beats of the next tile plus one (the
+    shadow is free again the cycle after the swap), so passes with ``M ≤ R / W`` are bound
+    by the weight stream. A token reading its accumulator must enter :attr:`hazard_cycles` (4)
     cycles after its previous slice did; the engine waits for that only when ``M`` is
     below it, which the weight load already covers unless ``R = 2``.
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1):
         if not isinstance(config, AccelConfig):
             raise TypeError(f"config must be an AccelConfig, got {config!r}")
         self.config = config
         rows, cols = config.pe_rows, config.pe_cols
+        for name, value, whole in (("rows_per_beat", rows_per_beat, rows),
+                                   ("params_per_beat", params_per_beat, cols)):
+            if value < 1 or value & (value - 1) or whole % value:
+                raise ValueError(f"{name} must be a power of two dividing {whole}, got "
+                                 f"{value!r}")
+        #: Weight rows (or columns) a ``weights`` beat carries; parameters a ``params`` beat.
+        self.rows_per_beat = rows_per_beat
+        self.params_per_beat = params_per_beat
         self.command_layout = command_layout(config)
         self.output_layout = output_layout(config)
         #: Cycles of the column adder trees (a register every two of log2(pe_rows) levels).
@@ -335,9 +350,10 @@ class GemmEngine(wiring.Component):
         counters = wiring.Signature({name: Out(COUNTER_WIDTH) for name in COUNTER_NAMES})
         super().__init__({
             "command": In(stream.Signature(self.command_layout)),
-            "weights": In(stream.Signature(data.ArrayLayout(signed(8), cols))),
+            "weights": In(stream.Signature(data.ArrayLayout(data.ArrayLayout(signed(8), cols),
+                                                            rows_per_beat))),
             "activations": In(stream.Signature(data.ArrayLayout(signed(8), rows))),
-            "params": In(stream.Signature(GEMM_PARAM)),
+            "params": In(stream.Signature(data.ArrayLayout(GEMM_PARAM, params_per_beat))),
             "table": In(stream.Signature(signed(8))),
             "results": Out(stream.Signature(self.output_layout)),
             "counters": Out(counters),
@@ -439,31 +455,37 @@ class GemmEngine(wiring.Component):
         tile_layout = data.ArrayLayout(data.ArrayLayout(signed(8), cols), rows)
         s.w_shadow = w_shadow = Signal(tile_layout)
         s.w_active = Signal(tile_layout)
-        s.w_row = w_row = Signal(range(rows))  # the beat within the tile: a row, or a column
+        W = self.rows_per_beat
+        # The first row (or column) of the beat within the tile, a multiple of W.
+        s.w_row = w_row = Signal(range(rows))
         s.w_full = w_full = Signal()
         m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full)
         beat = self.weights.payload
 
-        def write_row():
+        def write_rows():
             with m.Switch(w_row):
-                for row in range(rows):
-                    with m.Case(row):
-                        m.d.sync += w_shadow[row].eq(beat)
+                for first in range(0, rows, W):
+                    with m.Case(first):
+                        m.d.sync += [w_shadow[first + k].eq(beat[k]) for k in range(W)]
 
         with m.If(self.weights.valid & self.weights.ready):
             if rows == cols:
-                # Row r takes beat r whole, or lane r of beat c as its element c: per element
-                # a 2:1 mux on the data and on the write enable (row or column decode), both
-                # selected by a register that changes only between passes.
+                # Row r takes element r mod W of the beat whole, or lane r of element c mod W
+                # as its element c: per element a 2:1 mux on the data and on the write enable
+                # (row or column decode), both selected by a register that changes only
+                # between passes.
                 with m.If(s.load_transposed):
-                    for row in range(rows):
-                        m.d.sync += w_shadow[row][w_row].eq(beat[row])
+                    with m.Switch(w_row):
+                        for first in range(0, cols, W):
+                            with m.Case(first):
+                                m.d.sync += [w_shadow[row][first + k].eq(beat[k][row])
+                                             for row in range(rows) for k in range(W)]
                 with m.Else():
-                    write_row()
+                    write_rows()
             else:
-                write_row()
-            m.d.sync += w_row.eq(w_row + 1)  # pe_rows is a power of two: wraps to 0
-            with m.If(w_row == rows - 1):
+                write_rows()
+            m.d.sync += w_row.eq(w_row + W)  # pe_rows is a power of two: wraps to 0
+            with m.If(w_row == rows - W):
                 m.d.sync += w_full.eq(1)
                 with m.If(s.load_slices_left != 0):
                     m.d.sync += s.load_slices_left.eq(s.load_slices_left - 1)
@@ -479,17 +501,19 @@ class GemmEngine(wiring.Component):
         param_layout = data.ArrayLayout(GEMM_PARAM, cols)
         s.p_shadow = p_shadow = Signal(param_layout)
         s.p_active = Signal(param_layout)
-        s.p_index = p_index = Signal(range(cols))
+        P = self.params_per_beat
+        s.p_index = p_index = Signal(range(cols))  # the beat's first channel, a multiple of P
         s.p_full = p_full = Signal()
         s.p_claimed = Signal()  # a token in flight will copy the shadow into active
         m.d.comb += self.params.ready.eq(~p_full)
         with m.If(self.params.valid & self.params.ready):
             with m.Switch(p_index):
-                for col in range(cols):
-                    with m.Case(col):
-                        m.d.sync += p_shadow[col].eq(self.params.payload)
-            m.d.sync += p_index.eq(p_index + 1)
-            with m.If(p_index == cols - 1):
+                for first in range(0, cols, P):
+                    with m.Case(first):
+                        m.d.sync += [p_shadow[first + k].eq(self.params.payload[k])
+                                     for k in range(P)]
+            m.d.sync += p_index.eq(p_index + P)
+            with m.If(p_index == cols - P):
                 m.d.sync += p_full.eq(1)
 
     def _issue(self, m: Module, s: SimpleNamespace) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "check_top_config",
     "decode",
     "encode",
+    "intake_beats",
     "isa_markdown",
 ]
 
@@ -72,6 +73,22 @@ LN_RECORD_BYTES = 16
 GEMM_RECORD_BYTES = 8
 
 
+def intake_beats(config: AccelConfig) -> int:
+    """AXI beats the engine takes from the read DMA in one cycle: one *entry*.
+
+    As many as the master ports deliver together (the least power of two ≥
+    ``n_master_ports``), halved until an entry divides both an N-tile's parameter block
+    (``GEMM_RECORD_BYTES · pe_cols`` bytes) and a weight tile (``pe_rows · pe_cols``), so a
+    GEMM's stream splits between them at entry boundaries. ZCU104 (3 ports, 32 × 32):
+    4 beats, 64 bytes a cycle; one port: 1.
+    """
+    beats = 1 << (config.n_master_ports - 1).bit_length()
+    while beats > 1 and ((GEMM_RECORD_BYTES * config.pe_cols) % (beats * config.axi_bytes)
+                         or (config.pe_rows * config.pe_cols) % (beats * config.axi_bytes)):
+        beats //= 2
+    return beats
+
+
 def check_top_config(config: AccelConfig) -> AccelConfig:
     """Check the constraints the top adds to :class:`AccelConfig`'s own.
 
@@ -90,6 +107,9 @@ def check_top_config(config: AccelConfig) -> AccelConfig:
                                "array or lower axi_data_width")
     if GEMM_RECORD_BYTES * config.pe_cols < config.axi_bytes:
         raise AccelConfigError("an N-tile's parameters must be at least one AXI beat")
+    if config.axi_bytes > INSTRUCTION_BYTES:
+        raise AccelConfigError(f"axi_data_width must be at most {INSTRUCTION_BITS} (the "
+                               "instruction fetch takes at most one instruction a beat)")
     if config.act_buffer_words > 1 << BUF_ADDR_BITS:
         raise AccelConfigError(f"act_buffer_words is over the ISA's {1 << BUF_ADDR_BITS}")
     return config

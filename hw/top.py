@@ -26,7 +26,7 @@ from amaranth.lib.wiring import In, Out
 from .axi import AxiDmaPort, WriteDma, axi_master_signature, axi_read_part, axi_write_part
 from .config import AccelConfig
 from .engine import Engine
-from .isa import check_top_config
+from .isa import check_top_config, intake_beats
 from .regfile import AxiLiteSignature, ControlRegisters
 from .striped_read import StripedReadDma
 
@@ -105,7 +105,8 @@ class AcceleratorTop(wiring.Component):
 
         One port: :class:`~m3vit.hw.axi.AxiDmaPort` (reads and writes share ``m_axi``).
         Several: a :class:`~m3vit.hw.striped_read.StripedReadDma` reads through every port,
-        bursts striped across them (one beat an entry: the engine takes AXI beats), and the
+        bursts striped across them, and hands the engine an entry of
+        :func:`~m3vit.hw.isa.intake_beats` beats a cycle (64 bytes on the ZCU104); the
         write DMA uses ``m_axi`` alone (results are a few KiB an image); the other ports'
         write channels are idle.
         """
@@ -115,7 +116,8 @@ class AcceleratorTop(wiring.Component):
             dma = m.submodules.dma = AxiDmaPort(cfg)
             wiring.connect(m, wiring.flipped(self.m_axi), dma.m_axi)
             return dma.read, dma.write
-        read = m.submodules.read_dma = StripedReadDma(cfg, len(names), entry_beats=1)
+        read = m.submodules.read_dma = StripedReadDma(cfg, len(names),
+                                                      entry_beats=intake_beats(cfg))
         write = m.submodules.write_dma = WriteDma(cfg)
         for index, name in enumerate(names):
             port = getattr(self, name)

@@ -27,7 +27,7 @@ from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..axi import byte_beat_layout, dma_cmd_layout
+from ..axi import byte_beat_layout, dma_cmd_layout, entry_layout
 from ..config import AccelConfig
 from ..gemm import GemmEngine
 from ..isa import check_top_config
@@ -39,7 +39,7 @@ from .controller import Controller
 from .counters import PerformanceCounters
 from .datapath import Datapath
 from .fetch import InstructionFetch
-from .router import ReadRouter
+from .router import ReadRouter, intake_shape
 
 __all__ = ["Engine"]
 
@@ -58,7 +58,8 @@ class Engine(wiring.Component):
         To the register file: the run's settings and start / abort in, its status and the
         engine's counters out (Verilog ``ctrl__start`` …).
     rd_cmd, rd_data, wr_cmd, wr_data : streams
-        To / from the read and write DMA engines (byte address, beat count; AXI-wide data).
+        To / from the read and write DMA engines (byte address, beat count; reads in
+        entries of :func:`~m3vit.hw.isa.intake_beats` beats, writes AXI-wide).
     wr_idle : In(1)
         No write command or response is outstanding in the write DMA.
     dma_error : In(1)
@@ -76,7 +77,8 @@ class Engine(wiring.Component):
         super().__init__({
             "ctrl": Out(EngineControlSignature()),
             "rd_cmd": Out(stream.Signature(dma_cmd)),
-            "rd_data": In(stream.Signature(byte_beat_layout(config.axi_bytes))),
+            "rd_data": In(stream.Signature(entry_layout(config.axi_bytes,
+                                                        intake_shape(config).entry_beats))),
             "wr_cmd": Out(stream.Signature(dma_cmd)),
             "wr_data": Out(stream.Signature(byte_beat_layout(config.axi_bytes))),
             "wr_idle": In(1),
@@ -88,7 +90,9 @@ class Engine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        gemm = m.submodules.gemm = GemmEngine(cfg)
+        intake = intake_shape(cfg)
+        gemm = m.submodules.gemm = GemmEngine(cfg, rows_per_beat=intake.rows_per_beat,
+                                              params_per_beat=intake.params_per_beat)
         ln = m.submodules.layernorm = LayerNormUnit(cfg)
         softmax = m.submodules.softmax = SoftmaxUnit(cfg)
         residual = m.submodules.residual = ResidualAdd(cfg)
@@ -135,6 +139,7 @@ class Engine(wiring.Component):
         wiring.connect(m, router.ln_params, ln.params)
         wiring.connect(m, router.softmax_table, softmax.table)
         wiring.connect(m, router.words, datapath.ddr_words)
+        wiring.connect(m, router.gemm_weights, datapath.ddr_weights)
         wiring.connect(m, datapath.gemm_activations, gemm.activations)
         wiring.connect(m, datapath.gemm_weights, gemm.weights)
         wiring.connect(m, gemm.results, datapath.gemm_results)

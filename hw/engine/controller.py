@@ -1,15 +1,15 @@
 """The controller: the state machine that runs a program one instruction at a time.
 
-``FETCH`` (one instruction through the read DMA) → ``CHECK1`` / ``CHECK2`` (the
-instruction checks: sums registered, then compared) → the instruction's states →
-``NEXT``. An instruction ends when its last result is in the buffer, or its last write
-response is back — except that a ``GEMM`` streaming its weights from DDR with INT8 results
-hands over as soon as its stream has arrived (``pending``): the next instruction is
-fetched and checked while the array finishes, and if it is such a ``GEMM`` too, its
-command and weight stream are issued at once while its buffer walks wait for the previous
-``GEMM``'s last result. A failed check stops before anything of the instruction starts; a
-DDR error lets the instruction finish, then stops; ``abort_request`` stops after the
-current instruction.
+``FETCH`` (one instruction, from the fetch's line cache or a line read through the DMA) →
+``CHECK1`` / ``CHECK2`` (the instruction checks: sums registered, then compared) → the
+instruction's states → ``NEXT``. An instruction ends when its last result is in the
+buffer, or its last write response is back — except that a ``GEMM`` streaming its weights
+from DDR with INT8 results hands over as soon as its stream has arrived (``pending``): the
+next instruction is fetched and checked while the array finishes, and if it is such a
+``GEMM`` too, its command and weight stream are issued at once while its buffer walks wait
+for the previous ``GEMM``'s last result. A failed check stops before anything of the
+instruction starts; a DDR error lets the instruction finish, then stops; ``abort_request``
+stops after the current instruction.
 """
 
 from amaranth.hdl import Module, Mux, Signal
@@ -36,7 +36,7 @@ from .buffer import GatherMode
 from .checks import checks_control
 from .datapath import Unit, datapath_control
 from .fetch import fetch_control
-from .router import ReadSink, read_router_control
+from .router import ReadSink, intake_shape, read_router_control
 
 __all__ = ["Controller", "dispatcher_tables"]
 
@@ -255,7 +255,7 @@ class Controller(wiring.Component):
                              r.task_offset.eq(0), r.task_stride.eq(0), r.sent.eq(0),
                              r.routed.eq(0), r.loop_active.eq(0),
                              r.run_schedule.eq(self.schedule), r.pending.eq(0)]
-                m.d.comb += self.dma_error_clear.eq(1)
+                m.d.comb += [self.dma_error_clear.eq(1), self.fetch.flush.eq(1)]
                 m.next = "FETCH"
         with m.State("FETCH"):
             m.d.comb += self.busy.eq(1)
@@ -321,6 +321,7 @@ class Controller(wiring.Component):
     def _gemm_setup(self, m: Module, r: _Registers) -> None:
         """The GEMM's unit, sink and DDR stream (sent to the router)."""
         cfg = self.config
+        entry_bytes = intake_shape(cfg).entry_bytes
         g = self.instruction.args.gemm
         m.d.sync += [
             r.unit.eq(Unit.GEMM),
@@ -331,9 +332,10 @@ class Controller(wiring.Component):
         m.d.comb += [
             self.router.gemm_setup.eq(1),
             self.router.gemm_weights_ddr.eq(g.wsrc == WeightSource.DDR),
-            self.router.gemm_tile_beats.eq((g.k_slices * (cfg.pe_rows * cfg.pe_cols))
-                                           >> exact_log2(cfg.axi_bytes)),
-            self.router.gemm_beats.eq(self._ddr_beats()),
+            self.router.gemm_tile_entries.eq((g.k_slices * (cfg.pe_rows * cfg.pe_cols))
+                                             >> exact_log2(entry_bytes)),
+            # A GEMM's stream is whole entries (parameter blocks and tiles are).
+            self.router.gemm_entries.eq(self.checks.ddr_bytes >> exact_log2(entry_bytes)),
         ]
 
     def _gemm_walks(self, m: Module, r: _Registers) -> None:

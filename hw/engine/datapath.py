@@ -34,6 +34,7 @@ from .buffer import (
     gathered_layout,
     walk_signature,
 )
+from .router import intake_shape
 
 __all__ = ["COUNT_BITS", "Datapath", "Unit", "datapath_control"]
 
@@ -134,7 +135,10 @@ class Datapath(wiring.Component):
     combiner_y, combiner_out : stream
         To and from the combiner (gathered expert outputs tagged with their score).
     ddr_words : In(stream.Signature(byte_beat_layout(pe_cols)))
-        Words from the read DMA: LOAD data, or GEMM weight rows from DDR.
+        LOAD words from the read DMA.
+    ddr_weights : In(stream.Signature(byte_beat_layout(rows_per_beat · pe_cols)))
+        GEMM weight rows from DDR, ``rows_per_beat`` (:func:`~.router.intake_shape`) a beat;
+        rows from the buffer are packed as many to a beat.
     wr_data : Out(stream.Signature(byte_beat_layout(axi_bytes)))
         To the write DMA: STORE words or INT32 GEMM results.
     queue_addr, queue_en, queue_token, slot_addr, slot_en, slot
@@ -151,6 +155,8 @@ class Datapath(wiring.Component):
     def __init__(self, config: AccelConfig):
         self.config = config
         cfg = config
+        #: GEMM weight rows a beat (from DDR and, packed, from the buffer).
+        self.rows_per_beat = intake_shape(cfg).rows_per_beat
         entries = cfg.max_tokens * cfg.max_top_k
         lanes = stream.Signature(lane_layout(cfg))
         rows = stream.Signature(row_beat_layout(cfg))
@@ -158,7 +164,8 @@ class Datapath(wiring.Component):
         super().__init__({
             "control": In(datapath_control(cfg)),
             "gemm_activations": Out(stream.Signature(data.ArrayLayout(signed(8), cfg.pe_rows))),
-            "gemm_weights": Out(stream.Signature(data.ArrayLayout(signed(8), cfg.pe_cols))),
+            "gemm_weights": Out(stream.Signature(data.ArrayLayout(
+                data.ArrayLayout(signed(8), cfg.pe_cols), self.rows_per_beat))),
             "gemm_results": In(stream.Signature(output_layout(cfg))),
             "ln_x": Out(lanes),
             "ln_y": In(rows),
@@ -171,6 +178,8 @@ class Datapath(wiring.Component):
             "combiner_y": Out(stream.Signature(Combiner.in_layout(cfg))),
             "combiner_out": In(stream.Signature(lane_layout(cfg, INT8))),
             "ddr_words": In(stream.Signature(byte_beat_layout(cfg.pe_cols))),
+            "ddr_weights": In(stream.Signature(byte_beat_layout(
+                self.rows_per_beat * cfg.pe_cols))),
             "wr_data": Out(stream.Signature(byte_beat_layout(cfg.axi_bytes))),
             "queue_addr": Out(range(entries)),
             "queue_en": Out(1),
@@ -267,15 +276,20 @@ class Datapath(wiring.Component):
         with m.If(unit == Unit.ROUTE):
             m.d.comb += [self.route_scores.valid.eq(self.softmax_probs.valid),
                          self.softmax_probs.ready.eq(self.route_scores.ready)]
-        # GEMM weights: from DDR (the read DMA's words) or from the buffer (port B).
-        weights, words = self.gemm_weights, self.ddr_words
+        # GEMM weights: from DDR (the read DMA's rows) or from the buffer (port B's words,
+        # packed as many to a beat).
+        weights, rows = self.gemm_weights, self.ddr_weights
+        pack = m.submodules.pack_b = StreamResize(self.config.pe_cols,
+                                                  self.rows_per_beat * self.config.pe_cols)
+        m.d.comb += pack.i.payload.data.eq(b_data)
         with m.If(ctl.weights_from_buffer):
             with m.If(unit == Unit.GEMM):
-                m.d.comb += [weights.valid.eq(b.valid), b.ready.eq(weights.ready)]
-            m.d.comb += weights.payload.eq(b_data)
+                m.d.comb += [pack.i.valid.eq(b.valid), b.ready.eq(pack.i.ready),
+                             weights.valid.eq(pack.o.valid), pack.o.ready.eq(weights.ready)]
+            m.d.comb += weights.payload.eq(pack.o.payload.data)
         with m.Elif(unit == Unit.GEMM):
-            m.d.comb += [weights.valid.eq(words.valid), words.ready.eq(weights.ready),
-                         weights.payload.eq(words.payload.data)]
+            m.d.comb += [weights.valid.eq(rows.valid), rows.ready.eq(weights.ready),
+                         weights.payload.eq(rows.payload.data)]
 
     def _write_port(self, m: Module, write, gen_w: AddressGenerator,
                     rs_i32: StreamResize) -> None:

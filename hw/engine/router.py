@@ -1,23 +1,42 @@
 """The read-DMA router: one read port shared by instruction fetch and the operand streams.
 
 Commands come from the instruction fetch and from the controller (never both in one
-cycle). Data beats go to the sink the controller selects (:class:`ReadSink`), through
-width converters from AXI beats to each consumer's words: instruction beats to the fetch,
-a GEMM's stream split per N-tile into parameter records and weight rows, LayerNorm
-parameter records, the two tables, and LOAD words.
+cycle). Data arrives in *entries* of :func:`~m3vit.hw.isa.intake_beats` AXI beats (64 bytes
+a cycle on the ZCU104's three ports) and goes to the sink the controller selects
+(:class:`ReadSink`): a GEMM's stream whole entries at a time, split per N-tile into
+parameter records (all of an entry's in one cycle) and weight rows (an entry's worth in one
+cycle); everything else beat by beat, through width converters to each consumer's words:
+instruction beats to the fetch, LayerNorm parameter records, the two tables, LOAD words.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed
-from amaranth.lib import enum, stream, wiring
+from types import SimpleNamespace
+
+from amaranth.hdl import Array, Module, Mux, Signal, signed
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..axi import StreamResize, byte_beat_layout, dma_cmd_layout
+from ..axi import StreamResize, byte_beat_layout, dma_cmd_layout, entry_layout
 from ..config import AccelConfig
 from ..gemm import GEMM_PARAM
-from ..isa import GEMM_RECORD_BYTES, LN_RECORD_BYTES
+from ..isa import GEMM_RECORD_BYTES, LN_RECORD_BYTES, intake_beats
 from ..vector import LayerNormUnit, SoftmaxUnit
 
-__all__ = ["ReadRouter", "ReadSink", "read_router_control"]
+__all__ = ["ReadRouter", "ReadSink", "intake_shape", "read_router_control"]
+
+
+def intake_shape(config: AccelConfig) -> SimpleNamespace:
+    """How the engine takes read data: ``entry_beats`` and ``entry_bytes`` (one entry a
+    cycle), and what a GEMM makes of an entry: ``rows_per_beat`` weight rows (an entry, or
+    one row packed from several when an entry is narrower than a row) and
+    ``params_per_beat`` parameter records."""
+    beats = intake_beats(config)
+    entry_bytes = beats * config.axi_bytes
+    return SimpleNamespace(
+        entry_beats=beats,
+        entry_bytes=entry_bytes,
+        rows_per_beat=max(1, entry_bytes // config.pe_cols),
+        params_per_beat=max(1, entry_bytes // GEMM_RECORD_BYTES),
+    )
 
 
 class ReadSink(enum.Enum, shape=3):
@@ -50,9 +69,9 @@ def read_router_control() -> wiring.Signature:
         sink : Out(ReadSink)
             Where data beats go.
         gemm_setup : Out(1)
-            Start a GEMM stream this cycle: ``gemm_beats`` beats, of which, with
-            ``gemm_weights_ddr``, each N-tile's parameter beats are followed by
-            ``gemm_tile_beats`` weight beats.
+            Start a GEMM stream this cycle: ``gemm_entries`` entries, of which, with
+            ``gemm_weights_ddr``, each N-tile's parameter entries are followed by
+            ``gemm_tile_entries`` weight entries.
         gemm_stream_done : In(1)
             Every beat of the GEMM's stream has arrived.
         ln_restart : Out(1)
@@ -64,14 +83,14 @@ def read_router_control() -> wiring.Signature:
         table_done : In(1)
             All 256 exp-table entries have been delivered.
         data_waiting : In(1)
-            A data beat is on offer from the read DMA.
+            A data entry is on offer from the read DMA.
     """
     return wiring.Signature({
         "sink": Out(ReadSink),
         "gemm_setup": Out(1),
         "gemm_weights_ddr": Out(1),
-        "gemm_tile_beats": Out(24),
-        "gemm_beats": Out(32),
+        "gemm_tile_entries": Out(24),
+        "gemm_entries": Out(32),
         "gemm_stream_done": In(1),
         "ln_restart": Out(1),
         "ln_beats": In(16),
@@ -87,7 +106,8 @@ class ReadRouter(wiring.Component):
     Parameters
     ----------
     config : AccelConfig
-        ``axi_bytes`` (the beat), ``pe_cols`` (words and parameter blocks).
+        ``axi_bytes`` (the beat), :func:`intake_shape` (the entry), ``pe_cols`` (words and
+        parameter blocks).
 
     Attributes
     ----------
@@ -98,13 +118,15 @@ class ReadRouter(wiring.Component):
         LayerNorm parameters, tables, LOAD); merged onto ``rd_cmd``.
     rd_cmd : Out(stream.Signature(dma_cmd_layout(config)))
         To the read DMA.
-    rd_data : In(stream.Signature(byte_beat_layout(axi_bytes)))
-        From the read DMA.
+    rd_data : In(stream.Signature(entry_layout(axi_bytes, entry_beats)))
+        From the read DMA: each command's beats, an entry at a time.
     fetch : Out(stream.Signature(byte_beat_layout(axi_bytes)))
         Instruction beats.
     words : Out(stream.Signature(byte_beat_layout(pe_cols)))
-        Buffer words: LOAD data, or GEMM weight rows from DDR.
-    gemm_params : Out(stream.Signature(GEMM_PARAM))
+        LOAD words, to the buffer.
+    gemm_weights : Out(stream.Signature(byte_beat_layout(rows_per_beat · pe_cols)))
+        GEMM weight rows from DDR, ``rows_per_beat`` a beat.
+    gemm_params : Out(stream.Signature(ArrayLayout(GEMM_PARAM, params_per_beat)))
         A GEMM's per-channel parameters, from its 8-byte records.
     gemm_table : Out(stream.Signature(signed(8)))
         The GEMM engine's output table.
@@ -115,14 +137,18 @@ class ReadRouter(wiring.Component):
 
     Notes
     -----
-    A GEMM's stream is split at AXI-beat granularity (``check_top_config`` makes a tile and
-    a parameter block at least one beat): per N-tile, ``GEMM_RECORD_BYTES · pe_cols /
-    axi_bytes`` beats to the parameter converter, then the tile beats to the word
-    converter; with weights from the buffer every beat is a parameter beat.
+    A GEMM's stream is split at entry granularity (:func:`~m3vit.hw.isa.intake_beats`
+    makes a weight tile and a parameter block whole entries): per N-tile,
+    ``GEMM_RECORD_BYTES · pe_cols / entry_bytes`` entries to the parameters, then the tile
+    entries to the weights; with weights from the buffer every entry is a parameter entry.
+    Its entries are whole (a GEMM stream is whole entries long, and the read DMA starts
+    each command's first entry at its first beat). The other sinks take an entry's valid
+    beats one a cycle.
     """
 
     def __init__(self, config: AccelConfig):
         self.config = config
+        self.intake = shape = intake_shape(config)
         dma_cmd = stream.Signature(dma_cmd_layout(config))
         beat = stream.Signature(byte_beat_layout(config.axi_bytes))
         super().__init__({
@@ -130,10 +156,13 @@ class ReadRouter(wiring.Component):
             "fetch_cmd": In(dma_cmd),
             "operand_cmd": In(dma_cmd),
             "rd_cmd": Out(dma_cmd),
-            "rd_data": In(beat),
+            "rd_data": In(stream.Signature(entry_layout(config.axi_bytes, shape.entry_beats))),
             "fetch": Out(beat),
             "words": Out(stream.Signature(byte_beat_layout(config.pe_cols))),
-            "gemm_params": Out(stream.Signature(GEMM_PARAM)),
+            "gemm_weights": Out(stream.Signature(byte_beat_layout(
+                shape.rows_per_beat * config.pe_cols))),
+            "gemm_params": Out(stream.Signature(data.ArrayLayout(GEMM_PARAM,
+                                                                 shape.params_per_beat))),
             "gemm_table": Out(stream.Signature(signed(8))),
             "ln_params": Out(stream.Signature(LayerNormUnit.param_layout(config))),
             "softmax_table": Out(stream.Signature(SoftmaxUnit.table_layout())),
@@ -144,6 +173,7 @@ class ReadRouter(wiring.Component):
         cfg = self.config
         C = cfg.pe_cols
         axi_bytes = cfg.axi_bytes
+        shape = self.intake
 
         # Commands: the fetch's and the controller's are never offered in the same cycle.
         fetch_cmd, operand_cmd = self.fetch_cmd, self.operand_cmd
@@ -154,80 +184,118 @@ class ReadRouter(wiring.Component):
             operand_cmd.ready.eq(self.rd_cmd.ready),
         ]
 
-        # Width converters between AXI beats and the consumers' words.
-        rs_word = m.submodules.rs_word = StreamResize(axi_bytes, C)         # LOAD, weights
-        rs_param = m.submodules.rs_param = StreamResize(axi_bytes, GEMM_RECORD_BYTES)
+        # Width converters between entries or AXI beats and the consumers' words.
+        entry_bytes = shape.entry_bytes
+        rs_rows = m.submodules.rs_rows = StreamResize(entry_bytes, shape.rows_per_beat * C)
+        rs_param = m.submodules.rs_param = StreamResize(
+            entry_bytes, shape.params_per_beat * GEMM_RECORD_BYTES)
+        rs_word = m.submodules.rs_word = StreamResize(axi_bytes, C)         # LOAD
         rs_ln = m.submodules.rs_ln = StreamResize(axi_bytes, LN_RECORD_BYTES * C)
         rs_t8 = m.submodules.rs_t8 = StreamResize(axi_bytes, 1)
         rs_t16 = m.submodules.rs_t16 = StreamResize(axi_bytes, 2)
+        wiring.connect(m, rs_rows.o, wiring.flipped(self.gemm_weights))
         wiring.connect(m, rs_word.o, wiring.flipped(self.words))
-        # GEMM stream split: per N-tile, parameter beats then weight beats (wsrc = DDR).
+        # GEMM stream split: per N-tile, parameter entries then weight entries (wsrc = DDR).
         gemm_weights_ddr = Signal()
-        beat_in_tile = Signal(24)
-        param_beats = GEMM_RECORD_BYTES * C // axi_bytes
-        to_params = (beat_in_tile < param_beats) | ~gemm_weights_ddr
-        self._route(m, (rs_word, rs_param, rs_ln, rs_t8, rs_t16), to_params)
-        self._gemm_stream(m, gemm_weights_ddr, beat_in_tile, param_beats)
+        entry_in_tile = Signal(24)
+        param_entries = GEMM_RECORD_BYTES * C // entry_bytes
+        to_params = (entry_in_tile < param_entries) | ~gemm_weights_ddr
+        narrow = self._narrow(m)
+        self._route(m, narrow, (rs_rows, rs_param), (rs_word, rs_ln, rs_t8, rs_t16), to_params)
+        self._gemm_stream(m, gemm_weights_ddr, entry_in_tile, param_entries)
         self._unit_streams(m, rs_param, rs_ln, rs_t8, rs_t16)
         return m
 
-    def _route(self, m: Module, converters, to_params) -> None:
-        """Data beats to the sink's converter (a GEMM's to ``rs_param`` while ``to_params``)."""
-        rs_word, rs_param, rs_ln, rs_t8, rs_t16 = converters
+    def _narrow(self, m: Module) -> SimpleNamespace:
+        """An entry's valid beats, one a cycle: ``valid``, ``data``, ``last`` and ``final``
+        (the entry's last beat: taking it takes the entry)."""
+        rd = self.rd_data
+        E = self.intake.entry_beats
+        if E == 1:
+            return SimpleNamespace(data=rd.payload.data, last=rd.payload.last, final=1,
+                                   taken=Signal(name="narrow_taken"))
+        width = 8 * self.config.axi_bytes
+        piece = Signal(range(E), name="narrow_piece")
+        taken = Signal(name="narrow_taken")  # the sink takes the beat on offer
+        final = piece == rd.payload.beats - 1
+        with m.If(taken):
+            m.d.sync += piece.eq(Mux(final, 0, piece + 1))
+        beats = Array(rd.payload.data[k * width:(k + 1) * width] for k in range(E))
+        return SimpleNamespace(data=beats[piece], last=rd.payload.last & final, final=final,
+                               taken=taken)
+
+    def _route(self, m: Module, narrow, gemm_converters, converters, to_params) -> None:
+        """Entries to the sink: a GEMM's whole to ``rs_param`` (while ``to_params``) or
+        ``rs_rows``; the other sinks' beat by beat through ``narrow``."""
+        rs_rows, rs_param = gemm_converters
+        rs_word, rs_ln, rs_t8, rs_t16 = converters
         ctl, rd = self.control, self.rd_data
+        beat_ready = Signal()  # the narrow sink takes a beat
         with m.Switch(ctl.sink):
             with m.Case(ReadSink.FETCH):
-                m.d.comb += [self.fetch.valid.eq(rd.valid), rd.ready.eq(self.fetch.ready)]
+                m.d.comb += [self.fetch.valid.eq(rd.valid), beat_ready.eq(self.fetch.ready)]
             with m.Case(ReadSink.GEMM):
                 m.d.comb += [
                     rs_param.i.valid.eq(rd.valid & to_params),
-                    rs_word.i.valid.eq(rd.valid & ~to_params),
-                    rd.ready.eq(Mux(to_params, rs_param.i.ready, rs_word.i.ready)),
+                    rs_rows.i.valid.eq(rd.valid & ~to_params),
+                    rd.ready.eq(Mux(to_params, rs_param.i.ready, rs_rows.i.ready)),
                 ]
             with m.Case(ReadSink.LN):
-                m.d.comb += [rs_ln.i.valid.eq(rd.valid), rd.ready.eq(rs_ln.i.ready)]
+                m.d.comb += [rs_ln.i.valid.eq(rd.valid), beat_ready.eq(rs_ln.i.ready)]
             with m.Case(ReadSink.TABLE8):
-                m.d.comb += [rs_t8.i.valid.eq(rd.valid), rd.ready.eq(rs_t8.i.ready)]
+                m.d.comb += [rs_t8.i.valid.eq(rd.valid), beat_ready.eq(rs_t8.i.ready)]
             with m.Case(ReadSink.TABLE16):
-                m.d.comb += [rs_t16.i.valid.eq(rd.valid), rd.ready.eq(rs_t16.i.ready)]
+                m.d.comb += [rs_t16.i.valid.eq(rd.valid), beat_ready.eq(rs_t16.i.ready)]
             with m.Case(ReadSink.LOAD):
-                m.d.comb += [rs_word.i.valid.eq(rd.valid), rd.ready.eq(rs_word.i.ready)]
-        for rs in converters:
+                m.d.comb += [rs_word.i.valid.eq(rd.valid), beat_ready.eq(rs_word.i.ready)]
+        narrow_sink = (ctl.sink != ReadSink.GEMM) & (ctl.sink != ReadSink.NONE)
+        m.d.comb += narrow.taken.eq(narrow_sink & rd.valid & beat_ready)
+        with m.If(narrow_sink):
+            m.d.comb += rd.ready.eq(beat_ready & narrow.final)
+        for rs in (rs_rows, rs_param):
             m.d.comb += rs.i.payload.data.eq(rd.payload.data)
-        m.d.comb += [self.fetch.payload.eq(rd.payload), ctl.data_waiting.eq(rd.valid)]
+        for rs in converters:
+            m.d.comb += rs.i.payload.data.eq(narrow.data)
+        m.d.comb += [self.fetch.payload.data.eq(narrow.data),
+                     self.fetch.payload.last.eq(narrow.last),
+                     ctl.data_waiting.eq(rd.valid)]
 
-    def _gemm_stream(self, m: Module, weights_ddr: Signal, beat_in_tile: Signal,
-                     param_beats: int) -> None:
-        """The GEMM stream's bookkeeping: beats still to come, the beat within an N-tile."""
+    def _gemm_stream(self, m: Module, weights_ddr: Signal, entry_in_tile: Signal,
+                     param_entries: int) -> None:
+        """The GEMM stream's bookkeeping: entries still to come, the entry within an N-tile."""
         ctl, rd = self.control, self.rd_data
-        tile_beats = Signal(24)  # weight beats per N-tile (k_slices·R·C/axi)
-        gemm_beats_left = Signal(32)   # beats of the GEMM's DDR stream still to arrive
-        gemm_beat = rd.valid & rd.ready & (ctl.sink == ReadSink.GEMM)
-        # A setup in the same cycle as a beat wins: it belongs to the next stream.
+        tile_entries = Signal(24)  # weight entries per N-tile (k_slices·R·C/entry_bytes)
+        entries_left = Signal(32)  # entries of the GEMM's DDR stream still to arrive
+        gemm_entry = rd.valid & rd.ready & (ctl.sink == ReadSink.GEMM)
+        # A setup in the same cycle as an entry wins: it belongs to the next stream.
         with m.If(ctl.gemm_setup):
-            m.d.sync += gemm_beats_left.eq(ctl.gemm_beats)
-        with m.Elif(gemm_beat):
-            m.d.sync += gemm_beats_left.eq(gemm_beats_left - 1)
+            m.d.sync += entries_left.eq(ctl.gemm_entries)
+        with m.Elif(gemm_entry):
+            m.d.sync += entries_left.eq(entries_left - 1)
         with m.If(ctl.gemm_setup):
-            m.d.sync += [beat_in_tile.eq(0), tile_beats.eq(ctl.gemm_tile_beats),
+            m.d.sync += [entry_in_tile.eq(0), tile_entries.eq(ctl.gemm_tile_entries),
                          weights_ddr.eq(ctl.gemm_weights_ddr)]
-        with m.Elif(gemm_beat & weights_ddr):
-            with m.If(beat_in_tile == param_beats + tile_beats - 1):
-                m.d.sync += beat_in_tile.eq(0)
+        with m.Elif(gemm_entry & weights_ddr):
+            with m.If(entry_in_tile == param_entries + tile_entries - 1):
+                m.d.sync += entry_in_tile.eq(0)
             with m.Else():
-                m.d.sync += beat_in_tile.eq(beat_in_tile + 1)
-        m.d.comb += ctl.gemm_stream_done.eq(gemm_beats_left == 0)
+                m.d.sync += entry_in_tile.eq(entry_in_tile + 1)
+        m.d.comb += ctl.gemm_stream_done.eq(entries_left == 0)
 
     def _unit_streams(self, m: Module, rs_param, rs_ln, rs_t8, rs_t16) -> None:
         """Records and table entries to the units' parameter and table streams."""
         C = self.config.pe_cols
         ctl = self.control
-        # GEMM parameters: 8-byte records → {bias, mult, shift}.
-        record = rs_param.o.payload.data
+        # GEMM parameters: 8-byte records → {bias, mult, shift}, all of a beat's at once.
+        bits = 8 * GEMM_RECORD_BYTES
+        for k in range(self.intake.params_per_beat):
+            record = rs_param.o.payload.data[k * bits:(k + 1) * bits]
+            m.d.comb += [
+                self.gemm_params.payload[k].bias.eq(record[0:32]),
+                self.gemm_params.payload[k].mult.eq(record[32:48]),
+                self.gemm_params.payload[k].shift.eq(record[48:54]),
+            ]
         m.d.comb += [
-            self.gemm_params.payload.bias.eq(record[0:32]),
-            self.gemm_params.payload.mult.eq(record[32:48]),
-            self.gemm_params.payload.shift.eq(record[48:54]),
             self.gemm_params.valid.eq(rs_param.o.valid),
             rs_param.o.ready.eq(self.gemm_params.ready),
         ]

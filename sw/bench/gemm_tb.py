@@ -319,18 +319,19 @@ class TB:
                 else:
                     beats = [[w[j * cols + c][s * rows + r] for c in range(cols)]
                              for r in range(rows)]
-                self.weights.beats += [self.layouts.weights.const(b).as_bits() for b in beats]
+                # One row (or column) a beat: the bench's engine has rows_per_beat = 1.
+                self.weights.beats += [self.layouts.weights.const([b]).as_bits() for b in beats]
                 for m in range(tokens):
                     self.activations.beats.append(
                         self.layouts.activations.const(x[m][s * rows:(s + 1) * rows]).as_bits()
                     )
             for c in range(cols):
                 channel = j * cols + c
-                self.params.beats.append(self.layouts.params.const({
+                self.params.beats.append(self.layouts.params.const([{
                     "bias": int(gemm.bias[channel]),
                     "mult": int(gemm.mult[channel]),
                     "shift": int(gemm.shift[channel]),
-                }).as_bits())
+                }]).as_bits())
 
     def decode(self, op: GemmOp, bits: int) -> list[int]:
         """One result beat as its ``pe_cols`` integers."""

@@ -47,6 +47,7 @@ from m3vit.hw.isa import (
     WeightSource,
     check_top_config,
     encode,
+    intake_beats,
 )
 
 from ..errors import M3VitError
@@ -128,6 +129,13 @@ def layernorm_records(gain, bias) -> bytes:
     rec[:, 8:10] = gain.astype("<i2").view(np.uint8).reshape(-1, 2)
     return rec.tobytes()
 
+
+
+def ddr_align(config: AccelConfig) -> int:
+    """Alignment of every item of a DDR image: one read entry of the engine
+    (:func:`~m3vit.hw.isa.intake_beats` AXI beats, 64 bytes on the ZCU104), so a stream
+    starting there needs no realigning and reads no entry it does not use."""
+    return intake_beats(config) * config.axi_bytes
 
 @dataclass
 class DdrImage:
@@ -668,7 +676,7 @@ def compile_block(t: dict, model: ModelConfig, config: AccelConfig, index: int, 
     C = config.pe_cols
     n, d = model.n_tokens, model.embed_dim
     words = d // C * n
-    img = DdrImage(align=config.axi_bytes)
+    img = DdrImage(align=ddr_align(config))
     plan = BufferPlan(config)
     prog = Program()
     tasks = None
@@ -783,7 +791,7 @@ def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None
     check_model_fits(model, config)
     C = config.pe_cols
     n, d = model.n_tokens, model.embed_dim
-    img = DdrImage(align=config.axi_bytes)
+    img = DdrImage(align=ddr_align(config))
     plan = BufferPlan(config)
     prog = Program()
     tasks = model_task_blocks(t, model, config)

@@ -83,8 +83,20 @@ def test_engine_geometry_follows_the_config():
     assert engine.hazard_cycles == 4
     # Enough result credits to take one token per cycle with no back-pressure.
     assert engine.queue_depth >= engine.result_latency + 3
-    assert engine.weights.payload.shape().length == ZCU104.pe_cols
+    assert engine.weights.payload.shape().length == 1  # one row a beat by default
+    assert engine.weights.payload.shape().elem_shape.length == ZCU104.pe_cols
     assert engine.activations.payload.shape().length == ZCU104.pe_rows
+    # The top's: two 32-byte rows and eight 8-byte parameter records of a 64-byte entry.
+    wide = GemmEngine(ZCU104, rows_per_beat=2, params_per_beat=8)
+    assert wide.weights.payload.shape().length == 2
+    assert wide.params.payload.shape().length == 8
+
+
+@pytest.mark.parametrize("kwargs", [{"rows_per_beat": 3}, {"rows_per_beat": 64},
+                                    {"params_per_beat": 0}, {"params_per_beat": 64}])
+def test_engine_rejects_beats_that_do_not_divide_the_array(kwargs):
+    with pytest.raises(ValueError, match="per_beat"):
+        GemmEngine(ZCU104, **kwargs)
 
 
 def test_engine_rejects_a_non_config():

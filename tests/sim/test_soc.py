@@ -10,6 +10,7 @@ import time
 import pytest
 
 from m3vit.hw.config import CI
+from m3vit.hw.engine.router import intake_shape
 from m3vit.hw.errors import M3VitError
 from m3vit.hw.isa import GemmOp, Opcode, WeightSource
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
@@ -259,10 +260,12 @@ def test_build_is_cached(soc):
 
 @pytest.mark.slow
 def test_three_ports_stripe_reads_with_the_same_results():
-    """Three AXI masters (HP0, HP1, HP3): the same programs give the same DDR contents;
-    every port carries a share of the reads, writes use the first; the DMA counter is their
-    sum."""
-    config = CI.replace(n_master_ports=3)
+    """Three AXI masters (HP0, HP1, HP3) and, on an 8 × 8 array, 64-byte read entries as on
+    the ZCU104 (GEMM streams at beat but not entry boundaries: the realigner's work): the
+    same programs give the same DDR contents; every port carries a share of the reads,
+    writes use the first; the DMA counter is their sum."""
+    config = CI.replace(pe_rows=8, pe_cols=8, n_master_ports=3)
+    assert intake_shape(config).entry_bytes == 64
     cases = [gemm_case(config, 20260101 + i, tokens, 3, 3, mode, WeightSource.DDR)
              for i, (tokens, mode) in enumerate([(64, GemmOp.INT8), (33, GemmOp.INT32)])]
     cases.append(dense_block_case(config))
