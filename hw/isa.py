@@ -459,10 +459,16 @@ _ISA_SEMANTICS = """
 Instructions run one at a time, in order; an instruction starts when the previous one has
 written its last result (to the buffer, or to DDR with every write response back). One
 overlap, invisible to results: once a `GEMM` with INT8 results and weights from DDR has
-received its whole DDR stream, the next instruction is fetched and checked; if it is such a
-`GEMM` too, its weight stream starts at once (the PE array's double buffer takes its first
-tile while the previous `GEMM` computes), and its buffer reads and writes start after the
-previous `GEMM`'s last result. This is how the next expert's weights are prefetched.
+issued its DDR stream, the next instruction is fetched and checked; if it is such a `GEMM`
+too, its weight stream is issued at once, behind the first's (the PE array's double
+buffer takes its first tile while the previous `GEMM` computes), and its buffer reads and
+writes start after the previous `GEMM`'s last result. This is how the next expert's
+weights are prefetched. Instructions are fetched a 256-byte line (eight instructions) at a
+time into a small cache that every `START` empties: a program must not change itself
+while it runs (no `STORE` into the program), and a line may read up to 224 bytes past the
+program's end (the runtime puts the data image there). DDR streams may start at any
+16-byte boundary; the compiler aligns them to 64 bytes, where the three-port ZCU104 reads
+them without realigning.
 Before an instruction starts, the controller checks it; a failing check stops the run
 cleanly (nothing of that instruction has started) with STATUS.ERROR, `ERROR_CODE` and
 `ERROR_PC` = the instruction's index:

@@ -20,6 +20,7 @@ from .registers import (
     AXIL_DATA_WIDTH,
     COUNTERS,
     REGISTER_MAP,
+    TRACE_WORDS,
     Access,
     EngineControlSignature,
     ErrorCode,
@@ -142,6 +143,9 @@ class ControlRegisters(wiring.Component):
         start_now, zero_counters = self._commands(m, writes, written)
         self._status(m, start_now, read_words)
         cycles, cycles_hi = self._counters(m, zero_counters, read_words)
+        read_words["TRACE_COUNT"] = self.engine.trace_count
+        for index in range(TRACE_WORDS):
+            read_words[f"TRACE_WORD{index}"] = self.engine.trace_entry[index]
         unimplemented = {register.name for register in REGISTER_MAP} - set(read_words)
         if unimplemented:
             raise RegisterError(f"registers declared but not implemented: {sorted(unimplemented)}")
@@ -312,4 +316,5 @@ class ControlRegisters(wiring.Component):
             self.engine.data_size.eq(pair("DATA_SIZE")),
             self.engine.task_select.eq(storage["TASK_SELECT"][task.lsb:task.msb + 1]),
             self.engine.schedule.eq(storage["SCHEDULE"][order.lsb:order.msb + 1]),
+            self.engine.trace_index.eq(storage["TRACE_INDEX"]),
         ]

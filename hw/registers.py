@@ -59,9 +59,12 @@ __all__ = [
     "ENUM_MEANINGS",
     "ERROR_MESSAGES",
     "ID_MAGIC",
+    "MAX_TRACE_PORTS",
     "REGISTER_GROUPS",
     "REGISTER_MAP",
     "SCHEDULE_MEANINGS",
+    "TRACE_DEPTH",
+    "TRACE_WORDS",
     "VERSION",
     "Access",
     "Counter",
@@ -85,7 +88,7 @@ _WORD_BYTES = AXIL_DATA_WIDTH // 8
 #: ``ID`` register: "M3VT" in ASCII, so a misplaced base address is noticed at once.
 ID_MAGIC = 0x4D335654
 #: Register map version (major, minor): a new major breaks hosts, a new minor only adds.
-VERSION = (1, 0)
+VERSION = (1, 1)
 
 
 class RegisterError(M3VitError, ValueError):
@@ -415,6 +418,25 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("INSTRUCTIONS", "engine", "instructions retired"),
 )
 
+#: Entries of the instruction trace (:class:`~m3vit.hw.engine.trace.InstructionTrace`): the
+#: first this many instructions of a run (an ``edge-moe`` image retires about 500).
+TRACE_DEPTH = 1024
+#: 32-bit words of a trace entry.
+TRACE_WORDS = 8
+#: Master ports a trace entry counts read bytes of.
+MAX_TRACE_PORTS = 4
+#: What each word of a trace entry holds (register ``TRACE_WORD<k>``).
+_TRACE_WORD_TEXT = (
+    "bits 15:0 the instruction's index, bits 23:16 its opcode, bit 24 a *drain*: the "
+    "wait for a GEMM that handed over early (it retired when its stream was issued) ends "
+    "here, and the span is its tail",
+    "cycle (since `START`) its span starts: the previous entry's end, 0 for the first",
+    "cycle its span ends (it retired, or the run stopped on it)",
+    *(f"bytes read from DDR over master port {p} during the span"
+      for p in range(MAX_TRACE_PORTS)),
+    "bytes written to DDR during the span",
+)
+
 #: Sections of the map: (group key, title, first offset, text for the docs).
 REGISTER_GROUPS = (
     ("ident", "Identification", 0x00,
@@ -429,6 +451,11 @@ REGISTER_GROUPS = (
      "write both before `START`."),
     ("counter", "Performance counters", 0x80,
      "Read-only, zeroed by an accepted `START` and by `CONTROL.CLEAR_COUNTERS`."),
+    ("trace", "Instruction trace", 0xC0,
+     "One entry per instruction of the last run (the first `TRACE_DEPTH` = "
+     f"{TRACE_DEPTH} of them): write `TRACE_INDEX`, then read `TRACE_WORD0` … "
+     f"`TRACE_WORD{TRACE_WORDS - 1}`. The entries' spans partition the run; "
+     "`m3vit profile` turns them into a table by phase and a timeline."),
 )
 _COUNTER_BASE = 0x88
 
@@ -510,6 +537,17 @@ def _declare() -> tuple[Register, ...]:
         registers.append(Register(counter.name, _COUNTER_BASE + 4 * index, ro, "counter",
                                   f"{counter.description[0].upper()}{counter.description[1:]}.",
                                   _word("32-bit, wrapping")))
+    registers += [
+        Register("TRACE_COUNT", 0xC0, ro, "trace", "Trace entries of the last run: one per "
+                 "instruction retired, one for the instruction it stopped on, one per drain "
+                 "(zeroed by `START`).", _word("count")),
+        Register("TRACE_INDEX", 0xC4, rw, "trace", "The trace entry `TRACE_WORD*` read.",
+                 (Field("INDEX", 0, (TRACE_DEPTH - 1).bit_length(), "entry, 0 = the run's "
+                        "first instruction"),)),
+    ]
+    for index, text in enumerate(_TRACE_WORD_TEXT):
+        registers.append(Register(f"TRACE_WORD{index}", 0xC8 + 4 * index, ro, "trace",
+                                  f"Word {index} of the selected trace entry.", _word(text)))
     return tuple(registers)
 
 
@@ -615,6 +653,12 @@ class EngineControlSignature(wiring.Signature):
         The free-running 32-bit counter of every :data:`COUNTERS` entry the engine owns
         (``counters.gemm_busy`` …); the registers read them relative to a baseline taken
         at ``START`` / ``CLEAR_COUNTERS``, so the engine never clears them.
+    trace_index : In(range(TRACE_DEPTH))
+        ``TRACE_INDEX.INDEX``.
+    trace_entry : Out(ArrayLayout(32, TRACE_WORDS))
+        That trace entry (``TRACE_WORD0`` …), one cycle later.
+    trace_count : Out(32)
+        ``TRACE_COUNT``.
     """
 
     def __init__(self):
@@ -632,6 +676,9 @@ class EngineControlSignature(wiring.Signature):
             "error_code": Out(ErrorCode),
             "error_pc": Out(REGISTER_MAP["ERROR_PC"].field("VALUE").width),
             "counters": Out(counter_layout("engine")),
+            "trace_index": In(range(TRACE_DEPTH)),
+            "trace_entry": Out(data.ArrayLayout(32, TRACE_WORDS)),
+            "trace_count": Out(32),
         })
 
     def __eq__(self, other):

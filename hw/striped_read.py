@@ -83,6 +83,11 @@ class StripedReadDma(wiring.Component):
     entry_beats : int
         Beats per output entry, a power of two dividing ``max_burst_beats`` (default
         :func:`default_entry_beats`).
+    queue_entries : int
+        Depth of each port's entry queue, at least ``max_outstanding`` whole bursts (the
+        default). A deeper queue lets the DDR read further ahead of a slow consumer: the
+        top's holds 64 KiB a port, so the ports stream the next GEMM's weights while the
+        array is still busy with the last's.
 
     Attributes
     ----------
@@ -100,12 +105,14 @@ class StripedReadDma(wiring.Component):
         Clears ``error``.
     bytes_read : Out(32)
         Bytes received on R, all ports, since reset, wrapping.
+    port_bytes_read : Out(ArrayLayout(32, n_ports))
+        The same, per port.
     busy : Out(1)
         A burst is to be issued or outstanding, or data waits in a queue.
     """
 
     def __init__(self, config: AccelConfig, n_ports: int | None = None,
-                 entry_beats: int | None = None):
+                 entry_beats: int | None = None, queue_entries: int | None = None):
         if not isinstance(config, AccelConfig):
             raise TypeError(f"expected an AccelConfig, got {config!r}")
         n_ports = config.n_master_ports if n_ports is None else n_ports
@@ -120,6 +127,12 @@ class StripedReadDma(wiring.Component):
         self.n_ports = n_ports
         self.entry_beats = entry_beats
         self.entry_bytes = entry_beats * config.axi_bytes
+        least = config.max_outstanding * config.max_burst_beats // entry_beats
+        queue_entries = least if queue_entries is None else queue_entries
+        if queue_entries < least:
+            raise ValueError(f"queue_entries must be at least {least} (max_outstanding whole "
+                             f"bursts), got {queue_entries!r}")
+        self._queue_entries = queue_entries
         read = axi_read_signature(config.axi_data_width, config.axi_addr_width)
         super().__init__({
             "axi": Out(wiring.Signature({f"port{p}": Out(read) for p in range(n_ports)})),
@@ -128,14 +141,14 @@ class StripedReadDma(wiring.Component):
             "error": Out(1),
             "clear_error": In(1),
             "bytes_read": Out(BYTE_COUNTER_BITS),
+            "port_bytes_read": Out(data.ArrayLayout(BYTE_COUNTER_BITS, n_ports)),
             "busy": Out(1),
         })
 
     @property
     def queue_entries(self) -> int:
-        """Depth of each port's entry queue: ``max_outstanding`` whole bursts."""
-        cfg = self._config
-        return cfg.max_outstanding * cfg.max_burst_beats // self.entry_beats
+        """Depth of each port's entry queue (at least ``max_outstanding`` whole bursts)."""
+        return self._queue_entries
 
     def port(self, index: int):
         """The AXI read interface of master ``index``."""
@@ -214,6 +227,10 @@ class StripedReadDma(wiring.Component):
                                  | Cat(*(p.outstanding != 0 for p in ports)).any())
         beats_now = sum(p.r_beat for p in ports)
         m.d.sync += self.bytes_read.eq(self.bytes_read + beats_now * cfg.axi_bytes)
+        for index, port in enumerate(ports):
+            with m.If(port.r_beat):
+                m.d.sync += self.port_bytes_read[index].eq(self.port_bytes_read[index]
+                                                           + cfg.axi_bytes)
         with m.If(self.clear_error):
             m.d.sync += self.error.eq(0)
         with m.If(Cat(*(p.r_error for p in ports)).any()):

@@ -30,7 +30,12 @@ from .isa import check_top_config, intake_beats
 from .regfile import AxiLiteSignature, ControlRegisters
 from .striped_read import StripedReadDma
 
-__all__ = ["AcceleratorTop", "master_names"]
+__all__ = ["READ_QUEUE_BYTES", "AcceleratorTop", "master_names"]
+
+#: Bytes each master port's read queue holds with several ports: the DDR reads up to this
+#: far ahead of the engine, so while the PE array is busy with an expert that has many
+#: tokens the ports fetch the next GEMM's weights (64 KiB: a block RAM FIFO per port).
+READ_QUEUE_BYTES = 64 << 10
 
 
 def master_names(config: AccelConfig) -> tuple[str, ...]:
@@ -91,7 +96,13 @@ class AcceleratorTop(wiring.Component):
             write.clear_error.eq(engine.dma_error_clear),
             regs.dma_counters.dma_read_bytes.eq(read.bytes_read),
             regs.dma_counters.dma_write_bytes.eq(write.bytes_written),
+            engine.write_bytes.eq(write.bytes_written),
         ]
+        if hasattr(read, "port_bytes_read"):
+            m.d.comb += [engine.port_read_bytes[p].eq(read.port_bytes_read[p])
+                         for p in range(self.config.n_master_ports)]
+        else:
+            m.d.comb += engine.port_read_bytes[0].eq(read.bytes_read)
         done_or_error = Signal()
         with m.If(engine.ctrl.start):
             m.d.sync += done_or_error.eq(0)
@@ -116,8 +127,11 @@ class AcceleratorTop(wiring.Component):
             dma = m.submodules.dma = AxiDmaPort(cfg)
             wiring.connect(m, wiring.flipped(self.m_axi), dma.m_axi)
             return dma.read, dma.write
-        read = m.submodules.read_dma = StripedReadDma(cfg, len(names),
-                                                      entry_beats=intake_beats(cfg))
+        entry_bytes = intake_beats(cfg) * cfg.axi_bytes
+        read = m.submodules.read_dma = StripedReadDma(
+            cfg, len(names), entry_beats=intake_beats(cfg),
+            queue_entries=max(READ_QUEUE_BYTES // entry_bytes,
+                              cfg.max_outstanding * cfg.max_burst_beats // intake_beats(cfg)))
         write = m.submodules.write_dma = WriteDma(cfg)
         for index, name in enumerate(names):
             port = getattr(self, name)

@@ -454,7 +454,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     with acc:
         acc.load(compiled)
         report = run_session(acc, scenes, tasks=tasks, reference=reference,
-                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+                             progress=lambda line: print(line, file=sys.stderr, flush=True),
+                             profile=args.profile)
     print(format_report(report))
     if args.json:
         save_report(report, args.json, overwrite=args.force)
@@ -466,6 +467,37 @@ def cmd_run(args: argparse.Namespace) -> None:
     if bad:
         raise M3VitError(f"accelerator output differs from the golden model for "
                          f"{', '.join(bad)}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from .runtime.profile import format_profile, save_profile_figure
+    from .runtime.session import load_report
+
+    report = load_report(args.report)
+    profiles = report.get("profiles")
+    if not profiles:
+        raise M3VitError(f"{args.report} has no profile: run with `m3vit run --profile "
+                         "--json ...`")
+    if args.task is not None:
+        if args.task not in profiles:
+            raise M3VitError(f"{args.report} profiles {', '.join(profiles)}, not "
+                             f"{args.task!r}")
+        profiles = {args.task: profiles[args.task]}
+    figures = {}
+    if args.figure:
+        figure = Path(args.figure)
+        for task in profiles:
+            figures[task] = figure if len(profiles) == 1 else \
+                figure.with_name(f"{figure.stem}-{task}{figure.suffix or '.png'}")
+        for path in figures.values():
+            if path.exists() and not args.force:
+                raise M3VitError(f"{path} exists: pass --force to overwrite it")
+    for task, prof in profiles.items():
+        title = f"{report['model']} {task} on the {report['board']} board"
+        print(format_profile(prof, f"{title}:"))
+        if task in figures:
+            save_profile_figure(prof, figures[task], title=title, overwrite=True)
+            print(f"figure written to {figures[task]}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -495,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (_presets_parser, _flops_parser, _train_parser, _evaluate_parser,
                        _import_timm_parser, _quantize_parser, _inspect_parser, _scenes_parser,
                        _generate_parser, _resources_parser, _bitstream_parser,
-                       _compile_parser, _run_parser, _report_parser):
+                       _compile_parser, _run_parser, _report_parser, _profile_parser):
         add_parser(sub)
     return p
 
@@ -754,10 +786,32 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="sim: change one knob of the DDR model from its measured ZCU104 "
                    f"defaults (repeatable; keys: {', '.join(_DDR_KNOBS)}; 'none' lifts a "
                    "shared cap; docs/simulation.md). Figures we publish use the defaults")
-    s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report)")
+    s.add_argument("--profile", action="store_true",
+                   help="read the hardware instruction trace after each task's first image "
+                   "and print where its cycles went, by phase, with DDR bandwidth per port "
+                   "(saved with --json for `m3vit profile`)")
+    s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report "
+                   "and m3vit profile)")
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")
     s.set_defaults(func=cmd_run)
+
+
+def _profile_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit profile``."""
+    s = sub.add_parser("profile", help="where a run's cycles went: table and timeline",
+                       description="Turn the instruction trace of a run saved by `m3vit run "
+                       "--profile --json RUN.json` into a table by phase (patch embedding, "
+                       "attention, dense MLP, router, experts, combine, head: cycles, share, "
+                       "DDR bytes, achieved bandwidth per HP port and its share of what the "
+                       "ports deliver together on the ZCU104) and, with --figure, a timeline "
+                       "(instructions per unit over time, DDR read bandwidth per port).")
+    s.add_argument("report", help="a run report written by `m3vit run --profile --json`")
+    s.add_argument("--task", help="only this task (default: every profiled task)")
+    s.add_argument("--figure", metavar="PNG", help="draw the timeline (with several tasks, "
+                   "one PNG each: NAME-TASK.png)")
+    s.add_argument("--force", action="store_true", help="overwrite existing --figure files")
+    s.set_defaults(func=cmd_profile)
 
 
 def _report_parser(sub: argparse._SubParsersAction) -> None:

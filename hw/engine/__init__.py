@@ -7,8 +7,8 @@ on-chip activation buffer, moving DDR data through the DMA streams. Its parts:
 =====================  ===============================================================
 part (module)          what it does
 =====================  ===============================================================
-``fetch``              :class:`~.fetch.InstructionFetch`: reads instruction ``pc``,
-                       holds it
+``fetch``              :class:`~.fetch.InstructionFetch`: reads instruction ``pc``
+                       through its line cache, holds it
 ``checks``             :class:`~.checks.InstructionChecks`: opcode, capacity, buffer
                        and DDR range checks of the instruction (two cycles)
 ``controller``         :class:`~.controller.Controller`: the state machine running
@@ -17,6 +17,8 @@ part (module)          what it does
                        operands; data to the sink in use through width converters
 ``datapath``           :class:`~.datapath.Datapath`: the activation buffer, its walked
                        ports switched to the unit in charge, the write DMA's data
+``trace``              :class:`~.trace.InstructionTrace`: an entry per instruction
+                       (span, bytes per port), read through the registers
 ``counters``           :class:`~.counters.PerformanceCounters`
 units                  :class:`~m3vit.hw.gemm.GemmEngine`, the vector units, the
                        :class:`~m3vit.hw.moe.Dispatcher` and :class:`~m3vit.hw.moe.Combiner`
@@ -24,7 +26,7 @@ units                  :class:`~m3vit.hw.gemm.GemmEngine`, the vector units, the
 """
 
 from amaranth.hdl import Module
-from amaranth.lib import stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..axi import byte_beat_layout, dma_cmd_layout, entry_layout
@@ -32,7 +34,7 @@ from ..config import AccelConfig
 from ..gemm import GemmEngine
 from ..isa import check_top_config
 from ..moe import Combiner, Dispatcher
-from ..registers import EngineControlSignature
+from ..registers import MAX_TRACE_PORTS, EngineControlSignature
 from ..vector import LayerNormUnit, ResidualAdd, SoftmaxUnit
 from .checks import InstructionChecks
 from .controller import Controller
@@ -40,6 +42,7 @@ from .counters import PerformanceCounters
 from .datapath import Datapath
 from .fetch import InstructionFetch
 from .router import ReadRouter, intake_shape
+from .trace import InstructionTrace
 
 __all__ = ["Engine"]
 
@@ -69,6 +72,10 @@ class Engine(wiring.Component):
     token_beats : Out(32)
         Free-running count of tokens through the PE array (each is ``pe_rows · pe_cols``
         MACs, one cycle of the array computing); the benches read it, no register does.
+    port_read_bytes : In(ArrayLayout(32, MAX_TRACE_PORTS))
+        Free-running bytes read over each master port (0 for ports the top lacks).
+    write_bytes : In(32)
+        Free-running bytes written.
     """
 
     def __init__(self, config: AccelConfig):
@@ -85,6 +92,8 @@ class Engine(wiring.Component):
             "dma_error": In(1),
             "dma_error_clear": Out(1),
             "token_beats": Out(32),
+            "port_read_bytes": In(data.ArrayLayout(32, MAX_TRACE_PORTS)),
+            "write_bytes": In(32),
         })
 
     def elaborate(self, platform):
@@ -104,6 +113,7 @@ class Engine(wiring.Component):
         router = m.submodules.router = ReadRouter(cfg)
         datapath = m.submodules.datapath = Datapath(cfg)
         counters = m.submodules.counters = PerformanceCounters()
+        trace = m.submodules.trace = InstructionTrace()
 
         # The controller and its parts.
         wiring.connect(m, controller.fetch, fetch.control)
@@ -194,6 +204,21 @@ class Engine(wiring.Component):
             ctrl.error.eq(controller.error),
             ctrl.error_code.eq(controller.error_code),
             ctrl.error_pc.eq(controller.error_pc),
+        ]
+        m.d.comb += [
+            trace.start.eq(ctrl.start),
+            trace.busy.eq(controller.busy),
+            trace.fetched.eq(fetch.control.issued),
+            trace.pc.eq(controller.fetch.pc),
+            trace.retired.eq(controller.retired | controller.done | controller.error),
+            trace.drained.eq(controller.drained),
+            trace.pending_pc.eq(controller.pending_pc),
+            trace.opcode.eq(fetch.instruction.opcode),
+            trace.port_read_bytes.eq(self.port_read_bytes),
+            trace.write_bytes.eq(self.write_bytes),
+            trace.index.eq(ctrl.trace_index),
+            ctrl.trace_entry.eq(trace.entry),
+            ctrl.trace_count.eq(trace.count),
         ]
         m.d.comb += [
             counters.retired.eq(controller.retired),

@@ -4,10 +4,12 @@
 ``CHECK1`` / ``CHECK2`` (the instruction checks: sums registered, then compared) → the
 instruction's states → ``NEXT``. An instruction ends when its last result is in the
 buffer, or its last write response is back — except that a ``GEMM`` streaming its weights
-from DDR with INT8 results hands over as soon as its stream has arrived (``pending``): the
-next instruction is fetched and checked while the array finishes, and if it is such a
-``GEMM`` too, its command and weight stream are issued at once while its buffer walks wait
-for the previous ``GEMM``'s last result. A failed check stops before anything of the
+from DDR with INT8 results hands over as soon as its stream is issued (``pending``): the
+next instruction is fetched and checked while the stream arrives and the array computes
+(the router gives a GEMM's entries priority), and if it is such a ``GEMM`` too, its
+command and weight stream are issued at once, queued behind the first's, while its buffer
+walks wait for the previous ``GEMM``'s last result: the DDR streams on from one GEMM's
+weights into the next's. A failed check stops before anything of the
 instruction starts; a DDR error lets the instruction finish, then stops; ``abort_request``
 stops after the current instruction.
 """
@@ -97,6 +99,7 @@ class _Registers:
         self.gather_offset = Signal(range(entries + 1))   # the context of the GEMM walked
         # Weight prefetch across GEMMs: a GEMM whose stream is in still owns the array.
         self.pending = Signal()
+        self.pending_pc = Signal(32)           # the pending GEMM's index
         self.drain_to_fetch = Signal()
 
 
@@ -122,6 +125,11 @@ class Controller(wiring.Component):
         The run's status (:class:`~m3vit.hw.registers.EngineControlSignature`).
     retired : Out(1)
         An instruction retires this cycle (the ``INSTRUCTIONS`` counter).
+    drained : Out(1)
+        A GEMM that handed over early (``pending``) finished this cycle while an
+        instruction waited for it (``GEMM_DRAIN``): the end of its tail, for the trace.
+    pending_pc : Out(32)
+        That GEMM's index.
     fetch : Out(fetch_control())
         The instruction fetch; ``instruction`` is what it fetched.
     instruction : In(INSTRUCTION)
@@ -161,6 +169,8 @@ class Controller(wiring.Component):
             "error_code": Out(ErrorCode),
             "error_pc": Out(32),
             "retired": Out(1),
+            "drained": Out(1),
+            "pending_pc": Out(32),
             "fetch": Out(fetch_control()),
             "instruction": In(INSTRUCTION),
             "checks": Out(checks_control(config)),
@@ -190,6 +200,7 @@ class Controller(wiring.Component):
             self.error_code.eq(r.stop_code),
             self.error_pc.eq(r.pc),
             self.fetch.pc.eq(r.pc),
+            self.pending_pc.eq(r.pending_pc),
             self.router.sink.eq(r.sink),
             datapath.unit.eq(r.unit),
             datapath.gemm_int32.eq(r.gemm_int32),
@@ -397,8 +408,10 @@ class Controller(wiring.Component):
         # Beside a pending GEMM: stream setup, commands, then the walks once it is done.
         with m.State("GEMM_PREFETCH"):
             m.d.comb += self.busy.eq(1)
-            self._gemm_setup(m, r)
-            m.next = "GEMM_PREFETCH_ISSUE"
+            # Its stream queues behind the pending GEMM's in the router (one may wait).
+            with m.If(self.router.gemm_stream_room):
+                self._gemm_setup(m, r)
+                m.next = "GEMM_PREFETCH_ISSUE"
         with m.State("GEMM_PREFETCH_ISSUE"):
             m.d.comb += self.busy.eq(1)
             with m.If(self._gemm_commands(m, r)):
@@ -410,14 +423,16 @@ class Controller(wiring.Component):
                 self._gemm_walks(m, r)
                 m.next = "GEMM_STREAM"
         with m.State("GEMM_STREAM"):
-            # The whole stream is in: the next instruction may be fetched.
+            # The stream is under way: the next instruction may be fetched and, if it is a
+            # streamed GEMM too, its stream issued behind this one (the router hands a
+            # GEMM's entries to it first), while the array computes.
             m.d.comb += self.busy.eq(1)
-            with m.If(self.router.gemm_stream_done):
-                m.d.sync += r.pending.eq(1)
-                m.next = "NEXT"
+            m.d.sync += [r.pending.eq(1), r.pending_pc.eq(r.pc)]
+            m.next = "NEXT"
         with m.State("GEMM_DRAIN"):
             m.d.comb += self.busy.eq(1)
             with m.If(~self.gemm_busy & ~self.gemm_cmd.valid & datapath.writes_done):
+                m.d.comb += self.drained.eq(1)
                 m.d.sync += [r.pending.eq(0), r.unit.eq(Unit.NONE),
                              r.gather_mode.eq(GatherMode.NONE)]
                 m.next = "CHECK2"

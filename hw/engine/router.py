@@ -73,7 +73,9 @@ def read_router_control() -> wiring.Signature:
             ``gemm_weights_ddr``, each N-tile's parameter entries are followed by
             ``gemm_tile_entries`` weight entries.
         gemm_stream_done : In(1)
-            Every beat of the GEMM's stream has arrived.
+            Every entry of every GEMM stream set up has arrived.
+        gemm_stream_room : In(1)
+            A GEMM stream may be set up now (at most one waits behind the active one).
         ln_restart : Out(1)
             The next LayerNorm parameter beat is beat 0.
         ln_beats : In(16)
@@ -92,6 +94,7 @@ def read_router_control() -> wiring.Signature:
         "gemm_tile_entries": Out(24),
         "gemm_entries": Out(32),
         "gemm_stream_done": In(1),
+        "gemm_stream_room": In(1),
         "ln_restart": Out(1),
         "ln_beats": In(16),
         "table_restart": Out(1),
@@ -201,8 +204,9 @@ class ReadRouter(wiring.Component):
         param_entries = GEMM_RECORD_BYTES * C // entry_bytes
         to_params = (entry_in_tile < param_entries) | ~gemm_weights_ddr
         narrow = self._narrow(m)
-        self._route(m, narrow, (rs_rows, rs_param), (rs_word, rs_ln, rs_t8, rs_t16), to_params)
-        self._gemm_stream(m, gemm_weights_ddr, entry_in_tile, param_entries)
+        gemm_now = self._gemm_stream(m, gemm_weights_ddr, entry_in_tile, param_entries)
+        self._route(m, narrow, (rs_rows, rs_param), (rs_word, rs_ln, rs_t8, rs_t16), to_params,
+                    gemm_now)
         self._unit_streams(m, rs_param, rs_ln, rs_t8, rs_t16)
         return m
 
@@ -224,14 +228,19 @@ class ReadRouter(wiring.Component):
         return SimpleNamespace(data=beats[piece], last=rd.payload.last & final, final=final,
                                taken=taken)
 
-    def _route(self, m: Module, narrow, gemm_converters, converters, to_params) -> None:
+    def _route(self, m: Module, narrow, gemm_converters, converters, to_params,
+               gemm_now) -> None:
         """Entries to the sink: a GEMM's whole to ``rs_param`` (while ``to_params``) or
-        ``rs_rows``; the other sinks' beat by beat through ``narrow``."""
+        ``rs_rows``; the other sinks' beat by beat through ``narrow``. While a GEMM stream
+        is in flight its entries come first (the DMA delivers in command order): the
+        controller may meanwhile fetch the next instruction."""
         rs_rows, rs_param = gemm_converters
         rs_word, rs_ln, rs_t8, rs_t16 = converters
         ctl, rd = self.control, self.rd_data
+        sink = Signal(ReadSink)
+        m.d.comb += sink.eq(Mux(gemm_now, ReadSink.GEMM, ctl.sink))
         beat_ready = Signal()  # the narrow sink takes a beat
-        with m.Switch(ctl.sink):
+        with m.Switch(sink):
             with m.Case(ReadSink.FETCH):
                 m.d.comb += [self.fetch.valid.eq(rd.valid), beat_ready.eq(self.fetch.ready)]
             with m.Case(ReadSink.GEMM):
@@ -248,7 +257,7 @@ class ReadRouter(wiring.Component):
                 m.d.comb += [rs_t16.i.valid.eq(rd.valid), beat_ready.eq(rs_t16.i.ready)]
             with m.Case(ReadSink.LOAD):
                 m.d.comb += [rs_word.i.valid.eq(rd.valid), beat_ready.eq(rs_word.i.ready)]
-        narrow_sink = (ctl.sink != ReadSink.GEMM) & (ctl.sink != ReadSink.NONE)
+        narrow_sink = (sink != ReadSink.GEMM) & (sink != ReadSink.NONE)
         m.d.comb += narrow.taken.eq(narrow_sink & rd.valid & beat_ready)
         with m.If(narrow_sink):
             m.d.comb += rd.ready.eq(beat_ready & narrow.final)
@@ -261,26 +270,47 @@ class ReadRouter(wiring.Component):
                      ctl.data_waiting.eq(rd.valid)]
 
     def _gemm_stream(self, m: Module, weights_ddr: Signal, entry_in_tile: Signal,
-                     param_entries: int) -> None:
-        """The GEMM stream's bookkeeping: entries still to come, the entry within an N-tile."""
+                     param_entries: int) -> Signal:
+        """The GEMM streams' bookkeeping: the active stream's entries still to come and the
+        entry within its N-tile; a second stream set up meanwhile waits in a one-entry
+        queue and becomes active as the first ends. Returns "an entry now is a GEMM's"."""
         ctl, rd = self.control, self.rd_data
         tile_entries = Signal(24)  # weight entries per N-tile (k_slices·R·C/entry_bytes)
-        entries_left = Signal(32)  # entries of the GEMM's DDR stream still to arrive
-        gemm_entry = rd.valid & rd.ready & (ctl.sink == ReadSink.GEMM)
-        # A setup in the same cycle as an entry wins: it belongs to the next stream.
-        with m.If(ctl.gemm_setup):
-            m.d.sync += entries_left.eq(ctl.gemm_entries)
-        with m.Elif(gemm_entry):
+        entries_left = Signal(32)  # entries of the active stream still to arrive
+        queued = Signal()
+        queued_entries = Signal(32)
+        queued_tile_entries = Signal(24)
+        queued_weights_ddr = Signal()
+        gemm_now = Signal()        # entries in flight belong to a GEMM
+        m.d.comb += gemm_now.eq(entries_left != 0)
+        gemm_entry = rd.valid & rd.ready & gemm_now
+        ends = gemm_entry & (entries_left == 1)
+
+        def activate(entries, tiles, ddr):
+            m.d.sync += [entries_left.eq(entries), tile_entries.eq(tiles),
+                         weights_ddr.eq(ddr), entry_in_tile.eq(0)]
+
+        with m.If(gemm_entry):
             m.d.sync += entries_left.eq(entries_left - 1)
+            with m.If(weights_ddr):
+                with m.If(entry_in_tile == param_entries + tile_entries - 1):
+                    m.d.sync += entry_in_tile.eq(0)
+                with m.Else():
+                    m.d.sync += entry_in_tile.eq(entry_in_tile + 1)
+        # The queued stream follows the active one without a gap (the DMA delivers in order).
+        with m.If(ends & queued):
+            activate(queued_entries, queued_tile_entries, queued_weights_ddr)
+            m.d.sync += queued.eq(0)
         with m.If(ctl.gemm_setup):
-            m.d.sync += [entry_in_tile.eq(0), tile_entries.eq(ctl.gemm_tile_entries),
-                         weights_ddr.eq(ctl.gemm_weights_ddr)]
-        with m.Elif(gemm_entry & weights_ddr):
-            with m.If(entry_in_tile == param_entries + tile_entries - 1):
-                m.d.sync += entry_in_tile.eq(0)
+            with m.If(((entries_left == 0) | ends) & ~queued):
+                activate(ctl.gemm_entries, ctl.gemm_tile_entries, ctl.gemm_weights_ddr)
             with m.Else():
-                m.d.sync += entry_in_tile.eq(entry_in_tile + 1)
-        m.d.comb += ctl.gemm_stream_done.eq(entries_left == 0)
+                m.d.sync += [queued.eq(1), queued_entries.eq(ctl.gemm_entries),
+                             queued_tile_entries.eq(ctl.gemm_tile_entries),
+                             queued_weights_ddr.eq(ctl.gemm_weights_ddr)]
+        m.d.comb += [ctl.gemm_stream_done.eq((entries_left == 0) & ~queued),
+                     ctl.gemm_stream_room.eq(~queued)]
+        return gemm_now
 
     def _unit_streams(self, m: Module, rs_param, rs_ln, rs_t8, rs_t16) -> None:
         """Records and table entries to the units' parameter and table streams."""

@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from m3vit.hw.config import AccelConfig
-from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode, Schedule
+from m3vit.hw.registers import (
+    ID_MAGIC,
+    MAX_TRACE_PORTS,
+    REGISTER_MAP,
+    TRACE_DEPTH,
+    VERSION,
+    ErrorCode,
+    Schedule,
+)
 
 from ..compiler.executable import Executable, load_executable
 from ..compiler.layout import head_output, patch_words
@@ -39,6 +47,7 @@ __all__ = [
     "AcceleratorError",
     "RunStats",
     "TaskOutputs",
+    "TraceEntry",
     "WatchdogError",
 ]
 
@@ -98,6 +107,48 @@ class RunStats:
         d = dict(self.__dict__)
         d["latency_us"] = self.latency_us
         return d
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One instruction of the last run, from the hardware trace (``docs/registers.md``).
+
+    Attributes
+    ----------
+    pc : int
+        The instruction's index in the program.
+    opcode : int
+        Its opcode (:class:`~m3vit.hw.isa.Opcode` value).
+    start, end : int
+        Its span in cycles since ``START``: from the previous instruction's end to its own
+        (spans partition the run).
+    read_bytes : tuple of int
+        Bytes read from DDR over each master port during the span.
+    write_bytes : int
+        Bytes written during the span.
+    drain : bool
+        The span is the tail of a GEMM that handed over early (it retired when its stream
+        was issued), ending when the instruction waiting for it could go on.
+    """
+
+    pc: int
+    opcode: int
+    start: int
+    end: int
+    read_bytes: tuple[int, ...]
+    write_bytes: int
+    drain: bool = False
+
+    def to_list(self) -> list[int]:
+        """Plain-JSON form: ``[pc, opcode, start, end, write_bytes, drain, *read_bytes]``."""
+        return [self.pc, self.opcode, self.start, self.end, self.write_bytes,
+                int(self.drain), *self.read_bytes]
+
+    @classmethod
+    def from_list(cls, row: list[int]) -> TraceEntry:
+        """The inverse of :meth:`to_list`."""
+        pc, opcode, start, end, write_bytes, drain, *reads = row
+        return cls(pc, opcode, start, end, tuple(reads), write_bytes, bool(drain))
 
 
 @dataclass
@@ -401,6 +452,29 @@ class Accelerator:
                             f"and was {how}; the package is still loaded and the next run "
                             "starts clean (raise watchdog_cycles if the model is that slow)"
                             f"{hint}")
+
+    @property
+    def n_master_ports(self) -> int:
+        """AXI4 master ports of the bitstream (``CAPS.N_MASTER_PORTS``)."""
+        return REGISTER_MAP["CAPS"].decode(self._read("CAPS"))["N_MASTER_PORTS"]
+
+    def read_trace(self) -> list[TraceEntry]:
+        """The last run's instruction trace: one entry per instruction, in order.
+
+        One entry per instruction, plus one per *drain* (:class:`TraceEntry`); holds the
+        first ``TRACE_DEPTH`` entries of the run (an ``edge-moe`` image has about 500).
+        """
+        count = min(self._read("TRACE_COUNT"), TRACE_DEPTH)
+        ports = min(self.n_master_ports, MAX_TRACE_PORTS)
+        entries = []
+        for index in range(count):
+            self._write("TRACE_INDEX", index)
+            words = [self._read(f"TRACE_WORD{k}") for k in range(3 + MAX_TRACE_PORTS + 1)]
+            entries.append(TraceEntry(
+                pc=words[0] & 0xFFFF, opcode=(words[0] >> 16) & 0xFF, start=words[1],
+                end=words[2], read_bytes=tuple(words[3:3 + ports]),
+                write_bytes=words[3 + MAX_TRACE_PORTS], drain=bool(words[0] >> 24 & 1)))
+        return entries
 
     def _stats(self) -> RunStats:
         cycles = self._read("CYCLES_LO")

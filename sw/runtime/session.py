@@ -21,6 +21,7 @@ from ..errors import M3VitError
 from ..model.metrics import evaluate_predictions
 from ..quant import golden
 from .driver import Accelerator
+from .profile import build_profile, format_profile
 
 __all__ = ["format_report", "load_report", "run_session", "save_figure", "save_report"]
 
@@ -29,7 +30,8 @@ REPORT_FORMAT = "m3vit-run/1"
 
 def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
                 tasks: Sequence[str] | None = None, reference=None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[str], None] | None = None,
+                profile: bool = False) -> dict[str, Any]:
     """Run every image for every task, switching task before each run.
 
     Parameters
@@ -45,6 +47,9 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         ``golden.forward`` for exact equality.
     progress : callable, optional
         Called with a short description after each run.
+    profile : bool
+        Read the hardware instruction trace after each task's first image into
+        ``report["profiles"][task]`` (:func:`~m3vit.sw.runtime.profile.build_profile`).
 
     Returns
     -------
@@ -66,12 +71,18 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
     runs: dict[str, list] = {t: [None] * n for t in tasks}
     exact: dict[str, list] = {t: [] for t in tasks}
     sequence = []
+    profiles: dict[str, Any] = {}
     for i in range(n):
         order = tasks if i % 2 == 0 else tasks[::-1]
         for task in order:
             switched = task != acc.task
             out = acc.infer(images[i:i + 1], task)
             heads[task][i], runs[task][i] = out.heads[0], out.runs[0]
+            if profile and i == 0:
+                run = out.runs[0]
+                profiles[task] = build_profile(
+                    acc.read_trace(), pkg.program, clock_mhz=run.clock_mhz, cycles=run.cycles,
+                    n_ports=acc.n_master_ports, instructions=run.instructions)
             sequence.append({"image": i, "task": task, "after_switch": switched,
                              "cycles": out.runs[0].cycles})
             if reference is not None:
@@ -90,6 +101,8 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         "images": n, "schedule": acc.schedule.name, "sequence": sequence,
         "task_switch": switch, "tasks": {}, "outputs": {},
     }
+    if profile:
+        report["profiles"] = profiles
     for task in tasks:
         acc_heads = torch.stack(heads[task])
         scale = torch.tensor(pkg.out_scales[task], dtype=torch.float64)
@@ -191,6 +204,9 @@ def format_report(report: dict[str, Any]) -> str:
                  f"switch {s['cycles_after_switch']:,} cycles, without one "
                  f"{s['cycles_without_switch']:,} ({s['extra_cycles']:+,}), same output: "
                  f"{'yes' if s['same_output'] else 'NO'}")
+    for task, prof in report.get("profiles", {}).items():
+        lines += ["", format_profile(prof, f"profile of {task}, image 0 "
+                                           "(the hardware instruction trace):")]
     return "\n".join(lines)
 
 

@@ -5,12 +5,14 @@ One Verilated SoC model of the CI configuration (4 × 4 array) is built (or reus
 """
 
 import functools
+import itertools
 import re
 
 import pytest
 import torch
 
 from m3vit.hw.config import CI, ZCU104
+from m3vit.hw.isa import Opcode
 from m3vit.hw.registers import REGISTER_MAP, ErrorCode
 from m3vit.sw.cli import main
 from m3vit.sw.compiler.executable import compile_executable
@@ -125,6 +127,26 @@ def test_hung_run_trips_the_watchdog_and_the_next_run_is_correct(acc):
     assert torch.equal(out.heads, golden_head(images, "semseg"))
 
 
+def test_instruction_trace_partitions_the_run(acc):
+    """The hardware trace: one entry per instruction retired plus END (and the drains of
+    GEMMs that handed over early), spans that join up from cycle 0 to the end of the run,
+    and per-port read bytes that add up to the DMA counter."""
+    images = scenes_for(get_preset("tiny"), 1, seed=SEED + 5)["image"]
+    run = acc.infer(images, "depth").runs[0]
+    trace = acc.read_trace()
+    drains = [e for e in trace if e.drain]
+    assert len(trace) - len(drains) == run.instructions + 1
+    assert drains and all(e.opcode == Opcode.GEMM.value for e in drains)
+    assert trace[0].start == 0 and trace[0].pc == 0
+    assert all(b.start == a.end and b.end > b.start for a, b in itertools.pairwise(trace))
+    assert run.cycles - 4 <= trace[-1].end <= run.cycles
+    assert sum(e.read_bytes[0] for e in trace) == run.ddr_read_bytes
+    assert sum(e.write_bytes for e in trace) == run.ddr_write_bytes
+    program = acc.package.program
+    assert trace[-1].opcode == Opcode.END.value and trace[-1].pc == len(program) // 32 - 1
+    assert {e.opcode for e in trace} >= {Opcode.GEMM.value, Opcode.EXPERTS.value}
+
+
 def test_run_error_is_reported_with_code(acc):
     """A data window larger than DDR allows (DATA_SIZE too small) stops with an error code,
     and the driver puts its registers back for the next run."""
@@ -144,13 +166,24 @@ def test_run_and_report_cli(tmp_path, capsys):
     m3x, report = tmp_path / "tiny.ci.m3x", tmp_path / "run.json"
     capsys.readouterr()
     assert main(["run", str(m3x), "--images", "1", "--check", str(m3q), "--json", str(report),
-                 "--figure", str(tmp_path / "run.png")]) == 0
+                 "--figure", str(tmp_path / "run.png"), "--profile"]) == 0
     out = capsys.readouterr().out
     assert "1/1" in out and "task switch" in out
+    assert "profile of depth" in out and "experts" in out
     assert (tmp_path / "run.png").stat().st_size > 1000
-    assert load_report(report)["tasks"]["depth"]["bit_exact"] is True
+    saved = load_report(report)
+    assert saved["tasks"]["depth"]["bit_exact"] is True
+    assert saved["profiles"]["depth"]["cycles"] == saved["tasks"]["depth"]["runs"][0]["cycles"]
     assert main(["report", str(report), "--sequence"]) == 0
     assert "after a switch" in capsys.readouterr().out
+    # m3vit profile: the table again, and a timeline per task.
+    timeline = tmp_path / "timeline.png"
+    assert main(["profile", str(report), "--figure", str(timeline)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run ") == 2 and "HP0 GB/s" in out
+    assert (tmp_path / "timeline-depth.png").stat().st_size > 1000
+    assert main(["profile", str(report), "--task", "edge"]) == 2
+    assert "profiles" in capsys.readouterr().err
     # The simulator of another config refuses the package in one line.
     assert main(["run", str(m3x), "--config", "zcu104", "--images", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

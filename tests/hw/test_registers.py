@@ -194,7 +194,7 @@ def test_an_inconsistent_map_is_refused(build, message):
 def test_constants_describe_the_configuration(config):
     values = constant_values(config)
     assert values["ID"] == 0x4D335654
-    assert REGISTER_MAP["VERSION"].decode(values["VERSION"]) == {"MAJOR": 1, "MINOR": 0}
+    assert REGISTER_MAP["VERSION"].decode(values["VERSION"]) == {"MAJOR": 1, "MINOR": 1}
     assert values["CONFIG_HASH"] == config.config_hash()
     caps = REGISTER_MAP["CAPS"].decode(values["CAPS"])
     assert 1 << caps["PE_ROWS_LOG2"] == config.pe_rows

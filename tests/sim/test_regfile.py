@@ -39,7 +39,8 @@ def test_ports_are_named_from_the_signature():
         "engine__start", "engine__abort_request", "clear_counters", "engine__program_base",
         "engine__data_base", "engine__data_size", "engine__task_select", "engine__schedule",
         "engine__busy", "engine__done", "engine__error", "engine__error_code",
-        "engine__error_pc", "engine__counters", "dma_counters"}
+        "engine__error_pc", "engine__counters", "dma_counters", "engine__trace_index",
+        "engine__trace_entry", "engine__trace_count"}
     assert (len(ports["engine__counters"][0]) + len(ports["dma_counters"][0])
             == 32 * len(COUNTERS))
     assert (len(ports["engine__program_base"][0]) == 64

@@ -30,10 +30,18 @@ def test_entry_beats_and_ports():
 
 
 @pytest.mark.parametrize("kwargs", [{"n_ports": 0}, {"n_ports": 9}, {"entry_beats": 3},
-                                    {"entry_beats": 32}])
+                                    {"entry_beats": 32}, {"queue_entries": 15}])
 def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match=r"n_ports|entry_beats"):
+    with pytest.raises(ValueError, match=r"n_ports|entry_beats|queue_entries"):
         StripedReadDma(CI, **kwargs)
+
+
+def test_the_top_reads_64_kib_ahead_per_port():
+    """The top's read queues: 1,024 entries of 64 bytes a port on the ZCU104."""
+    from m3vit.hw.top import READ_QUEUE_BYTES
+
+    dma = StripedReadDma(ZCU104.replace(n_master_ports=3), queue_entries=1024)
+    assert dma.queue_entries * dma.entry_bytes == READ_QUEUE_BYTES
 
 
 def test_zcu104_engine_lints_clean(tmp_path):
