@@ -197,7 +197,10 @@ class StripedReadDma(wiring.Component):
             "entries": range(cfg.max_burst_beats // self.entry_beats + 1),
             "last": 1,
         })
-        order_depth = n * cfg.max_outstanding
+        # Room for every burst the entry queues can hold, or they would never fill: the
+        # order queue, not the entry queues, would bound how far the ports read ahead.
+        order_depth = n * max(cfg.max_outstanding,
+                              self.queue_entries * self.entry_beats // cfg.max_burst_beats)
         m.submodules.order = order = SyncFIFOBuffered(width=record.size, depth=order_depth)
         next_port = Signal(range(n))  # the port of the next burst
 

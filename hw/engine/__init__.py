@@ -27,6 +27,7 @@ units                  :class:`~m3vit.hw.gemm.GemmEngine`, the vector units, the
 
 from amaranth.hdl import Module
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from ..axi import byte_beat_layout, dma_cmd_layout, entry_layout
@@ -43,6 +44,9 @@ from .datapath import Datapath
 from .fetch import InstructionFetch
 from .router import ReadRouter, intake_shape
 from .trace import InstructionTrace
+
+#: GEMM commands the controller may have issued ahead of the engine.
+GEMM_COMMANDS_QUEUED = 4
 
 __all__ = ["Engine"]
 
@@ -138,7 +142,20 @@ class Engine(wiring.Component):
 
         # The units: commands from the controller, parameters and tables from the router,
         # operands and results through the datapath.
-        wiring.connect(m, controller.gemm_cmd, gemm.command)
+        # GEMM commands through a short queue: the controller issues a GEMM (its command
+        # and its weight stream) while the two before it still run, and goes on.
+        # (Unbuffered: a command is visible the cycle after it is written, so the engine
+        # and its queue together never look idle while one is on its way.)
+        commands = m.submodules.gemm_commands = SyncFIFO(
+            width=gemm.command.payload.shape().size, depth=GEMM_COMMANDS_QUEUED)
+        m.d.comb += [
+            commands.w_data.eq(controller.gemm_cmd.payload),
+            commands.w_en.eq(controller.gemm_cmd.valid),
+            controller.gemm_cmd.ready.eq(commands.w_rdy),
+            gemm.command.payload.eq(commands.r_data),
+            gemm.command.valid.eq(commands.r_rdy),
+            commands.r_en.eq(gemm.command.ready),
+        ]
         wiring.connect(m, controller.ln_cmd, ln.cmd)
         wiring.connect(m, controller.softmax_cmd, softmax.cmd)
         wiring.connect(m, controller.residual_cmd, residual.cmd)
@@ -163,7 +180,7 @@ class Engine(wiring.Component):
         wiring.connect(m, residual.y, datapath.residual_y)
         wiring.connect(m, datapath.combiner_y, combiner.y)
         wiring.connect(m, combiner.out, datapath.combiner_out)
-        m.d.comb += [controller.gemm_busy.eq(gemm.busy),
+        m.d.comb += [controller.gemm_busy.eq(gemm.busy | commands.r_rdy),
                      controller.softmax_busy.eq(softmax.busy)]
 
         # The dispatcher's tables: read by port A's gather stage, the EXPERTS loop and the

@@ -14,7 +14,7 @@ instruction starts; a DDR error lets the instruction finish, then stops; ``abort
 stops after the current instruction.
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -64,6 +64,22 @@ def dispatcher_tables(config: AccelConfig) -> wiring.Signature:
     })
 
 
+def _walk_layout(cfg: AccelConfig) -> data.StructLayout:
+    """One address walk's start values (``walk_signature``'s, without ``start``)."""
+    walk = datapath_control(cfg).members["walk_a"].signature.members
+    return data.StructLayout({name: walk[name].shape for name in ("base", "count", "stride")})
+
+
+def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
+    """Everything that starts a GEMM's buffer walks: the three walks (``w``, ``b`` used or
+    not), the result count, the gather stage's mode and offset."""
+    walk = _walk_layout(cfg)
+    entries = cfg.max_tokens * cfg.max_top_k
+    return data.StructLayout({"a": walk, "w": walk, "b": walk, "use_w": 1, "use_b": 1,
+                              "writes": 32, "gather_mode": GatherMode,
+                              "gather_offset": range(entries + 1)})
+
+
 class _Registers:
     """The controller's state besides its state machine (one instance per elaboration)."""
 
@@ -101,6 +117,10 @@ class _Registers:
         self.pending = Signal()
         self.pending_pc = Signal(32)           # the pending GEMM's index
         self.drain_to_fetch = Signal()
+        # The walks of a GEMM whose stream is issued, waiting for the GEMM before it: they
+        # start when its last result is written, and the controller goes on meanwhile.
+        self.launcher = Signal(_walk_plan_layout(cfg))
+        self.launcher_full = Signal()
 
 
 class Controller(wiring.Component):
@@ -214,13 +234,15 @@ class Controller(wiring.Component):
             checks.expert_offset.eq(r.expert_offset),
             checks.task_offset.eq(r.task_offset),
         ]
+        plan = self._gemm_walk_plan(m, r)
         with m.FSM(name="fsm"):
             self._run_states(m, r)
-            self._gemm_states(m, r)
+            self._gemm_states(m, r, plan)
             self._vector_states(m, r)
             self._memory_states(m, r)
             self._moe_states(m, r)
             self._end_states(m, r)
+        self._launch_held_walks(m, r)
         with m.If(self.abort_request & self.busy):
             m.d.sync += r.aborting.eq(1)
         return m
@@ -349,30 +371,69 @@ class Controller(wiring.Component):
             self.router.gemm_entries.eq(self.checks.ddr_bytes >> exact_log2(entry_bytes)),
         ]
 
-    def _gemm_walks(self, m: Module, r: _Registers) -> None:
-        """The GEMM's buffer walks: activations, results, weights from the buffer."""
+    def _gemm_walk_plan(self, m: Module, r: _Registers) -> Signal:
+        """The current GEMM's buffer walks (activations, results, weights from the buffer),
+        its result count and gather settings, as a plan to start now or later.
+
+        The plan is one ``Cat`` in one statement: driven field by field, its constant
+        fields would become ``always @*`` blocks without inputs, which Verilator never
+        runs (``docs/toolchain.md``).
+        """
         C, R = self.config.pe_cols, self.config.pe_rows
         g = self.instruction.args.gemm
         tokens = self.checks.tokens
-        walks = self.datapath
-        self._expect_writes(m, g.n_tiles * tokens)
-        m.d.sync += r.gather_offset.eq(r.ctx_offset)
-        with m.If(g.src_rows == RowMode.GATHER):
-            m.d.sync += r.gather_mode.eq(GatherMode.QUEUE)
-        with m.Else():
-            m.d.sync += r.gather_mode.eq(GatherMode.NONE)
+        layout = _walk_plan_layout(self.config)
+        walk_layout = _walk_layout(self.config)
+        plan = Signal(layout)
+
+        def fit(value, width):
+            value = Value.cast(value)
+            return value[:width] if len(value) >= width else Cat(value,
+                                                                 Const(0, width - len(value)))
+
+        def walk(base, *loops):
+            loops = [(1, 0)] * (3 - len(loops)) + list(loops)
+            count_bits = walk_layout["count"].shape.elem_shape.width
+            stride_bits = walk_layout["stride"].shape.elem_shape.width
+            return Cat(fit(base, walk_layout["base"].width),
+                       *(fit(count, count_bits) for count, _ in loops),
+                       *(fit(stride, stride_bits) for _, stride in loops))
+
         src_base = g.src + Mux(g.src_rows == RowMode.QUEUE, r.ctx_offset, 0)
         dst_base = g.dst + Mux(g.dst_rows == RowMode.QUEUE, r.ctx_offset, 0)
-        self._walk(m, walks.walk_a, src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride),
-                   (tokens, 1))
-        with m.If(g.mode != GemmOp.INT32):
-            self._walk(m, walks.walk_w, dst_base, (g.n_tiles, g.dst_stride), (tokens, 1))
-        with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
-            self._walk(m, walks.walk_b, g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R),
-                       (C, 1))
-        with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
-            self._walk(m, walks.walk_b, g.wbuf, (g.n_tiles, C), (g.k_slices, g.wstride),
-                       (C, 1))
+        walk_b = Mux(g.wsrc == WeightSource.BUFFER_COLUMNS,
+                     walk(g.wbuf, (g.n_tiles, C), (g.k_slices, g.wstride), (C, 1)),
+                     walk(g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R), (C, 1)))
+        gather = Mux(g.src_rows == RowMode.GATHER, GatherMode.QUEUE, GatherMode.NONE)
+        m.d.comb += plan.eq(Cat(
+            walk(src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride), (tokens, 1)),
+            walk(dst_base, (g.n_tiles, g.dst_stride), (tokens, 1)),
+            walk_b,
+            g.mode != GemmOp.INT32,
+            g.wsrc != WeightSource.DDR,
+            fit(g.n_tiles * tokens, 32),
+            fit(gather, layout["gather_mode"].width),
+            fit(r.ctx_offset, layout["gather_offset"].width)))
+        assert len(Cat(plan.as_value())) == layout.size
+        return plan
+
+    def _start_walks(self, m: Module, r: _Registers, plan) -> None:
+        """Start a GEMM's buffer walks from ``plan`` (:meth:`_gemm_walk_plan`)."""
+        walks = self.datapath
+        self._expect_writes(m, plan.writes)
+        m.d.sync += [r.gather_offset.eq(plan.gather_offset),
+                     r.gather_mode.eq(plan.gather_mode)]
+        for port, target, used in ((walks.walk_a, plan.a, 1), (walks.walk_w, plan.w, plan.use_w),
+                                   (walks.walk_b, plan.b, plan.use_b)):
+            m.d.comb += [port.start.eq(used), port.base.eq(target.base),
+                         port.count.eq(target.count), port.stride.eq(target.stride)]
+
+    def _launch_held_walks(self, m: Module, r: _Registers) -> None:
+        """The held GEMM's walks start as soon as the GEMM before it has written its last
+        result (after the state machine: nothing else starts walks while one is held)."""
+        with m.If(r.launcher_full & self.datapath.writes_done):
+            self._start_walks(m, r, r.launcher)
+            m.d.sync += r.launcher_full.eq(0)
 
     def _gemm_commands(self, m: Module, r: _Registers):
         """Issue the GEMM's commands; true once all are taken."""
@@ -390,14 +451,14 @@ class Controller(wiring.Component):
             m.d.sync += r.sent[2].eq(1)
         return r.sent[0] & r.sent[1] & r.sent[2]
 
-    def _gemm_states(self, m: Module, r: _Registers) -> None:
+    def _gemm_states(self, m: Module, r: _Registers, plan) -> None:
         """GEMM: command, DDR stream, address walks, then wait for the results; the
         prefetch of a GEMM beside a pending one."""
         datapath = self.datapath
         with m.State("GEMM_START"):
             m.d.comb += self.busy.eq(1)
             self._gemm_setup(m, r)
-            self._gemm_walks(m, r)
+            self._start_walks(m, r, plan)
             m.next = "GEMM_ISSUE"
         with m.State("GEMM_ISSUE"):
             m.d.comb += self.busy.eq(1)
@@ -405,10 +466,11 @@ class Controller(wiring.Component):
                 m.next = "GEMM_WAIT"
                 with m.If(self._streamed()):
                     m.next = "GEMM_STREAM"
-        # Beside a pending GEMM: stream setup, commands, then the walks once it is done.
+        # Beside a pending GEMM: stream setup, commands, then its walks are held until the
+        # GEMM before it is done, while the controller goes on to the next instruction.
         with m.State("GEMM_PREFETCH"):
             m.d.comb += self.busy.eq(1)
-            # Its stream queues behind the pending GEMM's in the router (one may wait).
+            # Its stream queues behind the pending GEMMs' in the router (two may wait).
             with m.If(self.router.gemm_stream_room):
                 self._gemm_setup(m, r)
                 m.next = "GEMM_PREFETCH_ISSUE"
@@ -418,9 +480,8 @@ class Controller(wiring.Component):
                 m.next = "GEMM_HOLD"
         with m.State("GEMM_HOLD"):
             m.d.comb += self.busy.eq(1)
-            with m.If(datapath.writes_done):
-                m.d.sync += r.pending.eq(0)
-                self._gemm_walks(m, r)
+            with m.If(~r.launcher_full):
+                m.d.sync += [r.launcher.eq(plan), r.launcher_full.eq(1)]
                 m.next = "GEMM_STREAM"
         with m.State("GEMM_STREAM"):
             # The stream is under way: the next instruction may be fetched and, if it is a
@@ -431,7 +492,8 @@ class Controller(wiring.Component):
             m.next = "NEXT"
         with m.State("GEMM_DRAIN"):
             m.d.comb += self.busy.eq(1)
-            with m.If(~self.gemm_busy & ~self.gemm_cmd.valid & datapath.writes_done):
+            with m.If(~self.gemm_busy & ~self.gemm_cmd.valid & datapath.writes_done
+                      & ~r.launcher_full):
                 m.d.comb += self.drained.eq(1)
                 m.d.sync += [r.pending.eq(0), r.unit.eq(Unit.NONE),
                              r.gather_mode.eq(GatherMode.NONE)]

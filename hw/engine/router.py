@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from amaranth.hdl import Array, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..axi import StreamResize, byte_beat_layout, dma_cmd_layout, entry_layout
@@ -21,7 +22,12 @@ from ..gemm import GEMM_PARAM
 from ..isa import GEMM_RECORD_BYTES, LN_RECORD_BYTES, intake_beats
 from ..vector import LayerNormUnit, SoftmaxUnit
 
-__all__ = ["ReadRouter", "ReadSink", "intake_shape", "read_router_control"]
+__all__ = ["GEMM_STREAMS_QUEUED", "ReadRouter", "ReadSink", "intake_shape",
+           "read_router_control"]
+
+#: GEMM streams that may wait behind the active one: the controller issues a GEMM's stream
+#: while the two GEMMs before it still compute or wait, so the DDR reads two GEMMs ahead.
+GEMM_STREAMS_QUEUED = 2
 
 
 def intake_shape(config: AccelConfig) -> SimpleNamespace:
@@ -72,10 +78,9 @@ def read_router_control() -> wiring.Signature:
             Start a GEMM stream this cycle: ``gemm_entries`` entries, of which, with
             ``gemm_weights_ddr``, each N-tile's parameter entries are followed by
             ``gemm_tile_entries`` weight entries.
-        gemm_stream_done : In(1)
-            Every entry of every GEMM stream set up has arrived.
         gemm_stream_room : In(1)
-            A GEMM stream may be set up now (at most one waits behind the active one).
+            A GEMM stream may be set up now (:data:`GEMM_STREAMS_QUEUED` may wait behind
+            the active one).
         ln_restart : Out(1)
             The next LayerNorm parameter beat is beat 0.
         ln_beats : In(16)
@@ -93,7 +98,6 @@ def read_router_control() -> wiring.Signature:
         "gemm_weights_ddr": Out(1),
         "gemm_tile_entries": Out(24),
         "gemm_entries": Out(32),
-        "gemm_stream_done": In(1),
         "gemm_stream_room": In(1),
         "ln_restart": Out(1),
         "ln_beats": In(16),
@@ -272,15 +276,17 @@ class ReadRouter(wiring.Component):
     def _gemm_stream(self, m: Module, weights_ddr: Signal, entry_in_tile: Signal,
                      param_entries: int) -> Signal:
         """The GEMM streams' bookkeeping: the active stream's entries still to come and the
-        entry within its N-tile; a second stream set up meanwhile waits in a one-entry
-        queue and becomes active as the first ends. Returns "an entry now is a GEMM's"."""
+        entry within its N-tile; streams set up meanwhile wait in a queue of
+        :data:`GEMM_STREAMS_QUEUED` and become active, in order, as the one before ends.
+        Returns "an entry now is a GEMM's"."""
         ctl, rd = self.control, self.rd_data
         tile_entries = Signal(24)  # weight entries per N-tile (k_slices·R·C/entry_bytes)
         entries_left = Signal(32)  # entries of the active stream still to arrive
-        queued = Signal()
-        queued_entries = Signal(32)
-        queued_tile_entries = Signal(24)
-        queued_weights_ddr = Signal()
+        stream_layout = data.StructLayout({"entries": 32, "tile_entries": 24,
+                                           "weights_ddr": 1})
+        queue = m.submodules.gemm_streams = SyncFIFOBuffered(width=stream_layout.size,
+                                                             depth=GEMM_STREAMS_QUEUED)
+        head = stream_layout(queue.r_data)
         gemm_now = Signal()        # entries in flight belong to a GEMM
         m.d.comb += gemm_now.eq(entries_left != 0)
         gemm_entry = rd.valid & rd.ready & gemm_now
@@ -297,19 +303,20 @@ class ReadRouter(wiring.Component):
                     m.d.sync += entry_in_tile.eq(0)
                 with m.Else():
                     m.d.sync += entry_in_tile.eq(entry_in_tile + 1)
-        # The queued stream follows the active one without a gap (the DMA delivers in order).
-        with m.If(ends & queued):
-            activate(queued_entries, queued_tile_entries, queued_weights_ddr)
-            m.d.sync += queued.eq(0)
-        with m.If(ctl.gemm_setup):
-            with m.If(((entries_left == 0) | ends) & ~queued):
-                activate(ctl.gemm_entries, ctl.gemm_tile_entries, ctl.gemm_weights_ddr)
-            with m.Else():
-                m.d.sync += [queued.eq(1), queued_entries.eq(ctl.gemm_entries),
-                             queued_tile_entries.eq(ctl.gemm_tile_entries),
-                             queued_weights_ddr.eq(ctl.gemm_weights_ddr)]
-        m.d.comb += [ctl.gemm_stream_done.eq((entries_left == 0) & ~queued),
-                     ctl.gemm_stream_room.eq(~queued)]
+        # A queued stream follows the active one without a gap (the DMA delivers in order).
+        with m.If(((entries_left == 0) | ends) & queue.r_rdy):
+            activate(head.entries, head.tile_entries, head.weights_ddr)
+            m.d.comb += queue.r_en.eq(1)
+        # A stream set up with none ahead of it is active at once; else it queues.
+        direct = ((entries_left == 0) | ends) & ~queue.r_rdy
+        with m.If(ctl.gemm_setup & direct):
+            activate(ctl.gemm_entries, ctl.gemm_tile_entries, ctl.gemm_weights_ddr)
+        m.d.comb += queue.w_en.eq(ctl.gemm_setup & ~direct)
+        written = stream_layout(queue.w_data)
+        m.d.comb += [written.entries.eq(ctl.gemm_entries),
+                     written.tile_entries.eq(ctl.gemm_tile_entries),
+                     written.weights_ddr.eq(ctl.gemm_weights_ddr)]
+        m.d.comb += ctl.gemm_stream_room.eq(queue.w_rdy)
         return gemm_now
 
     def _unit_streams(self, m: Module, rs_param, rs_ln, rs_t8, rs_t16) -> None:
