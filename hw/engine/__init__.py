@@ -142,20 +142,7 @@ class Engine(wiring.Component):
 
         # The units: commands from the controller, parameters and tables from the router,
         # operands and results through the datapath.
-        # GEMM commands through a short queue: the controller issues a GEMM (its command
-        # and its weight stream) while the two before it still run, and goes on.
-        # (Unbuffered: a command is visible the cycle after it is written, so the engine
-        # and its queue together never look idle while one is on its way.)
-        commands = m.submodules.gemm_commands = SyncFIFO(
-            width=gemm.command.payload.shape().size, depth=GEMM_COMMANDS_QUEUED)
-        m.d.comb += [
-            commands.w_data.eq(controller.gemm_cmd.payload),
-            commands.w_en.eq(controller.gemm_cmd.valid),
-            controller.gemm_cmd.ready.eq(commands.w_rdy),
-            gemm.command.payload.eq(commands.r_data),
-            gemm.command.valid.eq(commands.r_rdy),
-            commands.r_en.eq(gemm.command.ready),
-        ]
+        commands = self._gemm_command_queue(m, controller, gemm)
         wiring.connect(m, controller.ln_cmd, ln.cmd)
         wiring.connect(m, controller.softmax_cmd, softmax.cmd)
         wiring.connect(m, controller.residual_cmd, residual.cmd)
@@ -222,6 +209,45 @@ class Engine(wiring.Component):
             ctrl.error_code.eq(controller.error_code),
             ctrl.error_pc.eq(controller.error_pc),
         ]
+        self._trace(m, trace, controller, fetch)
+        m.d.comb += [
+            counters.retired.eq(controller.retired),
+            counters.gemm_busy.eq(gemm.busy),
+            counters.layernorm_busy.eq(ln.busy),
+            counters.softmax_busy.eq(softmax.busy),
+            counters.residual_busy.eq(residual.busy),
+            counters.dispatcher_busy.eq(dispatcher.busy),
+            counters.combiner_busy.eq(combiner.busy),
+            counters.gemm_weight_stall.eq(gemm.counters.weight_stall_cycles),
+            counters.gemm_token_beats.eq(gemm.counters.token_beats),
+            ctrl.counters.eq(counters.counters),
+            self.token_beats.eq(counters.token_beats),
+        ]
+        return m
+
+    @staticmethod
+    def _gemm_command_queue(m: Module, controller: Controller, gemm: GemmEngine) -> SyncFIFO:
+        """GEMM commands through a short queue: the controller issues a GEMM (its command
+        and its weight stream) while the two before it still run, and goes on. Unbuffered:
+        a command is visible the cycle after it is written, so the engine and its queue
+        together never look idle while one is on its way."""
+        commands = m.submodules.gemm_commands = SyncFIFO(
+            width=gemm.command.payload.shape().size, depth=GEMM_COMMANDS_QUEUED)
+        m.d.comb += [
+            commands.w_data.eq(controller.gemm_cmd.payload),
+            commands.w_en.eq(controller.gemm_cmd.valid),
+            controller.gemm_cmd.ready.eq(commands.w_rdy),
+            gemm.command.payload.eq(commands.r_data),
+            gemm.command.valid.eq(commands.r_rdy),
+            commands.r_en.eq(gemm.command.ready),
+        ]
+        return commands
+
+    def _trace(self, m: Module, trace: InstructionTrace, controller: Controller,
+               fetch: InstructionFetch) -> None:
+        """The instruction trace: the controller's events, the DMA's byte counters, the
+        register file's reads."""
+        ctrl = self.ctrl
         m.d.comb += [
             trace.start.eq(ctrl.start),
             trace.busy.eq(controller.busy),
@@ -237,17 +263,3 @@ class Engine(wiring.Component):
             ctrl.trace_entry.eq(trace.entry),
             ctrl.trace_count.eq(trace.count),
         ]
-        m.d.comb += [
-            counters.retired.eq(controller.retired),
-            counters.gemm_busy.eq(gemm.busy),
-            counters.layernorm_busy.eq(ln.busy),
-            counters.softmax_busy.eq(softmax.busy),
-            counters.residual_busy.eq(residual.busy),
-            counters.dispatcher_busy.eq(dispatcher.busy),
-            counters.combiner_busy.eq(combiner.busy),
-            counters.gemm_weight_stall.eq(gemm.counters.weight_stall_cycles),
-            counters.gemm_token_beats.eq(gemm.counters.token_beats),
-            ctrl.counters.eq(counters.counters),
-            self.token_beats.eq(counters.token_beats),
-        ]
-        return m

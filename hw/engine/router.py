@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from amaranth.hdl import Array, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from ..axi import StreamResize, byte_beat_layout, dma_cmd_layout, entry_layout
@@ -284,8 +284,8 @@ class ReadRouter(wiring.Component):
         entries_left = Signal(32)  # entries of the active stream still to arrive
         stream_layout = data.StructLayout({"entries": 32, "tile_entries": 24,
                                            "weights_ddr": 1})
-        queue = m.submodules.gemm_streams = SyncFIFOBuffered(width=stream_layout.size,
-                                                             depth=GEMM_STREAMS_QUEUED)
+        queue = m.submodules.gemm_streams = SyncFIFO(width=stream_layout.size,
+                                                     depth=GEMM_STREAMS_QUEUED)
         head = stream_layout(queue.r_data)
         gemm_now = Signal()        # entries in flight belong to a GEMM
         m.d.comb += gemm_now.eq(entries_left != 0)
