@@ -17,6 +17,7 @@ import collections
 import cocotb
 from cocotb.triggers import First, ReadOnly, RisingEdge
 
+from m3vit.hw.isa import intake_beats
 from m3vit.hw.registers import ErrorCode
 from m3vit.sim.cocotb_runner import bench_config
 from m3vit.sim.stream_tb import Bench
@@ -47,6 +48,9 @@ class DmaModel:
         self.bench, self.dut, self.memory = bench, bench.dut, memory
         self.cfg = bench_config()
         self.beat = self.cfg.axi_bytes
+        # Reads come as the engine's entries: up to this many beats (a command's last entry
+        # may hold fewer, its count beside ``last``), as the striped DMA delivers them.
+        self.entry_beats = intake_beats(self.cfg)
         self.rng = bench.rng()
         self.random_flow = random_flow
         self.read_latency = read_latency  # cycles from a read command to its first beat
@@ -107,12 +111,15 @@ class DmaModel:
             if (read_beat is None and self.reads and self.reads[0][2] <= self.cycle
                     and self._chance(0.3)):
                 addr, beats, due = self.reads[0]
-                read_beat = (addr, beats == 1)
-                self.reads[0] = (addr + self.beat, beats - 1, due)
-                if beats == 1:
+                n = min(beats, self.entry_beats)
+                read_beat = (addr, beats == n)
+                self.reads[0] = (addr + n * self.beat, beats - n, due)
+                if beats == n:
                     self.reads.popleft()
-                data = int.from_bytes(self.memory[addr:addr + self.beat], "little")
-                rd_payload.value = data | (int(beats == 1) << (8 * self.beat))
+                data = int.from_bytes(self.memory[addr:addr + n * self.beat], "little")
+                bits = 8 * self.beat * self.entry_beats
+                count = n << (bits + 1) if self.entry_beats > 1 else 0
+                rd_payload.value = data | (int(beats == n) << bits) | count
             drive(rd_valid, read_beat is not None)
             outstanding = write_cmd is not None or self.writes or response_delay > 0
             drive(wr_idle, not outstanding)

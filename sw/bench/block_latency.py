@@ -3,7 +3,7 @@
 ``python -m m3vit.sw.bench.block_latency --preset edge-moe`` builds the engine for the
 ZCU104 configuration (32 × 32 array; ``--config ci`` for the 4 × 4 one), runs dense block
 0 of a randomly initialised, quantized model on it with the DMA engines played in Python
-(no stalls: one 128-bit beat per cycle, the HP-port peak), checks the output bit-exactly
+(no stalls: one read entry per cycle, the engine's intake), checks the output bit-exactly
 against the golden model, and prints the cycles next to the MAC-bound ideal
 (Σ over the block's GEMMs of tokens · K-slices · N-tiles). The cocotb side is
 :mod:`m3vit.sw.bench.block_latency_tb`.

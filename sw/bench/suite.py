@@ -211,8 +211,9 @@ def bench_block_latency() -> str:
         "`m3vit.sw.bench.block_latency`: the Verilated engine runs the compiled program "
         "(LN1, QKV, 3 × (Q·Kᵀ, softmax, P·V), projection, residual, LN2, FC1 + GELU, FC2, "
         "residual, with the input LOAD and output STORE) with the DMA engines played at one "
-        "128-bit beat per cycle, and the output is checked bit-exactly against the golden "
-        "model.",
+        "read entry per cycle (the engine's intake: 64 bytes on the ZCU104's three ports; "
+        "the whole SoC under the DDR model is `bench soc`), and the output is checked "
+        "bit-exactly against the golden model.",
         f"Machine: {machine()}.",
         "",
         "| preset | array | cycles | MAC-bound ideal | ideal / cycles | µs at 300 MHz |",
@@ -241,9 +242,9 @@ def bench_moe_layer() -> str:
         "Verilated 32 × 32 engine, from the golden LN2 output: router GEMM (the task's "
         "router), ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE. One program, run twice: "
         "`SCHEDULE.ORDER` = expert by expert, then token by token; both outputs equal the "
-        "golden MoE output bit for bit. DMA played in Python: at most one 128-bit beat per "
-        f"cycle (the HP port's peak), {r['read_latency']}-cycle first-beat latency per read "
-        "command.",
+        "golden MoE output bit for bit. DMA played in Python: at most one read entry (64 "
+        f"bytes, the engine's intake) per cycle, {r['read_latency']}-cycle first-beat latency "
+        "per read command.",
         f"Machine: {machine()}.",
         "",
         harness.markdown(r),
