@@ -58,7 +58,7 @@ from .axi import (
 )
 from .config import AccelConfig
 
-__all__ = ["StripedReadDma", "default_entry_beats"]
+__all__ = ["StripedReadDma", "default_entry_beats", "least_queue_entries"]
 
 
 def default_entry_beats(n_ports: int) -> int:
@@ -68,6 +68,12 @@ def default_entry_beats(n_ports: int) -> int:
     take every port's beat of a cycle.
     """
     return 1 << (n_ports - 1).bit_length()
+
+
+def least_queue_entries(config: AccelConfig, entry_beats: int) -> int:
+    """The shallowest entry queue a port may have: ``max_outstanding`` whole bursts (the
+    credits of every burst in flight)."""
+    return config.max_outstanding * config.max_burst_beats // entry_beats
 
 
 class StripedReadDma(wiring.Component):
@@ -127,7 +133,7 @@ class StripedReadDma(wiring.Component):
         self.n_ports = n_ports
         self.entry_beats = entry_beats
         self.entry_bytes = entry_beats * config.axi_bytes
-        least = config.max_outstanding * config.max_burst_beats // entry_beats
+        least = least_queue_entries(config, entry_beats)
         queue_entries = least if queue_entries is None else queue_entries
         if queue_entries < least:
             raise ValueError(f"queue_entries must be at least {least} (max_outstanding whole "

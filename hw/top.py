@@ -28,7 +28,7 @@ from .config import AccelConfig
 from .engine import Engine
 from .isa import check_top_config, intake_beats
 from .regfile import AxiLiteSignature, ControlRegisters
-from .striped_read import StripedReadDma
+from .striped_read import StripedReadDma, least_queue_entries
 
 __all__ = ["READ_QUEUE_BYTES", "AcceleratorTop", "master_names"]
 
@@ -98,10 +98,10 @@ class AcceleratorTop(wiring.Component):
             regs.dma_counters.dma_write_bytes.eq(write.bytes_written),
             engine.write_bytes.eq(write.bytes_written),
         ]
-        if hasattr(read, "port_bytes_read"):
+        if isinstance(read, StripedReadDma):
             m.d.comb += [engine.port_read_bytes[p].eq(read.port_bytes_read[p])
-                         for p in range(self.config.n_master_ports)]
-        else:
+                         for p in range(read.n_ports)]
+        else:   # one port: its read engine's counter is the port's
             m.d.comb += engine.port_read_bytes[0].eq(read.bytes_read)
         done_or_error = Signal()
         with m.If(engine.ctrl.start):
@@ -127,11 +127,11 @@ class AcceleratorTop(wiring.Component):
             dma = m.submodules.dma = AxiDmaPort(cfg)
             wiring.connect(m, wiring.flipped(self.m_axi), dma.m_axi)
             return dma.read, dma.write
-        entry_bytes = intake_beats(cfg) * cfg.axi_bytes
+        beats = intake_beats(cfg)
         read = m.submodules.read_dma = StripedReadDma(
-            cfg, len(names), entry_beats=intake_beats(cfg),
-            queue_entries=max(READ_QUEUE_BYTES // entry_bytes,
-                              cfg.max_outstanding * cfg.max_burst_beats // intake_beats(cfg)))
+            cfg, len(names), entry_beats=beats,
+            queue_entries=max(READ_QUEUE_BYTES // (beats * cfg.axi_bytes),
+                              least_queue_entries(cfg, beats)))
         write = m.submodules.write_dma = WriteDma(cfg)
         for index, name in enumerate(names):
             port = getattr(self, name)
