@@ -233,6 +233,9 @@ class GemmEngine(wiring.Component):
     params_per_beat : int
         Output channels' parameters per ``params`` beat, P: a power of two dividing
         ``pe_cols``.
+    table_entries : int
+        Output-table entries per ``table`` beat, T: a power of two ≤ 256 (the top writes
+        one AXI beat's worth, 16 entries a cycle).
 
     Attributes
     ----------
@@ -291,24 +294,25 @@ class GemmEngine(wiring.Component):
       channel ``j·C + c``; NT·C records, P to a beat, also in mode INT32 (bias only is
       used there). They may run one N-tile ahead (they are held until the tile's last
       slice).
-    * ``table``: for ``LOAD_TABLE`` only, 256 beats, entry 0 first: ``table[i]`` is the
-      output for ``q & 0xFF == i``. It waits until every earlier result has left.
+    * ``table``: for ``LOAD_TABLE`` only, 256 / T beats of T entries, entry 0 first (in
+      beat 0's element 0): entry ``i`` is the output for ``q & 0xFF == i``. It waits until
+      every earlier result has left.
     * ``results``: for ``j``, for ``m``: lanes ``c`` = ``Y[m, j·C + c]``; NT·M beats.
 
     **Structure.** The array holds two ``R × C`` INT8 weight registers: ``shadow`` (loaded
-    row by row, or column by column, from ``weights``: on a square array each element
-    has a 2:1 mux on its data and on its write enable) and ``active`` (copied from
-    ``shadow`` in one cycle when a slice's first token enters, so every multiplier has one
-    fixed weight operand, as the B1/B2 registers of a DSP48E2). The loader takes each
-    command before the issuer (a one-entry queue between them), so it always knows the
-    weight order and tile count of the pass the shadow tile belongs to, also when that
-    tile is the next pass's first. ``R · C`` 8 × 8 multipliers (registered), a pipelined
-    adder tree per column (a register every two levels), one accumulator memory
-    ``max_tokens × (32 · C)`` bits (read-modify-write, two-cycle read), ``C`` requantizer
-    lanes (:class:`Requantizer`, a 32 × 16 multiply each), a 256 × INT8 table with ``C``
-    read ports, and a result queue with a credit counter: a last-slice token enters the
-    array only if the queue has room for its result, so back-pressure never stops the
-    pipeline (no clock enable on wide registers).
+    row by row, or column by column, from ``weights``: on a square array each element has a
+    2:1 mux on its data and on its write enable) and ``active`` (copied from ``shadow`` in
+    one cycle when a slice's first token enters, so every multiplier has one fixed weight
+    operand, as the B1/B2 registers of a DSP48E2). The loader takes each command before the
+    issuer (a one-entry queue between them), so it always knows the weight order and tile
+    count of the pass the shadow tile belongs to, also when that tile is the next pass's
+    first. ``R · C`` 8 × 8 multipliers (registered), a pipelined adder tree per column (a
+    register every two levels), one accumulator memory ``max_tokens × (32 · C)`` bits
+    (read-modify-write, two-cycle read), ``C`` requantizer lanes (:class:`Requantizer`, a 32
+    × 16 multiply each), a 256 × INT8 table (256 / T words of T entries: a write fills a
+    word) with ``C`` read ports, and a result queue with a credit counter: a last-slice
+    token enters the array only if the queue has room for its result, so back-pressure never
+    stops the pipeline (no clock enable on wide registers).
 
     **Throughput.** One token per cycle while the streams keep up. A K-slice takes at least
     ``M`` cycles and at least the ``R / W`` weight beats of the next tile plus one (the
@@ -318,19 +322,23 @@ class GemmEngine(wiring.Component):
     below it, which the weight load already covers unless ``R = 2``.
     """
 
-    def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1):
+    def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1,
+                 table_entries: int = 1):
         if not isinstance(config, AccelConfig):
             raise TypeError(f"config must be an AccelConfig, got {config!r}")
         self.config = config
         rows, cols = config.pe_rows, config.pe_cols
         for name, value, whole in (("rows_per_beat", rows_per_beat, rows),
-                                   ("params_per_beat", params_per_beat, cols)):
+                                   ("params_per_beat", params_per_beat, cols),
+                                   ("table_entries", table_entries, TABLE_ENTRIES)):
             if value < 1 or value & (value - 1) or whole % value:
                 raise ValueError(f"{name} must be a power of two dividing {whole}, got "
                                  f"{value!r}")
         #: Weight rows (or columns) a ``weights`` beat carries; parameters a ``params`` beat.
         self.rows_per_beat = rows_per_beat
         self.params_per_beat = params_per_beat
+        #: Output-table entries a ``table`` beat carries.
+        self.table_entries = table_entries
         self.command_layout = command_layout(config)
         self.output_layout = output_layout(config)
         #: Cycles of the column adder trees (a register every two of log2(pe_rows) levels).
@@ -354,7 +362,7 @@ class GemmEngine(wiring.Component):
                                                             rows_per_beat))),
             "activations": In(stream.Signature(data.ArrayLayout(signed(8), rows))),
             "params": In(stream.Signature(data.ArrayLayout(GEMM_PARAM, params_per_beat))),
-            "table": In(stream.Signature(signed(8))),
+            "table": In(stream.Signature(data.ArrayLayout(signed(8), table_entries))),
             "results": Out(stream.Signature(self.output_layout)),
             "counters": Out(counters),
             "busy": Out(1),
@@ -639,9 +647,15 @@ class GemmEngine(wiring.Component):
         valid_out = _delayed(m, requantizer.o.valid, 1, "valid_out")
         value_out = _delayed(m, requantizer.o.payload, 1, "value_out")
 
-        table = m.submodules.table = Memory(shape=signed(8), depth=TABLE_ENTRIES, init=[])
+        # Words of T entries: a table beat writes one; a lookup reads the word and picks
+        # the entry with the index's low bits, registered beside the read.
+        T = self.table_entries
+        low_bits = (T - 1).bit_length()
+        words = TABLE_ENTRIES // T
+        table = m.submodules.table = Memory(shape=data.ArrayLayout(signed(8), T),
+                                            depth=words, init=[])
         table_write = table.write_port()
-        table_index = Signal(range(TABLE_ENTRIES))
+        table_index = Signal(range(words))
         m.d.comb += self.table.ready.eq(s.loading_table & (s.pending == 0))
         m.d.comb += [
             table_write.addr.eq(table_index),
@@ -650,17 +664,24 @@ class GemmEngine(wiring.Component):
         ]
         with m.If(self.table.valid & self.table.ready):
             m.d.sync += table_index.eq(table_index + 1)
-            with m.If(table_index == TABLE_ENTRIES - 1):
+            with m.If(table_index == words - 1):
                 m.d.sync += s.loading_table.eq(0)
 
         result = Signal(self.output_layout)
         for col in range(cols):
             lookup = table.read_port()
             # The INT8 result's two's-complement byte is the table index.
-            m.d.comb += lookup.addr.eq(requantizer.o.payload[col][:8])
+            index = requantizer.o.payload[col][:8]
+            m.d.comb += lookup.addr.eq(index[low_bits:])
+            if T == 1:
+                entry = lookup.data[0]
+            else:
+                low = Signal(low_bits, name=f"table_low{col}")
+                m.d.sync += low.eq(index[:low_bits])
+                entry = lookup.data[low]
             with m.Switch(op_out):
                 with m.Case(GemmOp.INT8_TABLE):
-                    m.d.comb += result.int8[col].eq(lookup.data)
+                    m.d.comb += result.int8[col].eq(entry)
                 with m.Case(GemmOp.INT32):
                     m.d.comb += result.int32[col].eq(value_out[col])
                 with m.Default():

@@ -590,6 +590,9 @@ class SoftmaxUnit(wiring.Component):
     ----------
     cfg : AccelConfig
         ``lanes = cfg.pe_cols`` logits per beat; rows up to ``cfg.max_tokens`` long.
+    table_entries : int
+        Exp-table entries written per ``table`` beat, a power of two ≤ 256 (the engine
+        writes one AXI beat's worth: a 256-entry table in ``256 / table_entries`` cycles).
 
     Attributes
     ----------
@@ -600,8 +603,10 @@ class SoftmaxUnit(wiring.Component):
         Each row is ``ceil(L / lanes)`` beats, logits 0 … lanes−1 first. The **padded
         lanes** of a row's last beat (positions ≥ L) are ignored: they take no part in the
         maximum or the sum, whatever they hold. Rows are not packed across beats.
-    table : In(stream.Signature(SoftmaxUnit.table_layout()))
-        Writes entry ``index`` (0 … 255) of the exp table, uint16. ``ready = ~busy``. The
+    table : In(stream.Signature(SoftmaxUnit.table_layout(table_entries)))
+        Writes ``table_entries`` entries of the exp table at once, uint16: entries
+        ``index · table_entries`` … ``index · table_entries + table_entries − 1``, the
+        first in ``value[0]``. ``ready = ~busy``. The
         table must be one of ``numerics.exp_table`` (E[0] = 2^15, so S ≥ 2^15 and
         rcp ≤ 2^16: the reciprocal is computed to 17 bits); with another table the outputs
         are unspecified.
@@ -619,13 +624,14 @@ class SoftmaxUnit(wiring.Component):
     Three passes per row, each a pipeline over a queue: (A) beats enter the logits queue
     while a registered compare tree finds the row maximum; (B) once the maximum is known,
     the row is read back, each lane looks up its own copy of the table (the table is
-    replicated per lane — 256×16 bits each, a LUTRAM or half a BRAM18 — so every lane reads
-    every cycle) and the e values go to the e queue and a registered adder tree; the sum
-    enters a 17-stage reciprocal pipeline; (C) the row's e values are multiplied by rcp and
-    rounded. Row r+1 is in A while row r is in B and row r−1 in C, so the steady-state
-    throughput is one beat per cycle: a 129-long row at 32 lanes is 5 beats, 5 cycles. The
-    logits queue holds a full row plus the tree latency and the e queue a full row plus the
-    sum/reciprocal latency, which is also what lets rows of one beat (router rows) stream.
+    replicated per lane — 256×16 bits each, stored as ``256 / table_entries`` words of
+    ``table_entries`` entries, so every lane reads every cycle and a write fills a word) and
+    the e values go to the e queue and a registered adder tree; the sum enters a 17-stage
+    reciprocal pipeline; (C) the row's e values are multiplied by rcp and rounded. Row r+1
+    is in A while row r is in B and row r−1 in C, so the steady-state throughput is one beat
+    per cycle: a 129-long row at 32 lanes is 5 beats, 5 cycles. The logits queue holds a
+    full row plus the tree latency and the e queue a full row plus the sum/reciprocal
+    latency, which is also what lets rows of one beat (router rows) stream.
     Sum width: ``log2(65535·max_tokens)`` bits (S < 2^26 for 1,024 tokens).
     """
 
@@ -639,21 +645,30 @@ class SoftmaxUnit(wiring.Component):
         })
 
     @staticmethod
-    def table_layout() -> data.StructLayout:
-        """The ``table`` payload: one exp-table entry."""
-        return data.StructLayout({"index": unsigned(8), "value": _EXP_SHAPE})
+    def table_layout(table_entries: int = 1) -> data.StructLayout:
+        """The ``table`` payload: ``table_entries`` consecutive exp-table entries, word
+        ``index`` of the table."""
+        return data.StructLayout({
+            "index": unsigned(max(1, (256 // table_entries - 1).bit_length())),
+            "value": data.ArrayLayout(_EXP_SHAPE, table_entries),
+        })
 
     @staticmethod
     def out_layout(cfg: AccelConfig) -> data.StructLayout:
         """The ``probs`` payload for ``cfg``."""
         return row_beat_layout(cfg, unsigned(16))
 
-    def __init__(self, cfg: AccelConfig):
+    def __init__(self, cfg: AccelConfig, table_entries: int = 1):
         self._cfg = _check_config(cfg)
+        if not (isinstance(table_entries, int) and 1 <= table_entries <= 256
+                and table_entries & (table_entries - 1) == 0):
+            raise ValueError(f"table_entries must be a power of two from 1 to 256, got "
+                             f"{table_entries!r}")
+        self.table_entries = table_entries
         super().__init__({
             "cmd": In(stream.Signature(self.cmd_layout(cfg))),
             "logits": In(stream.Signature(lane_layout(cfg))),
-            "table": In(stream.Signature(self.table_layout())),
+            "table": In(stream.Signature(self.table_layout(table_entries))),
             "probs": Out(stream.Signature(self.out_layout(cfg))),
             "busy": Out(1),
             "busy_cycles": Out(BUSY_COUNTER_BITS),
@@ -813,21 +828,32 @@ class SoftmaxUnit(wiring.Component):
 
     def _exp_tables(self, m: Module, index) -> list:
         """One copy of the exp table per lane (written together while idle), read at
-        ``index[lane]``; returns each copy's read data."""
+        ``index[lane]``; returns each copy's entry, one cycle later.
+
+        A copy is ``256 / W`` words of W entries (W = ``table_entries``): a write fills a
+        word, a read fetches the word and the entry is picked from it by the index's low
+        bits, registered beside the read."""
+        W = self.table_entries
+        low_bits = (W - 1).bit_length()
+        word_layout = data.ArrayLayout(_EXP_SHAPE, W)
         table_write = self.table.valid & ~self.busy
         m.d.comb += self.table.ready.eq(~self.busy)
         looked_up = []
         for i in range(self._cfg.pe_cols):
-            table = Memory(shape=_EXP_SHAPE, depth=256, init=[])
+            table = Memory(shape=word_layout, depth=256 // W, init=[])
             m.submodules[f"exp_table{i}"] = table
             write, read = table.write_port(), table.read_port()
             m.d.comb += [
                 write.en.eq(table_write),
                 write.addr.eq(self.table.payload.index),
                 write.data.eq(self.table.payload.value),
-                read.addr.eq(index[i]),
+                read.addr.eq(index[i][low_bits:]),
             ]
-            looked_up.append(read.data)
+            if W == 1:
+                looked_up.append(read.data[0])
+                continue
+            low = _reg(m, index[i][:low_bits], unsigned(low_bits), name=f"b2_low{i}")
+            looked_up.append(read.data[low])
         return looked_up
 
     def _stage_c(self, m: Module, s: SimpleNamespace) -> None:

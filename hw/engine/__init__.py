@@ -105,9 +105,10 @@ class Engine(wiring.Component):
         cfg = self.config
         intake = intake_shape(cfg)
         gemm = m.submodules.gemm = GemmEngine(cfg, rows_per_beat=intake.rows_per_beat,
-                                              params_per_beat=intake.params_per_beat)
+                                              params_per_beat=intake.params_per_beat,
+                                              table_entries=intake.gemm_table_entries)
         ln = m.submodules.layernorm = LayerNormUnit(cfg)
-        softmax = m.submodules.softmax = SoftmaxUnit(cfg)
+        softmax = m.submodules.softmax = SoftmaxUnit(cfg, table_entries=intake.exp_table_entries)
         residual = m.submodules.residual = ResidualAdd(cfg)
         dispatcher = m.submodules.dispatcher = Dispatcher(cfg)
         combiner = m.submodules.combiner = Combiner(cfg)

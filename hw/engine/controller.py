@@ -514,7 +514,9 @@ class Controller(wiring.Component):
         walks = self.datapath
         sm_beats = self.checks.softmax_beats
         with m.State("LN_PARAMS"):
-            m.d.comb += [self.busy.eq(1), self.router.ln_restart.eq(1)]
+            # The count restarts until the read is issued, never after: its first record
+            # may arrive the cycle after (sent is a register, so this state lasts one more).
+            m.d.comb += [self.busy.eq(1), self.router.ln_restart.eq(~r.sent[0])]
             m.d.sync += r.sink.eq(ReadSink.LN)
             self._command(m, r, self.rd_cmd, 0, addr=self._ddr_addr(), beats=self._ddr_beats())
             with m.If(r.sent[0]):
@@ -611,7 +613,9 @@ class Controller(wiring.Component):
                 m.d.sync += r.sink.eq(ReadSink.TABLE8)
             with m.Else():
                 m.d.sync += [r.sent[1].eq(1), r.sink.eq(ReadSink.TABLE16)]
-                m.d.comb += self.router.table_restart.eq(1)
+                # Not once the read is issued: its first word may arrive the next cycle,
+                # still in this state (the table reaches the unit without a register).
+                m.d.comb += self.router.table_restart.eq(~r.sent[0])
             self._command(m, r, self.rd_cmd, 0, addr=self._ddr_addr(), beats=self._ddr_beats())
             with m.If(r.sent[0] & r.sent[1]):
                 m.next = "TABLE_WAIT"

@@ -11,7 +11,7 @@ instruction beats to the fetch, LayerNorm parameter records, the two tables, LOA
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Array, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -34,7 +34,10 @@ def intake_shape(config: AccelConfig) -> SimpleNamespace:
     """How the engine takes read data: ``entry_beats`` and ``entry_bytes`` (one entry a
     cycle), and what a GEMM makes of an entry: ``rows_per_beat`` weight rows (an entry, or
     one row packed from several when an entry is narrower than a row) and
-    ``params_per_beat`` parameter records."""
+    ``params_per_beat`` parameter records; the tables' entries per AXI beat
+    (``gemm_table_entries`` INT8, ``exp_table_entries`` uint16: a table loads at one
+    port's rate) and whether LayerNorm parameters come a whole entry a cycle
+    (``ln_entries``: when a LayerNorm beat's records are whole entries)."""
     beats = intake_beats(config)
     entry_bytes = beats * config.axi_bytes
     return SimpleNamespace(
@@ -42,6 +45,9 @@ def intake_shape(config: AccelConfig) -> SimpleNamespace:
         entry_bytes=entry_bytes,
         rows_per_beat=max(1, entry_bytes // config.pe_cols),
         params_per_beat=max(1, entry_bytes // GEMM_RECORD_BYTES),
+        gemm_table_entries=min(256, config.axi_bytes),
+        exp_table_entries=min(256, config.axi_bytes // 2),
+        ln_entries=(LN_RECORD_BYTES * config.pe_cols) % entry_bytes == 0,
     )
 
 
@@ -135,12 +141,12 @@ class ReadRouter(wiring.Component):
         GEMM weight rows from DDR, ``rows_per_beat`` a beat.
     gemm_params : Out(stream.Signature(ArrayLayout(GEMM_PARAM, params_per_beat)))
         A GEMM's per-channel parameters, from its 8-byte records.
-    gemm_table : Out(stream.Signature(signed(8)))
-        The GEMM engine's output table.
+    gemm_table : Out(stream.Signature(ArrayLayout(signed(8), gemm_table_entries)))
+        The GEMM engine's output table, an AXI beat's entries at once.
     ln_params : Out(stream.Signature(LayerNormUnit.param_layout(config)))
         LayerNorm gains and biases, one beat of ``pe_cols`` 16-byte records each.
-    softmax_table : Out(stream.Signature(SoftmaxUnit.table_layout()))
-        The softmax unit's exp table, entry by entry.
+    softmax_table : Out(stream.Signature(SoftmaxUnit.table_layout(exp_table_entries)))
+        The softmax unit's exp table, an AXI beat's entries at once.
 
     Notes
     -----
@@ -149,8 +155,9 @@ class ReadRouter(wiring.Component):
     ``GEMM_RECORD_BYTES · pe_cols / entry_bytes`` entries to the parameters, then the tile
     entries to the weights; with weights from the buffer every entry is a parameter entry.
     Its entries are whole (a GEMM stream is whole entries long, and the read DMA starts
-    each command's first entry at its first beat). The other sinks take an entry's valid
-    beats one a cycle.
+    each command's first entry at its first beat). So are LayerNorm parameters' where a
+    LayerNorm beat is whole entries (``intake_shape(config).ln_entries``). The other sinks
+    take an entry's valid beats one a cycle.
     """
 
     def __init__(self, config: AccelConfig):
@@ -170,9 +177,11 @@ class ReadRouter(wiring.Component):
                 shape.rows_per_beat * config.pe_cols))),
             "gemm_params": Out(stream.Signature(data.ArrayLayout(GEMM_PARAM,
                                                                  shape.params_per_beat))),
-            "gemm_table": Out(stream.Signature(signed(8))),
+            "gemm_table": Out(stream.Signature(data.ArrayLayout(
+                signed(8), shape.gemm_table_entries))),
             "ln_params": Out(stream.Signature(LayerNormUnit.param_layout(config))),
-            "softmax_table": Out(stream.Signature(SoftmaxUnit.table_layout())),
+            "softmax_table": Out(stream.Signature(SoftmaxUnit.table_layout(
+                shape.exp_table_entries))),
         })
 
     def elaborate(self, platform):
@@ -197,9 +206,10 @@ class ReadRouter(wiring.Component):
         rs_param = m.submodules.rs_param = StreamResize(
             entry_bytes, shape.params_per_beat * GEMM_RECORD_BYTES)
         rs_word = m.submodules.rs_word = StreamResize(axi_bytes, C)         # LOAD
-        rs_ln = m.submodules.rs_ln = StreamResize(axi_bytes, LN_RECORD_BYTES * C)
-        rs_t8 = m.submodules.rs_t8 = StreamResize(axi_bytes, 1)
-        rs_t16 = m.submodules.rs_t16 = StreamResize(axi_bytes, 2)
+        rs_ln = m.submodules.rs_ln = StreamResize(
+            entry_bytes if shape.ln_entries else axi_bytes, LN_RECORD_BYTES * C)
+        rs_t8 = m.submodules.rs_t8 = StreamResize(axi_bytes, shape.gemm_table_entries)
+        rs_t16 = m.submodules.rs_t16 = StreamResize(axi_bytes, 2 * shape.exp_table_entries)
         wiring.connect(m, rs_rows.o, wiring.flipped(self.gemm_weights))
         wiring.connect(m, rs_word.o, wiring.flipped(self.words))
         # GEMM stream split: per N-tile, parameter entries then weight entries (wsrc = DDR).
@@ -240,6 +250,7 @@ class ReadRouter(wiring.Component):
         controller may meanwhile fetch the next instruction."""
         rs_rows, rs_param = gemm_converters
         rs_word, rs_ln, rs_t8, rs_t16 = converters
+        ln_entries = self.intake.ln_entries
         ctl, rd = self.control, self.rd_data
         sink = Signal(ReadSink)
         m.d.comb += sink.eq(Mux(gemm_now, ReadSink.GEMM, ctl.sink))
@@ -254,20 +265,24 @@ class ReadRouter(wiring.Component):
                     rd.ready.eq(Mux(to_params, rs_param.i.ready, rs_rows.i.ready)),
                 ]
             with m.Case(ReadSink.LN):
-                m.d.comb += [rs_ln.i.valid.eq(rd.valid), beat_ready.eq(rs_ln.i.ready)]
+                if ln_entries:
+                    m.d.comb += [rs_ln.i.valid.eq(rd.valid), rd.ready.eq(rs_ln.i.ready)]
+                else:
+                    m.d.comb += [rs_ln.i.valid.eq(rd.valid), beat_ready.eq(rs_ln.i.ready)]
             with m.Case(ReadSink.TABLE8):
                 m.d.comb += [rs_t8.i.valid.eq(rd.valid), beat_ready.eq(rs_t8.i.ready)]
             with m.Case(ReadSink.TABLE16):
                 m.d.comb += [rs_t16.i.valid.eq(rd.valid), beat_ready.eq(rs_t16.i.ready)]
             with m.Case(ReadSink.LOAD):
                 m.d.comb += [rs_word.i.valid.eq(rd.valid), beat_ready.eq(rs_word.i.ready)]
-        narrow_sink = (sink != ReadSink.GEMM) & (sink != ReadSink.NONE)
+        whole = [ReadSink.GEMM, ReadSink.NONE] + ([ReadSink.LN] if ln_entries else [])
+        narrow_sink = Cat(sink != w for w in whole).all()
         m.d.comb += narrow.taken.eq(narrow_sink & rd.valid & beat_ready)
         with m.If(narrow_sink):
             m.d.comb += rd.ready.eq(beat_ready & narrow.final)
-        for rs in (rs_rows, rs_param):
+        for rs in (rs_rows, rs_param) + ((rs_ln,) if ln_entries else ()):
             m.d.comb += rs.i.payload.data.eq(rd.payload.data)
-        for rs in converters:
+        for rs in (rs_word, rs_t8, rs_t16) + (() if ln_entries else (rs_ln,)):
             m.d.comb += rs.i.payload.data.eq(narrow.data)
         m.d.comb += [self.fetch.payload.data.eq(narrow.data),
                      self.fetch.payload.last.eq(narrow.last),
@@ -353,9 +368,10 @@ class ReadRouter(wiring.Component):
             m.d.sync += ln_beat.eq(0)
         with m.Elif(params.valid & params.ready):
             m.d.sync += ln_beat.eq(ln_beat + 1)
-        # Tables.
-        table_index = Signal(8)
-        table_left = Signal(range(257))  # exp-table entries still to come
+        # Tables, an AXI beat's entries at once.
+        exp_words = 256 // self.intake.exp_table_entries
+        table_index = Signal(range(exp_words))
+        table_left = Signal(range(exp_words + 1))  # exp-table words still to come
         table = self.softmax_table
         m.d.comb += [
             self.gemm_table.payload.eq(rs_t8.o.payload.data),
@@ -368,6 +384,6 @@ class ReadRouter(wiring.Component):
             ctl.table_done.eq(table_left == 0),
         ]
         with m.If(ctl.table_restart):
-            m.d.sync += [table_index.eq(0), table_left.eq(256)]
+            m.d.sync += [table_index.eq(0), table_left.eq(exp_words)]
         with m.Elif(table.valid & table.ready):
             m.d.sync += [table_index.eq(table_index + 1), table_left.eq(table_left - 1)]

@@ -304,7 +304,13 @@ class TB:
         k_slices, n_tiles = k // rows, n // cols
         if gemm.table is not None:
             self.command.beats.append(self.command_beat(GemmOp.LOAD_TABLE))
-            self.table.beats += [value & 0xFF for value in gemm.table.tolist()]
+            # T entries a beat (the engine's ``table_entries``: the payload's width / 8),
+            # entry 0 in the low byte.
+            per_beat = len(self.table.payload) // 8
+            entries = [value & 0xFF for value in gemm.table.tolist()]
+            self.table.beats += [
+                sum(e << (8 * i) for i, e in enumerate(entries[b:b + per_beat]))
+                for b in range(0, len(entries), per_beat)]
         self.command.beats.append(
             self.command_beat(gemm.op, tokens, k_slices, n_tiles, gemm.transposed))
         w = gemm.w.tolist()

@@ -35,6 +35,11 @@ BENCH_CONFIGS = {
     "2x8": CI.replace(pe_rows=2, pe_cols=8),
 }
 
+#: Constructor arguments other than the configuration, per bench: one bench loads the
+#: output table several entries a beat, as the top does.
+BENCH_ENGINE_ARGS = {"8x4": {"table_entries": 4}}
+
+
 def expected_tests(config: AccelConfig) -> int:
     """Tests the bench runs on ``config``.
 
@@ -46,10 +51,10 @@ def expected_tests(config: AccelConfig) -> int:
     return 8 * 3 * 2 * orders + 3 * 2 + 2
 
 
-def write_verilog(config: AccelConfig, build_dir: Path) -> Path:
+def write_verilog(config: AccelConfig, build_dir: Path, **kwargs) -> Path:
     """The engine's Verilog under ``build_dir``, rewritten only when it changes."""
     path = build_dir / f"{TOP}.v"
-    write_if_changed(path, to_verilog(GemmEngine(config), TOP))
+    write_if_changed(path, to_verilog(GemmEngine(config, **kwargs), TOP))
     return path
 
 
@@ -60,7 +65,8 @@ def test_gemm_engine_bench_passes(name, cocotb_bench):
     config = BENCH_CONFIGS[name]
     build_dir = BUILD_DIR / name
     cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP,
-                 verilog=write_verilog(config, build_dir), build_dir=build_dir / "verilator",
+                 verilog=write_verilog(config, build_dir, **BENCH_ENGINE_ARGS.get(name, {})),
+                 build_dir=build_dir / "verilator",
                  config=config, passes=expected_tests(config))
 
 
@@ -90,12 +96,15 @@ def test_engine_geometry_follows_the_config():
     wide = GemmEngine(ZCU104, rows_per_beat=2, params_per_beat=8)
     assert wide.weights.payload.shape().length == 2
     assert wide.params.payload.shape().length == 8
+    # The output table a word of T entries at a time.
+    assert GemmEngine(ZCU104, table_entries=16).table.payload.shape().length == 16
 
 
 @pytest.mark.parametrize("kwargs", [{"rows_per_beat": 3}, {"rows_per_beat": 64},
-                                    {"params_per_beat": 0}, {"params_per_beat": 64}])
+                                    {"params_per_beat": 0}, {"params_per_beat": 64},
+                                    {"table_entries": 3}, {"table_entries": 512}])
 def test_engine_rejects_beats_that_do_not_divide_the_array(kwargs):
-    with pytest.raises(ValueError, match="per_beat"):
+    with pytest.raises(ValueError, match=r"per_beat|table_entries"):
         GemmEngine(ZCU104, **kwargs)
 
 

@@ -42,6 +42,10 @@ BENCHES = {
 }
 
 
+#: Exp-table entries per beat of the bench's softmax unit: the engine's writes several.
+SOFTMAX_TABLE_ENTRIES = 4
+
+
 class VectorBenchTop(wiring.Component):
     """The four vector blocks side by side, ports prefixed ``ln``, ``sm``, ``res``, ``tab``.
 
@@ -56,7 +60,7 @@ class VectorBenchTop(wiring.Component):
 
     def __init__(self, cfg: AccelConfig):
         self._layernorm = LayerNormUnit(cfg)
-        self._softmax = SoftmaxUnit(cfg)
+        self._softmax = SoftmaxUnit(cfg, table_entries=SOFTMAX_TABLE_ENTRIES)
         self._residual = ResidualAdd(cfg)
         self._table = TableLookup(cfg)
         super().__init__({

@@ -126,7 +126,12 @@ class TB:
         self.cfg = bench_config()
         self.lanes = self.cfg.pe_cols
         self.cmd_layout = SoftmaxUnit.cmd_layout(self.cfg)
-        self.table_layout = SoftmaxUnit.table_layout()
+        # The bench top's unit takes several table entries a beat (as the engine's does):
+        # how many, from the port's width.
+        width = len(getattr(dut, f"{PREFIX}__table__payload"))
+        self.table_entries = next(w for w in (1 << k for k in range(9))
+                                  if SoftmaxUnit.table_layout(w).size == width)
+        self.table_layout = SoftmaxUnit.table_layout(self.table_entries)
         self.logits_layout = lane_layout(self.cfg)
         self.out_layout = SoftmaxUnit.out_layout(self.cfg)
         self.stimulus_rng = self.bench.rng()
@@ -159,8 +164,10 @@ class TB:
         sending = cocotb.start_soon(self.logits.send(logit_beats))
         for group in groups:
             # Accepted only once the previous group has drained (table.ready = ~busy).
-            await self.table.send([pack(self.table_layout, {"index": u, "value": int(e)})
-                                   for u, e in enumerate(group.table)])
+            w, entries = self.table_entries, [int(e) for e in group.table]
+            await self.table.send([pack(self.table_layout, {"index": u,
+                                                            "value": entries[u * w:(u + 1) * w]})
+                                   for u in range(len(entries) // w)])
             await self.cmd.send([
                 pack(self.cmd_layout, {"length": c.logits.shape[1], "rows": c.logits.shape[0],
                                        "mode": c.mode})
