@@ -23,7 +23,7 @@ DEFAULT_RUN_DIR = "runs"
 # Names of m3vit.hw.flow.generate's CONFIGS and DESIGNS for --help, spelled out so that starting
 # the CLI does not import Amaranth (0.4 s); tests/hw/test_generate.py keeps them equal.
 _HW_CONFIGS = "zcu104, ci"
-_HW_DESIGNS = "top, gemm, layernorm, softmax, residual, table"
+_HW_DESIGNS = "top, gemm, layernorm, softmax, residual, table, packed"
 # m3vit.hw.flow.vivado's VIVADO_VERSION and PYNQ_IMAGE, for the same reason;
 # tests/hw/test_vivado.py keeps them equal.
 _VIVADO_VERSION = "2025.2"

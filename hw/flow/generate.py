@@ -206,7 +206,10 @@ class Design:
 
 def _block(module: str, cls: str) -> Callable[[AccelConfig], wiring.Component]:
     def factory(config: AccelConfig) -> wiring.Component:
-        return getattr(importlib.import_module(f"m3vit.hw.{module}"), cls)(config)
+        target = importlib.import_module(f"m3vit.hw.{module}")
+        for part in cls.split("."):
+            target = getattr(target, part)
+        return target(config)
 
     return factory
 
@@ -225,6 +228,8 @@ DESIGNS: dict[str, Design] = {d.name: d for d in (
            _block("vector", "ResidualAdd")),
     Design("table", "256-entry INT8 table lookup (m3vit.hw.vector.TableLookup)",
            _block("vector", "TableLookup")),
+    Design("packed", "the PE array with two INT8 products per DSP48E2 "
+           "(m3vit.hw.packed.PackedArray)", _block("packed", "PackedArray.for_config")),
 )}
 
 

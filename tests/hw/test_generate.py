@@ -19,7 +19,7 @@ from m3vit.hw.flow.generate import CONFIGS, DESIGNS, generate, get_config, get_d
 from m3vit.sw import cli
 from m3vit.sw.cli import main
 
-BLOCKS = ["gemm", "layernorm", "softmax", "residual", "table"]
+BLOCKS = ["gemm", "layernorm", "softmax", "residual", "table", "packed"]
 
 
 @pytest.fixture
@@ -59,7 +59,8 @@ def test_the_cli_help_lists_the_registry():
 def test_every_block_elaborates_with_its_class(name):
     component = get_design(name).elaborate(CI)
     expected = {"gemm": "GemmEngine", "layernorm": "LayerNormUnit", "softmax": "SoftmaxUnit",
-                "residual": "ResidualAdd", "table": "TableLookup"}[name]
+                "residual": "ResidualAdd", "table": "TableLookup",
+                "packed": "PackedArray"}[name]
     assert type(component).__name__ == expected
     Fragment.get(component, None)   # elaborates (and marks it used for Amaranth's warning)
 
@@ -188,7 +189,7 @@ def test_cli_lint_failure_is_reported(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--config", "zcu102"], "unknown accelerator config 'zcu102' (choose from zcu104, ci)"),
     (["--design", "mac"], "unknown design 'mac' (choose from top, gemm, layernorm, softmax, "
-                          "residual, table)"),
+                          "residual, table, packed)"),
     (["--design", "table", "--all"], "argument --all: not allowed with argument --design"),
 ])
 def test_cli_bad_input_is_one_line(capsys, tmp_path, argv, message):

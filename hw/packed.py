@@ -1,0 +1,275 @@
+"""Two INT8 products per DSP48E2: packed weights, cascaded chains, exact separation.
+
+The way vendor INT8 engines double their multipliers (Xilinx WP486, "Deep Learning with
+INT8 Optimization on Xilinx Devices"): two INT8 weights ``w_hi``, ``w_lo`` of two output
+channels that share an activation ``x`` are packed into one 27-bit operand::
+
+    packed = w_hi · 2^18 + w_lo                       (a signed 27-bit value)
+    x · packed = (x · w_hi) · 2^18 + x · w_lo         (one 8 × 27 multiply, 35 bits)
+
+so one DSP48E2 multiplier (27 × 18) makes both products. The DSP's post-adder sums such
+packed products along a *chain* of ``chain`` DSPs (the P → PCIN cascade): the sum is
+``S_hi · 2^18 + S_lo`` with ``S_hi``, ``S_lo`` the two channels' partial dot products. The
+low sum is the sign-extended low 18 bits and the high sum the bits above, corrected by the
+low sum's sign (the *sign correction*: an arithmetic shift rounds down, one too low when the
+low sum is negative)::
+
+    S_lo = sext(P[0:18])
+    S_hi = (P >> 18) + P[17]
+
+This is exact while ``S_lo`` stays in the 18-bit signed range: an INT8 product lies in
+[−16,256, 16,384], so ``chain`` products sum to at most ``16,384 · chain`` in magnitude,
+below 2^17 for ``chain ≤ 7`` (WP486's limit of seven accumulations); ``chain = 8`` fails
+exactly when every lane is −128 × −128. The chain sums then meet in ordinary adder trees,
+one per channel.
+
+The packed weight is formed in fabric, not with the DSP's pre-adder, so that simulation
+needs no vendor model: ``packed`` has ``w_lo`` sign-extended in its low 18 bits and
+``w_hi − w_lo[7]`` (nine bits) above, a nine-bit subtraction per DSP done once per weight
+tile. Everything here is plain Verilog arithmetic that Verilator simulates and Yosys maps
+to DSP48E2 multipliers (``m3vit resources --design packed``).
+
+Yosys (0.23, and 0.70 alike) maps each packed 8 × 27 multiply to one DSP48E2 but leaves the
+chain's M and P registers and its post-adders in fabric: its ``xilinx_dsp`` pass packs
+registers and the PCIN cascade into DSP48E1 (``-family xc7``) only. The chain is written
+in the inference form (multiply → register → add of the previous position's register →
+register) that Vivado folds into MREG, PREG and PCIN; Yosys's LUT and FF figures for it
+are an upper bound (docs/toolchain.md).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = [
+    "LOW_BITS",
+    "MAX_CHAIN",
+    "PackedArray",
+    "pack_weights",
+    "packed_chain_sum",
+    "packed_value",
+    "split_packed",
+    "split_value",
+]
+
+#: Bits of the low product's field: the high weight sits at bit 18 of the 27-bit operand.
+LOW_BITS = 18
+
+#: Longest chain of packed products whose low sum cannot spill into the high field.
+MAX_CHAIN = 7
+
+#: Width of a packed operand (the DSP48E2 multiplier's 27-bit port) and of a chain's sum.
+PACKED_BITS = 27
+_SUM_BITS = 48
+
+
+def pack_weights(w_hi, w_lo):
+    """The 27-bit signed operand ``w_hi · 2^18 + w_lo`` of two signed INT8 weights.
+
+    Parameters
+    ----------
+    w_hi, w_lo : Value
+        Signed 8-bit weights.
+
+    Returns
+    -------
+    Value
+        ``Cat(sext(w_lo, 18), w_hi − w_lo[7])``, signed, 27 bits.
+    """
+    sign = w_lo[7]
+    high = w_hi.as_signed() - sign  # nine bits: −129 … 127
+    return Cat(w_lo[:8], sign.replicate(LOW_BITS - 8),
+               high[:PACKED_BITS - LOW_BITS]).as_signed()
+
+
+def packed_value(w_hi: int, w_lo: int) -> int:
+    """What :func:`pack_weights` builds, bit by bit, as a Python integer (the reference the
+    tests check the separation against)."""
+    sign = (w_lo >> 7) & 1
+    low = (w_lo & 0xFF) | (((1 << (LOW_BITS - 8)) - 1) << 8 if sign else 0)
+    high = (w_hi - sign) & ((1 << (PACKED_BITS - LOW_BITS)) - 1)
+    raw = low | high << LOW_BITS
+    return raw - (1 << PACKED_BITS) if raw >> (PACKED_BITS - 1) else raw
+
+
+def split_value(total: int) -> tuple[int, int]:
+    """What :func:`split_packed` computes, on a Python integer: ``(S_hi, S_lo)``."""
+    raw = total & ((1 << _SUM_BITS) - 1)
+    low = raw & ((1 << LOW_BITS) - 1)
+    low -= (1 << LOW_BITS) if low >> (LOW_BITS - 1) else 0
+    high = raw >> LOW_BITS
+    high -= (1 << (_SUM_BITS - LOW_BITS)) if high >> (_SUM_BITS - LOW_BITS - 1) else 0
+    return high + ((raw >> (LOW_BITS - 1)) & 1), low
+
+
+def split_packed(total):
+    """The two sums ``(S_hi, S_lo)`` in a packed sum ``S_hi · 2^18 + S_lo``.
+
+    Exact while ``S_lo`` is in [−2^17, 2^17) (at most :data:`MAX_CHAIN` INT8 products).
+    """
+    low = total[:LOW_BITS].as_signed()
+    high = (total[LOW_BITS:].as_signed() + total[LOW_BITS - 1]).as_signed()
+    return high, low
+
+
+def packed_chain_sum(m: Module, x, packed, name: str):
+    """A systolic chain of packed multiply-adds, one DSP48E2 each.
+
+    ``x[k]`` and ``packed[k]`` are the activation and packed weight of position ``k``;
+    position ``k`` takes its activation ``k`` cycles after position 0 (the caller skews the
+    activations) and adds its registered product to position ``k − 1``'s registered sum
+    (the cascade), so a token's chain sum leaves ``len(x) + 1`` cycles after its activation
+    entered position 0.
+
+    Returns
+    -------
+    Signal
+        The chain's packed sum (the last DSP's P register), as wide as the sum needs.
+    """
+    total = None
+    for k, (xk, wk) in enumerate(zip(x, packed, strict=True)):
+        product = Signal(signed(8 + PACKED_BITS), name=f"{name}_m{k}", reset_less=True)  # M
+        m.d.sync += product.eq(xk * wk)
+        width = 8 + PACKED_BITS + (k + 1).bit_length()
+        acc = Signal(signed(width), name=f"{name}_p{k}", reset_less=True)  # P
+        m.d.sync += acc.eq(product if total is None else product + total)
+        total = acc
+    return total
+
+
+class PackedArray(wiring.Component):
+    """A weight-stationary INT8 array of ``rows × 2·pairs`` products on ``rows · pairs``
+    DSP48E2s.
+
+    Each cycle a vector ``x`` of ``rows`` INT8 activations enters; ``latency`` cycles later
+    ``y[c] = Σ_r x[r] · w[r][c]`` leaves for every column ``c < 2·pairs``, exactly, for any
+    INT8 values (−128 × −128 in every lane included). Column ``c < pairs`` is the low
+    product of DSP (r, c) and column ``c + pairs`` its high product: the two halves of a
+    weight tile share the DSPs.
+
+    Parameters
+    ----------
+    rows : int
+        Dot-product length (the K-slice), a multiple of ``chain``.
+    pairs : int
+        DSPs per row: the array has ``2 · pairs`` columns.
+    chain : int
+        DSPs per cascade chain, 1 … :data:`MAX_CHAIN` (the separation's limit).
+
+    Attributes
+    ----------
+    x : In(ArrayLayout(signed(8), rows))
+        The activations; ``x_valid`` marks a vector (only the output's ``y_valid`` depends
+        on it: the array computes every cycle).
+    w : In(ArrayLayout(ArrayLayout(signed(8), 2·pairs), rows))
+        The weight tile, ``w[r][c]``, packed into the DSPs' weight registers on ``load``.
+        A vector entering the cycle after ``load`` is high sees the new tile; ``w`` must
+        hold for ``chain − 1`` cycles after that cycle and loads must be ``chain`` or more
+        cycles apart (position ``k`` of a chain takes the tile ``k`` cycles late, as it
+        does its activation; the GEMM engine swaps tiles at most once per K-slice).
+    y : Out(ArrayLayout(signed, 2·pairs))
+        The column sums; ``y_valid`` marks them.
+    """
+
+    def __init__(self, rows: int, pairs: int, chain: int = 4):
+        if not 1 <= chain <= MAX_CHAIN:
+            raise ValueError(f"chain must be 1 to {MAX_CHAIN} DSPs (a longer chain's low sum "
+                             f"can spill into the high one), got {chain!r}")
+        if rows < 1 or rows % chain:
+            raise ValueError(f"rows must be a positive multiple of chain={chain}, got {rows!r}")
+        if pairs < 1:
+            raise ValueError(f"pairs must be at least 1, got {pairs!r}")
+        self.rows, self.pairs, self.chain = rows, pairs, chain
+        self.n_chains = rows // chain
+        self.tree_levels = (self.n_chains - 1).bit_length()
+        #: Cycles from ``x`` to ``y``: the input register, the chain (M + one P per DSP),
+        #: the separation register, one per tree level.
+        self.latency = 1 + (chain + 1) + 1 + self.tree_levels
+        #: Width of a column sum: ``rows`` products of at most 2^14 in magnitude.
+        self.sum_bits = 16 + max(1, (rows - 1).bit_length()) + 1
+        lanes = data.ArrayLayout(signed(8), rows)
+        super().__init__({
+            "x": In(lanes), "x_valid": In(1),
+            "w": In(data.ArrayLayout(data.ArrayLayout(signed(8), 2 * pairs), rows)),
+            "load": In(1),
+            "y": Out(data.ArrayLayout(signed(self.sum_bits), 2 * pairs)), "y_valid": Out(1),
+        })
+
+    @classmethod
+    def for_config(cls, config) -> PackedArray:
+        """``config``'s PE array with two products per DSP: ``pe_rows`` rows,
+        ``2 · pe_cols`` columns on ``pe_rows · pe_cols`` DSPs, chains of 4."""
+        return cls(config.pe_rows, config.pe_cols, 4 if config.pe_rows % 4 == 0 else 1)
+
+    def elaborate(self, platform):
+        m = Module()
+        rows, pairs, chain = self.rows, self.pairs, self.chain
+        # Position k of every chain takes its activation k cycles late (one delay line per
+        # row, shared by every DSP of the row), so that its product meets the previous
+        # position's sum in the cascade; it loads its weights k cycles late too (a delayed
+        # load enable, shared by the row), so that a vector sees one tile along the chain.
+        x = Signal.like(self.x, reset_less=True)
+        valid = Signal()
+        m.d.sync += [x.eq(self.x), valid.eq(self.x_valid)]
+        loads = [self.load]
+        for d in range(chain - 1):
+            reg = Signal(name=f"load_d{d + 1}")
+            m.d.sync += reg.eq(loads[-1])
+            loads.append(reg)
+        skewed = [_delay(m, x[r], r % chain, f"x{r}") for r in range(rows)]
+        packed = []  # packed[r][p]: DSP (r, p)'s weight register
+        for r in range(rows):
+            row = []
+            for p in range(pairs):
+                # Packed once per load: a nine-bit subtraction per DSP, off the multiply
+                # path.
+                w = Signal(signed(PACKED_BITS), name=f"packed_r{r}_p{p}", reset_less=True)
+                with m.If(loads[r % chain]):
+                    m.d.sync += w.eq(pack_weights(self.w[r][p + pairs], self.w[r][p]))
+                row.append(w)
+            packed.append(row)
+        for p in range(pairs):
+            sums_hi, sums_lo = [], []
+            for c in range(self.n_chains):
+                lanes = range(c * chain, (c + 1) * chain)
+                total = packed_chain_sum(m, [skewed[r] for r in lanes],
+                                         [packed[r][p] for r in lanes], f"p{p}_chain{c}")
+                high, low = split_packed(total)
+                bits = 16 + chain.bit_length() + 1
+                hi_reg = Signal(signed(bits), name=f"p{p}_chain{c}_hi", reset_less=True)
+                lo_reg = Signal(signed(bits), name=f"p{p}_chain{c}_lo", reset_less=True)
+                m.d.sync += [hi_reg.eq(high), lo_reg.eq(low)]
+                sums_hi.append(hi_reg)
+                sums_lo.append(lo_reg)
+            m.d.comb += [self.y[p].eq(_tree(m, sums_lo, f"p{p}_lo")),
+                         self.y[p + pairs].eq(_tree(m, sums_hi, f"p{p}_hi"))]
+        m.d.comb += self.y_valid.eq(_delay(m, valid, self.latency - 1, "valid"))
+        return m
+
+
+def _delay(m: Module, value, cycles: int, name: str):
+    """``value`` through ``cycles`` registers."""
+    for d in range(cycles):
+        reg = Signal.like(value, name=f"{name}_d{d + 1}")
+        m.d.sync += reg.eq(value)
+        value = reg
+    return value
+
+
+def _tree(m: Module, terms: list, name: str):
+    """A registered balanced adder tree (a register per level)."""
+    level = 0
+    while len(terms) > 1:
+        pairs = [a + b for a, b in zip(terms[0::2], terms[1::2], strict=False)]
+        if len(terms) % 2:
+            pairs.append(terms[-1])
+        level += 1
+        regs = []
+        for i, term in enumerate(pairs):
+            reg = Signal(term.shape(), name=f"{name}_l{level}_{i}", reset_less=True)
+            m.d.sync += reg.eq(term)
+            regs.append(reg)
+        terms = regs
+    return terms[0]
