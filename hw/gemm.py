@@ -28,6 +28,7 @@ from amaranth.utils import bits_for, ceil_log2
 
 from .config import AccelConfig
 from .isa import GemmOp
+from .packed import PackedArray, packed_latency
 
 __all__ = [
     "COUNTER_NAMES",
@@ -323,7 +324,7 @@ class GemmEngine(wiring.Component):
     """
 
     def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1,
-                 table_entries: int = 1):
+                 table_entries: int = 1, dsp_products: int = 2):
         if not isinstance(config, AccelConfig):
             raise TypeError(f"config must be an AccelConfig, got {config!r}")
         self.config = config
@@ -339,10 +340,26 @@ class GemmEngine(wiring.Component):
         self.params_per_beat = params_per_beat
         #: Output-table entries a ``table`` beat carries.
         self.table_entries = table_entries
+        if dsp_products not in (1, 2):
+            raise ValueError(f"dsp_products must be 1 or 2, got {dsp_products!r}")
+        #: INT8 products per DSP48E2: 2 packs columns c and c + C/2 into one DSP
+        #: (:class:`~m3vit.hw.packed.PackedArray`), 1 is a multiplier per PE.
+        self.dsp_products = dsp_products
         self.command_layout = command_layout(config)
         self.output_layout = output_layout(config)
-        #: Cycles of the column adder trees (a register every two of log2(pe_rows) levels).
-        self.tree_latency = (ceil_log2(rows) + 1) // 2
+        if dsp_products == 2:
+            # Chains as long as the loader's row order allows (rows_per_beat rows a cycle;
+            # see PackedArray's ``group``), at most 4.
+            #: DSPs per cascade chain of the packed array (None: one product per DSP).
+            self.chain = next(c for c in (4, 2, 1) if rows % (rows_per_beat * c) == 0)
+            #: Cycles of the array after its activation register and products: the chains,
+            #: the separation and the trees of the packed array.
+            self.tree_latency = packed_latency(rows, self.chain) - 2
+        else:
+            self.chain = None
+            #: Cycles of the column adder trees (a register every two of log2(pe_rows)
+            #: levels).
+            self.tree_latency = (ceil_log2(rows) + 1) // 2
         # Stages after issue (stage 0): 1 activation register, 2 products, the tree, the
         # accumulate register; then the requantizer and the table read.
         self._sum_stage = 2 + self.tree_latency
@@ -467,7 +484,14 @@ class GemmEngine(wiring.Component):
         # The first row (or column) of the beat within the tile, a multiple of W.
         s.w_row = w_row = Signal(range(rows))
         s.w_full = w_full = Signal()
-        m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full)
+        # With packed DSPs, chain position k takes the shadow tile k cycles after the swap:
+        # row by row the loader never overtakes it (PackedArray's group), but a column
+        # load writes every row, so it waits until the last position has taken the tile.
+        s.swap_wait = swap_wait = Signal(range(self.chain or 1))
+        with m.If(swap_wait != 0):
+            m.d.sync += swap_wait.eq(swap_wait - 1)
+        m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full
+                                          & ~(s.load_transposed & (swap_wait != 0)))
         beat = self.weights.payload
 
         def write_rows():
@@ -546,7 +570,11 @@ class GemmEngine(wiring.Component):
 
         with m.If(issue):
             with m.If(first_token):
-                m.d.sync += [s.w_active.eq(s.w_shadow), s.w_full.eq(0)]
+                m.d.sync += s.w_full.eq(0)
+                if self.dsp_products == 2 and self.chain > 1:
+                    m.d.sync += s.swap_wait.eq(self.chain - 1)
+                if self.dsp_products == 1:
+                    m.d.sync += s.w_active.eq(s.w_shadow)
                 with m.If(last_slice):
                     m.d.sync += s.p_claimed.eq(1)
             with m.If(token == current.last_token):
@@ -588,10 +616,23 @@ class GemmEngine(wiring.Component):
         for stage in range(1, self._acc_stage + 1):
             tags.append(_delayed(m, tags[-1], 1, f"tag_s{stage}"))
 
-        x = Signal(data.ArrayLayout(signed(8), rows))
-        m.d.sync += x.eq(self.activations.payload)
         column_sums = []
-        for col in range(cols):
+        if self.dsp_products == 2:
+            # Two products per DSP: the packed array takes the tile on a slice's first
+            # token (the same cycle the token enters) and has its own activation register.
+            packed = m.submodules.packed = PackedArray(rows, cols // 2, self.chain,
+                                                       group=self.rows_per_beat)
+            m.d.comb += [
+                packed.x.eq(self.activations.payload),
+                packed.x_valid.eq(s.issue),
+                packed.w.eq(s.w_shadow),
+                packed.load.eq(s.issue & s.first_token),
+            ]
+            column_sums = [packed.y[col] for col in range(cols)]
+        x = Signal(data.ArrayLayout(signed(8), rows))
+        if self.dsp_products == 1:
+            m.d.sync += x.eq(self.activations.payload)
+        for col in range(cols if self.dsp_products == 1 else 0):
             products = []
             for row in range(rows):
                 product = Signal(signed(16), name=f"product_r{row}_c{col}")

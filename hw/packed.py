@@ -49,6 +49,7 @@ __all__ = [
     "PackedArray",
     "pack_weights",
     "packed_chain_sum",
+    "packed_latency",
     "packed_value",
     "split_packed",
     "split_value",
@@ -114,6 +115,13 @@ def split_packed(total):
     return high, low
 
 
+def packed_latency(rows: int, chain: int) -> int:
+    """Cycles from a vector entering a :class:`PackedArray` of ``rows`` rows in chains of
+    ``chain`` to its column sums: the input register, the chain (M and one P per DSP), the
+    separation register, one register per level of the tree over ``rows / chain`` chains."""
+    return 1 + (chain + 1) + 1 + (rows // chain - 1).bit_length()
+
+
 def packed_chain_sum(m: Module, x, packed, name: str):
     """A systolic chain of packed multiply-adds, one DSP48E2 each.
 
@@ -157,6 +165,11 @@ class PackedArray(wiring.Component):
         DSPs per row: the array has ``2 · pairs`` columns.
     chain : int
         DSPs per cascade chain, 1 … :data:`MAX_CHAIN` (the separation's limit).
+    group : int
+        Rows that share a chain position: row ``r`` is position ``(r // group) % chain``
+        of its chain (chains interleave their rows, so that a loader writing ``group`` rows
+        a cycle in row order never overwrites a row before its position has taken it).
+        ``rows`` must be a multiple of ``group · chain``.
 
     Attributes
     ----------
@@ -166,27 +179,29 @@ class PackedArray(wiring.Component):
     w : In(ArrayLayout(ArrayLayout(signed(8), 2·pairs), rows))
         The weight tile, ``w[r][c]``, packed into the DSPs' weight registers on ``load``.
         A vector entering the cycle after ``load`` is high sees the new tile; ``w`` must
-        hold for ``chain − 1`` cycles after that cycle and loads must be ``chain`` or more
-        cycles apart (position ``k`` of a chain takes the tile ``k`` cycles late, as it
-        does its activation; the GEMM engine swaps tiles at most once per K-slice).
+        hold for up to ``chain − 1`` cycles after that cycle and loads must be ``chain`` or
+        more cycles apart (position ``k`` of a chain takes the tile ``k`` cycles late, as it
+        does its activation; the GEMM engine swaps tiles at most once per K-slice): row
+        ``r`` must hold through cycle ``load + position(r)`` only, so a loader may write
+        rows ``b·group … b·group + group − 1`` of the next tile in the ``b + 1``-th cycle
+        after the load (it takes effect the cycle after), in row order, without waiting.
     y : Out(ArrayLayout(signed, 2·pairs))
         The column sums; ``y_valid`` marks them.
     """
 
-    def __init__(self, rows: int, pairs: int, chain: int = 4):
+    def __init__(self, rows: int, pairs: int, chain: int = 4, group: int = 1):
         if not 1 <= chain <= MAX_CHAIN:
             raise ValueError(f"chain must be 1 to {MAX_CHAIN} DSPs (a longer chain's low sum "
                              f"can spill into the high one), got {chain!r}")
-        if rows < 1 or rows % chain:
-            raise ValueError(f"rows must be a positive multiple of chain={chain}, got {rows!r}")
+        if group < 1 or rows < 1 or rows % (chain * group):
+            raise ValueError(f"rows must be a positive multiple of chain × group = {chain} × "
+                             f"{group}, got {rows!r}")
         if pairs < 1:
             raise ValueError(f"pairs must be at least 1, got {pairs!r}")
-        self.rows, self.pairs, self.chain = rows, pairs, chain
+        self.rows, self.pairs, self.chain, self.group = rows, pairs, chain, group
         self.n_chains = rows // chain
-        self.tree_levels = (self.n_chains - 1).bit_length()
-        #: Cycles from ``x`` to ``y``: the input register, the chain (M + one P per DSP),
-        #: the separation register, one per tree level.
-        self.latency = 1 + (chain + 1) + 1 + self.tree_levels
+        #: Cycles from ``x`` to ``y`` (:func:`packed_latency`).
+        self.latency = packed_latency(rows, chain)
         #: Width of a column sum: ``rows`` products of at most 2^14 in magnitude.
         self.sum_bits = 16 + max(1, (rows - 1).bit_length()) + 1
         lanes = data.ArrayLayout(signed(8), rows)
@@ -196,6 +211,16 @@ class PackedArray(wiring.Component):
             "load": In(1),
             "y": Out(data.ArrayLayout(signed(self.sum_bits), 2 * pairs)), "y_valid": Out(1),
         })
+
+    def position(self, row: int) -> int:
+        """The chain position of ``row`` (its skew in cycles)."""
+        return (row // self.group) % self.chain
+
+    def chain_rows(self, index: int) -> list[int]:
+        """The rows of chain ``index``, position 0 first."""
+        block, lane = divmod(index, self.group)
+        first = block * self.group * self.chain + lane
+        return [first + k * self.group for k in range(self.chain)]
 
     @classmethod
     def for_config(cls, config) -> PackedArray:
@@ -218,7 +243,8 @@ class PackedArray(wiring.Component):
             reg = Signal(name=f"load_d{d + 1}")
             m.d.sync += reg.eq(loads[-1])
             loads.append(reg)
-        skewed = [_delay(m, x[r], r % chain, f"x{r}") for r in range(rows)]
+        position = [self.position(r) for r in range(rows)]
+        skewed = [_delay(m, x[r], position[r], f"x{r}") for r in range(rows)]
         packed = []  # packed[r][p]: DSP (r, p)'s weight register
         for r in range(rows):
             row = []
@@ -226,14 +252,14 @@ class PackedArray(wiring.Component):
                 # Packed once per load: a nine-bit subtraction per DSP, off the multiply
                 # path.
                 w = Signal(signed(PACKED_BITS), name=f"packed_r{r}_p{p}", reset_less=True)
-                with m.If(loads[r % chain]):
+                with m.If(loads[position[r]]):
                     m.d.sync += w.eq(pack_weights(self.w[r][p + pairs], self.w[r][p]))
                 row.append(w)
             packed.append(row)
         for p in range(pairs):
             sums_hi, sums_lo = [], []
             for c in range(self.n_chains):
-                lanes = range(c * chain, (c + 1) * chain)
+                lanes = self.chain_rows(c)
                 total = packed_chain_sum(m, [skewed[r] for r in lanes],
                                          [packed[r][p] for r in lanes], f"p{p}_chain{c}")
                 high, low = split_packed(total)

@@ -36,8 +36,9 @@ BENCH_CONFIGS = {
 }
 
 #: Constructor arguments other than the configuration, per bench: one bench loads the
-#: output table several entries a beat, as the top does.
-BENCH_ENGINE_ARGS = {"8x4": {"table_entries": 4}}
+#: output table several entries a beat, as the top does; one keeps a multiplier per PE
+#: (the others pack two products per DSP, the default).
+BENCH_ENGINE_ARGS = {"8x4": {"table_entries": 4}, "2x8": {"dsp_products": 1}}
 
 
 def expected_tests(config: AccelConfig) -> int:
@@ -78,14 +79,20 @@ def test_zcu104_engine_elaborates_and_lints_clean():
     # Lint raises on any %Error; warnings (none expected) are returned.
     assert lint(verilog_path, TOP) == []
     assert f"module {TOP}(" in text
-    # The 32 × 32 array: one registered 8 × 8 product per PE.
-    assert len(re.findall(r"^\s*reg \[15:0\] product_r\d+_c\d+ ", text, re.M)) == ZCU104.n_pe
+    # The 32 × 32 array on 512 multiplies of 8 × 27 bits (a DSP48E2 each): two products
+    # per DSP, the M register of each chain position.
+    packed = re.findall(r"^\s*reg (?:signed )?\[34:0\] p\d+_chain\d+_m\d ", text, re.M)
+    assert len(packed) == ZCU104.n_pe // 2
 
 
 def test_engine_geometry_follows_the_config():
     engine = GemmEngine(ZCU104)
 
-    assert engine.tree_latency == 3  # 5 adder levels, a register every two and at the root
+    # Two products per DSP: chains of 4 (M, 4 P registers), the separation, 3 tree levels.
+    assert engine.dsp_products == 2 and engine.chain == 4
+    assert engine.tree_latency == 5 + 1 + 3 - 1
+    # One multiplier per PE: 5 adder levels, a register every two and at the root.
+    assert GemmEngine(ZCU104, dsp_products=1).tree_latency == 3
     assert engine.hazard_cycles == 4
     # Enough result credits to take one token per cycle with no back-pressure.
     assert engine.queue_depth >= engine.result_latency + 3
@@ -102,9 +109,10 @@ def test_engine_geometry_follows_the_config():
 
 @pytest.mark.parametrize("kwargs", [{"rows_per_beat": 3}, {"rows_per_beat": 64},
                                     {"params_per_beat": 0}, {"params_per_beat": 64},
-                                    {"table_entries": 3}, {"table_entries": 512}])
+                                    {"table_entries": 3}, {"table_entries": 512},
+                                    {"dsp_products": 3}])
 def test_engine_rejects_beats_that_do_not_divide_the_array(kwargs):
-    with pytest.raises(ValueError, match=r"per_beat|table_entries"):
+    with pytest.raises(ValueError, match=r"per_beat|table_entries|dsp_products"):
         GemmEngine(ZCU104, **kwargs)
 
 

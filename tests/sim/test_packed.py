@@ -22,8 +22,8 @@ BENCH_DIR = Path(__file__).resolve().parent / "packed"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "packed"
 TOP = "packed_bench"
 BENCH_MODULE = "test_packed_dot"
-#: (rows, pairs, chain) of each instance; its ports are prefixed ``p<rows>x<pairs>x<chain>``.
-SHAPES = [(32, 2, 4), (14, 1, 7), (3, 2, 1)]
+#: (rows, pairs, chain, group) of each instance; ports prefixed ``p<rows>x<pairs>x<chain>``.
+SHAPES = [(32, 2, 4, 2), (14, 1, 7, 1), (3, 2, 1, 3)]
 #: Test bodies: random vectors, extremes and reloads, each under two flows, per shape.
 EXPECTED_TESTS = 3 * 2 * len(SHAPES)
 
@@ -32,7 +32,7 @@ class PackedBenchTop(wiring.Component):
     """The :data:`SHAPES` instances side by side, nothing shared."""
 
     def __init__(self):
-        self._units = {f"p{r}x{p}x{c}": PackedArray(r, p, c) for r, p, c in SHAPES}
+        self._units = {f"p{r}x{p}x{c}": PackedArray(r, p, c, g) for r, p, c, g in SHAPES}
         super().__init__({name: Out(unit.signature) for name, unit in self._units.items()})
 
     def elaborate(self, platform):
@@ -77,10 +77,20 @@ def test_a_chain_of_eight_spills_exactly_at_minus_128_squared():
 
 @pytest.mark.parametrize("kwargs", [{"rows": 8, "chain": 8}, {"rows": 8, "chain": 0},
                                     {"rows": 10, "chain": 4}, {"rows": 0, "chain": 1},
-                                    {"rows": 8, "chain": 4, "pairs": 0}])
+                                    {"rows": 8, "chain": 4, "pairs": 0},
+                                    {"rows": 8, "chain": 4, "group": 4}])
 def test_refuses_a_chain_that_could_spill_or_does_not_divide(kwargs):
-    with pytest.raises(ValueError, match=r"chain|pairs"):
+    with pytest.raises(ValueError, match=r"chain|pairs|group"):
         PackedArray(**{"pairs": 1, **kwargs})
+
+
+def test_chains_interleave_their_rows_by_group():
+    unit = PackedArray(32, 1, 4, group=2)
+    assert unit.chain_rows(0) == [0, 2, 4, 6] and unit.chain_rows(1) == [1, 3, 5, 7]
+    assert unit.chain_rows(2) == [8, 10, 12, 14]
+    assert sorted(r for c in range(unit.n_chains) for r in unit.chain_rows(c)) == list(range(32))
+    assert all(unit.position(r) == k for c in range(unit.n_chains)
+               for k, r in enumerate(unit.chain_rows(c)))
 
 
 def test_latency_counts_the_chain_and_the_tree():

@@ -15,7 +15,7 @@ from cocotb.triggers import FallingEdge
 from m3vit.hw.packed import PackedArray
 from m3vit.sim.stream_tb import Bench
 
-SHAPES = [(32, 2, 4), (14, 1, 7), (3, 2, 1)]
+SHAPES = [(32, 2, 4, 2), (14, 1, 7, 1), (3, 2, 1, 3)]
 FLOWS = ["free", "random"]
 CORNERS = [-128, 127, -1, 0]
 
@@ -28,10 +28,11 @@ def _pack(values: list[int], bits: int = 8) -> int:
 class Unit:
     """One instance's ports, its tile and its expected outputs."""
 
-    def __init__(self, bench: Bench, rows: int, pairs: int, chain: int):
+    def __init__(self, bench: Bench, rows: int, pairs: int, chain: int, group: int):
         dut, name = bench.dut, f"p{rows}x{pairs}x{chain}"
         self.bench, self.rows, self.cols, self.chain = bench, rows, 2 * pairs, chain
-        unit = PackedArray(rows, pairs, chain)
+        unit = PackedArray(rows, pairs, chain, group)
+        self.position = [unit.position(r) for r in range(rows)]
         self.latency, self.sum_bits = unit.latency, unit.sum_bits
         self.port = {p: getattr(dut, f"{name}__{p}")
                      for p in ("x", "x_valid", "w", "load", "y", "y_valid")}
@@ -51,12 +52,14 @@ class Unit:
         return out
 
     async def run(self, steps: list) -> None:
-        """``steps``: ("load", tile), ("x", vector) or ("idle",); checks every output."""
+        """``steps``: ("load", tile[, vector]), ("x", vector) or ("idle",); checks every
+        output. A vector given with a load enters in the load's cycle (as the GEMM engine
+        swaps tiles with a slice's first token) and sees the new tile."""
         port, edge = self.port, self.bench.edge
         fall = FallingEdge(self.bench.dut.clk)
         expected = {}  # cycle → column sums
         cycle = 0  # inputs are driven, and outputs read, at the falling edge in a cycle
-        hold = 0   # cycles the weight port must still hold the tile
+        hold_until = [-1] * self.rows  # the last cycle each row must still hold the tile
         last_load = None
         assert next(s for s in steps if s[0] != "idle")[0] == "load", \
             "the array keeps its tile through reset: load one first"
@@ -70,14 +73,15 @@ class Unit:
                 last_load = cycle
                 self.tile = step[1]
                 port["load"].value = 1
-                hold = self.chain
-            if hold:
-                port["w"].value = _pack([v for row in self.tile for v in row])
-                hold -= 1
-            else:
-                port["w"].value = self.garbage.getrandbits(8 * self.rows * self.cols)
-            if step[0] == "x":
-                x = step[1]
+                hold_until = [cycle + k for k in self.position]
+            # Each row holds its tile through the cycle its chain position takes it, and is
+            # garbage after (as a loader refilling the shadow tile in row order makes it).
+            port["w"].value = _pack([
+                v for r, row in enumerate(self.tile)
+                for v in (row if cycle <= hold_until[r]
+                          else [self.garbage.randint(-128, 127) for _ in row])])
+            x = step[1] if step[0] == "x" else step[2] if len(step) > 2 else None
+            if x is not None:
                 port["x"].value = _pack(x)
                 port["x_valid"].value = 1
                 expected[cycle + self.latency] = [
@@ -124,7 +128,7 @@ def corner_steps(unit: Unit) -> list:
 
 async def _unit(dut, shape) -> Unit:
     bench = Bench(dut)
-    for rows, pairs, chain in SHAPES:  # an earlier failed test may have left them high
+    for rows, pairs, chain, _ in SHAPES:  # an earlier failed test may have left them high
         for port in ("x_valid", "load"):
             getattr(dut, f"p{rows}x{pairs}x{chain}__{port}").value = 0
     await bench.reset()
@@ -159,8 +163,10 @@ async def test_tile_loads_between_back_to_back_vectors(dut, flow, shape):
     rng = unit.bench.rng()
     steps = [("load", unit.random_tile(rng))] + [("idle",)] * (unit.chain - 1)
     for _ in range(40):
-        steps.append(("x", [rng.randint(-128, 127) for _ in range(unit.rows)]))
-        steps.append(("load", unit.random_tile(rng)))
+        x = [rng.randint(-128, 127) for _ in range(unit.rows)]
+        steps.append(("x", x))
+        # Half the loads come with a vector, which sees the new tile.
+        steps.append(("load", unit.random_tile(rng)) + ((x,) if rng.random() < 0.5 else ()))
         for _ in range(unit.chain - 1):
             gap = flow == "random" and rng.random() < 0.5
             steps.append(("idle",) if gap else
