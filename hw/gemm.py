@@ -61,7 +61,7 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
     Fields ``op`` (:class:`GemmOp`), ``tokens`` (M, 1…``max_tokens``), ``k_slices``
     (K / ``pe_rows``, ≥ 1), ``n_tiles`` (N / ``pe_cols``, ≥ 1) and ``transposed``: the
     pass's weight tiles arrive column by column instead of row by row (attention's
-    Q·Kᵀ, whose weight matrix K is stored token by token); legal only on a square array.
+    Q·Kᵀ, whose weight matrix K is stored token by token); legal when ``pe_rows ≤ pe_cols``.
     A ``LOAD_TABLE`` command ignores all but ``op``.
     """
     return data.StructLayout({
@@ -266,7 +266,7 @@ class GemmEngine(wiring.Component):
         A command is in progress or a result has not left yet.
     illegal_command : Out(1)
         Sticky (until reset): a pass command with ``tokens`` outside 1…``max_tokens``, a
-        zero ``k_slices``/``n_tiles``, or ``transposed`` set while ``pe_rows != pe_cols``
+        zero ``k_slices``/``n_tiles``, or ``transposed`` set while ``pe_rows > pe_cols``
         was taken and dropped. It consumes no data.
 
     Notes
@@ -285,10 +285,11 @@ class GemmEngine(wiring.Component):
       ``[W[j·C + c, s·R + r] for c in 0…C−1]``; NT·KS·R rows, W to a beat. The tile for
       the next slice (of this pass or, if its command has been given, the next) loads
       while the current one computes: weights may run one tile ahead of the array.
-      With ``transposed`` set (square arrays only, R = C) each tile arrives column by
-      column instead: for ``j``, for ``s``, for ``c`` in 0…C−1: the column ``[W[j·C + c,
-      s·R + r] for r in 0…R−1]``, i.e. row ``j·C + c`` of W, K-slice ``s``: one stored
-      token of attention's K when W = K. The result is the same ``X · Wᵀ``.
+      With ``transposed`` set (arrays with R ≤ C) each tile arrives column by column
+      instead: for ``j``, for ``s``, for ``c`` in 0…C−1: the column ``[W[j·C + c, s·R + r]
+      for r in 0…R−1]`` in an element's first R lanes (the others are ignored), i.e. row
+      ``j·C + c`` of W, K-slice ``s``: one stored token of attention's K when W = K. The
+      result is the same ``X · Wᵀ``.
     * ``activations``: for ``j``, for ``s``, for ``m`` in 0…M−1: ``[X[m, s·R + r] for r in
       0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile).
     * ``params``: for ``j``, for ``c`` in 0…C−1: ``bias``, ``mult``, ``shift`` of output
@@ -301,7 +302,7 @@ class GemmEngine(wiring.Component):
     * ``results``: for ``j``, for ``m``: lanes ``c`` = ``Y[m, j·C + c]``; NT·M beats.
 
     **Structure.** The array holds two ``R × C`` INT8 weight registers: ``shadow`` (loaded
-    row by row, or column by column, from ``weights``: on a square array each element has a
+    row by row, or column by column, from ``weights``: with R ≤ C each element has a
     2:1 mux on its data and on its write enable) and ``active`` (copied from ``shadow`` in
     one cycle when a slice's first token enters, so every multiplier has one fixed weight
     operand, as the B1/B2 registers of a DSP48E2). The loader takes each command before the
@@ -408,7 +409,8 @@ class GemmEngine(wiring.Component):
         # for the issuer. A command is taken once the loader has filled every tile of the
         # previous pass, early enough for the next pass's first tile to load while the
         # previous pass's last one computes.
-        square = cfg.pe_rows == cfg.pe_cols
+        # Column order needs a tile column (pe_rows lanes) to fit in a beat's element.
+        columns = cfg.pe_rows <= cfg.pe_cols
         count_shape = unsigned(_COUNT_WIDTH)
         s.pass_layout = data.StructLayout({
             "op": GemmOp,
@@ -431,7 +433,7 @@ class GemmEngine(wiring.Component):
         with m.If(self.command.valid & self.command.ready):
             legal = ((cmd.tokens >= 1) & (cmd.tokens <= cfg.max_tokens)
                      & (cmd.k_slices != 0) & (cmd.n_tiles != 0))
-            if not square:
+            if not columns:
                 legal &= ~cmd.transposed
             with m.If(cmd.op == GemmOp.LOAD_TABLE):
                 m.d.sync += [queued.eq(1), queued_pass.op.eq(GemmOp.LOAD_TABLE)]
@@ -449,7 +451,7 @@ class GemmEngine(wiring.Component):
                     load_tiles_left.eq(cmd.n_tiles - 1),
                     load_last_kslice.eq(cmd.k_slices - 1),
                 ]
-                if square:
+                if columns:
                     m.d.sync += load_transposed.eq(cmd.transposed)
             with m.Else():
                 m.d.sync += self.illegal_command.eq(1)
@@ -482,7 +484,7 @@ class GemmEngine(wiring.Component):
         s.w_active = Signal(tile_layout)
         W = self.rows_per_beat
         # The first row (or column) of the beat within the tile, a multiple of W.
-        s.w_row = w_row = Signal(range(rows))
+        s.w_row = w_row = Signal(range(max(rows, cols)))
         s.w_full = w_full = Signal()
         # With packed DSPs, chain position k takes the shadow tile k cycles after the swap:
         # row by row the loader never overtakes it (PackedArray's group), but a column
@@ -501,11 +503,11 @@ class GemmEngine(wiring.Component):
                         m.d.sync += [w_shadow[first + k].eq(beat[k]) for k in range(W)]
 
         with m.If(self.weights.valid & self.weights.ready):
-            if rows == cols:
+            if rows <= cols:
                 # Row r takes element r mod W of the beat whole, or lane r of element c mod W
                 # as its element c: per element a 2:1 mux on the data and on the write enable
                 # (row or column decode), both selected by a register that changes only
-                # between passes.
+                # between passes. A column is the first pe_rows lanes of an element.
                 with m.If(s.load_transposed):
                     with m.Switch(w_row):
                         for first in range(0, cols, W):
@@ -516,8 +518,14 @@ class GemmEngine(wiring.Component):
                     write_rows()
             else:
                 write_rows()
-            m.d.sync += w_row.eq(w_row + W)  # pe_rows is a power of two: wraps to 0
-            with m.If(w_row == rows - W):
+            # A tile is pe_rows rows, or pe_cols columns, W a beat.
+            if rows < cols:
+                last = w_row == Mux(s.load_transposed, cols - W, rows - W)
+                m.d.sync += w_row.eq(Mux(last, 0, w_row + W))
+            else:
+                last = w_row == rows - W
+                m.d.sync += w_row.eq(w_row + W)  # a power of two: wraps to 0
+            with m.If(last):
                 m.d.sync += w_full.eq(1)
                 with m.If(s.load_slices_left != 0):
                     m.d.sync += s.load_slices_left.eq(s.load_slices_left - 1)

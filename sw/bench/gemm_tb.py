@@ -317,11 +317,14 @@ class TB:
         x = gemm.x.tolist()
         for j in range(n_tiles):
             if self.shared is not None:
-                self.shared.order += [self.params] * cols + [self.weights] * k_slices * rows
+                per_tile = cols if gemm.transposed else rows
+                self.shared.order += [self.params] * cols + [self.weights] * k_slices * per_tile
             for s in range(k_slices):
                 if gemm.transposed:
-                    # Column c of the tile: row j·C + c of W over the slice (rows == cols).
-                    beats = [w[j * cols + c][s * rows:(s + 1) * rows] for c in range(cols)]
+                    # Column c of the tile: row j·C + c of W over the slice, in the first
+                    # pe_rows lanes (rows <= cols).
+                    beats = [w[j * cols + c][s * rows:(s + 1) * rows] + [0] * (cols - rows)
+                             for c in range(cols)]
                 else:
                     beats = [[w[j * cols + c][s * rows + r] for c in range(cols)]
                              for r in range(rows)]

@@ -109,29 +109,44 @@ def bench_golden(repeat: int = 10) -> str:
 
 
 def bench_gemm_utilization(weight_bytes_per_cycle: float = 16.0) -> str:
-    """PE-array utilization of the 32 × 32 GEMM engine on edge-moe shapes (cycle-accurate)."""
+    """PE-array utilization of the 32 × 32 GEMM engine on edge-moe shapes (cycle-accurate),
+    and of the 32 × 64 one (2,048 MACs a cycle on 1,024 DSPs, two products each) fed one
+    64-byte read entry a cycle."""
     from m3vit.hw.config import ZCU104
 
     from . import gemm_utilization as harness
 
+    wide, wide_bytes = ZCU104.replace(pe_cols=2 * ZCU104.pe_cols), 64.0
     figures = harness.bench_gemm_utilization(ZCU104,
                                              weight_bytes_per_cycle=weight_bytes_per_cycle)
-    # Verilator skips an up-to-date model: then the build time says nothing about a build.
-    build_s = figures[0]["build_s"]
-    build = (f"Verilator build {build_s:.0f} s" if build_s >= 10
-             else "the Verilator model was up to date (no rebuild)")
+    wide_figures = harness.bench_gemm_utilization(wide, weight_bytes_per_cycle=wide_bytes)
+
+    def built(run: dict) -> str:
+        # Verilator skips an up-to-date model: then the build time says nothing about a build.
+        return (f"Verilator build {run['build_s']:.0f} s" if run["build_s"] >= 10
+                else "no rebuild (the Verilator model was up to date)")
+
     return "\n".join([
         f"## GEMM engine: PE-array utilization ({ZCU104.pe_rows} × {ZCU104.pe_cols}, ZCU104 "
-        "config)",
+        f"config, and {wide.pe_rows} × {wide.pe_cols})",
         "",
         "Command: `make bench` (`python -m m3vit.sw.bench gemm_utilization`), which runs "
-        "`bench_gemm_utilization` of `m3vit.sw.bench.gemm_utilization`: the Verilated engine, "
-        "one INT8 pass per shape, cycles from reset release to the last result (first tile "
-        "load, pipeline fill and drain included), results checked against the golden model. "
-        f"{build[0].upper()}{build[1:]}, simulation {figures[0]['sim_s']:.0f} s.",
+        "`bench_gemm_utilization` of `m3vit.sw.bench.gemm_utilization`: the Verilated engine "
+        "(two INT8 products per DSP48E2, `hw/packed.py`), one INT8 pass per shape, cycles "
+        "from reset release to the last result (first tile load, pipeline fill and drain "
+        "included), results checked against the golden model. "
+        f"{ZCU104.pe_rows} × {ZCU104.pe_cols}: {built(figures[0])}, simulation "
+        f"{figures[0]['sim_s']:.0f} s; {wide.pe_rows} × {wide.pe_cols}: "
+        f"{built(wide_figures[0])}, simulation {wide_figures[0]['sim_s']:.0f} s.",
         f"Machine: {machine()}.",
         "",
         harness.format_table(ZCU104, figures, weight_bytes_per_cycle),
+        "",
+        f"The {wide.pe_rows} × {wide.pe_cols} engine (2,048 MACs a cycle on 1,024 DSPs: the "
+        "array that doubles the MAC rate; the top still uses 32 × 32), one 64-byte row a "
+        "cycle (the three HP ports' entry):",
+        "",
+        harness.format_table(wide, wide_figures, wide_bytes),
         "",
         "ideal = M · K/rows · N/cols cycles; utilization = useful MACs / (cycles · PEs). With "
         "fewer tokens than a weight tile's load cycles the weight port bounds the pass.",

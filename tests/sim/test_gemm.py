@@ -1,12 +1,13 @@
 # amaranth: UnusedElaboratable=no
 """The GEMM engine (:mod:`m3vit.hw.gemm`): cocotb + Verilator benches and the ZCU104 lint.
 
-The bench in ``tests/sim/gemm/`` runs on three small arrays, each one Verilator build under
-``build/sim/gemm/``: the CI configuration (4 × 4, ``max_tokens`` 80), a non-square 8 × 4 one
-with ``max_tokens`` 129 (the ``edge-moe`` token count) and a 2 × 8 one, the only shape whose
-weight tiles load fast enough to reach the accumulator hazard and the parameter hand-over
-between back-to-back N-tiles. Only the square 4 × 4 runs passes with transposed
-(column-order) weight tiles; on the others such a command is checked to be illegal. The
+The bench in ``tests/sim/gemm/`` runs on four small arrays, each one Verilator build under
+``build/sim/gemm/``: the CI configuration (4 × 4, ``max_tokens`` 80), an 8 × 4 one with
+``max_tokens`` 129 (the ``edge-moe`` token count), a 2 × 8 one (one multiplier per PE),
+the only shape whose weight tiles load fast enough to reach the accumulator hazard and the
+parameter hand-over between back-to-back N-tiles, and a 4 × 8 one (wider than deep, as the
+2,048-MAC engine). The arrays with ``pe_rows ≤ pe_cols`` also run passes with transposed
+(column-order) weight tiles; on the 8 × 4 such a command is checked to be illegal. The
 default 32 × 32 configuration is only elaborated and linted here; its utilization is measured by
 :mod:`m3vit.sw.bench.gemm_utilization` (``make bench``, not CI).
 """
@@ -33,6 +34,8 @@ BENCH_CONFIGS = {
     # Only with two rows does a weight tile load (pe_rows cycles) fast enough for the
     # accumulator hazard and the parameter hand-over between N-tiles to bind.
     "2x8": CI.replace(pe_rows=2, pe_cols=8),
+    # Wider than deep, as the 2,048-MAC engine (32 x 64 on 1,024 DSPs): column order too.
+    "4x8": CI.replace(pe_cols=8),
 }
 
 #: Constructor arguments other than the configuration, per bench: one bench loads the
@@ -44,11 +47,11 @@ BENCH_ENGINE_ARGS = {"8x4": {"table_entries": 4}, "2x8": {"dsp_products": 1}}
 def expected_tests(config: AccelConfig) -> int:
     """Tests the bench runs on ``config``.
 
-    8 shapes × 3 modes × 2 flows × the weight orders (column order too on a square
-    array), then 2 flows each of back-to-back passes, alternating weight orders and one
-    interleaved parameter/weight source, and 2 single tests.
+    8 shapes × 3 modes × 2 flows × the weight orders (column order too when
+    pe_rows <= pe_cols), then 2 flows each of back-to-back passes, alternating weight
+    orders and one interleaved parameter/weight source, and 2 single tests.
     """
-    orders = 2 if config.pe_rows == config.pe_cols else 1
+    orders = 2 if config.pe_rows <= config.pe_cols else 1
     return 8 * 3 * 2 * orders + 3 * 2 + 2
 
 

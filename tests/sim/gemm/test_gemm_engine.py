@@ -5,7 +5,7 @@ Run by ``tests/sim/test_gemm.py`` through :func:`m3vit.sim.cocotb_runner.run_ben
 not a pytest module. One generic test body is expanded over shapes (one token, fewer tokens
 than the accumulator hazard distance, ragged M, several K-slices and N-tiles, M =
 ``max_tokens``), the three output modes, two flows (everything always ready; random
-gaps on every input and random back-pressure on the output) and, on a square array, both
+gaps on every input and random back-pressure on the output) and, when ``pe_rows ≤ pe_cols``, both
 weight orders (tiles row by row, and column by column: ``transposed``). Further tests run
 several passes back to back (table reloads between them; transposed and row-order passes
 alternating), feed parameters and weights from one in-order source, drop illegal commands
@@ -42,16 +42,17 @@ GEOMETRIES = [
 FLOWS = ["free", "random"]
 
 
-def square_array() -> bool:
-    """Whether the bench's array is square (``False`` while pytest merely collects this)."""
+def column_order() -> bool:
+    """Whether the bench's array takes tiles column by column (``pe_rows ≤ pe_cols``;
+    ``False`` while pytest merely collects this)."""
     if CONFIG_ENV not in os.environ:
         return False
     config = bench_config()
-    return config.pe_rows == config.pe_cols
+    return config.pe_rows <= config.pe_cols
 
 
-#: Weight orders of the pass matrix: column by column (``transposed``) needs a square array.
-WEIGHT_ORDERS = ["rows", "columns"] if square_array() else ["rows"]
+#: Weight orders of the pass matrix: column by column (``transposed``) needs pe_rows ≤ pe_cols.
+WEIGHT_ORDERS = ["rows", "columns"] if column_order() else ["rows"]
 
 
 def geometry_name(geometry: tuple) -> str:
@@ -133,8 +134,8 @@ async def test_illegal_commands_are_dropped(dut) -> None:
     token_field = Shape.cast(tb.layouts.command["tokens"].shape)
     illegal = [(0, 1, 1, False), (cfg.max_tokens + 1, 1, 1, False), (1, 0, 1, False),
                (1, 1, 0, False), (1, 0, 1, True)]
-    if not square_array():
-        illegal.append((1, 1, 1, True))  # column order needs a square tile
+    if not column_order():
+        illegal.append((1, 1, 1, True))  # a tile column must fit in a beat's element
     for tokens, k_slices, n_tiles, transposed in illegal:
         if tokens < 2 ** token_field.width:
             tb.command.beats.append(
@@ -179,7 +180,7 @@ async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
     the shadow tile is filled in the order of a pass the array has not started yet: a row
     pass followed by a transposed one, a transposed one followed by a row pass, and two
     transposed ones. With every stream ready that overlap is checked, not only the results.
-    On a non-square array the transposed commands are illegal: dropped, taking no data,
+    With pe_rows > pe_cols the transposed commands are illegal: dropped, taking no data,
     while the passes around them run exactly.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
@@ -190,10 +191,10 @@ async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
             (1, 1, 1, True, GemmOp.INT32), (6, 3, 1, True, GemmOp.INT8),
             (8, 1, 2, False, GemmOp.INT8), (2, 2, 3, True, GemmOp.INT32),
             (5, 1, 1, False, GemmOp.INT8)]
-    square = square_array()
+    columns = column_order()
     passes, legal = [], []
     for tokens, k_slices, n_tiles, transposed, mode in plan:
-        if transposed and not square:
+        if transposed and not columns:
             tb.command.beats.append(
                 tb.command_beat(mode, tokens, k_slices, n_tiles, transposed=True))
             continue
@@ -207,7 +208,7 @@ async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
     await tb.reset()
     await tb.run_queued(passes)
 
-    assert bool(dut.illegal_command.value) == (not square)
+    assert bool(dut.illegal_command.value) == (not columns)
     if flow == "free":
         weights, tokens_in = tb.weights.taken_cycles, tb.activations.taken_cycles
         for (_, last_token, tokens), (first_weight, _, _) in itertools.pairwise(legal):
@@ -237,13 +238,14 @@ async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
     rows, cols = tb.config.pe_rows, tb.config.pe_cols
     # Just enough tokens for a tile's last slice to cover the cycles until the parameter
     # shadow frees (its first token's way to the column sums), then the next tile's
-    # parameters and weights, one beat each per cycle.
-    long = 2 + GemmEngine(tb.config).tree_latency + cols + rows + 1
+    # parameters and weights, one beat each per cycle (a tile is pe_rows rows or, in
+    # column order, pe_cols columns).
+    long = 2 + GemmEngine(tb.config).tree_latency + cols + max(rows, cols) + 1
     plan = [(1, 1, 3, GemmOp.INT8), (2, 1, 4, GemmOp.INT32), (3, 3, 2, GemmOp.INT8),
             (long, 1, 3, GemmOp.INT8), (long, 2, 2, GemmOp.INT32), (1, 2, 2, GemmOp.INT8)]
     passes = []
     for index, (tokens, k_slices, n_tiles, mode) in enumerate(plan):
-        transposed = square_array() and index % 2 == 1
+        transposed = column_order() and index % 2 == 1
         passes.append(make_pass(tb.rng, mode, tokens, k_slices * rows, n_tiles * cols,
                                 transposed=transposed))
     spans = []  # (first, last) activation beat of each pass
