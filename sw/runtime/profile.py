@@ -24,7 +24,10 @@ from .driver import TraceEntry
 __all__ = [
     "PHASES",
     "build_profile",
+    "expert_bodies",
+    "expert_visits",
     "format_profile",
+    "format_visits",
     "instruction_phases",
     "save_profile_figure",
 ]
@@ -43,6 +46,46 @@ _LANES = {
 _LANE_ORDER = ("PE array", "vector", "MoE", "DMA", "control")
 
 
+def _decode_all(program: bytes) -> list:
+    return [decode(program[i:i + INSTRUCTION_BYTES])
+            for i in range(0, len(program) - INSTRUCTION_BYTES + 1, INSTRUCTION_BYTES)]
+
+
+def expert_bodies(program: bytes) -> list[tuple[int, int]]:
+    """The first and last pc of every ``EXPERTS`` loop body of a program, in order."""
+    return [(pc + 1, pc + fields["body"]) for pc, (op, fields) in enumerate(_decode_all(program))
+            if op == Opcode.EXPERTS]
+
+
+def expert_visits(entries: Sequence[TraceEntry], program: bytes) -> list[dict[str, Any]]:
+    """Each expert visit of a run: one pass of an ``EXPERTS`` body (FC1 and FC2 of one
+    expert, over the tokens queued for it).
+
+    A visit begins with the trace entry of its body's first instruction and takes every
+    entry up to the next visit or the end of the loop (the GEMMs' *drain* entries
+    included: their tails). Returns per visit ``layer`` (the loop's index), ``start``,
+    ``end`` (cycles), ``cycles`` and ``read_bytes`` (all ports).
+    """
+    visits: list[dict[str, Any]] = []
+    bodies = expert_bodies(program)
+    current = None
+    for e in entries:
+        layer = next((i for i, (first, last) in enumerate(bodies) if first <= e.pc <= last),
+                     None)
+        if layer is None:
+            current = None
+            continue
+        if e.pc == bodies[layer][0] and not e.drain:
+            current = {"layer": layer, "start": e.start, "end": e.end, "read_bytes": 0}
+            visits.append(current)
+        if current is not None:
+            current["end"] = max(current["end"], e.end)
+            current["read_bytes"] += sum(e.read_bytes)
+    for visit in visits:
+        visit["cycles"] = visit["end"] - visit["start"]
+    return visits
+
+
 def instruction_phases(program: bytes) -> list[str]:
     """The phase (:data:`PHASES`) of every instruction of a compiled program.
 
@@ -52,8 +95,7 @@ def instruction_phases(program: bytes) -> list[str]:
     (experts), ``COMBINE`` and the residual add (combine). What precedes the first
     LayerNorm is the patch embedding, what follows the last residual add is the head.
     """
-    ops = [decode(program[i:i + INSTRUCTION_BYTES])
-           for i in range(0, len(program) - INSTRUCTION_BYTES + 1, INSTRUCTION_BYTES)]
+    ops = _decode_all(program)
     phases = ["head"] * len(ops)
     norms = [i for i, (op, _) in enumerate(ops) if op == Opcode.LAYERNORM]
     first = norms[0] if norms else len(ops)
@@ -105,8 +147,9 @@ def build_profile(entries: Sequence[TraceEntry], program: bytes, *, clock_mhz: f
     dict
         Plain JSON: ``phases`` (per phase: cycles, share, instructions, read bytes per
         port, write bytes, GB/s per port and together, share of the aggregate DDR
-        bandwidth), ``entries`` (the trace), ``phase_of`` (per entry), ``clock_mhz``,
-        ``cycles``, ``n_ports``, ``hp_ports``, ``peak_gbps``, ``truncated``.
+        bandwidth), ``visits`` (:func:`expert_visits`), ``entries`` (the trace),
+        ``phase_of`` (per entry), ``clock_mhz``, ``cycles``, ``n_ports``, ``hp_ports``,
+        ``peak_gbps``, ``truncated``.
     """
     if not entries:
         raise M3VitError("the trace is empty: profile a run of a bitstream with the "
@@ -139,8 +182,33 @@ def build_profile(entries: Sequence[TraceEntry], program: bytes, *, clock_mhz: f
         # Every instruction retired has an entry, and so has the END the run stops on.
         "truncated": instructions is not None
         and sum(not e.drain for e in entries) < instructions + 1,
-        "phases": ordered, "entries": [e.to_list() for e in entries], "phase_of": phase_of,
+        "phases": ordered, "visits": expert_visits(entries, program),
+        "entries": [e.to_list() for e in entries], "phase_of": phase_of,
     }
+
+
+def format_visits(profile: dict[str, Any]) -> str:
+    """Per MoE layer, what an expert visit costs: how many, their cycles (least, median,
+    most) and their DDR floor — the cycles their weight bytes take at the ports' aggregate
+    bandwidth; a visit at ``× floor`` 1.0 is bound by DDR alone."""
+    visits = profile.get("visits") or []
+    if not visits:
+        return ""
+    bytes_per_cycle = profile["peak_gbps"] * 1e9 / (profile["clock_mhz"] * 1e6)
+    lines = [f"{'expert visits':<16} {'visits':>6} {'least':>7} {'median':>7} {'most':>7} "
+             f"{'KB/visit':>8} {'× floor':>7}"]
+    for layer in sorted({v["layer"] for v in visits}):
+        mine = [v for v in visits if v["layer"] == layer]
+        cycles = sorted(v["cycles"] for v in mine)
+        median = cycles[len(cycles) // 2]
+        read = sum(v["read_bytes"] for v in mine) / len(mine)
+        ratio = sum(v["cycles"] for v in mine) / max(1.0, sum(v["read_bytes"] for v in mine)
+                                                     / bytes_per_cycle)
+        lines.append(f"{'MoE layer ' + str(layer):<16} {len(mine):>6} {cycles[0]:>7,} "
+                     f"{median:>7,} {cycles[-1]:>7,} {read / 1e3:>8.1f} {ratio:>7.2f}")
+    lines.append("(cycles per visit of an EXPERTS body, FC1 and FC2 of one expert; × floor: "
+                 "the visits' cycles over their bytes at the aggregate DDR bandwidth)")
+    return "\n".join(lines)
 
 
 def format_profile(profile: dict[str, Any], title: str = "") -> str:
@@ -175,6 +243,9 @@ def format_profile(profile: dict[str, Any], title: str = "") -> str:
     if profile["truncated"]:
         lines.append("(the trace holds only the run's first instructions: the rest is "
                      "not in the table)")
+    visits = format_visits(profile)
+    if visits:
+        lines += ["", visits]
     return "\n".join(lines)
 
 

@@ -17,7 +17,10 @@ from m3vit.sw.runtime.driver import TraceEntry
 from m3vit.sw.runtime.profile import (
     PHASES,
     build_profile,
+    expert_bodies,
+    expert_visits,
     format_profile,
+    format_visits,
     instruction_phases,
     save_profile_figure,
 )
@@ -87,3 +90,33 @@ def test_profile_sums_the_trace_by_phase(tmp_path):
 def test_an_empty_trace_is_one_clear_error():
     with pytest.raises(M3VitError, match="trace is empty"):
         build_profile([], tiny_program(), clock_mhz=300.0, cycles=1, n_ports=1)
+
+
+def test_expert_visits_are_the_passes_of_each_experts_body():
+    program = tiny_program()
+    bodies = expert_bodies(program)
+    assert bodies and all(first <= last for first, last in bodies)
+    first, last = bodies[0]
+    trace, cycle = [], 0
+
+    def run(pc, span, drain=False):
+        nonlocal cycle
+        trace.append(TraceEntry(pc, 0x20, cycle, cycle + span, (500, 500, 0), 0, drain))
+        cycle += span
+
+    run(first - 1, 10)                       # the EXPERTS instruction itself: no visit
+    for span in (100, 300, 200):             # three visits of the body
+        for pc in range(first, last + 1):
+            run(pc, span)
+        run(last, 7, drain=True)             # the last GEMM's tail belongs to its visit
+    run(last + 1, 50)                        # COMBINE: ends the loop
+    visits = expert_visits(trace, program)
+    body = last - first + 1
+    assert [v["cycles"] for v in visits] == [body * s + 7 for s in (100, 300, 200)]
+    assert all(v["layer"] == 0 and v["read_bytes"] == 1000 * (body + 1) for v in visits)
+    prof = build_profile(trace, program, clock_mhz=300.0, cycles=cycle, n_ports=3)
+    text = format_visits(prof)
+    # Least, median and most cycles of the layer's three visits.
+    least, median, most = (body * s + 7 for s in (100, 200, 300))
+    assert f"{'MoE layer 0':<16} {3:>6} {least:>7,} {median:>7,} {most:>7,}" in text
+    assert text in format_profile(prof)
