@@ -34,7 +34,10 @@ from .config import AccelConfig
 from .pipeline import check_config, credit_counter, output_queue, pipeline_delay, pipeline_reg
 from .vector import INT8, SHIFT_BITS, SoftmaxUnit, lane_layout
 
-__all__ = ["SCORE_BITS", "Combiner", "Dispatcher", "slot_layout"]
+__all__ = ["SCORES_PER_CYCLE", "SCORE_BITS", "Combiner", "Dispatcher", "slot_layout"]
+
+#: Router scores the top-k takes a cycle (a score beat is walked this many lanes a step).
+SCORES_PER_CYCLE = 2
 
 #: Router scores are unsigned 15-bit (scale 2^-15, ``numerics.SCORE_BITS``).
 SCORE_BITS = 15
@@ -47,6 +50,33 @@ def slot_layout(cfg: AccelConfig) -> data.StructLayout:
         "score": unsigned(SCORE_BITS),
         "pos": unsigned(bits_for(cfg.max_tokens * cfg.max_top_k - 1)),
     })
+
+
+def _insert(m: Module, listed: list, score, expert, take, score_shape, expert_shape,
+            name: str) -> list:
+    """A sorted list (descending scores, ``(valid, score, expert)`` per entry) with one
+    candidate inserted after every entry of an equal or larger score (when ``take``); the
+    last entry falls off. Combinational."""
+    above = [~valid | (score > s) for valid, s, _ in listed]
+    out = []
+    for i, (valid, s, e) in enumerate(listed):
+        new_valid = Signal(name=f"{name}_valid{i}")
+        new_score = Signal(score_shape, name=f"{name}_score{i}")
+        new_expert = Signal(expert_shape, name=f"{name}_expert{i}")
+        m.d.comb += [new_valid.eq(valid), new_score.eq(s), new_expert.eq(e)]
+        with m.If(take):
+            if i == 0:
+                with m.If(above[0]):
+                    m.d.comb += [new_valid.eq(1), new_score.eq(score), new_expert.eq(expert)]
+            else:
+                prev_valid, prev_score, prev_expert = listed[i - 1]
+                with m.If(above[i - 1]):
+                    m.d.comb += [new_valid.eq(prev_valid), new_score.eq(prev_score),
+                                 new_expert.eq(prev_expert)]
+                with m.Elif(above[i]):
+                    m.d.comb += [new_valid.eq(1), new_score.eq(score), new_expert.eq(expert)]
+        out.append((new_valid, new_score, new_expert))
+    return out
 
 
 class Dispatcher(wiring.Component):
@@ -102,16 +132,19 @@ class Dispatcher(wiring.Component):
 
     Notes
     -----
-    Three phases, ``M·E + E + M·k + 9`` cycles of ``busy`` when the scores never wait
-    (measured; the next command is taken in the first idle cycle):
+    Three phases, ``M·S + E + M·k + 9`` cycles of ``busy`` when the scores never wait,
+    with S = :meth:`steps_per_token` (``ceil(E / 2)`` for E ≤ ``pe_cols``; measured; the
+    next command is taken in the first idle cycle):
 
-    1. **Top-k**, one score per cycle (E cycles per token): a score beat is walked lane by
-       lane through a shift register into a sorted list of ``max_top_k`` registers; a
-       score enters below every equal one, so ties go to the lower expert index. The
+    1. **Top-k**, :data:`SCORES_PER_CYCLE` (2) scores a cycle (S cycles per token): a
+       score beat is walked two lanes a step through a shift register into a sorted list
+       of ``max_top_k`` registers, the two candidates inserted one after the other, lower
+       expert first; a score enters below every equal one, so ties go to the lower expert
+       index. The
        cycle after a token's last score, its count-so-far of each chosen expert (its rank
        in that expert's queue) is read and the counts incremented; the next cycle writes
        the token's k slots (expert, score, rank) in one go — the slot table is one
-       memory per choice. M·E + 4 cycles: the first beat's take, the scores, 3 of drain.
+       memory per choice. M·S + 4 cycles: the first beat's take, the steps, 3 of drain.
     2. **Scan**, one expert per cycle (E + 1 cycles): ``start[e]`` is the running sum of
        the counts, and each expert with a count joins the active list.
     3. **Queue**, one (token, choice) per cycle in token order (M·k + 4 cycles): read the
@@ -126,6 +159,13 @@ class Dispatcher(wiring.Component):
     one narrow (≤ 15-bit) compare or add and its muxes; the widest mux is the
     ``max_experts``-to-1 read of a count for a rank.
     """
+
+    @staticmethod
+    def steps_per_token(cfg: AccelConfig, experts: int) -> int:
+        """Cycles the top-k takes per token of ``experts`` scores: each score beat of
+        ``pe_cols`` lanes is walked :data:`SCORES_PER_CYCLE` lanes a cycle."""
+        full, rest = divmod(experts, cfg.pe_cols)
+        return full * (cfg.pe_cols // SCORES_PER_CYCLE) + -(-rest // SCORES_PER_CYCLE)
 
     @staticmethod
     def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
@@ -227,15 +267,16 @@ class Dispatcher(wiring.Component):
                 ]
 
     def _top_k(self, m: Module, s: SimpleNamespace) -> None:
-        """Top-k: one score per cycle through a sorted insertion list."""
-        lanes, n_slots = s.lanes, s.n_slots
+        """Top-k: :data:`SCORES_PER_CYCLE` scores a cycle through a sorted insertion list."""
+        lanes, n_slots, P = s.lanes, s.n_slots, SCORES_PER_CYCLE
         held, lane, lane_scores = s.held, s.lane, s.lane_scores
         expert, token, in_beat = s.expert, s.token, s.in_beat
-        # A beat is walked lane by lane in a shift register (no wide lane mux); the next beat
-        # is taken in the cycle the current one's last used lane is, so a token of E experts
-        # takes E cycles. Framing follows from E: ``last`` on the scores is not needed.
-        expert_end = expert == s.experts_m1
-        lane_end = (lane == lanes - 1) | expert_end
+        # A beat is walked P lanes at a time in a shift register (no wide lane mux); the next
+        # beat is taken in the cycle the current one's last used lanes are, so a token of E
+        # experts takes ceil(E / P) cycles a beat's worth. Framing follows from E: ``last``
+        # on the scores is not needed. (lanes is a power of two ≥ 2, so P divides it.)
+        expert_end = expert + (P - 1) >= s.experts_m1   # the token's last score is in this step
+        lane_end = (lane == lanes - P) | expert_end
         m.d.comb += self.scores.ready.eq(s.taking & (~held | lane_end))
         with m.If(self.scores.valid & self.scores.ready):
             m.d.sync += [lane_scores[i].eq(self.scores.payload.data[i][:SCORE_BITS])
@@ -248,16 +289,21 @@ class Dispatcher(wiring.Component):
         with m.Elif(held & lane_end):
             m.d.sync += held.eq(0)
         with m.If(held):
-            m.d.sync += [lane.eq(Mux(lane_end, 0, lane + 1)),
-                         expert.eq(Mux(expert_end, 0, expert + 1))]
+            m.d.sync += [lane.eq(Mux(lane_end, 0, lane + P)),
+                         expert.eq(Mux(expert_end, 0, expert + P))]
             with m.If(~lane_end):
-                m.d.sync += [lane_scores[i].eq(lane_scores[i + 1]) for i in range(lanes - 1)]
+                m.d.sync += [lane_scores[i].eq(lane_scores[i + P]) for i in range(lanes - P)]
             with m.If(expert_end):
                 m.d.sync += token.eq(token + 1)
 
         s.c_valid = c_valid = pipeline_reg(m, held, name="c_valid")
-        c_score = pipeline_reg(m, lane_scores[0], name="c_score")
-        c_expert = pipeline_reg(m, expert, name="c_expert")
+        # Candidate j of the step: lane j, expert + j; past the token's last expert it is
+        # no candidate.
+        c_scores = [pipeline_reg(m, lane_scores[j], name=f"c_score{j}") for j in range(P)]
+        c_experts = [pipeline_reg(m, (expert + j)[:len(expert)], s.expert_shape,
+                                  name=f"c_expert{j}") for j in range(P)]
+        c_takes = [pipeline_reg(m, expert + j <= s.experts_m1, name=f"c_take{j}")
+                   for j in range(P)]
         c_first = pipeline_reg(m, expert == 0, name="c_first")
         s.c_last = pipeline_reg(m, expert_end, name="c_last")
         s.c_token = pipeline_reg(m, token, name="c_token")
@@ -265,24 +311,20 @@ class Dispatcher(wiring.Component):
 
         # best[0 … max_top_k−1]: the token's largest scores so far, descending; a score equal
         # to one already listed goes after it (ties to the lower expert index, which came
-        # first). The first score of a token starts a fresh list.
+        # first). The step's candidates go in one after the other, lower expert first, so
+        # the same rule orders them too. The first step of a token starts a fresh list.
         entry_layout = data.StructLayout({"valid": 1, "score": s.score_shape,
                                           "expert": s.expert_shape})
         s.best = best = Signal(data.ArrayLayout(entry_layout, n_slots))
-        listed = [best[i].valid & ~c_first for i in range(n_slots)]
-        above = [~listed[i] | (c_score > best[i].score) for i in range(n_slots)]
+        current = [(best[i].valid & ~c_first, best[i].score, best[i].expert)
+                   for i in range(n_slots)]
+        for j in range(P):
+            current = _insert(m, current, c_scores[j], c_experts[j], c_takes[j],
+                              s.score_shape, s.expert_shape, f"c_insert{j}")
         with m.If(c_valid):
-            for i in range(n_slots):
-                insert = [best[i].valid.eq(1), best[i].score.eq(c_score),
-                          best[i].expert.eq(c_expert)]
-                if i == 0:
-                    with m.If(above[0]):
-                        m.d.sync += insert
-                else:
-                    with m.If(above[i - 1]):
-                        m.d.sync += [best[i].eq(best[i - 1]), best[i].valid.eq(listed[i - 1])]
-                    with m.Elif(above[i]):
-                        m.d.sync += insert
+            for i, (valid, score, expert_i) in enumerate(current):
+                m.d.sync += [best[i].valid.eq(valid), best[i].score.eq(score),
+                             best[i].expert.eq(expert_i)]
 
     def _rank(self, m: Module, s: SimpleNamespace) -> None:
         """The cycle after a token's last score: each chosen expert's count so far is that

@@ -27,7 +27,8 @@ from m3vit.sw.quant import numerics
 PREFIX = "disp"
 INT8_MIN, INT8_MAX = -128, 127
 SCORE_MAX = (1 << numerics.SCORE_BITS) - 1
-#: Cycles ``busy`` stays high beyond M·E (top-k, one score per cycle) + E (scan) + M·k
+#: Cycles ``busy`` stays high beyond M·S (top-k, two scores a cycle:
+#: ``Dispatcher.steps_per_token``) + E (scan) + M·k
 #: (queue) when scores never wait: 3 to drain the top-k list, 1 into the scan, 1 into the
 #: queue pass, 4 through its pipeline (measured).
 OVERHEAD_CYCLES = 9
@@ -368,8 +369,9 @@ async def test_dispatcher(dut, case: str, input_gaps: bool) -> None:
         tb.completed)
     durations = [end - start for start, end in tb.busy_intervals]
     for route, cycles in zip(legal_done, durations, strict=True):
-        ideal = route.rows * route.experts + route.experts + route.rows * route.top_k
-        tb.bench.log.info("%s: busy %d cycles = M·E + E + M·k + %d", describe(route), cycles,
+        ideal = (route.rows * Dispatcher.steps_per_token(tb.cfg, route.experts)
+                 + route.experts + route.rows * route.top_k)
+        tb.bench.log.info("%s: busy %d cycles = M·S + E + M·k + %d", describe(route), cycles,
                           cycles - ideal)
         if input_gaps:
             assert cycles >= ideal + OVERHEAD_CYCLES
