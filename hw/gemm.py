@@ -489,11 +489,15 @@ class GemmEngine(wiring.Component):
         # With packed DSPs, chain position k takes the shadow tile k cycles after the swap:
         # row by row the loader never overtakes it (PackedArray's group), but a column
         # load writes every row, so it waits until the last position has taken the tile.
-        s.swap_wait = swap_wait = Signal(range(self.chain or 1))
-        with m.If(swap_wait != 0):
-            m.d.sync += swap_wait.eq(swap_wait - 1)
-        m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full
-                                          & ~(s.load_transposed & (swap_wait != 0)))
+        s.swap_wait = None
+        if self.dsp_products == 2 and self.chain > 1:
+            s.swap_wait = swap_wait = Signal(range(self.chain))
+            with m.If(swap_wait != 0):
+                m.d.sync += swap_wait.eq(swap_wait - 1)
+            m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full
+                                              & ~(s.load_transposed & (swap_wait != 0)))
+        else:
+            m.d.comb += self.weights.ready.eq(s.loader_busy & ~w_full)
         beat = self.weights.payload
 
         def write_rows():
@@ -579,7 +583,7 @@ class GemmEngine(wiring.Component):
         with m.If(issue):
             with m.If(first_token):
                 m.d.sync += s.w_full.eq(0)
-                if self.dsp_products == 2 and self.chain > 1:
+                if s.swap_wait is not None:
                     m.d.sync += s.swap_wait.eq(self.chain - 1)
                 if self.dsp_products == 1:
                     m.d.sync += s.w_active.eq(s.w_shadow)
