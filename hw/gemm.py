@@ -29,6 +29,7 @@ from amaranth.utils import bits_for, ceil_log2
 from .config import AccelConfig
 from .isa import GemmOp
 from .packed import PackedArray, packed_latency
+from .pipeline import delay_like
 
 __all__ = [
     "COUNTER_NAMES",
@@ -107,15 +108,6 @@ def _pipelined_sum(m: Module, terms: list, name: str) -> tuple[Signal, int]:
     return terms[0], latency
 
 
-def _delayed(m: Module, value, cycles: int, name: str):
-    """``value`` through ``cycles`` registers (``value`` itself for 0)."""
-    for index in range(cycles):
-        reg = Signal.like(value, name=f"{name}_d{index + 1}")
-        m.d.sync += reg.eq(value)
-        value = reg
-    return value
-
-
 class Requantizer(wiring.Component):
     """Per-lane bias add and requantization: ``sat8(round_half_up((acc + bias) · mult / 2^shift))``.
 
@@ -173,8 +165,8 @@ class Requantizer(wiring.Component):
         # valid_at[k] / raw_at[k]: the flags of the beat whose stage-k registers are loaded.
         valid_at, raw_at = [self.i.valid], [p.raw]
         for stage in range(1, self.latency + 1):
-            valid_at.append(_delayed(m, valid_at[-1], 1, f"valid_s{stage}"))
-            raw_at.append(_delayed(m, raw_at[-1], 1, f"raw_s{stage}"))
+            valid_at.append(delay_like(m, valid_at[-1], 1, f"valid_s{stage}"))
+            raw_at.append(delay_like(m, raw_at[-1], 1, f"raw_s{stage}"))
         m.d.comb += self.o.valid.eq(valid_at[self.latency])
 
         for lane in range(self.lanes):
@@ -193,8 +185,8 @@ class Requantizer(wiring.Component):
             product_p = Signal(signed(48), name=f"product_{lane}_p")
             m.d.sync += [product.eq(biased * mult), product_p.eq(product)]
             # Stage 4: + 2^(s-1) (0 for s = 0); stage 5: arithmetic shift = floor.
-            shift_s3 = _delayed(m, shift_s1, 2, f"shift_{lane}")
-            shift_s4 = _delayed(m, shift_s3, 1, f"shift_{lane}_s3")
+            shift_s3 = delay_like(m, shift_s1, 2, f"shift_{lane}")
+            shift_s4 = delay_like(m, shift_s3, 1, f"shift_{lane}_s3")
             rounded = Signal(signed(64), name=f"rounded_{lane}")
             m.d.sync += rounded.eq(product_p + ((Const(1, 1) << shift_s3) >> 1))
             shifted = Signal(signed(49), name=f"shifted_{lane}")
@@ -626,9 +618,8 @@ class GemmEngine(wiring.Component):
         ]
         tags = [tag0]
         for stage in range(1, self._acc_stage + 1):
-            tags.append(_delayed(m, tags[-1], 1, f"tag_s{stage}"))
+            tags.append(delay_like(m, tags[-1], 1, f"tag_s{stage}"))
 
-        column_sums = []
         if self.dsp_products == 2:
             # Two products per DSP: the packed array takes the tile on a slice's first
             # token (the same cycle the token enters) and has its own activation register.
@@ -641,18 +632,8 @@ class GemmEngine(wiring.Component):
                 packed.load.eq(s.issue & s.first_token),
             ]
             column_sums = [packed.y[col] for col in range(cols)]
-        x = Signal(data.ArrayLayout(signed(8), rows))
-        if self.dsp_products == 1:
-            m.d.sync += x.eq(self.activations.payload)
-        for col in range(cols if self.dsp_products == 1 else 0):
-            products = []
-            for row in range(rows):
-                product = Signal(signed(16), name=f"product_r{row}_c{col}")
-                m.d.sync += product.eq(x[row] * s.w_active[row][col])
-                products.append(product)
-            column_sum, latency = _pipelined_sum(m, products, f"sum_c{col}")
-            assert latency == self.tree_latency
-            column_sums.append(column_sum)
+        else:
+            column_sums = self._products(m, s)
 
         # Accumulators: read two cycles ahead of the sum, written the cycle after it.
         acc_layout = data.ArrayLayout(signed(32), cols)
@@ -680,6 +661,25 @@ class GemmEngine(wiring.Component):
         with m.If(sum_tag.valid & sum_tag.first_of_last):
             m.d.sync += [s.p_active.eq(s.p_shadow), s.p_full.eq(0), s.p_claimed.eq(0)]
 
+    def _products(self, m: Module, s: SimpleNamespace) -> list:
+        """One multiplier per PE (``dsp_products=1``): the activation register, registered
+        8 × 8 products of the active tile, a pipelined adder tree per column; returns the
+        column sums."""
+        rows, cols = self.config.pe_rows, self.config.pe_cols
+        x = Signal(data.ArrayLayout(signed(8), rows))
+        m.d.sync += x.eq(self.activations.payload)
+        column_sums = []
+        for col in range(cols):
+            products = []
+            for row in range(rows):
+                product = Signal(signed(16), name=f"product_r{row}_c{col}")
+                m.d.sync += product.eq(x[row] * s.w_active[row][col])
+                products.append(product)
+            column_sum, latency = _pipelined_sum(m, products, f"sum_c{col}")
+            assert latency == self.tree_latency
+            column_sums.append(column_sum)
+        return column_sums
+
     def _output(self, m: Module, s: SimpleNamespace) -> None:
         """Requantization, the table, the result queue."""
         cols = self.config.pe_cols
@@ -696,9 +696,9 @@ class GemmEngine(wiring.Component):
                 requantizer.i.payload.mult[col].eq(s.p_active[col].mult),
                 requantizer.i.payload.shift[col].eq(s.p_active[col].shift),
             ]
-        op_out = _delayed(m, acc_tag.op, Requantizer.latency + 1, "op_out")
-        valid_out = _delayed(m, requantizer.o.valid, 1, "valid_out")
-        value_out = _delayed(m, requantizer.o.payload, 1, "value_out")
+        op_out = delay_like(m, acc_tag.op, Requantizer.latency + 1, "op_out")
+        valid_out = delay_like(m, requantizer.o.valid, 1, "valid_out")
+        value_out = delay_like(m, requantizer.o.payload, 1, "value_out")
 
         # Words of T entries: a table beat writes one; a lookup reads the word and picks
         # the entry with the index's low bits, registered beside the read.

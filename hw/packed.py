@@ -43,6 +43,8 @@ from amaranth.hdl import Cat, Module, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from .pipeline import delay_like
+
 __all__ = [
     "LOW_BITS",
     "MAX_CHAIN",
@@ -244,7 +246,7 @@ class PackedArray(wiring.Component):
             m.d.sync += reg.eq(loads[-1])
             loads.append(reg)
         position = [self.position(r) for r in range(rows)]
-        skewed = [_delay(m, x[r], position[r], f"x{r}") for r in range(rows)]
+        skewed = [delay_like(m, x[r], position[r], f"x{r}") for r in range(rows)]
         packed = []  # packed[r][p]: DSP (r, p)'s weight register
         for r in range(rows):
             row = []
@@ -271,17 +273,8 @@ class PackedArray(wiring.Component):
                 sums_lo.append(lo_reg)
             m.d.comb += [self.y[p].eq(_tree(m, sums_lo, f"p{p}_lo")),
                          self.y[p + pairs].eq(_tree(m, sums_hi, f"p{p}_hi"))]
-        m.d.comb += self.y_valid.eq(_delay(m, valid, self.latency - 1, "valid"))
+        m.d.comb += self.y_valid.eq(delay_like(m, valid, self.latency - 1, "valid"))
         return m
-
-
-def _delay(m: Module, value, cycles: int, name: str):
-    """``value`` through ``cycles`` registers."""
-    for d in range(cycles):
-        reg = Signal.like(value, name=f"{name}_d{d + 1}")
-        m.d.sync += reg.eq(value)
-        value = reg
-    return value
 
 
 def _tree(m: Module, terms: list, name: str):

@@ -15,6 +15,7 @@ from .config import AccelConfig
 __all__ = [
     "check_config",
     "credit_counter",
+    "delay_like",
     "output_queue",
     "pipeline_delay",
     "pipeline_reg",
@@ -66,4 +67,14 @@ def pipeline_delay(m: Module, value, cycles: int, shape=None, name="delay"):
     """``value`` through ``cycles`` pipeline registers."""
     for i in range(cycles):
         value = pipeline_reg(m, value, shape, name=f"{name}_{i}")
+    return value
+
+
+def delay_like(m: Module, value, cycles: int, name: str):
+    """``value`` through ``cycles`` registers made with ``Signal.like`` (a view keeps its
+    layout), named ``<name>_d1`` …; ``value`` itself for 0."""
+    for index in range(cycles):
+        reg = Signal.like(value, name=f"{name}_d{index + 1}")
+        m.d.sync += reg.eq(value)
+        value = reg
     return value

@@ -265,10 +265,9 @@ class ReadRouter(wiring.Component):
                     rd.ready.eq(Mux(to_params, rs_param.i.ready, rs_rows.i.ready)),
                 ]
             with m.Case(ReadSink.LN):
-                if ln_entries:
-                    m.d.comb += [rs_ln.i.valid.eq(rd.valid), rd.ready.eq(rs_ln.i.ready)]
-                else:
-                    m.d.comb += [rs_ln.i.valid.eq(rd.valid), beat_ready.eq(rs_ln.i.ready)]
+                # Whole entries, or beat by beat through the narrow path.
+                taken = rd.ready if ln_entries else beat_ready
+                m.d.comb += [rs_ln.i.valid.eq(rd.valid), taken.eq(rs_ln.i.ready)]
             with m.Case(ReadSink.TABLE8):
                 m.d.comb += [rs_t8.i.valid.eq(rd.valid), beat_ready.eq(rs_t8.i.ready)]
             with m.Case(ReadSink.TABLE16):

@@ -113,10 +113,13 @@ def bench_gemm_utilization(weight_bytes_per_cycle: float = 16.0) -> str:
     and of the 32 × 64 one (2,048 MACs a cycle on 1,024 DSPs, two products each) fed one
     64-byte read entry a cycle."""
     from m3vit.hw.config import ZCU104
+    from m3vit.hw.engine.router import intake_shape
 
     from . import gemm_utilization as harness
 
-    wide, wide_bytes = ZCU104.replace(pe_cols=2 * ZCU104.pe_cols), 64.0
+    # The wide engine fed as the top feeds its array: one read entry a cycle.
+    wide = ZCU104.replace(pe_cols=2 * ZCU104.pe_cols)
+    wide_bytes = float(intake_shape(ZCU104).entry_bytes)
     figures = harness.bench_gemm_utilization(ZCU104,
                                              weight_bytes_per_cycle=weight_bytes_per_cycle)
     wide_figures = harness.bench_gemm_utilization(wide, weight_bytes_per_cycle=wide_bytes)
