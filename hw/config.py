@@ -63,6 +63,12 @@ class AccelConfig:
     act_buffer_words : int
         Depth of the on-chip activation buffer in words of ``pe_cols`` INT8 lanes (every
         activation of one image lives there: 16,384 × 32 bytes = 512 KiB by default).
+    gemm_words : int
+        Buffer words per GEMM N-tile (1, 2 or 4): the PE array is ``pe_rows × gemm_cols``
+        with ``gemm_cols = gemm_words · pe_cols`` output channels a pass over a weight tile,
+        while the buffer, the vector units and the results stay ``pe_cols`` lanes a word
+        (each result row leaves the array as ``gemm_words`` words). The ZCU104 array is
+        32 × 64: 2,048 INT8 MACs a cycle on 1,024 DSPs (two products per DSP).
     """
 
     pe_rows: int = 32
@@ -80,6 +86,7 @@ class AccelConfig:
     max_outstanding: int = 8
     clock_mhz: float = 300.0
     act_buffer_words: int = 16384
+    gemm_words: int = 1
 
     def __post_init__(self) -> None:
         for name in ("pe_rows", "pe_cols"):
@@ -90,10 +97,15 @@ class AccelConfig:
                      "max_top_k", "n_master_ports", "max_outstanding"):
             if getattr(self, name) < 1:
                 raise AccelConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.gemm_words not in (1, 2, 4):
+            raise AccelConfigError(f"gemm_words must be 1, 2 or 4, got {self.gemm_words!r}")
+        if self.gemm_cols > 128:
+            raise AccelConfigError(f"the PE array's N width gemm_words · pe_cols must be at "
+                                   f"most 128, got {self.gemm_cols!r}")
         for name in ("max_dim", "max_hidden"):
-            if getattr(self, name) % self.pe_rows or getattr(self, name) % self.pe_cols:
+            if getattr(self, name) % self.pe_rows or getattr(self, name) % self.gemm_cols:
                 raise AccelConfigError(f"{name} must be a multiple of the PE array "
-                                       f"({self.pe_rows}x{self.pe_cols}), got "
+                                       f"({self.pe_rows}x{self.gemm_cols}), got "
                                        f"{getattr(self, name)!r}")
         if self.n_master_ports > 4:
             raise AccelConfigError(f"n_master_ports must be 1..4 (the PS has four HP ports), "
@@ -120,9 +132,15 @@ class AccelConfig:
             raise AccelConfigError(f"clock_mhz must be in [10, 800], got {self.clock_mhz!r}")
 
     @property
+    def gemm_cols(self) -> int:
+        """Output channels of one GEMM N-tile: the PE array's N width (``gemm_words ·
+        pe_cols``)."""
+        return self.gemm_words * self.pe_cols
+
+    @property
     def n_pe(self) -> int:
-        """Multipliers in the PE array."""
-        return self.pe_rows * self.pe_cols
+        """INT8 products of the PE array a cycle (``pe_rows · gemm_cols``)."""
+        return self.pe_rows * self.gemm_cols
 
     @property
     def axi_bytes(self) -> int:
@@ -131,13 +149,13 @@ class AccelConfig:
 
     @property
     def max_gemm_width(self) -> int:
-        """Largest K (``k_slices · pe_rows``) or N (``n_tiles · pe_cols``) of one GEMM pass.
+        """Largest K (``k_slices · pe_rows``) or N (``n_tiles · gemm_cols``) of one GEMM pass.
 
         The widest the model needs: an MLP's or expert's hidden width, QKV's ``3 · max_dim``
-        outputs, or attention over ``max_tokens`` keys rounded up to whole slices (P·V's K,
-        Q·Kᵀ's N). The instruction checks, the ISA model and the compiler all bound by it.
+        outputs, or attention over ``max_tokens`` keys rounded up to whole slices (P·V's K)
+        or N-tiles (Q·Kᵀ's N). The instruction checks, the ISA model and the compiler all bound by it.
         """
-        return max(self.max_hidden, 3 * self.max_dim, self.max_tokens + self.pe_cols)
+        return max(self.max_hidden, 3 * self.max_dim, self.max_tokens + self.gemm_cols)
 
     @property
     def max_residual_words(self) -> int:
@@ -162,10 +180,13 @@ class AccelConfig:
         return dataclasses.replace(self, **changes)
 
 
-ZCU104 = AccelConfig()
-"""The default: a 32×32 array (1,024 INT8 multipliers) at 300 MHz with 128-bit HP ports."""
+ZCU104 = AccelConfig(gemm_words=2)
+"""The ZCU104 build: a 32 × 64 array (2,048 INT8 MACs a cycle, two per DSP48E2) on 32-byte
+buffer words, at 300 MHz with three 128-bit HP ports."""
 
 CI = AccelConfig(pe_rows=4, pe_cols=4, max_tokens=80, max_dim=64, max_hidden=256,
                  max_heads=2, max_experts=64, max_top_k=2, n_master_ports=1,
-                 max_burst_beats=16, max_outstanding=4, act_buffer_words=16384)
-"""A small configuration that simulates quickly in CI and still runs the ``tiny`` preset."""
+                 max_burst_beats=16, max_outstanding=4, act_buffer_words=16384,
+                 gemm_words=2)
+"""A small configuration that simulates quickly in CI and still runs the ``tiny`` preset
+(a 4 × 8 array on 4-byte words, the ZCU104's shape in miniature)."""

@@ -9,12 +9,13 @@ One *pass* computes, bit-exactly as :func:`m3vit.sw.quant.numerics.linear` (and 
               = acc[m, n]                                        (mode INT32)
 
 for ``m < M`` tokens (any ``1 ≤ M ≤ max_tokens``), ``K = k_slices · pe_rows`` and
-``N = n_tiles · pe_cols`` (the compiler zero-pads K and N to whole tiles). The dataflow is
-the one of ``docs/accelerator.md``: for each tile of ``pe_cols`` output channels and each
-``pe_rows``-deep slice of K, a ``pe_rows × pe_cols`` weight tile sits in the array while
+``N = n_tiles · gemm_cols`` (the compiler zero-pads K and N to whole tiles). The dataflow is
+the one of ``docs/accelerator.md``: for each tile of ``gemm_cols`` output channels and each
+``pe_rows``-deep slice of K, a ``pe_rows × gemm_cols`` weight tile sits in the array while
 every token's K-slice streams through it, one token per cycle; the next tile loads into
-the other half of a double buffer meanwhile. After the last slice of an N-tile, bias,
-requantization and the optional table run on the way out.
+the other half of a double buffer meanwhile. After the last slice of an N-tile, each
+token's accumulator row is split into ``gemm_words`` words of ``pe_cols`` channels, and
+bias, requantization and the optional table run on the way out, a word a cycle.
 """
 
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from amaranth.utils import bits_for, ceil_log2
 from .config import AccelConfig
 from .isa import GemmOp
 from .packed import PackedArray, packed_latency
-from .pipeline import delay_like
+from .pipeline import delay_like, queue_depth
 
 __all__ = [
     "COUNTER_NAMES",
@@ -60,9 +61,10 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
     """Payload of one command: the op and, for a pass, its geometry and weight order.
 
     Fields ``op`` (:class:`GemmOp`), ``tokens`` (M, 1…``max_tokens``), ``k_slices``
-    (K / ``pe_rows``, ≥ 1), ``n_tiles`` (N / ``pe_cols``, ≥ 1) and ``transposed``: the
+    (K / ``pe_rows``, ≥ 1), ``n_tiles`` (N / ``gemm_cols``, ≥ 1) and ``transposed``: the
     pass's weight tiles arrive column by column instead of row by row (attention's
-    Q·Kᵀ, whose weight matrix K is stored token by token); legal when ``pe_rows ≤ pe_cols``.
+    Q·Kᵀ, whose weight matrix K is stored token by token); legal when ``pe_rows ≤
+    gemm_cols``.
     A ``LOAD_TABLE`` command ignores all but ``op``.
     """
     return data.StructLayout({
@@ -75,10 +77,11 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
 
 
 def output_layout(config: AccelConfig) -> data.UnionLayout:
-    """Payload of one output beat: ``pe_cols`` channels of one token.
+    """Payload of one output beat: one word, ``pe_cols`` channels of one token.
 
     ``int8`` (the low ``8 · pe_cols`` bits, upper bits zero) in the INT8 modes, ``int32`` in
-    mode INT32; lane ``c`` is output channel ``tile · pe_cols + c``.
+    mode INT32; lane ``c`` of word ``w`` is output channel ``tile · gemm_cols + w · pe_cols +
+    c``.
     """
     lanes = config.pe_cols
     return data.UnionLayout({
@@ -210,22 +213,23 @@ COUNTER_NAMES = (
 
 
 class GemmEngine(wiring.Component):
-    """Weight-stationary ``pe_rows × pe_cols`` INT8 GEMM engine with requantization.
+    """Weight-stationary ``pe_rows × gemm_cols`` INT8 GEMM engine with requantization.
 
     One command runs one *pass*, ``Y = f(X · Wᵀ + bias)`` for ``M`` tokens, ``K =
-    k_slices · pe_rows`` and ``N = n_tiles · pe_cols`` (see the module docstring), or
+    k_slices · pe_rows`` and ``N = n_tiles · gemm_cols`` (see the module docstring), or
     loads the output table.
 
     Parameters
     ----------
     config : AccelConfig
-        Array shape (``pe_rows`` = K lanes, ``pe_cols`` = N lanes) and ``max_tokens``.
+        Array shape (``pe_rows`` = K lanes, ``gemm_cols`` = ``gemm_words · pe_cols`` = N
+        lanes), the result word (``pe_cols`` lanes) and ``max_tokens``.
     rows_per_beat : int
         Weight rows (or columns) per ``weights`` beat, W: a power of two dividing
         ``pe_rows`` (the top takes two 32-byte rows from each 64-byte read entry).
     params_per_beat : int
         Output channels' parameters per ``params`` beat, P: a power of two dividing
-        ``pe_cols``.
+        ``gemm_cols``.
     table_entries : int
         Output-table entries per ``table`` beat, T: a power of two ≤ 256 (the top writes
         one AXI beat's worth, 16 entries a cycle).
@@ -234,17 +238,18 @@ class GemmEngine(wiring.Component):
     ----------
     command : In(stream.Signature(command_layout(config)))
         One beat per pass or table load (:func:`command_layout`, :class:`GemmOp`).
-    weights : In(stream.Signature(ArrayLayout(ArrayLayout(signed(8), pe_cols), W)))
+    weights : In(stream.Signature(ArrayLayout(ArrayLayout(signed(8), gemm_cols), W)))
         W weight rows a beat, ``pe_rows`` per tile, or for a ``transposed`` pass W weight
-        columns, ``pe_cols`` per tile (lane ``r`` = row ``r``); element 0 first.
+        columns, ``gemm_cols`` per tile (lane ``r`` = row ``r``); element 0 first.
     activations : In(stream.Signature(ArrayLayout(signed(8), pe_rows)))
         One token's K-slice per beat.
     params : In(stream.Signature(ArrayLayout(GEMM_PARAM, P)))
-        P output channels' bias, multiplier and shift per beat, ``pe_cols`` per N-tile.
+        P output channels' bias, multiplier and shift per beat, ``gemm_cols`` per N-tile.
     table : In(stream.Signature(signed(8)))
         Table entries, taken only by a ``LOAD_TABLE`` command.
     results : Out(stream.Signature(output_layout(config)))
-        One token's ``pe_cols`` outputs per beat.
+        One word a beat: ``pe_cols`` outputs of one token (:func:`output_layout`),
+        ``gemm_words`` beats per token and N-tile.
     counters : Out(Signature)
         Free-running performance counters (:data:`COUNTER_NAMES`, :data:`COUNTER_WIDTH`
         bits, wrapping): ``busy_cycles`` (``busy`` high), ``weight_stall_cycles`` (the next
@@ -252,20 +257,21 @@ class GemmEngine(wiring.Component):
         not complete), ``activation_stall_cycles`` (the array could take a token but none
         is offered), ``output_stall_cycles`` (no room left for results: output
         back-pressure), ``token_beats`` (tokens through the array; each is ``pe_rows ·
-        pe_cols`` MACs) and ``weight_tiles`` (weight tiles used). Stall causes are counted
+        gemm_cols`` MACs) and ``weight_tiles`` (weight tiles used). Stall causes are counted
         independently: one cycle may count in more than one.
     busy : Out(1)
         A command is in progress or a result has not left yet.
     illegal_command : Out(1)
         Sticky (until reset): a pass command with ``tokens`` outside 1…``max_tokens``, a
-        zero ``k_slices``/``n_tiles``, or ``transposed`` set while ``pe_rows > pe_cols``
+        zero ``k_slices``/``n_tiles``, or ``transposed`` set while ``pe_rows > gemm_cols``
         was taken and dropped. It consumes no data.
 
     Notes
     -----
     **Stream protocol.** Each stream is independent (its own ``valid``/``ready``); the
     order of beats *within* each stream is, for a pass with M tokens, KS = ``k_slices``,
-    NT = ``n_tiles``, R = ``pe_rows``, C = ``pe_cols``:
+    NT = ``n_tiles``, R = ``pe_rows``, C = ``gemm_cols``, L = ``pe_cols`` (a word), V =
+    ``gemm_words`` = C / L:
 
     * ``command``: the pass's one beat. Commands run one after the other; a pass's first
       tokens enter the array while the previous pass's last results are still on their way
@@ -291,7 +297,8 @@ class GemmEngine(wiring.Component):
     * ``table``: for ``LOAD_TABLE`` only, 256 / T beats of T entries, entry 0 first (in
       beat 0's element 0): entry ``i`` is the output for ``q & 0xFF == i``. It waits until
       every earlier result has left.
-    * ``results``: for ``j``, for ``m``: lanes ``c`` = ``Y[m, j·C + c]``; NT·M beats.
+    * ``results``: for ``j``, for ``m``, for ``v`` in 0…V−1: lanes ``c`` = ``Y[m, j·C + v·L
+      + c]``; NT·M·V beats.
 
     **Structure.** The array holds two ``R × C`` INT8 weight registers: ``shadow`` (loaded
     row by row, or column by column, from ``weights``: with R ≤ C each element has a
@@ -302,18 +309,26 @@ class GemmEngine(wiring.Component):
     count of the pass the shadow tile belongs to, also when that tile is the next pass's
     first. ``R · C`` 8 × 8 multipliers (registered), a pipelined adder tree per column (a
     register every two levels), one accumulator memory ``max_tokens × (32 · C)`` bits
-    (read-modify-write, two-cycle read), ``C`` requantizer lanes (:class:`Requantizer`, a 32
-    × 16 multiply each), a 256 × INT8 table (256 / T words of T entries: a write fills a
-    word) with ``C`` read ports, and a result queue with a credit counter: a last-slice
-    token enters the array only if the queue has room for its result, so back-pressure never
-    stops the pipeline (no clock enable on wide registers).
+    (read-modify-write, two-cycle read). A last-slice token's accumulator row goes into a
+    *row queue* (:attr:`row_queue_depth` rows of ``32 · C`` bits, with a credit counter: a
+    last-slice token enters the array only if the queue has room for its row, so
+    back-pressure never stops the pipeline, no clock enable on wide registers); the N-tile's
+    parameters wait in a two-entry queue beside it. A splitter takes a row apart into V
+    words, one a cycle, into ``L`` requantizer lanes (:class:`Requantizer`, a 32 × 16
+    multiply each: the lanes of one word, not of the array's width, which keeps the DSP
+    count of a ``32 × 64`` array within the ZCU104's budget), a 256 × INT8 table (256 / T
+    words of T entries: a write fills a word) with ``L`` read ports, and a word queue (its
+    own credit counter in front of the requantizer). With V = 2 the results leave at half
+    the array's row rate: the row queue holds the surplus of a last slice (about M / 2 rows)
+    while the next N-tile's first slices compute.
 
     **Throughput.** One token per cycle while the streams keep up. A K-slice takes at least
     ``M`` cycles and at least the ``R / W`` weight beats of the next tile plus one (the
     shadow is free again the cycle after the swap), so passes with ``M ≤ R / W`` are bound
     by the weight stream. A token reading its accumulator must enter :attr:`hazard_cycles` (4)
     cycles after its previous slice did; the engine waits for that only when ``M`` is
-    below it, which the weight load already covers unless ``R = 2``.
+    below it, which the weight load already covers unless ``R = 2``. Results leave one word
+    a cycle: a pass whose N-tiles have fewer than V K-slices is bound by its output.
     """
 
     def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1,
@@ -321,7 +336,7 @@ class GemmEngine(wiring.Component):
         if not isinstance(config, AccelConfig):
             raise TypeError(f"config must be an AccelConfig, got {config!r}")
         self.config = config
-        rows, cols = config.pe_rows, config.pe_cols
+        rows, cols = config.pe_rows, config.gemm_cols
         for name, value, whole in (("rows_per_beat", rows_per_beat, rows),
                                    ("params_per_beat", params_per_beat, cols),
                                    ("table_entries", table_entries, TABLE_ENTRIES)):
@@ -354,17 +369,28 @@ class GemmEngine(wiring.Component):
             #: levels).
             self.tree_latency = (ceil_log2(rows) + 1) // 2
         # Stages after issue (stage 0): 1 activation register, 2 products, the tree, the
-        # accumulate register; then the requantizer and the table read.
+        # accumulate register (into the row queue); then the splitter's register, the
+        # requantizer and the table read (into the word queue).
         self._sum_stage = 2 + self.tree_latency
         self._acc_stage = self._sum_stage + 1
-        #: Cycles from a token entering the array to its result entering the result queue.
-        self.result_latency = self._acc_stage + Requantizer.latency + 1
+        #: Result words a token's row becomes (``gemm_words``).
+        self.words = config.gemm_words
+        #: Cycles from a token entering the array to its first word entering the word queue
+        #: with no back-pressure (the row queue's memory and output register: 2).
+        self.result_latency = self._acc_stage + 2 + 1 + Requantizer.latency + 1
         #: Least distance (cycles) between a token's successive slices: the accumulator is
         #: read 2 cycles before the tree's sum and written the cycle after it.
         self.hazard_cycles = self._acc_stage - (self._sum_stage - 2) + 1
-        #: Results the queue holds; the credit loop needs about result_latency + 3 of them
-        #: to take one token per cycle under no back-pressure.
-        self.queue_depth = 2 ** ceil_log2(self.result_latency + 4) + 1
+        #: Accumulator rows the row queue holds. Its credit loop (issue to the row's last
+        #: word) needs about acc_stage + 4 for a token a cycle when rows leave as fast as
+        #: they come (one word a row); with several words a row it also holds the surplus
+        #: of a last slice, M (1 − 1 / words) rows: 64 cover a 129-token slice but for a
+        #: few cycles of its end.
+        self.row_queue_depth = queue_depth(self._acc_stage + 4 if self.words == 1
+                                           else max(64, self._acc_stage + 4))
+        #: Result words the word queue holds: its credit loop, splitter to taken, is about
+        #: Requantizer.latency + 5 cycles.
+        self.queue_depth = queue_depth(Requantizer.latency + 6)
         counters = wiring.Signature({name: Out(COUNTER_WIDTH) for name in COUNTER_NAMES})
         super().__init__({
             "command": In(stream.Signature(self.command_layout)),
@@ -402,7 +428,7 @@ class GemmEngine(wiring.Component):
         # previous pass, early enough for the next pass's first tile to load while the
         # previous pass's last one computes.
         # Column order needs a tile column (pe_rows lanes) to fit in a beat's element.
-        columns = cfg.pe_rows <= cfg.pe_cols
+        columns = cfg.pe_rows <= cfg.gemm_cols
         count_shape = unsigned(_COUNT_WIDTH)
         s.pass_layout = data.StructLayout({
             "op": GemmOp,
@@ -458,9 +484,12 @@ class GemmEngine(wiring.Component):
         s.token = Signal(range(cfg.max_tokens))
         s.kslice = Signal(count_shape)
         s.ntile = Signal(count_shape)
-        # Last-slice tokens not yet output.
-        s.pending = pending = Signal(range(self.queue_depth + 1))
-        m.d.comb += self.busy.eq(s.queued | issuing | loading_table | (pending != 0))
+        # Last-slice tokens whose row has not left the row queue yet; words on their way
+        # from the splitter through the word queue (set by _output).
+        s.pending = pending = Signal(range(self.row_queue_depth + 1))
+        s.words_out = Signal()
+        m.d.comb += self.busy.eq(s.queued | issuing | loading_table | (pending != 0)
+                                 | s.words_out)
         with m.If(s.queued & ~issuing & ~loading_table):
             m.d.sync += s.queued.eq(0)
             with m.If(s.queued_pass.op == GemmOp.LOAD_TABLE):
@@ -470,7 +499,7 @@ class GemmEngine(wiring.Component):
 
     def _load_weights(self, m: Module, s: SimpleNamespace) -> None:
         """The weight double buffer: the loader fills the shadow tile."""
-        rows, cols = self.config.pe_rows, self.config.pe_cols
+        rows, cols = self.config.pe_rows, self.config.gemm_cols
         tile_layout = data.ArrayLayout(data.ArrayLayout(signed(8), cols), rows)
         s.w_shadow = w_shadow = Signal(tile_layout)
         s.w_active = Signal(tile_layout)
@@ -532,11 +561,13 @@ class GemmEngine(wiring.Component):
                     m.d.sync += s.loader_busy.eq(0)
 
     def _load_params(self, m: Module, s: SimpleNamespace) -> None:
-        """Per-channel parameters: shadow (filling) and active (used by the output)."""
-        cols = self.config.pe_cols
-        param_layout = data.ArrayLayout(GEMM_PARAM, cols)
+        """Per-channel parameters: shadow (filling), then a two-entry queue beside the row
+        queue (its head is the N-tile whose rows the splitter takes apart)."""
+        cols = self.config.gemm_cols
+        s.param_layout = param_layout = data.ArrayLayout(GEMM_PARAM, cols)
         s.p_shadow = p_shadow = Signal(param_layout)
-        s.p_active = Signal(param_layout)
+        s.p_queue = [Signal(param_layout, name=f"p_queue{k}") for k in range(2)]
+        s.p_count = Signal(range(3))
         P = self.params_per_beat
         s.p_index = p_index = Signal(range(cols))  # the beat's first channel, a multiple of P
         s.p_full = p_full = Signal()
@@ -560,8 +591,12 @@ class GemmEngine(wiring.Component):
         since_issue = Signal(range(self.hazard_cycles + 1), init=self.hazard_cycles)
         s.weights_ok = weights_ok = ~first_token | s.w_full
         hazard_ok = ~first_token | (kslice == 0) | (since_issue >= current.slice_gap)
-        s.params_ok = params_ok = ~(first_token & last_slice) | (s.p_full & ~s.p_claimed)
-        s.output_ok = output_ok = ~last_slice | (s.pending < self.queue_depth)
+        # A tile's parameters are claimed by its first last-slice token and enter the queue
+        # when that token reaches the tree's sum; until then only pops happen, so a claim
+        # made with at most one tile queued finds room.
+        s.params_ok = params_ok = ~(first_token & last_slice) | (s.p_full & ~s.p_claimed
+                                                                  & (s.p_count != 2))
+        s.output_ok = output_ok = ~last_slice | (s.pending < self.row_queue_depth)
         m.d.comb += self.activations.ready.eq(s.issuing & weights_ok & hazard_ok & params_ok
                                               & output_ok)
         s.issue = issue = Signal()
@@ -598,13 +633,14 @@ class GemmEngine(wiring.Component):
         """The array: tags travel with each token through the pipeline; products, column
         sums, accumulators."""
         cfg = self.config
-        rows, cols = cfg.pe_rows, cfg.pe_cols
+        rows, cols = cfg.pe_rows, cfg.gemm_cols
         tag_layout = data.StructLayout({
             "valid": 1,
             "token": range(cfg.max_tokens),
             "first_slice": 1,
             "last_slice": 1,
             "first_of_last": 1,  # the first token of an N-tile's last slice
+            "last_of_tile": 1,   # the last token of an N-tile's last slice
             "op": GemmOp,
         })
         tag0 = Signal(tag_layout)
@@ -614,6 +650,7 @@ class GemmEngine(wiring.Component):
             tag0.first_slice.eq(s.kslice == 0),
             tag0.last_slice.eq(s.last_slice),
             tag0.first_of_last.eq(s.first_token & s.last_slice),
+            tag0.last_of_tile.eq((s.token == s.current.last_token) & s.last_slice),
             tag0.op.eq(s.current.op),
         ]
         tags = [tag0]
@@ -657,15 +694,17 @@ class GemmEngine(wiring.Component):
             acc_write.en.eq(acc_tag.valid & ~acc_tag.last_slice),
         ]
 
-        # The N-tile's parameters become active just as its first result reaches them.
-        with m.If(sum_tag.valid & sum_tag.first_of_last):
-            m.d.sync += [s.p_active.eq(s.p_shadow), s.p_full.eq(0), s.p_claimed.eq(0)]
+        # The N-tile's parameters join the queue as its first row is summed.
+        s.p_push = p_push = Signal()
+        m.d.comb += p_push.eq(sum_tag.valid & sum_tag.first_of_last)
+        with m.If(p_push):
+            m.d.sync += [s.p_full.eq(0), s.p_claimed.eq(0)]
 
     def _products(self, m: Module, s: SimpleNamespace) -> list:
         """One multiplier per PE (``dsp_products=1``): the activation register, registered
         8 × 8 products of the active tile, a pipelined adder tree per column; returns the
         column sums."""
-        rows, cols = self.config.pe_rows, self.config.pe_cols
+        rows, cols = self.config.pe_rows, self.config.gemm_cols
         x = Signal(data.ArrayLayout(signed(8), rows))
         m.d.sync += x.eq(self.activations.payload)
         column_sums = []
@@ -681,25 +720,111 @@ class GemmEngine(wiring.Component):
         return column_sums
 
     def _output(self, m: Module, s: SimpleNamespace) -> None:
-        """Requantization, the table, the result queue."""
-        cols = self.config.pe_cols
+        """The row queue and the parameter queue, the splitter, requantization, the table,
+        the word queue."""
+        cfg = self.config
+        lanes, V = cfg.pe_cols, self.words
         acc_tag = s.acc_tag
-        requantizer = m.submodules.requantizer = Requantizer(cols)
+        # Row queue: a last-slice token's accumulator row, its pass's op and whether it is
+        # its N-tile's last row (the splitter then pops the tile's parameters).
+        row_layout = data.StructLayout({
+            "acc": data.ArrayLayout(signed(32), cfg.gemm_cols),
+            "op": GemmOp,
+            "last_of_tile": 1,
+        })
+        rows = m.submodules.row_queue = SyncFIFOBuffered(width=row_layout.size,
+                                                         depth=self.row_queue_depth)
+        row_in, row = Signal(row_layout), row_layout(rows.r_data)
         m.d.comb += [
-            requantizer.i.valid.eq(acc_tag.valid & acc_tag.last_slice),
-            requantizer.i.payload.acc.eq(s.acc_new),
-            requantizer.i.payload.raw.eq(acc_tag.op == GemmOp.INT32),
+            row_in.acc.eq(s.acc_new),
+            row_in.op.eq(acc_tag.op),
+            row_in.last_of_tile.eq(acc_tag.last_of_tile),
+            rows.w_data.eq(row_in.as_value()),
+            rows.w_en.eq(acc_tag.valid & acc_tag.last_slice),
         ]
-        for col in range(cols):
+
+        # Splitter: word v of the head row a cycle, while the word queue has credit.
+        word = Signal(range(V)) if V > 1 else Const(0, 1)
+        emit = Signal()
+        # The word queue's credit counts words from the splitter until they are taken.
+        words_in_flight = Signal(range(self.queue_depth + 1))
+        m.d.sync += words_in_flight.eq(words_in_flight + emit
+                                       - (self.results.valid & self.results.ready))
+        m.d.comb += [s.words_out.eq(words_in_flight != 0),
+                     emit.eq(rows.r_rdy & (words_in_flight != self.queue_depth))]
+        last_word = word == V - 1
+        m.d.comb += rows.r_en.eq(emit & last_word)
+        if V > 1:
+            with m.If(emit):
+                m.d.sync += word.eq(Mux(last_word, 0, word + 1))
+        s.p_pop = p_pop = Signal()
+        m.d.comb += p_pop.eq(emit & last_word & row.last_of_tile)
+        self._param_queue(m, s)
+        # The word's lanes and parameters, registered (a 2:1 mux on a 2,048-bit row).
+        split = Signal(data.StructLayout({
+            "acc": data.ArrayLayout(signed(32), lanes),
+            "param": data.ArrayLayout(GEMM_PARAM, lanes),
+            "op": GemmOp,
+        }))
+        split_valid = Signal()
+        m.d.sync += split_valid.eq(emit)
+        with m.Switch(word):
+            for v in range(V):
+                with m.Case(v):
+                    m.d.sync += [split.acc[c].eq(row.acc[v * lanes + c]) for c in range(lanes)]
+                    m.d.sync += [split.param[c].eq(s.p_queue[0][v * lanes + c])
+                                 for c in range(lanes)]
+        m.d.sync += split.op.eq(row.op)
+
+        requantizer = m.submodules.requantizer = Requantizer(lanes)
+        m.d.comb += [
+            requantizer.i.valid.eq(split_valid),
+            requantizer.i.payload.acc.eq(split.acc),
+            requantizer.i.payload.raw.eq(split.op == GemmOp.INT32),
+        ]
+        for lane in range(lanes):
             m.d.comb += [
-                requantizer.i.payload.bias[col].eq(s.p_active[col].bias),
-                requantizer.i.payload.mult[col].eq(s.p_active[col].mult),
-                requantizer.i.payload.shift[col].eq(s.p_active[col].shift),
+                requantizer.i.payload.bias[lane].eq(split.param[lane].bias),
+                requantizer.i.payload.mult[lane].eq(split.param[lane].mult),
+                requantizer.i.payload.shift[lane].eq(split.param[lane].shift),
             ]
-        op_out = delay_like(m, acc_tag.op, Requantizer.latency + 1, "op_out")
+        op_out = delay_like(m, split.op, Requantizer.latency + 1, "op_out")
         valid_out = delay_like(m, requantizer.o.valid, 1, "valid_out")
         value_out = delay_like(m, requantizer.o.payload, 1, "value_out")
+        result = self._table(m, s, requantizer.o.payload, op_out, value_out)
 
+        queue = m.submodules.result_queue = SyncFIFOBuffered(width=self.output_layout.size,
+                                                             depth=self.queue_depth)
+        # The queue speaks raw bits; the port carries the typed union.
+        m.d.comb += [
+            queue.w_data.eq(result.as_value()),
+            queue.w_en.eq(valid_out),
+            self.results.payload.eq(queue.r_data),
+            self.results.valid.eq(queue.r_rdy),
+            queue.r_en.eq(self.results.ready),
+        ]
+        m.d.sync += s.pending.eq(s.pending + (s.issue & s.last_slice) - rows.r_en)
+
+    def _param_queue(self, m: Module, s: SimpleNamespace) -> None:
+        """Two N-tiles' parameters: pushed from the shadow as a tile's first row is summed,
+        popped after its last row's last word; the head is ``p_queue[0]``."""
+        q0, q1 = s.p_queue
+        count, push, pop = s.p_count, s.p_push, s.p_pop
+        m.d.sync += count.eq(count + push - pop)
+        with m.If(pop):
+            m.d.sync += q0.eq(Mux(push & (count == 1), s.p_shadow, q1))
+            with m.If(push & (count == 2)):
+                m.d.sync += q1.eq(s.p_shadow)
+        with m.Elif(push):
+            with m.If(count == 0):
+                m.d.sync += q0.eq(s.p_shadow)
+            with m.Else():
+                m.d.sync += q1.eq(s.p_shadow)
+
+    def _table(self, m: Module, s: SimpleNamespace, index_value, op_out, value_out):
+        """The output table (its load, ``L`` lookups) and the result word by op: looked up,
+        INT8 or INT32."""
+        lanes = self.config.pe_cols
         # Words of T entries: a table beat writes one; a lookup reads the word and picks
         # the entry with the index's low bits, registered beside the read.
         T = self.table_entries
@@ -709,7 +834,8 @@ class GemmEngine(wiring.Component):
                                             depth=words, init=[])
         table_write = table.write_port()
         table_index = Signal(range(words))
-        m.d.comb += self.table.ready.eq(s.loading_table & (s.pending == 0))
+        # The table changes only once every earlier result has left.
+        m.d.comb += self.table.ready.eq(s.loading_table & (s.pending == 0) & ~s.words_out)
         m.d.comb += [
             table_write.addr.eq(table_index),
             table_write.data.eq(self.table.payload),
@@ -721,10 +847,10 @@ class GemmEngine(wiring.Component):
                 m.d.sync += s.loading_table.eq(0)
 
         result = Signal(self.output_layout)
-        for col in range(cols):
+        for col in range(lanes):
             lookup = table.read_port()
             # The INT8 result's two's-complement byte is the table index.
-            index = requantizer.o.payload[col][:8]
+            index = index_value[col][:8]
             m.d.comb += lookup.addr.eq(index[low_bits:])
             if T == 1:
                 entry = lookup.data[0]
@@ -739,19 +865,7 @@ class GemmEngine(wiring.Component):
                     m.d.comb += result.int32[col].eq(value_out[col])
                 with m.Default():
                     m.d.comb += result.int8[col].eq(value_out[col])
-
-        queue = m.submodules.result_queue = SyncFIFOBuffered(width=self.output_layout.size,
-                                                             depth=self.queue_depth)
-        # The queue speaks raw bits; the port carries the typed union.
-        m.d.comb += [
-            queue.w_data.eq(result.as_value()),
-            queue.w_en.eq(valid_out),
-            self.results.payload.eq(queue.r_data),
-            self.results.valid.eq(queue.r_rdy),
-            queue.r_en.eq(self.results.ready),
-        ]
-        output_taken = self.results.valid & self.results.ready
-        m.d.sync += s.pending.eq(s.pending + (s.issue & s.last_slice) - output_taken)
+        return result
 
     def _count(self, m: Module, s: SimpleNamespace) -> None:
         """The performance counters."""

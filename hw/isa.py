@@ -14,7 +14,8 @@ Addressing:
 
 * **Buffer addresses** index the on-chip activation buffer in *words* of ``pe_cols`` INT8
   lanes. A tensor of M tokens × D channels is stored *slice-major*: word ``base + s·stride
-  + m`` holds channels ``s·C … s·C+C−1`` of token ``m`` (``stride`` ≥ M, usually M).
+  + m`` holds channels ``s·C … s·C+C−1`` of token ``m`` (``stride`` ≥ M, usually M). A
+  ``GEMM`` N-tile is ``gemm_cols`` = V·C channels, V = ``gemm_words`` (1 or 2) such slices.
 * **DDR addresses** are byte offsets from the ``DATA_BASE`` register, checked against
   ``DATA_SIZE``; with ``per_task`` set, ``task_select · task_stride`` (from the last
   ``TASKS`` instruction) is added first, so one program serves every task.
@@ -78,13 +79,13 @@ def intake_beats(config: AccelConfig) -> int:
 
     As many as the master ports deliver together (the least power of two ≥
     ``n_master_ports``), halved until an entry divides both an N-tile's parameter block
-    (``GEMM_RECORD_BYTES · pe_cols`` bytes) and a weight tile (``pe_rows · pe_cols``), so a
-    GEMM's stream splits between them at entry boundaries. ZCU104 (3 ports, 32 × 32):
+    (``GEMM_RECORD_BYTES · gemm_cols`` bytes) and a weight tile (``pe_rows · gemm_cols``), so
+    a GEMM's stream splits between them at entry boundaries. ZCU104 (3 ports, 32 × 64):
     4 beats, 64 bytes a cycle; one port: 1.
     """
     beats = 1 << (config.n_master_ports - 1).bit_length()
-    while beats > 1 and ((GEMM_RECORD_BYTES * config.pe_cols) % (beats * config.axi_bytes)
-                         or (config.pe_rows * config.pe_cols) % (beats * config.axi_bytes)):
+    while beats > 1 and ((GEMM_RECORD_BYTES * config.gemm_cols) % (beats * config.axi_bytes)
+                         or (config.pe_rows * config.gemm_cols) % (beats * config.axi_bytes)):
         beats //= 2
     return beats
 
@@ -95,17 +96,19 @@ def check_top_config(config: AccelConfig) -> AccelConfig:
     Raises
     ------
     AccelConfigError
-        For a non-square PE array (attention loads K's columns into the array), a
-        weight tile or parameter block smaller than one AXI beat (the DDR stream is split
+        For a K-slice other than a buffer word (``pe_rows ≠ pe_cols``: attention loads a
+        stored word of K as a column of the array; the array widens with ``gemm_words``),
+        a weight tile or parameter block smaller than one AXI beat (the DDR stream is split
         between them at beat granularity) or a buffer deeper than the ISA can address.
     """
     if config.pe_rows != config.pe_cols:
-        raise AccelConfigError(f"the accelerator top needs a square PE array, got "
+        raise AccelConfigError(f"the accelerator top needs pe_rows == pe_cols (a K-slice is "
+                               f"one buffer word; widen the PE array with gemm_words), got "
                                f"{config.pe_rows}x{config.pe_cols}")
-    if config.pe_rows * config.pe_cols < config.axi_bytes:
+    if config.pe_rows * config.gemm_cols < config.axi_bytes:
         raise AccelConfigError("a weight tile must be at least one AXI beat: raise the PE "
                                "array or lower axi_data_width")
-    if GEMM_RECORD_BYTES * config.pe_cols < config.axi_bytes:
+    if GEMM_RECORD_BYTES * config.gemm_cols < config.axi_bytes:
         raise AccelConfigError("an N-tile's parameters must be at least one AXI beat")
     if config.axi_bytes > INSTRUCTION_BYTES:
         raise AccelConfigError(f"axi_data_width must be at most {INSTRUCTION_BITS} (the "
@@ -155,10 +158,11 @@ class WeightSource(enum.Enum, shape=2):
 
     #: streamed from DDR at ``ddr``, each N-tile's parameters followed by its weight tiles
     DDR = 0
-    #: rows of the buffer: tile (j, s) row r = word ``wbuf + j·wstride + s·R + r`` (P·V)
+    #: rows of the buffer: tile (j, s) row r = the V = ``gemm_words`` words ``wbuf + (j·V +
+    #: v)·wstride + s·R + r``, v = 0…V−1 side by side (P·V)
     BUFFER_ROWS = 1
-    #: columns from the buffer: tile (j, s) column c = word ``wbuf + s·wstride + j·C + c``
-    #: (Q·Kᵀ; the array loads the beat into column c)
+    #: columns from the buffer: tile (j, s) column c = word ``wbuf + s·wstride + j·G + c``,
+    #: G = ``gemm_cols`` (Q·Kᵀ; the array loads the word into column c)
     BUFFER_COLUMNS = 2
 
 
@@ -248,12 +252,12 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "n_tiles": unsigned(_TILES_BITS),
         "src": _BUF,                 # activations: word src + s·src_stride + m
         "src_stride": _BUF,
-        "dst": _BUF,                 # INT8 results: word dst + j·dst_stride + m
+        "dst": _BUF,                 # INT8 results: word dst + (j·V + v)·dst_stride + m
         "dst_stride": _BUF,
         "wbuf": _BUF,                # on-chip weights (wsrc ≠ DDR)
         "wstride": _BUF,
         "ddr": _DDR,                 # parameters (+ weights when wsrc = DDR)
-        "out_ddr": _DDR,             # INT32 results: (j·tokens + m) · 4C bytes from here
+        "out_ddr": _DDR,             # INT32 results: (j·tokens + m) · 4G bytes from here
         "expert": unsigned(1),       # in an EXPERTS body: the iteration's count, expert block
         "src_rows": RowMode,         # row m of the activations (DIRECT, QUEUE or GATHER)
         "dst_rows": RowMode,         # row m of the INT8 results (DIRECT or QUEUE)
@@ -481,13 +485,14 @@ A DDR access answered with SLVERR or DECERR lets the instruction finish, then st
 DDR layouts read by the instructions (the compiler writes them, zero-padded to whole AXI
 beats):
 
-- `GEMM`, `wsrc = DDR`: for each N-tile j: `pe_cols` parameter records (8 bytes each:
-  bias int32, multiplier uint16, shift uint8, one zero byte), then for each K-slice s the
-  `pe_rows` rows of the weight tile, row r = `W[j·C + c, s·R + r]` for c = 0…C−1 (C bytes).
+- `GEMM`, `wsrc = DDR`: for each N-tile j: G = `gemm_cols` parameter records (8 bytes
+  each: bias int32, multiplier uint16, shift uint8, one zero byte), then for each K-slice s
+  the R = `pe_rows` rows of the weight tile, row r = `W[j·G + c, s·R + r]` for c = 0…G−1
+  (G bytes).
   With weights from the buffer, only the parameter records.
 - `LAYERNORM`: per channel 16 bytes: bias int64, gain int16, six zero bytes.
 - `LOAD_TABLE`: 256 entries (INT8 for `GEMM`, uint16 little-endian for `SOFTMAX`).
-- `GEMM` in mode `INT32` writes, for each N-tile j and token m, C little-endian INT32.
+- `GEMM` in mode `INT32` writes, for each N-tile j and token m, G little-endian INT32.
 - `EXPERTS`: expert e's DDR block is at `e · stride` from expert 0's; a body `GEMM` with
   `expert` set reads its stream at `ddr + e · stride` (FC1 and FC2 of one expert are
   usually one block, FC2's stream right after FC1's).

@@ -93,7 +93,7 @@ class CountBound:
         The :class:`AccelConfig` attribute that bounds it; ``None``: only ``≥ 1``.
     unit : str or None
         The :class:`AccelConfig` attribute the field counts in (``pe_rows`` for K-slices,
-        ``pe_cols`` for N-tiles and beats); ``None``: the field itself is compared.
+        ``gemm_cols`` for N-tiles, ``pe_cols`` for beats); ``None``: the field itself is compared.
     """
 
     field: str
@@ -127,7 +127,7 @@ SHAPE_BOUNDS: Mapping[Opcode, tuple[CountBound, ...]] = {
     Opcode.STORE: (CountBound("words"),),
     Opcode.GEMM: (CountBound("tokens", "max_tokens"),
                   CountBound("k_slices", "max_gemm_width", "pe_rows"),
-                  CountBound("n_tiles", "max_gemm_width", "pe_cols")),
+                  CountBound("n_tiles", "max_gemm_width", "gemm_cols")),
     Opcode.LAYERNORM: (CountBound("rows", "max_tokens"),
                        CountBound("beats", "max_dim", "pe_cols")),
     Opcode.SOFTMAX: (CountBound("rows", "max_tokens"),
@@ -166,7 +166,7 @@ def _shape_text() -> str:
             + "; `ROUTE` with `top_k` > `experts`; `COMBINE` with no `ROUTE` before it or "
             "`rows` > the routed rows; in a body, an expert `GEMM`'s iteration count takes "
             "the place of `tokens`. Capacities: `max_gemm_width` = max(`max_hidden`, "
-            "3 · `max_dim`, `max_tokens` + `pe_cols`), `max_residual_words` = `max_tokens` "
+            "3 · `max_dim`, `max_tokens` + `gemm_cols`), `max_residual_words` = `max_tokens` "
             "· `max_dim` / `pe_cols`")
 
 

@@ -226,9 +226,11 @@ class PackedArray(wiring.Component):
 
     @classmethod
     def for_config(cls, config) -> PackedArray:
-        """``config``'s PE array with two products per DSP: ``pe_rows`` rows,
-        ``2 · pe_cols`` columns on ``pe_rows · pe_cols`` DSPs, chains of 4."""
-        return cls(config.pe_rows, config.pe_cols, 4 if config.pe_rows % 4 == 0 else 1)
+        """``config``'s PE array with two products per DSP: ``pe_rows`` rows, ``gemm_cols``
+        columns on ``pe_rows · gemm_cols / 2`` DSPs, chains of 4 (the ZCU104's 32 × 64 on
+        1,024 DSPs; with ``gemm_words=1`` its columns are ``pe_cols``)."""
+        return cls(config.pe_rows, max(1, config.gemm_cols // 2),
+                   4 if config.pe_rows % 4 == 0 else 1)
 
     def elaborate(self, platform):
         m = Module()

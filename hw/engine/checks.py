@@ -205,6 +205,7 @@ class InstructionChecks(wiring.Component):
         """Per opcode: the buffer and DDR ranges it touches."""
         cfg = self.config
         C, R = cfg.pe_cols, cfg.pe_rows
+        G, log_words = cfg.gemm_cols, exact_log2(cfg.gemm_words)  # an N-tile: V = G / C words
         log_axi = exact_log2(cfg.axi_bytes)
         ctl = self.control
         op = self.instruction.opcode
@@ -232,15 +233,16 @@ class InstructionChecks(wiring.Component):
                 g = args.gemm
                 buffer_range(0, g.src, (g.k_slices, g.src_stride), (touched_rows(g.src_rows), 1))
                 with m.If(g.mode != GemmOp.INT32):
-                    buffer_range(1, g.dst, (g.n_tiles, g.dst_stride),
+                    buffer_range(1, g.dst, (g.n_tiles << log_words, g.dst_stride),
                                  (touched_rows(g.dst_rows), 1))
                 with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
-                    buffer_range(2, g.wbuf + R - 1, (g.n_tiles, g.wstride), (g.k_slices, R))
+                    buffer_range(2, g.wbuf + R - 1, (g.n_tiles << log_words, g.wstride),
+                                 (g.k_slices, R))
                 with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
-                    buffer_range(2, g.wbuf + C - 1, (g.k_slices, g.wstride), (g.n_tiles, C))
-                tile_bytes = Mux(g.wsrc == WeightSource.DDR, g.k_slices * (R * C), 0)
+                    buffer_range(2, g.wbuf + G - 1, (g.k_slices, g.wstride), (g.n_tiles, G))
+                tile_bytes = Mux(g.wsrc == WeightSource.DDR, g.k_slices * (R * G), 0)
                 ddr_range(g.ddr + Mux(g.expert, ctl.expert_offset, 0),
-                          g.n_tiles * (GEMM_RECORD_BYTES * C + tile_bytes), g.per_task)
+                          g.n_tiles * (GEMM_RECORD_BYTES * G + tile_bytes), g.per_task)
                 # (INT32 results: checked as a second DDR range in _verdicts.)
             with m.Case(Opcode.LAYERNORM):
                 a = args.layernorm
@@ -290,9 +292,9 @@ class InstructionChecks(wiring.Component):
                                                + terms[1].n * terms[1].s
                                                + terms[2].n * terms[2].s, 0))
             m.d.sync += ddr_end.eq(Mux(ddr_used, ctl.ddr_offset + ctl.ddr_bytes, 0))
-        # INT32 results of a GEMM: a second DDR range (bytes = n_tiles · tokens · 4C).
+        # INT32 results of a GEMM: a second DDR range (bytes = n_tiles · tokens · 4G).
         out_end = Signal(65)
-        m.d.sync += out_end.eq(g.out_ddr + g.n_tiles * ctl.tokens * (4 * cfg.pe_cols))
+        m.d.sync += out_end.eq(g.out_ddr + g.n_tiles * ctl.tokens * (4 * cfg.gemm_cols))
         depth = cfg.act_buffer_words
         m.d.comb += [
             ctl.buffer_ok.eq((rng_last[0] < depth) & (rng_last[1] < depth)

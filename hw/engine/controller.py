@@ -96,6 +96,7 @@ class _Registers:
         self.unit = Signal(Unit)
         self.gemm_int32 = Signal()
         self.weights_from_buffer = Signal()
+        self.weights_columns = Signal()         # ... column by column (BUFFER_COLUMNS)
         # MoE: the EXPERTS loop and the context of its current iteration.
         self.routed = Signal()                  # a ROUTE has completed in this run
         self.run_schedule = Signal(Schedule)    # SCHEDULE.ORDER, sampled at start
@@ -225,6 +226,7 @@ class Controller(wiring.Component):
             datapath.unit.eq(r.unit),
             datapath.gemm_int32.eq(r.gemm_int32),
             datapath.weights_from_buffer.eq(r.weights_from_buffer),
+            datapath.weights_columns.eq(r.weights_columns),
             datapath.gather_mode.eq(r.gather_mode),
             datapath.gather_offset.eq(r.gather_offset),
             checks.loop_active.eq(r.loop_active),
@@ -361,11 +363,12 @@ class Controller(wiring.Component):
             r.sink.eq(ReadSink.GEMM),
             r.gemm_int32.eq(g.mode == GemmOp.INT32),
             r.weights_from_buffer.eq(g.wsrc != WeightSource.DDR),
+            r.weights_columns.eq(g.wsrc == WeightSource.BUFFER_COLUMNS),
         ]
         m.d.comb += [
             self.router.gemm_setup.eq(1),
             self.router.gemm_weights_ddr.eq(g.wsrc == WeightSource.DDR),
-            self.router.gemm_tile_entries.eq((g.k_slices * (cfg.pe_rows * cfg.pe_cols))
+            self.router.gemm_tile_entries.eq((g.k_slices * (cfg.pe_rows * cfg.gemm_cols))
                                              >> exact_log2(entry_bytes)),
             # A GEMM's stream is whole entries (parameter blocks and tiles are).
             self.router.gemm_entries.eq(self.checks.ddr_bytes >> exact_log2(entry_bytes)),
@@ -379,7 +382,8 @@ class Controller(wiring.Component):
         fields would become ``always @*`` blocks without inputs, which Verilator never
         runs (``docs/toolchain.md``).
         """
-        C, R = self.config.pe_cols, self.config.pe_rows
+        R, G, V = self.config.pe_rows, self.config.gemm_cols, self.config.gemm_words
+        log_words = exact_log2(V)
         g = self.instruction.args.gemm
         tokens = self.checks.tokens
         layout = _walk_plan_layout(self.config)
@@ -401,17 +405,22 @@ class Controller(wiring.Component):
 
         src_base = g.src + Mux(g.src_rows == RowMode.QUEUE, r.ctx_offset, 0)
         dst_base = g.dst + Mux(g.dst_rows == RowMode.QUEUE, r.ctx_offset, 0)
+        # An N-tile is V = gemm_words buffer words wide: a weight row from the buffer is V
+        # words side by side (one a slice of wstride apart), a token's results V words
+        # (dst_stride apart), in that order within the row or token.
         walk_b = Mux(g.wsrc == WeightSource.BUFFER_COLUMNS,
-                     walk(g.wbuf, (g.n_tiles, C), (g.k_slices, g.wstride), (C, 1)),
-                     walk(g.wbuf, (g.n_tiles, g.wstride), (g.k_slices, R), (C, 1)))
+                     walk(g.wbuf, (g.n_tiles, G), (g.k_slices, g.wstride), (G, 1)),
+                     walk(g.wbuf, (g.n_tiles, g.wstride << log_words),
+                          (g.k_slices << exact_log2(R), 1), (V, g.wstride)))
         gather = Mux(g.src_rows == RowMode.GATHER, GatherMode.QUEUE, GatherMode.NONE)
         m.d.comb += plan.eq(Cat(
             walk(src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride), (tokens, 1)),
-            walk(dst_base, (g.n_tiles, g.dst_stride), (tokens, 1)),
+            walk(dst_base, (g.n_tiles, g.dst_stride << log_words), (tokens, 1),
+                 (V, g.dst_stride)),
             walk_b,
             g.mode != GemmOp.INT32,
             g.wsrc != WeightSource.DDR,
-            fit(g.n_tiles * tokens, 32),
+            fit((g.n_tiles * tokens) << log_words, 32),
             fit(gather, layout["gather_mode"].width),
             fit(r.ctx_offset, layout["gather_offset"].width)))
         assert len(Cat(plan.as_value())) == layout.size
@@ -437,7 +446,7 @@ class Controller(wiring.Component):
 
     def _gemm_commands(self, m: Module, r: _Registers):
         """Issue the GEMM's commands; true once all are taken."""
-        C = self.config.pe_cols
+        G = self.config.gemm_cols
         g = self.instruction.args.gemm
         tokens = self.checks.tokens
         self._command(m, r, self.gemm_cmd, 0, op=g.mode, tokens=tokens, k_slices=g.k_slices,
@@ -445,7 +454,7 @@ class Controller(wiring.Component):
         self._command(m, r, self.rd_cmd, 1, addr=self._ddr_addr(), beats=self._ddr_beats())
         with m.If(g.mode == GemmOp.INT32):
             self._command(m, r, self.wr_cmd, 2, addr=self.data_base + g.out_ddr,
-                          beats=(g.n_tiles * tokens * (4 * C))
+                          beats=(g.n_tiles * tokens * (4 * G))
                           >> exact_log2(self.config.axi_bytes))
         with m.Else():
             m.d.sync += r.sent[2].eq(1)

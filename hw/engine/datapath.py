@@ -72,6 +72,9 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
             GEMM results go to the write DMA (INT32) instead of the write port.
         weights_from_buffer : Out(1)
             GEMM weights come from read port B instead of DDR.
+        weights_columns : Out(1)
+            ... and each word is a column of the tile (``BUFFER_COLUMNS``), not a
+            ``1 / gemm_words`` part of a row.
         gather_mode, gather_offset : Out
             What port A's gather stage does; the queue position of row 0.
         expect_writes, writes : Out
@@ -97,6 +100,7 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         "unit": Out(Unit),
         "gemm_int32": Out(1),
         "weights_from_buffer": Out(1),
+        "weights_columns": Out(1),
         "gather_mode": Out(GatherMode),
         "gather_offset": Out(range(config.max_tokens * config.max_top_k + 1)),
         "expect_writes": Out(1),
@@ -126,7 +130,7 @@ class Datapath(wiring.Component):
     gemm_activations, gemm_weights : Out(stream)
         To the GEMM engine (its ``activations`` and ``weights``).
     gemm_results : In(stream.Signature(output_layout(config)))
-        From the GEMM engine.
+        From the GEMM engine: one word a beat.
     ln_x, ln_y, softmax_logits, softmax_probs, residual_a, residual_b, residual_y : stream
         To and from the vector units (their ``x``, ``y``, ``logits``, ``probs``, ``a``, ``b``,
         ``y``).
@@ -136,9 +140,10 @@ class Datapath(wiring.Component):
         To and from the combiner (gathered expert outputs tagged with their score).
     ddr_words : In(stream.Signature(byte_beat_layout(pe_cols)))
         LOAD words from the read DMA.
-    ddr_weights : In(stream.Signature(byte_beat_layout(rows_per_beat · pe_cols)))
+    ddr_weights : In(stream.Signature(byte_beat_layout(rows_per_beat · gemm_cols)))
         GEMM weight rows from DDR, ``rows_per_beat`` (:func:`~.router.intake_shape`) a beat;
-        rows from the buffer are packed as many to a beat.
+        rows from the buffer (``gemm_words`` words each) or columns (a word each, zero
+        above its ``pe_rows`` lanes) are packed as many to a beat.
     wr_data : Out(stream.Signature(byte_beat_layout(axi_bytes)))
         To the write DMA: STORE words or INT32 GEMM results.
     queue_addr, queue_en, queue_token, slot_addr, slot_en, slot
@@ -165,7 +170,7 @@ class Datapath(wiring.Component):
             "control": In(datapath_control(cfg)),
             "gemm_activations": Out(stream.Signature(data.ArrayLayout(signed(8), cfg.pe_rows))),
             "gemm_weights": Out(stream.Signature(data.ArrayLayout(
-                data.ArrayLayout(signed(8), cfg.pe_cols), self.rows_per_beat))),
+                data.ArrayLayout(signed(8), cfg.gemm_cols), self.rows_per_beat))),
             "gemm_results": In(stream.Signature(output_layout(cfg))),
             "ln_x": Out(lanes),
             "ln_y": In(rows),
@@ -179,7 +184,7 @@ class Datapath(wiring.Component):
             "combiner_out": In(stream.Signature(lane_layout(cfg, INT8))),
             "ddr_words": In(stream.Signature(byte_beat_layout(cfg.pe_cols))),
             "ddr_weights": In(stream.Signature(byte_beat_layout(
-                self.rows_per_beat * cfg.pe_cols))),
+                self.rows_per_beat * cfg.gemm_cols))),
             "wr_data": Out(stream.Signature(byte_beat_layout(cfg.axi_bytes))),
             "queue_addr": Out(range(entries)),
             "queue_en": Out(1),
@@ -277,16 +282,22 @@ class Datapath(wiring.Component):
             m.d.comb += [self.route_scores.valid.eq(self.softmax_probs.valid),
                          self.softmax_probs.ready.eq(self.route_scores.ready)]
         # GEMM weights: from DDR (the read DMA's rows) or from the buffer (port B's words,
-        # packed as many to a beat).
+        # packed as many to a beat: gemm_words words a row, or a word a column).
+        cfg = self.config
         weights, rows = self.gemm_weights, self.ddr_weights
-        pack = m.submodules.pack_b = StreamResize(self.config.pe_cols,
-                                                  self.rows_per_beat * self.config.pe_cols)
-        m.d.comb += pack.i.payload.data.eq(b_data)
+        beat_bytes = self.rows_per_beat * cfg.gemm_cols
+        pack_rows = m.submodules.pack_rows = StreamResize(cfg.pe_cols, beat_bytes)
+        pack_cols = m.submodules.pack_cols = StreamResize(cfg.gemm_cols, beat_bytes)
+        m.d.comb += [pack_rows.i.payload.data.eq(b_data),
+                     pack_cols.i.payload.data.eq(b_data)]  # zero-extended to a column
         with m.If(ctl.weights_from_buffer):
-            with m.If(unit == Unit.GEMM):
-                m.d.comb += [pack.i.valid.eq(b.valid), b.ready.eq(pack.i.ready),
-                             weights.valid.eq(pack.o.valid), pack.o.ready.eq(weights.ready)]
-            m.d.comb += weights.payload.eq(pack.o.payload.data)
+            for chosen, columns in ((pack_cols, 1), (pack_rows, 0)):
+                with m.If(ctl.weights_columns == columns):
+                    with m.If(unit == Unit.GEMM):
+                        m.d.comb += [chosen.i.valid.eq(b.valid), b.ready.eq(chosen.i.ready),
+                                     weights.valid.eq(chosen.o.valid),
+                                     chosen.o.ready.eq(weights.ready)]
+                    m.d.comb += weights.payload.eq(chosen.o.payload.data)
         with m.Elif(unit == Unit.GEMM):
             m.d.comb += [weights.valid.eq(rows.valid), rows.ready.eq(weights.ready),
                          weights.payload.eq(rows.payload.data)]

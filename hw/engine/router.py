@@ -43,7 +43,7 @@ def intake_shape(config: AccelConfig) -> SimpleNamespace:
     return SimpleNamespace(
         entry_beats=beats,
         entry_bytes=entry_bytes,
-        rows_per_beat=max(1, entry_bytes // config.pe_cols),
+        rows_per_beat=max(1, entry_bytes // config.gemm_cols),
         params_per_beat=max(1, entry_bytes // GEMM_RECORD_BYTES),
         gemm_table_entries=min(256, config.axi_bytes),
         exp_table_entries=min(256, config.axi_bytes // 2),
@@ -137,8 +137,8 @@ class ReadRouter(wiring.Component):
         Instruction beats.
     words : Out(stream.Signature(byte_beat_layout(pe_cols)))
         LOAD words, to the buffer.
-    gemm_weights : Out(stream.Signature(byte_beat_layout(rows_per_beat · pe_cols)))
-        GEMM weight rows from DDR, ``rows_per_beat`` a beat.
+    gemm_weights : Out(stream.Signature(byte_beat_layout(rows_per_beat · gemm_cols)))
+        GEMM weight rows (``gemm_cols`` bytes each) from DDR, ``rows_per_beat`` a beat.
     gemm_params : Out(stream.Signature(ArrayLayout(GEMM_PARAM, params_per_beat)))
         A GEMM's per-channel parameters, from its 8-byte records.
     gemm_table : Out(stream.Signature(ArrayLayout(signed(8), gemm_table_entries)))
@@ -152,7 +152,7 @@ class ReadRouter(wiring.Component):
     -----
     A GEMM's stream is split at entry granularity (:func:`~m3vit.hw.isa.intake_beats`
     makes a weight tile and a parameter block whole entries): per N-tile,
-    ``GEMM_RECORD_BYTES · pe_cols / entry_bytes`` entries to the parameters, then the tile
+    ``GEMM_RECORD_BYTES · gemm_cols / entry_bytes`` entries to the parameters, then the tile
     entries to the weights; with weights from the buffer every entry is a parameter entry.
     Its entries are whole (a GEMM stream is whole entries long, and the read DMA starts
     each command's first entry at its first beat). So are LayerNorm parameters' where a
@@ -174,7 +174,7 @@ class ReadRouter(wiring.Component):
             "fetch": Out(beat),
             "words": Out(stream.Signature(byte_beat_layout(config.pe_cols))),
             "gemm_weights": Out(stream.Signature(byte_beat_layout(
-                shape.rows_per_beat * config.pe_cols))),
+                shape.rows_per_beat * config.gemm_cols))),
             "gemm_params": Out(stream.Signature(data.ArrayLayout(GEMM_PARAM,
                                                                  shape.params_per_beat))),
             "gemm_table": Out(stream.Signature(data.ArrayLayout(
@@ -202,7 +202,8 @@ class ReadRouter(wiring.Component):
 
         # Width converters between entries or AXI beats and the consumers' words.
         entry_bytes = shape.entry_bytes
-        rs_rows = m.submodules.rs_rows = StreamResize(entry_bytes, shape.rows_per_beat * C)
+        G = cfg.gemm_cols  # a GEMM N-tile: a weight row, a parameter block
+        rs_rows = m.submodules.rs_rows = StreamResize(entry_bytes, shape.rows_per_beat * G)
         rs_param = m.submodules.rs_param = StreamResize(
             entry_bytes, shape.params_per_beat * GEMM_RECORD_BYTES)
         rs_word = m.submodules.rs_word = StreamResize(axi_bytes, C)         # LOAD
@@ -215,7 +216,7 @@ class ReadRouter(wiring.Component):
         # GEMM stream split: per N-tile, parameter entries then weight entries (wsrc = DDR).
         gemm_weights_ddr = Signal()
         entry_in_tile = Signal(24)
-        param_entries = GEMM_RECORD_BYTES * C // entry_bytes
+        param_entries = GEMM_RECORD_BYTES * G // entry_bytes
         to_params = (entry_in_tile < param_entries) | ~gemm_weights_ddr
         narrow = self._narrow(m)
         gemm_now = self._gemm_stream(m, gemm_weights_ddr, entry_in_tile, param_entries)
@@ -294,7 +295,7 @@ class ReadRouter(wiring.Component):
         :data:`GEMM_STREAMS_QUEUED` and become active, in order, as the one before ends.
         Returns "an entry now is a GEMM's"."""
         ctl, rd = self.control, self.rd_data
-        tile_entries = Signal(24)  # weight entries per N-tile (k_slices·R·C/entry_bytes)
+        tile_entries = Signal(24)  # weight entries per N-tile (k_slices·R·G/entry_bytes)
         entries_left = Signal(32)  # entries of the active stream still to arrive
         stream_layout = data.StructLayout({"entries": 32, "tile_entries": 24,
                                            "weights_ddr": 1})

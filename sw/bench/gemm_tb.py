@@ -218,7 +218,7 @@ class TB:
         Limit the weight stream to this bandwidth (the utilization benchmark).
     interleaved : bool
         Parameters and weights from one in-order source (:class:`SharedOrder`): for each
-        N-tile, its ``pe_cols`` parameter records, then its ``k_slices`` weight tiles.
+        N-tile, its ``gemm_cols`` parameter records, then its ``k_slices`` weight tiles.
     """
 
     def __init__(self, dut, *, gaps: bool, backpressure: bool,
@@ -240,7 +240,7 @@ class TB:
 
         self.command = port("command", gap_probability=gap)
         self.weights = port("weights", gap_probability=gap,
-                            bytes_per_cycle=weight_bytes_per_cycle, beat_bytes=cfg.pe_cols)
+                            bytes_per_cycle=weight_bytes_per_cycle, beat_bytes=cfg.gemm_cols)
         self.activations = port("activations", gap_probability=gap)
         self.params = port("params", gap_probability=gap)
         self.table = port("table", gap_probability=gap)
@@ -296,7 +296,7 @@ class TB:
 
     def queue_pass(self, gemm: Pass) -> None:
         """Append one pass (and its table load) to the input streams, in protocol order."""
-        rows, cols = self.config.pe_rows, self.config.pe_cols
+        rows, cols = self.config.pe_rows, self.config.gemm_cols
         tokens, k = gemm.x.shape
         n = gemm.w.shape[0]
         if k % rows or n % cols:
@@ -343,7 +343,7 @@ class TB:
                 }]).as_bits())
 
     def decode(self, op: GemmOp, bits: int) -> list[int]:
-        """One result beat as its ``pe_cols`` integers."""
+        """One result beat (a word) as its ``pe_cols`` integers."""
         view = self.layouts.results.from_bits(bits)
         lanes = view.int32 if op == GemmOp.INT32 else view.int8
         if op != GemmOp.INT32:
@@ -406,8 +406,9 @@ class TB:
 
     async def run_queued(self, passes: list[Pass], *, max_cycles: int | None = None) -> None:
         """Run what is queued and check it: ``passes`` are the queued passes, in order."""
-        cols = self.config.pe_cols
-        counts = [gemm.tokens * (gemm.w.shape[0] // cols) for gemm in passes]
+        lanes, words = self.config.pe_cols, self.config.gemm_words
+        cols = self.config.gemm_cols
+        counts = [gemm.tokens * (gemm.w.shape[0] // cols) * words for gemm in passes]
         if max_cycles is None:
             beats = sum(len(p.beats) for p in self.inputs)
             max_cycles = 20 * beats + 1000
@@ -417,8 +418,11 @@ class TB:
             expected = gemm.expected()
             got = torch.zeros_like(expected)
             for index, bits in enumerate(raw[position:position + count]):
-                j, m = divmod(index, gemm.tokens)
-                got[m, j * cols:(j + 1) * cols] = torch.tensor(self.decode(gemm.op, bits))
+                # Results: for each N-tile, for each token, its words.
+                j, rest = divmod(index, gemm.tokens * words)
+                m, v = divmod(rest, words)
+                first = j * cols + v * lanes
+                got[m, first:first + lanes] = torch.tensor(self.decode(gemm.op, bits))
             position += count
             wrong = (got != expected).nonzero().tolist()
             assert not wrong, (

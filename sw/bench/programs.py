@@ -82,8 +82,8 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
               mode: GemmOp, wsrc: WeightSource) -> Case:
     """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR)."""
     rng = np.random.default_rng(seed)
-    R, C = cfg.pe_rows, cfg.pe_cols
-    K, N = k_slices * R, n_tiles * C
+    R, C, G, V = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols, cfg.gemm_words
+    K, N = k_slices * R, n_tiles * G
     img, prog = DdrImage(align=cfg.axi_bytes), Program()
     x = _i8(rng, tokens, K)
     # X slice-major with stride = tokens + 3 (a gap, to exercise the strides).
@@ -101,10 +101,10 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
         w = _i8(rng, N, K)
         ddr = img.put("w", gemm_stream(w, bias, mult, shift, cfg))
     else:
-        # Weights as buffer words: ROWS tile (j, s) row r = word wbuf + j·wstride + s·R + r;
-        # COLUMNS tile (j, s) column c = word wbuf + s·wstride + j·C + c.
-        wstride = (k_slices * R if wsrc == WeightSource.BUFFER_ROWS else n_tiles * C) + 2
-        outer = n_tiles if wsrc == WeightSource.BUFFER_ROWS else k_slices
+        # Weights as buffer words: ROWS tile (j, s) row r = words wbuf + (j·V + v)·wstride +
+        # s·R + r side by side; COLUMNS tile (j, s) column c = word wbuf + s·wstride + j·G + c.
+        wstride = (k_slices * R if wsrc == WeightSource.BUFFER_ROWS else n_tiles * G) + 2
+        outer = n_tiles * V if wsrc == WeightSource.BUFFER_ROWS else k_slices
         words = _i8(rng, outer * wstride, C)
         prog.add(Opcode.LOAD, ddr=img.put("wbuf", words.tobytes()), dst=wbuf, dst_stride=1,
                  words=outer * wstride)
@@ -112,16 +112,16 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
     if mode == GemmOp.INT8_TABLE:
         table = _i8(rng, 256)
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM, ddr=img.put("table", table.tobytes()))
-    dst = wbuf + (n_tiles * C + 2) * (k_slices * R + 2) + 11 if wsrc != WeightSource.DDR \
+    dst = wbuf + (n_tiles * G + 2) * (k_slices * R + 2) + 11 if wsrc != WeightSource.DDR \
         else wbuf
-    out_ddr = img.reserve("out", n_tiles * tokens * 4 * C) if mode == GemmOp.INT32 else 0
+    out_ddr = img.reserve("out", n_tiles * tokens * 4 * G) if mode == GemmOp.INT32 else 0
     prog.add(Opcode.GEMM, mode=mode, wsrc=wsrc, tokens=tokens, k_slices=k_slices,
              n_tiles=n_tiles, src=src, src_stride=stride, dst=dst, dst_stride=tokens,
              wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr)
     if mode != GemmOp.INT32:
         # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
         # what earlier cases left in the buffer cannot leak into the comparison.
-        words = n_tiles * tokens
+        words = n_tiles * V * tokens
         prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
                  words=words)
     prog.add(Opcode.END)
@@ -165,17 +165,17 @@ def task_select_case(cfg: AccelConfig, seed: int, task: int, n_tasks: int = 3) -
     """One program, a per-task GEMM (as the task heads are): ``TASKS`` sets the stride
     between the tasks' weight blocks and ``TASK_SELECT`` picks one."""
     rng = np.random.default_rng(seed)
-    R, C = cfg.pe_rows, cfg.pe_cols
+    R, C, G = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols
     tokens, k_slices, n_tiles = 9, 2, 2
     img, prog = DdrImage(align=cfg.axi_bytes), Program()
     x = _i8(rng, tokens, k_slices * R)
     xs = x.reshape(tokens, k_slices, C).transpose(1, 0, 2)
     prog.add(Opcode.LOAD, ddr=img.put("x", np.ascontiguousarray(xs).tobytes()), dst=0,
              dst_stride=1, words=k_slices * tokens)
-    streams = [gemm_stream(_i8(rng, n_tiles * C, k_slices * R),
-                           rng.integers(-2**12, 2**12, size=n_tiles * C),
-                           rng.integers(2**10, 2**16, size=n_tiles * C),
-                           rng.integers(12, 20, size=n_tiles * C), cfg) for _ in range(n_tasks)]
+    streams = [gemm_stream(_i8(rng, n_tiles * G, k_slices * R),
+                           rng.integers(-2**12, 2**12, size=n_tiles * G),
+                           rng.integers(2**10, 2**16, size=n_tiles * G),
+                           rng.integers(12, 20, size=n_tiles * G), cfg) for _ in range(n_tasks)]
     first = img.put("task0", streams[0])
     for i, raw in enumerate(streams[1:], start=1):
         img.put(f"task{i}", raw)
@@ -185,8 +185,9 @@ def task_select_case(cfg: AccelConfig, seed: int, task: int, n_tasks: int = 3) -
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=tokens,
              k_slices=k_slices, n_tiles=n_tiles, src=0, src_stride=tokens, dst=dst,
              dst_stride=tokens, ddr=first)
-    prog.add(Opcode.STORE, ddr=img.reserve("y", n_tiles * tokens * C), src=dst, src_stride=1,
-             words=n_tiles * tokens)
+    words = n_tiles * cfg.gemm_words * tokens
+    prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
+             words=words)
     prog.add(Opcode.END)
     return _finish(f"task_select_{task}", cfg, prog, img, task=task)
 
@@ -327,7 +328,7 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
     # Bodies of a loop over two experts (3 tokens each, top-2 with the zero exp table).
     zero_table = (Opcode.LOAD_TABLE, dict(ddr=0, unit=TableUnit.SOFTMAX))
     route2 = (Opcode.ROUTE, dict(src=0, stride=3, rows=3, experts=4, top_k=2))
-    stream = GEMM_RECORD_BYTES * cfg.pe_cols + cfg.pe_rows * cfg.pe_cols
+    stream = GEMM_RECORD_BYTES * cfg.gemm_cols + cfg.pe_rows * cfg.gemm_cols
     expert_gemm = dict(mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1, src_stride=3,
                        dst=64, dst_stride=6, **gemm)
 
@@ -448,7 +449,8 @@ def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
         got = unslice(bytes(ddr_after[x0_out:x0_out + words * C]), model_cfg.n_tokens,
                       model_cfg.embed_dim, C)
         assert torch.equal(got, x0_want), "x0 (embedding) differs from golden"
-        head = head_output(bytes(ddr_after[out:]), model_cfg.n_patches, head_want.shape[-1], C)
+        head = head_output(bytes(ddr_after[out:]), model_cfg.n_patches, head_want.shape[-1],
+                           cfg.gemm_cols)
         assert torch.equal(head, head_want), "task head differs from golden"
 
     return Case(f"embedding_head_{preset}", prog.encode(), bytes(img.data), check=check)
@@ -565,11 +567,13 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
     prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.GATHER, tokens=tokens, k_slices=dim // cfg.pe_rows,
-             n_tiles=h_w, src=h_base, src_stride=tokens, dst=f_base, dst_stride=tokens,
+             n_tiles=hidden // cfg.gemm_cols, src=h_base, src_stride=tokens, dst=f_base,
+             dst_stride=tokens,
              ddr=blocks[0][0])
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
              dst_rows=RowMode.QUEUE, tokens=tokens, k_slices=hidden // cfg.pe_rows,
-             n_tiles=d_w, src=f_base, src_stride=tokens, dst=y_base, dst_stride=entries,
+             n_tiles=dim // cfg.gemm_cols, src=f_base, src_stride=tokens, dst=y_base,
+             dst_stride=entries,
              ddr=blocks[0][0] + fc1_len)
     prog.add(Opcode.COMBINE, src=y_base, src_stride=entries, dst=out_base, dst_stride=tokens,
              rows=tokens, beats=d_w, mult=mult, shift=shift)

@@ -253,9 +253,9 @@ def _gemm_rows(a: dict, it: Iteration | None) -> int:
 
 
 def _gemm_stream_bytes(a: dict, cfg: AccelConfig) -> int:
-    tiles = a["k_slices"] * cfg.pe_rows * cfg.pe_cols if a["wsrc"] == WeightSource.DDR.value \
-        else 0
-    return a["n_tiles"] * (GEMM_RECORD_BYTES * cfg.pe_cols + tiles)
+    tiles = a["k_slices"] * cfg.pe_rows * cfg.gemm_cols \
+        if a["wsrc"] == WeightSource.DDR.value else 0
+    return a["n_tiles"] * (GEMM_RECORD_BYTES * cfg.gemm_cols + tiles)
 
 
 def _gemm_ddr_offset(mc: IsaMachine, a: dict, it: Iteration | None, stride: int) -> int:
@@ -275,6 +275,7 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
     """Raise :class:`MachineStop` if the controller would refuse to start this instruction."""
     cfg = mc.config
     R, C = cfg.pe_rows, cfg.pe_cols
+    G, V = cfg.gemm_cols, cfg.gemm_words  # an N-tile: V words of C lanes
 
     def stop(code: ErrorCode, why: str):
         raise MachineStop(code, pc, f"{op.name}: {why}")
@@ -311,15 +312,16 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         words.append(_last_word(a["src"], (a["k_slices"], a["src_stride"]), (src_rows, 1)))
         if a["mode"] != GemmOp.INT32.value:
             dst_rows = _rows_extent(a["dst_rows"], m, it, routed)
-            words.append(_last_word(a["dst"], (a["n_tiles"], a["dst_stride"]), (dst_rows, 1)))
+            words.append(_last_word(a["dst"], (a["n_tiles"] * V, a["dst_stride"]),
+                                    (dst_rows, 1)))
         else:
-            ddr.append((a["out_ddr"], a["n_tiles"] * m * 4 * C))
+            ddr.append((a["out_ddr"], a["n_tiles"] * m * 4 * G))
         if a["wsrc"] == WeightSource.BUFFER_ROWS.value:
-            words.append(_last_word(a["wbuf"] + R - 1, (a["n_tiles"], a["wstride"]),
+            words.append(_last_word(a["wbuf"] + R - 1, (a["n_tiles"] * V, a["wstride"]),
                                     (a["k_slices"], R)))
         elif a["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
-            words.append(_last_word(a["wbuf"] + C - 1, (a["k_slices"], a["wstride"]),
-                                    (a["n_tiles"], C)))
+            words.append(_last_word(a["wbuf"] + G - 1, (a["k_slices"], a["wstride"]),
+                                    (a["n_tiles"], G)))
         ddr.append((_gemm_ddr_offset(mc, a, it, stride), _gemm_stream_bytes(a, cfg)))
     elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
         beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
@@ -374,9 +376,12 @@ def _row_map(mc: IsaMachine, mode: RowMode, m: int, it: Iteration | None) -> np.
 
 def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -> None:
     cfg = mc.config
-    R, C = cfg.pe_rows, cfg.pe_cols
+    R, C, G = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols
     m, ks, nt = _gemm_rows(a, it), a["k_slices"], a["n_tiles"]
-    k, n = ks * R, nt * C
+    k, n = ks * R, nt * G
+    # The buffer sees an N-tile as V = G / C words: output channels q·C … q·C + C − 1 are
+    # word-slice q = j·V + v, for nq = nt·V word-slices.
+    nq = n // C
     src_rows = _row_map(mc, RowMode(a["src_rows"]), m, it)
     dst_rows = _row_map(mc, RowMode(a["dst_rows"]), m, it)
     # X[m, s·R + r] = word src + s·src_stride + row(m)
@@ -384,31 +389,32 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     x = x.permute(1, 0, 2).reshape(m, k)
     wsrc = WeightSource(a["wsrc"])
     offset = _gemm_ddr_offset(mc, a, it, stride)
-    tile = R * C
-    per_tile = GEMM_RECORD_BYTES * C + (ks * tile if wsrc == WeightSource.DDR else 0)
+    tile = R * G
+    per_tile = GEMM_RECORD_BYTES * G + (ks * tile if wsrc == WeightSource.DDR else 0)
     stream = mc._bytes(offset, nt * per_tile)
     mc.accesses.append(DdrAccess(pc, Opcode.GEMM, offset, len(stream), False,
                                  it.expert if it is not None else None))
     chunks = np.frombuffer(stream, np.uint8).reshape(nt, per_tile)
-    bias, mult, shift = _gemm_params(chunks[:, :GEMM_RECORD_BYTES * C].tobytes(), n)
+    bias, mult, shift = _gemm_params(chunks[:, :GEMM_RECORD_BYTES * G].tobytes(), n)
     if wsrc == WeightSource.DDR:
-        # (j, s, r, c) → W[j·C + c, s·R + r]
-        t = chunks[:, GEMM_RECORD_BYTES * C:].view(np.int8).reshape(nt, ks, R, C)
+        # (j, s, r, c) → W[j·G + c, s·R + r]
+        t = chunks[:, GEMM_RECORD_BYTES * G:].view(np.int8).reshape(nt, ks, R, G)
         w = torch.from_numpy(t.transpose(0, 3, 1, 2).reshape(n, k).astype(np.int64))
     elif wsrc == WeightSource.BUFFER_ROWS:
-        # W[j·C + c, s·R + r] = word(wbuf + j·wstride + s·R + r)[c]
-        j, s, r = np.meshgrid(np.arange(nt), np.arange(ks), np.arange(R), indexing="ij")
-        t = mc.words(a["wbuf"] + j * a["wstride"] + s * R + r)       # (nt, ks, R, C)
+        # W[q·C + c, s·R + r] = word(wbuf + q·wstride + s·R + r)[c], q = j·V + v
+        q, s, r = np.meshgrid(np.arange(nq), np.arange(ks), np.arange(R), indexing="ij")
+        t = mc.words(a["wbuf"] + q * a["wstride"] + s * R + r)       # (nq, ks, R, C)
         w = t.permute(0, 3, 1, 2).reshape(n, k)
     else:
-        # W[j·C + c, s·R + r] = word(wbuf + s·wstride + j·C + c)[r]
-        j, c, s = np.meshgrid(np.arange(nt), np.arange(C), np.arange(ks), indexing="ij")
-        t = mc.words(a["wbuf"] + s * a["wstride"] + j * C + c)       # (nt, C, ks, R)
-        w = t.reshape(n, k)
+        # W[j·G + c, s·R + r] = word(wbuf + s·wstride + j·G + c)[r]: the word's R lanes
+        # (R = C in the top)
+        j, c, s = np.meshgrid(np.arange(nt), np.arange(G), np.arange(ks), indexing="ij")
+        t = mc.words(a["wbuf"] + s * a["wstride"] + j * G + c)       # (nt, G, ks, C)
+        w = t[..., :R].reshape(n, k)
     mode = GemmOp(a["mode"])
     if mode == GemmOp.INT32:
         acc = nx.gemm(x, w, bias)
-        raw = acc.reshape(m, nt, C).permute(1, 0, 2).numpy().astype("<i4").tobytes()
+        raw = acc.reshape(m, nt, G).permute(1, 0, 2).numpy().astype("<i4").tobytes()
         out = a["out_ddr"]
         mc.ddr[out:out + len(raw)] = raw
         mc.accesses.append(DdrAccess(pc, Opcode.GEMM, out, len(raw), True,
@@ -417,8 +423,8 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     y = nx.linear(x, w, bias, mult, shift)
     if mode == GemmOp.INT8_TABLE:
         y = nx.table_lookup(y, mc.gemm_table)
-    dst = a["dst"] + np.arange(nt)[:, None] * a["dst_stride"] + dst_rows[None, :]
-    mc.buffer[dst] = y.reshape(m, nt, C).permute(1, 0, 2).numpy().astype(np.int8)
+    dst = a["dst"] + np.arange(nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
+    mc.buffer[dst] = y.reshape(m, nq, C).permute(1, 0, 2).numpy().astype(np.int8)
 
 
 def _row_addrs(a: dict, beats: int, src: str) -> np.ndarray:

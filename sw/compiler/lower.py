@@ -93,11 +93,12 @@ def gemm_stream(weight, bias, mult, shift, config: AccelConfig, weights: bool = 
     bias, mult, shift : (N,) integer tensors
         INT32 bias, uint16 multiplier and shift of each output channel.
     config : AccelConfig
-        The array shape (N and K are zero-padded to whole tiles).
+        The array shape (N and K are zero-padded to whole tiles, ``gemm_cols`` and
+        ``pe_rows``).
     weights : bool
         False for a GEMM whose weights come from the activation buffer (parameters only).
     """
-    R, C = config.pe_rows, config.pe_cols
+    R, C = config.pe_rows, config.gemm_cols
     bias, mult, shift = (_np(v).astype(np.int64).reshape(-1) for v in (bias, mult, shift))
     n = bias.shape[0]
     n_tiles = _ceil(n, C)
@@ -292,7 +293,7 @@ class TaskBlocks:
 
 def head_tiles(model: ModelConfig, config: AccelConfig) -> int:
     """N-tiles of the head GEMM: the widest task's (the others are zero-padded to it)."""
-    return max(_ceil(task.n_out, config.pe_cols) for task in model.tasks)
+    return max(_ceil(task.n_out, config.gemm_cols) for task in model.tasks)
 
 
 def model_task_blocks(t: dict, model: ModelConfig, config: AccelConfig,
@@ -334,7 +335,7 @@ def model_task_blocks(t: dict, model: ModelConfig, config: AccelConfig,
         tb.add(f"{p}.router", streams)
         tb.add(f"{p}.router.exp", tables)
     if head:
-        rows = head_tiles(model, config) * config.pe_cols
+        rows = head_tiles(model, config) * config.gemm_cols
         streams = {}
         for task in model.task_names:
             w = _np(t[f"heads.{task}.weight"]).astype(np.int8)
@@ -358,7 +359,8 @@ def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
         Naming the first capacity of ``config`` (or shape rule of the ISA) exceeded.
     """
     check_top_config(config)
-    R, C = config.pe_rows, config.pe_cols
+    # Widths a GEMM writes to the buffer must be whole N-tiles (gemm_cols channels).
+    R, C = config.pe_rows, config.gemm_cols
     name = model.name
     max_k = config.max_gemm_width
     checks = [
@@ -372,8 +374,11 @@ def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
          f"embed_dim {model.embed_dim} is not a multiple of the {R}x{C} PE array"),
         (model.num_heads <= config.max_heads, f"{model.num_heads} heads exceed max_heads="
                                               f"{config.max_heads}"),
-        (model.head_dim % C == 0 and model.head_dim % R == 0,
-         f"head width {model.head_dim} is not a multiple of the {R}x{C} PE array"),
+        # A head may be narrower than an N-tile (P·V then writes into the next head's
+        # words, which that head overwrites: attention_program), not than a word.
+        (model.head_dim % config.pe_cols == 0 and model.head_dim % R == 0,
+         f"head width {model.head_dim} is not a multiple of the {R}x{config.pe_cols} "
+         "buffer word"),
         (_ceil(model.in_chans * model.patch_size ** 2, R) * R <= max_k,
          f"patch width {model.in_chans * model.patch_size ** 2} exceeds the GEMM's K "
          f"capacity {max_k}"),
@@ -413,7 +418,7 @@ def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, 
     ddr = img.put(name, gemm_stream(w, t[f"{name}.bias"], t[f"{name}.mult"],
                                     t[f"{name}.shift"], cfg))
     prog.add(Opcode.GEMM, mode=mode, wsrc=WeightSource.DDR, tokens=tokens,
-             k_slices=_ceil(k, cfg.pe_rows), n_tiles=_ceil(n, cfg.pe_cols), src=src,
+             k_slices=_ceil(k, cfg.pe_rows), n_tiles=_ceil(n, cfg.gemm_cols), src=src,
              src_stride=tokens, dst=dst, dst_stride=tokens, ddr=ddr)
 
 
@@ -435,7 +440,7 @@ def _residual(prog: Program, t: dict, name: str, *, a: int, b: int, dst: int,
 def _requant_stream(t: dict, name: str, n: int, cfg: AccelConfig) -> bytes:
     """Parameter records of a weightless GEMM: one (mult, shift), bias 0, on n channels."""
     mult, shift = (int(v) for v in t[name].tolist())
-    n_pad = _ceil(n, cfg.pe_cols) * cfg.pe_cols
+    n_pad = _ceil(n, cfg.gemm_cols) * cfg.gemm_cols
     return gemm_stream(None, torch.zeros(n_pad, dtype=torch.int64),
                        torch.full((n_pad,), mult), torch.full((n_pad,), shift), cfg,
                        weights=False)
@@ -444,30 +449,34 @@ def _requant_stream(t: dict, name: str, n: int, cfg: AccelConfig) -> bytes:
 def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
                       model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int) -> None:
     """QKV, per head Q·Kᵀ → softmax → P·V, then the projection: ``src`` (LN1 out) → ``dst``."""
-    C = cfg.pe_cols
+    C, G = cfg.pe_cols, cfg.gemm_cols
     n, d, dh = model.n_tokens, model.embed_dim, model.head_dim
     if dh % C:
-        raise M3VitError(f"head width {dh} is not a multiple of the PE array's {C} lanes")
+        raise M3VitError(f"head width {dh} is not a multiple of the buffer's {C} lanes")
     qkv = plan.alloc(f"{p}.qkv", n, 3 * d)
-    scores = plan.alloc(f"{p}.scores", n, _ceil(n, C) * C)
+    # Q·Kᵀ writes whole N-tiles of keys; softmax and P·V use the first ceil(n / C) words.
+    scores = plan.alloc(f"{p}.scores", n, _ceil(n, G) * G)
     probs = plan.alloc(f"{p}.probs", n, _ceil(n, C) * C)
-    heads_out = plan.alloc(f"{p}.attn_out", n, d)
+    # P·V writes whole N-tiles: a head narrower than one writes the next head's first
+    # words too (that head overwrites them later); the last head's spill needs the room.
+    pv_tiles = _ceil(dh, G)
+    heads_out = plan.alloc(f"{p}.attn_out", n, d - dh + pv_tiles * G)
     _linear(prog, img, t, f"{p}.qkv", cfg, src=src, dst=qkv, tokens=n)
     prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX,
              ddr=img.put(f"{p}.attn.exp", _np(t[f"{p}.attn.exp"]).astype("<u2").tobytes()))
     logit_ddr = img.put(f"{p}.attn.logit", _requant_stream(t, f"{p}.attn.logit", n, cfg))
     pv_ddr = img.put(f"{p}.attn.pv", _requant_stream(t, f"{p}.attn.pv", dh, cfg))
-    d_slices, h_slices, n_tiles = d // C, dh // C, _ceil(n, C)
+    d_slices, h_slices, key_slices = d // C, dh // C, _ceil(n, C)
     for h in range(model.num_heads):
         q = qkv + h * h_slices * n
         k = qkv + (d_slices + h * h_slices) * n
         v = qkv + (2 * d_slices + h * h_slices) * n
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=n,
-                 k_slices=h_slices, n_tiles=n_tiles, src=q, src_stride=n, dst=scores,
+                 k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=n, dst=scores,
                  dst_stride=n, wbuf=k, wstride=n, ddr=logit_ddr)
         prog.add(Opcode.SOFTMAX, src=scores, dst=probs, stride=n, rows=n, length=n)
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
-                 k_slices=n_tiles, n_tiles=h_slices, src=probs, src_stride=n,
+                 k_slices=key_slices, n_tiles=pv_tiles, src=probs, src_stride=n,
                  dst=heads_out + h * h_slices * n, dst_stride=n, wbuf=v, wstride=n, ddr=pv_ddr)
     _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n)
 
@@ -492,13 +501,13 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
     order : ExpertOrder
         ``REGISTER`` (the host's ``SCHEDULE.ORDER`` decides) or a forced schedule.
     """
-    R, C = cfg.pe_rows, cfg.pe_cols
+    R, G = cfg.pe_rows, cfg.gemm_cols
     n, d, hidden = model.n_tokens, model.embed_dim, model.expert_hidden
     n_experts, k = model.n_experts, model.top_k
-    router_tiles = _ceil(n_experts, C)
+    router_tiles = _ceil(n_experts, G)
     # Expert e's rows are at most M (a token chooses an expert once), so the FC1 scratch
     # has M rows under either schedule; FC2 writes queue rows 0 … M·k − 1.
-    logits = plan.alloc(f"{p}.router", n, router_tiles * C)
+    logits = plan.alloc(f"{p}.router", n, router_tiles * G)
     scratch = plan.alloc(f"{p}.experts.gelu", n, hidden)
     y = plan.alloc(f"{p}.experts.out", n * k, d)
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=n,
@@ -525,15 +534,15 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
     prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
     prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.GATHER, dst_rows=RowMode.DIRECT, tokens=n, k_slices=d // R,
-             n_tiles=hidden // C, src=src, src_stride=n, dst=scratch, dst_stride=n,
+             n_tiles=hidden // G, src=src, src_stride=n, dst=scratch, dst_stride=n,
              ddr=offsets[0])
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.DIRECT, dst_rows=RowMode.QUEUE, tokens=n, k_slices=hidden // R,
-             n_tiles=d // C, src=scratch, src_stride=n, dst=y, dst_stride=n * k,
+             n_tiles=d // G, src=scratch, src_stride=n, dst=y, dst_stride=n * k,
              ddr=offsets[0] + fc1_bytes)
     mult, shift = (int(v) for v in t[f"{p}.combine"].tolist())
     prog.add(Opcode.COMBINE, src=y, src_stride=n * k, dst=dst, dst_stride=n, rows=n,
-             beats=d // C, mult=mult, shift=shift)
+             beats=d // cfg.pe_cols, mult=mult, shift=shift)
 
 
 def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
@@ -564,7 +573,8 @@ def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
     ddr = img.put("patch", gemm_stream(w, t["patch.bias"], t["patch.mult"], t["patch.shift"],
                                        cfg))
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
-             k_slices=k_slices, n_tiles=_ceil(d, C), src=patch_in, src_stride=n - 1,
+             k_slices=k_slices, n_tiles=_ceil(d, cfg.gemm_cols), src=patch_in,
+             src_stride=n - 1,
              dst=x_cat + 1, dst_stride=n, ddr=ddr)
     # The cls token is row 0: its d/C words go to x_cat + s·n.
     prog.add(Opcode.LOAD, ddr=img.put("cls", _np(t["cls"]).astype(np.int8).tobytes()),
@@ -585,7 +595,6 @@ def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
     running task's (``per_task``; ``task`` is ignored) with :func:`head_tiles` N-tiles and
     the output is region ``heads.out``; otherwise ``task``'s own, into ``heads.<task>.out``.
     """
-    C = cfg.pe_cols
     n, d = model.n_tokens, model.embed_dim
     _layernorm(prog, img, t, "norm", cfg, src=x_base, dst=norm_base, tokens=n, dim=d)
     if tasks is not None:
@@ -593,12 +602,12 @@ def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
         out_name = "heads.out"
     else:
         w = t[f"heads.{task}.weight"]
-        n_tiles = _ceil(w.shape[0], C)
+        n_tiles = _ceil(w.shape[0], cfg.gemm_cols)
         zeros = torch.zeros(w.shape[0], dtype=torch.int64)
         ddr = img.put(f"heads.{task}", gemm_stream(w, t[f"heads.{task}.bias"], zeros, zeros,
                                                    cfg))
         per_task, out_name = 0, f"heads.{task}.out"
-    out = img.reserve(out_name, n_tiles * (n - 1) * 4 * C)
+    out = img.reserve(out_name, n_tiles * (n - 1) * 4 * cfg.gemm_cols)
     prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, per_task=per_task,
              tokens=n - 1, k_slices=d // cfg.pe_rows, n_tiles=n_tiles, src=norm_base + 1,
              src_stride=n, ddr=ddr, out_ddr=out)
@@ -726,7 +735,7 @@ class CompiledModel:
     input_offset, input_size : int
         Region ``patches``: :func:`patch_words` of one image.
     output_offset, output_size : int
-        Region ``heads.out``: (head_tiles, N_patches, pe_cols) little-endian INT32.
+        Region ``heads.out``: (head_tiles, N_patches, gemm_cols) little-endian INT32.
     head_tiles : int
         N-tiles of the head GEMM (the widest task's).
     """
@@ -759,7 +768,7 @@ class CompiledModel:
         """``task``'s (N_patches, n_out) INT32 head output from the data window after a run."""
         raw = bytes(ddr[self.output_offset:self.output_offset + self.output_size])
         return head_output(raw, self.model.n_patches, self.model.task(task).n_out,
-                           self.config.pe_cols)
+                           self.config.gemm_cols)
 
 
 def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None, *,
@@ -813,4 +822,5 @@ def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None
     return CompiledModel(
         model=model, config=config, program=prog.encode(), image=img, plan=plan, tasks=tasks,
         input_offset=img.regions["patches"][0], input_size=img.regions["patches"][1],
-        output_offset=out, output_size=n_tiles * model.n_patches * 4 * C, head_tiles=n_tiles)
+        output_offset=out, output_size=n_tiles * model.n_patches * 4 * config.gemm_cols,
+        head_tiles=n_tiles)

@@ -423,7 +423,7 @@ class Accelerator:
         self._start()
         self._buffer.sync_from_device()
         raw = self._buffer.read(base + pkg.output_offset, pkg.output_size)
-        lanes = pkg.config.pe_cols
+        lanes = pkg.config.gemm_cols  # the head's INT32 rows are whole N-tiles
         head = head_output(raw, pkg.model.n_patches, pkg.model.task(self.task).n_out, lanes)
         return head, self._stats()
 

@@ -1,14 +1,16 @@
 # amaranth: UnusedElaboratable=no
 """The GEMM engine (:mod:`m3vit.hw.gemm`): cocotb + Verilator benches and the ZCU104 lint.
 
-The bench in ``tests/sim/gemm/`` runs on four small arrays, each one Verilator build under
-``build/sim/gemm/``: the CI configuration (4 × 4, ``max_tokens`` 80), an 8 × 4 one with
-``max_tokens`` 129 (the ``edge-moe`` token count), a 2 × 8 one (one multiplier per PE),
-the only shape whose weight tiles load fast enough to reach the accumulator hazard and the
-parameter hand-over between back-to-back N-tiles, and a 4 × 8 one (wider than deep, as the
-2,048-MAC engine). The arrays with ``pe_rows ≤ pe_cols`` also run passes with transposed
-(column-order) weight tiles; on the 8 × 4 such a command is checked to be illegal. The
-default 32 × 32 configuration is only elaborated and linted here; its utilization is measured by
+The bench in ``tests/sim/gemm/`` runs on five small arrays, each one Verilator build under
+``build/sim/gemm/``: 4 × 4 (``max_tokens`` 80), an 8 × 4 one with ``max_tokens`` 129 (the
+``edge-moe`` token count), a 2 × 8 one (one multiplier per PE), the only shape whose
+weight tiles load fast enough to reach the accumulator hazard and the parameter hand-over
+between back-to-back N-tiles, a 4 × 8 one (wider than deep), each with results one word
+per array row, and the CI configuration's 4 × 8 array whose rows leave as two 4-lane words
+(``gemm_words=2``, as the ZCU104's 32 × 64 array's leave as two 32-byte words). The arrays
+with ``pe_rows ≤ gemm_cols`` also run passes with transposed (column-order) weight tiles;
+on the 8 × 4 such a command is checked to be illegal. The ZCU104 configuration (32 × 64)
+is only elaborated and linted here; its utilization is measured by
 :mod:`m3vit.sw.bench.gemm_utilization` (``make bench``, not CI).
 """
 
@@ -19,7 +21,7 @@ import pytest
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
-from m3vit.hw.gemm import GemmEngine
+from m3vit.hw.gemm import GemmEngine, Requantizer
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,13 +31,16 @@ TOP = "gemm_engine"
 BENCH_MODULE = "test_gemm_engine"
 
 BENCH_CONFIGS = {
-    "4x4": CI,
-    "8x4": CI.replace(pe_rows=8, pe_cols=4, max_tokens=129),
+    "4x4": CI.replace(gemm_words=1),
+    "8x4": CI.replace(pe_rows=8, pe_cols=4, max_tokens=129, gemm_words=1),
     # Only with two rows does a weight tile load (pe_rows cycles) fast enough for the
     # accumulator hazard and the parameter hand-over between N-tiles to bind.
-    "2x8": CI.replace(pe_rows=2, pe_cols=8),
+    "2x8": CI.replace(pe_rows=2, pe_cols=8, gemm_words=1),
     # Wider than deep, as the 2,048-MAC engine (32 x 64 on 1,024 DSPs): column order too.
-    "4x8": CI.replace(pe_cols=8),
+    "4x8": CI.replace(pe_cols=8, gemm_words=1),
+    # The CI top's engine: a 4 x 8 array whose rows leave as two 4-lane words, as the
+    # ZCU104's 32 x 64 array's leave as two 32-byte words.
+    "4x8w2": CI,
 }
 
 #: Constructor arguments other than the configuration, per bench: one bench loads the
@@ -82,7 +87,7 @@ def test_zcu104_engine_elaborates_and_lints_clean():
     # Lint raises on any %Error; warnings (none expected) are returned.
     assert lint(verilog_path, TOP) == []
     assert f"module {TOP}(" in text
-    # The 32 × 32 array on 512 multiplies of 8 × 27 bits (a DSP48E2 each): two products
+    # The 32 × 64 array on 1,024 multiplies of 8 × 27 bits (a DSP48E2 each): two products
     # per DSP, the M register of each chain position.
     packed = re.findall(r"^\s*reg (?:signed )?\[34:0\] p\d+_chain\d+_m\d ", text, re.M)
     assert len(packed) == ZCU104.n_pe // 2
@@ -97,12 +102,19 @@ def test_engine_geometry_follows_the_config():
     # One multiplier per PE: 5 adder levels, a register every two and at the root.
     assert GemmEngine(ZCU104, dsp_products=1).tree_latency == 3
     assert engine.hazard_cycles == 4
-    # Enough result credits to take one token per cycle with no back-pressure.
-    assert engine.queue_depth >= engine.result_latency + 3
+    # Enough credits to take one token per cycle with no back-pressure: rows (the row
+    # queue also holds half a 129-token slice's rows, which leave as two words each) and
+    # words (splitter to the word queue's output).
+    assert engine.words == 2
+    assert engine.row_queue_depth >= max(64, engine._acc_stage + 4)
+    assert engine.queue_depth >= Requantizer.latency + 6
+    assert GemmEngine(ZCU104.replace(gemm_words=1)).row_queue_depth >= engine._acc_stage + 4
     assert engine.weights.payload.shape().length == 1  # one row a beat by default
-    assert engine.weights.payload.shape().elem_shape.length == ZCU104.pe_cols
+    # A row of the 32 x 64 array is 64 lanes; a result word 32.
+    assert engine.weights.payload.shape().elem_shape.length == ZCU104.gemm_cols == 64
     assert engine.activations.payload.shape().length == ZCU104.pe_rows
-    # The top's: two 32-byte rows and eight 8-byte parameter records of a 64-byte entry.
+    assert engine.results.payload.shape().size == 32 * ZCU104.pe_cols
+    # Eight 8-byte parameter records of a 64-byte entry; two rows a beat allowed.
     wide = GemmEngine(ZCU104, rows_per_beat=2, params_per_beat=8)
     assert wide.weights.payload.shape().length == 2
     assert wide.params.payload.shape().length == 8
@@ -111,7 +123,7 @@ def test_engine_geometry_follows_the_config():
 
 
 @pytest.mark.parametrize("kwargs", [{"rows_per_beat": 3}, {"rows_per_beat": 64},
-                                    {"params_per_beat": 0}, {"params_per_beat": 64},
+                                    {"params_per_beat": 0}, {"params_per_beat": 128},
                                     {"table_entries": 3}, {"table_entries": 512},
                                     {"dsp_products": 3}])
 def test_engine_rejects_beats_that_do_not_divide_the_array(kwargs):

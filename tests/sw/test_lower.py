@@ -160,7 +160,7 @@ def test_embedding_and_head_programs_equal_the_golden(block_case):
                      cfg.embed_dim, accel.pe_cols)
     assert torch.equal(got_x0, cap["x0"][0].to(torch.int8))
     head = cap[f"heads.{task}"][0]
-    got = head_output(bytes(ddr[out:]), cfg.n_patches, head.shape[-1], accel.pe_cols)
+    got = head_output(bytes(ddr[out:]), cfg.n_patches, head.shape[-1], accel.gemm_cols)
     assert torch.equal(got, head.to(torch.int64))
 
 

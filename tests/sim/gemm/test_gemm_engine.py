@@ -5,7 +5,7 @@ Run by ``tests/sim/test_gemm.py`` through :func:`m3vit.sim.cocotb_runner.run_ben
 not a pytest module. One generic test body is expanded over shapes (one token, fewer tokens
 than the accumulator hazard distance, ragged M, several K-slices and N-tiles, M =
 ``max_tokens``), the three output modes, two flows (everything always ready; random
-gaps on every input and random back-pressure on the output) and, when ``pe_rows ≤ pe_cols``, both
+gaps on every input and random back-pressure on the output) and, when ``pe_rows ≤ gemm_cols``, both
 weight orders (tiles row by row, and column by column: ``transposed``). Further tests run
 several passes back to back (table reloads between them; transposed and row-order passes
 alternating), feed parameters and weights from one in-order source, drop illegal commands
@@ -43,15 +43,15 @@ FLOWS = ["free", "random"]
 
 
 def column_order() -> bool:
-    """Whether the bench's array takes tiles column by column (``pe_rows ≤ pe_cols``;
+    """Whether the bench's array takes tiles column by column (``pe_rows ≤ gemm_cols``;
     ``False`` while pytest merely collects this)."""
     if CONFIG_ENV not in os.environ:
         return False
     config = bench_config()
-    return config.pe_rows <= config.pe_cols
+    return config.pe_rows <= config.gemm_cols
 
 
-#: Weight orders of the pass matrix: column by column (``transposed``) needs pe_rows ≤ pe_cols.
+#: Weight orders of the pass matrix: column by column (``transposed``) needs pe_rows ≤ gemm_cols.
 WEIGHT_ORDERS = ["rows", "columns"] if column_order() else ["rows"]
 
 
@@ -75,7 +75,7 @@ async def test_gemm_pass(dut, geometry: tuple, mode: GemmOp, flow: str,
     cfg = tb.config
     tokens, k_slices, n_tiles = geometry
     tokens = cfg.max_tokens if tokens == MAX else tokens
-    gemm = make_pass(tb.rng, mode, tokens, k_slices * cfg.pe_rows, n_tiles * cfg.pe_cols,
+    gemm = make_pass(tb.rng, mode, tokens, k_slices * cfg.pe_rows, n_tiles * cfg.gemm_cols,
                      transposed=weight_order == "columns")
     await tb.reset()
     await tb.run_passes([gemm])
@@ -99,7 +99,7 @@ async def test_back_to_back_passes(dut, flow: str) -> None:
     are still in the pipeline: the load must wait for them. Counters add up over the run.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
-    rows, cols = tb.config.pe_rows, tb.config.pe_cols
+    rows, cols = tb.config.pe_rows, tb.config.gemm_cols
     geometries = [(5, 2, 2), (1, 1, 1), (3, 1, 2), (40, 3, 1), (9, 1, 3), (2, 2, 1)]
     modes = [GemmOp.INT8_TABLE, GemmOp.INT8_TABLE, GemmOp.INT32, GemmOp.INT8,
              GemmOp.INT8_TABLE, GemmOp.INT32]
@@ -141,7 +141,7 @@ async def test_illegal_commands_are_dropped(dut) -> None:
             tb.command.beats.append(
                 tb.command_beat(GemmOp.INT8, tokens, k_slices, n_tiles, transposed))
     assert not dut.illegal_command.value
-    gemm = make_pass(tb.rng, GemmOp.INT8, 7, 2 * cfg.pe_rows, cfg.pe_cols)
+    gemm = make_pass(tb.rng, GemmOp.INT8, 7, 2 * cfg.pe_rows, cfg.gemm_cols)
     await tb.run_passes([gemm])
     assert dut.illegal_command.value, "illegal commands were not flagged"
     assert tb.counters()["token_beats"] == 7 * 2
@@ -157,7 +157,7 @@ async def test_one_token_per_cycle(dut) -> None:
     tb = TB(dut, gaps=False, backpressure=False)
     cfg = tb.config
     tokens = max(cfg.pe_rows, 2 * GemmEngine(cfg).hazard_cycles) + 3
-    gemm = make_pass(tb.rng, GemmOp.INT8, tokens, 3 * cfg.pe_rows, 2 * cfg.pe_cols)
+    gemm = make_pass(tb.rng, GemmOp.INT8, tokens, 3 * cfg.pe_rows, 2 * cfg.gemm_cols)
     await tb.reset()
     await tb.run_passes([gemm])
 
@@ -180,11 +180,11 @@ async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
     the shadow tile is filled in the order of a pass the array has not started yet: a row
     pass followed by a transposed one, a transposed one followed by a row pass, and two
     transposed ones. With every stream ready that overlap is checked, not only the results.
-    With pe_rows > pe_cols the transposed commands are illegal: dropped, taking no data,
+    With pe_rows > gemm_cols the transposed commands are illegal: dropped, taking no data,
     while the passes around them run exactly.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
-    rows, cols = tb.config.pe_rows, tb.config.pe_cols
+    rows, cols = tb.config.pe_rows, tb.config.gemm_cols
     # (M, K-slices, N-tiles, transposed, mode); only the first pass uses (and loads) the
     # table, so that no table load sits between two passes.
     plan = [(9, 2, 2, False, GemmOp.INT8_TABLE), (7, 1, 2, True, GemmOp.INT8),
@@ -226,23 +226,28 @@ async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
 async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
     """Parameters and weights from one in-order source neither deadlock nor stop the overlap.
 
-    The source holds, per N-tile, its ``pe_cols`` parameter records and then its
+    The source holds, per N-tile, its ``gemm_cols`` parameter records and then its
     ``k_slices`` weight tiles; a record the engine does not take blocks every weight beat
     behind it. The engine takes an N-tile's parameters once the previous N-tile's last slice
     has started, so this must not deadlock for any geometry (one K-slice and one or two
-    tokens included), and with every stream ready a pass with enough tokens must still
-    take one token per cycle across its N-tiles (the next tile's parameters and weights
+    tokens included), and with every stream ready a pass with enough tokens (and at least
+    ``gemm_words`` K-slices) must still take one token per cycle across its N-tiles (the next tile's parameters and weights
     load during the current tile's last slice): the least such number of tokens is run.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random", interleaved=True)
-    rows, cols = tb.config.pe_rows, tb.config.pe_cols
+    rows, cols = tb.config.pe_rows, tb.config.gemm_cols
     # Just enough tokens for a tile's last slice to cover the cycles until the parameter
     # shadow frees (its first token's way to the column sums), then the next tile's
     # parameters and weights, one beat each per cycle (a tile is pe_rows rows or, in
-    # column order, pe_cols columns).
+    # column order, gemm_cols columns).
     long = 2 + GemmEngine(tb.config).tree_latency + cols + max(rows, cols) + 1
+    # The long passes have at least gemm_words K-slices: with fewer, results (a row is
+    # gemm_words words, one a cycle) leave slower than tokens enter and the pass is bound
+    # by its output.
+    words = tb.config.gemm_words
     plan = [(1, 1, 3, GemmOp.INT8), (2, 1, 4, GemmOp.INT32), (3, 3, 2, GemmOp.INT8),
-            (long, 1, 3, GemmOp.INT8), (long, 2, 2, GemmOp.INT32), (1, 2, 2, GemmOp.INT8)]
+            (long, words, 3, GemmOp.INT8), (long, max(2, words), 2, GemmOp.INT32),
+            (1, 2, 2, GemmOp.INT8)]
     passes = []
     for index, (tokens, k_slices, n_tiles, mode) in enumerate(plan):
         transposed = column_order() and index % 2 == 1
