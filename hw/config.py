@@ -153,7 +153,8 @@ class AccelConfig:
 
         The widest the model needs: an MLP's or expert's hidden width, QKV's ``3 · max_dim``
         outputs, or attention over ``max_tokens`` keys rounded up to whole slices (P·V's K)
-        or N-tiles (Q·Kᵀ's N). The instruction checks, the ISA model and the compiler all bound by it.
+        or N-tiles (Q·Kᵀ's N). The instruction checks, the ISA model and the compiler all
+        bound by it.
         """
         return max(self.max_hidden, 3 * self.max_dim, self.max_tokens + self.gemm_cols)
 

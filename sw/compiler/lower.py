@@ -798,7 +798,6 @@ def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None
         When the model does not fit ``config`` (the message names the capacity).
     """
     check_model_fits(model, config)
-    C = config.pe_cols
     n, d = model.n_tokens, model.embed_dim
     img = DdrImage(align=ddr_align(config))
     plan = BufferPlan(config)

@@ -231,8 +231,9 @@ async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
     behind it. The engine takes an N-tile's parameters once the previous N-tile's last slice
     has started, so this must not deadlock for any geometry (one K-slice and one or two
     tokens included), and with every stream ready a pass with enough tokens (and at least
-    ``gemm_words`` K-slices) must still take one token per cycle across its N-tiles (the next tile's parameters and weights
-    load during the current tile's last slice): the least such number of tokens is run.
+    ``gemm_words`` K-slices) must still take one token per cycle across its N-tiles (the
+    next tile's parameters and weights load during the current tile's last slice): the
+    least such number of tokens is run.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random", interleaved=True)
     rows, cols = tb.config.pe_rows, tb.config.gemm_cols
