@@ -45,7 +45,8 @@ def bench_gemm_utilization(
     Parameters
     ----------
     config : AccelConfig
-        The array to build (a separate Verilator build per ``pe_rows × pe_cols``).
+        The array to build (a separate Verilator build per ``pe_rows × gemm_cols`` and
+        result word).
     shapes : tuple of (M, K, N)
         Pass geometries; K and N must be multiples of the array's rows and columns.
     weight_bytes_per_cycle : float
@@ -61,9 +62,11 @@ def bench_gemm_utilization(
         ``build_s`` / ``sim_s``.
     """
     for tokens, k, n in shapes:
-        if k % config.pe_rows or n % config.pe_cols or not 1 <= tokens <= config.max_tokens:
+        if k % config.pe_rows or n % config.gemm_cols or not 1 <= tokens <= config.max_tokens:
             raise ValueError(f"shape (M={tokens}, K={k}, N={n}) does not fit {config}")
-    build_dir = REPO_ROOT / "build" / "sim" / "gemm" / f"bench-{config.pe_rows}x{config.pe_cols}"
+    name = f"bench-{config.pe_rows}x{config.gemm_cols}" + (
+        f"w{config.gemm_words}" if config.gemm_words > 1 else "")
+    build_dir = REPO_ROOT / "build" / "sim" / "gemm" / name
     verilog = build_dir / f"{TOP}.v"
     write_if_changed(verilog, to_verilog(GemmEngine(config), TOP))
     out = build_dir / "utilization.json"
@@ -90,14 +93,15 @@ def bench_gemm_utilization(
 def format_table(config: AccelConfig, figures: list[dict], weight_bytes_per_cycle: float) -> str:
     """A Markdown table of the figures."""
     lines = [
-        f"{config.pe_rows}×{config.pe_cols} array, weights at {weight_bytes_per_cycle:g} B/cycle, "
+        f"{config.pe_rows}×{config.gemm_cols} array (results {config.gemm_words} word(s) of "
+        f"{config.pe_cols} a row), weights at {weight_bytes_per_cycle:g} B/cycle, "
         "activations always available, no output back-pressure:",
         "",
         "| M | K | N | cycles | ideal | utilization | weight stall | output stall |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in figures:
-        ideal = f["tokens"] * (f["k"] // config.pe_rows) * (f["n"] // config.pe_cols)
+        ideal = f["tokens"] * (f["k"] // config.pe_rows) * (f["n"] // config.gemm_cols)
         c = f["counters"]
         lines.append(f"| {f['tokens']} | {f['k']} | {f['n']} | {f['cycles']} | {ideal} | "
                      f"{100 * f['utilization']:.1f} % | {c['weight_stall_cycles']} | "
@@ -109,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=ZCU104.pe_rows)
-    parser.add_argument("--cols", type=int, default=ZCU104.pe_cols)
-    parser.add_argument("--weight-bytes-per-cycle", type=float, default=16.0)
+    parser.add_argument("--cols", type=int, default=ZCU104.gemm_cols,
+                        help="the array's N width (gemm_cols)")
+    parser.add_argument("--words", type=int, default=ZCU104.gemm_words,
+                        help="result words a row (gemm_words)")
+    parser.add_argument("--weight-bytes-per-cycle", type=float, default=64.0)
     args = parser.parse_args(argv)
-    config = ZCU104.replace(pe_rows=args.rows, pe_cols=args.cols)
+    if args.cols % args.words:
+        parser.error(f"--cols {args.cols} is not a multiple of --words {args.words}")
+    config = ZCU104.replace(pe_rows=args.rows, pe_cols=args.cols // args.words,
+                            gemm_words=args.words)
     figures = bench_gemm_utilization(config, weight_bytes_per_cycle=args.weight_bytes_per_cycle)
     print(format_table(config, figures, args.weight_bytes_per_cycle))
     print(f"\nVerilator build {figures[0]['build_s']:.0f} s, simulation "

@@ -108,51 +108,37 @@ def bench_golden(repeat: int = 10) -> str:
     ])
 
 
-def bench_gemm_utilization(weight_bytes_per_cycle: float = 16.0) -> str:
-    """PE-array utilization of the 32 × 32 GEMM engine on edge-moe shapes (cycle-accurate),
-    and of the 32 × 64 one (2,048 MACs a cycle on 1,024 DSPs, two products each) fed one
-    64-byte read entry a cycle."""
+def bench_gemm_utilization() -> str:
+    """PE-array utilization of the ZCU104 GEMM engine (32 × 64, 2,048 MACs a cycle on 1,024
+    DSPs, results two 32-lane words a row) on edge-moe shapes, cycle-accurate, fed one
+    64-byte read entry a cycle as the top feeds it."""
     from m3vit.hw.config import ZCU104
     from m3vit.hw.engine.router import intake_shape
 
     from . import gemm_utilization as harness
 
-    # The wide engine fed as the top feeds its array: one read entry a cycle.
-    wide = ZCU104.replace(pe_cols=2 * ZCU104.pe_cols)
-    wide_bytes = float(intake_shape(ZCU104).entry_bytes)
-    figures = harness.bench_gemm_utilization(ZCU104,
-                                             weight_bytes_per_cycle=weight_bytes_per_cycle)
-    wide_figures = harness.bench_gemm_utilization(wide, weight_bytes_per_cycle=wide_bytes)
-
-    def built(run: dict) -> str:
-        # Verilator skips an up-to-date model: then the build time says nothing about a build.
-        return (f"Verilator build {run['build_s']:.0f} s" if run["build_s"] >= 10
-                else "no rebuild (the Verilator model was up to date)")
-
+    entry_bytes = float(intake_shape(ZCU104).entry_bytes)
+    figures = harness.bench_gemm_utilization(ZCU104, weight_bytes_per_cycle=entry_bytes)
+    built = (f"Verilator build {figures[0]['build_s']:.0f} s" if figures[0]["build_s"] >= 10
+             else "no rebuild (the Verilator model was up to date)")
     return "\n".join([
-        f"## GEMM engine: PE-array utilization ({ZCU104.pe_rows} × {ZCU104.pe_cols}, ZCU104 "
-        f"config, and {wide.pe_rows} × {wide.pe_cols})",
+        f"## GEMM engine: PE-array utilization ({ZCU104.pe_rows} × {ZCU104.gemm_cols}, ZCU104 "
+        "config)",
         "",
         "Command: `make bench` (`python -m m3vit.sw.bench gemm_utilization`), which runs "
         "`bench_gemm_utilization` of `m3vit.sw.bench.gemm_utilization`: the Verilated engine "
-        "(two INT8 products per DSP48E2, `hw/packed.py`), one INT8 pass per shape, cycles "
-        "from reset release to the last result (first tile load, pipeline fill and drain "
-        "included), results checked against the golden model. "
-        f"{ZCU104.pe_rows} × {ZCU104.pe_cols}: {built(figures[0])}, simulation "
-        f"{figures[0]['sim_s']:.0f} s; {wide.pe_rows} × {wide.pe_cols}: "
-        f"{built(wide_figures[0])}, simulation {wide_figures[0]['sim_s']:.0f} s.",
+        "of the top (two INT8 products per DSP48E2, `hw/packed.py`; each result row leaves "
+        "as two 32-lane words, `gemm_words = 2`), one INT8 pass per shape, weights one "
+        "64-byte row a cycle (the three HP ports' entry), cycles from reset release to the "
+        "last result (first tile load, pipeline fill and drain included), results checked "
+        f"against the golden model. {built}, simulation {figures[0]['sim_s']:.0f} s.",
         f"Machine: {machine()}.",
         "",
-        harness.format_table(ZCU104, figures, weight_bytes_per_cycle),
+        harness.format_table(ZCU104, figures, entry_bytes),
         "",
-        f"The {wide.pe_rows} × {wide.pe_cols} engine (2,048 MACs a cycle on 1,024 DSPs: the "
-        "array that doubles the MAC rate; the top still uses 32 × 32), one 64-byte row a "
-        "cycle (the three HP ports' entry):",
-        "",
-        harness.format_table(wide, wide_figures, wide_bytes),
-        "",
-        "ideal = M · K/rows · N/cols cycles; utilization = useful MACs / (cycles · PEs). With "
-        "fewer tokens than a weight tile's load cycles the weight port bounds the pass.",
+        "ideal = M · K/rows · N/cols cycles; utilization = useful MACs / (cycles · 2,048). "
+        "With fewer tokens than a weight tile's load cycles (32) the weight port bounds the "
+        "pass.",
     ])
 
 
