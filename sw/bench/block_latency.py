@@ -1,7 +1,7 @@
 """Cycles of a whole dense ViT block on the generated engine (a benchmark, not CI).
 
 ``python -m m3vit.sw.bench.block_latency --preset edge-moe`` builds the engine for the
-ZCU104 configuration (32 × 32 array; ``--config ci`` for the 4 × 4 one), runs dense block
+ZCU104 configuration (32 × 64 array; ``--config ci`` for the 4 × 8 one), runs dense block
 0 of a randomly initialised, quantized model on it with the DMA engines played in Python
 (no stalls: one read entry per cycle, the engine's intake), checks the output bit-exactly
 against the golden model, and prints the cycles next to the MAC-bound ideal
@@ -33,13 +33,14 @@ def ideal_cycles(preset: str, config: AccelConfig) -> int:
 
     m = get_preset(preset)
     n, d, h, dh = m.n_tokens, m.embed_dim, m.mlp_hidden, m.head_dim
-    R, C = config.pe_rows, config.pe_cols
-    tiles = -(-n // C)
+    # N-tiles are gemm_cols wide; P·V's K-slices are pe_rows deep.
+    R, G = config.pe_rows, config.gemm_cols
 
     def gemm(k: int, out: int) -> int:
-        return n * -(-k // R) * -(-out // C)
+        return n * -(-k // R) * -(-out // G)
 
-    attention = m.num_heads * (n * (dh // R) * tiles + n * tiles * (dh // C))
+    # Q·Kᵀ: K = dh, N = n keys; P·V: K = n keys, N = dh.
+    attention = m.num_heads * (gemm(dh, n) + gemm(n, dh))
     return gemm(d, 3 * d) + attention + gemm(d, d) + gemm(d, h) + gemm(h, d)
 
 
@@ -86,7 +87,7 @@ def bench_block_latency(preset: str = "edge-moe", config_name: str = "zcu104") -
                                 preset)["cycles"]
     ideal = ideal_cycles(preset, config)
     return {"preset": preset, "config": config_name, "array": f"{config.pe_rows}x"
-            f"{config.pe_cols}", "cycles": cycles, "ideal": ideal,
+            f"{config.gemm_cols}", "cycles": cycles, "ideal": ideal,
             "us": cycles / config.clock_mhz}
 
 

@@ -1,7 +1,7 @@
 """DDR traffic and cycles of one MoE layer, reordered versus token by token (a benchmark).
 
 ``python -m m3vit.sw.bench.moe_layer --preset edge-moe`` builds the engine for the ZCU104
-configuration (32 × 32 array, 128-bit DDR port), compiles the first MoE layer of a
+configuration (32 × 64 array, 128-bit DDR ports), compiles the first MoE layer of a
 randomly initialised, quantized model (router on chip from the task's router weights,
 ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE), and runs it twice on the same program:
 ``SCHEDULE.ORDER`` = expert by expert, then token by token. Both outputs are checked bit-
@@ -37,7 +37,7 @@ def bench_moe_layer(preset: str = "edge-moe", config_name: str = "zcu104") -> di
     result = run_engine_harness(config, config_name, "m3vit.sw.bench.moe_layer_tb",
                                 f"moe_{preset}.json", (RESULT_ENV, PRESET_ENV), preset)
     result.update(preset=preset, config=config_name, clock_mhz=config.clock_mhz,
-                  array=f"{config.pe_rows}x{config.pe_cols}",
+                  array=f"{config.pe_rows}x{config.gemm_cols}",
                   entry_bytes=intake_beats(config) * config.axi_bytes)
     return result
 

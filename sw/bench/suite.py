@@ -204,7 +204,7 @@ def bench_resources(config_name: str = "zcu104") -> str:
 
 
 def bench_block_latency() -> str:
-    """Cycles of a whole dense ``edge-moe`` ViT block on the 32 × 32 engine (cycle-accurate)."""
+    """Cycles of a whole dense ``edge-moe`` ViT block on the 32 × 64 engine (cycle-accurate)."""
     from . import block_latency as harness
 
     r = harness.bench_block_latency("edge-moe", "zcu104")
@@ -233,7 +233,7 @@ def bench_block_latency() -> str:
 
 
 def bench_moe_layer() -> str:
-    """One ``edge-moe`` MoE layer, reordered vs token by token, on the 32 × 32 engine."""
+    """One ``edge-moe`` MoE layer, reordered vs token by token, on the 32 × 64 engine."""
     from . import moe_layer as harness
 
     r = harness.bench_moe_layer("edge-moe", "zcu104")
@@ -243,7 +243,7 @@ def bench_moe_layer() -> str:
         "Command: `make bench` (`python -m m3vit.sw.bench moe_layer`), which runs "
         "`m3vit.sw.bench.moe_layer`: block 1's MoE layer of a randomly initialised, "
         "quantized `edge-moe` (129 tokens, D = 192, 16 experts of hidden 384, top-2) on the "
-        "Verilated 32 × 32 engine, from the golden LN2 output: router GEMM (the task's "
+        "Verilated 32 × 64 engine, from the golden LN2 output: router GEMM (the task's "
         "router), ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE. One program, run twice: "
         "`SCHEDULE.ORDER` = expert by expert, then token by token; both outputs equal the "
         "golden MoE output bit for bit. DMA played in Python: at most one read entry (64 "

@@ -104,6 +104,23 @@ def test_dense_block_program_equals_the_golden_block(block_case):
     assert torch.equal(got, x2.to(torch.int8))
 
 
+@pytest.mark.parametrize("accel", [ZCU104.replace(max_tokens=129),
+                                   CI.replace(gemm_words=1)], ids=["zcu104", "ci-one-word"])
+def test_tiny_block_on_other_arrays_equals_the_golden_block(accel):
+    """``tiny`` (heads 32 channels wide) on the ZCU104's 64-wide N-tiles, where each head's
+    P·V also writes the next head's words (that head overwrites them; the last one's spill
+    has room), and on a CI array whose results are one word a row."""
+    cfg, pkg, x_q = quantized("tiny")
+    _, cap = golden.forward(pkg.tensors, cfg, x_q, cfg.task_names[0], capture=True)
+    assert cfg.head_dim < ZCU104.gemm_cols
+    program, image, _, out = compile_dense_block(pkg.tensors, cfg, accel, 0, cap["x0"][0])
+    ddr = bytearray(image.data)
+    execute(accel, program, ddr)
+    x2 = cap["blocks.0.x2"][0]
+    got = unslice(bytes(ddr[out:out + x2.numel()]), cfg.n_tokens, cfg.embed_dim, accel.pe_cols)
+    assert torch.equal(got, x2.to(torch.int8))
+
+
 def test_moe_block_is_refused_by_the_dense_compiler(block_case):
     cfg, t, cap = block_case
     with pytest.raises(M3VitError, match="MoE block"):
