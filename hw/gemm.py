@@ -316,8 +316,9 @@ class GemmEngine(wiring.Component):
     parameters wait in a two-entry queue beside it. A splitter takes a row apart into V
     words, one a cycle, into ``L`` requantizer lanes (:class:`Requantizer`, a 32 × 16
     multiply each: the lanes of one word, not of the array's width, which keeps the DSP
-    count of a ``32 × 64`` array within the ZCU104's budget), a 256 × INT8 table (256 / T
-    words of T entries: a write fills a word) with ``L`` read ports, and a word queue (its
+    count of a ``32 × 64`` array within the ZCU104's budget), a 256 × INT8 table per lane
+    (``L`` copies written together, each 256 / T words of T entries: a write fills a word;
+    one read port each, so each is LUT-RAM), and a word queue (its
     own credit counter in front of the requantizer). With V = 2 the results leave at half
     the array's row rate: the row queue holds the surplus of a last slice (about M / 2 rows)
     while the next N-tile's first slices compute.
@@ -825,21 +826,20 @@ class GemmEngine(wiring.Component):
         """The output table (its load, ``L`` lookups) and the result word by op: looked up,
         INT8 or INT32."""
         lanes = self.config.pe_cols
-        # Words of T entries: a table beat writes one; a lookup reads the word and picks
-        # the entry with the index's low bits, registered beside the read.
+        # One copy of the table per lane, written together: a memory with one read port
+        # maps to LUT-RAM (a 256 × 8 table is a few dozen LUTs), where one memory with a
+        # read port per lane would be a multiplexer per lane (hundreds of LUTs each).
+        # A copy is words of T entries: a table beat writes one; a lookup reads the word
+        # and picks the entry with the index's low bits, registered beside the read.
         T = self.table_entries
         low_bits = (T - 1).bit_length()
         words = TABLE_ENTRIES // T
-        table = m.submodules.table = Memory(shape=data.ArrayLayout(signed(8), T),
-                                            depth=words, init=[])
-        table_write = table.write_port()
         table_index = Signal(range(words))
+        table_write = Signal()
         # The table changes only once every earlier result has left.
-        m.d.comb += self.table.ready.eq(s.loading_table & (s.pending == 0) & ~s.words_out)
         m.d.comb += [
-            table_write.addr.eq(table_index),
-            table_write.data.eq(self.table.payload),
-            table_write.en.eq(self.table.valid & self.table.ready),
+            self.table.ready.eq(s.loading_table & (s.pending == 0) & ~s.words_out),
+            table_write.eq(self.table.valid & self.table.ready),
         ]
         with m.If(self.table.valid & self.table.ready):
             m.d.sync += table_index.eq(table_index + 1)
@@ -848,7 +848,11 @@ class GemmEngine(wiring.Component):
 
         result = Signal(self.output_layout)
         for col in range(lanes):
-            lookup = table.read_port()
+            table = Memory(shape=data.ArrayLayout(signed(8), T), depth=words, init=[])
+            m.submodules[f"table{col}"] = table
+            write, lookup = table.write_port(), table.read_port()
+            m.d.comb += [write.addr.eq(table_index), write.data.eq(self.table.payload),
+                         write.en.eq(table_write)]
             # The INT8 result's two's-complement byte is the table index.
             index = index_value[col][:8]
             m.d.comb += lookup.addr.eq(index[low_bits:])
