@@ -274,7 +274,7 @@ def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path
             return folder / _LIBRARY
 
     _check_tools(trace, env)
-    say(f"elaborating the accelerator top ({config.pe_rows}×{config.pe_cols} array)")
+    say(f"elaborating the accelerator top ({config.pe_rows}×{config.gemm_cols} array)")
     verilog = _verilog(config).encode()
     key = f"{config.config_hash():08x}-{_digest(verilog, *sources, *map(str.encode, tool_id))[:16]}"
     folder = root / key
@@ -667,6 +667,6 @@ class SocModel:
 
     def __repr__(self) -> str:
         state = f"cycle {self.cycle}" if self._handle else "closed"
-        return (f"SocModel({self.config.pe_rows}×{self.config.pe_cols}, "
+        return (f"SocModel({self.config.pe_rows}×{self.config.gemm_cols}, "
                 f"{self.ddr_bytes:#x} bytes of DDR, {state})")
 

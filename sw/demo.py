@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "a figure under --out.")
     p.add_argument("--preset", default="tiny", help="model preset (default: %(default)s)")
     p.add_argument("--config", default="ci", choices=("ci", "zcu104"),
-                   help="accelerator configuration to simulate (default: %(default)s, a 4x4 "
-                        "array that builds in minutes; zcu104 is the 32x32 board design)")
+                   help="accelerator configuration to simulate (default: %(default)s, a 4x8 "
+                        "array that builds in minutes; zcu104 is the 32x64 board design)")
     p.add_argument("--images", type=int, default=4, help="images per task (default: 4)")
     p.add_argument("--runs", default="runs", help="folder of checkpoints and packages")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")

@@ -305,7 +305,7 @@ def _soc_image(preset: str, config_name: str, n_master_ports: int | None = None,
                     cycles=run.cycles, n_ports=acc.n_master_ports,
                     instructions=run.instructions)
     return {"preset": preset, "config": config_name, "array": f"{config.pe_rows}x"
-            f"{config.pe_cols}", "masters": config.n_master_ports, "build_s": build_s,
+            f"{config.gemm_cols}", "masters": config.n_master_ports, "build_s": build_s,
             "image_bytes": len(compiled.image), "rows": rows}
 
 

@@ -73,7 +73,7 @@ class Executable:
     input_offset, input_size : int
         Where one image's patches go (:func:`m3vit.sw.compiler.lower.patch_words`).
     output_offset, output_size : int
-        Where the head writes (``head_tiles`` × N_patches × ``pe_cols`` INT32).
+        Where the head writes (``head_tiles`` × N_patches × ``gemm_cols`` INT32).
     head_tiles : int
         N-tiles of the head GEMM.
     input_scale : float
@@ -137,7 +137,7 @@ class Executable:
         if config_hash != self.config_hash:
             raise M3VitError(
                 f"{where}compiled for hardware config {self.config_hash:#010x} "
-                f"({self.config.pe_rows}x{self.config.pe_cols} array), but {hardware} is "
+                f"({self.config.pe_rows}x{self.config.gemm_cols} array), but {hardware} is "
                 f"config {config_hash:#010x}: re-run `m3vit compile` with its --config")
 
     def weight_bytes(self) -> int:

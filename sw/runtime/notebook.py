@@ -244,7 +244,7 @@ def prepare_package(acc: Accelerator, *, m3x: str | os.PathLike | None = None,
         return NotebookPackage(compiled, reference, f"{m3x_path}{where}")
     config = accelerator_config(acc)
     if reference is not None:
-        source = f"{m3q_path} compiled for the {config.pe_rows}x{config.pe_cols} array"
+        source = f"{m3q_path} compiled for the {config.pe_rows}x{config.gemm_cols} array"
     else:
         from ..model.config import get_preset
         from ..model.m3vit import M3ViT
@@ -254,5 +254,5 @@ def prepare_package(acc: Accelerator, *, m3x: str | os.PathLike | None = None,
                              n_calib=STAND_IN_CALIBRATION_IMAGES)
         source = (f"stand-in: {preset} randomly initialised (seed 0), quantized on "
                   f"{STAND_IN_CALIBRATION_IMAGES} images, compiled for the "
-                  f"{config.pe_rows}x{config.pe_cols} array (train one with `make demo`)")
+                  f"{config.pe_rows}x{config.gemm_cols} array (train one with `make demo`)")
     return NotebookPackage(compile_executable(reference, config), reference, source)

@@ -97,7 +97,7 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
     report: dict[str, Any] = {
         "format": REPORT_FORMAT, "board": acc.board.name, "clock_mhz": acc.clock_mhz,
         "config_hash": f"{pkg.config_hash:#010x}",
-        "array": f"{pkg.config.pe_rows}x{pkg.config.pe_cols}", "model": pkg.model.name,
+        "array": f"{pkg.config.pe_rows}x{pkg.config.gemm_cols}", "model": pkg.model.name,
         "images": n, "schedule": acc.schedule.name, "sequence": sequence,
         "task_switch": switch, "tasks": {}, "outputs": {},
     }
