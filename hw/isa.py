@@ -482,6 +482,17 @@ cleanly (nothing of that instruction has started) with STATUS.ERROR, `ERROR_CODE
 A DDR access answered with SLVERR or DECERR lets the instruction finish, then stops with
 `AXI_RESPONSE`; `CONTROL.ABORT` stops after the current instruction with `ABORTED`.
 
+`GEMM` buffer walks, with R = `pe_rows`, C = `pe_cols`, G = `gemm_cols` (the PE array's
+N width) and V = G / C = `gemm_words`, for N-tile j, K-slice s, word v of a tile and row m
+(mapped by the row modes below inside an `EXPERTS` body):
+
+- activations: lane r of word `src + s·src_stride + m` is `X[m, s·R + r]`;
+- INT8 results: lane c of word `dst + (j·V + v)·dst_stride + m` is `Y[m, j·G + v·C + c]`;
+- `wsrc = BUFFER_ROWS` (P·V): lane c of word `wbuf + (j·V + v)·wstride + s·R + r` is
+  `W[j·G + v·C + c, s·R + r]`;
+- `wsrc = BUFFER_COLUMNS` (Q·Kᵀ): lane r of word `wbuf + s·wstride + j·G + c` is
+  `W[j·G + c, s·R + r]`.
+
 DDR layouts read by the instructions (the compiler writes them, zero-padded to whole AXI
 beats):
 
