@@ -30,7 +30,7 @@ from amaranth.utils import bits_for, ceil_log2
 from .config import AccelConfig
 from .isa import GemmOp
 from .packed import PackedArray, packed_latency
-from .pipeline import delay_like, queue_depth
+from .pipeline import credit_count, delay_like, queue_depth
 
 __all__ = [
     "COUNTER_NAMES",
@@ -226,7 +226,7 @@ class GemmEngine(wiring.Component):
         lanes), the result word (``pe_cols`` lanes) and ``max_tokens``.
     rows_per_beat : int
         Weight rows (or columns) per ``weights`` beat, W: a power of two dividing
-        ``pe_rows`` (the top takes two 32-byte rows from each 64-byte read entry).
+        ``pe_rows`` (the ZCU104 top takes one 64-byte row from each 64-byte read entry).
     params_per_beat : int
         Output channels' parameters per ``params`` beat, P: a power of two dividing
         ``gemm_cols``.
@@ -748,9 +748,8 @@ class GemmEngine(wiring.Component):
         word = Signal(range(V)) if V > 1 else Const(0, 1)
         emit = Signal()
         # The word queue's credit counts words from the splitter until they are taken.
-        words_in_flight = Signal(range(self.queue_depth + 1))
-        m.d.sync += words_in_flight.eq(words_in_flight + emit
-                                       - (self.results.valid & self.results.ready))
+        words_in_flight = credit_count(m, "words", self.queue_depth, take=emit,
+                                       give=self.results.valid & self.results.ready)
         m.d.comb += [s.words_out.eq(words_in_flight != 0),
                      emit.eq(rows.r_rdy & (words_in_flight != self.queue_depth))]
         last_word = word == V - 1
@@ -812,10 +811,10 @@ class GemmEngine(wiring.Component):
         q0, q1 = s.p_queue
         count, push, pop = s.p_count, s.p_push, s.p_pop
         m.d.sync += count.eq(count + push - pop)
+        # A push finds at most one tile queued (a claim needs count < 2, and only pops come
+        # between a claim and its push), so a push beside a pop refills the head.
         with m.If(pop):
             m.d.sync += q0.eq(Mux(push & (count == 1), s.p_shadow, q1))
-            with m.If(push & (count == 2)):
-                m.d.sync += q1.eq(s.p_shadow)
         with m.Elif(push):
             with m.If(count == 0):
                 m.d.sync += q0.eq(s.p_shadow)

@@ -15,7 +15,7 @@ Addressing:
 * **Buffer addresses** index the on-chip activation buffer in *words* of ``pe_cols`` INT8
   lanes. A tensor of M tokens × D channels is stored *slice-major*: word ``base + s·stride
   + m`` holds channels ``s·C … s·C+C−1`` of token ``m`` (``stride`` ≥ M, usually M). A
-  ``GEMM`` N-tile is ``gemm_cols`` = V·C channels, V = ``gemm_words`` (1 or 2) such slices.
+  ``GEMM`` N-tile is ``gemm_cols`` = V·C channels, V = ``gemm_words`` (1, 2 or 4) such slices.
 * **DDR addresses** are byte offsets from the ``DATA_BASE`` register, checked against
   ``DATA_SIZE``; with ``per_task`` set, ``task_select · task_stride`` (from the last
   ``TASKS`` instruction) is added first, so one program serves every task.

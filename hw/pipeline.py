@@ -14,6 +14,7 @@ from .config import AccelConfig
 
 __all__ = [
     "check_config",
+    "credit_count",
     "credit_counter",
     "delay_like",
     "output_queue",
@@ -42,6 +43,14 @@ def output_queue(m: Module, name: str, layout, entries: int):
     return fifo, layout(fifo.w_data), layout(fifo.r_data)
 
 
+def credit_count(m: Module, name: str, depth: int, take: Value, give: Value) -> Signal:
+    """Entries issued into a non-stalling pipeline (``take``) and not yet read out of the
+    ``depth`` queue at its end (``give``): the count behind :func:`credit_counter`."""
+    used = Signal(range(depth + 1), name=f"{name}_used")
+    m.d.sync += used.eq(used + take - give)
+    return used
+
+
 def credit_counter(m: Module, name: str, depth: int, take: Value, give: Value) -> Signal:
     """Admission control in front of a non-stalling pipeline that ends in a ``depth`` queue.
 
@@ -49,8 +58,7 @@ def credit_counter(m: Module, name: str, depth: int, take: Value, give: Value) -
     signal is high while one more may be issued, so the queue can never overflow and the
     pipeline never needs to stall.
     """
-    used = Signal(range(depth + 1), name=f"{name}_used")
-    m.d.sync += used.eq(used + take - give)
+    used = credit_count(m, name, depth, take, give)
     free = Signal(name=f"{name}_free")
     m.d.comb += free.eq(used != depth)
     return free

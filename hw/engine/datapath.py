@@ -287,17 +287,24 @@ class Datapath(wiring.Component):
         weights, rows = self.gemm_weights, self.ddr_weights
         beat_bytes = self.rows_per_beat * cfg.gemm_cols
         pack_rows = m.submodules.pack_rows = StreamResize(cfg.pe_cols, beat_bytes)
-        pack_cols = m.submodules.pack_cols = StreamResize(cfg.gemm_cols, beat_bytes)
-        m.d.comb += [pack_rows.i.payload.data.eq(b_data),
-                     pack_cols.i.payload.data.eq(b_data)]  # zero-extended to a column
+        m.d.comb += pack_rows.i.payload.data.eq(b_data)
+        if cfg.gemm_words == 1:
+            pack_cols = pack_rows  # a row and a column are both one word
+        else:
+            pack_cols = m.submodules.pack_cols = StreamResize(cfg.gemm_cols, beat_bytes)
+            m.d.comb += pack_cols.i.payload.data.eq(b_data)  # zero-extended to a column
+
+        def feed(pack: StreamResize) -> None:
+            with m.If(unit == Unit.GEMM):
+                m.d.comb += [pack.i.valid.eq(b.valid), b.ready.eq(pack.i.ready),
+                             weights.valid.eq(pack.o.valid), pack.o.ready.eq(weights.ready)]
+            m.d.comb += weights.payload.eq(pack.o.payload.data)
+
         with m.If(ctl.weights_from_buffer):
-            for chosen, columns in ((pack_cols, 1), (pack_rows, 0)):
-                with m.If(ctl.weights_columns == columns):
-                    with m.If(unit == Unit.GEMM):
-                        m.d.comb += [chosen.i.valid.eq(b.valid), b.ready.eq(chosen.i.ready),
-                                     weights.valid.eq(chosen.o.valid),
-                                     chosen.o.ready.eq(weights.ready)]
-                    m.d.comb += weights.payload.eq(chosen.o.payload.data)
+            with m.If(ctl.weights_columns):
+                feed(pack_cols)
+            with m.Else():
+                feed(pack_rows)
         with m.Elif(unit == Unit.GEMM):
             m.d.comb += [weights.valid.eq(rows.valid), rows.ready.eq(weights.ready),
                          weights.payload.eq(rows.payload.data)]
