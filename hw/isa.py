@@ -66,6 +66,8 @@ DDR_OFFSET_BITS = 32
 # Loop counts: tokens, words and K-slices / N-tiles (12 bits: K up to 4,095 · pe_rows).
 _TOKENS_BITS = 16
 _TILES_BITS = 12
+# A fused residual add's shift: 0 … 31 (any shift ≥ 25 gives 0, numerics.residual_add).
+_RES_SHIFT_BITS = 5
 
 
 #: Bytes of one LayerNorm parameter record in DDR (bias int64, gain int16, 6 zero bytes).
@@ -254,13 +256,19 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "src_stride": _BUF,
         "dst": _BUF,                 # INT8 results: word dst + (j·V + v)·dst_stride + m
         "dst_stride": _BUF,
-        "wbuf": _BUF,                # on-chip weights (wsrc ≠ DDR)
+        "wbuf": _BUF,                # on-chip weights (wsrc ≠ DDR); residual = 1: x's words
         "wstride": _BUF,
         "ddr": _DDR,                 # parameters (+ weights when wsrc = DDR)
         "out_ddr": _DDR,             # INT32 results: (j·tokens + m) · 4G bytes from here
         "expert": unsigned(1),       # in an EXPERTS body: the iteration's count, expert block
         "src_rows": RowMode,         # row m of the activations (DIRECT, QUEUE or GATHER)
         "dst_rows": RowMode,         # row m of the INT8 results (DIRECT or QUEUE)
+        # A residual add in the output stage (wsrc = DDR, INT8 results): each result word
+        # is added to the word of x at the same place from wbuf instead of dst.
+        "residual": unsigned(1),
+        "res_mult_buf": unsigned(16),  # x's multiplier
+        "res_mult_out": unsigned(16),  # the result's multiplier
+        "res_shift": unsigned(_RES_SHIFT_BITS),
     }),
     Opcode.LAYERNORM: data.StructLayout({
         "src": _BUF,                 # row m, beat b: word src + b·stride + m
@@ -309,6 +317,13 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "beats": unsigned(_TILES_BITS),  # D / C
         "mult": unsigned(16),
         "shift": unsigned(6),
+        # A residual add of x (token t, slice s at word res_src + s·dst_stride + t) to each
+        # output word before it is written.
+        "residual": unsigned(1),
+        "res_src": _BUF,
+        "res_mult_buf": unsigned(16),
+        "res_mult_out": unsigned(16),
+        "res_shift": unsigned(_RES_SHIFT_BITS),
     }),
 }
 
@@ -317,11 +332,13 @@ for _op, _layout in OPERANDS.items():
     assert _layout.size <= _ARG_BITS, (_op, _layout.size)
 
 #: One instruction word: the opcode and a union of every operand struct.
+_PAD_BITS = _ARG_BITS - max(layout.size for layout in OPERANDS.values())
 INSTRUCTION = data.StructLayout({
     "opcode": Opcode,
     "args": data.UnionLayout({op.name.lower(): layout for op, layout in OPERANDS.items()
                               if layout.size}),
-    "pad": unsigned(_ARG_BITS - max(layout.size for layout in OPERANDS.values())),
+    # No zero-width field when the widest operands fill the word (Verilator ASCRANGE).
+    **({"pad": unsigned(_PAD_BITS)} if _PAD_BITS else {}),
 })
 assert INSTRUCTION.size == INSTRUCTION_BITS
 
@@ -446,7 +463,8 @@ _OPCODE_DOCS = {
     Opcode.LOAD: "DDR → buffer: `words` words to `dst + i·dst_stride`",
     Opcode.STORE: "buffer → DDR: words `src + i·src_stride`",
     Opcode.LOAD_TABLE: "load a 256-entry table into the unit `unit`",
-    Opcode.GEMM: "one pass of the PE array (bias, requantization, optional table)",
+    Opcode.GEMM: "one pass of the PE array (bias, requantization, optional table, optional "
+                 "residual add)",
     Opcode.LAYERNORM: "integer LayerNorm of `rows` token rows of `beats` words",
     Opcode.SOFTMAX: "row softmax of `rows` rows of `length` INT8 logits (INT8 probabilities)",
     Opcode.RESIDUAL: "residual add of two ranges of `words` words",
@@ -454,7 +472,8 @@ _OPCODE_DOCS = {
                   "per-expert token queues",
     Opcode.EXPERTS: "run the next `body` instructions once per active expert (or per token "
                     "slot)",
-    Opcode.COMBINE: "score-weighted sum of each token's `top_k` expert outputs, requantized",
+    Opcode.COMBINE: "score-weighted sum of each token's `top_k` expert outputs, requantized "
+                    "(optional residual add)",
 }
 
 _ISA_SEMANTICS = """
@@ -492,6 +511,18 @@ N width) and V = G / C = `gemm_words`, for N-tile j, K-slice s, word v of a tile
   `W[j·G + v·C + c, s·R + r]`;
 - `wsrc = BUFFER_COLUMNS` (Q·Kᵀ): lane r of word `wbuf + s·wstride + j·G + c` is
   `W[j·G + c, s·R + r]`.
+
+A `GEMM` (weights from DDR, INT8 results) or a `COMBINE` with `residual` set does a
+residual add in its output stage: each output word y, before it is written, becomes
+
+    sat8(round_half_up((x · res_mult_buf + y · res_mult_out) / 2^res_shift))
+
+lane by lane (`numerics.residual_add`), x being the word at the same place of the range
+that starts at `wbuf` (`GEMM`: the walk of its results, from `wbuf` instead of `dst`) or at
+`res_src` (`COMBINE`: token t, slice s at `res_src + s·dst_stride + t`). x is read through
+read port B, each word before the sum of its place is written, so the sum may overwrite x
+(`wbuf = dst`). It is the `RESIDUAL` that would follow, without writing y and reading it
+back: one instruction and a pass over the buffer less per residual add.
 
 DDR layouts read by the instructions (the compiler writes them, zero-padded to whole AXI
 beats):

@@ -3,7 +3,8 @@
 Three things are declared here and nowhere else:
 
 * which field values make an instruction illegal (``ILLEGAL_OPCODE``):
-  :data:`NOT_IN_BODY`, :data:`BODY_ONLY_FIELDS` and :func:`allowed_values`;
+  :data:`NOT_IN_BODY`, :data:`BODY_ONLY_FIELDS`, :data:`FLAG_REQUIRES` and
+  :func:`allowed_values`;
 * which counts are bounded by which capacity of the configuration
   (``SHAPE_OVER_CAPACITY``): :data:`SHAPE_BOUNDS`, whose capacities are
   :class:`~m3vit.hw.config.AccelConfig` attributes (``max_gemm_width`` and
@@ -20,6 +21,8 @@ them next to a reference to this module:
   the place of ``tokens`` in its bound;
 * ``ROUTE`` needs ``top_k ≤ experts``;
 * ``COMBINE`` needs a ``ROUTE`` earlier in the run and ``rows ≤`` the routed rows.
+* a ``GEMM`` with ``residual`` set writes at most ``max_residual_words`` words
+  (``n_tiles · gemm_words`` × its token count).
 
 The buffer and DDR ranges an instruction touches (``ADDRESS_OUT_OF_RANGE``) are computed by
 the hardware and by the model each in its own terms; a differential test runs every
@@ -39,6 +42,7 @@ from .isa import OPERANDS, ExpertOrder, GemmOp, Opcode, RowMode, TableUnit, Weig
 
 __all__ = [
     "BODY_ONLY_FIELDS",
+    "FLAG_REQUIRES",
     "NOT_IN_BODY",
     "SHAPE_BOUNDS",
     "CountBound",
@@ -65,6 +69,16 @@ _RESTRICTED: Mapping[tuple[Opcode, str], tuple[enum.Enum, ...]] = {
     (Opcode.GEMM, "mode"): (GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32),
     # A gather is a read: results go to the iteration's own rows (DIRECT or QUEUE).
     (Opcode.GEMM, "dst_rows"): (RowMode.DIRECT, RowMode.QUEUE),
+}
+
+
+#: One-bit fields that only combine with some values of other enum fields: with the flag
+#: set, each listed field must hold one of its listed values, else ``ILLEGAL_OPCODE``.
+FLAG_REQUIRES: Mapping[tuple[Opcode, str], Mapping[str, tuple[enum.Enum, ...]]] = {
+    # The residual's x comes through read port B, which is free only while the weights
+    # stream from DDR, and is added to INT8 results (not INT32 ones headed for DDR).
+    (Opcode.GEMM, "residual"): {"wsrc": (WeightSource.DDR,),
+                                "mode": (GemmOp.INT8, GemmOp.INT8_TABLE)},
 }
 
 
@@ -155,8 +169,13 @@ def _illegal_text() -> str:
                           f"non-zero outside an `EXPERTS` body"
                           for op, fields in BODY_ONLY_FIELDS.items())
     inside = ", ".join(f"`{op.name}`" for op in Opcode if op in NOT_IN_BODY)
+    flags = "; ".join(
+        f"`{op.name}` with `{flag}` set and " + " or ".join(
+            f"`{name}` not {' / '.join(v.name for v in values)}"
+            for name, values in needs.items())
+        for (op, flag), needs in FLAG_REQUIRES.items())
     return (f"opcode not in the table above; {'; '.join(unassigned)}; {body_only}; "
-            f"{inside} inside a body")
+            f"{flags}; {inside} inside a body")
 
 
 def _shape_text() -> str:
@@ -164,10 +183,11 @@ def _shape_text() -> str:
              for op, bounds in SHAPE_BOUNDS.items()]
     return ("a count below 1 or over its capacity: " + "; ".join(parts)
             + "; `ROUTE` with `top_k` > `experts`; `COMBINE` with no `ROUTE` before it or "
-            "`rows` > the routed rows; in a body, an expert `GEMM`'s iteration count takes "
-            "the place of `tokens`. Capacities: `max_gemm_width` = max(`max_hidden`, "
-            "3 · `max_dim`, `max_tokens` + `gemm_cols`), `max_residual_words` = `max_tokens` "
-            "· `max_dim` / `pe_cols`")
+            "`rows` > the routed rows; a `GEMM` with `residual` whose results (`n_tiles` · "
+            "`gemm_words` · tokens words) exceed `max_residual_words`; in a body, an expert "
+            "`GEMM`'s iteration count takes the place of `tokens`. Capacities: "
+            "`max_gemm_width` = max(`max_hidden`, 3 · `max_dim`, `max_tokens` + `gemm_cols`), "
+            "`max_residual_words` = `max_tokens` · `max_dim` / `pe_cols`")
 
 
 def checks_table() -> list[tuple[str, str]]:

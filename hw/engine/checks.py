@@ -29,6 +29,7 @@ from ..isa import (
 )
 from ..isa_checks import (
     BODY_ONLY_FIELDS,
+    FLAG_REQUIRES,
     NOT_IN_BODY,
     SHAPE_BOUNDS,
     allowed_values,
@@ -180,6 +181,11 @@ class InstructionChecks(wiring.Component):
             terms.append(~used | ctl.loop_active)
         if op in NOT_IN_BODY:
             terms.append(~ctl.loop_active)
+        for (flag_op, flag), needs in FLAG_REQUIRES.items():
+            if flag_op == op:
+                held = _all(_any(Value.cast(a[name]) == v.value for v in values)
+                            for name, values in needs.items())
+                terms.append(~a[flag] | held)
         return _all(terms)
 
     def _in_shape(self, op: Opcode, a) -> Value:
@@ -199,6 +205,10 @@ class InstructionChecks(wiring.Component):
             terms.append(a.experts >= a.top_k)
         if op == Opcode.COMBINE:
             terms += [ctl.routed, a.rows <= self.routed_rows]
+        if op == Opcode.GEMM:
+            # A fused residual add takes every result word: as many as a RESIDUAL may.
+            words = (a.n_tiles * ctl.tokens) << exact_log2(cfg.gemm_words)
+            terms.append(~a.residual | (words <= cfg.max_residual_words))
         return _all(terms)
 
     def _opcodes(self, m: Module, rng, ddr_used: Signal) -> None:
@@ -240,6 +250,10 @@ class InstructionChecks(wiring.Component):
                                  (g.k_slices, R))
                 with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
                     buffer_range(2, g.wbuf + G - 1, (g.k_slices, g.wstride), (g.n_tiles, G))
+                with m.Elif(g.residual):
+                    # The residual's x, read where the results are written, from wbuf.
+                    buffer_range(2, g.wbuf, (g.n_tiles << log_words, g.dst_stride),
+                                 (touched_rows(g.dst_rows), 1))
                 tile_bytes = Mux(g.wsrc == WeightSource.DDR, g.k_slices * (R * G), 0)
                 ddr_range(g.ddr + Mux(g.expert, ctl.expert_offset, 0),
                           g.n_tiles * (GEMM_RECORD_BYTES * G + tile_bytes), g.per_task)
@@ -276,6 +290,8 @@ class InstructionChecks(wiring.Component):
                 a = args.combine
                 buffer_range(0, a.src, (a.beats, a.src_stride), (self.routed_entries, 1))
                 buffer_range(1, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
+                with m.If(a.residual):
+                    buffer_range(2, a.res_src, (a.beats, a.dst_stride), (a.rows, 1))
 
     def _verdicts(self, m: Module, rng, ddr_used: Signal) -> None:
         """``CHECK1`` registers each range's last word and the DDR end; ``CHECK2`` compares."""

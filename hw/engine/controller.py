@@ -72,12 +72,14 @@ def _walk_layout(cfg: AccelConfig) -> data.StructLayout:
 
 def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
     """Everything that starts a GEMM's buffer walks: the three walks (``w``, ``b`` used or
-    not), the result count, the gather stage's mode and offset."""
+    not), the result count, the gather stage's mode and offset, and a fused residual add
+    (its flag and the residual unit's command)."""
     walk = _walk_layout(cfg)
     entries = cfg.max_tokens * cfg.max_top_k
     return data.StructLayout({"a": walk, "w": walk, "b": walk, "use_w": 1, "use_b": 1,
                               "writes": 32, "gather_mode": GatherMode,
-                              "gather_offset": range(entries + 1)})
+                              "gather_offset": range(entries + 1),
+                              "residual": 1, "res_cmd": ResidualAdd.cmd_layout(cfg)})
 
 
 class _Registers:
@@ -122,6 +124,11 @@ class _Registers:
         # start when its last result is written, and the controller goes on meanwhile.
         self.launcher = Signal(_walk_plan_layout(cfg))
         self.launcher_full = Signal()
+        # A fused residual add (GEMM or COMBINE with ``residual``): the datapath's routing,
+        # and the residual unit's command, offered until taken.
+        self.residual_fused = Signal()
+        self.res_cmd = Signal(ResidualAdd.cmd_layout(cfg))
+        self.res_cmd_valid = Signal()
 
 
 class Controller(wiring.Component):
@@ -229,6 +236,7 @@ class Controller(wiring.Component):
             datapath.weights_columns.eq(r.weights_columns),
             datapath.gather_mode.eq(r.gather_mode),
             datapath.gather_offset.eq(r.gather_offset),
+            datapath.residual_fused.eq(r.residual_fused),
             checks.loop_active.eq(r.loop_active),
             checks.routed.eq(r.routed),
             checks.ctx_count.eq(r.ctx_count),
@@ -245,6 +253,12 @@ class Controller(wiring.Component):
             self._moe_states(m, r)
             self._end_states(m, r)
         self._launch_held_walks(m, r)
+        # After the state machine: this command wins over RESIDUAL_RUN's, which never runs
+        # while one is offered (a fused GEMM drains before any other instruction starts).
+        with m.If(r.res_cmd_valid):
+            m.d.comb += [self.residual_cmd.valid.eq(1), self.residual_cmd.payload.eq(r.res_cmd)]
+            with m.If(self.residual_cmd.ready):
+                m.d.sync += r.res_cmd_valid.eq(0)
         with m.If(self.abort_request & self.busy):
             m.d.sync += r.aborting.eq(1)
         return m
@@ -289,7 +303,8 @@ class Controller(wiring.Component):
                 m.d.sync += [r.pc.eq(0), r.stop_code.eq(ErrorCode.NONE), r.aborting.eq(0),
                              r.task_offset.eq(0), r.task_stride.eq(0), r.sent.eq(0),
                              r.routed.eq(0), r.loop_active.eq(0),
-                             r.run_schedule.eq(self.schedule), r.pending.eq(0)]
+                             r.run_schedule.eq(self.schedule), r.pending.eq(0),
+                             r.residual_fused.eq(0), r.res_cmd_valid.eq(0)]
                 m.d.comb += [self.dma_error_clear.eq(1), self.fetch.flush.eq(1)]
                 m.next = "FETCH"
         with m.State("FETCH"):
@@ -412,17 +427,27 @@ class Controller(wiring.Component):
                      walk(g.wbuf, (g.n_tiles, G), (g.k_slices, g.wstride), (G, 1)),
                      walk(g.wbuf, (g.n_tiles, g.wstride << log_words),
                           (g.k_slices << exact_log2(R), 1), (V, g.wstride)))
+        # A fused residual's x is read where the results are written, from wbuf.
+        res_base = g.wbuf + Mux(g.dst_rows == RowMode.QUEUE, r.ctx_offset, 0)
+        walk_b = Mux(g.residual, walk(res_base, (g.n_tiles, g.dst_stride << log_words),
+                                      (tokens, 1), (V, g.dst_stride)), walk_b)
         gather = Mux(g.src_rows == RowMode.GATHER, GatherMode.QUEUE, GatherMode.NONE)
+        writes = fit((g.n_tiles * tokens) << log_words, 32)
+        res_cmd = layout["res_cmd"].shape
         m.d.comb += plan.eq(Cat(
             walk(src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride), (tokens, 1)),
             walk(dst_base, (g.n_tiles, g.dst_stride << log_words), (tokens, 1),
                  (V, g.dst_stride)),
             walk_b,
             g.mode != GemmOp.INT32,
-            g.wsrc != WeightSource.DDR,
-            fit((g.n_tiles * tokens) << log_words, 32),
+            (g.wsrc != WeightSource.DDR) | g.residual,
+            writes,
             fit(gather, layout["gather_mode"].width),
-            fit(r.ctx_offset, layout["gather_offset"].width)))
+            fit(r.ctx_offset, layout["gather_offset"].width),
+            g.residual,
+            # The residual unit: a beat a result word (the checks bound the count).
+            fit(writes, res_cmd["beats"].width), g.res_mult_out, g.res_mult_buf,
+            fit(g.res_shift, res_cmd["shift"].width)))
         assert len(Cat(plan.as_value())) == layout.size
         return plan
 
@@ -431,7 +456,10 @@ class Controller(wiring.Component):
         walks = self.datapath
         self._expect_writes(m, plan.writes)
         m.d.sync += [r.gather_offset.eq(plan.gather_offset),
-                     r.gather_mode.eq(plan.gather_mode)]
+                     r.gather_mode.eq(plan.gather_mode),
+                     r.residual_fused.eq(plan.residual)]
+        with m.If(plan.residual):
+            m.d.sync += [r.res_cmd.eq(plan.res_cmd), r.res_cmd_valid.eq(1)]
         for port, target, used in ((walks.walk_a, plan.a, 1), (walks.walk_w, plan.w, plan.use_w),
                                    (walks.walk_b, plan.b, plan.use_b)):
             m.d.comb += [port.start.eq(used), port.base.eq(target.base),
@@ -505,7 +533,7 @@ class Controller(wiring.Component):
                       & ~r.launcher_full):
                 m.d.comb += self.drained.eq(1)
                 m.d.sync += [r.pending.eq(0), r.unit.eq(Unit.NONE),
-                             r.gather_mode.eq(GatherMode.NONE)]
+                             r.gather_mode.eq(GatherMode.NONE), r.residual_fused.eq(0)]
                 m.next = "CHECK2"
                 with m.If(r.drain_to_fetch):
                     m.next = "FETCH"
@@ -716,6 +744,14 @@ class Controller(wiring.Component):
             self._walk(m, walks.walk_a, a.src, (a.beats, a.src_stride), (a.rows, 0),
                        (dispatcher.top_k, 0))
             self._walk(m, walks.walk_w, a.dst, (a.beats, a.dst_stride), (a.rows, 1))
+            with m.If(a.residual):
+                # x, read where the output is written, from res_src.
+                self._walk(m, walks.walk_b, a.res_src, (a.beats, a.dst_stride), (a.rows, 1))
+                m.d.sync += [r.residual_fused.eq(1), r.res_cmd_valid.eq(1),
+                             r.res_cmd.beats.eq(a.rows * a.beats),
+                             r.res_cmd.mult_a.eq(a.res_mult_out),
+                             r.res_cmd.mult_b.eq(a.res_mult_buf),
+                             r.res_cmd.shift.eq(a.res_shift)]
             m.next = "COMBINE_RUN"
         with m.State("COMBINE_RUN"):
             a = args.combine
@@ -733,7 +769,7 @@ class Controller(wiring.Component):
             m.d.sync += [r.pc.eq(r.pc + 1), r.sink.eq(ReadSink.NONE), r.sent.eq(0)]
             with m.If(~r.pending):   # a pending GEMM still owns the unit and port A
                 m.d.sync += [r.unit.eq(Unit.NONE), r.weights_from_buffer.eq(0),
-                             r.gather_mode.eq(GatherMode.NONE)]
+                             r.gather_mode.eq(GatherMode.NONE), r.residual_fused.eq(0)]
             m.next = "FETCH"
             with m.If(r.loop_active & (r.pc == r.loop_last)):
                 last_choice = r.loop_choice == dispatcher.top_k - 1

@@ -8,6 +8,8 @@ read ports, each port walked by an :class:`~m3vit.hw.engine.buffer.AddressGenera
     read port B ──► GEMM weights from the buffer (Q·Kᵀ columns, P·V rows) │ residual b
     write port  ◄── GEMM INT8 results │ LayerNorm y │ softmax probs │ residual │ combiner
                     │ LOAD
+    fused residual: GEMM INT8 results │ combiner ──► residual a;  port B ──► residual b;
+                    residual ──► write port
     write DMA   ◄── GEMM INT32 results (the task head) │ STORE words
 
 The controller chooses the :class:`Unit` in charge; the switch is combinational, so a
@@ -90,6 +92,9 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         slot_lookup, slot_token : Out
             Read the dispatcher's slot table for a token (the ``EXPERTS`` loop's context),
             instead of the gather stage.
+        residual_fused : Out(1)
+            The ``GEMM``'s INT8 results or the combiner's output go through the residual
+            add (its ``a``) with port B's words as its ``b``, and its sums to the write port.
     """
     buf_bits = ceil_log2(config.act_buffer_words)
     walk = walk_signature(buf_bits, COUNT_BITS)
@@ -112,6 +117,7 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         "int32_drained": In(1),
         "slot_lookup": Out(1),
         "slot_token": Out(16),
+        "residual_fused": Out(1),
     })
 
 
@@ -225,7 +231,7 @@ class Datapath(wiring.Component):
         rs_store = m.submodules.rs_store = StreamResize(cfg.pe_cols, cfg.axi_bytes)
         rs_i32 = m.submodules.rs_i32 = StreamResize(4 * cfg.pe_cols, cfg.axi_bytes)
         self._read_ports(m, port_a.data, port_b.data, rs_store)
-        self._write_port(m, buffer.write_port(), gen_w, rs_i32)
+        self._write_port(m, buffer.write_port(), gen_w, rs_i32, port_a.data)
         self._write_dma(m, port_a.data, rs_store, rs_i32)
         m.d.comb += ctl.store_drained.eq(~gen_a.addr.valid & ~port_a.data.valid
                                          & ~rs_store.o.valid)
@@ -267,11 +273,13 @@ class Datapath(wiring.Component):
                              self.residual_b.valid.eq(b.valid), b.ready.eq(self.residual_b.ready)]
             with m.Case(Unit.STORE):
                 m.d.comb += [rs_store.i.valid.eq(a.valid), a.ready.eq(rs_store.i.ready)]
+        with m.If(ctl.residual_fused):
+            # A fused residual add's x (the GEMM's weights stream from DDR meanwhile).
+            m.d.comb += [self.residual_b.valid.eq(b.valid), b.ready.eq(self.residual_b.ready)]
         m.d.comb += [
             self.gemm_activations.payload.eq(a_data),
             self.ln_x.payload.eq(a_data),
             self.softmax_logits.payload.eq(a_data),
-            self.residual_a.payload.eq(a_data),
             self.residual_b.payload.eq(b_data),
             self.combiner_y.payload.data.eq(a_data),
             self.combiner_y.payload.score.eq(a.payload.tag),
@@ -310,8 +318,9 @@ class Datapath(wiring.Component):
                          weights.payload.eq(rows.payload.data)]
 
     def _write_port(self, m: Module, write, gen_w: AddressGenerator,
-                    rs_i32: StreamResize) -> None:
-        """The write port: one word per cycle from the unit in charge, at ``gen_w``'s address."""
+                    rs_i32: StreamResize, a) -> None:
+        """The write port: one word per cycle from the unit in charge, at ``gen_w``'s address;
+        the residual add's ``a`` (port A's words, or a fused unit's output)."""
         ctl = self.control
         unit = ctl.unit
         w_valid = Signal()
@@ -321,11 +330,26 @@ class Datapath(wiring.Component):
         load_drop = Signal()
         m.d.comb += load_drop.eq((unit == Unit.LOAD) & ~gen_w.addr.valid)
         results, probs = self.gemm_results, self.softmax_probs
+        residual_a, residual_y = self.residual_a, self.residual_y
+        m.d.comb += residual_a.payload.eq(Mux(
+            ctl.residual_fused,
+            Mux(unit == Unit.COMBINE, self.combiner_out.payload.as_value(),
+                results.payload.int8.as_value()),
+            a.payload.word))
+
+        def fused(source) -> None:
+            """A unit's output through the residual add (``residual_fused``)."""
+            m.d.comb += [residual_a.valid.eq(source.valid), source.ready.eq(residual_a.ready),
+                         w_valid.eq(residual_y.valid), residual_y.ready.eq(w_ready),
+                         w_data.eq(residual_y.payload.data.as_value())]
+
         with m.Switch(unit):
             with m.Case(Unit.GEMM):
                 with m.If(ctl.gemm_int32):
                     m.d.comb += [rs_i32.i.valid.eq(results.valid),
                                  results.ready.eq(rs_i32.i.ready)]
+                with m.Elif(ctl.residual_fused):
+                    fused(results)
                 with m.Else():
                     m.d.comb += [w_valid.eq(results.valid), results.ready.eq(w_ready),
                                  w_data.eq(results.payload.int8.as_value())]
@@ -341,9 +365,12 @@ class Datapath(wiring.Component):
                 m.d.comb += [w_valid.eq(self.residual_y.valid), self.residual_y.ready.eq(w_ready),
                              w_data.eq(self.residual_y.payload.data.as_value())]
             with m.Case(Unit.COMBINE):
-                m.d.comb += [w_valid.eq(self.combiner_out.valid),
-                             self.combiner_out.ready.eq(w_ready),
-                             w_data.eq(self.combiner_out.payload.as_value())]
+                with m.If(ctl.residual_fused):
+                    fused(self.combiner_out)
+                with m.Else():
+                    m.d.comb += [w_valid.eq(self.combiner_out.valid),
+                                 self.combiner_out.ready.eq(w_ready),
+                                 w_data.eq(self.combiner_out.payload.as_value())]
             with m.Case(Unit.LOAD):
                 m.d.comb += [w_valid.eq(self.ddr_words.valid), self.ddr_words.ready.eq(w_ready),
                              w_data.eq(self.ddr_words.payload.data)]

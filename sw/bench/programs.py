@@ -79,8 +79,13 @@ def _finish(name: str, cfg: AccelConfig, prog: Program, img: DdrImage, task: int
 
 
 def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: int,
-              mode: GemmOp, wsrc: WeightSource) -> Case:
-    """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR)."""
+              mode: GemmOp, wsrc: WeightSource, residual: bool = False) -> Case:
+    """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR).
+
+    With ``residual`` (weights from DDR, INT8 results) the GEMM adds random x words in its
+    output stage, read from the words it writes (in place, as the compiler's blocks do
+    not, to show each x word is read before its sum is written).
+    """
     rng = np.random.default_rng(seed)
     R, C, G, V = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols, cfg.gemm_words
     K, N = k_slices * R, n_tiles * G
@@ -115,9 +120,18 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
     dst = wbuf + (n_tiles * G + 2) * (k_slices * R + 2) + 11 if wsrc != WeightSource.DDR \
         else wbuf
     out_ddr = img.reserve("out", n_tiles * tokens * 4 * G) if mode == GemmOp.INT32 else 0
+    fused = {}
+    if residual:
+        words = n_tiles * V * tokens
+        prog.add(Opcode.LOAD, ddr=img.put("x_res", _i8(rng, words, C).tobytes()), dst=dst,
+                 dst_stride=1, words=words)
+        wbuf = dst
+        fused = dict(residual=1, res_mult_buf=int(rng.integers(0, 2**16)),
+                     res_mult_out=int(rng.integers(0, 2**16)),
+                     res_shift=int(rng.integers(12, 32)))
     prog.add(Opcode.GEMM, mode=mode, wsrc=wsrc, tokens=tokens, k_slices=k_slices,
              n_tiles=n_tiles, src=src, src_stride=stride, dst=dst, dst_stride=tokens,
-             wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr)
+             wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr, **fused)
     if mode != GemmOp.INT32:
         # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
         # what earlier cases left in the buffer cannot leak into the comparison.
@@ -125,8 +139,8 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
         prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
                  words=words)
     prog.add(Opcode.END)
-    return _finish(f"gemm_{mode.name}_{wsrc.name}_m{tokens}_k{k_slices}_n{n_tiles}", cfg,
-                   prog, img)
+    name = f"gemm_{mode.name}_{wsrc.name}{'_residual' if residual else ''}"
+    return _finish(f"{name}_m{tokens}_k{k_slices}_n{n_tiles}", cfg, prog, img)
 
 
 def vector_case(cfg: AccelConfig, seed: int, op: Opcode, rows: int, length: int) -> Case:
@@ -309,6 +323,18 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
          (Opcode.GEMM, dict(src_rows=RowMode.GATHER, **gemm)))
     case("queue_outside_a_loop", ErrorCode.ILLEGAL_OPCODE, 1,
          (Opcode.GEMM, dict(dst_rows=RowMode.QUEUE, **gemm)))
+    # A fused residual add: only with weights from DDR and INT8 results, within the
+    # residual unit's count, its x inside the buffer.
+    fused = dict(residual=1, res_mult_buf=1, res_mult_out=1, **gemm)
+    case("gemm_residual_with_buffer_weights", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(wsrc=WeightSource.BUFFER_ROWS, **fused)))
+    case("gemm_residual_int32", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(mode=GemmOp.INT32, **fused)))
+    case("gemm_residual_over_capacity", ErrorCode.SHAPE_OVER_CAPACITY, 1,
+         (Opcode.GEMM, {**fused, "tokens": cfg.max_tokens,
+                        "n_tiles": cfg.max_dim // cfg.gemm_cols + 1}))
+    case("gemm_residual_x_past_buffer", ErrorCode.ADDRESS_OUT_OF_RANGE, 1,
+         (Opcode.GEMM, {**fused, "tokens": 2, "wbuf": cfg.act_buffer_words - 1}))
     case("combine_before_route", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.COMBINE, dict(rows=1, beats=1)))
     case("route_over_max_experts", ErrorCode.SHAPE_OVER_CAPACITY, 1,
@@ -325,6 +351,9 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
          (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1)))
     case("combine_over_routed_rows", ErrorCode.SHAPE_OVER_CAPACITY, 2, route,
          (Opcode.COMBINE, dict(rows=4, beats=1, src_stride=1, dst_stride=1)))
+    case("combine_residual_past_buffer", ErrorCode.ADDRESS_OUT_OF_RANGE, 2, route,
+         (Opcode.COMBINE, dict(rows=3, beats=1, src_stride=1, dst_stride=3, residual=1,
+                               res_src=cfg.act_buffer_words - 2)))
     # Bodies of a loop over two experts (3 tokens each, top-2 with the zero exp table).
     zero_table = (Opcode.LOAD_TABLE, dict(ddr=0, unit=TableUnit.SOFTMAX))
     route2 = (Opcode.ROUTE, dict(src=0, stride=3, rows=3, experts=4, top_k=2))
@@ -457,15 +486,17 @@ def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
 
 
 def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
-    """``count`` GEMMs of random shape, mode and weight source (ragged token counts)."""
+    """``count`` GEMMs of random shape, mode and weight source (ragged token counts); the
+    ones that may (weights from DDR, INT8 results) fuse a residual add half the time."""
     rng = random.Random(seed)
     cases = []
     for i in range(count):
         tokens = rng.choice([1, 2, 3, 5, 17, 33, cfg.max_tokens])
         mode = rng.choice([GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32])
         wsrc = rng.choice(list(WeightSource))
+        residual = wsrc == WeightSource.DDR and mode != GemmOp.INT32 and rng.random() < 0.5
         cases.append(gemm_case(cfg, seed + i, tokens, rng.randint(1, 3), rng.randint(1, 3),
-                               mode, wsrc))
+                               mode, wsrc, residual=residual))
     return cases
 
 

@@ -36,6 +36,7 @@ from m3vit.hw.isa import (
 )
 from m3vit.hw.isa_checks import (
     BODY_ONLY_FIELDS,
+    FLAG_REQUIRES,
     NOT_IN_BODY,
     SHAPE_BOUNDS,
     allowed_values,
@@ -290,6 +291,11 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
     if not in_body and any(a[name] for name in BODY_ONLY_FIELDS.get(op, ())):
         stop(ErrorCode.ILLEGAL_OPCODE, f"{' / '.join(BODY_ONLY_FIELDS[op])} set outside an "
                                        "EXPERTS body")
+    for (flag_op, flag), needs in FLAG_REQUIRES.items():
+        if flag_op == op and a[flag]:
+            for name, values in needs.items():
+                if a[name] not in {v.value for v in values}:
+                    stop(ErrorCode.ILLEGAL_OPCODE, f"{flag} with {name} {a[name]}")
 
     # SHAPE_OVER_CAPACITY: the declared bounds, then the ones that depend on run-time state.
     routed = mc.dispatch.rows if mc.dispatch is not None else 0
@@ -302,6 +308,10 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         stop(ErrorCode.SHAPE_OVER_CAPACITY, f"top_k {a['top_k']} > experts {a['experts']}")
     if op == Opcode.COMBINE and not 1 <= a["rows"] <= routed:
         stop(ErrorCode.SHAPE_OVER_CAPACITY, f"rows {a['rows']} (routed rows {routed})")
+    if op == Opcode.GEMM and a["residual"] and \
+            a["n_tiles"] * V * values["tokens"] > cfg.max_residual_words:
+        stop(ErrorCode.SHAPE_OVER_CAPACITY,
+             f"a fused residual of {a['n_tiles'] * V * values['tokens']} words")
 
     # ADDRESS_OUT_OF_RANGE
     words: list[int] = []            # last buffer word of each range
@@ -322,6 +332,9 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         elif a["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
             words.append(_last_word(a["wbuf"] + G - 1, (a["k_slices"], a["wstride"]),
                                     (a["n_tiles"], G)))
+        elif a["residual"]:
+            words.append(_last_word(a["wbuf"], (a["n_tiles"] * V, a["dst_stride"]),
+                                    (_rows_extent(a["dst_rows"], m, it, routed), 1)))
         ddr.append((_gemm_ddr_offset(mc, a, it, stride), _gemm_stream_bytes(a, cfg)))
     elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
         beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
@@ -343,6 +356,9 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         entries = routed * mc.dispatch.top_k
         words.append(_last_word(a["src"], (a["beats"], a["src_stride"]), (entries, 1)))
         words.append(_last_word(a["dst"], (a["beats"], a["dst_stride"]), (a["rows"], 1)))
+        if a["residual"]:
+            words.append(_last_word(a["res_src"], (a["beats"], a["dst_stride"]),
+                                    (a["rows"], 1)))
     for last in words:
         if last >= cfg.act_buffer_words:
             stop(ErrorCode.ADDRESS_OUT_OF_RANGE,
@@ -423,8 +439,19 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     y = nx.linear(x, w, bias, mult, shift)
     if mode == GemmOp.INT8_TABLE:
         y = nx.table_lookup(y, mc.gemm_table)
-    dst = a["dst"] + np.arange(nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
-    mc.buffer[dst] = y.reshape(m, nq, C).permute(1, 0, 2).numpy().astype(np.int8)
+    y = y.reshape(m, nq, C).permute(1, 0, 2)
+    words = np.arange(nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
+    if a["residual"]:
+        y = _fused_residual(mc, a, a["wbuf"] + words, y)
+    mc.buffer[a["dst"] + words] = y.numpy().astype(np.int8)
+
+
+def _fused_residual(mc: IsaMachine, a: dict, x_words: np.ndarray,
+                    y: torch.Tensor) -> torch.Tensor:
+    """A ``GEMM``'s or ``COMBINE``'s ``residual``: x (the words at ``x_words``, read before
+    any result is written) added to the results ``y`` (shaped as ``x_words`` × lanes)."""
+    x = mc.words(x_words)
+    return nx.residual_add(x, y, a["res_mult_buf"], a["res_mult_out"], a["res_shift"])
 
 
 def _row_addrs(a: dict, beats: int, src: str) -> np.ndarray:
@@ -461,9 +488,11 @@ def _combine(mc: IsaMachine, a: dict) -> None:
     q = d.pos[:rows].numpy()
     y = mc.words(a["src"] + s[None, None, :] * a["src_stride"] + q[:, :, None])
     y = y.reshape(rows, d.top_k, -1)
-    out = nx.moe_combine(y, d.scores[:rows], a["mult"], a["shift"])
-    dst = a["dst"] + s[None, :] * a["dst_stride"] + np.arange(rows)[:, None]
-    mc.buffer[dst] = out.reshape(rows, beats, -1).numpy().astype(np.int8)
+    out = nx.moe_combine(y, d.scores[:rows], a["mult"], a["shift"]).reshape(rows, beats, -1)
+    words = s[None, :] * a["dst_stride"] + np.arange(rows)[:, None]
+    if a["residual"]:
+        out = _fused_residual(mc, a, a["res_src"] + words, out)
+    mc.buffer[a["dst"] + words] = out.numpy().astype(np.int8)
 
 
 def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,

@@ -411,15 +411,23 @@ def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
 
 
 def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
-            src: int, dst: int, tokens: int, mode: GemmOp = GemmOp.INT8) -> None:
-    """A GEMM from a quantized ``name.weight/bias/mult/shift`` (buffer → buffer)."""
+            src: int, dst: int, tokens: int, mode: GemmOp = GemmOp.INT8,
+            residual: tuple[int, str] | None = None) -> None:
+    """A GEMM from a quantized ``name.weight/bias/mult/shift`` (buffer → buffer).
+
+    With ``residual = (x, params)``, the residual add ``params`` of x (at ``x``, laid out as
+    the results) and the GEMM's output is done in the GEMM's output stage: ``dst`` gets the
+    sum, and the GEMM's own output is never stored.
+    """
     w = t[f"{name}.weight"]
     n, k = w.shape
     ddr = img.put(name, gemm_stream(w, t[f"{name}.bias"], t[f"{name}.mult"],
                                     t[f"{name}.shift"], cfg))
+    fused = {} if residual is None else dict(wbuf=residual[0],
+                                             **_residual_fields(t, residual[1]))
     prog.add(Opcode.GEMM, mode=mode, wsrc=WeightSource.DDR, tokens=tokens,
              k_slices=_ceil(k, cfg.pe_rows), n_tiles=_ceil(n, cfg.gemm_cols), src=src,
-             src_stride=tokens, dst=dst, dst_stride=tokens, ddr=ddr)
+             src_stride=tokens, dst=dst, dst_stride=tokens, ddr=ddr, **fused)
 
 
 def _layernorm(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
@@ -437,6 +445,15 @@ def _residual(prog: Program, t: dict, name: str, *, a: int, b: int, dst: int,
              mult_b=mult_b, shift=shift)
 
 
+def _residual_fields(t: dict, name: str) -> dict[str, int]:
+    """The fields of a ``GEMM``'s or ``COMBINE``'s fused residual add ``name``, whose ``a``
+    is x (from the buffer) and ``b`` the instruction's own output. A shift ≥ 25 gives 0 as
+    any larger one (|a·mult_a + b·mult_b| < 2^24), so it is clamped to the field's range."""
+    mult_a, mult_b, shift = (int(v) for v in t[name].tolist())
+    return dict(residual=1, res_mult_buf=mult_a, res_mult_out=mult_b,
+                res_shift=min(shift, 25))
+
+
 def _requant_stream(t: dict, name: str, n: int, cfg: AccelConfig) -> bytes:
     """Parameter records of a weightless GEMM: one (mult, shift), bias 0, on n channels."""
     mult, shift = (int(v) for v in t[name].tolist())
@@ -447,8 +464,12 @@ def _requant_stream(t: dict, name: str, n: int, cfg: AccelConfig) -> bytes:
 
 
 def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
-                      model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int) -> None:
-    """QKV, per head Q·Kᵀ → softmax → P·V, then the projection: ``src`` (LN1 out) → ``dst``."""
+                      model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
+                      residual: tuple[int, str] | None = None) -> None:
+    """QKV, per head Q·Kᵀ → softmax → P·V, then the projection: ``src`` (LN1 out) → ``dst``.
+
+    With ``residual = (x, params)`` the projection adds x in its output stage (``_linear``).
+    """
     C, G = cfg.pe_cols, cfg.gemm_cols
     n, d, dh = model.n_tokens, model.embed_dim, model.head_dim
     if dh % C:
@@ -478,12 +499,14 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
                  k_slices=key_slices, n_tiles=pv_tiles, src=probs, src_stride=n,
                  dst=heads_out + h * h_slices * n, dst_stride=n, wbuf=v, wstride=n, ddr=pv_ddr)
-    _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n)
+    _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n,
+            residual=residual)
 
 
 def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
                 model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
-                tasks: TaskBlocks, order: ExpertOrder = ExpertOrder.REGISTER) -> None:
+                tasks: TaskBlocks, order: ExpertOrder = ExpertOrder.REGISTER,
+                residual: tuple[int, str] | None = None) -> None:
     """The MoE layer of block prefix ``p``: ``src`` (LN2 out) → ``dst``, (M, D) each.
 
     Router GEMM (the running task's stream, ``per_task``) into INT8 logits, the task's exp
@@ -500,6 +523,9 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
         (:func:`model_task_blocks`).
     order : ExpertOrder
         ``REGISTER`` (the host's ``SCHEDULE.ORDER`` decides) or a forced schedule.
+    residual : (int, str), optional
+        ``(x, params)``: ``COMBINE`` adds x (at ``x``, laid out as ``dst``) to its output
+        before it writes it (the residual add ``params``).
     """
     R, G = cfg.pe_rows, cfg.gemm_cols
     n, d, hidden = model.n_tokens, model.embed_dim, model.expert_hidden
@@ -541,8 +567,10 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
              n_tiles=d // G, src=scratch, src_stride=n, dst=y, dst_stride=n * k,
              ddr=offsets[0] + fc1_bytes)
     mult, shift = (int(v) for v in t[f"{p}.combine"].tolist())
+    fused = {} if residual is None else dict(res_src=residual[0],
+                                             **_residual_fields(t, residual[1]))
     prog.add(Opcode.COMBINE, src=y, src_stride=n * k, dst=dst, dst_stride=n, rows=n,
-             beats=d // cfg.pe_cols, mult=mult, shift=shift)
+             beats=d // cfg.pe_cols, mult=mult, shift=shift, **fused)
 
 
 def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
@@ -621,35 +649,34 @@ def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index
     """Block ``index``: x at ``src`` → x2 at ``dst`` (both (M, D), stride M, disjoint).
 
     LN1, attention, residual, LN2, then the dense MLP or (MoE block, which needs ``tasks``)
-    :func:`moe_program`, residual. Its scratch is released when it returns.
+    :func:`moe_program`, residual. Both residual adds are fused into the instruction that
+    produces their second operand: the projection ``GEMM``, and FC2's ``GEMM`` or
+    ``COMBINE``. Its scratch is released when it returns.
     """
-    C = cfg.pe_cols
     n, d = model.n_tokens, model.embed_dim
-    words = d // C * n
     p = f"blocks.{index}"
     mark = plan.next_word
     h = plan.alloc(f"{p}.ln1", n, d)
-    a = plan.alloc(f"{p}.proj", n, d)
     x1 = plan.alloc(f"{p}.x1", n, d)
-    h2, y = h, a  # LN2 reuses LN1's room, the MLP output the attention output's
+    h2 = h  # LN2 reuses LN1's room
     _layernorm(prog, img, t, f"{p}.ln1", cfg, src=src, dst=h, tokens=n, dim=d)
     scratch = plan.next_word
-    attention_program(prog, img, plan, t, p, model, cfg, src=h, dst=a)
+    attention_program(prog, img, plan, t, p, model, cfg, src=h, dst=x1,
+                      residual=(src, f"{p}.res1"))
     plan.release(scratch)
-    _residual(prog, t, f"{p}.res1", a=src, b=a, dst=x1, words=words)
     _layernorm(prog, img, t, f"{p}.ln2", cfg, src=x1, dst=h2, tokens=n, dim=d)
     if index in model.moe_blocks:
         if tasks is None:
             raise M3VitError(f"MoE block {index} needs the per-task blocks of its routers")
-        moe_program(prog, img, plan, t, p, model, cfg, src=h2, dst=y, tasks=tasks,
-                    order=order)
+        moe_program(prog, img, plan, t, p, model, cfg, src=h2, dst=dst, tasks=tasks,
+                    order=order, residual=(x1, f"{p}.res2"))
     else:
         f = plan.alloc(f"{p}.fc1", n, model.mlp_hidden)
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM,
                  ddr=img.put(f"{p}.gelu", _np(t[f"{p}.gelu"]).astype(np.int8).tobytes()))
         _linear(prog, img, t, f"{p}.fc1", cfg, src=h2, dst=f, tokens=n, mode=GemmOp.INT8_TABLE)
-        _linear(prog, img, t, f"{p}.fc2", cfg, src=f, dst=y, tokens=n)
-    _residual(prog, t, f"{p}.res2", a=x1, b=y, dst=dst, words=words)
+        _linear(prog, img, t, f"{p}.fc2", cfg, src=f, dst=dst, tokens=n,
+                residual=(x1, f"{p}.res2"))
     plan.release(mark)
 
 

@@ -92,16 +92,23 @@ def instruction_phases(program: bytes) -> list[str]:
     The compiler lays a block out as LayerNorm … residual add twice: attention (its
     softmax and buffer-weight GEMMs give it away), then the dense MLP, or the MoE layer —
     its gate GEMM, tables and ``ROUTE`` (router), the ``EXPERTS`` loop and its body
-    (experts), ``COMBINE`` and the residual add (combine). What precedes the first
-    LayerNorm is the patch embedding, what follows the last residual add is the head.
+    (experts), ``COMBINE`` and the residual add (combine). A residual add is a
+    ``RESIDUAL`` or fused into the ``GEMM`` or ``COMBINE`` before it (``residual`` set).
+    What precedes the first LayerNorm is the patch embedding, what follows the last
+    residual add is the head.
     """
     ops = _decode_all(program)
     phases = ["head"] * len(ops)
     norms = [i for i, (op, _) in enumerate(ops) if op == Opcode.LAYERNORM]
     first = norms[0] if norms else len(ops)
     phases[:first] = ["patch embedding"] * first
+
+    def adds(op: Opcode, fields: dict) -> bool:
+        return op == Opcode.RESIDUAL or (op in (Opcode.GEMM, Opcode.COMBINE)
+                                         and bool(fields.get("residual")))
+
     for start in norms:
-        end = next((i for i in range(start, len(ops)) if ops[i][0] == Opcode.RESIDUAL), None)
+        end = next((i for i in range(start, len(ops)) if adds(*ops[i])), None)
         if end is None:
             continue                                   # the final LayerNorm: the head
         segment = ops[start:end + 1]

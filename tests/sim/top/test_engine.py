@@ -11,7 +11,7 @@ the DMA bench. Expected DDR contents come from the instruction model
 
 import cocotb
 
-from m3vit.hw.isa import Opcode
+from m3vit.hw.isa import GemmOp, Opcode, WeightSource
 from m3vit.sim.engine_tb import EngineBench
 from m3vit.sim.stream_tb import Bench
 from m3vit.sw.bench.programs import (
@@ -19,6 +19,7 @@ from m3vit.sw.bench.programs import (
     bad_program_cases,
     dense_block_case,
     embedding_head_case,
+    gemm_case,
     model_stop,
     random_gemm_cases,
     strided_load_store_case,
@@ -40,6 +41,11 @@ async def test_gemm_programs(dut, flow):
     await tb.reset()
     for case in random_gemm_cases(tb.cfg, _seed(tb), 10):
         await tb.check(case)
+    # A residual add in the output stage, in place, on a full and a one-token pass.
+    seed = _seed(tb)
+    for tokens, mode in ((tb.cfg.max_tokens, GemmOp.INT8), (1, GemmOp.INT8_TABLE)):
+        await tb.check(gemm_case(tb.cfg, seed + tokens, tokens, 2, 2, mode, WeightSource.DDR,
+                                 residual=True))
 
 
 @cocotb.parametrize(flow=FLOWS)
