@@ -486,7 +486,9 @@ issued its DDR stream, the next instruction is fetched and checked; if it is suc
 too, its weight stream is issued at once, behind the first's (the PE array's double
 buffer takes its first tile while the previous `GEMM` computes), and its buffer reads and
 writes start after the previous `GEMM`'s last result. This is how the next expert's
-weights are prefetched. Instructions are fetched a 256-byte line (eight instructions) at a
+weights are prefetched. A `LAYERNORM` after such a `GEMM` reads its parameters behind
+the `GEMM`'s stream too; its buffer walks start after the `GEMM`'s last result.
+Instructions are fetched a 256-byte line (eight instructions) at a
 time into a small cache that every `START` empties: a program must not change itself
 while it runs (no `STORE` into the program), and a line may read up to 224 bytes past the
 program's end (the runtime puts the data image there). DDR streams may start at any

@@ -332,11 +332,17 @@ class Controller(wiring.Component):
         with m.State("CHECK2"):
             m.d.comb += self.busy.eq(1)
             with m.If(r.pending):
-                # A GEMM is still finishing: only a streamed GEMM may start beside it.
-                with m.If(checks.opcode_ok & checks.shape_ok & checks.buffer_ok & checks.ddr_ok
-                          & (op == Opcode.GEMM) & self._streamed()):
+                # A GEMM is still finishing: a streamed GEMM may start beside it, and a
+                # LayerNorm's parameter read (a unit the GEMM does not use) goes on behind
+                # its stream; anything else waits. (A table load could too, but it would
+                # retire before the GEMM's drain and take the GEMM's time in the trace.)
+                ok = checks.opcode_ok & checks.shape_ok & checks.buffer_ok & checks.ddr_ok
+                with m.If(ok & (op == Opcode.GEMM) & self._streamed()):
                     m.d.sync += r.sent.eq(0)
                     m.next = "GEMM_PREFETCH"
+                with m.Elif(ok & (op == Opcode.LAYERNORM)):
+                    m.d.sync += r.sent.eq(0)
+                    m.next = "LN_PARAMS"     # its walks wait for the drain
                 with m.Else():
                     m.d.sync += r.drain_to_fetch.eq(0)
                     m.next = "GEMM_DRAIN"
@@ -488,6 +494,17 @@ class Controller(wiring.Component):
             m.d.sync += r.sent[2].eq(1)
         return r.sent[0] & r.sent[1] & r.sent[2]
 
+    def _drain_ready(self, r: _Registers) -> Value:
+        """The pending GEMM (and any held behind it) has written its last result."""
+        return (~self.gemm_busy & ~self.gemm_cmd.valid & self.datapath.writes_done
+                & ~r.launcher_full)
+
+    def _drain(self, m: Module, r: _Registers) -> None:
+        """The pending GEMM is done (:meth:`_drain_ready`): it gives up the datapath."""
+        m.d.comb += self.drained.eq(1)
+        m.d.sync += [r.pending.eq(0), r.unit.eq(Unit.NONE),
+                     r.gather_mode.eq(GatherMode.NONE), r.residual_fused.eq(0)]
+
     def _gemm_states(self, m: Module, r: _Registers, plan) -> None:
         """GEMM: command, DDR stream, address walks, then wait for the results; the
         prefetch of a GEMM beside a pending one."""
@@ -529,11 +546,8 @@ class Controller(wiring.Component):
             m.next = "NEXT"
         with m.State("GEMM_DRAIN"):
             m.d.comb += self.busy.eq(1)
-            with m.If(~self.gemm_busy & ~self.gemm_cmd.valid & datapath.writes_done
-                      & ~r.launcher_full):
-                m.d.comb += self.drained.eq(1)
-                m.d.sync += [r.pending.eq(0), r.unit.eq(Unit.NONE),
-                             r.gather_mode.eq(GatherMode.NONE), r.residual_fused.eq(0)]
+            with m.If(self._drain_ready(r)):
+                self._drain(m, r)
                 m.next = "CHECK2"
                 with m.If(r.drain_to_fetch):
                     m.next = "FETCH"
@@ -561,7 +575,11 @@ class Controller(wiring.Component):
         with m.State("LN_PARAMS_WAIT"):
             a = args.layernorm
             m.d.comb += self.busy.eq(1)
-            with m.If(self.router.ln_beats == a.beats):
+            # Begun beside a pending GEMM: its parameters came behind the GEMM's stream;
+            # its walks (which read what the GEMM writes) start once that GEMM is done.
+            with m.If(r.pending & self._drain_ready(r)):
+                self._drain(m, r)
+            with m.If((self.router.ln_beats == a.beats) & ~r.pending):
                 m.d.sync += [r.sink.eq(ReadSink.NONE), r.sent.eq(0), r.unit.eq(Unit.LN)]
                 self._expect_writes(m, a.rows * a.beats)
                 self._walk(m, walks.walk_a, a.src, (a.rows, 1), (a.beats, a.stride))
