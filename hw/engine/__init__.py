@@ -257,6 +257,7 @@ class Engine(wiring.Component):
             trace.retired.eq(controller.retired | controller.done | controller.error),
             trace.drained.eq(controller.drained),
             trace.pending_pc.eq(controller.pending_pc),
+            trace.drained_opcode.eq(controller.drained_opcode),
             trace.opcode.eq(fetch.instruction.opcode),
             trace.port_read_bytes.eq(self.port_read_bytes),
             trace.write_bytes.eq(self.write_bytes),

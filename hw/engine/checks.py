@@ -36,7 +36,7 @@ from ..isa_checks import (
     enum_fields,
 )
 
-__all__ = ["InstructionChecks", "checks_control"]
+__all__ = ["RANGE_BOUNDS", "InstructionChecks", "checks_control"]
 
 
 def _any(values) -> Value:
@@ -46,9 +46,14 @@ def _any(values) -> Value:
 def _all(values) -> Value:
     return functools.reduce(operator.and_, values)
 
-#: A buffer range: ``base + Σ (n − 1) · s`` over up to three (count, stride) terms.
-_RANGE = data.StructLayout({"used": 1, "base": 32,
+#: A buffer range: ``base + Σ (n − 1) · s`` over up to three (count, stride) terms (its
+#: last word), from ``first``.
+_RANGE = data.StructLayout({"used": 1, "base": 32, "first": 32,
                             "terms": data.ArrayLayout(data.StructLayout({"n": 16, "s": 16}), 3)})
+
+#: Where a range of the checked instruction lies: its first and last buffer word (the last
+#: valid from ``CHECK2``), and whether the instruction has it.
+RANGE_BOUNDS = data.StructLayout({"used": 1, "first": 32, "last": 40})
 
 
 def checks_control(config: AccelConfig) -> wiring.Signature:
@@ -76,6 +81,10 @@ def checks_control(config: AccelConfig) -> wiring.Signature:
             A ``GEMM``'s token count (the iteration's count for an expert ``GEMM``).
         route_beats, softmax_beats : In(16)
             Beats per row of a ``ROUTE`` (experts) and a ``SOFTMAX`` (length).
+        ranges : In(ArrayLayout(RANGE_BOUNDS, 3))
+            The instruction's buffer ranges (``GEMM``: activations, results, buffer weights
+            or the residual's x; ``SOFTMAX``: logits, probabilities), for the hazard check
+            against a background softmax.
     """
     entries = config.max_tokens * config.max_top_k
     return wiring.Signature({
@@ -95,6 +104,7 @@ def checks_control(config: AccelConfig) -> wiring.Signature:
         "tokens": In(16),
         "route_beats": In(16),
         "softmax_beats": In(16),
+        "ranges": In(data.ArrayLayout(RANGE_BOUNDS, 3)),
     })
 
 
@@ -221,8 +231,9 @@ class InstructionChecks(wiring.Component):
         op = self.instruction.opcode
         args = self.instruction.args
 
-        def buffer_range(k, base, *terms):
-            m.d.comb += [rng[k].used.eq(1), rng[k].base.eq(base)]
+        def buffer_range(k, base, *terms, first=None):
+            m.d.comb += [rng[k].used.eq(1), rng[k].base.eq(base),
+                         rng[k].first.eq(base if first is None else first)]
             for t, (count, stride) in enumerate(terms):
                 m.d.comb += [rng[k].terms[t].n.eq(count - 1), rng[k].terms[t].s.eq(stride)]
 
@@ -247,9 +258,10 @@ class InstructionChecks(wiring.Component):
                                  (touched_rows(g.dst_rows), 1))
                 with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
                     buffer_range(2, g.wbuf + R - 1, (g.n_tiles << log_words, g.wstride),
-                                 (g.k_slices, R))
+                                 (g.k_slices, R), first=g.wbuf)
                 with m.Elif(g.wsrc == WeightSource.BUFFER_COLUMNS):
-                    buffer_range(2, g.wbuf + G - 1, (g.k_slices, g.wstride), (g.n_tiles, G))
+                    buffer_range(2, g.wbuf + G - 1, (g.k_slices, g.wstride), (g.n_tiles, G),
+                                 first=g.wbuf)
                 with m.Elif(g.residual):
                     # The residual's x, read where the results are written, from wbuf.
                     buffer_range(2, g.wbuf, (g.n_tiles << log_words, g.dst_stride),
@@ -311,6 +323,9 @@ class InstructionChecks(wiring.Component):
         # INT32 results of a GEMM: a second DDR range (bytes = n_tiles · tokens · 4G).
         out_end = Signal(65)
         m.d.sync += out_end.eq(g.out_ddr + g.n_tiles * ctl.tokens * (4 * cfg.gemm_cols))
+        for k in range(3):
+            m.d.comb += [ctl.ranges[k].used.eq(rng[k].used), ctl.ranges[k].first.eq(rng[k].first),
+                         ctl.ranges[k].last.eq(rng_last[k])]
         depth = cfg.act_buffer_words
         m.d.comb += [
             ctl.buffer_ok.eq((rng_last[0] < depth) & (rng_last[1] < depth)

@@ -35,7 +35,7 @@ from ..moe import Combiner, Dispatcher, slot_layout
 from ..registers import ErrorCode, Schedule
 from ..vector import LayerNormUnit, ResidualAdd, SoftmaxMode, SoftmaxUnit
 from .buffer import GatherMode
-from .checks import checks_control
+from .checks import RANGE_BOUNDS, checks_control
 from .datapath import Unit, datapath_control
 from .fetch import fetch_control
 from .router import ReadSink, intake_shape, read_router_control
@@ -129,6 +129,15 @@ class _Registers:
         self.residual_fused = Signal()
         self.res_cmd = Signal(ResidualAdd.cmd_layout(cfg))
         self.res_cmd_valid = Signal()
+        # A SOFTMAX runs in the background (its own read port and write walk): the
+        # controller goes on, and an instruction waits for it (BG_WAIT) unless it is a
+        # GEMM whose buffer ranges do not touch the softmax's.
+        self.bg_busy = Signal()
+        self.bg_pc = Signal(32)
+        self.bg_read = Signal(RANGE_BOUNDS)     # its logits
+        self.bg_write = Signal(RANGE_BOUNDS)    # its probabilities
+        self.bg_to_fetch = Signal()
+        self.bg_drained = Signal()              # (comb) it ends while BG_WAIT waits
 
 
 class Controller(wiring.Component):
@@ -155,9 +164,12 @@ class Controller(wiring.Component):
         An instruction retires this cycle (the ``INSTRUCTIONS`` counter).
     drained : Out(1)
         A GEMM that handed over early (``pending``) finished this cycle while an
-        instruction waited for it (``GEMM_DRAIN``): the end of its tail, for the trace.
+        instruction waited for it (``GEMM_DRAIN``), or a background softmax did
+        (``BG_WAIT``): the end of its tail, for the trace.
     pending_pc : Out(32)
-        That GEMM's index.
+        That instruction's index.
+    drained_opcode : Out(8)
+        Its opcode (``GEMM`` or ``SOFTMAX``).
     fetch : Out(fetch_control())
         The instruction fetch; ``instruction`` is what it fetched.
     instruction : In(INSTRUCTION)
@@ -199,6 +211,7 @@ class Controller(wiring.Component):
             "retired": Out(1),
             "drained": Out(1),
             "pending_pc": Out(32),
+            "drained_opcode": Out(8),
             "fetch": Out(fetch_control()),
             "instruction": In(INSTRUCTION),
             "checks": Out(checks_control(config)),
@@ -228,7 +241,7 @@ class Controller(wiring.Component):
             self.error_code.eq(r.stop_code),
             self.error_pc.eq(r.pc),
             self.fetch.pc.eq(r.pc),
-            self.pending_pc.eq(r.pending_pc),
+
             self.router.sink.eq(r.sink),
             datapath.unit.eq(r.unit),
             datapath.gemm_int32.eq(r.gemm_int32),
@@ -245,6 +258,15 @@ class Controller(wiring.Component):
             checks.task_offset.eq(r.task_offset),
         ]
         plan = self._gemm_walk_plan(m, r)
+        # The trace's drain entries: a pending GEMM's (GEMM_DRAIN) or the background
+        # softmax's (BG_WAIT), never in the same cycle.
+        bg_drained = r.bg_drained
+        m.d.comb += [
+            self.pending_pc.eq(Mux(bg_drained, r.bg_pc, r.pending_pc)),
+            self.drained_opcode.eq(Mux(bg_drained, Opcode.SOFTMAX.value, Opcode.GEMM.value)),
+        ]
+        with m.If(bg_drained):
+            m.d.comb += self.drained.eq(1)
         with m.FSM(name="fsm"):
             self._run_states(m, r)
             self._gemm_states(m, r, plan)
@@ -255,6 +277,8 @@ class Controller(wiring.Component):
         self._launch_held_walks(m, r)
         # After the state machine: this command wins over RESIDUAL_RUN's, which never runs
         # while one is offered (a fused GEMM drains before any other instruction starts).
+        with m.If(r.bg_busy & self.datapath.bg_writes_done):
+            m.d.sync += r.bg_busy.eq(0)
         with m.If(r.res_cmd_valid):
             m.d.comb += [self.residual_cmd.valid.eq(1), self.residual_cmd.payload.eq(r.res_cmd)]
             with m.If(self.residual_cmd.ready):
@@ -304,12 +328,16 @@ class Controller(wiring.Component):
                              r.task_offset.eq(0), r.task_stride.eq(0), r.sent.eq(0),
                              r.routed.eq(0), r.loop_active.eq(0),
                              r.run_schedule.eq(self.schedule), r.pending.eq(0),
-                             r.residual_fused.eq(0), r.res_cmd_valid.eq(0)]
+                             r.residual_fused.eq(0), r.res_cmd_valid.eq(0),
+                             r.bg_busy.eq(0)]
                 m.d.comb += [self.dma_error_clear.eq(1), self.fetch.flush.eq(1)]
                 m.next = "FETCH"
         with m.State("FETCH"):
             m.d.comb += self.busy.eq(1)
-            with m.If(r.pending & (r.aborting | self.dma_error)):
+            with m.If(r.bg_busy & (r.aborting | self.dma_error)):
+                m.d.sync += r.bg_to_fetch.eq(1)
+                m.next = "BG_WAIT"
+            with m.Elif(r.pending & (r.aborting | self.dma_error)):
                 m.d.sync += r.drain_to_fetch.eq(1)
                 m.next = "GEMM_DRAIN"
             with m.Elif(r.aborting):
@@ -331,12 +359,17 @@ class Controller(wiring.Component):
             m.next = "CHECK2"
         with m.State("CHECK2"):
             m.d.comb += self.busy.eq(1)
-            with m.If(r.pending):
+            ok = checks.opcode_ok & checks.shape_ok & checks.buffer_ok & checks.ddr_ok
+            with m.If(r.bg_busy & ~(ok & (op == Opcode.GEMM) & ~self._bg_hazard(r))):
+                # Only a GEMM clear of the background softmax's buffer ranges runs beside
+                # it; anything else (a failing check's stop included) waits for it.
+                m.d.sync += r.bg_to_fetch.eq(0)
+                m.next = "BG_WAIT"
+            with m.Elif(r.pending):
                 # A GEMM is still finishing: a streamed GEMM may start beside it, and a
                 # LayerNorm's parameter read (a unit the GEMM does not use) goes on behind
                 # its stream; anything else waits. (A table load could too, but it would
                 # retire before the GEMM's drain and take the GEMM's time in the trace.)
-                ok = checks.opcode_ok & checks.shape_ok & checks.buffer_ok & checks.ddr_ok
                 with m.If(ok & (op == Opcode.GEMM) & self._streamed()):
                     m.d.sync += r.sent.eq(0)
                     m.next = "GEMM_PREFETCH"
@@ -358,6 +391,13 @@ class Controller(wiring.Component):
                     for opcode, state in _FIRST_STATE.items():
                         with m.Case(opcode):
                             m.next = state
+        with m.State("BG_WAIT"):
+            m.d.comb += self.busy.eq(1)
+            with m.If(self.datapath.bg_writes_done):
+                m.d.comb += r.bg_drained.eq(1)
+                m.next = "CHECK2"
+                with m.If(r.bg_to_fetch):
+                    m.next = "FETCH"
         with m.State("TASKS"):
             tasks = self.instruction.args.tasks
             m.d.comb += self.busy.eq(1)
@@ -367,6 +407,18 @@ class Controller(wiring.Component):
                 m.d.sync += [r.task_stride.eq(tasks.stride),
                              r.task_offset.eq(self.task_select * tasks.stride)]
                 m.next = "NEXT"
+
+    def _bg_hazard(self, r: _Registers) -> Value:
+        """The checked instruction (a ``GEMM``) reads what the background softmax writes,
+        or writes what it reads or writes (ranges 0 and 2 are a GEMM's reads, 1 its
+        results)."""
+        ranges = self.checks.ranges
+
+        def overlap(a, b):
+            return a.used & b.used & (a.first <= b.last) & (b.first <= a.last)
+
+        return (overlap(ranges[0], r.bg_write) | overlap(ranges[2], r.bg_write)
+                | overlap(ranges[1], r.bg_read) | overlap(ranges[1], r.bg_write))
 
     def _streamed(self):
         """The instruction is a GEMM whose weights stream from DDR with INT8 results: it may
@@ -593,20 +645,23 @@ class Controller(wiring.Component):
             with m.If(r.sent[0] & self.datapath.writes_done):
                 m.next = "NEXT"
 
+        # SOFTMAX runs in the background: its walks and command, then the next instruction.
         with m.State("SOFTMAX_START"):
             a = args.softmax
-            m.d.comb += self.busy.eq(1)
-            m.d.sync += r.unit.eq(Unit.SOFTMAX)
-            self._expect_writes(m, a.rows * sm_beats)
-            self._walk(m, walks.walk_a, a.src, (a.rows, 1), (sm_beats, a.stride))
-            self._walk(m, walks.walk_w, a.dst, (a.rows, 1), (sm_beats, a.stride))
+            ranges = self.checks.ranges
+            m.d.comb += [self.busy.eq(1), walks.expect_bg_writes.eq(1),
+                         walks.bg_writes.eq(a.rows * sm_beats)]
+            m.d.sync += [r.bg_busy.eq(1), r.bg_pc.eq(r.pc), r.bg_read.eq(ranges[0]),
+                         r.bg_write.eq(ranges[1])]
+            self._walk(m, walks.walk_c, a.src, (a.rows, 1), (sm_beats, a.stride))
+            self._walk(m, walks.walk_w2, a.dst, (a.rows, 1), (sm_beats, a.stride))
             m.next = "SOFTMAX_RUN"
         with m.State("SOFTMAX_RUN"):
             a = args.softmax
             m.d.comb += self.busy.eq(1)
             self._command(m, r, self.softmax_cmd, 0, length=a.length, rows=a.rows,
                           mode=SoftmaxMode.ATTENTION)
-            with m.If(r.sent[0] & self.datapath.writes_done):
+            with m.If(r.sent[0]):
                 m.next = "NEXT"
 
         with m.State("RESIDUAL_START"):

@@ -3,17 +3,19 @@
 One memory of ``act_buffer_words`` words of ``pe_cols`` INT8 lanes, one write port and two
 read ports, each port walked by an :class:`~m3vit.hw.engine.buffer.AddressGenerator`::
 
-    read port A ──► GEMM activations │ LayerNorm x │ softmax logits │ residual a │ STORE
+    read port A ──► GEMM activations │ LayerNorm x │ router logits │ residual a │ STORE
                     │ combiner (through the gather stage)
     read port B ──► GEMM weights from the buffer (Q·Kᵀ columns, P·V rows) │ residual b
-    write port  ◄── GEMM INT8 results │ LayerNorm y │ softmax probs │ residual │ combiner
-                    │ LOAD
+    read port C ──► softmax logits (a softmax runs in the background)
+    write port  ◄── GEMM INT8 results │ LayerNorm y │ residual │ combiner │ LOAD;
+                    in the cycles they leave free: softmax probs
     fused residual: GEMM INT8 results │ combiner ──► residual a;  port B ──► residual b;
                     residual ──► write port
     write DMA   ◄── GEMM INT32 results (the task head) │ STORE words
 
 The controller chooses the :class:`Unit` in charge; the switch is combinational, so a
-unit's stream sees the buffer's ports directly.
+unit's stream sees the buffer's ports directly. A ``SOFTMAX`` runs beside it, on its own
+read port and walks (``walk_c``, ``walk_w2``), writing when the unit in charge does not.
 """
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
@@ -92,6 +94,13 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         slot_lookup, slot_token : Out
             Read the dispatcher's slot table for a token (the ``EXPERTS`` loop's context),
             instead of the gather stage.
+        walk_c, walk_w2 : Out(walk_signature(...))
+            A background softmax's walks: its logits through read port C, its
+            probabilities to the write port in the cycles the unit in charge leaves free.
+        expect_bg_writes, bg_writes : Out
+            Load the count of words the background softmax is to write.
+        bg_writes_done : In(1)
+            It has written them.
         residual_fused : Out(1)
             The ``GEMM``'s INT8 results or the combiner's output go through the residual
             add (its ``a``) with port B's words as its ``b``, and its sums to the write port.
@@ -118,6 +127,11 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         "slot_lookup": Out(1),
         "slot_token": Out(16),
         "residual_fused": Out(1),
+        "walk_c": Out(walk),
+        "walk_w2": Out(walk),
+        "expect_bg_writes": Out(1),
+        "bg_writes": Out(32),
+        "bg_writes_done": In(1),
     })
 
 
@@ -157,10 +171,10 @@ class Datapath(wiring.Component):
 
     Notes
     -----
-    The buffer is UltraRAM: 512 KiB in two read copies is 32 of the XCZU7EV's 96 URAM288
-    blocks, where block RAM would take 228 of its 312 RAMB36 (Vivado and Yosys both
-    honour ``ram_style``). Every unit's output is always accepted: the write port never
-    stalls.
+    The buffer is UltraRAM: 512 KiB in three read copies is 48 of the XCZU7EV's 96 URAM288
+    blocks, where block RAM would take 342 of its 312 RAMB36 (Vivado and Yosys both
+    honour ``ram_style``). The output of the unit in charge is always accepted: the write
+    port never stalls it; the background softmax's probabilities wait for a free cycle.
     """
 
     def __init__(self, config: AccelConfig):
@@ -212,7 +226,10 @@ class Datapath(wiring.Component):
         gen_a = m.submodules.gen_a = AddressGenerator(buf_bits, COUNT_BITS)
         gen_b = m.submodules.gen_b = AddressGenerator(buf_bits, COUNT_BITS)
         gen_w = m.submodules.gen_w = AddressGenerator(buf_bits, COUNT_BITS)
-        for walk, gen in ((ctl.walk_a, gen_a), (ctl.walk_b, gen_b), (ctl.walk_w, gen_w)):
+        gen_c = m.submodules.gen_c = AddressGenerator(buf_bits, COUNT_BITS)
+        gen_w2 = m.submodules.gen_w2 = AddressGenerator(buf_bits, COUNT_BITS)
+        for walk, gen in ((ctl.walk_a, gen_a), (ctl.walk_b, gen_b), (ctl.walk_w, gen_w),
+                          (ctl.walk_c, gen_c), (ctl.walk_w2, gen_w2)):
             wiring.connect(m, wiring.flipped(walk), gen.walk)
         # Port A's addresses may go through the dispatcher's tables (MoE gather / combine).
         gather = m.submodules.gather = GatherStage(
@@ -224,14 +241,17 @@ class Datapath(wiring.Component):
                                                       gathered_layout(buf_bits), tag_bits=15)
         port_b = m.submodules.port_b = BufferReadPort(
             buffer.read_port(), address_layout(buf_bits, COUNT_BITS))
+        port_c = m.submodules.port_c = BufferReadPort(
+            buffer.read_port(), address_layout(buf_bits, COUNT_BITS))
         wiring.connect(m, gather.o, port_a.addr)
         wiring.connect(m, gen_b.addr, port_b.addr)
+        wiring.connect(m, gen_c.addr, port_c.addr)
 
         # Width converters towards the write DMA.
         rs_store = m.submodules.rs_store = StreamResize(cfg.pe_cols, cfg.axi_bytes)
         rs_i32 = m.submodules.rs_i32 = StreamResize(4 * cfg.pe_cols, cfg.axi_bytes)
-        self._read_ports(m, port_a.data, port_b.data, rs_store)
-        self._write_port(m, buffer.write_port(), gen_w, rs_i32, port_a.data)
+        self._read_ports(m, port_a.data, port_b.data, port_c.data, rs_store)
+        self._write_port(m, buffer.write_port(), gen_w, gen_w2, rs_i32, port_a.data)
         self._write_dma(m, port_a.data, rs_store, rs_i32)
         m.d.comb += ctl.store_drained.eq(~gen_a.addr.valid & ~port_a.data.valid
                                          & ~rs_store.o.valid)
@@ -251,18 +271,22 @@ class Datapath(wiring.Component):
         with m.If(ctl.slot_lookup):
             m.d.comb += [self.slot_addr.eq(ctl.slot_token), self.slot_en.eq(1)]
 
-    def _read_ports(self, m: Module, a, b, rs_store: StreamResize) -> None:
-        """Port A and port B to the unit in charge; GEMM weights from port B or DDR."""
+    def _read_ports(self, m: Module, a, b, c, rs_store: StreamResize) -> None:
+        """Port A and port B to the unit in charge; GEMM weights from port B or DDR; port C
+        to the softmax (outside ``ROUTE``, whose router logits come through port A)."""
         ctl = self.control
         unit = ctl.unit
         a_data, b_data = a.payload.word, b.payload.word
+        with m.If(unit != Unit.ROUTE):
+            m.d.comb += [self.softmax_logits.valid.eq(c.valid),
+                         c.ready.eq(self.softmax_logits.ready)]
         with m.Switch(unit):
             with m.Case(Unit.GEMM):
                 m.d.comb += [self.gemm_activations.valid.eq(a.valid),
                              a.ready.eq(self.gemm_activations.ready)]
             with m.Case(Unit.LN):
                 m.d.comb += [self.ln_x.valid.eq(a.valid), a.ready.eq(self.ln_x.ready)]
-            with m.Case(Unit.SOFTMAX, Unit.ROUTE):
+            with m.Case(Unit.ROUTE):
                 m.d.comb += [self.softmax_logits.valid.eq(a.valid),
                              a.ready.eq(self.softmax_logits.ready)]
             with m.Case(Unit.COMBINE):
@@ -279,7 +303,7 @@ class Datapath(wiring.Component):
         m.d.comb += [
             self.gemm_activations.payload.eq(a_data),
             self.ln_x.payload.eq(a_data),
-            self.softmax_logits.payload.eq(a_data),
+            self.softmax_logits.payload.eq(Mux(unit == Unit.ROUTE, a_data, c.payload.word)),
             self.residual_b.payload.eq(b_data),
             self.combiner_y.payload.data.eq(a_data),
             self.combiner_y.payload.score.eq(a.payload.tag),
@@ -318,9 +342,10 @@ class Datapath(wiring.Component):
                          weights.payload.eq(rows.payload.data)]
 
     def _write_port(self, m: Module, write, gen_w: AddressGenerator,
-                    rs_i32: StreamResize, a) -> None:
-        """The write port: one word per cycle from the unit in charge, at ``gen_w``'s address;
-        the residual add's ``a`` (port A's words, or a fused unit's output)."""
+                    gen_w2: AddressGenerator, rs_i32: StreamResize, a) -> None:
+        """The write port: one word per cycle from the unit in charge, at ``gen_w``'s address,
+        or, in a cycle it leaves free, the background softmax's at ``gen_w2``'s; the
+        residual add's ``a`` (port A's words, or a fused unit's output)."""
         ctl = self.control
         unit = ctl.unit
         w_valid = Signal()
@@ -356,11 +381,6 @@ class Datapath(wiring.Component):
             with m.Case(Unit.LN):
                 m.d.comb += [w_valid.eq(self.ln_y.valid), self.ln_y.ready.eq(w_ready),
                              w_data.eq(self.ln_y.payload.data.as_value())]
-            with m.Case(Unit.SOFTMAX):
-                m.d.comb += [w_valid.eq(probs.valid), probs.ready.eq(w_ready)]
-                # Attention probabilities are ≤ 127: the low byte of each lane is the INT8.
-                m.d.comb += w_data.eq(Cat(*(probs.payload.data[lane][:8]
-                                            for lane in range(self.config.pe_cols))))
             with m.Case(Unit.RESIDUAL):
                 m.d.comb += [w_valid.eq(self.residual_y.valid), self.residual_y.ready.eq(w_ready),
                              w_data.eq(self.residual_y.payload.data.as_value())]
@@ -375,14 +395,13 @@ class Datapath(wiring.Component):
                 m.d.comb += [w_valid.eq(self.ddr_words.valid), self.ddr_words.ready.eq(w_ready),
                              w_data.eq(self.ddr_words.payload.data)]
         m.d.comb += rs_i32.i.payload.data.eq(results.payload.int32.as_value())
-        # Every unit's output is always accepted: the write port never stalls.
+        # The unit in charge's output is always accepted: the write port never stalls it.
         writes_left = Signal(32)
+        fg_write = Signal()
         m.d.comb += [
             w_ready.eq(gen_w.addr.valid | load_drop),
             gen_w.addr.ready.eq(w_valid & ~load_drop),
-            write.addr.eq(gen_w.addr.payload.addr),
-            write.data.eq(w_data),
-            write.en.eq(w_valid & gen_w.addr.valid & ~load_drop),
+            fg_write.eq(w_valid & gen_w.addr.valid & ~load_drop),
             ctl.writes_done.eq(writes_left == 0),
         ]
         # A new count in the same cycle as a write wins: it is the next instruction's.
@@ -390,6 +409,26 @@ class Datapath(wiring.Component):
             m.d.sync += writes_left.eq(ctl.writes)
         with m.Elif(w_valid & w_ready):
             m.d.sync += writes_left.eq(writes_left - 1)
+        # The background softmax writes when the unit in charge does not (ROUTE's router
+        # scores go to the dispatcher instead). Attention probabilities are ≤ 127: the low
+        # byte of each lane is the INT8.
+        bg_write = Signal()
+        bg_writes_left = Signal(32)
+        probs_int8 = Cat(*(probs.payload.data[lane][:8] for lane in range(self.config.pe_cols)))
+        with m.If(unit != Unit.ROUTE):
+            m.d.comb += probs.ready.eq(gen_w2.addr.valid & ~fg_write)
+        m.d.comb += [
+            bg_write.eq((unit != Unit.ROUTE) & probs.valid & gen_w2.addr.valid & ~fg_write),
+            gen_w2.addr.ready.eq(bg_write),
+            write.addr.eq(Mux(fg_write, gen_w.addr.payload.addr, gen_w2.addr.payload.addr)),
+            write.data.eq(Mux(fg_write, w_data, probs_int8)),
+            write.en.eq(fg_write | bg_write),
+            ctl.bg_writes_done.eq(bg_writes_left == 0),
+        ]
+        with m.If(ctl.expect_bg_writes):
+            m.d.sync += bg_writes_left.eq(ctl.bg_writes)
+        with m.Elif(bg_write):
+            m.d.sync += bg_writes_left.eq(bg_writes_left - 1)
 
     def _write_dma(self, m: Module, a, rs_store: StreamResize, rs_i32: StreamResize) -> None:
         """The write DMA's data: STORE words (zero past the count) or INT32 GEMM results."""

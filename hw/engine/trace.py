@@ -7,7 +7,9 @@ comes from the board and from the simulator. An entry's span runs from the previ
 entry's end to its own: the spans partition the run. A ``GEMM`` that hands over as soon
 as its stream is issued (``pending``) retires early; when a later instruction has to wait
 for it (``GEMM_DRAIN``), the wait ends in a *drain* entry of that GEMM (bit 24), so its
-tail counts as its own and not as the waiting instruction's.
+tail counts as its own and not as the waiting instruction's. A ``SOFTMAX`` runs in the
+background the same way: an instruction that has to wait for it (``BG_WAIT``) ends its
+span in a drain entry of the ``SOFTMAX``.
 
 =====  =============================================================================
 word   contents
@@ -26,7 +28,6 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from ..isa import Opcode
 from ..registers import MAX_TRACE_PORTS, TRACE_DEPTH, TRACE_WORDS
 
 __all__ = ["InstructionTrace"]
@@ -47,9 +48,11 @@ class InstructionTrace(wiring.Component):
     retired : In(1)
         The instruction ends this cycle (retired, or the run stops on it).
     drained : In(1)
-        A GEMM that handed over early finishes this cycle, at index ``pending_pc``, while
-        an instruction waits for it.
+        A GEMM that handed over early, or a background softmax, finishes this cycle, at
+        index ``pending_pc``, while an instruction waits for it.
     pending_pc : In(16)
+    drained_opcode : In(8)
+        Its opcode.
     opcode : In(8)
         The instruction's opcode (valid while it runs).
     port_read_bytes : In(ArrayLayout(32, MAX_TRACE_PORTS))
@@ -74,6 +77,7 @@ class InstructionTrace(wiring.Component):
             "retired": In(1),
             "drained": In(1),
             "pending_pc": In(16),
+            "drained_opcode": In(8),
             "opcode": In(8),
             "port_read_bytes": In(words),
             "write_bytes": In(32),
@@ -105,13 +109,13 @@ class InstructionTrace(wiring.Component):
         # Differences modulo 2^32, like the counters themselves.
         deltas = [(self.port_read_bytes[p] - read_mark[p])[:32]
                   for p in range(MAX_TRACE_PORTS)]
-        # A drain and a retirement never coincide: the drain ends GEMM_DRAIN, which
-        # retires nothing.
+        # A drain and a retirement never coincide: the drain ends GEMM_DRAIN or BG_WAIT,
+        # which retire nothing.
         event = self.retired | self.drained
         m.d.comb += [
             write.addr.eq(self.count[:ceil_log2(TRACE_DEPTH)]),
             write.data.eq(Cat(Mux(self.drained, self.pending_pc, pc),
-                              Mux(self.drained, Opcode.GEMM.value, self.opcode),
+                              Mux(self.drained, self.drained_opcode, self.opcode),
                               self.drained, Const(0, 7), span_start, cycle, *deltas,
                               (self.write_bytes - write_mark)[:32])),
             write.en.eq(event & ~self.start & (self.count < TRACE_DEPTH)),

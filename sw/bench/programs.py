@@ -175,6 +175,45 @@ def vector_case(cfg: AccelConfig, seed: int, op: Opcode, rows: int, length: int)
     return _finish(f"{op.name.lower()}_r{rows}_l{length}", cfg, prog, img)
 
 
+#: What the GEMM after a background softmax touches (:func:`softmax_overlap_case`).
+SOFTMAX_HAZARDS = ("none", "reads_probs", "writes_logits", "writes_probs")
+
+
+def softmax_overlap_case(cfg: AccelConfig, seed: int, hazard: str) -> Case:
+    """A ``SOFTMAX`` (which runs in the background), then a GEMM of weights from the buffer
+    that reads the softmax's probabilities, writes over its logits or its probabilities, or
+    touches neither (:data:`SOFTMAX_HAZARDS`); every region stored. The hardware must give
+    the in-order result of the ISA model: it holds the GEMM back on a hazard."""
+    rng = np.random.default_rng(seed)
+    C, R, G, V = cfg.pe_cols, cfg.pe_rows, cfg.gemm_cols, cfg.gemm_words
+    rows, length = cfg.max_tokens, 2 * C + 1
+    beats = _ceil(length, C)
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    words = rows * beats
+    logits, probs, x, wbuf = 0, words + 1, 2 * words + 2, 3 * words + 3
+    dst = {"none": wbuf + words + 1, "reads_probs": wbuf + words + 1,
+           "writes_logits": logits, "writes_probs": probs}[hazard]
+    src = probs if hazard == "reads_probs" else x
+    out_words = rows * V      # one N-tile: V words a token
+    for name, base in (("logits", logits), ("x", x), ("w", wbuf)):
+        prog.add(Opcode.LOAD, ddr=img.put(name, _i8(rng, words, C).tobytes()), dst=base,
+                 dst_stride=1, words=words)
+    table = nx.exp_table(float(rng.uniform(0.02, 0.2))).numpy().astype("<u2")
+    prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
+    prog.add(Opcode.SOFTMAX, src=logits, dst=probs, stride=rows, rows=rows, length=length)
+    params = gemm_stream(None, rng.integers(-2**12, 2**12, size=G),
+                         rng.integers(0, 2**16, size=G), rng.integers(8, 20, size=G), cfg,
+                         weights=False)
+    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=rows,
+             k_slices=1, n_tiles=1, src=src, src_stride=rows, dst=dst, dst_stride=rows,
+             wbuf=wbuf, wstride=R, ddr=img.put("params", params))
+    for name, base, n in (("logits_out", logits, words), ("probs_out", probs, words),
+                          ("y", dst, out_words)):
+        prog.add(Opcode.STORE, ddr=img.reserve(name, n * C), src=base, src_stride=1, words=n)
+    prog.add(Opcode.END)
+    return _finish(f"softmax_then_gemm_{hazard}", cfg, prog, img)
+
+
 def task_select_case(cfg: AccelConfig, seed: int, task: int, n_tasks: int = 3) -> Case:
     """One program, a per-task GEMM (as the task heads are): ``TASKS`` sets the stride
     between the tasks' weight blocks and ``TASK_SELECT`` picks one."""

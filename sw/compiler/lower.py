@@ -476,8 +476,10 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         raise M3VitError(f"head width {dh} is not a multiple of the buffer's {C} lanes")
     qkv = plan.alloc(f"{p}.qkv", n, 3 * d)
     # Q·Kᵀ writes whole N-tiles of keys; softmax and P·V use the first ceil(n / C) words.
-    scores = plan.alloc(f"{p}.scores", n, _ceil(n, G) * G)
-    probs = plan.alloc(f"{p}.probs", n, _ceil(n, C) * C)
+    # Two of each, alternating by head: a head's softmax runs in the background beside the
+    # next head's Q·Kᵀ and the previous head's P·V, which use the other pair.
+    scores = [plan.alloc(f"{p}.scores{i}", n, _ceil(n, G) * G) for i in range(2)]
+    probs = [plan.alloc(f"{p}.probs{i}", n, _ceil(n, C) * C) for i in range(2)]
     # P·V writes whole N-tiles: a head narrower than one writes the next head's first
     # words too (that head overwrites them later); the last head's spill needs the room.
     pv_tiles = _ceil(dh, G)
@@ -488,17 +490,29 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
     logit_ddr = img.put(f"{p}.attn.logit", _requant_stream(t, f"{p}.attn.logit", n, cfg))
     pv_ddr = img.put(f"{p}.attn.pv", _requant_stream(t, f"{p}.attn.pv", dh, cfg))
     d_slices, h_slices, key_slices = d // C, dh // C, _ceil(n, C)
-    for h in range(model.num_heads):
+
+    def scores_and_softmax(h: int) -> None:
         q = qkv + h * h_slices * n
         k = qkv + (d_slices + h * h_slices) * n
-        v = qkv + (2 * d_slices + h * h_slices) * n
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=n,
-                 k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=n, dst=scores,
-                 dst_stride=n, wbuf=k, wstride=n, ddr=logit_ddr)
-        prog.add(Opcode.SOFTMAX, src=scores, dst=probs, stride=n, rows=n, length=n)
+                 k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=n,
+                 dst=scores[h % 2], dst_stride=n, wbuf=k, wstride=n, ddr=logit_ddr)
+        prog.add(Opcode.SOFTMAX, src=scores[h % 2], dst=probs[h % 2], stride=n, rows=n,
+                 length=n)
+
+    def weighted_values(h: int) -> None:
+        v = qkv + (2 * d_slices + h * h_slices) * n
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
-                 k_slices=key_slices, n_tiles=pv_tiles, src=probs, src_stride=n,
+                 k_slices=key_slices, n_tiles=pv_tiles, src=probs[h % 2], src_stride=n,
                  dst=heads_out + h * h_slices * n, dst_stride=n, wbuf=v, wstride=n, ddr=pv_ddr)
+
+    # Q·Kᵀ₀ S₀ Q·Kᵀ₁ S₁ P·V₀ Q·Kᵀ₂ S₂ P·V₁ … P·V_last: each softmax (in the background)
+    # beside the next head's Q·Kᵀ or the previous head's P·V (docs/accelerator.md).
+    scores_and_softmax(0)
+    for h in range(1, model.num_heads):
+        scores_and_softmax(h)
+        weighted_values(h - 1)
+    weighted_values(model.num_heads - 1)
     _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n,
             residual=residual)
 

@@ -15,6 +15,7 @@ from m3vit.hw.isa import GemmOp, Opcode, WeightSource
 from m3vit.sim.engine_tb import EngineBench
 from m3vit.sim.stream_tb import Bench
 from m3vit.sw.bench.programs import (
+    SOFTMAX_HAZARDS,
     attention_case,
     bad_program_cases,
     dense_block_case,
@@ -22,6 +23,7 @@ from m3vit.sw.bench.programs import (
     gemm_case,
     model_stop,
     random_gemm_cases,
+    softmax_overlap_case,
     strided_load_store_case,
     task_select_case,
     vector_case,
@@ -62,6 +64,9 @@ async def test_vector_programs(dut, flow):
     ]):
         await tb.check(vector_case(tb.cfg, seed + i, op, rows, length))
     await tb.check(strided_load_store_case(tb.cfg, seed))
+    # A GEMM right after the (background) softmax: held back on every kind of hazard.
+    for i, hazard in enumerate(SOFTMAX_HAZARDS):
+        await tb.check(softmax_overlap_case(tb.cfg, seed + i, hazard))
 
 
 @cocotb.test()
