@@ -488,6 +488,12 @@ buffer takes its first tile while the previous `GEMM` computes), and its buffer 
 writes start after the previous `GEMM`'s last result. This is how the next expert's
 weights are prefetched. A `LAYERNORM` after such a `GEMM` reads its parameters behind
 the `GEMM`'s stream too; its buffer walks start after the `GEMM`'s last result.
+A `SOFTMAX` runs in the background: once it has started, the next instruction is fetched
+and checked, and if it is a `GEMM` none of whose buffer ranges (activations, results,
+weights or residual x) meets the softmax's (a `GEMM` read of its probabilities, a `GEMM`
+write of its logits or probabilities), it runs beside the softmax; any other instruction,
+`END` included, waits for the softmax's last probability. The results are those of running
+the program in order.
 Instructions are fetched a 256-byte line (eight instructions) at a
 time into a small cache that every `START` empties: a program must not change itself
 while it runs (no `STORE` into the program), and a line may read up to 224 bytes past the

@@ -428,8 +428,8 @@ MAX_TRACE_PORTS = 4
 #: What each word of a trace entry holds (register ``TRACE_WORD<k>``).
 _TRACE_WORD_TEXT = (
     "bits 15:0 the instruction's index, bits 23:16 its opcode, bit 24 a *drain*: the "
-    "wait for a GEMM that handed over early (it retired when its stream was issued) ends "
-    "here, and the span is its tail",
+    "wait for a GEMM that handed over early (it retired when its stream was issued) or "
+    "for a SOFTMAX running in the background ends here, and the span is its tail",
     "cycle (since `START`) its span starts: the previous entry's end, 0 for the first",
     "cycle its span ends (it retired, or the run stopped on it)",
     *(f"bytes read from DDR over master port {p} during the span"
