@@ -213,8 +213,9 @@ def bench_block_latency() -> str:
         "",
         "Command: `make bench` (`python -m m3vit.sw.bench block_latency`), which runs "
         "`m3vit.sw.bench.block_latency`: the Verilated engine runs the compiled program "
-        "(LN1, QKV, 3 × (Q·Kᵀ, softmax, P·V), projection, residual, LN2, FC1 + GELU, FC2, "
-        "residual, with the input LOAD and output STORE) with the DMA engines played at one "
+        "(LN1, QKV, the three heads' Q·Kᵀ, softmax and P·V, projection + residual, LN2, "
+        "FC1 + GELU, FC2 + residual, with the input LOAD and output STORE) with the DMA "
+        "engines played at one "
         "read entry per cycle (the engine's intake: 64 bytes on the ZCU104's three ports; "
         "the whole SoC under the DDR model is `bench soc`), and the output is checked "
         "bit-exactly against the golden model.",
@@ -226,9 +227,11 @@ def bench_block_latency() -> str:
         f"{r['ideal'] / r['cycles']:.1%} | {r['us']:.1f} |",
         "",
         "MAC-bound ideal: one token per cycle for every (K-slice, N-tile) of the block's GEMMs. "
-        "The rest is the vector work (LayerNorm, softmax, residual, LOAD/STORE) and each "
-        "instruction's pipeline fill and drain: instructions run one after another, except that a "
-        "streamed GEMM's weights are fetched while the previous GEMM finishes (docs/isa.md).",
+        "The rest is the vector work (LayerNorm, the softmax's writes beyond the GEMMs' free "
+        "write-port cycles, LOAD/STORE) and each instruction's pipeline fill and drain: "
+        "instructions run one after another, except that a streamed GEMM's weights (and a "
+        "LayerNorm's parameters) are fetched while the previous GEMM finishes, and a softmax "
+        "runs beside the GEMMs that do not touch its buffers (docs/isa.md).",
     ])
 
 
