@@ -241,7 +241,6 @@ class Controller(wiring.Component):
             self.error_code.eq(r.stop_code),
             self.error_pc.eq(r.pc),
             self.fetch.pc.eq(r.pc),
-
             self.router.sink.eq(r.sink),
             datapath.unit.eq(r.unit),
             datapath.gemm_int32.eq(r.gemm_int32),
@@ -275,10 +274,11 @@ class Controller(wiring.Component):
             self._moe_states(m, r)
             self._end_states(m, r)
         self._launch_held_walks(m, r)
-        # After the state machine: this command wins over RESIDUAL_RUN's, which never runs
-        # while one is offered (a fused GEMM drains before any other instruction starts).
+        # The background softmax is done once its last probability is written.
         with m.If(r.bg_busy & self.datapath.bg_writes_done):
             m.d.sync += r.bg_busy.eq(0)
+        # After the state machine: this command wins over RESIDUAL_RUN's, which never runs
+        # while one is offered (a fused GEMM drains before any other instruction starts).
         with m.If(r.res_cmd_valid):
             m.d.comb += [self.residual_cmd.valid.eq(1), self.residual_cmd.payload.eq(r.res_cmd)]
             with m.If(self.residual_cmd.ready):
