@@ -380,6 +380,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from m3vit.hw.isa import ExpertOrder
 
     from .compiler.executable import EXECUTABLE_SUFFIX, compile_executable
+    from .compiler.lower import check_model_fits
     from .quant.package import load_package
     from .quant.quantize import validate_package
 
@@ -388,19 +389,41 @@ def cmd_compile(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(args.package).with_suffix(f".{args.config}{EXECUTABLE_SUFFIX}"))
     if out.exists() and not args.force:
         raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
-    compiled = compile_executable(pkg, config, order=ExpertOrder[_ORDERS[args.order]])
+    from .compiler.lower import largest_batch
+
+    check_model_fits(pkg.config, config)  # before the batch search: one line for a misfit
+    fits = largest_batch(pkg.config, config)
+    max_batch = fits if args.max_batch == "auto" else args.max_batch
+    compiled = compile_executable(pkg, config, order=ExpertOrder[_ORDERS[args.order]],
+                                  max_batch=max_batch)
     compiled.save(out, overwrite=args.force)
-    print(f"{pkg.config.name} for {args.config} ({config.pe_rows}x{config.pe_cols} array, "
-          f"config {compiled.config_hash:#010x}): {len(compiled.program) // 32} instructions, "
-          f"{len(compiled.image):,}-byte DDR image, tasks {', '.join(compiled.tasks)}, "
+    runs = ("one image a run" if compiled.max_batch == 1 else
+            f"batches of 1…{compiled.max_batch} images a run")
+    print(f"{pkg.config.name} for {args.config} ({config.pe_rows}x{config.gemm_cols} array, "
+          f"config {compiled.config_hash:#010x}): {len(compiled.program) // 32} instructions "
+          f"an image, {len(compiled.image):,}-byte DDR image, tasks "
+          f"{', '.join(compiled.tasks)}, {runs} (the largest batch that fits: {fits}), "
           f"activation buffer {compiled.act_buffer_peak:,} of {config.act_buffer_words:,} "
-          f"words")
+          "words")
     if args.map:
         print("\n".join(compiled.memory_map()))
     print(f"compiled package written to {out}")
 
 
 _ORDERS = {"register": "REGISTER", "expert": "EXPERT_BY_EXPERT", "token": "TOKEN_BY_TOKEN"}
+
+
+def _max_batch(text: str) -> int | str:
+    """``--max-batch``: 'auto' or a whole number ≥ 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -416,6 +439,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         if path and Path(path).exists() and not args.force:
             raise M3VitError(f"{path} exists: pass --force to overwrite it")
     compiled = load_executable(args.package)
+    if args.batch is not None:
+        compiled.program_for(args.batch)   # one line if the package has no such program
     tasks = args.task or list(compiled.tasks)
     for task in tasks:
         compiled.task_select(task)
@@ -442,7 +467,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             options["timing"] = dataclasses.replace(DdrTiming.zcu104(config), **dict(args.ddr))
             print(f"DDR model: {options['timing']}", file=sys.stderr)
         # Room for the program and data window (SimBoard's buffers start at 4 KiB).
-        need = len(compiled.program) + len(compiled.image) + (2 << 20)
+        need = sum(len(p) for p in compiled.programs) + len(compiled.image) + (2 << 20)
         options["ddr_bytes"] = max(64 << 20, 1 << (need - 1).bit_length())
         acc = Accelerator.open("sim", config=config, progress=lambda m: print(
             m, file=sys.stderr, flush=True), **options)
@@ -455,7 +480,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         acc.load(compiled)
         report = run_session(acc, scenes, tasks=tasks, reference=reference,
                              progress=lambda line: print(line, file=sys.stderr, flush=True),
-                             profile=args.profile)
+                             profile=args.profile, batch=args.batch)
     print(format_report(report))
     if args.json:
         save_report(report, args.json, overwrite=args.force)
@@ -742,6 +767,11 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--order", choices=tuple(_ORDERS), default="register",
                    help="MoE schedule compiled in: expert-by-expert, token-by-token, or "
                    "register = chosen at run time (default: %(default)s)")
+    s.add_argument("--max-batch", type=_max_batch, default="auto", metavar="B",
+                   help="most images one run computes: each dense weight tile and each active "
+                   "expert is read once for all of them (throughput), attention stays per "
+                   "image; a program for every batch of 1…B goes in the package. 'auto' = the "
+                   "largest whose activations fit on chip, up to 8 (default: %(default)s)")
     s.add_argument("--out", help="output path (default: PACKAGE.CONFIG.m3x)")
     s.add_argument("--map", action="store_true", help="print the DDR memory map")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -766,6 +796,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--task", action="append", metavar="TASK",
                    help="run only this task (repeatable; default: every task)")
     s.add_argument("--images", type=int, default=2, help="scenes per task (default: 2)")
+    s.add_argument("--batch", type=int, metavar="B",
+                   help="images one run computes, 1 … the package's --max-batch (default: "
+                   "that maximum); figures are then per image, the batch's run shared out")
     s.add_argument("--seed", type=int, default=1, help="scene seed (default: %(default)s)")
     s.add_argument("--schedule", choices=("expert", "token"), default="expert",
                    help="MoE schedule when the package leaves it to the host: the paper's "

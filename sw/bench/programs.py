@@ -724,6 +724,93 @@ def moe_layer_case(cfg: AccelConfig, preset: str = "tiny", index: int | None = N
     return case
 
 
+BATCH_ROUTINGS = ("disjoint", "same-two")
+"""Routings of :func:`moe_batch_case`: each image's tokens on its own two experts, or every
+token of every image on experts 0 and 1."""
+
+
+def moe_batch_case(cfg: AccelConfig, routing: str, batch: int = 2, preset: str = "tiny",
+                   seed: int = 0, schedule: int = 0) -> Case:
+    """The MoE layer of ``preset`` over a batch of ``batch`` images' tokens (one ``ROUTE``,
+    each active expert's weights read once for the batch), against the golden MoE layer of
+    each image on its own.
+
+    The router is rewritten so the routing is known: ``"disjoint"``: image b's tokens all
+    choose experts 2b and 2b + 1 (channel b of its LN2 output is +100, of the others −100;
+    router row e reads channel e // 2); ``"same-two"``: router weights zero, biases
+    choosing experts 0 and 1 for every token.
+    """
+    from ..compiler.layout import slice_major
+    from ..compiler.lower import BufferPlan, model_task_blocks, moe_program
+    from ..quant import golden
+
+    if routing not in BATCH_ROUTINGS:
+        raise ValueError(f"routing {routing!r} is not one of {BATCH_ROUTINGS}")
+    model_cfg, t, _ = _golden_capture(preset)
+    # A 16 × 16 input: few tokens an image, so a batch fits the CI configuration's
+    # max_tokens (the MoE layer's weights do not depend on the token count).
+    model_cfg = model_cfg.replace(img_size=(16, 16))
+    if routing == "disjoint" and 2 * batch > model_cfg.n_experts:
+        raise ValueError(f"{batch} images need {2 * batch} experts for disjoint routing")
+    t = dict(t)
+    index = model_cfg.moe_blocks[0]
+    p = f"blocks.{index}"
+    C = cfg.pe_cols
+    n, d, n_exp = model_cfg.n_tokens, model_cfg.embed_dim, model_cfg.n_experts
+    m = batch * n
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randint(-20, 21, (batch, n, d), generator=gen)
+    weight = torch.zeros(n_exp, d, dtype=torch.int64)
+    bias = torch.zeros(n_exp, dtype=torch.int64)
+    if routing == "disjoint":
+        h[:, :, :batch] = -100
+        for b in range(batch):
+            h[b, :, b] = 100
+        for e in range(2 * batch):
+            weight[e, e // 2] = 100
+        bias[1::2] = -50   # breaks the tie within a pair: 2b before 2b + 1
+    else:
+        bias[0], bias[1] = 1 << 20, 1 << 19
+    for task in model_cfg.task_names:
+        r = f"{p}.router.{task}"
+        t[f"{r}.weight"], t[f"{r}.bias"] = weight, bias
+    task = model_cfg.task_names[-1]
+    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
+    tasks = model_task_blocks(t, model_cfg, cfg, blocks=[index], head=False)
+    tasks.place(img)
+    tasks.tasks_instruction(prog)
+    src = plan.alloc("h", m, d)
+    y = plan.alloc("y", m, d)
+    # Slice-major over the batch: image b's token i is row b·n + i of every slice.
+    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(h.reshape(m, d), C)), dst=src,
+             dst_stride=1, words=d // C * m)
+    moe_program(prog, img, plan, t, p, model_cfg, cfg, src=src, dst=y, tasks=tasks,
+                batch=batch)
+    out = img.reserve("out", d // C * m * C)
+    prog.add(Opcode.STORE, ddr=out, src=y, src_stride=1, words=d // C * m)
+    prog.add(Opcode.END)
+    want = torch.stack([golden.moe(t, p, h[b], task, model_cfg, None) for b in range(batch)])
+    experts = torch.stack([golden.route(t, p, h[b], task, model_cfg.top_k)[2]
+                           for b in range(batch)])
+    chosen = [sorted(set(experts[b].flatten().tolist())) for b in range(batch)]
+    expect = ([[2 * b, 2 * b + 1] for b in range(batch)] if routing == "disjoint"
+              else [[0, 1]] * batch)
+    assert chosen == expect, f"{routing}: the router chose {chosen}, not {expect}"
+
+    def check(ddr_after: bytes) -> None:
+        got = unslice(bytes(ddr_after[out:out + d // C * m * C]), m, d, C).reshape(batch, n, d)
+        for b in range(batch):
+            diff = (got[b] != want[b].to(torch.int8)).sum().item()
+            assert diff == 0, (f"{routing} batch of {batch}, image {b}: {diff} of "
+                               f"{want[b].numel()} outputs differ from its own golden MoE")
+
+    counts = torch.bincount(experts.flatten(), minlength=n_exp).tolist()
+    case = Case(f"moe_batch{batch}_{routing}", prog.encode(), bytes(img.data), check=check,
+                task_select=len(model_cfg.task_names) - 1, schedule=schedule)
+    case.meta = {"blocks": _expert_blocks(img, p, n_exp), "counts": counts, "chosen": chosen}
+    return case
+
+
 def moe_block_case(cfg: AccelConfig, preset: str = "tiny", schedule: int = 0) -> Case:
     """The first MoE block of ``preset`` (attention, LN2, the MoE layer, both residuals),
     compiled by ``compile_block``, against the golden block output."""

@@ -1,7 +1,8 @@
 """The compiled package (``.m3x``): what the runtime loads onto a board.
 
 ``m3vit compile`` turns a quantized package (``.m3q``) and an :class:`AccelConfig` into one
-program and one DDR image that run every task (:func:`m3vit.sw.compiler.lower.compile_model`),
+DDR image and one program per batch size (1 … ``max_batch`` images a run) that run every
+task (:func:`m3vit.sw.compiler.lower.compile_model`),
 plus what the host needs around them: the memory map, each task's ``TASK_SELECT`` value,
 the input and output regions, the input scale and each head's output scales. The file is
 bound to the hardware configuration by its ``config_hash``, which the runtime compares with
@@ -9,14 +10,14 @@ the bitstream's ``CONFIG_HASH`` register before it loads anything.
 
 File layout (``docs/package.md``)::
 
-    b"M3VITX\\0\\1"                      8 bytes: magic and format version
+    b"M3VITX\\0\\2"                      8 bytes: magic and format version
     u32 header length (little-endian)
     header                               UTF-8 JSON (below)
-    program                              header["program_size"] bytes
+    programs                             header["program_sizes"] bytes each, batch 1 first
     image                                header["image_size"] bytes
 
 The header's ``sha256`` is the SHA-256 of the header without that key (canonical JSON),
-the program and the image, in that order: any changed byte is reported as corruption.
+the programs and the image, in that order: any changed byte is reported as corruption.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ __all__ = [
 ]
 
 EXECUTABLE_SUFFIX = ".m3x"
-MAGIC = b"M3VITX\x00\x01"
+MAGIC = b"M3VITX\x00\x02"
 _REDO = "the file is corrupted or was edited; re-run `m3vit compile`"
 _HEADER_KEYS = frozenset({
-    "format", "model", "config", "config_hash", "source_hash", "order", "program_size",
+    "format", "model", "config", "config_hash", "source_hash", "order", "program_sizes",
     "image_size", "regions", "tasks", "input", "output", "head_tiles", "input_scale",
     "out_scales", "act_buffer_peak", "sha256",
 })
@@ -62,8 +63,9 @@ class Executable:
         The model's architecture.
     config : AccelConfig
         The hardware it was compiled for.
-    program : bytes
-        Encoded instructions, loaded at ``PROGRAM_BASE``.
+    programs : tuple of bytes
+        Encoded instructions of each batch size: ``programs[b - 1]`` runs b images at once
+        (loaded side by side; ``PROGRAM_BASE`` points at the one that runs).
     image : bytes
         The data window, loaded at ``DATA_BASE`` (``DATA_SIZE = len(image)``).
     regions : dict of str to (offset, size)
@@ -71,9 +73,11 @@ class Executable:
     tasks : tuple of str
         Task names in ``TASK_SELECT`` order.
     input_offset, input_size : int
-        Where one image's patches go (:func:`m3vit.sw.compiler.lower.patch_words`).
+        Where image 0 of a batch has its patches (:func:`m3vit.sw.compiler.lower.patch_words`);
+        image b's are ``b · input_size`` further.
     output_offset, output_size : int
-        Where the head writes (``head_tiles`` × N_patches × ``gemm_cols`` INT32).
+        Where the head writes image 0's output (``head_tiles`` × N_patches × ``gemm_cols``
+        INT32); image b's is ``b · output_size`` further.
     head_tiles : int
         N-tiles of the head GEMM.
     input_scale : float
@@ -90,7 +94,7 @@ class Executable:
 
     model: ModelConfig
     config: AccelConfig
-    program: bytes
+    programs: tuple[bytes, ...]
     image: bytes
     regions: dict[str, tuple[int, int]]
     tasks: tuple[str, ...]
@@ -104,6 +108,30 @@ class Executable:
     source_hash: str
     order: ExpertOrder = ExpertOrder.REGISTER
     act_buffer_peak: int = 0
+
+    @property
+    def program(self) -> bytes:
+        """The one-image program (``programs[0]``)."""
+        return self.programs[0]
+
+    @property
+    def max_batch(self) -> int:
+        """Most images one run computes (each expert's weights read once for all)."""
+        return len(self.programs)
+
+    def program_for(self, batch: int) -> bytes:
+        """The program that runs ``batch`` images at once.
+
+        Raises
+        ------
+        M3VitError
+            For a batch outside 1 … :attr:`max_batch`.
+        """
+        if not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+            raise M3VitError(f"batch {batch!r} is not in 1…{self.max_batch}: this package was "
+                             f"compiled with --max-batch {self.max_batch} (re-run `m3vit "
+                             "compile` with a larger one)")
+        return self.programs[batch - 1]
 
     @property
     def config_hash(self) -> int:
@@ -142,7 +170,7 @@ class Executable:
 
     def weight_bytes(self) -> int:
         """Bytes of the data window that are not the input or output region."""
-        return len(self.image) - self.input_size - self.output_size
+        return len(self.image) - self.max_batch * (self.input_size + self.output_size)
 
     def memory_map(self) -> list[str]:
         """The data window's regions as text lines (offset, size, name), offset order."""
@@ -157,13 +185,13 @@ class Executable:
     def header(self) -> dict[str, Any]:
         """The JSON header (without ``sha256``)."""
         return {
-            "format": "m3vit-compiled/1",
+            "format": "m3vit-compiled/2",
             "model": self.model.to_dict(),
             "config": self.config.to_dict(),
             "config_hash": self.config_hash,
             "source_hash": self.source_hash,
             "order": self.order.name,
-            "program_size": len(self.program),
+            "program_sizes": [len(p) for p in self.programs],
             "image_size": len(self.image),
             "regions": {k: list(v) for k, v in self.regions.items()},
             "tasks": list(self.tasks),
@@ -188,13 +216,14 @@ class Executable:
             raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another "
                              "--out")
         head = self.header()
-        head["sha256"] = _digest(head, self.program, self.image)
+        head["sha256"] = _digest(head, b"".join(self.programs), self.image)
         text = _canonical(head).encode("ascii")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<I", len(text)) + text)
-            f.write(self.program)
+            for program in self.programs:
+                f.write(program)
             f.write(self.image)
         os.replace(tmp, path)
         return path
@@ -242,13 +271,21 @@ def load_executable(path: str | os.PathLike) -> Executable:
         if not isinstance(head, dict) or set(head) != _HEADER_KEYS:
             raise ValueError("unexpected header keys")
         start = 12 + n
-        program = raw[start:start + head["program_size"]]
-        image = raw[start + head["program_size"]:]
-        if len(program) != head["program_size"] or len(image) != head["image_size"]:
+        sizes = head["program_sizes"]
+        if (not isinstance(sizes, list) or not sizes
+                or not all(isinstance(v, int) and v > 0 for v in sizes)):
+            raise ValueError("bad program sizes")
+        programs = []
+        for size in sizes:
+            programs.append(raw[start:start + size])
+            start += size
+        image = raw[start:]
+        if (any(len(p) != v for p, v in zip(programs, sizes, strict=True))
+                or len(image) != head["image_size"]):
             raise ValueError("truncated")
     except (struct.error, UnicodeDecodeError, ValueError, TypeError, KeyError):
         raise M3VitError(f"{path}: {_REDO}") from None
-    if _digest(head, program, image) != head["sha256"]:
+    if _digest(head, b"".join(programs), image) != head["sha256"]:
         raise M3VitError(f"{path}: checksum mismatch: {_REDO}")
     try:
         model = ModelConfig.from_dict(head["model"])
@@ -261,7 +298,7 @@ def load_executable(path: str | os.PathLike) -> Executable:
         raise M3VitError(f"{path}: config hash {head['config_hash']:#010x} does not match its "
                          "configuration; re-run `m3vit compile` with this toolkit")
     return Executable(
-        model=model, config=config, program=program, image=image,
+        model=model, config=config, programs=tuple(programs), image=image,
         regions={k: (int(v[0]), int(v[1])) for k, v in head["regions"].items()},
         tasks=tuple(head["tasks"]), input_offset=head["input"][0],
         input_size=head["input"][1], output_offset=head["output"][0],
@@ -272,7 +309,8 @@ def load_executable(path: str | os.PathLike) -> Executable:
 
 
 def compile_executable(pkg, config: AccelConfig, *,
-                    order: ExpertOrder = ExpertOrder.REGISTER) -> Executable:
+                       order: ExpertOrder = ExpertOrder.REGISTER,
+                       max_batch: int = 1) -> Executable:
     """Compile a quantized package for ``config``.
 
     Parameters
@@ -283,6 +321,9 @@ def compile_executable(pkg, config: AccelConfig, *,
         The accelerator it will run on.
     order : ExpertOrder
         Schedule of the MoE layers; ``REGISTER`` (default) leaves it to the runtime.
+    max_batch : int
+        Most images one run computes (a program for each batch size up to it);
+        :func:`m3vit.sw.compiler.lower.largest_batch` gives the largest that fits.
 
     Raises
     ------
@@ -292,10 +333,11 @@ def compile_executable(pkg, config: AccelConfig, *,
     from ..quant.package import content_hash
     from .lower import compile_model
 
-    compiled = compile_model(pkg.tensors, pkg.config, config, order=order)
+    compiled = compile_model(pkg.tensors, pkg.config, config, order=order,
+                             max_batch=max_batch)
     t = pkg.tensors
     return Executable(
-        model=pkg.config, config=config, program=compiled.program,
+        model=pkg.config, config=config, programs=compiled.programs,
         image=bytes(compiled.image.data), regions=dict(compiled.image.regions),
         tasks=tuple(compiled.tasks.tasks), input_offset=compiled.input_offset,
         input_size=compiled.input_size, output_offset=compiled.output_offset,

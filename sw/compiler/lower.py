@@ -29,7 +29,7 @@ task's N-tiles).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +55,7 @@ from ..model.config import ModelConfig
 from .layout import head_output, pad_columns, patch_words, slice_major
 
 __all__ = [
+    "BatchTooLarge",
     "BufferPlan",
     "CompiledModel",
     "DdrImage",
@@ -69,9 +70,12 @@ __all__ = [
     "embedding_program",
     "gemm_stream",
     "head_program",
+    "largest_batch",
     "layernorm_records",
+    "model_program",
     "model_task_blocks",
     "moe_program",
+    "stream_bytes",
 ]
 
 
@@ -122,6 +126,12 @@ def gemm_stream(weight, bias, mult, shift, config: AccelConfig, weights: bool = 
     return bytes(out)
 
 
+def stream_bytes(n: int, k: int, config: AccelConfig, weights: bool = True) -> int:
+    """Length of :func:`gemm_stream` for an (n, k) weight: records and tiles per N-tile."""
+    tile = config.pe_rows * config.gemm_cols * _ceil(k, config.pe_rows) if weights else 0
+    return _ceil(n, config.gemm_cols) * (config.gemm_cols * GEMM_RECORD_BYTES + tile)
+
+
 def layernorm_records(gain, bias) -> bytes:
     """LayerNorm parameters: per channel 16 bytes (bias int64, gain int16, zeros)."""
     gain, bias = _np(gain).astype(np.int64), _np(bias).astype(np.int64)
@@ -146,15 +156,35 @@ class DdrImage:
     data: bytearray = field(default_factory=bytearray)
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def put(self, name: str, raw: bytes) -> int:
-        """Append ``raw`` (zero-padded to the alignment) as region ``name``; its offset."""
+    def put(self, name: str, raw: bytes | Callable[[], bytes]) -> int:
+        """Append ``raw`` (zero-padded to the alignment) as region ``name``; its offset.
+
+        A name already placed is not placed again: its offset is returned, so the programs
+        of every batch size share one copy of each weight stream. ``raw`` may be a function
+        that makes the bytes, called only when the region is new (weight streams are
+        costly to build).
+        """
+        if name in self.regions:
+            offset, size = self.regions[name]
+            if not callable(raw) and bytes(self.data[offset:offset + size]) != raw:
+                raise M3VitError(f"DDR region {name!r} placed twice with other content")
+            return offset
+        raw = raw() if callable(raw) else raw
         offset = len(self.data)
         self.data += raw + bytes(-len(raw) % self.align)
         self.regions[name] = (offset, len(raw))
         return offset
 
     def reserve(self, name: str, size: int) -> int:
-        """Zeroed room for ``size`` bytes that the accelerator writes; its offset."""
+        """Zeroed room for ``size`` bytes that the accelerator writes; its offset.
+
+        Reserving a name again returns its room (which must be as large)."""
+        if name in self.regions:
+            offset, have = self.regions[name]
+            if have != size:
+                raise M3VitError(f"DDR region {name!r} reserved again with {size} bytes, "
+                                 f"not {have}")
+            return offset
         return self.put(name, bytes(size))
 
 
@@ -412,7 +442,7 @@ def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
 
 def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
             src: int, dst: int, tokens: int, mode: GemmOp = GemmOp.INT8,
-            residual: tuple[int, str] | None = None) -> None:
+            residual: tuple[int, str] | None = None, src_stride: int | None = None) -> None:
     """A GEMM from a quantized ``name.weight/bias/mult/shift`` (buffer → buffer).
 
     With ``residual = (x, params)``, the residual add ``params`` of x (at ``x``, laid out as
@@ -421,13 +451,14 @@ def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, 
     """
     w = t[f"{name}.weight"]
     n, k = w.shape
-    ddr = img.put(name, gemm_stream(w, t[f"{name}.bias"], t[f"{name}.mult"],
-                                    t[f"{name}.shift"], cfg))
+    ddr = img.put(name, lambda: gemm_stream(w, t[f"{name}.bias"], t[f"{name}.mult"],
+                                            t[f"{name}.shift"], cfg))
     fused = {} if residual is None else dict(wbuf=residual[0],
                                              **_residual_fields(t, residual[1]))
     prog.add(Opcode.GEMM, mode=mode, wsrc=WeightSource.DDR, tokens=tokens,
              k_slices=_ceil(k, cfg.pe_rows), n_tiles=_ceil(n, cfg.gemm_cols), src=src,
-             src_stride=tokens, dst=dst, dst_stride=tokens, ddr=ddr, **fused)
+             src_stride=tokens if src_stride is None else src_stride, dst=dst,
+             dst_stride=tokens, ddr=ddr, **fused)
 
 
 def _layernorm(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
@@ -465,62 +496,106 @@ def _requant_stream(t: dict, name: str, n: int, cfg: AccelConfig) -> bytes:
 
 def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
                       model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
-                      residual: tuple[int, str] | None = None) -> None:
+                      residual: tuple[int, str] | None = None, batch: int = 1) -> None:
     """QKV, per head Q·Kᵀ → softmax → P·V, then the projection: ``src`` (LN1 out) → ``dst``.
 
     With ``residual = (x, params)`` the projection adds x in its output stage (``_linear``).
+    With ``batch = B`` the tensors hold B images' tokens (stride ``B · n_tokens``, image b's
+    token i at row ``b · n_tokens + i``): QKV and the projection run once for all of them
+    (each weight tile read once), Q·Kᵀ, softmax and P·V per image and head.
     """
     C, G = cfg.pe_cols, cfg.gemm_cols
     n, d, dh = model.n_tokens, model.embed_dim, model.head_dim
+    m = batch * n
     if dh % C:
         raise M3VitError(f"head width {dh} is not a multiple of the buffer's {C} lanes")
-    qkv = plan.alloc(f"{p}.qkv", n, 3 * d)
-    # Q·Kᵀ writes whole N-tiles of keys; softmax and P·V use the first ceil(n / C) words.
-    # Two of each, alternating by head: a head's softmax runs in the background beside the
-    # next head's Q·Kᵀ and the previous head's P·V, which use the other pair.
-    scores = [plan.alloc(f"{p}.scores{i}", n, _ceil(n, G) * G) for i in range(2)]
-    probs = [plan.alloc(f"{p}.probs{i}", n, _ceil(n, C) * C) for i in range(2)]
-    # P·V writes whole N-tiles: a head narrower than one writes the next head's first
-    # words too (that head overwrites them later); the last head's spill needs the room.
     pv_tiles = _ceil(dh, G)
-    heads_out = plan.alloc(f"{p}.attn_out", n, d - dh + pv_tiles * G)
-    _linear(prog, img, t, f"{p}.qkv", cfg, src=src, dst=qkv, tokens=n)
+
+    def buffers(qkv_rows: int) -> tuple[int, list[int], list[int], int]:
+        qkv = plan.alloc(f"{p}.qkv", qkv_rows, 3 * d)
+        # Q·Kᵀ writes whole N-tiles of keys; softmax and P·V use the first ceil(n / C)
+        # words. Two of each, alternating by head: a head's softmax runs in the background
+        # beside the next head's Q·Kᵀ and the previous head's P·V, which use the other pair.
+        scores = [plan.alloc(f"{p}.scores{i}", n, _ceil(n, G) * G) for i in range(2)]
+        probs = [plan.alloc(f"{p}.probs{i}", n, _ceil(n, C) * C) for i in range(2)]
+        # P·V writes whole N-tiles: a head narrower than one writes the next head's first
+        # words too (that head overwrites them later); the last head's spill needs the room.
+        heads_out = plan.alloc(f"{p}.attn_out", m, d - dh + pv_tiles * G)
+        return qkv, scores, probs, heads_out
+
+    # QKV once for the batch (each weight tile read once) where its output fits, else
+    # image by image into one image's room (the layout the compiler falls back to).
+    mark = plan.next_word
+    try:
+        qkv, scores, probs, heads_out = buffers(m)
+        qkv_stride, per_image = m, False
+    except M3VitError:
+        if batch == 1:
+            raise
+        plan.release(mark)
+        qkv, scores, probs, heads_out = buffers(n)
+        qkv_stride, per_image = n, True
+    if not per_image:
+        _linear(prog, img, t, f"{p}.qkv", cfg, src=src, dst=qkv, tokens=m)
     prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX,
              ddr=img.put(f"{p}.attn.exp", _np(t[f"{p}.attn.exp"]).astype("<u2").tobytes()))
     logit_ddr = img.put(f"{p}.attn.logit", _requant_stream(t, f"{p}.attn.logit", n, cfg))
     pv_ddr = img.put(f"{p}.attn.pv", _requant_stream(t, f"{p}.attn.pv", dh, cfg))
     d_slices, h_slices, key_slices = d // C, dh // C, _ceil(n, C)
 
-    def scores_and_softmax(h: int) -> None:
-        q = qkv + h * h_slices * n
-        k = qkv + (d_slices + h * h_slices) * n
+    # (image, head) pairs in order; pair i uses score and probability buffers i % 2.
+    pairs = [(b, h) for b in range(batch) for h in range(model.num_heads)]
+
+    def image_rows(b: int) -> int:
+        """Row of image b's token 0 in the qkv tensor."""
+        return 0 if per_image else b * n
+
+    def scores_and_softmax(i: int) -> None:
+        b, h = pairs[i]
+        if per_image and h == 0:
+            # Image b's Q, K, V: the previous image's last P·V has read its V (in order).
+            _linear(prog, img, t, f"{p}.qkv", cfg, src=src + b * n, src_stride=m, dst=qkv,
+                    tokens=n)
+        q = qkv + h * h_slices * qkv_stride + image_rows(b)
+        k = qkv + (d_slices + h * h_slices) * qkv_stride + image_rows(b)
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=n,
-                 k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=n,
-                 dst=scores[h % 2], dst_stride=n, wbuf=k, wstride=n, ddr=logit_ddr)
-        prog.add(Opcode.SOFTMAX, src=scores[h % 2], dst=probs[h % 2], stride=n, rows=n,
+                 k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=qkv_stride,
+                 dst=scores[i % 2], dst_stride=n, wbuf=k, wstride=qkv_stride, ddr=logit_ddr)
+        prog.add(Opcode.SOFTMAX, src=scores[i % 2], dst=probs[i % 2], stride=n, rows=n,
                  length=n)
 
-    def weighted_values(h: int) -> None:
-        v = qkv + (2 * d_slices + h * h_slices) * n
+    def weighted_values(i: int) -> None:
+        b, h = pairs[i]
+        v = qkv + (2 * d_slices + h * h_slices) * qkv_stride + image_rows(b)
         prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
-                 k_slices=key_slices, n_tiles=pv_tiles, src=probs[h % 2], src_stride=n,
-                 dst=heads_out + h * h_slices * n, dst_stride=n, wbuf=v, wstride=n, ddr=pv_ddr)
+                 k_slices=key_slices, n_tiles=pv_tiles, src=probs[i % 2], src_stride=n,
+                 dst=heads_out + h * h_slices * m + b * n, dst_stride=m, wbuf=v,
+                 wstride=qkv_stride, ddr=pv_ddr)
 
-    # Q·Kᵀ₀ S₀ Q·Kᵀ₁ S₁ P·V₀ Q·Kᵀ₂ S₂ P·V₁ … P·V_last: each softmax (in the background)
-    # beside the next head's Q·Kᵀ or the previous head's P·V (docs/accelerator.md).
+    # Q·Kᵀ₀ S₀ Q·Kᵀ₁ S₁ P·V₀ Q·Kᵀ₂ S₂ P·V₁ … P·V_last over the (image, head) pairs: each
+    # softmax (in the background) beside the next pair's Q·Kᵀ or the previous pair's P·V
+    # (docs/accelerator.md). Keys a Q·Kᵀ tile pads with, and values P·V's last K-slice
+    # pads with, are the next image's (or the next slice's): their scores are never read
+    # and their probabilities are zero, as with one image.
     scores_and_softmax(0)
-    for h in range(1, model.num_heads):
-        scores_and_softmax(h)
-        weighted_values(h - 1)
-    weighted_values(model.num_heads - 1)
-    _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=n,
+    for i in range(1, len(pairs)):
+        if per_image and pairs[i][1] == 0:
+            # The next image's QKV overwrites this image's V: its last P·V goes first.
+            weighted_values(i - 1)
+            scores_and_softmax(i)
+            continue
+        scores_and_softmax(i)
+        if not (per_image and pairs[i - 1][1] == model.num_heads - 1):
+            weighted_values(i - 1)
+    weighted_values(len(pairs) - 1)
+    _linear(prog, img, t, f"{p}.proj", cfg, src=heads_out, dst=dst, tokens=m,
             residual=residual)
 
 
 def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
                 model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
                 tasks: TaskBlocks, order: ExpertOrder = ExpertOrder.REGISTER,
-                residual: tuple[int, str] | None = None) -> None:
+                residual: tuple[int, str] | None = None, batch: int = 1) -> None:
     """The MoE layer of block prefix ``p``: ``src`` (LN2 out) → ``dst``, (M, D) each.
 
     Router GEMM (the running task's stream, ``per_task``) into INT8 logits, the task's exp
@@ -540,14 +615,22 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
     residual : (int, str), optional
         ``(x, params)``: ``COMBINE`` adds x (at ``x``, laid out as ``dst``) to its output
         before it writes it (the residual add ``params``).
+    batch : int
+        Images whose tokens ``src`` and ``dst`` hold (stride ``batch · n_tokens``): one
+        ``ROUTE`` over all of them builds each expert's queue over the batch, so an active
+        expert's weights are read once a batch.
     """
     R, G = cfg.pe_rows, cfg.gemm_cols
-    n, d, hidden = model.n_tokens, model.embed_dim, model.expert_hidden
+    n, d, hidden = batch * model.n_tokens, model.embed_dim, model.expert_hidden
     n_experts, k = model.n_experts, model.top_k
     router_tiles = _ceil(n_experts, G)
     # Expert e's rows are at most M (a token chooses an expert once), so the FC1 scratch
     # has M rows under either schedule; FC2 writes queue rows 0 … M·k − 1.
     logits = plan.alloc(f"{p}.router", n, router_tiles * G)
+    if batch > 1:
+        # The logits are dead once ROUTE has run (before the expert loop): FC1's scratch
+        # takes their room (one image keeps its layout).
+        plan.release(logits)
     scratch = plan.alloc(f"{p}.experts.gelu", n, hidden)
     y = plan.alloc(f"{p}.experts.out", n * k, d)
     prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=n,
@@ -560,14 +643,17 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
              ddr=img.put(f"{p}.experts.gelu", _np(t[f"{p}.experts.gelu"]).astype(np.int8)
                          .tobytes()))
     q = f"{p}.experts"
-    offsets, fc1_bytes = [], 0
-    for e in range(n_experts):
+    fc1_bytes = stream_bytes(hidden, d, cfg)
+
+    def expert_stream(e: int) -> bytes:
         fc1 = gemm_stream(t[f"{q}.fc1.weight"][e], t[f"{q}.fc1.bias"][e], t[f"{q}.fc1.mult"][e],
                           t[f"{q}.fc1.shift"][e], cfg)
         fc2 = gemm_stream(t[f"{q}.fc2.weight"][e], t[f"{q}.fc2.bias"][e], t[f"{q}.fc2.mult"][e],
                           t[f"{q}.fc2.shift"][e], cfg)
-        fc1_bytes = len(fc1)
-        offsets.append(img.put(f"{q}.{e}", fc1 + fc2))
+        assert len(fc1) == fc1_bytes
+        return fc1 + fc2
+
+    offsets = [img.put(f"{q}.{e}", lambda e=e: expert_stream(e)) for e in range(n_experts)]
     stride = offsets[1] - offsets[0] if n_experts > 1 else 0
     # Equal-size blocks, each a whole number of beats: one constant stride.
     assert all(b - a == stride for a, b in itertools.pairwise(offsets))
@@ -589,7 +675,8 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
 
 def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
                       model: ModelConfig, cfg: AccelConfig, patches=None, *,
-                      dst: int | None = None) -> int:
+                      dst: int | None = None, batch: int = 1, slots: int | None = None
+                      ) -> int:
     """Patch GEMM into tokens 1…, cls into token 0, + position embedding: x0's first word.
 
     ``patches`` is the host's (N_patches, C·p·p) INT8 patch rows
@@ -597,48 +684,71 @@ def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
     are region ``"patches"`` (:func:`patch_words`); with ``patches=None`` the region is
     reserved zeroed for the runtime to write. x0 goes to ``dst`` when given, else to a
     new tensor of the plan.
+
+    With ``batch = B`` the region holds ``slots`` (≥ B, default B) images' patches one
+    after the other, and x0 holds the first B images' tokens (stride ``B · n_tokens``):
+    per image its patches are loaded and embedded, then the position embedding is added
+    slice by slice.
     """
     C = cfg.pe_cols
     n, d = model.n_tokens, model.embed_dim
+    m = batch * n
+    slots = batch if slots is None else slots
     words = d // C * n
     k_slices = _ceil(model.in_chans * model.patch_size ** 2, cfg.pe_rows)
     patch_in = plan.alloc("patches", n - 1, k_slices * cfg.pe_rows)
-    x_cat = plan.alloc("x_cat", n, d)
+    x_cat = plan.alloc("x_cat", m, d)
     pos = plan.alloc("pos", n, d)
-    x0 = plan.alloc("x0", n, d) if dst is None else dst
+    x0 = plan.alloc("x0", m, d) if dst is None else dst
+    slot_bytes = k_slices * (n - 1) * C
     if patches is None:
-        ddr = img.reserve("patches", k_slices * (n - 1) * C)
+        ddr = img.reserve("patches", slots * slot_bytes)
     else:
-        ddr = img.put("patches", patch_words(patches, model, cfg))
-    prog.add(Opcode.LOAD, ddr=ddr, dst=patch_in, dst_stride=1, words=k_slices * (n - 1))
-    w = pad_columns(t["patch.weight"], cfg.pe_rows)
-    ddr = img.put("patch", gemm_stream(w, t["patch.bias"], t["patch.mult"], t["patch.shift"],
-                                       cfg))
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
-             k_slices=k_slices, n_tiles=_ceil(d, cfg.gemm_cols), src=patch_in,
-             src_stride=n - 1,
-             dst=x_cat + 1, dst_stride=n, ddr=ddr)
-    # The cls token is row 0: its d/C words go to x_cat + s·n.
-    prog.add(Opcode.LOAD, ddr=img.put("cls", _np(t["cls"]).astype(np.int8).tobytes()),
-             dst=x_cat, dst_stride=n, words=d // C)
+        ddr = img.put("patches", patch_words(patches, model, cfg)
+                      + bytes((slots - 1) * slot_bytes))
+    patch_ddr = img.put("patch", lambda: gemm_stream(
+        pad_columns(t["patch.weight"], cfg.pe_rows), t["patch.bias"], t["patch.mult"],
+        t["patch.shift"], cfg))
+    cls_ddr = img.put("cls", _np(t["cls"]).astype(np.int8).tobytes())
+    for b in range(batch):
+        prog.add(Opcode.LOAD, ddr=ddr + b * slot_bytes, dst=patch_in, dst_stride=1,
+                 words=k_slices * (n - 1))
+        prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
+                 k_slices=k_slices, n_tiles=_ceil(d, cfg.gemm_cols), src=patch_in,
+                 src_stride=n - 1, dst=x_cat + b * n + 1, dst_stride=m, ddr=patch_ddr)
+        # The cls token is row 0 of the image: its d/C words go to x_cat + s·m + b·n.
+        prog.add(Opcode.LOAD, ddr=cls_ddr, dst=x_cat + b * n, dst_stride=m, words=d // C)
     prog.add(Opcode.LOAD, ddr=img.put("pos", slice_major(t["pos"], C)), dst=pos, dst_stride=1,
              words=words)
-    _residual(prog, t, "embed", a=x_cat, b=pos, dst=x0, words=words)
+    if batch == 1:
+        _residual(prog, t, "embed", a=x_cat, b=pos, dst=x0, words=words)
+    else:
+        # RESIDUAL adds contiguous ranges: one per image and slice (pos has stride n).
+        for b in range(batch):
+            for s_ in range(d // C):
+                _residual(prog, t, "embed", a=x_cat + s_ * m + b * n, b=pos + s_ * n,
+                          dst=x0 + s_ * m + b * n, words=n)
     return x0
 
 
 def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
                  cfg: AccelConfig, task: str | None, x_base: int, norm_base: int, *,
-                 tasks: TaskBlocks | None = None) -> int:
+                 tasks: TaskBlocks | None = None, batch: int = 1,
+                 slots: int | None = None) -> int:
     """Final LayerNorm of ``x_base`` into ``norm_base``, then the task head of the patch
     tokens as INT32 into DDR; the offset of its (n_tiles, N_patches, C) INT32 output.
 
     With ``tasks`` (placed, holding ``heads``: :func:`model_task_blocks`) the head is the
     running task's (``per_task``; ``task`` is ignored) with :func:`head_tiles` N-tiles and
     the output is region ``heads.out``; otherwise ``task``'s own, into ``heads.<task>.out``.
+    With ``batch = B`` the LayerNorm runs over B images' tokens and the head once per
+    image, image b's output ``b`` output sizes after the first (the region has ``slots``,
+    default B, of them).
     """
     n, d = model.n_tokens, model.embed_dim
-    _layernorm(prog, img, t, "norm", cfg, src=x_base, dst=norm_base, tokens=n, dim=d)
+    m = batch * n
+    slots = batch if slots is None else slots
+    _layernorm(prog, img, t, "norm", cfg, src=x_base, dst=norm_base, tokens=m, dim=d)
     if tasks is not None:
         n_tiles, ddr, per_task = head_tiles(model, cfg), tasks.ddr("heads"), 1
         out_name = "heads.out"
@@ -646,28 +756,32 @@ def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
         w = t[f"heads.{task}.weight"]
         n_tiles = _ceil(w.shape[0], cfg.gemm_cols)
         zeros = torch.zeros(w.shape[0], dtype=torch.int64)
-        ddr = img.put(f"heads.{task}", gemm_stream(w, t[f"heads.{task}.bias"], zeros, zeros,
-                                                   cfg))
+        ddr = img.put(f"heads.{task}", lambda: gemm_stream(w, t[f"heads.{task}.bias"], zeros,
+                                                           zeros, cfg))
         per_task, out_name = 0, f"heads.{task}.out"
-    out = img.reserve(out_name, n_tiles * (n - 1) * 4 * cfg.gemm_cols)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, per_task=per_task,
-             tokens=n - 1, k_slices=d // cfg.pe_rows, n_tiles=n_tiles, src=norm_base + 1,
-             src_stride=n, ddr=ddr, out_ddr=out)
+    size = n_tiles * (n - 1) * 4 * cfg.gemm_cols
+    out = img.reserve(out_name, slots * size)
+    for b in range(batch):
+        prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, per_task=per_task,
+                 tokens=n - 1, k_slices=d // cfg.pe_rows, n_tiles=n_tiles,
+                 src=norm_base + b * n + 1, src_stride=m, ddr=ddr, out_ddr=out + b * size)
     return out
 
 
 def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index: int,
                   model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
                   tasks: TaskBlocks | None = None,
-                  order: ExpertOrder = ExpertOrder.REGISTER) -> None:
+                  order: ExpertOrder = ExpertOrder.REGISTER, batch: int = 1) -> None:
     """Block ``index``: x at ``src`` → x2 at ``dst`` (both (M, D), stride M, disjoint).
+
+    M is ``batch · n_tokens``: the tokens of ``batch`` images (attention per image).
 
     LN1, attention, residual, LN2, then the dense MLP or (MoE block, which needs ``tasks``)
     :func:`moe_program`, residual. Both residual adds are fused into the instruction that
     produces their second operand: the projection ``GEMM``, and FC2's ``GEMM`` or
     ``COMBINE``. Its scratch is released when it returns.
     """
-    n, d = model.n_tokens, model.embed_dim
+    n, d = batch * model.n_tokens, model.embed_dim
     p = f"blocks.{index}"
     mark = plan.next_word
     h = plan.alloc(f"{p}.ln1", n, d)
@@ -676,14 +790,14 @@ def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index
     _layernorm(prog, img, t, f"{p}.ln1", cfg, src=src, dst=h, tokens=n, dim=d)
     scratch = plan.next_word
     attention_program(prog, img, plan, t, p, model, cfg, src=h, dst=x1,
-                      residual=(src, f"{p}.res1"))
+                      residual=(src, f"{p}.res1"), batch=batch)
     plan.release(scratch)
     _layernorm(prog, img, t, f"{p}.ln2", cfg, src=x1, dst=h2, tokens=n, dim=d)
     if index in model.moe_blocks:
         if tasks is None:
             raise M3VitError(f"MoE block {index} needs the per-task blocks of its routers")
         moe_program(prog, img, plan, t, p, model, cfg, src=h2, dst=dst, tasks=tasks,
-                    order=order, residual=(x1, f"{p}.res2"))
+                    order=order, residual=(x1, f"{p}.res2"), batch=batch)
     else:
         f = plan.alloc(f"{p}.fc1", n, model.mlp_hidden)
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM,
@@ -757,26 +871,32 @@ def compile_dense_block(t: dict, model: ModelConfig, config: AccelConfig, index:
 
 @dataclass
 class CompiledModel:
-    """One program and one DDR image that run ``model`` for any of its tasks.
+    """Programs and one DDR image that run ``model`` for any of its tasks.
 
     The host writes the image at ``DATA_BASE`` (``DATA_SIZE = len(image.data)``), the
-    program at ``PROGRAM_BASE``, ``TASK_SELECT = task_select(task)``; per image it writes
-    the patches (:meth:`write_input`), runs, and reads the head (:meth:`head`).
+    program of the batch size it runs at ``PROGRAM_BASE``, ``TASK_SELECT =
+    task_select(task)``; per batch it writes each image's patches (:meth:`write_input`),
+    runs, and reads each image's head (:meth:`head`).
 
     Attributes
     ----------
     program : bytes
-        Encoded instructions (``TASKS`` first, ``END`` last).
+        The one-image program (``programs[0]``).
+    programs : tuple of bytes
+        ``programs[b - 1]`` runs a batch of b images (``TASKS`` first, ``END`` last), for
+        b = 1 … ``max_batch``; all use the one image.
     image : DdrImage
         The data window; ``image.regions`` names every region.
     plan : BufferPlan
-        Activation-buffer plan (``plan.peak`` words at most in use).
+        Activation-buffer plan of the largest batch (``plan.peak`` words at most in use).
     tasks : TaskBlocks
         The per-task blocks (offsets of each task's routers and head).
     input_offset, input_size : int
-        Region ``patches``: :func:`patch_words` of one image.
+        Image 0's slot of region ``patches`` (:func:`patch_words` of one image); image b's
+        is ``b · input_size`` further.
     output_offset, output_size : int
-        Region ``heads.out``: (head_tiles, N_patches, gemm_cols) little-endian INT32.
+        Image 0's slot of region ``heads.out``: (head_tiles, N_patches, gemm_cols)
+        little-endian INT32; image b's is ``b · output_size`` further.
     head_tiles : int
         N-tiles of the head GEMM (the widest task's).
     """
@@ -792,6 +912,12 @@ class CompiledModel:
     output_offset: int
     output_size: int
     head_tiles: int
+    programs: tuple[bytes, ...] = ()
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch a program runs."""
+        return len(self.programs)
 
     def task_select(self, task: str) -> int:
         """``TASK_SELECT`` value of ``task``."""
@@ -801,23 +927,104 @@ class CompiledModel:
         """Bytes of the input region for one image's (N_patches, C·p·p) INT8 patches."""
         return patch_words(patches, self.model, self.config)
 
-    def write_input(self, ddr: bytearray, patches) -> None:
-        """Overwrite the input region of the data window ``ddr`` with ``patches``."""
-        ddr[self.input_offset:self.input_offset + self.input_size] = self.input_bytes(patches)
+    def write_input(self, ddr: bytearray, patches, slot: int = 0) -> None:
+        """Overwrite input slot ``slot`` of the data window ``ddr`` with ``patches``."""
+        start = self.input_offset + slot * self.input_size
+        ddr[start:start + self.input_size] = self.input_bytes(patches)
 
-    def head(self, ddr: bytes, task: str) -> torch.Tensor:
-        """``task``'s (N_patches, n_out) INT32 head output from the data window after a run."""
-        raw = bytes(ddr[self.output_offset:self.output_offset + self.output_size])
+    def head(self, ddr: bytes, task: str, slot: int = 0) -> torch.Tensor:
+        """``task``'s (N_patches, n_out) INT32 head output of image ``slot`` after a run."""
+        start = self.output_offset + slot * self.output_size
+        raw = bytes(ddr[start:start + self.output_size])
         return head_output(raw, self.model.n_patches, self.model.task(task).n_out,
                            self.config.gemm_cols)
 
 
+class BatchTooLarge(M3VitError):
+    """A batch the accelerator cannot hold (the message names the capacity and the
+    largest batch that fits)."""
+
+
+def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfig,
+                  tasks: TaskBlocks, *, batch: int, slots: int, patches=None,
+                  order: ExpertOrder = ExpertOrder.REGISTER) -> tuple[Program, BufferPlan]:
+    """The program of one batch size over the shared image ``img`` (regions it needs that
+    are not there yet are added; those that are, reused).
+
+    Raises
+    ------
+    BatchTooLarge
+        When ``batch`` images' tokens exceed ``max_tokens`` or their activations the
+        buffer.
+    """
+    n, d = model.n_tokens, model.embed_dim
+    m = batch * n
+    if m > config.max_tokens:
+        raise BatchTooLarge(f"a batch of {batch} is {m} tokens, over max_tokens="
+                            f"{config.max_tokens}")
+    plan = BufferPlan(config)
+    prog = Program()
+    tasks.tasks_instruction(prog)
+    try:
+        # x ping-pongs between two slots (a batch's blocks work in place: each block's
+        # last instruction writes x once its input is dead); the rest is stage scratch.
+        x_slots = ([plan.alloc("x.a", m, d), plan.alloc("x.b", m, d)] if batch == 1
+                   else [plan.alloc("x", m, d)] * 2)
+        mark = plan.next_word
+        embedding_program(prog, img, plan, t, model, config, patches, dst=x_slots[0],
+                          batch=batch, slots=slots)
+        plan.release(mark)
+        for i in range(model.depth):
+            block_program(prog, img, plan, t, i, model, config, src=x_slots[i % 2],
+                          dst=x_slots[(i + 1) % 2], tasks=tasks, order=order, batch=batch)
+        norm = plan.alloc("norm", m, d)
+    except BatchTooLarge:
+        raise
+    except M3VitError as e:
+        if batch == 1 or "buffer words" not in str(e):
+            raise
+        raise BatchTooLarge(f"a batch of {batch}: {e}") from None
+    head_program(prog, img, t, model, config, None, x_slots[model.depth % 2], norm,
+                 tasks=tasks, batch=batch, slots=slots)
+    prog.add(Opcode.END)
+    return prog, plan
+
+
+def largest_batch(model: ModelConfig, config: AccelConfig, limit: int = 8) -> int:
+    """The largest batch (≤ ``limit``) whose tokens and activations the accelerator holds;
+    every smaller one fits too (the buffer plan grows with the batch)."""
+    check_model_fits(model, config)
+    best = 1
+    for batch in range(2, limit + 1):
+        try:
+            _dry_run(model, config, batch)
+        except BatchTooLarge:
+            break
+        best = batch
+    return best
+
+
+def _dry_run(model: ModelConfig, config: AccelConfig, batch: int) -> BufferPlan:
+    """The buffer plan of a batch's program, planned without weights."""
+    from ..quant.quantize import tensor_shapes
+
+    # Zeros of the package's shapes: the plan depends on shapes only.
+    t = {name: torch.zeros(shape, dtype=torch.int64)
+         for name, shape in tensor_shapes(model).items()}
+    img = DdrImage(align=ddr_align(config))
+    tasks = model_task_blocks(t, model, config)
+    tasks.place(img)
+    return model_program(img, t, model, config, tasks, batch=batch, slots=batch)[1]
+
+
 def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None, *,
-                  order: ExpertOrder = ExpertOrder.REGISTER) -> CompiledModel:
+                  order: ExpertOrder = ExpertOrder.REGISTER,
+                  max_batch: int = 1) -> CompiledModel:
     """Compile the whole model: embedding, every block, final LayerNorm and task head.
 
-    One program and one image serve every task: the routers and heads are ``per_task``
-    (:func:`model_task_blocks`), chosen at run time by ``TASK_SELECT``.
+    One image serves every task and batch size: the routers and heads are ``per_task``
+    (:func:`model_task_blocks`), chosen at run time by ``TASK_SELECT``; one program per
+    batch size 1 … ``max_batch`` (every weight stream is in the image once).
 
     Parameters
     ----------
@@ -832,35 +1039,38 @@ def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None
         region; zeros when omitted (the runtime writes each image there).
     order : ExpertOrder
         Schedule of every ``EXPERTS`` loop (``REGISTER``: the host's ``SCHEDULE.ORDER``).
+    max_batch : int
+        Largest batch of images one run computes: dense layers read each weight tile once
+        a batch and every MoE layer each active expert once a batch.
 
     Raises
     ------
     M3VitError
-        When the model does not fit ``config`` (the message names the capacity).
+        When the model does not fit ``config`` (the message names the capacity);
+        :class:`BatchTooLarge` when ``max_batch`` images do not (with the largest that
+        does).
     """
     check_model_fits(model, config)
-    n, d = model.n_tokens, model.embed_dim
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise M3VitError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
     img = DdrImage(align=ddr_align(config))
-    plan = BufferPlan(config)
-    prog = Program()
     tasks = model_task_blocks(t, model, config)
     tasks.place(img)
-    tasks.tasks_instruction(prog)
-    # x ping-pongs between two slots; everything else is scratch of one stage.
-    slots = [plan.alloc("x.a", n, d), plan.alloc("x.b", n, d)]
-    mark = plan.next_word
-    embedding_program(prog, img, plan, t, model, config, patches, dst=slots[0])
-    plan.release(mark)
-    for i in range(model.depth):
-        block_program(prog, img, plan, t, i, model, config, src=slots[i % 2],
-                      dst=slots[(i + 1) % 2], tasks=tasks, order=order)
-    norm = plan.alloc("norm", n, d)
-    out = head_program(prog, img, t, model, config, None, slots[model.depth % 2], norm,
-                       tasks=tasks)
-    prog.add(Opcode.END)
+    programs, plan = [], None
+    for batch in range(1, max_batch + 1):
+        try:
+            prog, plan = model_program(img, t, model, config, tasks, batch=batch,
+                                       slots=max_batch, patches=patches, order=order)
+        except BatchTooLarge as e:
+            fits = batch - 1
+            raise BatchTooLarge(f"{e}: {model.name!r} on this accelerator runs batches of "
+                                f"at most {fits}; use --max-batch {fits}") from None
+        programs.append(prog.encode())
     n_tiles = head_tiles(model, config)
     return CompiledModel(
-        model=model, config=config, program=prog.encode(), image=img, plan=plan, tasks=tasks,
-        input_offset=img.regions["patches"][0], input_size=img.regions["patches"][1],
-        output_offset=out, output_size=n_tiles * model.n_patches * 4 * config.gemm_cols,
-        head_tiles=n_tiles)
+        model=model, config=config, program=programs[0], image=img, plan=plan, tasks=tasks,
+        input_offset=img.regions["patches"][0],
+        input_size=img.regions["patches"][1] // max_batch,
+        output_offset=img.regions["heads.out"][0],
+        output_size=n_tiles * model.n_patches * 4 * config.gemm_cols,
+        head_tiles=n_tiles, programs=tuple(programs))

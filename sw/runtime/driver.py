@@ -86,6 +86,8 @@ class RunStats:
         The other performance counters (``docs/registers.md``).
     clock_mhz : float
         The bitstream's clock, to turn cycles into time.
+    images : int
+        Images the run computed (its batch).
     """
 
     cycles: int
@@ -96,16 +98,29 @@ class RunStats:
     weight_stall: int
     instructions: int
     clock_mhz: float
+    images: int = 1
 
     @property
     def latency_us(self) -> float:
-        """Run time in microseconds at the bitstream's clock."""
+        """Run time in microseconds at the bitstream's clock (the whole batch)."""
         return self.cycles / self.clock_mhz
 
+    @property
+    def cycles_per_image(self) -> float:
+        """Cycles of the run shared out over its images."""
+        return self.cycles / self.images
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the run at the bitstream's clock."""
+        return self.images * self.clock_mhz * 1e6 / self.cycles
+
     def to_dict(self) -> dict[str, float]:
-        """Plain-JSON form (with ``latency_us``)."""
+        """Plain-JSON form (with ``latency_us``, ``cycles_per_image``, ``images_per_s``)."""
         d = dict(self.__dict__)
         d["latency_us"] = self.latency_us
+        d["cycles_per_image"] = self.cycles_per_image
+        d["images_per_s"] = self.images_per_s
         return d
 
 
@@ -164,7 +179,7 @@ class TaskOutputs:
     predictions : torch.Tensor
         (B, n_out, H, W) float: the task's prediction, as the float model gives it.
     runs : list of RunStats
-        One per image.
+        One per accelerator run (each computes ``RunStats.images`` of the images).
     """
 
     task: str
@@ -213,6 +228,7 @@ class Accelerator:
         self.task: str | None = None
         self._buffer: Buffer | None = None
         self._program_base = self._data_base = 0
+        self._program_bases: list[int] = []
         #: Bytes written to DDR by :meth:`load` (weights, tables, program) since opening.
         self.loaded_bytes = 0
         #: Register writes made by task switches since opening.
@@ -309,15 +325,19 @@ class Accelerator:
         if self._buffer is not None:
             self._buffer.free()
             self._buffer = None
-        program = pkg.program + bytes(-len(pkg.program) % _PROGRAM_ALIGN)
+        # Every batch size's program side by side; PROGRAM_BASE points at the one that runs.
+        programs = [p + bytes(-len(p) % _PROGRAM_ALIGN) for p in pkg.programs]
+        starts = [sum(len(p) for p in programs[:i]) for i in range(len(programs))]
+        program = b"".join(programs)
         buffer = self.board.allocate(len(program) + len(pkg.image))
         buffer.write(0, program)
         buffer.write(len(program), pkg.image)
         buffer.sync_to_device()
         self._buffer, self.package = buffer, pkg
-        self._program_base = buffer.device_address
+        self._program_bases = [buffer.device_address + s for s in starts]
+        self._program_base = self._program_bases[0]
         self._data_base = buffer.device_address + len(program)
-        self.loaded_bytes += len(pkg.program) + len(pkg.image)
+        self.loaded_bytes += sum(len(p) for p in pkg.programs) + len(pkg.image)
         self._program_registers()
         self.set_task(pkg.tasks[0])
 
@@ -377,36 +397,49 @@ class Accelerator:
         return golden.quantize_image(images, pkg.input_scale)
 
     def infer(self, images: torch.Tensor, task: str | None = None,
-              progress: Callable[[int], None] | None = None) -> TaskOutputs:
-        """Run a batch of images, one accelerator run each, for the current (or given) task.
+              progress: Callable[[int], None] | None = None, *,
+              batch: int | None = None) -> TaskOutputs:
+        """Run images for the current (or given) task, ``batch`` of them an accelerator run.
 
         Parameters
         ----------
         images : torch.Tensor
-            (B, C, H, W) or (C, H, W) float images, normalised like the training data.
+            (N, C, H, W) or (C, H, W) float images, normalised like the training data.
         task : str, optional
             Switch to this task first (:meth:`set_task`).
         progress : callable, optional
-            Called with the image index after each run.
+            Called with the index of the last image of each run after it.
+        batch : int, optional
+            Images a run computes at once (each expert's weights read once for all of
+            them): 1 … the package's ``max_batch``, which is the default. The last run
+            takes what is left.
 
         Returns
         -------
         TaskOutputs
             Head accumulators, float predictions and per-run counters.
+
+        Raises
+        ------
+        M3VitError
+            For a batch the package has no program for.
         """
         pkg = self._loaded()
+        batch = pkg.max_batch if batch is None else batch
+        pkg.program_for(batch)
         if task is not None and task != self.task:
             self.set_task(task)
         assert self.task is not None
         image_q = self.quantize(images)
         patches = golden.patchify(image_q, pkg.model.patch_size)
         heads, runs = [], []
-        for i in range(len(patches)):
-            head, stats = self.run_patches(patches[i])
-            heads.append(head)
+        for first in range(0, len(patches), batch):
+            group = patches[first:first + batch]
+            got, stats = self.run_batch(group)
+            heads += got
             runs.append(stats)
             if progress is not None:
-                progress(i)
+                progress(first + len(group) - 1)
         acc = torch.stack(heads)
         scale = torch.tensor(pkg.out_scales[self.task], dtype=torch.float64)
         predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
@@ -414,18 +447,34 @@ class Accelerator:
 
     def run_patches(self, patches: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
         """One run on one image's (N_patches, C·p·p) INT8 patch rows; (head, stats)."""
+        heads, stats = self.run_batch([patches])
+        return heads[0], stats
+
+    def run_batch(self, patches) -> tuple[list[torch.Tensor], RunStats]:
+        """One run on a batch: a sequence of (N_patches, C·p·p) INT8 patch rows, one per
+        image (at most the package's ``max_batch``); (one head per image, stats)."""
         pkg = self._loaded()
         assert self._buffer is not None and self.task is not None
-        words = patch_words(patches, pkg.model, pkg.config)
+        batch = len(patches)
+        pkg.program_for(batch)
         base = self._data_base - self._buffer.device_address
-        self._buffer.write(base + pkg.input_offset, words)
+        for slot, rows in enumerate(patches):
+            words = patch_words(rows, pkg.model, pkg.config)
+            self._buffer.write(base + pkg.input_offset + slot * pkg.input_size, words)
         self._buffer.sync_to_device()
+        if self._program_bases[batch - 1] != self._program_base:
+            self._program_base = self._program_bases[batch - 1]
+            self._write64("PROGRAM_BASE", self._program_base)
         self._start()
         self._buffer.sync_from_device()
-        raw = self._buffer.read(base + pkg.output_offset, pkg.output_size)
         lanes = pkg.config.gemm_cols  # the head's INT32 rows are whole N-tiles
-        head = head_output(raw, pkg.model.n_patches, pkg.model.task(self.task).n_out, lanes)
-        return head, self._stats()
+        heads = []
+        for slot in range(batch):
+            raw = self._buffer.read(base + pkg.output_offset + slot * pkg.output_size,
+                                    pkg.output_size)
+            heads.append(head_output(raw, pkg.model.n_patches,
+                                     pkg.model.task(self.task).n_out, lanes))
+        return heads, self._stats(images=batch)
 
     def _start(self) -> None:
         start = self.board.position()
@@ -476,11 +525,11 @@ class Accelerator:
                 write_bytes=words[3 + MAX_TRACE_PORTS], drain=bool(words[0] >> 24 & 1)))
         return entries
 
-    def _stats(self) -> RunStats:
+    def _stats(self, images: int = 1) -> RunStats:
         cycles = self._read("CYCLES_LO")
         cycles |= self._read("CYCLES_HI") << 32
         return RunStats(
             cycles=cycles, ddr_read_bytes=self._read("DMA_READ_BYTES"),
             ddr_write_bytes=self._read("DMA_WRITE_BYTES"), gemm_busy=self._read("GEMM_BUSY"),
             vector_busy=self._read("VECTOR_BUSY"), weight_stall=self._read("WEIGHT_STALL"),
-            instructions=self._read("INSTRUCTIONS"), clock_mhz=self.clock_mhz)
+            instructions=self._read("INSTRUCTIONS"), clock_mhz=self.clock_mhz, images=images)

@@ -31,8 +31,11 @@ REPORT_FORMAT = "m3vit-run/1"
 def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
                 tasks: Sequence[str] | None = None, reference=None,
                 progress: Callable[[str], None] | None = None,
-                profile: bool = False) -> dict[str, Any]:
+                profile: bool = False, batch: int | None = None) -> dict[str, Any]:
     """Run every image for every task, switching task before each run.
+
+    Images run ``batch`` at a time (one accelerator run computes a batch; the package's
+    ``max_batch`` by default), the task order alternating from batch to batch.
 
     Parameters
     ----------
@@ -48,8 +51,10 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
     progress : callable, optional
         Called with a short description after each run.
     profile : bool
-        Read the hardware instruction trace after each task's first image into
+        Read the hardware instruction trace after each task's first run into
         ``report["profiles"][task]`` (:func:`~m3vit.sw.runtime.profile.build_profile`).
+    batch : int, optional
+        Images a run computes (1 … the package's ``max_batch``, the default).
 
     Returns
     -------
@@ -65,40 +70,49 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         pkg.task_select(task)
     if reference is not None and reference.config.to_dict() != pkg.model.to_dict():
         raise M3VitError("the reference .m3q is not the model this .m3x was compiled from")
+    batch = pkg.max_batch if batch is None else batch
+    pkg.program_for(batch)
     images = scenes["image"]
     n = len(images)
     heads: dict[str, list] = {t: [None] * n for t in tasks}
-    runs: dict[str, list] = {t: [None] * n for t in tasks}
+    runs: dict[str, list] = {t: [] for t in tasks}
     exact: dict[str, list] = {t: [] for t in tasks}
     sequence = []
     profiles: dict[str, Any] = {}
-    for i in range(n):
-        order = tasks if i % 2 == 0 else tasks[::-1]
+    for first in range(0, n, batch):
+        group = range(first, min(first + batch, n))
+        order = tasks if first // batch % 2 == 0 else tasks[::-1]
         for task in order:
             switched = task != acc.task
-            out = acc.infer(images[i:i + 1], task)
-            heads[task][i], runs[task][i] = out.heads[0], out.runs[0]
-            if profile and i == 0:
-                run = out.runs[0]
+            out = acc.infer(images[group.start:group.stop], task, batch=batch)
+            run = out.runs[0]
+            runs[task].append(run)
+            for j, i in enumerate(group):
+                heads[task][i] = out.heads[j]
+            if profile and first == 0:
                 profiles[task] = build_profile(
-                    acc.read_trace(), pkg.program, clock_mhz=run.clock_mhz, cycles=run.cycles,
-                    n_ports=acc.n_master_ports, instructions=run.instructions)
-            sequence.append({"image": i, "task": task, "after_switch": switched,
-                             "cycles": out.runs[0].cycles})
+                    acc.read_trace(), pkg.program_for(len(group)), clock_mhz=run.clock_mhz,
+                    cycles=run.cycles, n_ports=acc.n_master_ports,
+                    instructions=run.instructions)
+            sequence.append({"image": first, "images": len(group), "task": task,
+                             "after_switch": switched, "cycles": run.cycles})
             if reference is not None:
-                x_q = golden.quantize_image(images[i:i + 1], pkg.input_scale)
-                want, _ = golden.forward(reference.tensors, reference.config, x_q, task)
-                exact[task].append(bool(torch.equal(want[0], out.heads[0])))
+                for j, i in enumerate(group):
+                    x_q = golden.quantize_image(images[i:i + 1], pkg.input_scale)
+                    want, _ = golden.forward(reference.tensors, reference.config, x_q, task)
+                    exact[task].append(bool(torch.equal(want[0], out.heads[j])))
             if progress is not None:
-                mark = "" if reference is None else (" bit-exact" if exact[task][-1]
-                                                     else " MISMATCH")
-                progress(f"image {i} {task}: {out.runs[0].cycles:,} cycles{mark}")
+                mark = "" if reference is None else (
+                    " bit-exact" if all(exact[task][-len(group):]) else " MISMATCH")
+                what = (f"image {first}" if len(group) == 1 else
+                        f"images {group.start}-{group.stop - 1}")
+                progress(f"{what} {task}: {run.cycles:,} cycles{mark}")
     switch = _switch_cost(acc, images[:1], tasks, heads, runs)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT, "board": acc.board.name, "clock_mhz": acc.clock_mhz,
         "config_hash": f"{pkg.config_hash:#010x}",
         "array": f"{pkg.config.pe_rows}x{pkg.config.gemm_cols}", "model": pkg.model.name,
-        "images": n, "schedule": acc.schedule.name, "sequence": sequence,
+        "images": n, "batch": batch, "schedule": acc.schedule.name, "sequence": sequence,
         "task_switch": switch, "tasks": {}, "outputs": {},
     }
     if profile:
@@ -112,12 +126,18 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         if spec.kind in scenes:
             metrics = evaluate_predictions({task: pred}, {task: scenes[spec.kind]}, [spec])
         stats = [r.to_dict() for r in runs[task]]
+        # Per image: every counter of every run shared out over the images it computed.
+        per_image = {k: sum(s[k] for s in stats) / n for k in stats[0]
+                     if k not in ("clock_mhz", "images", "cycles_per_image", "images_per_s",
+                                  "latency_us")}
+        per_image["latency_us"] = per_image["cycles"] / acc.clock_mhz
+        per_image["images_per_s"] = n * acc.clock_mhz * 1e6 / sum(s["cycles"] for s in stats)
         report["tasks"][task] = {
             "kind": spec.kind, "n_out": spec.n_out, "metrics": metrics,
             "bit_exact": None if reference is None else all(exact[task]),
             "bit_exact_images": None if reference is None else sum(exact[task]),
             "runs": stats,
-            "mean": {k: sum(s[k] for s in stats) / n for k in stats[0]},
+            "mean": per_image,
         }
         report["outputs"][task] = pred
     report["outputs"]["image"] = images
@@ -185,19 +205,24 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     """The report as a table: one row per task, then the task-switch cost."""
     clock = report["clock_mhz"]
+    batch = report.get("batch", 1)
+    batched = f" in batches of {batch}" if batch > 1 else ""
+    per = "; figures per image (a batch's run shared out over its images)" if batch > 1 else ""
     lines = [f"{report['model']} on the {report['board']} board ({report['array']} array, "
-             f"config {report['config_hash']}, {clock:g} MHz), {report['images']} image(s), "
-             f"MoE schedule {report['schedule'].lower().replace('_', ' ')}",
+             f"config {report['config_hash']}, {clock:g} MHz), {report['images']} image(s)"
+             f"{batched}, MoE schedule {report['schedule'].lower().replace('_', ' ')}"
+             f"{per}",
              f"{'task':<10} {'metric':<32} {'bit-exact':>10} {'cycles':>12} "
-             f"{'latency':>11} {'DDR read':>12} {'DDR write':>10}"]
+             f"{'latency':>11} {'images/s':>9} {'DDR read':>12} {'DDR write':>10}"]
     for task, t in report["tasks"].items():
         metric = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in t["metrics"].items())
-        exact = ("n/a" if t["bit_exact"] is None else
-                 f"{t['bit_exact_images']}/{len(t['runs'])}")
         m = t["mean"]
+        exact = ("n/a" if t["bit_exact"] is None else
+                 f"{t['bit_exact_images']}/{report['images']}")
+        rate = report["images"] * clock * 1e6 / sum(r["cycles"] for r in t["runs"])
         lines.append(f"{task:<10} {metric or '-':<32} {exact:>10} {m['cycles']:>12,.0f} "
-                     f"{m['cycles'] / clock / 1000:>8.3f} ms {m['ddr_read_bytes']:>12,.0f} "
-                     f"{m['ddr_write_bytes']:>10,.0f}")
+                     f"{m['cycles'] / clock / 1000:>8.3f} ms {rate:>9,.0f} "
+                     f"{m['ddr_read_bytes']:>12,.0f} {m['ddr_write_bytes']:>10,.0f}")
     s = report["task_switch"]
     lines.append(f"task switch: {s['register_writes']} register write, "
                  f"{s['bytes_reloaded']} bytes of weights reloaded; {s['task']} right after a "

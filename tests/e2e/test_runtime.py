@@ -245,3 +245,57 @@ def test_run_cli_ddr_knobs(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("m3vit: error:")
     assert main(["run", str(m3x), "--backend", "pynq", "--ddr", "read_latency=9"]) == 2
     assert "needs --backend sim" in capsys.readouterr().err
+
+
+@functools.cache
+def tiny16_package():
+    """``tiny`` on 16 × 16 inputs: 17 tokens an image, batches of up to 4 on the CI config."""
+    return quantize(M3ViT(get_preset("tiny", img_size=(16, 16)), seed=0), n_calib=4)
+
+
+def test_batches_on_the_soc_are_bit_exact_per_image(acc):
+    """Five images in batches of 1, 2, 3 and 4 (the last batch takes what is left): every
+    head equals golden's for that image alone; a batch's run reads the weights once, so
+    DDR bytes an image fall with the batch; PROGRAM_BASE follows the batch size."""
+    pkg = tiny16_package()
+    images = scenes_for(pkg.config, 5, seed=SEED)["image"]
+    try:
+        acc.load(compile_executable(pkg, CI, max_batch=4))
+        for task in pkg.config.task_names:
+            x_q = golden.quantize_image(images, pkg.params["scales"]["input"])
+            want = torch.stack([golden.forward(pkg.tensors, pkg.config, x_q[b:b + 1], task)[0][0]
+                                for b in range(5)])
+            read = {}
+            for batch in (1, 2, 3, 4):
+                out = acc.infer(images, task, batch=batch)
+                assert torch.equal(out.heads, want), (task, batch)
+                sizes = [r.images for r in out.runs]
+                assert sizes == [batch] * (5 // batch) + ([5 % batch] if 5 % batch else [])
+                full = [r for r in out.runs if r.images == batch]
+                read[batch] = full[0].ddr_read_bytes / batch
+                assert full[0].cycles_per_image == full[0].cycles / batch
+            assert read[4] < read[2] < read[1] / 1.5, read
+        assert acc.infer(images[:2]).runs[0].images == 2   # default: the package's maximum
+        with pytest.raises(M3VitError, match="batch 5 is not in 1…4"):
+            acc.infer(images, batch=5)
+    finally:
+        acc.load(compile_executable(tiny_package(), CI))
+
+
+def test_run_cli_batches(tmp_path, capsys):
+    m3q = save_package(tmp_path / "t16.m3q", tiny16_package())
+    assert main(["compile", str(m3q), "--config", "ci", "--max-batch", "2"]) == 0
+    m3x, report = tmp_path / "t16.ci.m3x", tmp_path / "run.json"
+    capsys.readouterr()
+    assert main(["run", str(m3x), "--images", "3", "--check", str(m3q), "--json",
+                 str(report), "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "3 image(s) in batches of 2" in out and "3/3" in out and "images/s" in out
+    saved = load_report(report)
+    runs = saved["tasks"]["depth"]["runs"]
+    assert [r["images"] for r in runs] == [2, 1]
+    assert saved["tasks"]["depth"]["mean"]["cycles"] == sum(r["cycles"] for r in runs) / 3
+    assert saved["profiles"]["depth"]["cycles"] == runs[0]["cycles"]
+    assert main(["run", str(m3x), "--batch", "3", "--images", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("m3vit: error:") and "--max-batch 2" in err[-1]

@@ -127,3 +127,43 @@ def test_compile_cli(tmp_path, capsys):
     assert main(["compile", str(tmp_path / "nope.m3q"), "--config", "ci"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("m3vit: error:") and err.count("\n") == 1
+
+
+@functools.cache
+def tiny16_package():
+    return quantize(M3ViT(get_preset("tiny", img_size=(16, 16)), seed=0), n_calib=4)
+
+
+def test_batch_programs_round_trip_and_are_chosen_by_size(tmp_path):
+    """A package with --max-batch 3 holds a program per batch size over one image, each
+    image of a batch in its own input and output slot; the file keeps them all."""
+    exe = compile_executable(tiny16_package(), CI, max_batch=3)
+    direct = compile_model(tiny16_package().tensors, tiny16_package().config, CI, max_batch=3)
+    path = exe.save(tmp_path / "b.m3x")
+    loaded = load_executable(path)
+    assert loaded.max_batch == 3 and loaded.programs == direct.programs
+    assert loaded.program == loaded.program_for(1) == direct.program
+    assert loaded.regions["patches"][1] == 3 * loaded.input_size
+    assert loaded.regions["heads.out"][1] == 3 * loaded.output_size
+    assert loaded.weight_bytes() == len(loaded.image) - 3 * (loaded.input_size
+                                                             + loaded.output_size)
+    for bad in (0, 4, "2"):
+        with pytest.raises(M3VitError, match=r"is not in 1…3: this package was compiled "
+                                             r"with --max-batch 3"):
+            loaded.program_for(bad)
+
+
+def test_compile_cli_max_batch(tmp_path, capsys):
+    m3q = save_package(tmp_path / "t16.m3q", tiny16_package())
+    assert main(["compile", str(m3q), "--config", "ci"]) == 0
+    out = capsys.readouterr().out
+    assert "batches of 1…4 images a run (the largest batch that fits: 4)" in out
+    assert load_executable(tmp_path / "t16.ci.m3x").max_batch == 4
+    assert main(["compile", str(m3q), "--config", "ci", "--max-batch", "2", "--force"]) == 0
+    assert load_executable(tmp_path / "t16.ci.m3x").max_batch == 2
+    capsys.readouterr()
+    assert main(["compile", str(m3q), "--config", "ci", "--max-batch", "5", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs batches of at most 4; use --max-batch 4" in err
+    assert main(["compile", str(m3q), "--config", "ci", "--max-batch", "two"]) == 2
+    assert "'two' is not a whole number or 'auto'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The compiler's layouts and programs, checked with the instruction-level model."""
 
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from m3vit.hw.isa import (
     decode,
 )
 from m3vit.hw.registers import Schedule
+from m3vit.sw.bench.programs import moe_batch_case
 from m3vit.sw.compiler.isa_model import dispatch_tables, execute
 from m3vit.sw.compiler.layout import slice_major, unslice
 from m3vit.sw.compiler.lower import (
+    BatchTooLarge,
     BufferPlan,
     DdrImage,
     Program,
@@ -29,6 +32,7 @@ from m3vit.sw.compiler.lower import (
     compile_dense_block,
     compile_model,
     gemm_stream,
+    largest_batch,
 )
 from m3vit.sw.errors import M3VitError
 from m3vit.sw.model.config import get_preset
@@ -462,3 +466,102 @@ def test_presets_that_do_not_fit_the_zcu104_are_named():
         check_model_fits(get_preset("m3vit-s"), ZCU104)
     with pytest.raises(M3VitError, match="'setr_pup' head is float-only"):
         check_model_fits(get_preset("tiny", head="setr_pup"), CI)
+
+
+# ---- batches -------------------------------------------------------------------------------
+
+
+@functools.cache
+def tiny16():
+    """``tiny`` on a 16 × 16 input: 17 tokens an image, so four fit the CI max_tokens."""
+    cfg = get_preset("tiny", img_size=(16, 16))
+    pkg = quantize(M3ViT(cfg, seed=0), n_calib=4)
+    images = make_scenes(4, cfg.img_size, n_classes=4, seed=11)["image"]
+    return cfg, pkg, golden.quantize_image(images, pkg.params["scales"]["input"])
+
+
+def run_batch(compiled, accel, patches, task, schedule=Schedule.EXPERT_BY_EXPERT):
+    ddr = bytearray(compiled.image.data)
+    for slot, rows in enumerate(patches):
+        compiled.write_input(ddr, rows, slot)
+    execute(accel, compiled.programs[len(patches) - 1], ddr,
+            task_select=compiled.task_select(task), schedule=schedule)
+    return [compiled.head(ddr, task, slot) for slot in range(len(patches))]
+
+
+@pytest.mark.parametrize("words", [16384, 4096])
+def test_every_batch_gives_each_image_its_own_golden_head(words):
+    """Programs for batches of 1…B share one image; each image of a batch gets exactly the
+    head golden gives it alone, every task and schedule. With 4,096 buffer words QKV does
+    not fit for the batch and runs image by image (the compiler's fallback layout)."""
+    cfg, pkg, x_q = tiny16()
+    accel = CI.replace(act_buffer_words=words)
+    compiled = compile_model(pkg.tensors, cfg, accel, max_batch=largest_batch(cfg, accel))
+    assert compiled.max_batch == (4 if words == 16384 else 2)
+    assert compiled.plan.peak <= words
+    patches = golden.patchify(x_q, cfg.patch_size)
+    qkv = [f for op, f in (decode(compiled.programs[-1][i:i + 32])
+                           for i in range(0, len(compiled.programs[-1]), 32))
+           if op == Opcode.GEMM and f["n_tiles"] == 3 * cfg.embed_dim // accel.gemm_cols]
+    # One QKV GEMM a block for the whole batch, or one an image.
+    assert {f["tokens"] for f in qkv} == ({4 * cfg.n_tokens} if words == 16384
+                                          else {cfg.n_tokens})
+    for task in cfg.task_names:
+        want = [golden.forward(pkg.tensors, cfg, x_q[b:b + 1], task)[0][0]
+                for b in range(len(x_q))]
+        for batch in range(1, compiled.max_batch + 1):
+            for schedule in Schedule:
+                got = run_batch(compiled, accel, patches[:batch], task, schedule)
+                for b in range(batch):
+                    assert torch.equal(got[b], want[b]), (task, batch, b, schedule.name)
+
+
+def test_a_batch_reads_each_weight_once():
+    """A batch's program has one dense GEMM per layer for all its images (attention per
+    image), and the same EXPERTS loops as one image's."""
+    cfg, pkg, _ = tiny16()
+    compiled = compile_model(pkg.tensors, cfg, CI, max_batch=4)
+    ops = [[decode(p[i:i + 32]) for i in range(0, len(p), 32)] for p in compiled.programs]
+    experts = [sum(op == Opcode.EXPERTS for op, _ in prog) for prog in ops]
+    assert experts == [len(cfg.moe_blocks)] * 4
+    ddr_gemms = [sum(op == Opcode.GEMM and f["wsrc"] == WeightSource.DDR.value and not f["expert"]
+                     for op, f in prog) for prog in ops]
+    # Per image: the patch GEMM and the head; per batch: everything else.
+    assert [b - a for a, b in itertools.pairwise(ddr_gemms)] == [2, 2, 2]
+    attention = [sum(op == Opcode.SOFTMAX for op, _ in prog) for prog in ops]
+    assert attention == [cfg.depth * cfg.num_heads * b for b in range(1, 5)]
+
+
+def test_a_batch_that_does_not_fit_is_refused_with_the_largest_that_does():
+    cfg, pkg, _ = tiny16()
+    with pytest.raises(BatchTooLarge, match=r"a batch of 5 is 85 tokens, over max_tokens=80: "
+                                            r"'tiny' on this accelerator runs batches of at "
+                                            r"most 4; use --max-batch 4"):
+        compile_model(pkg.tensors, cfg, CI, max_batch=5)
+    small = CI.replace(act_buffer_words=4096)
+    with pytest.raises(BatchTooLarge, match=r"a batch of 3: activations need \d+ buffer words, "
+                                            r"the hardware has 4096 .* at most 2"):
+        compile_model(pkg.tensors, cfg, small, max_batch=3)
+    with pytest.raises(M3VitError, match="max_batch must be a whole number >= 1"):
+        compile_model(pkg.tensors, cfg, CI, max_batch=0)
+
+
+def test_largest_batches_of_the_presets():
+    assert largest_batch(get_preset("edge-moe"), ZCU104) == 3
+    assert largest_batch(get_preset("tiny"), CI) == 1
+    assert largest_batch(get_preset("tiny", img_size=(16, 16)), CI) == 4
+
+
+@pytest.mark.parametrize("routing, batch", [("disjoint", 2), ("same-two", 2),
+                                            ("same-two", 4)])
+def test_moe_over_a_batch_matches_each_image_alone(routing, batch):
+    """One ROUTE over a batch's tokens and one expert loop: each image's MoE output equals
+    the golden MoE layer of that image alone, whether the images choose disjoint experts
+    or all the same two (the routing is checked too)."""
+    for schedule in Schedule:
+        case = moe_batch_case(CI, routing, batch, schedule=schedule.value)
+        ddr = bytearray(case.ddr)
+        execute(CI, case.program, ddr, task_select=case.task_select, schedule=schedule)
+        case.check(bytes(ddr))
+    assert case.meta["chosen"] == ([[0, 1], [2, 3]] if routing == "disjoint"
+                                   else [[0, 1]] * batch)
