@@ -983,7 +983,9 @@ def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfi
     except M3VitError as e:
         if batch == 1 or "buffer words" not in str(e):
             raise
-        raise BatchTooLarge(f"a batch of {batch}: {e}") from None
+        # "activations need N buffer words, the hardware has M (act_buffer_words)"
+        why = str(e).split(": the model does not fit")[0]
+        raise BatchTooLarge(f"a batch of {batch}: {why}") from None
     head_program(prog, img, t, model, config, None, x_slots[model.depth % 2], norm,
                  tasks=tasks, batch=batch, slots=slots)
     prog.add(Opcode.END)
