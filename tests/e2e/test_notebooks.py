@@ -26,7 +26,7 @@ NOTEBOOKS = ROOT / "notebooks"
 FIGURES = {
     "01_quickstart.ipynb": ["quickstart_tasks.png"],
     "02_task_switching.ipynb": ["task_switch_runs.png", "task_switch_cost.png"],
-    "03_scheduler.ipynb": ["scheduler_cycles_ddr.png"],
+    "03_scheduler.ipynb": ["scheduler_cycles_ddr.png", "scheduler_batches.png"],
 }
 #: Per cell; the first notebook to run may build the CI SoC model (a few minutes).
 CELL_TIMEOUT_S = 1800
