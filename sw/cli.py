@@ -441,9 +441,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     compiled = load_executable(args.package)
     if args.batch is not None:
         compiled.program_for(args.batch)   # one line if the package has no such program
-    tasks = args.task or list(compiled.tasks)
+    shared = "all" in (args.task or [])
+    if shared and len(args.task) > 1:
+        raise M3VitError("--task all runs every task; give it alone, or name tasks instead")
+    tasks = list(compiled.tasks) if shared or not args.task else args.task
     for task in tasks:
         compiled.task_select(task)
+    if shared and args.profile:
+        raise M3VitError("--profile reads one task's whole program: leave out --task all")
     reference = None
     if args.check:
         from .quant.package import load_package
@@ -467,7 +472,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             options["timing"] = dataclasses.replace(DdrTiming.zcu104(config), **dict(args.ddr))
             print(f"DDR model: {options['timing']}", file=sys.stderr)
         # Room for the program and data window (SimBoard's buffers start at 4 KiB).
-        need = sum(len(p) for p in compiled.programs) + len(compiled.image) + (2 << 20)
+        need = sum(len(p) for *_, p in compiled.all_programs()) + len(compiled.image) + (2 << 20)
         options["ddr_bytes"] = max(64 << 20, 1 << (need - 1).bit_length())
         acc = Accelerator.open("sim", config=config, progress=lambda m: print(
             m, file=sys.stderr, flush=True), **options)
@@ -480,7 +485,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         acc.load(compiled)
         report = run_session(acc, scenes, tasks=tasks, reference=reference,
                              progress=lambda line: print(line, file=sys.stderr, flush=True),
-                             profile=args.profile, batch=args.batch)
+                             profile=args.profile, batch=args.batch, shared=shared)
     print(format_report(report))
     if args.json:
         save_report(report, args.json, overwrite=args.force)
@@ -794,7 +799,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--config", help=f"simulate this config ({_HW_CONFIGS}) instead of the "
                    "package's own (to see the hash check refuse a mismatch)")
     s.add_argument("--task", action="append", metavar="TASK",
-                   help="run only this task (repeatable; default: every task)")
+                   help="run only this task (repeatable; default: every task, each image's "
+                   "whole program per task); 'all': every task of each image with the blocks "
+                   "they share (the embedding and those before the first MoE layer) "
+                   "computed once")
     s.add_argument("--images", type=int, default=2, help="scenes per task (default: 2)")
     s.add_argument("--batch", type=int, metavar="B",
                    help="images one run computes, 1 … the package's --max-batch (default: "

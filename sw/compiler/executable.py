@@ -13,7 +13,8 @@ File layout (``docs/package.md``)::
     b"M3VITX\\0\\2"                      8 bytes: magic and format version
     u32 header length (little-endian)
     header                               UTF-8 JSON (below)
-    programs                             header["program_sizes"] bytes each, batch 1 first
+    programs                             header["program_sizes"]: the full programs, batch 1
+                                         first, then the shared ones, then the task ones
     image                                header["image_size"] bytes
 
 The header's ``sha256`` is the SHA-256 of the header without that key (canonical JSON),
@@ -66,6 +67,10 @@ class Executable:
     programs : tuple of bytes
         Encoded instructions of each batch size: ``programs[b - 1]`` runs b images at once
         (loaded side by side; ``PROGRAM_BASE`` points at the one that runs).
+    shared_programs, task_programs : tuple of bytes
+        The same split in two, per batch size: what every task shares (stored in region
+        ``shared.x``), and the rest for the selected task (``--task all``:
+        :data:`m3vit.sw.compiler.lower.PARTS`).
     image : bytes
         The data window, loaded at ``DATA_BASE`` (``DATA_SIZE = len(image)``).
     regions : dict of str to (offset, size)
@@ -108,6 +113,15 @@ class Executable:
     source_hash: str
     order: ExpertOrder = ExpertOrder.REGISTER
     act_buffer_peak: int = 0
+    shared_programs: tuple[bytes, ...] = ()
+    task_programs: tuple[bytes, ...] = ()
+
+    def all_programs(self) -> list[tuple[str, int, bytes]]:
+        """Every program as (part, batch, bytes), in file order."""
+        return [(part, b + 1, p) for part, group in (("full", self.programs),
+                                                     ("shared", self.shared_programs),
+                                                     ("task", self.task_programs))
+                for b, p in enumerate(group)]
 
     @property
     def program(self) -> bytes:
@@ -191,7 +205,9 @@ class Executable:
             "config_hash": self.config_hash,
             "source_hash": self.source_hash,
             "order": self.order.name,
-            "program_sizes": [len(p) for p in self.programs],
+            "program_sizes": {"full": [len(p) for p in self.programs],
+                              "shared": [len(p) for p in self.shared_programs],
+                              "task": [len(p) for p in self.task_programs]},
             "image_size": len(self.image),
             "regions": {k: list(v) for k, v in self.regions.items()},
             "tasks": list(self.tasks),
@@ -216,13 +232,14 @@ class Executable:
             raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another "
                              "--out")
         head = self.header()
-        head["sha256"] = _digest(head, b"".join(self.programs), self.image)
+        head["sha256"] = _digest(head, b"".join(p for *_, p in self.all_programs()),
+                                 self.image)
         text = _canonical(head).encode("ascii")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<I", len(text)) + text)
-            for program in self.programs:
+            for *_, program in self.all_programs():
                 f.write(program)
             f.write(self.image)
         os.replace(tmp, path)
@@ -271,21 +288,30 @@ def load_executable(path: str | os.PathLike) -> Executable:
         if not isinstance(head, dict) or set(head) != _HEADER_KEYS:
             raise ValueError("unexpected header keys")
         start = 12 + n
-        sizes = head["program_sizes"]
-        if (not isinstance(sizes, list) or not sizes
-                or not all(isinstance(v, int) and v > 0 for v in sizes)):
+        groups = head["program_sizes"]
+        if not isinstance(groups, dict) or set(groups) != {"full", "shared", "task"}:
             raise ValueError("bad program sizes")
-        programs = []
-        for size in sizes:
-            programs.append(raw[start:start + size])
-            start += size
+        programs: dict[str, list[bytes]] = {}
+        for part in ("full", "shared", "task"):
+            sizes = groups[part]
+            if (not isinstance(sizes, list) or len(sizes) != len(groups["full"])
+                    or not all(isinstance(v, int) and v > 0 for v in sizes)):
+                raise ValueError("bad program sizes")
+            programs[part] = []
+            for size in sizes:
+                programs[part].append(raw[start:start + size])
+                start += size
+                if len(programs[part][-1]) != size:
+                    raise ValueError("truncated")
+        if not programs["full"]:
+            raise ValueError("no program")
         image = raw[start:]
-        if (any(len(p) != v for p, v in zip(programs, sizes, strict=True))
-                or len(image) != head["image_size"]):
+        if len(image) != head["image_size"]:
             raise ValueError("truncated")
     except (struct.error, UnicodeDecodeError, ValueError, TypeError, KeyError):
         raise M3VitError(f"{path}: {_REDO}") from None
-    if _digest(head, b"".join(programs), image) != head["sha256"]:
+    if _digest(head, b"".join(b"".join(programs[p]) for p in ("full", "shared", "task")),
+               image) != head["sha256"]:
         raise M3VitError(f"{path}: checksum mismatch: {_REDO}")
     try:
         model = ModelConfig.from_dict(head["model"])
@@ -298,14 +324,15 @@ def load_executable(path: str | os.PathLike) -> Executable:
         raise M3VitError(f"{path}: config hash {head['config_hash']:#010x} does not match its "
                          "configuration; re-run `m3vit compile` with this toolkit")
     return Executable(
-        model=model, config=config, programs=tuple(programs), image=image,
+        model=model, config=config, programs=tuple(programs["full"]), image=image,
         regions={k: (int(v[0]), int(v[1])) for k, v in head["regions"].items()},
         tasks=tuple(head["tasks"]), input_offset=head["input"][0],
         input_size=head["input"][1], output_offset=head["output"][0],
         output_size=head["output"][1], head_tiles=head["head_tiles"],
         input_scale=float(head["input_scale"]), out_scales=head["out_scales"],
         source_hash=head["source_hash"], order=order,
-        act_buffer_peak=head["act_buffer_peak"])
+        act_buffer_peak=head["act_buffer_peak"],
+        shared_programs=tuple(programs["shared"]), task_programs=tuple(programs["task"]))
 
 
 def compile_executable(pkg, config: AccelConfig, *,
@@ -346,4 +373,5 @@ def compile_executable(pkg, config: AccelConfig, *,
         out_scales={task: [float(v) for v in t[f"heads.{task}.out_scale"].flatten()]
                     for task in pkg.config.task_names},
         source_hash=content_hash(pkg.config.to_dict(), pkg.tensors, pkg.params),
-        order=order, act_buffer_peak=compiled.plan.peak)
+        order=order, act_buffer_peak=compiled.plan.peak,
+        shared_programs=compiled.shared_programs, task_programs=compiled.task_programs)

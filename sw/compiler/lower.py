@@ -55,6 +55,7 @@ from ..model.config import ModelConfig
 from .layout import head_output, pad_columns, patch_words, slice_major
 
 __all__ = [
+    "PARTS",
     "BatchTooLarge",
     "BufferPlan",
     "CompiledModel",
@@ -75,6 +76,7 @@ __all__ = [
     "model_program",
     "model_task_blocks",
     "moe_program",
+    "shared_blocks",
     "stream_bytes",
 ]
 
@@ -885,6 +887,11 @@ class CompiledModel:
     programs : tuple of bytes
         ``programs[b - 1]`` runs a batch of b images (``TASKS`` first, ``END`` last), for
         b = 1 … ``max_batch``; all use the one image.
+    shared_programs, task_programs : tuple of bytes
+        The same split in two (:data:`PARTS`): ``shared_programs[b - 1]`` computes what
+        every task shares for b images and stores it (region ``shared.x``),
+        ``task_programs[b - 1]`` the rest for the selected task: all tasks of a batch
+        without computing the shared blocks again.
     image : DdrImage
         The data window; ``image.regions`` names every region.
     plan : BufferPlan
@@ -913,6 +920,8 @@ class CompiledModel:
     output_size: int
     head_tiles: int
     programs: tuple[bytes, ...] = ()
+    shared_programs: tuple[bytes, ...] = ()
+    task_programs: tuple[bytes, ...] = ()
 
     @property
     def max_batch(self) -> int:
@@ -945,11 +954,30 @@ class BatchTooLarge(M3VitError):
     largest batch that fits)."""
 
 
+PARTS = ("full", "shared", "task")
+"""What a program computes: the whole model; the blocks every task shares (the embedding
+and the blocks before the first MoE block, whose x it stores in region ``shared.x``); the
+rest for the selected task (from ``shared.x``)."""
+
+
+def shared_blocks(model: ModelConfig) -> int:
+    """Blocks every task computes alike: those before the first MoE block (a task's router
+    is its first part of its own)."""
+    return min(model.moe_blocks) if model.moe_blocks else model.depth
+
+
 def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfig,
                   tasks: TaskBlocks, *, batch: int, slots: int, patches=None,
-                  order: ExpertOrder = ExpertOrder.REGISTER) -> tuple[Program, BufferPlan]:
+                  order: ExpertOrder = ExpertOrder.REGISTER,
+                  part: str = "full") -> tuple[Program, BufferPlan]:
     """The program of one batch size over the shared image ``img`` (regions it needs that
     are not there yet are added; those that are, reused).
+
+    ``part`` (:data:`PARTS`): ``"full"`` computes the model for the selected task;
+    ``"shared"`` the embedding and the :func:`shared_blocks`, storing x into region
+    ``shared.x`` (room for ``slots`` images); ``"task"`` loads that x and computes the
+    other blocks and the head for the selected task — so all tasks of a batch cost one
+    ``shared`` run and a ``task`` run each.
 
     Raises
     ------
@@ -962,21 +990,36 @@ def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfi
     if m > config.max_tokens:
         raise BatchTooLarge(f"a batch of {batch} is {m} tokens, over max_tokens="
                             f"{config.max_tokens}")
+    if part not in PARTS:
+        raise M3VitError(f"part {part!r} is not one of {', '.join(PARTS)}")
     plan = BufferPlan(config)
     prog = Program()
     tasks.tasks_instruction(prog)
+    split = shared_blocks(model)
+    blocks = {"full": range(model.depth), "shared": range(split),
+              "task": range(split, model.depth)}[part]
+    words = d // config.pe_cols * m
     try:
         # x ping-pongs between two slots (a batch's blocks work in place: each block's
         # last instruction writes x once its input is dead); the rest is stage scratch.
         x_slots = ([plan.alloc("x.a", m, d), plan.alloc("x.b", m, d)] if batch == 1
                    else [plan.alloc("x", m, d)] * 2)
-        mark = plan.next_word
-        embedding_program(prog, img, plan, t, model, config, patches, dst=x_slots[0],
-                          batch=batch, slots=slots)
-        plan.release(mark)
-        for i in range(model.depth):
+        if part == "task":
+            prog.add(Opcode.LOAD, ddr=img.reserve("shared.x", slots * n * d),
+                     dst=x_slots[split % 2], dst_stride=1, words=words)
+        else:
+            mark = plan.next_word
+            embedding_program(prog, img, plan, t, model, config, patches, dst=x_slots[0],
+                              batch=batch, slots=slots)
+            plan.release(mark)
+        for i in blocks:
             block_program(prog, img, plan, t, i, model, config, src=x_slots[i % 2],
                           dst=x_slots[(i + 1) % 2], tasks=tasks, order=order, batch=batch)
+        if part == "shared":
+            prog.add(Opcode.STORE, ddr=img.reserve("shared.x", slots * n * d),
+                     src=x_slots[split % 2], src_stride=1, words=words)
+            prog.add(Opcode.END)
+            return prog, plan
         norm = plan.alloc("norm", m, d)
     except BatchTooLarge:
         raise
@@ -1058,21 +1101,28 @@ def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None
     img = DdrImage(align=ddr_align(config))
     tasks = model_task_blocks(t, model, config)
     tasks.place(img)
-    programs, plan = [], None
-    for batch in range(1, max_batch + 1):
-        try:
-            prog, plan = model_program(img, t, model, config, tasks, batch=batch,
-                                       slots=max_batch, patches=patches, order=order)
-        except BatchTooLarge as e:
-            fits = batch - 1
-            raise BatchTooLarge(f"{e}: {model.name!r} on this accelerator runs batches of "
-                                f"at most {fits}; use --max-batch {fits}") from None
-        programs.append(prog.encode())
+    programs: dict[str, list[bytes]] = {part: [] for part in PARTS}
+    plan = None
+    for part in PARTS:
+        for batch in range(1, max_batch + 1):
+            try:
+                prog, part_plan = model_program(img, t, model, config, tasks, batch=batch,
+                                                slots=max_batch, patches=patches,
+                                                order=order, part=part)
+            except BatchTooLarge as e:
+                fits = batch - 1
+                raise BatchTooLarge(f"{e}: {model.name!r} on this accelerator runs batches "
+                                    f"of at most {fits}; use --max-batch {fits}") from None
+            programs[part].append(prog.encode())
+            if part == "full":
+                plan = part_plan
     n_tiles = head_tiles(model, config)
     return CompiledModel(
-        model=model, config=config, program=programs[0], image=img, plan=plan, tasks=tasks,
+        model=model, config=config, program=programs["full"][0], image=img, plan=plan,
+        tasks=tasks,
         input_offset=img.regions["patches"][0],
         input_size=img.regions["patches"][1] // max_batch,
         output_offset=img.regions["heads.out"][0],
         output_size=n_tiles * model.n_patches * 4 * config.gemm_cols,
-        head_tiles=n_tiles, programs=tuple(programs))
+        head_tiles=n_tiles, programs=tuple(programs["full"]),
+        shared_programs=tuple(programs["shared"]), task_programs=tuple(programs["task"]))

@@ -45,6 +45,7 @@ from .board import Board, Buffer
 __all__ = [
     "Accelerator",
     "AcceleratorError",
+    "AllTaskOutputs",
     "RunStats",
     "TaskOutputs",
     "TraceEntry",
@@ -188,6 +189,28 @@ class TaskOutputs:
     runs: list[RunStats] = field(default_factory=list)
 
 
+@dataclass
+class AllTaskOutputs:
+    """What :meth:`Accelerator.infer_all` returns: every task of the images.
+
+    Attributes
+    ----------
+    tasks : dict of str to TaskOutputs
+        Per task its heads, predictions and the runs of its ``task`` program.
+    shared_runs : list of RunStats
+        The ``shared`` program's runs, one per batch (computed once for all tasks).
+    """
+
+    tasks: dict[str, TaskOutputs]
+    shared_runs: list[RunStats]
+
+    @property
+    def cycles(self) -> int:
+        """Cycles of every run: the shared ones and each task's."""
+        return (sum(r.cycles for r in self.shared_runs)
+                + sum(r.cycles for out in self.tasks.values() for r in out.runs))
+
+
 class Accelerator:
     """Drive the M³ViT accelerator on a board: load a package, switch tasks, run images.
 
@@ -228,7 +251,7 @@ class Accelerator:
         self.task: str | None = None
         self._buffer: Buffer | None = None
         self._program_base = self._data_base = 0
-        self._program_bases: list[int] = []
+        self._program_bases: dict[tuple[str, int], int] = {}
         #: Bytes written to DDR by :meth:`load` (weights, tables, program) since opening.
         self.loaded_bytes = 0
         #: Register writes made by task switches since opening.
@@ -325,8 +348,10 @@ class Accelerator:
         if self._buffer is not None:
             self._buffer.free()
             self._buffer = None
-        # Every batch size's program side by side; PROGRAM_BASE points at the one that runs.
-        programs = [p + bytes(-len(p) % _PROGRAM_ALIGN) for p in pkg.programs]
+        # Every program side by side (each batch size's, whole and split for --task all);
+        # PROGRAM_BASE points at the one that runs.
+        keys = [(part, batch) for part, batch, _ in pkg.all_programs()]
+        programs = [p + bytes(-len(p) % _PROGRAM_ALIGN) for *_, p in pkg.all_programs()]
         starts = [sum(len(p) for p in programs[:i]) for i in range(len(programs))]
         program = b"".join(programs)
         buffer = self.board.allocate(len(program) + len(pkg.image))
@@ -334,10 +359,11 @@ class Accelerator:
         buffer.write(len(program), pkg.image)
         buffer.sync_to_device()
         self._buffer, self.package = buffer, pkg
-        self._program_bases = [buffer.device_address + s for s in starts]
-        self._program_base = self._program_bases[0]
+        self._program_bases = {key: buffer.device_address + s
+                               for key, s in zip(keys, starts, strict=True)}
+        self._program_base = self._program_bases["full", 1]
         self._data_base = buffer.device_address + len(program)
-        self.loaded_bytes += sum(len(p) for p in pkg.programs) + len(pkg.image)
+        self.loaded_bytes += sum(len(p) for *_, p in pkg.all_programs()) + len(pkg.image)
         self._program_registers()
         self.set_task(pkg.tasks[0])
 
@@ -445,27 +471,86 @@ class Accelerator:
         predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
         return TaskOutputs(self.task, acc, predictions, runs)
 
+    def infer_all(self, images: torch.Tensor, tasks=None, *, batch: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> AllTaskOutputs:
+        """Every task (or ``tasks``) of the images, the blocks they share computed once.
+
+        Per batch: one run of the package's ``shared`` program (the embedding and the blocks
+        before the first MoE block, where the tasks' routers start), then per task a
+        ``TASK_SELECT`` write and one run of its ``task`` program from that result. Each
+        head equals the task's own ``infer``.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            (N, C, H, W) or (C, H, W) float images.
+        tasks : sequence of str, optional
+            Tasks to compute (default: all of the package's), in this order.
+        batch : int, optional
+            Images a run computes (default: the package's ``max_batch``).
+        progress : callable, optional
+            Called with the index of the last image of each batch after its tasks.
+        """
+        pkg = self._loaded()
+        batch = pkg.max_batch if batch is None else batch
+        pkg.program_for(batch)
+        tasks = list(tasks or pkg.tasks)
+        for task in tasks:
+            pkg.task_select(task)
+        image_q = self.quantize(images)
+        patches = golden.patchify(image_q, pkg.model.patch_size)
+        heads: dict[str, list] = {task: [] for task in tasks}
+        runs: dict[str, list] = {task: [] for task in tasks}
+        shared = []
+        for first in range(0, len(patches), batch):
+            group = patches[first:first + batch]
+            shared.append(self.run_batch(group, "shared")[1])
+            for task in tasks:
+                if task != self.task:
+                    self.set_task(task)
+                got, stats = self.run_batch(group, "task")
+                heads[task] += got
+                runs[task].append(stats)
+            if progress is not None:
+                progress(first + len(group) - 1)
+        outputs = {}
+        for task in tasks:
+            acc = torch.stack(heads[task])
+            scale = torch.tensor(pkg.out_scales[task], dtype=torch.float64)
+            predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
+            outputs[task] = TaskOutputs(task, acc, predictions, runs[task])
+        return AllTaskOutputs(outputs, shared)
+
     def run_patches(self, patches: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
         """One run on one image's (N_patches, C·p·p) INT8 patch rows; (head, stats)."""
         heads, stats = self.run_batch([patches])
         return heads[0], stats
 
-    def run_batch(self, patches) -> tuple[list[torch.Tensor], RunStats]:
+    def run_batch(self, patches, part: str = "full") -> tuple[list[torch.Tensor], RunStats]:
         """One run on a batch: a sequence of (N_patches, C·p·p) INT8 patch rows, one per
-        image (at most the package's ``max_batch``); (one head per image, stats)."""
+        image (at most the package's ``max_batch``); (one head per image, stats).
+
+        ``part`` picks the program: ``"full"``; ``"shared"`` (the blocks every task shares:
+        no heads, ``patches`` written); ``"task"`` (the rest for the current task, from the
+        last ``shared`` run: ``patches`` only counts the images).
+        """
         pkg = self._loaded()
         assert self._buffer is not None and self.task is not None
         batch = len(patches)
         pkg.program_for(batch)
         base = self._data_base - self._buffer.device_address
-        for slot, rows in enumerate(patches):
-            words = patch_words(rows, pkg.model, pkg.config)
-            self._buffer.write(base + pkg.input_offset + slot * pkg.input_size, words)
-        self._buffer.sync_to_device()
-        if self._program_bases[batch - 1] != self._program_base:
-            self._program_base = self._program_bases[batch - 1]
+        if part != "task":
+            for slot, rows in enumerate(patches):
+                words = patch_words(rows, pkg.model, pkg.config)
+                self._buffer.write(base + pkg.input_offset + slot * pkg.input_size, words)
+            self._buffer.sync_to_device()
+        address = self._program_bases[part, batch]
+        if address != self._program_base:
+            self._program_base = address
             self._write64("PROGRAM_BASE", self._program_base)
         self._start()
+        if part == "shared":
+            return [], self._stats(images=batch)
         self._buffer.sync_from_device()
         lanes = pkg.config.gemm_cols  # the head's INT32 rows are whole N-tiles
         heads = []

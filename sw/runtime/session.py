@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..compiler.lower import shared_blocks
 from ..errors import M3VitError
 from ..model.metrics import evaluate_predictions
 from ..quant import golden
@@ -31,7 +32,8 @@ REPORT_FORMAT = "m3vit-run/1"
 def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
                 tasks: Sequence[str] | None = None, reference=None,
                 progress: Callable[[str], None] | None = None,
-                profile: bool = False, batch: int | None = None) -> dict[str, Any]:
+                profile: bool = False, batch: int | None = None,
+                shared: bool = False) -> dict[str, Any]:
     """Run every image for every task, switching task before each run.
 
     Images run ``batch`` at a time (one accelerator run computes a batch; the package's
@@ -55,6 +57,11 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         ``report["profiles"][task]`` (:func:`~m3vit.sw.runtime.profile.build_profile`).
     batch : int, optional
         Images a run computes (1 … the package's ``max_batch``, the default).
+    shared : bool
+        Compute the blocks every task shares once per batch (:meth:`Accelerator.infer_all`,
+        ``m3vit run --task all``) instead of each task's whole program; the report then
+        has ``"shared"`` (those runs, and every task's cycles an image together). The
+        profile is not taken in this mode.
 
     Returns
     -------
@@ -79,17 +86,26 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
     exact: dict[str, list] = {t: [] for t in tasks}
     sequence = []
     profiles: dict[str, Any] = {}
+    shared_runs = []
     for first in range(0, n, batch):
         group = range(first, min(first + batch, n))
         order = tasks if first // batch % 2 == 0 else tasks[::-1]
-        for task in order:
-            switched = task != acc.task
-            out = acc.infer(images[group.start:group.stop], task, batch=batch)
+        together = None
+        if shared:
+            together = acc.infer_all(images[group.start:group.stop], order, batch=batch)
+            shared_runs += together.shared_runs
+            switched_to = [True] * len(order)   # a TASK_SELECT write before each task run
+        for k, task in enumerate(order):
+            if together is None:
+                switched = task != acc.task
+                out = acc.infer(images[group.start:group.stop], task, batch=batch)
+            else:
+                switched, out = switched_to[k], together.tasks[task]
             run = out.runs[0]
             runs[task].append(run)
             for j, i in enumerate(group):
                 heads[task][i] = out.heads[j]
-            if profile and first == 0:
+            if profile and first == 0 and together is None:
                 profiles[task] = build_profile(
                     acc.read_trace(), pkg.program_for(len(group)), clock_mhz=run.clock_mhz,
                     cycles=run.cycles, n_ports=acc.n_master_ports,
@@ -115,8 +131,16 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         "images": n, "batch": batch, "schedule": acc.schedule.name, "sequence": sequence,
         "task_switch": switch, "tasks": {}, "outputs": {},
     }
-    if profile:
+    if profile and not shared:
         report["profiles"] = profiles
+    if shared:
+        # The blocks every task shares ran once a batch; each task's runs start after them.
+        cycles = sum(r.cycles for r in shared_runs)
+        every = cycles + sum(r.cycles for t in tasks for r in runs[t])
+        report["shared"] = {
+            "blocks": shared_blocks(pkg.model), "runs": [r.to_dict() for r in shared_runs],
+            "cycles_per_image": cycles / n, "all_tasks_cycles_per_image": every / n,
+        }
     for task in tasks:
         acc_heads = torch.stack(heads[task])
         scale = torch.tensor(pkg.out_scales[task], dtype=torch.float64)
@@ -223,6 +247,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{task:<10} {metric or '-':<32} {exact:>10} {m['cycles']:>12,.0f} "
                      f"{m['cycles'] / clock / 1000:>8.3f} ms {rate:>9,.0f} "
                      f"{m['ddr_read_bytes']:>12,.0f} {m['ddr_write_bytes']:>10,.0f}")
+    if "shared" in report:
+        sh = report["shared"]
+        lines.append(f"all tasks of an image: {sh['all_tasks_cycles_per_image']:,.0f} cycles "
+                     f"({sh['all_tasks_cycles_per_image'] / clock / 1000:.3f} ms), of which the "
+                     f"embedding and the {sh['blocks']} block(s) before the first MoE layer, "
+                     f"computed once for every task: {sh['cycles_per_image']:,.0f}")
     s = report["task_switch"]
     lines.append(f"task switch: {s['register_writes']} register write, "
                  f"{s['bytes_reloaded']} bytes of weights reloaded; {s['task']} right after a "

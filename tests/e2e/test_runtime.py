@@ -276,6 +276,15 @@ def test_batches_on_the_soc_are_bit_exact_per_image(acc):
                 assert full[0].cycles_per_image == full[0].cycles / batch
             assert read[4] < read[2] < read[1] / 1.5, read
         assert acc.infer(images[:2]).runs[0].images == 2   # default: the package's maximum
+        # Every task at once: the shared blocks run once a batch, the heads are the same.
+        every = acc.infer_all(images, batch=2)
+        assert [r.images for r in every.shared_runs] == [2, 2, 1]
+        whole = 0
+        for task in pkg.config.task_names:
+            alone = acc.infer(images, task, batch=2)
+            assert torch.equal(every.tasks[task].heads, alone.heads), task
+            whole += sum(r.cycles for r in alone.runs)
+        assert every.cycles < whole
         with pytest.raises(M3VitError, match="batch 5 is not in 1…4"):
             acc.infer(images, batch=5)
     finally:
@@ -296,6 +305,11 @@ def test_run_cli_batches(tmp_path, capsys):
     assert [r["images"] for r in runs] == [2, 1]
     assert saved["tasks"]["depth"]["mean"]["cycles"] == sum(r["cycles"] for r in runs) / 3
     assert saved["profiles"]["depth"]["cycles"] == runs[0]["cycles"]
+    assert main(["run", str(m3x), "--images", "3", "--task", "all", "--check", str(m3q)]) == 0
+    out = capsys.readouterr().out
+    assert "3/3" in out and "all tasks of an image:" in out and "computed once" in out
+    assert main(["run", str(m3x), "--task", "all", "--task", "depth"]) == 2
+    assert "give it alone" in capsys.readouterr().err
     assert main(["run", str(m3x), "--batch", "3", "--images", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("m3vit: error:") and "--max-batch 2" in err[-1]

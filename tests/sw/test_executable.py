@@ -142,6 +142,10 @@ def test_batch_programs_round_trip_and_are_chosen_by_size(tmp_path):
     path = exe.save(tmp_path / "b.m3x")
     loaded = load_executable(path)
     assert loaded.max_batch == 3 and loaded.programs == direct.programs
+    assert loaded.shared_programs == direct.shared_programs
+    assert loaded.task_programs == direct.task_programs
+    assert [(part, b) for part, b, _ in loaded.all_programs()] == [
+        (part, b) for part in ("full", "shared", "task") for b in (1, 2, 3)]
     assert loaded.program == loaded.program_for(1) == direct.program
     assert loaded.regions["patches"][1] == 3 * loaded.input_size
     assert loaded.regions["heads.out"][1] == 3 * loaded.output_size

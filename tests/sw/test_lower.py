@@ -33,6 +33,7 @@ from m3vit.sw.compiler.lower import (
     compile_model,
     gemm_stream,
     largest_batch,
+    shared_blocks,
 )
 from m3vit.sw.errors import M3VitError
 from m3vit.sw.model.config import get_preset
@@ -565,3 +566,28 @@ def test_moe_over_a_batch_matches_each_image_alone(routing, batch):
         case.check(bytes(ddr))
     assert case.meta["chosen"] == ([[0, 1], [2, 3]] if routing == "disjoint"
                                    else [[0, 1]] * batch)
+
+
+def test_shared_and_task_programs_give_every_task_its_head():
+    """``--task all``: the shared program (embedding and the blocks before the first MoE
+    block: nothing per task) once, then each task's program from its stored x; every head
+    equals golden's, for one image and a batch."""
+    cfg, pkg, x_q = tiny16()
+    compiled = compile_model(pkg.tensors, cfg, CI, max_batch=3)
+    assert shared_blocks(cfg) == min(cfg.moe_blocks) == 1
+    for prog in compiled.shared_programs:
+        fields = [decode(prog[i:i + 32]) for i in range(0, len(prog), 32)]
+        assert not any(f.get("per_task") for _, f in fields)
+        assert sum(op == Opcode.STORE for op, _ in fields) == 1
+    patches = golden.patchify(x_q, cfg.patch_size)
+    for batch in (1, 3):
+        ddr = bytearray(compiled.image.data)
+        for slot in range(batch):
+            compiled.write_input(ddr, patches[slot], slot)
+        execute(CI, compiled.shared_programs[batch - 1], ddr)
+        for task in cfg.task_names:
+            execute(CI, compiled.task_programs[batch - 1], ddr,
+                    task_select=compiled.task_select(task))
+            for b in range(batch):
+                want = golden.forward(pkg.tensors, cfg, x_q[b:b + 1], task)[0][0]
+                assert torch.equal(compiled.head(ddr, task, b), want), (batch, task, b)
