@@ -538,8 +538,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.sequence:
         for run in report["sequence"]:
             mark = "after a switch" if run["after_switch"] else ""
-            print(f"  image {run['image']} {run['task']:<10} {run['cycles']:>12,} cycles "
-                  f"{mark}")
+            count = run.get("images", 1)   # a batch's run (reports before batches: 1)
+            what = (f"image {run['image']}" if count == 1 else
+                    f"images {run['image']}-{run['image'] + count - 1}")
+            print(f"  {what} {run['task']:<10} {run['cycles']:>12,} cycles {mark}")
 
 
 # ---- parser ----------------------------------------------------------------------------
