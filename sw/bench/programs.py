@@ -682,13 +682,32 @@ def _expert_blocks(img: DdrImage, p: str, n_experts: int) -> list[tuple[int, int
     return [img.regions[f"{p}.experts.{e}"] for e in range(n_experts)]
 
 
+def _moe_layer_start(cfg: AccelConfig, model_cfg, t: dict, index: int, h):
+    """An MoE layer harness's start: the image with block ``index``'s per-task routers, the
+    program's ``TASKS``, and ``h`` ((M, D) INT8, the LN2 output) loaded into the buffer
+    ahead of an (M, D) output; (img, prog, plan, tasks, h's word, the output's word)."""
+    from ..compiler.layout import slice_major
+    from ..compiler.lower import BufferPlan, model_task_blocks
+
+    C = cfg.pe_cols
+    m, d = h.shape
+    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
+    tasks = model_task_blocks(t, model_cfg, cfg, blocks=[index], head=False)
+    tasks.place(img)
+    tasks.tasks_instruction(prog)
+    src = plan.alloc("h", m, d)
+    y = plan.alloc("y", m, d)
+    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(h, C)), dst=src, dst_stride=1,
+             words=d // C * m)
+    return img, prog, plan, tasks, src, y
+
+
 def moe_layer_case(cfg: AccelConfig, preset: str = "tiny", index: int | None = None,
                    schedule: int = 0) -> Case:
     """The MoE layer of a randomly initialised, quantized ``preset`` (its first MoE block
     unless ``index``) on the golden LN2 output, compiled by ``moe_program``: router GEMM
     (the task's per-task block), ROUTE, EXPERTS, COMBINE; against the golden MoE output."""
-    from ..compiler.layout import slice_major
-    from ..compiler.lower import BufferPlan, model_task_blocks, moe_program
+    from ..compiler.lower import moe_program
 
     model_cfg, t, cap = _golden_capture(preset)
     index = model_cfg.moe_blocks[0] if index is None else index
@@ -696,14 +715,8 @@ def moe_layer_case(cfg: AccelConfig, preset: str = "tiny", index: int | None = N
     C = cfg.pe_cols
     n, d = model_cfg.n_tokens, model_cfg.embed_dim
     words = d // C * n
-    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
-    tasks = model_task_blocks(t, model_cfg, cfg, blocks=[index], head=False)
-    tasks.place(img)
-    tasks.tasks_instruction(prog)
-    h = plan.alloc("h", n, d)
-    y = plan.alloc("y", n, d)
-    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(cap[f"{p}.ln2"][0], C)), dst=h,
-             dst_stride=1, words=words)
+    img, prog, plan, tasks, h, y = _moe_layer_start(cfg, model_cfg, t, index,
+                                                    cap[f"{p}.ln2"][0])
     moe_program(prog, img, plan, t, p, model_cfg, cfg, src=h, dst=y, tasks=tasks)
     out = img.reserve("out", words * C)
     prog.add(Opcode.STORE, ddr=out, src=y, src_stride=1, words=words)
@@ -740,8 +753,7 @@ def moe_batch_case(cfg: AccelConfig, routing: str, batch: int = 2, preset: str =
     router row e reads channel e // 2); ``"same-two"``: router weights zero, biases
     choosing experts 0 and 1 for every token.
     """
-    from ..compiler.layout import slice_major
-    from ..compiler.lower import BufferPlan, model_task_blocks, moe_program
+    from ..compiler.lower import moe_program
     from ..quant import golden
 
     if routing not in BATCH_ROUTINGS:
@@ -775,15 +787,9 @@ def moe_batch_case(cfg: AccelConfig, routing: str, batch: int = 2, preset: str =
         r = f"{p}.router.{task}"
         t[f"{r}.weight"], t[f"{r}.bias"] = weight, bias
     task = model_cfg.task_names[-1]
-    img, plan, prog = DdrImage(align=cfg.axi_bytes), BufferPlan(cfg), Program()
-    tasks = model_task_blocks(t, model_cfg, cfg, blocks=[index], head=False)
-    tasks.place(img)
-    tasks.tasks_instruction(prog)
-    src = plan.alloc("h", m, d)
-    y = plan.alloc("y", m, d)
     # Slice-major over the batch: image b's token i is row b·n + i of every slice.
-    prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(h.reshape(m, d), C)), dst=src,
-             dst_stride=1, words=d // C * m)
+    img, prog, plan, tasks, src, y = _moe_layer_start(cfg, model_cfg, t, index,
+                                                      h.reshape(m, d))
     moe_program(prog, img, plan, t, p, model_cfg, cfg, src=src, dst=y, tasks=tasks,
                 batch=batch)
     out = img.reserve("out", d // C * m * C)
