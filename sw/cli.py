@@ -499,6 +499,61 @@ def cmd_run(args: argparse.Namespace) -> None:
                          f"{', '.join(bad)}")
 
 
+def cmd_estimate(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    from m3vit.hw.flow.generate import get_config
+    from m3vit.hw.registers import Schedule
+
+    from .compiler.estimate import estimate_package, format_estimate
+    from .compiler.executable import EXECUTABLE_SUFFIX, compile_executable, load_executable
+    from .model.train import scenes_for
+    from .quant.package import load_package
+    from .quant.quantize import validate_package
+
+    if args.json and Path(args.json).exists() and not args.force:
+        raise M3VitError(f"{args.json} exists: pass --force to overwrite it")
+    if args.batch < 1:
+        raise M3VitError(f"--batch must be >= 1, got {args.batch}")
+    path = Path(args.package)
+    reference = None
+    if path.suffix == EXECUTABLE_SUFFIX:
+        if args.config:
+            raise M3VitError("--config is for a .m3q (a .m3x is compiled for its own "
+                             "config): leave it out")
+        exe = load_executable(path)
+        if args.check:
+            reference = load_package(args.check, validate=validate_package)
+    else:
+        reference = load_package(path, validate=validate_package)
+        from .compiler.lower import BatchTooLarge
+
+        try:
+            exe = compile_executable(reference, get_config(args.config or "zcu104"),
+                                     max_batch=args.batch)
+        except BatchTooLarge as e:
+            raise M3VitError(str(e).replace("--max-batch", "--batch")) from None
+    task = args.task or exe.tasks[0]
+    images = scenes_for(exe.model, args.batch, seed=args.seed)["image"]
+    schedule = Schedule[_ORDERS[args.schedule]]
+    start = time.perf_counter()
+    result = estimate_package(reference, exe, task=task, batch=args.batch, images=images,
+                              schedule=schedule)
+    took = time.perf_counter() - start
+    cfg = exe.config
+    ports = f"{cfg.n_master_ports} HP port{'s' if cfg.n_master_ports > 1 else ''}"
+    print(format_estimate(result, f"{exe.model.name} {task} on the {cfg.pe_rows}x"
+                                  f"{cfg.gemm_cols} array ({ports}, "
+                                  f"DDR model defaults), batch {args.batch}, "
+                                  f"{args.schedule} by {args.schedule} — estimated:"))
+    print(f"estimated in {took * 1e3:.0f} ms (the routing included)")
+    if args.json:
+        plain = {k: v for k, v in result.items() if k != "per_instruction"}
+        Path(args.json).write_text(json.dumps(plain, indent=2) + "\n")
+        print(f"written to {args.json}")
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     from .runtime.profile import format_profile, save_profile_figure
     from .runtime.session import load_report
@@ -559,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (_presets_parser, _flops_parser, _train_parser, _evaluate_parser,
                        _import_timm_parser, _quantize_parser, _inspect_parser, _scenes_parser,
                        _generate_parser, _resources_parser, _bitstream_parser,
-                       _compile_parser, _run_parser, _report_parser, _profile_parser):
+                       _compile_parser, _run_parser, _report_parser, _profile_parser,
+                       _estimate_parser):
         add_parser(sub)
     return p
 
@@ -838,6 +894,33 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
     s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")
     s.set_defaults(func=cmd_run)
+
+
+def _estimate_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit estimate``."""
+    s = sub.add_parser("estimate", help="predict a run's cycles by phase without simulating",
+                       description="An analytic cycle model of a compiled program "
+                       "(m3vit.sw.compiler.estimate): each instruction charged the cycles its "
+                       "work takes at the PE array's, the DDR model's (ZCU104 defaults) and "
+                       "the write port's rates, with the overlaps the hardware has, the MoE "
+                       "layers sized by the routing the golden model gives synthetic images. "
+                       "Prints the same phase table as `m3vit profile`, in milliseconds "
+                       "instead of minutes; docs/benchmarks.md holds its error against the "
+                       "SoC model (within a few per cent on every case simulated).")
+    s.add_argument("package", help="a .m3q (compiled here for --config) or a .m3x (uniform "
+                   "routing unless --check names its .m3q)")
+    s.add_argument("--config", help=f"accelerator config for a .m3q: {_HW_CONFIGS} "
+                   "(default: zcu104)")
+    s.add_argument("--check", metavar="M3Q", help="with a .m3x: the .m3q it came from, for "
+                   "the golden routing")
+    s.add_argument("--task", help="the task whose routers route (default: the first)")
+    s.add_argument("--batch", type=int, default=1, help="images a run (default: 1)")
+    s.add_argument("--schedule", choices=("expert", "token"), default="expert",
+                   help="MoE schedule (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=3, help="scene seed (default: %(default)s)")
+    s.add_argument("--json", metavar="OUT", help="write the estimate as JSON")
+    s.add_argument("--force", action="store_true", help="overwrite --json")
+    s.set_defaults(func=cmd_estimate)
 
 
 def _profile_parser(sub: argparse._SubParsersAction) -> None:

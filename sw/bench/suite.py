@@ -404,6 +404,27 @@ def bench_throughput() -> str:
     ]) + "\n"
 
 
+def bench_estimate() -> str:
+    """The analytic cycle model's error against the SoC model, every case that fits."""
+    from . import estimate_error as harness
+
+    r = harness.bench_estimate()
+    return "\n".join([
+        "## The cycle estimate against the SoC model",
+        "",
+        "Command: `make bench` (`python -m m3vit.sw.bench estimate`), which runs "
+        "`m3vit.sw.bench.estimate_error`: every preset and configuration that fits (`tiny` "
+        "also on 16 × 16 inputs, whose 17 tokens let CI's configuration batch), each task, "
+        "schedule and batch, once on the Verilated SoC model under the DDR model's ZCU104 "
+        "defaults and once through `m3vit estimate` (`m3vit.sw.compiler.estimate`, the "
+        "golden model's routing of the same images: randomly initialised, quantized "
+        "models). The estimate's time includes the golden routing.",
+        f"Machine: {machine()}.",
+        "",
+        harness.markdown(r),
+    ]) + "\n"
+
+
 BENCHMARKS: dict[str, Callable[[], str]] = {
     "golden": bench_golden,
     "gemm_utilization": bench_gemm_utilization,
@@ -412,6 +433,7 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "resources": bench_resources,
     "soc": bench_soc,
     "throughput": bench_throughput,
+    "estimate": bench_estimate,
 }
 
 

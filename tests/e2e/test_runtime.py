@@ -313,3 +313,31 @@ def test_run_cli_batches(tmp_path, capsys):
     assert main(["run", str(m3x), "--batch", "3", "--images", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("m3vit: error:") and "--max-batch 2" in err[-1]
+
+
+def test_the_estimate_is_within_five_per_cent_of_the_soc(acc):
+    """The analytic cycle model against the simulated board: ``tiny`` (65 tokens) under
+    both schedules and ``tiny`` on 16 × 16 inputs in batches of 1…4, every run within 5 %."""
+    from m3vit.hw.registers import Schedule
+    from m3vit.sw.compiler.estimate import estimate_package
+
+    cases = [(tiny_package(), compile_executable(tiny_package(), CI), (1,)),
+             (tiny16_package(), compile_executable(tiny16_package(), CI, max_batch=4),
+              (1, 2, 3, 4))]
+    errors = []
+    try:
+        for pkg, exe, batches in cases:
+            acc.load(exe)
+            images = scenes_for(pkg.config, max(batches), seed=SEED)["image"]
+            for schedule in Schedule:
+                acc.set_schedule(schedule)
+                for batch in batches:
+                    run = acc.infer(images[:batch], "semseg", batch=batch).runs[0]
+                    est = estimate_package(pkg, exe, task="semseg", batch=batch,
+                                           images=images, schedule=schedule)
+                    errors.append((pkg.config.n_tokens, schedule.name, batch,
+                                   est["cycles"] / run.cycles - 1))
+    finally:
+        acc.set_schedule(Schedule.EXPERT_BY_EXPERT)
+        acc.load(compile_executable(tiny_package(), CI))
+    assert all(abs(e) <= 0.05 for *_, e in errors), errors
