@@ -554,6 +554,33 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         print(f"written to {args.json}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import load_space, run_sweep
+
+    space = load_space(args.space)
+    if args.preset:
+        space["presets"] = args.preset
+        from .sweep import check_space
+
+        space = check_space(space)
+    result = run_sweep(space, args.out, address=args.address, serial=args.serial,
+                       resources=args.resources, trials=args.trials,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    front = result["front"]
+    cost = "max_share" if any("max_share" in r for r in front) else "macs_per_cycle"
+    print(f"{len(result['rows'])} points scored ({result['new']} in this run), "
+          f"{sum(1 for r in result['rows'] if r.get('feasible'))} feasible; the Pareto front:")
+    knobs = sorted(space["knobs"])
+    for r in front:
+        what = ", ".join(f"{k}={r[k]}" for k in knobs)
+        extra = (f"{r['max_share']:.0%} of the largest resource" if cost == "max_share"
+                 else f"{r['macs_per_cycle']:,} MACs a cycle")
+        print(f"  {r['preset']}: {what}: {r['cycles_per_image']:,.0f} cycles an image "
+              f"({r['ms_per_image']:.2f} ms, {r['images_per_s']:,.0f} images/s), {extra}")
+    for name, path in result["paths"].items():
+        print(f"{name}: {path}")
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     from .runtime.profile import format_profile, save_profile_figure
     from .runtime.session import load_report
@@ -615,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                        _import_timm_parser, _quantize_parser, _inspect_parser, _scenes_parser,
                        _generate_parser, _resources_parser, _bitstream_parser,
                        _compile_parser, _run_parser, _report_parser, _profile_parser,
-                       _estimate_parser):
+                       _estimate_parser, _sweep_parser):
         add_parser(sub)
     return p
 
@@ -921,6 +948,34 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", metavar="OUT", help="write the estimate as JSON")
     s.add_argument("--force", action="store_true", help="overwrite --json")
     s.set_defaults(func=cmd_estimate)
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``m3vit sweep``."""
+    s = sub.add_parser("sweep", help="design-space sweep over accelerator configs, on Ray",
+                       description="Score every point of a space (a JSON file: base config, "
+                       "presets, and per knob the values to try; m3vit.sw.sweep) with the "
+                       "cycle estimate and, with --resources yosys, a cached Yosys estimate "
+                       "of the top against the 80 %% budget. Each point is a Ray task on a "
+                       "local Ray (or a cluster: --address); results are kept in "
+                       "OUT/results.jsonl as they finish, so a sweep run again resumes. A "
+                       "space larger than --trials points is searched by Optuna. Writes the "
+                       "Pareto front (pareto.json), every point (points.csv) and a plot "
+                       "(pareto.png).")
+    s.add_argument("space", help="the space, e.g. {\"config\": \"zcu104\", \"presets\": "
+                   "[\"edge-moe\"], \"knobs\": {\"gemm_words\": [1, 2], \"batch\": [1, 3]}}")
+    s.add_argument("--out", default="build/sweep", help="results folder (default: %(default)s)")
+    s.add_argument("--preset", action="append", help="replace the space's presets "
+                   "(repeatable)")
+    s.add_argument("--address", help="a Ray cluster's address (default: a local Ray here)")
+    s.add_argument("--serial", action="store_true", help="score the points here, one after "
+                   "the other, without Ray")
+    s.add_argument("--resources", choices=("skip", "yosys"), default="skip",
+                   help="score resources with Yosys (minutes a new design, then cached; "
+                   "default: %(default)s, cost = MACs a cycle)")
+    s.add_argument("--trials", type=int, default=64, help="largest space enumerated; larger "
+                   "ones are sampled by Optuna this many times (default: %(default)s)")
+    s.set_defaults(func=cmd_sweep)
 
 
 def _profile_parser(sub: argparse._SubParsersAction) -> None:

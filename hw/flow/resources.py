@@ -40,9 +40,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import M3VitError
+
+if TYPE_CHECKING:
+    from ..config import AccelConfig
 
 __all__ = [
     "BUDGET",
@@ -790,6 +793,7 @@ def estimate(
     reuse: bool = True,
     progress: Callable[[float, str], None] | None = None,
     device: Device = XCZU7EV,
+    config: AccelConfig | None = None,
 ) -> Estimate:
     """Elaborate ``design`` for ``config_name``, synthesize it and check the budget.
 
@@ -813,6 +817,9 @@ def estimate(
         See :func:`synthesize`.
     device : Device
         The part to compare with.
+    config : AccelConfig, optional
+        A configuration of no name (a design-space sweep's point): elaborated instead of
+        ``config_name``'s, which then only names it (and its default ``workdir``).
 
     Returns
     -------
@@ -825,7 +832,7 @@ def estimate(
     """
     from .generate import get_config, get_design, to_rtlil, write_if_changed
 
-    config = get_config(config_name)
+    config = config or get_config(config_name)
     entry = get_design(design)
     workdir = Path(workdir or Path("build") / "resources" / config_name / design)
     # RTLIL, the netlist the generated Verilog is written from (see to_rtlil for why).

@@ -9,6 +9,7 @@ command and the machine it was measured on.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -425,6 +426,56 @@ def bench_estimate() -> str:
     ]) + "\n"
 
 
+SWEEP_FIGURE = Path("docs") / "sweep-edge-moe.png"
+#: The make-bench space: edge-moe on the ZCU104 base, ports × array width × batch.
+SWEEP_SPACE = {"config": "zcu104", "presets": ["edge-moe"], "task": "semseg",
+               "knobs": {"n_master_ports": [1, 2, 3], "gemm_words": [1, 2],
+                         "batch": [1, 2, 3]}}
+
+
+def bench_sweep() -> str:
+    """An edge-moe design-space sweep on a local Ray, scored by the cycle estimate."""
+    import shutil
+    import tempfile
+
+    from ..sweep import check_space, run_sweep
+
+    space = check_space(SWEEP_SPACE)
+    out = Path(tempfile.mkdtemp(prefix="m3vit-sweep-"))
+    t0 = time.perf_counter()
+    r = run_sweep(space, out, num_cpus=2)
+    took = time.perf_counter() - t0
+    shutil.copyfile(r["paths"]["figure"], REPO_ROOT / SWEEP_FIGURE)
+    knobs = sorted(space["knobs"])
+    lines = [
+        "## A design-space sweep: `edge-moe` on ZCU104 variants (cycle estimate, local Ray)",
+        "",
+        "Command: `make bench` (`python -m m3vit.sw.bench sweep`), the same as `m3vit sweep` "
+        f"on the space `{json.dumps(SWEEP_SPACE)}`: {len(r['rows'])} points, each a Ray task "
+        f"on a local Ray (2 CPUs), scored by `m3vit estimate` (golden routing of the batch's "
+        f"synthetic images); {took:.0f} s in all. Resources are not scored here (no "
+        "`--resources yosys`: a new top takes ~20 min of Yosys), so the front's cost axis "
+        "is the array's MACs a cycle, and the estimates of 1-word arrays (`gemm_words = 1`) "
+        "and of one or two ports extrapolate the cycle model beyond the configurations it "
+        f"was fitted on. Plot: `{SWEEP_FIGURE.as_posix()}`.",
+        f"Machine: {machine()}.",
+        "",
+        "| " + " | ".join(knobs)
+        + " | cycles an image | ms | images/s | MACs a cycle | on the front |",
+        "|" + "---:|" * (len(knobs) + 5),
+    ]
+    front = {json.dumps({k: f[k] for k in knobs}) for f in r["front"]}
+    for row in sorted(r["rows"], key=lambda x: x.get("cycles_per_image", float("inf"))):
+        if not row.get("feasible"):
+            continue
+        lines.append("| " + " | ".join(str(row[k]) for k in knobs)
+                     + f" | {row['cycles_per_image']:,.0f} | {row['ms_per_image']:.2f} | "
+                     f"{row['images_per_s']:,.0f} | {row['macs_per_cycle']:,} | "
+                     f"{'yes' if json.dumps({k: row[k] for k in knobs}) in front else ''} |")
+    shutil.rmtree(out, ignore_errors=True)
+    return "\n".join(lines) + "\n"
+
+
 BENCHMARKS: dict[str, Callable[[], str]] = {
     "golden": bench_golden,
     "gemm_utilization": bench_gemm_utilization,
@@ -434,6 +485,7 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "soc": bench_soc,
     "throughput": bench_throughput,
     "estimate": bench_estimate,
+    "sweep": bench_sweep,
 }
 
 

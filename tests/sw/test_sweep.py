@@ -1,0 +1,80 @@
+"""Design-space sweeps (``m3vit sweep``): a small space on a local Ray equals a serial run,
+an interrupted sweep resumes, the front and its files, one-line refusals."""
+
+import json
+
+import pytest
+
+from m3vit.sw.cli import main
+from m3vit.sw.errors import M3VitError
+from m3vit.sw.sweep import check_space, pareto_front, run_sweep, space_points
+
+#: Eight points on the CI configuration: 17-token tiny, two arrays, two buffers, two batches.
+SPACE = {"config": "ci", "presets": ["tiny"], "task": "semseg",
+         "knobs": {"gemm_words": [1, 2], "act_buffer_words": [2048, 16384], "batch": [1, 2]}}
+
+
+@pytest.fixture(scope="module")
+def small_space():
+    space = check_space(json.loads(json.dumps(SPACE)))
+    # tiny at 16 x 16 (17 tokens an image) lets the CI configuration batch.
+    from m3vit.sw import sweep
+
+    original = sweep._packages
+
+    def packages(space):
+        from m3vit.sw.model.config import get_preset
+        from m3vit.sw.model.m3vit import M3ViT
+        from m3vit.sw.quant.quantize import quantize
+
+        return {"tiny": quantize(M3ViT(get_preset("tiny", img_size=(16, 16)), seed=0),
+                                 n_calib=4)}
+
+    sweep._packages = packages
+    yield space
+    sweep._packages = original
+
+
+def test_ray_sweep_equals_the_serial_run_and_resumes(small_space, tmp_path):
+    points = space_points(small_space)
+    assert len(points) == 8
+    ray_run = run_sweep(small_space, tmp_path / "ray", num_cpus=2)
+    serial = run_sweep(small_space, tmp_path / "serial", serial=True)
+    key = lambda r: json.dumps({k: r[k] for k in ("preset", *small_space["knobs"])},  # noqa: E731
+                               sort_keys=True)
+    assert ray_run["new"] == serial["new"] == 8
+    assert sorted(ray_run["rows"], key=key) == sorted(serial["rows"], key=key)
+    feasible = [r for r in serial["rows"] if r["feasible"]]
+    assert len(feasible) == 4 and all("does not fit" in r["why"] for r in serial["rows"]
+                                      if not r["feasible"])
+    # A batch of two costs fewer cycles an image; the wider array fewer still.
+    best = min(feasible, key=lambda r: r["cycles_per_image"])
+    assert (best["gemm_words"], best["batch"]) == (2, 2)
+    assert best in serial["front"] and pareto_front(serial["rows"]) == serial["front"]
+    for path in serial["paths"].values():
+        assert path.stat().st_size > 100
+    # Run again: every point is in the store already.
+    again = run_sweep(small_space, tmp_path / "serial", serial=True)
+    assert again["new"] == 0 and len(again["rows"]) == 8
+
+
+def test_a_space_with_no_feasible_point_is_one_line(small_space, tmp_path):
+    space = dict(small_space, knobs={"act_buffer_words": [2048]})
+    with pytest.raises(M3VitError, match="no point of the space is feasible: activations"):
+        run_sweep(space, tmp_path, serial=True)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"presets": ["tiny"], "knobs": {"pe_colz": [4]}}, "unknown knob 'pe_colz'"),
+    ({"presets": ["tiny"], "knobs": {"batch": []}}, "give a non-empty list"),
+    ({"presets": ["tiny"], "knobs": {"batch": [1.5]}}, "1.5 is not an integer"),
+    ({"presets": [], "knobs": {}}, "at least one model preset"),
+    ({"presets": ["huge"], "knobs": {}}, "unknown preset 'huge'"),
+    ({"presets": ["tiny"], "colour": 1}, "unknown key 'colour'"),
+])
+def test_bad_spaces_are_one_line(space, message, tmp_path, capsys):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--serial"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
