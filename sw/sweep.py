@@ -182,7 +182,10 @@ def score_point(point: dict[str, Any], space: dict[str, Any], packages: dict[str
     if resources == "yosys":
         from m3vit.hw.flow.resources import estimate, find_yosys
 
-        folder = Path(workdir) / f"{config.config_hash():08x}" / "top"
+        # The base configuration itself reuses `m3vit resources`'s run (build/resources).
+        base = get_config(space["config"])
+        folder = (None if config == base
+                  else Path(workdir) / f"{config.config_hash():08x}" / "top")
         res = estimate("top", space["config"], find_yosys(yosys), folder, config=config)
         for r in res.rows:
             key = {"DSP48E2": "dsp", "BRAM (RAMB36)": "bram", "URAM288": "uram",

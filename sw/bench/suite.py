@@ -433,6 +433,11 @@ SWEEP_SPACE = {"config": "zcu104", "presets": ["edge-moe"], "task": "semseg",
                          "batch": [1, 2, 3]}}
 
 
+SWEEP_YOSYS_FIGURE = Path("docs") / "sweep-edge-moe-yosys.png"
+SWEEP_YOSYS_SPACE = {"config": "zcu104", "presets": ["edge-moe"], "task": "semseg",
+                     "knobs": {"n_master_ports": [2, 3], "batch": [1, 3]}}
+
+
 def bench_sweep() -> str:
     """An edge-moe design-space sweep on a local Ray, scored by the cycle estimate."""
     import shutil
@@ -473,6 +478,39 @@ def bench_sweep() -> str:
                      f"{row['images_per_s']:,.0f} | {row['macs_per_cycle']:,} | "
                      f"{'yes' if json.dumps({k: row[k] for k in knobs}) in front else ''} |")
     shutil.rmtree(out, ignore_errors=True)
+    # Resources too: Yosys on each hardware design of a smaller space (cached by netlist in
+    # build/sweep-yosys, the base configuration's run reused from `bench resources`).
+    space = check_space(SWEEP_YOSYS_SPACE)
+    t0 = time.perf_counter()
+    r = run_sweep(space, REPO_ROOT / "build" / "sweep-yosys", num_cpus=2, resources="yosys",
+                  verify=1, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    took = time.perf_counter() - t0
+    shutil.copyfile(r["paths"]["figure"], REPO_ROOT / SWEEP_YOSYS_FIGURE)
+    knobs = sorted(space["knobs"])
+    lines += [
+        "", "### With resources: Yosys on every design of the space", "",
+        f"`m3vit sweep --resources yosys --verify 1` on `{json.dumps(SWEEP_YOSYS_SPACE)}` "
+        f"({took / 60:.0f} min this run; a design's Yosys run is reused once made, the base "
+        "configuration's from `bench resources`). Cost: the largest share of any XCZU7EV "
+        "resource (Yosys `synth_xilinx` estimate, not a Vivado sign-off); the front's "
+        f"fastest point also run on the SoC model. Plot: `{SWEEP_YOSYS_FIGURE.as_posix()}`.",
+        "",
+        "| " + " | ".join(knobs) + " | cycles an image | images/s | DSP | LUT | URAM | "
+        "largest share | ≤ 80 % | on the front | SoC model |",
+        "|" + "---:|" * (len(knobs) + 9),
+    ]
+    front = {json.dumps({k: f[k] for k in knobs}): f for f in r["front"]}
+    for row in sorted(r["rows"], key=lambda x: x.get("cycles_per_image", float("inf"))):
+        if not row.get("feasible"):
+            continue
+        on = front.get(json.dumps({k: row[k] for k in knobs}))
+        soc = (f"{on['measured_cycles']:,} ({on['estimate_error']:+.2%})"
+               if on and "measured_cycles" in on else "")
+        lines.append("| " + " | ".join(str(row[k]) for k in knobs)
+                     + f" | {row['cycles_per_image']:,.0f} | {row['images_per_s']:,.0f} | "
+                     f"{row['dsp']:,.0f} | {row['lut']:,.0f} | {row['uram']:,.0f} | "
+                     f"{row['max_share']:.1%} | {'yes' if row['fits'] else 'NO'} | "
+                     f"{'yes' if on else ''} | {soc} |")
     return "\n".join(lines) + "\n"
 
 
