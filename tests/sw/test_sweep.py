@@ -58,6 +58,14 @@ def test_ray_sweep_equals_the_serial_run_and_resumes(small_space, tmp_path):
     assert again["new"] == 0 and len(again["rows"]) == 8
 
 
+def test_a_large_space_is_sampled_by_optuna(small_space, tmp_path):
+    """More points than --trials: Optuna picks that many (distinct points are scored once;
+    a repeated pick reuses its result), and the front comes from what was scored."""
+    r = run_sweep(small_space, tmp_path, trials=5)
+    assert 1 <= r["new"] <= 5 and len(r["rows"]) == r["new"]
+    assert r["front"] and all(row in r["rows"] for row in r["front"])
+
+
 @pytest.mark.xdist_group("soc_ci")   # builds (or reuses) the CI SoC model, as the e2e tests
 def test_the_front_checked_on_the_soc_model(small_space, tmp_path):
     """--verify: the front's fastest point run on the Verilated SoC model, the estimate
