@@ -27,6 +27,7 @@ of any resource — or against MACs a cycle without Yosys) goes to ``pareto.json
 from __future__ import annotations
 
 import csv
+import fcntl
 import itertools
 import json
 import os
@@ -184,9 +185,14 @@ def score_point(point: dict[str, Any], space: dict[str, Any], packages: dict[str
 
         # The base configuration itself reuses `m3vit resources`'s run (build/resources).
         base = get_config(space["config"])
-        folder = (None if config == base
+        folder = (Path("build") / "resources" / space["config"] / "top" if config == base
                   else Path(workdir) / f"{config.config_hash():08x}" / "top")
-        res = estimate("top", space["config"], find_yosys(yosys), folder, config=config)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Points that differ only in the batch share a design: one synthesises it while the
+        # others wait on its lock, then reuse its run.
+        with open(folder / ".sweep.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            res = estimate("top", space["config"], find_yosys(yosys), folder, config=config)
         for r in res.rows:
             key = {"DSP48E2": "dsp", "BRAM (RAMB36)": "bram", "URAM288": "uram",
                    "LUT": "lut", "FF": "ff"}.get(r.resource, r.resource.lower())
