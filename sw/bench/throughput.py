@@ -26,9 +26,9 @@ BATCHES = (1, 2, 4, 8)
 
 def _expert_read_bytes(trace, program: bytes) -> int:
     """DDR bytes read during the ``EXPERTS`` loop bodies' GEMMs (drains included)."""
-    from ..runtime.profile import _decode_all
+    from ..compiler.phases import decode_all
 
-    ins = _decode_all(program)
+    ins = decode_all(program)
     total = 0
     for entry in trace:
         op, fields = ins[entry.pc]

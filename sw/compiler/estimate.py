@@ -232,7 +232,7 @@ def estimate_program(program: bytes, config: AccelConfig, *,
     M3VitError
         For a program with an MoE layer and no (or too little) routing.
     """
-    from ..runtime.profile import PHASES, instruction_phases
+    from .phases import PHASES, instruction_phases
 
     ddr = ddr or DdrRates.for_config(config)
     cm = model or CostModel.for_config(config)

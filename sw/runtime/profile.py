@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from m3vit.hw.hp_ports import TOGETHER_READ_GBPS, hp_ports
-from m3vit.hw.isa import INSTRUCTION_BYTES, Opcode, WeightSource, decode
+from m3vit.hw.isa import Opcode
 
+from ..compiler.phases import PHASES, expert_bodies, instruction_phases
 from ..errors import M3VitError
 from .driver import TraceEntry
 
@@ -32,10 +33,6 @@ __all__ = [
     "save_profile_figure",
 ]
 
-#: The phases of an image, in program order.
-PHASES = ("patch embedding", "attention", "dense MLP", "router", "experts", "combine",
-          "head")
-
 #: The unit lane of the timeline each opcode runs on.
 _LANES = {
     Opcode.GEMM: "PE array",
@@ -44,17 +41,6 @@ _LANES = {
     Opcode.LOAD: "DMA", Opcode.STORE: "DMA", Opcode.LOAD_TABLE: "DMA",
 }
 _LANE_ORDER = ("PE array", "vector", "MoE", "DMA", "control")
-
-
-def _decode_all(program: bytes) -> list:
-    return [decode(program[i:i + INSTRUCTION_BYTES])
-            for i in range(0, len(program) - INSTRUCTION_BYTES + 1, INSTRUCTION_BYTES)]
-
-
-def expert_bodies(program: bytes) -> list[tuple[int, int]]:
-    """The first and last pc of every ``EXPERTS`` loop body of a program, in order."""
-    return [(pc + 1, pc + fields["body"]) for pc, (op, fields) in enumerate(_decode_all(program))
-            if op == Opcode.EXPERTS]
 
 
 def expert_visits(entries: Sequence[TraceEntry], program: bytes) -> list[dict[str, Any]]:
@@ -84,49 +70,6 @@ def expert_visits(entries: Sequence[TraceEntry], program: bytes) -> list[dict[st
     for visit in visits:
         visit["cycles"] = visit["end"] - visit["start"]
     return visits
-
-
-def instruction_phases(program: bytes) -> list[str]:
-    """The phase (:data:`PHASES`) of every instruction of a compiled program.
-
-    The compiler lays a block out as LayerNorm … residual add twice: attention (its
-    softmax and buffer-weight GEMMs give it away), then the dense MLP, or the MoE layer —
-    its gate GEMM, tables and ``ROUTE`` (router), the ``EXPERTS`` loop and its body
-    (experts), ``COMBINE`` and the residual add (combine). A residual add is a
-    ``RESIDUAL`` or fused into the ``GEMM`` or ``COMBINE`` before it (``residual`` set).
-    What precedes the first LayerNorm is the patch embedding, what follows the last
-    residual add is the head.
-    """
-    ops = _decode_all(program)
-    phases = ["head"] * len(ops)
-    norms = [i for i, (op, _) in enumerate(ops) if op == Opcode.LAYERNORM]
-    first = norms[0] if norms else len(ops)
-    phases[:first] = ["patch embedding"] * first
-
-    def adds(op: Opcode, fields: dict) -> bool:
-        return op == Opcode.RESIDUAL or (op in (Opcode.GEMM, Opcode.COMBINE)
-                                         and bool(fields.get("residual")))
-
-    for start in norms:
-        end = next((i for i in range(start, len(ops)) if adds(*ops[i])), None)
-        if end is None:
-            continue                                   # the final LayerNorm: the head
-        segment = ops[start:end + 1]
-        attention = any(op == Opcode.SOFTMAX or (op == Opcode.GEMM
-                                                 and f["wsrc"] != WeightSource.DDR.value)
-                        for op, f in segment)
-        moe = any(op == Opcode.EXPERTS for op, _ in segment)
-        if attention:
-            phases[start:end + 1] = ["attention"] * len(segment)
-        elif not moe:
-            phases[start:end + 1] = ["dense MLP"] * len(segment)
-        else:
-            loop = next(i for i in range(start, end + 1) if ops[i][0] == Opcode.EXPERTS)
-            body_end = loop + ops[loop][1]["body"]
-            for i in range(start, end + 1):
-                phases[i] = ("router" if i < loop else "experts" if i <= body_end
-                             else "combine")
-    return phases
 
 
 def build_profile(entries: Sequence[TraceEntry], program: bytes, *, clock_mhz: float,
