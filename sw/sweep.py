@@ -117,6 +117,23 @@ def space_points(space: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
+def point_config(point: dict[str, Any], space: dict[str, Any]):
+    """The :class:`~m3vit.hw.config.AccelConfig` of a point (or a row): the space's base
+    with the point's hardware knobs (``pe_rows`` sets ``pe_cols`` too).
+
+    Raises
+    ------
+    AccelConfigError
+        For values the configuration refuses.
+    """
+    from m3vit.hw.flow.generate import get_config
+
+    changes = {k: v for k, v in point.items() if k in KNOBS and k != "batch"}
+    if "pe_rows" in changes:
+        changes["pe_cols"] = changes["pe_rows"]
+    return get_config(space["config"]).replace(**changes)
+
+
 def point_key(point: dict[str, Any]) -> str:
     """The canonical text of a point (the results store's key)."""
     return json.dumps(point, sort_keys=True, separators=(",", ":"))
@@ -160,13 +177,10 @@ def score_point(point: dict[str, Any], space: dict[str, Any], packages: dict[str
     from .model.train import scenes_for
 
     row: dict[str, Any] = dict(point)
-    changes = {k: v for k, v in point.items() if k not in ("preset", "batch")}
-    if "pe_rows" in changes:
-        changes["pe_cols"] = changes["pe_rows"]
     batch = point.get("batch", 1)
     pkg = packages[point["preset"]]
     try:
-        config = get_config(space["config"]).replace(**changes)
+        config = point_config(point, space)
         check_top_config(config)
         exe = compile_executable(pkg, config, max_batch=batch)
     except (AccelConfigError, M3VitError) as e:
@@ -321,16 +335,12 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
 def _measure(row: dict[str, Any], space: dict[str, Any], packages: dict[str, Any]
              ) -> dict[str, Any]:
     """Run a point on the SoC model: its measured cycles and the estimate's error."""
-    from m3vit.hw.flow.generate import get_config
 
     from .compiler.executable import compile_executable
     from .model.train import scenes_for
     from .runtime.driver import Accelerator
 
-    changes = {k: v for k, v in row.items() if k in KNOBS and k != "batch"}
-    if "pe_rows" in changes:
-        changes["pe_cols"] = changes["pe_rows"]
-    config = get_config(space["config"]).replace(**changes)
+    config = point_config(row, space)
     batch = row.get("batch", 1)
     exe = compile_executable(packages[row["preset"]], config, max_batch=batch)
     images = scenes_for(exe.model, max(batch, space["images"]), seed=3)["image"]

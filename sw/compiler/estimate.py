@@ -198,8 +198,8 @@ def _stream_bytes(f: dict, config: AccelConfig) -> int:
 def estimate_program(program: bytes, config: AccelConfig, *,
                      routing: Sequence[Sequence[Sequence[int]]] | None = None,
                      schedule: Schedule = Schedule.EXPERT_BY_EXPERT,
-                     ddr: DdrRates | None = None, model: CostModel | None = None,
-                     top_k: int | None = None) -> dict[str, Any]:
+                     ddr: DdrRates | None = None, model: CostModel | None = None
+                     ) -> dict[str, Any]:
     """Estimate a program's cycles, instruction by instruction, and sum them by phase.
 
     Parameters
@@ -217,8 +217,6 @@ def estimate_program(program: bytes, config: AccelConfig, *,
         The DDR's rates (default: the DDR model's ZCU104 defaults for ``config``).
     model : CostModel, optional
         The overheads (default: the measured ones).
-    top_k : int, optional
-        Experts per token (for token-by-token visits; default: from the ``ROUTE``).
 
     Returns
     -------
@@ -265,8 +263,7 @@ def estimate_program(program: bytes, config: AccelConfig, *,
                 visits = [1] * sum(counts)
             for tokens in visits:
                 for bpc, (bop, bf) in body:
-                    _step(mc, cm, config, ddr, bpc, bop, dict(bf, tokens=tokens),
-                          stride=f["stride"])
+                    _step(mc, cm, config, ddr, bpc, bop, dict(bf, tokens=tokens))
             waited = sum(d for _, d in mc.drains)
             spans.extend(mc.drains)
             mc.drains.clear()
@@ -304,7 +301,7 @@ def _fetch(mc: _Machine, cm: CostModel, pc: int) -> float:
 
 
 def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: int,
-          op: Opcode, f: dict, stride: int = 0) -> None:
+          op: Opcode, f: dict) -> None:
     """Advance the machine over one instruction."""
     C = config.pe_cols
     entry = intake_beats(config) * config.axi_bytes

@@ -466,10 +466,15 @@ class Accelerator:
             runs.append(stats)
             if progress is not None:
                 progress(first + len(group) - 1)
+        return self._outputs(self.task, heads, runs)
+
+    def _outputs(self, task: str, heads: list, runs: list) -> TaskOutputs:
+        """Heads of the images (in order) and their runs as :class:`TaskOutputs`."""
+        pkg = self._loaded()
         acc = torch.stack(heads)
-        scale = torch.tensor(pkg.out_scales[self.task], dtype=torch.float64)
+        scale = torch.tensor(pkg.out_scales[task], dtype=torch.float64)
         predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
-        return TaskOutputs(self.task, acc, predictions, runs)
+        return TaskOutputs(task, acc, predictions, runs)
 
     def infer_all(self, images: torch.Tensor, tasks=None, *, batch: int | None = None,
                   progress: Callable[[int], None] | None = None) -> AllTaskOutputs:
@@ -513,13 +518,8 @@ class Accelerator:
                 runs[task].append(stats)
             if progress is not None:
                 progress(first + len(group) - 1)
-        outputs = {}
-        for task in tasks:
-            acc = torch.stack(heads[task])
-            scale = torch.tensor(pkg.out_scales[task], dtype=torch.float64)
-            predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
-            outputs[task] = TaskOutputs(task, acc, predictions, runs[task])
-        return AllTaskOutputs(outputs, shared)
+        return AllTaskOutputs({task: self._outputs(task, heads[task], runs[task])
+                               for task in tasks}, shared)
 
     def run_patches(self, patches: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
         """One run on one image's (N_patches, C·p·p) INT8 patch rows; (head, stats)."""

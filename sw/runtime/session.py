@@ -94,13 +94,13 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
         if shared:
             together = acc.infer_all(images[group.start:group.stop], order, batch=batch)
             shared_runs += together.shared_runs
-            switched_to = [True] * len(order)   # a TASK_SELECT write before each task run
-        for k, task in enumerate(order):
+        for task in order:
             if together is None:
                 switched = task != acc.task
                 out = acc.infer(images[group.start:group.stop], task, batch=batch)
             else:
-                switched, out = switched_to[k], together.tasks[task]
+                # infer_all writes TASK_SELECT before each task's run.
+                switched, out = True, together.tasks[task]
             run = out.runs[0]
             runs[task].append(run)
             for j, i in enumerate(group):
