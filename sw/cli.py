@@ -962,7 +962,9 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                        "of the top against the 80 %% budget. Each point is a Ray task on a "
                        "local Ray (or a cluster: --address); results are kept in "
                        "OUT/results.jsonl as they finish, so a sweep run again resumes. A "
-                       "space larger than --trials points is searched by Optuna. Writes the "
+                       "space larger than --trials points is searched by Optuna, a wave of "
+                       "trials as wide as Ray's CPUs at a time; --verify's SoC checks are Ray "
+                       "tasks too. Writes the "
                        "Pareto front (pareto.json), every point (points.csv) and a plot "
                        "(pareto.png).")
     s.add_argument("space", help="the space, e.g. {\"config\": \"zcu104\", \"presets\": "

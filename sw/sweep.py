@@ -307,29 +307,106 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
     points = space_points(space)
     say = progress or (lambda _m: None)
     packages = _packages(space)
-    workdir = out / "yosys"
-    if len(points) > trials:
-        rows_new = _optuna(space, points, packages, trials, resources, workdir, done, store,
-                           say, yosys)
-    else:
-        todo = [p for p in points if point_key(p) not in done]
-        say(f"{len(points)} points, {len(points) - len(todo)} already scored")
-        rows_new = _score_all(todo, space, packages, resources, workdir, store, say,
-                              serial=serial, address=address, num_cpus=num_cpus,
-                              yosys=yosys)
-    rows = list(_read_results(store).values())
-    flat = [dict(r["row"]) for r in rows]
-    feasible = [r for r in flat if r.get("feasible")]
-    if not feasible:
-        whys = sorted({r.get("why", "") for r in flat})[:3]
-        raise M3VitError("no point of the space is feasible: " + "; ".join(whys))
-    front = pareto_front(flat)
-    for row in front[:verify]:
-        row.update(_measure(row, space, packages))
-        say(f"checked on the SoC model: {_describe(row)}: measured "
-            f"{row['measured_cycles']:,} cycles a run ({row['estimate_error']:+.2%})")
+    score = dict(resources=resources, workdir=str(out / "yosys"), yosys=yosys)
+    with _Runner(serial=serial, address=address, num_cpus=num_cpus) as runner:
+        shared = runner.put(packages)
+        if len(points) > trials:
+            rows_new = _optuna(space, trials, shared, score, done, store, say, runner)
+        else:
+            todo = [p for p in points if point_key(p) not in done]
+            say(f"{len(points)} points, {len(points) - len(todo)} already scored")
+            rows_new = []
+            for point, row in runner.map(_score_task, todo, space, shared, score):
+                _record(store, point, row)
+                rows_new.append(row)
+                say(f"[{len(rows_new)}/{len(todo)}] {_describe(row)}")
+        rows = list(_read_results(store).values())
+        flat = [dict(r["row"]) for r in rows]
+        feasible = [r for r in flat if r.get("feasible")]
+        if not feasible:
+            whys = sorted({r.get("why", "") for r in flat})[:3]
+            raise M3VitError("no point of the space is feasible: " + "; ".join(whys))
+        front = pareto_front(flat)
+        # The SoC checks are Ray tasks too: each builds (or reuses) its configuration's
+        # Verilated model and runs the point's batch on it.
+        for row, measured in runner.map(_measure, front[:verify], space, shared):
+            row.update(measured)
+            say(f"checked on the SoC model: {_describe(row)}: measured "
+                f"{row['measured_cycles']:,} cycles a run ({row['estimate_error']:+.2%})")
     paths = _write_outputs(out, flat, front, space)
     return {"rows": flat, "front": front, "new": len(rows_new), "paths": paths}
+
+
+class _Runner:
+    """Runs a function over items here, one after the other (``serial``), or as Ray tasks
+    on a local Ray (started here, stopped on exit) or a cluster (``address``).
+
+    Results come back in the order they finish, each with its item, so a caller records
+    a point as soon as it is scored (an interrupted sweep keeps what finished).
+    """
+
+    def __init__(self, *, serial: bool, address: str | None, num_cpus: int | None):
+        self.serial, self.address, self.num_cpus = serial, address, num_cpus
+        self._started = False
+
+    def __enter__(self) -> _Runner:
+        if self.serial:
+            return self
+        import ray
+
+        if not ray.is_initialized():
+            options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR",
+                                           log_to_driver=False)
+            if self.address:
+                options["address"] = self.address
+            elif self.num_cpus:
+                options["num_cpus"] = self.num_cpus
+            try:
+                ray.init(**options)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise M3VitError(f"cannot start or reach Ray ({self.address or 'local'}): "
+                                 f"{str(e).splitlines()[0]}") from None
+            self._started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+    @property
+    def width(self) -> int:
+        """How many tasks run at once: 1 here, the cluster's CPUs on Ray."""
+        if self.serial:
+            return 1
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def put(self, obj: Any) -> Any:
+        """``obj`` shared once with every task (Ray's object store), or itself here."""
+        if self.serial:
+            return obj
+        import ray
+
+        return ray.put(obj)
+
+    def map(self, fn: Callable[..., Any], items, *args):
+        """``(item, fn(item, *args))`` for every item, as each finishes."""
+        items = list(items)
+        if self.serial:
+            for item in items:
+                yield item, fn(item, *args)
+            return
+        import ray
+
+        remote = ray.remote(fn)
+        pending = {remote.remote(item, *args): item for item in items}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(ready[0])
+            yield item, ray.get(ready[0])
 
 
 def _measure(row: dict[str, Any], space: dict[str, Any], packages: dict[str, Any]
@@ -356,86 +433,47 @@ def _record(store: Path, point: dict[str, Any], row: dict[str, Any]) -> None:
         f.write(json.dumps({"point": point, "row": row}, sort_keys=True) + "\n")
 
 
-def _score_all(todo, space, packages, resources, workdir, store, say, *, serial, address,
-               num_cpus, yosys) -> list[dict[str, Any]]:
-    rows = []
-    if serial:
-        for i, point in enumerate(todo):
-            row = score_point(point, space, packages, resources=resources, workdir=workdir,
-                              yosys=yosys)
-            _record(store, point, row)
-            rows.append(row)
-            say(f"[{i + 1}/{len(todo)}] {_describe(row)}")
-        return rows
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        options: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR",
-                                       log_to_driver=False)
-        if address:
-            options["address"] = address
-        elif num_cpus:
-            options["num_cpus"] = num_cpus
-        try:
-            ray.init(**options)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise M3VitError(f"cannot start or reach Ray ({address or 'local'}): "
-                             f"{str(e).splitlines()[0]}") from None
-    try:
-        remote = ray.remote(_score_remote)
-        shared = ray.put(packages)
-        pending = {remote.remote(p, space, shared, resources, str(workdir), yosys): p
-                   for p in todo}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            point = pending.pop(ready[0])
-            row = ray.get(ready[0])
-            _record(store, point, row)
-            rows.append(row)
-            say(f"[{len(rows)}/{len(todo)}] {_describe(row)}")
-    finally:
-        if started:
-            ray.shutdown()
-    return rows
+def _score_task(point, space, packages, score):
+    """One point's task: :func:`score_point` (on Ray the packages come from the object
+    store)."""
+    return score_point(point, space, packages, **score)
 
 
-def _score_remote(point, space, packages, resources, workdir, yosys):
-    """A Ray task: :func:`score_point` (the packages come from the object store)."""
-    return score_point(point, space, packages, resources=resources, workdir=workdir,
-                       yosys=yosys)
-
-
-def _optuna(space, points, packages, trials, resources, workdir, done, store, say, yosys):
+def _optuna(space, trials, packages, score, done, store, say, runner):
     """Sample ``trials`` points of a large space with Optuna (NSGA-II over cycles an image
-    and cost), scoring each here; earlier results are told to the study first."""
+    and cost), asked in waves as wide as the runner, each wave's new points scored as
+    parallel tasks; earlier results (the store) are told without scoring again."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     knobs = sorted(space["knobs"])
     sampler = optuna.samplers.NSGAIISampler(seed=0)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    cost = "max_share" if resources == "yosys" else "macs_per_cycle"
-    rows = []
-    for _ in range(trials):
-        trial = study.ask()
-        point = {"preset": trial.suggest_categorical("preset", space["presets"])}
-        for k in knobs:
-            point[k] = trial.suggest_categorical(k, space["knobs"][k])
-        key = point_key(point)
-        if key in done:
-            row = done[key]["row"]
-        else:
-            row = score_point(point, space, packages, resources=resources, workdir=workdir,
-                              yosys=yosys)
+    cost = "max_share" if score["resources"] == "yosys" else "macs_per_cycle"
+    rows: list[dict[str, Any]] = []
+    asked = 0
+    while asked < trials:
+        wave = []
+        for _ in range(min(runner.width, trials - asked)):
+            trial = study.ask()
+            point = {"preset": trial.suggest_categorical("preset", space["presets"])}
+            for k in knobs:
+                point[k] = trial.suggest_categorical(k, space["knobs"][k])
+            wave.append((trial, point))
+        asked += len(wave)
+        # A point asked twice (in this wave or before) is scored once.
+        todo = list({point_key(p): p for _, p in wave if point_key(p) not in done}.values())
+        for point, row in runner.map(_score_task, todo, space, packages, score):
             _record(store, point, row)
-            done[key] = {"point": point, "row": row}
+            done[point_key(point)] = {"point": point, "row": row}
             rows.append(row)
-            say(f"[{len(rows)}/{trials}] {_describe(row)}")
-        if row.get("feasible") and row.get("fits", True):
-            study.tell(trial, [row["cycles_per_image"], row[cost]])
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            say(f"[{asked}/{trials} asked, {len(rows)} scored] {_describe(row)}")
+        for trial, point in wave:
+            row = done[point_key(point)]["row"]
+            if row.get("feasible") and row.get("fits", True):
+                study.tell(trial, [row["cycles_per_image"], row[cost]])
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     return rows
 
 
