@@ -959,7 +959,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                        description="Score every point of a space (a JSON file: base config, "
                        "presets, and per knob the values to try; m3vit.sw.sweep) with the "
                        "cycle estimate and, with --resources yosys, a cached Yosys estimate "
-                       "of the top against the 80 %% budget. Each point is a Ray task on a "
+                       "of the top against the 80 % budget. Each point is a Ray task on a "
                        "local Ray (or a cluster: --address); results are kept in "
                        "OUT/results.jsonl as they finish, so a sweep run again resumes. A "
                        "space larger than --trials points is searched by Optuna, a wave of "
