@@ -585,8 +585,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from .runtime.profile import format_profile, save_profile_figure
-    from .runtime.session import load_report
+    from .runtime.profile import save_profile_figure
+    from .runtime.session import load_report, profile_text
 
     report = load_report(args.report)
     profiles = report.get("profiles")
@@ -609,7 +609,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
                 raise M3VitError(f"{path} exists: pass --force to overwrite it")
     for task, prof in profiles.items():
         title = f"{report['model']} {task} on the {report['board']} board"
-        print(format_profile(prof, f"{title}:"))
+        print(profile_text(prof, f"{title}:", task))
         if task in figures:
             save_profile_figure(prof, figures[task], title=title, overwrite=True)
             print(f"figure written to {figures[task]}")
@@ -621,6 +621,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     report = load_report(args.report)
     print(format_report(report))
     if args.sequence:
+        if "sequence" not in report:
+            raise M3VitError(f"{args.report} records no run sequence: write it again with "
+                             "`m3vit run --json`")
         for run in report["sequence"]:
             mark = "after a switch" if run["after_switch"] else ""
             count = run.get("images", 1)   # a batch's run (reports before batches: 1)

@@ -514,6 +514,60 @@ def bench_sweep() -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_fuzz(examples: int = 2000) -> str:
+    """Damaged files through the CLI: Hypothesis cases a format, all refused in one line or
+    accepted unchanged (issue #18)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = Path(tmp) / "fuzz.json"
+        # A process of its own: the fuzz run limits its address space (8 GiB).
+        run = subprocess.run([sys.executable, "-m", "m3vit.sw.bench.fuzz_files", "--examples",
+                              str(examples), "--work", str(Path(tmp) / "fuzz"), "--json",
+                              str(figures)], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise M3VitError("the fuzz run found a failing case:\n" + run.stdout[-4000:]
+                             + run.stderr[-4000:])
+        r = json.loads(figures.read_text())
+    lines = [
+        "## Fuzzing the file formats through the CLI",
+        "",
+        f"Command: `make bench` (`python -m m3vit.sw.bench fuzz`), which runs `python -m "
+        f"m3vit.sw.bench.fuzz_files --examples {examples}`: Hypothesis (seed {r['seed']}) "
+        "draws mutations of a valid file of each format — a truncation, up to eight bit "
+        "flips (anywhere or in the header), up to 64 spliced bytes, or one header field set "
+        "to a huge, negative, wrong-type or empty value or deleted (and re-signed where the "
+        "format has a checksum, so the change reaches the checks behind it) — and runs the "
+        "command that reads it in-process (`m3vit inspect` for `.m3q`, `estimate` for "
+        "`.m3x`, `evaluate` for a checkpoint, `bitstream --collect` over a damaged "
+        "`manifest.json`, `report --sequence` for a run report). A case passes when it is "
+        "refused with exit status 2 and one `m3vit: error:` line, or accepted — then, for "
+        "damaged bytes of a format with a checksum, holding the original content; a "
+        "traceback, a hang (60 s), a second stderr line, a change to the corpus or an "
+        f"allocation past the {r['memory_limit_gib']} GiB address-space limit fails it. "
+        "`make test` runs 60 cases a format (`tests/sw/test_fuzz_files.py`).",
+        f"Machine: {machine()}.",
+        "",
+        f"**{r['cases']:,} cases, {r['failures']} failures** in {r['seconds']:.0f} s, "
+        f"peak RSS {r['peak_rss_mb']:,} MB.",
+        "",
+        "| format | mutation | cases | refused in one line | accepted |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        lines.append(f"| {row['format']} | {row['mutation']} | {row['cases']:,} | "
+                     f"{row['rejected']:,} | {row['accepted']:,} |")
+    lines += ["", "Accepted damaged bytes of a `.m3q`, `.m3x` or checkpoint held the original "
+              "content in every case (flips that cancel, or bytes no reader uses: zip "
+              "bookkeeping, header padding). Accepted reports and manifests are changes to "
+              "free text or to fields only displayed (a metric's digits, a timestamp, the "
+              "utilization table); `bitstream --collect` rewrites its own entry. Accepted "
+              "field changes of a checksummed format are re-signed values the reader finds "
+              "valid, as a writer could have written them."]
+    return "\n".join(lines) + "\n"
+
+
 BENCHMARKS: dict[str, Callable[[], str]] = {
     "golden": bench_golden,
     "gemm_utilization": bench_gemm_utilization,
@@ -524,6 +578,7 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "throughput": bench_throughput,
     "estimate": bench_estimate,
     "sweep": bench_sweep,
+    "fuzz": bench_fuzz,
 }
 
 

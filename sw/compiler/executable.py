@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -259,6 +260,52 @@ def _digest(head: dict[str, Any], program: bytes, image: bytes) -> str:
     return h.hexdigest()
 
 
+def _not_json(name: str) -> Any:
+    # json.loads takes NaN and Infinity, which the writer never emits (nor can hash).
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_head(head: dict[str, Any], image_size: int) -> None:
+    """Raise ValueError unless every header field has its type and lies in range: a header
+    that passes the checksum may still come from a damaged or hand-edited writer."""
+
+    def count(value: Any, what: str, low: int = 0) -> int:
+        if type(value) is not int or not low <= value < 1 << 40:
+            raise ValueError(f"{what} is {value!r}, not a count")
+        return value
+
+    def span(value: Any, what: str) -> None:
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError(f"{what} is not an (offset, size) pair")
+        offset, size = count(value[0], what), count(value[1], what)
+        if offset + size > image_size:
+            raise ValueError(f"{what} ends past the image ({offset} + {size} > {image_size})")
+
+    for key in ("model", "config", "regions", "out_scales"):
+        if not isinstance(head[key], dict):
+            raise ValueError(f"{key} is not an object")
+    for key in ("source_hash", "order"):
+        if not isinstance(head[key], str):
+            raise ValueError(f"{key} is not a string")
+    count(head["config_hash"], "config_hash")
+    count(head["head_tiles"], "head_tiles", 1)
+    count(head["act_buffer_peak"], "act_buffer_peak")
+    for name, value in head["regions"].items():
+        span(value, f"region {name}")
+    span(head["input"], "input")
+    span(head["output"], "output")
+    scale = head["input_scale"]
+    if type(scale) not in (int, float) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"input_scale is {scale!r}")
+    if not isinstance(head["tasks"], list) or not all(isinstance(t, str) for t in head["tasks"]):
+        raise ValueError("tasks is not a list of names")
+    for task, scales in head["out_scales"].items():
+        if (not isinstance(scales, list) or not scales
+                or not all(type(v) in (int, float) and math.isfinite(v) and v > 0
+                           for v in scales)):
+            raise ValueError(f"the output scales of {task} are not positive numbers")
+
+
 def load_executable(path: str | os.PathLike) -> Executable:
     """Read and check a ``.m3x`` file.
 
@@ -284,7 +331,7 @@ def load_executable(path: str | os.PathLike) -> Executable:
                          f"{MAGIC[6:8].hex()}; re-run `m3vit compile` with this toolkit")
     try:
         (n,) = struct.unpack_from("<I", raw, 8)
-        head = json.loads(raw[12:12 + n].decode("ascii"))
+        head = json.loads(raw[12:12 + n].decode("ascii"), parse_constant=_not_json)
         if not isinstance(head, dict) or set(head) != _HEADER_KEYS:
             raise ValueError("unexpected header keys")
         start = 12 + n
@@ -308,17 +355,23 @@ def load_executable(path: str | os.PathLike) -> Executable:
         image = raw[start:]
         if len(image) != head["image_size"]:
             raise ValueError("truncated")
-    except (struct.error, UnicodeDecodeError, ValueError, TypeError, KeyError):
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError, KeyError,
+            RecursionError):
         raise M3VitError(f"{path}: {_REDO}") from None
     if _digest(head, b"".join(b"".join(programs[p]) for p in ("full", "shared", "task")),
                image) != head["sha256"]:
         raise M3VitError(f"{path}: checksum mismatch: {_REDO}")
     try:
+        _check_head(head, len(image))
         model = ModelConfig.from_dict(head["model"])
         config = AccelConfig(**head["config"])
         order = ExpertOrder[head["order"]]
-    except (M3VitError, TypeError, KeyError, ValueError) as e:
-        raise M3VitError(f"{path}: unreadable configuration ({e}); re-run `m3vit compile`"
+        if tuple(head["tasks"]) != tuple(model.task_names) or set(head["out_scales"]) != set(
+                head["tasks"]):
+            raise ValueError("its tasks disagree with its model")
+    except (M3VitError, TypeError, KeyError, ValueError, AttributeError) as e:
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise M3VitError(f"{path}: unreadable configuration ({what}); re-run `m3vit compile`"
                          ) from None
     if config.config_hash() != head["config_hash"]:
         raise M3VitError(f"{path}: config hash {head['config_hash']:#010x} does not match its "

@@ -8,6 +8,8 @@ later stage (training, quantization, compilation) can trust it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,12 @@ from ..errors import M3VitError
 TASK_KINDS = ("semseg", "depth", "edge")
 GATE_KINDS = ("multi", "task_cond")
 HEAD_KINDS = ("linear", "setr_pup")
+
+#: The largest model the toolkit builds: parameters (an analytic count) and tokens an image.
+#: Far above every preset (``m3vit-s`` at 480 x 640: ~1.2 k tokens); a config beyond them
+#: is a damaged file, refused before anything is allocated.
+MAX_PARAMS = 2**31
+MAX_TOKENS = 2**16
 
 
 class ConfigError(M3VitError, ValueError):
@@ -42,6 +50,13 @@ class TaskSpec:
     n_out: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.kind, str):
+            raise ConfigError(f"task name and kind must be strings, got {self.name!r}, "
+                              f"{self.kind!r}")
+        if (not isinstance(self.n_out, numbers.Integral) or isinstance(self.n_out, bool)
+                or not 1 <= self.n_out <= 1 << 16):
+            raise ConfigError(f"task n_out must be an integer from 1 to 65536, got "
+                              f"{self.n_out!r}")
         if not self.name.isidentifier():
             raise ConfigError(f"task name must be an identifier, got {self.name!r}")
         if self.kind not in TASK_KINDS:
@@ -115,6 +130,7 @@ class ModelConfig:
     ln_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        self._check_types()
         h, w = self.img_size
         p = self.patch_size
         if p < 1:
@@ -153,6 +169,52 @@ class ModelConfig:
                 raise ConfigError(
                     f"{ratio_name} x embed_dim must be a positive integer, got {ratio!r}"
                 )
+
+        # A damaged or hand-edited file must not make the toolkit build a model that
+        # exhausts the memory (depth 10^9, a 10^6-pixel patch grid): bound what is built.
+        tokens = (h // p) * (w // p)
+        d = self.embed_dim
+        params = (self.depth * d * d * (4 + 2 * self.mlp_ratio
+                                        + 2 * self.moe_mlp_ratio * max(self.n_experts, 1))
+                  + self.in_chans * p * p * d + tokens * d
+                  + sum(t.n_out for t in self.tasks) * max(d, self.decoder_channels))
+        if params > MAX_PARAMS or tokens > MAX_TOKENS:
+            raise ConfigError(
+                f"the model would have ~{params:.3g} parameters and {tokens} tokens an image, "
+                f"over what this toolkit builds ({MAX_PARAMS:.3g}, {MAX_TOKENS}): a damaged "
+                "config?"
+            )
+
+    def _check_types(self) -> None:
+        """One ConfigError for a field of the wrong type (a config read from a file)."""
+        ints = ("patch_size", "embed_dim", "depth", "num_heads", "n_experts", "top_k",
+                "decoder_channels", "in_chans")
+        for name in ints:
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        for name in ("mlp_ratio", "moe_mlp_ratio", "balance_weight", "ln_eps"):
+            v = getattr(self, name)
+            if (not isinstance(v, numbers.Real) or isinstance(v, bool)
+                    or not math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        for name in ("in_chans", "decoder_channels", "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.ln_eps <= 0 or self.balance_weight < 0:
+            raise ConfigError(f"ln_eps must be > 0 and balance_weight >= 0, got "
+                              f"{self.ln_eps!r}, {self.balance_weight!r}")
+        size = self.img_size
+        if (not isinstance(size, tuple) or len(size) != 2
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                           and v >= 1 for v in size)):
+            raise ConfigError(f"img_size must be two positive integers, got {size!r}")
+        for name in ("name", "gate", "head"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.tasks, tuple) or not all(isinstance(t, TaskSpec)
+                                                        for t in self.tasks):
+            raise ConfigError("tasks must be task specs")
 
     # ---- derived shape -----------------------------------------------------------------
 

@@ -8,10 +8,12 @@ losses, and takes one AdamW step. Held-out data comes from another seed than tra
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,11 @@ from .m3vit import M3ViT
 from .metrics import baseline_metrics, evaluate_predictions
 
 CHECKPOINT_FORMAT = "m3vit-checkpoint"
-CHECKPOINT_VERSION = 1
+#: Version 2 adds ``hash`` (:func:`checkpoint_hash`): torch.load does not check its zip's
+#: CRCs, so a flipped bit in a weight would otherwise load as a silently different model.
+#: Version 1 files (no hash) are still read.
+CHECKPOINT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -198,12 +204,15 @@ def save_checkpoint(
     if path.exists() and not overwrite:
         raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    config = model.cfg.to_dict()
     blob = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "config": model.cfg.to_dict(),
-        "state_dict": model.state_dict(),
+        "config": config,
+        "state_dict": state,
         "report": json.loads(json.dumps(report)),
+        "hash": checkpoint_hash(config, state),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -238,18 +247,42 @@ def load_checkpoint(
     if not path.is_file():
         raise M3VitError(f"checkpoint {path} not found: train one with `m3vit train`")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+            # A damaged pickle makes torch warn about its protocol before failing: the one
+        # line below says all there is to say.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         kind = type(e).__name__
         raise M3VitError(f"{path} is not a readable m3vit checkpoint ({kind})") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise M3VitError(f"{path} is not an m3vit checkpoint")
-    if blob.get("version") != CHECKPOINT_VERSION:
+    version = blob.get("version")
+    if type(version) is not int or version not in _READABLE_VERSIONS:
         raise M3VitError(
-            f"{path} has checkpoint version {blob.get('version')!r}; this toolkit reads "
-            f"version {CHECKPOINT_VERSION}"
+            f"{path} has checkpoint version {_short(version)}; this toolkit reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}"
         )
-    cfg = ModelConfig.from_dict(blob["config"])
+    state, cfg_dict = blob.get("state_dict"), blob.get("config")
+    if (not isinstance(cfg_dict, dict) or not isinstance(state, dict)
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                       for k, v in state.items())):
+        raise M3VitError(f"{path}: damaged checkpoint (no config or weights): train again")
+    if version >= 2:
+        try:
+            expected = checkpoint_hash(cfg_dict, state)
+        except (TypeError, ValueError) as e:
+            raise M3VitError(f"{path}: damaged checkpoint ({e}): train again") from None
+        if blob.get("hash") != expected:
+            raise M3VitError(f"{path}: checksum mismatch (a damaged or edited checkpoint): "
+                             "train again or restore it")
+    try:
+        cfg = ModelConfig.from_dict(cfg_dict)
+    except M3VitError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise M3VitError(f"{path}: invalid model config ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if preset is not None and cfg.name != preset:
         raise M3VitError(
             f"{path} was trained for preset {cfg.name!r}, not {preset!r}: "
@@ -257,8 +290,32 @@ def load_checkpoint(
         )
     model = M3ViT(cfg)
     try:
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(state)
     except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise M3VitError(f"{path}: weights do not match its configuration ({first})") from None
-    return model.eval(), blob.get("report", {})
+    report = blob.get("report", {})
+    return model.eval(), report if isinstance(report, dict) else {}
+
+
+def checkpoint_hash(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a checkpoint's config (canonical JSON) and weights (each name, dtype,
+    shape and bytes, in name order), as lowercase hex.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A config that is not JSON or a state entry that is not a tensor.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, allow_nan=False).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -10,6 +10,7 @@ plain-JSON report that :func:`format_report` prints and ``m3vit report`` reads b
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -219,11 +220,94 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
         report = json.loads(path.read_text())
     except FileNotFoundError:
         raise M3VitError(f"{path}: no such file (write one with `m3vit run --json`)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise M3VitError(f"{path}: not a readable run report ({e})") from None
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise M3VitError(f"{path}: not an m3vit run report")
+    problem = _report_problem(report)
+    if problem:
+        raise M3VitError(f"{path}: a damaged run report ({problem}): write it again with "
+                         "`m3vit run --json`")
     return report
+
+
+# What `m3vit report` reads of a run report, field by field: a type (or a tuple of them),
+# "count" (an int >= 0), "number" (a finite int or float), a dict (an object with those
+# fields; a key ending in "?" may be absent) or a one-element list (a list of those).
+_COUNT, _NUMBER = "count", "number"
+_RUN = {"cycles": _COUNT, "images?": _COUNT}
+_TASK = {"kind": str, "metrics": "metrics", "bit_exact": (bool, type(None)),
+         "bit_exact_images": _COUNT, "runs": [_RUN],
+         "mean": {"cycles": _NUMBER, "ddr_read_bytes": _NUMBER, "ddr_write_bytes": _NUMBER}}
+_REPORT_SCHEMA = {
+    "clock_mhz": _NUMBER, "model": str, "board": str, "array": str, "config_hash": str,
+    "images": _COUNT, "batch?": _COUNT, "schedule": str, "tasks": "tasks",
+    "task_switch": {"register_writes": _COUNT, "bytes_reloaded": _COUNT, "task": str,
+                    "cycles_after_switch": _COUNT, "cycles_without_switch": _COUNT,
+                    "extra_cycles": int, "same_output": bool},
+    "sequence?": [{"image": _COUNT, "images?": _COUNT, "task": str, "after_switch": bool,
+                   "cycles": _COUNT}],
+    "shared?": {"all_tasks_cycles_per_image": _NUMBER, "cycles_per_image": _NUMBER,
+                "blocks": _COUNT},
+    "profiles?": dict,
+}
+
+
+def _report_problem(report: dict[str, Any]) -> str | None:
+    """The first field of ``report`` that `m3vit report` could not read, or None."""
+
+    def check(value: Any, schema: Any, where: str) -> str | None:
+        if schema == _COUNT:
+            ok = type(value) is int and value >= 0
+        elif schema == _NUMBER:
+            ok = type(value) in (int, float) and math.isfinite(value)
+        elif schema == "metrics":
+            ok = isinstance(value, dict) and all(
+                type(v) in (int, float) and math.isfinite(v) for v in value.values())
+        elif schema == "tasks":
+            if not isinstance(value, dict) or not value:
+                return f"{where} is not an object of tasks"
+            for name, task in value.items():
+                bad = check(task, _TASK, f"{where}.{name}")
+                if bad:
+                    return bad
+                if not task["runs"] or any(r["cycles"] == 0 for r in task["runs"]):
+                    return f"{where}.{name}.runs is empty or has a run of 0 cycles"
+            return None
+        elif isinstance(schema, dict):
+            if not isinstance(value, dict):
+                return f"{where} is not an object"
+            for key, sub in schema.items():
+                name = key.rstrip("?")
+                if name not in value:
+                    if key.endswith("?"):
+                        continue
+                    return f"{where}.{name} is missing"
+                bad = check(value[name], sub, f"{where}.{name}")
+                if bad:
+                    return bad
+            return None
+        elif isinstance(schema, list):
+            if not isinstance(value, list):
+                return f"{where} is not a list"
+            for i, item in enumerate(value):
+                bad = check(item, schema[0], f"{where}[{i}]")
+                if bad:
+                    return bad
+            return None
+        else:
+            ok = isinstance(value, schema) and not (schema is int and isinstance(value, bool))
+        return None if ok else f"{where} is {_short(value)}"
+
+    bad = check(report, _REPORT_SCHEMA, "report")
+    if bad is None and not report["clock_mhz"] > 0:
+        bad = f"report.clock_mhz is {report['clock_mhz']!r}"
+    return bad
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -260,9 +344,20 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{s['cycles_without_switch']:,} ({s['extra_cycles']:+,}), same output: "
                  f"{'yes' if s['same_output'] else 'NO'}")
     for task, prof in report.get("profiles", {}).items():
-        lines += ["", format_profile(prof, f"profile of {task}, image 0 "
-                                           "(the hardware instruction trace):")]
+        lines += ["", profile_text(prof, f"profile of {task}, image 0 "
+                                         "(the hardware instruction trace):", task)]
     return "\n".join(lines)
+
+
+def profile_text(prof: Any, title: str, task: str) -> str:
+    """:func:`format_profile` of a report's profile; one line if the profile is damaged
+    (a profile is the trace's summary, kept as written rather than checked field by
+    field)."""
+    try:
+        return format_profile(prof, title)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
+        raise M3VitError(f"the run report's profile of {task} is damaged: write it again "
+                         "with `m3vit run --profile --json`") from None
 
 
 def save_figure(report: dict[str, Any], path: str | os.PathLike, n: int = 4) -> Path:

@@ -31,10 +31,19 @@ def _load_manifest(out_dir: Path) -> dict:
         return {"bitstreams": {}}
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise M3VitError(f"{path} is not valid JSON ({e}); move it away or pass --force") \
             from None
+    except OSError as e:
+        raise M3VitError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(manifest, dict):
+        raise M3VitError(f"{path} is not a bitstream manifest (not a JSON object); move it "
+                         "away or pass --force")
     manifest.setdefault("bitstreams", {})
+    entries = manifest["bitstreams"]
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise M3VitError(f"{path}: its \"bitstreams\" are not objects by name; move it away "
+                         "or pass --force")
     return manifest
 
 
