@@ -499,7 +499,9 @@ time into a small cache that every `START` empties: a program must not change it
 while it runs (no `STORE` into the program), and a line may read up to 224 bytes past the
 program's end (the runtime puts the data image there). DDR streams may start at any
 16-byte boundary; the compiler aligns them to 64 bytes, where the three-port ZCU104 reads
-them without realigning.
+them without realigning. The DMA moves whole AXI beats: the bits of `DATA_BASE + offset`
+below a beat are dropped (a transfer at offset 753 starts at 752), while the checks use the
+offset as written.
 Before an instruction starts, the controller checks it; a failing check stops the run
 cleanly (nothing of that instruction has started) with STATUS.ERROR, `ERROR_CODE` and
 `ERROR_PC` = the instruction's index:
@@ -546,6 +548,26 @@ beats):
 - `EXPERTS`: expert e's DDR block is at `e · stride` from expert 0's; a body `GEMM` with
   `expert` set reads its stream at `ddr + e · stride` (FC1 and FC2 of one expert are
   usually one block, FC2's stream right after FC1's).
+
+A `GEMM`'s `acc + bias` is an INT32 register (it wraps) and only the low six bits of a
+record's shift byte are used (0 … 63; the compiler writes 0 … 62). Results the ISA leaves
+**unspecified** — they depend on the order of work inside a unit, or on memory no
+instruction defines; the ISA model (`m3vit.sw.compiler.isa_model`) lists such instructions
+in `IsaMachine.unspecified`, and the differential fuzzer
+(`m3vit.sw.bench.program_fuzz`) compares only where such a run stops:
+
+- an instruction that writes a buffer word twice, or writes a word one of its own reads
+  also reads other than in place (in place: the read is the written words, element by
+  element, as `RESIDUAL` with `dst = src_a`, a row-wise op with `dst = src`, or a residual
+  add with `wbuf = dst`);
+- a body `GEMM` with `src_rows = GATHER` over more rows than the routed entries left from
+  its iteration's offset (the rows past them read whatever the queue memory holds);
+- a `SOFTMAX` or `ROUTE` with an exp table whose row sums fall below 2^15 (every
+  `numerics.exp_table` has E[0] = 2^15; the unit's reciprocal has 17 bits).
+
+(The model runs a `SOFTMAX` whose output overlaps its input other than in place row by
+row, each row read whole before it is written, as the unit does; the result stays
+unspecified.)
 
 ## The MoE layer: `ROUTE`, `EXPERTS`, `COMBINE`
 

@@ -193,6 +193,9 @@ class IsaMachine:
     accesses: list[DdrAccess] = field(default_factory=list)
     loops: list[ExpertLoop] = field(default_factory=list)
     executed: int = 0
+    unspecified: list[tuple[int, str]] = field(default_factory=list)
+    pc: int = 0
+    _footprint: tuple[list, list] | None = None
 
     def __post_init__(self):
         if self.buffer is None:
@@ -205,7 +208,35 @@ class IsaMachine:
 
     def words(self, addrs) -> torch.Tensor:
         """Buffer words at ``addrs`` (any shape) → (..., C) INT8 as int64."""
-        return torch.from_numpy(self.buffer[np.asarray(addrs)].astype(np.int64))
+        addrs = np.asarray(addrs)
+        if self._footprint is not None:
+            self._footprint[0].append(addrs.reshape(-1))
+        return torch.from_numpy(self.buffer[addrs].astype(np.int64))
+
+    def put(self, addrs, values) -> None:
+        """Write ``values`` ((..., C) INT8) to the buffer words at ``addrs``."""
+        addrs = np.asarray(addrs)
+        if self._footprint is not None:
+            self._footprint[1].append(addrs.reshape(-1))
+        self.buffer[addrs] = values
+
+    def _watch(self) -> None:
+        self._footprint = ([], [])
+
+    def _overlapped(self) -> bool:
+        """Whether the instruction just run wrote a buffer word twice, or a word one of its
+        reads also read other than in place (a read that is the written words, element by
+        element: each word is read before its result replaces it). Its result then depends
+        on the order inside the unit, which the ISA leaves unspecified (``docs/isa.md``)."""
+        reads, writes = self._footprint
+        self._footprint = None
+        if not writes:
+            return False
+        written = np.concatenate(writes)
+        if np.unique(written).size != written.size:
+            return True     # a word written twice: which result stays is the unit's order
+        return any(not np.array_equal(r, written) and np.intersect1d(r, written).size
+                   for r in reads)
 
     # ---- run statistics ------------------------------------------------------------------
 
@@ -264,6 +295,13 @@ def _gemm_ddr_offset(mc: IsaMachine, a: dict, it: Iteration | None, stride: int)
     if a["expert"] and it is not None:
         offset += it.expert * stride
     return offset
+
+
+def _beat_start(mc: IsaMachine, offset: int) -> int:
+    """Where a DDR transfer at ``offset`` starts: the DMA addresses whole AXI beats, so the
+    low log2(``axi_bytes``) bits of an address are dropped (``DATA_BASE`` is beat-aligned);
+    the checks still use ``offset`` itself (``docs/isa.md``)."""
+    return offset & ~(mc.config.axi_bytes - 1)
 
 
 def _beats(nbytes: int, cfg: AccelConfig) -> int:
@@ -376,8 +414,21 @@ def _gemm_params(raw: bytes, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     rec = np.frombuffer(raw, np.uint8).reshape(n, GEMM_RECORD_BYTES)
     bias = rec[:, 0:4].copy().view("<i4").reshape(n).astype(np.int64)
     mult = rec[:, 4:6].copy().view("<u2").reshape(n).astype(np.int64)
-    shift = rec[:, 6].astype(np.int64)
+    # The requantizer's shift is 6 bits wide: the record byte's upper two bits are unused
+    # (the compiler writes 0 … 62 there).
+    shift = (rec[:, 6] & 63).astype(np.int64)
     return tuple(torch.from_numpy(v) for v in (bias, mult, shift))
+
+
+def _in_place_or_apart(src: np.ndarray, dst: np.ndarray) -> bool:
+    """Whether a row-wise op's output words are its input words row for row, or share
+    none with them (then every row order gives the same result)."""
+    return bool(np.array_equal(src, dst) or not np.intersect1d(src, dst).size)
+
+
+def _wrap32(v: torch.Tensor) -> torch.Tensor:
+    """``v`` modulo 2^32 as a signed INT32 (the hardware's 32-bit registers)."""
+    return ((v + (1 << 31)) & 0xFFFF_FFFF) - (1 << 31)
 
 
 def _row_map(mc: IsaMachine, mode: RowMode, m: int, it: Iteration | None) -> np.ndarray:
@@ -386,7 +437,15 @@ def _row_map(mc: IsaMachine, mode: RowMode, m: int, it: Iteration | None) -> np.
     if mode == RowMode.QUEUE:
         return it.offset + rows
     if mode == RowMode.GATHER:
-        return mc.dispatch.queue[it.offset + rows].numpy()
+        queue = mc.dispatch.queue.numpy()
+        at = it.offset + rows
+        if at.size and at[-1] >= len(queue):
+            # A body GEMM of more rows than the routed entries left from its iteration's
+            # offset: the controller does not refuse it and the rows past them read
+            # whatever the queue memory holds, which the ISA leaves unspecified.
+            mc.unspecified.append((mc.pc, "a gather past the routed entries"))
+            return np.where(at < len(queue), queue[np.minimum(at, len(queue) - 1)], 0)
+        return queue[at]
     return rows
 
 
@@ -404,7 +463,7 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     x = mc.words(a["src"] + np.arange(ks)[:, None] * a["src_stride"] + src_rows[None, :])
     x = x.permute(1, 0, 2).reshape(m, k)
     wsrc = WeightSource(a["wsrc"])
-    offset = _gemm_ddr_offset(mc, a, it, stride)
+    offset = _beat_start(mc, _gemm_ddr_offset(mc, a, it, stride))
     tile = R * G
     per_tile = GEMM_RECORD_BYTES * G + (ks * tile if wsrc == WeightSource.DDR else 0)
     stream = mc._bytes(offset, nt * per_tile)
@@ -431,19 +490,21 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     if mode == GemmOp.INT32:
         acc = nx.gemm(x, w, bias)
         raw = acc.reshape(m, nt, G).permute(1, 0, 2).numpy().astype("<i4").tobytes()
-        out = a["out_ddr"]
+        out = _beat_start(mc, a["out_ddr"])
         mc.ddr[out:out + len(raw)] = raw
         mc.accesses.append(DdrAccess(pc, Opcode.GEMM, out, len(raw), True,
                                      it.expert if it is not None else None))
         return
-    y = nx.linear(x, w, bias, mult, shift)
+    # acc + bias is an INT32 register in the requantizer: it wraps, as the accumulators
+    # do (the quantizer keeps real models far from the edge; a stray stream need not).
+    y = nx.requantize(_wrap32(nx.gemm(x, w, bias)), mult, shift)
     if mode == GemmOp.INT8_TABLE:
         y = nx.table_lookup(y, mc.gemm_table)
     y = y.reshape(m, nq, C).permute(1, 0, 2)
     words = np.arange(nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
     if a["residual"]:
         y = _fused_residual(mc, a, a["wbuf"] + words, y)
-    mc.buffer[a["dst"] + words] = y.numpy().astype(np.int8)
+    mc.put(a["dst"] + words, y.numpy().astype(np.int8))
 
 
 def _fused_residual(mc: IsaMachine, a: dict, x_words: np.ndarray,
@@ -459,11 +520,16 @@ def _row_addrs(a: dict, beats: int, src: str) -> np.ndarray:
     return a[src] + np.arange(beats)[None, :] * a["stride"] + np.arange(a["rows"])[:, None]
 
 
-def _zero_safe(fn, logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor
+               ) -> torch.Tensor:
     """``fn(logits, table)`` (softmax or router scores) with rows whose exponentials are all
     zero (no exp table loaded) giving 0, as the hardware does (its reciprocal of 0 is all
     ones, multiplied by zero numerators)."""
     _, total = nx.softmax_exp(logits, table)
+    if bool(((total > 0) & (total < 1 << 15)).any()):
+        # The unit's reciprocal has 17 bits, enough for a row sum ≥ 2^15 (E[0] = 2^15, as
+        # every numerics.exp_table has): a table that lets a sum fall below is unspecified.
+        mc.unspecified.append((mc.pc, "an exp table whose row sums fall below 2^15"))
     live = total.reshape(-1) > 0
     out = torch.zeros_like(logits)
     out[live] = fn(logits[live], table)
@@ -476,7 +542,7 @@ def _route(mc: IsaMachine, a: dict) -> None:
     beats = -(-n_experts // C)
     # Logit of token m, expert e at word src + (e ÷ C)·stride + m, lane e mod C.
     logits = mc.words(_row_addrs(a, beats, "src")).reshape(rows, beats * C)[:, :n_experts]
-    scores = _zero_safe(nx.router_scores, logits, mc.exp_table)
+    scores = _zero_safe(mc, nx.router_scores, logits, mc.exp_table)
     mc.dispatch = dispatch_tables(scores, a["top_k"])
 
 
@@ -492,7 +558,7 @@ def _combine(mc: IsaMachine, a: dict) -> None:
     words = s[None, :] * a["dst_stride"] + np.arange(rows)[:, None]
     if a["residual"]:
         out = _fused_residual(mc, a, a["res_src"] + words, out)
-    mc.buffer[a["dst"] + words] = out.numpy().astype(np.int8)
+    mc.put(a["dst"] + words, out.numpy().astype(np.int8))
 
 
 def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
@@ -506,19 +572,21 @@ def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
                               f"task {mc.task_select} ≥ {a['count']} tasks")
         mc.task_offset = mc.task_select * a["stride"]
     elif op == Opcode.LOAD:
-        raw = mc._bytes(a["ddr"], a["words"] * C)
+        start = _beat_start(mc, a["ddr"])
+        raw = mc._bytes(start, a["words"] * C)
         idx = a["dst"] + np.arange(a["words"]) * a["dst_stride"]
-        mc.buffer[idx] = np.frombuffer(raw, np.int8).reshape(-1, C)
-        mc.accesses.append(DdrAccess(pc, op, a["ddr"], _beats(len(raw), mc.config), False,
+        mc.put(idx, np.frombuffer(raw, np.int8).reshape(-1, C))
+        mc.accesses.append(DdrAccess(pc, op, start, _beats(len(raw), mc.config), False,
                                      expert))
     elif op == Opcode.STORE:
         idx = a["src"] + np.arange(a["words"]) * a["src_stride"]
-        raw = mc.buffer[idx].tobytes()
+        raw = mc.words(idx).numpy().astype(np.int8).tobytes()
         size = _beats(len(raw), mc.config)     # the last AXI beat is zero-padded
-        mc.ddr[a["ddr"]:a["ddr"] + size] = raw + bytes(size - len(raw))
-        mc.accesses.append(DdrAccess(pc, op, a["ddr"], size, True, expert))
+        start = _beat_start(mc, a["ddr"])
+        mc.ddr[start:start + size] = raw + bytes(size - len(raw))
+        mc.accesses.append(DdrAccess(pc, op, start, size, True, expert))
     elif op == Opcode.LOAD_TABLE:
-        offset = a["ddr"] + (mc.task_offset if a["per_task"] else 0)
+        offset = _beat_start(mc, a["ddr"] + (mc.task_offset if a["per_task"] else 0))
         unit = TableUnit(a["unit"])
         raw = mc._bytes(offset, _TABLE_BYTES[unit])
         mc.accesses.append(DdrAccess(pc, op, offset, len(raw), False, expert))
@@ -530,26 +598,35 @@ def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         _gemm(mc, pc, a, it, stride)
     elif op == Opcode.LAYERNORM:
         beats = a["beats"]
-        raw = mc._bytes(a["ddr"], beats * C * LN_RECORD_BYTES)
-        mc.accesses.append(DdrAccess(pc, op, a["ddr"], len(raw), False, expert))
+        start = _beat_start(mc, a["ddr"])
+        raw = mc._bytes(start, beats * C * LN_RECORD_BYTES)
+        mc.accesses.append(DdrAccess(pc, op, start, len(raw), False, expert))
         rec = np.frombuffer(raw, np.uint8).reshape(-1, LN_RECORD_BYTES)
         bias = torch.from_numpy(rec[:, 0:8].copy().view("<i8").reshape(-1))
         gain = torch.from_numpy(rec[:, 8:10].copy().view("<i2").reshape(-1).astype(np.int64))
         x = mc.words(_row_addrs(a, beats, "src")).reshape(a["rows"], beats * C)
         y = nx.layernorm(x, gain, bias, a["shift"], a["eps_term"])
-        mc.buffer[_row_addrs(a, beats, "dst")] = y.reshape(a["rows"], beats, C).numpy()
+        mc.put(_row_addrs(a, beats, "dst"), y.reshape(a["rows"], beats, C).numpy())
     elif op == Opcode.SOFTMAX:
         beats = -(-a["length"] // C)
-        x = mc.words(_row_addrs(a, beats, "src")).reshape(a["rows"], beats * C)
-        p = torch.zeros_like(x)
-        p[:, :a["length"]] = _zero_safe(nx.softmax, x[:, :a["length"]], mc.exp_table)
-        mc.buffer[_row_addrs(a, beats, "dst")] = p.reshape(a["rows"], beats, C).numpy()
+        src, dst = _row_addrs(a, beats, "src"), _row_addrs(a, beats, "dst")
+        # The unit takes a row at a time, reading all of it before writing it: when the
+        # output overlaps the input other than in place, a row reads what earlier rows
+        # wrote, so the model goes row by row too (else all rows at once).
+        groups = ([np.arange(a["rows"])] if _in_place_or_apart(src, dst)
+                  else [np.array([r]) for r in range(a["rows"])])
+        for rows in groups:
+            x = mc.words(src[rows]).reshape(len(rows), beats * C)
+            p = torch.zeros_like(x)
+            p[:, :a["length"]] = _zero_safe(mc, nx.softmax, x[:, :a["length"]],
+                                            mc.exp_table)
+            mc.put(dst[rows], p.reshape(len(rows), beats, C).numpy())
     elif op == Opcode.RESIDUAL:
         n = a["words"]
         x = mc.words(a["src_a"] + np.arange(n))
         y = mc.words(a["src_b"] + np.arange(n))
         out = nx.residual_add(x, y, a["mult_a"], a["mult_b"], a["shift"])
-        mc.buffer[a["dst"] + np.arange(n)] = out.numpy().astype(np.int8)
+        mc.put(a["dst"] + np.arange(n), out.numpy().astype(np.int8))
     elif op == Opcode.ROUTE:
         _route(mc, a)
     elif op == Opcode.COMBINE:
@@ -558,7 +635,8 @@ def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
 
 def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: int = 0,
             max_instructions: int = 100_000,
-            schedule: Schedule = Schedule.EXPERT_BY_EXPERT) -> IsaMachine:
+            schedule: Schedule = Schedule.EXPERT_BY_EXPERT,
+            watch_overlaps: bool = False) -> IsaMachine:
     """Run ``program`` on the DDR data window ``ddr`` (modified in place) until ``END``.
 
     Parameters
@@ -575,6 +653,10 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
         Executed instructions (loop bodies counted per iteration) before giving up.
     schedule : Schedule
         ``SCHEDULE.ORDER``: the order of ``EXPERTS`` loops with ``order = REGISTER``.
+    watch_overlaps : bool
+        Also record in ``unspecified`` every instruction whose buffer writes meet its own
+        reads other than in place (slower). ``unspecified`` always lists the instructions
+        whose result the ISA leaves unspecified, with why.
 
     Returns
     -------
@@ -610,6 +692,15 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
         mc.executed += 1
         _check(mc, pc, op, a, it, it is not None, stride)
 
+    def step(pc: int, op: Opcode, a: dict, it: Iteration | None, stride: int) -> None:
+        mc.pc = pc
+        if watch_overlaps:
+            mc._watch()
+        _step(mc, pc, op, a, it, stride)
+        if watch_overlaps and mc._overlapped():
+            mc.unspecified.append((pc, "buffer writes meet each other or the instruction's "
+                                       "own reads"))
+
     pc = 0
     while True:
         op, a = fetch(pc)
@@ -617,7 +708,7 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
         if op == Opcode.END:
             return mc
         if op != Opcode.EXPERTS:
-            _step(mc, pc, op, a, None, 0)
+            step(pc, op, a, None, 0)
             pc += 1
             continue
         order = ExpertOrder(a["order"])
@@ -630,5 +721,5 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
             for q in range(pc + 1, pc + 1 + a["body"]):
                 body_op, body_a = fetch(q)
                 start(q, body_op, body_a, it, a["stride"])
-                _step(mc, q, body_op, body_a, it, a["stride"])
+                step(q, body_op, body_a, it, a["stride"])
         pc += 1 + a["body"]
