@@ -563,7 +563,9 @@ in `IsaMachine.unspecified`, and the differential fuzzer
 - a body `GEMM` with `src_rows = GATHER` over more rows than the routed entries left from
   its iteration's offset (the rows past them read whatever the queue memory holds);
 - a `SOFTMAX` or `ROUTE` with an exp table whose row sums fall below 2^15 (every
-  `numerics.exp_table` has E[0] = 2^15; the unit's reciprocal has 17 bits).
+  `numerics.exp_table` has E[0] = 2^15; the unit's reciprocal has 17 bits);
+- a `LAYERNORM` with `eps_term` 0 over a row whose values are all equal (the reciprocal
+  square root of a zero variance; the quantizer writes `eps_term` ≥ 1).
 
 (The model runs a `SOFTMAX` whose output overlaps its input other than in place row by
 row, each row read whole before it is written, as the unit does; the result stays

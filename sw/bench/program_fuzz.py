@@ -262,7 +262,13 @@ def fuzz_programs(cfg: AccelConfig, cases: int, *, seed: int = 0,
     for i in range(cases):
         case, kind, what = make_case(cfg, seed, i)
         stats.cases[kind] += 1
-        model = model_outcome(cfg, case)
+        try:
+            model = model_outcome(cfg, case)
+        except Exception as e:   # a crash of the model is a finding, not the end of the run
+            stats.mismatches.append(f"case {i} ({case.name}, {what}): the model raised "
+                                    f"{type(e).__name__}: {e}")
+            say(stats.mismatches[-1])
+            continue
         try:
             code, pc, ddr, cycles = rtl_outcome(cfg, case)
         except M3VitError as e:

@@ -605,6 +605,12 @@ def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         bias = torch.from_numpy(rec[:, 0:8].copy().view("<i8").reshape(-1))
         gain = torch.from_numpy(rec[:, 8:10].copy().view("<i2").reshape(-1).astype(np.int64))
         x = mc.words(_row_addrs(a, beats, "src")).reshape(a["rows"], beats * C)
+        flat = (x == x[:, :1]).all(dim=1)
+        if a["eps_term"] == 0 and bool(flat.any()):
+            # V = 0: the reciprocal square root of zero (eps_term ≥ 1 is the contract).
+            mc.unspecified.append((pc, "a LAYERNORM row of variance 0 with eps_term 0"))
+            x = x.clone()
+            x[flat, 0] += 1
         y = nx.layernorm(x, gain, bias, a["shift"], a["eps_term"])
         mc.put(_row_addrs(a, beats, "dst"), y.reshape(a["rows"], beats, C).numpy())
     elif op == Opcode.SOFTMAX:

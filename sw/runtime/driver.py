@@ -575,6 +575,7 @@ class Accelerator:
     def _recover(self, start: int) -> None:
         """The watchdog fired: abort, else reset the logic; restore the registers; raise."""
         hint = self.board.debug_hint(start, self.board.position())
+        state = self._status_line()
         self._write("CONTROL", REGISTER_MAP["CONTROL"].encode(ABORT=1))
         aborted = self.board.wait_for_interrupt(ABORT_GRACE_CYCLES)
         how = "aborted"
@@ -583,9 +584,19 @@ class Accelerator:
             self._program_registers()
             how = "reset (the abort did not stop it)"
         raise WatchdogError(f"the run did not finish within {self.watchdog_cycles:,} cycles "
-                            f"and was {how}; the package is still loaded and the next run "
-                            "starts clean (raise watchdog_cycles if the model is that slow)"
-                            f"{hint}")
+                            f"({state}) and was {how}; the package is still loaded and the "
+                            "next run starts clean (raise watchdog_cycles if the model is "
+                            f"that slow){hint}")
+
+    def _status_line(self) -> str:
+        """The status registers as the watchdog found them, for its one-line error: what
+        a user reports when a DMA or an interrupt never arrives."""
+        fields = REGISTER_MAP["STATUS"].decode(self._read("STATUS"))
+        flags = ", ".join(k for k, v in fields.items() if v) or "idle"
+        cycles = self._read("CYCLES_LO") | self._read("CYCLES_HI") << 32
+        return (f"STATUS {flags}; CYCLES {cycles:,}; INSTRUCTIONS {self._read('INSTRUCTIONS'):,}; "
+                f"DMA_READ_BYTES {self._read('DMA_READ_BYTES'):,}; DMA_WRITE_BYTES "
+                f"{self._read('DMA_WRITE_BYTES'):,}; ERROR_CODE {self._read('ERROR_CODE')}")
 
     @property
     def n_master_ports(self) -> int:

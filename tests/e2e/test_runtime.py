@@ -121,6 +121,10 @@ def test_hung_run_trips_the_watchdog_and_the_next_run_is_correct(acc):
     # The hint names the last 20,000 cycles before the watchdog fired, as a trace window.
     window = re.search(r"--trace-window (\d+):(\d+)", str(e.value))
     assert window and "\n" not in str(e.value)
+    # The status registers as the watchdog found them: busy, stuck on a read.
+    state = re.search(r"STATUS ([A-Z, ]+); CYCLES ([\d,]+); INSTRUCTIONS ([\d,]+)", str(e.value))
+    assert state and "BUSY" in state.group(1)
+    assert int(state.group(2).replace(",", "")) >= acc.watchdog_cycles
     begin, end = map(int, window.groups())
     assert end - begin == 20_000 and start + acc.watchdog_cycles <= end < soc.cycle
     out = acc.infer(images, "semseg")

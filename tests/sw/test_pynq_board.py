@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from m3vit.hw.config import CI
 from m3vit.hw.isa import Opcode
@@ -343,3 +344,33 @@ def test_a_hung_run_times_out_and_reset_recovers_with_ddr_kept(board, soc):
     data.sync_from_device()
     assert data.read(0, len(case.ddr)) == case.ddr  # DDR kept; nothing was stored
     run_case(board, case)
+
+
+@pytest.mark.slow
+def test_a_dma_that_never_returns_on_the_board_is_one_line_with_the_status(board, soc):
+    """The board path of the driver: a read that never returns trips the watchdog, whose
+    one-line error carries the status registers as it found them; the next run is fine."""
+    from m3vit.hw.config import CI as CI_CONFIG
+    from m3vit.sw.compiler.executable import compile_executable
+    from m3vit.sw.model.config import get_preset
+    from m3vit.sw.model.m3vit import M3ViT
+    from m3vit.sw.model.train import scenes_for
+    from m3vit.sw.quant.quantize import quantize
+    from m3vit.sw.runtime.driver import Accelerator, WatchdogError
+
+    model = M3ViT(get_preset("tiny", img_size=(16, 16)), seed=0)
+    exe = compile_executable(quantize(model, n_calib=2), CI_CONFIG)
+    images = scenes_for(exe.model, 1, seed=5)["image"]
+    acc = Accelerator(board, watchdog_cycles=400_000)
+    acc.load(exe)
+    expected = acc.infer(images, "semseg")
+    soc.hang_reads = True
+    try:
+        with pytest.raises(WatchdogError) as e:
+            acc.infer(images, "semseg")
+    finally:
+        soc.hang_reads = False
+    message = str(e.value)
+    assert "\n" not in message and "STATUS BUSY" in message and "INSTRUCTIONS" in message
+    again = acc.infer(images, "semseg")
+    assert torch.equal(again.heads, expected.heads)
