@@ -60,6 +60,11 @@ class ProgramFuzzStats:
     outcomes: Counter = field(default_factory=Counter)
     mismatches: list[str] = field(default_factory=list)
     unspecified: int = 0
+    #: Functional coverage: (opcode name, how it ended, SCHEDULE) → programs, where both
+    #: sides agreed: "NONE" for an opcode completed in a run that reached END, an error
+    #: code for the instruction a run stopped on ("unknown" for an opcode byte the ISA
+    #: does not have).
+    coverage: Counter = field(default_factory=Counter)
     max_cycles: int = 0
     rtl_cycles: int = 0
     seconds: float = 0.0
@@ -100,6 +105,11 @@ def _base_case(cfg: AccelConfig, rng: np.random.Generator) -> P.Case:
     return bad[int(rng.integers(len(bad)))]
 
 
+#: Operands that are buffer word addresses or DDR offsets.
+_ADDRESS_FIELDS = frozenset({"src", "dst", "src_a", "src_b", "wbuf", "res_src", "ddr",
+                             "out_ddr"})
+
+
 def _instructions(program: bytes) -> list[tuple[int, Opcode | None]]:
     out = []
     for i in range(len(program) // INSTRUCTION_BYTES):
@@ -122,13 +132,21 @@ def _mutate(cfg: AccelConfig, program: bytes, kind: str, rng: np.random.Generato
             return bytes(raw), "no field to change"
         i, op = choices[int(rng.integers(len(choices)))]
         names = list(OPERANDS[op].members)
-        name = names[int(rng.integers(len(names)))]
+        # A third of the time an address, pushed to where the buffer or the window ends.
+        addresses = [n for n in names if n in _ADDRESS_FIELDS]
+        aim = addresses and rng.random() < 1 / 3
+        name = (addresses if aim else names)[int(rng.integers(len(addresses if aim
+                                                                 else names)))]
         f = OPERANDS[op][name]
         word = int.from_bytes(raw[i * INSTRUCTION_BYTES:(i + 1) * INSTRUCTION_BYTES], "little")
         old = (word >> (8 + f.offset)) & ((1 << f.width) - 1)
         top = (1 << f.width) - 1
-        value = [0, 1, top, min(old + 1, top), max(old - 1, 0),
-                 int(rng.integers(top + 1))][int(rng.integers(6))]
+        if aim:
+            end = cfg.act_buffer_words if name != "ddr" and name != "out_ddr" else 1 << 12
+            value = min(top, max(0, end - int(rng.integers(-2, 64))))
+        else:
+            value = [0, 1, top, min(old + 1, top), max(old - 1, 0),
+                     int(rng.integers(top + 1))][int(rng.integers(6))]
         P._set_field(raw, i, op, name, value)
         return bytes(raw), f"instruction {i} ({op.name}) {name} {old} -> {value}"
     if kind == "opcode":
@@ -166,8 +184,11 @@ def make_case(cfg: AccelConfig, seed: int, index: int) -> tuple[P.Case, str, str
     case = _base_case(cfg, rng)
     kind = MUTATIONS[int(rng.choice(len(MUTATIONS), p=[0.2, 0.35, 0.1, 0.1, 0.05, 0.2]))]
     program, what = _mutate(cfg, case.program, kind, rng)
+    # SCHEDULE only steers EXPERTS loops of order REGISTER, but every opcode should be seen
+    # to run and to stop under both values.
+    schedule = case.schedule if rng.random() < 0.5 else 1 - case.schedule
     case = P.Case(case.name, program, case.ddr, task_select=case.task_select,
-                  schedule=case.schedule)
+                  schedule=schedule)
     return case, kind, what
 
 
@@ -180,9 +201,9 @@ def _layout(case: P.Case) -> tuple[bytes, int, int]:
 
 
 def model_outcome(cfg: AccelConfig, case: P.Case
-                  ) -> tuple[ErrorCode, int, bytes | None, bool]:
-    """(error code, pc, DDR window after or None, whether an instruction's buffer writes
-    met its own reads other than in place) of ``case`` on the ISA model.
+                  ) -> tuple[ErrorCode, int, bytes | None, bool, frozenset]:
+    """(error code, pc, DDR window after or None, whether an instruction's result is
+    unspecified, the opcodes that completed) of ``case`` on the ISA model.
 
     The model fetches from what the controller would: the program, its fill, the zeros up
     to ``DATA_BASE`` and the data window (a loop skipped past the fill lands there).
@@ -196,10 +217,10 @@ def model_outcome(cfg: AccelConfig, case: P.Case
         mc = execute(cfg, fetched, ddr, task_select=case.task_select,
                      schedule=case.schedule, watch_overlaps=True)
     except MachineStop as stop:
-        return stop.code, stop.pc, None, False
+        return stop.code, stop.pc, None, False, frozenset()
     except M3VitError as e:     # past the end of DDR, or past the instruction limit
-        return ErrorCode.NONE, -1, str(e).encode(), False
-    return ErrorCode.NONE, 0, bytes(ddr), bool(mc.unspecified)
+        return ErrorCode.NONE, -1, str(e).encode(), False, frozenset()
+    return ErrorCode.NONE, 0, bytes(ddr), bool(mc.unspecified), frozenset(mc.completed)
 
 
 def rtl_outcome(cfg: AccelConfig, case: P.Case) -> tuple[ErrorCode, int, bytes | None, int]:
@@ -236,6 +257,58 @@ def rtl_outcome(cfg: AccelConfig, case: P.Case) -> tuple[ErrorCode, int, bytes |
             return (ErrorCode(soc.read_register(reg("ERROR_CODE"))),
                     soc.read_register(reg("ERROR_PC")), None, cycles)
         return ErrorCode.NONE, 0, soc.read_ddr(data_base, len(case.ddr)), cycles
+
+
+#: The (opcode, error code) pairs the controller's checks can produce (``docs/isa.md``,
+#: *Semantics and checks*; ``AXI_RESPONSE`` and ``ABORTED`` come from the bus and the host,
+#: not from a program: the fault bench and the soak cover them), plus every opcode run to
+#: completion; each under both values of ``SCHEDULE``.
+REACHABLE: frozenset[tuple[str, str]] = frozenset(
+    [(op.name, "NONE") for op in Opcode]
+    + [(name, "ILLEGAL_OPCODE") for name in ("unknown", "GEMM", "LOAD_TABLE", "EXPERTS",
+                                              "ROUTE", "TASKS", "END")]
+    + [(name, "SHAPE_OVER_CAPACITY") for name in ("LOAD", "STORE", "GEMM", "LAYERNORM",
+                                                   "SOFTMAX", "RESIDUAL", "ROUTE",
+                                                   "EXPERTS", "COMBINE")]
+    + [(name, "ADDRESS_OUT_OF_RANGE") for name in ("LOAD", "STORE", "LOAD_TABLE", "GEMM",
+                                                    "LAYERNORM", "SOFTMAX", "RESIDUAL",
+                                                    "ROUTE", "COMBINE")]
+    + [("TASKS", "BAD_TASK")])
+
+
+def _cover(coverage: Counter, case: P.Case, code: ErrorCode, pc: int,
+           completed: frozenset) -> None:
+    if code == ErrorCode.NONE:
+        for op in completed:
+            coverage[(op.name, "NONE", case.schedule)] += 1
+        return
+    program, _, _ = _layout(case)
+    byte = program[pc * INSTRUCTION_BYTES] if pc * INSTRUCTION_BYTES < len(program) else 0
+    try:
+        name = Opcode(byte).name
+    except ValueError:
+        name = "unknown"
+    coverage[(name, code.name, case.schedule)] += 1
+
+
+def coverage_table(coverage: Counter) -> tuple[list[str], float]:
+    """Markdown rows (opcode × how it ended, both schedules) and the share of the
+    reachable cells (:data:`REACHABLE` × 2 schedules) hit."""
+    codes = ["NONE", "ILLEGAL_OPCODE", "SHAPE_OVER_CAPACITY", "ADDRESS_OUT_OF_RANGE",
+             "BAD_TASK"]
+    rows = ["| opcode | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
+    hit = 0
+    for name in ["unknown", *(op.name for op in Opcode)]:
+        cells = []
+        for code in codes:
+            if (name, code) not in REACHABLE:
+                cells.append("·")
+                continue
+            counts = [coverage[(name, code, s)] for s in (0, 1)]
+            hit += sum(1 for c in counts if c)
+            cells.append(" / ".join(f"{c:,}" if c else "**0**" for c in counts))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows, hit / (2 * len(REACHABLE))
 
 
 def fuzz_programs(cfg: AccelConfig, cases: int, *, seed: int = 0,
@@ -288,6 +361,8 @@ def fuzz_programs(cfg: AccelConfig, cases: int, *, seed: int = 0,
             stats.mismatches.append(f"case {i} ({case.name}, {what}): {detail}")
             say(stats.mismatches[-1])
         stats.outcomes[code.name] += 1
+        if (code, pc) == model[:2] and ddr == model[2]:
+            _cover(stats.coverage, case, code, pc, model[4])
         if (i + 1) % 50 == 0:
             say(f"{i + 1}/{cases} cases, {len(stats.mismatches)} disagreements")
     stats.seconds = time.monotonic() - start

@@ -15,6 +15,7 @@ Each run also records its DDR accesses (:class:`DdrAccess`) and the iterations o
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,6 +180,10 @@ class IsaMachine:
         Every executed ``EXPERTS`` instruction.
     executed : int
         Instructions executed (each body instruction once per iteration).
+    unspecified : list of (int, str)
+        Instructions whose result the ISA leaves unspecified (``docs/isa.md``), with why.
+    completed : Counter
+        Instructions that completed, by opcode (``END`` and each ``EXPERTS`` once).
     """
 
     config: AccelConfig
@@ -194,6 +199,7 @@ class IsaMachine:
     loops: list[ExpertLoop] = field(default_factory=list)
     executed: int = 0
     unspecified: list[tuple[int, str]] = field(default_factory=list)
+    completed: Counter = field(default_factory=Counter)
     pc: int = 0
     _footprint: tuple[list, list] | None = None
 
@@ -703,6 +709,7 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
         if watch_overlaps:
             mc._watch()
         _step(mc, pc, op, a, it, stride)
+        mc.completed[op] += 1
         if watch_overlaps and mc._overlapped():
             mc.unspecified.append((pc, "buffer writes meet each other or the instruction's "
                                        "own reads"))
@@ -712,6 +719,7 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
         op, a = fetch(pc)
         start(pc, op, a, None, 0)
         if op == Opcode.END:
+            mc.completed[op] += 1
             return mc
         if op != Opcode.EXPERTS:
             step(pc, op, a, None, 0)
@@ -723,6 +731,7 @@ def execute(config: AccelConfig, program: bytes, ddr: bytearray, task_select: in
         # With no ROUTE since the start of the run there are no iterations.
         iterations = mc.dispatch.iterations(order) if mc.dispatch is not None else ()
         mc.loops.append(ExpertLoop(pc, order, iterations))
+        mc.completed[Opcode.EXPERTS] += 1
         for it in iterations:
             for q in range(pc + 1, pc + 1 + a["body"]):
                 body_op, body_a = fetch(q)
