@@ -490,7 +490,7 @@ class Combiner(wiring.Component):
     ----------
     cmd : In(stream.Signature(Combiner.cmd_layout(cfg)))
         ``words`` outputs (≥ 1), ``top_k`` inputs each (1 … ``max_top_k``), ``mult``
-        (uint16) and ``shift`` (0 … 62). A command outside these ranges is consumed and
+        (uint16) and ``shift`` (0 … 63). A command outside these ranges is consumed and
         ignored.
     y : In(stream.Signature(Combiner.in_layout(cfg)))
         ``words · top_k`` beats: an expert output word (INT8 lanes) and its score.
@@ -560,8 +560,10 @@ class Combiner(wiring.Component):
             with m.If(self.cmd.valid):
                 p = self.cmd.payload
                 m.d.sync += [
-                    active.eq((p.words != 0) & (p.top_k >= 1) & (p.top_k <= n_slots)
-                              & (p.shift <= 62)),
+                    # Every 6-bit shift is taken (a shift past ``limit`` gives 0 as the
+                    # ISA's round_shift does): refusing 63 left the controller waiting for
+                    # words that never came, a hang the program fuzzer found.
+                    active.eq((p.words != 0) & (p.top_k >= 1) & (p.top_k <= n_slots)),
                     words_left.eq(p.words),
                     top_k_m1.eq(p.top_k - 1),
                     choice.eq(0),

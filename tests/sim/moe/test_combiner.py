@@ -67,7 +67,7 @@ def random_combine(rng, words: int, k: int, lanes: int) -> Combine:
     if rng.random() < 0.7:
         mult, shift = rng.randint(2**15, MULT_MAX), rng.randint(26, 34)
     else:
-        mult, shift = rng.randint(0, MULT_MAX), rng.choice([0, 1, rng.randint(0, 62)])
+        mult, shift = rng.randint(0, MULT_MAX), rng.choice([0, 1, rng.randint(0, 63)])
     return Combine(words, k, mult, shift, y, scores)
 
 
@@ -85,15 +85,15 @@ def corner_combines(rng, cfg, limit: int) -> list[Combine]:
         scores[0:2] = SCORE_MAX
         for mult, shift in ((MULT_MAX, 0), (1, 0), (0, 0), (1, 1), (3, 2), (MULT_MAX, 30),
                             (MULT_MAX, limit - 1), (MULT_MAX, limit), (MULT_MAX, limit + 1),
-                            (MULT_MAX, 62)):
+                            (MULT_MAX, 62), (MULT_MAX, 63)):
             commands.append(Combine(12, k, mult, shift, y, scores))
     return commands
 
 
 def illegal_combines(cfg) -> list[Combine]:
     """Commands outside the ranges: consumed and ignored."""
-    return [Combine(0, 1, 1, 0), Combine(3, 0, 1, 0), Combine(3, cfg.max_top_k + 1, 1, 0),
-            Combine(3, 1, 1, 63)]
+    # (Shift 63 is legal: a command that refused it left the controller waiting forever.)
+    return [Combine(0, 1, 1, 0), Combine(3, 0, 1, 0), Combine(3, cfg.max_top_k + 1, 1, 0)]
 
 
 def make_commands(case: str, rng, cfg, limit: int) -> list[Combine]:
@@ -108,7 +108,8 @@ def make_commands(case: str, rng, cfg, limit: int) -> list[Combine]:
         commands = []
         for bad in illegal_combines(cfg):
             commands += [bad, random_combine(rng, rng.randint(1, 6), rng.randint(1, top), lanes)]
-        return commands
+        # Enough legal input for the gap and back-pressure draws to show.
+        return commands + [random_combine(rng, 12, top, lanes)]
     if case == "throughput":
         return [random_combine(rng, 40, k, lanes) for k in range(1, top + 1)]
     raise ValueError(f"unknown data case {case!r}")
