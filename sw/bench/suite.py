@@ -583,7 +583,7 @@ def bench_program_fuzz(cases: int = 20_000) -> str:
         "## Differential program fuzzing: the ISA model against the RTL",
         "",
         f"Command: `make bench` (`python -m m3vit.sw.bench program_fuzz`), the same as "
-        f"`python -m m3vit.sw.bench.program_fuzz --cases {cases:,} --seed 0`: programs of "
+        f"`python -m m3vit.sw.bench.program_fuzz --cases {cases} --seed 0`: programs of "
         "`m3vit.sw.bench.programs` (GEMMs of random shape, mode and weight source, vector "
         "passes, task-selected GEMMs, strided loads and stores, a softmax beside a GEMM, MoE "
         "layers under every routing pattern, the bad programs), most of them damaged — an "
@@ -645,9 +645,10 @@ def bench_faults(n_per_kind: int = 200, n_jitter: int = 40) -> str:
         f"bursts (plan seed {r['seed']}); then, faults off, one more run (`infer`, the "
         "whole program) follows. *Reported*: an error ends the call in `AcceleratorError` "
         "with `AXI_RESPONSE`; a read that never returns ends it in `WatchdogError` with "
-        "the accelerator idle again. *`ERROR_PC` at the fault*: one of the first three "
-        "instructions the clean call starts at or after the fault's cycle (the hit "
-        "instruction finishes first). *Hangs past the watchdog*: a call that needed the "
+        "the accelerator idle again. *`ERROR_PC` at the fault*: the instruction the clean "
+        "call was in at the fault's cycle or one of the next three (the hit instruction "
+        "finishes first; `bus_faults.instructions_at`). *Hangs past the watchdog*: a call that "
+        "needed the "
         "watchdog for an error, or left the accelerator busy. The watchdog is "
         f"{wd['EXPERT_BY_EXPERT']:,} cycles (expert by expert) / {wd['TOKEN_BY_TOKEN']:,} "
         "(token by token): 1.25 × the longest clean run; after it the driver writes ABORT "
