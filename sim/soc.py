@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from m3vit.hw.axi import AxiResp
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.errors import M3VitError
 from m3vit.hw.hp_ports import (
@@ -39,7 +40,7 @@ from m3vit.hw.registers import AXIL_ADDR_WIDTH
 
 from .verilator import VERILATOR_ARGS, build_lock, verilator_env
 
-__all__ = ["DdrTiming", "SocModel", "build_soc"]
+__all__ = ["DdrFaults", "DdrTiming", "SocModel", "build_soc"]
 
 _TOP = "m3vit_accel"
 _LIBRARY = "libm3vit_soc.so"
@@ -157,6 +158,118 @@ class DdrTiming:
         pair = bytes_per_cycle(SHARED_PAIR_READ_GBPS, clock)
         return cls(bytes_per_cycle=per_port, aggregate_bytes_per_cycle=together,
                    shared_pair_bytes_per_cycle=pair, hp_ports=ports)
+
+
+_PROBABILITIES = ("ar_stall", "aw_stall", "w_stall", "r_gap", "b_gap")
+_INDICES = ("read_error_beat", "write_error_response", "hang_read_burst")
+
+
+@dataclass(frozen=True)
+class DdrFaults:
+    """Faults the DDR model injects on the accelerator's AXI4 master ports, from a seed.
+
+    The default injects nothing, and a model without faults runs exactly as one built before
+    faults existed (every published figure). With the same faults set before the same run,
+    the run is the same to the cycle. Set on a live model with :attr:`SocModel.faults`.
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the generator behind every random choice below (one stream per DDR port),
+        restarted each time the faults are set. In ``[0, 2**64)``.
+    read_jitter, write_jitter : int
+        Extra latency, uniform in ``0 … read_jitter`` cycles for each read burst (AR → first
+        R beat) and ``0 … write_jitter`` for each write response (last W → B).
+    ar_stall, aw_stall, w_stall : float
+        Probability that ARREADY, AWREADY or WREADY is held low in a cycle where the model
+        would have raised it: back-pressure on the channels the master drives. In ``[0, 1)``.
+    r_gap, b_gap : float
+        Probability that an R beat or a B response that is ready waits one more cycle: idle
+        cycles on the channels the model drives (a beat once valid is held, as AXI asks).
+    read_error_beat : int or None
+        The read beat, counted over all ports from when the faults are set (0 = the next),
+        answered with :attr:`error_resp` (its data zeros); ``None``: none.
+    write_error_response : int or None
+        The write response (B), counted likewise, answered with :attr:`error_resp`; the
+        burst's data are written all the same. ``None``: none.
+    error_resp : AxiResp
+        ``AxiResp.SLVERR`` or ``AxiResp.DECERR`` (2 or 3 are accepted too).
+    hang_read_burst : int or None
+        The read burst (AR), counted likewise, that is never answered: R beats come back in
+        order, so every read behind it waits too, until :meth:`SocModel.reset`. ``None``: none.
+
+    Each indexed fault fires once. The model's AXI IDs are not reordered: the accelerator
+    issues every transaction with ID 0 (``m3vit.hw.axi``), and AXI keeps one ID's responses
+    in order.
+    """
+
+    seed: int = 0
+    read_jitter: int = 0
+    write_jitter: int = 0
+    ar_stall: float = 0.0
+    aw_stall: float = 0.0
+    w_stall: float = 0.0
+    r_gap: float = 0.0
+    b_gap: float = 0.0
+    read_error_beat: int | None = None
+    write_error_response: int | None = None
+    error_resp: AxiResp = AxiResp.SLVERR
+    hang_read_burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
+            raise M3VitError(f"DdrFaults.seed must be an integer in [0, 2**64), got "
+                             f"{self.seed!r}")
+        for name in ("read_jitter", "write_jitter"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 1 << 31:
+                raise M3VitError(f"DdrFaults.{name} must be a whole number of cycles >= 0, "
+                                 f"got {value!r}")
+        for name in _PROBABILITIES:
+            value = getattr(self, name)
+            # 1 would hold a channel for ever: that is what hang_read_burst is for.
+            if not isinstance(value, int | float) or not 0 <= value < 1:
+                raise M3VitError(f"DdrFaults.{name} must be a probability in [0, 1), got "
+                                 f"{value!r}")
+        for name in _INDICES:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value < 1 << 62):
+                raise M3VitError(f"DdrFaults.{name} must be None or an index >= 0, got "
+                                 f"{value!r}")
+        try:
+            resp = AxiResp(self.error_resp)
+        except ValueError:
+            resp = None
+        if resp not in (AxiResp.SLVERR, AxiResp.DECERR):
+            raise M3VitError(f"DdrFaults.error_resp must be SLVERR or DECERR, got "
+                             f"{self.error_resp!r}")
+        object.__setattr__(self, "error_resp", resp)
+
+    @classmethod
+    def jitter(cls, seed: int, *, latency: int = 64, stall: float = 0.25) -> DdrFaults:
+        """Random latency and back-pressure on every channel, no errors.
+
+        Parameters
+        ----------
+        seed : int
+            The generator's seed.
+        latency : int, optional
+            Extra read and write latency, up to this many cycles a burst.
+        stall : float, optional
+            Probability of a withheld ready (AR, AW, W) or an idle cycle (R, B) in a cycle.
+
+        Returns
+        -------
+        DdrFaults
+        """
+        return cls(seed=seed, read_jitter=latency, write_jitter=latency, ar_stall=stall,
+                   aw_stall=stall, w_stall=stall, r_gap=stall, b_gap=stall)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is injected (anything but the seed differs from the default)."""
+        return any(getattr(self, name) != getattr(DdrFaults, name)
+                   for name in self.__dataclass_fields__ if name not in ("seed", "error_resp"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +459,10 @@ def _load(library: Path) -> ctypes.CDLL:
         "soc_cycle": ([_vp], _u64),
         "soc_set_hang_reads": ([_vp, ctypes.c_int], None),
         "soc_hang_reads": ([_vp], ctypes.c_int),
+        "soc_set_faults": ([_vp, _u64, ctypes.c_uint, ctypes.c_uint, *[ctypes.c_double] * 5,
+                            ctypes.c_int64, ctypes.c_int64, ctypes.c_uint, ctypes.c_int64],
+                           None),
+        "soc_fault_cycles": ([_vp, ctypes.POINTER(_u64)], None),
         "soc_stats": ([_vp, ctypes.c_uint, ctypes.POINTER(_u64)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
@@ -436,6 +553,7 @@ class SocModel:
         self.config = config
         self.ddr_bytes = ddr_bytes
         self.timing = timing if timing is not None else DdrTiming.zcu104(config)
+        self._faults = DdrFaults()
         self.library = build_soc(config, trace=trace, build_root=build_root, progress=progress)
         self._lib = _load(self.library)
         if self._lib.soc_bus_bytes() != config.axi_bytes:
@@ -632,9 +750,15 @@ class SocModel:
         ``w_beat_cycles`` (data handshakes); ``ar_stall_cycles``, ``aw_stall_cycles``
         (address valid, not ready: the slave is full); ``r_backpressure_cycles`` (R valid,
         not ready); ``read_busy_cycles``, ``write_busy_cycles`` (a burst in flight);
-        ``max_reads_in_flight``, ``max_writes_in_flight``; ``read_errors`` (SLVERR beats),
-        ``write_errors`` (SLVERR responses); ``protocol_errors`` (4 KiB crossings, beats
-        wider than the bus, bad WRAP lengths, WLAST in the wrong place). With several ports
+        ``max_reads_in_flight``, ``max_writes_in_flight``; ``read_errors`` (R beats answered
+        SLVERR or DECERR: out of range or injected), ``write_errors`` (B likewise);
+        ``protocol_errors`` (4 KiB crossings, beats wider than the bus, bad WRAP lengths,
+        WLAST in the wrong place). What :attr:`faults` injected: ``fault_read_errors``,
+        ``fault_write_errors`` (error responses), ``fault_hung_reads`` (bursts never
+        answered), ``fault_delay_cycles`` (extra latency drawn, all bursts together),
+        ``fault_ar_stalls``, ``fault_aw_stalls``, ``fault_w_stalls`` (cycles a valid
+        address or W beat waited on a withheld ready), ``fault_r_gaps``, ``fault_b_gaps``
+        (cycles a ready R beat or B was held back). With several ports
         every counter is the sum over ports, but ``cycles`` and the ``max_*`` counters,
         which are the largest of any port (:meth:`port_stats` has them per port).
         """
@@ -664,6 +788,48 @@ class SocModel:
     @hang_reads.setter
     def hang_reads(self, hang: bool) -> None:
         self._lib.soc_set_hang_reads(self._live(), int(bool(hang)))
+
+    @property
+    def faults(self) -> DdrFaults:
+        """The faults the DDR injects (:class:`DdrFaults`; none by default).
+
+        Setting them restarts the seeded generator and the count of beats, responses and
+        bursts that ``read_error_beat``, ``write_error_response`` and ``hang_read_burst``
+        refer to, so the same faults set before the same run give the same run. They stay
+        set across :meth:`reset`; set ``DdrFaults()`` to stop injecting. What was injected
+        is counted in :attr:`stats` (``fault_*``).
+        """
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: DdrFaults) -> None:
+        if not isinstance(faults, DdrFaults):
+            raise M3VitError(f"faults must be a DdrFaults, got {type(faults).__name__}")
+
+        def index(value: int | None) -> int:
+            return -1 if value is None else value
+
+        f = faults
+        self._lib.soc_set_faults(self._live(), f.seed, f.read_jitter, f.write_jitter,
+                                 float(f.ar_stall), float(f.aw_stall), float(f.w_stall),
+                                 float(f.r_gap), float(f.b_gap), index(f.read_error_beat),
+                                 index(f.write_error_response), f.error_resp.value,
+                                 index(f.hang_read_burst))
+        self._faults = faults
+
+    @property
+    def fault_cycles(self) -> dict[str, int | None]:
+        """When the once-only faults reached the master, in model cycles (:attr:`cycle`).
+
+        ``read_error`` (the error beat first presented), ``write_error`` (the error response
+        first presented), ``hung_read`` (the never-answered AR accepted); ``None`` for one
+        that has not fired since :attr:`faults` were set.
+        """
+        values = (_u64 * 3)()
+        self._lib.soc_fault_cycles(self._live(), values)
+        return {name: None if value == (1 << 64) - 1 else value
+                for name, value in zip(("read_error", "write_error", "hung_read"), values,
+                                       strict=True)}
 
     def __repr__(self) -> str:
         state = f"cycle {self.cycle}" if self._handle else "closed"

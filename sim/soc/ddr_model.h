@@ -30,12 +30,22 @@
 // INCR, FIXED and WRAP bursts are honoured; arsize/awsize narrower than the bus place bytes
 // on their lanes. R beats are returned in order (always legal: in-order per ID suffices).
 // W beats are accepted only for a burst whose AW was accepted (a slave may wait for AW).
+//
+// Faults (DdrFaults, all off by default, so the timing above is untouched): what a real
+// interconnect may do and the master must survive, drawn from a seeded generator so a run is
+// reproducible to the cycle. Extra random latency on each read burst and each B; ARREADY,
+// AWREADY and WREADY withheld in random cycles (back-pressure on the master's channels);
+// idle cycles before R beats and B responses (on the slave's); an error response (SLVERR or
+// DECERR) on the k-th read beat or k-th write response; and a read burst that is never
+// answered (R stays in order, so every read behind it waits too). The k-th is counted over all
+// ports from the moment the faults were set; each fires once.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <vector>
 
 namespace m3vit {
@@ -45,6 +55,38 @@ struct DdrTiming {
     unsigned write_latency = 24;
     unsigned max_outstanding = 8;
     double bytes_per_cycle = 16.0;
+};
+
+// Faults to inject; the defaults inject none. An index of -1 means never.
+struct DdrFaults {
+    uint64_t seed = 0;
+    unsigned read_jitter = 0;   // each read burst's latency + uniform 0..read_jitter cycles
+    unsigned write_jitter = 0;  // each B's latency + uniform 0..write_jitter cycles
+    double ar_stall = 0.0;      // probability ARREADY is withheld in a cycle it would be high
+    double aw_stall = 0.0;
+    double w_stall = 0.0;
+    double r_gap = 0.0;         // probability a ready R beat is held back a cycle
+    double b_gap = 0.0;         // the same for a ready B
+    int64_t read_error_beat = -1;       // this read beat (0 = the next) is answered error_resp
+    int64_t write_error_response = -1;  // this B (0 = the next) is answered error_resp
+    unsigned error_resp = 2;            // SLVERR (2) or DECERR (3)
+    int64_t hang_read_burst = -1;       // this read burst (0 = the next AR) is never answered
+};
+
+// splitmix64 (Steele, Lea and Flood, OOPSLA 2014): written out rather than std::mt19937 with a
+// std:: distribution, whose results differ between standard libraries; a seed must give the
+// same run everywhere.
+struct FaultRng {
+    uint64_t state = 0;
+    uint64_t next() {
+        uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    // No draw at all for a probability of 0: a model without faults never touches the state.
+    bool chance(double p) { return p > 0.0 && static_cast<double>(next() >> 11) * 0x1.0p-53 < p; }
+    unsigned upto(unsigned n) { return n ? static_cast<unsigned>(next() % (uint64_t{n} + 1)) : 0; }
 };
 
 // A token bucket: `rate` bytes per cycle, at most one beat plus one cycle's worth banked.
@@ -72,6 +114,12 @@ struct DdrShared {
     Bucket aggregate;
     Bucket group;
     unsigned group_mask = 0;  // bit p: port p pays the group bucket
+    // The faults, and what every port has done since they were set: the k-th beat, response
+    // or burst of a DdrFaults is counted over all ports.
+    DdrFaults faults;
+    int64_t read_beats = 0, write_responses = 0, read_bursts = 0;
+    // The cycle each indexed fault reached the master (FaultEvent order; UINT64_MAX: not yet).
+    uint64_t fired_at[3] = {UINT64_MAX, UINT64_MAX, UINT64_MAX};
     void refill() {
         aggregate.refill();
         group.refill();
@@ -137,6 +185,15 @@ enum Stat : unsigned {
     READ_ERRORS,
     WRITE_ERRORS,
     PROTOCOL_ERRORS,
+    FAULT_READ_ERRORS,
+    FAULT_WRITE_ERRORS,
+    FAULT_HUNG_READS,
+    FAULT_DELAY_CYCLES,
+    FAULT_AR_STALLS,
+    FAULT_AW_STALLS,
+    FAULT_W_STALLS,
+    FAULT_R_GAPS,
+    FAULT_B_GAPS,
     N_STATS
 };
 
@@ -145,10 +202,13 @@ static const char STAT_NAMES[] =
     "cycles,ddr_read_bytes,ddr_write_bytes,read_bursts,write_bursts,r_beat_cycles,"
     "w_beat_cycles,ar_stall_cycles,aw_stall_cycles,r_backpressure_cycles,read_busy_cycles,"
     "write_busy_cycles,max_reads_in_flight,max_writes_in_flight,read_errors,write_errors,"
-    "protocol_errors";
+    "protocol_errors,fault_read_errors,fault_write_errors,fault_hung_reads,fault_delay_cycles,"
+    "fault_ar_stalls,fault_aw_stalls,fault_w_stalls,fault_r_gaps,fault_b_gaps";
 
 enum AxiBurst : unsigned { FIXED = 0, INCR = 1, WRAP = 2 };
-enum AxiResp : unsigned { OKAY = 0, SLVERR = 2 };
+// The faults that fire once, in the order of DdrShared::fired_at.
+enum FaultEvent : unsigned { READ_ERROR_EVENT, WRITE_ERROR_EVENT, HUNG_READ_EVENT };
+enum AxiResp : unsigned { OKAY = 0, SLVERR = 2, DECERR = 3 };
 
 // One AXI4 slave port onto the shared memory.
 class DdrPort {
@@ -167,6 +227,12 @@ class DdrPort {
     uint64_t stat(unsigned i) const { return stats_[i]; }
     bool hang_reads = false;
 
+    // A new fault plan starts: each port draws from its own stream of the seed.
+    void reseed(uint64_t seed) {
+        rng_.state = seed;
+        rng_.state = rng_.next() ^ (0xD1B54A32D192ED03ull * (index_ + 1));
+    }
+
     // No burst in flight and no response owed.
     bool idle() const { return reads_.empty() && writes_.empty() && responses_.empty(); }
 
@@ -180,6 +246,7 @@ class DdrPort {
         w_bucket_.configure(timing_.bytes_per_cycle, bus_bytes_);
         reads_in_flight_ = writes_in_flight_ = 0;
         r_taken_ = b_taken_ = write_first_ = false;
+        ar_withheld_ = aw_withheld_ = w_withheld_ = false;
         prepare(0);
     }
 
@@ -198,10 +265,21 @@ class DdrPort {
         stats_[R_BACKPRESSURE_CYCLES] += out_.rvalid && !m.rready;
         stats_[READ_BUSY_CYCLES] += reads_in_flight_ > 0;
         stats_[WRITE_BUSY_CYCLES] += writes_in_flight_ > 0;
+        // Injected back-pressure is counted only where a master was kept waiting by it.
+        stats_[FAULT_AR_STALLS] += m.arvalid && ar_withheld_;
+        stats_[FAULT_AW_STALLS] += m.awvalid && aw_withheld_;
+        stats_[FAULT_W_STALLS] += m.wvalid && w_withheld_;
 
         if (ar_hs) {
+            const unsigned extra = rng_.upto(shared_->faults.read_jitter);
+            stats_[FAULT_DELAY_CYCLES] += extra;
             reads_.push_back(Burst{m.araddr, m.arlen, m.arsize, m.arburst, m.arid,
-                                   now + timing_.read_latency});
+                                   now + timing_.read_latency + extra});
+            if (shared_->read_bursts++ == shared_->faults.hang_read_burst) {
+                reads_.back().hung = true;
+                stats_[FAULT_HUNG_READS]++;
+                shared_->fired_at[HUNG_READ_EVENT] = now;
+            }
             check_burst(reads_.back());
             reads_in_flight_++;
             stats_[READ_BURSTS]++;
@@ -243,8 +321,13 @@ class DdrPort {
     void prepare(uint64_t next) {
         r_bucket_.refill();
         w_bucket_.refill();
+        const DdrFaults &f = shared_->faults;
         out_.arready = reads_in_flight_ < timing_.max_outstanding;
         out_.awready = writes_in_flight_ < timing_.max_outstanding;
+        ar_withheld_ = out_.arready && rng_.chance(f.ar_stall);
+        aw_withheld_ = out_.awready && rng_.chance(f.aw_stall);
+        out_.arready = out_.arready && !ar_withheld_;
+        out_.awready = out_.awready && !aw_withheld_;
 
         // Reads and writes take turns at the bandwidth they share, so neither starves. An
         // idle port forgets whose turn it was (as its buckets fill up to their caps), so a
@@ -256,9 +339,14 @@ class DdrPort {
 
         if (b_taken_) out_.bvalid = false;
         if (!out_.bvalid && !responses_.empty() && responses_.front().ready_at <= next) {
-            out_.bvalid = true;
-            out_.bresp = responses_.front().resp;
-            out_.bid = responses_.front().id;
+            if (rng_.chance(f.b_gap)) {
+                stats_[FAULT_B_GAPS]++;
+            } else {
+                out_.bvalid = true;
+                out_.bresp = responses_.front().resp;
+                out_.bid = responses_.front().id;
+                if (responses_.front().injected) shared_->fired_at[WRITE_ERROR_EVENT] = next;
+            }
         }
         r_taken_ = b_taken_ = false;
     }
@@ -270,6 +358,7 @@ class DdrPort {
         uint64_t ready_at;  // reads: first cycle an R beat may be presented
         unsigned beat = 0;  // next beat to present (R) or to receive (W)
         bool error = false;
+        bool hung = false;  // a read never answered (DdrFaults::hang_read_burst)
         unsigned beat_bytes() const { return 1u << size; }
         // Address of beat `i`, per the AXI4 burst rules.
         uint64_t beat_addr(unsigned i) const {
@@ -287,6 +376,7 @@ class DdrPort {
     struct Response {
         uint64_t ready_at;
         unsigned resp, id;
+        bool injected;  // resp is DdrFaults::error_resp, injected
     };
 
     void check_burst(Burst &b) {
@@ -338,9 +428,17 @@ class DdrPort {
         if (m.wlast != last) stats_[PROTOCOL_ERRORS]++;
         b.beat++;
         if (last) {
-            if (b.error) stats_[WRITE_ERRORS]++;
+            // The beats are in memory whatever the response says: an injected error tests
+            // the master's reporting, not what a failed write leaves behind.
+            const DdrFaults &f = shared_->faults;
+            const bool injected = shared_->write_responses++ == f.write_error_response;
+            const unsigned resp = b.error ? SLVERR : injected ? f.error_resp : OKAY;
+            stats_[WRITE_ERRORS] += resp != OKAY;
+            stats_[FAULT_WRITE_ERRORS] += injected;
+            const unsigned extra = rng_.upto(f.write_jitter);
+            stats_[FAULT_DELAY_CYCLES] += extra;
             responses_.push_back(
-                Response{now + timing_.write_latency, b.error ? SLVERR : OKAY, b.id});
+                Response{now + timing_.write_latency + extra, resp, b.id, injected});
             writes_.pop_front();
         }
     }
@@ -357,10 +455,14 @@ class DdrPort {
                 break;
             }
         }
-        if (!head || head->ready_at > next) return;
+        if (!head || head->hung || head->ready_at > next) return;
         const unsigned bytes = head->beat_bytes();
         if (!r_bucket_.has(bytes) || !shared_->has(index_, bytes)) return;
-        present_read(*head);
+        if (rng_.chance(shared_->faults.r_gap)) {
+            stats_[FAULT_R_GAPS]++;
+            return;
+        }
+        present_read(*head, next);
         r_bucket_.take(bytes);
         shared_->take(index_, bytes);
     }
@@ -369,25 +471,37 @@ class DdrPort {
     // gives it back if the beat is not taken.
     void offer_write() {
         out_.wready = false;
+        w_withheld_ = false;
         if (writes_.empty()) return;
         const unsigned bytes = writes_.front().beat_bytes();
         if (!w_bucket_.has(bytes) || !shared_->has(index_, bytes)) return;
+        if (rng_.chance(shared_->faults.w_stall)) {
+            w_withheld_ = true;  // no bandwidth reserved: the beat cannot be taken
+            return;
+        }
         out_.wready = true;
         w_bucket_.take(bytes);
         shared_->take(index_, bytes);
     }
 
-    void present_read(Burst &b) {
+    void present_read(Burst &b, uint64_t next) {
         const uint64_t beat_addr = b.beat_addr(b.beat);
         const uint64_t bus_base = beat_addr & ~static_cast<uint64_t>(bus_bytes_ - 1);
         unsigned lo, hi;
         lanes(b, beat_addr, lo, hi);
         std::memset(out_.rdata, 0, sizeof out_.rdata);
         const bool ok = in_range(bus_base + lo, hi - lo);
-        if (ok) std::memcpy(out_.rdata + lo, memory_->data() + bus_base + lo, hi - lo);
-        else stats_[READ_ERRORS]++;
+        // An injected error beat carries zeros, as an out-of-range one does: data that come
+        // with an error response are not to be used, so the master must not rely on them.
+        const DdrFaults &f = shared_->faults;
+        const bool injected = shared_->read_beats++ == f.read_error_beat;
+        if (ok && !injected) std::memcpy(out_.rdata + lo, memory_->data() + bus_base + lo, hi - lo);
+        const unsigned resp = !ok ? SLVERR : injected ? f.error_resp : OKAY;
+        stats_[READ_ERRORS] += resp != OKAY;
+        stats_[FAULT_READ_ERRORS] += injected;
+        if (injected) shared_->fired_at[READ_ERROR_EVENT] = next;
         out_.rvalid = true;
-        out_.rresp = ok ? OKAY : SLVERR;
+        out_.rresp = resp;
         out_.rid = b.id;
         out_.rlast = b.beat == b.len;
         b.beat++;
@@ -406,6 +520,9 @@ class DdrPort {
     Bucket r_bucket_, w_bucket_;
     bool r_taken_ = false, b_taken_ = false;  // this cycle's R beat / B was accepted
     bool write_first_ = false;                 // W is offered bandwidth before R this cycle
+    // This cycle's ready was withheld by an injected fault (it would have been high).
+    bool ar_withheld_ = false, aw_withheld_ = false, w_withheld_ = false;
+    FaultRng rng_;
     AxiSlaveOut out_;
     uint64_t stats_[N_STATS] = {};
 };
@@ -440,6 +557,16 @@ class DdrSystem {
         for (DdrPort &port : ports_) port.hang_reads = hang;
     }
     bool hang_reads() const { return ports_[0].hang_reads; }
+    uint64_t fault_fired_at(unsigned event) const { return shared_.fired_at[event]; }
+
+    // Replaces the fault plan: the generators restart from the seed and the k-th beat,
+    // response and burst are counted from now.
+    void set_faults(const DdrFaults &faults) {
+        shared_.faults = faults;
+        shared_.read_beats = shared_.write_responses = shared_.read_bursts = 0;
+        std::fill(std::begin(shared_.fired_at), std::end(shared_.fired_at), UINT64_MAX);
+        for (DdrPort &port : ports_) port.reseed(faults.seed);
+    }
 
     void reset() {
         shared_.aggregate.tokens = shared_.group.tokens = 0.0;

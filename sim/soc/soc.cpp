@@ -379,6 +379,35 @@ void soc_set_hang_reads(void *handle, int hang) {
 
 int soc_hang_reads(void *handle) { return static_cast<Soc *>(handle)->ddr.hang_reads(); }
 
+// Replaces the DDR's fault plan (m3vit::DdrFaults; all zero / -1: none). Probabilities are
+// per cycle; the indices count from this call over all ports, -1 = never.
+void soc_set_faults(void *handle, uint64_t seed, unsigned read_jitter, unsigned write_jitter,
+                    double ar_stall, double aw_stall, double w_stall, double r_gap,
+                    double b_gap, int64_t read_error_beat, int64_t write_error_response,
+                    unsigned error_resp, int64_t hang_read_burst) {
+    m3vit::DdrFaults faults;
+    faults.seed = seed;
+    faults.read_jitter = read_jitter;
+    faults.write_jitter = write_jitter;
+    faults.ar_stall = ar_stall;
+    faults.aw_stall = aw_stall;
+    faults.w_stall = w_stall;
+    faults.r_gap = r_gap;
+    faults.b_gap = b_gap;
+    faults.read_error_beat = read_error_beat;
+    faults.write_error_response = write_error_response;
+    faults.error_resp = error_resp;
+    faults.hang_read_burst = hang_read_burst;
+    static_cast<Soc *>(handle)->ddr.set_faults(faults);
+}
+
+// The model cycle at which each once-only fault reached the master since the faults were set
+// (read error beat presented, error B presented, hung AR accepted), UINT64_MAX if it has not.
+void soc_fault_cycles(void *handle, uint64_t *out) {
+    const DdrSystem &ddr = static_cast<Soc *>(handle)->ddr;
+    for (unsigned i = 0; i < 3; i++) out[i] = ddr.fault_fired_at(i);
+}
+
 // The counters of DDR port `port` (N_STATS of them); returns -1 for no such port.
 int soc_stats(void *handle, unsigned port, uint64_t *out) {
     const DdrSystem &ddr = static_cast<Soc *>(handle)->ddr;
