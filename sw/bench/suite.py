@@ -665,6 +665,46 @@ def bench_faults(n_per_kind: int = 200, n_jitter: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_soak(runs: int = 400) -> str:
+    """A long soak on the CI SoC model: exact throughout, no hang (issue #18)."""
+    from .soak import LATENCIES, STALLS, soak
+
+    r = soak(runs, seed=0)
+    trouble = r.hangs + len(r.mismatched_images) + len(r.counter_mismatches)
+    lines = [
+        "## Soak: task switches, both schedules, random DDR timing, aborts",
+        "",
+        f"Command: `make bench` (`python -m m3vit.sw.bench soak`), which runs "
+        f"`m3vit.sw.bench.soak.soak({runs}, seed=0)`: one Verilated CI SoC model with `tiny` "
+        "(16 × 16, batches of up to two) loaded once; before each run a random task, "
+        f"`SCHEDULE`, one or two of eight images, and DDR timing (extra latency up to "
+        f"{', '.join(map(str, LATENCIES))} cycles a burst, a withheld ready or idle beat in "
+        f"{', '.join(f'{p:.0%}' for p in STALLS)} of cycles on every AXI channel); every "
+        "ninth run cut short by a watchdog of 500–20,000 cycles (abort, or reset when the "
+        "abort does not stop it). Every other run's heads are compared with "
+        "`golden.forward` of each image, and its instructions and DDR bytes with the first "
+        "run of the same task, batch and schedule. `make test` runs 14 "
+        "(`tests/sim/test_soak.py`).",
+        f"Machine: {machine()}.",
+        "",
+        f"**{r.images:,} images in {r.runs - r.aborts - r.aborts_completed:,} runs, "
+        f"{r.exact_images:,} bit-exact; {r.hangs} hangs; {len(r.counter_mismatches)} runs "
+        f"with other counters**; {r.task_switches:,} task switches, {r.aborts} runs "
+        f"aborted by the watchdog (and {r.aborts_completed} that finished first), each "
+        f"followed by exact runs; {r.cycles:,} cycles simulated in {r.seconds:.0f} s.",
+        "",
+        "| schedule | runs |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:,} |" for k, v in sorted(r.by_schedule.items())]
+    lines += ["", "| extra latency (cycles) | stall | runs |", "|---:|---:|---:|"]
+    lines += [f"| {lat} | {p:.0%} | {v:,} |" for (lat, p), v in sorted(r.by_timing.items())]
+    if trouble:
+        raise M3VitError(f"the soak found trouble: {r.hangs} hangs, "
+                         f"{r.mismatched_images[:2]}, {r.counter_mismatches[:2]}")
+    return "\n".join(lines) + "\n"
+
+
 BENCHMARKS: dict[str, Callable[[], str]] = {
     "golden": bench_golden,
     "gemm_utilization": bench_gemm_utilization,
