@@ -718,6 +718,7 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "fuzz": bench_fuzz,
     "program_fuzz": bench_program_fuzz,
     "faults": bench_faults,
+    "soak": bench_soak,
 }
 
 
