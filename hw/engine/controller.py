@@ -861,11 +861,15 @@ class Controller(wiring.Component):
                     m.d.sync += r.loop_index.eq(r.loop_index + 1)
                     m.next = "LOOP_CTX"
         with m.State("STOP_DONE"):
-            m.d.comb += [self.busy.eq(1), self.done.eq(1)]
+            m.d.comb += self.busy.eq(1)
             with m.If(self.dma_error):
-                m.d.comb += [self.done.eq(0), self.error.eq(1)]
-                m.d.sync += r.stop_code.eq(ErrorCode.AXI_RESPONSE)
-            m.next = "IDLE"
+                # An error on the fetch of END's own line: through STOP_ERROR, so that the
+                # code is in the stop-code register when `error` latches it (raising
+                # `error` here latched the old code, NONE — found by the bus-fault bench).
+                self._stop(m, r, ErrorCode.AXI_RESPONSE)
+            with m.Else():
+                m.d.comb += self.done.eq(1)
+                m.next = "IDLE"
         with m.State("STOP_ERROR"):
             m.d.comb += [self.busy.eq(1), self.error.eq(1)]
             m.next = "IDLE"

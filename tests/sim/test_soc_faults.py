@@ -174,14 +174,12 @@ def test_error_response_stops_the_run_with_axi_response(soc, cases, kind, resp):
         assert run_case(soc, case) == (ErrorCode.NONE, clean_cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="hardware: a DMA error first seen at END pulses ERROR "
-                   "with the stop code still NONE (docs/reliability.md, Faults on the bus)")
 @pytest.mark.slow
 @pytest.mark.xdist_group("soc_ci")
 def test_error_fetching_the_last_line_is_reported_as_axi_response(soc, cases):
     """The dense block fetches the line holding END on its own, as its last read: an error
-    there is flagged (STATUS.ERROR) but reported with ERROR_CODE NONE. Strict: when the
-    hardware is fixed this test fails, and the mark comes off."""
+    there ends the run with ERROR_CODE AXI_RESPONSE (the controller once raised ERROR with
+    the stop code still NONE there)."""
     case = cases[0]
     soc.faults = DdrFaults()
     before = soc.stats

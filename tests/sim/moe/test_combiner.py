@@ -109,7 +109,7 @@ def make_commands(case: str, rng, cfg, limit: int) -> list[Combine]:
         for bad in illegal_combines(cfg):
             commands += [bad, random_combine(rng, rng.randint(1, 6), rng.randint(1, top), lanes)]
         # Enough legal input for the gap and back-pressure draws to show.
-        return commands + [random_combine(rng, 12, top, lanes)]
+        return [*commands, random_combine(rng, 12, top, lanes)]
     if case == "throughput":
         return [random_combine(rng, 40, k, lanes) for k in range(1, top + 1)]
     raise ValueError(f"unknown data case {case!r}")
