@@ -306,14 +306,17 @@ def _verilog(config: AccelConfig) -> str:
     return to_verilog(AcceleratorTop(config), _TOP)
 
 
-def _build_flags(config: AccelConfig, trace: str | None) -> list[str]:
+def _build_flags(config: AccelConfig, trace: str | None, coverage: bool = False) -> list[str]:
     defines = [f"-DSOC_BUS_BYTES={config.axi_bytes}",
                f"-DSOC_N_PORTS={config.n_master_ports}", "-fPIC"]
     if trace:
         defines.append(f"-DSOC_TRACE_{trace.upper()}")
+    if coverage:
+        defines.append("-DSOC_COVERAGE")
     return [
         "--cc", "--exe", "--build", "--top-module", _TOP, *VERILATOR_ARGS,
         *_TRACE_KINDS[trace],
+        *(("--coverage-line", "--coverage-toggle") if coverage else ()),
         "-CFLAGS", " ".join(defines),
         # -Bsymbolic: two configurations' libraries in one process each keep their own
         # Verilator runtime rather than binding to whichever was loaded first.
@@ -335,7 +338,7 @@ def _check_tools(trace: str | None, env: dict[str, str]) -> None:
 
 
 def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path | None = None,
-              progress: Callable[[str], None] | None = None) -> Path:
+              progress: Callable[[str], None] | None = None, coverage: bool = False) -> Path:
     """Build (or reuse) the SoC model's shared library for ``config``.
 
     The library is cached under ``<build_root>/soc/<config hash>-<digest>/`` where the
@@ -357,6 +360,9 @@ def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path
     progress : callable, optional
         Called with a short message before each long step (elaborating, Verilating and
         compiling); not called when the library is reused.
+    coverage : bool, optional
+        Build with Verilator line and toggle coverage (a separate cached build, slower to
+        run): :meth:`SocModel.write_coverage` writes the counts.
 
     Returns
     -------
@@ -375,7 +381,7 @@ def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path
     say = progress or (lambda message: None)
     env = verilator_env()
     env["MAKEFLAGS"] = " ".join([env.get("MAKEFLAGS", ""), *_OPT]).strip()
-    flags = _build_flags(config, trace)
+    flags = _build_flags(config, trace, coverage)
     sources = [(_SOURCES / name).read_bytes() for name in _CPP_SOURCES]
     tool_id = [importlib.metadata.version("verilator"), *_OPT, *flags]
 
@@ -464,6 +470,8 @@ def _load(library: Path) -> ctypes.CDLL:
                            None),
         "soc_fault_cycles": ([_vp, ctypes.POINTER(_u64)], None),
         "soc_stats": ([_vp, ctypes.c_uint, ctypes.POINTER(_u64)], ctypes.c_int),
+        "soc_coverage": ([], ctypes.c_int),
+        "soc_write_coverage": ([_vp, ctypes.c_char_p], None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -501,6 +509,8 @@ class SocModel:
         Root of the build tree (default: the repository's ``build/``).
     progress : callable, optional
         Receives build progress messages (see :func:`build_soc`).
+    coverage : bool, optional
+        Use the coverage build (:func:`build_soc`); :meth:`write_coverage` writes it.
 
     Attributes
     ----------
@@ -526,7 +536,8 @@ class SocModel:
                  timing: DdrTiming | None = None, trace_path: str | Path | None = None,
                  trace_window: tuple[int, int | None] | None = None,
                  build_root: Path | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 coverage: bool = False) -> None:
         self._handle = None
         if not isinstance(ddr_bytes, int) or not 0 < ddr_bytes <= 1 << 40:
             raise M3VitError(f"ddr_bytes must be a positive size up to 1 TiB, got {ddr_bytes!r}")
@@ -554,7 +565,8 @@ class SocModel:
         self.ddr_bytes = ddr_bytes
         self.timing = timing if timing is not None else DdrTiming.zcu104(config)
         self._faults = DdrFaults()
-        self.library = build_soc(config, trace=trace, build_root=build_root, progress=progress)
+        self.library = build_soc(config, trace=trace, build_root=build_root, progress=progress,
+                                 coverage=coverage)
         self._lib = _load(self.library)
         if self._lib.soc_bus_bytes() != config.axi_bytes:
             raise M3VitError(f"{self.library} was built for a {self._lib.soc_bus_bytes()}-byte "
@@ -586,6 +598,23 @@ class SocModel:
         if not self._handle:
             raise M3VitError("the SoC model is closed")
         return self._handle
+
+    def write_coverage(self, path: str | Path) -> Path:
+        """Write the line and toggle coverage counted since the model was made (Verilator's
+        ``coverage.dat`` format; :mod:`m3vit.sim.coverage` reads it).
+
+        Raises
+        ------
+        M3VitError
+            The model was not built with ``coverage=True``.
+        """
+        if not self._lib.soc_coverage():
+            raise M3VitError("this SoC model was built without coverage: "
+                             "SocModel(..., coverage=True)")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lib.soc_write_coverage(self._live(), str(path).encode())
+        return path
 
     def close(self) -> None:
         """Flush and close the trace and free the model. Idempotent."""

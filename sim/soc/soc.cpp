@@ -14,7 +14,7 @@
 //
 // Compile-time definitions from the build: SOC_BUS_BYTES (the AXI4 masters' data width in
 // bytes), SOC_N_PORTS (how many AXI4 master ports the top has, each on its own DDR port),
-// SOC_TRACE_VCD or SOC_TRACE_FST (a trace build).
+// SOC_TRACE_VCD or SOC_TRACE_FST (a trace build), SOC_COVERAGE (line and toggle coverage).
 
 #include <cstdint>
 #include <cstring>
@@ -24,6 +24,9 @@
 #include "Vm3vit_accel.h"
 #include "ddr_model.h"
 #include "verilated.h"
+#if defined(SOC_COVERAGE)
+#include "verilated_cov.h"
+#endif
 #if defined(SOC_TRACE_FST)
 #include "verilated_fst_c.h"
 using TraceFile = VerilatedFstC;
@@ -293,6 +296,25 @@ void *soc_new(uint64_t ddr_bytes, unsigned read_latency, unsigned write_latency,
     (void)trace_path;
 #endif
     return soc;
+}
+
+// 1 when this build counts Verilator line and toggle coverage (SOC_COVERAGE).
+int soc_coverage() {
+#if defined(SOC_COVERAGE)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Write the model's coverage counts so far (a coverage build; a no-op otherwise).
+void soc_write_coverage(void *handle, const char *path) {
+#if defined(SOC_COVERAGE)
+    static_cast<Soc *>(handle)->context->coveragep()->write(path);
+#else
+    (void)handle;
+    (void)path;
+#endif
 }
 
 void soc_free(void *handle) {

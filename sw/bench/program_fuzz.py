@@ -223,8 +223,10 @@ def model_outcome(cfg: AccelConfig, case: P.Case
     return ErrorCode.NONE, 0, bytes(ddr), bool(mc.unspecified), frozenset(mc.completed)
 
 
-def rtl_outcome(cfg: AccelConfig, case: P.Case) -> tuple[ErrorCode, int, bytes | None, int]:
-    """(error code, pc, DDR window after or None, cycles) on a fresh Verilated SoC model.
+def rtl_outcome(cfg: AccelConfig, case: P.Case, soc=None
+                ) -> tuple[ErrorCode, int, bytes | None, int]:
+    """(error code, pc, DDR window after or None, cycles) on a fresh Verilated SoC model,
+    or on ``soc`` after a reset (its DDR must hold the case's layout).
 
     Raises
     ------
@@ -234,29 +236,37 @@ def rtl_outcome(cfg: AccelConfig, case: P.Case) -> tuple[ErrorCode, int, bytes |
     from m3vit.sim.soc import SocModel
 
     program, data_base, size = _layout(case)
+    if soc is not None:
+        soc.reset()
+        soc.write_ddr(PROGRAM_BASE, bytes(data_base - PROGRAM_BASE))
+        return _run_on(soc, case, program, data_base)
+    with SocModel(cfg, ddr_bytes=size) as fresh:
+        return _run_on(fresh, case, program, data_base)
 
+
+def _run_on(soc, case: P.Case, program: bytes, data_base: int
+            ) -> tuple[ErrorCode, int, bytes | None, int]:
     def reg(name: str) -> int:
         return REGISTER_MAP[name].offset
 
-    with SocModel(cfg, ddr_bytes=size) as soc:
-        soc.write_ddr(PROGRAM_BASE, program)
-        soc.write_ddr(data_base, case.ddr)
-        for name, value in (("PROGRAM_BASE", PROGRAM_BASE), ("DATA_BASE", data_base),
-                            ("DATA_SIZE", len(case.ddr))):
-            soc.write_register(reg(f"{name}_LO"), value & 0xFFFF_FFFF)
-            soc.write_register(reg(f"{name}_HI"), value >> 32)
-        soc.write_register(reg("TASK_SELECT"), case.task_select)
-        soc.write_register(reg("SCHEDULE"), case.schedule)
-        soc.write_register(reg("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
-        soc.run(CYCLE_LIMIT)
-        if not soc.irq:
-            raise M3VitError(f"no interrupt within {CYCLE_LIMIT:,} cycles")
-        status = REGISTER_MAP["STATUS"].decode(soc.read_register(reg("STATUS")))
-        cycles = soc.read_register(reg("CYCLES_LO"))
-        if status["ERROR"]:
-            return (ErrorCode(soc.read_register(reg("ERROR_CODE"))),
-                    soc.read_register(reg("ERROR_PC")), None, cycles)
-        return ErrorCode.NONE, 0, soc.read_ddr(data_base, len(case.ddr)), cycles
+    soc.write_ddr(PROGRAM_BASE, program)
+    soc.write_ddr(data_base, case.ddr)
+    for name, value in (("PROGRAM_BASE", PROGRAM_BASE), ("DATA_BASE", data_base),
+                        ("DATA_SIZE", len(case.ddr))):
+        soc.write_register(reg(f"{name}_LO"), value & 0xFFFF_FFFF)
+        soc.write_register(reg(f"{name}_HI"), value >> 32)
+    soc.write_register(reg("TASK_SELECT"), case.task_select)
+    soc.write_register(reg("SCHEDULE"), case.schedule)
+    soc.write_register(reg("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
+    soc.run(CYCLE_LIMIT)
+    if not soc.irq:
+        raise M3VitError(f"no interrupt within {CYCLE_LIMIT:,} cycles")
+    status = REGISTER_MAP["STATUS"].decode(soc.read_register(reg("STATUS")))
+    cycles = soc.read_register(reg("CYCLES_LO"))
+    if status["ERROR"]:
+        return (ErrorCode(soc.read_register(reg("ERROR_CODE"))),
+                soc.read_register(reg("ERROR_PC")), None, cycles)
+    return ErrorCode.NONE, 0, soc.read_ddr(data_base, len(case.ddr)), cycles
 
 
 #: The (opcode, error code) pairs the controller's checks can produce (``docs/isa.md``,
