@@ -41,7 +41,7 @@ from ..compiler.isa_model import MachineStop, execute
 from ..errors import M3VitError
 from . import programs as P
 
-__all__ = ["CYCLE_LIMIT", "ProgramFuzzStats", "fuzz_programs", "make_case"]
+__all__ = ["CYCLE_LIMIT", "ProgramFuzzStats", "fuzz_programs", "make_case", "start_on_soc"]
 
 #: Cycles the RTL gets to raise its interrupt on one case (the largest legal case here
 #: takes ~30 k).
@@ -244,20 +244,32 @@ def rtl_outcome(cfg: AccelConfig, case: P.Case, soc=None
         return _run_on(fresh, case, program, data_base)
 
 
+def start_on_soc(soc, program: bytes, ddr: bytes, *, program_base: int, data_base: int,
+                 task_select: int = 0, schedule: int = 0) -> None:
+    """Place a program and its data window in a SoC model's DDR, program the registers as
+    the host does and write ``START`` (the data window is skipped if it does not fit)."""
+    def reg(name: str) -> int:
+        return REGISTER_MAP[name].offset
+
+    soc.write_ddr(program_base, program)
+    if data_base + len(ddr) <= soc.ddr_bytes:
+        soc.write_ddr(data_base, ddr)
+    for name, value in (("PROGRAM_BASE", program_base), ("DATA_BASE", data_base),
+                        ("DATA_SIZE", len(ddr))):
+        soc.write_register(reg(f"{name}_LO"), value & 0xFFFF_FFFF)
+        soc.write_register(reg(f"{name}_HI"), value >> 32)
+    soc.write_register(reg("TASK_SELECT"), task_select)
+    soc.write_register(reg("SCHEDULE"), schedule)
+    soc.write_register(reg("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
+
+
 def _run_on(soc, case: P.Case, program: bytes, data_base: int
             ) -> tuple[ErrorCode, int, bytes | None, int]:
     def reg(name: str) -> int:
         return REGISTER_MAP[name].offset
 
-    soc.write_ddr(PROGRAM_BASE, program)
-    soc.write_ddr(data_base, case.ddr)
-    for name, value in (("PROGRAM_BASE", PROGRAM_BASE), ("DATA_BASE", data_base),
-                        ("DATA_SIZE", len(case.ddr))):
-        soc.write_register(reg(f"{name}_LO"), value & 0xFFFF_FFFF)
-        soc.write_register(reg(f"{name}_HI"), value >> 32)
-    soc.write_register(reg("TASK_SELECT"), case.task_select)
-    soc.write_register(reg("SCHEDULE"), case.schedule)
-    soc.write_register(reg("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
+    start_on_soc(soc, program, case.ddr, program_base=PROGRAM_BASE, data_base=data_base,
+                 task_select=case.task_select, schedule=case.schedule)
     soc.run(CYCLE_LIMIT)
     if not soc.irq:
         raise M3VitError(f"no interrupt within {CYCLE_LIMIT:,} cycles")

@@ -16,6 +16,7 @@ from m3vit.hw.isa import GemmOp, Opcode, WeightSource
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
 from m3vit.sim import soc as soc_module
 from m3vit.sim.soc import DdrTiming, SocModel, build_soc
+from m3vit.sw.bench.program_fuzz import start_on_soc
 from m3vit.sw.bench.programs import Case, dense_block_case, gemm_case, vector_case
 
 PROGRAM_BASE = 0x1000
@@ -30,16 +31,8 @@ def offset(name: str) -> int:
 
 def start(soc: SocModel, case: Case, data_base: int = DATA_BASE) -> None:
     """Place ``case`` in DDR, program the registers as the host does, and write START."""
-    soc.write_ddr(PROGRAM_BASE, case.program)
-    if data_base + len(case.ddr) <= soc.ddr_bytes:
-        soc.write_ddr(data_base, case.ddr)
-    for name, value in (("PROGRAM_BASE", PROGRAM_BASE), ("DATA_BASE", data_base),
-                        ("DATA_SIZE", len(case.ddr))):
-        soc.write_register(offset(f"{name}_LO"), value & 0xFFFF_FFFF)
-        soc.write_register(offset(f"{name}_HI"), value >> 32)
-    soc.write_register(offset("TASK_SELECT"), case.task_select)
-    soc.write_register(offset("SCHEDULE"), case.schedule)
-    soc.write_register(offset("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
+    start_on_soc(soc, case.program, case.ddr, program_base=PROGRAM_BASE, data_base=data_base,
+                 task_select=case.task_select, schedule=case.schedule)
 
 
 def run_case(soc: SocModel, case: Case, data_base: int = DATA_BASE,
