@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import short_repr
+
 __all__ = ["FuzzStats", "Target", "fuzz", "make_corpus"]
 
 #: Seconds one case may take before it counts as a hang.
@@ -169,7 +171,7 @@ def mutations(target: Target):
         path, value, delete = args
         resign = "sha256" not in path and "hash" not in path
         tree = _set(target.tree, path, value, delete)
-        what = "deleted" if delete else f"set to {_short(value)}"
+        what = "deleted" if delete else f"set to {short_repr(value)}"
         return ("field", f"header field {list(path)} {what}", target.encode(tree, resign))
 
     position = st.one_of(st.integers(0, n - 1), st.integers(0, max(0, target.header_end - 1)))
@@ -182,10 +184,6 @@ def mutations(target: Target):
                   ).map(set_field) if paths else st.nothing(),
     )
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---- one case ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import M3VitError
+from ..errors import M3VitError, short_repr
 from .config import ModelConfig, TaskSpec
 from .data import TEST_SEED, TRAIN_SEED, make_scenes
 from .m3vit import M3ViT
@@ -260,7 +260,7 @@ def load_checkpoint(
     version = blob.get("version")
     if type(version) is not int or version not in _READABLE_VERSIONS:
         raise M3VitError(
-            f"{path} has checkpoint version {_short(version)}; this toolkit reads versions "
+            f"{path} has checkpoint version {short_repr(version)}; this toolkit reads versions "
             f"{', '.join(map(str, _READABLE_VERSIONS))}"
         )
     state, cfg_dict = blob.get("state_dict"), blob.get("config")
@@ -314,8 +314,3 @@ def checkpoint_hash(config: dict[str, Any], state: dict[str, torch.Tensor]) -> s
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

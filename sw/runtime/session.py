@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..compiler.lower import shared_blocks
-from ..errors import M3VitError
+from ..errors import M3VitError, short_repr
 from ..model.metrics import evaluate_predictions
 from ..quant import golden
 from .driver import Accelerator
@@ -297,17 +297,12 @@ def _report_problem(report: dict[str, Any]) -> str | None:
             return None
         else:
             ok = isinstance(value, schema) and not (schema is int and isinstance(value, bool))
-        return None if ok else f"{where} is {_short(value)}"
+        return None if ok else f"{where} is {short_repr(value)}"
 
     bad = check(report, _REPORT_SCHEMA, "report")
     if bad is None and not report["clock_mhz"] > 0:
         bad = f"report.clock_mhz is {report['clock_mhz']!r}"
     return bad
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_report(report: dict[str, Any]) -> str:
