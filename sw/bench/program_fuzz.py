@@ -244,40 +244,38 @@ def rtl_outcome(cfg: AccelConfig, case: P.Case, soc=None
         return _run_on(fresh, case, program, data_base)
 
 
+def _reg(name: str) -> int:
+    return REGISTER_MAP[name].offset
+
+
 def start_on_soc(soc, program: bytes, ddr: bytes, *, program_base: int, data_base: int,
                  task_select: int = 0, schedule: int = 0) -> None:
     """Place a program and its data window in a SoC model's DDR, program the registers as
     the host does and write ``START`` (the data window is skipped if it does not fit)."""
-    def reg(name: str) -> int:
-        return REGISTER_MAP[name].offset
-
     soc.write_ddr(program_base, program)
     if data_base + len(ddr) <= soc.ddr_bytes:
         soc.write_ddr(data_base, ddr)
     for name, value in (("PROGRAM_BASE", program_base), ("DATA_BASE", data_base),
                         ("DATA_SIZE", len(ddr))):
-        soc.write_register(reg(f"{name}_LO"), value & 0xFFFF_FFFF)
-        soc.write_register(reg(f"{name}_HI"), value >> 32)
-    soc.write_register(reg("TASK_SELECT"), task_select)
-    soc.write_register(reg("SCHEDULE"), schedule)
-    soc.write_register(reg("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
+        soc.write_register(_reg(f"{name}_LO"), value & 0xFFFF_FFFF)
+        soc.write_register(_reg(f"{name}_HI"), value >> 32)
+    soc.write_register(_reg("TASK_SELECT"), task_select)
+    soc.write_register(_reg("SCHEDULE"), schedule)
+    soc.write_register(_reg("CONTROL"), REGISTER_MAP["CONTROL"].encode(START=1))
 
 
 def _run_on(soc, case: P.Case, program: bytes, data_base: int
             ) -> tuple[ErrorCode, int, bytes | None, int]:
-    def reg(name: str) -> int:
-        return REGISTER_MAP[name].offset
-
     start_on_soc(soc, program, case.ddr, program_base=PROGRAM_BASE, data_base=data_base,
                  task_select=case.task_select, schedule=case.schedule)
     soc.run(CYCLE_LIMIT)
     if not soc.irq:
         raise M3VitError(f"no interrupt within {CYCLE_LIMIT:,} cycles")
-    status = REGISTER_MAP["STATUS"].decode(soc.read_register(reg("STATUS")))
-    cycles = soc.read_register(reg("CYCLES_LO"))
+    status = REGISTER_MAP["STATUS"].decode(soc.read_register(_reg("STATUS")))
+    cycles = soc.read_register(_reg("CYCLES_LO"))
     if status["ERROR"]:
-        return (ErrorCode(soc.read_register(reg("ERROR_CODE"))),
-                soc.read_register(reg("ERROR_PC")), None, cycles)
+        return (ErrorCode(soc.read_register(_reg("ERROR_CODE"))),
+                soc.read_register(_reg("ERROR_PC")), None, cycles)
     return ErrorCode.NONE, 0, soc.read_ddr(data_base, len(case.ddr)), cycles
 
 
