@@ -28,6 +28,7 @@ task's N-tiles).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ __all__ = [
     "DdrImage",
     "Program",
     "TaskBlocks",
+    "activation_words",
     "attention_program",
     "block_program",
     "check_model_fits",
@@ -72,6 +74,7 @@ __all__ = [
     "gemm_stream",
     "head_program",
     "largest_batch",
+    "largest_input",
     "layernorm_records",
     "model_program",
     "model_task_blocks",
@@ -198,12 +201,14 @@ class BufferPlan:
     next_word: int = 0
     peak: int = 0
     tensors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: Plan past the buffer's end (to measure what a model would need: ``peak``).
+    unbounded: bool = False
 
     def alloc(self, name: str, tokens: int, dim: int) -> int:
         """Room for a (tokens, dim) tensor with stride ``tokens``; its first word."""
         words = _ceil(dim, self.config.pe_cols) * tokens
         base = self.next_word
-        if base + words > self.config.act_buffer_words:
+        if base + words > self.config.act_buffer_words and not self.unbounded:
             raise M3VitError(f"activations need {base + words} buffer words, the hardware has "
                              f"{self.config.act_buffer_words} (act_buffer_words): the model "
                              "does not fit")
@@ -222,10 +227,14 @@ class Program:
     """An instruction list and its encoding."""
 
     instructions: list[tuple[Opcode, dict]] = field(default_factory=list)
+    #: Encode each instruction as it is added; off only for plans never run (a buffer
+    #: address past the hardware's fields is then not an error).
+    check: bool = True
 
     def add(self, op: Opcode, **fields) -> None:
         """Append one instruction (encoded now, so a bad field fails where it is written)."""
-        encode(op, **fields)
+        if self.check:
+            encode(op, **fields)
         self.instructions.append((op, fields))
 
     def encode(self) -> bytes:
@@ -382,8 +391,12 @@ def model_task_blocks(t: dict, model: ModelConfig, config: AccelConfig,
     return tb
 
 
-def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
-    """Refuse a model the accelerator cannot run (buffer room is checked while planning).
+def check_model_fits(model: ModelConfig, config: AccelConfig, *, plan: bool = True) -> None:
+    """Refuse a model the accelerator cannot run.
+
+    With ``plan`` (the default) one image's buffer plan is made too, so that a model whose
+    tokens or activations exceed the hardware is refused in one line that says what it
+    would need and the largest input of it that fits.
 
     Raises
     ------
@@ -437,9 +450,15 @@ def check_model_fits(model: ModelConfig, config: AccelConfig) -> None:
             (width % R == 0 and width % C == 0,
              f"{label} {width} is not a multiple of the {R}x{C} PE array"),
         ]
-    for ok, why in checks:
-        if not ok:
-            raise M3VitError(f"model {name!r} does not fit the accelerator: {why}")
+    failed = [why for ok, why in checks if not ok]
+    tokens_only = failed == [f"{model.n_tokens} tokens exceed max_tokens={config.max_tokens}"]
+    if plan and tokens_only:
+        # Every shape rule holds: say what the model would need and what of it fits.
+        raise _too_large(model, config)
+    if failed:
+        raise M3VitError(f"model {name!r} does not fit the accelerator: {failed[0]}")
+    if plan and activation_words(model, config) > config.act_buffer_words:
+        raise _too_large(model, config)
 
 
 def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
@@ -969,7 +988,7 @@ def shared_blocks(model: ModelConfig) -> int:
 def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfig,
                   tasks: TaskBlocks, *, batch: int, slots: int, patches=None,
                   order: ExpertOrder = ExpertOrder.REGISTER,
-                  part: str = "full") -> tuple[Program, BufferPlan]:
+                  part: str = "full", bounded: bool = True) -> tuple[Program, BufferPlan]:
     """The program of one batch size over the shared image ``img`` (regions it needs that
     are not there yet are added; those that are, reused).
 
@@ -977,7 +996,8 @@ def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfi
     ``"shared"`` the embedding and the :func:`shared_blocks`, storing x into region
     ``shared.x`` (room for ``slots`` images); ``"task"`` loads that x and computes the
     other blocks and the head for the selected task — so all tasks of a batch cost one
-    ``shared`` run and a ``task`` run each.
+    ``shared`` run and a ``task`` run each. ``bounded=False`` plans past the buffer's end
+    and the token limit without encoding (only to measure ``plan.peak``).
 
     Raises
     ------
@@ -987,13 +1007,13 @@ def model_program(img: DdrImage, t: dict, model: ModelConfig, config: AccelConfi
     """
     n, d = model.n_tokens, model.embed_dim
     m = batch * n
-    if m > config.max_tokens:
+    if m > config.max_tokens and bounded:
         raise BatchTooLarge(f"a batch of {batch} is {m} tokens, over max_tokens="
                             f"{config.max_tokens}")
     if part not in PARTS:
         raise M3VitError(f"part {part!r} is not one of {', '.join(PARTS)}")
-    plan = BufferPlan(config)
-    prog = Program()
+    plan = BufferPlan(config, unbounded=not bounded)
+    prog = Program(check=bounded)
     tasks.tasks_instruction(prog)
     split = shared_blocks(model)
     blocks = {"full": range(model.depth), "shared": range(split),
@@ -1049,8 +1069,10 @@ def largest_batch(model: ModelConfig, config: AccelConfig, limit: int = 8) -> in
     return best
 
 
-def _dry_run(model: ModelConfig, config: AccelConfig, batch: int) -> BufferPlan:
-    """The buffer plan of a batch's program, planned without weights."""
+def _dry_run(model: ModelConfig, config: AccelConfig, batch: int, *,
+             bounded: bool = True) -> BufferPlan:
+    """The buffer plan of a batch's program, planned without weights (``bounded=False``:
+    past the buffer's end, to measure its ``peak``)."""
     from ..quant.quantize import tensor_shapes
 
     # Zeros of the package's shapes: the plan depends on shapes only.
@@ -1059,7 +1081,65 @@ def _dry_run(model: ModelConfig, config: AccelConfig, batch: int) -> BufferPlan:
     img = DdrImage(align=ddr_align(config))
     tasks = model_task_blocks(t, model, config)
     tasks.place(img)
-    return model_program(img, t, model, config, tasks, batch=batch, slots=batch)[1]
+    return model_program(img, t, model, config, tasks, batch=batch, slots=batch,
+                         bounded=bounded)[1]
+
+
+def activation_words(model: ModelConfig, config: AccelConfig) -> int:
+    """Activation-buffer words one image of ``model`` needs on ``config``'s array, however
+    many the buffer has (the program's plan, made without the buffer's limits)."""
+    return _dry_run(model, config, 1, bounded=False).peak
+
+
+def _fits_one_image(model: ModelConfig, config: AccelConfig) -> bool:
+    try:
+        check_model_fits(model, config, plan=False)
+    except M3VitError:
+        return False
+    return activation_words(model, config) <= config.act_buffer_words
+
+
+def largest_input(model: ModelConfig, config: AccelConfig) -> tuple[int, int] | None:
+    """The largest input of ``model``'s aspect ratio (whole patches) that one image of it
+    fits ``config`` in, tokens and activations; ``None`` if not even one patch row does."""
+    p = model.patch_size
+    rows, cols = (s // p for s in model.img_size)
+
+    def size(r: int) -> tuple[int, int]:
+        return r * p, max(1, round(r * cols / rows)) * p
+
+    def fits(r: int) -> bool:
+        return _fits_one_image(model.replace(img_size=size(r)), config)
+
+    # The need grows with the rows: bisect for the last that fits.
+    lo, hi = 0, rows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return size(lo) if lo else None
+
+
+def _too_large(model: ModelConfig, config: AccelConfig) -> M3VitError:
+    """The one line for a model whose image needs more tokens or buffer than ``config``
+    has: what it would need, and the largest input of it that fits."""
+    relaxed = dataclasses.replace(config, max_tokens=max(config.max_tokens, model.n_tokens))
+    need = activation_words(model, relaxed)
+    kib = config.pe_cols / 1024
+    h, w = model.img_size
+    fit = largest_input(model, config)
+    hint = (f"train it at --img-size {fit[0]}x{fit[1]} or smaller, which fits"
+            if fit else "no input of it fits")
+    too_many = (f"{model.n_tokens} tokens exceed max_tokens={config.max_tokens} and "
+                if model.n_tokens > config.max_tokens else "")
+    return M3VitError(
+        f"model {model.name!r} does not fit the accelerator: {too_many}one {h}x{w} image's "
+        f"activations need {need} buffer words, the hardware has {config.act_buffer_words} "
+        f"(act_buffer_words; {need * kib:,.0f} KiB against "
+        f"{config.act_buffer_words * kib:,.0f} KiB), and activations are not spilled to "
+        f"DDR: {hint}")
 
 
 def compile_model(t: dict, model: ModelConfig, config: AccelConfig, patches=None, *,

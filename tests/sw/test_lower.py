@@ -27,12 +27,14 @@ from m3vit.sw.compiler.lower import (
     DdrImage,
     Program,
     TaskBlocks,
+    activation_words,
     check_model_fits,
     compile_block,
     compile_dense_block,
     compile_model,
     gemm_stream,
     largest_batch,
+    largest_input,
     shared_blocks,
 )
 from m3vit.sw.errors import M3VitError
@@ -449,7 +451,7 @@ def test_task_blocks_pad_items_to_one_size():
     (dict(max_hidden=128), "mlp_hidden 256 exceeds max_hidden=128"),
     (dict(max_heads=1), "2 heads exceed max_heads=1"),
     (dict(act_buffer_words=8192), r"activations need \d+ buffer words, the hardware has "
-                                  r"8192 \(act_buffer_words\)"),
+                                  r"8192 \(act_buffer_words"),
 ])
 def test_a_model_that_does_not_fit_is_refused(change, message):
     cfg, pkg, _ = quantized("tiny")
@@ -463,8 +465,27 @@ def test_a_model_that_does_not_fit_is_refused(change, message):
 
 def test_presets_that_do_not_fit_the_zcu104_are_named():
     check_model_fits(get_preset("edge-moe"), ZCU104)
-    with pytest.raises(M3VitError, match=r"'m3vit-s' .* 1201 tokens exceed max_tokens=1024"):
+    with pytest.raises(M3VitError, match=r"'m3vit-s' .* 1201 tokens exceed max_tokens=1024 "
+                       r"and one 480x640 image's activations need 299049 buffer words, the "
+                       r"hardware has 16384 .* not spilled to DDR: train it at --img-size "
+                       r"160x208 or smaller"):
         check_model_fits(get_preset("m3vit-s"), ZCU104)
+
+
+def test_the_input_suggested_for_a_model_too_large_fits_and_one_row_more_does_not():
+    """m3vit-s within max_tokens but past the buffer: the line names the words it needs
+    (the unbounded plan's peak), and the largest input it suggests is exactly the edge."""
+    model = get_preset("m3vit-s", img_size=(256, 384))
+    need = activation_words(model, ZCU104)
+    assert need > ZCU104.act_buffer_words
+    with pytest.raises(M3VitError, match=rf"one 256x384 image's activations need {need} buffer "
+                                         r"words.* --img-size 144x224 or smaller"):
+        check_model_fits(model, ZCU104)
+    assert largest_input(model, ZCU104) == (144, 224)
+    check_model_fits(model.replace(img_size=(144, 224)), ZCU104)
+    with pytest.raises(M3VitError, match="--img-size 144x224"):
+        check_model_fits(model.replace(img_size=(160, 240)), ZCU104)
+    assert largest_input(get_preset("tiny"), CI) == (32, 32)
     with pytest.raises(M3VitError, match="'setr_pup' head is float-only"):
         check_model_fits(get_preset("tiny", head="setr_pup"), CI)
 
