@@ -1,8 +1,10 @@
-"""Training, evaluation and checkpoints of the float M³ViT on the synthetic scenes.
+"""Training, evaluation and checkpoints of the float M³ViT on the synthetic scenes or on
+data the caller gives (NYUD-v2: :mod:`m3vit.sw.model.nyud`).
 
 Every task is trained jointly: each step runs the backbone once per task (each task routes
 its tokens with its own gates), sums the task losses and the weighted load-balancing
-losses, and takes one AdamW step. Held-out data comes from another seed than training.
+losses, and takes one AdamW step. Held-out synthetic data comes from another seed than
+training; for a real data set, its held-out split.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..errors import M3VitError, short_repr
 from .config import ModelConfig, TaskSpec
 from .data import TEST_SEED, TRAIN_SEED, make_scenes
 from .m3vit import M3ViT
-from .metrics import baseline_metrics, evaluate_predictions
+from .metrics import IGNORE_INDEX, baseline_metrics, evaluate_predictions
 
 CHECKPOINT_FORMAT = "m3vit-checkpoint"
 #: Version 2 adds ``hash`` (:func:`checkpoint_hash`): torch.load does not check its zip's
@@ -73,11 +75,26 @@ class TrainConfig:
 
 
 def task_loss(task: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Training loss of one task: cross-entropy, L1 depth or boundary BCE."""
+    """Training loss of one task: cross-entropy, L1 depth or boundary BCE.
+
+    Pixels without ground truth add nothing: semseg labels :data:`IGNORE_INDEX` and depth
+    targets of 0 (NYUD-v2's missing readings); a batch with none of its pixels labelled
+    has loss 0 for that task.
+    """
     if task.kind == "semseg":
+        if task.n_out <= IGNORE_INDEX:
+            labelled = target != IGNORE_INDEX
+            if not bool(labelled.any()):
+                return pred.sum() * 0.0
+            return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
         return F.cross_entropy(pred, target)
     if task.kind == "depth":
-        return F.l1_loss(pred, target)
+        valid = target > 0
+        if bool(valid.all()):
+            return F.l1_loss(pred, target)  # the synthetic scenes: every pixel has a depth
+        if not bool(valid.any()):
+            return pred.sum() * 0.0
+        return F.l1_loss(pred[valid], target[valid])
     return F.binary_cross_entropy_with_logits(pred, target)
 
 
@@ -128,19 +145,40 @@ def train(
     *,
     model: M3ViT | None = None,
     progress: bool = True,
+    data: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[M3ViT, dict[str, Any]]:
-    """Train ``cfg`` (or continue ``model``) on synthetic scenes and evaluate it.
+    """Train ``cfg`` (or continue ``model``) and evaluate it on held-out data.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The model to train.
+    tc : TrainConfig
+        Hyper-parameters; ``n_train`` and ``n_test`` size the synthetic splits.
+    model : M3ViT, optional
+        A model to continue from (e.g. :func:`~m3vit.sw.model.timm_import.from_timm`).
+    progress : bool
+        Show a progress bar.
+    data : (dict, dict), optional
+        Training and held-out data in the layout of
+        :func:`m3vit.sw.model.data.make_scenes` (e.g. the NYUD-v2 train and val splits of
+        :func:`m3vit.sw.model.nyud.load_nyud`) instead of synthetic scenes; ``n_train``
+        and ``n_test`` are then ignored.
 
     Returns
     -------
     model : M3ViT
         The trained model, in eval mode.
     report : dict
-        ``metrics`` and ``baseline`` on the held-out scenes, ``final_loss`` and the
+        ``metrics`` and ``baseline`` on the held-out data, ``final_loss`` and the
         training configuration.
     """
-    train_data = scenes_for(cfg, tc.n_train, TRAIN_SEED)
-    test_data = scenes_for(cfg, tc.n_test, TEST_SEED)
+    if data is None:
+        train_data = scenes_for(cfg, tc.n_train, TRAIN_SEED)
+        test_data = scenes_for(cfg, tc.n_test, TEST_SEED)
+    else:
+        train_data, test_data = data
+    n_train = len(train_data["image"])
     model = model if model is not None else M3ViT(cfg, seed=tc.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -153,15 +191,16 @@ def train(
         lr=tc.lr,
     )
     gen = torch.Generator().manual_seed(tc.seed)
-    order = torch.randperm(tc.n_train, generator=gen)
+    order = torch.randperm(n_train, generator=gen)
+    batch_size = min(tc.batch_size, n_train)  # a small real split: every image each step
     cursor = 0
     bar = tqdm(range(tc.steps), desc=f"train {cfg.name}", disable=not progress, unit="step")
     loss_ema = None
     for step in bar:
-        if cursor + tc.batch_size > tc.n_train:
-            order, cursor = torch.randperm(tc.n_train, generator=gen), 0
-        idx = order[cursor : cursor + tc.batch_size]
-        cursor += tc.batch_size
+        if cursor + batch_size > n_train:
+            order, cursor = torch.randperm(n_train, generator=gen), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
         x = train_data["image"][idx]
         loss = x.new_zeros(())
         for task in cfg.tasks:

@@ -8,14 +8,11 @@ import torch
 
 from ..model.data import TEST_SEED
 from ..model.m3vit import M3ViT
-from ..model.metrics import evaluate_predictions
+from ..model.metrics import LOWER_IS_BETTER, evaluate_predictions
 from ..model.train import evaluate, scenes_for
 from . import golden
 from .package import QuantizedModel
 from .quantize import trace_float
-
-# Metrics where a larger value is better; the others (RMSE) are better when smaller.
-_HIGHER_IS_BETTER = ("miou", "pixel_acc", "f1")
 
 
 def golden_predict(pkg: QuantizedModel, images: torch.Tensor, task: str,
@@ -30,8 +27,8 @@ def relative_loss(name: str, float_value: float, int_value: float) -> float:
     """How much worse the integer model is, relative to the float one (> 0 = worse)."""
     if float_value == 0:
         return 0.0 if int_value == float_value else float("inf")
-    worse = float_value - int_value if name.split("/")[-1] in _HIGHER_IS_BETTER \
-        else int_value - float_value
+    worse = int_value - float_value if name.split("/")[-1] in LOWER_IS_BETTER \
+        else float_value - int_value
     return worse / abs(float_value)
 
 
@@ -58,18 +55,26 @@ def router_agreement(model: M3ViT, pkg: QuantizedModel, images: torch.Tensor
 
 
 def accuracy_report(model: M3ViT, pkg: QuantizedModel, n_test: int = 300,
-                    n_router: int = 64) -> dict[str, Any]:
+                    n_router: int = 64, test: dict[str, torch.Tensor] | None = None,
+                    source: str = "scenes") -> dict[str, Any]:
     """Held-out metrics of the float and the integer model, their relative loss per
-    metric, and the router agreement (on the first ``n_router`` held-out images)."""
+    metric, and the router agreement (on the first ``n_router`` held-out images).
+
+    The held-out data is ``n_test`` synthetic scenes, or ``test`` when given (a dict in
+    the layout of :func:`m3vit.sw.model.data.make_scenes`, e.g. NYUD-v2's val split),
+    which ``source`` names in the report.
+    """
     cfg = model.cfg
-    test = scenes_for(cfg, n_test, TEST_SEED)
+    if test is None:
+        test = scenes_for(cfg, n_test, TEST_SEED)
     float_metrics = evaluate(model, test)
     preds = {t: golden_predict(pkg, test["image"], t) for t in cfg.task_names}
     int_metrics = evaluate_predictions(preds, {t.name: test[t.kind] for t in cfg.tasks},
                                        cfg.tasks)
     report: dict[str, Any] = {
         "preset": cfg.name,
-        "held_out_images": n_test,
+        "held_out_images": len(test["image"]),
+        "held_out": source,
         "calibration": pkg.params.get("calibration", {}),
         "metrics": {k: {"float": float_metrics[k], "int": int_metrics[k],
                         "relative_loss": relative_loss(k, float_metrics[k], int_metrics[k])}
@@ -83,8 +88,9 @@ def accuracy_report(model: M3ViT, pkg: QuantizedModel, n_test: int = 300,
 def format_report(report: dict[str, Any]) -> str:
     """The accuracy report as a plain-text table."""
     cal = report.get("calibration", {})
-    lines = [f"preset {report['preset']}: {report['held_out_images']} held-out scenes, "
-             f"calibration '{cal.get('statistic')}' on {cal.get('images')} scenes",
+    lines = [f"preset {report['preset']}: {report['held_out_images']} held-out "
+             f"{report.get('held_out', 'scenes')}, calibration '{cal.get('statistic')}' on "
+             f"{cal.get('images')} {cal.get('data', 'scenes')}",
              f"{'metric':<18} {'float':>9} {'integer':>9} {'rel. loss':>10}"]
     for k, m in report["metrics"].items():
         lines.append(f"{k:<18} {m['float']:>9.4f} {m['int']:>9.4f} "

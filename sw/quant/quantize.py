@@ -309,14 +309,40 @@ def _moe_params(t: dict, p: str, layer, cfg: ModelConfig, s: dict[str, float]) -
 
 
 def quantize(
-    model: M3ViT, *, n_calib: int = 256, statistic: str = "max", seed: int = CALIB_SEED
+    model: M3ViT, *, n_calib: int = 256, statistic: str = "max", seed: int = CALIB_SEED,
+    images: torch.Tensor | None = None, source: str | None = None,
 ) -> QuantizedModel:
-    """Calibrate ``model`` on ``n_calib`` synthetic scenes and quantize it."""
+    """Calibrate ``model`` and quantize it.
+
+    Parameters
+    ----------
+    model : M3ViT
+        The trained float model.
+    n_calib : int
+        Synthetic calibration scenes (seed ``seed``) when ``images`` is not given.
+    statistic : str
+        One of :data:`STATISTICS`.
+    seed : int
+        Seed of the synthetic calibration scenes.
+    images : torch.Tensor, optional
+        Calibration images (N, 3, H, W), normalised as the model's input, instead of
+        synthetic scenes: e.g. NYUD-v2 training images for a model trained on them.
+    source : str, optional
+        What ``images`` are, recorded in the package's calibration settings.
+    """
     cfg = model.cfg
-    n_classes = next((tk.n_out for tk in cfg.tasks if tk.kind == "semseg"), 2)
-    images = make_scenes(n_calib, cfg.img_size, n_classes=n_classes, seed=seed)["image"]
+    if images is None:
+        n_classes = next((tk.n_out for tk in cfg.tasks if tk.kind == "semseg"), 2)
+        images = make_scenes(n_calib, cfg.img_size, n_classes=n_classes, seed=seed)["image"]
+        settings: dict[str, Any] = {"statistic": statistic, "images": n_calib, "seed": seed}
+    else:
+        if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.in_chans, *cfg.img_size):
+            raise M3VitError(f"calibration images must be (N, {cfg.in_chans}, "
+                             f"{cfg.img_size[0]}, {cfg.img_size[1]}), got "
+                             f"{tuple(images.shape)}")
+        settings = {"statistic": statistic, "images": len(images),
+                    "data": source or "given images"}
     scales = calibrate(model, images, statistic)
-    settings = {"statistic": statistic, "images": n_calib, "seed": seed}
     return quantize_model(model, scales, settings)
 
 
