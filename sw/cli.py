@@ -13,7 +13,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from .errors import M3VitError
 from .model.config import GATE_KINDS, HEAD_KINDS, PRESETS, ModelConfig, get_preset
@@ -104,6 +104,41 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     return get_preset(args.preset, **overrides)
 
 
+DATASETS = ("scenes", "nyud")
+"""``--dataset`` choices: the synthetic scenes, or NYUD-v2 in the NYUD_MT layout."""
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, use: str) -> None:
+    """``--dataset`` and ``--data``; ``use`` says what the data is for, in --help."""
+    p.add_argument("--dataset", choices=DATASETS, default="scenes",
+                   help=f"{use}: the synthetic scenes, or NYUD-v2 read from --data "
+                   "(default: %(default)s)")
+    p.add_argument("--data", metavar="DIR",
+                   help="with --dataset nyud: the NYUD-v2 folder in the NYUD_MT layout "
+                   "M³ViT reads (images/, segmentation/, depth/, edge/, gt_sets/; "
+                   "docs/model.md, NYUD-v2)")
+
+
+def _wants_nyud(args: argparse.Namespace) -> bool:
+    """Whether the command reads NYUD-v2, after checking --data goes with --dataset nyud."""
+    if args.dataset == "nyud":
+        if not args.data:
+            raise M3VitError("--dataset nyud needs --data DIR, the NYUD-v2 folder in the "
+                             "NYUD_MT layout (docs/model.md, NYUD-v2)")
+        return True
+    if args.data:
+        raise M3VitError("--data is the NYUD-v2 folder: pass --dataset nyud with it")
+    return False
+
+
+def _nyud(root: str, cfg: ModelConfig, split: str, n: int | None,
+          keys: tuple[str, ...] | None = None) -> dict:
+    """:func:`m3vit.sw.model.nyud.load_nyud` (imported only when NYUD-v2 is used)."""
+    from .model.nyud import load_nyud
+
+    return load_nyud(root, cfg, split, n, keys=keys)
+
+
 # ---- subcommands -----------------------------------------------------------------------
 
 
@@ -149,35 +184,87 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .model.train import TrainConfig, save_checkpoint, train
 
     cfg = _model_config(args)
+    nyud = _wants_nyud(args)
     out = args.out or f"{DEFAULT_RUN_DIR}/{cfg.name}.pt"
     if Path(out).exists() and not args.force:
         raise M3VitError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    data = None
+    n_train = 4000 if args.n_train is None else args.n_train
+    n_test = 500 if args.n_test is None else args.n_test
+    if nyud:
+        from .model.nyud import NYUD_CLASSES, nyud_config
+
+        semseg = [t for t in cfg.tasks if t.kind == "semseg" and t.n_out != NYUD_CLASSES]
+        cfg = nyud_config(cfg)
+        for t in semseg:
+            print(f"{cfg.name}: {t.name} head of {NYUD_CLASSES} classes for NYUD-v2 (the "
+                  f"preset has {t.n_out})")
+        data = (_nyud(args.data, cfg, "train", args.n_train),
+                _nyud(args.data, cfg, "val", args.n_test))
+        n_train, n_test = len(data[0]["image"]), len(data[1]["image"])
+        print(f"NYUD-v2 {args.data}: {n_train} training images (train), {n_test} held out "
+              "(val)")
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+                     n_train=n_train, n_test=n_test, seed=args.seed)
     model = None
     if args.from_timm:
         from .model.timm_import import from_timm
 
         model = from_timm(args.from_timm, cfg, seed=args.seed)
-    model, report = train(cfg, tc, model=model, progress=not args.quiet)
+    model, report = train(cfg, tc, model=model, progress=not args.quiet, data=data)
+    if nyud:
+        report["dataset"] = {"name": "nyud", "root": str(args.data), "train": "train",
+                             "held_out": "val"}
     save_checkpoint(out, model, report, overwrite=args.force)
     _print_metrics(report)
     print(f"checkpoint written to {out}")
 
 
+def _read_baselines(path: str) -> dict[str, float]:
+    """``--baselines``: a JSON object of metric name → single-task value."""
+    import json
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise M3VitError(f"{path}: cannot read the baselines ({e.strerror or e})") from None
+    try:
+        baselines = json.loads(text)
+    except ValueError as e:
+        raise M3VitError(f"{path}: not JSON ({e})") from None
+    if (not isinstance(baselines, dict) or not baselines
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for v in baselines.values())):
+        raise M3VitError(f"{path}: expected a JSON object of metric name to single-task value, "
+                         'such as {"semseg/miou": 0.439, "depth/rmse": 0.585}')
+    return baselines
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .model.metrics import baseline_metrics
+    from .model.metrics import baseline_metrics, delta_m
     from .model.train import evaluate, load_checkpoint, scenes_for
 
+    nyud = _wants_nyud(args)
+    baselines = _read_baselines(args.baselines) if args.baselines else None
     model, _ = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = model.cfg
-    test = scenes_for(cfg, args.n_test, seed=args.seed)
-    train = scenes_for(cfg, 1000, seed=0)
-    n_classes = next((t.n_out for t in cfg.tasks if t.kind == "semseg"), 2)
     if args.task:
         cfg.task(args.task)
-    _print_metrics({"metrics": evaluate(model, test, args.task),
-                    "baseline": baseline_metrics(train, test, n_classes)})
+    if nyud:
+        test = _nyud(args.data, cfg, "val", args.n_test)
+        # The trivial baselines are fitted on the train split's labels: no image is kept.
+        train = _nyud(args.data, cfg, "train", None,
+                      keys=tuple(dict.fromkeys(t.kind for t in cfg.tasks)))
+        print(f"NYUD-v2 {args.data}: {len(test['image'])} held-out images (val)")
+    else:
+        test = scenes_for(cfg, 500 if args.n_test is None else args.n_test, seed=args.seed)
+        train = scenes_for(cfg, 1000, seed=0)
+    n_classes = next((t.n_out for t in cfg.tasks if t.kind == "semseg"), 2)
+    metrics = evaluate(model, test, args.task)
+    _print_metrics({"metrics": metrics, "baseline": baseline_metrics(train, test, n_classes)})
+    if baselines is not None:
+        print(f"Δm {delta_m(metrics, baselines):+.2f} % against the single-task baselines "
+              f"of {args.baselines} ({', '.join(f'{k} {v:g}' for k, v in baselines.items())})")
 
 
 def cmd_import_timm(args: argparse.Namespace) -> None:
@@ -206,14 +293,25 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         if path.exists() and not args.force:
             raise M3VitError(f"{path} exists: pass --force to overwrite it or choose another "
                              "--out")
-    pkg = quantize(model, n_calib=args.calib, statistic=args.statistic)
+    if args.calib_data:
+        images = _nyud(args.calib_data, model.cfg, "train", args.calib, keys=("image",))
+        pkg = quantize(model, statistic=args.statistic, images=images["image"],
+                       source="NYUD-v2 train images")
+    else:
+        pkg = quantize(model, n_calib=args.calib, statistic=args.statistic)
     save_package(out, pkg, overwrite=args.force)
     print(f"{model.cfg.name}: quantized package written to {out} "
           f"({out.stat().st_size / 1e6:.2f} MB)")
     if args.report:
         from .quant.accuracy import accuracy_report, format_report
 
-        report = accuracy_report(model, pkg, n_test=args.n_test)
+        if args.calib_data:
+            report = accuracy_report(model, pkg, test=_nyud(args.calib_data, model.cfg, "val",
+                                                            args.n_test),
+                                     source="NYUD-v2 val images")
+        else:
+            report = accuracy_report(model, pkg,
+                                     n_test=300 if args.n_test is None else args.n_test)
         print(format_report(report))
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {report_path}")
@@ -231,7 +329,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  {cfg.n_tokens} tokens, D={cfg.embed_dim}, {cfg.depth} blocks, "
           f"E={cfg.n_experts} top-{cfg.top_k}, H={cfg.expert_hidden}")
     print(f"  {len(pkg.tensors)} tensors, {n_bytes / 1e6:.2f} MB; calibration "
-          f"'{cal.get('statistic')}' on {cal.get('images')} scenes")
+          f"'{cal.get('statistic')}' on {cal.get('images')} {cal.get('data', 'scenes')}")
     print(f"  content hash {content_hash(cfg.to_dict(), pkg.tensors, pkg.params)}")
 
 
@@ -243,6 +341,13 @@ def cmd_scenes(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not args.force:
         raise M3VitError(f"{args.out} exists: pass --force to overwrite it or choose another --out")
     scenes = scenes_for(cfg, args.n, seed=args.seed)
+    if args.raw:
+        from .model.data import save_scene_images
+
+        paths = save_scene_images(scenes["image"], args.out, overwrite=args.force)
+        print(f"{args.n} synthetic {cfg.img_size[0]}x{cfg.img_size[1]} scene image(s) written: "
+              f"{', '.join(map(str, paths))}")
+        return
     save_scene_figure(scenes, args.out, n=args.n)
     print(f"{args.n} synthetic {cfg.img_size[0]}x{cfg.img_size[1]} scenes drawn to {args.out}")
 
@@ -426,6 +531,69 @@ def _max_batch(text: str) -> int | str:
     return value
 
 
+class _Given(argparse.Action):
+    """Store the value and note that the option was given (``args.given``), for an option
+    whose default means something: ``m3vit run --images`` refused beside ``--image``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+class _Photos(NamedTuple):
+    """A user's images for ``m3vit run``: the files read, their images, the files skipped."""
+
+    files: list[Path]
+    images: Any
+    skipped: int
+
+
+def _run_inputs(args: argparse.Namespace, model: ModelConfig, tasks: list[str]
+                ) -> tuple[_Photos | None, list[str]]:
+    """``m3vit run``'s images before anything runs: a user's (``--image``, ``--image-dir``;
+    each file that cannot be read told in one warning line) or None for synthetic scenes,
+    and the output name of each image, the ``--out`` files checked."""
+    from .model.imageio import image_files
+    from .runtime.pictures import output_files, output_names, read_images
+
+    photos = None
+    if args.image or args.image_dir:
+        given = [f"--{name}" for name in ("images", "seed") if name in getattr(args, "given", ())]
+        if given:
+            raise M3VitError(f"{' and '.join(given)} choose synthetic scenes: leave "
+                             f"{'them' if len(given) > 1 else 'it'} out with --image/--image-dir")
+        if getattr(args, "dataset", "scenes") != "scenes":
+            raise M3VitError("--dataset picks images to run: leave it out with "
+                             "--image/--image-dir")
+        files = [Path(f) for f in args.image or []]
+        for folder in args.image_dir or []:
+            files += image_files(folder)
+        skipped = []
+
+        def skip(reason: str) -> None:
+            skipped.append(reason)
+            print(f"m3vit: warning: {reason}; skipped", file=sys.stderr, flush=True)
+
+        read, images = read_images(files, model.img_size, warn=skip)
+        photos = _Photos(read, images, len(skipped))
+        names = output_names([f.stem for f in read], tasks)
+    else:
+        names = [f"image{i}" for i in range(args.images)]
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise M3VitError(f"{out} is a file, not a folder: choose another --out")
+        existing = [name for name in output_files(names, model, tasks) if (out / name).exists()]
+        if existing and not args.force:
+            raise M3VitError(f"{out / existing[0]} exists ({len(existing)} of the files this "
+                             "run writes do): pass --force to overwrite them or choose "
+                             "another --out")
+        if existing:
+            print(f"m3vit: --force: overwriting {len(existing)} existing file(s) in {out}",
+                  file=sys.stderr)
+    return photos, names
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from m3vit.hw.flow.generate import get_config
     from m3vit.hw.registers import Schedule
@@ -449,6 +617,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         compiled.task_select(task)
     if shared and args.profile:
         raise M3VitError("--profile reads one task's whole program: leave out --task all")
+    photos, out_names = _run_inputs(args, compiled.model, tasks)
+    # The inputs are read before the simulator is built or the board opened, so a bad
+    # --data or image folder is told at once.
+    if photos is not None:
+        scenes = {"image": photos.images}   # a user's images: no targets, no metric
+    elif _wants_nyud(args):
+        scenes = _nyud(args.data, compiled.model, "val", args.images)
+    else:
+        scenes = scenes_for(compiled.model, args.images, seed=args.seed)
     reference = None
     if args.check:
         from .quant.package import load_package
@@ -480,12 +657,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         if args.ddr:
             raise M3VitError("--ddr sets the simulated DDR: it needs --backend sim")
         acc = Accelerator.open("pynq", bitstream=args.bitstream, **options)
-    scenes = scenes_for(compiled.model, args.images, seed=args.seed)
     with acc:
         acc.load(compiled)
         report = run_session(acc, scenes, tasks=tasks, reference=reference,
                              progress=lambda line: print(line, file=sys.stderr, flush=True),
                              profile=args.profile, batch=args.batch, shared=shared)
+    if photos is not None:
+        report["image_files"] = [str(f) for f in photos.files]
     print(format_report(report))
     if args.json:
         save_report(report, args.json, overwrite=args.force)
@@ -493,10 +671,26 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.figure:
         save_figure(report, args.figure)
         print(f"figure written to {args.figure}")
+    if args.out:
+        from .runtime.pictures import write_pictures
+
+        outputs = report["outputs"]
+        written = write_pictures(
+            args.out, out_names[:len(outputs["image"])], outputs["image"],
+            {task: outputs[task] for task in report["tasks"]}, compiled.model,
+            force=args.force, title=f"{report['model']} on the {report['board']} board")
+        print(f"{len(written)} pictures and predictions written to {args.out}")
     bad = [t for t, r in report["tasks"].items() if r["bit_exact"] is False]
+    problems = []
     if bad:
-        raise M3VitError(f"accelerator output differs from the golden model for "
-                         f"{', '.join(bad)}")
+        problems.append(f"accelerator output differs from the golden model for "
+                        f"{', '.join(bad)}")
+    if photos is not None and photos.skipped:
+        problems.append(f"{photos.skipped} of {photos.skipped + len(photos.files)} image "
+                        "files could not be read and were skipped (warnings above); the "
+                        "others ran and everything asked for was written")
+    if problems:
+        raise M3VitError("; ".join(problems))
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -672,19 +866,26 @@ def _flops_parser(sub: argparse._SubParsersAction) -> None:
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``m3vit train``."""
-    s = sub.add_parser("train", help="train on synthetic multi-task scenes",
+    s = sub.add_parser("train", help="train on synthetic multi-task scenes or NYUD-v2",
                        description="Train every task jointly on deterministic synthetic scenes "
-                       "(semantic segmentation, depth), evaluate on held-out scenes against "
-                       "trivial baselines (majority class, mean depth) and save a checkpoint.")
+                       "(semantic segmentation, depth) or, with --dataset nyud, on NYUD-v2's "
+                       "train split (the semseg head then has NYUD-v2's 40 classes whatever "
+                       "the preset's count; images fitted to the preset's input: scaled to "
+                       "cover it, centre cropped), evaluate on held-out scenes or NYUD-v2's "
+                       "val split against trivial baselines (majority class, mean depth) and "
+                       "save a checkpoint.")
     _add_model_args(s)
+    _add_dataset_args(s, "what to train on")
     s.add_argument("--steps", type=int, default=600, help="optimizer steps (default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=32,
                    help="images per step (default: %(default)s)")
     s.add_argument("--lr", type=float, default=2e-3,
                    help="peak learning rate (default: %(default)s)")
-    s.add_argument("--n-train", type=int, default=4000,
-                   help="training scenes (default: %(default)s)")
-    s.add_argument("--n-test", type=int, default=500, help="held-out scenes (default: %(default)s)")
+    s.add_argument("--n-train", type=int,
+                   help="training scenes (default: 4000), or the first N images of NYUD-v2's "
+                   "train split (default: all)")
+    s.add_argument("--n-test", type=int, help="held-out scenes (default: 500), or the first N "
+                   "images of NYUD-v2's val split (default: all)")
     s.add_argument("--seed", type=int, default=0, help="initialisation/batch-order seed")
     s.add_argument("--from-timm", metavar="NAME",
                    help="initialise the backbone from a locally built timm ViT, e.g. "
@@ -697,12 +898,23 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``m3vit evaluate``."""
-    s = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out scenes")
+    s = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out scenes or NYUD-v2",
+                       description="Score a checkpoint on held-out synthetic scenes or on "
+                       "NYUD-v2's val split (mIoU over the 40 classes without the unlabelled "
+                       "pixels, depth RMSE in metres over the pixels with a depth) next to "
+                       "trivial baselines, and with --baselines the multi-task Δm.")
     s.add_argument("checkpoint", help="checkpoint written by `m3vit train`")
     s.add_argument("--preset", help="refuse the checkpoint unless it is of this preset")
     s.add_argument("--task", help="evaluate only this task")
-    s.add_argument("--n-test", type=int, default=500, help="held-out scenes (default: %(default)s)")
+    _add_dataset_args(s, "what to evaluate on")
+    s.add_argument("--n-test", type=int, help="held-out scenes (default: 500), or the first N "
+                   "images of NYUD-v2's val split (default: all)")
     s.add_argument("--seed", type=int, default=1, help="held-out seed (default: %(default)s)")
+    s.add_argument("--baselines", metavar="JSON",
+                   help="single-task results to compute M³ViT's multi-task Δm against: a JSON "
+                   'object of metric name to value, e.g. {"semseg/miou": 0.439, '
+                   '"depth/rmse": 0.585} (the NYUD-v2 figures M³ViT\'s evaluation compares '
+                   "with); Δm = mean over them of ±(M − M_b) / M_b in %%, minus for RMSE")
     s.set_defaults(func=cmd_evaluate)
 
 
@@ -723,21 +935,28 @@ def _import_timm_parser(sub: argparse._SubParsersAction) -> None:
 def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``m3vit quantize``."""
     s = sub.add_parser("quantize", help="post-training INT8 quantization into a package",
-                       description="Calibrate a trained checkpoint on synthetic scenes (every "
-                       "task), quantize it to the integer model of docs/numerics.md and write "
-                       "one .m3q package (safetensors + JSON manifest) to copy to a board.")
+                       description="Calibrate a trained checkpoint on synthetic scenes or "
+                       "NYUD-v2 training images (every task), quantize it to the integer "
+                       "model of docs/numerics.md and write one .m3q package (safetensors + "
+                       "JSON manifest) to copy to a board.")
     s.add_argument("checkpoint", help="checkpoint written by `m3vit train`")
     s.add_argument("--preset", help="refuse the checkpoint unless it is of this preset")
     s.add_argument("--out", help="package path (default: the checkpoint's name with .m3q)")
     s.add_argument("--calib", type=int, default=256,
-                   help="calibration scenes (default: %(default)s)")
+                   help="calibration scenes, or NYUD-v2 train images with --calib-data "
+                   "(default: %(default)s)")
+    s.add_argument("--calib-data", metavar="DIR",
+                   help="calibrate on the first --calib images of NYUD-v2's train split in "
+                   "DIR (the NYUD_MT layout; the model must have 40 semseg classes), and "
+                   "--report on its val split")
     s.add_argument("--statistic", choices=("max", "percentile"), default="max",
                    help="activation range statistic: max |x| or its 99.99th percentile")
     s.add_argument("--report", action="store_true",
-                   help="compare float and integer on held-out scenes (metrics, router "
-                   "agreement) and write PACKAGE.report.json")
-    s.add_argument("--n-test", type=int, default=300,
-                   help="held-out scenes for --report (default: %(default)s)")
+                   help="compare float and integer on held-out scenes or NYUD-v2 val images "
+                   "(metrics, router agreement) and write PACKAGE.report.json")
+    s.add_argument("--n-test", type=int,
+                   help="held-out scenes for --report (default: 300), or the first N of "
+                   "NYUD-v2's val split with --calib-data (default: all)")
     s.add_argument("--force", action="store_true", help="overwrite an existing package")
     s.set_defaults(func=cmd_quantize)
 
@@ -759,6 +978,9 @@ def _scenes_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n", type=int, default=4, help="scenes to draw (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="scene seed")
     s.add_argument("--out", default="scenes.png", help="PNG path (default: %(default)s)")
+    s.add_argument("--raw", action="store_true", help="write each scene's image alone, 8-bit "
+                   "RGB as a camera would take it, instead of the figure: --out itself for one "
+                   "scene, else its stem with -0, -1, … (an input for `m3vit run --image`)")
     s.add_argument("--force", action="store_true", help="overwrite an existing PNG")
     s.set_defaults(func=cmd_scenes)
 
@@ -881,7 +1103,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                        "task (or --task) switching task before every run, and print per task "
                        "the metric, cycles, latency, DDR traffic and the task-switch cost. "
                        "With --check PACKAGE.m3q each head is compared bit for bit with the "
-                       "integer golden model.")
+                       "integer golden model. --image/--image-dir run your own pictures "
+                       "instead (fitted to the model's input: docs/runtime.md) and --out "
+                       "writes a PNG of each task's prediction per image.")
     s.add_argument("package", help="a .m3x file written by `m3vit compile`")
     s.add_argument("--backend", choices=("sim", "pynq"), default="sim",
                    help="sim: the Verilated SoC model (built on first use, then cached); "
@@ -894,11 +1118,22 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    "whole program per task); 'all': every task of each image with the blocks "
                    "they share (the embedding and those before the first MoE layer) "
                    "computed once")
-    s.add_argument("--images", type=int, default=2, help="scenes per task (default: 2)")
+    s.add_argument("--images", type=int, default=2, action=_Given,
+                   help="scenes per task (default: 2)")
+    _add_dataset_args(s, "the images to run (NYUD-v2: the first --images of its val split)")
     s.add_argument("--batch", type=int, metavar="B",
                    help="images one run computes, 1 … the package's --max-batch (default: "
                    "that maximum); figures are then per image, the batch's run shared out")
-    s.add_argument("--seed", type=int, default=1, help="scene seed (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=1, action=_Given,
+                   help="scene seed (default: %(default)s)")
+    s.add_argument("--image", nargs="+", action="extend", metavar="FILE",
+                   help="run these image files instead of synthetic scenes (PNG, JPEG, BMP, "
+                   "GIF, TIFF, WebP, PPM; any size: scaled to cover the model's input and "
+                   "centre-cropped; repeatable). No targets, so no metric; a file that "
+                   "cannot be read is skipped with one warning and the run exits 2 at the end")
+    s.add_argument("--image-dir", action="append", metavar="DIR",
+                   help="run every image file of this folder (by name; repeatable; with "
+                   "--image too)")
     s.add_argument("--schedule", choices=("expert", "token"), default="expert",
                    help="MoE schedule when the package leaves it to the host: the paper's "
                    "expert-by-expert reordering or token-by-token (default: %(default)s)")
@@ -925,7 +1160,14 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report "
                    "and m3vit profile)")
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
-    s.add_argument("--force", action="store_true", help="overwrite --json / --figure files")
+    s.add_argument("--out", metavar="DIR", help="write per image NAME (its file's stem, or "
+                   "imageK) and task: NAME.TASK.png (semseg: indexed PNG of the class map in "
+                   "the class palette; depth: magma colour map, near bright, its range in "
+                   "PNG text; edge: black/white mask), NAME.TASK.npy (the float prediction), "
+                   "NAME.png (input and every task side by side) and legend.TASK.png per "
+                   "semseg task; the folder is created if missing")
+    s.add_argument("--force", action="store_true",
+                   help="overwrite --json / --figure files and files in --out")
     s.set_defaults(func=cmd_run)
 
 

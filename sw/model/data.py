@@ -51,6 +51,7 @@ import colorsys
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -354,6 +355,40 @@ def denormalize_image(image: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGE_MEAN, dtype=image.dtype)[:, None, None]
     std = torch.tensor(IMAGE_STD, dtype=image.dtype)[:, None, None]
     return (image * std + mean).clamp(0.0, 1.0)
+
+
+def save_scene_images(images: torch.Tensor, path: str | os.PathLike[str], *,
+                      overwrite: bool = False) -> list[Path]:
+    """Save each scene's image alone as an 8-bit RGB PNG, as a camera would have taken it.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (n, 3, H, W) normalised images (:func:`make_scenes`'s ``"image"``).
+    path : str or os.PathLike
+        The PNG for one image; for more, its stem gets ``-0``, ``-1``, … .
+    overwrite : bool
+        Replace files that exist; otherwise an existing file is an error.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    n = int(images.shape[0])
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}")
+                                   for i in range(n)]
+    for p in paths:
+        if p.exists() and not overwrite:
+            raise M3VitError(f"{p} exists: pass --force to overwrite it or choose another --out")
+    pixels = (denormalize_image(images.float()) * 255).round().to(torch.uint8)
+    for p, image in zip(paths, pixels, strict=True):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(p, format="PNG")
+    return paths
 
 
 _COLUMN_TITLES = {

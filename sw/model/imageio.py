@@ -10,8 +10,10 @@ Reading (:func:`read_image`, Pillow)
     8-bit RGB, greyscale (``L``, copied to three channels), with alpha (``RGBA``, ``LA``:
     composited on black, as the alpha would be were the picture displayed on a black
     screen), palette (``P``), CMYK/YCbCr (converted by Pillow) and 16-bit greyscale PNGs
-    (``I;16``: scaled by 1/65535, no 8-bit rounding on the way). EXIF orientation is
-    applied, so a phone picture is upright.
+    (``I;16``: scaled by 1/65535, no 8-bit rounding on the way). A 32-bit float image
+    (``F``) is stretched from its own minimum to its maximum. EXIF orientation is applied,
+    so a phone picture is upright. An animated GIF or a multi-page TIFF gives its first
+    frame.
 
 Fitting (:func:`fit`)
     Scale so the picture *covers* ``img_size`` keeping its aspect ratio (bilinear, with
@@ -25,6 +27,7 @@ Fitting (:func:`fit`)
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +43,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
                   ".pgm")
 """File endings ``--image-dir`` picks up (case-insensitive)."""
 
-# A decompression bomb is refused rather than allowed to exhaust memory: Pillow's own
-# limit (~179 M pixels) with its warning turned into an error.
+# A decompression bomb is refused, from its header, before it can exhaust memory. Pillow
+# warns above ~89 M pixels and refuses above ~179 M; this tool reads up to 2**27 (134 M)
+# without Pillow's warning and refuses more in one line.
 _MAX_PIXELS = 1 << 27
 
 
@@ -57,8 +61,13 @@ def read_image(source) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        name, img = "image", source
-        return _to_rgb(ImageOps.exif_transpose(img) or img, name)
+        # An image from Image.open decodes lazily: a cut-off file fails here, by its name.
+        name = getattr(source, "filename", "") or "image"
+        try:
+            source.load()
+            return _to_rgb(ImageOps.exif_transpose(source) or source, name)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise M3VitError(f"{name}: damaged or truncated image ({_first_line(e)})") from None
     path = Path(source)
     name = str(path)
     if not path.exists():
@@ -67,20 +76,35 @@ def read_image(source) -> np.ndarray:
         raise M3VitError(f"{name}: is a folder (use --image-dir for a folder of images)")
     if path.stat().st_size == 0:
         raise M3VitError(f"{name}: empty file (0 bytes), not an image")
+
+    def too_big(size: str = "") -> M3VitError:
+        return M3VitError(f"{name}: too many pixels{size} for this tool ({_MAX_PIXELS:,} "
+                          "at most); scale it down first")
+
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.width * img.height > _MAX_PIXELS:
-                raise M3VitError(f"{name}: {img.width}x{img.height} pixels is more than this "
-                                 f"tool reads ({_MAX_PIXELS:,}); scale it down first")
+                raise too_big(f" ({img.width}x{img.height})")
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img, name)
     except UnidentifiedImageError:
         raise M3VitError(f"{name}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        # Refused by Pillow at open (over twice its limit), before the size is known here.
+        raise too_big() from None
+    except PermissionError:
+        raise M3VitError(f"{name}: permission denied (make it readable)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         # Pillow reports a cut-off file as OSError("image file is truncated ...").
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise M3VitError(f"{name}: damaged or truncated image ({why})") from None
+        raise M3VitError(f"{name}: damaged or truncated image ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _to_rgb(img, name: str) -> np.ndarray:
@@ -100,10 +124,15 @@ def _to_rgb(img, name: str) -> np.ndarray:
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
         return np.repeat(a[..., None], 3, axis=2).astype(np.float32)
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        return rgba[..., :3] * rgba[..., 3:4]
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    try:
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+            return rgba[..., :3] * rgba[..., 3:4]
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except ValueError:
+        # Pillow cannot convert a few rare modes to RGB (premultiplied "La").
+        raise M3VitError(f"{name}: colour mode {mode} is not supported; save it as RGB "
+                         "first") from None
 
 
 def fit(array: torch.Tensor, size: tuple[int, int], *, nearest: bool = False) -> torch.Tensor:

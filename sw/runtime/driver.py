@@ -19,9 +19,10 @@ the program and the data window; a task switch writes ``TASK_SELECT`` and nothin
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,8 +40,16 @@ from m3vit.hw.registers import (
 from ..compiler.executable import Executable, load_executable
 from ..compiler.layout import head_output, patch_words
 from ..errors import M3VitError
+from ..model.imageio import load_image
 from ..quant import golden
 from .board import Board, Buffer
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+    #: What :meth:`Accelerator.infer` takes: normalised images, or files and PIL images.
+    Images = (torch.Tensor | str | os.PathLike | PILImage
+              | Sequence[torch.Tensor | str | os.PathLike | PILImage])
 
 __all__ = [
     "Accelerator",
@@ -50,6 +59,7 @@ __all__ = [
     "TaskOutputs",
     "TraceEntry",
     "WatchdogError",
+    "as_image_batch",
 ]
 
 #: Default watchdog: no image of a model that fits the ZCU104 needs more (edge-moe ≈ 1.5 M
@@ -58,6 +68,55 @@ DEFAULT_WATCHDOG_CYCLES = 100_000_000
 #: Cycles an ABORT gets to stop the run cleanly before the watchdog resets the logic.
 ABORT_GRACE_CYCLES = 100_000
 _PROGRAM_ALIGN = 4096  # the program and the data window start on their own pages
+
+
+def as_image_batch(images: Images, img_size: tuple[int, int]) -> torch.Tensor:
+    """The model's input for ``images``: a tensor as it is, files and PIL images loaded.
+
+    Parameters
+    ----------
+    images : torch.Tensor, path-like, PIL.Image.Image or a sequence of them
+        A tensor is returned unchanged. A path or a PIL image, or a list of them, is read,
+        fitted to ``img_size`` and normalised by
+        :func:`~m3vit.sw.model.imageio.load_image`; (C, H, W) tensors may be mixed in.
+    img_size : tuple of int
+        The model's (height, width).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, C, H, W), or the tensor given.
+
+    Raises
+    ------
+    M3VitError
+        For a file that cannot be read (one line naming it), an empty list or another type.
+    """
+    if isinstance(images, torch.Tensor):
+        return images
+    from PIL import Image
+
+    def is_file_or_picture(item) -> bool:
+        return isinstance(item, (str, os.PathLike, Image.Image))
+
+    single = is_file_or_picture(images)
+    items = [images] if single else images
+    if not isinstance(items, (list, tuple)) or not items:
+        raise M3VitError("images must be a torch.Tensor, an image file, a PIL image or a "
+                         f"non-empty list of them, got {type(images).__name__}")
+    batch = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            batch.append(item)
+        elif is_file_or_picture(item):
+            batch.append(load_image(item, img_size))
+        else:
+            raise M3VitError("images must be tensors, image files or PIL images, got a "
+                             f"{type(item).__name__} in the list")
+    shapes = {tuple(x.shape) for x in batch}
+    if len(shapes) != 1:
+        raise M3VitError(f"the images differ in shape ({', '.join(map(str, sorted(shapes)))})")
+    return torch.stack(batch)
 
 
 class AcceleratorError(M3VitError):
@@ -402,8 +461,10 @@ class Accelerator:
 
     # ---- running --------------------------------------------------------------------
 
-    def quantize(self, images: torch.Tensor) -> torch.Tensor:
+    def quantize(self, images: Images) -> torch.Tensor:
         """Float images (B, C, H, W) → INT8 as the package's input scale gives them.
+
+        ``images`` may also be image files or PIL images (:func:`as_image_batch`).
 
         Raises
         ------
@@ -413,8 +474,7 @@ class Accelerator:
         pkg = self._loaded()
         m = pkg.model
         want = (m.in_chans, *m.img_size)
-        if not isinstance(images, torch.Tensor):
-            raise M3VitError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        images = as_image_batch(images, m.img_size)
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4 or tuple(images.shape[1:]) != want or images.shape[0] < 1:
@@ -422,15 +482,17 @@ class Accelerator:
                              f"(B, {', '.join(map(str, want))}) images")
         return golden.quantize_image(images, pkg.input_scale)
 
-    def infer(self, images: torch.Tensor, task: str | None = None,
+    def infer(self, images: Images, task: str | None = None,
               progress: Callable[[int], None] | None = None, *,
               batch: int | None = None) -> TaskOutputs:
         """Run images for the current (or given) task, ``batch`` of them an accelerator run.
 
         Parameters
         ----------
-        images : torch.Tensor
-            (N, C, H, W) or (C, H, W) float images, normalised like the training data.
+        images : torch.Tensor, path-like, PIL.Image.Image or a list of them
+            (N, C, H, W) or (C, H, W) float images, normalised like the training data; or
+            image files and PIL images, read, fitted to the model's input size and
+            normalised (:func:`as_image_batch`).
         task : str, optional
             Switch to this task first (:meth:`set_task`).
         progress : callable, optional
@@ -448,7 +510,8 @@ class Accelerator:
         Raises
         ------
         M3VitError
-            For a batch the package has no program for.
+            For a batch the package has no program for, or an image file that cannot be
+            read (one line naming it).
         """
         pkg = self._loaded()
         batch = pkg.max_batch if batch is None else batch
@@ -476,7 +539,7 @@ class Accelerator:
         predictions = golden.upsample(golden.dequantize_head(acc, scale), pkg.model)
         return TaskOutputs(task, acc, predictions, runs)
 
-    def infer_all(self, images: torch.Tensor, tasks=None, *, batch: int | None = None,
+    def infer_all(self, images: Images, tasks=None, *, batch: int | None = None,
                   progress: Callable[[int], None] | None = None) -> AllTaskOutputs:
         """Every task (or ``tasks``) of the images, the blocks they share computed once.
 
@@ -487,8 +550,9 @@ class Accelerator:
 
         Parameters
         ----------
-        images : torch.Tensor
-            (N, C, H, W) or (C, H, W) float images.
+        images : torch.Tensor, path-like, PIL.Image.Image or a list of them
+            (N, C, H, W) or (C, H, W) float images, or image files and PIL images
+            (:meth:`infer`).
         tasks : sequence of str, optional
             Tasks to compute (default: all of the package's), in this order.
         batch : int, optional

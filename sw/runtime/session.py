@@ -45,7 +45,8 @@ def run_session(acc: Accelerator, scenes: dict[str, torch.Tensor], *,
     acc : Accelerator
         A driver with a package loaded.
     scenes : dict
-        :func:`m3vit.sw.model.data.make_scenes` output: ``"image"`` and the targets.
+        :func:`m3vit.sw.model.data.make_scenes` output: ``"image"`` and the targets; a
+        task whose target is absent (a user's images: ``{"image": ...}``) has no metric.
     tasks : sequence of str, optional
         Tasks to run (default: all of the package's).
     reference : QuantizedModel, optional
@@ -250,6 +251,7 @@ _REPORT_SCHEMA = {
     "shared?": {"all_tasks_cycles_per_image": _NUMBER, "cycles_per_image": _NUMBER,
                 "blocks": _COUNT},
     "profiles?": dict,
+    "image_files?": [str],
 }
 
 
@@ -311,8 +313,11 @@ def format_report(report: dict[str, Any]) -> str:
     batch = report.get("batch", 1)
     batched = f" in batches of {batch}" if batch > 1 else ""
     per = "; figures per image (a batch's run shared out over its images)" if batch > 1 else ""
+    # A user's image files come without targets: the metric column stays empty.
+    images = (f"{report['images']} image file(s) (no targets, no metric)"
+              if report.get("image_files") else f"{report['images']} image(s)")
     lines = [f"{report['model']} on the {report['board']} board ({report['array']} array, "
-             f"config {report['config_hash']}, {clock:g} MHz), {report['images']} image(s)"
+             f"config {report['config_hash']}, {clock:g} MHz), {images}"
              f"{batched}, MoE schedule {report['schedule'].lower().replace('_', ' ')}"
              f"{per}",
              f"{'task':<10} {'metric':<32} {'bit-exact':>10} {'cycles':>12} "

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 #: Notebook → the figures it must save.
 FIGURES = {
-    "01_quickstart.ipynb": ["quickstart_tasks.png"],
+    "01_quickstart.ipynb": ["quickstart_tasks.png", "quickstart_example.png"],
     "02_task_switching.ipynb": ["task_switch_runs.png", "task_switch_cost.png"],
     "03_scheduler.ipynb": ["scheduler_cycles_ddr.png", "scheduler_batches.png"],
 }
@@ -102,6 +102,27 @@ def test_prepare_package_sources_and_refusals(tmp_path):
     assert "is not the package" in errors[1] and "compiled from" in errors[1]
     assert "config 0x00001234" in errors[2] and "zcu104, ci" in errors[2]
     assert all("\n" not in message for message in errors)
+
+
+def test_example_picture_is_what_its_documented_command_makes(tmp_path):
+    """``notebooks/example.png`` comes from the one command in ``notebooks/README.md``: run
+    it again and compare the pixels."""
+    import shlex
+
+    from PIL import Image
+
+    from m3vit.sw.cli import main
+
+    example = "notebooks/example.png"
+    lines = [line for line in (NOTEBOOKS / "README.md").read_text().splitlines()
+             if "m3vit scenes" in line and example in line]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])[1:]   # without the .venv/bin/m3vit
+    argv[argv.index(example)] = str(tmp_path / "example.png")
+    assert main(argv) == 0
+    made, kept = Image.open(tmp_path / "example.png"), Image.open(ROOT / example)
+    assert kept.mode == "RGB" and kept.size == (320, 240)
+    assert np.array_equal(np.asarray(made), np.asarray(kept))
 
 
 def _run_notebook(path: Path) -> None:

@@ -19,8 +19,10 @@ from m3vit.sw.model.data import (
     TRAIN_SEED,
     SceneDataset,
     class_appearance,
+    denormalize_image,
     make_scenes,
     save_scene_figure,
+    save_scene_images,
 )
 from m3vit.sw.model.metrics import baseline_metrics, depth_rmse, miou
 
@@ -236,3 +238,28 @@ def test_scene_figure_is_a_png(tmp_path):
     path = tmp_path / "scenes.png"
     save_scene_figure(make_scenes(3, (32, 32), n_classes=4, seed=0), path, n=4)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scene_images_are_plain_pictures(tmp_path, capsys):
+    """``save_scene_images`` (``m3vit scenes --raw``): each scene's image as 8-bit RGB, the
+    de-normalised pixels rounded; never over an existing file without ``overwrite``."""
+    from PIL import Image
+
+    from m3vit.sw.cli import main
+
+    scenes = make_scenes(2, (24, 40), n_classes=4, seed=3)
+    paths = save_scene_images(scenes["image"], tmp_path / "s.png")
+    assert [p.name for p in paths] == ["s-0.png", "s-1.png"]
+    for path, image in zip(paths, scenes["image"], strict=True):
+        picture = Image.open(path)
+        assert picture.mode == "RGB" and picture.size == (40, 24)
+        want = (denormalize_image(image) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        assert np.array_equal(np.asarray(picture), want.numpy())
+    with pytest.raises(M3VitError, match=r"s-0\.png exists"):
+        save_scene_images(scenes["image"], tmp_path / "s.png")
+    out = tmp_path / "one.png"
+    argv = ["scenes", "--img-size", "24x40", "--n", "1", "--seed", "3", "--raw", "--out", str(out)]
+    assert main(argv) == 0 and Image.open(out).size == (40, 24)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(paths[0])))
+    capsys.readouterr()
+    assert main(argv) == 2 and "exists: pass --force" in capsys.readouterr().err
