@@ -953,7 +953,9 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="activation range statistic: max |x| or its 99.99th percentile")
     s.add_argument("--report", action="store_true",
                    help="compare float and integer on held-out scenes or NYUD-v2 val images "
-                   "(metrics, router agreement) and write PACKAGE.report.json")
+                   "(metrics; the router's top-k agreement with the float model per task and "
+                   "MoE block, stage by stage, and how many disagreements are near-ties: "
+                   "docs/numerics.md) and write PACKAGE.report.json")
     s.add_argument("--n-test", type=int,
                    help="held-out scenes for --report (default: 300), or the first N of "
                    "NYUD-v2's val split with --calib-data (default: all)")

@@ -405,6 +405,32 @@ def bench_throughput() -> str:
     ]) + "\n"
 
 
+def bench_router() -> str:
+    """Router fidelity: the integer top-k against the float one, by stage, and what wider
+    residual stream, probabilities and router logits would give (issue #20)."""
+    from . import router_fidelity as harness
+
+    started = time.perf_counter()
+    results = harness.bench_router()
+    took = time.perf_counter() - started
+    return "\n".join([
+        "## Router fidelity: the integer model's experts against the float model's",
+        "",
+        "Command: `make bench` (`python -m m3vit.sw.bench router`), which runs "
+        "`m3vit.sw.bench.router_fidelity`: each model trained here from seed 0 and quantized "
+        "with the default calibration; `m3vit quantize --report` prints the same stage "
+        "table for any checkpoint. The stages follow the integer router's pipeline on the "
+        "integer model's own activations and give the share of token routings whose top-k "
+        "expert set equals the float model's; each includes the losses of those above it "
+        "(`m3vit.sw.quant.router_fidelity`). The what-if tables run the float model with the "
+        "integer model's rounding at every tensor it stores, the named ones wider "
+        "(`precision_what_if`). Analysis: `docs/numerics.md`, router fidelity.",
+        f"Machine: {machine()}; {took:.0f} s in all.",
+        "",
+        harness.markdown(results),
+    ]) + "\n"
+
+
 def bench_estimate() -> str:
     """The analytic cycle model's error against the SoC model, every case that fits."""
     from . import estimate_error as harness
@@ -769,6 +795,7 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "faults": bench_faults,
     "soak": bench_soak,
     "coverage": bench_coverage,
+    "router": bench_router,
 }
 
 

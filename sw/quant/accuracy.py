@@ -12,7 +12,7 @@ from ..model.metrics import LOWER_IS_BETTER, evaluate_predictions
 from ..model.train import evaluate, scenes_for
 from . import golden
 from .package import QuantizedModel
-from .quantize import trace_float
+from .router_fidelity import format_fidelity, router_fidelity
 
 
 def golden_predict(pkg: QuantizedModel, images: torch.Tensor, task: str,
@@ -32,26 +32,16 @@ def relative_loss(name: str, float_value: float, int_value: float) -> float:
     return worse / abs(float_value)
 
 
-@torch.no_grad()
 def router_agreement(model: M3ViT, pkg: QuantizedModel, images: torch.Tensor
                      ) -> dict[str, dict[int, float]]:
     """Share of tokens whose top-k expert *set* is the same in float and integer.
 
     Per task and MoE block; each model routes its own activations (the integer model's
-    drift included), as they would run.
+    drift included), as they would run: the ``scores`` stage of
+    :func:`~m3vit.sw.quant.router_fidelity.router_fidelity`.
     """
-    cfg = model.cfg
-    image_q = golden.quantize_image(images, pkg.params["scales"]["input"])
-    out: dict[str, dict[int, float]] = {}
-    for task in cfg.task_names:
-        flt = trace_float(model, images, task)
-        _, cap = golden.forward(pkg.tensors, cfg, image_q, task, capture=True)
-        out[task] = {}
-        for i in cfg.moe_blocks:
-            f = flt[f"blocks.{i}.experts"].sort(dim=-1).values
-            q = cap[f"blocks.{i}.experts"].sort(dim=-1).values
-            out[task][i] = float((f == q).all(dim=-1).double().mean())
-    return out
+    return {task: {i: b["agreement"] for i, b in blocks.items()}
+            for task, blocks in router_fidelity(model, pkg, images).items()}
 
 
 def accuracy_report(model: M3ViT, pkg: QuantizedModel, n_test: int = 300,
@@ -81,7 +71,10 @@ def accuracy_report(model: M3ViT, pkg: QuantizedModel, n_test: int = 300,
                     for k in float_metrics},
     }
     if cfg.moe:
-        report["router_agreement"] = router_agreement(model, pkg, test["image"][:n_router])
+        fidelity = router_fidelity(model, pkg, test["image"][:n_router])
+        report["router"] = fidelity
+        report["router_agreement"] = {task: {i: b["agreement"] for i, b in blocks.items()}
+                                      for task, blocks in fidelity.items()}
     return report
 
 
@@ -95,8 +88,6 @@ def format_report(report: dict[str, Any]) -> str:
     for k, m in report["metrics"].items():
         lines.append(f"{k:<18} {m['float']:>9.4f} {m['int']:>9.4f} "
                      f"{m['relative_loss']:>+10.2%}")
-    for task, layers in report.get("router_agreement", {}).items():
-        per = ", ".join(f"block {i}: {v:.1%}" for i, v in layers.items())
-        mean = sum(layers.values()) / max(1, len(layers))
-        lines.append(f"router agreement {task}: {mean:.1%} ({per})")
+    if "router" in report:
+        lines.append(format_fidelity(report["router"]))
     return "\n".join(lines)

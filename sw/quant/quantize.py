@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,37 +39,50 @@ STATISTICS = ("max", "percentile")
 
 
 @torch.no_grad()
-def trace_float(model: M3ViT, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+def trace_float(model: M3ViT, x: torch.Tensor, task: str,
+                fake_quant: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
     """Run ``model``'s single-task forward, returning every quantization point by name.
 
     Mirrors :meth:`M3ViT.forward_task` op for op (a test checks the head output is
     identical), naming tensors as :func:`m3vit.sw.quant.golden.forward` captures them.
+
+    ``fake_quant(name, value)``, when given, replaces each tensor the integer model stores
+    (and the attention probabilities, ``blocks.i.probs``, which are not captured) by what
+    it returns before the rest of the forward uses it: a float model with the integer
+    model's rounding at chosen points and widths (:mod:`m3vit.sw.quant.router_fidelity`).
     """
+    def fq(name: str, v: torch.Tensor) -> torch.Tensor:
+        return v if fake_quant is None else fake_quant(name, v)
+
     cap: dict[str, torch.Tensor] = {"input": x}
     pe = model.patch_embed(x)
     cap["patch"] = torch.cat([pe.flatten(), model.cls_token.flatten()])
     cap["pos"] = model.pos_embed
-    t = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), pe], dim=1) + model.pos_embed
+    t = fq("x0", torch.cat([model.cls_token.expand(x.shape[0], -1, -1), pe], dim=1)
+           + model.pos_embed)
     cap["x0"] = t
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}"
-        h = block.norm1(t)
+        h = fq(f"{p}.ln1", block.norm1(t))
         attn = block.attn
         b, n, d = h.shape
         qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, d // attn.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        o = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
-        proj = attn.proj(o)
-        t1 = t + proj
-        h2 = block.norm2(t1)
+        q, k, v = fq(f"{p}.q", q), fq(f"{p}.k", k), fq(f"{p}.v", v)
+        logits = fq(f"{p}.logits", (q * attn.scale) @ k.transpose(-2, -1))
+        probs = fq(f"{p}.probs", logits.softmax(dim=-1))
+        o = fq(f"{p}.attn_out", (probs @ v).transpose(1, 2).reshape(b, n, d))
+        proj = fq(f"{p}.proj", attn.proj(o))
+        t1 = fq(f"{p}.x1", t + proj)
+        h2 = fq(f"{p}.ln2", block.norm2(t1))
         cap.update({f"{p}.ln1": h, f"{p}.q": q, f"{p}.k": k, f"{p}.v": v,
                     f"{p}.logits": logits, f"{p}.attn_out": o, f"{p}.proj": proj,
                     f"{p}.x1": t1, f"{p}.ln2": h2})
         if block.is_moe:
             layer = block.moe
             flat = h2.reshape(-1, d)
-            router_logits = layer.router_logits(flat, task)
+            router_logits = fq(f"{p}.router.{task}", layer.router_logits(flat, task))
             r = route(router_logits, layer.top_k)
             out = torch.zeros_like(flat)
             fc1, gelu, fc2 = [], [], []
@@ -76,25 +90,25 @@ def trace_float(model: M3ViT, x: torch.Tensor, task: str) -> dict[str, torch.Ten
                 token, slot = (r.experts == e).nonzero(as_tuple=True)
                 if token.numel() == 0:
                     continue
-                a = expert.fc1(flat[token])
-                g = expert.act(a)
-                y = expert.fc2(g)
+                a = fq(f"{p}.experts.fc1", expert.fc1(flat[token]))
+                g = fq(f"{p}.experts.gelu", expert.act(a))
+                y = fq(f"{p}.experts.fc2", expert.fc2(g))
                 fc1.append(a)
                 gelu.append(g)
                 fc2.append(y)
                 out = out.index_add(0, token, y * r.scores[token, slot, None])
-            y = out.reshape(h2.shape)
+            y = fq(f"{p}.mlp_out", out.reshape(h2.shape))
             cap.update({f"{p}.router.{task}": router_logits, f"{p}.experts": r.experts,
                         f"{p}.experts.fc1": torch.cat(fc1), f"{p}.experts.gelu": torch.cat(gelu),
                         f"{p}.experts.fc2": torch.cat(fc2)})
         else:
-            a = block.mlp.fc1(h2)
-            g = block.mlp.act(a)
-            y = block.mlp.fc2(g)
+            a = fq(f"{p}.fc1", block.mlp.fc1(h2))
+            g = fq(f"{p}.gelu", block.mlp.act(a))
+            y = fq(f"{p}.mlp_out", block.mlp.fc2(g))
             cap.update({f"{p}.fc1": a, f"{p}.gelu": g})
-        t = t1 + y
+        t = fq(f"{p}.x2", t1 + y)
         cap.update({f"{p}.mlp_out": y, f"{p}.x2": t})
-    normed = model.norm(t)
+    normed = fq("norm", model.norm(t))
     cap["norm"] = normed
     cap[f"heads.{task}"] = model.heads[task].proj(normed[:, 1:])
     return cap
