@@ -579,7 +579,17 @@ def _run_inputs(args: argparse.Namespace, model: ModelConfig, tasks: list[str]
         names = output_names([f.stem for f in read], tasks)
     else:
         names = [f"image{i}" for i in range(args.images)]
+        if getattr(args, "dataset", "scenes") == "nyud" and args.data:
+            from .model.nyud import nyud_ids
+
+            # NYUD-v2 images are named by their split ids, the first --images of val.
+            names = output_names(nyud_ids(args.data, "val")[:args.images], tasks)
     if args.out:
+        from .runtime.pictures import class_palette
+
+        for spec in model.tasks:
+            if spec.kind == "semseg" and spec.name in tasks:
+                class_palette(spec.n_out)   # refused now, not after the run, if too many
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise M3VitError(f"{out} is a file, not a folder: choose another --out")
@@ -1162,9 +1172,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", metavar="OUT", help="write the report as JSON (for m3vit report "
                    "and m3vit profile)")
     s.add_argument("--figure", metavar="PNG", help="save inputs and outputs per task")
-    s.add_argument("--out", metavar="DIR", help="write per image NAME (its file's stem, or "
-                   "imageK) and task: NAME.TASK.png (semseg: indexed PNG of the class map in "
-                   "the class palette; depth: magma colour map, near bright, its range in "
+    s.add_argument("--out", metavar="DIR", help="write per image NAME (its file's stem, its "
+                   "NYUD-v2 id, or imageK for scenes) and task: NAME.TASK.png (semseg: "
+                   "indexed PNG of the class map in the class palette; depth: magma colour "
+                   "map, near bright, its range in "
                    "PNG text; edge: black/white mask), NAME.TASK.npy (the float prediction), "
                    "NAME.png (input and every task side by side) and legend.TASK.png per "
                    "semseg task; the folder is created if missing")

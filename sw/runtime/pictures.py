@@ -1,7 +1,7 @@
 """Pictures a person can read from a run's predictions: ``m3vit run --out DIR``.
 
-For every image ``NAME`` (a file's stem, or ``scene<i>`` for synthetic scenes) and every
-task ``TASK`` of the run, :func:`write_pictures` writes into the folder:
+For every image ``NAME`` (a file's stem, a NYUD-v2 id, or ``image<i>`` for synthetic
+scenes) and every task ``TASK`` of the run, :func:`write_pictures` writes into the folder:
 
 ``NAME.TASK.png``
     *semseg*: the argmax class map at the model's input size, an indexed (mode ``P``) PNG

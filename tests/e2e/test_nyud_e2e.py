@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("soc_ci")]
 
 
 def test_train_evaluate_quantize_compile_and_run_on_nyud(nyud_folder, tmp_path, capsys):
-    root, _ = nyud_folder
+    root, splits = nyud_folder
     data = ["--dataset", "nyud", "--data", str(root)]
     ckpt, m3q = tmp_path / "tiny.pt", tmp_path / "tiny.m3q"
 
@@ -52,9 +52,14 @@ def test_train_evaluate_quantize_compile_and_run_on_nyud(nyud_folder, tmp_path, 
     assert main(["compile", str(m3q), "--config", "ci"]) == 0
     m3x, run_json = tmp_path / "tiny.ci.m3x", tmp_path / "run.json"
     capsys.readouterr()
+    pictures = tmp_path / "pictures"
     assert main(["run", str(m3x), *data, "--config", "ci", "--check", str(m3q),
-                 "--images", "1", "--json", str(run_json)]) == 0
+                 "--images", "1", "--json", str(run_json), "--out", str(pictures)]) == 0
     out = capsys.readouterr().out
+    # The pictures are named by the NYUD-v2 id of the image.
+    first = splits["val"][0]
+    assert {f"{first}.semseg.png", f"{first}.depth.npy", f"{first}.png"} <= {
+        p.name for p in pictures.iterdir()}
     report = load_report(run_json)
     assert report["images"] == 1
     # The metrics are those of the golden model on the first NYUD-v2 val image: scored
