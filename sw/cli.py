@@ -296,9 +296,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.calib_data:
         images = _nyud(args.calib_data, model.cfg, "train", args.calib, keys=("image",))
         pkg = quantize(model, statistic=args.statistic, images=images["image"],
-                       source="NYUD-v2 train images")
+                       source="NYUD-v2 train images", router_range=args.router_range)
     else:
-        pkg = quantize(model, n_calib=args.calib, statistic=args.statistic)
+        pkg = quantize(model, n_calib=args.calib, statistic=args.statistic,
+                       router_range=args.router_range)
     save_package(out, pkg, overwrite=args.force)
     print(f"{model.cfg.name}: quantized package written to {out} "
           f"({out.stat().st_size / 1e6:.2f} MB)")
@@ -961,6 +962,12 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                    "--report on its val split")
     s.add_argument("--statistic", choices=("max", "percentile"), default="max",
                    help="activation range statistic: max |x| or its 99.99th percentile")
+    s.add_argument("--router-range", choices=("max", "top"), default="max",
+                   help="router logits' INT8 step: from the largest |logit| like every "
+                   "tensor (max), or from the range the top-k needs, centred by a bias "
+                   "(top: about twice finer, fewer near-ties merged, but low logits "
+                   "saturate and weigh more in the softmax sum; docs/numerics.md, router "
+                   "fidelity). --report shows both effects (default: %(default)s)")
     s.add_argument("--report", action="store_true",
                    help="compare float and integer on held-out scenes or NYUD-v2 val images "
                    "(metrics; the router's top-k agreement with the float model per task and "

@@ -78,8 +78,11 @@ def measure(name: str, spec: dict[str, Any], quick: bool = False) -> dict[str, A
     images = scenes_for(cfg, n_router, TEST_SEED)["image"]
     what_if = precision_what_if(model, pkg.params["scales"], images, VARIANTS)
     drift = activation_error(model, pkg, images, cfg.task_names[0])
-    return {"drift": drift, "name": name, "config": cfg, "train": tc, "trained_s": trained,
-            "report": report, "what_if": what_if, "n_router": n_router,
+    top = quantize(model, n_calib=4 if quick else spec["calib"], router_range="top")
+    top_report = accuracy_report(model, top, n_test=n_test, n_router=n_router)
+    return {"name": name, "config": cfg, "train": tc, "trained_s": trained,
+            "report": report, "what_if": what_if, "n_router": n_router, "drift": drift,
+            "top": top_report,
             "took_s": time.perf_counter() - started}
 
 
@@ -141,6 +144,22 @@ def markdown(results: list[dict[str, Any]]) -> str:
                                                   for i in cols) + " |"
                       for stage, text in STAGES.items()]
         tasks = list(rep["router"])
+        lines += ["", "The router's logit step set for resolution (`m3vit quantize "
+                  "--router-range top`) against the default (`max`): agreement with the "
+                  "float model, mean over the tokens (lowest block), and the largest "
+                  "relative loss of any task metric.", "",
+                  "| router range | " + " | ".join(tasks) + " | largest metric loss |",
+                  "|---|" + "---:|" * (len(tasks) + 1)]
+        for label, report in (("max (default)", rep), ("top", r["top"])):
+            cells = []
+            for task in tasks:
+                blocks = report["router"][task]
+                tokens = sum(b["tokens"] for b in blocks.values())
+                agree = sum(b["agreement"] * b["tokens"] for b in blocks.values()) / tokens
+                low = min(b["agreement"] for b in blocks.values())
+                cells.append(f"{agree:.1%} ({low:.1%})")
+            loss = max(m["relative_loss"] for m in report["metrics"].values())
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {loss:+.2%} |")
         lines += ["", "What would restore it — fake-quantized float models (every stored "
                   "tensor rounded as the integer model does, the named ones wider): top-k "
                   "agreement with the float model, mean over the blocks (lowest block).", "",

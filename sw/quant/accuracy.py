@@ -83,7 +83,8 @@ def format_report(report: dict[str, Any]) -> str:
     cal = report.get("calibration", {})
     lines = [f"preset {report['preset']}: {report['held_out_images']} held-out "
              f"{report.get('held_out', 'scenes')}, calibration '{cal.get('statistic')}' on "
-             f"{cal.get('images')} {cal.get('data', 'scenes')}",
+             f"{cal.get('images')} {cal.get('data', 'scenes')}"
+             + (f", router range '{cal['router_range']}'" if "router_range" in cal else ""),
              f"{'metric':<18} {'float':>9} {'integer':>9} {'rel. loss':>10}"]
     for k, m in report["metrics"].items():
         lines.append(f"{k:<18} {m['float']:>9.4f} {m['int']:>9.4f} "

@@ -31,6 +31,19 @@ from .package import QuantizedModel
 CALIB_SEED = 2
 """Seed of the calibration scenes: neither the training (0) nor the held-out (1) seed."""
 STATISTICS = ("max", "percentile")
+ROUTER_RANGES = ("max", "top")
+"""How the router logits' INT8 step is set (``docs/numerics.md``, router fidelity).
+``max``: as every tensor, from the largest |logit|. ``top``: from the range top-k needs —
+the largest first logit to the smallest (k+1)-th logit of a calibration token, widened by
+:data:`TOP_RANGE_MARGIN` of its span each side and centred by a constant bias (neither the
+softmax nor the top-k changes under a constant), where that is finer than ``max`` (with 16
+experts top-2 on ``edge-moe`` about twice finer; with 4 experts it can be coarser, and
+``max`` is kept), so fewer
+near-ties round to one INT8 value, while logits below the range saturate and then weigh
+too much in the softmax sum."""
+TOP_RANGE_MARGIN = 0.125
+"""Share of the top-k range added on each side by ``router_range="top"``: room for tokens
+beyond the calibration's (a top logit that saturates at 127 ties with the next)."""
 """``max``: the largest |x| seen (no clipping). ``percentile``: the 99.99th percentile of
 |x| (clips rare outliers, finer steps for the rest)."""
 
@@ -124,23 +137,48 @@ def _statistic(x: torch.Tensor, statistic: str) -> float:
 
 @torch.no_grad()
 def calibrate(
-    model: M3ViT, images: torch.Tensor, statistic: str = "max", batch: int = 64
+    model: M3ViT, images: torch.Tensor, statistic: str = "max", batch: int = 64,
+    router_range: str = "max",
 ) -> dict[str, float]:
-    """Per-tensor activation scales (``statistic / 127``) over ``images`` and every task."""
+    """Per-tensor activation scales (``statistic / 127``) over ``images`` and every task.
+
+    With ``router_range="top"`` (:data:`ROUTER_RANGES`) each router's scale comes from the
+    range its top-k needs instead, and ``scales["<router>.centre"]`` holds the logit value
+    the quantizer moves to 0 with a constant bias.
+    """
     if statistic not in STATISTICS:
         raise M3VitError(f"calibration statistic must be one of {STATISTICS}, got {statistic!r}")
+    if router_range not in ROUTER_RANGES:
+        raise M3VitError(f"router range must be one of {ROUTER_RANGES}, got {router_range!r}")
+    cfg = model.cfg
     seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+    # Per router: the largest first and the smallest (k+1)-th logit of any token.
+    tops: dict[str, list[float]] = {}
     model.eval()
-    for task in model.cfg.task_names:
+    for task in cfg.task_names:
         for i in range(0, len(images), batch):
             for name, value in trace_float(model, images[i : i + batch], task).items():
                 if name.endswith(".experts") or name.startswith("heads."):
                     continue
                 seen[name].append(value.flatten())
+                if router_range == "top" and name.endswith(f".router.{task}"):
+                    ranked = value.reshape(-1, cfg.n_experts).sort(dim=-1,
+                                                                   descending=True).values
+                    hi = float(ranked[:, 0].max())
+                    lo = float(ranked[:, min(cfg.top_k, cfg.n_experts - 1)].min())
+                    old = tops.get(name, [hi, lo])
+                    tops[name] = [max(old[0], hi), min(old[1], lo)]
     scales = {}
     for name, values in seen.items():
         peak = _statistic(torch.cat(values), statistic)
         scales[name] = peak / 127 if peak > 0 else 1.0
+    for name, (hi, lo) in tops.items():
+        span = (hi - lo) * (1 + 2 * TOP_RANGE_MARGIN)
+        # 254 steps, so the rounded ends stay within ±127; kept only when finer than the
+        # max statistic's (with few experts the (k+1)-th logit spans nearly everything).
+        if 0 < span / 254 < scales[name]:
+            scales[name] = span / 254
+            scales[f"{name}.centre"] = (hi + lo) / 2
     return scales
 
 
@@ -305,6 +343,11 @@ def _moe_params(t: dict, p: str, layer, cfg: ModelConfig, s: dict[str, float]) -
             # x ⊕ task_embed through one router = x·W_x + (task_embed·W_t): a per-task bias.
             weight = layer.router.weight[:, : cfg.embed_dim]
             bias = layer.router.weight[:, cfg.embed_dim :] @ layer.task_embed[task_index]
+        centre = s.get(f"{r}.centre", 0.0)
+        if centre:
+            # router_range "top": a constant bias brings the top-k range's middle to 0.
+            offset = torch.full((weight.shape[0],), -centre, dtype=torch.float64)
+            bias = offset if bias is None else bias.detach().double() + offset
         _linear_params(t, r, weight, bias, s_h, s[r])
         t[f"{r}.exp"] = nx.exp_table(s[r]).to(torch.int32)
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -325,6 +368,7 @@ def _moe_params(t: dict, p: str, layer, cfg: ModelConfig, s: dict[str, float]) -
 def quantize(
     model: M3ViT, *, n_calib: int = 256, statistic: str = "max", seed: int = CALIB_SEED,
     images: torch.Tensor | None = None, source: str | None = None,
+    router_range: str = "max",
 ) -> QuantizedModel:
     """Calibrate ``model`` and quantize it.
 
@@ -343,6 +387,8 @@ def quantize(
         synthetic scenes: e.g. NYUD-v2 training images for a model trained on them.
     source : str, optional
         What ``images`` are, recorded in the package's calibration settings.
+    router_range : str
+        One of :data:`ROUTER_RANGES`: how the router logits' step is set.
     """
     cfg = model.cfg
     if images is None:
@@ -356,7 +402,9 @@ def quantize(
                              f"{tuple(images.shape)}")
         settings = {"statistic": statistic, "images": len(images),
                     "data": source or "given images"}
-    scales = calibrate(model, images, statistic)
+    scales = calibrate(model, images, statistic, router_range=router_range)
+    if router_range != "max":
+        settings["router_range"] = router_range
     return quantize_model(model, scales, settings)
 
 

@@ -345,3 +345,19 @@ def test_the_estimate_is_within_five_per_cent_of_the_soc(acc):
         acc.set_schedule(Schedule.EXPERT_BY_EXPERT)
         acc.load(compile_executable(tiny_package(), CI))
     assert all(abs(e) <= 0.05 for *_, e in errors), errors
+
+
+def test_a_router_centred_by_a_bias_is_bit_exact_on_the_soc():
+    """``router_range="top"`` moves the router logits with a constant bias (its top-k range
+    centred on 0) — a bias the router GEMM adds like any other: still bit-exact."""
+    pkg = quantize(M3ViT(get_preset("tiny"), seed=0), n_calib=4, router_range="top")
+    assert pkg.params["calibration"]["router_range"] == "top"
+    assert any(int(pkg.tensors[f"blocks.1.router.{t}.bias"].abs().max()) > 0
+               for t in ("semseg", "depth"))
+    images = scenes_for(get_preset("tiny"), 1, seed=SEED + 6)["image"]
+    x_q = golden.quantize_image(images, pkg.params["scales"]["input"])
+    with Accelerator.open("sim", config=CI, watchdog_cycles=1_500_000) as acc:
+        acc.load(compile_executable(pkg, CI))
+        for task in ("semseg", "depth"):
+            want = golden.forward(pkg.tensors, pkg.config, x_q, task)[0]
+            assert torch.equal(acc.infer(images, task).heads, want)

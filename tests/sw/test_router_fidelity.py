@@ -113,5 +113,37 @@ def test_the_bench_measures_a_model_and_writes_its_tables():
     assert "### tiny, top-1: E = 4, top-1" in text
     assert text.count("| scores (the integer model) |") == 2   # one stage table per task
     assert "| residual 12 + probabilities 11 + router 12 |" in text
+    assert "| top |" in text and r["top"]["calibration"]["router_range"] == "top"
     assert list(r["drift"])[:3] == ["x0", "blocks.0.ln1", "blocks.0.q"]
     assert all(0.0 < v < 1.0 for v in r["drift"].values())
+
+
+def test_router_range_top_maps_the_top_k_range_to_the_middle_of_int8():
+    """The largest first logit and the smallest (k+1)-th of the calibration tokens land at
+    ±127 / (1 + 2·margin) steps from the centre; every other tensor keeps its scale."""
+    from m3vit.sw.quant.quantize import TOP_RANGE_MARGIN, calibrate
+
+    model, _ = tiny()
+    x = images(8)
+    plain = calibrate(model, x)
+    top = calibrate(model, x, router_range="top")
+    edge = 127 / (1 + 2 * TOP_RANGE_MARGIN)
+    centred = 0
+    for task in model.cfg.task_names:
+        logits = trace_float(model, x, task)
+        for i in model.cfg.moe_blocks:
+            r = f"blocks.{i}.router.{task}"
+            ranked = logits[r].double().sort(dim=-1, descending=True).values
+            span = float(ranked[:, 0].max() - ranked[:, model.cfg.top_k].min())
+            if span * (1 + 2 * TOP_RANGE_MARGIN) / 254 >= plain[r]:
+                # Not finer than the max statistic: that one is kept, uncentred.
+                assert top[r] == plain[r] and f"{r}.centre" not in top
+                continue
+            centred += 1
+            steps = (ranked - top[f"{r}.centre"]) / top[r]
+            assert abs(float(steps[:, 0].max()) - edge) < 0.01
+            assert abs(float(steps[:, model.cfg.top_k].min()) + edge) < 0.01
+            assert top[r] < plain[r]
+    assert centred > 0
+    assert {k: v for k, v in top.items() if ".router." not in k} == {
+        k: v for k, v in plain.items() if ".router." not in k}
