@@ -90,7 +90,7 @@ def test_no_yosys_is_one_line(tmp_path, capsys):
 
 def test_a_space_with_no_feasible_point_is_one_line(small_space, tmp_path):
     space = dict(small_space, knobs={"act_buffer_words": [2048]})
-    with pytest.raises(M3VitError, match="no point of the space is feasible: .*activations need"):
+    with pytest.raises(M3VitError, match=r"no point of the space is feasible: .*activations need"):
         run_sweep(space, tmp_path, serial=True)
 
 
