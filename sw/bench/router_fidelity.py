@@ -56,6 +56,8 @@ VARIANTS: dict[str, dict[str, int | None]] = {
     "residual 12 + router 12": {"residual": 12, "router": 12},
     "residual 12 + probabilities 11 + router 12": {"residual": 12, "probs": 11,
                                                    "router": 12},
+    "residual 12 + row-relative probabilities 7 + router 12": {
+        "residual": 12, "probs_relative": 7, "router": 12},
     "those three in float": {"residual": None, "probs": None, "router": None},
 }
 """Width settings of the what-if table (keys of

@@ -187,8 +187,14 @@ def _fake_quant(scales: Mapping[str, float], widths: Mapping[str, int | None], t
             return "router"
         return "other"
 
+    relative = widths.get("probs_relative")
+
     def hook(name: str, value: torch.Tensor) -> torch.Tensor:
         what = kind(name)
+        if what == "probs" and relative is not None:
+            # Steps of the row's largest probability (its 1/Σ applied after P·V instead).
+            top, steps = value.amax(dim=-1, keepdim=True), 2.0 ** relative - 1
+            return (value / top * steps).round() / steps * top
         bits = widths.get(what, INTEGER_WIDTHS[what])
         if bits is None:
             return value
@@ -221,7 +227,9 @@ def precision_what_if(model: M3ViT, scales: Mapping[str, float], images: torch.T
     variants : mapping
         Name → widths, a subset of :data:`INTEGER_WIDTHS`'s keys mapped to bits (``None``:
         float); keys left out keep the integer model's width. ``{}`` approximates the
-        integer model itself.
+        integer model itself. ``"probs_relative": b`` rounds each attention row to
+        ``2^b − 1`` steps of its own largest probability instead (a per-row scale, as a
+        P·V output stage that applies the row's 1/Σ would allow).
 
     Returns
     -------

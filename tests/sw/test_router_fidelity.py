@@ -99,6 +99,10 @@ def test_what_if_in_float_agrees_everywhere_and_integer_widths_do_not():
         "integer": {},
     })
     assert got["float"] == {t: {1: 1.0, 3: 1.0} for t in ("semseg", "depth")}
+    # Row-relative probabilities with enough steps are the float ones again.
+    wide = precision_what_if(model, pkg.params["scales"], x, {"relative": {
+        "residual": None, "router": None, "other": None, "probs_relative": 40}})
+    assert wide["relative"] == got["float"]
     # Rounding every stored tensor as the integer model does moves some routings.
     assert min(v for blocks in got["integer"].values() for v in blocks.values()) < 1.0
 
