@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from ..errors import M3VitError
 from .data import IMAGE_MEAN, IMAGE_STD
 
-__all__ = ["IMAGE_SUFFIXES", "fit", "image_files", "load_image", "normalise", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "fit", "image_files", "load_image", "model_input", "normalise",
+           "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
@@ -176,13 +177,18 @@ def normalise(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb.float() - mean) / std
 
 
+def model_input(rgb: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] of any size → the model's input: fitted to ``img_size``
+    (:func:`fit`) and normalised (:func:`normalise`)."""
+    return normalise(fit(rgb, tuple(img_size)).clamp(0.0, 1.0))
+
+
 def load_image(source, img_size: tuple[int, int]) -> torch.Tensor:
     """Read, fit and normalise one image for a model of input ``img_size``: (3, H, W).
 
     ``source`` is a path or a ``PIL.Image.Image``; errors as :func:`read_image`.
     """
-    rgb = torch.from_numpy(read_image(source)).permute(2, 0, 1)
-    return normalise(fit(rgb, tuple(img_size)).clamp(0.0, 1.0))
+    return model_input(torch.from_numpy(read_image(source)).permute(2, 0, 1), img_size)
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from ..errors import M3VitError
 from .config import ModelConfig, TaskSpec
-from .imageio import fit, normalise, read_image
+from .imageio import fit, model_input, read_image
 from .metrics import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "LAYOUT", "NYUD_CLASSES", "check_nyud_model", "iter_nyud",
@@ -235,7 +235,7 @@ def _load_one(root: Path, image_id: str, keys: Sequence[str],
     size = (int(rgb.shape[1]), int(rgb.shape[2]))
     if "image" in keys:
         # load_image's pipeline, on the pixels already read (their size is needed here).
-        out["image"] = normalise(fit(rgb, img_size).clamp(0.0, 1.0))
+        out["image"] = model_input(rgb, img_size)
     for kind in keys:
         if kind == "image":
             continue
