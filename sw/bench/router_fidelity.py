@@ -30,7 +30,7 @@ from ..model.data import TEST_SEED
 from ..model.train import TrainConfig, scenes_for, train
 from ..quant.accuracy import accuracy_report
 from ..quant.quantize import quantize
-from ..quant.router_fidelity import STAGES, activation_error, precision_what_if
+from ..quant.router_fidelity import STAGES, activation_error, precision_what_if, summary
 
 __all__ = ["MODELS", "VARIANTS", "bench_router", "markdown"]
 
@@ -131,12 +131,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
                   for i in blocks_seen]
         for task, blocks in rep["router"].items():
             cols = list(blocks)
-            tokens = sum(b["tokens"] for b in blocks.values())
-            missed = sum(b["disagreements"] for b in blocks.values())
-            ties = sum(b["near_ties"] for b in blocks.values())
-            agree = sum(b["agreement"] * b["tokens"] for b in blocks.values()) / tokens
-            lines += ["", f"**{task}**: top-{cfg.top_k} set agreement **{agree:.1%}** "
-                      f"(lowest block {min(b['agreement'] for b in blocks.values()):.1%}); "
+            t = summary(blocks)
+            missed, ties = t["disagreements"], t["near_ties"]
+            lines += ["", f"**{task}**: top-{cfg.top_k} set agreement **{t['agreement']:.1%}** "
+                      f"(lowest block {t['lowest']:.1%}); "
                       f"{ties:,} of the {missed:,} disagreements ({ties / max(1, missed):.0%}) "
                       "are near-ties (the integer scores of the k-th and (k+1)-th expert "
                       "within one step).", "",
@@ -155,11 +153,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         for label, report in (("max (default)", rep), ("top", r["top"])):
             cells = []
             for task in tasks:
-                blocks = report["router"][task]
-                tokens = sum(b["tokens"] for b in blocks.values())
-                agree = sum(b["agreement"] * b["tokens"] for b in blocks.values()) / tokens
-                low = min(b["agreement"] for b in blocks.values())
-                cells.append(f"{agree:.1%} ({low:.1%})")
+                t = summary(report["router"][task])
+                cells.append(f"{t['agreement']:.1%} ({t['lowest']:.1%})")
             loss = max(m["relative_loss"] for m in report["metrics"].values())
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {loss:+.2%} |")
         lines += ["", "What would restore it — fake-quantized float models (every stored "

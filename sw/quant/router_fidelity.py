@@ -46,7 +46,7 @@ from .package import QuantizedModel
 from .quantize import trace_float
 
 __all__ = ["INTEGER_WIDTHS", "STAGES", "activation_error", "format_fidelity",
-           "precision_what_if", "router_fidelity", "top_k_sets"]
+           "precision_what_if", "router_fidelity", "summary", "top_k_sets"]
 
 STAGES = {
     "input": "float router on the integer LN2 output",
@@ -251,18 +251,28 @@ def precision_what_if(model: M3ViT, scales: Mapping[str, float], images: torch.T
     return out
 
 
+def summary(blocks: Mapping[int, Mapping[str, Any]]) -> dict[str, float]:
+    """One task's :func:`router_fidelity` blocks together: ``tokens``, ``agreement`` (over
+    every token routing), ``lowest`` (block), ``disagreements`` and ``near_ties``."""
+    tokens = sum(b["tokens"] for b in blocks.values())
+    return {"tokens": tokens,
+            "agreement": sum(b["agreement"] * b["tokens"] for b in blocks.values())
+            / max(1, tokens),
+            "lowest": min(b["agreement"] for b in blocks.values()),
+            "disagreements": sum(b["disagreements"] for b in blocks.values()),
+            "near_ties": sum(b["near_ties"] for b in blocks.values())}
+
+
 def format_fidelity(fidelity: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
     """:func:`router_fidelity` as a plain-text table per task, blocks as columns."""
     lines = []
     for task, blocks in fidelity.items():
         cols = list(blocks)
-        tokens = sum(b["tokens"] for b in blocks.values())
-        missed = sum(b["disagreements"] for b in blocks.values())
-        ties = sum(b["near_ties"] for b in blocks.values())
-        mean = sum(b["agreement"] * b["tokens"] for b in blocks.values()) / max(1, tokens)
-        lines.append(f"router top-k agreement {task}: {mean:.1%} of {tokens:,} token "
-                     f"routings; {ties:,} of the {missed:,} disagreements "
-                     f"({ties / max(1, missed):.0%}) are near-ties")
+        t = summary(blocks)
+        missed, ties = t["disagreements"], t["near_ties"]
+        lines.append(f"router top-k agreement {task}: {t['agreement']:.1%} of "
+                     f"{t['tokens']:,} token routings; {ties:,} of the {missed:,} "
+                     f"disagreements ({ties / max(1, missed):.0%}) are near-ties")
         lines.append(f"  {'stage':<42}" + "".join(f"{'block ' + str(i):>10}" for i in cols))
         for stage, text in STAGES.items():
             lines.append(f"  {text:<42}"
