@@ -408,11 +408,11 @@ def check_model_fits(model: ModelConfig, config: AccelConfig, *, plan: bool = Tr
     R, C = config.pe_rows, config.gemm_cols
     name = model.name
     max_k = config.max_gemm_width
+    too_many_tokens = f"{model.n_tokens} tokens exceed max_tokens={config.max_tokens}"
     checks = [
         (model.head == "linear", f"the {model.head!r} head is float-only: the accelerator "
                                  "runs the 'linear' head"),
-        (model.n_tokens <= config.max_tokens, f"{model.n_tokens} tokens exceed max_tokens="
-                                              f"{config.max_tokens}"),
+        (model.n_tokens <= config.max_tokens, too_many_tokens),
         (model.embed_dim <= config.max_dim, f"embed_dim {model.embed_dim} exceeds max_dim="
                                             f"{config.max_dim}"),
         (model.embed_dim % R == 0 and model.embed_dim % C == 0,
@@ -451,8 +451,7 @@ def check_model_fits(model: ModelConfig, config: AccelConfig, *, plan: bool = Tr
              f"{label} {width} is not a multiple of the {R}x{C} PE array"),
         ]
     failed = [why for ok, why in checks if not ok]
-    tokens_only = failed == [f"{model.n_tokens} tokens exceed max_tokens={config.max_tokens}"]
-    if plan and tokens_only:
+    if plan and failed == [too_many_tokens]:
         # Every shape rule holds: say what the model would need and what of it fits.
         raise _too_large(model, config)
     if failed:
