@@ -61,10 +61,11 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
     """Payload of one command: the op and, for a pass, its geometry and weight order.
 
     Fields ``op`` (:class:`GemmOp`), ``tokens`` (M, 1…``max_tokens``), ``k_slices``
-    (K / ``pe_rows``, ≥ 1), ``n_tiles`` (N / ``gemm_cols``, ≥ 1) and ``transposed``: the
+    (K / ``pe_rows``, ≥ 1), ``n_tiles`` (N / ``gemm_cols``, ≥ 1), ``transposed``: the
     pass's weight tiles arrive column by column instead of row by row (attention's
     Q·Kᵀ, whose weight matrix K is stored token by token); legal when ``pe_rows ≤
-    gemm_cols``.
+    gemm_cols``, and ``wide``: in mode INT8, INT16 results (the router's logits), two
+    words per ``pe_cols`` channels (:func:`output_layout`).
     A ``LOAD_TABLE`` command ignores all but ``op``.
     """
     return data.StructLayout({
@@ -73,6 +74,7 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
         "k_slices": unsigned(_COUNT_WIDTH),
         "n_tiles": unsigned(_COUNT_WIDTH),
         "transposed": 1,
+        "wide": 1,
     })
 
 
@@ -81,7 +83,9 @@ def output_layout(config: AccelConfig) -> data.UnionLayout:
 
     ``int8`` (the low ``8 · pe_cols`` bits, upper bits zero) in the INT8 modes, ``int32`` in
     mode INT32; lane ``c`` of word ``w`` is output channel ``tile · gemm_cols + w · pe_cols +
-    c``.
+    c``. A ``wide`` pass (INT16 results) emits ``2 · gemm_words`` words a token and tile in
+    the ``int8`` bits: bits ``16c … 16c + 15`` of word ``w`` are channel ``tile · gemm_cols
+    + w · pe_cols / 2 + c`` (little-endian INT16, as a buffer word holds them).
     """
     lanes = config.pe_cols
     return data.UnionLayout({
@@ -116,7 +120,8 @@ class Requantizer(wiring.Component):
 
     Bit-exact to :func:`m3vit.sw.quant.numerics.requantize` applied to ``acc + bias`` (the sum wraps
     to INT32 as the PE accumulators do; the quantizer keeps it in range). With ``raw`` set the
-    lane passes ``acc + bias`` through unchanged (multiplier 1, shift 0, no saturation).
+    lane passes ``acc + bias`` through unchanged (multiplier 1, shift 0, no saturation); with
+    ``sat16`` it saturates to INT16 instead (:func:`~m3vit.sw.quant.numerics.requantize16`).
 
     A fixed-latency pipeline without back-pressure (both streams are ``always_ready``):
     a beat entering on ``i`` leaves on ``o`` exactly :attr:`latency` cycles later.
@@ -130,9 +135,9 @@ class Requantizer(wiring.Component):
     ----------
     i : In(stream.Signature(StructLayout, always_ready=True))
         ``acc``, ``bias`` (INT32 per lane), ``mult`` (unsigned 16), ``shift`` (0…63) per
-        lane, and ``raw``.
+        lane, ``raw`` and ``sat16``.
     o : Out(stream.Signature(ArrayLayout(signed(32), lanes), always_ready=True))
-        The INT8 results sign-extended, or the raw INT32 sums.
+        The INT8 (or INT16) results sign-extended, or the raw INT32 sums.
     latency : int
         Cycles from ``i`` to ``o``.
 
@@ -156,6 +161,7 @@ class Requantizer(wiring.Component):
             "mult": data.ArrayLayout(unsigned(16), lanes),
             "shift": data.ArrayLayout(unsigned(6), lanes),
             "raw": 1,
+            "sat16": 1,
         })
         super().__init__({
             "i": In(stream.Signature(layout, always_ready=True)),
@@ -166,10 +172,11 @@ class Requantizer(wiring.Component):
         m = Module()
         p = self.i.payload
         # valid_at[k] / raw_at[k]: the flags of the beat whose stage-k registers are loaded.
-        valid_at, raw_at = [self.i.valid], [p.raw]
+        valid_at, raw_at, sat16_at = [self.i.valid], [p.raw], [p.sat16]
         for stage in range(1, self.latency + 1):
             valid_at.append(delay_like(m, valid_at[-1], 1, f"valid_s{stage}"))
             raw_at.append(delay_like(m, raw_at[-1], 1, f"raw_s{stage}"))
+            sat16_at.append(delay_like(m, sat16_at[-1], 1, f"sat16_s{stage}"))
         m.d.comb += self.o.valid.eq(valid_at[self.latency])
 
         for lane in range(self.lanes):
@@ -194,8 +201,10 @@ class Requantizer(wiring.Component):
             m.d.sync += rounded.eq(product_p + ((Const(1, 1) << shift_s3) >> 1))
             shifted = Signal(signed(49), name=f"shifted_{lane}")
             m.d.sync += shifted.eq(rounded >> shift_s4)
-            # Stage 6: saturate to INT8 unless raw.
-            saturated = Mux(shifted > 127, 127, Mux(shifted < -128, -128, shifted))
+            # Stage 6: saturate to INT8 (INT16 with sat16) unless raw.
+            hi = Mux(sat16_at[self.latency - 1], (1 << 15) - 1, 127)
+            lo = Mux(sat16_at[self.latency - 1], -(1 << 15), -128)
+            saturated = Mux(shifted > hi, hi, Mux(shifted < lo, lo, shifted))
             m.d.sync += self.o.payload[lane].eq(Mux(raw_at[self.latency - 1], shifted, saturated))
         return m
 
@@ -433,6 +442,7 @@ class GemmEngine(wiring.Component):
         count_shape = unsigned(_COUNT_WIDTH)
         s.pass_layout = data.StructLayout({
             "op": GemmOp,
+            "wide": 1,
             "last_token": range(cfg.max_tokens),
             "last_kslice": count_shape,
             "last_ntile": count_shape,
@@ -460,6 +470,7 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [
                     queued.eq(1),
                     queued_pass.op.eq(cmd.op),
+                    queued_pass.wide.eq(cmd.wide & (cmd.op == GemmOp.INT8)),
                     queued_pass.last_token.eq(cmd.tokens - 1),
                     queued_pass.last_kslice.eq(cmd.k_slices - 1),
                     queued_pass.last_ntile.eq(cmd.n_tiles - 1),
@@ -643,6 +654,7 @@ class GemmEngine(wiring.Component):
             "first_of_last": 1,  # the first token of an N-tile's last slice
             "last_of_tile": 1,   # the last token of an N-tile's last slice
             "op": GemmOp,
+            "wide": 1,
         })
         tag0 = Signal(tag_layout)
         m.d.comb += [
@@ -653,6 +665,7 @@ class GemmEngine(wiring.Component):
             tag0.first_of_last.eq(s.first_token & s.last_slice),
             tag0.last_of_tile.eq((s.token == s.current.last_token) & s.last_slice),
             tag0.op.eq(s.current.op),
+            tag0.wide.eq(s.current.wide),
         ]
         tags = [tag0]
         for stage in range(1, self._acc_stage + 1):
@@ -731,6 +744,7 @@ class GemmEngine(wiring.Component):
         row_layout = data.StructLayout({
             "acc": data.ArrayLayout(signed(32), cfg.gemm_cols),
             "op": GemmOp,
+            "wide": 1,
             "last_of_tile": 1,
         })
         rows = m.submodules.row_queue = SyncFIFOBuffered(width=row_layout.size,
@@ -739,23 +753,29 @@ class GemmEngine(wiring.Component):
         m.d.comb += [
             row_in.acc.eq(s.acc_new),
             row_in.op.eq(acc_tag.op),
+            row_in.wide.eq(acc_tag.wide),
             row_in.last_of_tile.eq(acc_tag.last_of_tile),
             rows.w_data.eq(row_in.as_value()),
             rows.w_en.eq(acc_tag.valid & acc_tag.last_slice),
         ]
 
-        # Splitter: word v of the head row a cycle, while the word queue has credit.
+        # Splitter: word v of the head row a cycle, while the word queue has credit; a wide
+        # row's word v leaves as two halves (half 0: its lanes 0 … C/2 − 1), INT16 each.
         word = Signal(range(V)) if V > 1 else Const(0, 1)
+        half = Signal()
         emit = Signal()
         # The word queue's credit counts words from the splitter until they are taken.
         words_in_flight = credit_count(m, "words", self.queue_depth, take=emit,
                                        give=self.results.valid & self.results.ready)
         m.d.comb += [s.words_out.eq(words_in_flight != 0),
                      emit.eq(rows.r_rdy & (words_in_flight != self.queue_depth))]
-        last_word = word == V - 1
+        word_done = half | ~row.wide
+        last_word = (word == V - 1) & word_done
         m.d.comb += rows.r_en.eq(emit & last_word)
+        with m.If(emit):
+            m.d.sync += half.eq(row.wide & ~half)
         if V > 1:
-            with m.If(emit):
+            with m.If(emit & word_done):
                 m.d.sync += word.eq(Mux(last_word, 0, word + 1))
         s.p_pop = p_pop = Signal()
         m.d.comb += p_pop.eq(emit & last_word & row.last_of_tile)
@@ -765,22 +785,33 @@ class GemmEngine(wiring.Component):
             "acc": data.ArrayLayout(signed(32), lanes),
             "param": data.ArrayLayout(GEMM_PARAM, lanes),
             "op": GemmOp,
+            "wide": 1,
         }))
         split_valid = Signal()
         m.d.sync += split_valid.eq(emit)
+        H = lanes // 2
         with m.Switch(word):
             for v in range(V):
                 with m.Case(v):
-                    m.d.sync += [split.acc[c].eq(row.acc[v * lanes + c]) for c in range(lanes)]
+                    # Lanes below C/2 take the word's upper half on a wide row's half 1.
+                    m.d.sync += [split.acc[c].eq(row.acc[v * lanes + c]) for c in range(H, lanes)]
                     m.d.sync += [split.param[c].eq(s.p_queue[0][v * lanes + c])
-                                 for c in range(lanes)]
-        m.d.sync += split.op.eq(row.op)
+                                 for c in range(H, lanes)]
+                    for c in range(H):
+                        m.d.sync += [
+                            split.acc[c].eq(Mux(half, row.acc[v * lanes + H + c],
+                                                row.acc[v * lanes + c])),
+                            split.param[c].eq(Mux(half, s.p_queue[0][v * lanes + H + c],
+                                                  s.p_queue[0][v * lanes + c])),
+                        ]
+        m.d.sync += [split.op.eq(row.op), split.wide.eq(row.wide)]
 
         requantizer = m.submodules.requantizer = Requantizer(lanes)
         m.d.comb += [
             requantizer.i.valid.eq(split_valid),
             requantizer.i.payload.acc.eq(split.acc),
             requantizer.i.payload.raw.eq(split.op == GemmOp.INT32),
+            requantizer.i.payload.sat16.eq(split.wide),
         ]
         for lane in range(lanes):
             m.d.comb += [
@@ -789,6 +820,7 @@ class GemmEngine(wiring.Component):
                 requantizer.i.payload.shift[lane].eq(split.param[lane].shift),
             ]
         op_out = delay_like(m, split.op, Requantizer.latency + 1, "op_out")
+        s.wide_out = delay_like(m, split.wide, Requantizer.latency + 1, "wide_out")
         valid_out = delay_like(m, requantizer.o.valid, 1, "valid_out")
         value_out = delay_like(m, requantizer.o.payload, 1, "value_out")
         result = self._table(m, s, requantizer.o.payload, op_out, value_out)
@@ -867,7 +899,12 @@ class GemmEngine(wiring.Component):
                 with m.Case(GemmOp.INT32):
                     m.d.comb += result.int32[col].eq(value_out[col])
                 with m.Default():
-                    m.d.comb += result.int8[col].eq(value_out[col])
+                    with m.If(s.wide_out):
+                        if col < lanes // 2:
+                            m.d.comb += result.as_value()[16 * col:16 * col + 16].eq(
+                                value_out[col][:16])
+                    with m.Else():
+                        m.d.comb += result.int8[col].eq(value_out[col])
         return result
 
     def _count(self, m: Module, s: SimpleNamespace) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "LN_RECORD_BYTES",
     "OPERANDS",
     "ExpertOrder",
+    "GemmMode",
     "GemmOp",
     "IsaError",
     "Opcode",
@@ -186,6 +187,24 @@ class GemmOp(enum.Enum, shape=2):
     LOAD_TABLE = 3
 
 
+class GemmMode(enum.Enum, shape=2):
+    """A ``GEMM`` instruction's ``mode``: what its results are.
+
+    The controller maps it to the GEMM engine's command (:class:`GemmOp`, and the
+    command's ``wide`` bit for ``INT16``).
+    """
+
+    #: requantized INT8 outputs
+    INT8 = 0
+    #: requantized INT8 then ``table[q & 0xFF]`` (GELU after FC1)
+    INT8_TABLE = 1
+    #: the INT32 accumulators plus bias, unrequantized, to DDR (the task head)
+    INT32 = 2
+    #: requantized and saturated to INT16, two buffer words per ``pe_cols`` channels (the
+    #: router's logits)
+    INT16 = 3
+
+
 class RowMode(enum.Enum, shape=2):
     """How a ``GEMM`` inside an ``EXPERTS`` body maps its row m to a buffer row."""
 
@@ -246,7 +265,7 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "per_task": unsigned(1),
     }),
     Opcode.GEMM: data.StructLayout({
-        "mode": GemmOp,              # INT8, INT8_TABLE or INT32 (LOAD_TABLE is illegal here)
+        "mode": GemmMode,            # INT8, INT8_TABLE, INT32 or INT16
         "wsrc": WeightSource,
         "per_task": unsigned(1),
         "tokens": unsigned(_TOKENS_BITS),
@@ -255,6 +274,7 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "src": _BUF,                 # activations: word src + s·src_stride + m
         "src_stride": _BUF,
         "dst": _BUF,                 # INT8 results: word dst + (j·V + v)·dst_stride + m
+        #                              (INT16: j·2V + v, v < 2V; lanes are pairs of bytes)
         "dst_stride": _BUF,
         "wbuf": _BUF,                # on-chip weights (wsrc ≠ DDR); residual = 1: x's words
         "wstride": _BUF,
@@ -297,7 +317,8 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "shift": unsigned(6),
     }),
     Opcode.ROUTE: data.StructLayout({
-        "src": _BUF,                 # logits: token m, expert e at word src + (e÷C)·stride + m
+        "src": _BUF,                 # INT16 logits: token m, expert e at word
+        #                              src + (e÷(C/2))·stride + m, bytes 2(e mod C/2), +1
         "stride": _BUF,
         "rows": unsigned(_TOKENS_BITS),  # tokens M
         "experts": unsigned(8),      # E
@@ -435,7 +456,7 @@ def isa_markdown() -> str:
     ]
     for op in Opcode:
         lines.append(f"| `{op.name}` | 0x{op.value:02x} | {_OPCODE_DOCS[op]} |")
-    for enum_type in (WeightSource, TableUnit, GemmOp, RowMode, ExpertOrder):
+    for enum_type in (WeightSource, TableUnit, GemmMode, RowMode, ExpertOrder):
         lines += ["", f"## `{enum_type.__name__}`", "", "| name | value |", "|---|---:|"]
         lines += [f"| `{member.name}` | {member.value} |" for member in enum_type]
     lines += ["", "## Operands", "",
@@ -549,6 +570,11 @@ beats):
   `expert` set reads its stream at `ddr + e · stride` (FC1 and FC2 of one expert are
   usually one block, FC2's stream right after FC1's).
 
+A `GEMM` in mode `INT16` (the router's logits) requantizes as `INT8` but saturates to
+INT16 (`numerics.requantize16`) and writes 2V words per token and N-tile: bytes 2c and
+2c + 1 of word `dst + (j·2V + v)·dst_stride + m` are channel `j·G + v·C/2 + c`
+(little-endian), v = 0 … 2V − 1.
+
 A `GEMM`'s `acc + bias` is an INT32 register (it wraps) and only the low six bits of a
 record's shift byte are used (0 … 63; the compiler writes 0 … 62). Results the ISA leaves
 **unspecified** — they depend on the order of work inside a unit, or on memory no
@@ -574,9 +600,11 @@ unspecified.)
 ## The MoE layer: `ROUTE`, `EXPERTS`, `COMBINE`
 
 `ROUTE` computes, for each of `rows` tokens, the router scores of `numerics.router_scores`
-over its `experts` INT8 logits with the softmax unit's exp table (load the task's table
-first), and the `top_k` largest (ties to the lower expert index). It then builds the
-dispatch tables, which stay until the next `ROUTE`:
+over its `experts` INT16 logits (a `GEMM` in mode `INT16` writes them: logit e of token m
+is bytes 2c, 2c + 1 of word `src + (e ÷ (C/2))·stride + m`, c = e mod C/2) with the
+softmax unit's exp table (load the task's table first), indexed with `(max − l) >> 8`,
+and picks the `top_k` largest **logits** (ties to the lower expert index; `numerics.route`).
+It then builds the dispatch tables, which stay until the next `ROUTE`:
 
 - `count[e]`: tokens that chose expert e; `start[e] = Σ_{e' < e} count[e']`;
 - the **queue**: positions `start[e] … start[e] + count[e] − 1` hold, in ascending order,
@@ -598,7 +626,7 @@ With no `ROUTE` since the start of the run there are no iterations and the body 
 (unchecked). Body instructions are checked at every iteration, with that iteration's
 context; a failing one stops with its own index as `ERROR_PC`. `ROUTE` uses whatever exp
 table the softmax unit holds (the attention's table must be loaded again after it); an
-all-zero table gives every score 0, so top-k picks experts 0 … k−1.
+all-zero table gives every score 0 (the top-k still ranks the logits).
 Inside a body, a `GEMM` with `expert` set runs the iteration's `count` tokens (its `tokens`
 field is ignored) with its DDR stream offset by `e · stride`, and maps its row m through
 `src_rows` / `dst_rows`: `DIRECT` row m, `QUEUE` row `offset + m`, `GATHER` (activations

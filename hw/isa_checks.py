@@ -38,7 +38,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import enum
 
 from .config import AccelConfig
-from .isa import OPERANDS, ExpertOrder, GemmOp, Opcode, RowMode, TableUnit, WeightSource
+from .isa import OPERANDS, ExpertOrder, GemmMode, Opcode, RowMode, TableUnit, WeightSource
 
 __all__ = [
     "BODY_ONLY_FIELDS",
@@ -65,8 +65,6 @@ BODY_ONLY_FIELDS: Mapping[Opcode, tuple[str, ...]] = {
 #: Enum fields that admit fewer than all their members; every other enum field admits
 #: exactly its members (the unassigned encodings, e.g. ``wsrc = 3``, are illegal).
 _RESTRICTED: Mapping[tuple[Opcode, str], tuple[enum.Enum, ...]] = {
-    # LOAD_TABLE is the GEMM engine's own command; programs load tables with LOAD_TABLE.
-    (Opcode.GEMM, "mode"): (GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32),
     # A gather is a read: results go to the iteration's own rows (DIRECT or QUEUE).
     (Opcode.GEMM, "dst_rows"): (RowMode.DIRECT, RowMode.QUEUE),
 }
@@ -78,7 +76,7 @@ FLAG_REQUIRES: Mapping[tuple[Opcode, str], Mapping[str, tuple[enum.Enum, ...]]] 
     # The residual's x comes through read port B, which is free only while the weights
     # stream from DDR, and is added to INT8 results (not INT32 ones headed for DDR).
     (Opcode.GEMM, "residual"): {"wsrc": (WeightSource.DDR,),
-                                "mode": (GemmOp.INT8, GemmOp.INT8_TABLE)},
+                                "mode": (GemmMode.INT8, GemmMode.INT8_TABLE)},
 }
 
 
@@ -202,5 +200,5 @@ def checks_table() -> list[tuple[str, str]]:
 
 
 # Each enum named here must be one the operand layouts use (a renamed enum fails loudly).
-assert {WeightSource, TableUnit, RowMode, ExpertOrder, GemmOp} <= {
+assert {WeightSource, TableUnit, RowMode, ExpertOrder, GemmMode} <= {
     shape for op in Opcode for _, shape in enum_fields(op)}

@@ -7,10 +7,11 @@ the tables the dispatcher built: one iteration per active expert (computation re
 each expert's weights are read from DDR once per layer) or, for the baseline, one per token
 and choice.
 
-* :class:`Dispatcher` takes the router scores of every token from the softmax unit
-  (``numerics.router_scores``), picks the top-k (``numerics.top_k``: ties to the lower
-  expert index), and builds with a counting sort the per-expert token queues, the active
-  list and each token's slots (expert, score, queue position).
+* :class:`Dispatcher` takes the router output of every token from the softmax unit (the
+  scores of ``numerics.router_scores`` and each expert's ``max − logit``), picks the top-k
+  of the INT16 logits (``numerics.route``: largest logit first, ties to the lower expert
+  index), and builds with a counting sort the per-expert token queues, the active list and
+  each token's slots (expert, score, queue position).
 * :class:`Combiner` computes ``numerics.moe_combine`` on words of ``pe_cols`` lanes.
 
 Both follow the vector unit's conventions (:mod:`m3vit.hw.vector`): ``amaranth.lib.stream``
@@ -34,13 +35,18 @@ from .config import AccelConfig
 from .pipeline import check_config, credit_counter, output_queue, pipeline_delay, pipeline_reg
 from .vector import INT8, SHIFT_BITS, SoftmaxUnit, lane_layout
 
-__all__ = ["SCORES_PER_CYCLE", "SCORE_BITS", "Combiner", "Dispatcher", "slot_layout"]
+__all__ = [
+    "DISTANCE_BITS", "SCORES_PER_CYCLE", "SCORE_BITS", "Combiner", "Dispatcher", "slot_layout",
+]
 
-#: Router scores the top-k takes a cycle (a score beat is walked this many lanes a step).
+#: Experts the top-k takes a cycle (a score beat is walked this many experts a step).
 SCORES_PER_CYCLE = 2
 
 #: Router scores are unsigned 15-bit (scale 2^-15, ``numerics.SCORE_BITS``).
 SCORE_BITS = 15
+
+#: The rank key of an expert: ``max − logit`` of its INT16 router logit, 0 … 65535.
+DISTANCE_BITS = 16
 
 
 def slot_layout(cfg: AccelConfig) -> data.StructLayout:
@@ -52,44 +58,42 @@ def slot_layout(cfg: AccelConfig) -> data.StructLayout:
     })
 
 
-def _insert(m: Module, listed: list, score, expert, take, score_shape, expert_shape,
-            name: str) -> list:
-    """A sorted list (descending scores, ``(valid, score, expert)`` per entry) with one
-    candidate inserted after every entry of an equal or larger score (when ``take``); the
-    last entry falls off. Combinational."""
-    above = [~valid | (score > s) for valid, s, _ in listed]
+def _insert(m: Module, listed: list, candidate, take, layout, name: str) -> list:
+    """A sorted list (ascending ``distance``, a ``(valid, entry)`` pair of ``layout``
+    views per place) with one candidate entry inserted after every entry of an equal or
+    smaller distance (when ``take``); the last entry falls off. Combinational."""
+    above = [~valid | (candidate.distance < entry.distance) for valid, entry in listed]
     out = []
-    for i, (valid, s, e) in enumerate(listed):
+    for i, (valid, entry) in enumerate(listed):
         new_valid = Signal(name=f"{name}_valid{i}")
-        new_score = Signal(score_shape, name=f"{name}_score{i}")
-        new_expert = Signal(expert_shape, name=f"{name}_expert{i}")
-        m.d.comb += [new_valid.eq(valid), new_score.eq(s), new_expert.eq(e)]
+        new_entry = Signal(layout, name=f"{name}_entry{i}")
+        m.d.comb += [new_valid.eq(valid), new_entry.eq(entry)]
         with m.If(take):
             if i == 0:
                 with m.If(above[0]):
-                    m.d.comb += [new_valid.eq(1), new_score.eq(score), new_expert.eq(expert)]
+                    m.d.comb += [new_valid.eq(1), new_entry.eq(candidate)]
             else:
-                prev_valid, prev_score, prev_expert = listed[i - 1]
+                prev_valid, prev_entry = listed[i - 1]
                 with m.If(above[i - 1]):
-                    m.d.comb += [new_valid.eq(prev_valid), new_score.eq(prev_score),
-                                 new_expert.eq(prev_expert)]
+                    m.d.comb += [new_valid.eq(prev_valid), new_entry.eq(prev_entry)]
                 with m.Elif(above[i]):
-                    m.d.comb += [new_valid.eq(1), new_score.eq(score), new_expert.eq(expert)]
-        out.append((new_valid, new_score, new_expert))
+                    m.d.comb += [new_valid.eq(1), new_entry.eq(candidate)]
+        out.append((new_valid, new_entry))
     return out
 
 
 class Dispatcher(wiring.Component):
-    """Top-k of each token's router scores and the per-expert token queues (counting sort).
+    """Top-k of each token's router logits and the per-expert token queues (counting sort).
 
-    Bit-exact to ``numerics.top_k`` on the scores of ``numerics.router_scores`` and to the
-    dispatch tables of ``docs/isa.md`` (``ROUTE``).
+    Bit-exact to ``numerics.route`` (the chosen experts, largest INT16 logit first, ties to
+    the lower expert index, and their ``numerics.router_scores``) and to the dispatch
+    tables of ``docs/isa.md`` (``ROUTE``).
 
     Parameters
     ----------
     cfg : AccelConfig
-        ``max_tokens``, ``max_experts``, ``max_top_k`` size the tables; ``pe_cols`` lanes
-        per score beat.
+        ``max_tokens``, ``max_experts``, ``max_top_k`` size the tables; ``pe_cols / 2``
+        experts per score beat.
 
     Attributes
     ----------
@@ -99,11 +103,12 @@ class Dispatcher(wiring.Component):
         command outside these ranges is consumed and ignored (no scores are taken, the
         tables are left as they were).
     scores : In(stream.Signature(SoftmaxUnit.out_layout(cfg)))
-        The softmax unit's router-mode output: per token ``ceil(E / pe_cols)`` beats of
-        ``pe_cols`` unsigned 16-bit lanes (expert ``b·C + c`` in beat b, lane c; lanes ≥ E
-        of the last beat are ignored), ``last`` on each token's last beat. The block counts
-        the beats from E and does not look at ``last``; of each lane it uses the low 15
-        bits (router scores are ≤ 32767).
+        The softmax unit's router-mode output: per token ``ceil(E / H)`` beats of
+        ``pe_cols`` unsigned 16-bit lanes, H = ``pe_cols / 2`` experts a beat: expert
+        ``b·H + h`` in beat b has its score in lane h (the low 15 bits are used: router
+        scores are ≤ 32767) and its distance ``max − logit`` in lane H + h. Experts ≥ E
+        of the last beat are ignored. ``last`` on each token's last beat; the block counts
+        the beats from E and does not look at it.
     busy : Out(1)
         A command has been taken and its tables are not complete yet.
     rows, top_k : Out
@@ -120,7 +125,7 @@ class Dispatcher(wiring.Component):
         Read port of the slot table: token t.
     slot : Out(ArrayLayout(slot_layout(cfg), max_top_k))
         One cycle after a cycle with ``slot_en``: token t's choices j = 0 … k−1 (descending
-        score); held while ``slot_en`` is low.
+        logit), each with its score; held while ``slot_en`` is low.
     queue_addr, queue_en : In
         Read port of the queue: position q.
     queue_token : Out
@@ -133,15 +138,17 @@ class Dispatcher(wiring.Component):
     Notes
     -----
     Three phases, ``M·S + E + M·k + 9`` cycles of ``busy`` when the scores never wait,
-    with S = :meth:`steps_per_token` (``ceil(E / 2)`` for E ≤ ``pe_cols``; measured; the
-    next command is taken in the first idle cycle):
+    with S = :meth:`steps_per_token` (``ceil(E / 2)`` where ``pe_cols`` ≥ 4; measured;
+    the next command is taken in the first idle cycle):
 
-    1. **Top-k**, :data:`SCORES_PER_CYCLE` (2) scores a cycle (S cycles per token): a
-       score beat is walked two lanes a step through a shift register into a sorted list
-       of ``max_top_k`` registers, the two candidates inserted one after the other, lower
-       expert first; a score enters below every equal one, so ties go to the lower expert
-       index. The
-       cycle after a token's last score, its count-so-far of each chosen expert (its rank
+    1. **Top-k**, :data:`SCORES_PER_CYCLE` (2) experts a cycle (S cycles per token): the
+       H experts of a score beat are walked two a step through a shift register into a
+       sorted list of ``max_top_k`` registers (ascending distance, i.e. descending logit:
+       the distance is ``max − logit`` of one row, and unlike the score it keeps every
+       LSB of the INT16 logit), the two candidates inserted one after the other, lower
+       expert first; a candidate enters below every equal distance, so ties go to the
+       lower expert index. Each list entry carries its expert's score along. The
+       cycle after a token's last expert, its count-so-far of each chosen expert (its rank
        in that expert's queue) is read and the counts incremented; the next cycle writes
        the token's k slots (expert, score, rank) in one go — the slot table is one
        memory per choice. M·S + 4 cycles: the first beat's take, the steps, 3 of drain.
@@ -156,16 +163,25 @@ class Dispatcher(wiring.Component):
     table (``max_top_k`` memories of ``max_tokens`` × 33 bits for the ZCU104) and the queue
     (``max_tokens · max_top_k`` entries) are block RAM. The slot table's read port is shared
     with the queue pass, hence valid only while idle. Between registers there is at most
-    one narrow (≤ 15-bit) compare or add and its muxes; the widest mux is the
+    one narrow (≤ 16-bit) compare or add and its muxes; the widest mux is the
     ``max_experts``-to-1 read of a count for a rank.
     """
 
     @staticmethod
+    def experts_per_beat(cfg: AccelConfig) -> int:
+        """H = ``pe_cols / 2``: the experts of one score beat (a token is ``ceil(E / H)``
+        beats)."""
+        return cfg.pe_cols // 2
+
+    @staticmethod
     def steps_per_token(cfg: AccelConfig, experts: int) -> int:
-        """Cycles the top-k takes per token of ``experts`` scores: each score beat of
-        ``pe_cols`` lanes is walked :data:`SCORES_PER_CYCLE` lanes a cycle."""
-        full, rest = divmod(experts, cfg.pe_cols)
-        return full * (cfg.pe_cols // SCORES_PER_CYCLE) + -(-rest // SCORES_PER_CYCLE)
+        """Cycles the top-k takes per token of ``experts`` experts: each score beat of
+        H = ``pe_cols / 2`` experts is walked :data:`SCORES_PER_CYCLE` experts a cycle (one
+        a cycle where H = 1)."""
+        half = Dispatcher.experts_per_beat(cfg)
+        step = min(SCORES_PER_CYCLE, half)
+        full, rest = divmod(experts, half)
+        return full * (half // step) + -(-rest // step)
 
     @staticmethod
     def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
@@ -212,15 +228,22 @@ class Dispatcher(wiring.Component):
         cfg = self._cfg
         s = SimpleNamespace()
         s.lanes, s.n_slots, s.n_experts = cfg.pe_cols, cfg.max_top_k, cfg.max_experts
+        s.half = self.experts_per_beat(cfg)
+        s.step = min(SCORES_PER_CYCLE, s.half)
         s.entries = cfg.max_tokens * s.n_slots
         s.slot_shape = slot_layout(cfg)
         s.token_shape = unsigned(bits_for(cfg.max_tokens - 1))
         s.expert_shape = s.slot_shape["expert"].shape
         s.pos_shape = s.slot_shape["pos"].shape
         s.score_shape = unsigned(SCORE_BITS)
+        s.lane_layout = data.StructLayout({"distance": unsigned(DISTANCE_BITS),
+                                           "score": s.score_shape})
+        s.candidate_layout = data.StructLayout({"distance": unsigned(DISTANCE_BITS),
+                                                "score": s.score_shape,
+                                                "expert": s.expert_shape})
         s.count_shape = unsigned(bits_for(cfg.max_tokens))
         s.start_shape = unsigned(bits_for(s.entries))
-        max_beats = -(-s.n_experts // s.lanes)
+        max_beats = -(-s.n_experts // s.half)
         # At least one bit each, also for one beat or one choice (no zero-width signals).
         s.beat_shape = unsigned(bits_for(max_beats - 1))
         s.choice_shape = unsigned(bits_for(s.n_slots - 1))
@@ -229,7 +252,7 @@ class Dispatcher(wiring.Component):
     def _take_command(self, m: Module, s: SimpleNamespace) -> None:
         """Command: taken while idle; an illegal one is consumed and changes nothing."""
         cfg = self._cfg
-        lanes, n_slots, n_experts = s.lanes, s.n_slots, s.n_experts
+        half, n_slots, n_experts = s.half, s.n_slots, s.n_experts
         s.rows_m1 = rows_m1 = Signal(s.token_shape)          # M − 1
         s.experts_m1 = experts_m1 = Signal(s.expert_shape)   # E − 1
         s.top_k_m1 = top_k_m1 = Signal(s.choice_shape)       # k − 1
@@ -242,10 +265,10 @@ class Dispatcher(wiring.Component):
         s.in_beat = in_beat = Signal(s.beat_shape)
         s.in_token = in_token = Signal(s.token_shape)
         s.held = Signal()                         # a score beat is being walked lane by lane
-        s.lane = lane = Signal(range(lanes))
-        s.lane_scores = Signal(data.ArrayLayout(s.score_shape, lanes))
-        s.expert = expert = Signal(s.expert_shape)   # expert of lane_scores[0]
-        s.token = token = Signal(s.token_shape)      # token of lane_scores[0]
+        s.lane = lane = Signal(range(max(2, half)))  # ≥ 1 bit, also for H = 1
+        s.lane_entries = Signal(data.ArrayLayout(s.lane_layout, half))
+        s.expert = expert = Signal(s.expert_shape)   # expert of lane_entries[0]
+        s.token = token = Signal(s.token_shape)      # token of lane_entries[0]
         s.count = count = Signal(data.ArrayLayout(s.count_shape, n_experts))
 
         with m.If(self.cmd.valid & self.cmd.ready):
@@ -260,27 +283,28 @@ class Dispatcher(wiring.Component):
                     experts_m1.eq(p.experts - 1),
                     top_k_m1.eq(p.top_k - 1),
                     chosen.eq(Cat(*(p.top_k > j for j in range(n_slots)))),
-                    beats_m1.eq((p.experts - 1) >> ceil_log2(lanes)),
+                    beats_m1.eq((p.experts - 1) >> ceil_log2(half)),
                     taking.eq(1), in_beat.eq(0), in_token.eq(0),
                     lane.eq(0), expert.eq(0), token.eq(0),
                     count.eq(0),
                 ]
 
     def _top_k(self, m: Module, s: SimpleNamespace) -> None:
-        """Top-k: :data:`SCORES_PER_CYCLE` scores a cycle through a sorted insertion list."""
-        lanes, n_slots, P = s.lanes, s.n_slots, SCORES_PER_CYCLE
-        held, lane, lane_scores = s.held, s.lane, s.lane_scores
+        """Top-k: :data:`SCORES_PER_CYCLE` experts a cycle through a sorted insertion list."""
+        half, n_slots, P = s.half, s.n_slots, s.step
+        held, lane, lane_entries = s.held, s.lane, s.lane_entries
         expert, token, in_beat = s.expert, s.token, s.in_beat
-        # A beat is walked P lanes at a time in a shift register (no wide lane mux); the next
-        # beat is taken in the cycle the current one's last used lanes are, so a token of E
-        # experts takes ceil(E / P) cycles a beat's worth. Framing follows from E: ``last``
-        # on the scores is not needed. (lanes is a power of two ≥ 2, so P divides it.)
-        expert_end = expert + (P - 1) >= s.experts_m1   # the token's last score is in this step
-        lane_end = (lane == lanes - P) | expert_end
+        # A beat's H experts are walked P at a time in a shift register (no wide lane mux);
+        # the next beat is taken in the cycle the current one's last used lanes are, so a
+        # token of E experts takes ceil(E / P) cycles a beat's worth. Framing follows from
+        # E: ``last`` on the scores is not needed. (H is a power of two, so P divides it.)
+        expert_end = expert + (P - 1) >= s.experts_m1   # the token's last expert is in this step
+        lane_end = (lane == half - P) | expert_end
         m.d.comb += self.scores.ready.eq(s.taking & (~held | lane_end))
         with m.If(self.scores.valid & self.scores.ready):
-            m.d.sync += [lane_scores[i].eq(self.scores.payload.data[i][:SCORE_BITS])
-                         for i in range(lanes)]
+            lanes_in = self.scores.payload.data
+            m.d.sync += [lane_entries[h].eq(Cat(lanes_in[half + h], lanes_in[h][:SCORE_BITS]))
+                         for h in range(half)]
             m.d.sync += [held.eq(1), in_beat.eq(Mux(in_beat == s.beats_m1, 0, in_beat + 1))]
             with m.If(in_beat == s.beats_m1):
                 m.d.sync += s.in_token.eq(s.in_token + 1)
@@ -292,16 +316,20 @@ class Dispatcher(wiring.Component):
             m.d.sync += [lane.eq(Mux(lane_end, 0, lane + P)),
                          expert.eq(Mux(expert_end, 0, expert + P))]
             with m.If(~lane_end):
-                m.d.sync += [lane_scores[i].eq(lane_scores[i + P]) for i in range(lanes - P)]
+                m.d.sync += [lane_entries[h].eq(lane_entries[h + P]) for h in range(half - P)]
             with m.If(expert_end):
                 m.d.sync += token.eq(token + 1)
 
         s.c_valid = c_valid = pipeline_reg(m, held, name="c_valid")
         # Candidate j of the step: lane j, expert + j; past the token's last expert it is
         # no candidate.
-        c_scores = [pipeline_reg(m, lane_scores[j], name=f"c_score{j}") for j in range(P)]
-        c_experts = [pipeline_reg(m, (expert + j)[:len(expert)], s.expert_shape,
-                                  name=f"c_expert{j}") for j in range(P)]
+        candidates = []
+        for j in range(P):
+            candidate = Signal(s.candidate_layout, name=f"c_candidate{j}")
+            m.d.sync += [candidate.distance.eq(lane_entries[j].distance),
+                         candidate.score.eq(lane_entries[j].score),
+                         candidate.expert.eq((expert + j)[:len(expert)])]
+            candidates.append(candidate)
         c_takes = [pipeline_reg(m, expert + j <= s.experts_m1, name=f"c_take{j}")
                    for j in range(P)]
         c_first = pipeline_reg(m, expert == 0, name="c_first")
@@ -309,27 +337,26 @@ class Dispatcher(wiring.Component):
         s.c_token = pipeline_reg(m, token, name="c_token")
         s.c_final = pipeline_reg(m, expert_end & (token == s.rows_m1), name="c_final")
 
-        # best[0 … max_top_k−1]: the token's largest scores so far, descending; a score equal
-        # to one already listed goes after it (ties to the lower expert index, which came
-        # first). The step's candidates go in one after the other, lower expert first, so
-        # the same rule orders them too. The first step of a token starts a fresh list.
-        entry_layout = data.StructLayout({"valid": 1, "score": s.score_shape,
-                                          "expert": s.expert_shape})
+        # best[0 … max_top_k−1]: the token's smallest distances (largest logits) so far,
+        # ascending; a distance equal to one already listed goes after it (ties to the lower
+        # expert index, which came first). The step's candidates go in one after the other,
+        # lower expert first, so the same rule orders them too. The first step of a token
+        # starts a fresh list.
+        entry_layout = data.StructLayout({"valid": 1, "entry": s.candidate_layout})
         s.best = best = Signal(data.ArrayLayout(entry_layout, n_slots))
-        current = [(best[i].valid & ~c_first, best[i].score, best[i].expert)
-                   for i in range(n_slots)]
+        current = [(best[i].valid & ~c_first, best[i].entry) for i in range(n_slots)]
         for j in range(P):
-            current = _insert(m, current, c_scores[j], c_experts[j], c_takes[j],
-                              s.score_shape, s.expert_shape, f"c_insert{j}")
+            current = _insert(m, current, candidates[j], c_takes[j], s.candidate_layout,
+                              f"c_insert{j}")
         with m.If(c_valid):
-            for i, (valid, score, expert_i) in enumerate(current):
-                m.d.sync += [best[i].valid.eq(valid), best[i].score.eq(score),
-                             best[i].expert.eq(expert_i)]
+            for i, (valid, entry) in enumerate(current):
+                m.d.sync += [best[i].valid.eq(valid), best[i].entry.eq(entry)]
 
     def _rank(self, m: Module, s: SimpleNamespace) -> None:
-        """The cycle after a token's last score: each chosen expert's count so far is that
+        """The cycle after a token's last expert: each chosen expert's count so far is that
         choice's rank in the expert's queue; then the token's slots are written."""
-        n_slots, best, count = s.n_slots, s.best, s.count
+        n_slots, count = s.n_slots, s.count
+        best = [s.best[j].entry for j in range(n_slots)]
         d_valid = pipeline_reg(m, s.c_valid & s.c_last, name="d_valid")
         d_token = pipeline_reg(m, s.c_token, name="d_token")
         d_final = pipeline_reg(m, s.c_valid & s.c_final, name="d_final")

@@ -5,7 +5,8 @@ Four blocks, each a :class:`~amaranth.lib.wiring.Component` parameterised by an
 (and :mod:`m3vit.sw.quant.numerics`) named in its docstring:
 
 * :class:`LayerNormUnit` — integer LayerNorm over token rows (``layernorm``);
-* :class:`SoftmaxUnit` — row softmax and router scores (``softmax``, ``router_scores``);
+* :class:`SoftmaxUnit` — row softmax over INT8 logits and router scores over INT16 logits
+  (``softmax``, ``router_scores``);
 * :class:`ResidualAdd` — the residual add across scales (``residual_add``);
 * :class:`TableLookup` — a 256-entry INT8 table such as GELU (``table_lookup``).
 
@@ -101,11 +102,13 @@ _SCORE_MAX = (1 << 15) - 1
 
 
 class SoftmaxMode(enum.Enum, shape=1):
-    """What a :class:`SoftmaxUnit` command computes from the row's e·rcp products."""
+    """What a :class:`SoftmaxUnit` command reads and computes."""
 
-    #: Attention probabilities: ``min(127, round_half_up(e·rcp / 2^24))`` (scale 2^−7).
+    #: Attention probabilities over INT8 logits (one a lane): ``u = min(m − l, 255)``,
+    #: ``min(127, round_half_up(e·rcp / 2^24))`` (scale 2^−7).
     ATTENTION = 0
-    #: Router scores: ``min(32767, round_half_up(e·rcp / 2^16))`` (scale 2^−15).
+    #: Router scores over INT16 logits (one per two lanes): ``u = min((m − l) >> 8, 255)``,
+    #: ``min(32767, round_half_up(e·rcp / 2^16))`` (scale 2^−15), each with ``m − l``.
     ROUTER = 1
 
 
@@ -578,10 +581,12 @@ class LayerNormUnit(wiring.Component):
 class SoftmaxUnit(wiring.Component):
     """Row softmax and router scores, bit-exact to ``numerics.softmax`` / ``router_scores``.
 
-    For each row of L INT8 logits l::
+    For each row of L logits l (ATTENTION: INT8; ROUTER: INT16)::
 
-        m = max_j l_j
-        e_j = E[min(m − l_j, 255)]           (the loaded exp table; m − l_j ≤ 255 always)
+        m = max_j l_j,  d_j = m − l_j
+        ATTENTION: u_j = d_j                 (d_j ≤ 255 always: the numerics' min is moot)
+        ROUTER:    u_j = d_j >> 8            (d_j ≤ 65535: likewise; ``ROUTER_LOGIT_SHIFT``)
+        e_j = E[u_j]                         (the loaded exp table)
         S = Σ_j e_j,  rcp = floor(2^31 / S)  (pipelined reciprocal)
         ATTENTION: p_j = min(127,   round_half_up(e_j·rcp / 2^24))
         ROUTER:    p_j = min(32767, round_half_up(e_j·rcp / 2^16))
@@ -589,7 +594,8 @@ class SoftmaxUnit(wiring.Component):
     Parameters
     ----------
     cfg : AccelConfig
-        ``lanes = cfg.pe_cols`` logits per beat; rows up to ``cfg.max_tokens`` long.
+        ``lanes = cfg.pe_cols`` INT8 logits (or ``lanes / 2`` INT16 ones) per beat;
+        attention rows up to ``cfg.max_tokens`` long, router rows up to ``cfg.max_experts``.
     table_entries : int
         Exp-table entries written per ``table`` beat, a power of two ≤ 256 (the engine
         writes one AXI beat's worth: a 256-entry table in ``256 / table_entries`` cycles).
@@ -597,12 +603,16 @@ class SoftmaxUnit(wiring.Component):
     Attributes
     ----------
     cmd : In(stream.Signature(SoftmaxUnit.cmd_layout(cfg)))
-        One beat per tensor: ``length`` L (1 … max_tokens, any value: ragged rows are
-        fine), ``rows`` (≥ 1) and ``mode`` (:class:`SoftmaxMode`, per command).
+        One beat per tensor: ``length`` L (ATTENTION 1 … max_tokens, ROUTER 1 …
+        max_experts; any value: ragged rows are fine), ``rows`` (≥ 1) and ``mode``
+        (:class:`SoftmaxMode`, per command).
     logits : In(stream.Signature(lane_layout(cfg)))
-        Each row is ``ceil(L / lanes)`` beats, logits 0 … lanes−1 first. The **padded
-        lanes** of a row's last beat (positions ≥ L) are ignored: they take no part in the
-        maximum or the sum, whatever they hold. Rows are not packed across beats.
+        ATTENTION: each row is ``ceil(L / lanes)`` beats, logit j in lane j of its beat.
+        ROUTER: a beat holds H = ``lanes / 2`` signed 16-bit logits, logit h in bits
+        [16h, 16h + 16) of the beat (lane 2h its low byte, lane 2h + 1 its high byte: the
+        little-endian INT16 array of the router GEMM), so a row is ``ceil(L / H)`` beats.
+        The **padded positions** of a row's last beat (≥ L) are ignored: they take no part
+        in the maximum or the sum, whatever they hold. Rows are not packed across beats.
     table : In(stream.Signature(SoftmaxUnit.table_layout(table_entries)))
         Writes ``table_entries`` entries of the exp table at once, uint16: entries
         ``index · table_entries`` … ``index · table_entries + table_entries − 1``, the
@@ -611,9 +621,11 @@ class SoftmaxUnit(wiring.Component):
         rcp ≤ 2^16: the reciprocal is computed to 17 bits); with another table the outputs
         are unspecified.
     probs : Out(stream.Signature(SoftmaxUnit.out_layout(cfg)))
-        The same beats as ``logits``, unsigned 16-bit lanes: attention mode 0 … 127 (the
-        low 8 bits are the INT8 probability), router mode 0 … 32767. Padded lanes are 0.
-        ``last`` marks the final beat of each row.
+        One beat per ``logits`` beat, unsigned 16-bit lanes; ``last`` marks the final beat
+        of each row. ATTENTION: lane j holds p_j, 0 … 127 (the low 8 bits are the INT8
+        probability); padded lanes are 0. ROUTER: lane h < H holds the score p_h,
+        0 … 32767 (0 for padded positions), and lane H + h holds d_h = m − l_h, 0 … 65535
+        (the dispatcher ranks by it; unspecified for padded positions).
     busy : Out(1)
         A command is being taken or a beat is anywhere between ``logits`` and ``probs``.
     busy_cycles : Out(unsigned(32))
@@ -629,10 +641,19 @@ class SoftmaxUnit(wiring.Component):
     the e values go to the e queue and a registered adder tree; the sum enters a 17-stage
     reciprocal pipeline; (C) the row's e values are multiplied by rcp and rounded. Row r+1
     is in A while row r is in B and row r−1 in C, so the steady-state throughput is one beat
-    per cycle: a 129-long row at 32 lanes is 5 beats, 5 cycles. The logits queue holds a
-    full row plus the tree latency and the e queue a full row plus the sum/reciprocal
-    latency, which is also what lets rows of one beat (router rows) stream.
-    Sum width: ``log2(65535·max_tokens)`` bits (S < 2^26 for 1,024 tokens).
+    per cycle in both modes: a 129-long row at 32 lanes is 5 beats, 5 cycles. The logits
+    queue holds a full row plus the tree latency and the e queue a full row plus the
+    sum/reciprocal latency, which is also what lets rows of one beat (router rows) stream.
+    Sum width: ``log2(65535·max(max_tokens, max_experts))`` bits (S < 2^26 for 1,024
+    tokens).
+
+    Router mode shares the attention datapath: the max tree's first level takes each lane
+    pair (2h, 2h + 1) either as INT16 logit h or as 2^8 times the larger of two INT8
+    logits, so the tree above it compares 16-bit values; stage B forms the 16-bit d of
+    lanes 0 … H−1 (attention: 2^8 times the INT8 d) and indexes the table with its high
+    byte in both modes; lanes H … lanes−1, unused by router rows, carry d_h down the e
+    queue (out of the sum) and through their multiplier with ``2^16`` in place of rcp, so
+    the output's ``round(d·2^16 / 2^16)`` is d itself: no extra storage and no extra DSP.
     """
 
     @staticmethod
@@ -680,7 +701,9 @@ class SoftmaxUnit(wiring.Component):
         s = SimpleNamespace()   # what the stages share; each adds what it declares
         s.lanes = cfg.pe_cols
         s.log_lanes = s.lanes.bit_length() - 1
-        s.max_row_beats = -(-cfg.max_tokens // s.lanes)
+        s.half = s.lanes // 2  # INT16 router logits per beat
+        # Attention rows up to max_tokens INT8 logits, router rows up to max_experts INT16.
+        s.max_row_beats = max(-(-cfg.max_tokens // s.lanes), -(-cfg.max_experts // s.half))
         s.rcp_bits = 17  # S ≥ 2^15 ⇒ floor(2^31 / S) ≤ 2^16
         s.tree_levels = s.log_lanes
         self._stage_a(m, s)
@@ -695,24 +718,32 @@ class SoftmaxUnit(wiring.Component):
     def _stage_a(self, m: Module, s: SimpleNamespace) -> None:
         """A: commands, the logits queue, the row maximum."""
         cfg = self._cfg
-        lanes, log_lanes, max_row_beats = s.lanes, s.log_lanes, s.max_row_beats
+        lanes, log_lanes, half, max_row_beats = s.lanes, s.log_lanes, s.half, s.max_row_beats
         tree_levels = s.tree_levels
         s.active = active = Signal()
         rows_left = Signal(ROW_COUNT_BITS)
         mode = Signal(SoftmaxMode)
+        router = mode == SoftmaxMode.ROUTER
         row_beats = Signal(range(max_row_beats + 1))
-        last_lanes_m1 = Signal(log_lanes)  # valid lanes − 1 in a row's last beat
+        # Valid INT8 lanes − 1 in a row's last beat; a router logit h is lanes 2h and 2h + 1,
+        # so there it is 2·((L − 1) mod H) + 1.
+        last_lanes_m1 = Signal(log_lanes)
         beat = Signal(range(max_row_beats))
         with m.If(~active):
             m.d.comb += self.cmd.ready.eq(1)
             with m.If(self.cmd.valid):
                 p = self.cmd.payload
+                cmd_router = p.mode == SoftmaxMode.ROUTER
+                router_last_m1 = Cat(Const(1, 1), (p.length - 1)[:log_lanes - 1])
                 m.d.sync += [
-                    active.eq((p.rows != 0) & (p.length != 0) & (p.length <= cfg.max_tokens)),
+                    active.eq((p.rows != 0) & (p.length != 0)
+                              & Mux(cmd_router, p.length <= cfg.max_experts,
+                                    p.length <= cfg.max_tokens)),
                     rows_left.eq(p.rows),
                     mode.eq(p.mode),
-                    row_beats.eq((p.length + lanes - 1) >> log_lanes),
-                    last_lanes_m1.eq(p.length - 1),
+                    row_beats.eq(Mux(cmd_router, (p.length + half - 1) >> (log_lanes - 1),
+                                     (p.length + lanes - 1) >> log_lanes)),
+                    last_lanes_m1.eq(Mux(cmd_router, router_last_m1, p.length - 1)),
                     beat.eq(0),
                 ]
 
@@ -722,7 +753,8 @@ class SoftmaxUnit(wiring.Component):
                                   max_row_beats + tree_levels + 8)
         s.lq = lq
         max_entries = 32
-        mq, mq_w, s.mq_r = _queue(m, "max_queue", data.StructLayout({"max": INT8}), max_entries)
+        mq, mq_w, s.mq_r = _queue(m, "max_queue", data.StructLayout({"max": signed(16)}),
+                                  max_entries)
         s.mq = mq
         row_end = beat == row_beats - 1
         lanes_m1 = Mux(row_end, last_lanes_m1, lanes - 1)
@@ -744,25 +776,39 @@ class SoftmaxUnit(wiring.Component):
                 with m.If(rows_left == 1):
                     m.d.sync += active.eq(0)
 
-        # Padded lanes become −128, the neutral element of the maximum (lane 0 is always real).
-        masked = [_reg(m, Mux((i <= lanes_m1) if i else 1, self.logits.payload[i], -128), INT8,
-                       name=f"sm_masked{i}") for i in range(lanes)]
-        row_max, _ = _tree(m, "sm_max", masked, lambda a, b: Mux(a >= b, a, b))
+        # Padded lanes become the neutral element of the maximum: −128 (attention), and
+        # −2^15 = 0x8000 for a padded router logit (lanes 0 and 1 are always real).
+        masked = []
+        for i in range(lanes):
+            pad = Mux(router, 0, -128) if i % 2 == 0 else Const(-128, INT8)
+            masked.append(_reg(m, Mux((i <= lanes_m1) if i else 1, self.logits.payload[i], pad),
+                               INT8, name=f"sm_masked{i}"))
+        masked_router = _reg(m, router, name="sm_masked_router")
+        # The tree's first level: each lane pair as the INT16 router logit it holds, or as
+        # the larger of two INT8 logits, times 2^8 (so that stage B indexes the table with
+        # the high byte of m − l in both modes); the levels above compare 16-bit values.
+        pairs = []
+        for h in range(half):
+            low, high = masked[2 * h], masked[2 * h + 1]
+            pairs.append(_reg(m, Cat(Mux(masked_router, low, 0),
+                                     Mux(masked_router | (low < high), high, low)).as_signed(),
+                              signed(16), name=f"sm_max_pair{h}"))
+        row_max, _ = _tree(m, "sm_max", pairs, lambda a, b: Mux(a >= b, a, b))
         max_valid = _delay(m, accept, 1 + tree_levels, name="sm_max_valid")
         max_first = _delay(m, beat == 0, 1 + tree_levels, name="sm_max_first")
         max_last = _delay(m, row_end, 1 + tree_levels, name="sm_max_last")
-        running_max = Signal(signed(8))
+        running_max = Signal(signed(16))
         new_max = Mux(max_first | (row_max > running_max), row_max, running_max)
         with m.If(max_valid):
             m.d.sync += running_max.eq(new_max)
         m.d.comb += [mq.w_en.eq(max_valid & max_last), mq_w.max.eq(new_max)]
 
     def _stage_b(self, m: Module, s: SimpleNamespace) -> None:
-        """B: e_j = E[m − l_j] through per-lane table copies; S; rcp."""
+        """B: e_j = E[u_j] through per-lane table copies; S; rcp."""
         cfg = self._cfg
-        lanes, tree_levels, rcp_bits = s.lanes, s.tree_levels, s.rcp_bits
+        lanes, half, tree_levels, rcp_bits = s.lanes, s.half, s.tree_levels, s.rcp_bits
         lq, lq_r, mq, mq_r = s.lq, s.lq_r, s.mq, s.mq_r
-        sum_bits = ((1 << 16) * cfg.max_tokens).bit_length()
+        sum_bits = ((1 << 16) * max(cfg.max_tokens, cfg.max_experts)).bit_length()
         e_entry = data.StructLayout({"e": lane_layout(cfg, _EXP_SHAPE), "last": 1})
         b_latency = 3
         rcp_latency = tree_levels + 1 + rcp_bits
@@ -787,23 +833,53 @@ class SoftmaxUnit(wiring.Component):
         b1_valid = _reg(m, issue_b, name="b1_valid")
         b1_first, b1_last = _reg(m, b_first), _reg(m, lq_r.last)
         b1_mode = _reg(m, lq_r.mode, SoftmaxMode)
-        b1_lane_valid = [_reg(m, (i <= lq_r.lanes_m1) if i else Const(1), unsigned(1),
-                              name=f"b1_lane{i}") for i in range(lanes)]
-        # For a real lane m ≥ l, so m − l ∈ [0, 255] and the numerics' min(·, 255) is moot.
-        b1_index = [_reg(m, (mq_r.max - lq_r.data[i])[:8], unsigned(8), name=f"b1_index{i}")
-                    for i in range(lanes)]
+        router = lq_r.mode == SoftmaxMode.ROUTER
+        # Router logit h is lanes 2h, 2h + 1, valid iff 2h + 1 ≤ lanes_m1 (which is odd);
+        # lanes ≥ H hold no router logit and carry d below.
+        b1_lane_valid = []
+        for i in range(lanes):
+            valid = Const(1) if i == 0 else i <= lq_r.lanes_m1
+            if 0 < i < half:
+                valid = Mux(router, 2 * i <= lq_r.lanes_m1, valid)
+            b1_lane_valid.append(_reg(m, valid, unsigned(1), name=f"b1_lane{i}"))
+        # d = m − l ≥ 0 for a real lane: INT8 d ≤ 255 and INT16 d ≤ 65535, so the numerics'
+        # min(u, 255) is moot in both modes. The attention m is 2^8 times the INT8 maximum,
+        # and so is each lane's l: the table index is the high byte of d in both modes. Lanes
+        # ≥ H carry no router logit and need only the 8-bit attention difference.
+        b1_d = []
+        for i in range(lanes):
+            if i < half:
+                logit = Cat(Mux(router, lq_r.data[2 * i], 0),
+                            Mux(router, lq_r.data[2 * i + 1], lq_r.data[i])).as_signed()
+                b1_d.append(_reg(m, (mq_r.max - logit)[:16], unsigned(16), name=f"b1_d{i}"))
+            else:
+                b1_d.append(_reg(m, (mq_r.max[8:].as_signed() - lq_r.data[i])[:8],
+                                 unsigned(8), name=f"b1_d{i}"))
+        b1_index = [d[8:] if i < half else d for i, d in enumerate(b1_d)]
         b2_valid, b2_first, b2_last = _reg(m, b1_valid), _reg(m, b1_first), _reg(m, b1_last)
         b2_mode = _reg(m, b1_mode, SoftmaxMode)
+        b2_router = b2_mode == SoftmaxMode.ROUTER
         b2_lane_valid = [_reg(m, v) for v in b1_lane_valid]
+        b2_d = [_reg(m, d, name=f"b2_d{h}") for h, d in enumerate(b1_d[:half])]
         looked_up = self._exp_tables(m, b1_index)
         b3_valid, b3_first, b3_last = _reg(m, b2_valid), _reg(m, b2_first), _reg(m, b2_last)
         b3_mode = _reg(m, b2_mode, SoftmaxMode)
-        b3_e = [_reg(m, Mux(b2_lane_valid[i], looked_up[i], 0), _EXP_SHAPE, name=f"b3_e{i}")
-                for i in range(lanes)]
+        b3_router = b3_mode == SoftmaxMode.ROUTER
+        b3_e = []
+        for i in range(lanes):
+            e = Mux(b2_lane_valid[i], looked_up[i], 0)
+            if i >= half:  # router mode: d of logit i − H, for the output
+                e = Mux(b2_router, b2_d[i - half], e)
+            b3_e.append(_reg(m, e, _EXP_SHAPE, name=f"b3_e{i}"))
         m.d.comb += [eq.w_en.eq(b3_valid), eq_w.last.eq(b3_last)]
         m.d.comb += [eq_w.e[i].eq(e) for i, e in enumerate(b3_e)]
 
-        beat_sum, _ = _tree(m, "sm_sum", b3_e, lambda a, b: a + b)
+        # The tree's two halves, then their sum, from which router mode leaves out the upper
+        # half (its d values): one mask on one partial sum instead of one per lane.
+        lower_sum, half_levels = _tree(m, "sm_sum_lower", b3_e[:half], lambda a, b: a + b)
+        upper_sum, _ = _tree(m, "sm_sum_upper", b3_e[half:], lambda a, b: a + b)
+        upper_router = _delay(m, b3_router, half_levels, name="sm_sum_router")
+        beat_sum = _reg(m, lower_sum + Mux(upper_router, 0, upper_sum), name="sm_sum_top")
         sum_valid = _delay(m, b3_valid, tree_levels, name="sm_sum_valid")
         sum_first = _delay(m, b3_first, tree_levels, name="sm_sum_first")
         sum_last = _delay(m, b3_last, tree_levels, name="sm_sum_last")
@@ -857,8 +933,9 @@ class SoftmaxUnit(wiring.Component):
         return looked_up
 
     def _stage_c(self, m: Module, s: SimpleNamespace) -> None:
-        """C: p_j = round_half_up(e_j · rcp / 2^shift), clamped."""
+        """C: p_j = round_half_up(e_j · rcp / 2^shift), clamped; router d passed through."""
         cfg = self._cfg
+        half = s.half
         eq, eq_r, rq, rq_r = s.eq, s.eq_r, s.rq, s.rq_r
         c_latency = 4
         oq, oq_w, oq_r = _queue(m, "out_queue", self.out_layout(cfg), c_latency + 8)
@@ -873,19 +950,28 @@ class SoftmaxUnit(wiring.Component):
         c1_valid, c1_last = _reg(m, issue_c, name="c1_valid"), _reg(m, eq_r.last)
         c1_router = _reg(m, rq_r.mode == SoftmaxMode.ROUTER, name="c1_router")
         c1_rcp = _reg(m, rq_r.rcp, name="c1_rcp")
+        # Lanes ≥ H hold d in router mode: multiplied by 2^16 instead of rcp, d·2^16 >> 16
+        # is d again, so d reaches the output through the lane's own DSP, with no extra
+        # registers beside it.
+        c1_rcp_upper = _reg(m, Mux(rq_r.mode == SoftmaxMode.ROUTER, 1 << _SCORE_SHIFT, rq_r.rcp),
+                            unsigned(s.rcp_bits), name="c1_rcp_upper")
         c1_e = [_reg(m, eq_r.e[i], name=f"c1_e{i}") for i in range(s.lanes)]
         # c2, c3: the 16×17-bit product, two registers (DSP48E2 M and P).
         c2_valid, c2_last, c2_router = _reg(m, c1_valid), _reg(m, c1_last), _reg(m, c1_router)
-        c2_p = [_reg(m, e * c1_rcp, name=f"c2_p{i}") for i, e in enumerate(c1_e)]
+        c2_p = [_reg(m, e * (c1_rcp if i < half else c1_rcp_upper), name=f"c2_p{i}")
+                for i, e in enumerate(c1_e)]
         c3_valid, c3_last, c3_router = _reg(m, c2_valid), _reg(m, c2_last), _reg(m, c2_router)
         c3_p = [_reg(m, p, name=f"c3_p{i}") for i, p in enumerate(c2_p)]
         c4_valid, c4_last = _reg(m, c3_valid), _reg(m, c3_last)
         c4_out = []
         for i, p in enumerate(c3_p):
             prob = (p + (1 << (_PROB_SHIFT - 1))) >> _PROB_SHIFT
-            score = (p + (1 << (_SCORE_SHIFT - 1))) >> _SCORE_SHIFT
-            c4_out.append(_reg(m, Mux(c3_router,
-                                      Mux(score > _SCORE_MAX, _SCORE_MAX, score),
+            if i < half:
+                score = (p + (1 << (_SCORE_SHIFT - 1))) >> _SCORE_SHIFT
+                router_out = Mux(score > _SCORE_MAX, _SCORE_MAX, score)
+            else:  # d·2^16, exact
+                router_out = p[_SCORE_SHIFT:_SCORE_SHIFT + 16]
+            c4_out.append(_reg(m, Mux(c3_router, router_out,
                                       Mux(prob > _PROB_MAX, _PROB_MAX, prob)),
                                unsigned(16), name=f"c4_out{i}"))
         m.d.comb += [oq.w_en.eq(c4_valid), oq_w.last.eq(c4_last)]

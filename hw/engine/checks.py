@@ -21,7 +21,7 @@ from ..isa import (
     INSTRUCTION,
     LN_RECORD_BYTES,
     OPERANDS,
-    GemmOp,
+    GemmMode,
     Opcode,
     RowMode,
     TableUnit,
@@ -155,7 +155,8 @@ class InstructionChecks(wiring.Component):
         rng = [Signal(_RANGE, name=f"range{k}") for k in range(3)]
         ddr_used = Signal()
         m.d.comb += [
-            ctl.route_beats.eq((args.route.experts + C - 1) >> exact_log2(C)),
+            # INT16 logits: C/2 experts a word.
+            ctl.route_beats.eq((args.route.experts + C // 2 - 1) >> exact_log2(C // 2)),
             ctl.softmax_beats.eq((args.softmax.length + C - 1) >> exact_log2(C)),
             # A GEMM in an EXPERTS body runs the iteration's tokens, its rows mapped per
             # RowMode; its ranges are checked with the rows it actually touches.
@@ -253,7 +254,10 @@ class InstructionChecks(wiring.Component):
             with m.Case(Opcode.GEMM):
                 g = args.gemm
                 buffer_range(0, g.src, (g.k_slices, g.src_stride), (touched_rows(g.src_rows), 1))
-                with m.If(g.mode != GemmOp.INT32):
+                with m.If(g.mode == GemmMode.INT16):
+                    buffer_range(1, g.dst, (g.n_tiles << (log_words + 1), g.dst_stride),
+                                 (touched_rows(g.dst_rows), 1))
+                with m.Elif(g.mode != GemmMode.INT32):
                     buffer_range(1, g.dst, (g.n_tiles << log_words, g.dst_stride),
                                  (touched_rows(g.dst_rows), 1))
                 with m.If(g.wsrc == WeightSource.BUFFER_ROWS):
@@ -331,6 +335,6 @@ class InstructionChecks(wiring.Component):
             ctl.buffer_ok.eq((rng_last[0] < depth) & (rng_last[1] < depth)
                              & (rng_last[2] < depth)),
             ctl.ddr_ok.eq((ddr_end <= self.data_size)
-                          & ((self.instruction.opcode != Opcode.GEMM) | (g.mode != GemmOp.INT32)
+                          & ((self.instruction.opcode != Opcode.GEMM) | (g.mode != GemmMode.INT32)
                              | (out_end <= self.data_size))),
         ]

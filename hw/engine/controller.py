@@ -25,6 +25,7 @@ from ..gemm import command_layout
 from ..isa import (
     INSTRUCTION,
     ExpertOrder,
+    GemmMode,
     GemmOp,
     Opcode,
     RowMode,
@@ -424,7 +425,7 @@ class Controller(wiring.Component):
         """The instruction is a GEMM whose weights stream from DDR with INT8 results: it may
         hand over to the next instruction once its stream is in."""
         g = self.instruction.args.gemm
-        return (g.wsrc == WeightSource.DDR) & (g.mode != GemmOp.INT32)
+        return (g.wsrc == WeightSource.DDR) & (g.mode != GemmMode.INT32)
 
     def _gemm_setup(self, m: Module, r: _Registers) -> None:
         """The GEMM's unit, sink and DDR stream (sent to the router)."""
@@ -434,7 +435,7 @@ class Controller(wiring.Component):
         m.d.sync += [
             r.unit.eq(Unit.GEMM),
             r.sink.eq(ReadSink.GEMM),
-            r.gemm_int32.eq(g.mode == GemmOp.INT32),
+            r.gemm_int32.eq(g.mode == GemmMode.INT32),
             r.weights_from_buffer.eq(g.wsrc != WeightSource.DDR),
             r.weights_columns.eq(g.wsrc == WeightSource.BUFFER_COLUMNS),
         ]
@@ -490,14 +491,17 @@ class Controller(wiring.Component):
         walk_b = Mux(g.residual, walk(res_base, (g.n_tiles, g.dst_stride << log_words),
                                       (tokens, 1), (V, g.dst_stride)), walk_b)
         gather = Mux(g.src_rows == RowMode.GATHER, GatherMode.QUEUE, GatherMode.NONE)
-        writes = fit((g.n_tiles * tokens) << log_words, 32)
+        # INT16 results: 2V words a token and N-tile (a token's words still side by side).
+        wide = g.mode == GemmMode.INT16
+        log_out = log_words + wide
+        writes = fit((g.n_tiles * tokens) << log_out, 32)
         res_cmd = layout["res_cmd"].shape
         m.d.comb += plan.eq(Cat(
             walk(src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride), (tokens, 1)),
-            walk(dst_base, (g.n_tiles, g.dst_stride << log_words), (tokens, 1),
-                 (V, g.dst_stride)),
+            walk(dst_base, (g.n_tiles, g.dst_stride << log_out), (tokens, 1),
+                 (Mux(wide, 2 * V, V), g.dst_stride)),
             walk_b,
-            g.mode != GemmOp.INT32,
+            g.mode != GemmMode.INT32,
             (g.wsrc != WeightSource.DDR) | g.residual,
             writes,
             fit(gather, layout["gather_mode"].width),
@@ -535,10 +539,13 @@ class Controller(wiring.Component):
         G = self.config.gemm_cols
         g = self.instruction.args.gemm
         tokens = self.checks.tokens
-        self._command(m, r, self.gemm_cmd, 0, op=g.mode, tokens=tokens, k_slices=g.k_slices,
-                      n_tiles=g.n_tiles, transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
+        wide = g.mode == GemmMode.INT16
+        # The engine runs INT16 results as INT8 with its command's `wide` bit.
+        self._command(m, r, self.gemm_cmd, 0, op=Mux(wide, GemmOp.INT8, g.mode.as_value()),
+                      wide=wide, tokens=tokens, k_slices=g.k_slices, n_tiles=g.n_tiles,
+                      transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
         self._command(m, r, self.rd_cmd, 1, addr=self._ddr_addr(), beats=self._ddr_beats())
-        with m.If(g.mode == GemmOp.INT32):
+        with m.If(g.mode == GemmMode.INT32):
             self._command(m, r, self.wr_cmd, 2, addr=self.data_base + g.out_ddr,
                           beats=(g.n_tiles * tokens * (4 * G))
                           >> exact_log2(self.config.axi_bytes))

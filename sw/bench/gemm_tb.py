@@ -7,7 +7,8 @@ configuration the DUT was generated from comes from
 :func:`m3vit.sim.cocotb_runner.bench_config`.
 
 A :class:`Pass` is one GEMM with its operands; :func:`make_pass` draws random operands
-(INT8 edges, large biases, multipliers and shifts that both saturate and do not) and
+(INT8 edges, large biases, multipliers and shifts that both saturate and do not; for a
+``wide`` pass, INT16 results at and beyond both saturation limits) and
 :meth:`Pass.expected` computes the results with :mod:`m3vit.sw.quant.numerics` — the golden
 model's own functions. :class:`TB` turns a list of passes into the engine's five input
 streams (in the order its docstring specifies: weight tiles row by row, or column by column
@@ -35,6 +36,7 @@ from ..quant import numerics
 
 CLOCK_PERIOD_NS = 10
 INT8_MIN, INT8_MAX = -128, 127
+INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 INT32_MAX = 2**31 - 1
 UINT16_MAX = 2**16 - 1
 
@@ -51,16 +53,25 @@ class Pass:
     shift: torch.Tensor  # (N,) 0..62
     table: torch.Tensor | None = None  # (256,) INT8, loaded before the pass when set
     transposed: bool = False  # weight tiles stream column by column
+    wide: bool = False  # the command's ``wide`` bit (INT16 results in mode INT8 only)
     name: str = field(default="")
 
     @property
     def tokens(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def int16(self) -> bool:
+        """Whether the pass's results are INT16: ``wide`` counts in mode INT8 only."""
+        return self.wide and self.op == GemmOp.INT8
+
     def expected(self) -> torch.Tensor:
         """(M, N) results from the golden model's functions."""
         if self.op == GemmOp.INT32:
             return numerics.gemm(self.x, self.w, self.bias)
+        if self.int16:
+            return numerics.requantize16(numerics.gemm(self.x, self.w, self.bias),
+                                         self.mult, self.shift)
         y = numerics.linear(self.x, self.w, self.bias, self.mult, self.shift)
         if self.op == GemmOp.INT8_TABLE:
             y = numerics.table_lookup(y, self.table)
@@ -77,15 +88,49 @@ def _int8(rng: random.Random, shape: tuple[int, ...], edge_fraction: float) -> t
     return torch.tensor(values, dtype=torch.int64).reshape(shape)
 
 
+#: Channel kinds of an INT16 (``wide``) pass besides ``random``: results saturated high and
+#: low, INT16 values beyond INT8 of either sign, and values around a saturation limit.
+INT16_KINDS = ("sat_hi", "sat_lo", "mid_hi", "mid_lo", "edge")
+
+
+def _int16_channel(rng: random.Random, kind: str, k: int, bias_limit: int
+                   ) -> tuple[int, int, int]:
+    """``(bias, mult, shift)`` of an INT16 channel whose results are of ``kind`` for every
+    token, whatever its accumulator (``|acc| ≤ k · 128²``)."""
+    acc_bits = (k * INT8_MIN * INT8_MIN).bit_length()
+    if kind in ("sat_hi", "sat_lo"):
+        # |acc + bias| ≥ 2^29 − 2^acc_bits, times ≥ 2^15, over ≤ 2^28: beyond 2^15.
+        sign = 1 if kind == "sat_hi" else -1
+        magnitude = rng.choice((bias_limit, rng.randint(2**29, bias_limit)))
+        return sign * magnitude, rng.randint(2**15, UINT16_MAX), rng.randint(0, 28)
+    if kind in ("mid_hi", "mid_lo"):
+        # bias / 2^s in ±[1000, 30000], acc / 2^s below 2^9: INT16, never INT8 nor saturated.
+        s = max(acc_bits - 9, 0)
+        t = rng.randint(0, 15)  # mult = 2^t, shift = s + t: the same value
+        sign = 1 if kind == "mid_hi" else -1
+        return sign * (rng.randint(1000, 30000) << s), 1 << t, s + t
+    # "edge": bias / 2^s within 8 of a limit, acc / 2^s small: around 32767 or −32768.
+    s = min(max(acc_bits - 3, 0), 15)
+    limit = rng.choice((INT16_MAX, INT16_MIN))
+    return ((limit + rng.randint(-8, 8)) << s) + rng.randint(0, (1 << s) - 1), 1, s
+
+
 def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
-              transposed: bool = False) -> Pass:
+              transposed: bool = False, wide: bool = False) -> Pass:
     """Random operands for one pass, chosen to exercise every path of the output stage.
 
     Biases range from small to as large as keeps every sum in INT32 (the quantizer's
     guarantee); multipliers include 0, 1, 65535 and normalised values; shifts sit near the
     one that maps the typical accumulator onto INT8, with offsets that saturate, round to
     zero, or use the extremes 0 and 62.
+
+    ``wide`` sets the command's bit; in mode INT8 (INT16 results) shifts then sit near the
+    one that maps the typical accumulator onto INT16, and some channels (at least one of
+    each :data:`INT16_KINDS` but ``edge`` when N ≥ 4, at random positions) saturate high or
+    low for every token, land beyond INT8 without saturating, or straddle a saturation
+    limit. In the other modes ``wide`` changes nothing (the engine ignores it).
     """
+    int16 = wide and op == GemmOp.INT8
     x = _int8(rng, (tokens, k), 0.1)
     w = _int8(rng, (n, k), 0.1)
     if tokens > 1 and n > 1:
@@ -95,14 +140,26 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
         w[1] = INT8_MAX
     bias_limit = INT32_MAX - k * INT8_MIN * INT8_MIN
     bias, mult, shift = [], [], []
-    for _ in range(n):
+    kinds = ["random"] * n
+    if int16:
+        kinds = [rng.choice(("random",) * 3 + INT16_KINDS) for _ in range(n)]
+        if n >= 4:
+            required = INT16_KINDS[:4]
+            for channel, kind in zip(rng.sample(range(n), len(required)), required, strict=True):
+                kinds[channel] = kind
+    for kind in kinds:
+        if kind != "random":
+            channel = _int16_channel(rng, kind, k, bias_limit)
+            for values, value in zip((bias, mult, shift), channel, strict=True):
+                values.append(value)
+            continue
         magnitude = rng.choice((2**4, 2**12, 2**20, 2**28, bias_limit))
         bias.append(rng.choice((bias_limit, -bias_limit)) if magnitude == bias_limit
                     else rng.randint(-magnitude, magnitude))
         mult.append(rng.choice((0, 1, UINT16_MAX, rng.randint(2**15, UINT16_MAX),
                                 rng.randint(0, UINT16_MAX))))
         typical = (abs(bias[-1]) + 128 * 64 * k) * max(mult[-1], 1)
-        s = typical.bit_length() - 7 + rng.randint(-4, 4)
+        s = typical.bit_length() - (15 if int16 else 7) + rng.randint(-4, 4)
         shift.append(rng.choice((0, 62)) if rng.random() < 0.1 else min(max(s, 0), 62))
     table = _int8(rng, (TABLE_ENTRIES,), 0.05) if op == GemmOp.INT8_TABLE else None
     return Pass(
@@ -114,7 +171,9 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
         shift=torch.tensor(shift, dtype=torch.int64),
         table=table,
         transposed=transposed,
-        name=f"{op.name} M={tokens} K={k} N={n}" + (" transposed" if transposed else ""),
+        wide=wide,
+        name=(f"{op.name} M={tokens} K={k} N={n}" + (" wide" if wide else "")
+              + (" transposed" if transposed else "")),
     )
 
 
@@ -287,11 +346,11 @@ class TB:
     # ---- beats ------------------------------------------------------------------------------
 
     def command_beat(self, op: GemmOp, tokens: int = 0, k_slices: int = 0,
-                     n_tiles: int = 0, transposed: bool = False) -> int:
+                     n_tiles: int = 0, transposed: bool = False, wide: bool = False) -> int:
         """Payload bits of one command."""
         return self.layouts.command.const({
             "op": op, "tokens": tokens, "k_slices": k_slices, "n_tiles": n_tiles,
-            "transposed": transposed,
+            "transposed": transposed, "wide": wide,
         }).as_bits()
 
     def queue_pass(self, gemm: Pass) -> None:
@@ -312,7 +371,7 @@ class TB:
                 sum(e << (8 * i) for i, e in enumerate(entries[b:b + per_beat]))
                 for b in range(0, len(entries), per_beat)]
         self.command.beats.append(
-            self.command_beat(gemm.op, tokens, k_slices, n_tiles, gemm.transposed))
+            self.command_beat(gemm.op, tokens, k_slices, n_tiles, gemm.transposed, gemm.wide))
         w = gemm.w.tolist()
         x = gemm.x.tolist()
         for j in range(n_tiles):
@@ -342,14 +401,18 @@ class TB:
                     "shift": int(gemm.shift[channel]),
                 }]).as_bits())
 
-    def decode(self, op: GemmOp, bits: int) -> list[int]:
-        """One result beat (a word) as its ``pe_cols`` integers."""
+    def decode(self, op: GemmOp, bits: int, int16: bool = False) -> list[int]:
+        """One result beat (a word) as its ``pe_cols`` integers (``pe_cols / 2`` INT16 ones,
+        bits 16c … 16c + 15 of the ``int8`` view, with ``int16``)."""
         view = self.layouts.results.from_bits(bits)
-        lanes = view.int32 if op == GemmOp.INT32 else view.int8
         if op != GemmOp.INT32:
-            # The INT8 modes leave the upper bits of the union zero.
+            # The INT8 modes (INT16 results too) leave the upper bits of the union zero.
             assert bits >> (8 * self.config.pe_cols) == 0, f"upper bits set in {bits:#x}"
-        return list(lanes)
+        if int16:
+            low = view.int8.as_bits()
+            halves = [(low >> (16 * c)) & 0xFFFF for c in range(self.config.pe_cols // 2)]
+            return [h - (1 << 16) if h >> 15 else h for h in halves]
+        return list(view.int32 if op == GemmOp.INT32 else view.int8)
 
     # ---- the cycle loop -----------------------------------------------------------------------
 
@@ -406,23 +469,27 @@ class TB:
 
     async def run_queued(self, passes: list[Pass], *, max_cycles: int | None = None) -> None:
         """Run what is queued and check it: ``passes`` are the queued passes, in order."""
-        lanes, words = self.config.pe_cols, self.config.gemm_words
-        cols = self.config.gemm_cols
-        counts = [gemm.tokens * (gemm.w.shape[0] // cols) * words for gemm in passes]
+        words, cols = self.config.gemm_words, self.config.gemm_cols
+        # Words a token and N-tile: twice as many for INT16 results, half the lanes each.
+        per_row = [words * (2 if gemm.int16 else 1) for gemm in passes]
+        counts = [gemm.tokens * (gemm.w.shape[0] // cols) * row
+                  for gemm, row in zip(passes, per_row, strict=True)]
         if max_cycles is None:
             beats = sum(len(p.beats) for p in self.inputs)
             max_cycles = 20 * beats + 1000
         raw = await self.run(sum(counts), max_cycles=max_cycles)
         position = 0
-        for gemm, count in zip(passes, counts, strict=True):
+        for gemm, count, row in zip(passes, counts, per_row, strict=True):
             expected = gemm.expected()
             got = torch.zeros_like(expected)
+            width = cols // row  # channels a word
             for index, bits in enumerate(raw[position:position + count]):
                 # Results: for each N-tile, for each token, its words.
-                j, rest = divmod(index, gemm.tokens * words)
-                m, v = divmod(rest, words)
-                first = j * cols + v * lanes
-                got[m, first:first + lanes] = torch.tensor(self.decode(gemm.op, bits))
+                j, rest = divmod(index, gemm.tokens * row)
+                m, v = divmod(rest, row)
+                first = j * cols + v * width
+                got[m, first:first + width] = torch.tensor(
+                    self.decode(gemm.op, bits, gemm.int16))
             position += count
             wrong = (got != expected).nonzero().tolist()
             assert not wrong, (

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from m3vit.hw.config import AccelConfig
-from m3vit.hw.isa import INSTRUCTION_BYTES, OPERANDS, GemmOp, Opcode, WeightSource
+from m3vit.hw.isa import INSTRUCTION_BYTES, OPERANDS, GemmMode, Opcode, WeightSource
 from m3vit.hw.registers import REGISTER_MAP, ErrorCode
 
 from ..compiler.isa_model import MachineStop, execute
@@ -81,11 +81,11 @@ def _base_case(cfg: AccelConfig, rng: np.random.Generator) -> P.Case:
     kind = int(rng.integers(8))
     if kind <= 1:
         tokens = int(rng.integers(1, cfg.max_tokens + 1))
-        mode = GemmOp.INT8 if rng.random() < 0.7 else GemmOp.INT32
+        mode = GemmMode.INT8 if rng.random() < 0.7 else GemmMode.INT32
         wsrc = WeightSource.DDR if rng.random() < 0.6 else WeightSource.BUFFER_ROWS
         return P.gemm_case(cfg, seed, tokens, int(rng.integers(1, 4)),
                            int(rng.integers(1, 3)), mode, wsrc,
-                           residual=bool(mode == GemmOp.INT8 and wsrc == WeightSource.DDR
+                           residual=bool(mode == GemmMode.INT8 and wsrc == WeightSource.DDR
                                          and rng.random() < 0.5))
     if kind == 2:
         op = [Opcode.LAYERNORM, Opcode.SOFTMAX, Opcode.RESIDUAL][int(rng.integers(3))]

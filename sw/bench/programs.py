@@ -23,7 +23,7 @@ from m3vit.hw.isa import (
     INSTRUCTION_BYTES,
     OPERANDS,
     ExpertOrder,
-    GemmOp,
+    GemmMode,
     Opcode,
     RowMode,
     TableUnit,
@@ -79,7 +79,7 @@ def _finish(name: str, cfg: AccelConfig, prog: Program, img: DdrImage, task: int
 
 
 def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: int,
-              mode: GemmOp, wsrc: WeightSource, residual: bool = False) -> Case:
+              mode: GemmMode, wsrc: WeightSource, residual: bool = False) -> Case:
     """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR).
 
     With ``residual`` (weights from DDR, INT8 results) the GEMM adds random x words in its
@@ -114,12 +114,12 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
         prog.add(Opcode.LOAD, ddr=img.put("wbuf", words.tobytes()), dst=wbuf, dst_stride=1,
                  words=outer * wstride)
         ddr = img.put("params", gemm_stream(None, bias, mult, shift, cfg, weights=False))
-    if mode == GemmOp.INT8_TABLE:
+    if mode == GemmMode.INT8_TABLE:
         table = _i8(rng, 256)
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM, ddr=img.put("table", table.tobytes()))
     dst = wbuf + (n_tiles * G + 2) * (k_slices * R + 2) + 11 if wsrc != WeightSource.DDR \
         else wbuf
-    out_ddr = img.reserve("out", n_tiles * tokens * 4 * G) if mode == GemmOp.INT32 else 0
+    out_ddr = img.reserve("out", n_tiles * tokens * 4 * G) if mode == GemmMode.INT32 else 0
     fused = {}
     if residual:
         words = n_tiles * V * tokens
@@ -132,7 +132,7 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
     prog.add(Opcode.GEMM, mode=mode, wsrc=wsrc, tokens=tokens, k_slices=k_slices,
              n_tiles=n_tiles, src=src, src_stride=stride, dst=dst, dst_stride=tokens,
              wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr, **fused)
-    if mode != GemmOp.INT32:
+    if mode != GemmMode.INT32:
         # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
         # what earlier cases left in the buffer cannot leak into the comparison.
         words = n_tiles * V * tokens
@@ -204,7 +204,7 @@ def softmax_overlap_case(cfg: AccelConfig, seed: int, hazard: str) -> Case:
     params = gemm_stream(None, rng.integers(-2**12, 2**12, size=G),
                          rng.integers(0, 2**16, size=G), rng.integers(8, 20, size=G), cfg,
                          weights=False)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=rows,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=rows,
              k_slices=1, n_tiles=1, src=src, src_stride=rows, dst=dst, dst_stride=rows,
              wbuf=wbuf, wstride=R, ddr=img.put("params", params))
     for name, base, n in (("logits_out", logits, words), ("probs_out", probs, words),
@@ -235,7 +235,7 @@ def task_select_case(cfg: AccelConfig, seed: int, task: int, n_tasks: int = 3) -
     stride = img.regions["task1"][0] - first
     prog.add(Opcode.TASKS, count=n_tasks, stride=stride)
     dst = k_slices * tokens
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=tokens,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=tokens,
              k_slices=k_slices, n_tiles=n_tiles, src=0, src_stride=tokens, dst=dst,
              dst_stride=tokens, ddr=first)
     words = n_tiles * cfg.gemm_words * tokens
@@ -324,8 +324,8 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
     raw[32] = 0x7F                        # the second instruction becomes opcode 0x7f
     cases[-1].program = bytes(raw)
     gemm = dict(tokens=1, k_slices=1, n_tiles=1)
-    case("gemm_mode_load_table", ErrorCode.ILLEGAL_OPCODE, 1,
-         (Opcode.GEMM, dict(mode=GemmOp.LOAD_TABLE, **gemm)))
+    case("gemm_residual_int16", ErrorCode.ILLEGAL_OPCODE, 1,
+         (Opcode.GEMM, dict(mode=GemmMode.INT16, residual=1, **gemm)))
     patched("gemm_wsrc_3", ErrorCode.ILLEGAL_OPCODE, 1, 1, Opcode.GEMM, "wsrc", 3,
             (Opcode.GEMM, gemm))
     patched("load_table_unit_2", ErrorCode.ILLEGAL_OPCODE, 1, 1, Opcode.LOAD_TABLE, "unit", 2,
@@ -368,7 +368,7 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
     case("gemm_residual_with_buffer_weights", ErrorCode.ILLEGAL_OPCODE, 1,
          (Opcode.GEMM, dict(wsrc=WeightSource.BUFFER_ROWS, **fused)))
     case("gemm_residual_int32", ErrorCode.ILLEGAL_OPCODE, 1,
-         (Opcode.GEMM, dict(mode=GemmOp.INT32, **fused)))
+         (Opcode.GEMM, dict(mode=GemmMode.INT32, **fused)))
     case("gemm_residual_over_capacity", ErrorCode.SHAPE_OVER_CAPACITY, 1,
          (Opcode.GEMM, {**fused, "tokens": cfg.max_tokens,
                         "n_tiles": cfg.max_dim // cfg.gemm_cols + 1}))
@@ -397,7 +397,7 @@ def bad_program_cases(cfg: AccelConfig) -> list[Case]:
     zero_table = (Opcode.LOAD_TABLE, dict(ddr=0, unit=TableUnit.SOFTMAX))
     route2 = (Opcode.ROUTE, dict(src=0, stride=3, rows=3, experts=4, top_k=2))
     stream = GEMM_RECORD_BYTES * cfg.gemm_cols + cfg.pe_rows * cfg.gemm_cols
-    expert_gemm = dict(mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1, src_stride=3,
+    expert_gemm = dict(mode=GemmMode.INT8, wsrc=WeightSource.DDR, expert=1, src_stride=3,
                        dst=64, dst_stride=6, **gemm)
 
     def loop(stride=64):
@@ -531,9 +531,9 @@ def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
     cases = []
     for i in range(count):
         tokens = rng.choice([1, 2, 3, 5, 17, 33, cfg.max_tokens])
-        mode = rng.choice([GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32])
+        mode = rng.choice([GemmMode.INT8, GemmMode.INT8_TABLE, GemmMode.INT32])
         wsrc = rng.choice(list(WeightSource))
-        residual = wsrc == WeightSource.DDR and mode != GemmOp.INT32 and rng.random() < 0.5
+        residual = wsrc == WeightSource.DDR and mode != GemmMode.INT32 and rng.random() < 0.5
         cases.append(gemm_case(cfg, seed + i, tokens, rng.randint(1, 3), rng.randint(1, 3),
                                mode, wsrc, residual=residual))
     return cases
@@ -542,32 +542,39 @@ def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
 # ---- the MoE layer -------------------------------------------------------------------------
 
 #: Routing patterns of :func:`moe_routing_case`.
-ROUTINGS = ("random", "all_same", "one_per_expert", "some_never", "ties")
+ROUTINGS = ("random", "near_ties", "all_same", "one_per_expert", "some_never", "ties")
 
 
 def _routing_logits(rng: np.random.Generator, routing: str, tokens: int, experts: int,
                     top_k: int) -> np.ndarray:
-    """(tokens, experts) INT8 router logits that produce ``routing``."""
+    """(tokens, experts) INT16 router logits that produce ``routing``."""
+    def fine(x: np.ndarray) -> np.ndarray:
+        # INT8-like logits in the upper byte, a random lower byte (ranks within a step).
+        return (x.astype(np.int64) * 256 + rng.integers(0, 256, size=x.shape)).astype(np.int16)
+
     if routing == "random":
-        return _i8(rng, tokens, experts)
+        return rng.integers(-2**15, 2**15, size=(tokens, experts)).astype(np.int16)
+    if routing == "near_ties":
+        # Logits within a few exp-table steps: scores tie, the INT16 logits decide.
+        return (rng.integers(-600, 600, size=(tokens, experts)) + 1000).astype(np.int16)
     if routing == "all_same":
         # Every token the same logits: the same k experts for all (the top ones distinct).
-        row = rng.permutation(np.arange(experts) * (200 // experts) - 100)
-        return np.tile(row, (tokens, 1)).astype(np.int8)
+        row = fine(rng.permutation(np.arange(experts) * (200 // experts) - 100))
+        return np.tile(row, (tokens, 1))
     if routing == "one_per_expert":
         # Token t prefers experts t·k … t·k + k − 1: each expert gets exactly one token.
         x = rng.integers(-128, -40, size=(tokens, experts))
         for t in range(tokens):
             x[t, t * top_k:(t + 1) * top_k] = rng.integers(40, 128, size=top_k)
-        return x.astype(np.int8)
+        return fine(x)
     if routing == "some_never":
         # The upper half of the experts always scores lowest: never chosen.
-        x = rng.integers(-60, 128, size=(tokens, experts))
-        x[:, experts // 2:] = -128
-        return x.astype(np.int8)
+        x = fine(rng.integers(-60, 128, size=(tokens, experts)))
+        x[:, experts // 2:] = -2**15
+        return x
     if routing == "ties":
         # Equal logits everywhere: lower indices win every tie (experts 0 … k−1).
-        return np.full((tokens, experts), 5, np.int8)
+        return np.full((tokens, experts), 5 * 256, np.int16)
     raise ValueError(routing)
 
 
@@ -594,11 +601,13 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     img, prog = DdrImage(align=cfg.axi_bytes), Program()
     h = _i8(rng, tokens, dim)
     logits = _routing_logits(rng, routing, tokens, experts, top_k)
-    e_pad = _ceil(experts, C) * C
-    padded = np.zeros((tokens, e_pad), np.int8)
-    padded[:, :experts] = logits
+    # INT16 logits, C/2 a word (two bytes each, little-endian).
+    e_pad = _ceil(experts, C // 2) * (C // 2)
+    padded16 = np.zeros((tokens, e_pad), "<i2")
+    padded16[:, :experts] = logits
     # Padded logit lanes hold junk: ROUTE must ignore them.
-    padded[:, experts:] = 127
+    padded16[:, experts:] = 2**15 - 1
+    padded = padded16.view(np.int8)
     exp = nx.exp_table(0.07)
     gelu = _i8(rng, 256)
     fc1 = [(_i8(rng, hidden, dim), rng.integers(-2**10, 2**10, size=hidden),
@@ -610,7 +619,7 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     mult, shift = int(rng.integers(2**14, 2**16)), 30
 
     # Buffer plan (words): h, logits, FC1 scratch (tokens rows), y (tokens·k rows), out.
-    d_w, h_w, e_w = dim // C, hidden // C, e_pad // C
+    d_w, h_w, e_w = dim // C, hidden // C, 2 * e_pad // C
     entries = tokens * top_k
     h_base = 3
     lg_base = h_base + d_w * tokens
@@ -635,12 +644,12 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     stride = blocks[1][0] - blocks[0][0] if experts > 1 else 0
     fc1_len = len(s1)   # every expert's FC1 stream has the same length
     prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.GATHER, tokens=tokens, k_slices=dim // cfg.pe_rows,
              n_tiles=hidden // cfg.gemm_cols, src=h_base, src_stride=tokens, dst=f_base,
              dst_stride=tokens,
              ddr=blocks[0][0])
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, expert=1,
              dst_rows=RowMode.QUEUE, tokens=tokens, k_slices=hidden // cfg.pe_rows,
              n_tiles=dim // cfg.gemm_cols, src=f_base, src_stride=tokens, dst=y_base,
              dst_stride=entries,
@@ -652,8 +661,7 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     prog.add(Opcode.END)
 
     # Expected: numerics step by step.
-    scores = nx.router_scores(torch.from_numpy(logits.astype(np.int64)), exp)
-    chosen_e, chosen_s = nx.top_k(scores, top_k)
+    _, chosen_e, chosen_s = nx.route(torch.from_numpy(logits.astype(np.int64)), exp, top_k)
     ht = torch.from_numpy(h.astype(np.int64))
     expert_out = torch.zeros(tokens, top_k, dim, dtype=torch.int64)
     for e in range(experts):

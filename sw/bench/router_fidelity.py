@@ -50,14 +50,13 @@ for the metrics and for the router."""
 
 VARIANTS: dict[str, dict[str, int | None]] = {
     "the integer model's widths (fake-quantized)": {},
-    "router logits 12-bit": {"router": 12},
+    "router logits INT8 (the design before INT16 logits)": {"router": 8},
     "residual stream 12-bit": {"residual": 12},
+    "residual stream 16-bit": {"residual": 16},
     "probabilities 11-bit": {"probs": 11},
-    "residual 12 + router 12": {"residual": 12, "router": 12},
-    "residual 12 + probabilities 11 + router 12": {"residual": 12, "probs": 11,
-                                                   "router": 12},
-    "residual 12 + row-relative probabilities 7 + router 12": {
-        "residual": 12, "probs_relative": 7, "router": 12},
+    "residual 12 + probabilities 11": {"residual": 12, "probs": 11},
+    "residual 12 + row-relative probabilities 7": {"residual": 12, "probs_relative": 7},
+    "residual 16 + row-relative probabilities 7": {"residual": 16, "probs_relative": 7},
     "those three in float": {"residual": None, "probs": None, "router": None},
 }
 """Width settings of the what-if table (keys of
@@ -136,8 +135,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines += ["", f"**{task}**: top-{cfg.top_k} set agreement **{t['agreement']:.1%}** "
                       f"(lowest block {t['lowest']:.1%}); "
                       f"{ties:,} of the {missed:,} disagreements ({ties / max(1, missed):.0%}) "
-                      "are near-ties (the integer scores of the k-th and (k+1)-th expert "
-                      "within one step).", "",
+                      "are near-ties (the integer logits of the k-th and (k+1)-th expert "
+                      "within one step of the exp table, 2^8 logit steps).", "",
                       "| stage: the top-k set of … | " + " | ".join(f"block {i}" for i in cols)
                       + " |", "|---|" + "---:|" * len(cols)]
             lines += [f"| {text} | " + " | ".join(f"{blocks[i]['stages'][stage]:.1%}"

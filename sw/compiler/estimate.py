@@ -31,7 +31,7 @@ from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION_BYTES,
     LN_RECORD_BYTES,
-    GemmOp,
+    GemmMode,
     Opcode,
     WeightSource,
     decode,
@@ -368,11 +368,13 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     n, k = f["n_tiles"], f["k_slices"]
     from_ddr = f["wsrc"] == WeightSource.DDR.value
     tile_load = R * G / entry + cm.tile_gap if from_ddr else G
-    stall = max(0, (config.gemm_words - 1) * tokens - cm.row_queue)
+    # Result words a token and N-tile: V, or 2V for INT16 results (the router's logits).
+    words = config.gemm_words * (2 if f["mode"] == GemmMode.INT16.value else 1)
+    stall = max(0, (words - 1) * tokens - cm.row_queue)
     compute = n * k * max(tokens, tile_load) + stall * n
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
-    streamed = from_ddr and f["mode"] != GemmOp.INT32.value
+    streamed = from_ddr and f["mode"] != GemmMode.INT32.value
     if streamed:
         # The launcher holds one GEMM: a third waits until the held one's walks start.
         issue = mc.t + ctl
@@ -399,14 +401,14 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     mc.wait_gemm()
     start = mc.t + ctl
     work = compute + cm.buffer_gemm_fill + cm.fill_per_token * tokens
-    if f["mode"] == GemmOp.INT32.value:
+    if f["mode"] == GemmMode.INT32.value:
         out = n * tokens * 4 * G
         work = max(work, out / ddr.write_bytes_per_cycle) + ddr.read_latency
     if from_ddr:
         work = max(work, ddr.read_latency + stream / ddr.read_bytes_per_cycle)
     # The background softmax shares the write port: what it could not write while this
     # GEMM wrote (a word a result) it writes after.
-    gemm_writes = n * tokens * config.gemm_words if f["mode"] != GemmOp.INT32.value else 0
+    gemm_writes = n * tokens * words if f["mode"] != GemmMode.INT32.value else 0
     end = start + work
     if mc.bg_end > start:
         free = max(0.0, work - gemm_writes)

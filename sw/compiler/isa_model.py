@@ -27,7 +27,7 @@ from m3vit.hw.isa import (
     INSTRUCTION_BYTES,
     LN_RECORD_BYTES,
     ExpertOrder,
-    GemmOp,
+    GemmMode,
     IsaError,
     Opcode,
     RowMode,
@@ -152,10 +152,11 @@ class Dispatch:
                                                         strict=True))
 
 
-def dispatch_tables(scores: torch.Tensor, top_k: int) -> Dispatch:
-    """Top-k of (M, E) router scores and the per-expert queues, vectorised."""
+def dispatch_tables(logits: torch.Tensor, scores: torch.Tensor, top_k: int) -> Dispatch:
+    """Top-k of (M, E) router logits, their scores and the per-expert queues, vectorised."""
     m, n_experts = scores.shape
-    experts, chosen = nx.top_k(scores, top_k)
+    experts, _ = nx.top_k(logits, top_k)
+    chosen = torch.as_tensor(scores, dtype=torch.int64).gather(-1, experts)
     flat_e = experts.reshape(-1)
     flat_t = torch.arange(m).repeat_interleave(top_k)
     # Unique keys (a token chooses an expert at most once): expert-major, token-ascending.
@@ -364,9 +365,10 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         m = _gemm_rows(a, it)
         src_rows = _rows_extent(a["src_rows"], m, it, routed)
         words.append(_last_word(a["src"], (a["k_slices"], a["src_stride"]), (src_rows, 1)))
-        if a["mode"] != GemmOp.INT32.value:
+        if a["mode"] != GemmMode.INT32.value:
             dst_rows = _rows_extent(a["dst_rows"], m, it, routed)
-            words.append(_last_word(a["dst"], (a["n_tiles"] * V, a["dst_stride"]),
+            out_words = 2 * V if a["mode"] == GemmMode.INT16.value else V
+            words.append(_last_word(a["dst"], (a["n_tiles"] * out_words, a["dst_stride"]),
                                     (dst_rows, 1)))
         else:
             ddr.append((a["out_ddr"], a["n_tiles"] * m * 4 * G))
@@ -395,7 +397,9 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         ddr.append((a["ddr"] + (mc.task_offset if a["per_task"] else 0),
                     _TABLE_BYTES[TableUnit(a["unit"])]))
     elif op == Opcode.ROUTE:
-        words.append(_last_word(a["src"], (-(-a["experts"] // C), a["stride"]), (a["rows"], 1)))
+        # INT16 logits: C/2 experts a word.
+        words.append(_last_word(a["src"], (-(-a["experts"] // (C // 2)), a["stride"]),
+                                (a["rows"], 1)))
     elif op == Opcode.COMBINE:
         entries = routed * mc.dispatch.top_k
         words.append(_last_word(a["src"], (a["beats"], a["src_stride"]), (entries, 1)))
@@ -492,8 +496,8 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
         j, c, s = np.meshgrid(np.arange(nt), np.arange(G), np.arange(ks), indexing="ij")
         t = mc.words(a["wbuf"] + s * a["wstride"] + j * G + c)       # (nt, G, ks, C)
         w = t[..., :R].reshape(n, k)
-    mode = GemmOp(a["mode"])
-    if mode == GemmOp.INT32:
+    mode = GemmMode(a["mode"])
+    if mode == GemmMode.INT32:
         acc = nx.gemm(x, w, bias)
         raw = acc.reshape(m, nt, G).permute(1, 0, 2).numpy().astype("<i4").tobytes()
         out = _beat_start(mc, a["out_ddr"])
@@ -503,8 +507,16 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
         return
     # acc + bias is an INT32 register in the requantizer: it wraps, as the accumulators
     # do (the quantizer keeps real models far from the edge; a stray stream need not).
+    if mode == GemmMode.INT16:
+        # 2V words a token and N-tile; bytes 2c, 2c + 1 of word q hold channel q·C/2 + c.
+        y16 = nx.requantize16(_wrap32(nx.gemm(x, w, bias)), mult, shift)
+        y = torch.stack([y16 & 0xFF, y16 >> 8], dim=-1).reshape(m, 2 * nq, C)
+        y = torch.where(y > 127, y - 256, y).permute(1, 0, 2)
+        words = np.arange(2 * nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
+        mc.put(a["dst"] + words, y.numpy().astype(np.int8))
+        return
     y = nx.requantize(_wrap32(nx.gemm(x, w, bias)), mult, shift)
-    if mode == GemmOp.INT8_TABLE:
+    if mode == GemmMode.INT8_TABLE:
         y = nx.table_lookup(y, mc.gemm_table)
     y = y.reshape(m, nq, C).permute(1, 0, 2)
     words = np.arange(nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
@@ -526,12 +538,12 @@ def _row_addrs(a: dict, beats: int, src: str) -> np.ndarray:
     return a[src] + np.arange(beats)[None, :] * a["stride"] + np.arange(a["rows"])[:, None]
 
 
-def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor
-               ) -> torch.Tensor:
-    """``fn(logits, table)`` (softmax or router scores) with rows whose exponentials are all
-    zero (no exp table loaded) giving 0, as the hardware does (its reciprocal of 0 is all
-    ones, multiplied by zero numerators)."""
-    _, total = nx.softmax_exp(logits, table)
+def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor,
+               exp=nx.softmax_exp) -> torch.Tensor:
+    """``fn(logits, table)`` (softmax or router scores; ``exp`` their numerators and sums)
+    with rows whose exponentials are all zero (no exp table loaded) giving 0, as the
+    hardware does (its reciprocal of 0 is all ones, multiplied by zero numerators)."""
+    _, total = exp(logits, table)
     if bool(((total > 0) & (total < 1 << 15)).any()):
         # The unit's reciprocal has 17 bits, enough for a row sum ≥ 2^15 (E[0] = 2^15, as
         # every numerics.exp_table has): a table that lets a sum fall below is unspecified.
@@ -543,13 +555,15 @@ def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor
 
 
 def _route(mc: IsaMachine, a: dict) -> None:
-    C = mc.config.pe_cols
+    H = mc.config.pe_cols // 2
     n_experts, rows = a["experts"], a["rows"]
-    beats = -(-n_experts // C)
-    # Logit of token m, expert e at word src + (e ÷ C)·stride + m, lane e mod C.
-    logits = mc.words(_row_addrs(a, beats, "src")).reshape(rows, beats * C)[:, :n_experts]
-    scores = _zero_safe(mc, nx.router_scores, logits, mc.exp_table)
-    mc.dispatch = dispatch_tables(scores, a["top_k"])
+    beats = -(-n_experts // H)
+    # INT16 logit of token m, expert e at word src + (e ÷ H)·stride + m, lanes 2(e mod H)
+    # (low byte) and 2(e mod H) + 1.
+    words = mc.words(_row_addrs(a, beats, "src")).reshape(rows, beats * H, 2)
+    logits = ((words[..., 1] << 8) | (words[..., 0] & 0xFF))[:, :n_experts]
+    scores = _zero_safe(mc, nx.router_scores, logits, mc.exp_table, nx.router_exp)
+    mc.dispatch = dispatch_tables(logits, scores, a["top_k"])
 
 
 def _combine(mc: IsaMachine, a: dict) -> None:

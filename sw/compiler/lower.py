@@ -41,7 +41,7 @@ from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     LN_RECORD_BYTES,
     ExpertOrder,
-    GemmOp,
+    GemmMode,
     Opcode,
     RowMode,
     TableUnit,
@@ -461,7 +461,7 @@ def check_model_fits(model: ModelConfig, config: AccelConfig, *, plan: bool = Tr
 
 
 def _linear(prog: Program, img: DdrImage, t: dict, name: str, cfg: AccelConfig, *,
-            src: int, dst: int, tokens: int, mode: GemmOp = GemmOp.INT8,
+            src: int, dst: int, tokens: int, mode: GemmMode = GemmMode.INT8,
             residual: tuple[int, str] | None = None, src_stride: int | None = None) -> None:
     """A GEMM from a quantized ``name.weight/bias/mult/shift`` (buffer → buffer).
 
@@ -578,7 +578,7 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
                     tokens=n)
         q = qkv + h * h_slices * qkv_stride + image_rows(b)
         k = qkv + (d_slices + h * h_slices) * qkv_stride + image_rows(b)
-        prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=n,
+        prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=n,
                  k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=qkv_stride,
                  dst=scores[i % 2], dst_stride=n, wbuf=k, wstride=qkv_stride, ddr=logit_ddr)
         prog.add(Opcode.SOFTMAX, src=scores[i % 2], dst=probs[i % 2], stride=n, rows=n,
@@ -587,7 +587,7 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
     def weighted_values(i: int) -> None:
         b, h = pairs[i]
         v = qkv + (2 * d_slices + h * h_slices) * qkv_stride + image_rows(b)
-        prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
+        prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
                  k_slices=key_slices, n_tiles=pv_tiles, src=probs[i % 2], src_stride=n,
                  dst=heads_out + h * h_slices * m + b * n, dst_stride=m, wbuf=v,
                  wstride=qkv_stride, ddr=pv_ddr)
@@ -646,14 +646,15 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
     router_tiles = _ceil(n_experts, G)
     # Expert e's rows are at most M (a token chooses an expert once), so the FC1 scratch
     # has M rows under either schedule; FC2 writes queue rows 0 … M·k − 1.
-    logits = plan.alloc(f"{p}.router", n, router_tiles * G)
+    # INT16 logits: two bytes a channel, 2V words a token and N-tile.
+    logits = plan.alloc(f"{p}.router", n, 2 * router_tiles * G)
     if batch > 1:
         # The logits are dead once ROUTE has run (before the expert loop): FC1's scratch
         # takes their room (one image keeps its layout).
         plan.release(logits)
     scratch = plan.alloc(f"{p}.experts.gelu", n, hidden)
     y = plan.alloc(f"{p}.experts.out", n * k, d)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, per_task=1, tokens=n,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT16, wsrc=WeightSource.DDR, per_task=1, tokens=n,
              k_slices=d // R, n_tiles=router_tiles, src=src, src_stride=n, dst=logits,
              dst_stride=n, ddr=tasks.ddr(f"{p}.router"))
     prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, per_task=1,
@@ -678,11 +679,11 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
     # Equal-size blocks, each a whole number of beats: one constant stride.
     assert all(b - a == stride for a, b in itertools.pairwise(offsets))
     prog.add(Opcode.EXPERTS, order=order, body=2, stride=stride)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8_TABLE, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.GATHER, dst_rows=RowMode.DIRECT, tokens=n, k_slices=d // R,
              n_tiles=hidden // G, src=src, src_stride=n, dst=scratch, dst_stride=n,
              ddr=offsets[0])
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.DIRECT, dst_rows=RowMode.QUEUE, tokens=n, k_slices=hidden // R,
              n_tiles=d // G, src=scratch, src_stride=n, dst=y, dst_stride=n * k,
              ddr=offsets[0] + fc1_bytes)
@@ -733,7 +734,7 @@ def embedding_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict,
     for b in range(batch):
         prog.add(Opcode.LOAD, ddr=ddr + b * slot_bytes, dst=patch_in, dst_stride=1,
                  words=k_slices * (n - 1))
-        prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
+        prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, tokens=n - 1,
                  k_slices=k_slices, n_tiles=_ceil(d, cfg.gemm_cols), src=patch_in,
                  src_stride=n - 1, dst=x_cat + b * n + 1, dst_stride=m, ddr=patch_ddr)
         # The cls token is row 0 of the image: its d/C words go to x_cat + s·m + b·n.
@@ -782,7 +783,7 @@ def head_program(prog: Program, img: DdrImage, t: dict, model: ModelConfig,
     size = n_tiles * (n - 1) * 4 * cfg.gemm_cols
     out = img.reserve(out_name, slots * size)
     for b in range(batch):
-        prog.add(Opcode.GEMM, mode=GemmOp.INT32, wsrc=WeightSource.DDR, per_task=per_task,
+        prog.add(Opcode.GEMM, mode=GemmMode.INT32, wsrc=WeightSource.DDR, per_task=per_task,
                  tokens=n - 1, k_slices=d // cfg.pe_rows, n_tiles=n_tiles,
                  src=norm_base + b * n + 1, src_stride=m, ddr=ddr, out_ddr=out + b * size)
     return out
@@ -822,7 +823,7 @@ def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index
         f = plan.alloc(f"{p}.fc1", n, model.mlp_hidden)
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.GEMM,
                  ddr=img.put(f"{p}.gelu", _np(t[f"{p}.gelu"]).astype(np.int8).tobytes()))
-        _linear(prog, img, t, f"{p}.fc1", cfg, src=h2, dst=f, tokens=n, mode=GemmOp.INT8_TABLE)
+        _linear(prog, img, t, f"{p}.fc1", cfg, src=h2, dst=f, tokens=n, mode=GemmMode.INT8_TABLE)
         _linear(prog, img, t, f"{p}.fc2", cfg, src=f, dst=dst, tokens=n,
                 residual=(x1, f"{p}.res2"))
     plan.release(mark)

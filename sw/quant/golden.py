@@ -98,11 +98,12 @@ def dense_mlp(t: Tensors, p: str, h: torch.Tensor, cap: Tensors | None) -> torch
 
 
 def route(t: Tensors, p: str, x: torch.Tensor, task: str, top_k: int):
-    """Router of ``task``: INT8 logits, scores (2^-15), chosen experts and their scores."""
+    """Router of ``task``: INT16 logits, scores (2^-15), chosen experts (the top-k of the
+    logits) and their scores."""
     r = f"{p}.router.{task}"
-    logits = _linear(t, r, x)
-    scores = nx.router_scores(logits, t[f"{r}.exp"])
-    experts, chosen = nx.top_k(scores, top_k)
+    logits = nx.linear(x, t[f"{r}.weight"], t.get(f"{r}.bias"), t[f"{r}.mult"],
+                       t[f"{r}.shift"], wide=True)
+    scores, experts, chosen = nx.route(logits, t[f"{r}.exp"], top_k)
     return logits, scores, experts, chosen
 
 

@@ -31,6 +31,10 @@ SCORE_BITS = 15
 """Router scores are unsigned with scale 2^-15 (0 … 32767)."""
 RCP_BITS = 31
 """Softmax normalisation multiplies by ``floor(2^31 / sum)``."""
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+ROUTER_LOGIT_SHIFT = 8
+"""Router logits are INT16 at 2^-8 of the exp table's step: the table is indexed with
+``(max − l) >> 8``, and the top-k ranks the 16-bit logits themselves."""
 
 
 def _i64(x: torch.Tensor | int) -> torch.Tensor:
@@ -53,9 +57,12 @@ def saturate(x: torch.Tensor, lo: int = INT8_MIN, hi: int = INT8_MAX) -> torch.T
 
 
 def requantize(
-    acc: torch.Tensor, mult: torch.Tensor | int, shift: torch.Tensor | int
+    acc: torch.Tensor, mult: torch.Tensor | int, shift: torch.Tensor | int,
+    lo: int = INT8_MIN, hi: int = INT8_MAX,
 ) -> torch.Tensor:
     """INT32 accumulator → INT8: ``sat8(round_half_up(acc · mult / 2^shift))``.
+
+    ``lo``/``hi`` widen the saturation (INT16 router logits: :func:`requantize16`).
 
     Parameters
     ----------
@@ -66,7 +73,18 @@ def requantize(
     shift : torch.Tensor or int
         Right shifts in [0, 62], per channel or scalar.
     """
-    return saturate(round_shift(_i64(acc) * _i64(mult), shift))
+    return saturate(round_shift(_i64(acc) * _i64(mult), shift), lo, hi)
+
+
+def requantize16(
+    acc: torch.Tensor, mult: torch.Tensor | int, shift: torch.Tensor | int
+) -> torch.Tensor:
+    """INT32 accumulator → INT16: ``sat16(round_half_up(acc · mult / 2^shift))``.
+
+    The router GEMM's output (a ``GEMM`` with ``wide`` set): the same requantization as
+    :func:`requantize`, saturated to [−32768, 32767] instead of INT8.
+    """
+    return requantize(acc, mult, shift, INT16_MIN, INT16_MAX)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,9 +125,12 @@ def linear(
     bias: torch.Tensor | None,
     mult: torch.Tensor,
     shift: torch.Tensor,
+    wide: bool = False,
 ) -> torch.Tensor:
-    """:func:`gemm` followed by per-output-channel :func:`requantize`."""
-    return requantize(gemm(x, w, bias), mult, shift)
+    """:func:`gemm` followed by per-output-channel :func:`requantize` (INT16 results,
+    :func:`requantize16`, with ``wide``)."""
+    acc = gemm(x, w, bias)
+    return requantize16(acc, mult, shift) if wide else requantize(acc, mult, shift)
 
 
 def table_lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -201,26 +222,56 @@ def softmax(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def router_scores(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Router probabilities over all E experts, scale 2^-15 (0 … 32767).
+    """Router probabilities over all E experts from INT16 logits, scale 2^-15 (0 … 32767).
 
-    ``score = min(32767, round_half_up(e · floor(2^31 / Σe) / 2^16))``.
+    ``u = min((max − l) >> 8, 255)`` (:data:`ROUTER_LOGIT_SHIFT`; the table's step is 256
+    logit steps), ``e = E[u]``, ``S = Σ e``, ``rcp = floor(2^31 / S)`` and
+    ``score = min(32767, round_half_up(e · rcp / 2^16))``. The row's largest logit gets
+    ``E[0] = 2^15``, so ``S ≥ 2^15``.
     """
-    e, total = softmax_exp(logits, table)
+    e, total = router_exp(logits, table)
     rcp = (1 << RCP_BITS) // total
     return saturate(round_shift(e * rcp, RCP_BITS - SCORE_BITS), 0, (1 << SCORE_BITS) - 1)
 
 
-def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest scores per row, ties to the lower expert index.
+def router_exp(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's exp numerators ``E[min((max − l) >> 8, 255)]`` of INT16 logits and
+    their row sums (:func:`router_scores`' first step)."""
+    logits = _i64(logits)
+    u = ((logits.amax(dim=-1, keepdim=True) - logits) >> ROUTER_LOGIT_SHIFT).clamp(max=255)
+    e = _i64(table)[u]
+    return e, e.sum(dim=-1, keepdim=True)
 
-    Returns the expert indices (M, k) in descending score order and their scores.
+
+def top_k(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest keys per row, ties to the lower expert index.
+
+    Returns the expert indices (M, k) in descending key order and their keys.
     """
-    scores = _i64(scores)
-    n = scores.shape[-1]
-    # A key that is unique per row and orders by (score desc, index asc).
-    key = scores * n + (n - 1 - torch.arange(n))
-    experts = key.topk(k, dim=-1, sorted=True).indices
-    return experts, scores.gather(-1, experts)
+    keys = _i64(keys)
+    n = keys.shape[-1]
+    # A key that is unique per row and orders by (key desc, index asc); keys are ≥ −2^15.
+    unique = (keys - INT16_MIN) * n + (n - 1 - torch.arange(n))
+    experts = unique.topk(k, dim=-1, sorted=True).indices
+    return experts, keys.gather(-1, experts)
+
+
+def route(logits: torch.Tensor, table: torch.Tensor, k: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate of ``ROUTE`` on INT16 logits (M, E): scores, chosen experts, their scores.
+
+    The top-k ranks the **logits** (ties to the lower expert index), not the scores: a
+    score step is 256 logit steps wide, so nearly tied logits would share a score. The
+    scores of the chosen experts (``router_scores``) are what ``COMBINE`` weighs with.
+
+    Returns
+    -------
+    scores : (M, E) all scores; experts : (M, k) in descending logit order; chosen : (M, k)
+    their scores.
+    """
+    scores = router_scores(logits, table)
+    experts, _ = top_k(logits, k)
+    return scores, experts, scores.gather(-1, experts)
 
 
 def moe_combine(

@@ -348,7 +348,9 @@ def _moe_params(t: dict, p: str, layer, cfg: ModelConfig, s: dict[str, float]) -
             # router_range "top": a constant bias brings the top-k range's middle to 0.
             offset = torch.full((weight.shape[0],), -centre, dtype=torch.float64)
             bias = offset if bias is None else bias.detach().double() + offset
-        _linear_params(t, r, weight, bias, s_h, s[r])
+        # INT16 logits 2^8 times finer than the INT8 step s[r] the exp table keeps: the
+        # table is indexed with (max − l) >> 8 and the top-k ranks the INT16 logits.
+        _linear_params(t, r, weight, bias, s_h, s[r] / 2**nx.ROUTER_LOGIT_SHIFT)
         t[f"{r}.exp"] = nx.exp_table(s[r]).to(torch.int32)
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for expert in layer.experts:

@@ -15,16 +15,13 @@ pick, against the float model routing its own activations (the reference):
     the router GEMM's INT32 accumulators, rescaled exactly per channel
     (``acc · mult / 2^shift``, not rounded): adds the INT8 router weights;
 ``logits``
-    the INT8 logits the hardware stores (ties to the lower expert): adds their rounding
-    and saturation;
-``exp``
-    the exp-table numerators ``E[min(max − l, 255)]``;
-``scores``
-    the scores the hardware ranks (scale 2^-15): the integer model's routing.
+    the INT16 logits the hardware stores and its top-k ranks (ties to the lower expert):
+    adds their rounding and saturation; the integer model's routing.
 
 Each stage's figure includes the losses of the stages above it. A disagreement is a
-*near-tie* when the integer scores of the k-th and (k+1)-th expert are within one score
-step (2^-15): the integer model cannot tell them apart.
+*near-tie* when the integer logits of the k-th and (k+1)-th expert are within one step of
+the exp table (2^8 logit steps, the INT8 logit step of the design before INT16 logits):
+their scores are then equal or one table step apart.
 
 :func:`precision_what_if` asks what would restore the agreement: the float model run with
 the integer model's rounding at every point it stores a tensor (``trace_float`` with a
@@ -51,13 +48,11 @@ __all__ = ["INTEGER_WIDTHS", "STAGES", "activation_error", "format_fidelity",
 STAGES = {
     "input": "float router on the integer LN2 output",
     "weights": "INT32 router accumulators (INT8 weights)",
-    "logits": "INT8 router logits",
-    "exp": "exp-table numerators",
-    "scores": "scores (the integer model)",
+    "logits": "INT16 router logits (the integer model)",
 }
 """The stages of :func:`router_fidelity`, in pipeline order, with what each one ranks."""
 
-INTEGER_WIDTHS = {"residual": 8, "probs": nx.PROB_BITS, "router": 8, "other": 8}
+INTEGER_WIDTHS = {"residual": 8, "probs": nx.PROB_BITS, "router": 16, "other": 8}
 """The integer model's widths in :func:`precision_what_if`'s terms: the residual stream
 (``x0``, ``x1``, ``x2``), the attention probabilities (bits of a 0 … 1 value), the router
 logits, and every other activation, all INT8."""
@@ -100,7 +95,7 @@ def router_fidelity(model: M3ViT, pkg: QuantizedModel, images: torch.Tensor
     -------
     dict
         ``{task: {block: {"tokens", "agreement", "stages": {stage: share},
-        "disagreements", "near_ties"}}}``: ``agreement`` is the ``scores`` stage (the
+        "disagreements", "near_ties"}}}``: ``agreement`` is the ``logits`` stage (the
         integer model), ``near_ties`` how many of the ``disagreements`` are near-ties
         (module docstring).
     """
@@ -122,28 +117,24 @@ def router_fidelity(model: M3ViT, pkg: QuantizedModel, images: torch.Tensor
             acc = nx.gemm(h2, t[f"{r}.weight"], t.get(f"{r}.bias"))
             rescaled = (acc.double() * t[f"{r}.mult"].double()
                         * torch.pow(2.0, -t[f"{r}.shift"].double()))
-            logits = nx.requantize(acc, t[f"{r}.mult"], t[f"{r}.shift"])
-            e, _ = nx.softmax_exp(logits, t[f"{r}.exp"])
-            scores = nx.router_scores(logits, t[f"{r}.exp"])
+            logits = nx.requantize16(acc, t[f"{r}.mult"], t[f"{r}.shift"])
             picks = {
                 "input": top_k_sets(model.blocks[i].moe.router_logits(float_in, task), k),
                 "weights": top_k_sets(rescaled, k),
                 "logits": top_k_sets(logits, k),
-                "exp": top_k_sets(e, k),
-                "scores": top_k_sets(scores, k),
             }
             # The stage chain ends where the model routes: it must be the golden model's.
-            assert torch.equal(picks["scores"],
+            assert torch.equal(picks["logits"],
                                cap[f"{p}.experts"].reshape(-1, k).sort(dim=-1).values)
-            missed = ~_agree(picks["scores"], want)
-            if k < scores.shape[-1]:
-                ranked = scores.sort(dim=-1, descending=True).values
-                tie = (ranked[:, k - 1] - ranked[:, k]) <= 1
+            missed = ~_agree(picks["logits"], want)
+            if k < logits.shape[-1]:
+                ranked = logits.sort(dim=-1, descending=True).values
+                tie = (ranked[:, k - 1] - ranked[:, k]) < 1 << nx.ROUTER_LOGIT_SHIFT
             else:
                 tie = torch.zeros_like(missed)
             stages = {name: float(_agree(pick, want).double().mean())
                       for name, pick in picks.items()}
-            out[task][i] = {"tokens": len(want), "agreement": stages["scores"],
+            out[task][i] = {"tokens": len(want), "agreement": stages["logits"],
                             "stages": stages, "disagreements": int(missed.sum()),
                             "near_ties": int((missed & tie).sum())}
     return out

@@ -52,12 +52,13 @@ BENCH_ENGINE_ARGS = {"8x4": {"table_entries": 4}, "2x8": {"dsp_products": 1}}
 def expected_tests(config: AccelConfig) -> int:
     """Tests the bench runs on ``config``.
 
-    8 shapes × 3 modes × 2 flows × the weight orders (column order too when
-    pe_rows <= pe_cols), then 2 flows each of back-to-back passes, alternating weight
-    orders and one interleaved parameter/weight source, and 2 single tests.
+    8 shapes × 4 modes (INT8, INT8_TABLE, INT32, INT16) × 2 flows × the weight orders
+    (column order too when pe_rows <= pe_cols), then 2 flows each of back-to-back passes,
+    alternating weight orders and one interleaved parameter/weight source, and 2 single
+    tests.
     """
     orders = 2 if config.pe_rows <= config.pe_cols else 1
-    return 8 * 3 * 2 * orders + 3 * 2 + 2
+    return 8 * 4 * 2 * orders + 3 * 2 + 2
 
 
 def write_verilog(config: AccelConfig, build_dir: Path, **kwargs) -> Path:

@@ -30,7 +30,9 @@ TOP = "moe_bench"
 
 #: 64 experts and top-4 (the ZCU104's MoE capacities) on the 4-lane array.
 EXPERTS64 = CI.replace(max_experts=64, max_top_k=4)
-CONFIGS = {"ci": CI, "experts64": EXPERTS64}
+#: Eight lanes: four INT16 logits a beat, so the dispatcher walks a beat in two steps.
+LANES8 = CI.replace(pe_rows=8, pe_cols=8)
+CONFIGS = {"ci": CI, "experts64": EXPERTS64, "lanes8": LANES8}
 #: cocotb module → tests it must report passed on every configuration.
 BENCHES = {"test_dispatcher": 11, "test_combiner": 13}
 

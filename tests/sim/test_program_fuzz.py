@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3vit.hw.config import CI
-from m3vit.hw.isa import GemmOp, Opcode, WeightSource
+from m3vit.hw.isa import GemmMode, Opcode, WeightSource
 from m3vit.sw.bench import programs as P
 from m3vit.sw.bench.program_fuzz import fuzz_programs, make_case, model_outcome
 from m3vit.sw.compiler.isa_model import _gemm_params, _wrap32
@@ -49,7 +49,7 @@ def test_a_ddr_offset_inside_a_beat_reads_the_whole_beat():
 
 
 def test_results_written_twice_in_one_gemm_are_unspecified():
-    case = P.gemm_case(CI, 5, 30, 1, 1, GemmOp.INT8, WeightSource.DDR)
+    case = P.gemm_case(CI, 5, 30, 1, 1, GemmMode.INT8, WeightSource.DDR)
     raw = bytearray(case.program)
     gemm = next(i for i in range(len(raw) // 32) if raw[32 * i] == Opcode.GEMM.value)
     P._set_field(raw, gemm, Opcode.GEMM, "dst_stride", 1)   # tiles' rows fall on each other

@@ -12,7 +12,7 @@ import pytest
 from m3vit.hw.config import CI
 from m3vit.hw.engine.router import intake_shape
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.isa import GemmOp, Opcode, WeightSource
+from m3vit.hw.isa import GemmMode, Opcode, WeightSource
 from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
 from m3vit.sim import soc as soc_module
 from m3vit.sim.soc import DdrTiming, SocModel, build_soc
@@ -65,7 +65,7 @@ def soc():
 def gemms():
     """Two GEMMs streaming their weights from DDR: enough traffic for the timing to show."""
     return [gemm_case(CI, 20260101 + i, tokens, 3, 3, mode, WeightSource.DDR)
-            for i, (tokens, mode) in enumerate([(64, GemmOp.INT8), (33, GemmOp.INT32)])]
+            for i, (tokens, mode) in enumerate([(64, GemmMode.INT8), (33, GemmMode.INT32)])]
 
 
 @pytest.mark.slow
@@ -260,7 +260,7 @@ def test_three_ports_stripe_reads_with_the_same_results():
     config = CI.replace(pe_rows=8, pe_cols=8, n_master_ports=3)
     assert intake_shape(config).entry_bytes == 64
     cases = [gemm_case(config, 20260101 + i, tokens, 3, 3, mode, WeightSource.DDR)
-             for i, (tokens, mode) in enumerate([(64, GemmOp.INT8), (33, GemmOp.INT32)])]
+             for i, (tokens, mode) in enumerate([(64, GemmMode.INT8), (33, GemmMode.INT32)])]
     cases.append(dense_block_case(config))
     with SocModel(config, ddr_bytes=SMALL_DDR) as soc:
         assert soc.n_ports == 3 and soc.timing.hp_ports == (0, 1, 3)

@@ -13,7 +13,7 @@ from test_soc import SMALL_DDR, offset, run_case, start  # the raw host of test_
 from m3vit.hw.axi import AxiResp
 from m3vit.hw.config import CI
 from m3vit.hw.errors import M3VitError
-from m3vit.hw.isa import GemmOp, WeightSource
+from m3vit.hw.isa import GemmMode, WeightSource
 from m3vit.hw.registers import REGISTER_MAP, ErrorCode, Schedule
 from m3vit.sim.soc import DdrFaults, SocModel
 from m3vit.sw.bench.bus_faults import (
@@ -103,7 +103,7 @@ def test_jitter_across_three_ports_is_bit_exact():
     an order that changes with the seed — the reordering this accelerator can meet (it uses
     one AXI ID). The same DDR contents every time, every port slowed."""
     config = CI.replace(pe_rows=8, pe_cols=8, n_master_ports=3)
-    cases = [gemm_case(config, 20260101, 64, 3, 3, GemmOp.INT8, WeightSource.DDR),
+    cases = [gemm_case(config, 20260101, 64, 3, 3, GemmMode.INT8, WeightSource.DDR),
              dense_block_case(config)]
     with SocModel(config, ddr_bytes=SMALL_DDR) as soc:
         clean = [run_case(soc, case)[1] for case in cases]

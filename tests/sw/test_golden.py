@@ -107,9 +107,13 @@ def test_golden_forward_is_the_composition_of_its_ops(quantized, images):
         assert torch.equal(cap[f"{p}.ln2"], h2)
         if i in cfg.moe_blocks:
             flat = h2.reshape(-1, cfg.embed_dim)
-            router = lin(f"{p}.router.depth", flat)
-            scores = nx.router_scores(router, t[f"{p}.router.depth.exp"])
-            experts, chosen = nx.top_k(scores, cfg.top_k)
+            r = f"{p}.router.depth"
+            router = nx.requantize16(nx.gemm(flat, t[f"{r}.weight"], t.get(f"{r}.bias")),
+                                     t[f"{r}.mult"], t[f"{r}.shift"])
+            assert router.abs().max() > 127          # INT16 logits, not INT8 ones
+            scores = nx.router_scores(router, t[f"{r}.exp"])
+            experts, _ = nx.top_k(router, cfg.top_k)
+            chosen = scores.gather(-1, experts)
             assert torch.equal(cap[f"{p}.experts"], experts)
             y = nx.moe_combine(cap[f"{p}.expert_out"], chosen, *t[f"{p}.combine"].tolist())
             # Spot-check one token's expert outputs against a direct expert evaluation.

@@ -10,7 +10,7 @@ import torch
 from m3vit.hw.config import CI, ZCU104
 from m3vit.hw.isa import (
     ExpertOrder,
-    GemmOp,
+    GemmMode,
     Opcode,
     RowMode,
     TableUnit,
@@ -289,8 +289,10 @@ def test_every_token_choosing_the_same_experts(logits, chosen, schedule):
 
 def test_dispatch_tables_by_hand():
     # 3 tokens, 4 experts, top-2: token 0 → (2, 0), token 1 → (0, 3), token 2 → (2, 1).
+    # The logits rank (token 2: logit 7 > 5 although both scores are 9); the scores ride.
+    logits = torch.tensor([[20, 1, 30, 5], [30, 1, 2, 10], [0, 5, 7, 0]])
     scores = torch.tensor([[20, 1, 30, 5], [30, 1, 2, 10], [0, 7, 9, 0]])
-    d = dispatch_tables(scores, 2)
+    d = dispatch_tables(logits, scores, 2)
     assert d.experts.tolist() == [[2, 0], [0, 3], [2, 1]]
     assert d.scores.tolist() == [[30, 20], [30, 10], [9, 7]]
     assert d.count.tolist() == [2, 1, 2, 1]
@@ -310,7 +312,7 @@ def test_dispatch_tables_by_hand():
 # ---- tests/sw/test_bad_programs.py) ------------------------------------------------
 
 
-_EXPERT_GEMM = dict(mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1, tokens=1, k_slices=1,
+_EXPERT_GEMM = dict(mode=GemmMode.INT8, wsrc=WeightSource.DDR, expert=1, tokens=1, k_slices=1,
                     n_tiles=1, src_stride=3, dst=64, dst_stride=6)
 _LOOP = (Opcode.EXPERTS, dict(order=ExpertOrder.EXPERT_BY_EXPERT, body=1, stride=64))
 
@@ -334,9 +336,12 @@ def test_queue_rows_of_an_expert_gemm_in_both_orders():
     x = rng.integers(-100, 100, size=(3, C)).astype(np.int8)
     prog.add(Opcode.LOAD, ddr=img.put("x", x.tobytes()), dst=0, dst_stride=1, words=3)
     # Logits: token 0 → experts (2, 0), token 1 → (0, 3), token 2 → (2, 1).
-    logits = np.array([[20, 1, 30, 5], [10, 1, 2, 8], [0, 7, 9, 0]], np.int8)
-    prog.add(Opcode.LOAD, ddr=img.put("logits", logits.tobytes()), dst=8, dst_stride=1,
-             words=3)
+    logits = np.array([[20, 1, 30, 5], [10, 1, 2, 8], [0, 7, 9, 0]], "<i2")
+    # INT16 logits, C/2 a word: word 8 + (e ÷ (C/2))·3 + m.
+    H = C // 2
+    words = logits.reshape(3, 4 // H, H).transpose(1, 0, 2)
+    prog.add(Opcode.LOAD, ddr=img.put("logits", words.tobytes()), dst=8, dst_stride=1,
+             words=3 * (4 // H))
     table = (32768 >> np.minimum(np.arange(256), 15)).astype("<u2")  # exp(-u·ln 2)
     prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
     prog.add(Opcode.ROUTE, src=8, stride=3, rows=3, experts=4, top_k=2)
@@ -346,7 +351,7 @@ def test_queue_rows_of_an_expert_gemm_in_both_orders():
     ddr = img.put("experts", stream)
     out = img.reserve("y", 6 * C)
     prog.add(Opcode.EXPERTS, order=ExpertOrder.REGISTER, body=1, stride=len(stream) // 4)
-    prog.add(Opcode.GEMM, mode=GemmOp.INT8, wsrc=WeightSource.DDR, expert=1,
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, expert=1,
              src_rows=RowMode.GATHER, dst_rows=RowMode.QUEUE, tokens=3, k_slices=1,
              n_tiles=1, src=0, src_stride=3, dst=16, dst_stride=6, ddr=ddr)
     prog.add(Opcode.STORE, ddr=out, src=16, src_stride=1, words=6)

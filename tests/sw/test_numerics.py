@@ -32,8 +32,10 @@ from m3vit.sw.quant.numerics import (
     matmul,
     moe_combine,
     requantize,
+    requantize16,
     residual_add,
     round_shift,
+    route,
     router_scores,
     saturate,
     softmax,
@@ -135,8 +137,10 @@ def ref_softmax(row: list[int], table: list[int], hits: Hits) -> list[int]:
 
 
 def ref_router_scores(row: list[int], table: list[int], hits: Hits) -> list[int]:
-    e, total = ref_softmax_exp(row, table)
-    rcp = 2**31 // total
+    """INT16 logits: the table is indexed with (max − l) >> 8."""
+    top = max(row)
+    e = [table[min((top - li) // 256, 255)] for li in row]
+    rcp = 2**31 // sum(e)
     return [hits.round_sat(ei * rcp, 16, 0, SCORE_MAX) for ei in e]
 
 
@@ -562,9 +566,10 @@ def test_softmax_family_matches_reference(seed, n, scale):
     prob_hits, score_hits = Hits(), Hits()
     p = softmax(logits, table)
     assert_equal(p, [ref_softmax(row, table_l, prob_hits) for row in rows], "softmax", seed)
-    scores = router_scores(logits, table)
-    assert_equal(scores, [ref_router_scores(row, table_l, score_hits) for row in rows],
-                 "router_scores", seed)
+    # INT16 router logits 256 times the INT8 ones index the table alike.
+    scores = router_scores(logits * 256, table)
+    assert_equal(scores, [ref_router_scores([v * 256 for v in row], table_l, score_hits)
+                          for row in rows], "router_scores", seed)
 
     for i in range(3):                                  # all-equal rows: one probability
         assert len(set(p[i].tolist())) == 1 and len(set(scores[i].tolist())) == 1
@@ -609,10 +614,10 @@ def test_router_scores_round_ties_up():
     # Σe = 2^16, so scores = round_half_up(e · 2^15 / 2^16) = round_half_up(e / 2):
     # 16384, 384.5 -> 385, 15999.5 -> 16000 (half to even would give 384 and 16000).
     table = tie_table([32768, 769, 31999])
-    logits = torch.tensor([[5, 4, 3]])
+    logits = torch.tensor([[5, 4, 3]]) * 256 + 17
     assert router_scores(logits, table).tolist() == [[16384, 385, 16000]]
     hits = Hits()
-    assert ref_router_scores([5, 4, 3], table.tolist(), hits) == [16384, 385, 16000]
+    assert ref_router_scores(logits[0].tolist(), table.tolist(), hits) == [16384, 385, 16000]
     assert hits.ties == 2
 
 
@@ -675,3 +680,34 @@ def test_moe_combine_matches_reference(seed, k):
         got = moe_combine(torch.from_numpy(y), torch.from_numpy(scores), mult, shift)
         assert_equal(got, want, f"moe_combine mult={mult} shift={shift}", seed)
     hits.require(negative_ties=True, context=f"seed={seed} k={k}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_router_on_int16_logits_matches_reference(seed):
+    """Full-range and clustered INT16 logits: scores from (max − l) >> 8, the top-k from
+    the logits themselves (near-ties one step apart are told apart)."""
+    rng = np.random.default_rng(seed)
+    table = exp_table(0.05)
+    rows = [rng.integers(-2**15, 2**15, 16).tolist(),
+            (rng.integers(-300, 300, 16) + 1000).tolist(),
+            [7] * 16,
+            [2**15 - 1, -2**15] + [0] * 14]
+    logits = torch.tensor(rows)
+    hits = Hits()
+    assert_equal(router_scores(logits, table),
+                 [ref_router_scores(row, table.tolist(), hits) for row in rows],
+                 "router_scores INT16", seed)
+    scores, experts, chosen = route(logits, table, 3)
+    assert experts.tolist() == [ref_top_k(row, 3) for row in rows]
+    assert torch.equal(chosen, scores.gather(-1, experts))
+
+
+def test_route_ranks_logits_not_scores():
+    """Two logits one INT16 step apart share a score; the top-1 is the larger logit."""
+    table = exp_table(0.1)
+    logits = torch.tensor([[100, 101, -5000]])
+    scores, experts, _ = route(logits, table, 1)
+    assert scores[0, 0] == scores[0, 1]
+    assert experts.tolist() == [[1]]
+    assert requantize16(torch.tensor([2**40, -2**40, 300]), 1, 0).tolist() == [
+        2**15 - 1, -2**15, 300]

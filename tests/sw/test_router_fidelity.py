@@ -61,17 +61,17 @@ def test_the_stage_chain_ends_at_the_integer_model_and_counts_near_ties():
             assert b["tokens"] == 4 * model.cfg.n_tokens
             assert set(b["stages"]) == set(STAGES)
             assert all(0.0 <= v <= 1.0 for v in b["stages"].values())
-            assert b["agreement"] == b["stages"]["scores"]
+            assert b["agreement"] == b["stages"]["logits"]
             assert b["disagreements"] == round((1 - b["agreement"]) * b["tokens"])
             assert 0 <= b["near_ties"] <= b["disagreements"]
     assert router_agreement(model, pkg, x) == {
         t: {i: b["agreement"] for i, b in blocks.items()} for t, blocks in fid.items()}
     text = format_fidelity(fid)
-    assert "router top-k agreement semseg" in text and "INT8 router logits" in text
+    assert "router top-k agreement semseg" in text and "INT16 router logits" in text
 
 
 def test_a_router_whose_logits_all_tie_disagrees_only_in_near_ties():
-    """Zero router weights: every INT8 logit 0, every score equal; the integer model then
+    """Zero router weights: every INT16 logit 0, every score equal; the integer model then
     picks experts 0 and 1 for every token, each disagreement a near-tie."""
     model, pkg = tiny()
     t = dict(pkg.tensors)
@@ -115,8 +115,9 @@ def test_the_bench_measures_a_model_and_writes_its_tables():
     assert set(r["what_if"]) == set(VARIANTS)
     text = markdown([r])
     assert "### tiny, top-1: E = 4, top-1" in text
-    assert text.count("| scores (the integer model) |") == 2   # one stage table per task
-    assert "| residual 12 + probabilities 11 + router 12 |" in text
+    # one stage table per task
+    assert text.count("| INT16 router logits (the integer model) |") == 2
+    assert "| residual 16 + row-relative probabilities 7 |" in text
     assert "| top |" in text and r["top"]["calibration"]["router_range"] == "top"
     assert list(r["drift"])[:3] == ["x0", "blocks.0.ln1", "blocks.0.q"]
     assert all(0.0 < v < 1.0 for v in r["drift"].values())

@@ -4,12 +4,14 @@
 Run by ``tests/sim/test_gemm.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; it is
 not a pytest module. One generic test body is expanded over shapes (one token, fewer tokens
 than the accumulator hazard distance, ragged M, several K-slices and N-tiles, M =
-``max_tokens``), the three output modes, two flows (everything always ready; random
-gaps on every input and random back-pressure on the output) and, when ``pe_rows ≤ gemm_cols``, both
-weight orders (tiles row by row, and column by column: ``transposed``). Further tests run
-several passes back to back (table reloads between them; transposed and row-order passes
-alternating), feed parameters and weights from one in-order source, drop illegal commands
-and check that the array takes one token per cycle when nothing stalls it.
+``max_tokens``), the four output modes (INT8, INT8_TABLE, INT32 and INT16: mode INT8 with
+``wide``, results two words per ``pe_cols`` channels), two flows (everything always ready;
+random gaps on every input and random back-pressure on the output) and, when ``pe_rows ≤
+gemm_cols``, both weight orders (tiles row by row, and column by column: ``transposed``).
+Further tests run several passes back to back (table reloads between them; INT16 passes
+between passes of every other mode, and ``wide`` ignored outside mode INT8; transposed and
+row-order passes alternating), feed parameters and weights from one in-order source, drop
+illegal commands and check that the array takes one token per cycle when nothing stalls it.
 """
 
 import itertools
@@ -21,7 +23,15 @@ from amaranth.hdl import Shape
 from m3vit.hw.gemm import GemmEngine
 from m3vit.hw.isa import GemmOp
 from m3vit.sim.cocotb_runner import CONFIG_ENV, bench_config
-from m3vit.sw.bench.gemm_tb import TB, make_pass
+from m3vit.sw.bench.gemm_tb import (
+    INT8_MAX,
+    INT8_MIN,
+    INT16_MAX,
+    INT16_MIN,
+    TB,
+    Pass,
+    make_pass,
+)
 
 #: Single-pass geometries as (M, K-slices, N-tiles), so that the module imports without the
 #: configuration (pytest collects it too); ``MAX`` stands for ``max_tokens``.
@@ -40,6 +50,9 @@ GEOMETRIES = [
     (MAX, 1, 1),
 ]
 FLOWS = ["free", "random"]
+#: Output modes as (op, the command's ``wide`` bit): INT16 is mode INT8 with ``wide`` set.
+MODES = {"INT8": (GemmOp.INT8, False), "INT8_TABLE": (GemmOp.INT8_TABLE, False),
+         "INT32": (GemmOp.INT32, False), "INT16": (GemmOp.INT8, True)}
 
 
 def column_order() -> bool:
@@ -55,6 +68,15 @@ def column_order() -> bool:
 WEIGHT_ORDERS = ["rows", "columns"] if column_order() else ["rows"]
 
 
+def assert_int16_reach(gemm: Pass) -> None:
+    """An INT16 pass's golden results saturate at both INT16 limits and, unsaturated, leave
+    the INT8 range on both sides: an INT8-saturating (or unsaturated) output would differ."""
+    expected = gemm.expected()
+    assert (expected == INT16_MAX).any() and (expected == INT16_MIN).any(), gemm.name
+    inside = expected[(expected > INT16_MIN) & (expected < INT16_MAX)]
+    assert (inside > INT8_MAX).any() and (inside < INT8_MIN).any(), gemm.name
+
+
 def geometry_name(geometry: tuple) -> str:
     """``m17_ks1_nt3`` for 17 tokens, one K-slice, three N-tiles."""
     tokens, k_slices, n_tiles = geometry
@@ -64,19 +86,22 @@ def geometry_name(geometry: tuple) -> str:
 @cocotb.test(timeout_time=2, timeout_unit="ms")
 @cocotb.parametrize(
     geometry=[cocotb.Param(g, name=geometry_name(g)) for g in GEOMETRIES],
-    mode=[GemmOp.INT8, GemmOp.INT8_TABLE, GemmOp.INT32],
+    mode=[cocotb.Param(mode, name=name) for name, mode in MODES.items()],
     flow=FLOWS,
     weight_order=WEIGHT_ORDERS,
 )
-async def test_gemm_pass(dut, geometry: tuple, mode: GemmOp, flow: str,
+async def test_gemm_pass(dut, geometry: tuple, mode: tuple, flow: str,
                          weight_order: str) -> None:
     """One pass of the given geometry, output mode and weight order equals the golden model."""
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
     cfg = tb.config
     tokens, k_slices, n_tiles = geometry
     tokens = cfg.max_tokens if tokens == MAX else tokens
-    gemm = make_pass(tb.rng, mode, tokens, k_slices * cfg.pe_rows, n_tiles * cfg.gemm_cols,
-                     transposed=weight_order == "columns")
+    op, wide = mode
+    gemm = make_pass(tb.rng, op, tokens, k_slices * cfg.pe_rows, n_tiles * cfg.gemm_cols,
+                     transposed=weight_order == "columns", wide=wide)
+    if wide:
+        assert_int16_reach(gemm)
     await tb.reset()
     await tb.run_passes([gemm])
 
@@ -96,15 +121,23 @@ async def test_back_to_back_passes(dut, flow: str) -> None:
     """Passes of every mode and shape follow each other with no drain, tables reloaded.
 
     The second pass loads a new table while results of the first, which used the old one,
-    are still in the pipeline: the load must wait for them. Counters add up over the run.
+    are still in the pipeline: the load must wait for them. INT16 passes (two words per
+    ``pe_cols`` channels) follow and precede passes of every other mode and each other;
+    an INT32 and an INT8_TABLE pass with ``wide`` set run as without it. Counters add up
+    over the run.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
     rows, cols = tb.config.pe_rows, tb.config.gemm_cols
-    geometries = [(5, 2, 2), (1, 1, 1), (3, 1, 2), (40, 3, 1), (9, 1, 3), (2, 2, 1)]
-    modes = [GemmOp.INT8_TABLE, GemmOp.INT8_TABLE, GemmOp.INT32, GemmOp.INT8,
-             GemmOp.INT8_TABLE, GemmOp.INT32]
-    passes = [make_pass(tb.rng, mode, tokens, k_slices * rows, n_tiles * cols)
-              for mode, (tokens, k_slices, n_tiles) in zip(modes, geometries, strict=True)]
+    # (M, K-slices, N-tiles, op, wide)
+    plan = [(5, 2, 2, GemmOp.INT8_TABLE, False), (1, 1, 1, GemmOp.INT8_TABLE, False),
+            (4, 1, 2, GemmOp.INT8, True), (3, 1, 2, GemmOp.INT32, False),
+            (6, 2, 1, GemmOp.INT8, True), (40, 3, 1, GemmOp.INT8, False),
+            (7, 1, 3, GemmOp.INT8, True), (9, 1, 3, GemmOp.INT8_TABLE, False),
+            (2, 2, 1, GemmOp.INT32, True), (1, 1, 2, GemmOp.INT8, True),
+            (3, 2, 1, GemmOp.INT8, True), (2, 1, 1, GemmOp.INT8_TABLE, True)]
+    geometries = [(tokens, k_slices, n_tiles) for tokens, k_slices, n_tiles, _, _ in plan]
+    passes = [make_pass(tb.rng, op, tokens, k_slices * rows, n_tiles * cols, wide=wide)
+              for tokens, k_slices, n_tiles, op, wide in plan]
     # Half the first pass's channels output q = 0, i.e. table[0], the first entry the second
     # pass's table load overwrites: a load that does not wait changes those results.
     passes[0].mult[::2] = 0
@@ -187,19 +220,20 @@ async def test_transposed_and_row_passes_back_to_back(dut, flow: str) -> None:
     rows, cols = tb.config.pe_rows, tb.config.gemm_cols
     # (M, K-slices, N-tiles, transposed, mode); only the first pass uses (and loads) the
     # table, so that no table load sits between two passes.
-    plan = [(9, 2, 2, False, GemmOp.INT8_TABLE), (7, 1, 2, True, GemmOp.INT8),
-            (1, 1, 1, True, GemmOp.INT32), (6, 3, 1, True, GemmOp.INT8),
-            (8, 1, 2, False, GemmOp.INT8), (2, 2, 3, True, GemmOp.INT32),
-            (5, 1, 1, False, GemmOp.INT8)]
+    plan = [(9, 2, 2, False, "INT8_TABLE"), (7, 1, 2, True, "INT16"),
+            (1, 1, 1, True, "INT32"), (6, 3, 1, True, "INT8"),
+            (8, 1, 2, False, "INT16"), (2, 2, 3, True, "INT32"),
+            (5, 1, 1, False, "INT8"), (3, 2, 2, True, "INT16")]
     columns = column_order()
     passes, legal = [], []
     for tokens, k_slices, n_tiles, transposed, mode in plan:
+        op, wide = MODES[mode]
         if transposed and not columns:
             tb.command.beats.append(
-                tb.command_beat(mode, tokens, k_slices, n_tiles, transposed=True))
+                tb.command_beat(op, tokens, k_slices, n_tiles, transposed=True, wide=wide))
             continue
-        gemm = make_pass(tb.rng, mode, tokens, k_slices * rows, n_tiles * cols,
-                         transposed=transposed)
+        gemm = make_pass(tb.rng, op, tokens, k_slices * rows, n_tiles * cols,
+                         transposed=transposed, wide=wide)
         # Index of the pass's first weight beat, and of its last token.
         first_weight = len(tb.weights.beats)
         tb.queue_pass(gemm)
@@ -246,14 +280,16 @@ async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
     # gemm_words words, one a cycle) leave slower than tokens enter and the pass is bound
     # by its output.
     words = tb.config.gemm_words
-    plan = [(1, 1, 3, GemmOp.INT8), (2, 1, 4, GemmOp.INT32), (3, 3, 2, GemmOp.INT8),
-            (long, words, 3, GemmOp.INT8), (long, max(2, words), 2, GemmOp.INT32),
-            (1, 2, 2, GemmOp.INT8)]
+    # The INT16 passes (two words per pe_cols channels) are short: not timed.
+    plan = [(1, 1, 3, "INT8"), (2, 1, 4, "INT32"), (3, 3, 2, "INT8"), (4, 1, 3, "INT16"),
+            (long, words, 3, "INT8"), (long, max(2, words), 2, "INT32"),
+            (1, 2, 2, "INT16"), (2, 2, 2, "INT8")]
     passes = []
     for index, (tokens, k_slices, n_tiles, mode) in enumerate(plan):
+        op, wide = MODES[mode]
         transposed = column_order() and index % 2 == 1
-        passes.append(make_pass(tb.rng, mode, tokens, k_slices * rows, n_tiles * cols,
-                                transposed=transposed))
+        passes.append(make_pass(tb.rng, op, tokens, k_slices * rows, n_tiles * cols,
+                                transposed=transposed, wide=wide))
     spans = []  # (first, last) activation beat of each pass
     for gemm in passes:
         first = len(tb.activations.beats)

@@ -46,12 +46,13 @@ class Combine:
 
 
 def router_like_scores(rng, words: int, k: int) -> torch.Tensor:
-    """Top-k router scores: descending, summing to at most 2^15."""
+    """The chosen scores of ``numerics.route`` on INT16 logits: descending, summing to at
+    most 2^15."""
     experts = max(k, rng.choice([4, 16]))
-    logits = torch.tensor([[rng.randint(INT8_MIN, INT8_MAX) for _ in range(experts)]
-                           for _ in range(words)], dtype=torch.int64)
-    scores = numerics.router_scores(logits, numerics.exp_table(10 ** rng.uniform(-3, 0.3)))
-    return numerics.top_k(scores, k)[1]
+    logits = torch.tensor([[rng.randint(numerics.INT16_MIN, numerics.INT16_MAX)
+                            for _ in range(experts)] for _ in range(words)], dtype=torch.int64)
+    table = numerics.exp_table(10 ** rng.uniform(-3, 0.3))
+    return numerics.route(logits, table, k)[2]
 
 
 def random_combine(rng, words: int, k: int, lanes: int) -> Combine:

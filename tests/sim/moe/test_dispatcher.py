@@ -2,11 +2,14 @@
 
 Run by ``tests/sim/test_moe.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow option
-(random gaps on the command and score streams). Each routing's score beats are built from
-an (M, E) score matrix (padded lanes random: the block must ignore them); after the block
-goes idle every table entry is read back through the block's read ports — the list lookup
-for every active position, the slot table for every token, the queue for every position —
-and compared with :func:`golden_tables`, built on :func:`m3vit.sw.quant.numerics.top_k`.
+(random gaps on the command and score streams). Each routing is an (M, E) matrix of INT16
+router logits and an exp table; its score beats carry, as the softmax unit's router mode
+does, H = lanes / 2 experts a beat: the :func:`m3vit.sw.quant.numerics.router_scores` in
+lanes 0 … H−1 and ``max − logit`` in lanes H … 2H−1 (padded experts random: the block must
+ignore them). After the block goes idle every table entry is read back through the block's
+read ports — the list lookup for every active position, the slot table for every token, the
+queue for every position — and compared with :func:`golden_tables`, built on
+:func:`m3vit.sw.quant.numerics.route` (top-k of the logits, not of the scores).
 """
 
 import itertools
@@ -25,23 +28,23 @@ from m3vit.sim.stream_tb import Bench, StreamSource, pack
 from m3vit.sw.quant import numerics
 
 PREFIX = "disp"
-INT8_MIN, INT8_MAX = -128, 127
-SCORE_MAX = (1 << numerics.SCORE_BITS) - 1
-#: Cycles ``busy`` stays high beyond M·S (top-k, two scores a cycle:
-#: ``Dispatcher.steps_per_token``) + E (scan) + M·k
-#: (queue) when scores never wait: 3 to drain the top-k list, 1 into the scan, 1 into the
-#: queue pass, 4 through its pipeline (measured).
+INT16_MIN, INT16_MAX = numerics.INT16_MIN, numerics.INT16_MAX
+#: Cycles ``busy`` stays high beyond M·S (top-k, two experts a cycle:
+#: ``Dispatcher.steps_per_token``) + E (scan) + M·k (queue) when scores never wait: 3 to
+#: drain the top-k list, 1 into the scan, 1 into the queue pass, 4 through its pipeline
+#: (measured).
 OVERHEAD_CYCLES = 9
 
 
 @dataclass
 class Route:
-    """One dispatcher command and its scores (``None`` for an illegal command)."""
+    """One dispatcher command and its router logits (``None`` for an illegal command)."""
 
     rows: int
     experts: int
     top_k: int
-    scores: torch.Tensor | None = None  # (rows, experts) int64
+    logits: torch.Tensor | None = None  # (rows, experts) INT16 values, int64
+    table: torch.Tensor | None = None  # numerics.exp_table
 
 
 @dataclass
@@ -60,10 +63,10 @@ class Tables:
         return self.rows, self.top_k, self.entries, self.n_active
 
 
-def golden_tables(scores: torch.Tensor, k: int) -> Tables:
-    """The dispatch tables of ``docs/isa.md`` (``ROUTE``) over ``numerics.top_k``."""
-    rows, experts = scores.shape
-    chosen, chosen_scores = numerics.top_k(scores, k)
+def golden_tables(route: Route) -> Tables:
+    """The dispatch tables of ``docs/isa.md`` (``ROUTE``) over ``numerics.route``."""
+    rows, experts, k = route.rows, route.experts, route.top_k
+    _, chosen, chosen_scores = numerics.route(route.logits, route.table, k)
     count = torch.bincount(chosen.flatten(), minlength=experts)
     start = torch.cumsum(count, 0) - count
     # A stable sort of the (token, choice) pairs by expert keeps tokens ascending per expert.
@@ -77,59 +80,95 @@ def golden_tables(scores: torch.Tensor, k: int) -> Tables:
     return Tables(rows, k, rows * k, len(active), active, slots, (order // k).tolist())
 
 
-def realistic_scores(rng, rows: int, experts: int) -> torch.Tensor:
-    """``numerics.router_scores`` of random INT8 logits under a random exp table."""
-    table = numerics.exp_table(10 ** rng.uniform(-3, 0.3))
+def random_table(rng) -> torch.Tensor:
+    """An exp table from nearly flat to steep (one table step = 256 logit steps)."""
+    return numerics.exp_table(10 ** rng.uniform(-3, 0.3))
+
+
+def clamp16(x: float) -> int:
+    return max(INT16_MIN, min(INT16_MAX, round(x)))
+
+
+def uniform_logits(rng, rows: int, experts: int, lo: int = INT16_MIN, hi: int = INT16_MAX
+                   ) -> torch.Tensor:
+    """Logits drawn uniformly from [lo, hi] (from the bench's seeded stream)."""
+    return torch.tensor([[rng.randint(lo, hi) for _ in range(experts)] for _ in range(rows)],
+                        dtype=torch.int64)
+
+
+def realistic_logits(rng, rows: int, experts: int) -> torch.Tensor:
+    """INT16 logits over the whole range, or a few clear favourites as a trained gate gives."""
     if rng.random() < 0.5:
-        logits = [[rng.randint(INT8_MIN, INT8_MAX) for _ in range(experts)]
-                  for _ in range(rows)]
-    else:  # a few clear favourites per token, as a trained gate gives
-        logits = [[max(INT8_MIN, min(INT8_MAX, round(rng.gauss(0, 40))))
-                   for _ in range(experts)] for _ in range(rows)]
-    return numerics.router_scores(torch.tensor(logits, dtype=torch.int64), table)
+        return uniform_logits(rng, rows, experts)
+    spread = rng.choice([300, 3000, 10000])
+    return torch.tensor([[clamp16(rng.gauss(0, spread)) for _ in range(experts)]
+                         for _ in range(rows)], dtype=torch.int64)
 
 
-def tied_scores(rng, rows: int, experts: int) -> torch.Tensor:
-    """Raw scores from a few values, so most comparisons are ties."""
-    values = rng.choice([[0, 1], [0, 7, SCORE_MAX], [5], [0, 1, 2, 3, 16384, SCORE_MAX]])
+def tied_logits(rng, rows: int, experts: int) -> torch.Tensor:
+    """Logits from a few values, so most comparisons are ties; values one LSB or one table
+    step (256) apart, which share a score or differ by one table entry."""
+    v = rng.randint(INT16_MIN + 512, INT16_MAX)
+    values = rng.choice([[0, 1], [v, v - 1, v - 256], [INT16_MIN, INT16_MAX], [5],
+                         [v, v - 1, v - 2, v - 255, v - 256, v - 257]])
     return torch.tensor([[rng.choice(values) for _ in range(experts)] for _ in range(rows)],
                         dtype=torch.int64)
 
 
-def random_route(rng, rows: int, experts: int, top_k: int, scores=realistic_scores) -> Route:
-    return Route(rows, experts, top_k, scores(rng, rows, experts))
+def near_tie_logits(rng, rows: int, experts: int) -> torch.Tensor:
+    """Every token's logits within a few LSBs of each other (INT8 logits could not tell
+    them apart, and most share one score), around a table-step boundary or not."""
+    logits = []
+    for _ in range(rows):
+        base = rng.choice([256 * rng.randint(-120, 120), rng.randint(INT16_MIN + 8, INT16_MAX)])
+        logits.append([clamp16(base + rng.randint(-3, 3)) for _ in range(experts)])
+    return torch.tensor(logits, dtype=torch.int64)
+
+
+def random_route(rng, rows: int, experts: int, top_k: int, logits=realistic_logits) -> Route:
+    return Route(rows, experts, top_k, logits(rng, rows, experts), random_table(rng))
 
 
 def degenerate_routes(rng, cfg) -> list[Route]:
-    """Routings at the edges of the counting sort."""
+    """Routings at the edges of the counting sort and of the ranking."""
     top = cfg.max_top_k
     routes = []
     # Every token to the same experts (one full queue per chosen expert, the rest empty).
-    row = realistic_scores(rng, 1, 16 if cfg.max_experts >= 16 else cfg.max_experts)
-    routes.append(Route(cfg.max_tokens, row.shape[1], top, row.repeat(cfg.max_tokens, 1)))
+    row = realistic_logits(rng, 1, 16 if cfg.max_experts >= 16 else cfg.max_experts)
+    routes.append(Route(cfg.max_tokens, row.shape[1], top, row.repeat(cfg.max_tokens, 1),
+                        random_table(rng)))
     # One token per expert: token t's favourite is expert t (k = 1) ...
     experts = min(cfg.max_experts, cfg.max_tokens)
-    scores = torch.randint(0, 1000, (experts, experts), dtype=torch.int64)
-    scores.fill_diagonal_(SCORE_MAX)
-    routes.append(Route(experts, experts, 1, scores))
+    logits = uniform_logits(rng, experts, experts, -1000, 1000)
+    logits.fill_diagonal_(INT16_MAX)
+    routes.append(Route(experts, experts, 1, logits, random_table(rng)))
     # ... and, with k = 2, experts 2t and 2t + 1 (tied, so the lower one comes first).
     if top >= 2:
         half = experts // 2
-        scores = torch.randint(0, 1000, (half, experts), dtype=torch.int64)
-        scores[torch.arange(half), 2 * torch.arange(half)] = 20000
-        scores[torch.arange(half), 2 * torch.arange(half) + 1] = 20000
-        routes.append(Route(half, experts, 2, scores))
-    # Some experts never chosen: their scores are 0, and k of the others are left.
+        logits = uniform_logits(rng, half, experts, -1000, 1000)
+        logits[torch.arange(half), 2 * torch.arange(half)] = 20000
+        logits[torch.arange(half), 2 * torch.arange(half) + 1] = 20000
+        routes.append(Route(half, experts, 2, logits, random_table(rng)))
+    # The logits decide where the scores cannot: distinct logits within 16 LSBs (u = 0, so
+    # every score of a token is equal under any table) in an order unrelated to the expert
+    # index; ranking the scores, ties to the lower index, would pick experts 0 … k−1.
+    experts = min(cfg.max_experts, 16)
+    base = torch.tensor([[rng.randint(INT16_MIN, INT16_MAX - 2 * experts)] for _ in range(12)])
+    ladder = torch.tensor([[(e * 5 + t) % experts for e in range(experts)] for t in range(12)])
+    routes.append(Route(12, experts, min(top, experts), base + ladder, random_table(rng)))
+    # Some experts never chosen: their logits are −2^15, and k of the others are above.
     experts = cfg.max_experts
-    scores = (realistic_scores(rng, 30, experts) + 1).clamp(max=SCORE_MAX)
+    logits = realistic_logits(rng, 30, experts).clamp(min=INT16_MIN + 1)
     never = rng.sample(range(experts), experts - max(top, experts // 3))
-    scores[:, never] = 0
-    routes.append(Route(30, experts, top, scores))
-    # E = k: every token chooses every expert, in descending score order.
-    routes.append(random_route(rng, 25, top, top, tied_scores))
+    logits[:, never] = INT16_MIN
+    routes.append(Route(30, experts, top, logits, random_table(rng)))
+    # E = k: every token chooses every expert, in descending logit order.
+    routes.append(random_route(rng, 25, top, top, tied_logits))
     routes.append(random_route(rng, 7, top, top))
-    # E not a multiple of the lanes (the last beat's padded lanes are ignored), E = 1.
-    for experts in (cfg.pe_cols + 1, 2 * cfg.pe_cols - 1, 1):
+    # E not a multiple of the experts a beat (the last beat's padded lanes are ignored),
+    # E = 1.
+    half = cfg.pe_cols // 2
+    for experts in (half + 1, 2 * half - 1, cfg.pe_cols + 1, 1):
         if experts <= cfg.max_experts:
             routes.append(random_route(rng, rng.randint(5, 20), experts,
                                        rng.randint(1, min(top, experts))))
@@ -169,15 +208,15 @@ def make_routes(case: str, rng, cfg) -> list[Route]:
         return [random_route(rng, some_rows(e), e, rng.randint(1, min(top, e)))
                 for e in expert_counts(cfg) for _ in range(3)]
     if case == "ties":
-        return [random_route(rng, some_rows(e), e, rng.randint(1, min(top, e)), tied_scores)
-                for e in expert_counts(cfg) for _ in range(2)]
+        return [random_route(rng, some_rows(e), e, rng.randint(1, min(top, e)), logits)
+                for e in expert_counts(cfg) for logits in (tied_logits, near_tie_logits)]
     if case == "degenerate":
         return degenerate_routes(rng, cfg)
     if case == "illegal":
         return [random_route(rng, 12, e, min(top, e)) for e in expert_counts(cfg)]
     if case == "back_to_back":
         return [random_route(rng, rng.randint(1, 8), e, rng.randint(1, min(top, e)),
-                             rng.choice([realistic_scores, tied_scores]))
+                             rng.choice([realistic_logits, tied_logits, near_tie_logits]))
                 for e in expert_counts(cfg) for _ in range(3)]
     if case == "throughput":
         return [random_route(rng, rows, e, min(top, e))
@@ -229,21 +268,27 @@ class TB:
                                       "top_k": route.top_k})
 
     def score_beats(self, route: Route) -> list[int]:
-        """ceil(E / lanes) beats per token, ``last`` on its last; padded lanes random."""
-        lanes = self.cfg.pe_cols
-        beats = math.ceil(route.experts / lanes)
+        """ceil(E / H) beats per token, ``last`` on its last: H scores, then the H experts'
+        ``max − logit``; padded experts random in both."""
+        half = self.cfg.pe_cols // 2
+        beats = math.ceil(route.experts / half)
+        scores = numerics.router_scores(route.logits, route.table)
+        distances = route.logits.amax(dim=-1, keepdim=True) - route.logits
         payloads = []
-        for row in route.scores.tolist():
-            row = row + [self.pad_rng.randint(0, 2**16 - 1) for _ in range(beats * lanes
-                                                                            - len(row))]
-            payloads += [pack(self.scores_layout, {"data": row[b * lanes:(b + 1) * lanes],
-                                                   "last": b == beats - 1})
+        for score_row, distance_row in zip(scores.tolist(), distances.tolist(), strict=True):
+            pad = beats * half - route.experts
+            score_row += [self.pad_rng.randint(0, 2**16 - 1) for _ in range(pad)]
+            distance_row += [self.pad_rng.randint(0, 2**16 - 1) for _ in range(pad)]
+            payloads += [pack(self.scores_layout,
+                              {"data": score_row[b * half:(b + 1) * half]
+                                       + distance_row[b * half:(b + 1) * half],
+                               "last": b == beats - 1})
                          for b in range(beats)]
         return payloads
 
     async def route(self, routes: list[Route]) -> None:
         """Send the commands back to back with all their score beats; wait for idle."""
-        beats = [beat for r in routes if r.scores is not None for beat in self.score_beats(r)]
+        beats = [beat for r in routes if r.logits is not None for beat in self.score_beats(r)]
         sending = cocotb.start_soon(self.scores.send(beats))
         await self.cmd.send([self.cmd_payload(r) for r in routes])
         await sending
@@ -330,7 +375,7 @@ CASES = [(case, gaps) for case in ("router", "ties", "degenerate", "illegal", "b
 @cocotb.test(timeout_time=20, timeout_unit="ms")
 @cocotb.parametrize((("case", "input_gaps"), CASES))
 async def test_dispatcher(dut, case: str, input_gaps: bool) -> None:
-    """Every table entry equals the golden dispatch of its scores."""
+    """Every table entry equals the golden dispatch of its logits."""
     tb = TB(dut, input_gaps=input_gaps)
     routes = make_routes(case, tb.stimulus_rng, tb.cfg)
     await tb.bench.reset()
@@ -338,7 +383,7 @@ async def test_dispatcher(dut, case: str, input_gaps: bool) -> None:
     if case == "back_to_back":
         await tb.route(routes)
         legal_done = routes
-        expected = golden_tables(routes[-1].scores, routes[-1].top_k)
+        expected = golden_tables(routes[-1])
         check_tables(await tb.read_tables(expected), expected, describe(routes[-1]))
     else:
         expected = None
@@ -361,11 +406,11 @@ async def test_dispatcher(dut, case: str, input_gaps: bool) -> None:
             else:
                 await tb.route([route])
             legal_done.append(route)
-            expected = golden_tables(route.scores, route.top_k)
+            expected = golden_tables(route)
             check_tables(await tb.read_tables(expected), expected, describe(route))
 
     # One busy interval per legal command, each ending with that command's status.
-    assert tb.completed == [golden_tables(r.scores, r.top_k).summary() for r in legal_done], (
+    assert tb.completed == [golden_tables(r).summary() for r in legal_done], (
         tb.completed)
     durations = [end - start for start, end in tb.busy_intervals]
     for route, cycles in zip(legal_done, durations, strict=True):

@@ -11,7 +11,7 @@ the DMA bench. Expected DDR contents come from the instruction model
 
 import cocotb
 
-from m3vit.hw.isa import GemmOp, Opcode, WeightSource
+from m3vit.hw.isa import GemmMode, Opcode, WeightSource
 from m3vit.sim.engine_tb import EngineBench
 from m3vit.sim.stream_tb import Bench
 from m3vit.sw.bench.programs import (
@@ -45,7 +45,7 @@ async def test_gemm_programs(dut, flow):
         await tb.check(case)
     # A residual add in the output stage, in place, on a full and a one-token pass.
     seed = _seed(tb)
-    for tokens, mode in ((tb.cfg.max_tokens, GemmOp.INT8), (1, GemmOp.INT8_TABLE)):
+    for tokens, mode in ((tb.cfg.max_tokens, GemmMode.INT8), (1, GemmMode.INT8_TABLE)):
         await tb.check(gemm_case(tb.cfg, seed + tokens, tokens, 2, 2, mode, WeightSource.DDR,
                                  residual=True))
 
