@@ -81,7 +81,9 @@ def _base_case(cfg: AccelConfig, rng: np.random.Generator) -> P.Case:
     kind = int(rng.integers(8))
     if kind <= 1:
         tokens = int(rng.integers(1, cfg.max_tokens + 1))
-        mode = GemmMode.INT8 if rng.random() < 0.7 else GemmMode.INT32
+        draw = rng.random()
+        mode = (GemmMode.INT8 if draw < 0.55 else GemmMode.INT16 if draw < 0.7
+                else GemmMode.INT32)
         wsrc = WeightSource.DDR if rng.random() < 0.6 else WeightSource.BUFFER_ROWS
         return P.gemm_case(cfg, seed, tokens, int(rng.integers(1, 4)),
                            int(rng.integers(1, 3)), mode, wsrc,

@@ -134,8 +134,9 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
              wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr, **fused)
     if mode != GemmMode.INT32:
         # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
-        # what earlier cases left in the buffer cannot leak into the comparison.
-        words = n_tiles * V * tokens
+        # what earlier cases left in the buffer cannot leak into the comparison. INT16
+        # results are 2V words a token and N-tile.
+        words = n_tiles * V * tokens * (2 if mode == GemmMode.INT16 else 1)
         prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
                  words=words)
     prog.add(Opcode.END)
@@ -525,15 +526,17 @@ def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
 
 
 def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
-    """``count`` GEMMs of random shape, mode and weight source (ragged token counts); the
-    ones that may (weights from DDR, INT8 results) fuse a residual add half the time."""
+    """``count`` GEMMs of random shape, mode (INT16 results too) and weight source (ragged
+    token counts); the ones that may (weights from DDR, INT8 results) fuse a residual add
+    half the time."""
     rng = random.Random(seed)
     cases = []
     for i in range(count):
         tokens = rng.choice([1, 2, 3, 5, 17, 33, cfg.max_tokens])
-        mode = rng.choice([GemmMode.INT8, GemmMode.INT8_TABLE, GemmMode.INT32])
+        mode = rng.choice([GemmMode.INT8, GemmMode.INT8_TABLE, GemmMode.INT32, GemmMode.INT16])
         wsrc = rng.choice(list(WeightSource))
-        residual = wsrc == WeightSource.DDR and mode != GemmMode.INT32 and rng.random() < 0.5
+        residual = (wsrc == WeightSource.DDR and mode in (GemmMode.INT8, GemmMode.INT8_TABLE)
+                    and rng.random() < 0.5)
         cases.append(gemm_case(cfg, seed + i, tokens, rng.randint(1, 3), rng.randint(1, 3),
                                mode, wsrc, residual=residual))
     return cases

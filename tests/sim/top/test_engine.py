@@ -48,6 +48,9 @@ async def test_gemm_programs(dut, flow):
     for tokens, mode in ((tb.cfg.max_tokens, GemmMode.INT8), (1, GemmMode.INT8_TABLE)):
         await tb.check(gemm_case(tb.cfg, seed + tokens, tokens, 2, 2, mode, WeightSource.DDR,
                                  residual=True))
+    # INT16 results (the router's logits) from each weight source: 2V words a token.
+    for i, wsrc in enumerate(WeightSource):
+        await tb.check(gemm_case(tb.cfg, seed + 7 + i, 5 + 28 * i, 2, 2, GemmMode.INT16, wsrc))
 
 
 @cocotb.parametrize(flow=FLOWS)
