@@ -963,11 +963,12 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--statistic", choices=("max", "percentile"), default="max",
                    help="activation range statistic: max |x| or its 99.99th percentile")
     s.add_argument("--router-range", choices=("max", "top"), default="max",
-                   help="router logits' INT8 step: from the largest |logit| like every "
-                   "tensor (max), or from the range the top-k needs, centred by a bias "
-                   "(top: about twice finer, fewer near-ties merged, but low logits "
-                   "saturate and weigh more in the softmax sum; docs/numerics.md, router "
-                   "fidelity). --report shows both effects (default: %(default)s)")
+                   help="the router's exp-table step (its INT16 logits are 2^8 times "
+                   "finer): from the largest |logit| like every tensor (max), or from the "
+                   "range the top-k needs, centred by a bias (top: finer, but low logits "
+                   "saturate and weigh more in the softmax sum; with INT16 logits it no "
+                   "longer improves agreement: docs/numerics.md, router fidelity). "
+                   "--report shows both effects (default: %(default)s)")
     s.add_argument("--report", action="store_true",
                    help="compare float and integer on held-out scenes or NYUD-v2 val images "
                    "(metrics; the router's top-k agreement with the float model per task and "
@@ -1226,7 +1227,8 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                        "cycle estimate and, with --resources yosys, a cached Yosys estimate "
                        "of the top against the 80 % budget. Each point is a Ray task on a "
                        "local Ray (or a cluster: --address); results are kept in "
-                       "OUT/results.jsonl as they finish, so a sweep run again resumes. A "
+                       "OUT/results.jsonl as they finish, so a sweep run again resumes (a "
+                       "point another version of the toolkit scored is scored again). A "
                        "space larger than --trials points is searched by Optuna, a wave of "
                        "trials as wide as Ray's CPUs at a time; --verify's SoC checks are Ray "
                        "tasks too. Writes the "

@@ -17,7 +17,9 @@ model or batch that does not fit) is kept with its reason.
 
 Points are Ray tasks: a local Ray started here by default, a cluster with ``address``;
 results go to ``results.jsonl`` in the output folder as they finish, and a sweep run again
-skips the points already there (an interrupted sweep resumes). A space larger than
+skips the points already there that this version of the toolkit scored (an interrupted
+sweep resumes; after a change to the hardware, the compiler or the cycle model every point
+is scored again: :func:`toolkit_fingerprint`). A space larger than
 ``trials`` points is searched by Optuna (multi-objective: cycles an image and resources)
 instead of enumerated. The Pareto front (fewest cycles an image against the largest share
 of any resource — or against MACs a cycle without Yosys) goes to ``pareto.json``,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -240,13 +243,31 @@ def _packages(space: dict[str, Any]) -> dict[str, Any]:
     return {p: quantize(M3ViT(get_preset(p), seed=0), n_calib=4) for p in space["presets"]}
 
 
-def _read_results(path: Path) -> dict[str, dict[str, Any]]:
+def toolkit_fingerprint() -> str:
+    """SHA-256 of the toolkit's source (every ``.py``, ``.cpp``, ``.h`` of the ``hw``,
+    ``sw`` and ``sim`` packages): a stored score is reused only by the code that made it,
+    so a sweep after a change to the design, the compiler or the cycle model never
+    reports a stale figure."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for package in ("hw", "sw", "sim"):
+        files = sorted(f for f in (root / package).rglob("*")
+                       if f.suffix in (".py", ".cpp", ".h") and f.is_file())
+        for f in files:
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _read_results(path: Path, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
+    """The stored rows by point; with ``fingerprint``, only those that code scored."""
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                done[point_key(row["point"])] = row
+                if fingerprint is None or row.get("toolkit") == fingerprint:
+                    done[point_key(row["point"])] = row
     return done
 
 
@@ -303,24 +324,30 @@ def run_sweep(space: dict[str, Any], out: str | os.PathLike, *, address: str | N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / RESULTS
-    done = _read_results(store)
+    fingerprint = toolkit_fingerprint()
+    done = _read_results(store, fingerprint)
+    stale = len(_read_results(store)) - len(done)
     points = space_points(space)
     say = progress or (lambda _m: None)
+    if stale:
+        say(f"{stale} stored point(s) were scored by another version of the toolkit: "
+            "scoring them again")
     packages = _packages(space)
     score = dict(resources=resources, workdir=str(out / "yosys"), yosys=yosys)
     with _Runner(serial=serial, address=address, num_cpus=num_cpus) as runner:
         shared = runner.put(packages)
         if len(points) > trials:
-            rows_new = _optuna(space, trials, shared, score, done, store, say, runner)
+            rows_new = _optuna(space, trials, shared, score, done, store, say, runner,
+                               fingerprint)
         else:
             todo = [p for p in points if point_key(p) not in done]
             say(f"{len(points)} points, {len(points) - len(todo)} already scored")
             rows_new = []
             for point, row in runner.map(_score_task, todo, space, shared, score):
-                _record(store, point, row)
+                _record(store, point, row, fingerprint)
                 rows_new.append(row)
                 say(f"[{len(rows_new)}/{len(todo)}] {_describe(row)}")
-        rows = list(_read_results(store).values())
+        rows = list(_read_results(store, fingerprint).values())
         flat = [dict(r["row"]) for r in rows]
         feasible = [r for r in flat if r.get("feasible")]
         if not feasible:
@@ -428,9 +455,10 @@ def _measure(row: dict[str, Any], space: dict[str, Any], packages: dict[str, Any
     return {"measured_cycles": run.cycles, "estimate_error": row["cycles"] / run.cycles - 1}
 
 
-def _record(store: Path, point: dict[str, Any], row: dict[str, Any]) -> None:
+def _record(store: Path, point: dict[str, Any], row: dict[str, Any], fingerprint: str) -> None:
     with open(store, "a") as f:
-        f.write(json.dumps({"point": point, "row": row}, sort_keys=True) + "\n")
+        f.write(json.dumps({"point": point, "row": row, "toolkit": fingerprint},
+                           sort_keys=True) + "\n")
 
 
 def _score_task(point, space, packages, score):
@@ -439,7 +467,7 @@ def _score_task(point, space, packages, score):
     return score_point(point, space, packages, **score)
 
 
-def _optuna(space, trials, packages, score, done, store, say, runner):
+def _optuna(space, trials, packages, score, done, store, say, runner, fingerprint):
     """Sample ``trials`` points of a large space with Optuna (NSGA-II over cycles an image
     and cost), asked in waves as wide as the runner, each wave's new points scored as
     parallel tasks; earlier results (the store) are told without scoring again."""
@@ -464,7 +492,7 @@ def _optuna(space, trials, packages, score, done, store, say, runner):
         # A point asked twice (in this wave or before) is scored once.
         todo = list({point_key(p): p for _, p in wave if point_key(p) not in done}.values())
         for point, row in runner.map(_score_task, todo, space, packages, score):
-            _record(store, point, row)
+            _record(store, point, row, fingerprint)
             done[point_key(point)] = {"point": point, "row": row}
             rows.append(row)
             say(f"[{asked}/{trials} asked, {len(rows)} scored] {_describe(row)}")

@@ -7,7 +7,7 @@ import pytest
 
 from m3vit.sw.cli import main
 from m3vit.sw.errors import M3VitError
-from m3vit.sw.sweep import check_space, pareto_front, run_sweep, space_points
+from m3vit.sw.sweep import check_space, pareto_front, run_sweep, space_points, toolkit_fingerprint
 
 #: Eight points on the CI configuration: 17-token tiny, two arrays, two buffers, two batches.
 SPACE = {"config": "ci", "presets": ["tiny"], "task": "semseg",
@@ -56,6 +56,17 @@ def test_ray_sweep_equals_the_serial_run_and_resumes(small_space, tmp_path):
     # Run again: every point is in the store already.
     again = run_sweep(small_space, tmp_path / "serial", serial=True)
     assert again["new"] == 0 and len(again["rows"]) == 8
+    # Scores stored by another version of the toolkit are never reused: all scored again.
+    store = tmp_path / "serial" / "results.jsonl"
+    lines = [json.loads(line) for line in store.read_text().splitlines()]
+    assert {line["toolkit"] for line in lines} == {toolkit_fingerprint()}
+    store.write_text("".join(json.dumps({**line, "toolkit": "0" * 64}) + "\n"
+                             for line in lines))
+    told = []
+    rescored = run_sweep(small_space, tmp_path / "serial", serial=True, progress=told.append)
+    assert rescored["new"] == 8 and len(rescored["rows"]) == 8
+    assert "8 stored point(s) were scored by another version of the toolkit" in told[0]
+    assert sorted(rescored["rows"], key=key) == sorted(serial["rows"], key=key)
 
 
 def test_a_large_space_is_sampled_by_optuna(small_space, tmp_path):
