@@ -18,6 +18,33 @@ from .errors import M3VitError
 DEFAULT_OUT = "build/demo"
 
 
+def _set_aside_older_package(path: Path) -> Path | None:
+    """An earlier demo's package of an older format version (``.m3q`` version 1 had INT8
+    router logits) is renamed, not overwritten, so the demo quantizes afresh; returns the
+    new name, or None when there is nothing to set aside."""
+    from .quant.package import PackageVersionError, load_package
+
+    if not path.exists():
+        return None
+    try:
+        load_package(path)
+    except PackageVersionError as e:
+        if not (isinstance(e.version, int) and not isinstance(e.version, bool)):
+            return None                    # not a version we wrote: load_package says so
+        n = 0
+        while True:
+            kept = path.with_name(f"{path.stem}.v{e.version}{'.' + str(n) if n else ''}"
+                                  f"{path.suffix}")
+            if not kept.exists():
+                break
+            n += 1
+        path.rename(kept)
+        return kept
+    except M3VitError:
+        return None                        # any other problem: the reuse below reports it
+    return None
+
+
 def _step(index: int, total: int, text: str) -> float:
     print(f"[{index}/{total}] {text}", flush=True)
     return time.monotonic()
@@ -61,6 +88,7 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
         _done(t, f"trained, written to {checkpoint}")
 
     t = _step(2, total, "quantize to INT8 (the integer golden model's package)")
+    kept = _set_aside_older_package(package_path)
     if package_path.exists():
         pkg = load_package(package_path, validate=validate_package)
         if pkg.config.to_dict() != model_cfg.to_dict():
@@ -70,7 +98,8 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
     else:
         pkg = quantize(model)
         save_package(package_path, pkg)
-        _done(t, f"written to {package_path}")
+        _done(t, f"written to {package_path}"
+                 + (f" (the older toolkit's package kept as {kept})" if kept else ""))
 
     t = _step(3, total, f"generate the accelerator ({config_name}: {config.pe_rows}x"
                         f"{config.pe_cols} PE array, {config.clock_mhz:g} MHz) and build "

@@ -618,7 +618,7 @@ def moe_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
                 residual: tuple[int, str] | None = None, batch: int = 1) -> None:
     """The MoE layer of block prefix ``p``: ``src`` (LN2 out) → ``dst``, (M, D) each.
 
-    Router GEMM (the running task's stream, ``per_task``) into INT8 logits, the task's exp
+    Router GEMM (the running task's stream, ``per_task``) into INT16 logits, the task's exp
     table, ``ROUTE``; the experts' GELU table; ``EXPERTS`` over FC1 (gathering the queued
     tokens from ``src``, GELU table, into an M-row scratch) and FC2 (into queue rows of an
     (M·k, D) output); ``COMBINE`` into ``dst``. Expert e's DDR block is its FC1 stream

@@ -66,6 +66,14 @@ _HASH_DOMAIN = f"{PACKAGE_FORMAT}/{PACKAGE_VERSION}".encode()
 _REDO = "the file is corrupted or was edited; re-run `m3vit quantize`"
 
 
+class PackageVersionError(M3VitError):
+    """A package of another format version; ``version`` is what its manifest says."""
+
+    def __init__(self, message: str, version: Any):
+        super().__init__(message)
+        self.version = version
+
+
 @dataclass(frozen=True, eq=False)
 class QuantizedModel:
     """A quantized model as stored in one ``.m3q`` file.
@@ -428,10 +436,9 @@ def _parse_manifest(path: Path, text: str) -> dict[str, Any]:
     version = manifest.get("version")
     # bool is an int in Python; `true` must not pass for version 1 (or 2).
     if type(version) is not int or version != PACKAGE_VERSION:
-        raise M3VitError(
+        raise PackageVersionError(
             f"{path}: package version {version!r}; this toolkit reads version "
-            f"{PACKAGE_VERSION}: re-run `m3vit quantize`"
-        )
+            f"{PACKAGE_VERSION}: re-run `m3vit quantize`", version)
     missing = sorted(_MANIFEST_KEYS - manifest.keys())
     unknown = sorted(manifest.keys() - _MANIFEST_KEYS)
     if missing or unknown:

@@ -32,15 +32,16 @@ CALIB_SEED = 2
 """Seed of the calibration scenes: neither the training (0) nor the held-out (1) seed."""
 STATISTICS = ("max", "percentile")
 ROUTER_RANGES = ("max", "top")
-"""How the router logits' INT8 step is set (``docs/numerics.md``, router fidelity).
+"""How the router's exp-table step ``s_r`` is set (the INT16 logits are at ``s_r / 2^8``;
+``docs/numerics.md``, router fidelity).
 ``max``: as every tensor, from the largest |logit|. ``top``: from the range top-k needs —
 the largest first logit to the smallest (k+1)-th logit of a calibration token, widened by
 :data:`TOP_RANGE_MARGIN` of its span each side and centred by a constant bias (neither the
 softmax nor the top-k changes under a constant), where that is finer than ``max`` (with 16
 experts top-2 on ``edge-moe`` about twice finer; with 4 experts it can be coarser, and
-``max`` is kept), so fewer
-near-ties round to one INT8 value, while logits below the range saturate and then weigh
-too much in the softmax sum."""
+``max`` is kept). It was made for INT8 logits, so that fewer near-ties rounded to one
+value; with INT16 logits it no longer helps, while logits below the range saturate and
+then weigh too much in the softmax sum."""
 TOP_RANGE_MARGIN = 0.125
 """Share of the top-k range added on each side by ``router_range="top"``: room for tokens
 beyond the calibration's (a top logit that saturates at 127 ties with the next)."""

@@ -507,3 +507,28 @@ def test_config_error_message_passes_through(saved: Path):
         get_preset("tiny", top_k=9)
     bad = resave(saved, saved.with_name("bad.m3q"), _edit_config)
     expect_refusal(bad, str(ei.value))
+
+
+def test_the_demo_sets_an_older_package_aside_instead_of_overwriting_it(tmp_path: Path, saved):
+    """A version-1 package (INT8 router logits) in runs/ is renamed, not lost, so the demo
+    can quantize afresh; a current or foreign file is left where it is."""
+    from m3vit.sw.demo import _set_aside_older_package
+    from m3vit.sw.quant.package import PackageVersionError
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old = runs / "tiny.m3q"
+    resave(saved, old, lambda manifest, tensors: manifest.update(version=1))
+    with pytest.raises(PackageVersionError) as ei:
+        load_package(old)
+    assert ei.value.version == 1
+    before = old.read_bytes()
+    (runs / "tiny.v1.m3q").write_bytes(b"an earlier copy")
+    kept = _set_aside_older_package(old)
+    assert kept == runs / "tiny.v1.1.m3q" and kept.read_bytes() == before
+    assert not old.exists() and (runs / "tiny.v1.m3q").read_bytes() == b"an earlier copy"
+    assert _set_aside_older_package(old) is None                      # nothing there
+    assert _set_aside_older_package(saved) is None and saved.exists()  # current version
+    foreign = tmp_path / "foreign.m3q"
+    resave(saved, foreign, lambda manifest, tensors: manifest.update(version="2"))
+    assert _set_aside_older_package(foreign) is None and foreign.exists()
