@@ -18,19 +18,20 @@ from .errors import M3VitError
 DEFAULT_OUT = "build/demo"
 
 
-def _set_aside_older_package(path: Path) -> Path | None:
-    """An earlier demo's package of an older format version (``.m3q`` version 1 had INT8
-    router logits) is renamed, not overwritten, so the demo quantizes afresh; returns the
-    new name, or None when there is nothing to set aside."""
+def _reuse_package(path: Path, validate=None):
+    """An earlier demo's package to reuse: ``(package, None)``; ``(None, None)`` when there
+    is none; ``(None, new name)`` when it has an older format version (``.m3q`` version 1
+    had INT8 router logits): it is renamed, not overwritten, so the demo quantizes afresh.
+    Any other problem with the file is raised (one line)."""
     from .quant.package import PackageVersionError, load_package
 
     if not path.exists():
-        return None
+        return None, None
     try:
-        load_package(path)
+        return load_package(path, validate=validate), None
     except PackageVersionError as e:
         if not (isinstance(e.version, int) and not isinstance(e.version, bool)):
-            return None                    # not a version we wrote: load_package says so
+            raise                          # not a version we wrote
         n = 0
         while True:
             kept = path.with_name(f"{path.stem}.v{e.version}{'.' + str(n) if n else ''}"
@@ -39,10 +40,7 @@ def _set_aside_older_package(path: Path) -> Path | None:
                 break
             n += 1
         path.rename(kept)
-        return kept
-    except M3VitError:
-        return None                        # any other problem: the reuse below reports it
-    return None
+        return None, kept
 
 
 def _step(index: int, total: int, text: str) -> float:
@@ -63,7 +61,7 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
     from .compiler.executable import compile_executable
     from .model.config import get_preset
     from .model.train import TrainConfig, load_checkpoint, save_checkpoint, scenes_for, train
-    from .quant.package import PACKAGE_SUFFIX, load_package, save_package
+    from .quant.package import PACKAGE_SUFFIX, save_package
     from .quant.quantize import quantize, validate_package
     from .runtime.driver import Accelerator
     from .runtime.session import format_report, run_session, save_figure, save_report
@@ -88,9 +86,8 @@ def run_demo(*, preset: str = "tiny", config_name: str = "ci", n_images: int = 4
         _done(t, f"trained, written to {checkpoint}")
 
     t = _step(2, total, "quantize to INT8 (the integer golden model's package)")
-    kept = _set_aside_older_package(package_path)
-    if package_path.exists():
-        pkg = load_package(package_path, validate=validate_package)
+    pkg, kept = _reuse_package(package_path, validate=validate_package)
+    if pkg is not None:
         if pkg.config.to_dict() != model_cfg.to_dict():
             raise M3VitError(f"{package_path} is not a {preset} package: move it away or "
                              "delete it so the demo can write its own")

@@ -51,9 +51,9 @@ def upsample(tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 # ---- operations with their parameters looked up by name ---------------------------------
 
 
-def _linear(t: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
+def _linear(t: Tensors, name: str, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
     return nx.linear(x, t[f"{name}.weight"], t.get(f"{name}.bias"), t[f"{name}.mult"],
-                     t[f"{name}.shift"])
+                     t[f"{name}.shift"], wide=wide)
 
 
 def _layernorm(t: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +101,7 @@ def route(t: Tensors, p: str, x: torch.Tensor, task: str, top_k: int):
     """Router of ``task``: INT16 logits, scores (2^-15), chosen experts (the top-k of the
     logits) and their scores."""
     r = f"{p}.router.{task}"
-    logits = nx.linear(x, t[f"{r}.weight"], t.get(f"{r}.bias"), t[f"{r}.mult"],
-                       t[f"{r}.shift"], wide=True)
+    logits = _linear(t, r, x, wide=True)
     scores, experts, chosen = nx.route(logits, t[f"{r}.exp"], top_k)
     return logits, scores, experts, chosen
 

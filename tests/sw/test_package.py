@@ -511,8 +511,8 @@ def test_config_error_message_passes_through(saved: Path):
 
 def test_the_demo_sets_an_older_package_aside_instead_of_overwriting_it(tmp_path: Path, saved):
     """A version-1 package (INT8 router logits) in runs/ is renamed, not lost, so the demo
-    can quantize afresh; a current or foreign file is left where it is."""
-    from m3vit.sw.demo import _set_aside_older_package
+    can quantize afresh; a current package is reused and a foreign version refused."""
+    from m3vit.sw.demo import _reuse_package
     from m3vit.sw.quant.package import PackageVersionError
 
     runs = tmp_path / "runs"
@@ -524,11 +524,14 @@ def test_the_demo_sets_an_older_package_aside_instead_of_overwriting_it(tmp_path
     assert ei.value.version == 1
     before = old.read_bytes()
     (runs / "tiny.v1.m3q").write_bytes(b"an earlier copy")
-    kept = _set_aside_older_package(old)
-    assert kept == runs / "tiny.v1.1.m3q" and kept.read_bytes() == before
+    pkg, kept = _reuse_package(old)
+    assert pkg is None and kept == runs / "tiny.v1.1.m3q" and kept.read_bytes() == before
     assert not old.exists() and (runs / "tiny.v1.m3q").read_bytes() == b"an earlier copy"
-    assert _set_aside_older_package(old) is None                      # nothing there
-    assert _set_aside_older_package(saved) is None and saved.exists()  # current version
+    assert _reuse_package(old) == (None, None)                         # nothing there
+    pkg, kept = _reuse_package(saved)                                  # current version
+    assert kept is None and saved.exists() and pkg.config == load_package(saved).config
     foreign = tmp_path / "foreign.m3q"
     resave(saved, foreign, lambda manifest, tensors: manifest.update(version="2"))
-    assert _set_aside_older_package(foreign) is None and foreign.exists()
+    with pytest.raises(PackageVersionError):
+        _reuse_package(foreign)
+    assert foreign.exists()
