@@ -7,6 +7,7 @@ One *pass* computes, bit-exactly as :func:`m3vit.sw.quant.numerics.linear` (and 
     Y[m, n]   = requantize(acc[m, n], mult[n], shift[n])         (mode INT8)
               = table[requantize(...) & 0xFF]                    (mode INT8_TABLE)
               = acc[m, n]                                        (mode INT32)
+              = requantize(acc[m, n], M[m], sh[m])               (INT8, ``row_scale``)
 
 for ``m < M`` tokens (any ``1 ≤ M ≤ max_tokens``), ``K = k_slices · pe_rows`` and
 ``N = n_tiles · gemm_cols`` (the compiler zero-pads K and N to whole tiles). The dataflow is
@@ -16,11 +17,17 @@ every token's K-slice streams through it, one token per cycle; the next tile loa
 the other half of a double buffer meanwhile. After the last slice of an N-tile, each
 token's accumulator row is split into ``gemm_words`` words of ``pe_cols`` channels, and
 bias, requantization and the optional table run on the way out, a word a cycle.
+
+A ``row_scale`` pass (attention's P·V, :func:`m3vit.sw.quant.numerics.attention_pv`) is
+requantized per token instead of per channel: its probabilities are relative to their
+row's largest, so each row has its own multiplier ``M[m]`` (unsigned 16) and shift
+``sh[m]`` (0…63), streamed as M *scale beats* on ``activations`` before each N-tile's
+tokens. They take the place of ``mult[n]``/``shift[n]`` in the same requantizer lanes.
 """
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -52,6 +59,9 @@ COUNTER_WIDTH = 32
 #: Per-output-channel parameters: INT32 bias, unsigned 16-bit multiplier, shift 0…63.
 GEMM_PARAM = data.StructLayout({"bias": signed(32), "mult": unsigned(16), "shift": unsigned(6)})
 
+#: A token's requantization in a ``row_scale`` pass: unsigned 16-bit multiplier, shift 0…63.
+_ROW_SCALE = data.StructLayout({"mult": unsigned(16), "shift": unsigned(6)})
+
 # Widths of the command's loop counts: 65,535 slices of K or tiles of N, far beyond any
 # layer of the supported models (the compiler checks them against the configuration).
 _COUNT_WIDTH = 16
@@ -65,7 +75,10 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
     pass's weight tiles arrive column by column instead of row by row (attention's
     Q·Kᵀ, whose weight matrix K is stored token by token); legal when ``pe_rows ≤
     gemm_cols``, and ``wide``: in mode INT8, INT16 results (the router's logits), two
-    words per ``pe_cols`` channels (:func:`output_layout`).
+    words per ``pe_cols`` channels (:func:`output_layout`), and ``row_scale``: requantize
+    per token (row) with the multiplier and shift of the pass's scale beats instead of the
+    channels' ``mult``/``shift`` (attention's P·V); legal in mode INT8 without ``wide``,
+    on arrays with ``pe_rows ≥ 4`` (a scale beat needs three lanes).
     A ``LOAD_TABLE`` command ignores all but ``op``.
     """
     return data.StructLayout({
@@ -75,6 +88,7 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
         "n_tiles": unsigned(_COUNT_WIDTH),
         "transposed": 1,
         "wide": 1,
+        "row_scale": 1,
     })
 
 
@@ -251,7 +265,9 @@ class GemmEngine(wiring.Component):
         W weight rows a beat, ``pe_rows`` per tile, or for a ``transposed`` pass W weight
         columns, ``gemm_cols`` per tile (lane ``r`` = row ``r``); element 0 first.
     activations : In(stream.Signature(ArrayLayout(signed(8), pe_rows)))
-        One token's K-slice per beat.
+        One token's K-slice per beat; in a ``row_scale`` pass also one *scale beat* per
+        token and N-tile: lanes 0 and 1 the multiplier's low and high byte, lane 2's low 6
+        bits the shift (the other lanes and bits are ignored).
     params : In(stream.Signature(ArrayLayout(GEMM_PARAM, P)))
         P output channels' bias, multiplier and shift per beat, ``gemm_cols`` per N-tile.
     table : In(stream.Signature(signed(8)))
@@ -263,17 +279,20 @@ class GemmEngine(wiring.Component):
         Free-running performance counters (:data:`COUNTER_NAMES`, :data:`COUNTER_WIDTH`
         bits, wrapping): ``busy_cycles`` (``busy`` high), ``weight_stall_cycles`` (the next
         weight tile is not complete), ``param_stall_cycles`` (the N-tile's parameters are
-        not complete), ``activation_stall_cycles`` (the array could take a token but none
-        is offered), ``output_stall_cycles`` (no room left for results: output
-        back-pressure), ``token_beats`` (tokens through the array; each is ``pe_rows ·
-        gemm_cols`` MACs) and ``weight_tiles`` (weight tiles used). Stall causes are counted
-        independently: one cycle may count in more than one.
+        not complete), ``activation_stall_cycles`` (the array could take a token, or a
+        scale beat, but none is offered), ``output_stall_cycles`` (no room left for
+        results: output back-pressure), ``token_beats`` (tokens through the array; each is
+        ``pe_rows · gemm_cols`` MACs; scale beats do not count) and ``weight_tiles`` (weight
+        tiles used). Stall causes are counted independently: one cycle may count in more
+        than one. While a pass takes scale beats the array waits for nothing but them, so
+        no weight, parameter or output stall is counted then.
     busy : Out(1)
         A command is in progress or a result has not left yet.
     illegal_command : Out(1)
         Sticky (until reset): a pass command with ``tokens`` outside 1…``max_tokens``, a
-        zero ``k_slices``/``n_tiles``, or ``transposed`` set while ``pe_rows > gemm_cols``
-        was taken and dropped. It consumes no data.
+        zero ``k_slices``/``n_tiles``, ``transposed`` set while ``pe_rows > gemm_cols``, or
+        ``row_scale`` set with an op other than INT8, with ``wide``, or while ``pe_rows <
+        4`` was taken and dropped. It consumes no data.
 
     Notes
     -----
@@ -298,11 +317,17 @@ class GemmEngine(wiring.Component):
       ``j·C + c`` of W, K-slice ``s``: one stored token of attention's K when W = K. The
       result is the same ``X · Wᵀ``.
     * ``activations``: for ``j``, for ``s``, for ``m`` in 0…M−1: ``[X[m, s·R + r] for r in
-      0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile).
+      0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile). A ``row_scale``
+      pass first sends, for each ``j``, its M scale beats, ``m`` in 0…M−1 (lane 0 ``M[m] &
+      0xFF``, lane 1 ``M[m] >> 8``, lane 2 ``sh[m]``), then that N-tile's KS·M tokens:
+      NT·(KS + 1)·M beats. N-tile ``j``'s results use the scales sent before it, so they
+      may differ from tile to tile. Scale beats do not enter the array: one is taken a
+      cycle whenever the pass is at that point, also while the N-tile's first weight tile
+      loads, and while earlier N-tiles' rows still drain (see Structure for the one wait).
     * ``params``: for ``j``, for ``c`` in 0…C−1: ``bias``, ``mult``, ``shift`` of output
       channel ``j·C + c``; NT·C records, P to a beat, also in mode INT32 (bias only is
-      used there). They may run one N-tile ahead (they are held until the tile's last
-      slice).
+      used there) and in a ``row_scale`` pass (``mult`` and ``shift`` are ignored there).
+      They may run one N-tile ahead (they are held until the tile's last slice).
     * ``table``: for ``LOAD_TABLE`` only, 256 / T beats of T entries, entry 0 first (in
       beat 0's element 0): entry ``i`` is the output for ``q & 0xFF == i``. It waits until
       every earlier result has left.
@@ -332,13 +357,30 @@ class GemmEngine(wiring.Component):
     the array's row rate: the row queue holds the surplus of a last slice (about M / 2 rows)
     while the next N-tile's first slices compute.
 
+    With ``pe_rows ≥ 4``, ``row_scale`` passes add a *scale memory* of ``2 · 2^b`` × 22
+    bits (``b`` the token index's width: 2 × ``max_tokens`` entries when that is a power of
+    two; 2,048 × 22 on the ZCU104, under two block RAMs), written by scale beats at
+    (N-tile parity, token) and read, registered, as each last-slice token's row enters the
+    row queue: the row queue carries the 22-bit scale beside the row, so the splitter
+    takes it from a register like the parameters, and an entry is free again a few cycles
+    after its token's last slice, not after its last word. The parity toggles every ``row_scale``
+    N-tile, so one N-tile's scale beats land beside the previous one's tokens still in
+    the pipeline; an N-tile's first scale beat waits only while the N-tile two back (the
+    same half) has rows not yet read (a 0…2 count of such N-tiles), which takes few
+    tokens and a stall before that N-tile's last token (otherwise the next N-tile's
+    parameter hand-over spaces them further apart). The splitter's register carries the
+    scale to a 2:1 mux per lane on the requantizer's multiplier and shift inputs: the same
+    multipliers (no DSP added).
+
     **Throughput.** One token per cycle while the streams keep up. A K-slice takes at least
     ``M`` cycles and at least the ``R / W`` weight beats of the next tile plus one (the
     shadow is free again the cycle after the swap), so passes with ``M ≤ R / W`` are bound
     by the weight stream. A token reading its accumulator must enter :attr:`hazard_cycles` (4)
     cycles after its previous slice did; the engine waits for that only when ``M`` is
     below it, which the weight load already covers unless ``R = 2``. Results leave one word
-    a cycle: a pass whose N-tiles have fewer than V K-slices is bound by its output.
+    a cycle: a pass whose N-tiles have fewer than V K-slices is bound by its output. A
+    ``row_scale`` pass spends M more cycles per N-tile on its scale beats (the array idles
+    then, the next weight tile loads).
     """
 
     def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1,
@@ -365,6 +407,8 @@ class GemmEngine(wiring.Component):
         self.dsp_products = dsp_products
         self.command_layout = command_layout(config)
         self.output_layout = output_layout(config)
+        #: Whether ``row_scale`` passes are legal: a scale beat spans three lanes.
+        self.row_scale = rows >= 4
         if dsp_products == 2:
             # Chains as long as the loader's row order allows (rows_per_beat rows a cycle;
             # see PackedArray's ``group``), at most 4.
@@ -424,6 +468,8 @@ class GemmEngine(wiring.Component):
         self._load_params(m, s)
         self._issue(m, s)
         self._array(m, s)
+        if self.row_scale:
+            self._row_scales(m, s)
         self._output(m, s)
         self._count(m, s)
         return m
@@ -440,14 +486,17 @@ class GemmEngine(wiring.Component):
         # Column order needs a tile column (pe_rows lanes) to fit in a beat's element.
         columns = cfg.pe_rows <= cfg.gemm_cols
         count_shape = unsigned(_COUNT_WIDTH)
-        s.pass_layout = data.StructLayout({
+        pass_fields = {
             "op": GemmOp,
             "wide": 1,
             "last_token": range(cfg.max_tokens),
             "last_kslice": count_shape,
             "last_ntile": count_shape,
             "slice_gap": range(self.hazard_cycles + 1),
-        })
+        }
+        if self.row_scale:
+            pass_fields["row_scale"] = 1
+        s.pass_layout = data.StructLayout(pass_fields)
         s.queued = queued = Signal()  # a command waits for the issuer
         s.queued_pass = queued_pass = Signal(s.pass_layout)
         s.loader_busy = loader_busy = Signal()  # tiles of a taken pass are left to load
@@ -464,6 +513,13 @@ class GemmEngine(wiring.Component):
                      & (cmd.k_slices != 0) & (cmd.n_tiles != 0))
             if not columns:
                 legal &= ~cmd.transposed
+            # Per-token scales replace the INT8 requantization's mult and shift: not the
+            # INT16 (router) or INT32 outputs, nor the table's; a scale beat spans three
+            # lanes, more than a pe_rows = 2 array's beat.
+            if self.row_scale:
+                legal &= ~cmd.row_scale | ((cmd.op == GemmOp.INT8) & ~cmd.wide)
+            else:
+                legal &= ~cmd.row_scale
             with m.If(cmd.op == GemmOp.LOAD_TABLE):
                 m.d.sync += [queued.eq(1), queued_pass.op.eq(GemmOp.LOAD_TABLE)]
             with m.Elif(legal):
@@ -483,6 +539,8 @@ class GemmEngine(wiring.Component):
                 ]
                 if columns:
                     m.d.sync += load_transposed.eq(cmd.transposed)
+                if self.row_scale:
+                    m.d.sync += queued_pass.row_scale.eq(cmd.row_scale)
             with m.Else():
                 m.d.sync += self.illegal_command.eq(1)
 
@@ -500,6 +558,12 @@ class GemmEngine(wiring.Component):
         # from the splitter through the word queue (set by _output).
         s.pending = pending = Signal(range(self.row_queue_depth + 1))
         s.words_out = Signal()
+        if self.row_scale:
+            # A row_scale pass takes its N-tile's scale beats (counted by `token`) before
+            # the tile's tokens; the parity picks the half of the scale memory they are
+            # written to, toggled every row_scale N-tile (_row_scales).
+            s.scaling = Signal()
+            s.scale_parity = Signal()
         m.d.comb += self.busy.eq(s.queued | issuing | loading_table | (pending != 0)
                                  | s.words_out)
         with m.If(s.queued & ~issuing & ~loading_table):
@@ -508,6 +572,9 @@ class GemmEngine(wiring.Component):
                 m.d.sync += loading_table.eq(1)
             with m.Else():
                 m.d.sync += [issuing.eq(1), current.eq(s.queued_pass)]
+                if self.row_scale:
+                    with m.If(s.queued_pass.row_scale):
+                        m.d.sync += [s.scaling.eq(1), s.scale_parity.eq(~s.scale_parity)]
 
     def _load_weights(self, m: Module, s: SimpleNamespace) -> None:
         """The weight double buffer: the loader fills the shadow tile."""
@@ -609,10 +676,28 @@ class GemmEngine(wiring.Component):
         s.params_ok = params_ok = ~(first_token & last_slice) | (s.p_full & ~s.p_claimed
                                                                   & (s.p_count != 2))
         s.output_ok = output_ok = ~last_slice | (s.pending < self.row_queue_depth)
-        m.d.comb += self.activations.ready.eq(s.issuing & weights_ok & hazard_ok & params_ok
-                                              & output_ok)
+        array_ok = weights_ok & hazard_ok & params_ok & output_ok
         s.issue = issue = Signal()
-        m.d.comb += issue.eq(self.activations.valid & self.activations.ready)
+        if self.row_scale:
+            # Scale beats stay out of the array: they wait for no weights, parameters, gap
+            # or row-queue room; an N-tile's first waits for a free half of the scale
+            # memory (two N-tiles with unread scales: _row_scales).
+            s.scale_tiles = Signal(range(3))
+            scale_ok = ~first_token | (s.scale_tiles != 2)
+            s.scale_take = scale_take = Signal()
+            m.d.comb += [
+                self.activations.ready.eq(s.issuing & Mux(s.scaling, scale_ok, array_ok)),
+                issue.eq(self.activations.valid & self.activations.ready & ~s.scaling),
+                scale_take.eq(self.activations.valid & self.activations.ready & s.scaling),
+            ]
+            with m.If(scale_take):
+                with m.If(token == current.last_token):
+                    m.d.sync += [token.eq(0), s.scaling.eq(0)]
+                with m.Else():
+                    m.d.sync += token.eq(token + 1)
+        else:
+            m.d.comb += [self.activations.ready.eq(s.issuing & array_ok),
+                         issue.eq(self.activations.valid & self.activations.ready)]
 
         with m.If(issue):
             m.d.sync += since_issue.eq(1)
@@ -636,6 +721,10 @@ class GemmEngine(wiring.Component):
                         m.d.sync += [ntile.eq(0), s.issuing.eq(0)]
                     with m.Else():
                         m.d.sync += ntile.eq(ntile + 1)
+                        if self.row_scale:
+                            with m.If(current.row_scale):
+                                m.d.sync += [s.scaling.eq(1),
+                                             s.scale_parity.eq(~s.scale_parity)]
                 with m.Else():
                     m.d.sync += kslice.eq(kslice + 1)
             with m.Else():
@@ -646,7 +735,7 @@ class GemmEngine(wiring.Component):
         sums, accumulators."""
         cfg = self.config
         rows, cols = cfg.pe_rows, cfg.gemm_cols
-        tag_layout = data.StructLayout({
+        tag_fields = {
             "valid": 1,
             "token": range(cfg.max_tokens),
             "first_slice": 1,
@@ -655,8 +744,10 @@ class GemmEngine(wiring.Component):
             "last_of_tile": 1,   # the last token of an N-tile's last slice
             "op": GemmOp,
             "wide": 1,
-        })
-        tag0 = Signal(tag_layout)
+        }
+        if self.row_scale:
+            tag_fields |= {"row_scale": 1, "parity": 1}  # where the token's scale is
+        tag0 = Signal(data.StructLayout(tag_fields))
         m.d.comb += [
             tag0.valid.eq(s.issue),
             tag0.token.eq(s.token),
@@ -667,7 +758,10 @@ class GemmEngine(wiring.Component):
             tag0.op.eq(s.current.op),
             tag0.wide.eq(s.current.wide),
         ]
-        tags = [tag0]
+        if self.row_scale:
+            m.d.comb += [tag0.row_scale.eq(s.current.row_scale),
+                         tag0.parity.eq(s.scale_parity)]
+        s.tags = tags = [tag0]
         for stage in range(1, self._acc_stage + 1):
             tags.append(delay_like(m, tags[-1], 1, f"tag_s{stage}"))
 
@@ -714,6 +808,35 @@ class GemmEngine(wiring.Component):
         with m.If(p_push):
             m.d.sync += [s.p_full.eq(0), s.p_claimed.eq(0)]
 
+    def _row_scales(self, m: Module, s: SimpleNamespace) -> None:
+        """The scale memory of ``row_scale`` passes: written by scale beats, read as each
+        last-slice token's row enters the row queue."""
+        beat = self.activations.payload
+        # Two halves of a power of two (token, parity): no adder on either address.
+        token_bits = len(s.token)
+        scales = m.submodules.row_scales = Memory(shape=_ROW_SCALE, depth=2 << token_bits,
+                                                  init=[])
+        write = scales.write_port()
+        m.d.comb += [
+            write.addr.eq(Cat(s.token, s.scale_parity)),
+            write.data.mult.eq(Cat(beat[0], beat[1])),
+            write.data.shift.eq(beat[2][:6]),
+            write.en.eq(s.scale_take),
+        ]
+        # Read a cycle before the row queue takes the row (registered, beside acc_new),
+        # for every token: rows of other modes ignore it.
+        read_tag = s.tags[self._acc_stage - 1]
+        read = scales.read_port()
+        m.d.comb += read.addr.eq(Cat(read_tag.token, read_tag.parity))
+        s.row_scale_data = read.data
+        # N-tiles whose scale beats have begun and whose last row has not been read: an
+        # N-tile's first scale beat may overwrite its half only once the N-tile two back,
+        # which used it, has been read out entirely (a read and a write of one entry in
+        # one cycle read the old value).
+        first_beat = s.scale_take & (s.token == 0)
+        last_read = read_tag.valid & read_tag.row_scale & read_tag.last_of_tile
+        m.d.sync += s.scale_tiles.eq(s.scale_tiles + first_beat - last_read)
+
     def _products(self, m: Module, s: SimpleNamespace) -> list:
         """One multiplier per PE (``dsp_products=1``): the activation register, registered
         8 × 8 products of the active tile, a pipelined adder tree per column; returns the
@@ -740,13 +863,17 @@ class GemmEngine(wiring.Component):
         lanes, V = cfg.pe_cols, self.words
         acc_tag = s.acc_tag
         # Row queue: a last-slice token's accumulator row, its pass's op and whether it is
-        # its N-tile's last row (the splitter then pops the tile's parameters).
-        row_layout = data.StructLayout({
+        # its N-tile's last row (the splitter then pops the tile's parameters); with
+        # row_scale passes also the token's scale, read on the way in (_row_scales).
+        row_fields = {
             "acc": data.ArrayLayout(signed(32), cfg.gemm_cols),
             "op": GemmOp,
             "wide": 1,
             "last_of_tile": 1,
-        })
+        }
+        if self.row_scale:
+            row_fields |= {"row_scale": 1, "scale": _ROW_SCALE}
+        row_layout = data.StructLayout(row_fields)
         rows = m.submodules.row_queue = SyncFIFOBuffered(width=row_layout.size,
                                                          depth=self.row_queue_depth)
         row_in, row = Signal(row_layout), row_layout(rows.r_data)
@@ -758,6 +885,9 @@ class GemmEngine(wiring.Component):
             rows.w_data.eq(row_in.as_value()),
             rows.w_en.eq(acc_tag.valid & acc_tag.last_slice),
         ]
+        if self.row_scale:
+            m.d.comb += [row_in.row_scale.eq(acc_tag.row_scale),
+                         row_in.scale.eq(s.row_scale_data)]
 
         # Splitter: word v of the head row a cycle, while the word queue has credit; a wide
         # row's word v leaves as two halves (half 0: its lanes 0 … C/2 − 1), INT16 each.
@@ -781,12 +911,15 @@ class GemmEngine(wiring.Component):
         m.d.comb += p_pop.eq(emit & last_word & row.last_of_tile)
         self._param_queue(m, s)
         # The word's lanes and parameters, registered (a 2:1 mux on a 2,048-bit row).
-        split = Signal(data.StructLayout({
+        split_fields = {
             "acc": data.ArrayLayout(signed(32), lanes),
             "param": data.ArrayLayout(GEMM_PARAM, lanes),
             "op": GemmOp,
             "wide": 1,
-        }))
+        }
+        if self.row_scale:
+            split_fields |= {"row_scale": 1, "scale": _ROW_SCALE}
+        split = Signal(data.StructLayout(split_fields))
         split_valid = Signal()
         m.d.sync += split_valid.eq(emit)
         H = lanes // 2
@@ -805,6 +938,8 @@ class GemmEngine(wiring.Component):
                                                   s.p_queue[0][v * lanes + c])),
                         ]
         m.d.sync += [split.op.eq(row.op), split.wide.eq(row.wide)]
+        if self.row_scale:
+            m.d.sync += [split.row_scale.eq(row.row_scale), split.scale.eq(row.scale)]
 
         requantizer = m.submodules.requantizer = Requantizer(lanes)
         m.d.comb += [
@@ -814,10 +949,15 @@ class GemmEngine(wiring.Component):
             requantizer.i.payload.sat16.eq(split.wide),
         ]
         for lane in range(lanes):
+            mult, shift = split.param[lane].mult, split.param[lane].shift
+            if self.row_scale:
+                # The token's scale takes the channel's place in the same multiplier.
+                mult = Mux(split.row_scale, split.scale.mult, mult)
+                shift = Mux(split.row_scale, split.scale.shift, shift)
             m.d.comb += [
                 requantizer.i.payload.bias[lane].eq(split.param[lane].bias),
-                requantizer.i.payload.mult[lane].eq(split.param[lane].mult),
-                requantizer.i.payload.shift[lane].eq(split.param[lane].shift),
+                requantizer.i.payload.mult[lane].eq(mult),
+                requantizer.i.payload.shift[lane].eq(shift),
             ]
         op_out = delay_like(m, split.op, Requantizer.latency + 1, "op_out")
         s.wide_out = delay_like(m, split.wide, Requantizer.latency + 1, "wide_out")
@@ -910,12 +1050,14 @@ class GemmEngine(wiring.Component):
     def _count(self, m: Module, s: SimpleNamespace) -> None:
         """The performance counters."""
         counters = self.counters
+        # During a scale phase the array waits for scale beats alone.
+        waiting = s.issuing & ~s.scaling if self.row_scale else s.issuing
         events = [
             (counters.busy_cycles, self.busy),
-            (counters.weight_stall_cycles, s.issuing & ~s.weights_ok),
-            (counters.param_stall_cycles, s.issuing & ~s.params_ok),
+            (counters.weight_stall_cycles, waiting & ~s.weights_ok),
+            (counters.param_stall_cycles, waiting & ~s.params_ok),
             (counters.activation_stall_cycles, self.activations.ready & ~self.activations.valid),
-            (counters.output_stall_cycles, s.issuing & ~s.output_ok),
+            (counters.output_stall_cycles, waiting & ~s.output_ok),
             (counters.token_beats, s.issue),
             (counters.weight_tiles, s.issue & s.first_token),
         ]

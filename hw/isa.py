@@ -66,6 +66,7 @@ BUF_ADDR_BITS = 16
 DDR_OFFSET_BITS = 32
 # Loop counts: tokens, words and K-slices / N-tiles (12 bits: K up to 4,095 · pe_rows).
 _TOKENS_BITS = 16
+_GEMM_TOKENS_BITS = 15           # one bit of the full GEMM word went to ``row_scale``
 _TILES_BITS = 12
 # A fused residual add's shift: 0 … 31 (any shift ≥ 25 gives 0, numerics.residual_add).
 _RES_SHIFT_BITS = 5
@@ -100,7 +101,8 @@ def check_top_config(config: AccelConfig) -> AccelConfig:
     ------
     AccelConfigError
         For a K-slice other than a buffer word (``pe_rows ≠ pe_cols``: attention loads a
-        stored word of K as a column of the array; the array widens with ``gemm_words``),
+        stored word of K as a column of the array; the array widens with ``gemm_words``) or
+        narrower than 4 (P·V's row scale, three bytes, comes as a K-slice),
         a weight tile or parameter block smaller than one AXI beat (the DDR stream is split
         between them at beat granularity) or a buffer deeper than the ISA can address.
     """
@@ -108,6 +110,10 @@ def check_top_config(config: AccelConfig) -> AccelConfig:
         raise AccelConfigError(f"the accelerator top needs pe_rows == pe_cols (a K-slice is "
                                f"one buffer word; widen the PE array with gemm_words), got "
                                f"{config.pe_rows}x{config.pe_cols}")
+    if config.pe_rows < 4:
+        raise AccelConfigError(f"the accelerator top needs pe_rows >= 4 (a P·V row's scale, "
+                               f"three bytes, enters the array as one K-slice), got "
+                               f"{config.pe_rows}")
     if config.pe_rows * config.gemm_cols < config.axi_bytes:
         raise AccelConfigError("a weight tile must be at least one AXI beat: raise the PE "
                                "array or lower axi_data_width")
@@ -268,7 +274,10 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "mode": GemmMode,            # INT8, INT8_TABLE, INT32 or INT16
         "wsrc": WeightSource,
         "per_task": unsigned(1),
-        "tokens": unsigned(_TOKENS_BITS),
+        # P·V after a SOFTMAX: slice 0 of the activations is each row's multiplier and
+        # shift (the SOFTMAX's scale words), the K-slices follow (mode INT8).
+        "row_scale": unsigned(1),
+        "tokens": unsigned(_GEMM_TOKENS_BITS),
         "k_slices": unsigned(_TILES_BITS),
         "n_tiles": unsigned(_TILES_BITS),
         "src": _BUF,                 # activations: word src + s·src_stride + m
@@ -302,10 +311,12 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
     }),
     Opcode.SOFTMAX: data.StructLayout({
         "src": _BUF,                 # row m, beat b: word src + b·stride + m
-        "dst": _BUF,
+        "dst": _BUF,                 # row m: scale word dst + m, beat b at dst + (b+1)·stride + m
         "stride": _BUF,
         "rows": unsigned(_TOKENS_BITS),
         "length": unsigned(_TOKENS_BITS),
+        "mult": unsigned(16),        # P·V's requantization, applied per row with 2^31 / Σe
+        "shift": unsigned(6),
     }),
     Opcode.RESIDUAL: data.StructLayout({
         "src_a": _BUF,               # three contiguous ranges of ``words`` words
@@ -487,7 +498,8 @@ _OPCODE_DOCS = {
     Opcode.GEMM: "one pass of the PE array (bias, requantization, optional table, optional "
                  "residual add)",
     Opcode.LAYERNORM: "integer LayerNorm of `rows` token rows of `beats` words",
-    Opcode.SOFTMAX: "row softmax of `rows` rows of `length` INT8 logits (INT8 probabilities)",
+    Opcode.SOFTMAX: "row softmax of `rows` rows of `length` INT8 logits (7-bit probabilities "
+                    "relative to the row's largest, and each row's scale for P·V)",
     Opcode.RESIDUAL: "residual add of two ranges of `words` words",
     Opcode.ROUTE: "MoE gate over `rows` tokens: router scores, top-`top_k` of `experts`, "
                   "per-expert token queues",
@@ -569,6 +581,16 @@ beats):
 - `EXPERTS`: expert e's DDR block is at `e · stride` from expert 0's; a body `GEMM` with
   `expert` set reads its stream at `ddr + e · stride` (FC1 and FC2 of one expert are
   usually one block, FC2's stream right after FC1's).
+
+A `SOFTMAX` writes, for row m (`numerics.softmax`, `numerics.row_scale`), its **scale
+word** `dst + m` — bytes 0 and 1 the multiplier `M_m` (uint16, little-endian), byte 2 the
+shift `sh_m`, the other bytes 0 — where `(M_m, sh_m) = row_scale(floor(2^31 / Σe), mult,
+shift)`, then its probabilities `p = round_half_up(127 · e / 2^15)`, relative to the row's
+largest: lane c of word `dst + (b + 1)·stride + m` is `p[m, b·C + c]` (lanes past `length`
+are 0). A `GEMM` with `row_scale` set (mode `INT8`; `pe_rows` ≥ 4) reads that layout as
+its activations: slice 0 (word `src + m`) holds row m's scale, the K-slices follow (word
+`src + (s + 1)·src_stride + m`), and its results are `sat8(round_half_up((acc + bias) ·
+M_m / 2^sh_m))`: the multiplier and shift of its parameter records are not used.
 
 A `GEMM` in mode `INT16` (the router's logits) requantizes as `INT8` but saturates to
 INT16 (`numerics.requantize16`) and writes 2V words per token and N-tile: bytes 2c and

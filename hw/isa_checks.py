@@ -77,6 +77,8 @@ FLAG_REQUIRES: Mapping[tuple[Opcode, str], Mapping[str, tuple[enum.Enum, ...]]] 
     # stream from DDR, and is added to INT8 results (not INT32 ones headed for DDR).
     (Opcode.GEMM, "residual"): {"wsrc": (WeightSource.DDR,),
                                 "mode": (GemmMode.INT8, GemmMode.INT8_TABLE)},
+    # A row's multiplier and shift replace the requantizer's per-channel ones: INT8 only.
+    (Opcode.GEMM, "row_scale"): {"mode": (GemmMode.INT8,)},
 }
 
 

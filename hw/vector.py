@@ -5,8 +5,9 @@ Four blocks, each a :class:`~amaranth.lib.wiring.Component` parameterised by an
 (and :mod:`m3vit.sw.quant.numerics`) named in its docstring:
 
 * :class:`LayerNormUnit` — integer LayerNorm over token rows (``layernorm``);
-* :class:`SoftmaxUnit` — row softmax over INT8 logits and router scores over INT16 logits
-  (``softmax``, ``router_scores``);
+* :class:`SoftmaxUnit` — row-relative attention probabilities over INT8 logits, each row
+  preceded by its P·V scale (``softmax``, ``row_scale``), and router scores over INT16
+  logits (``router_scores``);
 * :class:`ResidualAdd` — the residual add across scales (``residual_add``);
 * :class:`TableLookup` — a 256-entry INT8 table such as GELU (``table_lookup``).
 
@@ -96,6 +97,8 @@ LN_EPS_BITS = 52
 _RCP_NUMERATOR = 1 << 31  # floor(2^31 / x) for LayerNorm (LN_RCP_BITS) and softmax (RCP_BITS)
 _EXP_SHAPE = unsigned(16)  # exp table entries: uint16 ≤ 32768
 _PROB_SHIFT = 24  # RCP_BITS − PROB_BITS
+_PROB_MULT = 127 << 9  # numerics.PROB_MULT: E[0] = 2^15 becomes exactly 127
+_ROW_MULT_BITS = 16  # numerics.ROW_MULT_BITS: the scale beat's M
 _SCORE_SHIFT = 16  # RCP_BITS − SCORE_BITS
 _PROB_MAX = 127
 _SCORE_MAX = (1 << 15) - 1
@@ -105,7 +108,8 @@ class SoftmaxMode(enum.Enum, shape=1):
     """What a :class:`SoftmaxUnit` command reads and computes."""
 
     #: Attention probabilities over INT8 logits (one a lane): ``u = min(m − l, 255)``,
-    #: ``min(127, round_half_up(e·rcp / 2^24))`` (scale 2^−7).
+    #: ``round_half_up(e·65024 / 2^24)`` (0 … 127, relative to the row's largest), each
+    #: row preceded by a scale beat: ``row_scale(floor(2^31 / Σe), mult, shift)``.
     ATTENTION = 0
     #: Router scores over INT16 logits (one per two lanes): ``u = min((m − l) >> 8, 255)``,
     #: ``min(32767, round_half_up(e·rcp / 2^16))`` (scale 2^−15), each with ``m − l``.
@@ -579,7 +583,8 @@ class LayerNormUnit(wiring.Component):
 
 
 class SoftmaxUnit(wiring.Component):
-    """Row softmax and router scores, bit-exact to ``numerics.softmax`` / ``router_scores``.
+    """Row softmax and router scores, bit-exact to ``numerics.softmax`` and ``row_scale`` /
+    ``router_scores``.
 
     For each row of L logits l (ATTENTION: INT8; ROUTER: INT16)::
 
@@ -588,8 +593,16 @@ class SoftmaxUnit(wiring.Component):
         ROUTER:    u_j = d_j >> 8            (d_j ≤ 65535: likewise; ``ROUTER_LOGIT_SHIFT``)
         e_j = E[u_j]                         (the loaded exp table)
         S = Σ_j e_j,  rcp = floor(2^31 / S)  (pipelined reciprocal)
-        ATTENTION: p_j = min(127,   round_half_up(e_j·rcp / 2^24))
+        ATTENTION: p_j = round_half_up(e_j·65024 / 2^24)        (``PROB_MULT``; 0 … 127)
+                   prod = rcp·mult (< 2^33),  z = max(0, bitlen(prod) − 16)
+                   M = prod >> z (floor),  sh = max(0, shift − z)    (``row_scale``)
         ROUTER:    p_j = min(32767, round_half_up(e_j·rcp / 2^16))
+
+    Attention probabilities are relative to the row's largest (E[0] = 2^15 gives exactly
+    127); the row's normalisation ``rcp``, folded with the command's P·V requantization
+    ``mult``/``shift`` into a 16-bit multiplier M and a shift sh, leaves the unit as a
+    *scale beat* ahead of the row's probabilities, for the GEMM that computes P·V
+    (``numerics.attention_pv``).
 
     Parameters
     ----------
@@ -604,8 +617,10 @@ class SoftmaxUnit(wiring.Component):
     ----------
     cmd : In(stream.Signature(SoftmaxUnit.cmd_layout(cfg)))
         One beat per tensor: ``length`` L (ATTENTION 1 … max_tokens, ROUTER 1 …
-        max_experts; any value: ragged rows are fine), ``rows`` (≥ 1) and ``mode``
-        (:class:`SoftmaxMode`, per command).
+        max_experts; any value: ragged rows are fine), ``rows`` (≥ 1), ``mode``
+        (:class:`SoftmaxMode`, per command) and, for ATTENTION (ignored for ROUTER), the
+        P·V requantization ``mult`` (unsigned 16-bit) and ``shift`` (0 … 63) that every
+        row's scale beat folds with the row's rcp.
     logits : In(stream.Signature(lane_layout(cfg)))
         ATTENTION: each row is ``ceil(L / lanes)`` beats, logit j in lane j of its beat.
         ROUTER: a beat holds H = ``lanes / 2`` signed 16-bit logits, logit h in bits
@@ -621,11 +636,15 @@ class SoftmaxUnit(wiring.Component):
         rcp ≤ 2^16: the reciprocal is computed to 17 bits); with another table the outputs
         are unspecified.
     probs : Out(stream.Signature(SoftmaxUnit.out_layout(cfg)))
-        One beat per ``logits`` beat, unsigned 16-bit lanes; ``last`` marks the final beat
-        of each row. ATTENTION: lane j holds p_j, 0 … 127 (the low 8 bits are the INT8
-        probability); padded lanes are 0. ROUTER: lane h < H holds the score p_h,
-        0 … 32767 (0 for padded positions), and lane H + h holds d_h = m − l_h, 0 … 65535
-        (the dispatcher ranks by it; unspecified for padded positions).
+        Unsigned 16-bit lanes; ``last`` marks the final beat of each row. ATTENTION: each
+        row is ``1 + ceil(L / lanes)`` beats. First the **scale beat**: lane 0 holds
+        ``M & 0xFF``, lane 1 ``M >> 8``, lane 2 sh, every other lane 0, ``last`` = 0 (its
+        low bytes are the buffer word that P·V reads as the row's scale). Then one beat per
+        ``logits`` beat: lane j holds p_j, 0 … 127 (the low 8 bits are the INT8
+        probability); padded lanes are 0. ROUTER: one beat per ``logits`` beat, no scale
+        beat; lane h < H holds the score p_h, 0 … 32767 (0 for padded positions), and lane
+        H + h holds d_h = m − l_h, 0 … 65535 (the dispatcher ranks by it; unspecified for
+        padded positions).
     busy : Out(1)
         A command is being taken or a beat is anywhere between ``logits`` and ``probs``.
     busy_cycles : Out(unsigned(32))
@@ -639,13 +658,22 @@ class SoftmaxUnit(wiring.Component):
     replicated per lane — 256×16 bits each, stored as ``256 / table_entries`` words of
     ``table_entries`` entries, so every lane reads every cycle and a write fills a word) and
     the e values go to the e queue and a registered adder tree; the sum enters a 17-stage
-    reciprocal pipeline; (C) the row's e values are multiplied by rcp and rounded. Row r+1
-    is in A while row r is in B and row r−1 in C, so the steady-state throughput is one beat
-    per cycle in both modes: a 129-long row at 32 lanes is 5 beats, 5 cycles. The logits
-    queue holds a full row plus the tree latency and the e queue a full row plus the
-    sum/reciprocal latency, which is also what lets rows of one beat (router rows) stream.
-    Sum width: ``log2(65535·max(max_tokens, max_experts))`` bits (S < 2^26 for 1,024
-    tokens).
+    reciprocal pipeline, and behind it the row's scale is formed (one 17×16-bit product
+    per row — a single DSP48E2, M and P registered — then a registered leading-one detector
+    on its top 17 bits, which is z, and a registered barrel shift and saturating subtract);
+    (C) an attention row first sends its scale beat, then its e values are multiplied by
+    65024 (router rows: by rcp) and rounded. Row r+1 is in A while row r is in B and row r−1
+    in C, so the steady state is one output beat per cycle in both modes: a 129-long
+    attention row at 32 lanes is 5 beats and its scale beat, 6 cycles (the input then
+    waits one cycle a row), a router row 1 beat, 1 cycle. The logits queue holds a full row
+    plus the tree latency and the e queue a full row plus the sum/reciprocal/scale
+    latency, which is also what lets rows of one beat (router rows) stream. Sum width:
+    ``log2(65535·max(max_tokens, max_experts))`` bits (S < 2^26 for 1,024 tokens).
+    ``mult``/``shift`` wait for the row's rcp in a small queue of attention commands
+    (written when a command is taken, read when its last row's rcp comes out), so they do
+    not travel down the pipeline with every beat; while it is full (33 attention commands
+    still short of their last rcp, only with many one-row commands and a stalled output) a
+    new command waits.
 
     Router mode shares the attention datapath: the max tree's first level takes each lane
     pair (2h, 2h + 1) either as INT16 logit h or as 2^8 times the larger of two INT8
@@ -654,6 +682,15 @@ class SoftmaxUnit(wiring.Component):
     byte in both modes; lanes H … lanes−1, unused by router rows, carry d_h down the e
     queue (out of the sum) and through their multiplier with ``2^16`` in place of rcp, so
     the output's ``round(d·2^16 / 2^16)`` is d itself: no extra storage and no extra DSP.
+    In attention mode every lane multiplies by the constant 65024 instead, so the lanes'
+    multipliers stay as they are (e ≤ 2^15 gives at most 127: the clamp to 127 is kept
+    only against a table outside the contract).
+
+    Raises
+    ------
+    ValueError
+        For ``cfg.pe_cols`` < 4 (the scale beat needs three lanes) or a ``table_entries``
+        that is not a power of two from 1 to 256.
     """
 
     @staticmethod
@@ -663,6 +700,8 @@ class SoftmaxUnit(wiring.Component):
             "length": unsigned(cfg.max_tokens.bit_length()),
             "rows": unsigned(ROW_COUNT_BITS),
             "mode": SoftmaxMode,
+            "mult": unsigned(_ROW_MULT_BITS),
+            "shift": unsigned(SHIFT_BITS),
         })
 
     @staticmethod
@@ -681,6 +720,9 @@ class SoftmaxUnit(wiring.Component):
 
     def __init__(self, cfg: AccelConfig, table_entries: int = 1):
         self._cfg = _check_config(cfg)
+        if cfg.pe_cols < 4:
+            raise ValueError(f"SoftmaxUnit needs pe_cols >= 4 (a row's scale beat is three "
+                             f"lanes), got {cfg.pe_cols}")
         if not (isinstance(table_entries, int) and 1 <= table_entries <= 256
                 and table_entries & (table_entries - 1) == 0):
             raise ValueError(f"table_entries must be a power of two from 1 to 256, got "
@@ -706,11 +748,16 @@ class SoftmaxUnit(wiring.Component):
         s.max_row_beats = max(-(-cfg.max_tokens // s.lanes), -(-cfg.max_experts // s.half))
         s.rcp_bits = 17  # S ≥ 2^15 ⇒ floor(2^31 / S) ≤ 2^16
         s.tree_levels = s.log_lanes
+        s.scale_latency = 4  # the row-scale product (M, P), z, then M and sh
         self._stage_a(m, s)
         self._stage_b(m, s)
         self._stage_c(m, s)
+        # Beats between ``logits`` and ``probs``: a logit beat counts from its acceptance, a
+        # scale beat from its issue into stage C (while its row's beats are still counted,
+        # in the e queue), and both until they leave the output queue.
         in_flight = Signal(range(s.lq.depth + s.eq.depth + s.oq.depth + 32))
-        m.d.sync += in_flight.eq(in_flight + s.accept - (s.oq.r_en & s.oq.r_rdy))
+        m.d.sync += in_flight.eq(in_flight + s.accept + s.issue_scale
+                                 - (s.oq.r_en & s.oq.r_rdy))
         m.d.comb += self.busy.eq(s.active | (in_flight != 0))
         _busy_counter(m, self.busy, self.busy_cycles)
         return m
@@ -729,16 +776,27 @@ class SoftmaxUnit(wiring.Component):
         # so there it is 2·((L − 1) mod H) + 1.
         last_lanes_m1 = Signal(log_lanes)
         beat = Signal(range(max_row_beats))
+        # The attention commands' mult and shift, until their last row's rcp is out of the
+        # reciprocal (``_row_scale``): a command (either mode) waits while the queue is full.
+        pq_entry = data.StructLayout({"mult": unsigned(_ROW_MULT_BITS),
+                                      "shift": unsigned(SHIFT_BITS)})
+        s.pq, pq_w, s.pq_r = _queue(m, "param_queue", pq_entry, 32)
         with m.If(~active):
-            m.d.comb += self.cmd.ready.eq(1)
-            with m.If(self.cmd.valid):
+            m.d.comb += self.cmd.ready.eq(s.pq.w_rdy)
+            with m.If(self.cmd.valid & s.pq.w_rdy):
                 p = self.cmd.payload
                 cmd_router = p.mode == SoftmaxMode.ROUTER
                 router_last_m1 = Cat(Const(1, 1), (p.length - 1)[:log_lanes - 1])
+                runs = ((p.rows != 0) & (p.length != 0)
+                        & Mux(cmd_router, p.length <= cfg.max_experts,
+                              p.length <= cfg.max_tokens))
+                m.d.comb += [
+                    s.pq.w_en.eq(runs & ~cmd_router),
+                    pq_w.mult.eq(p.mult),
+                    pq_w.shift.eq(p.shift),
+                ]
                 m.d.sync += [
-                    active.eq((p.rows != 0) & (p.length != 0)
-                              & Mux(cmd_router, p.length <= cfg.max_experts,
-                                    p.length <= cfg.max_tokens)),
+                    active.eq(runs),
                     rows_left.eq(p.rows),
                     mode.eq(p.mode),
                     row_beats.eq(Mux(cmd_router, (p.length + half - 1) >> (log_lanes - 1),
@@ -747,8 +805,9 @@ class SoftmaxUnit(wiring.Component):
                     beat.eq(0),
                 ]
 
+        # ``cmd_end``: the beat's row is its command's last (read with ``last``).
         logit_entry = data.StructLayout({"data": lane_layout(cfg), "lanes_m1": unsigned(log_lanes),
-                                         "last": 1, "mode": SoftmaxMode})
+                                         "last": 1, "cmd_end": 1, "mode": SoftmaxMode})
         lq, lq_w, s.lq_r = _queue(m, "logit_queue", logit_entry,
                                   max_row_beats + tree_levels + 8)
         s.lq = lq
@@ -767,6 +826,7 @@ class SoftmaxUnit(wiring.Component):
             lq_w.data.eq(self.logits.payload),
             lq_w.lanes_m1.eq(lanes_m1),
             lq_w.last.eq(row_end),
+            lq_w.cmd_end.eq(rows_left == 1),
             lq_w.mode.eq(mode),
         ]
         with m.If(accept):
@@ -804,18 +864,20 @@ class SoftmaxUnit(wiring.Component):
         m.d.comb += [mq.w_en.eq(max_valid & max_last), mq_w.max.eq(new_max)]
 
     def _stage_b(self, m: Module, s: SimpleNamespace) -> None:
-        """B: e_j = E[u_j] through per-lane table copies; S; rcp."""
+        """B: e_j = E[u_j] through per-lane table copies; S; rcp; the row's scale."""
         cfg = self._cfg
         lanes, half, tree_levels, rcp_bits = s.lanes, s.half, s.tree_levels, s.rcp_bits
         lq, lq_r, mq, mq_r = s.lq, s.lq_r, s.mq, s.mq_r
         sum_bits = ((1 << 16) * max(cfg.max_tokens, cfg.max_experts)).bit_length()
         e_entry = data.StructLayout({"e": lane_layout(cfg, _EXP_SHAPE), "last": 1})
         b_latency = 3
-        rcp_latency = tree_levels + 1 + rcp_bits
+        rcp_latency = tree_levels + 1 + rcp_bits + s.scale_latency
         eq, eq_w, s.eq_r = _queue(m, "e_queue", e_entry,
                                   s.max_row_beats + b_latency + rcp_latency + 8)
         s.eq = eq
-        rq_entry = data.StructLayout({"rcp": unsigned(rcp_bits), "mode": SoftmaxMode})
+        rq_entry = data.StructLayout({"rcp": unsigned(rcp_bits), "mode": SoftmaxMode,
+                                      "scale_m": unsigned(_ROW_MULT_BITS),
+                                      "scale_sh": unsigned(SHIFT_BITS)})
         rq, rq_w, s.rq_r = _queue(m, "rcp_queue", rq_entry, b_latency + rcp_latency + 8)
         s.rq = rq
         issue_b = Signal()
@@ -832,6 +894,7 @@ class SoftmaxUnit(wiring.Component):
 
         b1_valid = _reg(m, issue_b, name="b1_valid")
         b1_first, b1_last = _reg(m, b_first), _reg(m, lq_r.last)
+        b1_cmd_end = _reg(m, lq_r.cmd_end, name="b1_cmd_end")
         b1_mode = _reg(m, lq_r.mode, SoftmaxMode)
         router = lq_r.mode == SoftmaxMode.ROUTER
         # Router logit h is lanes 2h, 2h + 1, valid iff 2h + 1 ≤ lanes_m1 (which is odd);
@@ -857,12 +920,14 @@ class SoftmaxUnit(wiring.Component):
                                  unsigned(8), name=f"b1_d{i}"))
         b1_index = [d[8:] if i < half else d for i, d in enumerate(b1_d)]
         b2_valid, b2_first, b2_last = _reg(m, b1_valid), _reg(m, b1_first), _reg(m, b1_last)
+        b2_cmd_end = _reg(m, b1_cmd_end, name="b2_cmd_end")
         b2_mode = _reg(m, b1_mode, SoftmaxMode)
         b2_router = b2_mode == SoftmaxMode.ROUTER
         b2_lane_valid = [_reg(m, v) for v in b1_lane_valid]
         b2_d = [_reg(m, d, name=f"b2_d{h}") for h, d in enumerate(b1_d[:half])]
         looked_up = self._exp_tables(m, b1_index)
         b3_valid, b3_first, b3_last = _reg(m, b2_valid), _reg(m, b2_first), _reg(m, b2_last)
+        b3_cmd_end = _reg(m, b2_cmd_end, name="b3_cmd_end")
         b3_mode = _reg(m, b2_mode, SoftmaxMode)
         b3_router = b3_mode == SoftmaxMode.ROUTER
         b3_e = []
@@ -884,22 +949,58 @@ class SoftmaxUnit(wiring.Component):
         sum_first = _delay(m, b3_first, tree_levels, name="sm_sum_first")
         sum_last = _delay(m, b3_last, tree_levels, name="sm_sum_last")
         sum_mode = _delay(m, b3_mode, tree_levels, SoftmaxMode, name="sm_sum_mode")
+        sum_cmd_end = _delay(m, b3_cmd_end, tree_levels, name="sm_sum_cmd_end")
         row_sum = Signal(sum_bits)
         with m.If(sum_valid):
             m.d.sync += row_sum.eq(Mux(sum_first, beat_sum, row_sum + beat_sum))
+        tag_layout = data.StructLayout({"mode": SoftmaxMode, "cmd_end": 1})
         m.submodules.reciprocal = reciprocal = _ReciprocalPipeline(sum_bits, rcp_bits,
-                                                                   SoftmaxMode)
+                                                                   tag_layout)
         m.d.comb += [
             reciprocal.i.payload.value.eq(row_sum),
         ]
         m.d.sync += [
             reciprocal.i.valid.eq(sum_valid & sum_last),
-            reciprocal.i.payload.tag.eq(sum_mode),
+            reciprocal.i.payload.tag.mode.eq(sum_mode),
+            reciprocal.i.payload.tag.cmd_end.eq(sum_cmd_end),
         ]
+        self._row_scale(m, s, reciprocal.o, rq.w_en, rq_w)
+
+    def _row_scale(self, m: Module, s: SimpleNamespace, rcp, rq_w_en, rq_w) -> None:
+        """The row's P·V scale behind the reciprocal, into the rcp queue: ``M``, ``sh`` of
+        ``numerics.row_scale(rcp, mult, shift)`` (attention rows; unused for router rows).
+
+        ``mult``/``shift`` are the head of the attention-command queue, which every
+        attention command enters when taken, long before its first rcp (the whole
+        max/e/sum/reciprocal latency), and leaves with its last row's rcp. Latency
+        ``s.scale_latency``: the 17×16-bit product (a DSP48E2 with its M and P registers),
+        z = bitlen(prod >> 16) = max(0, bitlen(prod) − 16) registered, then M = prod >> z
+        and sh = max(0, shift − z) registered."""
+        pq, pq_r = s.pq, s.pq_r
+        valid, tag, value = rcp.valid, rcp.payload.tag, rcp.payload.value
+        attention = tag.mode == SoftmaxMode.ATTENTION
+        m.d.comb += pq.r_en.eq(valid & attention & tag.cmd_end)
+        prod_bits = s.rcp_bits + _ROW_MULT_BITS  # rcp ≤ 2^16: prod < 2^33
+        prod1 = _reg(m, value * pq_r.mult, unsigned(prod_bits), name="sm_scale_prod1")  # M
+        prod2 = _reg(m, prod1, name="sm_scale_prod2")  # P
+        # z = bitlen(prod >> 16): a leading-one detector on the product's top 17 bits.
+        top = prod2[_ROW_MULT_BITS:]
+        z = Const(0, range(len(top) + 1))
+        for k in range(len(top)):
+            z = Mux(top[k], k + 1, z)
+        prod3, z3 = _reg(m, prod2, name="sm_scale_prod3"), _reg(m, z, name="sm_scale_z3")
+        shift3 = _delay(m, pq_r.shift, 3, name="sm_scale_shift")
+        scale_m = _reg(m, (prod3 >> z3)[:_ROW_MULT_BITS], name="sm_scale_m4")
+        scale_sh = _reg(m, Mux(shift3 > z3, shift3 - z3, 0), unsigned(SHIFT_BITS),
+                        name="sm_scale_sh4")
+        latency = s.scale_latency
+        assert latency == 4  # the four registers above
         m.d.comb += [
-            rq.w_en.eq(reciprocal.o.valid),
-            rq_w.rcp.eq(reciprocal.o.payload.value),
-            rq_w.mode.eq(reciprocal.o.payload.tag),
+            rq_w_en.eq(_delay(m, valid, latency, name="sm_scale_valid")),
+            rq_w.rcp.eq(_delay(m, value, latency, name="sm_scale_rcp")),
+            rq_w.mode.eq(_delay(m, tag.mode, latency, SoftmaxMode, name="sm_scale_mode")),
+            rq_w.scale_m.eq(scale_m),
+            rq_w.scale_sh.eq(scale_sh),
         ]
 
     def _exp_tables(self, m: Module, index) -> list:
@@ -933,34 +1034,53 @@ class SoftmaxUnit(wiring.Component):
         return looked_up
 
     def _stage_c(self, m: Module, s: SimpleNamespace) -> None:
-        """C: p_j = round_half_up(e_j · rcp / 2^shift), clamped; router d passed through."""
+        """C: an attention row's scale beat, then p_j = round_half_up(e_j · 65024 / 2^24)
+        (router: e_j · rcp / 2^16), clamped; router d passed through."""
         cfg = self._cfg
         half = s.half
         eq, eq_r, rq, rq_r = s.eq, s.eq_r, s.rq, s.rq_r
         c_latency = 4
         oq, oq_w, oq_r = _queue(m, "out_queue", self.out_layout(cfg), c_latency + 8)
         s.oq = oq
-        issue_c = Signal()
+        # The row at the head of the rcp queue has had its scale beat (attention rows only):
+        # its beats follow, and the last of them clears it for the next row.
+        scaled = Signal()
+        router = rq_r.mode == SoftmaxMode.ROUTER
+        need_scale = ~router & ~scaled
+        issue_c, issue_prob = Signal(), Signal()
+        s.issue_scale = issue_scale = Signal()
         out_free = _credits(m, "sm_out", oq.depth, issue_c, oq.r_en & oq.r_rdy)
         m.d.comb += [
-            issue_c.eq(eq.r_rdy & rq.r_rdy & out_free),
-            eq.r_en.eq(issue_c),
-            rq.r_en.eq(issue_c & eq_r.last),
+            issue_scale.eq(rq.r_rdy & out_free & need_scale),
+            issue_prob.eq(eq.r_rdy & rq.r_rdy & out_free & ~need_scale),
+            issue_c.eq(issue_scale | issue_prob),
+            eq.r_en.eq(issue_prob),
+            rq.r_en.eq(issue_prob & eq_r.last),
         ]
-        c1_valid, c1_last = _reg(m, issue_c, name="c1_valid"), _reg(m, eq_r.last)
-        c1_router = _reg(m, rq_r.mode == SoftmaxMode.ROUTER, name="c1_router")
-        c1_rcp = _reg(m, rq_r.rcp, name="c1_rcp")
-        # Lanes ≥ H hold d in router mode: multiplied by 2^16 instead of rcp, d·2^16 >> 16
-        # is d again, so d reaches the output through the lane's own DSP, with no extra
-        # registers beside it.
-        c1_rcp_upper = _reg(m, Mux(rq_r.mode == SoftmaxMode.ROUTER, 1 << _SCORE_SHIFT, rq_r.rcp),
+        with m.If(issue_scale):
+            m.d.sync += scaled.eq(1)
+        with m.If(issue_prob & eq_r.last):
+            m.d.sync += scaled.eq(0)
+        c1_valid, c1_last = _reg(m, issue_c, name="c1_valid"), _reg(m, eq_r.last & ~need_scale)
+        c1_router = _reg(m, router, name="c1_router")
+        c1_scale = _reg(m, need_scale, name="c1_scale")
+        # Attention lanes multiply by PROB_MULT, router lanes < H by rcp. Lanes ≥ H hold d in
+        # router mode: multiplied by 2^16 instead, d·2^16 >> 16 is d again, so d reaches the
+        # output through the lane's own DSP, with no extra registers beside it.
+        c1_rcp = _reg(m, Mux(router, rq_r.rcp, _PROB_MULT), unsigned(s.rcp_bits), name="c1_rcp")
+        c1_rcp_upper = _reg(m, Mux(router, 1 << _SCORE_SHIFT, _PROB_MULT),
                             unsigned(s.rcp_bits), name="c1_rcp_upper")
         c1_e = [_reg(m, eq_r.e[i], name=f"c1_e{i}") for i in range(s.lanes)]
+        # The scale beat's three lanes: M's low and high byte, sh.
+        scale_lanes = [rq_r.scale_m[:8], rq_r.scale_m[8:], rq_r.scale_sh]
+        c3_scale_lanes = [_delay(m, v, 3, name=f"c_scale{i}") for i, v in enumerate(scale_lanes)]
         # c2, c3: the 16×17-bit product, two registers (DSP48E2 M and P).
         c2_valid, c2_last, c2_router = _reg(m, c1_valid), _reg(m, c1_last), _reg(m, c1_router)
+        c2_scale = _reg(m, c1_scale)
         c2_p = [_reg(m, e * (c1_rcp if i < half else c1_rcp_upper), name=f"c2_p{i}")
                 for i, e in enumerate(c1_e)]
         c3_valid, c3_last, c3_router = _reg(m, c2_valid), _reg(m, c2_last), _reg(m, c2_router)
+        c3_scale = _reg(m, c2_scale)
         c3_p = [_reg(m, p, name=f"c3_p{i}") for i, p in enumerate(c2_p)]
         c4_valid, c4_last = _reg(m, c3_valid), _reg(m, c3_last)
         c4_out = []
@@ -971,8 +1091,10 @@ class SoftmaxUnit(wiring.Component):
                 router_out = Mux(score > _SCORE_MAX, _SCORE_MAX, score)
             else:  # d·2^16, exact
                 router_out = p[_SCORE_SHIFT:_SCORE_SHIFT + 16]
-            c4_out.append(_reg(m, Mux(c3_router, router_out,
-                                      Mux(prob > _PROB_MAX, _PROB_MAX, prob)),
+            scale_out = c3_scale_lanes[i] if i < len(c3_scale_lanes) else 0
+            c4_out.append(_reg(m, Mux(c3_scale, scale_out,
+                                      Mux(c3_router, router_out,
+                                          Mux(prob > _PROB_MAX, _PROB_MAX, prob))),
                                unsigned(16), name=f"c4_out{i}"))
         m.d.comb += [oq.w_en.eq(c4_valid), oq_w.last.eq(c4_last)]
         m.d.comb += [oq_w.data[i].eq(v) for i, v in enumerate(c4_out)]

@@ -21,8 +21,9 @@ DEFAULT_OUT = "build/demo"
 def _reuse_package(path: Path, validate=None):
     """An earlier demo's package to reuse: ``(package, None)``; ``(None, None)`` when there
     is none; ``(None, new name)`` when it has an older format version (``.m3q`` version 1
-    had INT8 router logits): it is renamed, not overwritten, so the demo quantizes afresh.
-    Any other problem with the file is raised (one line)."""
+    had INT8 router logits, version 2 absolute attention probabilities): it is renamed,
+    not overwritten, so the demo quantizes afresh. Any other problem with the file is
+    raised (one line)."""
     from .quant.package import PackageVersionError, load_package
 
     if not path.exists():

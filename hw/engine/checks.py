@@ -253,7 +253,9 @@ class InstructionChecks(wiring.Component):
         with m.Switch(op):
             with m.Case(Opcode.GEMM):
                 g = args.gemm
-                buffer_range(0, g.src, (g.k_slices, g.src_stride), (touched_rows(g.src_rows), 1))
+                # row_scale: slice 0 is the rows' scale words, the K-slices follow.
+                buffer_range(0, g.src, (g.k_slices + g.row_scale, g.src_stride),
+                             (touched_rows(g.src_rows), 1))
                 with m.If(g.mode == GemmMode.INT16):
                     buffer_range(1, g.dst, (g.n_tiles << (log_words + 1), g.dst_stride),
                                  (touched_rows(g.dst_rows), 1))
@@ -282,7 +284,8 @@ class InstructionChecks(wiring.Component):
             with m.Case(Opcode.SOFTMAX):
                 a = args.softmax
                 buffer_range(0, a.src, (ctl.softmax_beats, a.stride), (a.rows, 1))
-                buffer_range(1, a.dst, (ctl.softmax_beats, a.stride), (a.rows, 1))
+                # The rows' scale words, then their probabilities: one slice more.
+                buffer_range(1, a.dst, (ctl.softmax_beats + 1, a.stride), (a.rows, 1))
             with m.Case(Opcode.RESIDUAL):
                 a = args.residual
                 buffer_range(0, a.src_a, (a.words, 1))

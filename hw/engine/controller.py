@@ -497,7 +497,9 @@ class Controller(wiring.Component):
         writes = fit((g.n_tiles * tokens) << log_out, 32)
         res_cmd = layout["res_cmd"].shape
         m.d.comb += plan.eq(Cat(
-            walk(src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride), (tokens, 1)),
+            # row_scale: each N-tile's activations start with the rows' scale words.
+            walk(src_base, (g.n_tiles, 0), (g.k_slices + g.row_scale, g.src_stride),
+                 (tokens, 1)),
             walk(dst_base, (g.n_tiles, g.dst_stride << log_out), (tokens, 1),
                  (Mux(wide, 2 * V, V), g.dst_stride)),
             walk_b,
@@ -543,7 +545,7 @@ class Controller(wiring.Component):
         # The engine runs INT16 results as INT8 with its command's `wide` bit.
         self._command(m, r, self.gemm_cmd, 0, op=Mux(wide, GemmOp.INT8, g.mode.as_value()),
                       wide=wide, tokens=tokens, k_slices=g.k_slices, n_tiles=g.n_tiles,
-                      transposed=g.wsrc == WeightSource.BUFFER_COLUMNS)
+                      transposed=g.wsrc == WeightSource.BUFFER_COLUMNS, row_scale=g.row_scale)
         self._command(m, r, self.rd_cmd, 1, addr=self._ddr_addr(), beats=self._ddr_beats())
         with m.If(g.mode == GemmMode.INT32):
             self._command(m, r, self.wr_cmd, 2, addr=self.data_base + g.out_ddr,
@@ -657,17 +659,18 @@ class Controller(wiring.Component):
             a = args.softmax
             ranges = self.checks.ranges
             m.d.comb += [self.busy.eq(1), walks.expect_bg_writes.eq(1),
-                         walks.bg_writes.eq(a.rows * sm_beats)]
+                         walks.bg_writes.eq(a.rows * (sm_beats + 1))]
             m.d.sync += [r.bg_busy.eq(1), r.bg_pc.eq(r.pc), r.bg_read.eq(ranges[0]),
                          r.bg_write.eq(ranges[1])]
             self._walk(m, walks.walk_c, a.src, (a.rows, 1), (sm_beats, a.stride))
-            self._walk(m, walks.walk_w2, a.dst, (a.rows, 1), (sm_beats, a.stride))
+            # Each row: its scale word (slice 0), then its probabilities (slices 1 …).
+            self._walk(m, walks.walk_w2, a.dst, (a.rows, 1), (sm_beats + 1, a.stride))
             m.next = "SOFTMAX_RUN"
         with m.State("SOFTMAX_RUN"):
             a = args.softmax
             m.d.comb += self.busy.eq(1)
             self._command(m, r, self.softmax_cmd, 0, length=a.length, rows=a.rows,
-                          mode=SoftmaxMode.ATTENTION)
+                          mode=SoftmaxMode.ATTENTION, mult=a.mult, shift=a.shift)
             with m.If(r.sent[0]):
                 m.next = "NEXT"
 

@@ -8,13 +8,15 @@ configuration the DUT was generated from comes from
 
 A :class:`Pass` is one GEMM with its operands; :func:`make_pass` draws random operands
 (INT8 edges, large biases, multipliers and shifts that both saturate and do not; for a
-``wide`` pass, INT16 results at and beyond both saturation limits) and
+``wide`` pass, INT16 results at and beyond both saturation limits; for a ``row_scale``
+pass, per-token multipliers and shifts for each N-tile, their extremes included) and
 :meth:`Pass.expected` computes the results with :mod:`m3vit.sw.quant.numerics` — the golden
 model's own functions. :class:`TB` turns a list of passes into the engine's five input
 streams (in the order its docstring specifies: weight tiles row by row, or column by column
-for a transposed pass), drives them all and collects the output in one cycle loop. With
-``interleaved`` the parameters and weights come from one in-order source, as from a single
-DDR read stream (:class:`SharedOrder`).
+for a transposed pass; a row_scale pass's scale beats before each N-tile's tokens, with
+random bits in the lanes and bits the engine ignores), drives them all and collects the
+output in one cycle loop. With ``interleaved`` the parameters and weights come from one
+in-order source, as from a single DDR read stream (:class:`SharedOrder`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class Pass:
     transposed: bool = False  # weight tiles stream column by column
     wide: bool = False  # the command's ``wide`` bit (INT16 results in mode INT8 only)
     name: str = field(default="")
+    # A row_scale pass (mode INT8): (N-tiles, M) per-token multipliers (uint16) and shifts
+    # (0..63) replacing mult and shift, N-tile j's for its gemm_cols channels.
+    row_mult: torch.Tensor | None = None
+    row_shift: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -65,8 +71,21 @@ class Pass:
         """Whether the pass's results are INT16: ``wide`` counts in mode INT8 only."""
         return self.wide and self.op == GemmOp.INT8
 
+    @property
+    def row_scale(self) -> bool:
+        """Whether the pass is requantized per token (the command's ``row_scale`` bit)."""
+        return self.row_mult is not None
+
     def expected(self) -> torch.Tensor:
         """(M, N) results from the golden model's functions."""
+        if self.row_scale:
+            # Each N-tile's rows with their own multiplier and shift (P·V's requantization,
+            # as numerics.attention_pv applies it), the channels' bias.
+            acc = numerics.gemm(self.x, self.w, self.bias)
+            tiles = self.row_mult.shape[0]
+            return torch.cat([
+                numerics.requantize(part, self.row_mult[j][:, None], self.row_shift[j][:, None])
+                for j, part in enumerate(acc.chunk(tiles, dim=1))], dim=1)
         if self.op == GemmOp.INT32:
             return numerics.gemm(self.x, self.w, self.bias)
         if self.int16:
@@ -115,8 +134,38 @@ def _int16_channel(rng: random.Random, kind: str, k: int, bias_limit: int
     return ((limit + rng.randint(-8, 8)) << s) + rng.randint(0, (1 << s) - 1), 1, s
 
 
+def _row_scales(rng: random.Random, acc: torch.Tensor, tiles: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tiles, M) multipliers and shifts of a row_scale pass whose sums are ``acc``.
+
+    Mostly a shift that maps the row's median ``|acc|`` (over the N-tile's channels) onto
+    INT8 give or take a few bits, so that results saturate on some channels and not on
+    others; multipliers 0, 1, 65535 or random, shifts 0, 62, 63 at random; the first
+    tokens of each N-tile take the extremes in turn (M = 0, 1, 65535 and shift 0, 62, 63)
+    where there are enough of them.
+    """
+    tokens = acc.shape[0]
+    extremes = [(0, None), (1, 0), (UINT16_MAX, 62), (None, 63), (UINT16_MAX, 0)]
+    mult = torch.zeros(tiles, tokens, dtype=torch.int64)
+    shift = torch.zeros(tiles, tokens, dtype=torch.int64)
+    for j, part in enumerate(acc.chunk(tiles, dim=1)):
+        for m in range(tokens):
+            forced = extremes[(m + j) % len(extremes)] if tokens * tiles >= 6 else (None, None)
+            scale = forced[0] if forced[0] is not None else rng.choice(
+                (0, 1, UINT16_MAX, rng.randint(2**15, UINT16_MAX), rng.randint(0, UINT16_MAX),
+                 rng.randint(0, UINT16_MAX)))
+            typical = int(part[m].abs().median()) * max(scale, 1)
+            s = min(max(typical.bit_length() - 7 + rng.randint(-3, 3), 0), 63)
+            if forced[1] is not None:
+                s = forced[1]
+            elif rng.random() < 0.1:
+                s = rng.choice((0, 62, 63))
+            mult[j, m], shift[j, m] = scale, s
+    return mult, shift
+
+
 def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
-              transposed: bool = False, wide: bool = False) -> Pass:
+              transposed: bool = False, wide: bool = False, row_scale_tiles: int = 0) -> Pass:
     """Random operands for one pass, chosen to exercise every path of the output stage.
 
     Biases range from small to as large as keeps every sum in INT32 (the quantizer's
@@ -129,7 +178,14 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
     each :data:`INT16_KINDS` but ``edge`` when N ≥ 4, at random positions) saturate high or
     low for every token, land beyond INT8 without saturating, or straddle a saturation
     limit. In the other modes ``wide`` changes nothing (the engine ignores it).
+
+    ``row_scale_tiles`` > 0 makes a ``row_scale`` pass (mode INT8, not ``wide``) of that
+    many N-tiles: per-token multipliers and shifts, different for every N-tile, replace the
+    channels' (:func:`_row_scales`); the channels' ``mult`` and ``shift`` are still drawn
+    and streamed, and must be ignored.
     """
+    if row_scale_tiles and (op != GemmOp.INT8 or wide or n % row_scale_tiles):
+        raise ValueError("a row_scale pass is mode INT8, not wide, of whole N-tiles")
     int16 = wide and op == GemmOp.INT8
     x = _int8(rng, (tokens, k), 0.1)
     w = _int8(rng, (n, k), 0.1)
@@ -162,6 +218,10 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
         s = typical.bit_length() - (15 if int16 else 7) + rng.randint(-4, 4)
         shift.append(rng.choice((0, 62)) if rng.random() < 0.1 else min(max(s, 0), 62))
     table = _int8(rng, (TABLE_ENTRIES,), 0.05) if op == GemmOp.INT8_TABLE else None
+    row_mult = row_shift = None
+    if row_scale_tiles:
+        acc = numerics.gemm(x, w, torch.tensor(bias, dtype=torch.int64))
+        row_mult, row_shift = _row_scales(rng, acc, row_scale_tiles)
     return Pass(
         op=op,
         x=x,
@@ -173,7 +233,9 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
         transposed=transposed,
         wide=wide,
         name=(f"{op.name} M={tokens} K={k} N={n}" + (" wide" if wide else "")
-              + (" transposed" if transposed else "")),
+              + (" transposed" if transposed else "") + (" row_scale" if row_scale_tiles else "")),
+        row_mult=row_mult,
+        row_shift=row_shift,
     )
 
 
@@ -202,6 +264,8 @@ class StreamPort:
     ``gap_probability`` inserts idle cycles at random; ``bytes_per_cycle`` instead limits the
     rate like a bus of that width (a beat of ``beat_bytes`` goes out when enough bandwidth
     has accrued; at most one beat's worth is banked while the DUT is not taking).
+    ``pauses`` maps a beat's index to idle cycles before it is first offered: a gap at a
+    chosen point.
     """
 
     def __init__(self, dut, prefix: str, rng: random.Random, *, gap_probability: float = 0.0,
@@ -223,6 +287,7 @@ class StreamPort:
         self.idle_cycles = 0
         self.taken_cycles: list[int] = []
         self.shared: SharedOrder | None = None
+        self.pauses: dict[int, int] = {}
 
     def drive(self) -> None:
         """Present the next beat (or idle) for this cycle; a held beat stays unchanged."""
@@ -231,6 +296,9 @@ class StreamPort:
         if self.holding:
             return
         valid = self.position < len(self.beats)
+        if valid and self.pauses.get(self.position, 0) > 0:
+            self.pauses[self.position] -= 1
+            valid = False
         if valid and self.shared is not None and not self.shared.turn_of(self):
             valid = False
         if valid and self.rng.random() < self.gap_probability:
@@ -307,6 +375,9 @@ class TB:
         self.shared = SharedOrder() if interleaved else None
         self.weights.shared = self.params.shared = self.shared
         self.sink_rng = random.Random(seeds.getrandbits(64))
+        # The ignored lanes and bits of scale beats (drawn last: the other streams' draws
+        # stay those of a bench without row_scale passes).
+        self.scale_rng = random.Random(seeds.getrandbits(64))
         self.backpressure = backpressure
         self.results_valid = dut.results__valid
         self.results_ready = dut.results__ready
@@ -332,6 +403,10 @@ class TB:
         for stream_port in self.inputs:
             stream_port.valid.value = 0
             stream_port.payload.value = 0
+            # What the port believes it drives, for a reset between runs.
+            stream_port.driven_valid = False
+            stream_port.driven_payload = 0
+            stream_port.holding = False
         self.results_ready.value = 0
         self.dut.rst.value = 1
         for _ in range(2):
@@ -346,12 +421,21 @@ class TB:
     # ---- beats ------------------------------------------------------------------------------
 
     def command_beat(self, op: GemmOp, tokens: int = 0, k_slices: int = 0,
-                     n_tiles: int = 0, transposed: bool = False, wide: bool = False) -> int:
+                     n_tiles: int = 0, transposed: bool = False, wide: bool = False,
+                     row_scale: bool = False) -> int:
         """Payload bits of one command."""
         return self.layouts.command.const({
             "op": op, "tokens": tokens, "k_slices": k_slices, "n_tiles": n_tiles,
-            "transposed": transposed, "wide": wide,
+            "transposed": transposed, "wide": wide, "row_scale": row_scale,
         }).as_bits()
+
+    def scale_beat(self, mult: int, shift: int) -> int:
+        """Payload bits of one scale beat: the multiplier's bytes in lanes 0 and 1, the
+        shift in lane 2's low 6 bits; random bits in lane 2's top two and the other lanes."""
+        lanes = [mult & 0xFF, mult >> 8, shift | self.scale_rng.getrandbits(2) << 6]
+        lanes += [self.scale_rng.getrandbits(8) for _ in range(self.config.pe_rows - 3)]
+        return self.layouts.activations.const(
+            [lane - 256 if lane >= 128 else lane for lane in lanes]).as_bits()
 
     def queue_pass(self, gemm: Pass) -> None:
         """Append one pass (and its table load) to the input streams, in protocol order."""
@@ -371,13 +455,18 @@ class TB:
                 sum(e << (8 * i) for i, e in enumerate(entries[b:b + per_beat]))
                 for b in range(0, len(entries), per_beat)]
         self.command.beats.append(
-            self.command_beat(gemm.op, tokens, k_slices, n_tiles, gemm.transposed, gemm.wide))
+            self.command_beat(gemm.op, tokens, k_slices, n_tiles, gemm.transposed, gemm.wide,
+                              gemm.row_scale))
         w = gemm.w.tolist()
         x = gemm.x.tolist()
         for j in range(n_tiles):
             if self.shared is not None:
                 per_tile = cols if gemm.transposed else rows
                 self.shared.order += [self.params] * cols + [self.weights] * k_slices * per_tile
+            if gemm.row_scale:
+                self.activations.beats += [
+                    self.scale_beat(int(gemm.row_mult[j, m]), int(gemm.row_shift[j, m]))
+                    for m in range(tokens)]
             for s in range(k_slices):
                 if gemm.transposed:
                     # Column c of the tile: row j·C + c of W over the slice, in the first

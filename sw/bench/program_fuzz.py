@@ -85,10 +85,11 @@ def _base_case(cfg: AccelConfig, rng: np.random.Generator) -> P.Case:
         mode = (GemmMode.INT8 if draw < 0.55 else GemmMode.INT16 if draw < 0.7
                 else GemmMode.INT32)
         wsrc = WeightSource.DDR if rng.random() < 0.6 else WeightSource.BUFFER_ROWS
+        residual = bool(mode == GemmMode.INT8 and wsrc == WeightSource.DDR
+                        and rng.random() < 0.5)
         return P.gemm_case(cfg, seed, tokens, int(rng.integers(1, 4)),
-                           int(rng.integers(1, 3)), mode, wsrc,
-                           residual=bool(mode == GemmMode.INT8 and wsrc == WeightSource.DDR
-                                         and rng.random() < 0.5))
+                           int(rng.integers(1, 3)), mode, wsrc, residual=residual,
+                           row_scale=bool(mode == GemmMode.INT8 and rng.random() < 0.3))
     if kind == 2:
         op = [Opcode.LAYERNORM, Opcode.SOFTMAX, Opcode.RESIDUAL][int(rng.integers(3))]
         return P.vector_case(cfg, seed, op, int(rng.integers(1, 6)),

@@ -79,12 +79,15 @@ def _finish(name: str, cfg: AccelConfig, prog: Program, img: DdrImage, task: int
 
 
 def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: int,
-              mode: GemmMode, wsrc: WeightSource, residual: bool = False) -> Case:
+              mode: GemmMode, wsrc: WeightSource, residual: bool = False,
+              row_scale: bool = False) -> Case:
     """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR).
 
     With ``residual`` (weights from DDR, INT8 results) the GEMM adds random x words in its
     output stage, read from the words it writes (in place, as the compiler's blocks do
-    not, to show each x word is read before its sum is written).
+    not, to show each x word is read before its sum is written). With ``row_scale``
+    (mode INT8) each token's multiplier and shift come from a scale word in the slice
+    before X, as P·V's from a softmax.
     """
     rng = np.random.default_rng(seed)
     R, C, G, V = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols, cfg.gemm_words
@@ -96,12 +99,21 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
     src = 5
     xs = np.zeros((k_slices, stride, C), np.int8)
     xs[:, :tokens] = x.reshape(tokens, k_slices, C).transpose(1, 0, 2)
+    if row_scale:
+        # Slice 0: each token's (M, sh), from its own generator so the other draws (and
+        # the cases without row_scale) stay as they were.
+        rs = np.random.default_rng([seed, 1])
+        scale = np.zeros((1, stride, C), np.int64)
+        scale[0, :tokens, 0:2] = rs.integers(0, 256, size=(tokens, 2))
+        scale[0, :tokens, 2] = rs.integers(12, 40, size=tokens)
+        scale[0, rs.random(stride) < 0.1, 2] = rs.choice([0, 63, 62 + 128])
+        xs = np.concatenate([np.where(scale > 127, scale - 256, scale).astype(np.int8), xs])
     prog.add(Opcode.LOAD, ddr=img.put("x", xs.tobytes()), dst=src, dst_stride=1,
-             words=k_slices * stride)
+             words=(k_slices + row_scale) * stride)
     bias = rng.integers(-2**20, 2**20, size=N)
     mult = rng.integers(0, 2**16, size=N)
     shift = rng.integers(8, 30, size=N)
-    wbuf, wstride = src + k_slices * stride + 7, 0
+    wbuf, wstride = src + (k_slices + row_scale) * stride + 7, 0
     if wsrc == WeightSource.DDR:
         w = _i8(rng, N, K)
         ddr = img.put("w", gemm_stream(w, bias, mult, shift, cfg))
@@ -131,7 +143,8 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
                      res_shift=int(rng.integers(12, 32)))
     prog.add(Opcode.GEMM, mode=mode, wsrc=wsrc, tokens=tokens, k_slices=k_slices,
              n_tiles=n_tiles, src=src, src_stride=stride, dst=dst, dst_stride=tokens,
-             wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr, **fused)
+             wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr, row_scale=int(row_scale),
+             **fused)
     if mode != GemmMode.INT32:
         # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
         # what earlier cases left in the buffer cannot leak into the comparison. INT16
@@ -140,7 +153,8 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
         prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
                  words=words)
     prog.add(Opcode.END)
-    name = f"gemm_{mode.name}_{wsrc.name}{'_residual' if residual else ''}"
+    name = (f"gemm_{mode.name}_{wsrc.name}{'_residual' if residual else ''}"
+            f"{'_row_scale' if row_scale else ''}")
     return _finish(f"{name}_m{tokens}_k{k_slices}_n{n_tiles}", cfg, prog, img)
 
 
@@ -164,7 +178,9 @@ def vector_case(cfg: AccelConfig, seed: int, op: Opcode, rows: int, length: int)
     elif op == Opcode.SOFTMAX:
         table = nx.exp_table(float(rng.uniform(0.02, 0.2))).numpy().astype("<u2")
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
-        prog.add(Opcode.SOFTMAX, src=0, dst=out, stride=rows, rows=rows, length=length)
+        prog.add(Opcode.SOFTMAX, src=0, dst=out, stride=rows, rows=rows, length=length,
+                 mult=int(rng.integers(0, 2**16)), shift=int(rng.integers(0, 63)))
+        words += rows         # each row's scale word before its probabilities
     else:
         prog.add(Opcode.LOAD, ddr=img.put("b", _i8(rng, words, C).tobytes()), dst=words + 1,
                  dst_stride=1, words=words)
@@ -191,25 +207,31 @@ def softmax_overlap_case(cfg: AccelConfig, seed: int, hazard: str) -> Case:
     beats = _ceil(length, C)
     img, prog = DdrImage(align=cfg.axi_bytes), Program()
     words = rows * beats
-    logits, probs, x, wbuf = 0, words + 1, 2 * words + 2, 3 * words + 3
+    out_words = words + rows  # the probabilities and each row's scale word
+    logits, probs = 0, words + 1
+    x = probs + out_words + 1
+    wbuf = x + words + 1
     dst = {"none": wbuf + words + 1, "reads_probs": wbuf + words + 1,
            "writes_logits": logits, "writes_probs": probs}[hazard]
     src = probs if hazard == "reads_probs" else x
-    out_words = rows * V      # one N-tile: V words a token
+    y_words = rows * V        # one N-tile: V words a token
     for name, base in (("logits", logits), ("x", x), ("w", wbuf)):
         prog.add(Opcode.LOAD, ddr=img.put(name, _i8(rng, words, C).tobytes()), dst=base,
                  dst_stride=1, words=words)
     table = nx.exp_table(float(rng.uniform(0.02, 0.2))).numpy().astype("<u2")
     prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
-    prog.add(Opcode.SOFTMAX, src=logits, dst=probs, stride=rows, rows=rows, length=length)
+    prog.add(Opcode.SOFTMAX, src=logits, dst=probs, stride=rows, rows=rows, length=length,
+             mult=int(rng.integers(2**15, 2**16)), shift=int(rng.integers(20, 30)))
     params = gemm_stream(None, rng.integers(-2**12, 2**12, size=G),
                          rng.integers(0, 2**16, size=G), rng.integers(8, 20, size=G), cfg,
                          weights=False)
+    # Reading the probabilities, the GEMM is P·V: each row's scale word first.
     prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=rows,
              k_slices=1, n_tiles=1, src=src, src_stride=rows, dst=dst, dst_stride=rows,
-             wbuf=wbuf, wstride=R, ddr=img.put("params", params))
-    for name, base, n in (("logits_out", logits, words), ("probs_out", probs, words),
-                          ("y", dst, out_words)):
+             wbuf=wbuf, wstride=R, ddr=img.put("params", params),
+             row_scale=int(hazard == "reads_probs"))
+    for name, base, n in (("logits_out", logits, words), ("probs_out", probs, out_words),
+                          ("y", dst, y_words)):
         prog.add(Opcode.STORE, ddr=img.reserve(name, n * C), src=base, src_stride=1, words=n)
     prog.add(Opcode.END)
     return _finish(f"softmax_then_gemm_{hazard}", cfg, prog, img)
@@ -528,7 +550,7 @@ def embedding_head_case(cfg: AccelConfig, preset: str = "tiny") -> Case:
 def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
     """``count`` GEMMs of random shape, mode (INT16 results too) and weight source (ragged
     token counts); the ones that may (weights from DDR, INT8 results) fuse a residual add
-    half the time."""
+    half the time, and INT8 ones take per-row scales (P·V's) a third of the time."""
     rng = random.Random(seed)
     cases = []
     for i in range(count):
@@ -537,8 +559,9 @@ def random_gemm_cases(cfg: AccelConfig, seed: int, count: int) -> list[Case]:
         wsrc = rng.choice(list(WeightSource))
         residual = (wsrc == WeightSource.DDR and mode in (GemmMode.INT8, GemmMode.INT8_TABLE)
                     and rng.random() < 0.5)
+        row_scale = mode == GemmMode.INT8 and rng.random() < 0.3
         cases.append(gemm_case(cfg, seed + i, tokens, rng.randint(1, 3), rng.randint(1, 3),
-                               mode, wsrc, residual=residual))
+                               mode, wsrc, residual=residual, row_scale=row_scale))
     return cases
 
 

@@ -50,14 +50,10 @@ for the metrics and for the router."""
 
 VARIANTS: dict[str, dict[str, int | None]] = {
     "the integer model's widths (fake-quantized)": {},
-    "router logits INT8 (the design before INT16 logits)": {"router": 8},
+    "absolute probabilities at 2^-7 (the design before)": {"probs": 7},
     "residual stream 12-bit": {"residual": 12},
     "residual stream 16-bit": {"residual": 16},
-    "probabilities 11-bit": {"probs": 11},
-    "residual 12 + probabilities 11": {"residual": 12, "probs": 11},
-    "residual 12 + row-relative probabilities 7": {"residual": 12, "probs_relative": 7},
-    "residual 16 + row-relative probabilities 7": {"residual": 16, "probs_relative": 7},
-    "those three in float": {"residual": None, "probs": None, "router": None},
+    "those three in float": {"residual": None, "probs_relative": None, "router": None},
 }
 """Width settings of the what-if table (keys of
 :data:`~m3vit.sw.quant.router_fidelity.INTEGER_WIDTHS`; left out: the integer model's)."""

@@ -328,7 +328,8 @@ def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
             mc.wait_bg()
             mc.t += words + cm.ln_tail
     elif op == Opcode.SOFTMAX:
-        words = f["rows"] * math.ceil(f["length"] / C)
+        # Each row: its scale word, then its probabilities.
+        words = f["rows"] * (math.ceil(f["length"] / C) + 1)
         mc.wait_bg()
         mc.bg_end = mc.t + words + cm.softmax_tail
         mc.bg_writes_left = words
@@ -372,6 +373,8 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     words = config.gemm_words * (2 if f["mode"] == GemmMode.INT16.value else 1)
     stall = max(0, (words - 1) * tokens - cm.row_queue)
     compute = n * k * max(tokens, tile_load) + stall * n
+    # P·V's row scales: a word a token before each N-tile's K-slices.
+    compute += n * tokens * f.get("row_scale", 0)
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
     streamed = from_ddr and f["mode"] != GemmMode.INT32.value

@@ -10,7 +10,7 @@ the bitstream's ``CONFIG_HASH`` register before it loads anything.
 
 File layout (``docs/package.md``)::
 
-    b"M3VITX\\0\\3"                      8 bytes: magic and format version
+    b"M3VITX\\0\\4"                      8 bytes: magic and format version
     u32 header length (little-endian)
     header                               UTF-8 JSON (below)
     programs                             header["program_sizes"]: the full programs, batch 1
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 EXECUTABLE_SUFFIX = ".m3x"
-MAGIC = b"M3VITX\x00\x03"
+MAGIC = b"M3VITX\x00\x04"
 _REDO = "the file is corrupted or was edited; re-run `m3vit compile`"
 _HEADER_KEYS = frozenset({
     "format", "model", "config", "config_hash", "source_hash", "order", "program_sizes",

@@ -61,6 +61,8 @@ __all__ = [
 
 #: Bytes of one table of each unit in DDR.
 _TABLE_BYTES = {TableUnit.GEMM: 256, TableUnit.SOFTMAX: 512}
+#: The softmax unit's 17-bit reciprocal of a row sum of 0 (no exp table loaded): all ones.
+RCP_OF_ZERO = (1 << 17) - 1
 
 
 class MachineStop(M3VitError):
@@ -364,7 +366,8 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
     if op == Opcode.GEMM:
         m = _gemm_rows(a, it)
         src_rows = _rows_extent(a["src_rows"], m, it, routed)
-        words.append(_last_word(a["src"], (a["k_slices"], a["src_stride"]), (src_rows, 1)))
+        words.append(_last_word(a["src"], (a["k_slices"] + a["row_scale"], a["src_stride"]),
+                                (src_rows, 1)))
         if a["mode"] != GemmMode.INT32.value:
             dst_rows = _rows_extent(a["dst_rows"], m, it, routed)
             out_words = 2 * V if a["mode"] == GemmMode.INT16.value else V
@@ -384,7 +387,10 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         ddr.append((_gemm_ddr_offset(mc, a, it, stride), _gemm_stream_bytes(a, cfg)))
     elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
         beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
-        words += [_last_word(a[k], (beats, a["stride"]), (a["rows"], 1)) for k in ("src", "dst")]
+        words.append(_last_word(a["src"], (beats, a["stride"]), (a["rows"], 1)))
+        # A SOFTMAX writes each row's scale word before its probabilities: a slice more.
+        out = beats + (op == Opcode.SOFTMAX)
+        words.append(_last_word(a["dst"], (out, a["stride"]), (a["rows"], 1)))
         if op == Opcode.LAYERNORM:
             ddr.append((a["ddr"], beats * LN_RECORD_BYTES * C))
     elif op == Opcode.RESIDUAL:
@@ -430,12 +436,6 @@ def _gemm_params(raw: bytes, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return tuple(torch.from_numpy(v) for v in (bias, mult, shift))
 
 
-def _in_place_or_apart(src: np.ndarray, dst: np.ndarray) -> bool:
-    """Whether a row-wise op's output words are its input words row for row, or share
-    none with them (then every row order gives the same result)."""
-    return bool(np.array_equal(src, dst) or not np.intersect1d(src, dst).size)
-
-
 def _wrap32(v: torch.Tensor) -> torch.Tensor:
     """``v`` modulo 2^32 as a signed INT32 (the hardware's 32-bit registers)."""
     return ((v + (1 << 31)) & 0xFFFF_FFFF) - (1 << 31)
@@ -469,9 +469,15 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     nq = n // C
     src_rows = _row_map(mc, RowMode(a["src_rows"]), m, it)
     dst_rows = _row_map(mc, RowMode(a["dst_rows"]), m, it)
-    # X[m, s·R + r] = word src + s·src_stride + row(m)
-    x = mc.words(a["src"] + np.arange(ks)[:, None] * a["src_stride"] + src_rows[None, :])
+    # X[m, s·R + r] = word src + s·src_stride + row(m); with row_scale the K-slices
+    # start a slice later, after each row's scale word.
+    first = a["src"] + (a["src_stride"] if a["row_scale"] else 0)
+    x = mc.words(first + np.arange(ks)[:, None] * a["src_stride"] + src_rows[None, :])
     x = x.permute(1, 0, 2).reshape(m, k)
+    if a["row_scale"]:
+        # (M_m, sh_m): bytes 0, 1 (uint16) and the low six bits of byte 2 of word src + m.
+        word = mc.words(a["src"] + src_rows) & 0xFF
+        mult, shift = (word[:, 0] | word[:, 1] << 8)[:, None], (word[:, 2] & 63)[:, None]
     wsrc = WeightSource(a["wsrc"])
     offset = _beat_start(mc, _gemm_ddr_offset(mc, a, it, stride))
     tile = R * G
@@ -480,7 +486,9 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     mc.accesses.append(DdrAccess(pc, Opcode.GEMM, offset, len(stream), False,
                                  it.expert if it is not None else None))
     chunks = np.frombuffer(stream, np.uint8).reshape(nt, per_tile)
-    bias, mult, shift = _gemm_params(chunks[:, :GEMM_RECORD_BYTES * G].tobytes(), n)
+    bias, ch_mult, ch_shift = _gemm_params(chunks[:, :GEMM_RECORD_BYTES * G].tobytes(), n)
+    if not a["row_scale"]:
+        mult, shift = ch_mult, ch_shift
     if wsrc == WeightSource.DDR:
         # (j, s, r, c) → W[j·G + c, s·R + r]
         t = chunks[:, GEMM_RECORD_BYTES * G:].view(np.int8).reshape(nt, ks, R, G)
@@ -552,6 +560,41 @@ def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor,
     out = torch.zeros_like(logits)
     out[live] = fn(logits[live], table)
     return out
+
+
+def _softmax(mc: IsaMachine, a: dict) -> None:
+    """``SOFTMAX``: row m's scale word at ``dst + m``, its probabilities in the slices
+    after it (``docs/isa.md``)."""
+    C = mc.config.pe_cols
+    beats = -(-a["length"] // C)
+    src, dst = _row_addrs(a, beats, "src"), _row_addrs(a, beats + 1, "dst")
+    # The unit takes a row at a time, reading all of it before writing it: when the
+    # output overlaps the input, a row reads what earlier rows wrote (unspecified, as
+    # every such overlap now that a row writes one word more than it reads), so the model
+    # goes row by row too; else all rows at once.
+    groups = ([np.arange(a["rows"])] if not np.intersect1d(src, dst).size
+              else [np.array([r]) for r in range(a["rows"])])
+    for rows in groups:
+        x = mc.words(src[rows]).reshape(len(rows), beats * C)[:, :a["length"]]
+        _, total = nx.softmax_exp(x, mc.exp_table)
+        if bool(((total > 0) & (total < 1 << 15)).any()):
+            # The unit's reciprocal has 17 bits, enough for a row sum ≥ 2^15 (E[0] = 2^15,
+            # as every numerics.exp_table has): a table that lets a sum fall below is
+            # unspecified.
+            mc.unspecified.append((mc.pc, "an exp table whose row sums fall below 2^15"))
+        # A row whose exponentials are all zero (no table loaded): probabilities 0, and
+        # the hardware's reciprocal of 0 is all ones.
+        live = total.reshape(-1) > 0
+        p = torch.zeros_like(x)
+        rcp = torch.full_like(total, RCP_OF_ZERO)
+        p[live], rcp[live] = nx.softmax(x[live], mc.exp_table)
+        scale, sh = nx.row_scale(rcp, a["mult"], a["shift"])
+        out = torch.zeros(len(rows), beats + 1, C, dtype=torch.int64)
+        out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = scale[:, 0] & 0xFF, scale[:, 0] >> 8, sh[:, 0]
+        out[:, 1:].reshape(len(rows), beats * C)[:, :a["length"]] = p
+        # Bytes ≥ 128 of the scale word are stored as their two's-complement INT8.
+        out = torch.where(out > 127, out - 256, out)
+        mc.put(dst[rows], out.numpy().astype(np.int8))
 
 
 def _route(mc: IsaMachine, a: dict) -> None:
@@ -634,19 +677,7 @@ def _step(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         y = nx.layernorm(x, gain, bias, a["shift"], a["eps_term"])
         mc.put(_row_addrs(a, beats, "dst"), y.reshape(a["rows"], beats, C).numpy())
     elif op == Opcode.SOFTMAX:
-        beats = -(-a["length"] // C)
-        src, dst = _row_addrs(a, beats, "src"), _row_addrs(a, beats, "dst")
-        # The unit takes a row at a time, reading all of it before writing it: when the
-        # output overlaps the input other than in place, a row reads what earlier rows
-        # wrote, so the model goes row by row too (else all rows at once).
-        groups = ([np.arange(a["rows"])] if _in_place_or_apart(src, dst)
-                  else [np.array([r]) for r in range(a["rows"])])
-        for rows in groups:
-            x = mc.words(src[rows]).reshape(len(rows), beats * C)
-            p = torch.zeros_like(x)
-            p[:, :a["length"]] = _zero_safe(mc, nx.softmax, x[:, :a["length"]],
-                                            mc.exp_table)
-            mc.put(dst[rows], p.reshape(len(rows), beats, C).numpy())
+        _softmax(mc, a)
     elif op == Opcode.RESIDUAL:
         n = a["words"]
         x = mc.words(a["src_a"] + np.arange(n))

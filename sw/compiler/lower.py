@@ -537,7 +537,8 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         # words. Two of each, alternating by head: a head's softmax runs in the background
         # beside the next head's Q·Kᵀ and the previous head's P·V, which use the other pair.
         scores = [plan.alloc(f"{p}.scores{i}", n, _ceil(n, G) * G) for i in range(2)]
-        probs = [plan.alloc(f"{p}.probs{i}", n, _ceil(n, C) * C) for i in range(2)]
+        # A softmax output is each row's scale word (slice 0), then its probabilities.
+        probs = [plan.alloc(f"{p}.probs{i}", n, (_ceil(n, C) + 1) * C) for i in range(2)]
         # P·V writes whole N-tiles: a head narrower than one writes the next head's first
         # words too (that head overwrites them later); the last head's spill needs the room.
         heads_out = plan.alloc(f"{p}.attn_out", m, d - dh + pv_tiles * G)
@@ -560,7 +561,10 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
     prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX,
              ddr=img.put(f"{p}.attn.exp", _np(t[f"{p}.attn.exp"]).astype("<u2").tobytes()))
     logit_ddr = img.put(f"{p}.attn.logit", _requant_stream(t, f"{p}.attn.logit", n, cfg))
+    # P·V's bias records (zero); its multiplier and shift reach it through the softmax,
+    # which folds each row's 1/Σ into them (the records' own are not used).
     pv_ddr = img.put(f"{p}.attn.pv", _requant_stream(t, f"{p}.attn.pv", dh, cfg))
+    pv_mult, pv_shift = (int(v) for v in t[f"{p}.attn.pv"].tolist())
     d_slices, h_slices, key_slices = d // C, dh // C, _ceil(n, C)
 
     # (image, head) pairs in order; pair i uses score and probability buffers i % 2.
@@ -582,13 +586,14 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
                  k_slices=h_slices, n_tiles=_ceil(n, G), src=q, src_stride=qkv_stride,
                  dst=scores[i % 2], dst_stride=n, wbuf=k, wstride=qkv_stride, ddr=logit_ddr)
         prog.add(Opcode.SOFTMAX, src=scores[i % 2], dst=probs[i % 2], stride=n, rows=n,
-                 length=n)
+                 length=n, mult=pv_mult, shift=pv_shift)
 
     def weighted_values(i: int) -> None:
         b, h = pairs[i]
         v = qkv + (2 * d_slices + h * h_slices) * qkv_stride + image_rows(b)
         prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=n,
-                 k_slices=key_slices, n_tiles=pv_tiles, src=probs[i % 2], src_stride=n,
+                 row_scale=1, k_slices=key_slices, n_tiles=pv_tiles, src=probs[i % 2],
+                 src_stride=n,
                  dst=heads_out + h * h_slices * m + b * n, dst_stride=m, wbuf=v,
                  wstride=qkv_stride, ddr=pv_ddr)
 

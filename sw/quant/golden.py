@@ -79,8 +79,9 @@ def attention(
     qkv = _linear(t, f"{p}.qkv", h).reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)               # (B, heads, N, dh)
     logits = _requant(t, f"{p}.attn.logit", nx.matmul(q, k.transpose(-2, -1)))
-    probs = nx.softmax(logits, t[f"{p}.attn.exp"])
-    out = _requant(t, f"{p}.attn.pv", nx.matmul(probs, v)).transpose(1, 2).reshape(b, n, d)
+    probs, rcp = nx.softmax(logits, t[f"{p}.attn.exp"])
+    mult, shift = t[f"{p}.attn.pv"].tolist()
+    out = nx.attention_pv(probs, v, rcp, mult, shift).transpose(1, 2).reshape(b, n, d)
     if cap is not None:
         cap.update({f"{p}.q": q, f"{p}.k": k, f"{p}.v": v, f"{p}.logits": logits,
                     f"{p}.probs": probs, f"{p}.attn_out": out})

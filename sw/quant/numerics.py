@@ -26,7 +26,12 @@ LN_RCP_BITS = 31
 EXP_BITS = 15
 """Exponential tables hold ``round(2^15 · exp(-u · scale))``, uint16 values ≤ 32768."""
 PROB_BITS = 7
-"""Attention probabilities are INT8 with scale 2^-7 (0 … 127)."""
+"""Attention probabilities are 7-bit, relative to their row's largest (0 … 127)."""
+PROB_MULT = 127 << 9
+"""``round_half_up(e · PROB_MULT / 2^24)`` is ``round_half_up(127 · e / 2^15)``: the row's
+largest exp value, ``E[0] = 2^15``, becomes exactly 127."""
+ROW_MULT_BITS = 16
+"""The per-row multiplier of P·V (:func:`row_scale`) is unsigned 16-bit, as ``mult``."""
 SCORE_BITS = 15
 """Router scores are unsigned with scale 2^-15 (0 … 32767)."""
 RCP_BITS = 31
@@ -210,15 +215,47 @@ def softmax_exp(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor
     return e, e.sum(dim=-1, keepdim=True)
 
 
-def softmax(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """INT8 probabilities (scale 2^-7, 0…127) of a row softmax over INT8 logits.
+def softmax(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-relative attention probabilities and each row's reciprocal.
 
-    ``p = min(127, round_half_up(e · floor(2^31 / Σe) / 2^24))`` — one reciprocal per row,
-    one multiply per element.
+    ``p = round_half_up(e · 65024 / 2^24) = round_half_up(127 · e / 2^15)`` (0 … 127;
+    :data:`PROB_MULT`): 7 bits relative to the row's largest, whose ``E[0] = 2^15`` is 127.
+    ``rcp = floor(2^31 / Σe)`` is what makes them probabilities: ``e_j / Σe ≈ p_j · rcp /
+    (127 · 2^16)``; P·V applies it per row after the sum (:func:`row_scale`).
+
+    Returns
+    -------
+    probs : like ``logits``, 0 … 127; rcp : (..., 1), 1 … 2^16.
     """
     e, total = softmax_exp(logits, table)
     rcp = (1 << RCP_BITS) // total
-    return saturate(round_shift(e * rcp, RCP_BITS - PROB_BITS), 0, INT8_MAX)
+    return round_shift(e * PROB_MULT, RCP_BITS - PROB_BITS), rcp
+
+
+def row_scale(rcp: torch.Tensor, mult: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P·V's per-row multiplier and shift: ``rcp · mult`` normalised to 16 bits.
+
+    ``prod = rcp · mult`` (< 2^33), ``z = max(0, bitlen(prod) − 16)``, ``M = prod >> z``
+    (floor), ``sh = max(0, shift − z)``: ``acc · M / 2^sh ≈ acc · rcp · mult / 2^shift``
+    with a 16-bit multiplier. ``mult``/``shift`` are the P·V requantization of the ratio
+    ``s_v / (127 · 2^16 · s_o)`` (the quantizer keeps ``shift`` ≥ 17, so ``sh`` is exact).
+    """
+    prod = _i64(rcp) * int(mult)
+    # bitlen(prod): how many of 2^0 … 2^33 it reaches (exact integers, no float log).
+    bits = (prod[..., None] >= (torch.ones(34, dtype=torch.int64) << torch.arange(34))).sum(-1)
+    z = (bits - ROW_MULT_BITS).clamp(min=0)
+    return prod >> z, (int(shift) - z).clamp(min=0)
+
+
+def attention_pv(probs: torch.Tensor, v: torch.Tensor, rcp: torch.Tensor, mult: int,
+                 shift: int) -> torch.Tensor:
+    """P·V with the per-row scale: ``sat8(round_half_up(acc · M_row / 2^sh_row))``.
+
+    ``acc = probs · v`` (INT32; probs row-relative, :func:`softmax`), ``M_row, sh_row =
+    row_scale(rcp, mult, shift)``.
+    """
+    scale, sh = row_scale(rcp, mult, shift)
+    return requantize(matmul(probs, v), scale, sh)
 
 
 def router_scores(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

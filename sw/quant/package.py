@@ -4,7 +4,7 @@ A package *is* a safetensors file. Its tensors are the quantized weights (and wh
 else the quantizer stores as tensors); its header's ``__metadata__`` holds one key,
 ``"m3vit"``, whose value is the JSON manifest::
 
-    {"format": "m3vit-quantized", "version": 2,
+    {"format": "m3vit-quantized", "version": 3,
      "config": ModelConfig.to_dict(), "tasks": ["semseg", "depth"],
      "params": {...JSON quantization parameters...},
      "tensors": {"name": {"dtype": "I8", "shape": [64, 64]}, ...},
@@ -38,7 +38,7 @@ from ..errors import M3VitError
 from ..model.config import ConfigError, ModelConfig
 
 PACKAGE_FORMAT = "m3vit-quantized"
-PACKAGE_VERSION = 2
+PACKAGE_VERSION = 3
 PACKAGE_SUFFIX = ".m3q"
 
 MANIFEST_KEY = "m3vit"
@@ -138,7 +138,7 @@ def content_hash(
 
     The input to SHA-256 is the concatenation, in this order, of::
 
-        rec(b"m3vit-quantized/2")          # PACKAGE_FORMAT/PACKAGE_VERSION
+        rec(b"m3vit-quantized/3")          # PACKAGE_FORMAT/PACKAGE_VERSION
         rec(canonical_json(config_dict))
         rec(canonical_json(params))
         for name in sorted(tensors):          # by code point = by UTF-8 bytes

@@ -218,6 +218,21 @@ def residual_params(ratio_a: float, ratio_b: float) -> torch.Tensor:
     return torch.tensor([*mults, s], dtype=torch.int64)
 
 
+def _pv_params(s_v: float, s_out: float) -> torch.Tensor:
+    """``[mult, shift]`` of P·V's requantization, applied per row with the softmax's rcp.
+
+    The probabilities are ``127 · e / 2^15`` of their row's largest and ``rcp = 2^31 / Σe``,
+    so ``e_j / Σe = p_j · rcp / (127 · 2^16)`` and the ratio is ``s_v / (127 · 2^16 ·
+    s_out)`` (:func:`numerics.row_scale`). The row multiplier drops up to 16 low bits of
+    ``rcp · mult``, which the shift must cover: ``shift`` ≥ 17.
+    """
+    mult, shift = requant_params(s_v / (127 * 2.0 ** 16 * s_out))
+    if int(shift) <= nx.ROW_MULT_BITS:
+        raise M3VitError(f"attention output scale {s_out:.3g} is too fine for values of scale "
+                         f"{s_v:.3g}: the calibration scales are inconsistent")
+    return torch.stack((mult, shift))
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: returns (int8 weights, float64 scales per row)."""
     w = w.detach().double().reshape(w.shape[0], -1)
@@ -305,8 +320,7 @@ def quantize_model(
         logit_ratio = s[f"{p}.q"] * s[f"{p}.k"] * block.attn.scale / s[f"{p}.logits"]
         t[f"{p}.attn.logit"] = torch.stack(requant_params(logit_ratio))
         t[f"{p}.attn.exp"] = nx.exp_table(s[f"{p}.logits"]).to(torch.int32)
-        t[f"{p}.attn.pv"] = torch.stack(
-            requant_params(2.0**-nx.PROB_BITS * s[f"{p}.v"] / s[f"{p}.attn_out"]))
+        t[f"{p}.attn.pv"] = _pv_params(s[f"{p}.v"], s[f"{p}.attn_out"])
         _linear_params(t, f"{p}.proj", block.attn.proj.weight, block.attn.proj.bias,
                        s[f"{p}.attn_out"], s[f"{p}.proj"])
         t[f"{p}.res1"] = residual_params(s_x / s[f"{p}.x1"], s[f"{p}.proj"] / s[f"{p}.x1"])

@@ -52,10 +52,10 @@ STAGES = {
 }
 """The stages of :func:`router_fidelity`, in pipeline order, with what each one ranks."""
 
-INTEGER_WIDTHS = {"residual": 8, "probs": nx.PROB_BITS, "router": 16, "other": 8}
+INTEGER_WIDTHS = {"residual": 8, "probs_relative": nx.PROB_BITS, "router": 16, "other": 8}
 """The integer model's widths in :func:`precision_what_if`'s terms: the residual stream
-(``x0``, ``x1``, ``x2``), the attention probabilities (bits of a 0 … 1 value), the router
-logits, and every other activation, all INT8."""
+(``x0``, ``x1``, ``x2``), the attention probabilities (bits relative to their row's
+largest), the router logits, and every other activation, all INT8."""
 
 
 def top_k_sets(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -178,15 +178,20 @@ def _fake_quant(scales: Mapping[str, float], widths: Mapping[str, int | None], t
             return "router"
         return "other"
 
-    relative = widths.get("probs_relative")
+    # Absolute probabilities where "probs" is given, else relative ones (the integer model).
+    absolute = "probs" in widths
+    relative = None if absolute else widths.get("probs_relative",
+                                                INTEGER_WIDTHS["probs_relative"])
 
     def hook(name: str, value: torch.Tensor) -> torch.Tensor:
         what = kind(name)
-        if what == "probs" and relative is not None:
+        if what == "probs" and not absolute:
+            if relative is None:
+                return value
             # Steps of the row's largest probability (its 1/Σ applied after P·V instead).
             top, steps = value.amax(dim=-1, keepdim=True), 2.0 ** relative - 1
             return (value / top * steps).round() / steps * top
-        bits = widths.get(what, INTEGER_WIDTHS[what])
+        bits = widths[what] if what == "probs" else widths.get(what, INTEGER_WIDTHS[what])
         if bits is None:
             return value
         if what == "probs":
@@ -219,8 +224,9 @@ def precision_what_if(model: M3ViT, scales: Mapping[str, float], images: torch.T
         Name → widths, a subset of :data:`INTEGER_WIDTHS`'s keys mapped to bits (``None``:
         float); keys left out keep the integer model's width. ``{}`` approximates the
         integer model itself. ``"probs_relative": b`` rounds each attention row to
-        ``2^b − 1`` steps of its own largest probability instead (a per-row scale, as a
-        P·V output stage that applies the row's 1/Σ would allow).
+        ``2^b − 1`` steps of its own largest probability (the integer model's 7 bits: the
+        P·V output stage applies the row's 1/Σ); ``"probs": b`` rounds them to absolute
+        steps of ``2^-b`` instead (the design before).
 
     Returns
     -------

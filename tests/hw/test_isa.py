@@ -41,8 +41,8 @@ def test_fields_land_where_the_layout_says():
 
 
 def test_bad_fields_are_refused_with_the_field_named():
-    with pytest.raises(IsaError, match=r"GEMM.tokens = 65536 does not fit in 16"):
-        encode(Opcode.GEMM, tokens=1 << 16)
+    with pytest.raises(IsaError, match=r"GEMM.tokens = 32768 does not fit in 15"):
+        encode(Opcode.GEMM, tokens=1 << 15)
     with pytest.raises(IsaError, match="has no field 'bogus'"):
         encode(Opcode.NOP, bogus=1)
     with pytest.raises(IsaError, match="is not a WeightSource"):
@@ -62,5 +62,8 @@ def test_top_config_constraints():
     assert isa.check_top_config(ZCU104) is ZCU104
     with pytest.raises(AccelConfigError, match="pe_rows == pe_cols"):
         isa.check_top_config(CI.replace(pe_rows=8))
-    with pytest.raises(AccelConfigError, match="at least one AXI beat"):
+    with pytest.raises(AccelConfigError, match="pe_rows >= 4"):
         isa.check_top_config(CI.replace(pe_rows=2, pe_cols=2))
+    with pytest.raises(AccelConfigError, match="at least one AXI beat"):
+        isa.check_top_config(CI.replace(pe_rows=4, pe_cols=4, gemm_words=1,
+                                        axi_data_width=256))

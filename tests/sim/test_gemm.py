@@ -9,7 +9,9 @@ between back-to-back N-tiles, a 4 × 8 one (wider than deep), each with results 
 per array row, and the CI configuration's 4 × 8 array whose rows leave as two 4-lane words
 (``gemm_words=2``, as the ZCU104's 32 × 64 array's leave as two 32-byte words). The arrays
 with ``pe_rows ≤ gemm_cols`` also run passes with transposed (column-order) weight tiles;
-on the 8 × 4 such a command is checked to be illegal. The ZCU104 configuration (32 × 64)
+on the 8 × 4 such a command is checked to be illegal. Those with ``pe_rows ≥ 4`` run
+``row_scale`` passes (per-token requantization, attention's P·V) among the other modes; on
+the 2 × 8 every ``row_scale`` command is checked to be illegal. The ZCU104 configuration (32 × 64)
 is only elaborated and linted here; its utilization is measured by
 :mod:`m3vit.sw.bench.gemm_utilization` (``make bench``, not CI).
 """
@@ -54,11 +56,12 @@ def expected_tests(config: AccelConfig) -> int:
 
     8 shapes × 4 modes (INT8, INT8_TABLE, INT32, INT16) × 2 flows × the weight orders
     (column order too when pe_rows <= pe_cols), then 2 flows each of back-to-back passes,
-    alternating weight orders and one interleaved parameter/weight source, and 2 single
-    tests.
+    alternating weight orders, one interleaved parameter/weight source and row_scale
+    passes among the other modes, and 3 single tests (illegal commands, illegal row_scale
+    commands, one token per cycle).
     """
     orders = 2 if config.pe_rows <= config.pe_cols else 1
-    return 8 * 4 * 2 * orders + 3 * 2 + 2
+    return 8 * 4 * 2 * orders + 4 * 2 + 3
 
 
 def write_verilog(config: AccelConfig, build_dir: Path, **kwargs) -> Path:

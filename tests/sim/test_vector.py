@@ -36,7 +36,7 @@ UNITS = {"ln": LayerNormUnit, "sm": SoftmaxUnit, "res": ResidualAdd, "tab": Tabl
 #: bench folder → (cocotb module, test count it must report passed on every configuration)
 BENCHES = {
     "layernorm": ("test_layernorm", 13),
-    "softmax": ("test_softmax", 17),
+    "softmax": ("test_softmax", 21),
     "residual": ("test_residual", 9),
     "table": ("test_table", 13),
 }
@@ -130,11 +130,19 @@ def test_layernorm_refuses_a_dimension_beyond_the_variance_width():
     assert_refused(lambda: LayerNormUnit(big), ValueError, r"max_dim.*8192")
 
 
+def test_softmax_refuses_fewer_than_four_lanes():
+    # An attention row's scale beat is three lanes (M's two bytes and sh).
+    assert_refused(lambda: SoftmaxUnit(CI.replace(pe_rows=2, pe_cols=2)), ValueError,
+                   "pe_cols >= 4")
+
+
 def test_payload_widths_follow_the_config():
     ln = LayerNormUnit.param_layout(ZCU104)
     assert ln["gain"].shape.length == 32 and ln["bias"].shape.elem_shape.width == 64
     assert LayerNormUnit.cmd_layout(ZCU104)["beats"].shape.width == 4  # 384 / 32 = 12
     assert SoftmaxUnit.cmd_layout(ZCU104)["length"].shape.width == 11  # 1024 tokens
+    assert SoftmaxUnit.cmd_layout(ZCU104)["mult"].shape.width == 16
+    assert SoftmaxUnit.cmd_layout(ZCU104)["shift"].shape.width == 6
     assert ResidualAdd.cmd_layout(CI)["beats"].shape.width == 11  # 80 · 64 / 4 = 1280
 
 

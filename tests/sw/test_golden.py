@@ -100,7 +100,10 @@ def test_golden_forward_is_the_composition_of_its_ops(quantized, images):
         logits = nx.requantize(nx.matmul(cap[f"{p}.q"], cap[f"{p}.k"].transpose(-2, -1)),
                                *t[f"{p}.attn.logit"].tolist())
         assert torch.equal(cap[f"{p}.logits"], logits)
-        assert torch.equal(cap[f"{p}.probs"], nx.softmax(logits, t[f"{p}.attn.exp"]))
+        probs, rcp = nx.softmax(logits, t[f"{p}.attn.exp"])
+        assert torch.equal(cap[f"{p}.probs"], probs)
+        heads = nx.attention_pv(probs, cap[f"{p}.v"], rcp, *t[f"{p}.attn.pv"].tolist())
+        assert torch.equal(cap[f"{p}.attn_out"], heads.transpose(1, 2).reshape(x.shape))
         proj = lin(f"{p}.proj", cap[f"{p}.attn_out"])
         assert torch.equal(cap[f"{p}.x1"], res(f"{p}.res1", x, proj))
         h2 = ln(f"{p}.ln2", cap[f"{p}.x1"])

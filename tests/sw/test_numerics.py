@@ -24,6 +24,7 @@ from m3vit.sw.quant.numerics import (
     INT8_MAX,
     INT8_MIN,
     MAX_SHIFT,
+    attention_pv,
     exp_table,
     gemm,
     isqrt,
@@ -37,6 +38,7 @@ from m3vit.sw.quant.numerics import (
     round_shift,
     route,
     router_scores,
+    row_scale,
     saturate,
     softmax,
     softmax_exp,
@@ -130,10 +132,17 @@ def ref_softmax_exp(row: list[int], table: list[int]) -> tuple[list[int], int]:
     return e, sum(e)
 
 
-def ref_softmax(row: list[int], table: list[int], hits: Hits) -> list[int]:
+def ref_softmax(row: list[int], table: list[int], hits: Hits) -> tuple[list[int], int]:
+    """Row-relative probabilities round(127 · e / 2^15) and the row's 2^31 // Σe."""
     e, total = ref_softmax_exp(row, table)
-    rcp = 2**31 // total
-    return [hits.round_sat(ei * rcp, 24, 0, 127) for ei in e]
+    return [hits.round_sat(ei * 127 * 2**9, 24, 0, 127) for ei in e], 2**31 // total
+
+
+def ref_row_scale(rcp: int, mult: int, shift: int) -> tuple[int, int]:
+    """rcp · mult kept to its 16 leading bits (floor), the shift lowered to match."""
+    prod = rcp * mult
+    z = max(0, prod.bit_length() - 16)
+    return prod >> z, max(0, shift - z)
 
 
 def ref_router_scores(row: list[int], table: list[int], hits: Hits) -> list[int]:
@@ -564,20 +573,24 @@ def test_softmax_family_matches_reference(seed, n, scale):
     assert all(r[1] >= 2**15 for r in ref)
 
     prob_hits, score_hits = Hits(), Hits()
-    p = softmax(logits, table)
-    assert_equal(p, [ref_softmax(row, table_l, prob_hits) for row in rows], "softmax", seed)
+    p, rcp = softmax(logits, table)
+    refs = [ref_softmax(row, table_l, prob_hits) for row in rows]
+    assert_equal(p, [r[0] for r in refs], "softmax", seed)
+    assert_equal(rcp, [[r[1]] for r in refs], "softmax rcp", seed)
     # INT16 router logits 256 times the INT8 ones index the table alike.
     scores = router_scores(logits * 256, table)
     assert_equal(scores, [ref_router_scores([v * 256 for v in row], table_l, score_hits)
                           for row in rows], "router_scores", seed)
 
-    for i in range(3):                                  # all-equal rows: one probability
-        assert len(set(p[i].tolist())) == 1 and len(set(scores[i].tolist())) == 1
-        assert p[i, 0].item() == min(127, round_half_up(32768 * (65536 // n), 24))
-    if n == 1:                                          # 2^31 / 2^24 = 128 and 2^31 / 2^16
+    for i in range(3):                                  # all-equal rows: each the maximum
+        assert p[i].tolist() == [127] * n and len(set(scores[i].tolist())) == 1
+        assert rcp[i, 0].item() == 65536 // n
+    assert (p.amax(dim=-1) == 127).all()                # relative to the row's largest
+    if n == 1:                                          # 2^31 / 2^16
         assert p.flatten().tolist() == [127] * len(rows)
+        assert rcp.flatten().tolist() == [65536] * len(rows)
         assert scores.flatten().tolist() == [SCORE_MAX] * len(rows)
-        assert prob_hits.above > 0 and score_hits.above > 0
+        assert score_hits.above > 0
     if scale == 1.0 and n > 1:                          # E[255] = 0: the one-hot row is exact
         assert p[3].tolist() == [127 if v == INT8_MAX else 0 for v in rows[3]]
         assert scores[3].tolist() == [SCORE_MAX if v == INT8_MAX else 0 for v in rows[3]]
@@ -600,14 +613,43 @@ def tie_table(entries: list[int]) -> torch.Tensor:
 
 
 def test_softmax_rounds_ties_up():
-    # Σe = 2^16, so floor(2^31 / Σe) = 2^15 and p = round_half_up(e / 2^9):
-    # 32768 / 512 = 64, 768 / 512 = 1.5 -> 2, 32000 / 512 = 62.5 -> 63 (half to even: 62).
-    table = tie_table([32768, 768, 32000])
+    # p = round_half_up(127 · e / 2^15): e = 2^15 -> 127, and e = 2^14 -> 63.5 -> 64, the
+    # one e ≤ 2^15 that lands on a half (127 · e = (2k + 1) · 2^14 needs 127 | 2k + 1).
+    table = tie_table([32768, 16384, 0])
     logits = torch.tensor([[0, -1, -2]])
-    assert softmax(logits, table).tolist() == [[64, 2, 63]]
+    p, rcp = softmax(logits, table)
+    assert p.tolist() == [[127, 64, 0]] and rcp.tolist() == [[2**31 // 49152]]
     hits = Hits()
-    assert ref_softmax([0, -1, -2], table.tolist(), hits) == [64, 2, 63]
-    assert hits.ties == 2
+    assert ref_softmax([0, -1, -2], table.tolist(), hits) == ([127, 64, 0], 2**31 // 49152)
+    assert hits.ties == 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_row_scale_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    rcps = [1, 2, 65535, 65536, 2**31 // (2**15 * 129), *rng.integers(1, 2**16 + 1, 40)]
+    for mult in (0, 1, 2**15, 65535, *rng.integers(0, 2**16, 6).tolist()):
+        for shift in (0, 5, 16, 17, 40, 62):
+            got_m, got_s = row_scale(torch.tensor(rcps), mult, shift)
+            want = [ref_row_scale(int(r), int(mult), shift) for r in rcps]
+            assert got_m.tolist() == [w[0] for w in want], (seed, mult, shift)
+            assert got_s.tolist() == [w[1] for w in want], (seed, mult, shift)
+            assert (got_m < 2**16).all()
+    # The leading bit is kept: prod ≥ 2^16 gives M in [2^15, 2^16).
+    m_, s_ = row_scale(torch.tensor([65536]), 65535, 40)
+    assert m_.item() == (65536 * 65535) >> 16 and s_.item() == 24
+
+
+def test_attention_pv_is_requantize_per_row():
+    probs = torch.tensor([[127, 64, 0], [3, 127, 127]])
+    v = torch.tensor([[10, -20], [30, 40], [-128, 127]])
+    rcp = torch.tensor([[2**31 // 49152], [2**31 // 70000]])
+    out = attention_pv(probs, v, rcp, 40000, 40)
+    acc = probs @ v
+    for m in range(2):
+        scale, sh = ref_row_scale(int(rcp[m, 0]), 40000, 40)
+        assert out[m].tolist() == [max(-128, min(127, (int(a) * scale + (1 << (sh - 1))) >> sh))
+                                   for a in acc[m]]
 
 
 def test_router_scores_round_ties_up():

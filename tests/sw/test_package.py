@@ -166,7 +166,7 @@ def reference_hash(config: dict, tensors: dict[str, torch.Tensor], params) -> st
     def canon(obj) -> bytes:
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
 
-    out = rec(b"m3vit-quantized/2") + rec(canon(config)) + rec(canon(params))
+    out = rec(b"m3vit-quantized/3") + rec(canon(config)) + rec(canon(params))
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         raw = t.view(torch.uint8) if t.dtype == torch.bool else t
@@ -389,13 +389,16 @@ def _del(key):
 
 
 @pytest.mark.parametrize(("edit", "fragments"), [
-    # Version 1 stored INT8 router logits' requantization: refused, not misread.
-    pytest.param(_set("version", 1), ["package version 1; this toolkit reads version 2: "
+    # Version 1 stored INT8 router logits' requantization, version 2 P·V's for absolute
+    # probabilities: refused, not misread.
+    pytest.param(_set("version", 1), ["package version 1; this toolkit reads version 3: "
                                       "re-run `m3vit quantize`"], id="version-1"),
-    pytest.param(_set("version", 3), ["package version 3; this toolkit reads version 2"],
-                 id="version-3"),
+    pytest.param(_set("version", 2), ["package version 2; this toolkit reads version 3"],
+                 id="version-2"),
+    pytest.param(_set("version", 4), ["package version 4; this toolkit reads version 3"],
+                 id="version-4"),
     pytest.param(_set("version", True), ["package version True"], id="version-true"),
-    pytest.param(_set("version", "2"), ["package version '2'"], id="version-str"),
+    pytest.param(_set("version", "3"), ["package version '3'"], id="version-str"),
     pytest.param(_set("format", "m3vit-checkpoint"),
                  ["not an m3vit quantized package", "'m3vit-checkpoint'"], id="format"),
     pytest.param(_del("format"), ["not an m3vit quantized package"], id="no-format"),

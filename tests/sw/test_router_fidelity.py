@@ -117,7 +117,7 @@ def test_the_bench_measures_a_model_and_writes_its_tables():
     assert "### tiny, top-1: E = 4, top-1" in text
     # one stage table per task
     assert text.count("| INT16 router logits (the integer model) |") == 2
-    assert "| residual 16 + row-relative probabilities 7 |" in text
+    assert "| absolute probabilities at 2^-7 (the design before) |" in text
     assert "| top |" in text and r["top"]["calibration"]["router_range"] == "top"
     assert list(r["drift"])[:3] == ["x0", "blocks.0.ln1", "blocks.0.q"]
     assert all(0.0 < v < 1.0 for v in r["drift"].values())

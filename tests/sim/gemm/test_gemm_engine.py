@@ -10,8 +10,12 @@ random gaps on every input and random back-pressure on the output) and, when ``p
 gemm_cols``, both weight orders (tiles row by row, and column by column: ``transposed``).
 Further tests run several passes back to back (table reloads between them; INT16 passes
 between passes of every other mode, and ``wide`` ignored outside mode INT8; transposed and
-row-order passes alternating), feed parameters and weights from one in-order source, drop
-illegal commands and check that the array takes one token per cycle when nothing stalls it.
+row-order passes alternating), feed parameters and weights from one in-order source, run
+``row_scale`` passes (attention's P·V: per-token multipliers and shifts from scale beats,
+different for every N-tile) among passes of every other mode, drop illegal commands
+(``row_scale`` ones each on its own) and check that the array takes one token per cycle
+when nothing stalls it. On an array with ``pe_rows < 4`` every ``row_scale`` command must
+be dropped as illegal.
 """
 
 import itertools
@@ -32,6 +36,7 @@ from m3vit.sw.bench.gemm_tb import (
     Pass,
     make_pass,
 )
+from m3vit.sw.quant import numerics
 
 #: Single-pass geometries as (M, K-slices, N-tiles), so that the module imports without the
 #: configuration (pytest collects it too); ``MAX`` stands for ``max_tokens``.
@@ -66,6 +71,12 @@ def column_order() -> bool:
 
 #: Weight orders of the pass matrix: column by column (``transposed``) needs pe_rows ≤ gemm_cols.
 WEIGHT_ORDERS = ["rows", "columns"] if column_order() else ["rows"]
+
+
+def row_scale_legal() -> bool:
+    """Whether the bench's array runs ``row_scale`` passes (``pe_rows ≥ 4``; ``False``
+    while pytest merely collects this)."""
+    return CONFIG_ENV in os.environ and GemmEngine(bench_config()).row_scale
 
 
 def assert_int16_reach(gemm: Pass) -> None:
@@ -308,3 +319,103 @@ async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
                     f"{taken[last] - taken[first] + 1} cycles"
                 )
     assert not dut.illegal_command.value
+
+
+@cocotb.test(timeout_time=3, timeout_unit="ms")
+@cocotb.parametrize(flow=FLOWS)
+async def test_row_scale_passes(dut, flow: str) -> None:
+    """``row_scale`` passes among passes of every other mode, back to back, equal the golden
+    model: each token's results requantized with its scale beat of that N-tile.
+
+    One-token passes of several N-tiles bring an N-tile's scale beats while the rows of the
+    N-tiles before are still in the pipeline (the scale memory's two halves); two such
+    passes follow each other. In a two-token pass the activations pause before N-tile 1's
+    last token, long enough for N-tile 2's parameters and weights to load: N-tile 2 then
+    follows at once, and N-tile 3's scale beats arrive while that last token is still in
+    the pipeline; they must wait until it has read its scale from the same half (with
+    M cycles of scale beats per N-tile this takes a stall and few tokens). A row_scale
+    pass follows and precedes every other mode (table loads included). Scales include M =
+    0, 1, 65535 and shifts 0, 62 and 63, lanes and bits the engine ignores are random, the
+    parameters' mult and shift differ from the scales. With every stream ready, a pass's
+    scale beats are taken one a cycle (an N-tile's first may wait), the first pass's while
+    its first weight tile loads; scale beats are not token beats. With pe_rows < 4 the
+    row_scale commands are dropped as illegal, taking no data, while the others run.
+    """
+    tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
+    rows, cols, max_tokens = tb.config.pe_rows, tb.config.gemm_cols, tb.config.max_tokens
+    legal_scale = row_scale_legal()
+    # (M, K-slices, N-tiles, mode, transposed when the array allows it); ROW is row_scale.
+    plan = [(rows + 3, 1, 2, "ROW", False), (1, 1, 3, "ROW", False), (1, 1, 2, "ROW", False),
+            (4, 1, 2, "INT16", False), (9, 2, 3, "ROW", True), (3, 2, 1, "INT32", False),
+            (max_tokens, 1, 1, "ROW", False), (5, 1, 2, "INT8", False),
+            (2, 3, 2, "ROW", False), (6, 1, 1, "INT8_TABLE", False),
+            (17, 2, 2, "ROW", True), (2, 1, 4, "ROW", False), (3, 1, 1, "INT16", False)]
+    # The two-token pass's pause: N-tile 2's parameters (gemm_cols beats) load only once
+    # N-tile 1's last slice has reached the column sums.
+    paused, pause = len(plan) - 2, GemmEngine(tb.config).result_latency + cols
+    passes, spans = [], []
+    for index, (tokens, k_slices, n_tiles, mode, transposed) in enumerate(plan):
+        transposed &= column_order()
+        if mode == "ROW" and not legal_scale:
+            tb.command.beats.append(tb.command_beat(GemmOp.INT8, tokens, k_slices, n_tiles,
+                                                    transposed, row_scale=True))
+            continue
+        op, wide = MODES.get(mode, (GemmOp.INT8, False))
+        gemm = make_pass(tb.rng, op, tokens, k_slices * rows, n_tiles * cols,
+                         transposed=transposed, wide=wide,
+                         row_scale_tiles=n_tiles if mode == "ROW" else 0)
+        if gemm.row_scale and tokens * n_tiles >= 6:
+            # The scales must take effect: the parameters' requantization differs.
+            assert (gemm.expected() != numerics.linear(gemm.x, gemm.w, gemm.bias, gemm.mult,
+                                                       gemm.shift)).any(), gemm.name
+        spans.append(len(tb.activations.beats))
+        if index == paused:
+            # N-tile 1's second token: after N-tile 0's beats, N-tile 1's scale beats and
+            # first token.
+            assert (tokens, k_slices) == (2, 1) and n_tiles >= 4
+            tb.activations.pauses[spans[-1] + (k_slices + 1) * tokens + tokens + 1] = pause
+        tb.queue_pass(gemm)
+        passes.append(gemm)
+    await tb.reset()
+    await tb.run_queued(passes)
+
+    assert bool(dut.illegal_command.value) == (not legal_scale)
+    counters = tb.counters()
+    geometry = [(g.tokens, g.x.shape[1] // rows, g.w.shape[0] // cols) for g in passes]
+    assert counters["token_beats"] == sum(m * ks * nt for m, ks, nt in geometry)
+    assert counters["weight_tiles"] == sum(ks * nt for _, ks, nt in geometry)
+    if flow == "random":
+        assert tb.output_stall_cycles > 0, "back-pressure requested but never applied"
+    elif legal_scale:
+        taken = tb.activations.taken_cycles
+        for gemm, first, (tokens, k_slices, n_tiles) in zip(passes, spans, geometry,
+                                                            strict=True):
+            for j in range(n_tiles if gemm.row_scale else 0):
+                start = first + j * (k_slices + 1) * tokens
+                assert taken[start + tokens - 1] - taken[start] == tokens - 1, (
+                    f"{gemm.name}: N-tile {j}'s scale beats were not taken one a cycle")
+        assert taken[0] < tb.weights.taken_cycles[rows - 1], (
+            "the first scale beat waited for the first weight tile")
+    await tb.edge
+    assert not dut.busy.value, "engine still busy after its last result"
+
+
+@cocotb.test(timeout_time=1, timeout_unit="ms")
+async def test_illegal_row_scale_commands(dut) -> None:
+    """``row_scale`` with mode INT32 or INT8_TABLE, or with ``wide``, or at all on an array
+    with pe_rows < 4, is dropped: each sets ``illegal_command`` on its own (a reset between
+    them) and takes none of the data of the plain INT8 pass behind it."""
+    tb = TB(dut, gaps=False, backpressure=False)
+    cfg = tb.config
+    cases = [(GemmOp.INT32, False), (GemmOp.INT8, True), (GemmOp.INT8_TABLE, False),
+             (GemmOp.INT32, True)]
+    if not row_scale_legal():
+        cases.append((GemmOp.INT8, False))
+    for op, wide in cases:
+        await tb.reset()
+        tb.command.beats.append(tb.command_beat(op, 3, 1, 2, wide=wide, row_scale=True))
+        gemm = make_pass(tb.rng, GemmOp.INT8, 3, cfg.pe_rows, cfg.gemm_cols)
+        await tb.run_passes([gemm])
+        name = f"row_scale with {op.name}" + (" and wide" if wide else "")
+        assert dut.illegal_command.value, f"{name} was not flagged"
+        assert tb.counters()["token_beats"] == 3, f"{name} took data"

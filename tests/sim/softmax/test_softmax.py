@@ -2,21 +2,29 @@
 
 Run by ``tests/sim/test_vector.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow options.
-Each case is a list of groups: an exp-table load, then commands back to back; every output
-beat is compared with :func:`m3vit.sw.quant.numerics.softmax` (attention mode: INT8 logits,
-one a lane) or :func:`~m3vit.sw.quant.numerics.router_scores` (router mode: INT16 logits, two
-lanes each, little-endian) of its row; in router mode the upper half of each output beat must
-hold ``max − l`` of the lower half's logits. Padded positions of a row's last beat are driven
-with random values (the block must ignore them); their outputs must be 0 (a router padded
-position's ``max − l`` lane is unspecified and not compared).
+Each case is a list of groups: an exp-table load, then commands back to back, attention and
+router mixed. Attention mode (INT8 logits, one a lane): each row is a scale beat — ``M``'s
+low and high byte and ``sh`` of :func:`m3vit.sw.quant.numerics.row_scale` of the row's
+``rcp`` and the command's ``mult``/``shift`` (drawn per command: corner values such as 0,
+1, 65535 and shifts 0 … 62 first, then random; the ``scales`` case sweeps every bit length
+of ``mult``) — and then the probability beats of
+:func:`~m3vit.sw.quant.numerics.softmax`. Router mode (INT16 logits, two lanes each,
+little-endian): the beats of :func:`~m3vit.sw.quant.numerics.router_scores`, whose upper half
+must hold ``max − l`` of the lower half's logits. Padded positions of a row's last beat are
+driven with random values (the block must ignore them); their outputs must be 0 (a router
+padded position's ``max − l`` lane is unspecified and not compared). While the stimulus runs,
+``busy`` is checked wherever it falls: every command taken before has delivered all of its
+beats.
 """
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
 
 import cocotb
 import torch
+from cocotb.triggers import FallingEdge, ReadOnly
 
 from m3vit.hw.vector import SoftmaxMode, SoftmaxUnit, lane_layout
 from m3vit.sim.cocotb_runner import bench_config
@@ -26,24 +34,38 @@ from m3vit.sw.quant import numerics
 PREFIX = "sm"
 INT8_MIN, INT8_MAX = -128, 127
 INT16_MIN, INT16_MAX = numerics.INT16_MIN, numerics.INT16_MAX
-# First beat in to last beat out, beyond one cycle per beat and one longest row (a row's
-# first output needs its whole row): the max tree, the sum tree, the 17-stage reciprocal
-# and the queues (measured 56 at 4 lanes).
+# First beat in to last output beat, beyond one cycle per output beat and one longest row
+# (a row's first output needs its whole row): the max tree, the sum tree, the 17-stage
+# reciprocal, the row scale and the queues (measured 59 at 4 lanes, 58 at 8).
 FILL_CYCLES_MAX = 64
+#: (mult, shift) of the first attention commands of every group, then random ones: a
+#: product far over 16 bits with sh clamped at 0 (z = 16 where rcp = 2^16), one of at most
+#: 2^16 (z = 0, or 1 where rcp = 2^16), a zero product with the largest shift.
+CORNER_SCALES = [(65535, 5), (1, 17), (0, 62)]
+CORNER_MULTS = [0, 1, 2, 65535]
+CORNER_SHIFTS = [0, 5, 16, 17, 40, 62]
 
 
 @dataclass
 class Command:
     logits: torch.Tensor  # (rows, L) int64: INT8 (attention) or INT16 (router) values
     mode: SoftmaxMode
+    # Attention: the P·V requantization the scale beats fold in; router: ignored by the block
+    # (random values are sent). None until :func:`assign_scales`.
+    mult: int | None = None
+    shift: int | None = None
 
     def positions(self, lanes: int) -> int:
         """Logits per beat: one a lane (attention) or one per two lanes (router)."""
         return lanes // 2 if self.mode == SoftmaxMode.ROUTER else lanes
 
     def beats(self, lanes: int) -> int:
-        """Beats per row."""
+        """Input beats per row."""
         return math.ceil(self.logits.shape[1] / self.positions(lanes))
+
+    def out_beats(self, lanes: int) -> int:
+        """Output beats per row: an attention row's scale beat, then one per input beat."""
+        return self.beats(lanes) + (self.mode == SoftmaxMode.ATTENTION)
 
 
 @dataclass
@@ -182,6 +204,27 @@ def make_groups(case: str, rng, cfg) -> list[Group]:
             logits[1] = top - torch.arange(experts) % 2  # pairs one LSB apart
             commands.append(Command(logits, SoftmaxMode.ROUTER))
         groups.append(Group(random_table(rng), commands))
+    elif case == "scales":
+        # Short commands back to back, attention and router mixed, their mult/shift queued
+        # in order inside the block: each attention command's mult of another bit length,
+        # twice, so that z = bitlen(rcp · mult) − 16 takes every value from 0 to 16.
+        lanes, commands = cfg.pe_cols, []
+        bits = rng.sample(range(17), 17) + rng.sample(range(17), 17)
+        for b in bits:
+            length = rng.choice([1, 2, lanes, lanes + 1, rng.randint(1, cfg.max_tokens)])
+            mult = rng.randrange(1 << b >> 1, 1 << b)  # b bits (0 for b = 0)
+            commands.append(Command(random_logits(rng, rng.randint(1, 2), length),
+                                    SoftmaxMode.ATTENTION, mult, rng.randint(0, 62)))
+            if rng.random() < 0.5:
+                length = rng.randint(1, cfg.pe_cols // 2 + 1)
+                commands.append(Command(random_router_logits(rng, 1, length),
+                                        SoftmaxMode.ROUTER))
+        # Then 120 one-beat attention rows, a command each: under back-pressure more
+        # attention commands are in flight than the block queues (32), so it must refuse
+        # commands until one drains.
+        commands += [Command(random_logits(rng, 1, rng.randint(1, lanes)), SoftmaxMode.ATTENTION)
+                     for _ in range(120)]
+        groups.append(Group(random_table(rng), commands))
     elif case == "throughput":
         lanes = cfg.pe_cols
         commands = [
@@ -193,6 +236,29 @@ def make_groups(case: str, rng, cfg) -> list[Group]:
     else:
         raise ValueError(f"unknown data case {case!r}")
     return groups
+
+
+def assign_scales(groups: list[Group], rng) -> None:
+    """Give every attention command without one its ``mult``/``shift``:
+    :data:`CORNER_SCALES` for the first ones of each group, then corner or random values
+    (mostly mult ≈ 2^15 … 2^16, the P·V ratio's range; else of any bit length). Router
+    commands get random ones, which the block must ignore."""
+    for group in groups:
+        for command in group.commands:
+            if command.mode == SoftmaxMode.ROUTER:  # ignored: anything
+                command.mult, command.shift = rng.randrange(1 << 16), rng.randint(0, 63)
+        attention = [c for c in group.commands
+                     if c.mode == SoftmaxMode.ATTENTION and c.mult is None]
+        for k, command in enumerate(attention):
+            if k < len(CORNER_SCALES):
+                command.mult, command.shift = CORNER_SCALES[k]
+                continue
+            draw = rng.random()
+            command.mult = (rng.choice(CORNER_MULTS) if draw < 0.2
+                            else rng.randint(1 << 15, (1 << 16) - 1) if draw < 0.6
+                            else rng.randrange(1 << rng.randint(1, 16)))  # any magnitude
+            command.shift = (rng.choice(CORNER_SHIFTS) if rng.random() < 0.4
+                             else rng.randint(0, numerics.MAX_SHIFT))
 
 
 class TB:
@@ -225,9 +291,16 @@ class TB:
         per_beat, beats = command.positions(lanes), command.beats(lanes)
         pad = beats * per_beat - length
         router = command.mode == SoftmaxMode.ROUTER
-        out = (numerics.router_scores if router else numerics.softmax)(command.logits, table)
+        if router:
+            out = numerics.router_scores(command.logits, table)
+        else:
+            out, rcp = numerics.softmax(command.logits, table)
+            scale, sh = numerics.row_scale(rcp, command.mult, command.shift)
         payloads, expected = [], []
         for r in range(rows):
+            if not router:  # the row's scale beat: M's low and high byte, sh
+                m_row, sh_row = int(scale[r, 0]), int(sh[r, 0])
+                expected.append(([m_row & 0xFF, m_row >> 8, sh_row] + [0] * (lanes - 3), False))
             row_in = command.logits[r].tolist()
             row_out = out[r].tolist() + [0] * pad
             if router:  # ignored padding, then H INT16 logits a beat, little-endian
@@ -248,14 +321,31 @@ class TB:
                     expected.append((row_out[chunk], j == beats - 1))
         return payloads, expected
 
+    async def watch_busy(self, command_outputs: list[int]) -> None:
+        """Wherever ``busy`` falls, each command taken before has delivered all its beats
+        (``command_outputs``, in order): busy never drops early. Runs until cancelled."""
+        busy = self.bench.dut[f"{PREFIX}__busy"]
+        owed = list(itertools.accumulate(command_outputs, initial=0))
+        while True:
+            await FallingEdge(busy)
+            await ReadOnly()
+            now = self.bench.cycle()
+            taken = bisect.bisect_left(self.cmd.accepted, now)
+            delivered = bisect.bisect_left(self.probs.accepted, now)
+            assert delivered == owed[taken], (
+                f"busy low at cycle {now} with {delivered} of the {owed[taken]} beats of the "
+                f"{taken} commands taken delivered")
+
     async def run(self, groups: list[Group]) -> tuple[list, list]:
         """Drive every group; return (DUT beats, expected beats) as (lanes list, last)."""
-        logit_beats, expected = [], []
+        logit_beats, expected, command_outputs = [], [], []
         for group in groups:
             for command in group.commands:
                 payloads, beats = self.command_beats(command, group.table)
                 logit_beats += payloads
                 expected += beats
+                command_outputs.append(len(beats))
+        watching = cocotb.start_soon(self.watch_busy(command_outputs))
         receiving = cocotb.start_soon(self.probs.receive(len(expected)))
         sending = cocotb.start_soon(self.logits.send(logit_beats))
         for group in groups:
@@ -266,11 +356,12 @@ class TB:
                                    for u in range(len(entries) // w)])
             await self.cmd.send([
                 pack(self.cmd_layout, {"length": c.logits.shape[1], "rows": c.logits.shape[0],
-                                       "mode": c.mode})
+                                       "mode": c.mode, "mult": c.mult, "shift": c.shift})
                 for c in group.commands
             ])
         await sending
         raw = await receiving
+        watching.cancel()
         got = [([None if e is None else int(g) for g, e in zip(beat.data, want, strict=True)],
                 bool(beat.last))
                for beat, (want, _) in zip(map(self.out_layout.from_bits, raw), expected,
@@ -279,19 +370,21 @@ class TB:
 
 
 def check_streaming(tb: TB, commands: list[Command], n_beats: int, busy_cycles: int) -> None:
-    """One beat per cycle in and out, apart from one bubble per command and the fill."""
+    """One beat per cycle out, apart from the fill; in, apart from one bubble per command
+    and one per attention row (the cycle of its scale beat)."""
     lanes = tb.lanes
     bubbles = sum(t1 - t0 - 1 for t0, t1 in itertools.pairwise(tb.logits.accepted))
     elapsed = tb.probs.accepted[-1] - tb.logits.accepted[0] + 1
     longest = max(c.beats(lanes) for c in commands)
+    scale_beats = sum(c.logits.shape[0] for c in commands if c.mode == SoftmaxMode.ATTENTION)
     tb.bench.log.info("%d beats (%d rows) in %d cycles, %d busy, %d input bubbles", n_beats,
                       sum(c.logits.shape[0] for c in commands), elapsed, busy_cycles, bubbles)
-    assert bubbles <= len(commands), f"{bubbles} idle input cycles while streaming"
+    assert bubbles <= len(commands) + scale_beats, f"{bubbles} idle input cycles while streaming"
     # Steady state of the second command (129 long where max_tokens allows): one row every
-    # ceil(L / lanes) cycles at the output.
-    start = commands[0].logits.shape[0] * commands[0].beats(lanes)
+    # 1 + ceil(L / lanes) cycles at the output (the scale beat, then the probabilities).
+    start = commands[0].logits.shape[0] * commands[0].out_beats(lanes)
     rows, length = commands[1].logits.shape
-    row_beats = commands[1].beats(lanes)
+    row_beats = commands[1].out_beats(lanes)
     row_ends = [tb.probs.accepted[start + (r + 1) * row_beats - 1] for r in range(rows)]
     per_row = [t1 - t0 for t0, t1 in itertools.pairwise(row_ends)]
     tb.bench.log.info("L=%d at %d lanes: %d beats per row, cycles per row %s", length, lanes,
@@ -302,15 +395,17 @@ def check_streaming(tb: TB, commands: list[Command], n_beats: int, busy_cycles: 
     )
 
 
-CASES = expand(["random", "uniform", "extremes", "router"], streaming_only=["throughput"])
+CASES = expand(["random", "uniform", "extremes", "router", "scales"],
+               streaming_only=["throughput"])
 
 
 @cocotb.test(timeout_time=10, timeout_unit="ms")
 @cocotb.parametrize((("case", "input_gaps", "backpressure"), CASES))
 async def test_softmax(dut, case: str, input_gaps: bool, backpressure: bool) -> None:
-    """Every output beat equals the golden softmax / router scores of its row."""
+    """Every output beat equals the golden row scale, softmax or router scores of its row."""
     tb = TB(dut, input_gaps=input_gaps, backpressure=backpressure)
     groups = make_groups(case, tb.stimulus_rng, tb.cfg)
+    assign_scales(groups, tb.stimulus_rng)
     n_beats, busy_cycles = await check_stream_block(
         tb.bench, PREFIX, lambda: tb.run(groups), golden="numerics.softmax / router_scores",
         sources=[tb.logits], sink=tb.probs, input_gaps=input_gaps, backpressure=backpressure)

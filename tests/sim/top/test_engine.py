@@ -51,6 +51,10 @@ async def test_gemm_programs(dut, flow):
     # INT16 results (the router's logits) from each weight source: 2V words a token.
     for i, wsrc in enumerate(WeightSource):
         await tb.check(gemm_case(tb.cfg, seed + 7 + i, 5 + 28 * i, 2, 2, GemmMode.INT16, wsrc))
+    # Per-row scales (P·V after a softmax) from each weight source, with a fused residual.
+    for i, wsrc in enumerate(WeightSource):
+        await tb.check(gemm_case(tb.cfg, seed + 11 + i, 3 + 37 * i, 2, 2, GemmMode.INT8, wsrc,
+                                 residual=wsrc == WeightSource.DDR, row_scale=True))
 
 
 @cocotb.parametrize(flow=FLOWS)
