@@ -373,8 +373,9 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     words = config.gemm_words * (2 if f["mode"] == GemmMode.INT16.value else 1)
     stall = max(0, (words - 1) * tokens - cm.row_queue)
     compute = n * k * max(tokens, tile_load) + stall * n
-    # P·V's row scales: a word a token before each N-tile's K-slices.
-    compute += n * tokens * f.get("row_scale", 0)
+    # P·V's row scales: a word a token before each N-tile's K-slices, while its first
+    # weight tile loads.
+    compute += n * max(0, tokens - tile_load) * f.get("row_scale", 0)
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
     streamed = from_ddr and f["mode"] != GemmMode.INT32.value

@@ -218,8 +218,9 @@ def softmax_exp(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor
 def softmax(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-relative attention probabilities and each row's reciprocal.
 
-    ``p = round_half_up(e · 65024 / 2^24) = round_half_up(127 · e / 2^15)`` (0 … 127;
-    :data:`PROB_MULT`): 7 bits relative to the row's largest, whose ``E[0] = 2^15`` is 127.
+    ``p = min(127, round_half_up(e · 65024 / 2^24)) = round_half_up(127 · e / 2^15)`` (0 …
+    127; :data:`PROB_MULT`): 7 bits relative to the row's largest, whose ``E[0] = 2^15`` is
+    127 (the ``min`` only acts for a table with entries above 2^15, outside the contract).
     ``rcp = floor(2^31 / Σe)`` is what makes them probabilities: ``e_j / Σe ≈ p_j · rcp /
     (127 · 2^16)``; P·V applies it per row after the sum (:func:`row_scale`).
 
@@ -229,7 +230,7 @@ def softmax(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, to
     """
     e, total = softmax_exp(logits, table)
     rcp = (1 << RCP_BITS) // total
-    return round_shift(e * PROB_MULT, RCP_BITS - PROB_BITS), rcp
+    return saturate(round_shift(e * PROB_MULT, RCP_BITS - PROB_BITS), 0, INT8_MAX), rcp
 
 
 def row_scale(rcp: torch.Tensor, mult: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -753,3 +753,10 @@ def test_route_ranks_logits_not_scores():
     assert experts.tolist() == [[1]]
     assert requantize16(torch.tensor([2**40, -2**40, 300]), 1, 0).tolist() == [
         2**15 - 1, -2**15, 300]
+
+
+def test_softmax_clamps_a_table_above_the_contract():
+    # Entries above 2^15 (not an exp_table, but a LOAD_TABLE may load anything): the
+    # probability saturates at 127, as the unit's output stage does.
+    p, rcp = softmax(torch.tensor([[0, -1, -2]]), tie_table([65535, 40000, 16384]))
+    assert p.tolist() == [[127, 127, 64]] and rcp.tolist() == [[2**31 // 121919]]
