@@ -375,7 +375,7 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     compute = n * k * max(tokens, tile_load) + stall * n
     # P·V's row scales: a word a token before each N-tile's K-slices, while its first
     # weight tile loads.
-    compute += n * max(0, tokens - tile_load) * f.get("row_scale", 0)
+    compute += n * max(0, tokens - tile_load) * f["row_scale"]
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
     streamed = from_ddr and f["mode"] != GemmMode.INT32.value

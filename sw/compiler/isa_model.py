@@ -546,17 +546,23 @@ def _row_addrs(a: dict, beats: int, src: str) -> np.ndarray:
     return a[src] + np.arange(beats)[None, :] * a["stride"] + np.arange(a["rows"])[:, None]
 
 
-def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor,
-               exp=nx.softmax_exp) -> torch.Tensor:
-    """``fn(logits, table)`` (softmax or router scores; ``exp`` their numerators and sums)
-    with rows whose exponentials are all zero (no exp table loaded) giving 0, as the
-    hardware does (its reciprocal of 0 is all ones, multiplied by zero numerators)."""
-    _, total = exp(logits, table)
+def _live_rows(mc: IsaMachine, total: torch.Tensor) -> torch.Tensor:
+    """The rows whose exponentials do not all vanish (``total``: their sums, (rows, 1)); a
+    row of zeros means no exp table was loaded. Notes a sum below 2^15 as unspecified."""
     if bool(((total > 0) & (total < 1 << 15)).any()):
         # The unit's reciprocal has 17 bits, enough for a row sum ≥ 2^15 (E[0] = 2^15, as
         # every numerics.exp_table has): a table that lets a sum fall below is unspecified.
         mc.unspecified.append((mc.pc, "an exp table whose row sums fall below 2^15"))
-    live = total.reshape(-1) > 0
+    return total.reshape(-1) > 0
+
+
+def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor,
+               exp=nx.softmax_exp) -> torch.Tensor:
+    """``fn(logits, table)`` (router scores; ``exp`` their numerators and sums) with rows
+    whose exponentials are all zero (no exp table loaded) giving 0, as the hardware does
+    (its reciprocal of 0 is all ones, multiplied by zero numerators)."""
+    _, total = exp(logits, table)
+    live = _live_rows(mc, total)
     out = torch.zeros_like(logits)
     out[live] = fn(logits[live], table)
     return out
@@ -577,14 +583,9 @@ def _softmax(mc: IsaMachine, a: dict) -> None:
     for rows in groups:
         x = mc.words(src[rows]).reshape(len(rows), beats * C)[:, :a["length"]]
         _, total = nx.softmax_exp(x, mc.exp_table)
-        if bool(((total > 0) & (total < 1 << 15)).any()):
-            # The unit's reciprocal has 17 bits, enough for a row sum ≥ 2^15 (E[0] = 2^15,
-            # as every numerics.exp_table has): a table that lets a sum fall below is
-            # unspecified.
-            mc.unspecified.append((mc.pc, "an exp table whose row sums fall below 2^15"))
         # A row whose exponentials are all zero (no table loaded): probabilities 0, and
         # the hardware's reciprocal of 0 is all ones.
-        live = total.reshape(-1) > 0
+        live = _live_rows(mc, total)
         p = torch.zeros_like(x)
         rcp = torch.full_like(total, RCP_OF_ZERO)
         p[live], rcp[live] = nx.softmax(x[live], mc.exp_table)
