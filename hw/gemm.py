@@ -438,10 +438,13 @@ class GemmEngine(wiring.Component):
         #: Accumulator rows the row queue holds. Its credit loop (issue to the row's last
         #: word) needs about acc_stage + 4 for a token a cycle when rows leave as fast as
         #: they come (one word a row); with several words a row it also holds the surplus
-        #: of a last slice, M (1 − 1 / words) rows: 64 cover a 129-token slice but for a
-        #: few cycles of its end.
+        #: of a last slice, M (1 − 1 / words) rows, for every M up to ``max_tokens``: a
+        #: batch's pass over 387 tokens or more then never stops the array for its results
+        #: (they leave while the next N-tile's first slices compute). 512 rows of the
+        #: ZCU104's 2,048-bit rows are 29 block RAMs, where 64 were ~2.7 k LUTs of LUT-RAM.
+        surplus = -(-config.max_tokens * (self.words - 1) // self.words)
         self.row_queue_depth = queue_depth(self._acc_stage + 4 if self.words == 1
-                                           else max(64, self._acc_stage + 4))
+                                           else max(64, self._acc_stage + 4, surplus))
         #: Result words the word queue holds: its credit loop, splitter to taken, is about
         #: Requantizer.latency + 5 cycles.
         self.queue_depth = queue_depth(Requantizer.latency + 6)

@@ -109,8 +109,15 @@ class CostModel:
         def between(ci: float, zcu: float) -> float:
             return ci + (zcu - ci) * at
 
+        # The row queue holds a last slice's surplus rows for up to max_tokens tokens
+        # (m3vit.hw.gemm.GemmEngine.row_queue_depth); beyond its memory the pipeline's
+        # ~48 rows in flight.
+        V = config.gemm_words
+        surplus = -(-config.max_tokens * (V - 1) // V)
+        row_queue = surplus + 48 if V > 1 and surplus > 64 else cls.row_queue
         return cls(gemm_fill=between(132, 205), gemm_fill_chained=between(88, 54),
-                   fill_per_token=between(0.1, 0.39), buffer_gemm_fill=between(94, 155))
+                   fill_per_token=between(0.1, 0.39), buffer_gemm_fill=between(94, 155),
+                   row_queue=row_queue)
 
 
 @dataclass(frozen=True)
@@ -372,7 +379,11 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     # Result words a token and N-tile: V, or 2V for INT16 results (the router's logits).
     words = config.gemm_words * (2 if f["mode"] == GemmMode.INT16.value else 1)
     stall = max(0, (words - 1) * tokens - cm.row_queue)
-    compute = n * k * max(tokens, tile_load) + stall * n
+    # The last N-tile's surplus rows leave after the array's last token; the fitted fills
+    # cover the first 112 of them (the queue the overheads were measured with).
+    surplus = (words - 1) * tokens
+    drain = max(0, min(surplus, cm.row_queue) - min(surplus, CostModel.row_queue))
+    compute = n * k * max(tokens, tile_load) + stall * n + drain
     # P·V's row scales: a word a token before each N-tile's K-slices, while its first
     # weight tile loads.
     compute += n * max(0, tokens - tile_load) * f["row_scale"]
