@@ -46,7 +46,7 @@ from .router import ReadRouter, intake_shape
 from .trace import InstructionTrace
 
 #: GEMM commands the controller may have issued ahead of the engine.
-GEMM_COMMANDS_QUEUED = 4
+GEMM_COMMANDS_QUEUED = 6
 
 __all__ = ["Engine"]
 

@@ -8,14 +8,15 @@ from DDR with INT8 results hands over as soon as its stream is issued (``pending
 next instruction is fetched and checked while the stream arrives and the array computes
 (the router gives a GEMM's entries priority), and if it is such a ``GEMM`` too, its
 command and weight stream are issued at once, queued behind the first's, while its buffer
-walks wait for the previous ``GEMM``'s last result: the DDR streams on from one GEMM's
-weights into the next's. A failed check stops before anything of the
+walks wait (in a queue of :data:`GEMMS_HELD` walk plans) for the previous ``GEMM``'s last
+result: the DDR streams on from one GEMM's weights into the next's, up to five GEMMs ahead. A failed check stops before anything of the
 instruction starts; a DDR error lets the instruction finish, then stops; ``abort_request``
 stops after the current instruction.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
@@ -41,7 +42,12 @@ from .datapath import Unit, datapath_control
 from .fetch import fetch_control
 from .router import ReadSink, intake_shape, read_router_control
 
-__all__ = ["Controller", "dispatcher_tables"]
+__all__ = ["GEMMS_HELD", "Controller", "dispatcher_tables"]
+
+#: GEMMs whose streams are issued while their walks wait for the GEMMs before them: with
+#: the pending one, the DDR reads up to GEMMS_HELD + 1 GEMMs ahead of the array (an expert
+#: visit is two), as far as the read queues hold.
+GEMMS_HELD = 4
 
 
 def dispatcher_tables(config: AccelConfig) -> wiring.Signature:
@@ -121,10 +127,10 @@ class _Registers:
         self.pending = Signal()
         self.pending_pc = Signal(32)           # the pending GEMM's index
         self.drain_to_fetch = Signal()
-        # The walks of a GEMM whose stream is issued, waiting for the GEMM before it: they
-        # start when its last result is written, and the controller goes on meanwhile.
-        self.launcher = Signal(_walk_plan_layout(cfg))
-        self.launcher_full = Signal()
+        # The walks of GEMMs whose streams are issued, waiting for the GEMM before them
+        # (a queue of GEMMS_HELD plans, made in elaborate): each starts when the one before
+        # has written its last result, and the controller goes on meanwhile.
+        self.launcher = None
         # A fused residual add (GEMM or COMBINE with ``residual``): the datapath's routing,
         # and the residual unit's command, offered until taken.
         self.residual_fused = Signal()
@@ -238,6 +244,9 @@ class Controller(wiring.Component):
         m = Module()
         r = _Registers(self.config)
         checks, datapath = self.checks, self.datapath
+        plan_layout = _walk_plan_layout(self.config)
+        r.launcher = m.submodules.launcher = SyncFIFOBuffered(width=plan_layout.size,
+                                                              depth=GEMMS_HELD)
         m.d.comb += [
             self.error_code.eq(r.stop_code),
             self.error_pc.eq(r.pc),
@@ -532,9 +541,10 @@ class Controller(wiring.Component):
     def _launch_held_walks(self, m: Module, r: _Registers) -> None:
         """The held GEMM's walks start as soon as the GEMM before it has written its last
         result (after the state machine: nothing else starts walks while one is held)."""
-        with m.If(r.launcher_full & self.datapath.writes_done):
-            self._start_walks(m, r, r.launcher)
-            m.d.sync += r.launcher_full.eq(0)
+        head = _walk_plan_layout(self.config)(r.launcher.r_data)
+        with m.If(r.launcher.r_rdy & self.datapath.writes_done):
+            self._start_walks(m, r, head)
+            m.d.comb += r.launcher.r_en.eq(1)
 
     def _gemm_commands(self, m: Module, r: _Registers):
         """Issue the GEMM's commands; true once all are taken."""
@@ -558,7 +568,7 @@ class Controller(wiring.Component):
     def _drain_ready(self, r: _Registers) -> Value:
         """The pending GEMM (and any held behind it) has written its last result."""
         return (~self.gemm_busy & ~self.gemm_cmd.valid & self.datapath.writes_done
-                & ~r.launcher_full)
+                & ~r.launcher.r_rdy)
 
     def _drain(self, m: Module, r: _Registers) -> None:
         """The pending GEMM is done (:meth:`_drain_ready`): it gives up the datapath."""
@@ -585,7 +595,7 @@ class Controller(wiring.Component):
         # GEMM before it is done, while the controller goes on to the next instruction.
         with m.State("GEMM_PREFETCH"):
             m.d.comb += self.busy.eq(1)
-            # Its stream queues behind the pending GEMMs' in the router (two may wait).
+            # Its stream queues behind the pending GEMMs' in the router (GEMM_STREAMS_QUEUED may wait).
             with m.If(self.router.gemm_stream_room):
                 self._gemm_setup(m, r)
                 m.next = "GEMM_PREFETCH_ISSUE"
@@ -595,8 +605,8 @@ class Controller(wiring.Component):
                 m.next = "GEMM_HOLD"
         with m.State("GEMM_HOLD"):
             m.d.comb += self.busy.eq(1)
-            with m.If(~r.launcher_full):
-                m.d.sync += [r.launcher.eq(plan), r.launcher_full.eq(1)]
+            with m.If(r.launcher.w_rdy):
+                m.d.comb += [r.launcher.w_data.eq(plan.as_value()), r.launcher.w_en.eq(1)]
                 m.next = "GEMM_STREAM"
         with m.State("GEMM_STREAM"):
             # The stream is under way: the next instruction may be fetched and, if it is a

@@ -1,7 +1,7 @@
 """The read-DMA router: one read port shared by instruction fetch and the operand streams.
 
 Commands come from the instruction fetch and from the controller (never both in one
-cycle). Data arrives in *entries* of :func:`~m3vit.hw.isa.intake_beats` AXI beats (64 bytes
+cycle). Data arrives in *entries* of :func:`~m3vit.hw.isa.intake_beats` AXI beats (128 bytes
 a cycle on the ZCU104's three ports) and goes to the sink the controller selects
 (:class:`ReadSink`): a GEMM's stream whole entries at a time, split per N-tile into
 parameter records (all of an entry's in one cycle) and weight rows (an entry's worth in one
@@ -26,8 +26,9 @@ __all__ = ["GEMM_STREAMS_QUEUED", "ReadRouter", "ReadSink", "intake_shape",
            "read_router_control"]
 
 #: GEMM streams that may wait behind the active one: the controller issues a GEMM's stream
-#: while the two GEMMs before it still compute or wait, so the DDR reads two GEMMs ahead.
-GEMM_STREAMS_QUEUED = 2
+#: while the GEMMs before it still compute or wait (one pending, GEMMS_HELD = 4 held), so
+#: the DDR reads up to five GEMMs ahead, as far as the read queues hold.
+GEMM_STREAMS_QUEUED = 5
 
 
 def intake_shape(config: AccelConfig) -> SimpleNamespace:

@@ -214,12 +214,24 @@ def _block(module: str, cls: str) -> Callable[[AccelConfig], wiring.Component]:
     return factory
 
 
+def _gemm_as_in_top(config: AccelConfig) -> wiring.Component:
+    """The GEMM engine with the top's intake: weight rows, parameter records and table
+    entries a beat as the read router hands them over (two 64-byte rows on the ZCU104)."""
+    from m3vit.hw.engine.router import intake_shape
+    from m3vit.hw.gemm import GemmEngine
+
+    intake = intake_shape(config)
+    return GemmEngine(config, rows_per_beat=intake.rows_per_beat,
+                      params_per_beat=intake.params_per_beat,
+                      table_entries=intake.gemm_table_entries)
+
+
 #: Every design ``m3vit generate`` / ``m3vit resources`` know, by name.
 DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("top", "the accelerator: engine, register file and AXI masters (m3vit.hw.top)",
            _block("top", "AcceleratorTop")),
-    Design("gemm", "the PE array with requantization (m3vit.hw.gemm.GemmEngine)",
-           _block("gemm", "GemmEngine")),
+    Design("gemm", "the PE array with requantization, fed as the top feeds it "
+           "(m3vit.hw.gemm.GemmEngine)", _gemm_as_in_top),
     Design("layernorm", "integer LayerNorm (m3vit.hw.vector.LayerNormUnit)",
            _block("vector", "LayerNormUnit")),
     Design("softmax", "softmax / router scores (m3vit.hw.vector.SoftmaxUnit)",

@@ -6,7 +6,7 @@ randomly initialised, quantized model (router on chip from the task's router wei
 ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE), and runs it twice on the same program:
 ``SCHEDULE.ORDER`` = expert by expert, then token by token. Both outputs are checked bit-
 exactly against the golden model. The DMA engines are played in Python: one read entry per
-cycle at most (the engine's intake, 64 bytes on the ZCU104) and a 40-cycle first-beat
+cycle at most (the engine's intake, 128 bytes on the ZCU104) and a 40-cycle first-beat
 latency per read command. Printed: cycles, DDR bytes, their ratios (the paper's claim),
 and for the reordered run the expert phase (first to last expert-weight beat): DDR read-
 bandwidth utilisation, and how much of the weight loading ran while the PE array computed.

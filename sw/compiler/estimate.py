@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from m3vit.hw.config import AccelConfig
+from m3vit.hw.engine.controller import GEMMS_HELD
 from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION_BYTES,
@@ -150,7 +151,7 @@ class _Machine:
 
     t: float = 0.0                 # the controller
     gemm_end: float = 0.0          # the last GEMM's last result written
-    walks_start: float = 0.0       # the last streamed GEMM's walks started
+    walks_starts: list = field(default_factory=list)   # streamed GEMMs' walks started
     pending: bool = False          # a streamed GEMM handed over and is still computing
     ddr_free: float = 0.0          # the read DMA's queued streams all in
     bg_end: float = 0.0            # the background softmax done
@@ -391,10 +392,11 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     mc.read_bytes += stream
     streamed = from_ddr and f["mode"] != GemmMode.INT32.value
     if streamed:
-        # The launcher holds one GEMM: a third waits until the held one's walks start.
+        # The launcher holds GEMMS_HELD GEMMs: one more waits until the first of them
+        # has its walks started.
         issue = mc.t + ctl
-        if mc.pending:
-            issue = max(issue, mc.walks_start)
+        if mc.pending and len(mc.walks_starts) >= GEMMS_HELD:
+            issue = max(issue, mc.walks_starts[-GEMMS_HELD])
         # Streams queued behind one another follow it without a new first-beat latency.
         latency = ddr.read_latency if issue >= mc.ddr_free else 0
         s_start = max(issue, mc.ddr_free)
@@ -408,7 +410,8 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
             fill = cm.gemm_fill + cm.fill_per_token * tokens
         end = max(walks + fill + compute,
                   s_end + cm.gemm_fill_chained + cm.fill_per_token * tokens)
-        mc.walks_start, mc.gemm_end, mc.pending = walks, end, True
+        mc.walks_starts = [*mc.walks_starts[-GEMMS_HELD:], walks]
+        mc.gemm_end, mc.pending = end, True
         mc.pending_pc = pc
         mc.t = issue
         return

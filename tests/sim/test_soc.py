@@ -253,12 +253,13 @@ def test_build_is_cached(soc):
 
 @pytest.mark.slow
 def test_three_ports_stripe_reads_with_the_same_results():
-    """Three AXI masters (HP0, HP1, HP3) and, on an 8 × 8 array, 64-byte read entries as on
-    the ZCU104 (GEMM streams at beat but not entry boundaries: the realigner's work): the
-    same programs give the same DDR contents; every port carries a share of the reads,
-    writes use the first; the DMA counter is their sum."""
+    """Three AXI masters (HP0, HP1, HP3) and, on an 8 × 8 array, 128-byte read entries as
+    on the ZCU104 (a whole weight tile an entry; GEMM streams at beat but not entry
+    boundaries: the realigner's work): the same programs give the same DDR contents;
+    every port carries a share of the reads, writes use the first; the DMA counter is
+    their sum."""
     config = CI.replace(pe_rows=8, pe_cols=8, n_master_ports=3)
-    assert intake_shape(config).entry_bytes == 64
+    assert intake_shape(config).entry_bytes == 128
     cases = [gemm_case(config, 20260101 + i, tokens, 3, 3, mode, WeightSource.DDR)
              for i, (tokens, mode) in enumerate([(64, GemmMode.INT8), (33, GemmMode.INT32)])]
     cases.append(dense_block_case(config))
