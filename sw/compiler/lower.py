@@ -516,10 +516,14 @@ def _requant_stream(t: dict, name: str, n: int, cfg: AccelConfig) -> bytes:
 
 def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p: str,
                       model: ModelConfig, cfg: AccelConfig, *, src: int, dst: int,
-                      residual: tuple[int, str] | None = None, batch: int = 1) -> None:
+                      residual: tuple[int, str] | None = None, batch: int = 1,
+                      src_scratch: bool = False) -> None:
     """QKV, per head Q·Kᵀ → softmax → P·V, then the projection: ``src`` (LN1 out) → ``dst``.
 
     With ``residual = (x, params)`` the projection adds x in its output stage (``_linear``).
+    With ``src_scratch`` nothing reads ``src`` after QKV, so where QKV runs once for the
+    batch the heads' outputs take its room (a batch of four ``edge-moe`` images then fits
+    with one QKV pass).
     With ``batch = B`` the tensors hold B images' tokens (stride ``B · n_tokens``, image b's
     token i at row ``b · n_tokens + i``): QKV and the projection run once for all of them
     (each weight tile read once), Q·Kᵀ, softmax and P·V per image and head.
@@ -531,7 +535,8 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         raise M3VitError(f"head width {dh} is not a multiple of the buffer's {C} lanes")
     pv_tiles = _ceil(dh, G)
 
-    def buffers(qkv_rows: int) -> tuple[int, list[int], list[int], int]:
+    def buffers(qkv_rows: int, heads_at: int | None = None
+                ) -> tuple[int, list[int], list[int], int]:
         qkv = plan.alloc(f"{p}.qkv", qkv_rows, 3 * d)
         # Q·Kᵀ writes whole N-tiles of keys; softmax and P·V use the first ceil(n / C)
         # words. Two of each, alternating by head: a head's softmax runs in the background
@@ -541,14 +546,19 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         probs = [plan.alloc(f"{p}.probs{i}", n, (_ceil(n, C) + 1) * C) for i in range(2)]
         # P·V writes whole N-tiles: a head narrower than one writes the next head's first
         # words too (that head overwrites them later); the last head's spill needs the room.
+        if heads_at is not None:
+            return qkv, scores, probs, heads_at
         heads_out = plan.alloc(f"{p}.attn_out", m, d - dh + pv_tiles * G)
         return qkv, scores, probs, heads_out
 
     # QKV once for the batch (each weight tile read once) where its output fits, else
     # image by image into one image's room (the layout the compiler falls back to).
     mark = plan.next_word
+    # The heads' outputs in LN1's room: (M, D) at stride M, as src, when no head's P·V
+    # writes past D (whole N-tiles of a head as wide as a tile).
+    reuse = src if src_scratch and pv_tiles * G == dh else None
     try:
-        qkv, scores, probs, heads_out = buffers(m)
+        qkv, scores, probs, heads_out = buffers(m, reuse)
         qkv_stride, per_image = m, False
     except M3VitError:
         if batch == 1:
@@ -816,7 +826,7 @@ def block_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, index
     _layernorm(prog, img, t, f"{p}.ln1", cfg, src=src, dst=h, tokens=n, dim=d)
     scratch = plan.next_word
     attention_program(prog, img, plan, t, p, model, cfg, src=h, dst=x1,
-                      residual=(src, f"{p}.res1"), batch=batch)
+                      residual=(src, f"{p}.res1"), batch=batch, src_scratch=True)
     plan.release(scratch)
     _layernorm(prog, img, t, f"{p}.ln2", cfg, src=x1, dst=h2, tokens=n, dim=d)
     if index in model.moe_blocks:
