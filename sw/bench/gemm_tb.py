@@ -17,6 +17,12 @@ for a transposed pass; a row_scale pass's scale beats before each N-tile's token
 random bits in the lanes and bits the engine ignores), drives them all and collects the
 output in one cycle loop. With ``interleaved`` the parameters and weights come from one
 in-order source, as from a single DDR read stream (:class:`SharedOrder`).
+
+The engine's intake (weight rows, parameter records and table entries a beat: its
+``rows_per_beat``, ``params_per_beat`` and ``table_entries``) is read off the DUT's port
+widths, so one bench drives the test engines (one row and one record a beat) and the
+top's (:func:`m3vit.hw.engine.router.intake_shape`: two 64-byte rows and 16 records from
+each 128-byte read entry on the ZCU104) alike.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from m3vit.hw.gemm import COUNTER_NAMES, TABLE_ENTRIES, GemmEngine
+from m3vit.hw.gemm import COUNTER_NAMES, GEMM_PARAM, TABLE_ENTRIES, GemmEngine
 from m3vit.hw.isa import GemmOp
 from m3vit.sim.cocotb_runner import bench_config
 
@@ -239,6 +245,21 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
     )
 
 
+def _per_beat(payload, item_bits: int, name: str) -> int:
+    """Items of ``item_bits`` bits a beat of the DUT's ``payload`` signal carries.
+
+    Raises
+    ------
+    AssertionError
+        If the payload is not a whole number of items: the DUT is not a
+        :class:`~m3vit.hw.gemm.GemmEngine` of the bench's configuration.
+    """
+    width = len(payload)
+    assert width % item_bits == 0 and width > 0, (
+        f"{name} payload of {width} bits is not whole items of {item_bits} bits")
+    return width // item_bits
+
+
 class SharedOrder:
     """The beat order of several input ports fed by one in-order source.
 
@@ -346,6 +367,12 @@ class TB:
     interleaved : bool
         Parameters and weights from one in-order source (:class:`SharedOrder`): for each
         N-tile, its ``gemm_cols`` parameter records, then its ``k_slices`` weight tiles.
+
+    Attributes
+    ----------
+    rows_per_beat, params_per_beat, table_entries : int
+        The DUT's intake, from its port widths: weight rows (or columns) a ``weights``
+        beat, parameter records a ``params`` beat, table entries a ``table`` beat.
     """
 
     def __init__(self, dut, *, gaps: bool, backpressure: bool,
@@ -361,13 +388,23 @@ class TB:
         self.rng = random.Random(seeds.getrandbits(64))
         gap = 0.3 if gaps else 0.0
         cfg = self.config
+        # The engine's intake, read off the DUT (the configuration does not say how the
+        # engine was built): one row and one record a beat in the benches of tests/sim/,
+        # the top's intake in the utilization benchmark. Nothing random is drawn here, so a
+        # bench's stimulus does not depend on it.
+        self.rows_per_beat = _per_beat(dut.weights__payload, 8 * cfg.gemm_cols, "weights")
+        self.params_per_beat = _per_beat(dut.params__payload, GEMM_PARAM.size, "params")
+        self.table_entries = _per_beat(dut.table__payload, 8, "table")
 
         def port(prefix: str, **kwargs) -> StreamPort:
             return StreamPort(dut, prefix, random.Random(seeds.getrandbits(64)), **kwargs)
 
         self.command = port("command", gap_probability=gap)
+        # A weight beat is rows_per_beat rows of gemm_cols bytes: a bandwidth limit of one
+        # beat's bytes a cycle lets one beat through a cycle, as the top's read router does.
         self.weights = port("weights", gap_probability=gap,
-                            bytes_per_cycle=weight_bytes_per_cycle, beat_bytes=cfg.gemm_cols)
+                            bytes_per_cycle=weight_bytes_per_cycle,
+                            beat_bytes=cfg.gemm_cols * self.rows_per_beat)
         self.activations = port("activations", gap_probability=gap)
         self.params = port("params", gap_probability=gap)
         self.table = port("table", gap_probability=gap)
@@ -387,8 +424,10 @@ class TB:
         self.cycle = 0
         self.edge = RisingEdge(dut.clk)
         # The payload layouts of the hardware itself (building the component elaborates
-        # nothing).
-        engine = GemmEngine(cfg)
+        # nothing; it also checks the intake read off the DUT).
+        engine = GemmEngine(cfg, rows_per_beat=self.rows_per_beat,
+                            params_per_beat=self.params_per_beat,
+                            table_entries=self.table_entries)
         self.layouts = SimpleNamespace(
             command=engine.command.payload.shape(),
             weights=engine.weights.payload.shape(),
@@ -449,7 +488,7 @@ class TB:
             self.command.beats.append(self.command_beat(GemmOp.LOAD_TABLE))
             # T entries a beat (the engine's ``table_entries``: the payload's width / 8),
             # entry 0 in the low byte.
-            per_beat = len(self.table.payload) // 8
+            per_beat = self.table_entries
             entries = [value & 0xFF for value in gemm.table.tolist()]
             self.table.beats += [
                 sum(e << (8 * i) for i, e in enumerate(entries[b:b + per_beat]))
@@ -459,10 +498,15 @@ class TB:
                               gemm.row_scale))
         w = gemm.w.tolist()
         x = gemm.x.tolist()
+        # W rows (or columns) a weight beat and P records a parameter beat; W divides
+        # pe_rows (and, for a transposed pass, gemm_cols) and P gemm_cols, so a tile's rows
+        # and an N-tile's records are whole beats and beats never straddle two of them.
+        per_row_beat, per_param_beat = self.rows_per_beat, self.params_per_beat
         for j in range(n_tiles):
             if self.shared is not None:
                 per_tile = cols if gemm.transposed else rows
-                self.shared.order += [self.params] * cols + [self.weights] * k_slices * per_tile
+                self.shared.order += ([self.params] * (cols // per_param_beat)
+                                      + [self.weights] * (k_slices * per_tile // per_row_beat))
             if gemm.row_scale:
                 self.activations.beats += [
                     self.scale_beat(int(gemm.row_mult[j, m]), int(gemm.row_shift[j, m]))
@@ -476,19 +520,21 @@ class TB:
                 else:
                     beats = [[w[j * cols + c][s * rows + r] for c in range(cols)]
                              for r in range(rows)]
-                # One row (or column) a beat: the bench's engine has rows_per_beat = 1.
-                self.weights.beats += [self.layouts.weights.const([b]).as_bits() for b in beats]
+                # rows_per_beat rows (or columns) a beat, the first in element 0.
+                self.weights.beats += [
+                    self.layouts.weights.const(beats[b:b + per_row_beat]).as_bits()
+                    for b in range(0, len(beats), per_row_beat)]
                 for m in range(tokens):
                     self.activations.beats.append(
                         self.layouts.activations.const(x[m][s * rows:(s + 1) * rows]).as_bits()
                     )
-            for c in range(cols):
-                channel = j * cols + c
-                self.params.beats.append(self.layouts.params.const([{
-                    "bias": int(gemm.bias[channel]),
-                    "mult": int(gemm.mult[channel]),
-                    "shift": int(gemm.shift[channel]),
-                }]).as_bits())
+            records = [{"bias": int(gemm.bias[channel]), "mult": int(gemm.mult[channel]),
+                        "shift": int(gemm.shift[channel])}
+                       for channel in range(j * cols, (j + 1) * cols)]
+            # params_per_beat records a beat, the N-tile's first channel in element 0.
+            self.params.beats += [
+                self.layouts.params.const(records[b:b + per_param_beat]).as_bits()
+                for b in range(0, cols, per_param_beat)]
 
     def decode(self, op: GemmOp, bits: int, int16: bool = False) -> list[int]:
         """One result beat (a word) as its ``pe_cols`` integers (``pe_cols / 2`` INT16 ones,

@@ -110,19 +110,28 @@ def bench_golden(repeat: int = 10) -> str:
     ])
 
 
+#: Small counts as words, for prose ("two 64-byte rows" reads better than "2 64-byte rows").
+_count_words = {1: "one", 2: "two", 4: "four", 8: "eight"}
+
+
 def bench_gemm_utilization() -> str:
     """PE-array utilization of the ZCU104 GEMM engine (32 × 64, 2,048 MACs a cycle on 1,024
-    DSPs, results two 32-lane words a row) on edge-moe shapes, cycle-accurate, fed one
-    64-byte read entry a cycle as the top feeds it."""
+    DSPs, results two 32-lane words a row) on edge-moe shapes, cycle-accurate, built and fed
+    as the top feeds it: one 128-byte read entry a cycle, i.e. two 64-byte weight rows (or
+    16 parameter records) a beat."""
     from m3vit.hw.config import ZCU104
     from m3vit.hw.engine.router import intake_shape
 
     from . import gemm_utilization as harness
 
-    entry_bytes = float(intake_shape(ZCU104).entry_bytes)
+    intake = intake_shape(ZCU104)
+    entry_bytes = float(intake.entry_bytes)
     figures = harness.bench_gemm_utilization(ZCU104, weight_bytes_per_cycle=entry_bytes)
     built = (f"Verilator build {figures[0]['build_s']:.0f} s" if figures[0]["build_s"] >= 10
-             else "no rebuild (the Verilator model was up to date)")
+             else "No rebuild (the Verilator model was up to date)")
+    rows = intake.rows_per_beat
+    # A weight tile is pe_rows rows, rows_per_beat of them a cycle.
+    load = ZCU104.pe_rows // rows
     return "\n".join([
         f"## GEMM engine: PE-array utilization ({ZCU104.pe_rows} × {ZCU104.gemm_cols}, ZCU104 "
         "config)",
@@ -130,8 +139,14 @@ def bench_gemm_utilization() -> str:
         "Command: `make bench` (`python -m m3vit.sw.bench gemm_utilization`), which runs "
         "`bench_gemm_utilization` of `m3vit.sw.bench.gemm_utilization`: the Verilated engine "
         "of the top (two INT8 products per DSP48E2, `hw/packed.py`; each result row leaves "
-        "as two 32-lane words, `gemm_words = 2`), one INT8 pass per shape, weights one "
-        "64-byte row a cycle (the three HP ports' entry), cycles from reset release to the "
+        "as two 32-lane words, `gemm_words = 2`) with the top's intake (`intake_shape`: "
+        f"`rows_per_beat = {rows}`, `params_per_beat = {intake.params_per_beat}`, "
+        f"`table_entries = {intake.gemm_table_entries}`), one INT8 pass per shape, weights "
+        f"at most one {intake.entry_bytes}-byte read entry a cycle, i.e. a beat of "
+        f"{_count_words.get(rows, rows)} {ZCU104.gemm_cols}-byte rows (an entry is "
+        f"{intake.entry_beats} AXI beats "
+        f"from the {ZCU104.n_master_ports} HP ports' read queues, as the read router hands "
+        "them over; the DDR's own rate is `bench soc`'s), cycles from reset release to the "
         "last result (first tile load, pipeline fill and drain included), results checked "
         f"against the golden model. {built}, simulation {figures[0]['sim_s']:.0f} s.",
         f"Machine: {machine()}.",
@@ -139,8 +154,11 @@ def bench_gemm_utilization() -> str:
         harness.format_table(ZCU104, figures, entry_bytes),
         "",
         "ideal = M · K/rows · N/cols cycles; utilization = useful MACs / (cycles · 2,048). "
-        "With fewer tokens than a weight tile's load cycles (32) the weight port bounds the "
-        "pass.",
+        f"With fewer tokens than a weight tile's load cycles ({load}: {ZCU104.pe_rows} rows, "
+        f"{rows} a cycle) the weight port bounds the pass. Parameters are always available "
+        "here; in the top an N-tile's "
+        f"{ZCU104.gemm_cols // intake.params_per_beat} parameter entries share the read "
+        "stream with its weights.",
     ])
 
 

@@ -1,13 +1,17 @@
 # amaranth: UnusedElaboratable=no
 """The GEMM engine (:mod:`m3vit.hw.gemm`): cocotb + Verilator benches and the ZCU104 lint.
 
-The bench in ``tests/sim/gemm/`` runs on five small arrays, each one Verilator build under
+The bench in ``tests/sim/gemm/`` runs on six small engines, each one Verilator build under
 ``build/sim/gemm/``: 4 × 4 (``max_tokens`` 80), an 8 × 4 one with ``max_tokens`` 129 (the
 ``edge-moe`` token count), a 2 × 8 one (one multiplier per PE), the only shape whose
 weight tiles load fast enough to reach the accumulator hazard and the parameter hand-over
 between back-to-back N-tiles, a 4 × 8 one (wider than deep), each with results one word
 per array row, and the CI configuration's 4 × 8 array whose rows leave as two 4-lane words
-(``gemm_words=2``, as the ZCU104's 32 × 64 array's leave as two 32-byte words). The arrays
+(``gemm_words=2``, as the ZCU104's 32 × 64 array's leave as two 32-byte words), built
+twice: fed one weight row and one parameter record a beat, and with the CI top's intake
+(:func:`~m3vit.hw.engine.router.intake_shape`: two rows, two records and 16 table entries
+a beat, as the ZCU104 top takes two 64-byte rows and 16 records from each 128-byte read
+entry, which :mod:`m3vit.sw.bench.gemm_utilization` measures). The arrays
 with ``pe_rows ≤ gemm_cols`` also run passes with transposed (column-order) weight tiles;
 on the 8 × 4 such a command is checked to be illegal. Those with ``pe_rows ≥ 4`` run
 ``row_scale`` passes (per-token requantization, attention's P·V) among the other modes; on
@@ -22,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from m3vit.hw.config import CI, ZCU104, AccelConfig
+from m3vit.hw.engine.router import intake_shape
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.gemm import GemmEngine, Requantizer
 from m3vit.sim.verilator import lint
@@ -43,12 +48,24 @@ BENCH_CONFIGS = {
     # The CI top's engine: a 4 x 8 array whose rows leave as two 4-lane words, as the
     # ZCU104's 32 x 64 array's leave as two 32-byte words.
     "4x8w2": CI,
+    # The same, fed as the CI top feeds it (BENCH_ENGINE_ARGS): several rows and records
+    # a beat, the intake the utilization benchmark measures on the ZCU104's engine.
+    "4x8w2-top": CI,
 }
 
 #: Constructor arguments other than the configuration, per bench: one bench loads the
-#: output table several entries a beat, as the top does; one keeps a multiplier per PE
-#: (the others pack two products per DSP, the default).
-BENCH_ENGINE_ARGS = {"8x4": {"table_entries": 4}, "2x8": {"dsp_products": 1}}
+#: output table several entries a beat; one keeps a multiplier per PE (the others pack two
+#: products per DSP, the default); one takes the CI top's intake, two weight rows (or
+#: columns), two parameter records and 16 table entries a beat, as the top's read router
+#: hands an entry over (the ZCU104's: two 64-byte rows and 16 records from 128 bytes).
+_CI_INTAKE = intake_shape(CI)
+BENCH_ENGINE_ARGS = {
+    "8x4": {"table_entries": 4},
+    "2x8": {"dsp_products": 1},
+    "4x8w2-top": {"rows_per_beat": _CI_INTAKE.rows_per_beat,
+                  "params_per_beat": _CI_INTAKE.params_per_beat,
+                  "table_entries": _CI_INTAKE.gemm_table_entries},
+}
 
 
 def expected_tests(config: AccelConfig) -> int:
@@ -95,6 +112,14 @@ def test_zcu104_engine_elaborates_and_lints_clean():
     # per DSP, the M register of each chain position.
     packed = re.findall(r"^\s*reg (?:signed )?\[34:0\] p\d+_chain\d+_m\d ", text, re.M)
     assert len(packed) == ZCU104.n_pe // 2
+
+
+def test_the_top_intake_bench_feeds_several_rows_and_records_a_beat():
+    # Otherwise the "4x8w2-top" bench tests nothing the "4x8w2" one does not.
+    args = BENCH_ENGINE_ARGS["4x8w2-top"]
+    assert args["rows_per_beat"] == 2 and args["params_per_beat"] > 1
+    # The same rows a beat as the ZCU104's engine in the top.
+    assert intake_shape(ZCU104).rows_per_beat == args["rows_per_beat"]
 
 
 def test_engine_geometry_follows_the_config():
