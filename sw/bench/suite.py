@@ -474,12 +474,12 @@ SWEEP_FIGURE = Path("docs") / "sweep-edge-moe.png"
 #: The make-bench space: edge-moe on the ZCU104 base, ports × array width × batch.
 SWEEP_SPACE = {"config": "zcu104", "presets": ["edge-moe"], "task": "semseg",
                "knobs": {"n_master_ports": [1, 2, 3], "gemm_words": [1, 2],
-                         "batch": [1, 2, 3]}}
+                         "batch": [1, 2, 3, 4]}}
 
 
 SWEEP_YOSYS_FIGURE = Path("docs") / "sweep-edge-moe-yosys.png"
 SWEEP_YOSYS_SPACE = {"config": "zcu104", "presets": ["edge-moe"], "task": "semseg",
-                     "knobs": {"n_master_ports": [2, 3], "batch": [1, 3]}}
+                     "knobs": {"n_master_ports": [2, 3], "batch": [1, 4]}}
 
 
 def bench_sweep() -> str:
