@@ -41,10 +41,15 @@ class DmaModel:
         random write-response delay; otherwise every stream is always ready.
     read_latency : int, optional
         Cycles from a read command to its first beat.
+    read_rate : (float, int), optional
+        ``(bytes a cycle, read-ahead bytes)``: the DDR delivers the commands' bytes at that
+        rate (from a command's first beat on), at most that many bytes ahead of what the
+        engine has taken (the read queues), as the SoC model's DDR does; default: an entry
+        whenever the engine takes one.
     """
 
     def __init__(self, bench: Bench, memory: bytearray, *, random_flow: bool,
-                 read_latency: int = 0):
+                 read_latency: int = 0, read_rate: tuple[float, int] | None = None):
         self.bench, self.dut, self.memory = bench, bench.dut, memory
         self.cfg = bench_config()
         self.beat = self.cfg.axi_bytes
@@ -54,8 +59,13 @@ class DmaModel:
         self.rng = bench.rng()
         self.random_flow = random_flow
         self.read_latency = read_latency  # cycles from a read command to its first beat
+        self.read_rate = read_rate
+        # With read_rate: stream bytes requested, delivered by the DDR and taken, and the
+        # cycle the delivery count was last brought up to date.
+        self.requested = self.delivered = self.taken = 0.0
+        self.rate_cycle = 0
         self.cycle = 0
-        self.beat_hook = None     # callable(byte address) per read beat taken, if set
+        self.beat_hook = None     # callable(byte address, bytes) per read entry taken, if set
         self.reads = collections.deque()
         self.writes = collections.deque()
         self.write_responses = 0
@@ -71,6 +81,20 @@ class DmaModel:
 
     def _chance(self, p: float) -> bool:
         return not self.random_flow or self.rng.random() >= p
+
+    def _deliver(self) -> None:
+        """Bring the DDR's delivered bytes up to this cycle: the rate while a command's
+        first beat is due and bytes are outstanding, never past the read-ahead."""
+        rate, ahead = self.read_rate
+        elapsed, self.rate_cycle = self.cycle - self.rate_cycle, self.cycle
+        if self.reads and self.reads[0][2] <= self.cycle:
+            self.delivered = min(self.delivered + rate * elapsed, self.requested,
+                                 self.taken + ahead)
+
+    def _delivered(self, beats: int) -> bool:
+        """The DDR has delivered the head command's next ``beats`` beats."""
+        return (self.read_rate is None
+                or self.delivered >= self.taken + beats * self.beat - 1e-9)
 
     async def _run(self) -> None:
         dut, addr_mask = self.dut, (1 << self.cfg.axi_addr_width) - 1
@@ -108,11 +132,14 @@ class DmaModel:
             drive(rd_cmd_ready, cmd_ready)
             drive(wr_cmd_ready, wcmd_ready)
             drive(wr_data_ready, wdata_ready)
+            if self.read_rate is not None:
+                self._deliver()
             if (read_beat is None and self.reads and self.reads[0][2] <= self.cycle
+                    and self._delivered(min(self.reads[0][1], self.entry_beats))
                     and self._chance(0.3)):
                 addr, beats, due = self.reads[0]
                 n = min(beats, self.entry_beats)
-                read_beat = (addr, beats == n)
+                read_beat = (addr, beats == n, n * self.beat)
                 self.reads[0] = (addr + n * self.beat, beats - n, due)
                 if beats == n:
                     self.reads.popleft()
@@ -135,10 +162,12 @@ class DmaModel:
                 if beats:
                     self.reads.append((addr, beats, self.cycle + self.read_latency))
                     self.read_log.append((addr, beats * self.beat))
+                    self.requested += beats * self.beat
                 self.read_bytes += beats * self.beat
             if read_beat is not None and rd_ready.value:
                 if self.beat_hook is not None:
-                    self.beat_hook(read_beat[0])
+                    self.beat_hook(read_beat[0], read_beat[2])
+                self.taken += read_beat[2]
                 read_beat = None
             if wcmd_ready and wr_cmd_valid.value:
                 payload = wr_cmd_payload.value.to_unsigned()
@@ -193,14 +222,17 @@ class EngineBench(Bench):
         Cycles from a read command to its first beat.
     memory_bytes : int, optional
         Size of the DDR.
+    read_rate : (float, int), optional
+        The DDR's read rate and read-ahead (see :class:`DmaModel`).
     """
 
-    def __init__(self, dut, flow: str, read_latency: int = 0, memory_bytes: int = MEMORY_BYTES):
+    def __init__(self, dut, flow: str, read_latency: int = 0, memory_bytes: int = MEMORY_BYTES,
+                 read_rate: tuple[float, int] | None = None):
         super().__init__(dut)
         self.cfg = bench_config()
         self.memory = bytearray(memory_bytes)
         self.dma = DmaModel(self, self.memory, random_flow=flow == "random",
-                            read_latency=read_latency)
+                            read_latency=read_latency, read_rate=read_rate)
         for name in ("start", "abort_request", "program_base", "data_base", "data_size",
                      "task_select", "schedule"):
             dut[f"ctrl__{name}"].value = 0

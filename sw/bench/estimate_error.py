@@ -18,7 +18,7 @@ CASES = (
     ("tiny", None, "ci", (1,), ("expert", "token")),
     ("tiny", (16, 16), "ci", (1, 2, 3, 4), ("expert", "token")),
     ("tiny", None, "zcu104", (1, 2, 4, 8), ("expert", "token")),
-    ("edge-moe", None, "zcu104", (1, 2, 3), ("expert",)),
+    ("edge-moe", None, "zcu104", (1, 2, 3, 4), ("expert",)),
     ("edge-moe", None, "zcu104", (1,), ("token",)),
 )
 

@@ -5,11 +5,13 @@ configuration (32 × 64 array, 128-bit DDR ports), compiles the first MoE layer 
 randomly initialised, quantized model (router on chip from the task's router weights,
 ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE), and runs it twice on the same program:
 ``SCHEDULE.ORDER`` = expert by expert, then token by token. Both outputs are checked bit-
-exactly against the golden model. The DMA engines are played in Python: one read entry per
-cycle at most (the engine's intake, 128 bytes on the ZCU104) and a 40-cycle first-beat
-latency per read command. Printed: cycles, DDR bytes, their ratios (the paper's claim),
-and for the reordered run the expert phase (first to last expert-weight beat): DDR read-
-bandwidth utilisation, and how much of the weight loading ran while the PE array computed.
+exactly against the golden model. The DMA engines are played in Python at the DDR model's
+ZCU104 rates (the three ports' aggregate bytes a cycle, its first-beat latency, read ahead
+of the engine as far as the top's read queues hold) and one read entry per cycle at most
+(the engine's intake, 128 bytes on the ZCU104). Printed: cycles, DDR bytes, their ratios
+(the paper's claim), and for the reordered run the expert phase (first to last expert-weight
+beat): DDR read-bandwidth utilisation, and how much of the weight loading ran while the PE
+array computed.
 The cocotb side is :mod:`m3vit.sw.bench.moe_layer_tb`.
 """
 
@@ -65,8 +67,8 @@ def markdown(r: dict) -> str:
         "Expert phase of the reordered run (first to last expert-weight beat): "
         f"{ebe['expert_phase_cycles']:,} cycles, {ebe['weight_beats']:,} weight entries of "
         f"{r['entry_bytes']} bytes: **read utilisation "
-        f"{ebe['ddr_utilization']:.1%}** of the modelled peak (one entry per cycle, the "
-        "engine's intake; the three HP ports deliver ≈ 47 bytes a cycle: `bench soc`); the PE "
+        f"{ebe['ddr_utilization']:.1%}** of the DDR's {r['read_bytes_per_cycle']:.2f} bytes "
+        "a cycle; the PE "
         f"array computed in {ebe['array_cycles']:,} of those cycles, "
         f"{ebe['overlap_cycles']:,} of them while a weight beat arrived: "
         f"{ebe['weight_load_hidden']:.1%} of the weight-load cycles overlap compute and "

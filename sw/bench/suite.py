@@ -269,9 +269,11 @@ def bench_moe_layer() -> str:
         "Verilated 32 × 64 engine, from the golden LN2 output: router GEMM (the task's "
         "router), ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE. One program, run twice: "
         "`SCHEDULE.ORDER` = expert by expert, then token by token; both outputs equal the "
-        "golden MoE output bit for bit. DMA played in Python: at most one read entry (64 "
-        f"bytes, the engine's intake) per cycle, {r['read_latency']}-cycle first-beat latency "
-        "per read command.",
+        "golden MoE output bit for bit. DMA played in Python at the DDR model's ZCU104 "
+        f"rates: {r['read_bytes_per_cycle']:.2f} bytes a cycle (the three HP ports together), "
+        f"{r['read_latency']}-cycle first-beat latency, up to {r['read_ahead_bytes'] >> 10} "
+        f"KiB read ahead of the engine (the top's read queues), at most one read entry "
+        f"({r['entry_bytes']} bytes, the engine's intake) a cycle.",
         f"Machine: {machine()}.",
         "",
         harness.markdown(r),
