@@ -235,10 +235,11 @@ def bench_block_latency() -> str:
         "`m3vit.sw.bench.block_latency`: the Verilated engine runs the compiled program "
         "(LN1, QKV, the three heads' Q·Kᵀ, softmax and P·V, projection + residual, LN2, "
         "FC1 + GELU, FC2 + residual, with the input LOAD and output STORE) with the DMA "
-        "engines played at one "
-        "read entry per cycle (the engine's intake: 64 bytes on the ZCU104's three ports; "
-        "the whole SoC under the DDR model is `bench soc`), and the output is checked "
-        "bit-exactly against the golden model.",
+        "engines played at the DDR model's ZCU104 read rates (the three HP ports' aggregate, "
+        "its first-beat latency, read ahead as far as the top's read queues hold; at most "
+        "one 128-byte read entry a cycle, the engine's intake; the whole SoC under the DDR "
+        "model is `bench soc`), and the output is checked bit-exactly against the golden "
+        "model.",
         f"Machine: {machine()}.",
         "",
         "| preset | array | cycles | MAC-bound ideal | ideal / cycles | µs at 300 MHz |",
