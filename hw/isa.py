@@ -519,13 +519,18 @@ _ISA_SEMANTICS = """
 
 Instructions run one at a time, in order; an instruction starts when the previous one has
 written its last result (to the buffer, or to DDR with every write response back). One
-overlap, invisible to results: once a `GEMM` with INT8 results and weights from DDR has
-issued its DDR stream, the next instruction is fetched and checked; if it is such a `GEMM`
-too, its weight stream is issued at once, behind the first's (the PE array's double
-buffer takes its first tile while the previous `GEMM` computes), and its buffer reads and
-writes start after the previous `GEMM`'s last result. This is how the next expert's
-weights are prefetched. A `LAYERNORM` after such a `GEMM` reads its parameters behind
-the `GEMM`'s stream too; its buffer walks start after the `GEMM`'s last result.
+overlap, invisible to results: once a `GEMM` with its results in the buffer (not INT32) has
+issued its DDR stream (weights and parameters, or parameters only), the next instruction
+is fetched and checked; if it is such a `GEMM` too, its stream is issued at once, behind
+the first's (the PE array's double buffer takes its first tile while the previous `GEMM`
+computes), and its buffer reads and writes start after the previous `GEMM`'s last result.
+This is how the next expert's weights are prefetched. Where both `GEMM`s are plain (no
+`GATHER` rows, no fused residual, outside an `EXPERTS` body) and none of the second's
+read ranges (activations, buffer weights) meets the first's results, the second's reads
+start as soon as the first has taken its last token, and its writes after the first's
+last result (attention's P·V and the next head's Q·Kᵀ). A `LAYERNORM` after such a
+`GEMM` reads its parameters behind the `GEMM`'s stream too; its buffer walks start after
+the `GEMM`'s last result.
 A `SOFTMAX` runs in the background: once it has started, the next instruction is fetched
 and checked, and if it is a `GEMM` none of whose buffer ranges (activations, results,
 weights or residual x) meets the softmax's (a `GEMM` read of its probabilities, a `GEMM`
@@ -537,9 +542,9 @@ time into a small cache that every `START` empties: a program must not change it
 while it runs (no `STORE` into the program), and a line may read up to 224 bytes past the
 program's end (the runtime puts the data image there). DDR streams may start at any
 16-byte boundary; the compiler aligns them to one read entry (128 bytes on the three-port
-ZCU104), where the DMA reads them without realigning. The DMA moves whole AXI beats: the bits of `DATA_BASE + offset`
-below a beat are dropped (a transfer at offset 753 starts at 752), while the checks use the
-offset as written.
+ZCU104), where the DMA reads them without realigning. The DMA moves whole AXI beats: the
+bits of `DATA_BASE + offset` below a beat are dropped (a transfer at offset 753 starts at
+752), while the checks use the offset as written.
 Before an instruction starts, the controller checks it; a failing check stops the run
 cleanly (nothing of that instruction has started) with STATUS.ERROR, `ERROR_CODE` and
 `ERROR_PC` = the instruction's index:

@@ -3,13 +3,17 @@
 ``FETCH`` (one instruction, from the fetch's line cache or a line read through the DMA) →
 ``CHECK1`` / ``CHECK2`` (the instruction checks: sums registered, then compared) → the
 instruction's states → ``NEXT``. An instruction ends when its last result is in the
-buffer, or its last write response is back — except that a ``GEMM`` streaming its weights
-from DDR with INT8 results hands over as soon as its stream is issued (``pending``): the
-next instruction is fetched and checked while the stream arrives and the array computes
-(the router gives a GEMM's entries priority), and if it is such a ``GEMM`` too, its
-command and weight stream are issued at once, queued behind the first's, while its buffer
-walks wait (in a queue of :data:`GEMMS_HELD` walk plans) for the previous ``GEMM``'s last
-result: the DDR streams on from one GEMM's weights into the next's, up to five GEMMs ahead. A failed check stops before anything of the
+buffer, or its last write response is back — except that a ``GEMM`` with its results in
+the buffer hands over as soon as its commands and DDR stream (weights and parameters, or
+parameters only) are issued (``pending``): the next instruction is fetched and checked
+while the stream arrives and the array computes (the router gives a GEMM's entries
+priority), and if it is such a ``GEMM`` too, its command and stream are issued at once,
+queued behind the first's, while its buffer walks wait (in a queue of :data:`GEMMS_HELD`
+walk plans) for the previous ``GEMM``'s last result: the DDR streams on from one GEMM's
+weights into the next's, up to five GEMMs ahead. A held GEMM that reads nothing the one
+before it writes (both plain: no gather, no fused residual, not in an ``EXPERTS`` body)
+starts its reads as soon as that one has taken its last token, and its results' walk when
+that one's last result is written. A failed check stops before anything of the
 instruction starts; a DDR error lets the instruction finish, then stops; ``abort_request``
 stops after the current instruction.
 """
@@ -18,7 +22,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import exact_log2
+from amaranth.utils import ceil_log2, exact_log2
 
 from ..axi import dma_cmd_layout
 from ..config import AccelConfig
@@ -79,14 +83,17 @@ def _walk_layout(cfg: AccelConfig) -> data.StructLayout:
 
 def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
     """Everything that starts a GEMM's buffer walks: the three walks (``w``, ``b`` used or
-    not), the result count, the gather stage's mode and offset, and a fused residual add
-    (its flag and the residual unit's command)."""
+    not), the result count, the gather stage's mode and offset, a fused residual add (its
+    flag and the residual unit's command), where its weights come from (``from_buffer``,
+    ``columns``) and ``early``: its reads may start before the GEMM before it has written
+    its last result (:meth:`Controller._launch_held_walks`)."""
     walk = _walk_layout(cfg)
     entries = cfg.max_tokens * cfg.max_top_k
     return data.StructLayout({"a": walk, "w": walk, "b": walk, "use_w": 1, "use_b": 1,
                               "writes": 32, "gather_mode": GatherMode,
                               "gather_offset": range(entries + 1),
-                              "residual": 1, "res_cmd": ResidualAdd.cmd_layout(cfg)})
+                              "residual": 1, "res_cmd": ResidualAdd.cmd_layout(cfg),
+                              "from_buffer": 1, "columns": 1, "early": 1})
 
 
 class _Registers:
@@ -131,6 +138,15 @@ class _Registers:
         # (a queue of GEMMS_HELD plans, made in elaborate): each starts when the one before
         # has written its last result, and the controller goes on meanwhile.
         self.launcher = None
+        # The held GEMM at the launcher's head has started its reads (``early``) and waits
+        # only for the results' walk; the results range of the last GEMM accepted and
+        # whether it was plain (no gather, no fused residual, not in an EXPERTS body).
+        self.reads_early = Signal()
+        buf_bits = ceil_log2(cfg.act_buffer_words)
+        self.prev_used = Signal()
+        self.prev_first = Signal(buf_bits)
+        self.prev_last = Signal(buf_bits)
+        self.prev_plain = Signal()
         # A fused residual add (GEMM or COMBINE with ``residual``): the datapath's routing,
         # and the residual unit's command, offered until taken.
         self.residual_fused = Signal()
@@ -339,7 +355,7 @@ class Controller(wiring.Component):
                              r.routed.eq(0), r.loop_active.eq(0),
                              r.run_schedule.eq(self.schedule), r.pending.eq(0),
                              r.residual_fused.eq(0), r.res_cmd_valid.eq(0),
-                             r.bg_busy.eq(0)]
+                             r.bg_busy.eq(0), r.reads_early.eq(0), r.prev_used.eq(0)]
                 m.d.comb += [self.dma_error_clear.eq(1), self.fetch.flush.eq(1)]
                 m.next = "FETCH"
         with m.State("FETCH"):
@@ -376,11 +392,12 @@ class Controller(wiring.Component):
                 m.d.sync += r.bg_to_fetch.eq(0)
                 m.next = "BG_WAIT"
             with m.Elif(r.pending):
-                # A GEMM is still finishing: a streamed GEMM may start beside it, and a
-                # LayerNorm's parameter read (a unit the GEMM does not use) goes on behind
-                # its stream; anything else waits. (A table load could too, but it would
-                # retire before the GEMM's drain and take the GEMM's time in the trace.)
-                with m.If(ok & (op == Opcode.GEMM) & self._streamed()):
+                # A GEMM is still finishing: a GEMM with buffer results may start beside
+                # it, and a LayerNorm's parameter read (a unit the GEMM does not use) goes
+                # on behind its stream; anything else waits. (A table load could too, but
+                # it would retire before the GEMM's drain and take the GEMM's time in the
+                # trace.)
+                with m.If(ok & (op == Opcode.GEMM) & self._hands_over()):
                     m.d.sync += r.sent.eq(0)
                     m.next = "GEMM_PREFETCH"
                 with m.Elif(ok & (op == Opcode.LAYERNORM)):
@@ -430,11 +447,37 @@ class Controller(wiring.Component):
         return (overlap(ranges[0], r.bg_write) | overlap(ranges[2], r.bg_write)
                 | overlap(ranges[1], r.bg_read) | overlap(ranges[1], r.bg_write))
 
-    def _streamed(self):
-        """The instruction is a GEMM whose weights stream from DDR with INT8 results: it may
-        hand over to the next instruction once its stream is in."""
+    def _hands_over(self):
+        """The instruction is a GEMM with results in the buffer (not INT32): it may hand
+        over to the next instruction once its commands and DDR stream (weights and
+        parameters, or parameters only) are issued."""
+        return self.instruction.args.gemm.mode != GemmMode.INT32
+
+    def _plain(self) -> Value:
+        """The GEMM neither gathers its rows, nor adds a residual, nor runs in an
+        ``EXPERTS`` body: its reads are its walks A and B alone, in the ranges checked."""
         g = self.instruction.args.gemm
-        return (g.wsrc == WeightSource.DDR) & (g.mode != GemmMode.INT32)
+        return ~g.expert & ~g.residual & (g.src_rows != RowMode.GATHER)
+
+    def _reads_clear(self, r: _Registers) -> Value:
+        """The checked GEMM and the GEMM accepted before it are both plain, and it reads
+        nothing that one writes: its reads may start as soon as that one's have ended
+        (its ``early``). Checked ranges lie in the buffer, so their low bits compare."""
+        ranges = self.checks.ranges
+        bits = len(r.prev_first)
+
+        def hits(rng) -> Value:
+            return (rng.used & r.prev_used & (rng.first[:bits] <= r.prev_last)
+                    & (r.prev_first <= rng.last[:bits]))
+
+        return self._plain() & r.prev_plain & ~hits(ranges[0]) & ~hits(ranges[2])
+
+    def _accepted(self, m: Module, r: _Registers) -> None:
+        """Remember the GEMM's results range and plainness for the one after it."""
+        out = self.checks.ranges[1]
+        bits = len(r.prev_first)
+        m.d.sync += [r.prev_used.eq(out.used), r.prev_first.eq(out.first[:bits]),
+                     r.prev_last.eq(out.last[:bits]), r.prev_plain.eq(self._plain())]
 
     def _gemm_setup(self, m: Module, r: _Registers) -> None:
         """The GEMM's unit, sink and DDR stream (sent to the router)."""
@@ -445,8 +488,6 @@ class Controller(wiring.Component):
             r.unit.eq(Unit.GEMM),
             r.sink.eq(ReadSink.GEMM),
             r.gemm_int32.eq(g.mode == GemmMode.INT32),
-            r.weights_from_buffer.eq(g.wsrc != WeightSource.DDR),
-            r.weights_columns.eq(g.wsrc == WeightSource.BUFFER_COLUMNS),
         ]
         m.d.comb += [
             self.router.gemm_setup.eq(1),
@@ -520,31 +561,58 @@ class Controller(wiring.Component):
             g.residual,
             # The residual unit: a beat a result word (the checks bound the count).
             fit(writes, res_cmd["beats"].width), g.res_mult_out, g.res_mult_buf,
-            fit(g.res_shift, res_cmd["shift"].width)))
+            fit(g.res_shift, res_cmd["shift"].width),
+            g.wsrc != WeightSource.DDR, g.wsrc == WeightSource.BUFFER_COLUMNS,
+            self._reads_clear(r)))
         assert len(Cat(plan.as_value())) == layout.size
         return plan
 
-    def _start_walks(self, m: Module, r: _Registers, plan) -> None:
-        """Start a GEMM's buffer walks from ``plan`` (:meth:`_gemm_walk_plan`)."""
-        walks = self.datapath
-        self._expect_writes(m, plan.writes)
+    @staticmethod
+    def _start_walk(m: Module, port, target, used) -> None:
+        m.d.comb += [port.start.eq(used), port.base.eq(target.base),
+                     port.count.eq(target.count), port.stride.eq(target.stride)]
+
+    def _start_reads(self, m: Module, r: _Registers, plan) -> None:
+        """Start a GEMM's read walks (A, and B when used) from ``plan``, with the routing
+        of port A (gather) and of port B's words (weights from the buffer)."""
         m.d.sync += [r.gather_offset.eq(plan.gather_offset),
                      r.gather_mode.eq(plan.gather_mode),
-                     r.residual_fused.eq(plan.residual)]
+                     r.weights_from_buffer.eq(plan.from_buffer),
+                     r.weights_columns.eq(plan.columns)]
+        self._start_walk(m, self.datapath.walk_a, plan.a, 1)
+        self._start_walk(m, self.datapath.walk_b, plan.b, plan.use_b)
+
+    def _start_writes(self, m: Module, r: _Registers, plan) -> None:
+        """Start a GEMM's results walk and count, and its fused residual add."""
+        self._expect_writes(m, plan.writes)
+        m.d.sync += r.residual_fused.eq(plan.residual)
         with m.If(plan.residual):
             m.d.sync += [r.res_cmd.eq(plan.res_cmd), r.res_cmd_valid.eq(1)]
-        for port, target, used in ((walks.walk_a, plan.a, 1), (walks.walk_w, plan.w, plan.use_w),
-                                   (walks.walk_b, plan.b, plan.use_b)):
-            m.d.comb += [port.start.eq(used), port.base.eq(target.base),
-                         port.count.eq(target.count), port.stride.eq(target.stride)]
+        self._start_walk(m, self.datapath.walk_w, plan.w, plan.use_w)
+
+    def _start_walks(self, m: Module, r: _Registers, plan) -> None:
+        """Start a GEMM's buffer walks from ``plan`` (:meth:`_gemm_walk_plan`)."""
+        self._start_reads(m, r, plan)
+        self._start_writes(m, r, plan)
 
     def _launch_held_walks(self, m: Module, r: _Registers) -> None:
         """The held GEMM's walks start as soon as the GEMM before it has written its last
-        result (after the state machine: nothing else starts walks while one is held)."""
+        result (after the state machine: nothing else starts walks while one is held);
+        with ``early``, its reads start before that, once the GEMM before it has taken its
+        last token: its first weight tile loads and its first tokens enter the array
+        while that GEMM's last results leave, which hold its own until their walk starts.
+        """
         head = _walk_plan_layout(self.config)(r.launcher.r_data)
-        with m.If(r.launcher.r_rdy & self.datapath.writes_done):
-            self._start_walks(m, r, head)
-            m.d.comb += r.launcher.r_en.eq(1)
+        with m.If(r.launcher.r_rdy):
+            with m.If(self.datapath.writes_done):
+                with m.If(~r.reads_early):
+                    self._start_reads(m, r, head)
+                self._start_writes(m, r, head)
+                m.d.comb += r.launcher.r_en.eq(1)
+                m.d.sync += r.reads_early.eq(0)
+            with m.Elif(head.early & ~r.reads_early & self.datapath.gemm_inputs_done):
+                self._start_reads(m, r, head)
+                m.d.sync += r.reads_early.eq(1)
 
     def _gemm_commands(self, m: Module, r: _Registers):
         """Issue the GEMM's commands; true once all are taken."""
@@ -584,18 +652,20 @@ class Controller(wiring.Component):
             m.d.comb += self.busy.eq(1)
             self._gemm_setup(m, r)
             self._start_walks(m, r, plan)
+            self._accepted(m, r)
             m.next = "GEMM_ISSUE"
         with m.State("GEMM_ISSUE"):
             m.d.comb += self.busy.eq(1)
             with m.If(self._gemm_commands(m, r)):
                 m.next = "GEMM_WAIT"
-                with m.If(self._streamed()):
+                with m.If(self._hands_over()):
                     m.next = "GEMM_STREAM"
         # Beside a pending GEMM: stream setup, commands, then its walks are held until the
         # GEMM before it is done, while the controller goes on to the next instruction.
         with m.State("GEMM_PREFETCH"):
             m.d.comb += self.busy.eq(1)
-            # Its stream queues behind the pending GEMMs' in the router (GEMM_STREAMS_QUEUED may wait).
+            # Its stream queues behind the pending GEMMs' in the router
+            # (GEMM_STREAMS_QUEUED: it may wait for room).
             with m.If(self.router.gemm_stream_room):
                 self._gemm_setup(m, r)
                 m.next = "GEMM_PREFETCH_ISSUE"
@@ -607,10 +677,11 @@ class Controller(wiring.Component):
             m.d.comb += self.busy.eq(1)
             with m.If(r.launcher.w_rdy):
                 m.d.comb += [r.launcher.w_data.eq(plan.as_value()), r.launcher.w_en.eq(1)]
+                self._accepted(m, r)
                 m.next = "GEMM_STREAM"
         with m.State("GEMM_STREAM"):
             # The stream is under way: the next instruction may be fetched and, if it is a
-            # streamed GEMM too, its stream issued behind this one (the router hands a
+            # GEMM with buffer results too, its stream issued behind this one (the router hands a
             # GEMM's entries to it first), while the array computes.
             m.d.comb += self.busy.eq(1)
             m.d.sync += [r.pending.eq(1), r.pending_pc.eq(r.pc)]

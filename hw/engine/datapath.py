@@ -85,6 +85,10 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
             Load the count of words the write port is to take.
         writes_done : In(1)
             The write port has taken them.
+        gemm_inputs_done : In(1)
+            The GEMM engine has taken the last word of port A's walk (its last token, so
+            every weight tile of its pass has loaded), and no walk of port A has started
+            since: a GEMM without a data dependence on this one may start its reads.
         expect_store, store_words : Out
             Load the count of words a STORE sends (the rest of its last AXI beat is zeros).
         store_drained : In(1)
@@ -120,6 +124,7 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         "expect_writes": Out(1),
         "writes": Out(32),
         "writes_done": In(1),
+        "gemm_inputs_done": In(1),
         "expect_store": Out(1),
         "store_words": Out(32),
         "store_drained": In(1),
@@ -297,6 +302,12 @@ class Datapath(wiring.Component):
                              self.residual_b.valid.eq(b.valid), b.ready.eq(self.residual_b.ready)]
             with m.Case(Unit.STORE):
                 m.d.comb += [rs_store.i.valid.eq(a.valid), a.ready.eq(rs_store.i.ready)]
+        # The GEMM's last token taken: its pass needs nothing more of ports A and B (its
+        # weights all loaded before that token could enter the array).
+        with m.If(ctl.walk_a.start):
+            m.d.sync += ctl.gemm_inputs_done.eq(0)
+        with m.Elif((unit == Unit.GEMM) & a.valid & a.ready & a.payload.last):
+            m.d.sync += ctl.gemm_inputs_done.eq(1)
         with m.If(ctl.residual_fused):
             # A fused residual add's x (the GEMM's weights stream from DDR meanwhile).
             m.d.comb += [self.residual_b.valid.eq(b.valid), b.ready.eq(self.residual_b.ready)]

@@ -98,8 +98,13 @@ def _base_case(cfg: AccelConfig, rng: np.random.Generator) -> P.Case:
         return P.task_select_case(cfg, seed, int(rng.integers(3)))
     if kind == 4:
         return P.strided_load_store_case(cfg, seed)
-    if kind == 5:
+    if kind == 5 and rng.random() < 0.5:
         return P.softmax_overlap_case(cfg, seed, P.SOFTMAX_HAZARDS[int(rng.integers(4))])
+    if kind == 5:
+        hazards = P.GEMM_CHAIN_HAZARDS
+        return P.gemm_chain_case(cfg, seed, hazards[int(rng.integers(len(hazards)))],
+                                 int(rng.integers(1, cfg.max_tokens + 1)),
+                                 int(rng.integers(1, 4)), int(rng.integers(1, 3)))
     if kind == 6:
         routing = P.ROUTINGS[int(rng.integers(len(P.ROUTINGS)))]
         return P.moe_routing_case(cfg, seed, routing, int(rng.integers(2, 9)),

@@ -237,6 +237,82 @@ def softmax_overlap_case(cfg: AccelConfig, seed: int, hazard: str) -> Case:
     return _finish(f"softmax_then_gemm_{hazard}", cfg, prog, img)
 
 
+#: How the second of two GEMMs meets the first (:func:`gemm_chain_case`).
+GEMM_CHAIN_HAZARDS = ("none", "reads_results", "weights_are_results", "writes_inputs",
+                      "touches_last_result")
+
+
+def gemm_chain_case(cfg: AccelConfig, seed: int, hazard: str, tokens: int | None = None,
+                    k_slices: int = 2, n_tiles: int = 2) -> Case:
+    """Three GEMMs in a row, each with INT8 results in the buffer (so each hands over to
+    the next), the second and third with weights from the buffer; every region stored.
+
+    The second meets the first as ``hazard`` says (:data:`GEMM_CHAIN_HAZARDS`): not at
+    all (its reads start as soon as the first has taken its last token), its activations
+    or its buffer weights are the first's results, it writes over the first's activations
+    (a write after a read), or its activations begin on the first's last result word. The
+    third reads nothing of the second. All three are ``tokens`` (default ``3 · pe_rows +
+    5``) × ``k_slices`` × ``n_tiles``. The hardware must give the in-order result of the
+    ISA model.
+    """
+    rng = np.random.default_rng(seed)
+    R, C, G, V = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols, cfg.gemm_words
+    tokens = min(cfg.max_tokens, 3 * R + 5) if tokens is None else tokens
+    ks, nt = k_slices, n_tiles
+    img, prog = DdrImage(align=cfg.axi_bytes), Program()
+    x_words = ks * tokens                 # a GEMM's activations: ks slices of tokens words
+    y_words = nt * V * tokens             # its results
+    w_rows = (nt * V) * (ks * R)          # BUFFER_ROWS weights, wstride = ks · R
+    w_cols = ks * (nt * G)                # BUFFER_COLUMNS weights, wstride = nt · G
+    layout, at = {}, 3
+    for name, n in (("x1", x_words), ("y1", y_words), ("x2", max(x_words, y_words)),
+                    ("w2", max(w_rows, y_words)), ("y2", y_words), ("x3", x_words),
+                    ("w3", w_cols), ("y3", y_words)):
+        layout[name], at = at, at + n + 2
+    # Every word of the span, gaps included, from DDR: an operand that reaches past its
+    # region (small shapes) reads defined words, not what an earlier program left.
+    prog.add(Opcode.LOAD, ddr=img.put("span", _i8(rng, at, C).tobytes()), dst=0, dst_stride=1,
+             words=at)
+
+    def params(name: str) -> int:
+        return img.put(name, gemm_stream(None, rng.integers(-2**12, 2**12, size=nt * G),
+                                         rng.integers(0, 2**16, size=nt * G),
+                                         rng.integers(8, 20, size=nt * G), cfg,
+                                         weights=False))
+
+    w1 = _i8(rng, nt * G, ks * R)
+    ddr1 = img.put("g1", gemm_stream(w1, rng.integers(-2**12, 2**12, size=nt * G),
+                                     rng.integers(0, 2**16, size=nt * G),
+                                     rng.integers(8, 20, size=nt * G), cfg))
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, tokens=tokens,
+             k_slices=ks, n_tiles=nt, src=layout["x1"], src_stride=tokens, dst=layout["y1"],
+             dst_stride=tokens, ddr=ddr1)
+    src2, wbuf2, dst2 = layout["x2"], layout["w2"], layout["y2"]
+    if hazard == "reads_results":
+        src2 = layout["y1"]
+    elif hazard == "weights_are_results":
+        wbuf2 = layout["y1"]
+    elif hazard == "writes_inputs":
+        dst2 = layout["x1"]
+    elif hazard == "touches_last_result":
+        src2 = layout["y1"] + y_words - 1           # its first word is y1's last
+    elif hazard != "none":
+        raise ValueError(f"hazard {hazard!r}: one of {GEMM_CHAIN_HAZARDS}")
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=tokens,
+             k_slices=ks, n_tiles=nt, src=src2, src_stride=tokens, dst=dst2,
+             dst_stride=tokens, wbuf=wbuf2, wstride=ks * R, ddr=params("p2"))
+    prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=tokens,
+             k_slices=ks, n_tiles=nt, src=layout["x3"], src_stride=tokens, dst=layout["y3"],
+             dst_stride=tokens, wbuf=layout["w3"], wstride=nt * G, ddr=params("p3"))
+    for name in ("x1", "y1", "y2", "y3"):
+        base = dst2 if name == "y2" else layout[name]
+        n = x_words if name == "x1" else y_words
+        prog.add(Opcode.STORE, ddr=img.reserve(f"{name}_out", n * C), src=base, src_stride=1,
+                 words=n)
+    prog.add(Opcode.END)
+    return _finish(f"gemm_chain_{hazard}", cfg, prog, img)
+
+
 def task_select_case(cfg: AccelConfig, seed: int, task: int, n_tasks: int = 3) -> Case:
     """One program, a per-task GEMM (as the task heads are): ``TASKS`` sets the stride
     between the tasks' weight blocks and ``TASK_SELECT`` picks one."""

@@ -34,6 +34,7 @@ from m3vit.hw.isa import (
     LN_RECORD_BYTES,
     GemmMode,
     Opcode,
+    RowMode,
     WeightSource,
     decode,
     intake_beats,
@@ -71,6 +72,10 @@ class CostModel:
         more tokens stalls the array ``(gemm_words − 1) · tokens − row_queue`` cycles.
     buffer_gemm_fill : int
         A GEMM with weights from the buffer (Q·Kᵀ, P·V).
+    early_tail : int
+        A GEMM whose reads started beside the one before it: cycles past its results' words
+        after that one's end; and the last token's lead on a GEMM's end beyond its last
+        N-tile's surplus words.
     ln_tail, ln_tail_prefetched : int
         A LayerNorm past its word-a-cycle output, its parameters read first or behind the
         GEMM before it.
@@ -97,6 +102,7 @@ class CostModel:
     route_per_row: int = 2
     load_base: int = 55
     softmax_tail: int = 60
+    early_tail: int = 20
 
     @classmethod
     def for_config(cls, config: AccelConfig) -> CostModel:
@@ -152,7 +158,11 @@ class _Machine:
     t: float = 0.0                 # the controller
     gemm_end: float = 0.0          # the last GEMM's last result written
     walks_starts: list = field(default_factory=list)   # streamed GEMMs' walks started
-    pending: bool = False          # a streamed GEMM handed over and is still computing
+    pending: bool = False          # a GEMM handed over and is still computing
+    inputs_done: float = 0.0       # the last GEMM has taken its last token
+    prev_write: tuple | None = None   # the last GEMM's results range, if it was plain
+    bg_read: tuple | None = None   # the background softmax's logits and probabilities
+    bg_write: tuple | None = None
     ddr_free: float = 0.0          # the read DMA's queued streams all in
     bg_end: float = 0.0            # the background softmax done
     bg_writes_left: float = 0.0    # its writes still to do when the foreground moved on
@@ -342,6 +352,9 @@ def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         mc.bg_end = mc.t + words + cm.softmax_tail
         mc.bg_writes_left = words
         mc.bg_pc = pc
+        beats = math.ceil(f["length"] / C)
+        mc.bg_read = _span(f["src"], (beats, f["stride"]), (f["rows"], 1))
+        mc.bg_write = _span(f["dst"], (beats + 1, f["stride"]), (f["rows"], 1))
     elif op == Opcode.RESIDUAL:
         mc.t += f["words"] + cm.residual_tail
     elif op == Opcode.ROUTE:
@@ -369,9 +382,46 @@ def _top_k(f: dict) -> int:
     return max(1, f["src_stride"] // max(1, f["rows"]))
 
 
+def _span(base: int, *loops: tuple[int, int]) -> tuple[int, int]:
+    """First and last word of ``base + Σ i_l · stride_l`` over ``(count, stride)`` loops."""
+    return base, base + sum((c - 1) * s for c, s in loops if c > 0)
+
+
+def _plain(f: dict) -> bool:
+    """A GEMM that neither gathers, nor adds a residual, nor runs in an ``EXPERTS`` body,
+    with results in the buffer: its reads may start beside the GEMM before it."""
+    return not (f["expert"] or f["residual"] or f["src_rows"] == RowMode.GATHER.value
+                or f["mode"] == GemmMode.INT32.value)
+
+
+def _gemm_ranges(f: dict, config: AccelConfig) -> tuple[list, tuple | None]:
+    """A GEMM's buffer read ranges and results range (first, last word; ``None`` for INT32
+    results), as the controller's checks bound them for ``tokens`` rows."""
+    R, G, V = config.pe_rows, config.gemm_cols, config.gemm_words
+    m, n, k = f["tokens"], f["n_tiles"], f["k_slices"]
+
+    reads = [_span(f["src"], (k + f["row_scale"], f["src_stride"]), (m, 1))]
+    if f["wsrc"] == WeightSource.BUFFER_ROWS.value:
+        reads.append((f["wbuf"], _span(f["wbuf"] + R - 1, (n * V, f["wstride"]), (k, R))[1]))
+    elif f["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
+        reads.append((f["wbuf"], _span(f["wbuf"] + G - 1, (k, f["wstride"]), (n, G))[1]))
+    elif f["residual"]:
+        reads.append(_span(f["wbuf"], (n * V, f["dst_stride"]), (m, 1)))
+    if f["mode"] == GemmMode.INT32.value:
+        return reads, None
+    out_words = 2 * V if f["mode"] == GemmMode.INT16.value else V
+    return reads, _span(f["dst"], (n * out_words, f["dst_stride"]), (m, 1))
+
+
+def _meets(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
 def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: int, f: dict,
           ctl: float, entry: int) -> None:
-    """A GEMM: streamed from DDR (hands over once issued) or from the buffer (waits)."""
+    """A GEMM: with its results in the buffer it hands over once issued (its reads start
+    early beside the GEMM before it when neither gathers nor adds a residual and it reads
+    nothing that one writes); with INT32 results it runs to its end."""
     R, G = config.pe_rows, config.gemm_cols
     tokens = f["tokens"]
     n, k = f["n_tiles"], f["k_slices"]
@@ -390,8 +440,13 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     compute += n * max(0, tokens - tile_load) * f["row_scale"]
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
-    streamed = from_ddr and f["mode"] != GemmMode.INT32.value
-    if streamed:
+    reads, write = _gemm_ranges(f, config)
+    if mc.bg_end > mc.t and (any(_meets(r, mc.bg_write) for r in reads)
+                             or _meets(write, mc.bg_read) or _meets(write, mc.bg_write)):
+        mc.wait_bg()    # a GEMM that touches the background softmax's ranges waits for it
+    plain = _plain(f)
+    gemm_writes = n * tokens * words if f["mode"] != GemmMode.INT32.value else 0
+    if f["mode"] != GemmMode.INT32.value:
         # The launcher holds GEMMS_HELD GEMMs: one more waits until the first of them
         # has its walks started.
         issue = mc.t + ctl
@@ -402,21 +457,39 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         s_start = max(issue, mc.ddr_free)
         s_end = s_start + latency + stream / ddr.read_bytes_per_cycle
         mc.ddr_free = s_end
-        if mc.pending:
-            walks = max(issue, mc.gemm_end)
-            fill = cm.gemm_fill_chained + cm.fill_per_token * tokens
+        own = cm.fill_per_token * tokens
+        early = (mc.pending and plain and mc.prev_write is not None
+                 and not any(_meets(r, mc.prev_write) for r in reads))
+        if early:
+            # Its reads start once the GEMM before has taken its last token; its results
+            # leave after that one's, a word a cycle.
+            walks = max(issue, mc.inputs_done)
+            end = max(walks + cm.buffer_gemm_fill + own + compute,
+                      mc.gemm_end + gemm_writes + cm.early_tail)
         else:
-            walks = issue
-            fill = cm.gemm_fill + cm.fill_per_token * tokens
-        end = max(walks + fill + compute,
-                  s_end + cm.gemm_fill_chained + cm.fill_per_token * tokens)
+            if mc.pending:
+                walks = max(issue, mc.gemm_end)
+                fill = cm.gemm_fill_chained if from_ddr else cm.buffer_gemm_fill
+            else:
+                walks = issue
+                fill = cm.gemm_fill if from_ddr else cm.buffer_gemm_fill
+            end = walks + fill + own + compute
+        if from_ddr:
+            end = max(end, s_end + cm.gemm_fill_chained + own)
+        _share_write_port(mc, max(walks, mc.gemm_end if mc.pending else walks), end,
+                          gemm_writes)
         mc.walks_starts = [*mc.walks_starts[-GEMMS_HELD:], walks]
+        # The last token enters about as many cycles before the end as the last N-tile's
+        # surplus words take to leave.
+        mc.inputs_done = end - (words - 1) * tokens - cm.early_tail
+        mc.prev_write = write if plain else None
         mc.gemm_end, mc.pending = end, True
         mc.pending_pc = pc
         mc.t = issue
         return
-    # From the buffer (Q·Kᵀ, P·V) or with INT32 results: after any pending GEMM, to the end.
+    # INT32 results: after any pending GEMM, to the end.
     mc.wait_gemm()
+    mc.prev_write = None
     start = mc.t + ctl
     work = compute + cm.buffer_gemm_fill + cm.fill_per_token * tokens
     if f["mode"] == GemmMode.INT32.value:
@@ -424,17 +497,20 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         work = max(work, out / ddr.write_bytes_per_cycle) + ddr.read_latency
     if from_ddr:
         work = max(work, ddr.read_latency + stream / ddr.read_bytes_per_cycle)
-    # The background softmax shares the write port: what it could not write while this
-    # GEMM wrote (a word a result) it writes after.
-    gemm_writes = n * tokens * words if f["mode"] != GemmMode.INT32.value else 0
     end = start + work
+    _share_write_port(mc, start, end, gemm_writes)
+    mc.gemm_end = end
+    mc.t = end
+
+
+def _share_write_port(mc: _Machine, start: float, end: float, gemm_writes: float) -> None:
+    """The background softmax shares the write port: what it could not write while a GEMM
+    wrote its results (a word a cycle) between ``start`` and ``end`` it writes after."""
     if mc.bg_end > start:
-        free = max(0.0, work - gemm_writes)
+        free = max(0.0, end - start - gemm_writes)
         left = max(0.0, mc.bg_writes_left - free)
         mc.bg_end = max(mc.bg_end, end + left)
         mc.bg_writes_left = left
-    mc.gemm_end = end
-    mc.t = end
 
 
 def uniform_routing(n_tokens: int, n_experts: int, top_k: int, batch: int,

@@ -70,6 +70,30 @@ def test_an_moe_program_needs_its_routing():
         estimate_program(exe.program, CI)
 
 
+@pytest.mark.parametrize("config", [CI, ZCU104], ids=["ci", "zcu104"])
+def test_a_gemm_starts_beside_the_one_before_unless_it_reads_its_results(config):
+    from m3vit.sw.bench.programs import (
+        GEMM_CHAIN_HAZARDS,
+        SOFTMAX_HAZARDS,
+        gemm_chain_case,
+        softmax_overlap_case,
+    )
+
+    chain = {h: estimate_program(gemm_chain_case(config, 0, h).program, config)["cycles"]
+             for h in GEMM_CHAIN_HAZARDS}
+    # A write over the first's inputs is no hazard for the reads; a read of its results
+    # (activations or weights, however few words) waits for them.
+    assert chain["writes_inputs"] == chain["none"]
+    for hazard in ("reads_results", "weights_are_results", "touches_last_result"):
+        assert chain[hazard] > chain["none"], hazard
+    # After a background softmax, a GEMM touching its ranges waits for it; one that does
+    # not runs beside it.
+    soft = {h: estimate_program(softmax_overlap_case(config, 0, h).program, config)["cycles"]
+            for h in SOFTMAX_HAZARDS}
+    for hazard in SOFTMAX_HAZARDS[1:]:
+        assert soft[hazard] > soft["none"], hazard
+
+
 def test_cost_model_is_fitted_per_array_depth():
     ci, zcu = CostModel.for_config(CI), CostModel.for_config(ZCU104)
     assert (ci.gemm_fill, zcu.gemm_fill) == (132, 205)

@@ -15,12 +15,14 @@ from m3vit.hw.isa import GemmMode, Opcode, WeightSource
 from m3vit.sim.engine_tb import EngineBench
 from m3vit.sim.stream_tb import Bench
 from m3vit.sw.bench.programs import (
+    GEMM_CHAIN_HAZARDS,
     SOFTMAX_HAZARDS,
     attention_case,
     bad_program_cases,
     dense_block_case,
     embedding_head_case,
     gemm_case,
+    gemm_chain_case,
     model_stop,
     random_gemm_cases,
     softmax_overlap_case,
@@ -48,6 +50,12 @@ async def test_gemm_programs(dut, flow):
     for tokens, mode in ((tb.cfg.max_tokens, GemmMode.INT8), (1, GemmMode.INT8_TABLE)):
         await tb.check(gemm_case(tb.cfg, seed + tokens, tokens, 2, 2, mode, WeightSource.DDR,
                                  residual=True))
+    # Three GEMMs in a row: the second's reads start before the first's last result
+    # unless it reads those results (or writes the first's inputs, a later write).
+    for i, hazard in enumerate(GEMM_CHAIN_HAZARDS):
+        await tb.check(gemm_chain_case(tb.cfg, seed + 20 + i, hazard))
+        await tb.check(gemm_chain_case(tb.cfg, seed + 30 + i, hazard, tokens=1, k_slices=1,
+                                       n_tiles=1))
     # INT16 results (the router's logits) from each weight source: 2V words a token.
     for i, wsrc in enumerate(WeightSource):
         await tb.check(gemm_case(tb.cfg, seed + 7 + i, 5 + 28 * i, 2, 2, GemmMode.INT16, wsrc))
