@@ -418,7 +418,8 @@ def bench_throughput() -> str:
         "weight tile once for all its images, routes all their tokens in one `ROUTE` and "
         "reads each active expert once; attention runs per image. Every image's head "
         "equals `golden.forward` of that image alone. 'of which expert weights' sums the "
-        "DDR reads of the `EXPERTS` loop bodies from the instruction trace. Plot: "
+        "DDR reads of the `EXPERTS` loop bodies from the instruction trace (¹ where it does "
+        "not hold the whole run). Plot: "
         f"`{THROUGHPUT_FIGURE.as_posix()}` (written by this command).",
         f"Machine: {machine()}.",
         "",

@@ -168,6 +168,7 @@ class _Machine:
     bg_writes_left: float = 0.0    # its writes still to do when the foreground moved on
     lines: dict[int, int] = field(default_factory=dict)
     read_bytes: float = 0.0
+    expert_read_bytes: float = 0.0   # of which the streams of EXPERTS bodies' GEMMs
     pending_pc: int = 0            # the pending GEMM, to which a wait for it is charged
     bg_pc: int = 0                 # the background softmax, likewise
     drains: list = field(default_factory=list)   # (pc, cycles) waits charged so far
@@ -240,7 +241,9 @@ def estimate_program(program: bytes, config: AccelConfig, *,
     -------
     dict
         ``cycles`` (the run), ``phases`` (per phase: ``cycles``, ``share``,
-        ``instructions``, ``read_bytes``), ``instructions`` and ``per_instruction`` (the
+        ``instructions``, ``read_bytes``), ``instructions``, ``read_bytes`` and
+        ``expert_read_bytes`` (all DDR reads, and those of the ``EXPERTS`` bodies' streams:
+        exact for the routing given) and ``per_instruction`` (the
         span charged to each instruction, in program order of execution).
 
     Raises
@@ -305,7 +308,8 @@ def estimate_program(program: bytes, config: AccelConfig, *,
     for row in ordered.values():
         row["share"] = row["cycles"] / total if total else 0.0
     return {"cycles": total, "phases": ordered, "instructions": len(spans),
-            "read_bytes": mc.read_bytes, "per_instruction": spans}
+            "read_bytes": mc.read_bytes, "expert_read_bytes": mc.expert_read_bytes,
+            "per_instruction": spans}
 
 
 def _fetch(mc: _Machine, cm: CostModel, pc: int) -> float:
@@ -440,6 +444,8 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     compute += n * max(0, tokens - tile_load) * f["row_scale"]
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
+    if f["expert"]:
+        mc.expert_read_bytes += stream
     reads, write = _gemm_ranges(f, config)
     if mc.bg_end > mc.t and (any(_meets(r, mc.bg_write) for r in reads)
                              or _meets(write, mc.bg_read) or _meets(write, mc.bg_write)):

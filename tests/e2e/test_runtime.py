@@ -133,8 +133,9 @@ def test_hung_run_trips_the_watchdog_and_the_next_run_is_correct(acc):
 
 def test_instruction_trace_partitions_the_run(acc):
     """The hardware trace: one entry per instruction retired plus END (and the drains of
-    GEMMs that handed over early and of background softmaxes), spans that join up from cycle 0 to the end of the run,
-    and per-port read bytes that add up to the DMA counter."""
+    GEMMs that handed over early and of background softmaxes), spans that join up from
+    cycle 0 to the end of the run, and per-port read bytes that add up to the DMA
+    counter."""
     images = scenes_for(get_preset("tiny"), 1, seed=SEED + 5)["image"]
     run = acc.infer(images, "depth").runs[0]
     trace = acc.read_trace()

@@ -121,3 +121,27 @@ def test_estimate_cli(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_expert_bytes_come_from_the_routing_where_the_trace_is_cut_short():
+    from m3vit.hw.isa import Opcode
+    from m3vit.sw.bench.throughput import _expert_read_bytes, markdown
+    from m3vit.sw.compiler.phases import decode_all
+    from m3vit.sw.runtime.driver import TraceEntry
+
+    _, exe = tiny16()
+    program = exe.program_for(1)
+    ops = decode_all(program)
+    trace = [TraceEntry(pc=pc, opcode=op.value, start=pc, end=pc + 1, read_bytes=(100,),
+                        write_bytes=0, drain=False) for pc, (op, _) in enumerate(ops)]
+    body_gemms = sum(op == Opcode.GEMM and f["expert"] for op, f in ops)
+    assert body_gemms == 4     # FC1 and FC2 of tiny's two MoE layers
+    # A whole trace: the body GEMMs' reads; one entry short of the run: none.
+    assert _expert_read_bytes(trace, program, len(ops) - 1) == 100 * body_gemms
+    assert _expert_read_bytes(trace, program, len(ops)) is None
+    row = {"task": "semseg", "batch": 4, "cycles": 8, "per_image": 2, "ms_per_image": 0.0,
+           "images_per_s": 1, "read_per_image": 1e6, "expert_per_image": 5e5, "exact": True}
+    table = {"rows": [dict(row, expert_from="trace")], "refused": {}}
+    assert "¹" not in markdown(table)
+    table["rows"].append(dict(row, expert_from="routing"))
+    assert "0.50 MB ¹ |" in markdown(table) and "first 1,024 entries" in markdown(table)
