@@ -250,9 +250,11 @@ def bench_block_latency() -> str:
         "MAC-bound ideal: one token per cycle for every (K-slice, N-tile) of the block's GEMMs. "
         "The rest is the vector work (LayerNorm, the softmax's writes beyond the GEMMs' free "
         "write-port cycles, LOAD/STORE) and each instruction's pipeline fill and drain: "
-        "instructions run one after another, except that a streamed GEMM's weights (and a "
-        "LayerNorm's parameters) are fetched while the previous GEMM finishes, and a softmax "
-        "runs beside the GEMMs that do not touch its buffers (docs/isa.md).",
+        "instructions run one after another, except that a GEMM's DDR stream (and a "
+        "LayerNorm's parameters) is fetched while the previous GEMM finishes, a GEMM that "
+        "reads nothing the one before it writes (a head's P·V and the next Q·Kᵀ) starts "
+        "its reads once that one has taken its last token, and a softmax runs beside the "
+        "GEMMs that do not touch its buffers (docs/isa.md).",
     ])
 
 
