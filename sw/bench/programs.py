@@ -274,19 +274,16 @@ def gemm_chain_case(cfg: AccelConfig, seed: int, hazard: str, tokens: int | None
     prog.add(Opcode.LOAD, ddr=img.put("span", _i8(rng, at, C).tobytes()), dst=0, dst_stride=1,
              words=at)
 
-    def params(name: str) -> int:
-        return img.put(name, gemm_stream(None, rng.integers(-2**12, 2**12, size=nt * G),
+    def stream(name: str, w: np.ndarray | None = None) -> int:
+        """A GEMM's DDR stream: random parameters, and the weights ``w`` if given."""
+        return img.put(name, gemm_stream(w, rng.integers(-2**12, 2**12, size=nt * G),
                                          rng.integers(0, 2**16, size=nt * G),
                                          rng.integers(8, 20, size=nt * G), cfg,
-                                         weights=False))
+                                         weights=w is not None))
 
-    w1 = _i8(rng, nt * G, ks * R)
-    ddr1 = img.put("g1", gemm_stream(w1, rng.integers(-2**12, 2**12, size=nt * G),
-                                     rng.integers(0, 2**16, size=nt * G),
-                                     rng.integers(8, 20, size=nt * G), cfg))
     prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.DDR, tokens=tokens,
              k_slices=ks, n_tiles=nt, src=layout["x1"], src_stride=tokens, dst=layout["y1"],
-             dst_stride=tokens, ddr=ddr1)
+             dst_stride=tokens, ddr=stream("g1", _i8(rng, nt * G, ks * R)))
     src2, wbuf2, dst2 = layout["x2"], layout["w2"], layout["y2"]
     if hazard == "reads_results":
         src2 = layout["y1"]
@@ -300,10 +297,10 @@ def gemm_chain_case(cfg: AccelConfig, seed: int, hazard: str, tokens: int | None
         raise ValueError(f"hazard {hazard!r}: one of {GEMM_CHAIN_HAZARDS}")
     prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=tokens,
              k_slices=ks, n_tiles=nt, src=src2, src_stride=tokens, dst=dst2,
-             dst_stride=tokens, wbuf=wbuf2, wstride=ks * R, ddr=params("p2"))
+             dst_stride=tokens, wbuf=wbuf2, wstride=ks * R, ddr=stream("p2"))
     prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_COLUMNS, tokens=tokens,
              k_slices=ks, n_tiles=nt, src=layout["x3"], src_stride=tokens, dst=layout["y3"],
-             dst_stride=tokens, wbuf=layout["w3"], wstride=nt * G, ddr=params("p3"))
+             dst_stride=tokens, wbuf=layout["w3"], wstride=nt * G, ddr=stream("p3"))
     for name in ("x1", "y1", "y2", "y3"):
         base = dst2 if name == "y2" else layout[name]
         n = x_words if name == "x1" else y_words

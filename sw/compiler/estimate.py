@@ -42,6 +42,7 @@ from m3vit.hw.isa import (
 from m3vit.hw.registers import Schedule
 
 from ..errors import M3VitError
+from .isa_model import buffer_span, gemm_buffer_ranges
 
 __all__ = ["CostModel", "DdrRates", "estimate_package", "estimate_program", "format_estimate",
            "routing_counts", "uniform_routing"]
@@ -357,8 +358,8 @@ def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         mc.bg_writes_left = words
         mc.bg_pc = pc
         beats = math.ceil(f["length"] / C)
-        mc.bg_read = _span(f["src"], (beats, f["stride"]), (f["rows"], 1))
-        mc.bg_write = _span(f["dst"], (beats + 1, f["stride"]), (f["rows"], 1))
+        mc.bg_read = buffer_span(f["src"], (beats, f["stride"]), (f["rows"], 1))
+        mc.bg_write = buffer_span(f["dst"], (beats + 1, f["stride"]), (f["rows"], 1))
     elif op == Opcode.RESIDUAL:
         mc.t += f["words"] + cm.residual_tail
     elif op == Opcode.ROUTE:
@@ -386,35 +387,11 @@ def _top_k(f: dict) -> int:
     return max(1, f["src_stride"] // max(1, f["rows"]))
 
 
-def _span(base: int, *loops: tuple[int, int]) -> tuple[int, int]:
-    """First and last word of ``base + Σ i_l · stride_l`` over ``(count, stride)`` loops."""
-    return base, base + sum((c - 1) * s for c, s in loops if c > 0)
-
-
 def _plain(f: dict) -> bool:
     """A GEMM that neither gathers, nor adds a residual, nor runs in an ``EXPERTS`` body,
     with results in the buffer: its reads may start beside the GEMM before it."""
     return not (f["expert"] or f["residual"] or f["src_rows"] == RowMode.GATHER.value
                 or f["mode"] == GemmMode.INT32.value)
-
-
-def _gemm_ranges(f: dict, config: AccelConfig) -> tuple[list, tuple | None]:
-    """A GEMM's buffer read ranges and results range (first, last word; ``None`` for INT32
-    results), as the controller's checks bound them for ``tokens`` rows."""
-    R, G, V = config.pe_rows, config.gemm_cols, config.gemm_words
-    m, n, k = f["tokens"], f["n_tiles"], f["k_slices"]
-
-    reads = [_span(f["src"], (k + f["row_scale"], f["src_stride"]), (m, 1))]
-    if f["wsrc"] == WeightSource.BUFFER_ROWS.value:
-        reads.append((f["wbuf"], _span(f["wbuf"] + R - 1, (n * V, f["wstride"]), (k, R))[1]))
-    elif f["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
-        reads.append((f["wbuf"], _span(f["wbuf"] + G - 1, (k, f["wstride"]), (n, G))[1]))
-    elif f["residual"]:
-        reads.append(_span(f["wbuf"], (n * V, f["dst_stride"]), (m, 1)))
-    if f["mode"] == GemmMode.INT32.value:
-        return reads, None
-    out_words = 2 * V if f["mode"] == GemmMode.INT16.value else V
-    return reads, _span(f["dst"], (n * out_words, f["dst_stride"]), (m, 1))
 
 
 def _meets(a: tuple | None, b: tuple | None) -> bool:
@@ -446,12 +423,12 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     mc.read_bytes += stream
     if f["expert"]:
         mc.expert_read_bytes += stream
-    reads, write = _gemm_ranges(f, config)
+    reads, write = gemm_buffer_ranges(f, config, tokens, tokens)
     if mc.bg_end > mc.t and (any(_meets(r, mc.bg_write) for r in reads)
                              or _meets(write, mc.bg_read) or _meets(write, mc.bg_write)):
         mc.wait_bg()    # a GEMM that touches the background softmax's ranges waits for it
     plain = _plain(f)
-    gemm_writes = n * tokens * words if f["mode"] != GemmMode.INT32.value else 0
+    gemm_writes = n * tokens * words     # results through the write port, a word a cycle
     if f["mode"] != GemmMode.INT32.value:
         # The launcher holds GEMMS_HELD GEMMs: one more waits until the first of them
         # has its walks started.
@@ -498,13 +475,12 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     mc.prev_write = None
     start = mc.t + ctl
     work = compute + cm.buffer_gemm_fill + cm.fill_per_token * tokens
-    if f["mode"] == GemmMode.INT32.value:
-        out = n * tokens * 4 * G
-        work = max(work, out / ddr.write_bytes_per_cycle) + ddr.read_latency
+    out = n * tokens * 4 * G
+    work = max(work, out / ddr.write_bytes_per_cycle) + ddr.read_latency
     if from_ddr:
         work = max(work, ddr.read_latency + stream / ddr.read_bytes_per_cycle)
     end = start + work
-    _share_write_port(mc, start, end, gemm_writes)
+    _share_write_port(mc, start, end, 0)     # INT32 results go to DDR, not the write port
     mc.gemm_end = end
     mc.t = end
 

@@ -288,6 +288,36 @@ def _last_word(base: int, *loops: tuple[int, int]) -> int:
     return base + sum((n - 1) * s for n, s in loops if n > 0)
 
 
+def buffer_span(base: int, *loops: tuple[int, int]) -> tuple[int, int]:
+    """First and last word of a range ``base + Σ i_l · stride_l`` over ``(count, stride)``
+    loops."""
+    return base, _last_word(base, *loops)
+
+
+def gemm_buffer_ranges(a: dict, cfg: AccelConfig, src_rows: int, dst_rows: int
+                       ) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """A GEMM's buffer ranges as the checks bound them: its reads (activations over
+    ``src_rows`` rows, then the weights from the buffer or a fused residual's x over
+    ``dst_rows``) and its results range (``None`` for INT32 results, which go to DDR)."""
+    R, G, V = cfg.pe_rows, cfg.gemm_cols, cfg.gemm_words
+    reads = [buffer_span(a["src"], (a["k_slices"] + a["row_scale"], a["src_stride"]),
+                         (src_rows, 1))]
+    if a["wsrc"] == WeightSource.BUFFER_ROWS.value:
+        reads.append((a["wbuf"], _last_word(a["wbuf"] + R - 1, (a["n_tiles"] * V, a["wstride"]),
+                                            (a["k_slices"], R))))
+    elif a["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
+        reads.append((a["wbuf"], _last_word(a["wbuf"] + G - 1, (a["k_slices"], a["wstride"]),
+                                            (a["n_tiles"], G))))
+    elif a["residual"]:
+        reads.append(buffer_span(a["wbuf"], (a["n_tiles"] * V, a["dst_stride"]),
+                                 (dst_rows, 1)))
+    if a["mode"] == GemmMode.INT32.value:
+        return reads, None
+    out_words = 2 * V if a["mode"] == GemmMode.INT16.value else V
+    return reads, buffer_span(a["dst"], (a["n_tiles"] * out_words, a["dst_stride"]),
+                              (dst_rows, 1))
+
+
 def _gemm_rows(a: dict, it: Iteration | None) -> int:
     """Rows a GEMM runs: the iteration's count for an expert GEMM, else ``tokens``."""
     return it.count if a["expert"] and it is not None else a["tokens"]
@@ -322,7 +352,7 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
            in_body: bool, stride: int) -> None:
     """Raise :class:`MachineStop` if the controller would refuse to start this instruction."""
     cfg = mc.config
-    R, C = cfg.pe_rows, cfg.pe_cols
+    C = cfg.pe_cols
     G, V = cfg.gemm_cols, cfg.gemm_words  # an N-tile: V words of C lanes
 
     def stop(code: ErrorCode, why: str):
@@ -365,25 +395,12 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
     ddr: list[tuple[int, int]] = []  # (offset, bytes)
     if op == Opcode.GEMM:
         m = _gemm_rows(a, it)
-        src_rows = _rows_extent(a["src_rows"], m, it, routed)
-        words.append(_last_word(a["src"], (a["k_slices"] + a["row_scale"], a["src_stride"]),
-                                (src_rows, 1)))
-        if a["mode"] != GemmMode.INT32.value:
-            dst_rows = _rows_extent(a["dst_rows"], m, it, routed)
-            out_words = 2 * V if a["mode"] == GemmMode.INT16.value else V
-            words.append(_last_word(a["dst"], (a["n_tiles"] * out_words, a["dst_stride"]),
-                                    (dst_rows, 1)))
-        else:
+        reads, results = gemm_buffer_ranges(a, cfg, _rows_extent(a["src_rows"], m, it, routed),
+                                            _rows_extent(a["dst_rows"], m, it, routed))
+        # In the order activations, results, weights (the first past the buffer is named).
+        words += [last for _, last in [reads[0], *([results] if results else []), *reads[1:]]]
+        if results is None:
             ddr.append((a["out_ddr"], a["n_tiles"] * m * 4 * G))
-        if a["wsrc"] == WeightSource.BUFFER_ROWS.value:
-            words.append(_last_word(a["wbuf"] + R - 1, (a["n_tiles"] * V, a["wstride"]),
-                                    (a["k_slices"], R)))
-        elif a["wsrc"] == WeightSource.BUFFER_COLUMNS.value:
-            words.append(_last_word(a["wbuf"] + G - 1, (a["k_slices"], a["wstride"]),
-                                    (a["n_tiles"], G)))
-        elif a["residual"]:
-            words.append(_last_word(a["wbuf"], (a["n_tiles"] * V, a["dst_stride"]),
-                                    (_rows_extent(a["dst_rows"], m, it, routed), 1)))
         ddr.append((_gemm_ddr_offset(mc, a, it, stride), _gemm_stream_bytes(a, cfg)))
     elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
         beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
