@@ -449,11 +449,10 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
                  and not any(_meets(r, mc.prev_write) for r in reads))
         if early:
             # Its reads start once the GEMM before has taken its last token; its results
-            # leave after that one's, a word a cycle. Weights from DDR have their first
-            # tile in the array already (as chained); from the buffer it loads first.
+            # leave after that one's, a word a cycle.
             walks = max(issue, mc.inputs_done)
-            fill = cm.gemm_fill_chained if from_ddr else cm.buffer_gemm_fill
-            end = max(walks + fill + own + compute, mc.gemm_end + gemm_writes + cm.early_tail)
+            end = max(walks + cm.buffer_gemm_fill + own + compute,
+                      mc.gemm_end + gemm_writes + cm.early_tail)
         else:
             if mc.pending:
                 walks = max(issue, mc.gemm_end)
