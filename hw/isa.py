@@ -524,11 +524,11 @@ issued its DDR stream (weights and parameters, or parameters only), the next ins
 is fetched and checked; if it is such a `GEMM` too, its stream is issued at once, behind
 the first's (the PE array's double buffer takes its first tile while the previous `GEMM`
 computes), and its buffer reads and writes start after the previous `GEMM`'s last result.
-This is how the next expert's weights are prefetched. Where neither `GEMM` adds a fused
-residual and none of the second's read ranges (activations, buffer weights) meets the
-first's results, the second's reads start as soon as the first has taken its last token,
-and its writes after the first's last result (attention's P·V and the next head's Q·Kᵀ;
-an expert's FC2 and the next expert's FC1). A `LAYERNORM` after such a
+This is how the next expert's weights are prefetched. Where both `GEMM`s are plain (no
+`GATHER` rows, no fused residual, outside an `EXPERTS` body) and none of the second's
+read ranges (activations, buffer weights) meets the first's results, the second's reads
+start as soon as the first has taken its last token, and its writes after the first's
+last result (attention's P·V and the next head's Q·Kᵀ). A `LAYERNORM` after such a
 `GEMM` reads its parameters behind the `GEMM`'s stream too; its buffer walks start after
 the `GEMM`'s last result.
 A `SOFTMAX` runs in the background: once it has started, the next instruction is fetched

@@ -11,10 +11,11 @@ priority), and if it is such a ``GEMM`` too, its command and stream are issued a
 queued behind the first's, while its buffer walks wait (in a queue of :data:`GEMMS_HELD`
 walk plans) for the previous ``GEMM``'s last result: the DDR streams on from one GEMM's
 weights into the next's, up to five GEMMs ahead. A held GEMM that reads nothing the one
-before it writes (both plain: no fused residual) starts its reads as soon as that one has
-taken its last token, and its results' walk when that one's last result is written. A
-failed check stops before anything of the instruction starts; a DDR error lets the
-instruction finish, then stops; ``abort_request`` stops after the current instruction.
+before it writes (both plain: no gather, no fused residual, not in an ``EXPERTS`` body)
+starts its reads as soon as that one has taken its last token, and its results' walk when
+that one's last result is written. A failed check stops before anything of the
+instruction starts; a DDR error lets the instruction finish, then stops; ``abort_request``
+stops after the current instruction.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
@@ -139,7 +140,7 @@ class _Registers:
         self.launcher = None
         # The held GEMM at the launcher's head has started its reads (``early``) and waits
         # only for the results' walk; the results range of the last GEMM accepted and
-        # whether it was plain (no fused residual).
+        # whether it was plain (no gather, no fused residual, not in an EXPERTS body).
         self.reads_early = Signal()
         buf_bits = ceil_log2(cfg.act_buffer_words)
         self.prev_used = Signal()
@@ -453,17 +454,10 @@ class Controller(wiring.Component):
         return self.instruction.args.gemm.mode != GemmMode.INT32
 
     def _plain(self) -> Value:
-        """The GEMM adds no residual: its reads are its walks A and B alone, in the ranges
-        checked, and start together (a fused residual's x is read through port B beside
-        the results, so it starts with the results' walk).
-
-        Gathered rows and ``EXPERTS`` bodies are plain: the gather stage sits on port A's
-        addresses, idle once the GEMM before has taken its last token, and a visit's
-        ranges (its context's queue rows, the routed rows it gathers) are checked as any
-        other. On ``edge-moe`` the next expert's FC1, which gathers from LN2's output,
-        thus starts beside the FC2 before it, which reads FC1's scratch and writes the
-        queue rows."""
-        return ~self.instruction.args.gemm.residual
+        """The GEMM neither gathers its rows, nor adds a residual, nor runs in an
+        ``EXPERTS`` body: its reads are its walks A and B alone, in the ranges checked."""
+        g = self.instruction.args.gemm
+        return ~g.expert & ~g.residual & (g.src_rows != RowMode.GATHER)
 
     def _reads_clear(self, r: _Registers) -> Value:
         """The checked GEMM and the GEMM accepted before it are both plain, and it reads

@@ -29,7 +29,7 @@ from m3vit.hw.isa import (
     TableUnit,
     WeightSource,
 )
-from m3vit.hw.registers import ErrorCode, Schedule
+from m3vit.hw.registers import ErrorCode
 
 from ..compiler.isa_model import MachineStop, execute
 from ..compiler.layout import unslice
@@ -679,18 +679,13 @@ def _routing_logits(rng: np.random.Generator, routing: str, tokens: int, experts
 
 def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
                      tokens: int = 9, dim: int | None = None, hidden: int | None = None,
-                     order=None, schedule: int = 0, queue_over_inputs: bool = False) -> Case:
+                     order=None, schedule: int = 0) -> Case:
     """One MoE layer from given router logits: ROUTE, EXPERTS {FC1 → GELU, FC2}, COMBINE.
 
     The logits are loaded (not computed) so that every routing pattern of :data:`ROUTINGS`
     can be forced; the expected output is ``numerics`` step by step (router scores, top-k,
     each expert on its tokens, combine). ``meta`` holds the DDR blocks of the experts and
     the choices, for the read monitor.
-
-    With ``queue_over_inputs`` FC2's queue rows lie over the tokens FC1 gathers: each
-    visit's FC1 reads what the FC2s before it wrote (the hazard that keeps the next FC1's
-    reads from starting beside an FC2); the expected window is then the ISA model's
-    under ``schedule`` (``SCHEDULE.ORDER``).
     """
     from ..compiler.layout import slice_major
 
@@ -728,8 +723,8 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     h_base = 3
     lg_base = h_base + d_w * tokens
     f_base = lg_base + e_w * tokens
-    y_base = h_base if queue_over_inputs else f_base + h_w * tokens
-    out_base = f_base + h_w * tokens + d_w * entries
+    y_base = f_base + h_w * tokens
+    out_base = y_base + d_w * entries
     prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(h, C)), dst=h_base, dst_stride=1,
              words=d_w * tokens)
     prog.add(Opcode.LOAD, ddr=img.put("logits", slice_major(padded, C)), dst=lg_base,
@@ -762,16 +757,6 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
              rows=tokens, beats=d_w, mult=mult, shift=shift)
     out = img.reserve("out", d_w * tokens * C)
     prog.add(Opcode.STORE, ddr=out, src=out_base, src_stride=1, words=d_w * tokens)
-    if queue_over_inputs:
-        # The overwritten tokens too: what each FC1 gathered shows in them.
-        prog.add(Opcode.STORE, ddr=img.reserve("h_out", d_w * entries * C), src=h_base,
-                 src_stride=1, words=d_w * entries)
-        prog.add(Opcode.END)
-        before = bytes(img.data)
-        after = bytearray(before)
-        execute(cfg, prog.encode(), after, schedule=Schedule(schedule))
-        return Case(f"moe_{routing}_E{experts}_queue_over_inputs", prog.encode(), before,
-                    bytes(after), schedule=schedule)
     prog.add(Opcode.END)
 
     # Expected: numerics step by step.

@@ -285,8 +285,7 @@ def estimate_program(program: bytes, config: AccelConfig, *,
                 visits = [1] * sum(counts)
             for tokens in visits:
                 for bpc, (bop, bf) in body:
-                    _step(mc, cm, config, ddr, bpc, bop, dict(bf, tokens=tokens,
-                                                              routed=bf["tokens"]))
+                    _step(mc, cm, config, ddr, bpc, bop, dict(bf, tokens=tokens))
             waited = sum(d for _, d in mc.drains)
             spans.extend(mc.drains)
             mc.drains.clear()
@@ -389,9 +388,10 @@ def _top_k(f: dict) -> int:
 
 
 def _plain(f: dict) -> bool:
-    """A GEMM that adds no residual, with results in the buffer: its reads may start
-    beside the GEMM before it (gathered rows and ``EXPERTS`` bodies included)."""
-    return not (f["residual"] or f["mode"] == GemmMode.INT32.value)
+    """A GEMM that neither gathers, nor adds a residual, nor runs in an ``EXPERTS`` body,
+    with results in the buffer: its reads may start beside the GEMM before it."""
+    return not (f["expert"] or f["residual"] or f["src_rows"] == RowMode.GATHER.value
+                or f["mode"] == GemmMode.INT32.value)
 
 
 def _meets(a: tuple | None, b: tuple | None) -> bool:
@@ -401,8 +401,8 @@ def _meets(a: tuple | None, b: tuple | None) -> bool:
 def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: int, f: dict,
           ctl: float, entry: int) -> None:
     """A GEMM: with its results in the buffer it hands over once issued (its reads start
-    early beside the GEMM before it when it adds no residual and reads nothing that one
-    writes); with INT32 results it runs to its end."""
+    early beside the GEMM before it when neither gathers nor adds a residual and it reads
+    nothing that one writes); with INT32 results it runs to its end."""
     R, G = config.pe_rows, config.gemm_cols
     tokens = f["tokens"]
     n, k = f["n_tiles"], f["k_slices"]
@@ -423,11 +423,7 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     mc.read_bytes += stream
     if f["expert"]:
         mc.expert_read_bytes += stream
-    # A body GEMM's ranges as the checks bound them: GATHER reaches the routed rows, QUEUE
-    # its context's rows (here all M · k of them: the offset is not modelled).
-    src_rows = f.get("routed", tokens) if f["src_rows"] == RowMode.GATHER.value else tokens
-    dst_rows = f["dst_stride"] if f["dst_rows"] == RowMode.QUEUE.value else tokens
-    reads, write = gemm_buffer_ranges(f, config, src_rows, dst_rows)
+    reads, write = gemm_buffer_ranges(f, config, tokens, tokens)
     if mc.bg_end > mc.t and (any(_meets(r, mc.bg_write) for r in reads)
                              or _meets(write, mc.bg_read) or _meets(write, mc.bg_write)):
         mc.wait_bg()    # a GEMM that touches the background softmax's ranges waits for it
