@@ -398,9 +398,12 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
         reads, results = gemm_buffer_ranges(a, cfg, _rows_extent(a["src_rows"], m, it, routed),
                                             _rows_extent(a["dst_rows"], m, it, routed))
         # In the order activations, results, weights (the first past the buffer is named).
-        words += [last for _, last in [reads[0], *([results] if results else []), *reads[1:]]]
+        words.append(reads[0][1])
         if results is None:
             ddr.append((a["out_ddr"], a["n_tiles"] * m * 4 * G))
+        else:
+            words.append(results[1])
+        words += [last for _, last in reads[1:]]
         ddr.append((_gemm_ddr_offset(mc, a, it, stride), _gemm_stream_bytes(a, cfg)))
     elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
         beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
