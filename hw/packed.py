@@ -23,32 +23,39 @@ below 2^17 for ``chain ≤ 7`` (WP486's limit of seven accumulations); ``chain =
 exactly when every lane is −128 × −128. The chain sums then meet in ordinary adder trees,
 one per channel.
 
-The packed weight is formed in fabric, not with the DSP's pre-adder, so that simulation
-needs no vendor model: ``packed`` has ``w_lo`` sign-extended in its low 18 bits and
-``w_hi − w_lo[7]`` (nine bits) above, a nine-bit subtraction per DSP done once per weight
-tile. Everything here is plain Verilog arithmetic that Verilator simulates and Yosys maps
-to DSP48E2 multipliers (``m3vit resources --design packed``).
+The array has two forms of one register structure (:mod:`m3vit.hw.target`):
 
-Yosys (0.23, and 0.70 alike) maps each packed 8 × 27 multiply to one DSP48E2 but leaves the
-chain's M and P registers and its post-adders in fabric: its ``xilinx_dsp`` pass packs
-registers and the PCIN cascade into DSP48E1 (``-family xc7``) only. The chain is written
-in the inference form (multiply → register → add of the previous position's register →
-register) that Vivado folds into MREG, PREG and PCIN; Yosys's LUT and FF figures for it
-are an upper bound (docs/toolchain.md).
+* **plain** (simulation, ``platform=None``): the packed weight is formed in fabric
+  (``packed`` has ``w_lo`` sign-extended in its low 18 bits and ``w_hi − w_lo[7]`` above, a
+  nine-bit subtraction per DSP done once per weight tile) and the chain is written in the
+  inference form (multiply → register → add of the previous position's register →
+  register), plain Verilog arithmetic that Verilator simulates;
+* **DSP48E2** (synthesis, :data:`~m3vit.hw.target.SYNTHESIS`): one ``DSP48E2`` instance
+  per position (:func:`dsp48e2_packed_mac`), whose A2/D registers hold the two weights, the
+  pre-adder packs them, M and P are the chain's registers and PCOUT → PCIN its cascade.
+
+Why two: Yosys (0.23, and 0.70 alike) maps each packed multiply of the plain form to one
+DSP48E2 but leaves the M and P registers and the post-adders in fabric (its ``xilinx_dsp``
+pass packs registers and the PCIN cascade into DSP48E1, ``-family xc7``, only), some 35
+LUTs and 70 FFs per DSP that Vivado would fold into the slice; with the instances the
+estimate counts what the board has. The cocotb bench runs both forms against the same
+integers, the DSP48E2 one on the subset model ``sim/models/dsp48e2.v``.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal, signed
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .pipeline import delay_like
+from .target import uses_dsp48e2
 
 __all__ = [
     "LOW_BITS",
     "MAX_CHAIN",
     "PackedArray",
+    "dsp48e2_packed_mac",
     "pack_weights",
     "packed_chain_sum",
     "packed_latency",
@@ -234,39 +241,26 @@ class PackedArray(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        rows, pairs, chain = self.rows, self.pairs, self.chain
+        pairs, chain = self.pairs, self.chain
         # Position k of every chain takes its activation k cycles late (one delay line per
         # row, shared by every DSP of the row), so that its product meets the previous
         # position's sum in the cascade; it loads its weights k cycles late too (a delayed
         # load enable, shared by the row), so that a vector sees one tile along the chain.
-        x = Signal.like(self.x, reset_less=True)
         valid = Signal()
-        m.d.sync += [x.eq(self.x), valid.eq(self.x_valid)]
+        m.d.sync += valid.eq(self.x_valid)
         loads = [self.load]
         for d in range(chain - 1):
             reg = Signal(name=f"load_d{d + 1}")
             m.d.sync += reg.eq(loads[-1])
             loads.append(reg)
-        position = [self.position(r) for r in range(rows)]
-        skewed = [delay_like(m, x[r], position[r], f"x{r}") for r in range(rows)]
-        packed = []  # packed[r][p]: DSP (r, p)'s weight register
-        for r in range(rows):
-            row = []
-            for p in range(pairs):
-                # Packed once per load: a nine-bit subtraction per DSP, off the multiply
-                # path.
-                w = Signal(signed(PACKED_BITS), name=f"packed_r{r}_p{p}", reset_less=True)
-                with m.If(loads[position[r]]):
-                    m.d.sync += w.eq(pack_weights(self.w[r][p + pairs], self.w[r][p]))
-                row.append(w)
-            packed.append(row)
+        if uses_dsp48e2(platform):
+            chain_sum = self._dsp48e2_chains(m, loads)
+        else:
+            chain_sum = self._plain_chains(m, loads)
         for p in range(pairs):
             sums_hi, sums_lo = [], []
             for c in range(self.n_chains):
-                lanes = self.chain_rows(c)
-                total = packed_chain_sum(m, [skewed[r] for r in lanes],
-                                         [packed[r][p] for r in lanes], f"p{p}_chain{c}")
-                high, low = split_packed(total)
+                high, low = split_packed(chain_sum(p, c))
                 bits = 16 + chain.bit_length() + 1
                 hi_reg = Signal(signed(bits), name=f"p{p}_chain{c}_hi", reset_less=True)
                 lo_reg = Signal(signed(bits), name=f"p{p}_chain{c}_lo", reset_less=True)
@@ -277,6 +271,98 @@ class PackedArray(wiring.Component):
                          self.y[p + pairs].eq(_tree(m, sums_hi, f"p{p}_hi"))]
         m.d.comb += self.y_valid.eq(delay_like(m, valid, self.latency - 1, "valid"))
         return m
+
+    def _plain_chains(self, m: Module, loads: list):
+        """The chains in plain arithmetic (simulation): the input register, the skew, the
+        packed weights formed and held in fabric, :func:`packed_chain_sum`. Returns
+        ``chain_sum(pair, chain)``."""
+        x = Signal.like(self.x, reset_less=True)
+        m.d.sync += x.eq(self.x)
+        position = [self.position(r) for r in range(self.rows)]
+        skewed = [delay_like(m, x[r], position[r], f"x{r}") for r in range(self.rows)]
+        packed = []  # packed[r][p]: DSP (r, p)'s weight register
+        for r in range(self.rows):
+            row = []
+            for p in range(self.pairs):
+                # Packed once per load: a nine-bit subtraction per DSP, off the multiply
+                # path.
+                w = Signal(signed(PACKED_BITS), name=f"packed_r{r}_p{p}", reset_less=True)
+                with m.If(loads[position[r]]):
+                    m.d.sync += w.eq(pack_weights(self.w[r][p + self.pairs], self.w[r][p]))
+                row.append(w)
+            packed.append(row)
+
+        def chain_sum(p: int, c: int):
+            lanes = self.chain_rows(c)
+            return packed_chain_sum(m, [skewed[r] for r in lanes],
+                                    [packed[r][p] for r in lanes], f"p{p}_chain{c}")
+
+        return chain_sum
+
+    def _dsp48e2_chains(self, m: Module, loads: list):
+        """The chains as ``DSP48E2`` instances (synthesis): the same registers in the
+        slice. B2 is the input register (the skew line in fabric is one stage shorter),
+        A2 and D hold the two weights and the pre-adder packs them (``w_hi · 2^18 +
+        w_lo``, no fabric), M and P are the chain's registers, PCOUT → PCIN its cascade.
+        Returns ``chain_sum(pair, chain)``."""
+        position = [self.position(r) for r in range(self.rows)]
+        b_in = [delay_like(m, self.x[r], position[r], f"b{r}") for r in range(self.rows)]
+
+        def chain_sum(p: int, c: int):
+            total = cascade = None
+            for k, r in enumerate(self.chain_rows(c)):
+                w_hi, w_lo = self.w[r][p + self.pairs], self.w[r][p]
+                total, cascade = dsp48e2_packed_mac(
+                    m, f"p{p}_chain{c}_dsp{k}", x=b_in[r], w_hi=w_hi, w_lo=w_lo,
+                    load=loads[position[r]], pcin=cascade)
+            return total
+
+        return chain_sum
+
+
+def dsp48e2_packed_mac(m: Module, name: str, *, x, w_hi, w_lo, load, pcin=None):
+    """One packed multiply-add as a ``DSP48E2`` instance: ``P ← PCIN + x · (w_hi · 2^18 +
+    w_lo)``.
+
+    The registers are those of :func:`packed_chain_sum`'s position: B2 takes ``x`` (BREG),
+    A2 and D take ``w_hi · 2^18`` and ``w_lo`` while ``load`` is high (AREG, DREG, the
+    pre-adder AD = D + A2 combinational, ADREG = 0), M the product (MREG) and P the sum
+    (PREG). ``pcin`` is the previous position's P through the dedicated cascade (PCOUT →
+    PCIN); without one the ALU's Z input is zero.
+
+    Returns
+    -------
+    (Signal, Signal)
+        The 48-bit P output, signed (a chain's sum, read by fabric), and PCOUT (the next
+        position's ``pcin``: a cascade input takes only another slice's PCOUT).
+    """
+    a = Signal(signed(30), name=f"{name}_a")
+    d = Signal(signed(27), name=f"{name}_d")
+    b = Signal(signed(18), name=f"{name}_b")
+    p = Signal(signed(_SUM_BITS), name=f"{name}_p")
+    pcout = Signal(signed(_SUM_BITS), name=f"{name}_pcout")
+    m.d.comb += [a.eq(w_hi.as_signed() << LOW_BITS), d.eq(w_lo.as_signed()),
+                 b.eq(x.as_signed())]
+    # OPMODE: W = 0, Z = PCIN (001) or 0, Y = X = M (01 01): P = Z + M.
+    opmode = (0b001 << 4 if pcin is not None else 0) | 0b0101
+    m.submodules[name] = Instance(
+        "DSP48E2",
+        p_AREG=1, p_ACASCREG=1, p_BREG=1, p_BCASCREG=1, p_DREG=1, p_ADREG=0, p_MREG=1,
+        p_PREG=1, p_CREG=0, p_INMODEREG=0, p_OPMODEREG=0, p_ALUMODEREG=0, p_CARRYINREG=0,
+        p_CARRYINSELREG=0, p_A_INPUT="DIRECT", p_B_INPUT="DIRECT", p_AMULTSEL="AD",
+        p_BMULTSEL="B", p_PREADDINSEL="A", p_USE_MULT="MULTIPLY", p_USE_SIMD="ONE48",
+        i_CLK=ClockSignal(), i_A=a, i_B=b, i_C=Const(0, 48), i_D=d,
+        i_PCIN=Const(0, 48) if pcin is None else pcin, i_ACIN=Const(0, 30),
+        i_BCIN=Const(0, 18), i_CARRYIN=0, i_CARRYCASCIN=0, i_MULTSIGNIN=0,
+        # INMODE 00100: A2 into the pre-adder, D enabled, add; B2 into the multiplier.
+        i_INMODE=Const(0b00100, 5), i_OPMODE=Const(opmode, 9), i_ALUMODE=Const(0, 4),
+        i_CARRYINSEL=Const(0, 3),
+        i_CEA1=0, i_CEA2=load, i_CEB1=0, i_CEB2=1, i_CEC=0, i_CED=load, i_CEAD=0, i_CEM=1,
+        i_CEP=1, i_CEALUMODE=0, i_CECTRL=0, i_CECARRYIN=0, i_CEINMODE=0,
+        i_RSTA=0, i_RSTB=0, i_RSTC=0, i_RSTD=0, i_RSTM=0, i_RSTP=0, i_RSTALLCARRYIN=0,
+        i_RSTALUMODE=0, i_RSTCTRL=0, i_RSTINMODE=0,
+        o_P=p, o_PCOUT=pcout)
+    return p, pcout
 
 
 def _tree(m: Module, terms: list, name: str):

@@ -30,6 +30,7 @@ from amaranth.lib import wiring
 
 from ..config import CI, ZCU104, AccelConfig
 from ..errors import M3VitError
+from ..target import Target
 
 __all__ = [
     "CONFIGS",
@@ -80,7 +81,7 @@ def signature_ports(component: wiring.Component) -> dict[str, tuple[Signal, Port
     return ports
 
 
-def to_verilog(component: wiring.Component, name: str) -> str:
+def to_verilog(component: wiring.Component, name: str, platform: Target | None = None) -> str:
     """Convert a component to Verilog text with signature-derived ports.
 
     Parameters
@@ -89,6 +90,9 @@ def to_verilog(component: wiring.Component, name: str) -> str:
         The component to convert. Its ``sync`` domain, if used, adds ``clk`` and ``rst``.
     name : str
         Name of the top-level Verilog module (the ``hdl_toplevel`` of a bench).
+    platform : Target, optional
+        What the design is elaborated for (:mod:`m3vit.hw.target`): plain Verilog for
+        simulation by default, :data:`~m3vit.hw.target.SYNTHESIS` for vendor primitives.
 
     Returns
     -------
@@ -103,10 +107,11 @@ def to_verilog(component: wiring.Component, name: str) -> str:
     """
     if not name.isidentifier():
         raise ValueError(f"module name must be an identifier, got {name!r}")
-    return verilog.convert(component, name=name, ports=signature_ports(component), emit_src=False)
+    return verilog.convert(component, name=name, platform=platform,
+                           ports=signature_ports(component), emit_src=False)
 
 
-def to_rtlil(component: wiring.Component, name: str) -> str:
+def to_rtlil(component: wiring.Component, name: str, platform: Target | None = None) -> str:
     """Convert a component to RTLIL (Yosys's own netlist text), ports as :func:`to_verilog`.
 
     The Verilog of :func:`to_verilog` is written by Yosys from this same netlist. Synthesis
@@ -120,6 +125,8 @@ def to_rtlil(component: wiring.Component, name: str) -> str:
         The component to convert.
     name : str
         Name of the top-level module.
+    platform : Target, optional
+        As for :func:`to_verilog`.
 
     Returns
     -------
@@ -133,7 +140,8 @@ def to_rtlil(component: wiring.Component, name: str) -> str:
     """
     if not name.isidentifier():
         raise ValueError(f"module name must be an identifier, got {name!r}")
-    return rtlil.convert(component, name=name, ports=signature_ports(component), emit_src=False)
+    return rtlil.convert(component, name=name, platform=platform,
+                         ports=signature_ports(component), emit_src=False)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

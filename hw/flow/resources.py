@@ -830,13 +830,15 @@ def estimate(
     M3VitError
         Unknown design or configuration, or a failed run.
     """
+    from ..target import SYNTHESIS
     from .generate import get_config, get_design, to_rtlil, write_if_changed
 
     config = config or get_config(config_name)
     entry = get_design(design)
     workdir = Path(workdir or Path("build") / "resources" / config_name / design)
-    # RTLIL, the netlist the generated Verilog is written from (see to_rtlil for why).
-    netlist_text = to_rtlil(entry.elaborate(config), entry.module)
+    # RTLIL, the netlist the generated Verilog is written from (see to_rtlil for why), in
+    # the form synthesis gets: the packed array's chains as DSP48E2 instances.
+    netlist_text = to_rtlil(entry.elaborate(config), entry.module, platform=SYNTHESIS)
     netlist = (workdir / f"{design}.il").resolve()
     script = synthesis_script(_script_path(netlist, workdir), entry.module, abc9=abc9,
                               uram=uram, stat_json=yosys.stat_json)

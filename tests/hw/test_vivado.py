@@ -32,6 +32,7 @@ from m3vit.hw.flow import vivado
 from m3vit.hw.flow.generate import signature_ports, to_verilog
 from m3vit.hw.regfile import AxiLiteSignature
 from m3vit.hw.registers import REGISTER_MAP
+from m3vit.hw.target import SYNTHESIS
 from m3vit.hw.top import AcceleratorTop
 from m3vit.sim.soc import DdrTiming
 from m3vit.sim.verilator import lint
@@ -186,7 +187,7 @@ def ci_top():
 
 @pytest.fixture(scope="module")
 def ci_verilog() -> str:
-    return to_verilog(AcceleratorTop(CI), vivado.ACCEL_MODULE)
+    return to_verilog(AcceleratorTop(CI), vivado.ACCEL_MODULE, SYNTHESIS)
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +204,10 @@ def bd(ci_flow):
 
 @pytest.fixture
 def fast_verilog(monkeypatch, ci_verilog):
-    """``m3vit bitstream`` without the 10 s conversion: the Verilog comes from the fixture."""
-    def convert(component, name):
+    """``m3vit bitstream`` without the 10 s conversion: the Verilog comes from the fixture.
+    The flow must ask for the synthesis form (DSP48E2 instances in the packed array)."""
+    def convert(component, name, platform=None):
+        assert platform is SYNTHESIS
         elaborated(component)
         return ci_verilog
 
@@ -281,10 +284,12 @@ def test_wrapper_ports_cover_every_axi_signal_of_the_top(config):
 
 
 def test_the_wrapper_lints_with_the_accelerator(ci_flow, tmp_path):
-    # One file: the lint helper takes one. Verilator also checks every named port exists.
+    # One file: the lint helper takes one. Verilator also checks every named port exists,
+    # the DSP48E2 instances' against the subset model the packed array's bench runs on.
     source = tmp_path / "wrapped.v"
     source.write_text(ci_flow.files["wrapper"].read_text()
-                      + ci_flow.files["accelerator"].read_text())
+                      + ci_flow.files["accelerator"].read_text()
+                      + (REPO / "sim" / "models" / "dsp48e2.v").read_text())
     assert lint(source, vivado.WRAPPER_MODULE) == []
 
 

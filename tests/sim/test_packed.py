@@ -2,9 +2,12 @@
 """Two INT8 products per DSP48E2 (:mod:`m3vit.hw.packed`): the separation's limits checked
 exhaustively at the value level, and the cocotb bench in ``tests/sim/packed/``.
 
-The bench top holds three :class:`~m3vit.hw.packed.PackedArray` side by side, one Verilator
-build under ``build/sim/packed/``: the ZCU104 array's K-slice (32 rows in chains of 4) with
-two DSP columns, the longest chain the separation allows (7) and chains of one DSP.
+The bench top holds three :class:`~m3vit.hw.packed.PackedArray` side by side: the ZCU104
+array's K-slice (32 rows in chains of 4) with two DSP columns, the longest chain the
+separation allows (7) and chains of one DSP. It is built twice under ``build/sim/packed/``:
+in the plain form that every other bench simulates, and in the form synthesis gets
+(:data:`m3vit.hw.target.SYNTHESIS`: ``DSP48E2`` instances) on the subset model
+``sim/models/dsp48e2.v``; the same cocotb tests check both, to the cycle.
 """
 
 from pathlib import Path
@@ -16,12 +19,15 @@ from amaranth.lib.wiring import Out
 
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.packed import MAX_CHAIN, PackedArray, packed_value, split_value
+from m3vit.hw.target import SYNTHESIS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent / "packed"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "packed"
 TOP = "packed_bench"
 BENCH_MODULE = "test_packed_dot"
+#: The subset model of the DSP48E2 that the synthesis form is simulated on.
+DSP48E2_MODEL = REPO_ROOT / "sim" / "models" / "dsp48e2.v"
 #: (rows, pairs, chain, group) of each instance; ports prefixed ``p<rows>x<pairs>x<chain>``.
 SHAPES = [(32, 2, 4, 2), (14, 1, 7, 1), (3, 2, 1, 3)]
 #: Test bodies: random vectors, extremes and reloads, each under two flows, per shape.
@@ -105,6 +111,29 @@ def test_packed_bench_passes(cocotb_bench, quick_model_compile):
     write_if_changed(verilog, to_verilog(PackedBenchTop(), TOP))
     cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP, verilog=verilog,
                  build_dir=BUILD_DIR / "verilator", passes=EXPECTED_TESTS)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("verilator")
+def test_packed_bench_passes_on_dsp48e2_instances(cocotb_bench, quick_model_compile):
+    """The synthesis form: one DSP48E2 per position, the chains through PCOUT → PCIN."""
+    verilog = BUILD_DIR / f"{TOP}_dsp48e2.v"
+    text = to_verilog(PackedBenchTop(), TOP, SYNTHESIS)
+    assert text.count("DSP48E2 #(") == sum(r * p for r, p, _, _ in SHAPES)
+    write_if_changed(verilog, text + DSP48E2_MODEL.read_text())
+    cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP, verilog=verilog,
+                 build_dir=BUILD_DIR / "verilator_dsp48e2", passes=EXPECTED_TESTS)
+
+
+def test_the_synthesis_form_cascades_each_chain_and_packs_in_the_pre_adder():
+    text = to_verilog(PackedArray(8, 1, 4), "pk", SYNTHESIS)
+    instances = text.split("DSP48E2 #(")[1:]
+    assert len(instances) == 8
+    # Position 0 of each chain adds nothing (Z = 0), the others add PCIN (Z = 001).
+    assert sum("OPMODE(9'h005)" in i for i in instances) == 2
+    assert sum("OPMODE(9'h015)" in i for i in instances) == 6
+    assert all('AMULTSEL("AD")' in i and "INMODE(5'h04)" in i for i in instances)
+    assert text.count(".PCIN(48'h000000000000)") == 2
 
 
 def test_signal_widths_hold_the_longest_sum():

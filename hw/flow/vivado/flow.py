@@ -22,6 +22,7 @@ from amaranth.lib import wiring
 
 from ...config import AccelConfig
 from ...errors import M3VitError
+from ...target import SYNTHESIS
 from ..generate import get_config, to_verilog, write_if_changed
 from .board import (
     ACCEL_CELL,
@@ -99,7 +100,8 @@ def write_project(
         The Vivado version the build insists on.
     accelerator_verilog : callable, optional
         ``f(component) -> str``; by default :func:`m3vit.hw.flow.generate.to_verilog` with module
-        name :data:`ACCEL_MODULE` (about a minute for the ZCU104 configuration).
+        name :data:`ACCEL_MODULE` for :data:`m3vit.hw.target.SYNTHESIS` (DSP48E2 instances
+        in the packed array; about a minute for the ZCU104 configuration).
     progress : callable, optional
         Called with a line before the elaboration.
 
@@ -122,7 +124,8 @@ def write_project(
     if progress is not None:
         progress(f"elaborating the accelerator for {config_name} (the ZCU104 configuration "
                  "takes about a minute)")
-    convert = accelerator_verilog or (lambda c: to_verilog(c, ACCEL_MODULE))
+    # The synthesis form (m3vit.hw.target): the packed array's chains as DSP48E2 instances.
+    convert = accelerator_verilog or (lambda c: to_verilog(c, ACCEL_MODULE, SYNTHESIS))
     accel_text = convert(component)
     texts = {
         "accelerator": (f"{ACCEL_MODULE}.v", accel_text),
