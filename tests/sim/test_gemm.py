@@ -11,7 +11,9 @@ per array row, and the CI configuration's 4 × 8 array whose rows leave as two 4
 twice: fed one weight row and one parameter record a beat, and with the CI top's intake
 (:func:`~m3vit.hw.engine.router.intake_shape`: two rows, two records and 16 table entries
 a beat, as the ZCU104 top takes two 64-byte rows and 16 records from each 128-byte read
-entry, which :mod:`m3vit.sw.bench.gemm_utilization` measures). The arrays
+entry, which :mod:`m3vit.sw.bench.gemm_utilization` measures), the latter also in the form
+synthesis gets (``4x8w2-top-dsp48e2``: the packed array's ``DSP48E2`` instances on the
+subset model ``sim/models/dsp48e2.v``, :mod:`m3vit.hw.target`). The arrays
 with ``pe_rows ≤ gemm_cols`` also run passes with transposed (column-order) weight tiles;
 on the 8 × 4 such a command is checked to be illegal. Those with ``pe_rows ≥ 4`` run
 ``row_scale`` passes (per-token requantization, attention's P·V) among the other modes; on
@@ -29,6 +31,7 @@ from m3vit.hw.config import CI, ZCU104, AccelConfig
 from m3vit.hw.engine.router import intake_shape
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.gemm import GemmEngine, Requantizer
+from m3vit.hw.target import SYNTHESIS
 from m3vit.sim.verilator import lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +54,8 @@ BENCH_CONFIGS = {
     # The same, fed as the CI top feeds it (BENCH_ENGINE_ARGS): several rows and records
     # a beat, the intake the utilization benchmark measures on the ZCU104's engine.
     "4x8w2-top": CI,
+    # The same engine in the form synthesis gets: DSP48E2 instances, on their model.
+    "4x8w2-top-dsp48e2": CI,
 }
 
 #: Constructor arguments other than the configuration, per bench: one bench loads the
@@ -66,6 +71,11 @@ BENCH_ENGINE_ARGS = {
                   "params_per_beat": _CI_INTAKE.params_per_beat,
                   "table_entries": _CI_INTAKE.gemm_table_entries},
 }
+BENCH_ENGINE_ARGS["4x8w2-top-dsp48e2"] = BENCH_ENGINE_ARGS["4x8w2-top"]
+#: Benches built in the synthesis form (:data:`m3vit.hw.target.SYNTHESIS`).
+SYNTHESIS_BENCHES = {"4x8w2-top-dsp48e2"}
+#: The subset model of the DSP48E2 that the synthesis form is simulated and linted with.
+DSP48E2_MODEL = REPO_ROOT / "sim" / "models" / "dsp48e2.v"
 
 
 def expected_tests(config: AccelConfig) -> int:
@@ -81,10 +91,14 @@ def expected_tests(config: AccelConfig) -> int:
     return 8 * 4 * 2 * orders + 4 * 2 + 3
 
 
-def write_verilog(config: AccelConfig, build_dir: Path, **kwargs) -> Path:
-    """The engine's Verilog under ``build_dir``, rewritten only when it changes."""
+def write_verilog(config: AccelConfig, build_dir: Path, platform=None, **kwargs) -> Path:
+    """The engine's Verilog under ``build_dir``, rewritten only when it changes; for
+    ``platform=SYNTHESIS`` followed by the DSP48E2 model its instances run on."""
     path = build_dir / f"{TOP}.v"
-    write_if_changed(path, to_verilog(GemmEngine(config, **kwargs), TOP))
+    text = to_verilog(GemmEngine(config, **kwargs), TOP, platform)
+    if platform is SYNTHESIS:
+        text += DSP48E2_MODEL.read_text()
+    write_if_changed(path, text)
     return path
 
 
@@ -94,8 +108,10 @@ def write_verilog(config: AccelConfig, build_dir: Path, **kwargs) -> Path:
 def test_gemm_engine_bench_passes(name, cocotb_bench):
     config = BENCH_CONFIGS[name]
     build_dir = BUILD_DIR / name
+    platform = SYNTHESIS if name in SYNTHESIS_BENCHES else None
     cocotb_bench(module=BENCH_MODULE, bench_dir=BENCH_DIR, top=TOP,
-                 verilog=write_verilog(config, build_dir, **BENCH_ENGINE_ARGS.get(name, {})),
+                 verilog=write_verilog(config, build_dir, platform,
+                                       **BENCH_ENGINE_ARGS.get(name, {})),
                  build_dir=build_dir / "verilator",
                  config=config, passes=expected_tests(config))
 
@@ -112,6 +128,17 @@ def test_zcu104_engine_elaborates_and_lints_clean():
     # per DSP, the M register of each chain position.
     packed = re.findall(r"^\s*reg (?:signed )?\[34:0\] p\d+_chain\d+_m\d ", text, re.M)
     assert len(packed) == ZCU104.n_pe // 2
+
+
+@pytest.mark.slow
+def test_zcu104_engine_synthesis_form_has_a_dsp48e2_a_pair_and_lints_clean():
+    """What the estimate and Vivado get: the 1,024 packed DSPs as instances, whose ports
+    and widths Verilator checks against the model."""
+    verilog_path = write_verilog(ZCU104, BUILD_DIR / "zcu104-dsp48e2", SYNTHESIS)
+    text = verilog_path.read_text()
+    assert lint(verilog_path, TOP) == []
+    assert len(re.findall(r"^\s+DSP48E2 #\(", text, re.M)) == ZCU104.n_pe // 2
+    assert not re.search(r"\[34:0\] p\d+_chain\d+_m\d ", text)
 
 
 def test_the_top_intake_bench_feeds_several_rows_and_records_a_beat():
