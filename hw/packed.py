@@ -253,10 +253,12 @@ class PackedArray(wiring.Component):
             reg = Signal(name=f"load_d{d + 1}")
             m.d.sync += reg.eq(loads[-1])
             loads.append(reg)
+        # Row r's load enable: its chain position's (as late as its activation).
+        row_loads = [loads[self.position(r)] for r in range(self.rows)]
         if uses_dsp48e2(platform):
-            chain_sum = self._dsp48e2_chains(m, loads)
+            chain_sum = self._dsp48e2_chains(m, row_loads)
         else:
-            chain_sum = self._plain_chains(m, loads)
+            chain_sum = self._plain_chains(m, row_loads)
         for p in range(pairs):
             sums_hi, sums_lo = [], []
             for c in range(self.n_chains):
@@ -272,14 +274,13 @@ class PackedArray(wiring.Component):
         m.d.comb += self.y_valid.eq(delay_like(m, valid, self.latency - 1, "valid"))
         return m
 
-    def _plain_chains(self, m: Module, loads: list):
+    def _plain_chains(self, m: Module, row_loads: list):
         """The chains in plain arithmetic (simulation): the input register, the skew, the
         packed weights formed and held in fabric, :func:`packed_chain_sum`. Returns
         ``chain_sum(pair, chain)``."""
         x = Signal.like(self.x, reset_less=True)
         m.d.sync += x.eq(self.x)
-        position = [self.position(r) for r in range(self.rows)]
-        skewed = [delay_like(m, x[r], position[r], f"x{r}") for r in range(self.rows)]
+        skewed = [delay_like(m, x[r], self.position(r), f"x{r}") for r in range(self.rows)]
         packed = []  # packed[r][p]: DSP (r, p)'s weight register
         for r in range(self.rows):
             row = []
@@ -287,7 +288,7 @@ class PackedArray(wiring.Component):
                 # Packed once per load: a nine-bit subtraction per DSP, off the multiply
                 # path.
                 w = Signal(signed(PACKED_BITS), name=f"packed_r{r}_p{p}", reset_less=True)
-                with m.If(loads[position[r]]):
+                with m.If(row_loads[r]):
                     m.d.sync += w.eq(pack_weights(self.w[r][p + self.pairs], self.w[r][p]))
                 row.append(w)
             packed.append(row)
@@ -299,14 +300,13 @@ class PackedArray(wiring.Component):
 
         return chain_sum
 
-    def _dsp48e2_chains(self, m: Module, loads: list):
+    def _dsp48e2_chains(self, m: Module, row_loads: list):
         """The chains as ``DSP48E2`` instances (synthesis): the same registers in the
         slice. B2 is the input register (the skew line in fabric is one stage shorter),
         A2 and D hold the two weights and the pre-adder packs them (``w_hi · 2^18 +
         w_lo``, no fabric), M and P are the chain's registers, PCOUT → PCIN its cascade.
         Returns ``chain_sum(pair, chain)``."""
-        position = [self.position(r) for r in range(self.rows)]
-        b_in = [delay_like(m, self.x[r], position[r], f"b{r}") for r in range(self.rows)]
+        b_in = [delay_like(m, self.x[r], self.position(r), f"b{r}") for r in range(self.rows)]
 
         def chain_sum(p: int, c: int):
             total = cascade = None
@@ -314,7 +314,7 @@ class PackedArray(wiring.Component):
                 w_hi, w_lo = self.w[r][p + self.pairs], self.w[r][p]
                 total, cascade = dsp48e2_packed_mac(
                     m, f"p{p}_chain{c}_dsp{k}", x=b_in[r], w_hi=w_hi, w_lo=w_lo,
-                    load=loads[position[r]], pcin=cascade)
+                    load=row_loads[r], pcin=cascade)
             return total
 
         return chain_sum

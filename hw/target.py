@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SIMULATION", "SYNTHESIS", "Target", "uses_dsp48e2"]
+__all__ = ["SYNTHESIS", "Target", "uses_dsp48e2"]
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,13 @@ class Target:
     ----------
     dsp48e2 : bool
         Build packed multiply-add chains as ``DSP48E2`` instances (synthesis for an
-        UltraScale+ device) instead of plain Verilog arithmetic (simulation).
+        UltraScale+ device) instead of plain Verilog arithmetic (simulation, and what
+        ``platform=None`` means).
     """
 
     dsp48e2: bool = False
 
 
-#: Plain Verilog for Verilator (what ``platform=None`` also means).
-SIMULATION = Target()
 #: Vendor primitives where the estimate and the board need them.
 SYNTHESIS = Target(dsp48e2=True)
 

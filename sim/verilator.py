@@ -17,6 +17,7 @@ from pathlib import Path
 from m3vit.hw.errors import M3VitError
 
 __all__ = [
+    "DSP48E2_MODEL",
     "VERILATOR_ARGS",
     "apply_verilator_env",
     "build_lock",
@@ -40,6 +41,11 @@ VERILATOR_ARGS: tuple[str, ...] = (
     "-Wno-CASEINCOMPLETE",
     "-Wno-ALWNEVER",
 )
+
+#: The subset model of the DSP48E2 slice (UG579) that Verilog generated for synthesis
+#: (:data:`m3vit.hw.target.SYNTHESIS`: the packed array's instances) is simulated and
+#: linted with; appended to that Verilog, it makes one file a bench or ``lint`` takes.
+DSP48E2_MODEL = Path(__file__).resolve().parent / "models" / "dsp48e2.v"
 
 # The wheel's include/verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so a model split over
 # several C++ files is compiled with "V...__pch.h.fast" as a bare input instead of

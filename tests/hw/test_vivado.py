@@ -35,7 +35,7 @@ from m3vit.hw.registers import REGISTER_MAP
 from m3vit.hw.target import SYNTHESIS
 from m3vit.hw.top import AcceleratorTop
 from m3vit.sim.soc import DdrTiming
-from m3vit.sim.verilator import lint
+from m3vit.sim.verilator import DSP48E2_MODEL, lint
 from m3vit.sw import cli
 from m3vit.sw.runtime.pynq_board import ACCEL_IP_PREFIX, REGISTER_WINDOW_BYTES, _find_accelerator
 
@@ -289,7 +289,7 @@ def test_the_wrapper_lints_with_the_accelerator(ci_flow, tmp_path):
     source = tmp_path / "wrapped.v"
     source.write_text(ci_flow.files["wrapper"].read_text()
                       + ci_flow.files["accelerator"].read_text()
-                      + (REPO / "sim" / "models" / "dsp48e2.v").read_text())
+                      + DSP48E2_MODEL.read_text())
     assert lint(source, vivado.WRAPPER_MODULE) == []
 
 

@@ -32,7 +32,7 @@ from m3vit.hw.engine.router import intake_shape
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.gemm import GemmEngine, Requantizer
 from m3vit.hw.target import SYNTHESIS
-from m3vit.sim.verilator import lint
+from m3vit.sim.verilator import DSP48E2_MODEL, lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent / "gemm"
@@ -74,8 +74,6 @@ BENCH_ENGINE_ARGS = {
 BENCH_ENGINE_ARGS["4x8w2-top-dsp48e2"] = BENCH_ENGINE_ARGS["4x8w2-top"]
 #: Benches built in the synthesis form (:data:`m3vit.hw.target.SYNTHESIS`).
 SYNTHESIS_BENCHES = {"4x8w2-top-dsp48e2"}
-#: The subset model of the DSP48E2 that the synthesis form is simulated and linted with.
-DSP48E2_MODEL = REPO_ROOT / "sim" / "models" / "dsp48e2.v"
 
 
 def expected_tests(config: AccelConfig) -> int:

@@ -20,14 +20,13 @@ from amaranth.lib.wiring import Out
 from m3vit.hw.flow.generate import to_verilog, write_if_changed
 from m3vit.hw.packed import MAX_CHAIN, PackedArray, packed_value, split_value
 from m3vit.hw.target import SYNTHESIS
+from m3vit.sim.verilator import DSP48E2_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent / "packed"
 BUILD_DIR = REPO_ROOT / "build" / "sim" / "packed"
 TOP = "packed_bench"
 BENCH_MODULE = "test_packed_dot"
-#: The subset model of the DSP48E2 that the synthesis form is simulated on.
-DSP48E2_MODEL = REPO_ROOT / "sim" / "models" / "dsp48e2.v"
 #: (rows, pairs, chain, group) of each instance; ports prefixed ``p<rows>x<pairs>x<chain>``.
 SHAPES = [(32, 2, 4, 2), (14, 1, 7, 1), (3, 2, 1, 3)]
 #: Test bodies: random vectors, extremes and reloads, each under two flows, per shape.
