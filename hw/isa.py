@@ -524,11 +524,11 @@ issued its DDR stream (weights and parameters, or parameters only), the next ins
 is fetched and checked; if it is such a `GEMM` too, its stream is issued at once, behind
 the first's (the PE array's double buffer takes its first tile while the previous `GEMM`
 computes), and its buffer reads and writes start after the previous `GEMM`'s last result.
-This is how the next expert's weights are prefetched. Where both `GEMM`s are plain (no
-`GATHER` rows, no fused residual, outside an `EXPERTS` body) and none of the second's
-read ranges (activations, buffer weights) meets the first's results, the second's reads
-start as soon as the first has taken its last token, and its writes after the first's
-last result (attention's P·V and the next head's Q·Kᵀ). A `LAYERNORM` after such a
+This is how the next expert's weights are prefetched. Where neither `GEMM` adds a fused
+residual and none of the second's read ranges (activations, buffer weights) meets the
+first's results, the second's reads start as soon as the first has taken its last token,
+and its writes after the first's last result (attention's P·V and the next head's Q·Kᵀ;
+an expert's FC2 and the next expert's FC1). A `LAYERNORM` after such a
 `GEMM` reads its parameters behind the `GEMM`'s stream too; its buffer walks start after
 the `GEMM`'s last result.
 A `SOFTMAX` runs in the background: once it has started, the next instruction is fetched
@@ -563,7 +563,11 @@ N width) and V = G / C = `gemm_words`, for N-tile j, K-slice s, word v of a tile
 - `wsrc = BUFFER_ROWS` (P·V): lane c of word `wbuf + (j·V + v)·wstride + s·R + r` is
   `W[j·G + v·C + c, s·R + r]`;
 - `wsrc = BUFFER_COLUMNS` (Q·Kᵀ): lane r of word `wbuf + s·wstride + j·G + c` is
-  `W[j·G + c, s·R + r]`.
+  `W[j·G + c, s·R + r]`. Its N channels are keys, as many as its M `tokens` (queries):
+  with INT8 or INT8_TABLE results and no `residual`, a result word whose first channel
+  `j·G + v·C` is ≥ `tokens` holds no key and is not written (the buffer keeps what was
+  there; the checks still bound the whole range). It would only pad the last N-tile, and
+  skipping it leaves the write port to the background softmax.
 
 A `GEMM` (weights from DDR, INT8 results) or a `COMBINE` with `residual` set does a
 residual add in its output stage: each output word y, before it is written, becomes

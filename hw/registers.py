@@ -419,8 +419,9 @@ COUNTERS: tuple[Counter, ...] = (
 )
 
 #: Entries of the instruction trace (:class:`~m3vit.hw.engine.trace.InstructionTrace`): the
-#: first this many instructions of a run (an ``edge-moe`` image retires about 500).
-TRACE_DEPTH = 1024
+#: first this many entries of a run (instructions and drains: a batch of four ``edge-moe``
+#: images has 1,116).
+TRACE_DEPTH = 2048
 #: 32-bit words of a trace entry.
 TRACE_WORDS = 8
 #: Master ports a trace entry counts read bytes of.

@@ -38,11 +38,13 @@ def walk_signature(addr_bits: int, count_bits: int) -> wiring.Signature:
 
 
 def address_layout(addr_bits: int, count_bits: int) -> data.StructLayout:
-    """An :class:`AddressGenerator`'s beat: the address, ``last``, and for the
+    """An :class:`AddressGenerator`'s beat: the address, ``last``, for the
     :class:`GatherStage` ``outer`` (the address without its innermost loop) and the
-    counters ``i1``, ``i2``."""
+    counters ``i1``, ``i2``, and for the write port the outer counter ``i0`` and the middle
+    loop's count ``n1`` (a GEMM's N-tile and tokens: which result words hold no key)."""
     return data.StructLayout({"addr": addr_bits, "last": 1, "outer": addr_bits,
-                              "i1": count_bits, "i2": count_bits})
+                              "i1": count_bits, "i2": count_bits, "i0": count_bits,
+                              "n1": count_bits})
 
 
 def gathered_layout(addr_bits: int) -> data.StructLayout:
@@ -99,6 +101,8 @@ class AddressGenerator(wiring.Component):
             self.addr.payload.outer.eq(a1),
             self.addr.payload.i1.eq(i[1]),
             self.addr.payload.i2.eq(i[2]),
+            self.addr.payload.i0.eq(i[0]),
+            self.addr.payload.n1.eq(n[1]),
         ]
         with m.If(walk.start):
             m.d.sync += [n.eq(walk.count), s.eq(walk.stride), a0.eq(walk.base),

@@ -11,11 +11,10 @@ priority), and if it is such a ``GEMM`` too, its command and stream are issued a
 queued behind the first's, while its buffer walks wait (in a queue of :data:`GEMMS_HELD`
 walk plans) for the previous ``GEMM``'s last result: the DDR streams on from one GEMM's
 weights into the next's, up to five GEMMs ahead. A held GEMM that reads nothing the one
-before it writes (both plain: no gather, no fused residual, not in an ``EXPERTS`` body)
-starts its reads as soon as that one has taken its last token, and its results' walk when
-that one's last result is written. A failed check stops before anything of the
-instruction starts; a DDR error lets the instruction finish, then stops; ``abort_request``
-stops after the current instruction.
+before it writes (both plain: no fused residual) starts its reads as soon as that one has
+taken its last token, and its results' walk when that one's last result is written. A
+failed check stops before anything of the instruction starts; a DDR error lets the
+instruction finish, then stops; ``abort_request`` stops after the current instruction.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
@@ -85,15 +84,17 @@ def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
     """Everything that starts a GEMM's buffer walks: the three walks (``w``, ``b`` used or
     not), the result count, the gather stage's mode and offset, a fused residual add (its
     flag and the residual unit's command), where its weights come from (``from_buffer``,
-    ``columns``) and ``early``: its reads may start before the GEMM before it has written
-    its last result (:meth:`Controller._launch_held_walks`)."""
+    ``columns``), ``early``: its reads may start before the GEMM before it has written
+    its last result (:meth:`Controller._launch_held_walks`), and ``skip_keyless``: its
+    result words past its keys are not written (Q·Kᵀ, ``datapath_control``)."""
     walk = _walk_layout(cfg)
     entries = cfg.max_tokens * cfg.max_top_k
     return data.StructLayout({"a": walk, "w": walk, "b": walk, "use_w": 1, "use_b": 1,
                               "writes": 32, "gather_mode": GatherMode,
                               "gather_offset": range(entries + 1),
                               "residual": 1, "res_cmd": ResidualAdd.cmd_layout(cfg),
-                              "from_buffer": 1, "columns": 1, "early": 1})
+                              "from_buffer": 1, "columns": 1, "early": 1,
+                              "skip_keyless": 1})
 
 
 class _Registers:
@@ -140,7 +141,7 @@ class _Registers:
         self.launcher = None
         # The held GEMM at the launcher's head has started its reads (``early``) and waits
         # only for the results' walk; the results range of the last GEMM accepted and
-        # whether it was plain (no gather, no fused residual, not in an EXPERTS body).
+        # whether it was plain (no fused residual).
         self.reads_early = Signal()
         buf_bits = ceil_log2(cfg.act_buffer_words)
         self.prev_used = Signal()
@@ -150,6 +151,8 @@ class _Registers:
         # A fused residual add (GEMM or COMBINE with ``residual``): the datapath's routing,
         # and the residual unit's command, offered until taken.
         self.residual_fused = Signal()
+        # The results being written are Q·Kᵀ's: words past its keys are not written.
+        self.skip_keyless = Signal()
         self.res_cmd = Signal(ResidualAdd.cmd_layout(cfg))
         self.res_cmd_valid = Signal()
         # A SOFTMAX runs in the background (its own read port and write walk): the
@@ -275,6 +278,7 @@ class Controller(wiring.Component):
             datapath.gather_mode.eq(r.gather_mode),
             datapath.gather_offset.eq(r.gather_offset),
             datapath.residual_fused.eq(r.residual_fused),
+            datapath.skip_keyless.eq(r.skip_keyless),
             checks.loop_active.eq(r.loop_active),
             checks.routed.eq(r.routed),
             checks.ctx_count.eq(r.ctx_count),
@@ -454,10 +458,17 @@ class Controller(wiring.Component):
         return self.instruction.args.gemm.mode != GemmMode.INT32
 
     def _plain(self) -> Value:
-        """The GEMM neither gathers its rows, nor adds a residual, nor runs in an
-        ``EXPERTS`` body: its reads are its walks A and B alone, in the ranges checked."""
-        g = self.instruction.args.gemm
-        return ~g.expert & ~g.residual & (g.src_rows != RowMode.GATHER)
+        """The GEMM adds no residual: its reads are its walks A and B alone, in the ranges
+        checked, and start together (a fused residual's x is read through port B beside
+        the results, so it starts with the results' walk).
+
+        Gathered rows and ``EXPERTS`` bodies are plain: the gather stage sits on port A's
+        addresses, idle once the GEMM before has taken its last token, and a visit's
+        ranges (its context's queue rows, the routed rows it gathers) are checked as any
+        other. On ``edge-moe`` the next expert's FC1, which gathers from LN2's output,
+        thus starts beside the FC2 before it, which reads FC1's scratch and writes the
+        queue rows."""
+        return ~self.instruction.args.gemm.residual
 
     def _reads_clear(self, r: _Registers) -> Value:
         """The checked GEMM and the GEMM accepted before it are both plain, and it reads
@@ -563,7 +574,10 @@ class Controller(wiring.Component):
             fit(writes, res_cmd["beats"].width), g.res_mult_out, g.res_mult_buf,
             fit(g.res_shift, res_cmd["shift"].width),
             g.wsrc != WeightSource.DDR, g.wsrc == WeightSource.BUFFER_COLUMNS,
-            self._reads_clear(r)))
+            self._reads_clear(r),
+            # Q·Kᵀ's INT8 results: words past its keys are not written.
+            (g.wsrc == WeightSource.BUFFER_COLUMNS) & ~g.residual
+            & ((g.mode == GemmMode.INT8) | (g.mode == GemmMode.INT8_TABLE))))
         assert len(Cat(plan.as_value())) == layout.size
         return plan
 
@@ -585,7 +599,7 @@ class Controller(wiring.Component):
     def _start_writes(self, m: Module, r: _Registers, plan) -> None:
         """Start a GEMM's results walk and count, and its fused residual add."""
         self._expect_writes(m, plan.writes)
-        m.d.sync += r.residual_fused.eq(plan.residual)
+        m.d.sync += [r.residual_fused.eq(plan.residual), r.skip_keyless.eq(plan.skip_keyless)]
         with m.If(plan.residual):
             m.d.sync += [r.res_cmd.eq(plan.res_cmd), r.res_cmd_valid.eq(1)]
         self._start_walk(m, self.datapath.walk_w, plan.w, plan.use_w)

@@ -22,7 +22,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import ceil_log2
+from amaranth.utils import ceil_log2, exact_log2
 
 from ..axi import StreamResize, byte_beat_layout
 from ..config import AccelConfig
@@ -108,6 +108,10 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         residual_fused : Out(1)
             The ``GEMM``'s INT8 results or the combiner's output go through the residual
             add (its ``a``) with port B's words as its ``b``, and its sums to the write port.
+        skip_keyless : Out(1)
+            The ``GEMM``'s results are a ``BUFFER_COLUMNS`` pass's INT8 words: a word whose
+            channels are all ≥ its tokens (keys past the last, which only pad its last
+            N-tile) takes its address but is not written, and leaves the port free.
     """
     buf_bits = ceil_log2(config.act_buffer_words)
     walk = walk_signature(buf_bits, COUNT_BITS)
@@ -132,6 +136,7 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         "slot_lookup": Out(1),
         "slot_token": Out(16),
         "residual_fused": Out(1),
+        "skip_keyless": Out(1),
         "walk_c": Out(walk),
         "walk_w2": Out(walk),
         "expect_bg_writes": Out(1),
@@ -365,6 +370,14 @@ class Datapath(wiring.Component):
         # LOAD: words past the count (padding of the last AXI beat) are dropped.
         load_drop = Signal()
         m.d.comb += load_drop.eq((unit == Unit.LOAD) & ~gen_w.addr.valid)
+        # Q·Kᵀ (BUFFER_COLUMNS): its N is its tokens' keys; a result word at N-tile i0,
+        # word i2 holds channels from i0·G + i2·C, none of them a key once ≥ tokens (n1).
+        # It takes its address (the walk stays in step) but is not written: the port is
+        # free for the background softmax that cycle.
+        keyless, keyless_drop = Signal(), Signal()
+        wa = gen_w.addr.payload
+        m.d.comb += keyless.eq(((wa.i0 << exact_log2(self.config.gemm_cols))
+                                + (wa.i2 << exact_log2(self.config.pe_cols))) >= wa.n1)
         results, probs = self.gemm_results, self.softmax_probs
         residual_a, residual_y = self.residual_a, self.residual_y
         m.d.comb += residual_a.payload.eq(Mux(
@@ -388,7 +401,8 @@ class Datapath(wiring.Component):
                     fused(results)
                 with m.Else():
                     m.d.comb += [w_valid.eq(results.valid), results.ready.eq(w_ready),
-                                 w_data.eq(results.payload.int8.as_value())]
+                                 w_data.eq(results.payload.int8.as_value()),
+                                 keyless_drop.eq(ctl.skip_keyless & keyless)]
             with m.Case(Unit.LN):
                 m.d.comb += [w_valid.eq(self.ln_y.valid), self.ln_y.ready.eq(w_ready),
                              w_data.eq(self.ln_y.payload.data.as_value())]
@@ -412,7 +426,7 @@ class Datapath(wiring.Component):
         m.d.comb += [
             w_ready.eq(gen_w.addr.valid | load_drop),
             gen_w.addr.ready.eq(w_valid & ~load_drop),
-            fg_write.eq(w_valid & gen_w.addr.valid & ~load_drop),
+            fg_write.eq(w_valid & gen_w.addr.valid & ~load_drop & ~keyless_drop),
             ctl.writes_done.eq(writes_left == 0),
         ]
         # A new count in the same cycle as a write wins: it is the next instruction's.

@@ -108,7 +108,8 @@ def _base_case(cfg: AccelConfig, rng: np.random.Generator) -> P.Case:
     if kind == 6:
         routing = P.ROUTINGS[int(rng.integers(len(P.ROUTINGS)))]
         return P.moe_routing_case(cfg, seed, routing, int(rng.integers(2, 9)),
-                                  schedule=int(rng.integers(2)))
+                                  schedule=int(rng.integers(2)),
+                                  queue_over_inputs=bool(rng.random() < 0.25))
     bad = P.bad_program_cases(cfg)
     return bad[int(rng.integers(len(bad)))]
 

@@ -29,7 +29,7 @@ from m3vit.hw.isa import (
     TableUnit,
     WeightSource,
 )
-from m3vit.hw.registers import ErrorCode
+from m3vit.hw.registers import ErrorCode, Schedule
 
 from ..compiler.isa_model import MachineStop, execute
 from ..compiler.layout import unslice
@@ -82,6 +82,9 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
               mode: GemmMode, wsrc: WeightSource, residual: bool = False,
               row_scale: bool = False) -> Case:
     """LOAD X (and on-chip weights), one GEMM, STORE (or INT32 straight to DDR).
+
+    A ``BUFFER_COLUMNS`` pass with INT8 results finds random words where it writes: the
+    words past its keys keep them.
 
     With ``residual`` (weights from DDR, INT8 results) the GEMM adds random x words in its
     output stage, read from the words it writes (in place, as the compiler's blocks do
@@ -141,14 +144,21 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
         fused = dict(residual=1, res_mult_buf=int(rng.integers(0, 2**16)),
                      res_mult_out=int(rng.integers(0, 2**16)),
                      res_shift=int(rng.integers(12, 32)))
+    if wsrc == WeightSource.BUFFER_COLUMNS and mode in (GemmMode.INT8, GemmMode.INT8_TABLE):
+        # Q·Kᵀ does not write the words past its keys: they keep defined words, drawn
+        # from their own generator (the other draws stay as they were).
+        words = n_tiles * V * tokens
+        kept = np.random.default_rng([seed, 2]).integers(-128, 128, size=(words, C))
+        prog.add(Opcode.LOAD, ddr=img.put("y_before", kept.astype(np.int8).tobytes()),
+                 dst=dst, dst_stride=1, words=words)
     prog.add(Opcode.GEMM, mode=mode, wsrc=wsrc, tokens=tokens, k_slices=k_slices,
              n_tiles=n_tiles, src=src, src_stride=stride, dst=dst, dst_stride=tokens,
              wbuf=wbuf, wstride=wstride, ddr=ddr, out_ddr=out_ddr, row_scale=int(row_scale),
              **fused)
     if mode != GemmMode.INT32:
-        # Contiguous (dst_stride = tokens): no word the GEMM did not write is stored, so
-        # what earlier cases left in the buffer cannot leak into the comparison. INT16
-        # results are 2V words a token and N-tile.
+        # Contiguous (dst_stride = tokens): no word the GEMM did not write or the case
+        # did not load is stored, so what earlier cases left in the buffer cannot leak
+        # into the comparison. INT16 results are 2V words a token and N-tile.
         words = n_tiles * V * tokens * (2 if mode == GemmMode.INT16 else 1)
         prog.add(Opcode.STORE, ddr=img.reserve("y", words * C), src=dst, src_stride=1,
                  words=words)
@@ -679,13 +689,18 @@ def _routing_logits(rng: np.random.Generator, routing: str, tokens: int, experts
 
 def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
                      tokens: int = 9, dim: int | None = None, hidden: int | None = None,
-                     order=None, schedule: int = 0) -> Case:
+                     order=None, schedule: int = 0, queue_over_inputs: bool = False) -> Case:
     """One MoE layer from given router logits: ROUTE, EXPERTS {FC1 → GELU, FC2}, COMBINE.
 
     The logits are loaded (not computed) so that every routing pattern of :data:`ROUTINGS`
     can be forced; the expected output is ``numerics`` step by step (router scores, top-k,
     each expert on its tokens, combine). ``meta`` holds the DDR blocks of the experts and
     the choices, for the read monitor.
+
+    With ``queue_over_inputs`` FC2's queue rows lie over the tokens FC1 gathers: each
+    visit's FC1 reads what the FC2s before it wrote (the hazard that keeps the next FC1's
+    reads from starting beside an FC2); the expected window is then the ISA model's
+    under ``schedule`` (``SCHEDULE.ORDER``).
     """
     from ..compiler.layout import slice_major
 
@@ -723,8 +738,8 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
     h_base = 3
     lg_base = h_base + d_w * tokens
     f_base = lg_base + e_w * tokens
-    y_base = f_base + h_w * tokens
-    out_base = y_base + d_w * entries
+    y_base = h_base if queue_over_inputs else f_base + h_w * tokens
+    out_base = f_base + h_w * tokens + d_w * entries
     prog.add(Opcode.LOAD, ddr=img.put("h", slice_major(h, C)), dst=h_base, dst_stride=1,
              words=d_w * tokens)
     prog.add(Opcode.LOAD, ddr=img.put("logits", slice_major(padded, C)), dst=lg_base,
@@ -757,6 +772,16 @@ def moe_routing_case(cfg: AccelConfig, seed: int, routing: str, experts: int, *,
              rows=tokens, beats=d_w, mult=mult, shift=shift)
     out = img.reserve("out", d_w * tokens * C)
     prog.add(Opcode.STORE, ddr=out, src=out_base, src_stride=1, words=d_w * tokens)
+    if queue_over_inputs:
+        # The overwritten tokens too: what each FC1 gathered shows in them.
+        prog.add(Opcode.STORE, ddr=img.reserve("h_out", d_w * entries * C), src=h_base,
+                 src_stride=1, words=d_w * entries)
+        prog.add(Opcode.END)
+        before = bytes(img.data)
+        after = bytearray(before)
+        execute(cfg, prog.encode(), after, schedule=Schedule(schedule))
+        return Case(f"moe_{routing}_E{experts}_queue_over_inputs", prog.encode(), before,
+                    bytes(after), schedule=schedule)
     prog.add(Opcode.END)
 
     # Expected: numerics step by step.

@@ -285,7 +285,8 @@ def estimate_program(program: bytes, config: AccelConfig, *,
                 visits = [1] * sum(counts)
             for tokens in visits:
                 for bpc, (bop, bf) in body:
-                    _step(mc, cm, config, ddr, bpc, bop, dict(bf, tokens=tokens))
+                    _step(mc, cm, config, ddr, bpc, bop, dict(bf, tokens=tokens,
+                                                              routed=bf["tokens"]))
             waited = sum(d for _, d in mc.drains)
             spans.extend(mc.drains)
             mc.drains.clear()
@@ -388,10 +389,9 @@ def _top_k(f: dict) -> int:
 
 
 def _plain(f: dict) -> bool:
-    """A GEMM that neither gathers, nor adds a residual, nor runs in an ``EXPERTS`` body,
-    with results in the buffer: its reads may start beside the GEMM before it."""
-    return not (f["expert"] or f["residual"] or f["src_rows"] == RowMode.GATHER.value
-                or f["mode"] == GemmMode.INT32.value)
+    """A GEMM that adds no residual, with results in the buffer: its reads may start
+    beside the GEMM before it (gathered rows and ``EXPERTS`` bodies included)."""
+    return not (f["residual"] or f["mode"] == GemmMode.INT32.value)
 
 
 def _meets(a: tuple | None, b: tuple | None) -> bool:
@@ -401,8 +401,8 @@ def _meets(a: tuple | None, b: tuple | None) -> bool:
 def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: int, f: dict,
           ctl: float, entry: int) -> None:
     """A GEMM: with its results in the buffer it hands over once issued (its reads start
-    early beside the GEMM before it when neither gathers nor adds a residual and it reads
-    nothing that one writes); with INT32 results it runs to its end."""
+    early beside the GEMM before it when it adds no residual and reads nothing that one
+    writes); with INT32 results it runs to its end."""
     R, G = config.pe_rows, config.gemm_cols
     tokens = f["tokens"]
     n, k = f["n_tiles"], f["k_slices"]
@@ -423,7 +423,11 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     mc.read_bytes += stream
     if f["expert"]:
         mc.expert_read_bytes += stream
-    reads, write = gemm_buffer_ranges(f, config, tokens, tokens)
+    # A body GEMM's ranges as the checks bound them: GATHER reaches the routed rows, QUEUE
+    # its context's rows (here all M · k of them: the offset is not modelled).
+    src_rows = f.get("routed", tokens) if f["src_rows"] == RowMode.GATHER.value else tokens
+    dst_rows = f["dst_stride"] if f["dst_rows"] == RowMode.QUEUE.value else tokens
+    reads, write = gemm_buffer_ranges(f, config, src_rows, dst_rows)
     if mc.bg_end > mc.t and (any(_meets(r, mc.bg_write) for r in reads)
                              or _meets(write, mc.bg_read) or _meets(write, mc.bg_write)):
         mc.wait_bg()    # a GEMM that touches the background softmax's ranges waits for it
@@ -445,10 +449,11 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
                  and not any(_meets(r, mc.prev_write) for r in reads))
         if early:
             # Its reads start once the GEMM before has taken its last token; its results
-            # leave after that one's, a word a cycle.
+            # leave after that one's, a word a cycle. Weights from DDR have their first
+            # tile in the array already (as chained); from the buffer it loads first.
             walks = max(issue, mc.inputs_done)
-            end = max(walks + cm.buffer_gemm_fill + own + compute,
-                      mc.gemm_end + gemm_writes + cm.early_tail)
+            fill = cm.gemm_fill_chained if from_ddr else cm.buffer_gemm_fill
+            end = max(walks + fill + own + compute, mc.gemm_end + gemm_writes + cm.early_tail)
         else:
             if mc.pending:
                 walks = max(issue, mc.gemm_end)
@@ -460,7 +465,7 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         if from_ddr:
             end = max(end, s_end + cm.gemm_fill_chained + own)
         _share_write_port(mc, max(walks, mc.gemm_end if mc.pending else walks), end,
-                          gemm_writes)
+                          _port_writes(f, config, gemm_writes))
         mc.walks_starts = [*mc.walks_starts[-GEMMS_HELD:], walks]
         # The last token enters about as many cycles before the end as the last N-tile's
         # surplus words take to leave.
@@ -483,6 +488,16 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     _share_write_port(mc, start, end, 0)     # INT32 results go to DDR, not the write port
     mc.gemm_end = end
     mc.t = end
+
+
+def _port_writes(f: dict, config: AccelConfig, gemm_writes: int) -> int:
+    """The result words a GEMM writes through the port: Q·Kᵀ's INT8 results skip the words
+    past its keys (``tokens`` of them), which leave the port to the background softmax."""
+    plain8 = f["mode"] in (GemmMode.INT8.value, GemmMode.INT8_TABLE.value) and not f["residual"]
+    if f["wsrc"] != WeightSource.BUFFER_COLUMNS.value or not plain8:
+        return gemm_writes
+    words = f["n_tiles"] * config.gemm_words
+    return f["tokens"] * min(words, -(-f["tokens"] // config.pe_cols))
 
 
 def _share_write_port(mc: _Machine, start: float, end: float, gemm_writes: float) -> None:

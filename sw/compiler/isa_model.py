@@ -550,6 +550,10 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     words = np.arange(nq)[:, None] * a["dst_stride"] + dst_rows[None, :]
     if a["residual"]:
         y = _fused_residual(mc, a, a["wbuf"] + words, y)
+    elif wsrc == WeightSource.BUFFER_COLUMNS:
+        # Q·Kᵀ: word-slices whose first channel is past its m keys are not written.
+        keyed = -(-m // C)
+        words, y = words[:keyed], y[:keyed]
     mc.put(a["dst"] + words, y.numpy().astype(np.int8))
 
 

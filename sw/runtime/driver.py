@@ -671,7 +671,8 @@ class Accelerator:
         """The last run's instruction trace: one entry per instruction, in order.
 
         One entry per instruction, plus one per *drain* (:class:`TraceEntry`); holds the
-        first ``TRACE_DEPTH`` entries of the run (an ``edge-moe`` image has about 500).
+        first ``TRACE_DEPTH`` entries of the run (a batch of four ``edge-moe`` images has
+        1,116).
         """
         count = min(self._read("TRACE_COUNT"), TRACE_DEPTH)
         ports = min(self.n_master_ports, MAX_TRACE_PORTS)

@@ -125,6 +125,7 @@ def test_estimate_cli(tmp_path, capsys):
 
 def test_expert_bytes_come_from_the_routing_where_the_trace_is_cut_short():
     from m3vit.hw.isa import Opcode
+    from m3vit.hw.registers import TRACE_DEPTH
     from m3vit.sw.bench.throughput import _expert_read_bytes, markdown
     from m3vit.sw.compiler.phases import decode_all
     from m3vit.sw.runtime.driver import TraceEntry
@@ -144,4 +145,4 @@ def test_expert_bytes_come_from_the_routing_where_the_trace_is_cut_short():
     table = {"rows": [dict(row, expert_from="trace")], "refused": {}}
     assert "¹" not in markdown(table)
     table["rows"].append(dict(row, expert_from="routing"))
-    assert "0.50 MB ¹ |" in markdown(table) and "first 1,024 entries" in markdown(table)
+    assert "0.50 MB ¹ |" in markdown(table) and f"first {TRACE_DEPTH:,} entries" in markdown(table)

@@ -49,6 +49,21 @@ async def test_moe_routing(dut, experts):
                     cycles[Schedule.EXPERT_BY_EXPERT], cycles[Schedule.TOKEN_BY_TOKEN])
 
 
+@cocotb.parametrize(flow=["free", "random"])
+async def test_moe_queue_over_inputs(dut, flow):
+    """FC2's queue rows over the tokens FC1 gathers: each visit's FC1 reads what the FC2s
+    before it wrote, so it must not start beside the FC2 before it (its early reads are
+    for visits whose FC1 reads nothing that FC2 writes); the ISA model's window, both
+    schedules."""
+    tb = EngineBench(dut, flow)
+    await tb.reset()
+    seed = _seed(tb)
+    for i, routing in enumerate(("random", "all_same", "some_never")):
+        for schedule in Schedule:
+            await tb.check(moe_routing_case(tb.cfg, seed + i, routing, 16,
+                                            schedule=schedule.value, queue_over_inputs=True))
+
+
 @cocotb.test()
 async def test_moe_order_field_overrides_register(dut):
     """EXPERTS.order = EXPERT_BY_EXPERT runs that order whatever SCHEDULE.ORDER says."""
