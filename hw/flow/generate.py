@@ -30,18 +30,20 @@ from amaranth.lib import wiring
 
 from ..config import CI, ZCU104, AccelConfig
 from ..errors import M3VitError
-from ..target import Target
+from ..target import SYNTHESIS, Target
 
 __all__ = [
     "CONFIGS",
     "DESIGNS",
     "MANIFEST_NAME",
+    "TARGETS",
     "Design",
     "GenerateReport",
     "GeneratedFile",
     "generate",
     "get_config",
     "get_design",
+    "get_target",
     "signature_ports",
     "to_rtlil",
     "to_verilog",
@@ -268,6 +270,19 @@ def get_config(name: str) -> AccelConfig:
                          f"{', '.join(CONFIGS)})") from None
 
 
+#: What :func:`generate` can elaborate for (:mod:`m3vit.hw.target`): the key is the
+#: ``--target`` of ``m3vit generate``, the value the ``platform`` Amaranth is given.
+TARGETS: dict[str, Target | None] = {"simulation": None, "synthesis": SYNTHESIS}
+
+
+def get_target(name: str) -> Target | None:
+    """The ``platform`` for a :data:`TARGETS` key; :class:`M3VitError` for an unknown one."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise M3VitError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})") from None
+
+
 def get_design(name: str) -> Design:
     """The registered design ``name``.
 
@@ -327,6 +342,7 @@ def generate(
     out_dir: Path,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    target: str = "simulation",
 ) -> GenerateReport:
     """Write ``<out_dir>/<design>.v`` for each design and update ``manifest.json``.
 
@@ -336,9 +352,10 @@ def generate(
     time too, which keeps Verilator and make from rebuilding).
 
     The manifest records the configuration (dict and :meth:`AccelConfig.config_hash`), the
-    Amaranth version and, per design, its file, top module and SHA-256. Designs generated
-    into the same folder by earlier runs for the same configuration stay listed; a folder
-    generated for another configuration is refused unless ``force``.
+    target, the Amaranth version and, per design, its file, top module and SHA-256. Designs
+    generated into the same folder by earlier runs for the same configuration and target
+    stay listed; a folder generated for another configuration or target is refused unless
+    ``force``.
 
     Parameters
     ----------
@@ -352,6 +369,11 @@ def generate(
         Overwrite files whose content differs.
     progress : callable, optional
         Called with a short line before each (possibly slow) elaboration.
+    target : str
+        A key of :data:`TARGETS`: ``"simulation"`` (plain Verilog, what every bench runs) or
+        ``"synthesis"`` (the packed array as ``DSP48E2`` instances, what the resource
+        estimate and the Vivado flow build; the ``top``, ``gemm`` and ``packed`` designs
+        differ, the others are the same text).
 
     Returns
     -------
@@ -360,10 +382,11 @@ def generate(
     Raises
     ------
     M3VitError
-        Unknown configuration or design, nothing to generate, or a file that would be
-        overwritten.
+        Unknown configuration, target or design, nothing to generate, or a file that would
+        be overwritten.
     """
     config = get_config(config_name)
+    platform = get_target(target)
     selected = [get_design(name) for name in dict.fromkeys(designs)]
     out_dir = Path(out_dir)
     if not selected:
@@ -372,7 +395,7 @@ def generate(
     for design in selected:
         if progress is not None:
             progress(f"elaborating {design.name} ({design.module}) for {config_name}")
-        texts[design.name] = to_verilog(design.elaborate(config), design.module)
+        texts[design.name] = to_verilog(design.elaborate(config), design.module, platform)
 
     manifest_path = out_dir / MANIFEST_NAME
     entries: dict[str, dict[str, str]] = {}
@@ -381,12 +404,19 @@ def generate(
             previous = json.loads(manifest_path.read_text())
         except ValueError:
             previous = {}
-        if previous.get("config") == config.to_dict():
+        # Manifests written before targets existed hold simulation Verilog.
+        previous_target = previous.get("target", "simulation")
+        if previous.get("config") != config.to_dict():
+            other = f"another configuration ({previous.get('config_name', 'unknown')})"
+        elif previous_target != target:
+            other = f"{previous_target}, not {target}"
+        else:
+            other = None
+        if other is None:
             entries = dict(previous.get("designs", {}))
         elif not force:
-            raise M3VitError(f"{out_dir} holds Verilog generated for another configuration "
-                             f"({previous.get('config_name', 'unknown')}): pass --force to "
-                             "replace it or choose another --out")
+            raise M3VitError(f"{out_dir} holds Verilog generated for {other}: pass --force "
+                             "to replace it or choose another --out")
     for design in selected:
         entries[design.name] = {"file": f"{design.name}.v", "module": design.module,
                                 "sha256": _sha256(texts[design.name])}
@@ -394,6 +424,7 @@ def generate(
         "config_name": config_name,
         "config": config.to_dict(),
         "config_hash": f"0x{config.config_hash():08x}",
+        "target": target,
         "amaranth": amaranth.__version__,
         "designs": dict(sorted(entries.items())),
     }

@@ -175,7 +175,7 @@ def test_cli_all_generates_every_design(capsys, tmp_path, small_top):
 
 
 def test_cli_lint_failure_is_reported(capsys, tmp_path, monkeypatch):
-    def failing_lint(path, top):
+    def failing_lint(path, top, extra=()):
         raise M3VitError(f"Verilator lint of {path.name} failed: %Error: boom")
 
     monkeypatch.setattr("m3vit.sim.verilator.lint", failing_lint)
@@ -210,6 +210,45 @@ def test_cli_refuses_to_overwrite(capsys, tmp_path):
                                     "choose another --out")
     assert run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
                str(tmp_path), "--force")[0] == 0
+
+
+def test_the_synthesis_target_instantiates_dsp48e2s_and_lints_with_the_model(capsys, tmp_path,
+                                                                           monkeypatch):
+    # The default folder is per target, so the two forms never replace each other.
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "generate", "--config", "ci", "--design", "packed", "table",
+                         "--target", "synthesis", "--lint")
+    assert code == 0, err
+    folder = tmp_path / "build" / "verilog" / "ci-synthesis"
+    packed = (folder / "packed.v").read_text()
+    # The CI array: 4 × 8 PEs, two products a DSP.
+    assert packed.count("DSP48E2 #(") == CI.n_pe // 2
+    assert "lint packed.v: 0 errors, 0 warnings" in out
+    assert json.loads((folder / "manifest.json").read_text())["target"] == "synthesis"
+
+    code, _, err = run(capsys, "generate", "--config", "ci", "--design", "packed", "table")
+    assert code == 0, err
+    plain = tmp_path / "build" / "verilog" / "ci"
+    assert "DSP48E2" not in (plain / "packed.v").read_text()
+    # Only the designs with a packed array differ between the two forms.
+    assert (plain / "table.v").read_text() == (folder / "table.v").read_text()
+    assert json.loads((plain / "manifest.json").read_text())["target"] == "simulation"
+
+
+def test_a_folder_of_the_other_target_is_refused_unless_forced(capsys, tmp_path):
+    assert run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+               str(tmp_path))[0] == 0
+    code, _, err = run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+                       str(tmp_path), "--target", "synthesis")
+    assert code == 2
+    assert err.splitlines()[-1] == (f"m3vit: error: {tmp_path} holds Verilog generated for "
+                                    "simulation, not synthesis: pass --force to replace it or "
+                                    "choose another --out")
+    assert run(capsys, "generate", "--config", "ci", "--design", "table", "--out",
+               str(tmp_path), "--target", "synthesis", "--force")[0] == 0
+    with pytest.raises(M3VitError, match=r"unknown target 'board' \(choose from simulation, "
+                                         r"synthesis\)"):
+        generate("ci", ["table"], tmp_path, target="board")
 
 
 @pytest.mark.slow
