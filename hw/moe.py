@@ -39,8 +39,11 @@ __all__ = [
     "DISTANCE_BITS", "SCORES_PER_CYCLE", "SCORE_BITS", "Combiner", "Dispatcher", "slot_layout",
 ]
 
-#: Experts the top-k takes a cycle (a score beat is walked this many experts a step).
-SCORES_PER_CYCLE = 2
+#: Experts the top-k takes a cycle (a score beat is walked this many experts a step). A
+#: step's candidates are first reduced to their own top-k by a registered merge tree
+#: (``ceil(log2(SCORES_PER_CYCLE))`` levels), then merged into the token's list: at 8 an
+#: ``edge-moe`` token's 16 experts take 2 cycles instead of 8 at 2.
+SCORES_PER_CYCLE = 8
 
 #: Router scores are unsigned 15-bit (scale 2^-15, ``numerics.SCORE_BITS``).
 SCORE_BITS = 15
@@ -58,28 +61,41 @@ def slot_layout(cfg: AccelConfig) -> data.StructLayout:
     })
 
 
-def _insert(m: Module, listed: list, candidate, take, layout, name: str) -> list:
-    """A sorted list (ascending ``distance``, a ``(valid, entry)`` pair of ``layout``
-    views per place) with one candidate entry inserted after every entry of an equal or
-    smaller distance (when ``take``); the last entry falls off. Combinational."""
-    above = [~valid | (candidate.distance < entry.distance) for valid, entry in listed]
+def _merge(m: Module, first: list, second: list, keep: int, layout, name: str) -> list:
+    """The ``keep`` smallest distances of two sorted lists, sorted. Combinational.
+
+    Each list is ascending ``distance`` with its valid entries first (``(valid, entry)``
+    pairs of ``layout`` views); every entry of ``first`` comes from a lower expert than any
+    of ``second``, so on an equal distance ``first``'s goes ahead (ties to the lower expert
+    index, as ``numerics.route``). An entry's place in the result is its own place in its
+    list plus how many of the other list go ahead of it; each result place then picks the
+    one entry whose place it is (an AND-OR of the candidates: no chain of inserts).
+    """
+    def place(index, entry, other, ahead_if_equal):
+        ahead = [v & ((e.distance <= entry.distance) if ahead_if_equal
+                      else (e.distance < entry.distance)) for v, e in other]
+        return index + sum(ahead[1:], ahead[0])
+
+    ranked = ([(v, e, place(i, e, second, False)) for i, (v, e) in enumerate(first)]
+              + [(v, e, place(j, e, first, True)) for j, (v, e) in enumerate(second)])
     out = []
-    for i, (valid, entry) in enumerate(listed):
-        new_valid = Signal(name=f"{name}_valid{i}")
-        new_entry = Signal(layout, name=f"{name}_entry{i}")
-        m.d.comb += [new_valid.eq(valid), new_entry.eq(entry)]
-        with m.If(take):
-            if i == 0:
-                with m.If(above[0]):
-                    m.d.comb += [new_valid.eq(1), new_entry.eq(candidate)]
-            else:
-                prev_valid, prev_entry = listed[i - 1]
-                with m.If(above[i - 1]):
-                    m.d.comb += [new_valid.eq(prev_valid), new_entry.eq(prev_entry)]
-                with m.Elif(above[i]):
-                    m.d.comb += [new_valid.eq(1), new_entry.eq(candidate)]
-        out.append((new_valid, new_entry))
+    for r in range(keep):
+        hits = [v & (rank == r) for v, _, rank in ranked]
+        valid = Signal(name=f"{name}_valid{r}")
+        entry = Signal(layout, name=f"{name}_entry{r}")
+        m.d.comb += [valid.eq(Cat(*hits).any()),
+                     entry.eq(_or_all([Mux(hit, e.as_value(), 0)
+                                       for hit, (_, e, _) in zip(hits, ranked, strict=True)]))]
+        out.append((valid, entry))
     return out
+
+
+def _or_all(values: list):
+    """The OR of a list of values (the entries a one-hot pick selects from)."""
+    total = values[0]
+    for v in values[1:]:
+        total = total | v
+    return total
 
 
 class Dispatcher(wiring.Component):
@@ -137,21 +153,25 @@ class Dispatcher(wiring.Component):
 
     Notes
     -----
-    Three phases, ``M·S + E + M·k + 9`` cycles of ``busy`` when the scores never wait,
-    with S = :meth:`steps_per_token` (``ceil(E / 2)`` where ``pe_cols`` ≥ 4; measured;
-    the next command is taken in the first idle cycle):
+    Three phases, ``M·S + E + M·k + 9 + L`` cycles of ``busy`` when the scores never
+    wait, with S = :meth:`steps_per_token` (``ceil(E / 8)`` where ``pe_cols`` ≥ 16) and
+    L = :meth:`select_levels` (3; measured; the next command is taken in the first idle
+    cycle):
 
-    1. **Top-k**, :data:`SCORES_PER_CYCLE` (2) experts a cycle (S cycles per token): the
-       H experts of a score beat are walked two a step through a shift register into a
+    1. **Top-k**, :data:`SCORES_PER_CYCLE` (8) experts a cycle (S cycles per token): the
+       H experts of a score beat are walked eight a step through a shift register. A
+       step's candidates are reduced to their own sorted top-k by a tree of merges (L
+       register levels, lanes paired lower expert first), and that list is merged into a
        sorted list of ``max_top_k`` registers (ascending distance, i.e. descending logit:
        the distance is ``max − logit`` of one row, and unlike the score it keeps every
-       LSB of the INT16 logit), the two candidates inserted one after the other, lower
-       expert first; a candidate enters below every equal distance, so ties go to the
-       lower expert index. Each list entry carries its expert's score along. The
-       cycle after a token's last expert, its count-so-far of each chosen expert (its rank
-       in that expert's queue) is read and the counts incremented; the next cycle writes
-       the token's k slots (expert, score, rank) in one go — the slot table is one
-       memory per choice. M·S + 4 cycles: the first beat's take, the steps, 3 of drain.
+       LSB of the INT16 logit). A merge places each entry at its own place plus the
+       number of the other list's entries ahead of it, the lower experts' list ahead on an
+       equal distance, so ties go to the lower expert index. Each list entry carries its
+       expert's score along. The cycle after a token's last expert, its count-so-far of
+       each chosen expert (its rank in that expert's queue) is read and the counts
+       incremented; the next cycle writes the token's k slots (expert, score, rank) in one
+       go — the slot table is one memory per choice. M·S + 4 + L cycles: the first beat's
+       take, the steps, the tree, 3 of drain.
     2. **Scan**, one expert per cycle (E + 1 cycles): ``start[e]`` is the running sum of
        the counts, and each expert with a count joins the active list.
     3. **Queue**, one (token, choice) per cycle in token order (M·k + 4 cycles): read the
@@ -163,7 +183,8 @@ class Dispatcher(wiring.Component):
     table (``max_top_k`` memories of ``max_tokens`` × 33 bits for the ZCU104) and the queue
     (``max_tokens · max_top_k`` entries) are block RAM. The slot table's read port is shared
     with the queue pass, hence valid only while idle. Between registers there is at most
-    one narrow (≤ 16-bit) compare or add and its muxes; the widest mux is the
+    one narrow (≤ 16-bit) compare or add and its muxes, except a merge: its compares, a
+    sum of up to ``max_top_k`` of their bits and an AND-OR pick; the widest mux is the
     ``max_experts``-to-1 read of a count for a rank.
     """
 
@@ -182,6 +203,12 @@ class Dispatcher(wiring.Component):
         step = min(SCORES_PER_CYCLE, half)
         full, rest = divmod(experts, half)
         return full * (half // step) + -(-rest // step)
+
+    @staticmethod
+    def select_levels(cfg: AccelConfig) -> int:
+        """Register levels of the merge tree that reduces a step's candidates to their own
+        top-k (``ceil(log2(step))``): cycles each routing's top-k takes beyond its steps."""
+        return ceil_log2(min(SCORES_PER_CYCLE, Dispatcher.experts_per_beat(cfg)))
 
     @staticmethod
     def cmd_layout(cfg: AccelConfig) -> data.StructLayout:
@@ -332,22 +359,42 @@ class Dispatcher(wiring.Component):
             candidates.append(candidate)
         c_takes = [pipeline_reg(m, expert + j <= s.experts_m1, name=f"c_take{j}")
                    for j in range(P)]
-        c_first = pipeline_reg(m, expert == 0, name="c_first")
-        s.c_last = pipeline_reg(m, expert_end, name="c_last")
-        s.c_token = pipeline_reg(m, token, name="c_token")
-        s.c_final = pipeline_reg(m, expert_end & (token == s.rows_m1), name="c_final")
+
+        # The step's own top-k: a tree of merges, lanes paired lower expert first, one
+        # register level a merge level (the step's first, last, token travel beside it).
+        lists = [[(take, candidate)] for take, candidate in zip(c_takes, candidates,
+                                                                 strict=True)]
+        levels = self.select_levels(self._cfg)
+        for level in range(levels):
+            merged = []
+            for t, (low, high) in enumerate(zip(lists[0::2], lists[1::2], strict=True)):
+                keep = min(n_slots, len(low) + len(high))
+                out = _merge(m, low, high, keep, s.candidate_layout, f"t{level}_{t}")
+                merged.append([(pipeline_reg(m, v, name=f"t{level}_{t}_valid{i}"),
+                                pipeline_reg(m, e, s.candidate_layout,
+                                            name=f"t{level}_{t}_entry{i}"))
+                               for i, (v, e) in enumerate(out)])
+            lists = merged
+        (step_list,) = lists
+        c_valid = pipeline_delay(m, c_valid, levels, name="t_valid")
+        s.c_valid = c_valid
+        c_first = pipeline_delay(m, pipeline_reg(m, expert == 0, name="c_first"), levels,
+                                 name="t_first")
+        s.c_last = pipeline_delay(m, pipeline_reg(m, expert_end, name="c_last"), levels,
+                                  name="t_last")
+        s.c_token = pipeline_delay(m, pipeline_reg(m, token, name="c_token"), levels,
+                                   name="t_token")
+        s.c_final = pipeline_delay(m, pipeline_reg(m, expert_end & (token == s.rows_m1),
+                                                   name="c_final"), levels, name="t_final")
 
         # best[0 … max_top_k−1]: the token's smallest distances (largest logits) so far,
-        # ascending; a distance equal to one already listed goes after it (ties to the lower
-        # expert index, which came first). The step's candidates go in one after the other,
-        # lower expert first, so the same rule orders them too. The first step of a token
+        # ascending; the step's list merges in behind every equal distance already listed
+        # (ties to the lower expert index, which came first). The first step of a token
         # starts a fresh list.
         entry_layout = data.StructLayout({"valid": 1, "entry": s.candidate_layout})
         s.best = best = Signal(data.ArrayLayout(entry_layout, n_slots))
         current = [(best[i].valid & ~c_first, best[i].entry) for i in range(n_slots)]
-        for j in range(P):
-            current = _insert(m, current, candidates[j], c_takes[j], s.candidate_layout,
-                              f"c_insert{j}")
+        current = _merge(m, current, step_list, n_slots, s.candidate_layout, "c_merge")
         with m.If(c_valid):
             for i, (valid, entry) in enumerate(current):
                 m.d.sync += [best[i].valid.eq(valid), best[i].entry.eq(entry)]

@@ -39,6 +39,7 @@ from m3vit.hw.isa import (
     decode,
     intake_beats,
 )
+from m3vit.hw.moe import Dispatcher
 from m3vit.hw.registers import Schedule
 
 from ..errors import M3VitError
@@ -364,7 +365,11 @@ def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     elif op == Opcode.RESIDUAL:
         mc.t += f["words"] + cm.residual_tail
     elif op == Opcode.ROUTE:
-        mc.t += f["rows"] * (f["experts"] / 2 + cm.route_per_row) + cm.route_base
+        # The top-k's steps a token (SCORES_PER_CYCLE experts a step), then the queue
+        # pass's (token, choice) a cycle and the tree's levels.
+        mc.t += (f["rows"] * (Dispatcher.steps_per_token(config, f["experts"])
+                              + cm.route_per_row)
+                 + cm.route_base + Dispatcher.select_levels(config))
     elif op == Opcode.COMBINE:
         mc.t += f["rows"] * f["beats"] * _top_k(f) + cm.combine_tail
     elif op == Opcode.LOAD:

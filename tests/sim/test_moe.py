@@ -30,9 +30,10 @@ TOP = "moe_bench"
 
 #: 64 experts and top-4 (the ZCU104's MoE capacities) on the 4-lane array.
 EXPERTS64 = CI.replace(max_experts=64, max_top_k=4)
-#: Eight lanes: four INT16 logits a beat, so the dispatcher walks a beat in two steps.
-LANES8 = CI.replace(pe_rows=8, pe_cols=8)
-CONFIGS = {"ci": CI, "experts64": EXPERTS64, "lanes8": LANES8}
+#: 32 lanes and top-4: 16 INT16 logits a beat, so the dispatcher walks a beat in two steps
+#: of eight (``SCORES_PER_CYCLE``), each merged through three tree levels that keep four.
+LANES32 = CI.replace(pe_rows=8, pe_cols=32, max_top_k=4)
+CONFIGS = {"ci": CI, "experts64": EXPERTS64, "lanes32": LANES32}
 #: cocotb module → tests it must report passed on every configuration.
 BENCHES = {"test_dispatcher": 11, "test_combiner": 13}
 
