@@ -12,7 +12,10 @@ queued behind the first's, while its buffer walks wait (in a queue of :data:`GEM
 walk plans) for the previous ``GEMM``'s last result: the DDR streams on from one GEMM's
 weights into the next's, up to five GEMMs ahead. A held GEMM that reads nothing the one
 before it writes (both plain: no fused residual) starts its reads as soon as that one has
-taken its last token, and its results' walk when that one's last result is written. A
+taken its last token, and its results' walk when that one's last result is written; one
+that reads what the one before writes does too where those results leave N-tile by
+N-tile in ascending regions, each read waiting until the write walk has passed its
+N-tile (an expert's FC2 beside its FC1's last results, the dense FC2 beside FC1's). A
 failed check stops before anything of the instruction starts; a DDR error lets the
 instruction finish, then stops; ``abort_request`` stops after the current instruction.
 """
@@ -85,8 +88,10 @@ def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
     not), the result count, the gather stage's mode and offset, a fused residual add (its
     flag and the residual unit's command), where its weights come from (``from_buffer``,
     ``columns``), ``early``: its reads may start before the GEMM before it has written
-    its last result (:meth:`Controller._launch_held_walks`), and ``skip_keyless``: its
-    result words past its keys are not written (Q·Kᵀ, ``datapath_control``)."""
+    its last result (:meth:`Controller._launch_held_walks`), ``gate`` and ``gate_last``:
+    they read that GEMM's results, up to ``gate_last``, each N-tile once written, and
+    ``skip_keyless``: its result words past its keys are not written (Q·Kᵀ,
+    ``datapath_control``)."""
     walk = _walk_layout(cfg)
     entries = cfg.max_tokens * cfg.max_top_k
     return data.StructLayout({"a": walk, "w": walk, "b": walk, "use_w": 1, "use_b": 1,
@@ -94,6 +99,7 @@ def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
                               "gather_offset": range(entries + 1),
                               "residual": 1, "res_cmd": ResidualAdd.cmd_layout(cfg),
                               "from_buffer": 1, "columns": 1, "early": 1,
+                              "gate": 1, "gate_last": ceil_log2(cfg.act_buffer_words),
                               "skip_keyless": 1})
 
 
@@ -148,6 +154,13 @@ class _Registers:
         self.prev_first = Signal(buf_bits)
         self.prev_last = Signal(buf_bits)
         self.prev_plain = Signal()
+        # Its result words leave N-tile by N-tile in disjoint, ascending regions (its tokens
+        # fit its stride): a GEMM reading them may start beside it, gated by the write walk.
+        self.prev_ordered = Signal()
+        # The held GEMM's early reads wait for the GEMM before's results up to this address
+        # (``Datapath`` ``read_gate``) until that GEMM has written its last.
+        self.read_gate = Signal()
+        self.read_gate_last = Signal(buf_bits)
         # A fused residual add (GEMM or COMBINE with ``residual``): the datapath's routing,
         # and the residual unit's command, offered until taken.
         self.residual_fused = Signal()
@@ -279,6 +292,8 @@ class Controller(wiring.Component):
             datapath.gather_offset.eq(r.gather_offset),
             datapath.residual_fused.eq(r.residual_fused),
             datapath.skip_keyless.eq(r.skip_keyless),
+            datapath.read_gate.eq(r.read_gate),
+            datapath.read_gate_last.eq(r.read_gate_last),
             checks.loop_active.eq(r.loop_active),
             checks.routed.eq(r.routed),
             checks.ctx_count.eq(r.ctx_count),
@@ -359,7 +374,8 @@ class Controller(wiring.Component):
                              r.routed.eq(0), r.loop_active.eq(0),
                              r.run_schedule.eq(self.schedule), r.pending.eq(0),
                              r.residual_fused.eq(0), r.res_cmd_valid.eq(0),
-                             r.bg_busy.eq(0), r.reads_early.eq(0), r.prev_used.eq(0)]
+                             r.bg_busy.eq(0), r.reads_early.eq(0), r.prev_used.eq(0),
+                             r.read_gate.eq(0)]
                 m.d.comb += [self.dma_error_clear.eq(1), self.fetch.flush.eq(1)]
                 m.next = "FETCH"
         with m.State("FETCH"):
@@ -470,10 +486,9 @@ class Controller(wiring.Component):
         queue rows."""
         return ~self.instruction.args.gemm.residual
 
-    def _reads_clear(self, r: _Registers) -> Value:
-        """The checked GEMM and the GEMM accepted before it are both plain, and it reads
-        nothing that one writes: its reads may start as soon as that one's have ended
-        (its ``early``). Checked ranges lie in the buffer, so their low bits compare."""
+    def _reads_hit(self, r: _Registers) -> Value:
+        """The checked GEMM reads (activations or buffer weights) what the GEMM accepted
+        before it writes. Checked ranges lie in the buffer, so their low bits compare."""
         ranges = self.checks.ranges
         bits = len(r.prev_first)
 
@@ -481,14 +496,25 @@ class Controller(wiring.Component):
             return (rng.used & r.prev_used & (rng.first[:bits] <= r.prev_last)
                     & (r.prev_first <= rng.last[:bits]))
 
-        return self._plain() & r.prev_plain & ~hits(ranges[0]) & ~hits(ranges[2])
+        return hits(ranges[0]) | hits(ranges[2])
+
+    def _reads_early(self, r: _Registers) -> Value:
+        """The checked GEMM and the GEMM accepted before it are both plain, and it reads
+        nothing that one writes, or that one's results leave in ordered N-tiles: its reads
+        may start as soon as that one's have ended (its ``early``), in the second case
+        gated by that one's write walk (its ``gate``)."""
+        return self._plain() & r.prev_plain & (~self._reads_hit(r) | r.prev_ordered)
 
     def _accepted(self, m: Module, r: _Registers) -> None:
         """Remember the GEMM's results range and plainness for the one after it."""
         out = self.checks.ranges[1]
         bits = len(r.prev_first)
+        g = self.instruction.args.gemm
         m.d.sync += [r.prev_used.eq(out.used), r.prev_first.eq(out.first[:bits]),
-                     r.prev_last.eq(out.last[:bits]), r.prev_plain.eq(self._plain())]
+                     r.prev_last.eq(out.last[:bits]), r.prev_plain.eq(self._plain()),
+                     # An N-tile's words of token t lie at t + v·dst_stride (v < 2V):
+                     # tokens ≤ dst_stride keeps each N-tile below the next.
+                     r.prev_ordered.eq(self.checks.tokens <= g.dst_stride)]
 
     def _gemm_setup(self, m: Module, r: _Registers) -> None:
         """The GEMM's unit, sink and DDR stream (sent to the router)."""
@@ -574,7 +600,7 @@ class Controller(wiring.Component):
             fit(writes, res_cmd["beats"].width), g.res_mult_out, g.res_mult_buf,
             fit(g.res_shift, res_cmd["shift"].width),
             g.wsrc != WeightSource.DDR, g.wsrc == WeightSource.BUFFER_COLUMNS,
-            self._reads_clear(r),
+            self._reads_early(r), self._reads_hit(r), r.prev_last,
             # Q·Kᵀ's INT8 results: words past its keys are not written.
             (g.wsrc == WeightSource.BUFFER_COLUMNS) & ~g.residual
             & ((g.mode == GemmMode.INT8) | (g.mode == GemmMode.INT8_TABLE))))
@@ -615,6 +641,8 @@ class Controller(wiring.Component):
         with ``early``, its reads start before that, once the GEMM before it has taken its
         last token: its first weight tile loads and its first tokens enter the array
         while that GEMM's last results leave, which hold its own until their walk starts.
+        With ``gate`` its reads of that GEMM's results wait at the ports, each until the
+        write walk has left the N-tile it lies in (``Datapath`` ``read_gate``).
         """
         head = _walk_plan_layout(self.config)(r.launcher.r_data)
         with m.If(r.launcher.r_rdy):
@@ -623,10 +651,11 @@ class Controller(wiring.Component):
                     self._start_reads(m, r, head)
                 self._start_writes(m, r, head)
                 m.d.comb += r.launcher.r_en.eq(1)
-                m.d.sync += r.reads_early.eq(0)
+                m.d.sync += [r.reads_early.eq(0), r.read_gate.eq(0)]
             with m.Elif(head.early & ~r.reads_early & self.datapath.gemm_inputs_done):
                 self._start_reads(m, r, head)
-                m.d.sync += r.reads_early.eq(1)
+                m.d.sync += [r.reads_early.eq(1), r.read_gate.eq(head.gate),
+                             r.read_gate_last.eq(head.gate_last)]
 
     def _gemm_commands(self, m: Module, r: _Registers):
         """Issue the GEMM's commands; true once all are taken."""

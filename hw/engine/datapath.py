@@ -112,6 +112,12 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
             The ``GEMM``'s results are a ``BUFFER_COLUMNS`` pass's INT8 words: a word whose
             channels are all ≥ its tokens (keys past the last, which only pad its last
             N-tile) takes its address but is not written, and leaves the port free.
+        read_gate, read_gate_last : Out
+            Reads of ports A and B (after the gather stage) wait while their address lies
+            from the write walk's current N-tile up to ``read_gate_last``: a GEMM whose
+            reads started beside the GEMM before it, which writes what it reads, takes
+            each of that GEMM's N-tiles once it is written (the write walk's N-tile
+            regions are disjoint and ascending, which the controller checked).
     """
     buf_bits = ceil_log2(config.act_buffer_words)
     walk = walk_signature(buf_bits, COUNT_BITS)
@@ -137,6 +143,8 @@ def datapath_control(config: AccelConfig) -> wiring.Signature:
         "slot_token": Out(16),
         "residual_fused": Out(1),
         "skip_keyless": Out(1),
+        "read_gate": Out(1),
+        "read_gate_last": Out(buf_bits),
         "walk_c": Out(walk),
         "walk_w2": Out(walk),
         "expect_bg_writes": Out(1),
@@ -253,8 +261,8 @@ class Datapath(wiring.Component):
             buffer.read_port(), address_layout(buf_bits, COUNT_BITS))
         port_c = m.submodules.port_c = BufferReadPort(
             buffer.read_port(), address_layout(buf_bits, COUNT_BITS))
-        wiring.connect(m, gather.o, port_a.addr)
-        wiring.connect(m, gen_b.addr, port_b.addr)
+        self._gated(m, gather.o, port_a.addr, gen_w, "a")
+        self._gated(m, gen_b.addr, port_b.addr, gen_w, "b")
         wiring.connect(m, gen_c.addr, port_c.addr)
 
         # Width converters towards the write DMA.
@@ -266,6 +274,25 @@ class Datapath(wiring.Component):
         m.d.comb += ctl.store_drained.eq(~gen_a.addr.valid & ~port_a.data.valid
                                          & ~rs_store.o.valid)
         return m
+
+    def _gated(self, m: Module, source, sink, gen_w: AddressGenerator, name: str) -> None:
+        """``source`` → ``sink`` (address streams), held while ``read_gate`` says the
+        address is not written yet.
+
+        The write walk is the GEMM before's results walk (N-tile i0, token i1 a stride of
+        one, word i2): its current N-tile starts at ``outer − i1``, and every word below
+        that in its range is written. Valid only falls when a walk starts (the gate is set
+        with a new read walk) and rises as the walk moves on."""
+        ctl = self.control
+        wa = gen_w.addr.payload
+        frontier = Signal.like(wa.outer, name=f"gate_{name}_frontier")
+        held = Signal(name=f"gate_{name}_held")
+        addr = source.payload.addr
+        m.d.comb += [frontier.eq(wa.outer - wa.i1),
+                     held.eq(ctl.read_gate & (addr >= frontier)
+                             & (addr <= ctl.read_gate_last))]
+        m.d.comb += [sink.payload.eq(source.payload), sink.valid.eq(source.valid & ~held),
+                     source.ready.eq(sink.ready & ~held)]
 
     def _tables(self, m: Module, gather: GatherStage) -> None:
         """The dispatcher's read ports: the queue to the gather stage; the slot table to the

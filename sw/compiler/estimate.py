@@ -163,6 +163,8 @@ class _Machine:
     pending: bool = False          # a GEMM handed over and is still computing
     inputs_done: float = 0.0       # the last GEMM has taken its last token
     prev_write: tuple | None = None   # the last GEMM's results range, if it was plain
+    prev_ordered: bool = False        # ... and it leaves N-tile by N-tile (tokens ≤ stride)
+    prev_last_tile: tuple | None = None  # the range of its last N-tile's results
     bg_read: tuple | None = None   # the background softmax's logits and probabilities
     bg_write: tuple | None = None
     ddr_free: float = 0.0          # the read DMA's queued streams all in
@@ -407,7 +409,9 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
           ctl: float, entry: int) -> None:
     """A GEMM: with its results in the buffer it hands over once issued (its reads start
     early beside the GEMM before it when it adds no residual and reads nothing that one
-    writes); with INT32 results it runs to its end."""
+    writes, or reads it where that one's N-tiles leave in order: gated reads, which wait
+    only where a GEMM reads its last N-tile's results within a few cycles of its start);
+    with INT32 results it runs to its end."""
     R, G = config.pe_rows, config.gemm_cols
     tokens = f["tokens"]
     n, k = f["n_tiles"], f["k_slices"]
@@ -451,12 +455,17 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         mc.ddr_free = s_end
         own = cm.fill_per_token * tokens
         early = (mc.pending and plain and mc.prev_write is not None
-                 and not any(_meets(r, mc.prev_write) for r in reads))
+                 and (mc.prev_ordered or not any(_meets(r, mc.prev_write) for r in reads)))
+        # Gated reads of the last N-tile wait for the GEMM before's end: the first K-slice
+        # of activations meeting it, or the first weights from the buffer.
+        gated_slice = _first_gated_slice(mc, f, tokens, reads) if early else None
         if early:
             # Its reads start once the GEMM before has taken its last token; its results
             # leave after that one's, a word a cycle. Weights from DDR have their first
             # tile in the array already (as chained); from the buffer it loads first.
             walks = max(issue, mc.inputs_done)
+            if gated_slice is not None:
+                walks = max(walks, mc.gemm_end - gated_slice * tokens)
             fill = cm.gemm_fill_chained if from_ddr else cm.buffer_gemm_fill
             end = max(walks + fill + own + compute, mc.gemm_end + gemm_writes + cm.early_tail)
         else:
@@ -476,6 +485,10 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         # surplus words take to leave.
         mc.inputs_done = end - (words - 1) * tokens - cm.early_tail
         mc.prev_write = write if plain else None
+        mc.prev_ordered = tokens <= f["dst_stride"]
+        if write is not None:
+            tile = words * f["dst_stride"]
+            mc.prev_last_tile = (write[0] + (n - 1) * tile, write[1])
         mc.gemm_end, mc.pending = end, True
         mc.pending_pc = pc
         mc.t = issue
@@ -493,6 +506,21 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     _share_write_port(mc, start, end, 0)     # INT32 results go to DDR, not the write port
     mc.gemm_end = end
     mc.t = end
+
+
+def _first_gated_slice(mc: _Machine, f: dict, tokens: int, reads: list) -> int | None:
+    """The K-slice at which a GEMM starting beside the one before first reads that one's
+    last N-tile (``None``: never; 0 for weights from the buffer, loaded first)."""
+    last = mc.prev_last_tile
+    if last is None or not any(_meets(r, last) for r in reads):
+        return None
+    if len(reads) > 1 and _meets(reads[1], last):
+        return 0
+    for kk in range(f["k_slices"] + f["row_scale"]):
+        start = f["src"] + kk * f["src_stride"]
+        if _meets((start, start + tokens - 1), last):
+            return kk
+    return 0
 
 
 def _port_writes(f: dict, config: AccelConfig, gemm_writes: int) -> int:
