@@ -15,7 +15,7 @@ before it writes (both plain: no fused residual) starts its reads as soon as tha
 taken its last token, and its results' walk when that one's last result is written; one
 that reads what the one before writes does too where those results leave N-tile by
 N-tile in ascending regions, each read waiting until the write walk has passed its
-N-tile (an expert's FC2 beside its FC1's last results, the dense FC2 beside FC1's). A
+N-tile (an expert's FC2 beside its FC1's last results). A
 failed check stops before anything of the instruction starts; a DDR error lets the
 instruction finish, then stops; ``abort_request`` stops after the current instruction.
 """
