@@ -23,6 +23,8 @@ pipeline.
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
 from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
@@ -84,18 +86,10 @@ def _merge(m: Module, first: list, second: list, keep: int, layout, name: str) -
         valid = Signal(name=f"{name}_valid{r}")
         entry = Signal(layout, name=f"{name}_entry{r}")
         m.d.comb += [valid.eq(Cat(*hits).any()),
-                     entry.eq(_or_all([Mux(hit, e.as_value(), 0)
-                                       for hit, (_, e, _) in zip(hits, ranked, strict=True)]))]
+                     entry.eq(reduce(operator.or_, [Mux(hit, e.as_value(), 0) for hit, (_, e, _)
+                                                    in zip(hits, ranked, strict=True)]))]
         out.append((valid, entry))
     return out
-
-
-def _or_all(values: list):
-    """The OR of a list of values (the entries a one-hot pick selects from)."""
-    total = values[0]
-    for v in values[1:]:
-        total = total | v
-    return total
 
 
 class Dispatcher(wiring.Component):
