@@ -5,16 +5,18 @@ cycle). Data arrives in *entries* of :func:`~m3vit.hw.isa.intake_beats` AXI beat
 a cycle on the ZCU104's three ports) and goes to the sink the controller selects
 (:class:`ReadSink`): a GEMM's stream whole entries at a time, split per N-tile into
 parameter records (all of an entry's in one cycle) and weight rows (an entry's worth in one
-cycle); everything else beat by beat, through width converters to each consumer's words:
-instruction beats to the fetch, LayerNorm parameter records, the two tables, LOAD words.
+cycle); LOAD's a word a cycle where a word spans several beats (:class:`EntryWords`); everything
+else beat by beat, through width converters to each consumer's words: instruction beats to
+the fetch, LayerNorm parameter records, the two tables, LOAD words.
 """
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from ..axi import StreamResize, byte_beat_layout, dma_cmd_layout, entry_layout
 from ..config import AccelConfig
@@ -22,7 +24,7 @@ from ..gemm import GEMM_PARAM
 from ..isa import GEMM_RECORD_BYTES, LN_RECORD_BYTES, intake_beats
 from ..vector import LayerNormUnit, SoftmaxUnit
 
-__all__ = ["GEMM_STREAMS_QUEUED", "ReadRouter", "ReadSink", "intake_shape",
+__all__ = ["GEMM_STREAMS_QUEUED", "EntryWords", "ReadRouter", "ReadSink", "intake_shape",
            "read_router_control"]
 
 #: GEMM streams that may wait behind the active one: the controller issues a GEMM's stream
@@ -49,7 +51,70 @@ def intake_shape(config: AccelConfig) -> SimpleNamespace:
         gemm_table_entries=min(256, config.axi_bytes),
         exp_table_entries=min(256, config.axi_bytes // 2),
         ln_entries=(LN_RECORD_BYTES * config.pe_cols) % entry_bytes == 0,
+        load_words=EntryWords.applies(config.axi_bytes, beats, config.pe_cols),
     )
+
+
+class EntryWords(wiring.Component):
+    """An entry's words, one a cycle: LOAD's path where a buffer word spans several AXI
+    beats (the ZCU104's 32-byte word, two 16-byte beats), so a LOAD writes the buffer at
+    its write port's rate instead of a beat a cycle.
+
+    Parameters
+    ----------
+    axi_bytes, entry_beats : int
+        The entry (:func:`~m3vit.hw.axi.entry_layout`).
+    word_bytes : int
+        A word: a power of two, more than a beat and at most an entry
+        (:meth:`applies`).
+
+    Attributes
+    ----------
+    i : In(stream of entry_layout(axi_bytes, entry_beats))
+        Taken with its last valid word.
+    o : Out(stream of byte_beat_layout(word_bytes))
+        Words low bytes first, ``last`` on the stream's last. Beats past an entry's
+        ``beats`` read as zeros (only a ragged stream's last word has any), as
+        :class:`~m3vit.hw.axi.StreamResize` closes a ragged beat. The output is a register.
+    """
+
+    @staticmethod
+    def applies(axi_bytes: int, entry_beats: int, word_bytes: int) -> bool:
+        """Whether words span several beats and an entry holds whole words."""
+        return axi_bytes < word_bytes <= axi_bytes * entry_beats
+
+    def __init__(self, axi_bytes: int, entry_beats: int, word_bytes: int):
+        if not self.applies(axi_bytes, entry_beats, word_bytes) or word_bytes & (word_bytes - 1):
+            raise ValueError(f"a word of {word_bytes} bytes must be a power of two, more than "
+                             f"a {axi_bytes}-byte beat and at most a {entry_beats}-beat entry")
+        self.axi_bytes, self.entry_beats, self.word_bytes = axi_bytes, entry_beats, word_bytes
+        super().__init__({
+            "i": In(stream.Signature(entry_layout(axi_bytes, entry_beats))),
+            "o": Out(stream.Signature(byte_beat_layout(word_bytes))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        ratio = self.word_bytes // self.axi_bytes          # beats a word
+        n_words = self.entry_beats // ratio
+        beat_bits = 8 * self.axi_bytes
+        i, o = self.i, self.o
+        piece = Signal(range(n_words))
+        # The entry's last valid word holds beat beats − 1.
+        final = piece == ((i.p.beats - 1) >> exact_log2(ratio))
+        beats = [i.p.data[k * beat_bits:(k + 1) * beat_bits] for k in range(self.entry_beats)]
+        # A beat past the entry's valid ones (a ragged last word) reads as zeros.
+        word = Array(Cat(Mux(w * ratio + j < i.p.beats, beats[w * ratio + j],
+                             Const(0, beat_bits)) for j in range(ratio))
+                     for w in range(n_words))[piece]
+        take = i.valid & (~o.valid | o.ready)
+        m.d.comb += i.ready.eq(take & final)
+        with m.If(o.valid & o.ready):
+            m.d.sync += o.valid.eq(0)
+        with m.If(take):
+            m.d.sync += [o.valid.eq(1), o.p.data.eq(word), o.p.last.eq(i.p.last & final),
+                         piece.eq(Mux(final, 0, piece + 1))]
+        return m
 
 
 class ReadSink(enum.Enum, shape=3):
@@ -207,7 +272,10 @@ class ReadRouter(wiring.Component):
         rs_rows = m.submodules.rs_rows = StreamResize(entry_bytes, shape.rows_per_beat * G)
         rs_param = m.submodules.rs_param = StreamResize(
             entry_bytes, shape.params_per_beat * GEMM_RECORD_BYTES)
-        rs_word = m.submodules.rs_word = StreamResize(axi_bytes, C)         # LOAD
+        if shape.load_words:                                                # LOAD
+            rs_word = m.submodules.load_words = EntryWords(axi_bytes, shape.entry_beats, C)
+        else:
+            rs_word = m.submodules.rs_word = StreamResize(axi_bytes, C)
         rs_ln = m.submodules.rs_ln = StreamResize(
             entry_bytes if shape.ln_entries else axi_bytes, LN_RECORD_BYTES * C)
         rs_t8 = m.submodules.rs_t8 = StreamResize(axi_bytes, shape.gemm_table_entries)
@@ -252,7 +320,7 @@ class ReadRouter(wiring.Component):
         controller may meanwhile fetch the next instruction."""
         rs_rows, rs_param = gemm_converters
         rs_word, rs_ln, rs_t8, rs_t16 = converters
-        ln_entries = self.intake.ln_entries
+        ln_entries, load_words = self.intake.ln_entries, self.intake.load_words
         ctl, rd = self.control, self.rd_data
         sink = Signal(ReadSink)
         m.d.comb += sink.eq(Mux(gemm_now, ReadSink.GEMM, ctl.sink))
@@ -275,15 +343,21 @@ class ReadRouter(wiring.Component):
             with m.Case(ReadSink.TABLE16):
                 m.d.comb += [rs_t16.i.valid.eq(rd.valid), beat_ready.eq(rs_t16.i.ready)]
             with m.Case(ReadSink.LOAD):
-                m.d.comb += [rs_word.i.valid.eq(rd.valid), beat_ready.eq(rs_word.i.ready)]
-        whole = [ReadSink.GEMM, ReadSink.NONE] + ([ReadSink.LN] if ln_entries else [])
+                # Whole entries a word a cycle, or beat by beat through the narrow path.
+                taken = rd.ready if load_words else beat_ready
+                m.d.comb += [rs_word.i.valid.eq(rd.valid), taken.eq(rs_word.i.ready)]
+        whole = ([ReadSink.GEMM, ReadSink.NONE] + ([ReadSink.LN] if ln_entries else [])
+                 + ([ReadSink.LOAD] if load_words else []))
         narrow_sink = Cat(sink != w for w in whole).all()
         m.d.comb += narrow.taken.eq(narrow_sink & rd.valid & beat_ready)
         with m.If(narrow_sink):
             m.d.comb += rd.ready.eq(beat_ready & narrow.final)
         for rs in (rs_rows, rs_param) + ((rs_ln,) if ln_entries else ()):
             m.d.comb += rs.i.payload.data.eq(rd.payload.data)
-        for rs in (rs_word, rs_t8, rs_t16) + (() if ln_entries else (rs_ln,)):
+        if load_words:
+            m.d.comb += rs_word.i.payload.eq(rd.payload)
+        for rs in (rs_t8, rs_t16) + (() if ln_entries else (rs_ln,)) + (
+                () if load_words else (rs_word,)):
             m.d.comb += rs.i.payload.data.eq(narrow.data)
         m.d.comb += [self.fetch.payload.data.eq(narrow.data),
                      self.fetch.payload.last.eq(narrow.last),

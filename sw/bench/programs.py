@@ -28,6 +28,7 @@ from m3vit.hw.isa import (
     RowMode,
     TableUnit,
     WeightSource,
+    intake_beats,
 )
 from m3vit.hw.registers import ErrorCode, Schedule
 
@@ -366,6 +367,21 @@ def strided_load_store_case(cfg: AccelConfig, seed: int) -> Case:
     prog.add(Opcode.STORE, ddr=img.reserve("z", n * C), src=3, src_stride=5, words=n)
     prog.add(Opcode.END)
     return _finish("load_store_strided", cfg, prog, img)
+
+
+def long_load_case(cfg: AccelConfig, seed: int, words: int) -> Case:
+    """One LOAD of ``words`` words from an entry-aligned DDR address, then a STORE of its
+    last 16: a run whose cycles are mostly the LOAD's."""
+    rng = np.random.default_rng(seed)
+    C = cfg.pe_cols
+    img, prog = DdrImage(align=intake_beats(cfg) * cfg.axi_bytes), Program()
+    prog.add(Opcode.LOAD, ddr=img.put("a", _i8(rng, words, C).tobytes()), dst=0, dst_stride=1,
+             words=words)
+    shown = min(16, words)
+    prog.add(Opcode.STORE, ddr=img.reserve("y", shown * C), src=words - shown, src_stride=1,
+             words=shown)
+    prog.add(Opcode.END)
+    return _finish("long_load", cfg, prog, img)
 
 
 def _set_field(raw: bytearray, index: int, op: Opcode, name: str, value: int) -> None:

@@ -17,7 +17,14 @@ from m3vit.hw.registers import ID_MAGIC, REGISTER_MAP, VERSION, ErrorCode
 from m3vit.sim import soc as soc_module
 from m3vit.sim.soc import DdrTiming, SocModel, build_soc
 from m3vit.sw.bench.program_fuzz import start_on_soc
-from m3vit.sw.bench.programs import Case, dense_block_case, gemm_case, vector_case
+from m3vit.sw.bench.programs import (
+    Case,
+    dense_block_case,
+    gemm_case,
+    long_load_case,
+    strided_load_store_case,
+    vector_case,
+)
 
 PROGRAM_BASE = 0x1000
 DATA_BASE = 0x4000
@@ -279,3 +286,21 @@ def test_three_ports_stripe_reads_with_the_same_results():
         assert ports[1]["ddr_write_bytes"] == ports[2]["ddr_write_bytes"] == 0
         assert sum(reads) == soc.stats["ddr_read_bytes"]
         assert soc.stats["protocol_errors"] == 0
+
+
+@pytest.mark.slow
+def test_loads_take_a_word_a_cycle_where_a_word_spans_beats():
+    """32-bit AXI under 8-byte words (a word two beats, as the ZCU104's 32-byte word on
+    16-byte beats): LOAD takes the read entries a word a cycle (``EntryWords``) instead of
+    a beat a cycle, with the same buffer contents (strided, odd counts, a dense block)."""
+    config = CI.replace(pe_rows=8, pe_cols=8, n_master_ports=3, axi_data_width=32)
+    assert intake_shape(config).load_words
+    words = 1024
+    with SocModel(config, ddr_bytes=SMALL_DDR) as soc:
+        for case in (strided_load_store_case(config, 11), dense_block_case(config)):
+            code, _ = run_case(soc, case)
+            assert code == ErrorCode.NONE, case.name
+        code, cycles = run_case(soc, long_load_case(config, 12, words))
+        assert code == ErrorCode.NONE
+        # A beat a cycle would take 2 · words; the three ports deliver 12 bytes a cycle.
+        assert cycles < 1.25 * words, cycles
