@@ -232,7 +232,8 @@ class ExpertOrder(enum.Enum, shape=2):
 
     #: the ``SCHEDULE.ORDER`` register decides (the host compares both on one program)
     REGISTER = 0
-    #: one iteration per active expert, ascending: each expert's weights once per layer
+    #: one iteration per active expert, largest and smallest count in turn (the active
+    #: list's order): each expert's weights once per layer
     EXPERT_BY_EXPERT = 1
     #: the baseline: one iteration per (token, slot), token order, one token each
     TOKEN_BY_TOKEN = 2
@@ -645,15 +646,21 @@ It then builds the dispatch tables, which stay until the next `ROUTE`:
 - `count[e]`: tokens that chose expert e; `start[e] = Σ_{e' < e} count[e']`;
 - the **queue**: positions `start[e] … start[e] + count[e] − 1` hold, in ascending order,
   the tokens that chose e (`rows · top_k` positions in all, grouped by expert);
-- the **active list**: the experts with `count[e] > 0`, ascending;
+- the **active list**: the experts with `count[e] > 0`, in visit order: sorted by count
+  (descending, ties to the lower expert index), then taken from both ends in turn — the
+  largest, the smallest, the second largest, the second smallest, … (`visit_order` of
+  `m3vit.sw.compiler.isa_model`);
 - **slots**: for token t and choice j (descending score), the expert, its score and the
   queue position `pos(t, j)` of that choice.
 
 `EXPERTS` runs the `body` instructions after it once per iteration, then continues after
 them. Each iteration has a context (expert e, queue offset, count):
 
-- `EXPERT_BY_EXPERT`: one iteration per active expert e: (e, `start[e]`, `count[e]`). Each
-  active expert's weights are read once per layer; experts no token chose are never read.
+- `EXPERT_BY_EXPERT`: one iteration per active expert e, in the active list's order: (e,
+  `start[e]`, `count[e]`). Each active expert's weights are read once per layer; experts
+  no token chose are never read. The order puts each visit over few tokens, whose weights
+  the array would take faster than the DDR reads them, behind one over many, during which
+  the DDR read ahead.
 - `TOKEN_BY_TOKEN` (the baseline): one iteration per token t and choice j, in token order:
   (expert of slot (t, j), `pos(t, j)`, 1). Every choice reads its expert's weights again.
 - `REGISTER`: the order `SCHEDULE.ORDER` holds when the run starts.

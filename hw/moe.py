@@ -27,7 +27,7 @@ import operator
 from functools import reduce
 from types import SimpleNamespace
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -128,7 +128,7 @@ class Dispatcher(wiring.Component):
     n_active : Out
         Experts with at least one token.
     list_index : In
-        Position in the active list (0 … ``n_active`` − 1).
+        Position in the active list (0 … ``n_active`` − 1), in visit order.
     list_expert, list_start, list_count : Out
         One cycle after ``list_index``: that active expert e, ``start[e]`` and ``count[e]``.
     slot_addr, slot_en : In
@@ -167,19 +167,24 @@ class Dispatcher(wiring.Component):
        go — the slot table is one memory per choice. M·S + 4 + L cycles: the first beat's
        take, the steps, the tree, 3 of drain.
     2. **Scan**, one expert per cycle (E + 1 cycles): ``start[e]`` is the running sum of
-       the counts, and each expert with a count joins the active list.
+       the counts, and each expert with a count joins the active list in place, sorted by
+       count (descending, ties to the lower expert: an insertion sort, each entry
+       comparing its count with the new one). The list lookup reads place v / 2 for an
+       even position v and n − 1 − (v − 1) / 2 for an odd one (n active experts): the
+       largest and the smallest left in turn, ``docs/isa.md``'s visit order.
     3. **Queue**, one (token, choice) per cycle in token order (M·k + 4 cycles): read the
        slot, look up ``start[e]`` (registered), add the rank, write the queue entry and
        the slot's final position.
 
-    ``count`` is ``max_experts`` registers (a token increments up to k of them at once);
-    ``start`` and the active list are ``max_experts``-deep memories (LUT-RAM); the slot
+    ``count`` is ``max_experts`` registers (a token increments up to k of them at once),
+    the active list too (expert, start, count, filled); ``start`` is a ``max_experts``-deep
+    memory (LUT-RAM); the slot
     table (``max_top_k`` memories of ``max_tokens`` × 33 bits for the ZCU104) and the queue
     (``max_tokens · max_top_k`` entries) are block RAM. The slot table's read port is shared
     with the queue pass, hence valid only while idle. Between registers there is at most
     one narrow (≤ 16-bit) compare or add and its muxes, except a merge: its compares, a
-    sum of up to ``max_top_k`` of their bits and an AND-OR pick; the widest mux is the
-    ``max_experts``-to-1 read of a count for a rank.
+    sum of up to ``max_top_k`` of their bits and an AND-OR pick; the widest muxes are the
+    ``max_experts``-to-1 read of a count for a rank and the list lookup's.
     """
 
     @staticmethod
@@ -415,26 +420,28 @@ class Dispatcher(wiring.Component):
                     for j in range(n_slots)]
 
     def _scan(self, m: Module, s: SimpleNamespace) -> None:
-        """Scan: start[e] (exclusive prefix sum of count) and the active list."""
+        """Scan: start[e] (exclusive prefix sum of count) and the active list, kept sorted
+        by count (descending, ties to the lower expert) as it fills."""
         n_experts = s.n_experts
-        # Both are small memories (LUT-RAM): the scan writes one entry per cycle, the queue
-        # pass reads start[e] and the list lookup an active entry through a registered port.
+        # start[e] is a small memory (LUT-RAM): the scan writes one entry per cycle and the
+        # queue pass reads start[e] through a registered port.
         start = Memory(shape=s.start_shape, depth=n_experts, init=[])
-        active = Memory(shape=data.StructLayout({"expert": s.expert_shape,
-                                                 "start": s.start_shape,
-                                                 "count": s.count_shape}),
-                        depth=n_experts, init=[])
         m.submodules.start = start
-        m.submodules.active_list = active
         start_write, start_read = start.write_port(), start.read_port()
-        active_write, active_read = active.write_port(), active.read_port()
-        s.start_read, s.active_read = start_read, active_read
+        s.start_read = start_read
+        # The active list: registers, each expert inserted in place as the scan reaches
+        # it (an insertion sort, one entry a cycle, like the scan itself).
+        entry_layout = data.StructLayout({"expert": s.expert_shape, "start": s.start_shape,
+                                          "count": s.count_shape})
+        s.active = active = [Signal(entry_layout, name=f"active{i}") for i in range(n_experts)]
+        filled = [Signal(name=f"active{i}_filled") for i in range(n_experts)]
         scanning = Signal()
         scan_expert = Signal(s.expert_shape)
         s.total = total = Signal(s.start_shape)
         s.n_active = n_active = Signal(range(n_experts + 1))
         with m.If(s.r_final):
             m.d.sync += [scanning.eq(1), scan_expert.eq(0), total.eq(0), n_active.eq(0)]
+            m.d.sync += [f.eq(0) for f in filled]
         with m.If(scanning):
             m.d.sync += scan_expert.eq(scan_expert + 1)
             with m.If(scan_expert == s.experts_m1):
@@ -447,16 +454,25 @@ class Dispatcher(wiring.Component):
             start_write.en.eq(s_valid),
             start_write.addr.eq(s_expert),
             start_write.data.eq(total),
-            active_write.en.eq(s_valid & (s_count != 0)),
-            active_write.addr.eq(n_active),
-            active_write.data.expert.eq(s_expert),
-            active_write.data.start.eq(total),
-            active_write.data.count.eq(s_count),
         ]
+        new = Signal(entry_layout, name="active_new")
+        m.d.comb += [new.expert.eq(s_expert), new.start.eq(total), new.count.eq(s_count)]
+        # Entries with at least the new count stay (the filled ones are a sorted prefix, so
+        # these are too, and an equal count came from a lower expert); the first other
+        # place takes the new entry and the rest move one down.
+        stays = [f & (e.count >= s_count) for f, e in zip(filled, active, strict=True)]
         with m.If(s_valid):
             m.d.sync += total.eq(total + s_count)
             with m.If(s_count != 0):
                 m.d.sync += n_active.eq(n_active + 1)
+                for i in range(n_experts):
+                    takes_new = ~stays[i] & (stays[i - 1] if i else 1)
+                    with m.If(takes_new):
+                        m.d.sync += [active[i].eq(new), filled[i].eq(1)]
+                    if i:
+                        with m.Elif(~stays[i]):
+                            m.d.sync += [active[i].eq(active[i - 1]),
+                                         filled[i].eq(filled[i - 1])]
 
     def _queue_pass(self, m: Module, s: SimpleNamespace) -> None:
         """Queue: every (token, choice) in token order, pos = start[e] + rank."""
@@ -535,11 +551,15 @@ class Dispatcher(wiring.Component):
                 self.entries.eq(s.total),
                 self.n_active.eq(s.n_active),
             ]
-        m.d.comb += [
-            s.active_read.addr.eq(self.list_index),
-            self.list_expert.eq(s.active_read.data.expert),
-            self.list_start.eq(s.active_read.data.start),
-            self.list_count.eq(s.active_read.data.count),
+        # Visit v takes the sorted list's place v / 2 (v even: the largest left) or
+        # n − 1 − (v − 1) / 2 (v odd: the smallest left), registered.
+        half = self.list_index >> 1
+        place = Signal(range(s.n_experts), name="list_place")
+        m.d.comb += place.eq(Mux(self.list_index[0], s.n_active - 1 - half, half))
+        m.d.sync += [
+            self.list_expert.eq(Array(e.expert for e in s.active)[place]),
+            self.list_start.eq(Array(e.start for e in s.active)[place]),
+            self.list_count.eq(Array(e.count for e in s.active)[place]),
         ]
 
 

@@ -44,7 +44,7 @@ from m3vit.hw.moe import Dispatcher
 from m3vit.hw.registers import Schedule
 
 from ..errors import M3VitError
-from .isa_model import buffer_span, gemm_buffer_ranges
+from .isa_model import buffer_span, gemm_buffer_ranges, visit_order
 
 __all__ = ["CostModel", "DdrRates", "estimate_package", "estimate_program", "format_estimate",
            "routing_counts", "uniform_routing"]
@@ -284,7 +284,7 @@ def estimate_program(program: bytes, config: AccelConfig, *,
             mc.drains.clear()
             body = [(pc + 1 + j, ops[pc + 1 + j]) for j in range(f["body"])]
             if order == Schedule.EXPERT_BY_EXPERT:
-                visits = [c for c in counts if c]
+                visits = [counts[e] for e in visit_order(counts)]
             else:
                 visits = [1] * sum(counts)
             for tokens in visits:

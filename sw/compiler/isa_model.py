@@ -57,6 +57,7 @@ __all__ = [
     "MachineStop",
     "dispatch_tables",
     "execute",
+    "visit_order",
 ]
 
 #: Bytes of one table of each unit in DDR.
@@ -131,7 +132,8 @@ class Dispatch:
     queue : torch.Tensor
         (M·k,) token of each queue position: grouped by expert, tokens ascending.
     active : torch.Tensor
-        Experts with ``count > 0``, ascending.
+        Experts with ``count > 0`` in ``EXPERT_BY_EXPERT``'s visit order
+        (:func:`visit_order`).
     """
 
     rows: int
@@ -154,6 +156,25 @@ class Dispatch:
                                                         strict=True))
 
 
+def visit_order(count) -> list[int]:
+    """The active list: the experts with a token, in ``EXPERT_BY_EXPERT``'s visit order.
+
+    Sorted by count (descending, ties to the lower expert index), the experts are taken
+    from both ends in turn: the largest, the smallest, the second largest, the second
+    smallest, … — so each visit over few tokens, whose weights the array would take faster
+    than the DDR reads them, follows one over many, during which the DDR read ahead
+    (``docs/isa.md``, "The MoE layer").
+
+    Parameters
+    ----------
+    count : sequence of int
+        Tokens per expert.
+    """
+    ranked = sorted((e for e, c in enumerate(count) if c), key=lambda e: (-count[e], e))
+    n = len(ranked)
+    return [ranked[v // 2] if v % 2 == 0 else ranked[n - 1 - v // 2] for v in range(n)]
+
+
 def dispatch_tables(logits: torch.Tensor, scores: torch.Tensor, top_k: int) -> Dispatch:
     """Top-k of (M, E) router logits, their scores and the per-expert queues, vectorised."""
     m, n_experts = scores.shape
@@ -168,7 +189,8 @@ def dispatch_tables(logits: torch.Tensor, scores: torch.Tensor, top_k: int) -> D
     count = torch.bincount(flat_e, minlength=n_experts)
     return Dispatch(rows=m, top_k=top_k, experts=experts, scores=chosen,
                     pos=pos.reshape(m, top_k), count=count, start=torch.cumsum(count, 0) - count,
-                    queue=flat_t[order], active=torch.nonzero(count).reshape(-1))
+                    queue=flat_t[order],
+                    active=torch.tensor(visit_order(count.tolist()), dtype=torch.int64))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from m3vit.hw.isa import (
 )
 from m3vit.hw.registers import Schedule
 from m3vit.sw.bench.programs import moe_batch_case
-from m3vit.sw.compiler.isa_model import dispatch_tables, execute
+from m3vit.sw.compiler.isa_model import dispatch_tables, execute, visit_order
 from m3vit.sw.compiler.layout import slice_major, unslice
 from m3vit.sw.compiler.lower import (
     BatchTooLarge,
@@ -243,8 +243,10 @@ def test_expert_weights_are_read_once_per_layer_expert_by_expert():
         assert tbt_expert_reads == m * k * blocks[0][1]   # M·k reads of a whole block
         assert sum(ebe.read_counts(o, s).sum() for o, s in blocks) <= expert_bytes
         loop = ebe.loops[0]
-        assert [it.expert for it in loop.iterations] == torch.nonzero(counts).reshape(-1).tolist()
-        assert [it.count for it in loop.iterations] == counts[counts > 0].tolist()
+        order = visit_order(counts.tolist())
+        assert sorted(order) == torch.nonzero(counts).reshape(-1).tolist()
+        assert [it.expert for it in loop.iterations] == order
+        assert [it.count for it in loop.iterations] == [int(counts[e]) for e in order]
         assert len(tbt.loops[0].iterations) == m * k
         # Only the selected task's router and exp table are read.
         for other in cfg.task_names:
@@ -298,14 +300,23 @@ def test_dispatch_tables_by_hand():
     assert d.count.tolist() == [2, 1, 2, 1]
     assert d.start.tolist() == [0, 2, 3, 5]
     assert d.queue.tolist() == [0, 1, 2, 0, 2, 1]
-    assert d.active.tolist() == [0, 1, 2, 3]
+    # Visits: by count (2, 2, 1, 1; ties to the lower expert) from both ends in turn.
+    assert d.active.tolist() == [0, 3, 2, 1]
     assert d.pos.tolist() == [[3, 0], [1, 5], [4, 2]]
     ebe = d.iterations(ExpertOrder.EXPERT_BY_EXPERT)
-    assert [(i.expert, i.offset, i.count) for i in ebe] == [(0, 0, 2), (1, 2, 1), (2, 3, 2),
-                                                            (3, 5, 1)]
+    assert [(i.expert, i.offset, i.count) for i in ebe] == [(0, 0, 2), (3, 5, 1), (2, 3, 2),
+                                                            (1, 2, 1)]
     tbt = d.iterations(ExpertOrder.TOKEN_BY_TOKEN)
     assert [(i.expert, i.offset, i.count) for i in tbt] == [(2, 3, 1), (0, 0, 1), (0, 1, 1),
                                                             (3, 5, 1), (2, 4, 1), (1, 2, 1)]
+
+
+def test_visit_order_alternates_the_largest_and_the_smallest_left():
+    assert visit_order([0, 0]) == []
+    assert visit_order([5]) == [0]
+    assert visit_order([1, 9, 0, 4, 4, 2, 7]) == [1, 0, 6, 5, 3, 4]
+    # Equal counts keep the lower expert first wherever they are taken from.
+    assert visit_order([3, 3, 3, 3, 3]) == [0, 4, 1, 3, 2]
 
 
 # ---- EXPERTS loops (the bad programs are one list for the hardware and the model:

@@ -25,6 +25,7 @@ from m3vit.hw.moe import Dispatcher, slot_layout
 from m3vit.hw.vector import SoftmaxUnit
 from m3vit.sim.cocotb_runner import bench_config
 from m3vit.sim.stream_tb import Bench, StreamSource, pack
+from m3vit.sw.compiler.isa_model import visit_order
 from m3vit.sw.quant import numerics
 
 PREFIX = "disp"
@@ -75,7 +76,7 @@ def golden_tables(route: Route) -> Tables:
     pos = torch.empty_like(order)
     pos[order] = torch.arange(rows * k)
     pos = pos.reshape(rows, k)
-    active = [(e, int(start[e]), int(count[e])) for e in range(experts) if count[e] > 0]
+    active = [(e, int(start[e]), int(count[e])) for e in visit_order(count.tolist())]
     slots = [[(int(chosen[t, j]), int(chosen_scores[t, j]), int(pos[t, j])) for j in range(k)]
              for t in range(rows)]
     return Tables(rows, k, rows * k, len(active), active, slots, (order // k).tolist())
