@@ -249,7 +249,7 @@ class GemmEngine(wiring.Component):
         lanes), the result word (``pe_cols`` lanes) and ``max_tokens``.
     rows_per_beat : int
         Weight rows (or columns) per ``weights`` beat, W: a power of two dividing
-        ``pe_rows`` (the ZCU104 top takes two 64-byte rows from each 128-byte read entry).
+        ``pe_rows`` (the ZCU104 top takes four 64-byte rows from each 256-byte read entry).
     params_per_beat : int
         Output channels' parameters per ``params`` beat, P: a power of two dividing
         ``gemm_cols``.

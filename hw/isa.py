@@ -81,18 +81,19 @@ GEMM_RECORD_BYTES = 8
 def intake_beats(config: AccelConfig) -> int:
     """AXI beats the engine takes from the read DMA in one cycle: one *entry*.
 
-    Twice as many as the master ports deliver together (twice the least power of two ≥
-    ``n_master_ports``) where there are several, so the array takes a weight tile faster
-    than the DDR streams it: from what the read queues hold, read ahead while the array
-    was busy (an expert visit over few tokens is then bound by neither the DDR nor a row a
-    cycle). Halved until an entry divides both an N-tile's parameter block
-    (``GEMM_RECORD_BYTES · gemm_cols`` bytes) and a weight tile (``pe_rows · gemm_cols``), so
-    a GEMM's stream splits between them at entry boundaries. ZCU104 (3 ports, 32 × 64):
-    8 beats, 128 bytes (two weight rows) a cycle; one port: 1.
+    Four times as many as the master ports deliver together (four times the least power of
+    two ≥ ``n_master_ports``) where there are several, so the array takes a weight tile
+    faster than the DDR streams it: from what the read queues hold, read ahead while the
+    array was busy (an expert visit over fewer tokens than a tile has rows is then bound by
+    neither the DDR nor a row a cycle; at 16 tokens or fewer, a tile's load bounds each
+    pass: 16 beats take a 32-row tile in 8 cycles). Halved until an entry divides both an
+    N-tile's parameter block (``GEMM_RECORD_BYTES · gemm_cols`` bytes) and a weight tile
+    (``pe_rows · gemm_cols``), so a GEMM's stream splits between them at entry boundaries.
+    ZCU104 (3 ports, 32 × 64): 16 beats, 256 bytes (four weight rows) a cycle; one port: 1.
     """
     beats = 1 << (config.n_master_ports - 1).bit_length()
     if config.n_master_ports > 1:
-        beats *= 2
+        beats *= 4
     while beats > 1 and ((GEMM_RECORD_BYTES * config.gemm_cols) % (beats * config.axi_bytes)
                          or (config.pe_rows * config.gemm_cols) % (beats * config.axi_bytes)):
         beats //= 2
@@ -542,7 +543,7 @@ Instructions are fetched a 256-byte line (eight instructions) at a
 time into a small cache that every `START` empties: a program must not change itself
 while it runs (no `STORE` into the program), and a line may read up to 224 bytes past the
 program's end (the runtime puts the data image there). DDR streams may start at any
-16-byte boundary; the compiler aligns them to one read entry (128 bytes on the three-port
+16-byte boundary; the compiler aligns them to one read entry (256 bytes on the three-port
 ZCU104), where the DMA reads them without realigning. The DMA moves whole AXI beats: the
 bits of `DATA_BASE + offset` below a beat are dropped (a transfer at offset 753 starts at
 752), while the checks use the offset as written.

@@ -117,7 +117,7 @@ class AcceleratorTop(wiring.Component):
         One port: :class:`~m3vit.hw.axi.AxiDmaPort` (reads and writes share ``m_axi``).
         Several: a :class:`~m3vit.hw.striped_read.StripedReadDma` reads through every port,
         bursts striped across them, and hands the engine an entry of
-        :func:`~m3vit.hw.isa.intake_beats` beats a cycle (128 bytes on the ZCU104); the
+        :func:`~m3vit.hw.isa.intake_beats` beats a cycle (256 bytes on the ZCU104); the
         write DMA uses ``m_axi`` alone (results are a few KiB an image); the other ports'
         write channels are idle.
         """

@@ -1,7 +1,7 @@
 """The read-DMA router: one read port shared by instruction fetch and the operand streams.
 
 Commands come from the instruction fetch and from the controller (never both in one
-cycle). Data arrives in *entries* of :func:`~m3vit.hw.isa.intake_beats` AXI beats (128 bytes
+cycle). Data arrives in *entries* of :func:`~m3vit.hw.isa.intake_beats` AXI beats (256 bytes
 a cycle on the ZCU104's three ports) and goes to the sink the controller selects
 (:class:`ReadSink`): a GEMM's stream whole entries at a time, split per N-tile into
 parameter records (all of an entry's in one cycle) and weight rows (an entry's worth in one

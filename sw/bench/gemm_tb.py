@@ -21,8 +21,8 @@ in-order source, as from a single DDR read stream (:class:`SharedOrder`).
 The engine's intake (weight rows, parameter records and table entries a beat: its
 ``rows_per_beat``, ``params_per_beat`` and ``table_entries``) is read off the DUT's port
 widths, so one bench drives the test engines (one row and one record a beat) and the
-top's (:func:`m3vit.hw.engine.router.intake_shape`: two 64-byte rows and 16 records from
-each 128-byte read entry on the ZCU104) alike.
+top's (:func:`m3vit.hw.engine.router.intake_shape`: four 64-byte rows and 32 records from
+each 256-byte read entry on the ZCU104) alike.
 """
 
 from __future__ import annotations

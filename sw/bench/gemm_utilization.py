@@ -3,7 +3,7 @@
 ``python -m m3vit.sw.bench.gemm_utilization`` builds the engine of the ZCU104 configuration
 (32 × 64, results two 32-lane words a row; ``--rows``/``--cols``/``--words`` for another
 array) with the top's intake (:func:`m3vit.hw.engine.router.intake_shape`: on the ZCU104 a
-128-byte read entry a cycle, i.e. a ``weights`` beat of two 64-byte rows, 16 parameter
+256-byte read entry a cycle, i.e. a ``weights`` beat of four 64-byte rows, 32 parameter
 records a ``params`` beat, 16 table entries a ``table`` beat), runs one INT8 pass per shape
 with the weight stream fed at most one such beat a cycle (one entry's bytes a cycle, as the
 read router hands entries over), activations and parameters always available and no output
@@ -42,7 +42,7 @@ DEFAULT_SHAPES = ((129, 192, 768), (129, 192, 192), (17, 192, 768), (1, 192, 768
 def engine_as_in_top(config: AccelConfig) -> GemmEngine:
     """The GEMM engine with the top's intake (:func:`~m3vit.hw.engine.router.intake_shape`),
     as :class:`~m3vit.hw.engine.Engine` builds it: the weight rows, parameter records and
-    table entries of one read entry a beat (two 64-byte rows, 16 records and 16 entries on
+    table entries of one read entry a beat (four 64-byte rows, 32 records and 16 entries on
     the ZCU104). It is the registered ``gemm`` design (``m3vit generate --design gemm``), so
     the bench measures what the resource estimate counts; the default engine (one row a
     beat) would describe an intake the top no longer has."""
@@ -70,7 +70,7 @@ def bench_gemm_utilization(
     weight_bytes_per_cycle : float, optional
         Bandwidth of the weight stream; at most one ``weights`` beat (``rows_per_beat``
         rows) goes in a cycle whatever it is. By default one read entry a cycle (the
-        top's intake: 128 bytes, two rows, on the ZCU104).
+        top's intake: 256 bytes, four rows, on the ZCU104).
     seed : int
         ``COCOTB_RANDOM_SEED`` for the operands.
 

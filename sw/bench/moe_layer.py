@@ -8,7 +8,7 @@ ROUTE, EXPERTS {FC1 + GELU, FC2}, COMBINE), and runs it twice on the same progra
 exactly against the golden model. The DMA engines are played in Python at the DDR model's
 ZCU104 rates (the three ports' aggregate bytes a cycle, its first-beat latency, read ahead
 of the engine as far as the top's read queues hold) and one read entry per cycle at most
-(the engine's intake, 128 bytes on the ZCU104). Printed: cycles, DDR bytes, their ratios
+(the engine's intake, 256 bytes on the ZCU104). Printed: cycles, DDR bytes, their ratios
 (the paper's claim), and for the reordered run the expert phase (first to last expert-weight
 beat): DDR read-bandwidth utilisation, and how much of the weight loading ran while the PE
 array computed.

@@ -117,8 +117,8 @@ _count_words = {1: "one", 2: "two", 4: "four", 8: "eight"}
 def bench_gemm_utilization() -> str:
     """PE-array utilization of the ZCU104 GEMM engine (32 × 64, 2,048 MACs a cycle on 1,024
     DSPs, results two 32-lane words a row) on edge-moe shapes, cycle-accurate, built and fed
-    as the top feeds it: one 128-byte read entry a cycle, i.e. two 64-byte weight rows (or
-    16 parameter records) a beat."""
+    as the top feeds it: one 256-byte read entry a cycle, i.e. four 64-byte weight rows (or
+    32 parameter records) a beat."""
     from m3vit.hw.config import ZCU104
     from m3vit.hw.engine.router import intake_shape
 
@@ -237,7 +237,7 @@ def bench_block_latency() -> str:
         "FC1 + GELU, FC2 + residual, with the input LOAD and output STORE) with the DMA "
         "engines played at the DDR model's ZCU104 read rates (the three HP ports' aggregate, "
         "its first-beat latency, read ahead as far as the top's read queues hold; at most "
-        "one 128-byte read entry a cycle, the engine's intake; the whole SoC under the DDR "
+        "one 256-byte read entry a cycle, the engine's intake; the whole SoC under the DDR "
         "model is `bench soc`), and the output is checked bit-exactly against the golden "
         "model.",
         f"Machine: {machine()}.",

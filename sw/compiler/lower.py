@@ -149,7 +149,7 @@ def layernorm_records(gain, bias) -> bytes:
 
 def ddr_align(config: AccelConfig) -> int:
     """Alignment of every item of a DDR image: one read entry of the engine
-    (:func:`~m3vit.hw.isa.intake_beats` AXI beats, 128 bytes on the ZCU104), so a stream
+    (:func:`~m3vit.hw.isa.intake_beats` AXI beats, 256 bytes on the ZCU104), so a stream
     starting there needs no realigning and reads no entry it does not use."""
     return intake_beats(config) * config.axi_bytes
 

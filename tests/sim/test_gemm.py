@@ -10,8 +10,9 @@ per array row, and the CI configuration's 4 × 8 array whose rows leave as two 4
 (``gemm_words=2``, as the ZCU104's 32 × 64 array's leave as two 32-byte words), built
 twice: fed one weight row and one parameter record a beat, and with the CI top's intake
 (:func:`~m3vit.hw.engine.router.intake_shape`: two rows, two records and 16 table entries
-a beat, as the ZCU104 top takes two 64-byte rows and 16 records from each 128-byte read
-entry, which :mod:`m3vit.sw.bench.gemm_utilization` measures), the latter also in the form
+a beat: several rows a beat and several beats a tile, as the ZCU104 top takes four 64-byte
+rows and 32 records from each 256-byte read entry, which
+:mod:`m3vit.sw.bench.gemm_utilization` measures), the latter also in the form
 synthesis gets (``4x8w2-top-dsp48e2``: the packed array's ``DSP48E2`` instances on the
 subset model ``sim/models/dsp48e2.v``, :mod:`m3vit.hw.target`). The arrays
 with ``pe_rows ≤ gemm_cols`` also run passes with transposed (column-order) weight tiles;
@@ -62,7 +63,7 @@ BENCH_CONFIGS = {
 #: output table several entries a beat; one keeps a multiplier per PE (the others pack two
 #: products per DSP, the default); one takes the CI top's intake, two weight rows (or
 #: columns), two parameter records and 16 table entries a beat, as the top's read router
-#: hands an entry over (the ZCU104's: two 64-byte rows and 16 records from 128 bytes).
+#: hands an entry over (the ZCU104's: four 64-byte rows and 32 records from 256 bytes).
 _CI_INTAKE = intake_shape(CI)
 BENCH_ENGINE_ARGS = {
     "8x4": {"table_entries": 4},
@@ -143,8 +144,9 @@ def test_the_top_intake_bench_feeds_several_rows_and_records_a_beat():
     # Otherwise the "4x8w2-top" bench tests nothing the "4x8w2" one does not.
     args = BENCH_ENGINE_ARGS["4x8w2-top"]
     assert args["rows_per_beat"] == 2 and args["params_per_beat"] > 1
-    # The same rows a beat as the ZCU104's engine in the top.
-    assert intake_shape(ZCU104).rows_per_beat == args["rows_per_beat"]
+    # As the ZCU104's engine in the top: several rows a beat, several beats a tile.
+    top = intake_shape(ZCU104).rows_per_beat
+    assert top > 1 and ZCU104.pe_rows // top > 1 and CI.pe_rows // args["rows_per_beat"] > 1
 
 
 def test_engine_geometry_follows_the_config():

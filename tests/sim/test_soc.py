@@ -302,5 +302,6 @@ def test_loads_take_a_word_a_cycle_where_a_word_spans_beats():
             assert code == ErrorCode.NONE, case.name
         code, cycles = run_case(soc, long_load_case(config, 12, words))
         assert code == ErrorCode.NONE
-        # A beat a cycle would take 2 · words; the three ports deliver 12 bytes a cycle.
-        assert cycles < 1.25 * words, cycles
+        # A beat a cycle takes 2 · words and more; the three ports deliver 12 bytes a
+        # cycle, a word a cycle about words + the run's ~260 cycles of start and STORE.
+        assert cycles < 1.5 * words, cycles
