@@ -28,7 +28,7 @@ from typing import Any
 
 from m3vit.hw.config import AccelConfig
 from m3vit.hw.engine.controller import GEMMS_HELD
-from m3vit.hw.engine.router import EntryWords
+from m3vit.hw.engine.router import intake_shape
 from m3vit.hw.isa import (
     GEMM_RECORD_BYTES,
     INSTRUCTION_BYTES,
@@ -378,10 +378,12 @@ def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     elif op == Opcode.LOAD:
         nbytes = f["words"] * C
         mc.read_bytes += nbytes
-        # A word a cycle where entries hold whole words (the router's EntryWords); else a
+        # A word a cycle where the router takes LOAD's words from whole entries; else a
         # word spanning several beats takes a beat a cycle.
-        per_word = 1.0 if EntryWords.applies(config.axi_bytes, entry // config.axi_bytes, C) \
-            else max(1.0, C / config.axi_bytes) if entry > config.axi_bytes else 1.0
+        if intake_shape(config).load_words or entry <= config.axi_bytes:
+            per_word = 1.0
+        else:
+            per_word = max(1.0, C / config.axi_bytes)
         mc.t += max(f["words"] * per_word, nbytes / ddr.read_bytes_per_cycle) + cm.load_base
     elif op == Opcode.STORE:
         nbytes = f["words"] * C
