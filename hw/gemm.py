@@ -21,8 +21,10 @@ bias, requantization and the optional table run on the way out, a word a cycle.
 A ``row_scale`` pass (attention's P·V, :func:`m3vit.sw.quant.numerics.attention_pv`) is
 requantized per token instead of per channel: its probabilities are relative to their
 row's largest, so each row has its own multiplier ``M[m]`` (unsigned 16) and shift
-``sh[m]`` (0…63), streamed as M *scale beats* on ``activations`` before each N-tile's
-tokens. They take the place of ``mult[n]``/``shift[n]`` in the same requantizer lanes.
+``sh[m]`` (0…63). They ride in the token's last K-slice, in its three top lanes (which the
+softmax leaves free past the row's last key, or gives a slice of its own), enter the array
+as zeros, travel with the token down the pipeline and take the place of
+``mult[n]``/``shift[n]`` in the same requantizer lanes: no cycle of their own.
 """
 
 from types import SimpleNamespace
@@ -76,9 +78,9 @@ def command_layout(config: AccelConfig) -> data.StructLayout:
     Q·Kᵀ, whose weight matrix K is stored token by token); legal when ``pe_rows ≤
     gemm_cols``, and ``wide``: in mode INT8, INT16 results (the router's logits), two
     words per ``pe_cols`` channels (:func:`output_layout`), and ``row_scale``: requantize
-    per token (row) with the multiplier and shift of the pass's scale beats instead of the
-    channels' ``mult``/``shift`` (attention's P·V); legal in mode INT8 without ``wide``,
-    on arrays with ``pe_rows ≥ 4`` (a scale beat needs three lanes).
+    per token (row) with the multiplier and shift its last K-slice carries in its top
+    three lanes instead of the channels' ``mult``/``shift`` (attention's P·V); legal in
+    mode INT8 without ``wide``, on arrays with ``pe_rows ≥ 4`` (the scale is three lanes).
     A ``LOAD_TABLE`` command ignores all but ``op``.
     """
     return data.StructLayout({
@@ -265,9 +267,9 @@ class GemmEngine(wiring.Component):
         W weight rows a beat, ``pe_rows`` per tile, or for a ``transposed`` pass W weight
         columns, ``gemm_cols`` per tile (lane ``r`` = row ``r``); element 0 first.
     activations : In(stream.Signature(ArrayLayout(signed(8), pe_rows)))
-        One token's K-slice per beat; in a ``row_scale`` pass also one *scale beat* per
-        token and N-tile: lanes 0 and 1 the multiplier's low and high byte, lane 2's low 6
-        bits the shift (the other lanes and bits are ignored).
+        One token's K-slice per beat; in a ``row_scale`` pass the last K-slice's lanes
+        R − 3 and R − 2 are the token's multiplier's low and high byte, lane R − 1's low 6
+        bits its shift (R = ``pe_rows``), and these three lanes enter the array as 0.
     params : In(stream.Signature(ArrayLayout(GEMM_PARAM, P)))
         P output channels' bias, multiplier and shift per beat, ``gemm_cols`` per N-tile.
     table : In(stream.Signature(signed(8)))
@@ -279,13 +281,11 @@ class GemmEngine(wiring.Component):
         Free-running performance counters (:data:`COUNTER_NAMES`, :data:`COUNTER_WIDTH`
         bits, wrapping): ``busy_cycles`` (``busy`` high), ``weight_stall_cycles`` (the next
         weight tile is not complete), ``param_stall_cycles`` (the N-tile's parameters are
-        not complete), ``activation_stall_cycles`` (the array could take a token, or a
-        scale beat, but none is offered), ``output_stall_cycles`` (no room left for
-        results: output back-pressure), ``token_beats`` (tokens through the array; each is
-        ``pe_rows · gemm_cols`` MACs; scale beats do not count) and ``weight_tiles`` (weight
-        tiles used). Stall causes are counted independently: one cycle may count in more
-        than one. While a pass takes scale beats the array waits for nothing but them, so
-        no weight, parameter or output stall is counted then.
+        not complete), ``activation_stall_cycles`` (the array could take a token but none
+        is offered), ``output_stall_cycles`` (no room left for results: output
+        back-pressure), ``token_beats`` (tokens through the array; each is ``pe_rows ·
+        gemm_cols`` MACs) and ``weight_tiles`` (weight tiles used). Stall causes are
+        counted independently: one cycle may count in more than one.
     busy : Out(1)
         A command is in progress or a result has not left yet.
     illegal_command : Out(1)
@@ -317,13 +317,11 @@ class GemmEngine(wiring.Component):
       ``j·C + c`` of W, K-slice ``s``: one stored token of attention's K when W = K. The
       result is the same ``X · Wᵀ``.
     * ``activations``: for ``j``, for ``s``, for ``m`` in 0…M−1: ``[X[m, s·R + r] for r in
-      0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile). A ``row_scale``
-      pass first sends, for each ``j``, its M scale beats, ``m`` in 0…M−1 (lane 0 ``M[m] &
-      0xFF``, lane 1 ``M[m] >> 8``, lane 2 ``sh[m]``), then that N-tile's KS·M tokens:
-      NT·(KS + 1)·M beats. N-tile ``j``'s results use the scales sent before it, so they
-      may differ from tile to tile. Scale beats do not enter the array: one is taken a
-      cycle whenever the pass is at that point, also while the N-tile's first weight tile
-      loads, and while earlier N-tiles' rows still drain (see Structure for the one wait).
+      0…R−1]``; NT·KS·M beats (X is streamed again for every N-tile). In a ``row_scale``
+      pass the beats of slice ``s = KS − 1`` carry token ``m``'s scale in place of ``X[m,
+      s·R + R − 3 …]``: lane R − 3 ``M[m] & 0xFF``, lane R − 2 ``M[m] >> 8``, lane R − 1
+      ``sh[m]``; the array takes those lanes as 0. N-tile ``j``'s results use the scales
+      its own last slice brought, so they may differ from tile to tile.
     * ``params``: for ``j``, for ``c`` in 0…C−1: ``bias``, ``mult``, ``shift`` of output
       channel ``j·C + c``; NT·C records, P to a beat, also in mode INT32 (bias only is
       used there) and in a ``row_scale`` pass (``mult`` and ``shift`` are ignored there).
@@ -357,20 +355,13 @@ class GemmEngine(wiring.Component):
     the array's row rate: the row queue holds the surplus of a last slice (about M / 2 rows)
     while the next N-tile's first slices compute.
 
-    With ``pe_rows ≥ 4``, ``row_scale`` passes add a *scale memory* of ``2 · 2^b`` × 22
-    bits (``b`` the token index's width: 2 × ``max_tokens`` entries when that is a power of
-    two; 2,048 × 22 on the ZCU104, under two block RAMs), written by scale beats at
-    (N-tile parity, token) and read, registered, as each last-slice token's row enters the
-    row queue: the row queue carries the 22-bit scale beside the row, so the splitter
-    takes it from a register like the parameters, and an entry is free again a few cycles
-    after its token's last slice, not after its last word. The parity toggles every ``row_scale``
-    N-tile, so one N-tile's scale beats land beside the previous one's tokens still in
-    the pipeline; an N-tile's first scale beat waits only while the N-tile two back (the
-    same half) has rows not yet read (a 0…2 count of such N-tiles), which takes few
-    tokens and a stall before that N-tile's last token (otherwise the next N-tile's
-    parameter hand-over spaces them further apart). The splitter's register carries the
-    scale to a 2:1 mux per lane on the requantizer's multiplier and shift inputs: the same
-    multipliers (no DSP added).
+    With ``pe_rows ≥ 4``, a ``row_scale`` pass's last-slice token leaves its three scale
+    lanes (22 bits) in the token's tag, which travels beside it down the pipeline (22 bits
+    more a stage, a few hundred registers), and puts zeros in their place into the array
+    (a mask on 24 bits of the activation input). The row queue carries the scale beside
+    the row, so the splitter takes it from a register like the parameters, and on to a
+    2:1 mux per lane on the requantizer's multiplier and shift inputs: the same
+    multipliers (no DSP added), no memory and no cycle of its own.
 
     **Throughput.** One token per cycle while the streams keep up. A K-slice takes at least
     ``M`` cycles and at least the ``R / W`` weight beats of the next tile plus one (the
@@ -379,8 +370,7 @@ class GemmEngine(wiring.Component):
     cycles after its previous slice did; the engine waits for that only when ``M`` is
     below it, which the weight load already covers unless ``R = 2``. Results leave one word
     a cycle: a pass whose N-tiles have fewer than V K-slices is bound by its output. A
-    ``row_scale`` pass spends M more cycles per N-tile on its scale beats (the array idles
-    then, the next weight tile loads).
+    ``row_scale`` pass takes exactly as long as a plain one.
     """
 
     def __init__(self, config: AccelConfig, rows_per_beat: int = 1, params_per_beat: int = 1,
@@ -407,7 +397,7 @@ class GemmEngine(wiring.Component):
         self.dsp_products = dsp_products
         self.command_layout = command_layout(config)
         self.output_layout = output_layout(config)
-        #: Whether ``row_scale`` passes are legal: a scale beat spans three lanes.
+        #: Whether ``row_scale`` passes are legal: a token's scale spans three lanes.
         self.row_scale = rows >= 4
         if dsp_products == 2:
             # Chains as long as the loader's row order allows (rows_per_beat rows a cycle;
@@ -471,8 +461,6 @@ class GemmEngine(wiring.Component):
         self._load_params(m, s)
         self._issue(m, s)
         self._array(m, s)
-        if self.row_scale:
-            self._row_scales(m, s)
         self._output(m, s)
         self._count(m, s)
         return m
@@ -517,8 +505,8 @@ class GemmEngine(wiring.Component):
             if not columns:
                 legal &= ~cmd.transposed
             # Per-token scales replace the INT8 requantization's mult and shift: not the
-            # INT16 (router) or INT32 outputs, nor the table's; a scale beat spans three
-            # lanes, more than a pe_rows = 2 array's beat.
+            # INT16 (router) or INT32 outputs, nor the table's; a token's scale spans three
+            # lanes, more than a pe_rows = 2 array's K-slice.
             if self.row_scale:
                 legal &= ~cmd.row_scale | ((cmd.op == GemmOp.INT8) & ~cmd.wide)
             else:
@@ -561,12 +549,6 @@ class GemmEngine(wiring.Component):
         # from the splitter through the word queue (set by _output).
         s.pending = pending = Signal(range(self.row_queue_depth + 1))
         s.words_out = Signal()
-        if self.row_scale:
-            # A row_scale pass takes its N-tile's scale beats (counted by `token`) before
-            # the tile's tokens; the parity picks the half of the scale memory they are
-            # written to, toggled every row_scale N-tile (_row_scales).
-            s.scaling = Signal()
-            s.scale_parity = Signal()
         m.d.comb += self.busy.eq(s.queued | issuing | loading_table | (pending != 0)
                                  | s.words_out)
         with m.If(s.queued & ~issuing & ~loading_table):
@@ -575,9 +557,6 @@ class GemmEngine(wiring.Component):
                 m.d.sync += loading_table.eq(1)
             with m.Else():
                 m.d.sync += [issuing.eq(1), current.eq(s.queued_pass)]
-                if self.row_scale:
-                    with m.If(s.queued_pass.row_scale):
-                        m.d.sync += [s.scaling.eq(1), s.scale_parity.eq(~s.scale_parity)]
 
     def _load_weights(self, m: Module, s: SimpleNamespace) -> None:
         """The weight double buffer: the loader fills the shadow tile."""
@@ -681,26 +660,8 @@ class GemmEngine(wiring.Component):
         s.output_ok = output_ok = ~last_slice | (s.pending < self.row_queue_depth)
         array_ok = weights_ok & hazard_ok & params_ok & output_ok
         s.issue = issue = Signal()
-        if self.row_scale:
-            # Scale beats stay out of the array: they wait for no weights, parameters, gap
-            # or row-queue room; an N-tile's first waits for a free half of the scale
-            # memory (two N-tiles with unread scales: _row_scales).
-            s.scale_tiles = Signal(range(3))
-            scale_ok = ~first_token | (s.scale_tiles != 2)
-            s.scale_take = scale_take = Signal()
-            m.d.comb += [
-                self.activations.ready.eq(s.issuing & Mux(s.scaling, scale_ok, array_ok)),
-                issue.eq(self.activations.valid & self.activations.ready & ~s.scaling),
-                scale_take.eq(self.activations.valid & self.activations.ready & s.scaling),
-            ]
-            with m.If(scale_take):
-                with m.If(token == current.last_token):
-                    m.d.sync += [token.eq(0), s.scaling.eq(0)]
-                with m.Else():
-                    m.d.sync += token.eq(token + 1)
-        else:
-            m.d.comb += [self.activations.ready.eq(s.issuing & array_ok),
-                         issue.eq(self.activations.valid & self.activations.ready)]
+        m.d.comb += [self.activations.ready.eq(s.issuing & array_ok),
+                     issue.eq(self.activations.valid & self.activations.ready)]
 
         with m.If(issue):
             m.d.sync += since_issue.eq(1)
@@ -724,10 +685,6 @@ class GemmEngine(wiring.Component):
                         m.d.sync += [ntile.eq(0), s.issuing.eq(0)]
                     with m.Else():
                         m.d.sync += ntile.eq(ntile + 1)
-                        if self.row_scale:
-                            with m.If(current.row_scale):
-                                m.d.sync += [s.scaling.eq(1),
-                                             s.scale_parity.eq(~s.scale_parity)]
                 with m.Else():
                     m.d.sync += kslice.eq(kslice + 1)
             with m.Else():
@@ -749,7 +706,7 @@ class GemmEngine(wiring.Component):
             "wide": 1,
         }
         if self.row_scale:
-            tag_fields |= {"row_scale": 1, "parity": 1}  # where the token's scale is
+            tag_fields |= {"row_scale": 1, "scale": _ROW_SCALE}  # a last slice's scale lanes
         tag0 = Signal(data.StructLayout(tag_fields))
         m.d.comb += [
             tag0.valid.eq(s.issue),
@@ -761,9 +718,21 @@ class GemmEngine(wiring.Component):
             tag0.op.eq(s.current.op),
             tag0.wide.eq(s.current.wide),
         ]
+        # The activations the array takes: a row_scale pass's last slice keeps its scale
+        # lanes in the tag and puts zeros in their place (its keys' values may be anything).
+        x_in = self.activations.payload
         if self.row_scale:
-            m.d.comb += [tag0.row_scale.eq(s.current.row_scale),
-                         tag0.parity.eq(s.scale_parity)]
+            beat = self.activations.payload
+            x_in = Signal.like(beat)
+            m.d.comb += [
+                tag0.row_scale.eq(s.current.row_scale),
+                tag0.scale.mult.eq(Cat(beat[rows - 3], beat[rows - 2])),
+                tag0.scale.shift.eq(beat[rows - 1][:6]),
+                x_in.eq(beat),
+            ]
+            with m.If(s.current.row_scale & s.last_slice):
+                m.d.comb += [x_in[rows - k].eq(0) for k in (1, 2, 3)]
+        s.x_in = x_in
         s.tags = tags = [tag0]
         for stage in range(1, self._acc_stage + 1):
             tags.append(delay_like(m, tags[-1], 1, f"tag_s{stage}"))
@@ -774,7 +743,7 @@ class GemmEngine(wiring.Component):
             packed = m.submodules.packed = PackedArray(rows, cols // 2, self.chain,
                                                        group=self.rows_per_beat)
             m.d.comb += [
-                packed.x.eq(self.activations.payload),
+                packed.x.eq(x_in),
                 packed.x_valid.eq(s.issue),
                 packed.w.eq(s.w_shadow),
                 packed.load.eq(s.issue & s.first_token),
@@ -811,42 +780,13 @@ class GemmEngine(wiring.Component):
         with m.If(p_push):
             m.d.sync += [s.p_full.eq(0), s.p_claimed.eq(0)]
 
-    def _row_scales(self, m: Module, s: SimpleNamespace) -> None:
-        """The scale memory of ``row_scale`` passes: written by scale beats, read as each
-        last-slice token's row enters the row queue."""
-        beat = self.activations.payload
-        # Two halves of a power of two (token, parity): no adder on either address.
-        token_bits = len(s.token)
-        scales = m.submodules.row_scales = Memory(shape=_ROW_SCALE, depth=2 << token_bits,
-                                                  init=[])
-        write = scales.write_port()
-        m.d.comb += [
-            write.addr.eq(Cat(s.token, s.scale_parity)),
-            write.data.mult.eq(Cat(beat[0], beat[1])),
-            write.data.shift.eq(beat[2][:6]),
-            write.en.eq(s.scale_take),
-        ]
-        # Read a cycle before the row queue takes the row (registered, beside acc_new),
-        # for every token: rows of other modes ignore it.
-        read_tag = s.tags[self._acc_stage - 1]
-        read = scales.read_port()
-        m.d.comb += read.addr.eq(Cat(read_tag.token, read_tag.parity))
-        s.row_scale_data = read.data
-        # N-tiles whose scale beats have begun and whose last row has not been read: an
-        # N-tile's first scale beat may overwrite its half only once the N-tile two back,
-        # which used it, has been read out entirely (a read and a write of one entry in
-        # one cycle read the old value).
-        first_beat = s.scale_take & (s.token == 0)
-        last_read = read_tag.valid & read_tag.row_scale & read_tag.last_of_tile
-        m.d.sync += s.scale_tiles.eq(s.scale_tiles + first_beat - last_read)
-
     def _products(self, m: Module, s: SimpleNamespace) -> list:
         """One multiplier per PE (``dsp_products=1``): the activation register, registered
         8 × 8 products of the active tile, a pipelined adder tree per column; returns the
         column sums."""
         rows, cols = self.config.pe_rows, self.config.gemm_cols
         x = Signal(data.ArrayLayout(signed(8), rows))
-        m.d.sync += x.eq(self.activations.payload)
+        m.d.sync += x.eq(s.x_in)
         column_sums = []
         for col in range(cols):
             products = []
@@ -867,7 +807,7 @@ class GemmEngine(wiring.Component):
         acc_tag = s.acc_tag
         # Row queue: a last-slice token's accumulator row, its pass's op and whether it is
         # its N-tile's last row (the splitter then pops the tile's parameters); with
-        # row_scale passes also the token's scale, read on the way in (_row_scales).
+        # row_scale passes also the token's scale, from its tag.
         row_fields = {
             "acc": data.ArrayLayout(signed(32), cfg.gemm_cols),
             "op": GemmOp,
@@ -890,7 +830,7 @@ class GemmEngine(wiring.Component):
         ]
         if self.row_scale:
             m.d.comb += [row_in.row_scale.eq(acc_tag.row_scale),
-                         row_in.scale.eq(s.row_scale_data)]
+                         row_in.scale.eq(acc_tag.scale)]
 
         # Splitter: word v of the head row a cycle, while the word queue has credit; a wide
         # row's word v leaves as two halves (half 0: its lanes 0 … C/2 − 1), INT16 each.
@@ -1053,8 +993,7 @@ class GemmEngine(wiring.Component):
     def _count(self, m: Module, s: SimpleNamespace) -> None:
         """The performance counters."""
         counters = self.counters
-        # During a scale phase the array waits for scale beats alone.
-        waiting = s.issuing & ~s.scaling if self.row_scale else s.issuing
+        waiting = s.issuing
         events = [
             (counters.busy_cycles, self.busy),
             (counters.weight_stall_cycles, waiting & ~s.weights_ok),

@@ -55,6 +55,7 @@ __all__ = [
     "encode",
     "intake_beats",
     "isa_markdown",
+    "softmax_words",
 ]
 
 #: Width of one instruction word (two 128-bit AXI beats).
@@ -100,6 +101,19 @@ def intake_beats(config: AccelConfig) -> int:
     return beats
 
 
+def softmax_words(length: int, lanes: int) -> int:
+    """Words a ``SOFTMAX`` writes for one attention row of ``length`` keys, ``lanes`` to a
+    word: its probabilities and, in the last word's top three lanes, the row's scale —
+    ⌈(length + 3) / lanes⌉, which is also the ``k_slices`` of the P·V that reads them.
+
+    Examples
+    --------
+    >>> softmax_words(129, 32), softmax_words(128, 32), softmax_words(29, 32)
+    (5, 5, 1)
+    """
+    return -(-(length + 3) // lanes)
+
+
 def check_top_config(config: AccelConfig) -> AccelConfig:
     """Check the constraints the top adds to :class:`AccelConfig`'s own.
 
@@ -108,7 +122,7 @@ def check_top_config(config: AccelConfig) -> AccelConfig:
     AccelConfigError
         For a K-slice other than a buffer word (``pe_rows ≠ pe_cols``: attention loads a
         stored word of K as a column of the array; the array widens with ``gemm_words``) or
-        narrower than 4 (P·V's row scale, three bytes, comes as a K-slice),
+        narrower than 4 (P·V's row scale, three bytes, rides in a K-slice),
         a weight tile or parameter block smaller than one AXI beat (the DDR stream is split
         between them at beat granularity) or a buffer deeper than the ISA can address.
     """
@@ -118,7 +132,7 @@ def check_top_config(config: AccelConfig) -> AccelConfig:
                                f"{config.pe_rows}x{config.pe_cols}")
     if config.pe_rows < 4:
         raise AccelConfigError(f"the accelerator top needs pe_rows >= 4 (a P·V row's scale, "
-                               f"three bytes, enters the array as one K-slice), got "
+                               f"three bytes, rides in its last K-slice), got "
                                f"{config.pe_rows}")
     if config.pe_rows * config.gemm_cols < config.axi_bytes:
         raise AccelConfigError("a weight tile must be at least one AXI beat: raise the PE "
@@ -281,8 +295,8 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
         "mode": GemmMode,            # INT8, INT8_TABLE, INT32 or INT16
         "wsrc": WeightSource,
         "per_task": unsigned(1),
-        # P·V after a SOFTMAX: slice 0 of the activations is each row's multiplier and
-        # shift (the SOFTMAX's scale words), the K-slices follow (mode INT8).
+        # P·V after a SOFTMAX: the last K-slice's top three bytes are each row's
+        # multiplier and shift (the SOFTMAX's row scale), taken as 0 keys (mode INT8).
         "row_scale": unsigned(1),
         "tokens": unsigned(_GEMM_TOKENS_BITS),
         "k_slices": unsigned(_TILES_BITS),
@@ -318,7 +332,7 @@ OPERANDS: Mapping[Opcode, data.StructLayout] = {
     }),
     Opcode.SOFTMAX: data.StructLayout({
         "src": _BUF,                 # row m, beat b: word src + b·stride + m
-        "dst": _BUF,                 # row m: scale word dst + m, beat b at dst + (b+1)·stride + m
+        "dst": _BUF,                 # row m, beat b: word dst + b·stride + m (scale: last)
         "stride": _BUF,
         "rows": unsigned(_TOKENS_BITS),
         "length": unsigned(_TOKENS_BITS),
@@ -598,14 +612,17 @@ beats):
   `expert` set reads its stream at `ddr + e · stride` (FC1 and FC2 of one expert are
   usually one block, FC2's stream right after FC1's).
 
-A `SOFTMAX` writes, for row m (`numerics.softmax`, `numerics.row_scale`), its **scale
-word** `dst + m` — bytes 0 and 1 the multiplier `M_m` (uint16, little-endian), byte 2 the
-shift `sh_m`, the other bytes 0 — where `(M_m, sh_m) = row_scale(floor(2^31 / Σe), mult,
-shift)`, then its probabilities `p = round_half_up(127 · e / 2^15)`, relative to the row's
-largest: lane c of word `dst + (b + 1)·stride + m` is `p[m, b·C + c]` (lanes past `length`
-are 0). A `GEMM` with `row_scale` set (mode `INT8`; `pe_rows` ≥ 4) reads that layout as
-its activations: slice 0 (word `src + m`) holds row m's scale, the K-slices follow (word
-`src + (s + 1)·src_stride + m`), and its results are `sat8(round_half_up((acc + bias) ·
+A `SOFTMAX` writes, for row m (`numerics.softmax`, `numerics.row_scale`), B =
+⌈(`length` + 3) / C⌉ words: its probabilities `p = round_half_up(127 · e / 2^15)`,
+relative to the row's largest — lane c of word `dst + b·stride + m` is `p[m, b·C + c]`,
+lanes past `length` 0 — and its **scale** in the top three lanes of the last, word `dst +
+(B − 1)·stride + m`: lane C − 3 and C − 2 the multiplier `M_m` (uint16, little-endian),
+lane C − 1 the shift `sh_m`, where `(M_m, sh_m) = row_scale(floor(2^31 / Σe), mult,
+shift)`. Those lanes lie past the row's last key (B·C − 3 ≥ `length`): a row whose last
+word has no three lanes to spare gets a word more. A `GEMM` with `row_scale` set (mode
+`INT8`; `pe_rows` ≥ 4) reads that layout as its activations (`k_slices` = B): row m's
+scale is lanes R − 3 … R − 1 of its last K-slice (word `src + (k_slices − 1)·src_stride +
+m`), which count as 0 in the sums, and its results are `sat8(round_half_up((acc + bias) ·
 M_m / 2^sh_m))`: the multiplier and shift of its parameter records are not used.
 
 A `GEMM` in mode `INT16` (the router's logits) requantizes as `INT8` but saturates to

@@ -6,7 +6,7 @@ Four blocks, each a :class:`~amaranth.lib.wiring.Component` parameterised by an
 
 * :class:`LayerNormUnit` — integer LayerNorm over token rows (``layernorm``);
 * :class:`SoftmaxUnit` — row-relative attention probabilities over INT8 logits, each row
-  preceded by its P·V scale (``softmax``, ``row_scale``), and router scores over INT16
+  ending with its P·V scale (``softmax``, ``row_scale``), and router scores over INT16
   logits (``router_scores``);
 * :class:`ResidualAdd` — the residual add across scales (``residual_add``);
 * :class:`TableLookup` — a 256-entry INT8 table such as GELU (``table_lookup``).
@@ -98,7 +98,7 @@ _RCP_NUMERATOR = 1 << 31  # floor(2^31 / x) for LayerNorm (LN_RCP_BITS) and soft
 _EXP_SHAPE = unsigned(16)  # exp table entries: uint16 ≤ 32768
 _PROB_SHIFT = 24  # RCP_BITS − PROB_BITS
 _PROB_MULT = 127 << 9  # numerics.PROB_MULT: E[0] = 2^15 becomes exactly 127
-_ROW_MULT_BITS = 16  # numerics.ROW_MULT_BITS: the scale beat's M
+_ROW_MULT_BITS = 16  # numerics.ROW_MULT_BITS: the row scale's M
 _SCORE_SHIFT = 16  # RCP_BITS − SCORE_BITS
 _PROB_MAX = 127
 _SCORE_MAX = (1 << 15) - 1
@@ -109,7 +109,7 @@ class SoftmaxMode(enum.Enum, shape=1):
 
     #: Attention probabilities over INT8 logits (one a lane): ``u = min(m − l, 255)``,
     #: ``round_half_up(e·65024 / 2^24)`` (0 … 127, relative to the row's largest), each
-    #: row preceded by a scale beat: ``row_scale(floor(2^31 / Σe), mult, shift)``.
+    #: row ending with its scale: ``row_scale(floor(2^31 / Σe), mult, shift)``.
     ATTENTION = 0
     #: Router scores over INT16 logits (one per two lanes): ``u = min((m − l) >> 8, 255)``,
     #: ``min(32767, round_half_up(e·rcp / 2^16))`` (scale 2^−15), each with ``m − l``.
@@ -600,9 +600,9 @@ class SoftmaxUnit(wiring.Component):
 
     Attention probabilities are relative to the row's largest (E[0] = 2^15 gives exactly
     127); the row's normalisation ``rcp``, folded with the command's P·V requantization
-    ``mult``/``shift`` into a 16-bit multiplier M and a shift sh, leaves the unit as a
-    *scale beat* ahead of the row's probabilities, for the GEMM that computes P·V
-    (``numerics.attention_pv``).
+    ``mult``/``shift`` into a 16-bit multiplier M and a shift sh, leaves the unit in the
+    top three lanes of the row's last beat, for the GEMM that computes P·V
+    (``numerics.attention_pv``), which takes them from its last K-slice.
 
     Parameters
     ----------
@@ -620,7 +620,7 @@ class SoftmaxUnit(wiring.Component):
         max_experts; any value: ragged rows are fine), ``rows`` (≥ 1), ``mode``
         (:class:`SoftmaxMode`, per command) and, for ATTENTION (ignored for ROUTER), the
         P·V requantization ``mult`` (unsigned 16-bit) and ``shift`` (0 … 63) that every
-        row's scale beat folds with the row's rcp.
+        row's scale folds with the row's rcp.
     logits : In(stream.Signature(lane_layout(cfg)))
         ATTENTION: each row is ``ceil(L / lanes)`` beats, logit j in lane j of its beat.
         ROUTER: a beat holds H = ``lanes / 2`` signed 16-bit logits, logit h in bits
@@ -637,14 +637,16 @@ class SoftmaxUnit(wiring.Component):
         are unspecified.
     probs : Out(stream.Signature(SoftmaxUnit.out_layout(cfg)))
         Unsigned 16-bit lanes; ``last`` marks the final beat of each row. ATTENTION: each
-        row is ``1 + ceil(L / lanes)`` beats. First the **scale beat**: lane 0 holds
-        ``M & 0xFF``, lane 1 ``M >> 8``, lane 2 sh, every other lane 0, ``last`` = 0 (its
-        low bytes are the buffer word that P·V reads as the row's scale). Then one beat per
-        ``logits`` beat: lane j holds p_j, 0 … 127 (the low 8 bits are the INT8
-        probability); padded lanes are 0. ROUTER: one beat per ``logits`` beat, no scale
-        beat; lane h < H holds the score p_h, 0 … 32767 (0 for padded positions), and lane
-        H + h holds d_h = m − l_h, 0 … 65535 (the dispatcher ranks by it; unspecified for
-        padded positions).
+        row is ``ceil((L + 3) / lanes)`` beats: one per ``logits`` beat, lane j holding
+        p_j, 0 … 127 (the low 8 bits are the INT8 probability; padded lanes are 0), and
+        the row's **scale** in the last beat's top three lanes — lane ``lanes − 3`` ``M &
+        0xFF``, ``lanes − 2`` ``M >> 8``, ``lanes − 1`` sh — which are padding when L mod
+        ``lanes`` is 1 … ``lanes − 3``; otherwise the scale comes in a beat of its own after
+        the row's probabilities, every other lane 0. The low bytes are the buffer words
+        that P·V reads as its K-slices, the scale in its last. ROUTER: one beat per
+        ``logits`` beat, no scale; lane h < H holds the score p_h, 0 … 32767 (0 for padded
+        positions), and lane H + h holds d_h = m − l_h, 0 … 65535 (the dispatcher ranks by
+        it; unspecified for padded positions).
     busy : Out(1)
         A command is being taken or a beat is anywhere between ``logits`` and ``probs``.
     busy_cycles : Out(unsigned(32))
@@ -661,11 +663,11 @@ class SoftmaxUnit(wiring.Component):
     reciprocal pipeline, and behind it the row's scale is formed (one 17×16-bit product
     per row — a single DSP48E2, M and P registered — then a registered leading-one detector
     on its top 17 bits, which is z, and a registered barrel shift and saturating subtract);
-    (C) an attention row first sends its scale beat, then its e values are multiplied by
-    65024 (router rows: by rcp) and rounded. Row r+1 is in A while row r is in B and row r−1
-    in C, so the steady state is one output beat per cycle in both modes: a 129-long
-    attention row at 32 lanes is 5 beats and its scale beat, 6 cycles (the input then
-    waits one cycle a row), a router row 1 beat, 1 cycle. The logits queue holds a full row
+    (C) an attention row's e values are multiplied by 65024 (router rows: by rcp) and
+    rounded, its scale put in its last beat's top lanes (or a beat after it). Row r+1 is in
+    A while row r is in B and row r−1 in C, so the steady state is one output beat per cycle
+    in both modes: a 129-long attention row at 32 lanes is 5 beats, its scale in the
+    fifth's lanes 29 … 31, 5 cycles; a router row 1 beat, 1 cycle. The logits queue holds a full row
     plus the tree latency and the e queue a full row plus the sum/reciprocal/scale
     latency, which is also what lets rows of one beat (router rows) stream. Sum width:
     ``log2(65535·max(max_tokens, max_experts))`` bits (S < 2^26 for 1,024 tokens).
@@ -689,7 +691,7 @@ class SoftmaxUnit(wiring.Component):
     Raises
     ------
     ValueError
-        For ``cfg.pe_cols`` < 4 (the scale beat needs three lanes) or a ``table_entries``
+        For ``cfg.pe_cols`` < 4 (the row scale needs three lanes) or a ``table_entries``
         that is not a power of two from 1 to 256.
     """
 
@@ -721,7 +723,7 @@ class SoftmaxUnit(wiring.Component):
     def __init__(self, cfg: AccelConfig, table_entries: int = 1):
         self._cfg = _check_config(cfg)
         if cfg.pe_cols < 4:
-            raise ValueError(f"SoftmaxUnit needs pe_cols >= 4 (a row's scale beat is three "
+            raise ValueError(f"SoftmaxUnit needs pe_cols >= 4 (a row's scale is three "
                              f"lanes), got {cfg.pe_cols}")
         if not (isinstance(table_entries, int) and 1 <= table_entries <= 256
                 and table_entries & (table_entries - 1) == 0):
@@ -753,7 +755,7 @@ class SoftmaxUnit(wiring.Component):
         self._stage_b(m, s)
         self._stage_c(m, s)
         # Beats between ``logits`` and ``probs``: a logit beat counts from its acceptance, a
-        # scale beat from its issue into stage C (while its row's beats are still counted,
+        # scale's own beat from its issue into stage C (while its row's beats are still counted,
         # in the e queue), and both until they leave the output queue.
         in_flight = Signal(range(s.lq.depth + s.eq.depth + s.oq.depth + 32))
         m.d.sync += in_flight.eq(in_flight + s.accept + s.issue_scale
@@ -806,8 +808,10 @@ class SoftmaxUnit(wiring.Component):
                 ]
 
         # ``cmd_end``: the beat's row is its command's last (read with ``last``).
+        # ``room``: the row's last beat leaves its top three lanes to the row's scale.
         logit_entry = data.StructLayout({"data": lane_layout(cfg), "lanes_m1": unsigned(log_lanes),
-                                         "last": 1, "cmd_end": 1, "mode": SoftmaxMode})
+                                         "last": 1, "cmd_end": 1, "mode": SoftmaxMode,
+                                         "room": 1})
         lq, lq_w, s.lq_r = _queue(m, "logit_queue", logit_entry,
                                   max_row_beats + tree_levels + 8)
         s.lq = lq
@@ -828,6 +832,7 @@ class SoftmaxUnit(wiring.Component):
             lq_w.last.eq(row_end),
             lq_w.cmd_end.eq(rows_left == 1),
             lq_w.mode.eq(mode),
+            lq_w.room.eq(last_lanes_m1 <= lanes - 4),
         ]
         with m.If(accept):
             m.d.sync += beat.eq(Mux(row_end, 0, beat + 1))
@@ -869,7 +874,7 @@ class SoftmaxUnit(wiring.Component):
         lanes, half, tree_levels, rcp_bits = s.lanes, s.half, s.tree_levels, s.rcp_bits
         lq, lq_r, mq, mq_r = s.lq, s.lq_r, s.mq, s.mq_r
         sum_bits = ((1 << 16) * max(cfg.max_tokens, cfg.max_experts)).bit_length()
-        e_entry = data.StructLayout({"e": lane_layout(cfg, _EXP_SHAPE), "last": 1})
+        e_entry = data.StructLayout({"e": lane_layout(cfg, _EXP_SHAPE), "last": 1, "room": 1})
         b_latency = 3
         rcp_latency = tree_levels + 1 + rcp_bits + s.scale_latency
         eq, eq_w, s.eq_r = _queue(m, "e_queue", e_entry,
@@ -895,6 +900,7 @@ class SoftmaxUnit(wiring.Component):
         b1_valid = _reg(m, issue_b, name="b1_valid")
         b1_first, b1_last = _reg(m, b_first), _reg(m, lq_r.last)
         b1_cmd_end = _reg(m, lq_r.cmd_end, name="b1_cmd_end")
+        b1_room = _reg(m, lq_r.room, name="b1_room")
         b1_mode = _reg(m, lq_r.mode, SoftmaxMode)
         router = lq_r.mode == SoftmaxMode.ROUTER
         # Router logit h is lanes 2h, 2h + 1, valid iff 2h + 1 ≤ lanes_m1 (which is odd);
@@ -921,6 +927,7 @@ class SoftmaxUnit(wiring.Component):
         b1_index = [d[8:] if i < half else d for i, d in enumerate(b1_d)]
         b2_valid, b2_first, b2_last = _reg(m, b1_valid), _reg(m, b1_first), _reg(m, b1_last)
         b2_cmd_end = _reg(m, b1_cmd_end, name="b2_cmd_end")
+        b2_room = _reg(m, b1_room, name="b2_room")
         b2_mode = _reg(m, b1_mode, SoftmaxMode)
         b2_router = b2_mode == SoftmaxMode.ROUTER
         b2_lane_valid = [_reg(m, v) for v in b1_lane_valid]
@@ -928,6 +935,7 @@ class SoftmaxUnit(wiring.Component):
         looked_up = self._exp_tables(m, b1_index)
         b3_valid, b3_first, b3_last = _reg(m, b2_valid), _reg(m, b2_first), _reg(m, b2_last)
         b3_cmd_end = _reg(m, b2_cmd_end, name="b3_cmd_end")
+        b3_room = _reg(m, b2_room, name="b3_room")
         b3_mode = _reg(m, b2_mode, SoftmaxMode)
         b3_router = b3_mode == SoftmaxMode.ROUTER
         b3_e = []
@@ -936,7 +944,7 @@ class SoftmaxUnit(wiring.Component):
             if i >= half:  # router mode: d of logit i − H, for the output
                 e = Mux(b2_router, b2_d[i - half], e)
             b3_e.append(_reg(m, e, _EXP_SHAPE, name=f"b3_e{i}"))
-        m.d.comb += [eq.w_en.eq(b3_valid), eq_w.last.eq(b3_last)]
+        m.d.comb += [eq.w_en.eq(b3_valid), eq_w.last.eq(b3_last), eq_w.room.eq(b3_room)]
         m.d.comb += [eq_w.e[i].eq(e) for i, e in enumerate(b3_e)]
 
         # The tree's two halves, then their sum, from which router mode leaves out the upper
@@ -1034,36 +1042,42 @@ class SoftmaxUnit(wiring.Component):
         return looked_up
 
     def _stage_c(self, m: Module, s: SimpleNamespace) -> None:
-        """C: an attention row's scale beat, then p_j = round_half_up(e_j · 65024 / 2^24)
-        (router: e_j · rcp / 2^16), clamped; router d passed through."""
+        """C: p_j = round_half_up(e_j · 65024 / 2^24) (router: e_j · rcp / 2^16), clamped;
+        router d passed through; an attention row's scale in its last beat's top three
+        lanes, or in a beat of its own after the row where those lanes hold keys."""
         cfg = self._cfg
         half = s.half
         eq, eq_r, rq, rq_r = s.eq, s.eq_r, s.rq, s.rq_r
         c_latency = 4
         oq, oq_w, oq_r = _queue(m, "out_queue", self.out_layout(cfg), c_latency + 8)
         s.oq = oq
-        # The row at the head of the rcp queue has had its scale beat (attention rows only):
-        # its beats follow, and the last of them clears it for the next row.
-        scaled = Signal()
+        # The row at the head of the rcp queue has sent its probabilities and its scale is
+        # still to go, in a beat of its own (an attention row whose last beat has no room).
+        extra = Signal()
         router = rq_r.mode == SoftmaxMode.ROUTER
-        need_scale = ~router & ~scaled
+        # The probability beat at the e queue's head ends its row (with the row's scale in
+        # its top lanes, for an attention row).
+        ends_row = eq_r.last & (router | eq_r.room)
         issue_c, issue_prob = Signal(), Signal()
         s.issue_scale = issue_scale = Signal()
         out_free = _credits(m, "sm_out", oq.depth, issue_c, oq.r_en & oq.r_rdy)
         m.d.comb += [
-            issue_scale.eq(rq.r_rdy & out_free & need_scale),
-            issue_prob.eq(eq.r_rdy & rq.r_rdy & out_free & ~need_scale),
+            issue_scale.eq(rq.r_rdy & out_free & extra),
+            issue_prob.eq(eq.r_rdy & rq.r_rdy & out_free & ~extra),
             issue_c.eq(issue_scale | issue_prob),
             eq.r_en.eq(issue_prob),
-            rq.r_en.eq(issue_prob & eq_r.last),
+            rq.r_en.eq(issue_scale | (issue_prob & ends_row)),
         ]
+        with m.If(issue_prob & eq_r.last & ~ends_row):
+            m.d.sync += extra.eq(1)
         with m.If(issue_scale):
-            m.d.sync += scaled.eq(1)
-        with m.If(issue_prob & eq_r.last):
-            m.d.sync += scaled.eq(0)
-        c1_valid, c1_last = _reg(m, issue_c, name="c1_valid"), _reg(m, eq_r.last & ~need_scale)
+            m.d.sync += extra.eq(0)
+        c1_valid = _reg(m, issue_c, name="c1_valid")
+        c1_last = _reg(m, extra | ends_row, name="c1_last")
         c1_router = _reg(m, router, name="c1_router")
-        c1_scale = _reg(m, need_scale, name="c1_scale")
+        # The beat carries the scale in its top three lanes; a scale beat nothing else.
+        c1_scale = _reg(m, extra | (ends_row & ~router), name="c1_scale")
+        c1_scale_only = _reg(m, extra, name="c1_scale_only")
         # Attention lanes multiply by PROB_MULT, router lanes < H by rcp. Lanes ≥ H hold d in
         # router mode: multiplied by 2^16 instead, d·2^16 >> 16 is d again, so d reaches the
         # output through the lane's own DSP, with no extra registers beside it.
@@ -1071,19 +1085,20 @@ class SoftmaxUnit(wiring.Component):
         c1_rcp_upper = _reg(m, Mux(router, 1 << _SCORE_SHIFT, _PROB_MULT),
                             unsigned(s.rcp_bits), name="c1_rcp_upper")
         c1_e = [_reg(m, eq_r.e[i], name=f"c1_e{i}") for i in range(s.lanes)]
-        # The scale beat's three lanes: M's low and high byte, sh.
+        # The scale's three lanes: M's low and high byte, sh.
         scale_lanes = [rq_r.scale_m[:8], rq_r.scale_m[8:], rq_r.scale_sh]
         c3_scale_lanes = [_delay(m, v, 3, name=f"c_scale{i}") for i, v in enumerate(scale_lanes)]
         # c2, c3: the 16×17-bit product, two registers (DSP48E2 M and P).
         c2_valid, c2_last, c2_router = _reg(m, c1_valid), _reg(m, c1_last), _reg(m, c1_router)
-        c2_scale = _reg(m, c1_scale)
+        c2_scale, c2_scale_only = _reg(m, c1_scale), _reg(m, c1_scale_only)
         c2_p = [_reg(m, e * (c1_rcp if i < half else c1_rcp_upper), name=f"c2_p{i}")
                 for i, e in enumerate(c1_e)]
         c3_valid, c3_last, c3_router = _reg(m, c2_valid), _reg(m, c2_last), _reg(m, c2_router)
-        c3_scale = _reg(m, c2_scale)
+        c3_scale, c3_scale_only = _reg(m, c2_scale), _reg(m, c2_scale_only)
         c3_p = [_reg(m, p, name=f"c3_p{i}") for i, p in enumerate(c2_p)]
         c4_valid, c4_last = _reg(m, c3_valid), _reg(m, c3_last)
         c4_out = []
+        top = s.lanes - len(c3_scale_lanes)  # the scale's first lane
         for i, p in enumerate(c3_p):
             prob = (p + (1 << (_PROB_SHIFT - 1))) >> _PROB_SHIFT
             if i < half:
@@ -1091,11 +1106,12 @@ class SoftmaxUnit(wiring.Component):
                 router_out = Mux(score > _SCORE_MAX, _SCORE_MAX, score)
             else:  # d·2^16, exact
                 router_out = p[_SCORE_SHIFT:_SCORE_SHIFT + 16]
-            scale_out = c3_scale_lanes[i] if i < len(c3_scale_lanes) else 0
-            c4_out.append(_reg(m, Mux(c3_scale, scale_out,
-                                      Mux(c3_router, router_out,
-                                          Mux(prob > _PROB_MAX, _PROB_MAX, prob))),
-                               unsigned(16), name=f"c4_out{i}"))
+            out = Mux(c3_router, router_out, Mux(prob > _PROB_MAX, _PROB_MAX, prob))
+            if i >= top:
+                out = Mux(c3_scale, c3_scale_lanes[i - top], out)
+            else:
+                out = Mux(c3_scale_only, 0, out)
+            c4_out.append(_reg(m, out, unsigned(16), name=f"c4_out{i}"))
         m.d.comb += [oq.w_en.eq(c4_valid), oq_w.last.eq(c4_last)]
         m.d.comb += [oq_w.data[i].eq(v) for i, v in enumerate(c4_out)]
         m.d.comb += [

@@ -79,8 +79,9 @@ def checks_control(config: AccelConfig) -> wiring.Signature:
             The instruction's DDR range (``per_task`` and expert offsets added).
         tokens : In(16)
             A ``GEMM``'s token count (the iteration's count for an expert ``GEMM``).
-        route_beats, softmax_beats : In(16)
-            Beats per row of a ``ROUTE`` (experts) and a ``SOFTMAX`` (length).
+        route_beats, softmax_beats, softmax_out_beats : In(16)
+            Beats per row of a ``ROUTE`` (experts) and a ``SOFTMAX`` (length), and the
+            words a ``SOFTMAX`` writes a row (its probabilities and their scale).
         ranges : In(ArrayLayout(RANGE_BOUNDS, 3))
             The instruction's buffer ranges (``GEMM``: activations, results, buffer weights
             or the residual's x; ``SOFTMAX``: logits, probabilities), for the hazard check
@@ -104,6 +105,7 @@ def checks_control(config: AccelConfig) -> wiring.Signature:
         "tokens": In(16),
         "route_beats": In(16),
         "softmax_beats": In(16),
+        "softmax_out_beats": In(16),
         "ranges": In(data.ArrayLayout(RANGE_BOUNDS, 3)),
     })
 
@@ -158,6 +160,8 @@ class InstructionChecks(wiring.Component):
             # INT16 logits: C/2 experts a word.
             ctl.route_beats.eq((args.route.experts + C // 2 - 1) >> exact_log2(C // 2)),
             ctl.softmax_beats.eq((args.softmax.length + C - 1) >> exact_log2(C)),
+            # The row's scale takes its last word's top three lanes: L + 3 lanes a row.
+            ctl.softmax_out_beats.eq((args.softmax.length + C + 2) >> exact_log2(C)),
             # A GEMM in an EXPERTS body runs the iteration's tokens, its rows mapped per
             # RowMode; its ranges are checked with the rows it actually touches.
             ctl.tokens.eq(Mux(args.gemm.expert, ctl.ctx_count, args.gemm.tokens)),
@@ -253,8 +257,7 @@ class InstructionChecks(wiring.Component):
         with m.Switch(op):
             with m.Case(Opcode.GEMM):
                 g = args.gemm
-                # row_scale: slice 0 is the rows' scale words, the K-slices follow.
-                buffer_range(0, g.src, (g.k_slices + g.row_scale, g.src_stride),
+                buffer_range(0, g.src, (g.k_slices, g.src_stride),
                              (touched_rows(g.src_rows), 1))
                 with m.If(g.mode == GemmMode.INT16):
                     buffer_range(1, g.dst, (g.n_tiles << (log_words + 1), g.dst_stride),
@@ -285,7 +288,7 @@ class InstructionChecks(wiring.Component):
                 a = args.softmax
                 buffer_range(0, a.src, (ctl.softmax_beats, a.stride), (a.rows, 1))
                 # The rows' scale words, then their probabilities: one slice more.
-                buffer_range(1, a.dst, (ctl.softmax_beats + 1, a.stride), (a.rows, 1))
+                buffer_range(1, a.dst, (ctl.softmax_out_beats, a.stride), (a.rows, 1))
             with m.Case(Opcode.RESIDUAL):
                 a = args.residual
                 buffer_range(0, a.src_a, (a.words, 1))

@@ -584,8 +584,7 @@ class Controller(wiring.Component):
         writes = fit((g.n_tiles * tokens) << log_out, 32)
         res_cmd = layout["res_cmd"].shape
         m.d.comb += plan.eq(Cat(
-            # row_scale: each N-tile's activations start with the rows' scale words.
-            walk(src_base, (g.n_tiles, 0), (g.k_slices + g.row_scale, g.src_stride),
+            walk(src_base, (g.n_tiles, 0), (g.k_slices, g.src_stride),
                  (tokens, 1)),
             walk(dst_base, (g.n_tiles, g.dst_stride << log_out), (tokens, 1),
                  (Mux(wide, 2 * V, V), g.dst_stride)),
@@ -748,7 +747,7 @@ class Controller(wiring.Component):
         """LAYERNORM (parameters first), SOFTMAX and RESIDUAL."""
         args = self.instruction.args
         walks = self.datapath
-        sm_beats = self.checks.softmax_beats
+        sm_beats, sm_out_beats = self.checks.softmax_beats, self.checks.softmax_out_beats
         with m.State("LN_PARAMS"):
             # The count restarts until the read is issued, never after: its first record
             # may arrive the cycle after (sent is a register, so this state lasts one more).
@@ -783,12 +782,13 @@ class Controller(wiring.Component):
             a = args.softmax
             ranges = self.checks.ranges
             m.d.comb += [self.busy.eq(1), walks.expect_bg_writes.eq(1),
-                         walks.bg_writes.eq(a.rows * (sm_beats + 1))]
+                         walks.bg_writes.eq(a.rows * sm_out_beats)]
             m.d.sync += [r.bg_busy.eq(1), r.bg_pc.eq(r.pc), r.bg_read.eq(ranges[0]),
                          r.bg_write.eq(ranges[1])]
             self._walk(m, walks.walk_c, a.src, (a.rows, 1), (sm_beats, a.stride))
-            # Each row: its scale word (slice 0), then its probabilities (slices 1 …).
-            self._walk(m, walks.walk_w2, a.dst, (a.rows, 1), (sm_beats + 1, a.stride))
+            # Each row: its probabilities, the last word's top lanes (or a word after them)
+            # its scale.
+            self._walk(m, walks.walk_w2, a.dst, (a.rows, 1), (sm_out_beats, a.stride))
             m.next = "SOFTMAX_RUN"
         with m.State("SOFTMAX_RUN"):
             a = args.softmax

@@ -462,8 +462,8 @@ class Datapath(wiring.Component):
         with m.Elif(w_valid & w_ready):
             m.d.sync += writes_left.eq(writes_left - 1)
         # The background softmax writes when the unit in charge does not (ROUTE's router
-        # scores go to the dispatcher instead). Attention probabilities are ≤ 127 and a
-        # row's scale word is bytes: the low byte of each lane is the buffer's.
+        # scores go to the dispatcher instead). Attention probabilities are ≤ 127 and the
+        # row's scale lanes are bytes: the low byte of each lane is the buffer's.
         bg_write = Signal()
         bg_writes_left = Signal(32)
         probs_int8 = Cat(*(probs.payload.data[lane][:8] for lane in range(self.config.pe_cols)))

@@ -13,8 +13,9 @@ pass, per-token multipliers and shifts for each N-tile, their extremes included)
 :meth:`Pass.expected` computes the results with :mod:`m3vit.sw.quant.numerics` — the golden
 model's own functions. :class:`TB` turns a list of passes into the engine's five input
 streams (in the order its docstring specifies: weight tiles row by row, or column by column
-for a transposed pass; a row_scale pass's scale beats before each N-tile's tokens, with
-random bits in the lanes and bits the engine ignores), drives them all and collects the
+for a transposed pass; a row_scale pass's scales in the top three lanes of each N-tile's
+last K-slice, with random bits in the shift lane's top two, which the engine ignores),
+drives them all and collects the
 output in one cycle loop. With ``interleaved`` the parameters and weights come from one
 in-order source, as from a single DDR read stream (:class:`SharedOrder`).
 
@@ -86,8 +87,9 @@ class Pass:
         """(M, N) results from the golden model's functions."""
         if self.row_scale:
             # Each N-tile's rows with their own multiplier and shift (P·V's requantization,
-            # as numerics.attention_pv applies it), the channels' bias.
-            acc = numerics.gemm(self.x, self.w, self.bias)
+            # as numerics.attention_pv applies it), the channels' bias; the scale's lanes
+            # of the last K-slice count as 0.
+            acc = numerics.gemm(scale_free(self.x), self.w, self.bias)
             tiles = self.row_mult.shape[0]
             return torch.cat([
                 numerics.requantize(part, self.row_mult[j][:, None], self.row_shift[j][:, None])
@@ -138,6 +140,14 @@ def _int16_channel(rng: random.Random, kind: str, k: int, bias_limit: int
     s = min(max(acc_bits - 3, 0), 15)
     limit = rng.choice((INT16_MAX, INT16_MIN))
     return ((limit + rng.randint(-8, 8)) << s) + rng.randint(0, (1 << s) - 1), 1, s
+
+
+def scale_free(x: torch.Tensor) -> torch.Tensor:
+    """A row_scale pass's activations as the array takes them: its last K-slice's top three
+    lanes (the row's scale) as 0."""
+    x = x.clone()
+    x[:, -3:] = 0
+    return x
 
 
 def _row_scales(rng: random.Random, acc: torch.Tensor, tiles: int
@@ -226,7 +236,7 @@ def make_pass(rng: random.Random, op: GemmOp, tokens: int, k: int, n: int, *,
     table = _int8(rng, (TABLE_ENTRIES,), 0.05) if op == GemmOp.INT8_TABLE else None
     row_mult = row_shift = None
     if row_scale_tiles:
-        acc = numerics.gemm(x, w, torch.tensor(bias, dtype=torch.int64))
+        acc = numerics.gemm(scale_free(x), w, torch.tensor(bias, dtype=torch.int64))
         row_mult, row_shift = _row_scales(rng, acc, row_scale_tiles)
     return Pass(
         op=op,
@@ -412,7 +422,7 @@ class TB:
         self.shared = SharedOrder() if interleaved else None
         self.weights.shared = self.params.shared = self.shared
         self.sink_rng = random.Random(seeds.getrandbits(64))
-        # The ignored lanes and bits of scale beats (drawn last: the other streams' draws
+        # The ignored bits of the scales' shift lanes (drawn last: the other streams' draws
         # stay those of a bench without row_scale passes).
         self.scale_rng = random.Random(seeds.getrandbits(64))
         self.backpressure = backpressure
@@ -468,13 +478,11 @@ class TB:
             "transposed": transposed, "wide": wide, "row_scale": row_scale,
         }).as_bits()
 
-    def scale_beat(self, mult: int, shift: int) -> int:
-        """Payload bits of one scale beat: the multiplier's bytes in lanes 0 and 1, the
-        shift in lane 2's low 6 bits; random bits in lane 2's top two and the other lanes."""
+    def scale_lanes(self, mult: int, shift: int) -> list[int]:
+        """A token's scale as the top three lanes of its last K-slice: the multiplier's
+        low and high byte, the shift in the last lane's low 6 bits (random top bits)."""
         lanes = [mult & 0xFF, mult >> 8, shift | self.scale_rng.getrandbits(2) << 6]
-        lanes += [self.scale_rng.getrandbits(8) for _ in range(self.config.pe_rows - 3)]
-        return self.layouts.activations.const(
-            [lane - 256 if lane >= 128 else lane for lane in lanes]).as_bits()
+        return [lane - 256 if lane >= 128 else lane for lane in lanes]
 
     def queue_pass(self, gemm: Pass) -> None:
         """Append one pass (and its table load) to the input streams, in protocol order."""
@@ -507,10 +515,6 @@ class TB:
                 per_tile = cols if gemm.transposed else rows
                 self.shared.order += ([self.params] * (cols // per_param_beat)
                                       + [self.weights] * (k_slices * per_tile // per_row_beat))
-            if gemm.row_scale:
-                self.activations.beats += [
-                    self.scale_beat(int(gemm.row_mult[j, m]), int(gemm.row_shift[j, m]))
-                    for m in range(tokens)]
             for s in range(k_slices):
                 if gemm.transposed:
                     # Column c of the tile: row j·C + c of W over the slice, in the first
@@ -525,9 +529,12 @@ class TB:
                     self.layouts.weights.const(beats[b:b + per_row_beat]).as_bits()
                     for b in range(0, len(beats), per_row_beat)]
                 for m in range(tokens):
+                    lanes = x[m][s * rows:(s + 1) * rows]
+                    if gemm.row_scale and s == k_slices - 1:
+                        lanes = lanes[:-3] + self.scale_lanes(int(gemm.row_mult[j, m]),
+                                                              int(gemm.row_shift[j, m]))
                     self.activations.beats.append(
-                        self.layouts.activations.const(x[m][s * rows:(s + 1) * rows]).as_bits()
-                    )
+                        self.layouts.activations.const(lanes).as_bits())
             records = [{"bias": int(gemm.bias[channel]), "mult": int(gemm.mult[channel]),
                         "shift": int(gemm.shift[channel])}
                        for channel in range(j * cols, (j + 1) * cols)]

@@ -29,6 +29,7 @@ from m3vit.hw.isa import (
     TableUnit,
     WeightSource,
     intake_beats,
+    softmax_words,
 )
 from m3vit.hw.registers import ErrorCode, Schedule
 
@@ -90,8 +91,8 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
     With ``residual`` (weights from DDR, INT8 results) the GEMM adds random x words in its
     output stage, read from the words it writes (in place, as the compiler's blocks do
     not, to show each x word is read before its sum is written). With ``row_scale``
-    (mode INT8) each token's multiplier and shift come from a scale word in the slice
-    before X, as P·V's from a softmax.
+    (mode INT8) each token's multiplier and shift are the top three lanes of its last
+    K-slice, as P·V's from a softmax (X's values there are not used).
     """
     rng = np.random.default_rng(seed)
     R, C, G, V = cfg.pe_rows, cfg.pe_cols, cfg.gemm_cols, cfg.gemm_words
@@ -104,20 +105,20 @@ def gemm_case(cfg: AccelConfig, seed: int, tokens: int, k_slices: int, n_tiles: 
     xs = np.zeros((k_slices, stride, C), np.int8)
     xs[:, :tokens] = x.reshape(tokens, k_slices, C).transpose(1, 0, 2)
     if row_scale:
-        # Slice 0: each token's (M, sh), from its own generator so the other draws (and
-        # the cases without row_scale) stay as they were.
+        # The last slice's top lanes: each token's (M, sh), from its own generator so the
+        # other draws (and the cases without row_scale) stay as they were.
         rs = np.random.default_rng([seed, 1])
-        scale = np.zeros((1, stride, C), np.int64)
-        scale[0, :tokens, 0:2] = rs.integers(0, 256, size=(tokens, 2))
-        scale[0, :tokens, 2] = rs.integers(12, 40, size=tokens)
-        scale[0, rs.random(stride) < 0.1, 2] = rs.choice([0, 63, 62 + 128])
-        xs = np.concatenate([np.where(scale > 127, scale - 256, scale).astype(np.int8), xs])
+        scale = np.zeros((stride, 3), np.int64)
+        scale[:tokens, 0:2] = rs.integers(0, 256, size=(tokens, 2))
+        scale[:tokens, 2] = rs.integers(12, 40, size=tokens)
+        scale[rs.random(stride) < 0.1, 2] = rs.choice([0, 63, 62 + 128])
+        xs[-1, :, C - 3:] = np.where(scale > 127, scale - 256, scale).astype(np.int8)
     prog.add(Opcode.LOAD, ddr=img.put("x", xs.tobytes()), dst=src, dst_stride=1,
-             words=(k_slices + row_scale) * stride)
+             words=k_slices * stride)
     bias = rng.integers(-2**20, 2**20, size=N)
     mult = rng.integers(0, 2**16, size=N)
     shift = rng.integers(8, 30, size=N)
-    wbuf, wstride = src + (k_slices + row_scale) * stride + 7, 0
+    wbuf, wstride = src + k_slices * stride + 7, 0
     if wsrc == WeightSource.DDR:
         w = _i8(rng, N, K)
         ddr = img.put("w", gemm_stream(w, bias, mult, shift, cfg))
@@ -191,7 +192,7 @@ def vector_case(cfg: AccelConfig, seed: int, op: Opcode, rows: int, length: int)
         prog.add(Opcode.LOAD_TABLE, unit=TableUnit.SOFTMAX, ddr=img.put("exp", table.tobytes()))
         prog.add(Opcode.SOFTMAX, src=0, dst=out, stride=rows, rows=rows, length=length,
                  mult=int(rng.integers(0, 2**16)), shift=int(rng.integers(0, 63)))
-        words += rows         # each row's scale word before its probabilities
+        words = softmax_words(length, C) * rows  # a row's scale ends its probabilities
     else:
         prog.add(Opcode.LOAD, ddr=img.put("b", _i8(rng, words, C).tobytes()), dst=words + 1,
                  dst_stride=1, words=words)
@@ -218,7 +219,7 @@ def softmax_overlap_case(cfg: AccelConfig, seed: int, hazard: str) -> Case:
     beats = _ceil(length, C)
     img, prog = DdrImage(align=cfg.axi_bytes), Program()
     words = rows * beats
-    out_words = words + rows  # the probabilities and each row's scale word
+    out_words = rows * softmax_words(length, C)  # the probabilities, each ending in a scale
     logits, probs = 0, words + 1
     x = probs + out_words + 1
     wbuf = x + words + 1
@@ -236,10 +237,11 @@ def softmax_overlap_case(cfg: AccelConfig, seed: int, hazard: str) -> Case:
     params = gemm_stream(None, rng.integers(-2**12, 2**12, size=G),
                          rng.integers(0, 2**16, size=G), rng.integers(8, 20, size=G), cfg,
                          weights=False)
-    # Reading the probabilities, the GEMM is P·V: each row's scale word first.
+    # Reading the probabilities, the GEMM is P·V: every word of each row, its scale last.
+    k_slices = softmax_words(length, C) if hazard == "reads_probs" else 1
     prog.add(Opcode.GEMM, mode=GemmMode.INT8, wsrc=WeightSource.BUFFER_ROWS, tokens=rows,
-             k_slices=1, n_tiles=1, src=src, src_stride=rows, dst=dst, dst_stride=rows,
-             wbuf=wbuf, wstride=R, ddr=img.put("params", params),
+             k_slices=k_slices, n_tiles=1, src=src, src_stride=rows, dst=dst,
+             dst_stride=rows, wbuf=wbuf, wstride=k_slices * R, ddr=img.put("params", params),
              row_scale=int(hazard == "reads_probs"))
     for name, base, n in (("logits_out", logits, words), ("probs_out", probs, out_words),
                           ("y", dst, y_words)):

@@ -39,6 +39,7 @@ from m3vit.hw.isa import (
     WeightSource,
     decode,
     intake_beats,
+    softmax_words,
 )
 from m3vit.hw.moe import Dispatcher
 from m3vit.hw.registers import Schedule
@@ -356,15 +357,16 @@ def _step(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
             mc.wait_bg()
             mc.t += words + cm.ln_tail
     elif op == Opcode.SOFTMAX:
-        # Each row: its scale word, then its probabilities.
-        words = f["rows"] * (math.ceil(f["length"] / C) + 1)
+        # Each row: its probabilities, the last word's top lanes (or a word more) its scale.
+        words = f["rows"] * softmax_words(f["length"], C)
         mc.wait_bg()
         mc.bg_end = mc.t + words + cm.softmax_tail
         mc.bg_writes_left = words
         mc.bg_pc = pc
         beats = math.ceil(f["length"] / C)
         mc.bg_read = buffer_span(f["src"], (beats, f["stride"]), (f["rows"], 1))
-        mc.bg_write = buffer_span(f["dst"], (beats + 1, f["stride"]), (f["rows"], 1))
+        mc.bg_write = buffer_span(f["dst"], (softmax_words(f["length"], C), f["stride"]),
+                                  (f["rows"], 1))
     elif op == Opcode.RESIDUAL:
         mc.t += f["words"] + cm.residual_tail
     elif op == Opcode.ROUTE:
@@ -431,9 +433,6 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
     surplus = (words - 1) * tokens
     drain = max(0, min(surplus, cm.row_queue) - min(surplus, CostModel.row_queue))
     compute = n * k * max(tokens, tile_load) + stall * n + drain
-    # P·V's row scales: a word a token before each N-tile's K-slices, while its first
-    # weight tile loads.
-    compute += n * max(0, tokens - tile_load) * f["row_scale"]
     stream = _stream_bytes(f, config)
     mc.read_bytes += stream
     if f["expert"]:
@@ -522,7 +521,7 @@ def _first_gated_slice(mc: _Machine, f: dict, tokens: int, reads: list) -> int |
         return None
     if len(reads) > 1 and _meets(reads[1], last):
         return 0
-    for kk in range(f["k_slices"] + f["row_scale"]):
+    for kk in range(f["k_slices"]):
         start = f["src"] + kk * f["src_stride"]
         if _meets((start, start + tokens - 1), last):
             return kk

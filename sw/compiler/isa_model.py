@@ -34,6 +34,7 @@ from m3vit.hw.isa import (
     TableUnit,
     WeightSource,
     decode,
+    softmax_words,
 )
 from m3vit.hw.isa_checks import (
     BODY_ONLY_FIELDS,
@@ -322,8 +323,7 @@ def gemm_buffer_ranges(a: dict, cfg: AccelConfig, src_rows: int, dst_rows: int
     ``src_rows`` rows, then the weights from the buffer or a fused residual's x over
     ``dst_rows``) and its results range (``None`` for INT32 results, which go to DDR)."""
     R, G, V = cfg.pe_rows, cfg.gemm_cols, cfg.gemm_words
-    reads = [buffer_span(a["src"], (a["k_slices"] + a["row_scale"], a["src_stride"]),
-                         (src_rows, 1))]
+    reads = [buffer_span(a["src"], (a["k_slices"], a["src_stride"]), (src_rows, 1))]
     if a["wsrc"] == WeightSource.BUFFER_ROWS.value:
         reads.append((a["wbuf"], _last_word(a["wbuf"] + R - 1, (a["n_tiles"] * V, a["wstride"]),
                                             (a["k_slices"], R))))
@@ -430,8 +430,8 @@ def _check(mc: IsaMachine, pc: int, op: Opcode, a: dict, it: Iteration | None,
     elif op in (Opcode.LAYERNORM, Opcode.SOFTMAX):
         beats = a["beats"] if op == Opcode.LAYERNORM else -(-a["length"] // C)
         words.append(_last_word(a["src"], (beats, a["stride"]), (a["rows"], 1)))
-        # A SOFTMAX writes each row's scale word before its probabilities: a slice more.
-        out = beats + (op == Opcode.SOFTMAX)
+        # A SOFTMAX's rows end with their scale, three lanes more.
+        out = beats if op == Opcode.LAYERNORM else softmax_words(a["length"], C)
         words.append(_last_word(a["dst"], (out, a["stride"]), (a["rows"], 1)))
         if op == Opcode.LAYERNORM:
             ddr.append((a["ddr"], beats * LN_RECORD_BYTES * C))
@@ -511,15 +511,16 @@ def _gemm(mc: IsaMachine, pc: int, a: dict, it: Iteration | None, stride: int) -
     nq = n // C
     src_rows = _row_map(mc, RowMode(a["src_rows"]), m, it)
     dst_rows = _row_map(mc, RowMode(a["dst_rows"]), m, it)
-    # X[m, s·R + r] = word src + s·src_stride + row(m); with row_scale the K-slices
-    # start a slice later, after each row's scale word.
-    first = a["src"] + (a["src_stride"] if a["row_scale"] else 0)
-    x = mc.words(first + np.arange(ks)[:, None] * a["src_stride"] + src_rows[None, :])
+    # X[m, s·R + r] = word src + s·src_stride + row(m)
+    x = mc.words(a["src"] + np.arange(ks)[:, None] * a["src_stride"] + src_rows[None, :])
     x = x.permute(1, 0, 2).reshape(m, k)
     if a["row_scale"]:
-        # (M_m, sh_m): bytes 0, 1 (uint16) and the low six bits of byte 2 of word src + m.
-        word = mc.words(a["src"] + src_rows) & 0xFF
+        # (M_m, sh_m): lanes R − 3, R − 2 (uint16) and the low six bits of lane R − 1 of
+        # the last K-slice, which count as 0 in the sums.
+        word = x[:, k - 3:] & 0xFF
         mult, shift = (word[:, 0] | word[:, 1] << 8)[:, None], (word[:, 2] & 63)[:, None]
+        x = x.clone()
+        x[:, k - 3:] = 0
     wsrc = WeightSource(a["wsrc"])
     offset = _beat_start(mc, _gemm_ddr_offset(mc, a, it, stride))
     tile = R * G
@@ -615,15 +616,15 @@ def _zero_safe(mc: IsaMachine, fn, logits: torch.Tensor, table: torch.Tensor,
 
 
 def _softmax(mc: IsaMachine, a: dict) -> None:
-    """``SOFTMAX``: row m's scale word at ``dst + m``, its probabilities in the slices
-    after it (``docs/isa.md``)."""
+    """``SOFTMAX``: row m's probabilities in words ``dst + b·stride + m``, its scale in
+    the last one's top three lanes (``docs/isa.md``)."""
     C = mc.config.pe_cols
-    beats = -(-a["length"] // C)
-    src, dst = _row_addrs(a, beats, "src"), _row_addrs(a, beats + 1, "dst")
+    beats, out_beats = -(-a["length"] // C), softmax_words(a["length"], C)
+    src, dst = _row_addrs(a, beats, "src"), _row_addrs(a, out_beats, "dst")
     # The unit takes a row at a time, reading all of it before writing it: when the
     # output overlaps the input, a row reads what earlier rows wrote (unspecified, as
-    # every such overlap now that a row writes one word more than it reads), so the model
-    # goes row by row too; else all rows at once.
+    # every such overlap where a row writes more words than it reads), so the model goes
+    # row by row too; else all rows at once.
     groups = ([np.arange(a["rows"])] if not np.intersect1d(src, dst).size
               else [np.array([r]) for r in range(a["rows"])])
     for rows in groups:
@@ -636,10 +637,11 @@ def _softmax(mc: IsaMachine, a: dict) -> None:
         rcp = torch.full_like(total, RCP_OF_ZERO)
         p[live], rcp[live] = nx.softmax(x[live], mc.exp_table)
         scale, sh = nx.row_scale(rcp, a["mult"], a["shift"])
-        out = torch.zeros(len(rows), beats + 1, C, dtype=torch.int64)
-        out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = scale[:, 0] & 0xFF, scale[:, 0] >> 8, sh[:, 0]
-        out[:, 1:].reshape(len(rows), beats * C)[:, :a["length"]] = p
-        # Bytes ≥ 128 of the scale word are stored as their two's-complement INT8.
+        out = torch.zeros(len(rows), out_beats * C, dtype=torch.int64)
+        out[:, :a["length"]] = p
+        out[:, -3], out[:, -2], out[:, -1] = scale[:, 0] & 0xFF, scale[:, 0] >> 8, sh[:, 0]
+        out = out.reshape(len(rows), out_beats, C)
+        # Bytes ≥ 128 of the scale are stored as their two's-complement INT8.
         out = torch.where(out > 127, out - 256, out)
         mc.put(dst[rows], out.numpy().astype(np.int8))
 

@@ -49,6 +49,7 @@ from m3vit.hw.isa import (
     check_top_config,
     encode,
     intake_beats,
+    softmax_words,
 )
 
 from ..errors import M3VitError
@@ -543,7 +544,7 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         # beside the next head's Q·Kᵀ and the previous head's P·V, which use the other pair.
         scores = [plan.alloc(f"{p}.scores{i}", n, _ceil(n, G) * G) for i in range(2)]
         # A softmax output is each row's scale word (slice 0), then its probabilities.
-        probs = [plan.alloc(f"{p}.probs{i}", n, (_ceil(n, C) + 1) * C) for i in range(2)]
+        probs = [plan.alloc(f"{p}.probs{i}", n, softmax_words(n, C) * C) for i in range(2)]
         # P·V writes whole N-tiles: a head narrower than one writes the next head's first
         # words too (that head overwrites them later); the last head's spill needs the room.
         if heads_at is not None:
@@ -575,7 +576,8 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
     # which folds each row's 1/Σ into them (the records' own are not used).
     pv_ddr = img.put(f"{p}.attn.pv", _requant_stream(t, f"{p}.attn.pv", dh, cfg))
     pv_mult, pv_shift = (int(v) for v in t[f"{p}.attn.pv"].tolist())
-    d_slices, h_slices, key_slices = d // C, dh // C, _ceil(n, C)
+    # P·V's K-slices are the softmax's words a row: the keys and the row's scale.
+    d_slices, h_slices, key_slices = d // C, dh // C, softmax_words(n, C)
 
     # (image, head) pairs in order; pair i uses score and probability buffers i % 2.
     pairs = [(b, h) for b in range(batch) for h in range(model.num_heads)]

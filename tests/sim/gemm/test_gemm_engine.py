@@ -11,8 +11,8 @@ gemm_cols``, both weight orders (tiles row by row, and column by column: ``trans
 Further tests run several passes back to back (table reloads between them; INT16 passes
 between passes of every other mode, and ``wide`` ignored outside mode INT8; transposed and
 row-order passes alternating), feed parameters and weights from one in-order source, run
-``row_scale`` passes (attention's P·V: per-token multipliers and shifts from scale beats,
-different for every N-tile) among passes of every other mode, drop illegal commands
+``row_scale`` passes (attention's P·V: per-token multipliers and shifts in the last K-slice's
+top lanes, different for every N-tile) among passes of every other mode, drop illegal commands
 (``row_scale`` ones each on its own) and check that the array takes one token per cycle
 when nothing stalls it. On an array with ``pe_rows < 4`` every ``row_scale`` command must
 be dropped as illegal. The engine may take several weight rows, parameter records and
@@ -327,20 +327,18 @@ async def test_interleaved_parameter_and_weight_stream(dut, flow: str) -> None:
 @cocotb.parametrize(flow=FLOWS)
 async def test_row_scale_passes(dut, flow: str) -> None:
     """``row_scale`` passes among passes of every other mode, back to back, equal the golden
-    model: each token's results requantized with its scale beat of that N-tile.
+    model: each token's results requantized with the scale its last K-slice of that N-tile
+    carried in its top three lanes, which count as 0 in the sums.
 
-    One-token passes of several N-tiles bring an N-tile's scale beats while the rows of the
-    N-tiles before are still in the pipeline (the scale memory's two halves); two such
-    passes follow each other. In a two-token pass the activations pause before N-tile 1's
-    last token, long enough for N-tile 2's parameters and weights to load: N-tile 2 then
-    follows at once, and N-tile 3's scale beats arrive while that last token is still in
-    the pipeline; they must wait until it has read its scale from the same half (with
-    M cycles of scale beats per N-tile this takes a stall and few tokens). A row_scale
-    pass follows and precedes every other mode (table loads included). Scales include M =
-    0, 1, 65535 and shifts 0, 62 and 63, lanes and bits the engine ignores are random, the
-    parameters' mult and shift differ from the scales. With every stream ready, a pass's
-    scale beats are taken one a cycle (an N-tile's first may wait), the first pass's while
-    its first weight tile loads; scale beats are not token beats. With pe_rows < 4 the
+    One-token passes of several N-tiles bring an N-tile's scales while the rows of the
+    N-tiles before are still in the pipeline; two such passes follow each other. In a
+    two-token pass the activations pause before N-tile 1's last token, long enough for
+    N-tile 2's parameters and weights to load: N-tile 2 then follows at once, its scales
+    in the pipeline right behind that last token's. A row_scale pass follows and precedes
+    every other mode (table loads included). Scales include M = 0, 1, 65535 and shifts 0,
+    62 and 63, the shift lane's top bits (ignored) are random, the parameters' mult and
+    shift differ from the scales. With every stream ready, a row_scale pass's last slices
+    take a token a cycle, as any pass's: the scales cost no beat. With pe_rows < 4 the
     row_scale commands are dropped as illegal, taking no data, while the others run.
     """
     tb = TB(dut, gaps=flow == "random", backpressure=flow == "random")
@@ -372,10 +370,9 @@ async def test_row_scale_passes(dut, flow: str) -> None:
                                                        gemm.shift)).any(), gemm.name
         spans.append(len(tb.activations.beats))
         if index == paused:
-            # N-tile 1's second token: after N-tile 0's beats, N-tile 1's scale beats and
-            # first token.
+            # N-tile 1's second token: after N-tile 0's beats and N-tile 1's first token.
             assert (tokens, k_slices) == (2, 1) and n_tiles >= 4
-            tb.activations.pauses[spans[-1] + (k_slices + 1) * tokens + tokens + 1] = pause
+            tb.activations.pauses[spans[-1] + k_slices * tokens + 1] = pause
         tb.queue_pass(gemm)
         passes.append(gemm)
     await tb.reset()
@@ -390,17 +387,13 @@ async def test_row_scale_passes(dut, flow: str) -> None:
         assert tb.output_stall_cycles > 0, "back-pressure requested but never applied"
     elif legal_scale:
         taken = tb.activations.taken_cycles
-        for gemm, first, (tokens, k_slices, n_tiles) in zip(passes, spans, geometry,
-                                                            strict=True):
-            for j in range(n_tiles if gemm.row_scale else 0):
-                start = first + j * (k_slices + 1) * tokens
+        for index, (gemm, first, (tokens, k_slices, n_tiles)) in enumerate(
+                zip(passes, spans, geometry, strict=True)):
+            # (The paused pass waits by design.)
+            for j in range(n_tiles if gemm.row_scale and index != paused else 0):
+                start = first + (j * k_slices + k_slices - 1) * tokens
                 assert taken[start + tokens - 1] - taken[start] == tokens - 1, (
-                    f"{gemm.name}: N-tile {j}'s scale beats were not taken one a cycle")
-        # A scale beat that waited for the first tile would be taken after the tile's last
-        # weight beat (rows_per_beat rows a beat): with two rows a beat on a 4-row array
-        # the tile loads in two cycles and the first scale beat may come with its last.
-        assert taken[0] <= tb.weights.taken_cycles[rows // tb.rows_per_beat - 1], (
-            "the first scale beat waited for the first weight tile")
+                    f"{gemm.name}: N-tile {j}'s last slice was not taken a token a cycle")
     await tb.edge
     assert not dut.busy.value, "engine still busy after its last result"
 

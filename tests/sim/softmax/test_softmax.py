@@ -3,14 +3,16 @@
 Run by ``tests/sim/test_vector.py`` through :func:`m3vit.sim.cocotb_runner.run_bench`; not a
 pytest module. One generic test body is expanded over the data case and the flow options.
 Each case is a list of groups: an exp-table load, then commands back to back, attention and
-router mixed. Attention mode (INT8 logits, one a lane): each row is a scale beat — ``M``'s
-low and high byte and ``sh`` of :func:`m3vit.sw.quant.numerics.row_scale` of the row's
-``rcp`` and the command's ``mult``/``shift`` (drawn per command: corner values such as 0,
-1, 65535 and shifts 0 … 62 first, then random; the ``scales`` case sweeps every bit length
-of ``mult``) — and then the probability beats of
-:func:`~m3vit.sw.quant.numerics.softmax`. Router mode (INT16 logits, two lanes each,
-little-endian): the beats of :func:`~m3vit.sw.quant.numerics.router_scores`, whose upper half
-must hold ``max − l`` of the lower half's logits. Padded positions of a row's last beat are
+router mixed. Attention mode (INT8 logits, one a lane): each row is the probability beats
+of :func:`~m3vit.sw.quant.numerics.softmax`, ending with the row's scale in the top three
+lanes of the last — ``M``'s low and high byte and ``sh`` of
+:func:`m3vit.sw.quant.numerics.row_scale` of the row's ``rcp`` and the command's
+``mult``/``shift`` (drawn per command: corner values such as 0, 1, 65535 and shifts 0 … 62
+first, then random; the ``scales`` case sweeps every bit length of ``mult``) — or in a beat
+of its own after them where the row's last beat has fewer than three padded lanes. Router
+mode (INT16 logits, two lanes each, little-endian): the beats of
+:func:`~m3vit.sw.quant.numerics.router_scores`, whose upper half must hold ``max − l`` of
+the lower half's logits. Padded positions of a row's last beat are
 driven with random values (the block must ignore them); their outputs must be 0 (a router
 padded position's ``max − l`` lane is unspecified and not compared). While the stimulus runs,
 ``busy`` is checked wherever it falls: every command taken before has delivered all of its
@@ -50,7 +52,7 @@ CORNER_SHIFTS = [0, 5, 16, 17, 40, 62]
 class Command:
     logits: torch.Tensor  # (rows, L) int64: INT8 (attention) or INT16 (router) values
     mode: SoftmaxMode
-    # Attention: the P·V requantization the scale beats fold in; router: ignored by the block
+    # Attention: the P·V requantization the row scales fold in; router: ignored by the block
     # (random values are sent). None until :func:`assign_scales`.
     mult: int | None = None
     shift: int | None = None
@@ -64,8 +66,11 @@ class Command:
         return math.ceil(self.logits.shape[1] / self.positions(lanes))
 
     def out_beats(self, lanes: int) -> int:
-        """Output beats per row: an attention row's scale beat, then one per input beat."""
-        return self.beats(lanes) + (self.mode == SoftmaxMode.ATTENTION)
+        """Output beats per row: one per input beat, and for an attention row one more
+        where its last beat has no three padded lanes for the row's scale."""
+        if self.mode == SoftmaxMode.ROUTER:
+            return self.beats(lanes)
+        return math.ceil((self.logits.shape[1] + 3) / lanes)
 
 
 @dataclass
@@ -297,10 +302,8 @@ class TB:
             out, rcp = numerics.softmax(command.logits, table)
             scale, sh = numerics.row_scale(rcp, command.mult, command.shift)
         payloads, expected = [], []
+        out_beats = command.out_beats(lanes)
         for r in range(rows):
-            if not router:  # the row's scale beat: M's low and high byte, sh
-                m_row, sh_row = int(scale[r, 0]), int(sh[r, 0])
-                expected.append(([m_row & 0xFF, m_row >> 8, sh_row] + [0] * (lanes - 3), False))
             row_in = command.logits[r].tolist()
             row_out = out[r].tolist() + [0] * pad
             if router:  # ignored padding, then H INT16 logits a beat, little-endian
@@ -310,6 +313,12 @@ class TB:
                 row_d += [None] * pad  # unspecified
             else:
                 row_in += [rng.randint(INT8_MIN, INT8_MAX) for _ in range(pad)]
+                # The row's scale in its last output beat's top lanes: M's bytes, sh.
+                m_row, sh_row = int(scale[r, 0]), int(sh[r, 0])
+                row_out += [0] * (out_beats * lanes - len(row_out))
+                row_out[-3:] = [m_row & 0xFF, m_row >> 8, sh_row]
+                for j in range(out_beats):
+                    expected.append((row_out[j * lanes:(j + 1) * lanes], j == out_beats - 1))
             for j in range(beats):
                 chunk = slice(j * per_beat, (j + 1) * per_beat)
                 if router:
@@ -318,7 +327,6 @@ class TB:
                     expected.append((row_out[chunk] + row_d[chunk], j == beats - 1))
                 else:
                     payloads.append(pack(self.logits_layout, row_in[chunk]))
-                    expected.append((row_out[chunk], j == beats - 1))
         return payloads, expected
 
     async def watch_busy(self, command_outputs: list[int]) -> None:
@@ -371,17 +379,19 @@ class TB:
 
 def check_streaming(tb: TB, commands: list[Command], n_beats: int, busy_cycles: int) -> None:
     """One beat per cycle out, apart from the fill; in, apart from one bubble per command
-    and one per attention row (the cycle of its scale beat)."""
+    and one per attention row whose scale takes a beat of its own."""
     lanes = tb.lanes
     bubbles = sum(t1 - t0 - 1 for t0, t1 in itertools.pairwise(tb.logits.accepted))
     elapsed = tb.probs.accepted[-1] - tb.logits.accepted[0] + 1
     longest = max(c.beats(lanes) for c in commands)
-    scale_beats = sum(c.logits.shape[0] for c in commands if c.mode == SoftmaxMode.ATTENTION)
+    scale_beats = sum(c.logits.shape[0] * (c.out_beats(lanes) - c.beats(lanes))
+                      for c in commands)
     tb.bench.log.info("%d beats (%d rows) in %d cycles, %d busy, %d input bubbles", n_beats,
                       sum(c.logits.shape[0] for c in commands), elapsed, busy_cycles, bubbles)
     assert bubbles <= len(commands) + scale_beats, f"{bubbles} idle input cycles while streaming"
     # Steady state of the second command (129 long where max_tokens allows): one row every
-    # 1 + ceil(L / lanes) cycles at the output (the scale beat, then the probabilities).
+    # ceil((L + 3) / lanes) cycles at the output (the probabilities, the scale in the last
+    # beat's top lanes or a beat of its own).
     start = commands[0].logits.shape[0] * commands[0].out_beats(lanes)
     rows, length = commands[1].logits.shape
     row_beats = commands[1].out_beats(lanes)
