@@ -25,7 +25,7 @@ units                  :class:`~m3vit.hw.gemm.GemmEngine`, the vector units, the
 =====================  ===============================================================
 """
 
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -38,7 +38,7 @@ from ..moe import Combiner, Dispatcher
 from ..registers import MAX_TRACE_PORTS, EngineControlSignature
 from ..vector import LayerNormUnit, ResidualAdd, SoftmaxUnit
 from .checks import InstructionChecks
-from .controller import Controller
+from .controller import CMD_SEQ_BITS, Controller
 from .counters import PerformanceCounters
 from .datapath import Datapath
 from .fetch import InstructionFetch
@@ -170,6 +170,12 @@ class Engine(wiring.Component):
         wiring.connect(m, combiner.out, datapath.combiner_out)
         m.d.comb += [controller.gemm_busy.eq(gemm.busy | commands.r_rdy),
                      controller.softmax_busy.eq(softmax.busy)]
+        # Commands the engine took from its queue: the controller starts a GEMM's weights
+        # from the buffer early only once the engine holds that GEMM's command.
+        cmds_taken = Signal(CMD_SEQ_BITS)
+        with m.If(gemm.command.valid & gemm.command.ready):
+            m.d.sync += cmds_taken.eq(cmds_taken + 1)
+        m.d.comb += controller.gemm_cmds_taken.eq(cmds_taken)
 
         # The dispatcher's tables: read by port A's gather stage, the EXPERTS loop and the
         # checks.

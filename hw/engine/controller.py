@@ -48,12 +48,15 @@ from .datapath import Unit, datapath_control
 from .fetch import fetch_control
 from .router import ReadSink, intake_shape, read_router_control
 
-__all__ = ["GEMMS_HELD", "Controller", "dispatcher_tables"]
+__all__ = ["CMD_SEQ_BITS", "GEMMS_HELD", "Controller", "dispatcher_tables"]
 
 #: GEMMs whose streams are issued while their walks wait for the GEMMs before them: with
 #: the pending one, the DDR reads up to GEMMS_HELD + 1 GEMMs ahead of the array (an expert
 #: visit is two), as far as the read queues hold.
 GEMMS_HELD = 4
+#: Width of the GEMM command counts (sent by the controller, taken by the engine): more than
+#: the commands that can be between the two (the engine's queue, its own two, a few held).
+CMD_SEQ_BITS = 5
 
 
 def dispatcher_tables(config: AccelConfig) -> wiring.Signature:
@@ -89,9 +92,11 @@ def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
     flag and the residual unit's command), where its weights come from (``from_buffer``,
     ``columns``), ``early``: its reads may start before the GEMM before it has written
     its last result (:meth:`Controller._launch_held_walks`), ``gate`` and ``gate_last``:
-    they read that GEMM's results, up to ``gate_last``, each N-tile once written, and
+    they read that GEMM's results, up to ``gate_last``, each N-tile once written,
     ``skip_keyless``: its result words past its keys are not written (Q·Kᵀ,
-    ``datapath_control``)."""
+    ``datapath_control``), ``early_b``: its weights come from the buffer, outside that
+    GEMM's results, and may load while that GEMM still takes tokens, once the engine has
+    taken the ``cmd_seq``-th GEMM command (its own)."""
     walk = _walk_layout(cfg)
     entries = cfg.max_tokens * cfg.max_top_k
     return data.StructLayout({"a": walk, "w": walk, "b": walk, "use_w": 1, "use_b": 1,
@@ -100,7 +105,7 @@ def _walk_plan_layout(cfg: AccelConfig) -> data.StructLayout:
                               "residual": 1, "res_cmd": ResidualAdd.cmd_layout(cfg),
                               "from_buffer": 1, "columns": 1, "early": 1,
                               "gate": 1, "gate_last": ceil_log2(cfg.act_buffer_words),
-                              "skip_keyless": 1})
+                              "skip_keyless": 1, "early_b": 1, "cmd_seq": CMD_SEQ_BITS})
 
 
 class _Registers:
@@ -149,6 +154,10 @@ class _Registers:
         # only for the results' walk; the results range of the last GEMM accepted and
         # whether it was plain (no fused residual).
         self.reads_early = Signal()
+        # ... has started its port B walk (its weights from the buffer, ``early_b``).
+        self.b_early = Signal()
+        # GEMM commands sent to the engine's queue (mod 2^CMD_SEQ_BITS).
+        self.gemm_cmds_sent = Signal(CMD_SEQ_BITS)
         buf_bits = ceil_log2(cfg.act_buffer_words)
         self.prev_used = Signal()
         self.prev_first = Signal(buf_bits)
@@ -231,6 +240,9 @@ class Controller(wiring.Component):
         The units' commands (their ``command`` / ``cmd`` streams).
     gemm_busy, softmax_busy : In(1)
         The GEMM engine and the softmax unit are busy.
+    gemm_cmds_taken : In(CMD_SEQ_BITS)
+        Commands the GEMM engine itself has taken from its command queue (mod
+        2^CMD_SEQ_BITS): it takes one once every weight tile of the one before has loaded.
     """
 
     def __init__(self, config: AccelConfig):
@@ -270,6 +282,7 @@ class Controller(wiring.Component):
             "combiner_cmd": Out(stream.Signature(Combiner.cmd_layout(config))),
             "gemm_busy": In(1),
             "softmax_busy": In(1),
+            "gemm_cmds_taken": In(CMD_SEQ_BITS),
         })
 
     def elaborate(self, platform):
@@ -279,6 +292,8 @@ class Controller(wiring.Component):
         plan_layout = _walk_plan_layout(self.config)
         r.launcher = m.submodules.launcher = SyncFIFOBuffered(width=plan_layout.size,
                                                               depth=GEMMS_HELD)
+        with m.If(self.gemm_cmd.valid & self.gemm_cmd.ready):
+            m.d.sync += r.gemm_cmds_sent.eq(r.gemm_cmds_sent + 1)
         m.d.comb += [
             self.error_code.eq(r.stop_code),
             self.error_pc.eq(r.pc),
@@ -375,7 +390,7 @@ class Controller(wiring.Component):
                              r.run_schedule.eq(self.schedule), r.pending.eq(0),
                              r.residual_fused.eq(0), r.res_cmd_valid.eq(0),
                              r.bg_busy.eq(0), r.reads_early.eq(0), r.prev_used.eq(0),
-                             r.read_gate.eq(0)]
+                             r.read_gate.eq(0), r.b_early.eq(0)]
                 m.d.comb += [self.dma_error_clear.eq(1), self.fetch.flush.eq(1)]
                 m.next = "FETCH"
         with m.State("FETCH"):
@@ -486,17 +501,18 @@ class Controller(wiring.Component):
         queue rows."""
         return ~self.instruction.args.gemm.residual
 
+    def _hits(self, r: _Registers, rng) -> Value:
+        """The checked range ``rng`` meets what the GEMM accepted before writes. Checked
+        ranges lie in the buffer, so their low bits compare."""
+        bits = len(r.prev_first)
+        return (rng.used & r.prev_used & (rng.first[:bits] <= r.prev_last)
+                & (r.prev_first <= rng.last[:bits]))
+
     def _reads_hit(self, r: _Registers) -> Value:
         """The checked GEMM reads (activations or buffer weights) what the GEMM accepted
-        before it writes. Checked ranges lie in the buffer, so their low bits compare."""
+        before it writes."""
         ranges = self.checks.ranges
-        bits = len(r.prev_first)
-
-        def hits(rng) -> Value:
-            return (rng.used & r.prev_used & (rng.first[:bits] <= r.prev_last)
-                    & (r.prev_first <= rng.last[:bits]))
-
-        return hits(ranges[0]) | hits(ranges[2])
+        return self._hits(r, ranges[0]) | self._hits(r, ranges[2])
 
     def _reads_early(self, r: _Registers) -> Value:
         """The checked GEMM and the GEMM accepted before it are both plain, and it reads
@@ -504,6 +520,17 @@ class Controller(wiring.Component):
         may start as soon as that one's have ended (its ``early``), in the second case
         gated by that one's write walk (its ``gate``)."""
         return self._plain() & r.prev_plain & (~self._reads_hit(r) | r.prev_ordered)
+
+    def _weights_early(self, r: _Registers) -> Value:
+        """Besides :meth:`_reads_early`, the checked GEMM's weights come from the buffer,
+        where the GEMM before writes none of its results: port B may walk them as soon as
+        that GEMM's weights have all loaded — once the engine itself has taken this GEMM's
+        command from its queue (its loader takes a command only after the last tile of the
+        one before: ``gemm_cmds_taken``) — while that GEMM's last tokens still enter the
+        array."""
+        g = self.instruction.args.gemm
+        return (self._reads_early(r) & (g.wsrc != WeightSource.DDR)
+                & ~self._hits(r, self.checks.ranges[2]))
 
     def _accepted(self, m: Module, r: _Registers) -> None:
         """Remember the GEMM's results range and plainness for the one after it."""
@@ -602,7 +629,8 @@ class Controller(wiring.Component):
             self._reads_early(r), self._reads_hit(r), r.prev_last,
             # Q·Kᵀ's INT8 results: words past its keys are not written.
             (g.wsrc == WeightSource.BUFFER_COLUMNS) & ~g.residual
-            & ((g.mode == GemmMode.INT8) | (g.mode == GemmMode.INT8_TABLE))))
+            & ((g.mode == GemmMode.INT8) | (g.mode == GemmMode.INT8_TABLE)),
+            self._weights_early(r), r.gemm_cmds_sent))
         assert len(Cat(plan.as_value())) == layout.size
         return plan
 
@@ -611,14 +639,23 @@ class Controller(wiring.Component):
         m.d.comb += [port.start.eq(used), port.base.eq(target.base),
                      port.count.eq(target.count), port.stride.eq(target.stride)]
 
-    def _start_reads(self, m: Module, r: _Registers, plan) -> None:
-        """Start a GEMM's read walks (A, and B when used) from ``plan``, with the routing
-        of port A (gather) and of port B's words (weights from the buffer)."""
+    def _start_reads(self, m: Module, r: _Registers, plan, b: bool | Value = True) -> None:
+        """Start a GEMM's read walks from ``plan``: A, with the routing of port A (gather),
+        and where ``b``, B when used, with the routing of its words (weights from the
+        buffer)."""
         m.d.sync += [r.gather_offset.eq(plan.gather_offset),
-                     r.gather_mode.eq(plan.gather_mode),
-                     r.weights_from_buffer.eq(plan.from_buffer),
-                     r.weights_columns.eq(plan.columns)]
+                     r.gather_mode.eq(plan.gather_mode)]
         self._start_walk(m, self.datapath.walk_a, plan.a, 1)
+        if b is True:
+            self._start_reads_b(m, r, plan)
+        else:
+            with m.If(b):
+                self._start_reads_b(m, r, plan)
+
+    def _start_reads_b(self, m: Module, r: _Registers, plan) -> None:
+        """Start a GEMM's port B walk (when used) and the routing of its words."""
+        m.d.sync += [r.weights_from_buffer.eq(plan.from_buffer),
+                     r.weights_columns.eq(plan.columns)]
         self._start_walk(m, self.datapath.walk_b, plan.b, plan.use_b)
 
     def _start_writes(self, m: Module, r: _Registers, plan) -> None:
@@ -641,20 +678,27 @@ class Controller(wiring.Component):
         last token: its first weight tile loads and its first tokens enter the array
         while that GEMM's last results leave, which hold its own until their walk starts.
         With ``gate`` its reads of that GEMM's results wait at the ports, each until the
-        write walk has left the N-tile it lies in (``Datapath`` ``read_gate``).
+        write walk has left the N-tile it lies in (``Datapath`` ``read_gate``). With
+        ``early_b`` its weights' walk on port B starts earlier still, once the engine has
+        taken its command (every tile of the GEMM before has loaded then): its first tile
+        loads while that GEMM's last tokens enter the array.
         """
         head = _walk_plan_layout(self.config)(r.launcher.r_data)
         with m.If(r.launcher.r_rdy):
             with m.If(self.datapath.writes_done):
                 with m.If(~r.reads_early):
-                    self._start_reads(m, r, head)
+                    self._start_reads(m, r, head, b=~r.b_early)
                 self._start_writes(m, r, head)
                 m.d.comb += r.launcher.r_en.eq(1)
-                m.d.sync += [r.reads_early.eq(0), r.read_gate.eq(0)]
+                m.d.sync += [r.reads_early.eq(0), r.read_gate.eq(0), r.b_early.eq(0)]
             with m.Elif(head.early & ~r.reads_early & self.datapath.gemm_inputs_done):
-                self._start_reads(m, r, head)
+                self._start_reads(m, r, head, b=~r.b_early)
                 m.d.sync += [r.reads_early.eq(1), r.read_gate.eq(head.gate),
                              r.read_gate_last.eq(head.gate_last)]
+            with m.Elif(head.early_b & ~r.reads_early & ~r.b_early
+                        & (self.gemm_cmds_taken == head.cmd_seq)):
+                self._start_reads_b(m, r, head)
+                m.d.sync += r.b_early.eq(1)
 
     def _gemm_commands(self, m: Module, r: _Registers):
         """Issue the GEMM's commands; true once all are taken."""
