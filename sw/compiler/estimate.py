@@ -167,7 +167,7 @@ class _Machine:
     prev_write: tuple | None = None   # the last GEMM's results range, if it was plain
     prev_ordered: bool = False        # ... and it leaves N-tile by N-tile (tokens ≤ stride)
     prev_last_tile: tuple | None = None  # the range of its last N-tile's results
-    prev_pass: float = 0.0            # ... and the cycles of one of its passes
+    tiles_loaded: float = 0.0         # ... and its last weight tile loaded
     bg_read: tuple | None = None   # the background softmax's logits and probabilities
     bg_write: tuple | None = None
     ddr_free: float = 0.0          # the read DMA's queued streams all in
@@ -475,9 +475,9 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
             fill = cm.gemm_fill_chained if from_ddr else cm.buffer_gemm_fill
             if not from_ddr and not _meets(reads[1], mc.prev_write):
                 # Weights from the buffer the GEMM before does not write: their walk starts
-                # once that GEMM has its last tile, about a pass before its last token, and
-                # the first tile's load hides behind that pass.
-                b_start = max(issue, mc.inputs_done - mc.prev_pass)
+                # once that GEMM has its last tile, and the first tile's load hides behind
+                # the passes after that.
+                b_start = max(issue, mc.tiles_loaded)
                 fill = max(cm.gemm_fill_chained, fill - (walks - b_start))
             end = max(walks + fill + own + compute, mc.gemm_end + gemm_writes + cm.early_tail)
         else:
@@ -498,7 +498,10 @@ def _gemm(mc: _Machine, cm: CostModel, config: AccelConfig, ddr: DdrRates, pc: i
         mc.inputs_done = end - (words - 1) * tokens - cm.early_tail
         mc.prev_write = write if plain else None
         mc.prev_ordered = tokens <= f["dst_stride"]
-        mc.prev_pass = max(tokens, tile_load)
+        # Its last tile loads while its last pass but one computes (its only tile, before
+        # its only pass).
+        passes = max(tokens, tile_load)
+        mc.tiles_loaded = mc.inputs_done - (2 * passes - tile_load if n * k > 1 else passes)
         if write is not None:
             tile = words * f["dst_stride"]
             mc.prev_last_tile = (write[0] + (n - 1) * tile, write[1])
