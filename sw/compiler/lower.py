@@ -543,7 +543,7 @@ def attention_program(prog: Program, img: DdrImage, plan: BufferPlan, t: dict, p
         # words. Two of each, alternating by head: a head's softmax runs in the background
         # beside the next head's Q·Kᵀ and the previous head's P·V, which use the other pair.
         scores = [plan.alloc(f"{p}.scores{i}", n, _ceil(n, G) * G) for i in range(2)]
-        # A softmax output is each row's scale word (slice 0), then its probabilities.
+        # A softmax output is each row's probabilities, its scale in the last word's top lanes.
         probs = [plan.alloc(f"{p}.probs{i}", n, softmax_words(n, C) * C) for i in range(2)]
         # P·V writes whole N-tiles: a head narrower than one writes the next head's first
         # words too (that head overwrites them later); the last head's spill needs the room.

@@ -131,7 +131,7 @@ def test_layernorm_refuses_a_dimension_beyond_the_variance_width():
 
 
 def test_softmax_refuses_fewer_than_four_lanes():
-    # An attention row's scale beat is three lanes (M's two bytes and sh).
+    # An attention row's scale is three lanes (M's two bytes and sh).
     assert_refused(lambda: SoftmaxUnit(CI.replace(pe_rows=2, pe_cols=2)), ValueError,
                    "pe_cols >= 4")
 
