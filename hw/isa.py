@@ -23,6 +23,7 @@ Addressing:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -704,11 +705,27 @@ are checked per iteration with the rows it actually touches: `count` for `DIRECT
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write ``docs/isa.md`` (or, with ``--check``, fail if it is stale)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Write ``docs/isa.md`` (or, with ``--check``, exit 1 if it is stale).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments (``sys.argv[1:]`` when omitted).
+
+    Returns
+    -------
+    int
+        The exit status.
+    """
+    parser = argparse.ArgumentParser(prog="python -m m3vit.hw.isa",
+                                     description="Generate docs/isa.md from the instruction "
+                                                 "set's tables.")
+    parser.add_argument("--check", action="store_true",
+                        help="do not write; exit 1 if the file differs from the generated text")
+    args = parser.parse_args(argv)
     path = Path(__file__).resolve().parents[1] / "docs" / "isa.md"
     text = isa_markdown()
-    if "--check" in argv:
+    if args.check:
         if not path.is_file() or path.read_text() != text:
             print(f"{path} is stale: run `python -m m3vit.hw.isa`", file=sys.stderr)
             return 1

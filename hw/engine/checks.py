@@ -287,7 +287,7 @@ class InstructionChecks(wiring.Component):
             with m.Case(Opcode.SOFTMAX):
                 a = args.softmax
                 buffer_range(0, a.src, (ctl.softmax_beats, a.stride), (a.rows, 1))
-                # The rows' scale words, then their probabilities: one slice more.
+                # The rows' probabilities, each row's scale in its last word's top lanes.
                 buffer_range(1, a.dst, (ctl.softmax_out_beats, a.stride), (a.rows, 1))
             with m.Case(Opcode.RESIDUAL):
                 a = args.residual

@@ -57,6 +57,14 @@ def test_docs_isa_md_is_generated_from_the_declaration():
     assert isa.main(["--check"]) == 0, "run `python -m m3vit.hw.isa` to regenerate docs/isa.md"
 
 
+def test_isa_docs_help_prints_usage_and_writes_nothing(capsys, monkeypatch):
+    # --help (as any argument) once regenerated docs/isa.md; now it only explains.
+    monkeypatch.setattr(isa.Path, "write_text", lambda *a, **k: pytest.fail("wrote a file"))
+    with pytest.raises(SystemExit) as stop:
+        isa.main(["--help"])
+    assert stop.value.code == 0 and "--check" in capsys.readouterr().out
+
+
 def test_top_config_constraints():
     assert isa.check_top_config(CI) is CI
     assert isa.check_top_config(ZCU104) is ZCU104
