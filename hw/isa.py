@@ -23,7 +23,6 @@ Addressing:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from amaranth.hdl import Shape, unsigned
 from amaranth.lib import data, enum
 
 from .config import AccelConfig, AccelConfigError
+from .docgen import generated_doc_main
 from .errors import M3VitError
 
 __all__ = [
@@ -705,34 +705,13 @@ are checked per iteration with the rows it actually touches: `count` for `DIRECT
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write ``docs/isa.md`` (or, with ``--check``, exit 1 if it is stale).
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Command-line arguments (``sys.argv[1:]`` when omitted).
-
-    Returns
-    -------
-    int
-        The exit status.
-    """
-    parser = argparse.ArgumentParser(prog="python -m m3vit.hw.isa",
-                                     description="Generate docs/isa.md from the instruction "
-                                                 "set's tables.")
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the file differs from the generated text")
-    args = parser.parse_args(argv)
-    path = Path(__file__).resolve().parents[1] / "docs" / "isa.md"
-    text = isa_markdown()
-    if args.check:
-        if not path.is_file() or path.read_text() != text:
-            print(f"{path} is stale: run `python -m m3vit.hw.isa`", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
+    """Write ``docs/isa.md``, or with ``--check`` exit 1 if it is stale; ``argv`` defaults
+    to ``sys.argv[1:]`` (:func:`~m3vit.hw.docgen.generated_doc_main`)."""
+    return generated_doc_main(argv, module="m3vit.hw.isa",
+                              description="Generate docs/isa.md from the instruction set's "
+                                          "tables.",
+                              path=Path(__file__).resolve().parents[1] / "docs" / "isa.md",
+                              text=isa_markdown)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ one is stale (a test runs it).
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
 from . import registers as register_map
 from .config import ZCU104, AccelConfig
+from .docgen import generated_doc_main
 from .registers import (
     ACCESS_MEANINGS,
     AXIL_DATA_WIDTH,
@@ -106,34 +106,11 @@ DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "registers.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write ``docs/registers.md`` (or, with ``--check``, exit 1 if it is stale).
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Command-line arguments (``sys.argv[1:]`` when omitted).
-
-    Returns
-    -------
-    int
-        The exit status.
-    """
-    parser = argparse.ArgumentParser(prog="python -m m3vit.hw.register_docs",
-                                     description="Generate docs/registers.md from the "
-                                                 "register map.")
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the file differs from the generated text")
-    args = parser.parse_args(argv)
-    text = registers_markdown()
-    if args.check:
-        if not DOCS_PATH.is_file() or DOCS_PATH.read_text() != text:
-            print(f"{DOCS_PATH} is stale: run `python -m m3vit.hw.register_docs`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    DOCS_PATH.write_text(text)
-    print(f"wrote {DOCS_PATH}")
-    return 0
+    """Write ``docs/registers.md``, or with ``--check`` exit 1 if it is stale; ``argv`` defaults
+    to ``sys.argv[1:]`` (:func:`~m3vit.hw.docgen.generated_doc_main`)."""
+    return generated_doc_main(argv, module="m3vit.hw.register_docs",
+                              description="Generate docs/registers.md from the register map.",
+                              path=DOCS_PATH, text=registers_markdown)
 
 
 if __name__ == "__main__":
